@@ -1,0 +1,246 @@
+//! An in-memory disk that can lose power.
+//!
+//! Every file keeps its durable image and the list of writes since its last
+//! flush. [`MemDisk::crash_after`] makes the disk fail every operation after a
+//! given count, as a machine that stopped mid-work; [`MemDisk::power_cut`] then
+//! yields the disk a reboot would find: the durable image plus a random subset
+//! of the unflushed writes, some of them torn at a sector boundary. That is what
+//! a volatile disk cache and the page cache may leave behind, and it is the
+//! fault model of the crash tests.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+const SECTOR: usize = 512;
+
+#[derive(Clone)]
+enum Pending {
+    Write { offset: u64, data: Vec<u8> },
+    Zero { offset: u64, len: u64 },
+    Truncate { len: u64 },
+}
+
+#[derive(Default, Clone)]
+struct FileState {
+    durable: Vec<u8>,
+    current: Vec<u8>,
+    pending: Vec<Pending>,
+}
+
+fn apply(image: &mut Vec<u8>, op: &Pending) {
+    match op {
+        Pending::Write { offset, data } => {
+            let end = *offset as usize + data.len();
+            if image.len() < end {
+                image.resize(end, 0);
+            }
+            image[*offset as usize..end].copy_from_slice(data);
+        }
+        Pending::Zero { offset, len } => {
+            let start = (*offset as usize).min(image.len());
+            let end = ((*offset + *len) as usize).min(image.len());
+            image[start..end].fill(0);
+        }
+        Pending::Truncate { len } => image.resize(*len as usize, 0),
+    }
+}
+
+#[derive(Default)]
+struct DiskState {
+    files: HashMap<String, FileState>,
+    manifests: HashMap<String, Vec<u8>>,
+    operations: u64,
+    crash_after: Option<u64>,
+}
+
+impl DiskState {
+    /// Counts one operation; fails it if the machine has "stopped".
+    fn tick(&mut self) -> io::Result<()> {
+        self.operations += 1;
+        match self.crash_after {
+            Some(limit) if self.operations > limit => Err(io::Error::other("simulated power cut")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct MemDisk {
+    state: Mutex<DiskState>,
+}
+
+/// A deterministic generator, so a failing crash case can be replayed from its seed.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+impl MemDisk {
+    pub fn new() -> Arc<Self> {
+        Arc::new(MemDisk::default())
+    }
+
+    /// Operations (reads, writes, flushes, manifest replacements) so far.
+    pub fn operations(&self) -> u64 {
+        self.state.lock().unwrap().operations
+    }
+
+    /// From now on, operation number `n+1` and every later one fails.
+    pub fn crash_after(&self, n: u64) {
+        self.state.lock().unwrap().crash_after = Some(n);
+    }
+
+    /// The disk as found after power returns: durable data plus a random
+    /// subset of unflushed writes, in order, some torn at a sector boundary.
+    pub fn power_cut(&self, rng: &mut SplitMix) -> Arc<MemDisk> {
+        let state = self.state.lock().unwrap();
+        let mut files = HashMap::new();
+        for (name, file) in &state.files {
+            let mut image = file.durable.clone();
+            for op in &file.pending {
+                match rng.below(3) {
+                    0 => {}
+                    1 => apply(&mut image, op),
+                    _ => match op {
+                        Pending::Write { offset, data } if data.len() > SECTOR => {
+                            let sectors = data.len().div_ceil(SECTOR);
+                            let keep = (rng.below(sectors as u64) as usize * SECTOR).min(data.len());
+                            apply(&mut image, &Pending::Write { offset: *offset, data: data[..keep].to_vec() });
+                        }
+                        _ => {}
+                    },
+                }
+            }
+            files.insert(
+                name.clone(),
+                FileState { durable: image.clone(), current: image, pending: Vec::new() },
+            );
+        }
+        Arc::new(MemDisk {
+            state: Mutex::new(DiskState { files, manifests: state.manifests.clone(), ..Default::default() }),
+        })
+    }
+
+    /// Flips one byte of a file's durable image (corruption tests).
+    pub fn corrupt(&self, name: &str, offset: usize) {
+        let mut state = self.state.lock().unwrap();
+        let file = state.files.get_mut(name).expect("no such file");
+        file.durable[offset] ^= 0x5a;
+        file.current[offset] ^= 0x5a;
+    }
+
+    pub fn file_len(&self, name: &str) -> Option<usize> {
+        self.state.lock().unwrap().files.get(name).map(|f| f.current.len())
+    }
+
+    pub fn set_manifest(&self, name: &str, bytes: &[u8]) {
+        self.state.lock().unwrap().manifests.insert(name.to_string(), bytes.to_vec());
+    }
+
+    pub(super) fn open(self: &Arc<Self>, name: &str, create: bool) -> io::Result<MemFile> {
+        let mut state = self.state.lock().unwrap();
+        state.tick()?;
+        if !state.files.contains_key(name) {
+            if !create {
+                return Err(io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file")));
+            }
+            state.files.insert(name.to_string(), FileState::default());
+        }
+        Ok(MemFile { disk: self.clone(), name: name.to_string() })
+    }
+
+    pub(super) fn read_manifest(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        let mut state = self.state.lock().unwrap();
+        state.tick()?;
+        Ok(state.manifests.get(name).cloned())
+    }
+
+    pub(super) fn replace_manifest(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let mut state = self.state.lock().unwrap();
+        state.tick()?;
+        state.manifests.insert(name.to_string(), bytes.to_vec());
+        Ok(())
+    }
+}
+
+/// A file on a [`MemDisk`].
+#[derive(Clone)]
+pub struct MemFile {
+    disk: Arc<MemDisk>,
+    name: String,
+}
+
+impl MemFile {
+    fn with<R>(&self, f: impl FnOnce(&mut FileState) -> R) -> io::Result<R> {
+        let mut state = self.disk.state.lock().unwrap();
+        state.tick()?;
+        Ok(f(state.files.get_mut(&self.name).expect("file vanished")))
+    }
+
+    fn record(&self, op: Pending, durable: bool) -> io::Result<()> {
+        self.with(|file| {
+            apply(&mut file.current, &op);
+            if durable {
+                // FUA makes this write durable, not earlier unflushed ones.
+                apply(&mut file.durable, &op);
+            } else {
+                file.pending.push(op);
+            }
+        })
+    }
+
+    pub fn size(&self) -> io::Result<u64> {
+        let state = self.disk.state.lock().unwrap();
+        Ok(state.files[&self.name].current.len() as u64)
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.with(|file| {
+            let start = (offset as usize).min(file.current.len());
+            let end = (offset as usize + buf.len()).min(file.current.len());
+            buf[..end - start].copy_from_slice(&file.current[start..end]);
+            buf[end - start..].fill(0);
+        })
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        self.record(Pending::Write { offset, data: buf.to_vec() }, durable)
+    }
+
+    pub fn flush(&self) -> io::Result<()> {
+        self.with(|file| {
+            for op in std::mem::take(&mut file.pending) {
+                apply(&mut file.durable, &op);
+            }
+        })
+    }
+
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.record(Pending::Zero { offset, len }, false)
+    }
+
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.record(Pending::Zero { offset, len }, false)
+    }
+
+    pub fn truncate(&self, len: u64) -> io::Result<()> {
+        self.record(Pending::Truncate { len }, true)
+    }
+
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        let state = self.disk.state.lock().unwrap();
+        Ok(state.files[&self.name].current.iter().filter(|b| **b != 0).count() as u64)
+    }
+}

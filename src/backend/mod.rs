@@ -1,0 +1,165 @@
+//! Backends: where a volume's bytes live.
+//!
+//! Owns: byte-addressed files (a volume's origin, each partition's journal and
+//! change-log store) and the directory that holds them, with the durability
+//! primitives the engine builds on: flush, atomic manifest replacement, hole
+//! punching. Two kinds exist: real files or block devices driven through the
+//! thread's io_uring ([`file`]), and an in-memory disk that can simulate a
+//! power cut by dropping unflushed writes ([`memory`]), used by the crash tests.
+//!
+//! Must never: interpret the bytes it stores (that is the engine's job), or
+//! report a write as durable before it is.
+
+pub mod file;
+pub mod memory;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One file-like object addressed by byte offset.
+#[derive(Clone)]
+pub enum Backend {
+    File(Arc<file::FileBackend>),
+    Memory(memory::MemFile),
+}
+
+/// A byte range and whether it holds data (false: a hole that reads as zeros).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub data: bool,
+}
+
+impl Backend {
+    pub fn size(&self) -> io::Result<u64> {
+        match self {
+            Backend::File(f) => f.size(),
+            Backend::Memory(m) => m.size(),
+        }
+    }
+
+    pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.read_at(buf, offset).await,
+            Backend::Memory(m) => m.read_at(buf, offset),
+        }
+    }
+
+    /// `durable`: the write is on stable storage when this returns (FUA).
+    pub async fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.write_at(buf, offset, durable).await,
+            Backend::Memory(m) => m.write_at(buf, offset, durable),
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.flush().await,
+            Backend::Memory(m) => m.flush(),
+        }
+    }
+
+    /// Deallocates a range; it reads back as zeros.
+    pub async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.punch_hole(offset, len).await,
+            Backend::Memory(m) => m.punch_hole(offset, len),
+        }
+    }
+
+    /// Zeroes a range, keeping it allocated.
+    pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.zero_range(offset, len).await,
+            Backend::Memory(m) => m.zero_range(offset, len),
+        }
+    }
+
+    /// Bytes allocated on the underlying storage.
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        match self {
+            Backend::File(f) => f.allocated_bytes(),
+            Backend::Memory(m) => m.allocated_bytes(),
+        }
+    }
+
+    /// Allocation map of `[offset, offset+len)`, in order, covering it exactly.
+    pub fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        match self {
+            Backend::File(f) => f.extents(offset, len),
+            Backend::Memory(_) => Ok(vec![Extent {
+                offset,
+                len,
+                data: true,
+            }]),
+        }
+    }
+
+    /// Truncates to `len` bytes (journal tails) and makes that durable.
+    pub async fn truncate(&self, len: u64) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.truncate(len).await,
+            Backend::Memory(m) => m.truncate(len),
+        }
+    }
+}
+
+/// The directory of one volume: named files plus atomically replaced manifests.
+#[derive(Clone)]
+pub enum Storage {
+    Dir(PathBuf),
+    Memory(Arc<memory::MemDisk>),
+}
+
+impl Storage {
+    /// Opens (and with `create`, creates empty) the named file.
+    pub fn open(&self, name: &str, create: bool) -> io::Result<Backend> {
+        match self {
+            Storage::Dir(dir) => Ok(Backend::File(Arc::new(file::FileBackend::open(
+                &dir.join(name),
+                create,
+            )?))),
+            Storage::Memory(disk) => Ok(Backend::Memory(disk.open(name, create)?)),
+        }
+    }
+
+    /// Reads a manifest; `None` if it does not exist.
+    pub fn read_manifest(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            Storage::Dir(dir) => match std::fs::read(dir.join(name)) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            },
+            Storage::Memory(disk) => disk.read_manifest(name),
+        }
+    }
+
+    /// Replaces a manifest atomically and durably: after a crash at any point
+    /// the old or the new content is there, never a mix.
+    pub fn replace_manifest(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Storage::Dir(dir) => file::replace_atomically(&dir.join(name), bytes),
+            Storage::Memory(disk) => disk.replace_manifest(name, bytes),
+        }
+    }
+
+    /// Bytes free for new data where this storage lives.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        match self {
+            Storage::Dir(dir) => file::free_bytes(dir),
+            Storage::Memory(_) => Ok(u64::MAX),
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Storage::Dir(dir) => Some(dir),
+            Storage::Memory(_) => None,
+        }
+    }
+}

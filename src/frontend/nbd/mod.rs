@@ -1,0 +1,1 @@
+//! NBD server (placeholder until the protocol module lands).

@@ -1,0 +1,15 @@
+//! snapblk: a userspace block device daemon with snapshots, live copy and
+//! replication inline in its I/O path.
+//!
+//! Layers, top to bottom (data flows down, never back up):
+//! - [`control`]: the daemon, its registry of volumes and the control socket;
+//! - [`frontend`]: NBD (and, next, ublk) adapters that turn requests into engine calls;
+//! - [`engine`]: volumes, partitions, snapshots, copy-on-write, journals, recovery;
+//! - [`backend`]: files, block devices and the fault-injecting memory disk;
+//! - [`runtime`]: the per-thread io_uring executor everything above runs on.
+
+pub mod backend;
+pub mod control;
+pub mod engine;
+pub mod frontend;
+pub mod runtime;

@@ -1,0 +1,23 @@
+//! Per-thread async runtime: a small executor plus an io_uring reactor.
+//!
+//! Owns: the thread-local io_uring (one per I/O thread, as DESIGN.md's I/O
+//! model asks: no hand-off between threads per request), the task queue of that
+//! thread, and the futures that wrap single io_uring operations.
+//!
+//! Must never: move a task to another thread, or block inside a task. Tasks on
+//! one thread cooperate; the only blocking call is the reactor's wait for
+//! completions, taken when no task can make progress. Wakers are thread-safe:
+//! an engine event completed on another thread (a chunk's preservation, the
+//! snapshot gate reopening) wakes this thread through an eventfd armed on the
+//! ring.
+//!
+//! A future returned by [`read_at`] and friends borrows its buffer for the
+//! kernel's use. If such a future is dropped before completion, its drop waits
+//! for the kernel to finish with the buffer, so safe code can never hand the
+//! kernel a dangling pointer.
+
+mod executor;
+mod reactor;
+
+pub use executor::{block_on, spawn};
+pub use reactor::{fallocate, fsync, read_at, recv, send, write_at, writev};
