@@ -9,6 +9,7 @@
 //! - [`runtime`]: the per-thread io_uring executor everything above runs on.
 
 pub mod backend;
+pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod frontend;

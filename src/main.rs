@@ -1,1 +1,5 @@
-fn main() {}
+//! The `snapblk` binary: see [`snapblk::cli`].
+
+fn main() {
+    std::process::exit(snapblk::cli::main());
+}

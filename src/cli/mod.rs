@@ -1,0 +1,421 @@
+//! The `snapblk` command line: argument parsing, talking to the daemon, and
+//! printing results for people (tables, `key: value`) or programs (`--json`).
+//!
+//! Every failure prints one line, `snapblk: error: <what went wrong>; <what
+//! to do>`, to stderr and exits 1 (argument syntax errors from clap exit 2).
+//! Sizes and names are checked here first, so obvious mistakes need no daemon.
+
+pub mod client;
+pub mod output;
+pub mod paths;
+pub mod size;
+
+use crate::control::daemon::{self, DaemonConfig, DEFAULT_NBD_TCP};
+use crate::control::protocol::Request;
+use crate::control::registry::validate_name;
+use clap::{Args, Parser, Subcommand};
+use client::CliError;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "snapblk",
+    version,
+    about = "Userspace block devices with instant snapshots, served over NBD",
+    after_help = "Quick start: `snapblk serve`, then `qemu-img info nbd://127.0.0.1:10809/disk0`."
+)]
+pub struct Cli {
+    /// Control socket [default: $SNAPBLK_CONTROL, else DATA_DIR/control.sock]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Print the daemon's JSON result instead of a table
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon in the foreground
+    Daemon(DaemonArgs),
+    /// Quick start: run the daemon, create volume disk0 if missing, print how to connect
+    Serve(ServeArgs),
+    /// Create, list, inspect and delete volumes
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Create, list and delete snapshots
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Show the running daemon's status
+    Status,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Where volumes and sockets live [default: $SNAPBLK_DATA_DIR, /var/lib/snapblk for root, else ~/.local/share/snapblk]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Serve NBD on this UNIX socket (repeatable)
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Vec<PathBuf>,
+    /// Serve NBD on this TCP address (repeatable) [default with no NBD option: 127.0.0.1:10809 and DATA_DIR/nbd.sock]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub nbd_listen: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Data directory [default: as for `snapblk daemon`]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Size of disk0 when it is created (sparse)
+    #[arg(long, value_name = "SIZE", default_value = "10G")]
+    pub size: String,
+    /// NBD TCP address
+    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_NBD_TCP)]
+    pub nbd_listen: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a volume (a sparse container file unless --backing is given)
+    Create {
+        name: String,
+        /// Capacity: bytes or K/M/G/T (powers of 1024), e.g. 10G
+        #[arg(long)]
+        size: String,
+        /// Copy-on-write chunk size, a power of two from 4K to 1M [default: 64K]
+        #[arg(long)]
+        chunk_size: Option<String>,
+        /// Number of partitions (parallel metadata journals) [default: 4]
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// Use this existing file or block device as the volume's data
+        #[arg(long, value_name = "PATH")]
+        backing: Option<PathBuf>,
+    },
+    /// List volumes
+    #[command(alias = "ls")]
+    List,
+    /// Show one volume
+    Info { name: String },
+    /// Delete a volume and all its snapshots
+    #[command(alias = "rm")]
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Take a snapshot of a volume
+    Create { volume: String, name: String },
+    /// List a volume's snapshots
+    #[command(alias = "ls")]
+    List { volume: String },
+    /// Delete a snapshot
+    #[command(alias = "rm")]
+    Delete { volume: String, name: String },
+}
+
+fn size_arg(text: &str) -> Result<u64, CliError> {
+    size::parse_size(text).map_err(CliError::plain)
+}
+
+fn name_arg(kind: &str, name: &str) -> Result<(), CliError> {
+    validate_name(kind, name).map_err(|e| CliError::plain(e.message))
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialize")
+    );
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{}", e.line());
+            1
+        }
+    }
+}
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+fn daemon_error(e: anyhow::Error) -> CliError {
+    // anyhow's alternate form joins the context chain with ": ".
+    let msg = format!("{e:#}");
+    if msg.contains("; ") {
+        CliError::plain(msg)
+    } else {
+        CliError::new(msg, "see the log above")
+    }
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let json = cli.json;
+    match cli.command {
+        Command::Daemon(a) => {
+            init_logging();
+            let config = DaemonConfig {
+                data_dir: a.data_dir.unwrap_or_else(paths::default_data_dir),
+                control: cli.control,
+                nbd_unix: a.nbd_socket,
+                nbd_tcp: a.nbd_listen,
+            };
+            daemon::run(&config, |_| Ok(()), |_| {}).map_err(daemon_error)
+        }
+        Command::Serve(a) => serve(cli.control, a),
+        Command::Status => {
+            let control = paths::client_control_path(cli.control);
+            let r = client::request(&control, &Request::DaemonStatus {})?;
+            if json {
+                print_json(&r);
+            } else {
+                let list = |k: &str| {
+                    r.get(k)
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .map(|x| x.as_str().unwrap_or("?").to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "-".into())
+                };
+                print!(
+                    "{}",
+                    output::key_values(&[
+                        ("version", output::str_of(&r, "version")),
+                        ("pid", output::str_of(&r, "pid")),
+                        ("data dir", output::str_of(&r, "data_dir")),
+                        ("control socket", output::str_of(&r, "control_socket")),
+                        ("nbd tcp", list("nbd_tcp")),
+                        ("nbd unix", list("nbd_unix")),
+                        ("volumes", output::str_of(&r, "volumes")),
+                        ("uptime", format!("{} s", output::str_of(&r, "uptime_s"))),
+                    ])
+                );
+            }
+            Ok(())
+        }
+        Command::Volume(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            volume(&control, json, cmd)
+        }
+        Command::Snapshot(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            snapshot(&control, json, cmd)
+        }
+    }
+}
+
+fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            chunk_size,
+            partitions,
+            backing,
+        } => {
+            name_arg("volume", &name)?;
+            let size = size_arg(&size)?;
+            if size == 0 {
+                return Err(CliError::plain(
+                    "invalid size \"0\": a volume needs at least one byte; e.g. --size 10G",
+                ));
+            }
+            let chunk_size = match chunk_size {
+                Some(c) => {
+                    let b = size_arg(&c)?;
+                    Some(u32::try_from(b).map_err(|_| {
+                        CliError::plain(format!(
+                            "invalid chunk size {c:?}: too large; use a power of two from 4K to 1M"
+                        ))
+                    })?)
+                }
+                None => None,
+            };
+            let backing = match backing {
+                Some(p) => Some(
+                    p.canonicalize()
+                        .map_err(|e| {
+                            CliError::new(
+                                format!("cannot use {} as backing: {e}", p.display()),
+                                "give an existing file or block device",
+                            )
+                        })?
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
+                None => None,
+            };
+            let r = client::request(
+                control,
+                &Request::VolumeCreate {
+                    name: name.clone(),
+                    size,
+                    chunk_size,
+                    partitions,
+                    backing,
+                },
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "created volume {name}: {}, chunk size {}, {} partitions",
+                    output::size_of(&r, "capacity"),
+                    output::size_of(&r, "chunk_size"),
+                    output::str_of(&r, "partitions"),
+                );
+            }
+        }
+        VolumeCmd::List => {
+            let r = client::request(control, &Request::VolumeList {})?;
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", output::volume_list(&r));
+            }
+        }
+        VolumeCmd::Info { name } => {
+            let r = client::request(control, &Request::VolumeInfo { name })?;
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", output::volume_info(&r));
+            }
+        }
+        VolumeCmd::Delete { name } => {
+            let r = client::request(control, &Request::VolumeDelete { name: name.clone() })?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("deleted volume {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError> {
+    match cmd {
+        SnapshotCmd::Create { volume, name } => {
+            name_arg("snapshot", &name)?;
+            let r = client::request(
+                control,
+                &Request::SnapshotCreate {
+                    volume: volume.clone(),
+                    name: name.clone(),
+                },
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "created snapshot {name} of volume {volume} (generation {}, writes paused {} µs)",
+                    output::str_of(&r, "generation"),
+                    output::str_of(&r, "stall_us"),
+                );
+            }
+        }
+        SnapshotCmd::List { volume } => {
+            let r = client::request(
+                control,
+                &Request::SnapshotList {
+                    volume: volume.clone(),
+                },
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                print!("{}", output::snapshot_list(&volume, &r));
+            }
+        }
+        SnapshotCmd::Delete { volume, name } => {
+            let r = client::request(
+                control,
+                &Request::SnapshotDelete {
+                    volume: volume.clone(),
+                    name: name.clone(),
+                },
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("deleted snapshot {name} of volume {volume}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `snapblk serve`: the quick start.
+fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
+    let size = size_arg(&a.size)?;
+    if size == 0 {
+        return Err(CliError::plain(
+            "invalid size \"0\": disk0 needs at least one byte; e.g. --size 10G",
+        ));
+    }
+    init_logging();
+    let data_dir = a.data_dir.unwrap_or_else(paths::default_data_dir);
+    let config = DaemonConfig {
+        data_dir: data_dir.clone(),
+        control,
+        nbd_unix: vec![data_dir.join("nbd.sock")],
+        nbd_tcp: vec![a.nbd_listen],
+    };
+    const DISK: &str = "disk0";
+    daemon::run(
+        &config,
+        |reg| {
+            if reg.volume(DISK).is_err() && reg.entries().iter().all(|(n, _)| n != DISK) {
+                reg.create_volume(DISK, size, None, None, None)
+                    .map_err(|e| anyhow::anyhow!("cannot create volume {DISK}: {}", e.message))?;
+                log::info!("created volume {DISK} ({})", size::format_size(size));
+            }
+            Ok(())
+        },
+        |d| {
+            let tcp = d.facts_nbd_tcp.first().cloned().unwrap_or_default();
+            let unix = d
+                .facts_nbd_unix
+                .first()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let size = d
+                .registry
+                .volume(DISK)
+                .map(|v| size::format_size(v.size()))
+                .unwrap_or_else(|e| format!("unavailable: {}", e.message));
+            println!(
+                "snapblk is serving volume {DISK} ({size}) from {}",
+                d.registry.data_dir().display()
+            );
+            println!();
+            println!("  NBD over TCP:   nbd://{tcp}/{DISK}");
+            println!("  NBD over UNIX:  nbd+unix:///{DISK}?socket={unix}");
+            println!();
+            println!("Try:  qemu-img info nbd://{tcp}/{DISK}");
+            println!("      nbdinfo nbd://{tcp}/{DISK}");
+            println!(
+                "More: snapblk --control {} volume list   (Ctrl-C stops the daemon)",
+                d.control_path.display()
+            );
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        },
+    )
+    .map_err(daemon_error)
+}

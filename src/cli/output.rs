@@ -1,0 +1,197 @@
+//! Human output: aligned tables for lists, `key: value` for single objects.
+//! (`--json` bypasses all of this and prints the daemon's result as is.)
+
+use super::size::format_size;
+use serde_json::Value;
+
+/// Left-aligned columns separated by two spaces; no trailing blanks.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut push = |cells: Vec<&str>| {
+        let mut line = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(c);
+            if i + 1 < cells.len() {
+                line.push_str(&" ".repeat(widths[i] - c.chars().count()));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    };
+    push(header.to_vec());
+    for row in rows {
+        push(row.iter().map(|s| s.as_str()).collect());
+    }
+    out
+}
+
+/// `key: value` lines with the values aligned.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (k, v) in pairs {
+        out.push_str(&format!("{:<w$} {v}\n", format!("{k}:")));
+    }
+    out
+}
+
+pub fn str_of(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+pub fn size_of(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map(format_size)
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn size_with_bytes(v: &Value, key: &str) -> String {
+    match v.get(key).and_then(Value::as_u64) {
+        Some(b) => format!("{} ({b} bytes)", format_size(b)),
+        None => "-".into(),
+    }
+}
+
+/// UNIX milliseconds as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn format_unix_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+pub fn volume_list(result: &Value) -> String {
+    let vols = result.as_array().cloned().unwrap_or_default();
+    if vols.is_empty() {
+        return "no volumes; create one with `snapblk volume create NAME --size 10G`\n".into();
+    }
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                str_of(v, "name"),
+                size_of(v, "capacity"),
+                size_of(v, "used_bytes"),
+                size_of(v, "chunk_size"),
+                str_of(v, "partitions"),
+                str_of(v, "snapshots"),
+                str_of(v, "state"),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "SIZE",
+            "USED",
+            "CHUNK",
+            "PARTITIONS",
+            "SNAPSHOTS",
+            "STATE",
+        ],
+        &rows,
+    )
+}
+
+pub fn volume_info(v: &Value) -> String {
+    let state = str_of(v, "state");
+    if state != "ok" {
+        return key_values(&[("name", str_of(v, "name")), ("state", state)]);
+    }
+    let mut pairs = vec![
+        ("name", str_of(v, "name")),
+        ("state", state),
+        ("capacity", size_with_bytes(v, "capacity")),
+        ("used", size_with_bytes(v, "used_bytes")),
+        ("free", size_with_bytes(v, "free_bytes")),
+        ("chunk size", size_with_bytes(v, "chunk_size")),
+        ("partitions", str_of(v, "partitions")),
+        ("generation", str_of(v, "generation")),
+        ("snapshots", str_of(v, "snapshots")),
+        ("origin", str_of(v, "origin")),
+    ];
+    if let Some(list) = v.get("snapshot_list").and_then(Value::as_array) {
+        if !list.is_empty() {
+            let names: Vec<String> = list.iter().map(|s| str_of(s, "name")).collect();
+            pairs.push(("snapshot names", names.join(", ")));
+        }
+    }
+    key_values(&pairs)
+}
+
+pub fn snapshot_list(volume: &str, result: &Value) -> String {
+    let snaps = result.as_array().cloned().unwrap_or_default();
+    if snaps.is_empty() {
+        return format!(
+            "volume {volume} has no snapshots; take one with `snapblk snapshot create {volume} NAME`\n"
+        );
+    }
+    let rows: Vec<Vec<String>> = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                str_of(s, "name"),
+                str_of(s, "generation"),
+                s.get("created_unix_ms")
+                    .and_then(Value::as_u64)
+                    .map(format_unix_ms)
+                    .unwrap_or_else(|| "-".into()),
+                size_of(s, "exclusive_bytes"),
+            ]
+        })
+        .collect();
+    table(&["NAME", "GENERATION", "CREATED", "EXCLUSIVE"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_table() {
+        let t = table(
+            &["NAME", "SIZE"],
+            &[
+                vec!["a".into(), "1 GiB".into()],
+                vec!["longer".into(), "2 B".into()],
+            ],
+        );
+        assert_eq!(t, "NAME    SIZE\na       1 GiB\nlonger  2 B\n");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(format_unix_ms(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix_ms(1_700_000_000_123), "2023-11-14 22:13:20 UTC");
+        assert_eq!(format_unix_ms(951_782_400_000), "2000-02-29 00:00:00 UTC");
+    }
+}

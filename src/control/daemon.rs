@@ -1,0 +1,270 @@
+//! The daemon: startup, NBD listeners, signals, orderly shutdown.
+//!
+//! Startup order: block SIGTERM/SIGINT in every thread (the mask is set
+//! before any thread exists, so all threads inherit it), take the data
+//! directory's lock (one daemon per directory), open the registry (every
+//! volume; broken ones are logged and kept as errors), start the NBD
+//! listeners, and bind the control socket *last*: once the socket exists,
+//! everything is being served. The main thread then waits in `sigwait`.
+//!
+//! Shutdown (SIGTERM or SIGINT): stop accepting control clients, shut the NBD
+//! server down (it drains in-flight requests), flush and close every volume,
+//! remove the sockets, exit 0. No async runtime crate: one thread per control
+//! client and the engine's per-thread io_uring runtime.
+
+use super::nbd_shim::{ExportResolver, NbdServer}; // SHIM
+use super::registry::Registry;
+use super::server::{ControlServer, DaemonFacts};
+use crate::engine::{EngineError, View};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The TCP address NBD listens on when no listener is given.
+pub const DEFAULT_NBD_TCP: &str = "127.0.0.1:10809";
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    /// Default: `data_dir/control.sock`.
+    pub control: Option<PathBuf>,
+    pub nbd_unix: Vec<PathBuf>,
+    pub nbd_tcp: Vec<String>,
+}
+
+impl DaemonConfig {
+    /// Applies the defaults: with no NBD listener given, TCP on
+    /// [`DEFAULT_NBD_TCP`] and UNIX on `data_dir/nbd.sock`.
+    pub fn with_defaults(mut self) -> Self {
+        if self.nbd_unix.is_empty() && self.nbd_tcp.is_empty() {
+            self.nbd_tcp.push(DEFAULT_NBD_TCP.to_string());
+            self.nbd_unix.push(self.data_dir.join("nbd.sock"));
+        }
+        self
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("control.sock"))
+    }
+}
+
+/// Serves the registry's volumes to NBD clients.
+struct Resolver(Arc<Registry>);
+
+impl ExportResolver for Resolver {
+    fn resolve(&self, export_name: &str) -> Result<View, EngineError> {
+        self.0.resolve_export(export_name)
+    }
+    fn list(&self) -> Vec<String> {
+        self.0.export_names()
+    }
+    fn default_export(&self) -> Option<String> {
+        self.0.default_export_name()
+    }
+}
+
+/// A started daemon; [`Daemon::wait_for_signal`] then [`Daemon::shutdown`].
+pub struct Daemon {
+    pub registry: Arc<Registry>,
+    pub facts_nbd_tcp: Vec<String>,
+    pub facts_nbd_unix: Vec<PathBuf>,
+    pub control_path: PathBuf,
+    nbd: NbdServer,
+    control: Option<ControlServer>,
+    _lock: std::fs::File,
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and every thread
+/// it creates afterwards; call first thing, before any thread exists.
+pub fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, then pthread_sigmask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits for a signal in `set` (blocked beforehand) and returns it. SIGHUP is
+/// logged and ignored (nothing to reload yet).
+pub fn wait_for_termination(set: &libc::sigset_t) -> i32 {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialized; `sig` is valid for writes.
+        let rc = unsafe { libc::sigwait(set, &mut sig) };
+        if rc != 0 {
+            continue;
+        }
+        if sig == libc::SIGHUP {
+            log::info!("SIGHUP: nothing to reload");
+            continue;
+        }
+        return sig;
+    }
+}
+
+fn lock_data_dir(dir: &Path) -> io::Result<std::fs::File> {
+    let path = dir.join("daemon.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another snapblk daemon is already using {} (it holds {}); stop it first",
+                    dir.display(),
+                    path.display()
+                ),
+            ));
+        }
+        return Err(e);
+    }
+    Ok(f)
+}
+
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Daemon {
+    /// Starts everything; on return the control socket is accepting.
+    /// `before_control` runs after the volumes are open and the NBD listeners
+    /// are up, before the control socket is bound (`snapblk serve` creates
+    /// its volume there).
+    pub fn start(
+        config: &DaemonConfig,
+        before_control: impl FnOnce(&Registry) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Daemon> {
+        use anyhow::Context;
+        let config = config.clone().with_defaults();
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                config.data_dir.display()
+            )
+        })?;
+        let data_dir = config.data_dir.canonicalize().with_context(|| {
+            format!(
+                "cannot open the data directory {}",
+                config.data_dir.display()
+            )
+        })?;
+        let lock = lock_data_dir(&data_dir)?;
+        log::info!(
+            "snapblk {} starting; data directory {}",
+            env!("CARGO_PKG_VERSION"),
+            data_dir.display()
+        );
+        let registry = Arc::new(Registry::open(&data_dir).with_context(|| {
+            format!(
+                "cannot read the registry in {}",
+                data_dir.join("volumes").display()
+            )
+        })?);
+        before_control(&registry)?;
+
+        let nbd = NbdServer::new(Arc::new(Resolver(registry.clone())));
+        let mut nbd_tcp = Vec::new();
+        for addr in &config.nbd_tcp {
+            let bound = nbd.listen_tcp(addr).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen for NBD on {addr}: {e}; is another NBD server using it? pick another address with --nbd-listen HOST:PORT"
+                )
+            })?;
+            log::info!("NBD listening on {bound}");
+            nbd_tcp.push(bound.to_string());
+        }
+        for path in &config.nbd_unix {
+            remove_stale_socket(path);
+            nbd.listen_unix(path)
+                .map_err(|e| anyhow::anyhow!("cannot listen for NBD on {}: {e}", path.display()))?;
+            log::info!("NBD listening on {}", path.display());
+        }
+
+        let control_path = config.control_path();
+        let facts = DaemonFacts {
+            data_dir: data_dir.clone(),
+            control_socket: control_path.clone(),
+            nbd_unix: config.nbd_unix.clone(),
+            nbd_tcp: nbd_tcp.clone(),
+            started: Instant::now(),
+        };
+        let control =
+            ControlServer::start(&control_path, registry.clone(), facts).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the control socket {}: {e}",
+                    control_path.display()
+                )
+            })?;
+        Ok(Daemon {
+            registry,
+            facts_nbd_tcp: nbd_tcp,
+            facts_nbd_unix: config.nbd_unix.clone(),
+            control_path,
+            nbd,
+            control: Some(control),
+            _lock: lock,
+        })
+    }
+
+    /// Orderly shutdown; returns the number of volumes that failed to flush.
+    pub fn shutdown(mut self) -> usize {
+        if let Some(mut c) = self.control.take() {
+            c.stop();
+        }
+        log::info!("stopping the NBD server (draining in-flight requests)");
+        self.nbd.shutdown();
+        let failed = self.registry.shutdown();
+        for p in &self.facts_nbd_unix {
+            remove_stale_socket(p);
+        }
+        failed
+    }
+}
+
+/// `snapblk daemon`: runs until SIGTERM/SIGINT. `before_control` and
+/// `after_start` are hooks for `snapblk serve`.
+pub fn run(
+    config: &DaemonConfig,
+    before_control: impl FnOnce(&Registry) -> anyhow::Result<()>,
+    after_start: impl FnOnce(&Daemon),
+) -> anyhow::Result<()> {
+    let set = block_signals();
+    let daemon = Daemon::start(config, before_control)?;
+    after_start(&daemon);
+    let sig = wait_for_termination(&set);
+    log::info!(
+        "received {}; shutting down",
+        if sig == libc::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        }
+    );
+    let failed = daemon.shutdown();
+    if failed > 0 {
+        anyhow::bail!("{failed} volume(s) failed to flush at shutdown; see the log above");
+    }
+    log::info!("stopped cleanly");
+    Ok(())
+}

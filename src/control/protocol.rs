@@ -1,0 +1,306 @@
+//! The control protocol's wire types: JSON lines over a UNIX socket.
+//!
+//! One request object per line, one response object per line, in order.
+//! `docs/control-protocol.md` is the reference for people; this file is the
+//! reference for code (the daemon parses with it, the CLI builds with it).
+//!
+//! Parsing is two-stage so that every malformed line gets a precise error:
+//! first any JSON at all ([`parse_request`] reports "not JSON" / "not an
+//! object" / "no op"), then the op's own fields (missing field, wrong type,
+//! unknown field).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+
+/// Every op the daemon understands, in documentation order.
+pub const OPS: &[&str] = &[
+    "volume.create",
+    "volume.list",
+    "volume.info",
+    "volume.delete",
+    "snapshot.create",
+    "snapshot.list",
+    "snapshot.delete",
+    "daemon.status",
+];
+
+/// The longest request line the daemon reads; longer lines are refused.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// One control request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", deny_unknown_fields)]
+pub enum Request {
+    #[serde(rename = "volume.create")]
+    VolumeCreate {
+        name: String,
+        /// Capacity in bytes.
+        size: u64,
+        /// Copy-on-write chunk size in bytes; `null` or absent: the engine default.
+        #[serde(default)]
+        chunk_size: Option<u32>,
+        #[serde(default)]
+        partitions: Option<u32>,
+        /// Absolute path of an existing file or block device to use as the origin.
+        #[serde(default)]
+        backing: Option<String>,
+    },
+    #[serde(rename = "volume.list")]
+    VolumeList {},
+    #[serde(rename = "volume.info")]
+    VolumeInfo { name: String },
+    #[serde(rename = "volume.delete")]
+    VolumeDelete { name: String },
+    #[serde(rename = "snapshot.create")]
+    SnapshotCreate { volume: String, name: String },
+    #[serde(rename = "snapshot.list")]
+    SnapshotList { volume: String },
+    #[serde(rename = "snapshot.delete")]
+    SnapshotDelete { volume: String, name: String },
+    #[serde(rename = "daemon.status")]
+    DaemonStatus {},
+}
+
+impl Request {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::VolumeCreate { .. } => "volume.create",
+            Request::VolumeList {} => "volume.list",
+            Request::VolumeInfo { .. } => "volume.info",
+            Request::VolumeDelete { .. } => "volume.delete",
+            Request::SnapshotCreate { .. } => "snapshot.create",
+            Request::SnapshotList { .. } => "snapshot.list",
+            Request::SnapshotDelete { .. } => "snapshot.delete",
+            Request::DaemonStatus {} => "daemon.status",
+        }
+    }
+}
+
+/// Machine-readable error class; the message says the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not a request (not JSON, unknown op, missing or mistyped field).
+    BadRequest,
+    NotFound,
+    AlreadyExists,
+    /// A well-formed request with a value the daemon refuses (bad name, size, ...).
+    InvalidArgument,
+    /// The object is in use, or the daemon is shutting down.
+    Busy,
+    NoSpace,
+    IoError,
+    PermissionDenied,
+    /// A code this build does not know (newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        let s = s.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
+        f.write_str(s)
+    }
+}
+
+/// The `error` member of a failed response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ControlError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ControlError {}
+
+impl From<crate::engine::EngineError> for ControlError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        use crate::engine::EngineError as E;
+        let code = match &e {
+            E::NotFound(_) => ErrorCode::NotFound,
+            E::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            E::InvalidArgument(_) | E::OutOfRange { .. } | E::Misaligned { .. } | E::ReadOnly => {
+                ErrorCode::InvalidArgument
+            }
+            E::NoSpace => ErrorCode::NoSpace,
+            E::SnapshotGone(_) => ErrorCode::NotFound,
+            E::Corrupt(_) | E::Io(_) => ErrorCode::IoError,
+        };
+        ControlError::new(code, e.to_string())
+    }
+}
+
+impl From<std::io::Error> for ControlError {
+    fn from(e: std::io::Error) -> Self {
+        let code = match e.kind() {
+            std::io::ErrorKind::NotFound => ErrorCode::NotFound,
+            std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+            std::io::ErrorKind::AlreadyExists => ErrorCode::AlreadyExists,
+            _ if e.raw_os_error() == Some(libc::ENOSPC) => ErrorCode::NoSpace,
+            _ => ErrorCode::IoError,
+        };
+        ControlError::new(code, e.to_string())
+    }
+}
+
+/// One response line: `{"ok":true,"result":...}` or `{"ok":false,"error":{...}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ControlError>,
+}
+
+impl Response {
+    pub fn from_result(r: Result<Value, ControlError>) -> Response {
+        match r {
+            Ok(v) => Response {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => Response {
+                ok: false,
+                result: None,
+                error: Some(e),
+            },
+        }
+    }
+
+    /// Back to a `Result`; a response that is neither is a protocol error.
+    pub fn into_result(self) -> Result<Value, ControlError> {
+        match (self.ok, self.result, self.error) {
+            (true, r, _) => Ok(r.unwrap_or(Value::Null)),
+            (false, _, Some(e)) => Err(e),
+            (false, _, None) => Err(ControlError::new(
+                ErrorCode::Unknown,
+                "the daemon reported a failure without an error",
+            )),
+        }
+    }
+
+    /// The response as one line (no trailing newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("responses always serialize")
+    }
+}
+
+/// Parses one request line. Every failure is a `bad_request` whose message
+/// names what is wrong.
+pub fn parse_request(line: &[u8]) -> Result<Request, ControlError> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        ControlError::bad_request(format!(
+            "request is not valid JSON ({e}); send one JSON object per line"
+        ))
+    })?;
+    let obj = value.as_object().ok_or_else(|| {
+        ControlError::bad_request("request must be a JSON object like {\"op\":\"volume.list\"}")
+    })?;
+    let op = match obj.get("op") {
+        Some(Value::String(op)) => op.clone(),
+        Some(_) => return Err(ControlError::bad_request("field `op` must be a string")),
+        None => {
+            return Err(ControlError::bad_request(format!(
+                "missing field `op`; known ops: {}",
+                OPS.join(", ")
+            )))
+        }
+    };
+    if !OPS.contains(&op.as_str()) {
+        return Err(ControlError::bad_request(format!(
+            "unknown op `{op}`; known ops: {}",
+            OPS.join(", ")
+        )));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ControlError::bad_request(format!("bad `{op}` request: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_create() {
+        let r = parse_request(
+            br#"{"op":"volume.create","name":"v","size":1073741824,"chunk_size":65536,"partitions":4,"backing":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::VolumeCreate {
+                name: "v".into(),
+                size: 1 << 30,
+                chunk_size: Some(65536),
+                partitions: Some(4),
+                backing: None
+            }
+        );
+        let r = parse_request(br#"{"op":"volume.create","name":"v","size":1}"#).unwrap();
+        assert_eq!(r.op(), "volume.create");
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for (line, needle) in [
+            (&b"garbage"[..], "not valid JSON"),
+            (b"[1,2]", "JSON object"),
+            (b"{}", "missing field `op`"),
+            (br#"{"op":7}"#, "must be a string"),
+            (br#"{"op":"volume.frobnicate"}"#, "unknown op"),
+            (br#"{"op":"volume.info"}"#, "missing field `name`"),
+            (
+                br#"{"op":"volume.create","name":"v","size":"big"}"#,
+                "invalid type",
+            ),
+            (br#"{"op":"volume.list","extra":1}"#, "unknown field"),
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest);
+            assert!(
+                e.message.contains(needle),
+                "{}: {}",
+                String::from_utf8_lossy(line),
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn response_shape() {
+        let ok = Response::from_result(Ok(serde_json::json!([1])));
+        assert_eq!(ok.to_line(), r#"{"ok":true,"result":[1]}"#);
+        let err = Response::from_result(Err(ControlError::not_found("volume x not found")));
+        assert_eq!(
+            err.to_line(),
+            r#"{"ok":false,"error":{"code":"not_found","message":"volume x not found"}}"#
+        );
+    }
+}

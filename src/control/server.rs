@@ -1,0 +1,299 @@
+//! The control socket: a UNIX stream socket speaking JSON lines.
+//!
+//! One thread accepts; each client gets a thread of its own (control traffic
+//! is rare and small, and a thread can block in [`crate::runtime::block_on`]
+//! for engine work without stalling anyone else). The socket is mode 0660 and
+//! each connection's peer credentials (`SO_PEERCRED`) are checked: only root
+//! and the owner of the data directory may use it; everyone else gets a
+//! `permission_denied` answer to every request.
+//!
+//! A bad line (not JSON, unknown op, missing or mistyped field, too long) gets
+//! a JSON error on that connection, which then goes on; nothing a client
+//! sends can stop the daemon.
+
+use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
+use super::registry::Registry;
+use serde_json::{json, Value};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// What `daemon.status` reports besides the registry.
+pub struct DaemonFacts {
+    pub data_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub nbd_unix: Vec<PathBuf>,
+    pub nbd_tcp: Vec<String>,
+    pub started: Instant,
+}
+
+pub struct ControlServer {
+    path: PathBuf,
+    listener: UnixListener,
+    stopping: Arc<AtomicBool>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+/// Uid, gid, pid of the process at the other end of a UNIX socket.
+pub fn peer_credentials(stream: &UnixStream) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+impl ControlServer {
+    /// Binds the socket at `path` (a stale socket file is replaced; the caller
+    /// holds the data directory's lock, so no other daemon owns it) and starts
+    /// accepting.
+    pub fn start(
+        path: &Path,
+        registry: Arc<Registry>,
+        facts: DaemonFacts,
+    ) -> io::Result<ControlServer> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("another daemon is already listening on {}", path.display()),
+                    ));
+                }
+                std::fs::remove_file(path)?;
+            } else {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+        }
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)?;
+            }
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        let owner_uid = std::fs::metadata(registry.data_dir())?.uid();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let facts = Arc::new(facts);
+        let accept_listener = listener.try_clone()?;
+        let stop = stopping.clone();
+        let accept_thread = std::thread::Builder::new()
+            .name("control-accept".into())
+            .spawn(move || {
+                for conn in accept_listener.incoming() {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let stream = match conn {
+                        Ok(s) => s,
+                        Err(e) => {
+                            log::warn!("control socket: accept failed: {e}");
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            continue;
+                        }
+                    };
+                    let registry = registry.clone();
+                    let facts = facts.clone();
+                    let stop = stop.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("control-client".into())
+                        .spawn(move || serve_client(stream, &registry, &facts, owner_uid, &stop));
+                    if let Err(e) = spawned {
+                        log::error!("control socket: cannot start a client thread: {e}");
+                    }
+                }
+            })?;
+        log::info!("control socket listening on {}", path.display());
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            listener,
+            stopping,
+            accept_thread: Some(accept_thread),
+        })
+    }
+
+    /// Stops accepting and removes the socket file. Clients already connected
+    /// get `busy` from the registry from now on.
+    pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        // shutdown(2) on a listening socket wakes a thread blocked in accept.
+        // SAFETY: plain syscall on a descriptor we own.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        if self.accept_thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+fn serve_client(
+    stream: UnixStream,
+    registry: &Registry,
+    facts: &DaemonFacts,
+    owner_uid: u32,
+    stop: &AtomicBool,
+) {
+    let allowed = match peer_credentials(&stream) {
+        Ok(c) => {
+            let ok = c.uid == 0 || c.uid == owner_uid;
+            if !ok {
+                log::warn!(
+                    "control socket: refusing pid {} uid {} (only root and uid {owner_uid} may use it)",
+                    c.pid,
+                    c.uid
+                );
+            }
+            ok
+        }
+        Err(e) => {
+            log::warn!("control socket: cannot read peer credentials: {e}");
+            false
+        }
+    };
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            log::warn!("control socket: {e}");
+            return;
+        }
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return; // EOF
+        }
+        let too_long = line.len() > MAX_LINE && line.last() != Some(&b'\n');
+        let response = if too_long {
+            // Skip the rest of this line, then answer it.
+            let mut rest = Vec::new();
+            loop {
+                rest.clear();
+                match (&mut reader)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut rest)
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if rest.last() == Some(&b'\n') => break,
+                    Ok(_) => {}
+                }
+            }
+            Response::from_result(Err(ControlError::bad_request(format!(
+                "request line longer than {MAX_LINE} bytes"
+            ))))
+        } else {
+            let trimmed = line.trim_ascii();
+            if trimmed.is_empty() {
+                continue;
+            }
+            if !allowed {
+                Response::from_result(Err(ControlError::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "permission denied: only root and the owner (uid {owner_uid}) of {} may control this daemon",
+                        facts.data_dir.display()
+                    ),
+                )))
+            } else {
+                let result = parse_request(trimmed).and_then(|req| {
+                    if stop.load(Ordering::Acquire) {
+                        return Err(ControlError::new(
+                            ErrorCode::Busy,
+                            "the daemon is shutting down",
+                        ));
+                    }
+                    let op = req.op();
+                    let r = handle(req, registry, facts);
+                    if let Err(e) = &r {
+                        log::debug!("{op}: {} ({})", e.message, e.code);
+                    }
+                    r
+                });
+                Response::from_result(result)
+            }
+        };
+        let mut out = response.to_line();
+        out.push('\n');
+        if writer.write_all(out.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Executes one parsed request.
+pub fn handle(
+    req: Request,
+    registry: &Registry,
+    facts: &DaemonFacts,
+) -> Result<Value, ControlError> {
+    match req {
+        Request::VolumeCreate {
+            name,
+            size,
+            chunk_size,
+            partitions,
+            backing,
+        } => registry.create_volume(&name, size, chunk_size, partitions, backing),
+        Request::VolumeList {} => registry.list_volumes(),
+        Request::VolumeInfo { name } => registry.volume_info(&name),
+        Request::VolumeDelete { name } => registry.delete_volume(&name),
+        Request::SnapshotCreate { volume, name } => registry.create_snapshot(&volume, &name),
+        Request::SnapshotList { volume } => registry.list_snapshots(&volume),
+        Request::SnapshotDelete { volume, name } => registry.delete_snapshot(&volume, &name),
+        Request::DaemonStatus {} => Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "data_dir": facts.data_dir,
+            "control_socket": facts.control_socket,
+            "nbd_unix": facts.nbd_unix,
+            "nbd_tcp": facts.nbd_tcp,
+            "volumes": registry.len(),
+            "uptime_s": facts.started.elapsed().as_secs(),
+        })),
+    }
+}
