@@ -12,10 +12,10 @@
 //! remove the sockets, exit 0. No async runtime crate: one thread per control
 //! client and the engine's per-thread io_uring runtime.
 
-use super::nbd_shim::{ExportResolver, NbdServer}; // SHIM
 use super::registry::Registry;
 use super::server::{ControlServer, DaemonFacts};
 use crate::engine::{EngineError, View};
+use crate::frontend::nbd::{ExportResolver, NbdServer};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};

@@ -12,7 +12,6 @@
 //! bad request disturb another client or the daemon.
 
 pub mod daemon;
-mod nbd_shim; // SHIM
 pub mod protocol;
 pub mod registry;
 pub mod server;
