@@ -1,0 +1,785 @@
+//! Fixed newstyle negotiation: the greeting and the option haggling phase.
+//!
+//! Runs with blocking I/O on the connection's socket, before the connection
+//! enters its io_uring executor: options are few and small, and reading
+//! exactly what each option holds (no read-ahead) means that nothing a client
+//! sends right after NBD_OPT_GO is lost when the transmission phase takes
+//! over the socket.
+//!
+//! The phase is generic over [`Catalog`] so that its byte-level behaviour is
+//! unit tested without an engine.
+
+use super::proto::*;
+use super::ExportResolver;
+use crate::engine::{EngineError, View};
+use std::io::{self, Read, Write};
+
+/// What the handshake needs to know about an export.
+pub(crate) trait Export {
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    fn preferred_block_size(&self) -> u32;
+    fn description(&self) -> String;
+}
+
+impl Export for View {
+    fn size(&self) -> u64 {
+        View::size(self)
+    }
+    fn read_only(&self) -> bool {
+        View::read_only(self)
+    }
+    fn preferred_block_size(&self) -> u32 {
+        preferred_block_size(self.volume().chunk_size())
+    }
+    fn description(&self) -> String {
+        match self.snapshot_name() {
+            Some(s) => format!(
+                "snapshot {s} of volume {} (read-only)",
+                self.volume().name()
+            ),
+            None => format!("volume {}", self.volume().name()),
+        }
+    }
+}
+
+/// The preferred block size advertised for a volume with this chunk size.
+pub(crate) fn preferred_block_size(chunk_size: u32) -> u32 {
+    if chunk_size.is_power_of_two()
+        && (DEFAULT_PREFERRED_BLOCK_SIZE..=MAX_PAYLOAD).contains(&chunk_size)
+    {
+        chunk_size
+    } else {
+        DEFAULT_PREFERRED_BLOCK_SIZE
+    }
+}
+
+/// Where exports come from.
+pub(crate) trait Catalog {
+    type Export: Export;
+    fn resolve(&self, name: &str) -> Result<Self::Export, EngineError>;
+    fn list(&self) -> Vec<String>;
+    fn default_export(&self) -> Option<String>;
+}
+
+impl Catalog for dyn ExportResolver {
+    type Export = View;
+    fn resolve(&self, name: &str) -> Result<View, EngineError> {
+        ExportResolver::resolve(self, name)
+    }
+    fn list(&self) -> Vec<String> {
+        ExportResolver::list(self)
+    }
+    fn default_export(&self) -> Option<String> {
+        ExportResolver::default_export(self)
+    }
+}
+
+/// The result of a successful negotiation.
+pub(crate) struct Negotiated<E> {
+    pub export: E,
+    pub name: String,
+    pub structured: bool,
+    /// base:allocation was selected for this export.
+    pub base_allocation: bool,
+    pub flags: u16,
+}
+
+pub(crate) enum Outcome<E> {
+    Transmission(Negotiated<E>),
+    /// The client aborted or left; nothing more to do.
+    Closed,
+}
+
+/// Options a single connection may send before we give up on it.
+const MAX_OPTIONS: usize = 4096;
+
+/// Transmission flags for an export.
+pub(crate) fn transmission_flags(read_only: bool, structured: bool) -> u16 {
+    let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN;
+    if read_only {
+        flags |= TFLAG_READ_ONLY;
+    } else {
+        flags |= TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        // Reads are always answered with one chunk, so "don't fragment" is
+        // honoured for free.
+        flags |= TFLAG_SEND_DF;
+    }
+    flags
+}
+
+fn protocol_error(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn read_u32<S: Read>(s: &mut S) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+/// A cursor over an option's payload; every read checks the length.
+struct Payload<'a>(&'a [u8]);
+
+impl<'a> Payload<'a> {
+    fn u16(&mut self) -> Option<u16> {
+        let (head, rest) = self.0.split_first_chunk::<2>()?;
+        self.0 = rest;
+        Some(u16::from_be_bytes(*head))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        let (head, rest) = self.0.split_first_chunk::<4>()?;
+        self.0 = rest;
+        Some(u32::from_be_bytes(*head))
+    }
+    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    /// A u32-length-prefixed UTF-8 string of at most MAX_STRING_LEN bytes.
+    fn string(&mut self) -> Option<&'a str> {
+        let len = self.u32()? as usize;
+        if len > MAX_STRING_LEN {
+            return None;
+        }
+        let bytes = self.bytes(len)?;
+        let s = std::str::from_utf8(bytes).ok()?;
+        (!s.contains('\0')).then_some(s)
+    }
+}
+
+/// NBD_OPT_INFO / NBD_OPT_GO payload.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct InfoRequest<'a> {
+    pub name: &'a str,
+    pub requests: Vec<u16>,
+}
+
+pub(crate) fn parse_info_request(data: &[u8]) -> Option<InfoRequest<'_>> {
+    let mut p = Payload(data);
+    let name = p.string()?;
+    let n = p.u16()? as usize;
+    let mut requests = Vec::with_capacity(n);
+    for _ in 0..n {
+        requests.push(p.u16()?);
+    }
+    p.0.is_empty().then_some(InfoRequest { name, requests })
+}
+
+/// NBD_OPT_{LIST,SET}_META_CONTEXT payload.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct MetaRequest<'a> {
+    pub name: &'a str,
+    pub queries: Vec<&'a str>,
+}
+
+pub(crate) fn parse_meta_request(data: &[u8]) -> Option<MetaRequest<'_>> {
+    let mut p = Payload(data);
+    let name = p.string()?;
+    let n = p.u32()? as usize;
+    // Each query takes at least 4 bytes: refuse absurd counts before allocating.
+    if n > p.0.len() / 4 {
+        return None;
+    }
+    let mut queries = Vec::with_capacity(n);
+    for _ in 0..n {
+        queries.push(p.string()?);
+    }
+    p.0.is_empty().then_some(MetaRequest { name, queries })
+}
+
+/// Contexts a query selects. LIST accepts the namespace query "base:" and
+/// an empty query list (all contexts); SET only the exact name.
+fn meta_matches(queries: &[&str], list: bool) -> bool {
+    if list && queries.is_empty() {
+        return true;
+    }
+    queries
+        .iter()
+        .any(|q| *q == META_BASE_ALLOCATION || (list && *q == "base:"))
+}
+
+struct Session<'c, S, C: ?Sized> {
+    stream: &'c mut S,
+    catalog: &'c C,
+    out: Vec<u8>,
+    structured: bool,
+    /// Export name for which base:allocation was selected.
+    meta_for: Option<String>,
+}
+
+impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
+    fn reply(&mut self, option: u32, kind: u32, payload: &[u8]) {
+        put_option_reply(&mut self.out, option, kind, payload);
+    }
+
+    fn error(&mut self, option: u32, kind: u32, message: &str) {
+        let msg = truncate_utf8(message, MAX_STRING_LEN).to_owned();
+        self.reply(option, kind, msg.as_bytes());
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out)?;
+            self.stream.flush()?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, name: &str) -> Result<(String, C::Export), String> {
+        let canonical = if name.is_empty() {
+            match self.catalog.default_export() {
+                Some(d) => d,
+                None => return Err("no default export: name one".to_owned()),
+            }
+        } else {
+            name.to_owned()
+        };
+        match self.catalog.resolve(&canonical) {
+            Ok(e) => Ok((canonical, e)),
+            Err(e) => Err(format!("export '{canonical}': {e}")),
+        }
+    }
+
+    fn info_or_go(&mut self, option: u32, data: &[u8]) -> Option<Negotiated<C::Export>> {
+        let Some(req) = parse_info_request(data) else {
+            self.error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO payload");
+            return None;
+        };
+        let (canonical, export) = match self.resolve(req.name) {
+            Ok(v) => v,
+            Err(msg) => {
+                self.error(option, REP_ERR_UNKNOWN, &msg);
+                return None;
+            }
+        };
+        let flags = transmission_flags(export.read_only(), self.structured);
+
+        let mut p = Vec::with_capacity(12);
+        p.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        p.extend_from_slice(&export.size().to_be_bytes());
+        p.extend_from_slice(&flags.to_be_bytes());
+        self.reply(option, REP_INFO, &p);
+
+        if req.requests.contains(&INFO_NAME) {
+            let mut p = INFO_NAME.to_be_bytes().to_vec();
+            p.extend_from_slice(canonical.as_bytes());
+            self.reply(option, REP_INFO, &p);
+        }
+        if req.requests.contains(&INFO_DESCRIPTION) {
+            let mut p = INFO_DESCRIPTION.to_be_bytes().to_vec();
+            p.extend_from_slice(truncate_utf8(&export.description(), MAX_STRING_LEN).as_bytes());
+            self.reply(option, REP_INFO, &p);
+        }
+        // Always sent: the engine refuses I/O that is not sector aligned.
+        let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        p.extend_from_slice(&MIN_BLOCK_SIZE.to_be_bytes());
+        p.extend_from_slice(&export.preferred_block_size().to_be_bytes());
+        p.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+        self.reply(option, REP_INFO, &p);
+        self.reply(option, REP_ACK, &[]);
+
+        if option != OPT_GO {
+            return None;
+        }
+        // A context selected for another export name does not carry over.
+        let base_allocation = self.structured && self.meta_for.as_deref() == Some(req.name);
+        Some(Negotiated {
+            export,
+            name: canonical,
+            structured: self.structured,
+            base_allocation,
+            flags,
+        })
+    }
+
+    fn meta_context(&mut self, option: u32, data: &[u8]) {
+        let set = option == OPT_SET_META_CONTEXT;
+        if set && !self.structured {
+            self.error(
+                option,
+                REP_ERR_INVALID,
+                "NBD_OPT_SET_META_CONTEXT needs structured replies first",
+            );
+            return;
+        }
+        let Some(req) = parse_meta_request(data) else {
+            self.error(option, REP_ERR_INVALID, "malformed meta context payload");
+            return;
+        };
+        if let Err(msg) = self.resolve(req.name) {
+            self.error(option, REP_ERR_UNKNOWN, &msg);
+            return;
+        }
+        let matched = meta_matches(&req.queries, !set);
+        let name = req.name.to_owned();
+        if matched {
+            let mut p = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+            p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+            self.reply(option, REP_META_CONTEXT, &p);
+        }
+        if set {
+            self.meta_for = matched.then_some(name);
+        }
+        self.reply(option, REP_ACK, &[]);
+    }
+}
+
+/// Runs the whole negotiation on `stream`. An `Err` means the connection must
+/// be closed (I/O failure or a client that broke the protocol).
+pub(crate) fn negotiate<S: Read + Write, C: Catalog + ?Sized>(
+    stream: &mut S,
+    catalog: &C,
+) -> io::Result<Outcome<C::Export>> {
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&NBD_MAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    stream.write_all(&greeting)?;
+    stream.flush()?;
+
+    let client_flags = read_u32(stream)?;
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(protocol_error(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+
+    let mut s = Session {
+        stream,
+        catalog,
+        out: Vec::new(),
+        structured: false,
+        meta_for: None,
+    };
+    for _ in 0..MAX_OPTIONS {
+        let mut head = [0u8; 16];
+        match s.stream.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
+            Err(e) => return Err(e),
+        }
+        let magic = u64::from_be_bytes(head[0..8].try_into().unwrap());
+        let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
+        let length = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        if magic != IHAVEOPT {
+            return Err(protocol_error(format!("bad option magic {magic:#x}")));
+        }
+        if length > MAX_OPTION_LEN {
+            return Err(protocol_error(format!(
+                "option {option} of {length} bytes is too long"
+            )));
+        }
+        let mut data = vec![0u8; length as usize];
+        s.stream.read_exact(&mut data)?;
+
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = std::str::from_utf8(&data)
+                    .map_err(|_| protocol_error("export name is not UTF-8"))?;
+                let (canonical, export) = s.resolve(name).map_err(protocol_error)?;
+                let flags = transmission_flags(export.read_only(), s.structured);
+                s.out.extend_from_slice(&export.size().to_be_bytes());
+                s.out.extend_from_slice(&flags.to_be_bytes());
+                if !no_zeroes {
+                    s.out.extend_from_slice(&[0u8; 124]);
+                }
+                s.flush()?;
+                let base_allocation = s.structured && s.meta_for.as_deref() == Some(name);
+                return Ok(Outcome::Transmission(Negotiated {
+                    export,
+                    name: canonical,
+                    structured: s.structured,
+                    base_allocation,
+                    flags,
+                }));
+            }
+            OPT_ABORT => {
+                s.reply(option, REP_ACK, &[]);
+                // The client may already be gone; that is fine.
+                let _ = s.flush();
+                return Ok(Outcome::Closed);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    s.error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no payload");
+                } else {
+                    for name in s.catalog.list() {
+                        let mut p = (name.len() as u32).to_be_bytes().to_vec();
+                        p.extend_from_slice(name.as_bytes());
+                        s.reply(option, REP_SERVER, &p);
+                    }
+                    s.reply(option, REP_ACK, &[]);
+                }
+            }
+            OPT_INFO | OPT_GO => {
+                if let Some(n) = s.info_or_go(option, &data) {
+                    s.flush()?;
+                    return Ok(Outcome::Transmission(n));
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    s.error(
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no payload",
+                    );
+                } else {
+                    s.structured = true;
+                    s.reply(option, REP_ACK, &[]);
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => s.meta_context(option, &data),
+            OPT_STARTTLS => s.error(option, REP_ERR_UNSUP, "TLS is not supported"),
+            _ => s.error(
+                option,
+                REP_ERR_UNSUP,
+                &format!("option {option} is not supported"),
+            ),
+        }
+        s.flush()?;
+    }
+    Err(protocol_error("too many options"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    struct FakeExport {
+        size: u64,
+        ro: bool,
+    }
+    impl Export for FakeExport {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn read_only(&self) -> bool {
+            self.ro
+        }
+        fn preferred_block_size(&self) -> u32 {
+            65536
+        }
+        fn description(&self) -> String {
+            "fake".into()
+        }
+    }
+    struct FakeCatalog;
+    impl Catalog for FakeCatalog {
+        type Export = FakeExport;
+        fn resolve(&self, name: &str) -> Result<FakeExport, EngineError> {
+            match name {
+                "vol" => Ok(FakeExport {
+                    size: 1 << 20,
+                    ro: false,
+                }),
+                "vol@snap" => Ok(FakeExport {
+                    size: 1 << 20,
+                    ro: true,
+                }),
+                _ => Err(EngineError::NotFound(format!("volume {name}"))),
+            }
+        }
+        fn list(&self) -> Vec<String> {
+            vec!["vol".into(), "vol@snap".into()]
+        }
+        fn default_export(&self) -> Option<String> {
+            Some("vol".into())
+        }
+    }
+
+    /// A stream that reads scripted client bytes and records server bytes.
+    struct Script {
+        input: Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+    impl Write for Script {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn opt(out: &mut Vec<u8>, option: u32, data: &[u8]) {
+        out.extend_from_slice(b"IHAVEOPT");
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
+    fn go_payload(name: &str, infos: &[u16]) -> Vec<u8> {
+        let mut p = (name.len() as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(name.as_bytes());
+        p.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for i in infos {
+            p.extend_from_slice(&i.to_be_bytes());
+        }
+        p
+    }
+
+    fn meta_payload(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut p = (name.len() as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(name.as_bytes());
+        p.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            p.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            p.extend_from_slice(q.as_bytes());
+        }
+        p
+    }
+
+    fn run(client: Vec<u8>) -> (io::Result<Outcome<FakeExport>>, Vec<u8>) {
+        let mut s = Script {
+            input: Cursor::new(client),
+            output: Vec::new(),
+        };
+        let r = negotiate(&mut s, &FakeCatalog);
+        (r, s.output)
+    }
+
+    /// Splits option replies: (option, type, payload).
+    fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !b.is_empty() {
+            assert_eq!(&b[0..8], &OPT_REPLY_MAGIC.to_be_bytes());
+            let o = u32::from_be_bytes(b[8..12].try_into().unwrap());
+            let t = u32::from_be_bytes(b[12..16].try_into().unwrap());
+            let l = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+            v.push((o, t, b[20..20 + l].to_vec()));
+            b = &b[20 + l..];
+        }
+        v
+    }
+
+    const GREETING: [u8; 18] = [
+        b'N', b'B', b'D', b'M', b'A', b'G', b'I', b'C', b'I', b'H', b'A', b'V', b'E', b'O', b'P',
+        b'T', 0, 3,
+    ];
+
+    #[test]
+    fn go_with_structured_replies_and_base_allocation() {
+        let mut c = 3u32.to_be_bytes().to_vec();
+        opt(&mut c, OPT_STRUCTURED_REPLY, &[]);
+        opt(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_payload("vol", &["base:allocation", "qemu:dirty"]),
+        );
+        opt(
+            &mut c,
+            OPT_GO,
+            &go_payload("vol", &[INFO_NAME, INFO_BLOCK_SIZE]),
+        );
+        let (r, out) = run(c);
+        let Outcome::Transmission(n) = r.unwrap() else {
+            panic!("closed")
+        };
+        assert!(n.structured && n.base_allocation);
+        assert_eq!(n.name, "vol");
+        assert_eq!(&out[..18], &GREETING);
+        let reps = replies(&out[18..]);
+        assert_eq!(reps[0], (OPT_STRUCTURED_REPLY, REP_ACK, vec![]));
+        let mut ctx = vec![0, 0, 0, 1];
+        ctx.extend_from_slice(b"base:allocation");
+        assert_eq!(reps[1], (OPT_SET_META_CONTEXT, REP_META_CONTEXT, ctx));
+        assert_eq!(reps[2], (OPT_SET_META_CONTEXT, REP_ACK, vec![]));
+        // NBD_INFO_EXPORT: size 1 MiB, flags 0x09ed
+        let flags: u16 = 0x0001 | 0x0004 | 0x0008 | 0x0020 | 0x0040 | 0x0080 | 0x0100 | 0x0800;
+        assert_eq!(flags, 0x09ed);
+        assert_eq!(
+            reps[3],
+            (
+                OPT_GO,
+                REP_INFO,
+                vec![0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x09, 0xed]
+            )
+        );
+        assert_eq!(reps[4], (OPT_GO, REP_INFO, vec![0, 1, b'v', b'o', b'l']));
+        assert_eq!(
+            reps[5],
+            (
+                OPT_GO,
+                REP_INFO,
+                vec![0, 3, 0, 0, 2, 0, 0, 1, 0, 0, 0x02, 0, 0, 0]
+            )
+        );
+        assert_eq!(reps[6], (OPT_GO, REP_ACK, vec![]));
+        assert_eq!(reps.len(), 7);
+    }
+
+    #[test]
+    fn unknown_option_is_unsupported_and_negotiation_continues() {
+        let mut c = 1u32.to_be_bytes().to_vec();
+        opt(&mut c, 0x1234, b"junk");
+        opt(&mut c, OPT_GO, &go_payload("", &[]));
+        let (r, out) = run(c);
+        let Outcome::Transmission(n) = r.unwrap() else {
+            panic!("closed")
+        };
+        assert_eq!(n.name, "vol"); // the default export
+        assert!(!n.structured && !n.base_allocation);
+        let reps = replies(&out[18..]);
+        assert_eq!(reps[0].0, 0x1234);
+        assert_eq!(reps[0].1, REP_ERR_UNSUP);
+        assert_eq!(reps.last().unwrap().1, REP_ACK);
+    }
+
+    #[test]
+    fn unknown_export_gets_err_unknown_with_message() {
+        let mut c = 3u32.to_be_bytes().to_vec();
+        opt(&mut c, OPT_GO, &go_payload("nope", &[]));
+        opt(&mut c, OPT_ABORT, &[]);
+        let (r, out) = run(c);
+        assert!(matches!(r.unwrap(), Outcome::Closed));
+        let reps = replies(&out[18..]);
+        assert_eq!(reps[0].1, REP_ERR_UNKNOWN);
+        assert!(String::from_utf8(reps[0].2.clone())
+            .unwrap()
+            .contains("nope"));
+        assert_eq!(reps[1], (OPT_ABORT, REP_ACK, vec![]));
+    }
+
+    #[test]
+    fn bad_lengths_get_err_invalid() {
+        let mut c = 3u32.to_be_bytes().to_vec();
+        // name length says 10 but only 3 bytes follow
+        let mut bad = 10u32.to_be_bytes().to_vec();
+        bad.extend_from_slice(b"vol\0\0");
+        opt(&mut c, OPT_GO, &bad);
+        // trailing garbage after the info list
+        let mut trailing = go_payload("vol", &[]);
+        trailing.push(0);
+        opt(&mut c, OPT_INFO, &trailing);
+        opt(&mut c, OPT_LIST, b"x");
+        opt(&mut c, OPT_STRUCTURED_REPLY, b"x");
+        // SET_META_CONTEXT before structured replies
+        opt(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_payload("vol", &["base:allocation"]),
+        );
+        let (r, out) = run(c);
+        assert!(matches!(r.unwrap(), Outcome::Closed)); // EOF after the options
+        let reps = replies(&out[18..]);
+        let kinds: Vec<_> = reps.iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (OPT_GO, REP_ERR_INVALID),
+                (OPT_INFO, REP_ERR_INVALID),
+                (OPT_LIST, REP_ERR_INVALID),
+                (OPT_STRUCTURED_REPLY, REP_ERR_INVALID),
+                (OPT_SET_META_CONTEXT, REP_ERR_INVALID),
+            ]
+        );
+    }
+
+    #[test]
+    fn list_and_list_meta_context() {
+        let mut c = 3u32.to_be_bytes().to_vec();
+        opt(&mut c, OPT_LIST, &[]);
+        opt(&mut c, OPT_LIST_META_CONTEXT, &meta_payload("vol", &[]));
+        opt(
+            &mut c,
+            OPT_LIST_META_CONTEXT,
+            &meta_payload("vol", &["other:x"]),
+        );
+        let (_, out) = run(c);
+        let reps = replies(&out[18..]);
+        assert_eq!(reps[0], (OPT_LIST, REP_SERVER, b"\0\0\0\x03vol".to_vec()));
+        assert_eq!(
+            reps[1],
+            (OPT_LIST, REP_SERVER, b"\0\0\0\x08vol@snap".to_vec())
+        );
+        assert_eq!(reps[2], (OPT_LIST, REP_ACK, vec![]));
+        assert_eq!(reps[3].1, REP_META_CONTEXT);
+        assert_eq!(reps[4], (OPT_LIST_META_CONTEXT, REP_ACK, vec![]));
+        assert_eq!(reps[5], (OPT_LIST_META_CONTEXT, REP_ACK, vec![]));
+    }
+
+    #[test]
+    fn export_name_reply_honours_no_zeroes() {
+        for (client_flags, tail) in [(3u32, 10usize), (1, 134)] {
+            let mut c = client_flags.to_be_bytes().to_vec();
+            opt(&mut c, OPT_EXPORT_NAME, b"vol@snap");
+            let (r, out) = run(c);
+            let Outcome::Transmission(n) = r.unwrap() else {
+                panic!()
+            };
+            assert!(n.export.read_only());
+            assert_eq!(out.len(), 18 + tail);
+            assert_eq!(&out[18..26], &(1u64 << 20).to_be_bytes());
+            // HAS_FLAGS | READ_ONLY | SEND_FLUSH | CAN_MULTI_CONN
+            assert_eq!(&out[26..28], &[0x01, 0x07]);
+        }
+    }
+
+    #[test]
+    fn garbage_closes_the_connection() {
+        // unknown client flags
+        assert!(run(0x80u32.to_be_bytes().to_vec()).0.is_err());
+        // bad option magic
+        let mut c = 3u32.to_be_bytes().to_vec();
+        c.extend_from_slice(b"IHAVEOPX\0\0\0\x07\0\0\0\0");
+        assert!(run(c).0.is_err());
+        // option too long
+        let mut c = 3u32.to_be_bytes().to_vec();
+        c.extend_from_slice(b"IHAVEOPT\0\0\0\x07\x10\0\0\0");
+        assert!(run(c).0.is_err());
+        // EXPORT_NAME with an unknown export
+        let mut c = 3u32.to_be_bytes().to_vec();
+        opt(&mut c, OPT_EXPORT_NAME, b"nope");
+        assert!(run(c).0.is_err());
+    }
+
+    #[test]
+    fn context_for_another_export_does_not_carry_over() {
+        let mut c = 3u32.to_be_bytes().to_vec();
+        opt(&mut c, OPT_STRUCTURED_REPLY, &[]);
+        opt(
+            &mut c,
+            OPT_SET_META_CONTEXT,
+            &meta_payload("vol@snap", &["base:allocation"]),
+        );
+        opt(&mut c, OPT_GO, &go_payload("vol", &[]));
+        let Outcome::Transmission(n) = run(c).0.unwrap() else {
+            panic!()
+        };
+        assert!(n.structured && !n.base_allocation);
+    }
+
+    #[test]
+    fn meta_request_parser_refuses_absurd_counts() {
+        let mut p = meta_payload("vol", &[]);
+        p.truncate(p.len() - 4);
+        p.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_meta_request(&p), None);
+        assert_eq!(
+            parse_meta_request(&meta_payload("v", &["a", "b"])),
+            Some(MetaRequest {
+                name: "v",
+                queries: vec!["a", "b"]
+            })
+        );
+        assert_eq!(preferred_block_size(65536), 65536);
+        assert_eq!(preferred_block_size(3000), 4096);
+    }
+}
