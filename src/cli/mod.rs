@@ -71,7 +71,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Size of disk0 when it is created (sparse)
-    #[arg(long, value_name = "SIZE", default_value = "10G")]
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "10G",
+        allow_hyphen_values = true
+    )]
     pub size: String,
     /// NBD TCP address
     #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_NBD_TCP)]
@@ -84,10 +89,10 @@ pub enum VolumeCmd {
     Create {
         name: String,
         /// Capacity: bytes or K/M/G/T (powers of 1024), e.g. 10G
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         size: String,
         /// Copy-on-write chunk size, a power of two from 4K to 1M [default: 64K]
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         chunk_size: Option<String>,
         /// Number of partitions (parallel metadata journals) [default: 4]
         #[arg(long)]

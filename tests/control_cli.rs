@@ -1,0 +1,809 @@
+//! End-to-end tests of the control plane: the real `snapblk` binary, a real
+//! daemon on a temporary data directory, the CLI and raw protocol lines.
+//!
+//! Each daemon serves NBD only on a UNIX socket inside its own data directory
+//! (no fixed TCP port), so these tests run in parallel.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
+
+struct Daemon {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    fn start(dir: &Path) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["daemon", "--data-dir"])
+            .arg(dir)
+            .arg("--nbd-socket")
+            .arg(dir.join("nbd.sock"))
+            .env("RUST_LOG", "info")
+            .env_remove("SNAPBLK_CONTROL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(self.control()).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited early ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored signal {sig}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the CLI against this daemon.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--control")
+            .arg(self.control())
+            .args(args)
+            .env_remove("SNAPBLK_CONTROL")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI, asserts success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "snapblk {args:?} failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI with --json, asserts success, parses stdout.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("--json prints JSON")
+    }
+
+    /// Runs the CLI, asserts failure, returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "snapblk {args:?} should fail");
+        assert!(out.stdout.is_empty(), "a failure prints nothing on stdout");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "one line of error: {err:?}");
+        assert!(err.starts_with("snapblk: error: "), "{err}");
+        err
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tempdir() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("data");
+    (t, d)
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A raw protocol connection.
+struct Raw {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Raw {
+        let stream = UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Raw { stream, reader }
+    }
+    fn send(&mut self, line: &str) -> Value {
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        let mut resp = String::new();
+        self.reader.read_line(&mut resp).unwrap();
+        assert!(resp.ends_with('\n'), "one response line: {resp:?}");
+        serde_json::from_str(&resp).unwrap()
+    }
+}
+
+fn assert_error(v: &Value, code: &str, needle: &str) {
+    assert_eq!(v["ok"], Value::Bool(false), "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(needle),
+        "message {msg:?} should mention {needle:?}"
+    );
+}
+
+#[test]
+fn volume_lifecycle_human_and_json() {
+    let (_t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+
+    assert!(d.ok(&["volume", "list"]).contains("no volumes"));
+    assert_eq!(d.json(&["volume", "list"]), Value::Array(vec![]));
+
+    let out = d.ok(&["volume", "create", "alpha", "--size", "1G"]);
+    assert_eq!(
+        out.trim(),
+        "created volume alpha: 1 GiB, chunk size 64 KiB, 4 partitions"
+    );
+
+    let v = d.json(&[
+        "volume",
+        "create",
+        "beta",
+        "--size",
+        "1.5GiB",
+        "--chunk-size",
+        "128K",
+        "--partitions",
+        "2",
+    ]);
+    assert_eq!(v["name"], "beta");
+    assert_eq!(v["capacity"], 1610612736u64);
+    assert_eq!(v["chunk_size"], 131072);
+    assert_eq!(v["partitions"], 2);
+    assert_eq!(v["state"], "ok");
+
+    let v = d.json(&["volume", "create", "gamma", "--size", "8388608"]);
+    assert_eq!(v["capacity"], 8 << 20);
+    assert_eq!(v["chunk_size"], 65536);
+
+    // Human list: an aligned table, sizes humanized.
+    let table = d.ok(&["volume", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("NAME "), "{table}");
+    for col in ["SIZE", "USED", "CHUNK", "PARTITIONS", "SNAPSHOTS", "STATE"] {
+        let at = lines[0].find(col).unwrap();
+        for l in &lines[1..] {
+            assert!(
+                l.len() > at && &l[at - 2..at] == "  ",
+                "column {col} misaligned:\n{table}"
+            );
+        }
+    }
+    assert!(
+        lines[1].starts_with("alpha ") && lines[1].contains("1 GiB") && lines[1].ends_with("ok")
+    );
+    assert!(
+        lines[2].starts_with("beta ")
+            && lines[2].contains("1.5 GiB")
+            && lines[2].contains("128 KiB")
+    );
+    assert!(lines[3].starts_with("gamma ") && lines[3].contains("8 MiB"));
+
+    // JSON list: raw bytes.
+    let list = d.json(&["volume", "list"]);
+    assert_eq!(names(&list), ["alpha", "beta", "gamma"]);
+    assert_eq!(list[0]["capacity"], 1u64 << 30);
+
+    // Info: key: value, humanized with raw bytes.
+    let info = d.ok(&["volume", "info", "alpha"]);
+    assert!(info.contains("name:"), "{info}");
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("capacity:") && l.ends_with("1 GiB (1073741824 bytes)")),
+        "{info}"
+    );
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("chunk size:") && l.contains("64 KiB")),
+        "{info}"
+    );
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("state:") && l.ends_with("ok")),
+        "{info}"
+    );
+    let info = d.json(&["volume", "info", "beta"]);
+    assert_eq!(info["capacity"], 1610612736u64);
+    assert_eq!(info["partitions"], 2);
+
+    // Duplicates are refused.
+    let err = d.fails(&["volume", "create", "alpha", "--size", "1G"]);
+    assert!(err.contains("alpha already exists"), "{err}");
+
+    // Delete.
+    assert_eq!(
+        d.ok(&["volume", "delete", "beta"]).trim(),
+        "deleted volume beta"
+    );
+    let v = d.json(&["volume", "delete", "gamma"]);
+    assert_eq!(v["deleted"], true);
+    assert_eq!(names(&d.json(&["volume", "list"])), ["alpha"]);
+    assert!(!dir.join("volumes/beta").exists());
+    assert!(!dir.join("volumes/.deleting-beta").exists());
+    let err = d.fails(&["volume", "info", "beta"]);
+    assert!(err.contains("volume beta not found; "), "{err}");
+    let err = d.fails(&["volume", "delete", "beta"]);
+    assert!(err.contains("not found"), "{err}");
+
+    // A deleted name can be reused.
+    d.ok(&["volume", "create", "beta", "--size", "64M"]);
+    assert_eq!(d.json(&["volume", "info", "beta"])["capacity"], 64u64 << 20);
+}
+
+#[test]
+fn bad_sizes_and_names_are_rejected() {
+    let (_t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    for size in [
+        "10X",
+        "abc",
+        "",
+        "-1",
+        "1.5.5G",
+        "0.1K",
+        "99999999999999999999T",
+        "1e9",
+    ] {
+        let err = d.fails(&["volume", "create", "v", "--size", size]);
+        assert!(err.contains("invalid size"), "{size}: {err}");
+        assert!(
+            err.contains("; use bytes or a number with a K, M, G or T suffix"),
+            "{err}"
+        );
+    }
+    let err = d.fails(&["volume", "create", "v", "--size", "0"]);
+    assert!(err.contains("invalid size"), "{err}");
+    let err = d.fails(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "1G",
+        "--chunk-size",
+        "3K",
+    ]);
+    assert!(err.contains("chunk"), "{err}");
+    let long = "x".repeat(65);
+    for name in ["a@b", ".hidden", "a/b", "sp ace", long.as_str(), "é"] {
+        let err = d.fails(&["volume", "create", name, "--size", "1G"]);
+        assert!(err.contains("invalid volume name"), "{name}: {err}");
+        assert!(err.contains("; use 1-64 characters"), "{err}");
+    }
+    d.ok(&["volume", "create", "ok", "--size", "1M"]);
+    let err = d.fails(&["snapshot", "create", "ok", "bad@snap"]);
+    assert!(err.contains("invalid snapshot name"), "{err}");
+    // Nothing half-created is left behind.
+    assert_eq!(names(&d.json(&["volume", "list"])), ["ok"]);
+
+    // The daemon checks too (clients other than the CLI).
+    let mut raw = Raw::connect(&d.control());
+    let r = raw.send(r#"{"op":"volume.create","name":"a@b","size":1048576}"#);
+    assert_error(&r, "invalid_argument", "invalid volume name");
+    let r = raw.send(r#"{"op":"volume.create","name":"z","size":0}"#);
+    assert_error(&r, "invalid_argument", "size");
+    let r = raw.send(r#"{"op":"volume.create","name":"z","size":1048576,"chunk_size":3000}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    let r = raw.send(r#"{"op":"snapshot.create","volume":"ok","name":".x"}"#);
+    assert_error(&r, "invalid_argument", "invalid snapshot name");
+}
+
+#[test]
+fn daemon_not_running_is_a_clear_error() {
+    let (_t, dir) = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let control = dir.join("control.sock");
+    // A stale socket file nobody listens on: connection refused.
+    drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
+    let out = Command::new(BIN)
+        .arg("--control")
+        .arg(&control)
+        .args(["volume", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        err.trim_end().split("; ").next().unwrap(),
+        format!(
+            "snapblk: error: cannot reach the daemon at {}: connection refused",
+            control.display()
+        )
+    );
+    assert!(
+        err.contains(&format!(
+            "start it with `snapblk daemon --data-dir {}`",
+            dir.display()
+        )),
+        "{err}"
+    );
+
+    // $SNAPBLK_CONTROL is used when --control is not given.
+    let out = Command::new(BIN)
+        .args(["volume", "list"])
+        .env("SNAPBLK_CONTROL", dir.join("nothing.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("nothing.sock"), "{err}");
+}
+
+#[test]
+fn snapshots_create_list_delete() {
+    let (_t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "vol", "--size", "16M"]);
+    assert!(d
+        .ok(&["snapshot", "list", "vol"])
+        .contains("has no snapshots"));
+    let out = d.ok(&["snapshot", "create", "vol", "s1"]);
+    assert!(
+        out.starts_with("created snapshot s1 of volume vol"),
+        "{out}"
+    );
+    let s2 = d.json(&["snapshot", "create", "vol", "s2"]);
+    assert_eq!(s2["name"], "s2");
+    assert_eq!(s2["volume"], "vol");
+    assert!(s2["generation"].is_u64() && s2["stall_us"].is_u64(), "{s2}");
+
+    let err = d.fails(&["snapshot", "create", "vol", "s1"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = d.fails(&["snapshot", "create", "novol", "s1"]);
+    assert!(err.contains("volume novol not found"), "{err}");
+
+    let table = d.ok(&["snapshot", "list", "vol"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[0].starts_with("NAME")
+            && lines[0].contains("GENERATION")
+            && lines[0].contains("CREATED")
+    );
+    assert!(
+        lines[1].starts_with("s1 ") && lines[1].contains(" UTC"),
+        "{table}"
+    );
+    assert!(lines[2].starts_with("s2 "), "{table}");
+    let list = d.json(&["snapshot", "list", "vol"]);
+    assert_eq!(names(&list), ["s1", "s2"]);
+    assert!(list[0]["created_unix_ms"].as_u64().unwrap() > 1_600_000_000_000);
+    assert_eq!(d.json(&["volume", "info", "vol"])["snapshots"], 2);
+
+    assert_eq!(
+        d.ok(&["snapshot", "delete", "vol", "s1"]).trim(),
+        "deleted snapshot s1 of volume vol"
+    );
+    assert_eq!(names(&d.json(&["snapshot", "list", "vol"])), ["s2"]);
+    let err = d.fails(&["snapshot", "delete", "vol", "s1"]);
+    assert!(err.contains("snapshot s1 of volume vol not found"), "{err}");
+    assert_eq!(
+        d.json(&["snapshot", "delete", "vol", "s2"])["deleted"],
+        true
+    );
+    assert_eq!(d.json(&["snapshot", "list", "vol"]), Value::Array(vec![]));
+}
+
+#[test]
+fn malformed_lines_get_errors_and_the_connection_goes_on() {
+    let (_t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    let mut raw = Raw::connect(&d.control());
+    assert_error(&raw.send("garbage"), "bad_request", "not valid JSON");
+    assert_error(&raw.send("[1,2,3]"), "bad_request", "JSON object");
+    assert_error(&raw.send("{}"), "bad_request", "missing field `op`");
+    assert_error(
+        &raw.send(r#"{"op":"volume.explode"}"#),
+        "bad_request",
+        "unknown op `volume.explode`",
+    );
+    assert_error(
+        &raw.send(r#"{"op":"volume.info"}"#),
+        "bad_request",
+        "missing field `name`",
+    );
+    assert_error(
+        &raw.send(r#"{"op":"volume.create","name":"v","size":"big"}"#),
+        "bad_request",
+        "invalid type",
+    );
+    assert_error(
+        &raw.send(r#"{"op":"volume.list","bogus":1}"#),
+        "bad_request",
+        "unknown field",
+    );
+    let long = format!(r#"{{"op":"volume.list","x":"{}"}}"#, "a".repeat(100_000));
+    assert_error(&raw.send(&long), "bad_request", "longer than");
+    assert_error(
+        &raw.send("\u{1}\u{2}\u{3}"),
+        "bad_request",
+        "not valid JSON",
+    );
+
+    // The same connection still answers good requests.
+    let r = raw.send(r#"{"op":"volume.create","name":"v","size":1073741824,"chunk_size":65536,"partitions":4,"backing":null}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["capacity"], 1u64 << 30);
+    let r = raw.send(r#"{"op":"volume.list"}"#);
+    assert_eq!(r["ok"], true);
+    assert_eq!(names(&r["result"]), ["v"]);
+    assert_error(
+        &raw.send(r#"{"op":"volume.info","name":"nope"}"#),
+        "not_found",
+        "volume nope not found",
+    );
+    let r = raw.send(r#"{"op":"daemon.status"}"#);
+    assert_eq!(r["result"]["volumes"], 1, "{r}");
+
+    // Invalid UTF-8 and a client vanishing mid-line do not hurt the daemon.
+    let mut s = UnixStream::connect(d.control()).unwrap();
+    s.write_all(b"\xff\xfe{\"op\n").unwrap();
+    s.write_all(b"{\"op\":\"volume.li").unwrap();
+    drop(s);
+    assert_eq!(names(&d.json(&["volume", "list"])), ["v"]);
+}
+
+#[test]
+fn restart_after_sigterm_and_kill9_keeps_volumes_and_snapshots() {
+    let (_t, dir) = tempdir();
+    let mut d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "a", "--size", "32M"]);
+    d.ok(&[
+        "volume",
+        "create",
+        "b",
+        "--size",
+        "64M",
+        "--partitions",
+        "2",
+    ]);
+    d.ok(&["snapshot", "create", "a", "before"]);
+    d.ok(&["snapshot", "create", "a", "after"]);
+
+    let status = d.signal(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0; log:\n{}", d.log());
+    assert!(!d.control().exists(), "control socket removed at shutdown");
+    assert!(d.log().contains("stopped cleanly"));
+
+    let mut d = Daemon::start(&dir);
+    assert_eq!(names(&d.json(&["volume", "list"])), ["a", "b"]);
+    assert_eq!(
+        names(&d.json(&["snapshot", "list", "a"])),
+        ["before", "after"]
+    );
+    assert_eq!(d.json(&["volume", "info", "b"])["partitions"], 2);
+    d.ok(&["snapshot", "create", "b", "third"]);
+    d.ok(&["snapshot", "delete", "a", "before"]);
+
+    // kill -9: no shutdown at all; a stale control socket stays behind.
+    let status = d.signal(libc::SIGKILL);
+    assert!(!status.success());
+    assert!(d.control().exists());
+
+    let mut d = Daemon::start(&dir);
+    assert_eq!(names(&d.json(&["volume", "list"])), ["a", "b"]);
+    assert_eq!(names(&d.json(&["snapshot", "list", "a"])), ["after"]);
+    assert_eq!(names(&d.json(&["snapshot", "list", "b"])), ["third"]);
+    assert_eq!(d.json(&["volume", "info", "a"])["capacity"], 32u64 << 20);
+
+    // SIGINT is a clean stop too.
+    assert_eq!(d.signal(libc::SIGINT).code(), Some(0));
+    assert!(!d.control().exists());
+}
+
+#[test]
+fn interrupted_create_and_delete_are_cleaned_up_at_start() {
+    let (_t, dir) = tempdir();
+    let mut d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "keep", "--size", "1M"]);
+    d.signal(libc::SIGTERM);
+    std::fs::create_dir_all(dir.join("volumes/.deleting-old/junk")).unwrap();
+    std::fs::create_dir_all(dir.join("volumes/.creating-new")).unwrap();
+    let d = Daemon::start(&dir);
+    assert_eq!(names(&d.json(&["volume", "list"])), ["keep"]);
+    assert!(!dir.join("volumes/.deleting-old").exists());
+    assert!(!dir.join("volumes/.creating-new").exists());
+}
+
+#[test]
+fn corrupt_volume_is_reported_not_fatal() {
+    let (_t, dir) = tempdir();
+    let mut d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "bad", "--size", "8M"]);
+    d.ok(&["volume", "create", "good", "--size", "8M"]);
+    d.ok(&["snapshot", "create", "good", "s1"]);
+    d.signal(libc::SIGTERM);
+
+    std::fs::write(
+        dir.join("volumes/bad/volume.json"),
+        b"{ this is not a manifest",
+    )
+    .unwrap();
+
+    let d = Daemon::start(&dir);
+    assert!(
+        d.log().contains("volume bad cannot be opened"),
+        "log:\n{}",
+        d.log()
+    );
+
+    let list = d.json(&["volume", "list"]);
+    assert_eq!(names(&list), ["bad", "good"]);
+    let state = list[0]["state"].as_str().unwrap();
+    assert!(state.starts_with("error: "), "{state}");
+    assert!(state.contains("corrupt"), "{state}");
+    assert_eq!(list[1]["state"], "ok");
+    let table = d.ok(&["volume", "list"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("bad ") && l.contains("error: ")),
+        "{table}"
+    );
+    let info = d.ok(&["volume", "info", "bad"]);
+    assert!(info.contains("error: "), "{info}");
+
+    // The broken one is refused with a clear error; the good one works.
+    let err = d.fails(&["snapshot", "create", "bad", "x"]);
+    assert!(err.contains("volume bad is not available"), "{err}");
+    assert_eq!(names(&d.json(&["snapshot", "list", "good"])), ["s1"]);
+    d.ok(&["snapshot", "create", "good", "s2"]);
+    d.ok(&["volume", "create", "other", "--size", "1M"]);
+
+    // The operator can delete it.
+    d.ok(&["volume", "delete", "bad"]);
+    assert_eq!(names(&d.json(&["volume", "list"])), ["good", "other"]);
+}
+
+#[test]
+fn control_socket_permissions() {
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    let mode = std::fs::metadata(d.control()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "control socket mode {mode:o}");
+
+    // SO_PEERCRED: a uid that neither owns the data directory nor is root is
+    // refused, even if it can connect. Needs root to run a client as nobody.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: skipping the SO_PEERCRED part");
+        return;
+    }
+    d.ok(&["volume", "create", "v", "--size", "1M"]);
+    for p in [t.path(), dir.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(d.control(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new(BIN)
+        .arg("--control")
+        .arg(d.control())
+        .args(["volume", "list"])
+        .uid(65534)
+        .gid(65534)
+        .output();
+    use std::os::unix::process::CommandExt as _;
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("cannot run the CLI as nobody ({e}): skipping the SO_PEERCRED part");
+            return;
+        }
+    };
+    if out.status.code() == Some(126)
+        || String::from_utf8_lossy(&out.stderr).contains("Permission denied (os")
+    {
+        eprintln!("nobody cannot execute the binary: skipping the SO_PEERCRED part");
+        return;
+    }
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("snapblk: error: permission denied"),
+        "{err}"
+    );
+    assert!(err.contains("run as root or as the owner"), "{err}");
+    // Root (us) still works.
+    assert_eq!(names(&d.json(&["volume", "list"])), ["v"]);
+}
+
+#[test]
+fn serve_creates_disk0_and_prints_how_to_connect() {
+    let (_t, dir) = tempdir();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--size",
+            "64M",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    while !text.contains("nbdinfo") {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        text.push_str(&line);
+    }
+    let d = Daemon {
+        dir: dir.clone(),
+        child: Some(child),
+    };
+    assert!(text.contains("serving volume disk0 (64 MiB)"), "{text}");
+    let uri = text
+        .split_whitespace()
+        .find(|w| w.starts_with("nbd://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no TCP URI in:\n{text}"))
+        .to_string();
+    assert!(uri.ends_with("/disk0"), "{uri}");
+    assert!(
+        text.contains(&format!(
+            "nbd+unix:///disk0?socket={}",
+            dir.canonicalize().unwrap().join("nbd.sock").display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("qemu-img info {uri}")), "{text}");
+    assert!(text.contains(&format!("nbdinfo {uri}")), "{text}");
+    let v = d.json(&["volume", "info", "disk0"]);
+    assert_eq!(v["capacity"], 64u64 << 20);
+
+    // The printed URI works with a real NBD client, if one is installed.
+    if let Ok(o) = Command::new("qemu-img")
+        .args(["info", "--output=json", &uri])
+        .output()
+    {
+        if o.status.success() {
+            let info: Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(info["virtual-size"], 64u64 << 20);
+        } else {
+            panic!(
+                "qemu-img info {uri} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    let mut d = d;
+    assert_eq!(d.signal(libc::SIGTERM).code(), Some(0));
+
+    // A second serve keeps the existing disk0 (no re-create, same size).
+    let child = Command::new(BIN)
+        .args(["serve", "--nbd-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        dir: dir.clone(),
+        child: Some(child),
+    };
+    d.wait_ready();
+    assert_eq!(
+        d.json(&["volume", "info", "disk0"])["capacity"],
+        64u64 << 20
+    );
+    assert_eq!(d.signal(libc::SIGTERM).code(), Some(0));
+}
+
+#[test]
+fn nbd_exports_follow_the_registry() {
+    // The registry is the NBD server's export list: volumes and VOL@SNAP.
+    let Ok(o) = Command::new("nbdinfo").arg("--version").output() else {
+        eprintln!("nbdinfo not installed: skipping");
+        return;
+    };
+    assert!(o.status.success());
+    let (_t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "4M"]);
+    d.ok(&["snapshot", "create", "v", "s"]);
+    let sock = dir.join("nbd.sock");
+    let o = Command::new("nbdinfo")
+        .arg("--list")
+        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("export=\"v\""), "{text}");
+    assert!(text.contains("export=\"v@s\""), "{text}");
+    d.ok(&["volume", "delete", "v"]);
+    let o = Command::new("nbdinfo")
+        .arg(format!("nbd+unix:///v?socket={}", sock.display()))
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "a deleted volume is no longer exported"
+    );
+}
+
+#[test]
+fn systemd_unit_matches_the_contract() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/snapblk.service"
+    ))
+    .unwrap();
+    for line in [
+        "Type=simple",
+        "ExecStart=/usr/local/bin/snapblk daemon --data-dir /var/lib/snapblk",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+    ] {
+        assert!(unit.lines().any(|l| l.trim() == line), "missing {line}");
+    }
+}
