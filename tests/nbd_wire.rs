@@ -21,6 +21,7 @@ impl ExportResolver for Resolver {
     fn resolve(&self, name: &str) -> Result<View, EngineError> {
         match name.split_once('@') {
             None if name == "vol" => Ok(self.0.live()),
+            None if name == "boom" => panic!("resolver bug (on purpose)"),
             Some(("vol", snap)) => self.0.snapshot_view(snap),
             _ => Err(EngineError::NotFound(format!("export {name}"))),
         }
@@ -600,6 +601,51 @@ fn shutdown_answers_requests_in_flight() {
     }
     assert!(c.is_closed());
     assert!(!f.sock.exists());
+}
+
+#[test]
+fn a_panicking_connection_does_not_disturb_others() {
+    let f = Fixture::new();
+    let mut a = Client::open(&f.sock, "vol");
+    let mut b = Client::connect(&f.sock);
+    b.structured_replies();
+    let mut p = 4u32.to_be_bytes().to_vec();
+    p.extend_from_slice(b"boom\0\0");
+    b.opt(OPT_GO, &p);
+    assert!(b.is_closed());
+    let (r, _) = a.call(CMD_WRITE, 0, 0, 512, &[1u8; 512]);
+    assert_eq!(r.error(), 0);
+    let mut c = Client::open(&f.sock, "vol");
+    let (r, data) = c.call(CMD_READ, 0, 0, 512, &[]);
+    assert_eq!(r.error(), 0);
+    assert_eq!(data, vec![1u8; 512]);
+}
+
+#[test]
+fn tcp_listener_and_stale_unix_socket() {
+    let f = Fixture::new();
+    let addr = f.server.listen_tcp("127.0.0.1:0").unwrap();
+    let mut t = std::net::TcpStream::connect(addr).unwrap();
+    let mut greeting = [0u8; 18];
+    t.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    if have("nbdinfo") {
+        let info = run(Command::new("nbdinfo").arg(format!("nbd://{addr}/vol")));
+        assert!(info.contains(&format!("export-size: {SIZE}")), "{info}");
+    }
+    // A live socket is refused, a stale one replaced.
+    let second = NbdServer::new(Arc::new(Resolver(f.volume.clone())));
+    assert!(second.listen_unix(&f.sock).is_err());
+    let stale = f.sock.with_file_name("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    second.listen_unix(&stale).unwrap();
+    let mut c = Client::open(&stale, "vol");
+    let (r, _) = c.call(CMD_FLUSH, 0, 0, 0, &[]);
+    assert_eq!(r.error(), 0);
+    drop(c);
+    second.shutdown();
+    assert!(!stale.exists());
 }
 
 fn have(tool: &str) -> bool {

@@ -30,6 +30,11 @@ use std::time::{Duration, Instant};
 
 /// How long shutdown waits for connections to finish their requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that sends nothing for this long during negotiation is dropped,
+/// so idle sockets cannot pin threads forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections served at once; more are closed right after accept.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// The NBD server: any number of listeners feeding connection threads that
 /// all serve exports found through one [`ExportResolver`].
@@ -248,6 +253,10 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, tcp: bool) {
         // can try to remove it.
         let mut conns = shared.conns.lock().unwrap();
         reap_finished(&mut conns);
+        if conns.len() >= MAX_CONNECTIONS {
+            log::warn!("nbd: {MAX_CONNECTIONS} connections already open; refusing one");
+            continue;
+        }
         let s = shared.clone();
         let csock = sock.clone();
         let spawned = std::thread::Builder::new()
@@ -313,9 +322,31 @@ fn connection_thread(shared: Arc<Shared>, id: u64, sock: Arc<OwnedFd>) {
     }
 }
 
+/// Sets SO_RCVTIMEO (`None`: wait forever).
+fn set_recv_timeout(fd: RawFd, timeout: Option<Duration>) {
+    let d = timeout.unwrap_or_default();
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt with a pointer to a live timeval of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+}
+
 fn serve(fd: RawFd, resolver: &dyn ExportResolver) -> io::Result<()> {
     let mut stream = SockStream(fd);
-    match handshake::negotiate(&mut stream, resolver)? {
+    set_recv_timeout(fd, Some(HANDSHAKE_TIMEOUT));
+    let outcome = handshake::negotiate(&mut stream, resolver);
+    set_recv_timeout(fd, None);
+    match outcome? {
         Outcome::Closed => Ok(()),
         Outcome::Transmission(n) => {
             log::debug!(
