@@ -792,6 +792,58 @@ fn nbd_exports_follow_the_registry() {
 }
 
 #[test]
+fn deleting_a_volume_in_use_is_refused() {
+    // An NBD client holds the volume open: delete says busy, and works once
+    // the client has gone.
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        eprintln!("qemu-io not installed: skipping");
+        return;
+    }
+    let (_t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "4M"]);
+    let uri = format!("nbd+unix:///v?socket={}", dir.join("nbd.sock").display());
+    let mut qio = Command::new("qemu-io")
+        .args(["-f", "raw", &uri])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = qio.stdin.take().unwrap();
+    let mut stdout = BufReader::new(qio.stdout.take().unwrap());
+    stdin.write_all(b"write -P 0xab 0 4096\n").unwrap();
+    let mut seen = String::new();
+    while !seen.contains("wrote 4096/4096") {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "qemu-io: {seen}");
+        seen.push_str(&line);
+    }
+    let err = d.fails(&["volume", "delete", "v"]);
+    assert!(err.contains("volume v is in use"), "{err}");
+    assert!(err.contains("disconnect its NBD clients first"), "{err}");
+    assert_eq!(names(&d.json(&["volume", "list"])), ["v"]);
+
+    stdin.write_all(b"quit\n").unwrap();
+    drop(stdin);
+    qio.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = d.cli(&["volume", "delete", "v"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.json(&["volume", "list"]), Value::Array(vec![]));
+}
+
+#[test]
 fn systemd_unit_matches_the_contract() {
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -10,7 +10,8 @@
 //! - create builds the volume in `volumes/.creating-NAME/`, shuts it down and
 //!   renames it to `volumes/NAME/` (atomic), then opens it there. A crash
 //!   leaves either nothing or a leftover `.creating-*` directory.
-//! - delete removes the volume from the map (no new exports), shuts it down,
+//! - delete refuses (`busy`) while an NBD connection holds a view of the
+//!   volume; otherwise it removes the volume from the map (no new exports), shuts it down,
 //!   renames the directory to `volumes/.deleting-NAME/` (atomic) and removes
 //!   that. A crash leaves either the volume or a `.deleting-*` directory.
 //! Leftover `.creating-*` / `.deleting-*` directories are removed at start.
@@ -312,10 +313,27 @@ impl Registry {
     pub fn delete_volume(&self, name: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = self
-            .lock_map()
-            .remove(name)
-            .ok_or_else(|| not_found(name))?;
+        let slot = {
+            let mut map = self.lock_map();
+            match map.get(name) {
+                None => return Err(not_found(name)),
+                // The registry holds one reference; every NBD connection's
+                // view (and any request in progress) holds another. Exports
+                // are resolved under this lock, so none can appear between
+                // this check and the removal.
+                Some(Slot::Ready(v)) if Arc::strong_count(v) > 1 => {
+                    return Err(ControlError::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "volume {name} is in use by {} open export connection(s) or requests; \
+                             disconnect its NBD clients first",
+                            Arc::strong_count(v) - 1
+                        ),
+                    ));
+                }
+                Some(_) => map.remove(name).expect("present"),
+            }
+        };
         if let Slot::Ready(vol) = slot {
             if let Err(e) = block_on(vol.shutdown()) {
                 log::warn!("volume {name}: flush before delete failed: {e}");
