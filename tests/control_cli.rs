@@ -176,6 +176,31 @@ impl Raw {
     }
 }
 
+/// Runs `qemu-io` on an export of the daemon in `dir`; `None` if qemu-io is
+/// not installed. Asserts success.
+fn qemu_io(dir: &Path, export: &str, readonly: bool, cmds: &[&str]) -> Option<String> {
+    let mut c = Command::new("qemu-io");
+    if readonly {
+        c.arg("-r");
+    }
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(format!(
+        "nbd+unix:///{export}?socket={}",
+        dir.join("nbd.sock").display()
+    ));
+    let out = c.output().ok()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "qemu-io {cmds:?}: {text}"
+    );
+    Some(text)
+}
+
 fn assert_error(v: &Value, code: &str, needle: &str) {
     assert_eq!(v["ok"], Value::Bool(false), "{v}");
     assert_eq!(v["error"]["code"], code, "{v}");
@@ -521,7 +546,11 @@ fn restart_after_sigterm_and_kill9_keeps_volumes_and_snapshots() {
         "--partitions",
         "2",
     ]);
+    let have_qemu = qemu_io(&dir, "a", false, &["write -P 0x5a 0 1M", "flush"]).is_some();
     d.ok(&["snapshot", "create", "a", "before"]);
+    if have_qemu {
+        qemu_io(&dir, "a", false, &["write -P 0x11 0 64k", "flush"]);
+    }
     d.ok(&["snapshot", "create", "a", "after"]);
 
     let status = d.signal(libc::SIGTERM);
@@ -549,6 +578,16 @@ fn restart_after_sigterm_and_kill9_keeps_volumes_and_snapshots() {
     assert_eq!(names(&d.json(&["snapshot", "list", "a"])), ["after"]);
     assert_eq!(names(&d.json(&["snapshot", "list", "b"])), ["third"]);
     assert_eq!(d.json(&["volume", "info", "a"])["capacity"], 32u64 << 20);
+    if have_qemu {
+        // The data came back too: the origin and the surviving snapshot.
+        qemu_io(
+            &dir,
+            "a",
+            true,
+            &["read -P 0x11 0 64k", "read -P 0x5a 64k 960k"],
+        );
+        qemu_io(&dir, "a@after", true, &["read -P 0x11 0 64k"]);
+    }
 
     // SIGINT is a clean stop too.
     assert_eq!(d.signal(libc::SIGINT).code(), Some(0));

@@ -53,7 +53,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         let f: u128 = frac.parse().map_err(|_| bad("it is not a number"))?;
         let denom = 10u128.pow(frac.len() as u32);
         let scaled = f << shift;
-        if scaled % denom != 0 {
+        if !scaled.is_multiple_of(denom) {
             return Err(bad("it is not a whole number of bytes"));
         }
         bytes += scaled / denom;
@@ -75,7 +75,7 @@ pub fn format_size(bytes: u64) -> String {
         return format!("{bytes} B");
     }
     let div = 1u64 << (10 * unit);
-    if bytes % div == 0 {
+    if bytes.is_multiple_of(div) {
         format!("{} {}", bytes / div, UNITS[unit])
     } else {
         let v = bytes as f64 / div as f64;

@@ -11,9 +11,11 @@
 //!   renames it to `volumes/NAME/` (atomic), then opens it there. A crash
 //!   leaves either nothing or a leftover `.creating-*` directory.
 //! - delete refuses (`busy`) while an NBD connection holds a view of the
-//!   volume; otherwise it removes the volume from the map (no new exports), shuts it down,
-//!   renames the directory to `volumes/.deleting-NAME/` (atomic) and removes
-//!   that. A crash leaves either the volume or a `.deleting-*` directory.
+//!   volume; otherwise it removes the volume from the map (no new exports),
+//!   shuts it down, renames the directory to `volumes/.deleting-NAME/`
+//!   (atomic) and removes that. A crash leaves either the volume or a
+//!   `.deleting-*` directory.
+//!
 //! Leftover `.creating-*` / `.deleting-*` directories are removed at start.
 //!
 //! A volume that fails to open (corrupt metadata, missing file) does not stop
