@@ -154,9 +154,21 @@ fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 }
 
+/// Drops the " (os error N)" that `io::Error` appends; people don't need it.
+fn strip_os_error(s: &str) -> String {
+    let mut out = s.to_string();
+    while let Some(i) = out.find(" (os error ") {
+        match out[i..].find(')') {
+            Some(j) => out.replace_range(i..i + j + 1, ""),
+            None => break,
+        }
+    }
+    out
+}
+
 fn daemon_error(e: anyhow::Error) -> CliError {
     // anyhow's alternate form joins the context chain with ": ".
-    let msg = format!("{e:#}");
+    let msg = strip_os_error(&format!("{e:#}"));
     if msg.contains("; ") {
         CliError::plain(msg)
     } else {
@@ -255,7 +267,11 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
                     p.canonicalize()
                         .map_err(|e| {
                             CliError::new(
-                                format!("cannot use {} as backing: {e}", p.display()),
+                                format!(
+                                    "cannot use {} as backing: {}",
+                                    p.display(),
+                                    strip_os_error(&e.to_string())
+                                ),
                                 "give an existing file or block device",
                             )
                         })?
