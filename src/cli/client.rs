@@ -144,7 +144,7 @@ pub fn request(control: &Path, request: &Request) -> Result<Value, CliError> {
             })
         };
         CliError {
-            message: e.message,
+            message: super::strip_os_error(&e.message),
             hint,
         }
     })

@@ -155,7 +155,7 @@ fn init_logging() {
 }
 
 /// Drops the " (os error N)" that `io::Error` appends; people don't need it.
-fn strip_os_error(s: &str) -> String {
+pub(crate) fn strip_os_error(s: &str) -> String {
     let mut out = s.to_string();
     while let Some(i) = out.find(" (os error ") {
         match out[i..].find(')') {
