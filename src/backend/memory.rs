@@ -192,11 +192,13 @@ impl MemFile {
     fn record(&self, op: Pending, durable: bool) -> io::Result<()> {
         self.with(|file| {
             apply(&mut file.current, &op);
+            file.pending.push(op);
             if durable {
-                // FUA makes this write durable, not earlier unflushed ones.
-                apply(&mut file.durable, &op);
-            } else {
-                file.pending.push(op);
+                // A FUA write reaches the platter in order with, and after,
+                // what the cache held for the same file: model it as a flush.
+                for op in std::mem::take(&mut file.pending) {
+                    apply(&mut file.durable, &op);
+                }
             }
         })
     }

@@ -15,10 +15,10 @@
 //! copy it depends on and its journal record are durable.
 
 mod error;
-// mod gate;
-// mod journal;
-// mod manifest;
-// mod partition;
+mod gate;
+mod journal;
+mod manifest;
+mod partition;
 mod volume;
 
 pub use error::{EngineError, Result};

@@ -1,10 +1,18 @@
 //! Volumes and their views: the engine's public face.
 
 use super::error::{EngineError, Result};
-use crate::backend::{Extent, Storage};
+use super::gate::{Gate, Ticket};
+use super::journal::Journal;
+use super::manifest::{self, Manifest, Origin, SnapshotRecord};
+use super::partition::{Partition, Source};
+use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
+use crate::backend::file::FileBackend;
+use crate::backend::{Backend, Extent, Storage};
+use futures::future::try_join_all;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Parameters of `volume create`.
 #[derive(Clone, Debug)]
@@ -49,51 +57,393 @@ pub struct SnapshotCreated {
     pub stall_us: u64,
 }
 
-pub struct Volume {}
+pub struct Volume {
+    name: String,
+    size: u64,
+    chunk_size: u32,
+    chunk_shift: u32,
+    chunks_per_partition: u64,
+    storage: Storage,
+    origin: Backend,
+    partitions: Vec<Partition>,
+    gate: Gate,
+    /// The committed manifest (snapshot list included).
+    manifest: Mutex<Manifest>,
+    /// Serializes snapshot create/delete and shutdown.
+    admin: futures::lock::Mutex<()>,
+}
 
 /// A handle to read (and, for the live volume, write) one image: the volume
 /// itself or one of its snapshots. Cheap to clone; one per connection/queue.
 #[derive(Clone)]
 pub struct View {
     volume: Arc<Volume>,
+    snapshot: Option<(String, u64)>,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn validate_config(config: &VolumeConfig) -> Result<()> {
+    let bad = |m: String| Err(EngineError::InvalidArgument(m));
+    let cs = config.chunk_size;
+    if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return bad(format!("chunk size {cs} must be a power of two between 4K and 1M"));
+    }
+    if config.size == 0 || config.size % SECTOR_SIZE != 0 {
+        return bad(format!("size {} must be a positive multiple of 512 bytes", config.size));
+    }
+    if config.partitions == 0 || config.partitions > MAX_PARTITIONS {
+        return bad(format!("partitions {} must be between 1 and {MAX_PARTITIONS}", config.partitions));
+    }
+    Ok(())
 }
 
 impl Volume {
-    pub async fn create(_name: &str, _storage: Storage, _config: &VolumeConfig) -> Result<Arc<Volume>> {
-        todo!()
+    /// Creates the volume's files in `storage` (an existing, empty directory)
+    /// and commits its manifest last, so a crash mid-create leaves no volume.
+    pub async fn create(name: &str, storage: Storage, config: &VolumeConfig) -> Result<Arc<Volume>> {
+        validate_config(config)?;
+        if storage.read_manifest(manifest::MANIFEST)?.is_some() {
+            return Err(EngineError::AlreadyExists(format!("volume {name}")));
+        }
+        let origin = match &config.backing {
+            Some(path) => {
+                let backing = Backend::File(Arc::new(FileBackend::open(path, false)?));
+                let available = backing.size()?;
+                if available < config.size {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "{} holds {available} bytes, less than the requested size {}",
+                        path.display(),
+                        config.size
+                    )));
+                }
+                Origin::Backing(path.clone())
+            }
+            None => {
+                let container = storage.open(manifest::CONTAINER, true)?;
+                container.truncate(config.size).await?;
+                Origin::Container
+            }
+        };
+        for p in 0..config.partitions {
+            storage.open(&manifest::journal_name(p), true)?;
+            storage.open(&manifest::store_name(p), true)?;
+        }
+        let manifest = Manifest::new(name, config.size, config.chunk_size, config.partitions, origin);
+        storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
+        Volume::open(name, storage).await
     }
-    pub async fn open(_name: &str, _storage: Storage) -> Result<Arc<Volume>> {
-        todo!()
+
+    /// Opens a volume and recovers it: replays each partition's journal,
+    /// cuts torn tails, drops preserved versions no committed snapshot needs.
+    pub async fn open(name: &str, storage: Storage) -> Result<Arc<Volume>> {
+        let what = format!("volume {name}: {}", manifest::MANIFEST);
+        let bytes = storage
+            .read_manifest(manifest::MANIFEST)?
+            .ok_or_else(|| EngineError::NotFound(format!("{what} (not a volume directory)")))?;
+        let manifest = Manifest::parse(&bytes, &what)?;
+        let origin = match &manifest.origin {
+            Origin::Container => storage.open(manifest::CONTAINER, false)?,
+            Origin::Backing(path) => Backend::File(Arc::new(FileBackend::open(path, false)?)),
+        };
+        if origin.size()? < manifest.size {
+            return Err(EngineError::Corrupt(format!(
+                "volume {name}: origin holds {} bytes, the manifest says {}",
+                origin.size()?,
+                manifest.size
+            )));
+        }
+        let chunk_shift = manifest.chunk_size.trailing_zeros();
+        let chunks = manifest.size.div_ceil(manifest.chunk_size as u64);
+        let chunks_per_partition = chunks.div_ceil(manifest.partitions as u64);
+        let mut partitions = Vec::new();
+        for p in 0..manifest.partitions {
+            let journal_file = storage.open(&manifest::journal_name(p), false)?;
+            let store = storage.open(&manifest::store_name(p), false)?;
+            let label = format!("volume {name}: {}", manifest::journal_name(p));
+            let (journal, replayed) = Journal::open(journal_file, store.clone(), &label).await?;
+            partitions.push(Partition::recover(p, manifest.chunk_size, journal, store, &replayed.records));
+        }
+        let live: Vec<u64> = manifest.snapshots.iter().map(|s| s.generation).collect();
+        for snapshot in &manifest.snapshots {
+            if let Some(p) = partitions.iter().find(|p| !p.recorded_snapshots().contains(&snapshot.generation)) {
+                return Err(EngineError::Corrupt(format!(
+                    "volume {name}: snapshot {} has no record in {}; the journal lost committed data",
+                    snapshot.name,
+                    manifest::journal_name(p.index)
+                )));
+            }
+        }
+        let generation = partitions
+            .iter()
+            .flat_map(|p| p.recorded_snapshots().into_iter().map(|g| g + 1).chain([p.max_version_end()]))
+            .chain([manifest.next_generation])
+            .max()
+            .unwrap_or(1);
+        // Versions made for a snapshot whose create never committed, or left
+        // by a delete cut short, are garbage now.
+        try_join_all(partitions.iter().map(|p| p.collect_garbage(&live))).await?;
+        Ok(Arc::new(Volume {
+            name: name.to_string(),
+            size: manifest.size,
+            chunk_size: manifest.chunk_size,
+            chunk_shift,
+            chunks_per_partition,
+            storage,
+            origin,
+            partitions,
+            gate: Gate::new(generation, live),
+            manifest: Mutex::new(manifest),
+            admin: futures::lock::Mutex::new(()),
+        }))
     }
+
     pub fn name(&self) -> &str {
-        todo!()
+        &self.name
     }
+
     pub fn size(&self) -> u64 {
-        todo!()
+        self.size
     }
+
     pub fn chunk_size(&self) -> u32 {
-        todo!()
+        self.chunk_size
     }
+
     pub fn info(&self) -> Result<VolumeInfo> {
-        todo!()
+        let manifest = self.manifest.lock().unwrap().clone();
+        let origin_bytes = self.origin.allocated_bytes()?;
+        let used = origin_bytes + self.partitions.iter().map(Partition::allocated_bytes).sum::<u64>();
+        Ok(VolumeInfo {
+            name: self.name.clone(),
+            capacity: self.size,
+            used_bytes: used,
+            free_bytes: self.storage.free_bytes()?,
+            chunk_size: self.chunk_size,
+            partitions: manifest.partitions,
+            generation: self.gate.generation(),
+            snapshots: manifest.snapshots.len(),
+            origin: match &manifest.origin {
+                Origin::Container => manifest::CONTAINER.to_string(),
+                Origin::Backing(path) => path.display().to_string(),
+            },
+        })
     }
+
     pub fn live(self: &Arc<Self>) -> View {
-        View { volume: self.clone() }
+        View { volume: self.clone(), snapshot: None }
     }
-    pub fn snapshot_view(self: &Arc<Self>, _snapshot: &str) -> Result<View> {
-        todo!()
+
+    pub fn snapshot_view(self: &Arc<Self>, snapshot: &str) -> Result<View> {
+        let manifest = self.manifest.lock().unwrap();
+        let record = manifest
+            .snapshots
+            .iter()
+            .find(|s| s.name == snapshot)
+            .ok_or_else(|| EngineError::NotFound(format!("snapshot {}@{snapshot}", self.name)))?;
+        Ok(View { volume: self.clone(), snapshot: Some((record.name.clone(), record.generation)) })
     }
-    pub async fn create_snapshot(&self, _name: &str) -> Result<SnapshotCreated> {
-        todo!()
+
+    /// Takes a snapshot: pauses writes only to close the generation (the
+    /// stall), then makes it durable: origin flush, a partition snapshot in
+    /// every partition's journal (in parallel), then the overall snapshot in
+    /// the manifest, which is the commit point.
+    pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotCreated> {
+        let _admin = self.admin.lock().await;
+        if self.manifest.lock().unwrap().snapshots.iter().any(|s| s.name == name) {
+            return Err(EngineError::AlreadyExists(format!("snapshot {}@{name}", self.name)));
+        }
+        // Most dirty data goes out before the pause, so little is left after.
+        self.origin.flush().await?;
+        let (generation, stall) = {
+            let paused = self.gate.pause().await;
+            let generation = paused.generation();
+            let mut live = paused.live().to_vec();
+            live.push(generation);
+            paused.set(generation + 1, live);
+            (generation, paused.elapsed())
+        };
+        let committed = async {
+            // Every write acknowledged before the pause is in generation
+            // `generation` or earlier; those not preserved since live in the origin.
+            self.origin.flush().await?;
+            try_join_all(self.partitions.iter().map(|p| p.record_snapshot(generation))).await?;
+            let mut manifest = self.manifest.lock().unwrap().clone();
+            manifest.snapshots.push(SnapshotRecord {
+                name: name.to_string(),
+                generation,
+                created_unix_ms: now_unix_ms(),
+            });
+            manifest.next_generation = generation + 1;
+            self.storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
+            let record = manifest.snapshots.last().unwrap().clone();
+            *self.manifest.lock().unwrap() = manifest;
+            Ok::<_, EngineError>(record)
+        }
+        .await;
+        match committed {
+            Ok(record) => Ok(SnapshotCreated {
+                snapshot: SnapshotInfo {
+                    name: record.name,
+                    generation,
+                    created_unix_ms: record.created_unix_ms,
+                    exclusive_bytes: 0,
+                },
+                stall_us: stall.as_micros() as u64,
+            }),
+            Err(e) => {
+                self.forget_generation(generation).await;
+                Err(e)
+            }
+        }
     }
+
+    /// Drops `generation` from the live set and frees what only it needed.
+    async fn forget_generation(&self, generation: u64) {
+        let live = {
+            let paused = self.gate.pause().await;
+            let live: Vec<u64> = paused.live().iter().copied().filter(|&g| g != generation).collect();
+            paused.set(paused.generation(), live.clone());
+            live
+        };
+        if let Err(e) = try_join_all(self.partitions.iter().map(|p| p.collect_garbage(&live))).await {
+            // Recovery collects it at the next open.
+            log::warn!("volume {}: freeing snapshot data failed: {e}", self.name);
+        }
+    }
+
     pub fn list_snapshots(&self) -> Vec<SnapshotInfo> {
-        todo!()
+        let snapshots = self.manifest.lock().unwrap().snapshots.clone();
+        let live: Vec<u64> = self.gate.live().to_vec();
+        let mut exclusive = HashMap::new();
+        for p in &self.partitions {
+            p.exclusive_bytes(&live, &mut exclusive);
+        }
+        snapshots
+            .into_iter()
+            .map(|s| SnapshotInfo {
+                exclusive_bytes: exclusive.get(&s.generation).copied().unwrap_or(0),
+                name: s.name,
+                generation: s.generation,
+                created_unix_ms: s.created_unix_ms,
+            })
+            .collect()
     }
-    pub async fn delete_snapshot(&self, _name: &str) -> Result<()> {
-        todo!()
+
+    /// Deletes a snapshot: the manifest without it is the commit point; then
+    /// preserved versions no remaining snapshot needs are freed and their
+    /// space punched out of the change logs.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let _admin = self.admin.lock().await;
+        let mut manifest = self.manifest.lock().unwrap().clone();
+        let index = manifest
+            .snapshots
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| EngineError::NotFound(format!("snapshot {}@{name}", self.name)))?;
+        let generation = manifest.snapshots.remove(index).generation;
+        self.storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
+        *self.manifest.lock().unwrap() = manifest;
+        self.forget_generation(generation).await;
+        Ok(())
     }
+
+    /// Makes everything durable; called on clean shutdown.
     pub async fn shutdown(&self) -> Result<()> {
-        todo!()
+        let _admin = self.admin.lock().await;
+        let _paused = self.gate.pause().await;
+        self.origin.flush().await?;
+        try_join_all(self.partitions.iter().map(Partition::flush_store)).await?;
+        Ok(())
+    }
+
+    fn partition_of(&self, chunk: u64) -> &Partition {
+        &self.partitions[(chunk / self.chunks_per_partition) as usize]
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+            return Err(EngineError::Misaligned { offset, len });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(EngineError::OutOfRange { offset, len, size: self.size });
+        }
+        Ok(())
+    }
+
+    fn chunks(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        (offset >> self.chunk_shift)..=((offset + len.max(1) - 1) >> self.chunk_shift)
+    }
+
+    /// Preserves, once, every chunk of the range that a live snapshot needs.
+    async fn preserve_range(&self, offset: u64, len: u64, ticket: &Ticket<'_>) -> Result<()> {
+        if ticket.live.is_empty() || len == 0 {
+            return Ok(());
+        }
+        let chunks = self.chunks(offset, len);
+        if chunks.start() == chunks.end() {
+            let c = *chunks.start();
+            return self.partition_of(c).preserve(c, ticket, &self.origin, self.size).await;
+        }
+        try_join_all(chunks.map(|c| self.partition_of(c).preserve(c, ticket, &self.origin, self.size))).await?;
+        Ok(())
+    }
+
+    /// Reads snapshot `generation`: each chunk from its preserved version if
+    /// one covers the generation, else from the origin. An origin read is
+    /// checked afterwards and redone if a writer began preserving-then-
+    /// overwriting that chunk meanwhile.
+    async fn read_snapshot(&self, generation: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cs = self.chunk_size as u64;
+        let mut at = 0usize;
+        while at < buf.len() {
+            let pos = offset + at as u64;
+            let chunk = pos >> self.chunk_shift;
+            let in_chunk = pos - chunk * cs;
+            let n = ((cs - in_chunk) as usize).min(buf.len() - at);
+            let part = self.partition_of(chunk);
+            let piece = &mut buf[at..at + n];
+            loop {
+                match part.source(chunk, generation) {
+                    Source::Zero => piece.fill(0),
+                    Source::Store(slot) => part.read_store(slot, in_chunk, piece).await?,
+                    Source::Origin => {
+                        self.origin.read_at(piece, pos).await?;
+                        if !part.origin_still_valid(chunk, generation) {
+                            continue;
+                        }
+                    }
+                }
+                break;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn snapshot_extents(&self, generation: u64, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let cs = self.chunk_size as u64;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |e: Extent| match out.last_mut() {
+            Some(last) if last.data == e.data && last.offset + last.len == e.offset => last.len += e.len,
+            _ => out.push(e),
+        };
+        let mut pos = offset;
+        while pos < offset + len {
+            let chunk = pos >> self.chunk_shift;
+            let end = ((chunk + 1) * cs).min(offset + len);
+            match self.partition_of(chunk).source(chunk, generation) {
+                Source::Origin => self.origin.extents(pos, end - pos)?.into_iter().for_each(&mut push),
+                Source::Zero => push(Extent { offset: pos, len: end - pos, data: false }),
+                Source::Store(_) => push(Extent { offset: pos, len: end - pos, data: true }),
+            }
+            pos = end;
+        }
+        Ok(out)
     }
 }
 
@@ -101,32 +451,94 @@ impl View {
     pub fn volume(&self) -> &Arc<Volume> {
         &self.volume
     }
+
     pub fn snapshot_name(&self) -> Option<&str> {
-        todo!()
+        self.snapshot.as_ref().map(|(name, _)| name.as_str())
     }
+
     pub fn size(&self) -> u64 {
-        todo!()
+        self.volume.size
     }
+
     pub fn read_only(&self) -> bool {
-        todo!()
+        self.snapshot.is_some()
     }
-    pub async fn read(&self, _offset: u64, _buf: &mut [u8]) -> Result<()> {
-        todo!()
+
+    /// The snapshot generation this view reads, after checking it still exists.
+    fn snapshot_generation(&self) -> Result<Option<u64>> {
+        match &self.snapshot {
+            None => Ok(None),
+            Some((name, generation)) => {
+                if self.volume.gate.live().binary_search(generation).is_err() {
+                    return Err(EngineError::SnapshotGone(format!("{}@{name}", self.volume.name)));
+                }
+                Ok(Some(*generation))
+            }
+        }
     }
-    pub async fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<()> {
-        todo!()
+
+    fn writable(&self, offset: u64, len: u64) -> Result<()> {
+        self.volume.check_range(offset, len)?;
+        if self.read_only() {
+            return Err(EngineError::ReadOnly);
+        }
+        Ok(())
     }
+
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let volume = &self.volume;
+        volume.check_range(offset, buf.len() as u64)?;
+        match self.snapshot_generation()? {
+            None => Ok(volume.origin.read_at(buf, offset).await?),
+            Some(generation) => volume.read_snapshot(generation, offset, buf).await,
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.writable(offset, data.len() as u64)?;
+        let volume = &self.volume;
+        let ticket = volume.gate.enter().await;
+        volume.preserve_range(offset, data.len() as u64, &ticket).await?;
+        volume.origin.write_at(data, offset, fua).await?;
+        Ok(())
+    }
+
+    /// Makes every write completed so far durable, from any connection:
+    /// journal records are committed before their writes proceed, so the
+    /// origin is all that can still be volatile.
     pub async fn flush(&self) -> Result<()> {
-        todo!()
+        Ok(self.volume.origin.flush().await?)
     }
-    pub async fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        todo!()
+
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len, false).await
     }
-    pub async fn write_zeroes(&self, _offset: u64, _len: u64, _keep_allocated: bool) -> Result<()> {
-        todo!()
+
+    /// Zeroes a range; `keep_allocated` (NBD's NO_HOLE) keeps it allocated,
+    /// otherwise the space goes back to the filesystem.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
+        self.writable(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let volume = &self.volume;
+        let ticket = volume.gate.enter().await;
+        volume.preserve_range(offset, len, &ticket).await?;
+        if keep_allocated {
+            volume.origin.zero_range(offset, len).await?;
+        } else {
+            volume.origin.punch_hole(offset, len).await?;
+        }
+        Ok(())
     }
-    pub fn block_status(&self, _offset: u64, _len: u64) -> Result<Vec<Extent>> {
-        let _ = EngineError::ReadOnly;
-        todo!()
+
+    /// Allocation map: `data: false` extents read as zeros.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let volume = &self.volume;
+        volume.check_range(offset, len)?;
+        match self.snapshot_generation()? {
+            None => Ok(volume.origin.extents(offset, len)?),
+            Some(generation) => volume.snapshot_extents(generation, offset, len),
+        }
     }
 }

@@ -25,7 +25,6 @@ pub(crate) struct Reactor {
     ring: IoUring,
     ops: Vec<OpState>,
     free: Vec<usize>,
-    in_kernel: usize,
     eventfd: RawFd,
     eventfd_buf: Box<[u8; 8]>,
 }
@@ -54,7 +53,6 @@ impl Reactor {
             ring,
             ops: Vec::new(),
             free: Vec::new(),
-            in_kernel: 0,
             eventfd,
             eventfd_buf: Box::new([0; 8]),
         };
@@ -101,7 +99,6 @@ impl Reactor {
                 self.ops.len() - 1
             }
         };
-        self.in_kernel += 1;
         self.push(entry.user_data(index as u64));
         index
     }
@@ -142,7 +139,6 @@ impl Reactor {
                 continue;
             }
             let index = token as usize;
-            self.in_kernel -= 1;
             match std::mem::replace(&mut self.ops[index], OpState::Done(result)) {
                 OpState::Pending(Some(waker)) => waker.wake(),
                 OpState::Pending(None) => {}
@@ -152,9 +148,6 @@ impl Reactor {
         woke
     }
 
-    pub(crate) fn has_pending_io(&self) -> bool {
-        self.in_kernel > 0
-    }
 }
 
 impl Drop for Reactor {

@@ -1,0 +1,341 @@
+//! A partition's metadata journal: checksummed append-only records with group
+//! commit.
+//!
+//! Record layout (little endian):
+//! `magic u32 | payload_len u32 | seq u64 | payload | crc32c u32`,
+//! the checksum covering everything before it. Replay stops at the first record
+//! that is short or fails its checksum; if nothing valid follows, that is a
+//! torn tail (a crash mid-append) and it is cut off. If valid records follow a
+//! bad one, the journal is corrupt in the middle and replay refuses to guess.
+//!
+//! Group commit: concurrent callers queue their records; one of them (the
+//! leader) flushes the change-log store (so preserved data is durable before
+//! the record that points at it), appends the whole batch, and flushes the
+//! journal. Leadership passes to a waiter of the next batch, so no caller
+//! commits other callers' batches forever.
+
+use super::error::{EngineError, Result};
+use crate::backend::Backend;
+use futures::channel::oneshot;
+use std::sync::Mutex;
+
+const MAGIC: u32 = 0x524a_4e53; // "SNJR"
+const HEADER: usize = 16;
+const TRAILER: usize = 4;
+/// Payloads are tiny; anything larger is garbage, not a record.
+const MAX_PAYLOAD: u32 = 4096;
+
+/// Marks a version whose data was all zeros: no store slot holds it.
+pub const ZERO_SLOT: u64 = u64::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Chunk content valid for generations `[start, end)` is preserved in
+    /// `slot` of the change-log store (or is all zeros: `ZERO_SLOT`).
+    Preserve { chunk: u64, slot: u64, start: u64, end: u64 },
+    /// The version of `chunk` starting at `start` is no longer needed.
+    Free { chunk: u64, start: u64 },
+    /// This partition's part of the snapshot closing `generation`.
+    PartitionSnapshot { generation: u64 },
+}
+
+impl Record {
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        match *self {
+            Record::Preserve { chunk, slot, start, end } => {
+                out.push(1);
+                for v in [chunk, slot, start, end] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Record::Free { chunk, start } => {
+                out.push(2);
+                out.extend_from_slice(&chunk.to_le_bytes());
+                out.extend_from_slice(&start.to_le_bytes());
+            }
+            Record::PartitionSnapshot { generation } => {
+                out.push(3);
+                out.extend_from_slice(&generation.to_le_bytes());
+            }
+        }
+    }
+
+    fn decode_payload(payload: &[u8]) -> Option<Record> {
+        let (&kind, rest) = payload.split_first()?;
+        let field = |i: usize| -> Option<u64> {
+            rest.get(i * 8..i * 8 + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        };
+        let record = match (kind, rest.len()) {
+            (1, 32) => Record::Preserve { chunk: field(0)?, slot: field(1)?, start: field(2)?, end: field(3)? },
+            (2, 16) => Record::Free { chunk: field(0)?, start: field(1)? },
+            (3, 8) => Record::PartitionSnapshot { generation: field(0)? },
+            _ => return None,
+        };
+        Some(record)
+    }
+}
+
+fn encode(record: &Record, seq: u64, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&seq.to_le_bytes());
+    record.encode_payload(out);
+    let payload_len = (out.len() - start - HEADER) as u32;
+    out[start + 4..start + 8].copy_from_slice(&payload_len.to_le_bytes());
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Parses one record at the start of `bytes`: the record, its seq and length.
+fn decode(bytes: &[u8]) -> Option<(Record, u64, usize)> {
+    if bytes.len() < HEADER + TRAILER {
+        return None;
+    }
+    let word = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+    if word(0) != MAGIC || word(4) > MAX_PAYLOAD {
+        return None;
+    }
+    let len = HEADER + word(4) as usize + TRAILER;
+    if bytes.len() < len {
+        return None;
+    }
+    if crc32c::crc32c(&bytes[..len - TRAILER]) != word(len - TRAILER) {
+        return None;
+    }
+    let seq = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+    let record = Record::decode_payload(&bytes[HEADER..len - TRAILER])?;
+    Some((record, seq, len))
+}
+
+/// What replay found.
+pub struct Replayed {
+    pub records: Vec<Record>,
+}
+
+enum Turn {
+    Done(std::result::Result<(), String>),
+    Lead,
+}
+
+struct State {
+    tail: u64,
+    next_seq: u64,
+    batch: Vec<u8>,
+    batch_waiters: Vec<oneshot::Sender<Turn>>,
+    committing: bool,
+    failed: Option<String>,
+}
+
+pub struct Journal {
+    file: Backend,
+    /// The change-log store whose data the records point at.
+    store: Backend,
+    state: Mutex<State>,
+}
+
+impl Journal {
+    /// Replays the journal in `file`, cutting a torn tail.
+    pub async fn open(file: Backend, store: Backend, name: &str) -> Result<(Journal, Replayed)> {
+        let len = file.size()? as usize;
+        let mut bytes = vec![0u8; len];
+        file.read_at(&mut bytes, 0).await?;
+        let mut records = Vec::new();
+        let mut at = 0;
+        let mut next_seq = 0;
+        while at < len {
+            match decode(&bytes[at..]) {
+                Some((record, seq, n)) if seq == next_seq => {
+                    records.push(record);
+                    next_seq += 1;
+                    at += n;
+                }
+                Some((_, seq, _)) => {
+                    return Err(EngineError::Corrupt(format!(
+                        "{name}: record at byte {at} has sequence {seq}, expected {next_seq}"
+                    )))
+                }
+                None => break,
+            }
+        }
+        if at < len {
+            // Valid records after the bad one mean damage in the middle, not a torn append.
+            if (at + 1..len).any(|i| decode(&bytes[i..]).is_some_and(|(_, seq, _)| seq >= next_seq)) {
+                return Err(EngineError::Corrupt(format!(
+                    "{name}: damaged record at byte {at} is followed by valid records; \
+                     refusing to drop them (restore the volume from a copy)"
+                )));
+            }
+            log::warn!("{name}: dropping {} bytes of torn journal tail at byte {at}", len - at);
+            file.truncate(at as u64).await?;
+        }
+        let journal = Journal {
+            file,
+            store,
+            state: Mutex::new(State {
+                tail: at as u64,
+                next_seq,
+                batch: Vec::new(),
+                batch_waiters: Vec::new(),
+                committing: false,
+                failed: None,
+            }),
+        };
+        Ok((journal, Replayed { records }))
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.file.allocated_bytes().unwrap_or(0)
+    }
+
+    /// Makes `records` durable, after everything written to the store so far.
+    pub async fn commit(&self, records: &[Record]) -> Result<()> {
+        let lead = {
+            let mut state = self.state.lock().unwrap();
+            if let Some(reason) = &state.failed {
+                return Err(journal_failed(reason));
+            }
+            for record in records {
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                encode(record, seq, &mut state.batch);
+            }
+            if state.committing {
+                let (tx, rx) = oneshot::channel();
+                state.batch_waiters.push(tx);
+                Some(rx)
+            } else {
+                state.committing = true;
+                None
+            }
+        };
+        if let Some(rx) = lead {
+            match rx.await {
+                Ok(Turn::Done(result)) => return result.map_err(|r| journal_failed(&r)),
+                Ok(Turn::Lead) => {}
+                Err(_) => return Err(journal_failed("commit leader vanished")),
+            }
+        }
+        self.lead_one_batch().await
+    }
+
+    /// Writes the current batch (which holds the leader's own records) and
+    /// hands leadership to the next batch, if any.
+    async fn lead_one_batch(&self) -> Result<()> {
+        let (batch, waiters, tail, failed) = {
+            let mut state = self.state.lock().unwrap();
+            let batch = std::mem::take(&mut state.batch);
+            (batch, std::mem::take(&mut state.batch_waiters), state.tail, state.failed.clone())
+        };
+        let result = async {
+            if let Some(reason) = failed {
+                return Err(std::io::Error::other(reason));
+            }
+            self.store.flush().await?;
+            self.file.write_at(&batch, tail, false).await?;
+            self.file.flush().await
+        }
+        .await
+        .map_err(|e| e.to_string());
+        let next_leader = {
+            let mut state = self.state.lock().unwrap();
+            match &result {
+                Ok(()) => state.tail += batch.len() as u64,
+                Err(e) => state.failed = Some(e.clone()),
+            }
+            if state.batch_waiters.is_empty() {
+                state.committing = false;
+                None
+            } else {
+                Some(state.batch_waiters.remove(0))
+            }
+        };
+        for waiter in waiters {
+            let _ = waiter.send(Turn::Done(result.clone()));
+        }
+        if let Some(leader) = next_leader {
+            if let Err(Turn::Lead) = leader.send(Turn::Lead) {
+                // That caller is gone; nobody else may be waiting to lead.
+                self.state.lock().unwrap().committing = false;
+            }
+        }
+        result.map_err(|r| journal_failed(&r))
+    }
+}
+
+fn journal_failed(reason: &str) -> EngineError {
+    EngineError::Io(std::io::Error::other(format!(
+        "metadata journal write failed ({reason}); the volume refuses writes that need copy-on-write until it is reopened"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::MemDisk;
+    use crate::backend::Storage;
+    use crate::runtime::block_on;
+
+    fn records() -> Vec<Record> {
+        vec![
+            Record::Preserve { chunk: 7, slot: 0, start: 0, end: 2 },
+            Record::PartitionSnapshot { generation: 1 },
+            Record::Free { chunk: 7, start: 0 },
+        ]
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_is_cut() {
+        let disk = MemDisk::new();
+        let storage = Storage::Memory(disk.clone());
+        block_on(async {
+            let file = storage.open("j", true).unwrap();
+            let store = storage.open("s", true).unwrap();
+            let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j").await.unwrap();
+            assert!(replayed.records.is_empty());
+            journal.commit(&records()).await.unwrap();
+            let good_len = file.size().unwrap();
+            // A torn append: half a record.
+            file.write_at(&[0x53, 0x4e, 0x4a, 0x52, 9, 0], good_len, true).await.unwrap();
+            let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j").await.unwrap();
+            assert_eq!(replayed.records, records());
+            assert_eq!(file.size().unwrap(), good_len);
+            // Appending continues after the cut with the next sequence number.
+            journal.commit(&[Record::PartitionSnapshot { generation: 5 }]).await.unwrap();
+            let (_, replayed) = Journal::open(file, store, "j").await.unwrap();
+            assert_eq!(replayed.records.len(), 4);
+        });
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_reported_not_dropped() {
+        let disk = MemDisk::new();
+        let storage = Storage::Memory(disk.clone());
+        block_on(async {
+            let file = storage.open("j", true).unwrap();
+            let store = storage.open("s", true).unwrap();
+            let (journal, _) = Journal::open(file.clone(), store.clone(), "j").await.unwrap();
+            journal.commit(&records()).await.unwrap();
+            disk.corrupt("j", 20);
+            let err = Journal::open(file, store, "j").await.err().expect("must refuse");
+            assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
+            assert!(err.to_string().contains("byte 0"), "{err}");
+        });
+    }
+
+    #[test]
+    fn a_corrupt_last_record_is_a_torn_tail() {
+        let disk = MemDisk::new();
+        let storage = Storage::Memory(disk.clone());
+        block_on(async {
+            let file = storage.open("j", true).unwrap();
+            let store = storage.open("s", true).unwrap();
+            let (journal, _) = Journal::open(file.clone(), store.clone(), "j").await.unwrap();
+            journal.commit(&records()).await.unwrap();
+            let len = disk.file_len("j").unwrap();
+            disk.corrupt("j", len - 2);
+            let (_, replayed) = Journal::open(file, store, "j").await.unwrap();
+            assert_eq!(replayed.records, records()[..2].to_vec());
+        });
+    }
+}

@@ -1,0 +1,85 @@
+//! The volume manifest (`volume.json`): configuration plus the overall
+//! snapshot list. It is the commit point of snapshot create and delete and is
+//! only ever replaced atomically (see [`crate::backend::Storage::replace_manifest`]).
+
+use super::error::{EngineError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub const MANIFEST: &str = "volume.json";
+pub const CONTAINER: &str = "origin.img";
+const FORMAT: u32 = 1;
+
+pub fn journal_name(partition: u32) -> String {
+    format!("part-{partition:03}.journal")
+}
+
+pub fn store_name(partition: u32) -> String {
+    format!("part-{partition:03}.store")
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// A sparse file in the volume directory.
+    Container,
+    /// An existing file or block device the user named.
+    Backing(PathBuf),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub generation: u64,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub partitions: u32,
+    pub origin: Origin,
+    /// Lower bound for the current generation after a restart.
+    pub next_generation: u64,
+    /// Overall snapshots, oldest first.
+    pub snapshots: Vec<SnapshotRecord>,
+}
+
+impl Manifest {
+    pub fn new(name: &str, size: u64, chunk_size: u32, partitions: u32, origin: Origin) -> Self {
+        Manifest {
+            format: FORMAT,
+            name: name.to_string(),
+            size,
+            chunk_size,
+            partitions,
+            origin,
+            next_generation: 1,
+            snapshots: Vec::new(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).expect("manifest serializes");
+        bytes.push(b'\n');
+        bytes
+    }
+
+    pub fn parse(bytes: &[u8], what: &str) -> Result<Self> {
+        let manifest: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| EngineError::Corrupt(format!("{what}: {e}; restore it from a backup or delete the volume")))?;
+        if manifest.format != FORMAT {
+            return Err(EngineError::Corrupt(format!(
+                "{what}: format {} is not supported by this snapblk (it reads format {FORMAT})",
+                manifest.format
+            )));
+        }
+        if !manifest.chunk_size.is_power_of_two() || manifest.partitions == 0 || manifest.size == 0 {
+            return Err(EngineError::Corrupt(format!("{what}: impossible geometry")));
+        }
+        Ok(manifest)
+    }
+}

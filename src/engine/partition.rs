@@ -1,0 +1,289 @@
+//! One partition: a fixed slice of the volume's chunks with its own journal,
+//! change-log store and chunk map (seed 004's per-partition snapshot data).
+//!
+//! The copy-on-write decision lives here, in [`Partition::preserve`]: a chunk
+//! whose origin content some live snapshot still needs is copied once into the
+//! store, its record made durable, and only then may the origin be
+//! overwritten. One preserved version serves every snapshot whose generation
+//! falls in its range, so a write costs the same with 1 or 100 snapshots.
+
+use super::error::Result;
+use super::gate::Ticket;
+use super::journal::{Journal, Record, ZERO_SLOT};
+use crate::backend::Backend;
+use futures::channel::oneshot;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Old content of one chunk, valid for snapshots of generation `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version {
+    pub start: u64,
+    pub end: u64,
+    pub slot: u64,
+}
+
+#[derive(Default, Debug)]
+struct ChunkState {
+    /// Generation in which the origin content was born (last preserved-over).
+    birth: u64,
+    /// Ordered by `start`; their ranges tile `[first.start, birth)`.
+    versions: Vec<Version>,
+}
+
+#[derive(Default)]
+struct State {
+    chunks: HashMap<u64, ChunkState>,
+    /// Chunks being preserved now, with the writers waiting for it.
+    preserving: HashMap<u64, Vec<oneshot::Sender<()>>>,
+    free_slots: Vec<u64>,
+    next_slot: u64,
+    /// Generations of partition snapshots recorded in this journal.
+    recorded_snapshots: Vec<u64>,
+}
+
+impl State {
+    fn alloc_slot(&mut self) -> u64 {
+        self.free_slots.pop().unwrap_or_else(|| {
+            self.next_slot += 1;
+            self.next_slot - 1
+        })
+    }
+}
+
+/// Where a snapshot's view of one chunk lives right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The origin still holds it (born at or before the snapshot).
+    Origin,
+    Zero,
+    Store(u64),
+}
+
+pub struct Partition {
+    pub index: u32,
+    chunk_size: u64,
+    journal: Journal,
+    store: Backend,
+    state: Mutex<State>,
+}
+
+impl Partition {
+    /// Builds the partition from its replayed journal.
+    pub fn recover(index: u32, chunk_size: u32, journal: Journal, store: Backend, records: &[Record]) -> Self {
+        let mut state = State::default();
+        for record in records {
+            match *record {
+                Record::Preserve { chunk, slot, start, end } => {
+                    let c = state.chunks.entry(chunk).or_default();
+                    c.versions.push(Version { start, end, slot });
+                    c.birth = c.birth.max(end);
+                }
+                Record::Free { chunk, start } => {
+                    if let Some(c) = state.chunks.get_mut(&chunk) {
+                        c.versions.retain(|v| v.start != start);
+                        if c.versions.is_empty() {
+                            state.chunks.remove(&chunk);
+                        }
+                    }
+                }
+                Record::PartitionSnapshot { generation } => state.recorded_snapshots.push(generation),
+            }
+        }
+        let mut used: Vec<u64> = Vec::new();
+        for c in state.chunks.values_mut() {
+            c.versions.sort_by_key(|v| v.start);
+            used.extend(c.versions.iter().map(|v| v.slot).filter(|&s| s != ZERO_SLOT));
+        }
+        used.sort_unstable();
+        state.next_slot = used.last().map_or(0, |&s| s + 1);
+        let mut used = used.into_iter().peekable();
+        for slot in 0..state.next_slot {
+            if used.peek() == Some(&slot) {
+                used.next();
+            } else {
+                state.free_slots.push(slot);
+            }
+        }
+        Partition { index, chunk_size: chunk_size as u64, journal, store, state: Mutex::new(state) }
+    }
+
+    pub fn recorded_snapshots(&self) -> Vec<u64> {
+        self.state.lock().unwrap().recorded_snapshots.clone()
+    }
+
+    /// Highest generation any preserved version ends at.
+    pub fn max_version_end(&self) -> u64 {
+        let state = self.state.lock().unwrap();
+        state.chunks.values().flat_map(|c| c.versions.iter().map(|v| v.end)).max().unwrap_or(0)
+    }
+
+    /// Makes sure `chunk` may be overwritten by the write holding `ticket`:
+    /// preserves its current origin content first if a live snapshot needs it,
+    /// or waits for a concurrent writer that is doing so.
+    pub async fn preserve(&self, chunk: u64, ticket: &Ticket<'_>, origin: &Backend, volume_size: u64) -> Result<()> {
+        let (birth, slot) = loop {
+            let wait = {
+                let mut state = self.state.lock().unwrap();
+                let birth = state.chunks.get(&chunk).map_or(0, |c| c.birth);
+                if !ticket.must_preserve(birth) {
+                    return Ok(());
+                }
+                match state.preserving.get_mut(&chunk) {
+                    Some(waiters) => {
+                        let (tx, rx) = oneshot::channel();
+                        waiters.push(tx);
+                        rx
+                    }
+                    None => {
+                        state.preserving.insert(chunk, Vec::new());
+                        break (birth, state.alloc_slot());
+                    }
+                }
+            };
+            // Either outcome (done or the preserver failed) means: look again.
+            let _ = wait.await;
+        };
+        let version = Version { start: birth, end: ticket.generation, slot };
+        let result = self.copy_out(chunk, version, origin, volume_size).await;
+        let waiters = {
+            let mut state = self.state.lock().unwrap();
+            match &result {
+                Ok(version) => {
+                    if version.slot == ZERO_SLOT {
+                        state.free_slots.push(slot);
+                    }
+                    let c = state.chunks.entry(chunk).or_default();
+                    c.versions.push(*version);
+                    c.birth = ticket.generation;
+                }
+                Err(_) => state.free_slots.push(slot),
+            }
+            state.preserving.remove(&chunk).unwrap_or_default()
+        };
+        for waiter in waiters {
+            let _ = waiter.send(());
+        }
+        result.map(drop)
+    }
+
+    /// Copies the chunk's origin content into the store and commits its record.
+    async fn copy_out(&self, chunk: u64, mut version: Version, origin: &Backend, volume_size: u64) -> Result<Version> {
+        let offset = chunk * self.chunk_size;
+        let len = self.chunk_size.min(volume_size - offset) as usize;
+        let mut data = vec![0u8; len];
+        origin.read_at(&mut data, offset).await?;
+        if data.iter().all(|&b| b == 0) {
+            version.slot = ZERO_SLOT;
+        } else {
+            self.store.write_at(&data, version.slot * self.chunk_size, false).await?;
+        }
+        let Version { start, end, slot } = version;
+        self.journal.commit(&[Record::Preserve { chunk, slot, start, end }]).await?;
+        Ok(version)
+    }
+
+    /// Where snapshot `generation` finds `chunk`, and a token to validate an
+    /// origin read afterwards (see [`Partition::origin_still_valid`]).
+    pub fn source(&self, chunk: u64, generation: u64) -> Source {
+        let state = self.state.lock().unwrap();
+        let Some(c) = state.chunks.get(&chunk) else {
+            return Source::Origin;
+        };
+        if c.birth <= generation {
+            return Source::Origin;
+        }
+        match c.versions.iter().find(|v| v.start <= generation && generation < v.end) {
+            Some(v) if v.slot == ZERO_SLOT => Source::Zero,
+            Some(v) => Source::Store(v.slot),
+            // Origin content born after the snapshot with no version for it:
+            // the chunk was never written before (birth 0 versions cover the
+            // start), so this cannot happen for a live snapshot.
+            None => Source::Zero,
+        }
+    }
+
+    /// After reading the origin for snapshot `generation`: true if no write
+    /// has begun overwriting the chunk since [`Partition::source`] said Origin.
+    /// (A writer installs the preserved version before touching the origin.)
+    pub fn origin_still_valid(&self, chunk: u64, generation: u64) -> bool {
+        let state = self.state.lock().unwrap();
+        state.chunks.get(&chunk).is_none_or(|c| c.birth <= generation)
+    }
+
+    pub async fn read_store(&self, slot: u64, offset_in_chunk: u64, buf: &mut [u8]) -> Result<()> {
+        Ok(self.store.read_at(buf, slot * self.chunk_size + offset_in_chunk).await?)
+    }
+
+    /// Journals this partition's part of a snapshot.
+    pub async fn record_snapshot(&self, generation: u64) -> Result<()> {
+        self.journal.commit(&[Record::PartitionSnapshot { generation }]).await?;
+        self.state.lock().unwrap().recorded_snapshots.push(generation);
+        Ok(())
+    }
+
+    /// Frees every version no live snapshot reads any more, giving its space
+    /// back to the filesystem. Returns the bytes freed.
+    pub async fn collect_garbage(&self, live: &[u64]) -> Result<u64> {
+        let needed = |v: &Version| {
+            let i = live.partition_point(|&g| g < v.start);
+            live.get(i).is_some_and(|&g| g < v.end)
+        };
+        let freed: Vec<(u64, Version)> = {
+            let state = self.state.lock().unwrap();
+            state
+                .chunks
+                .iter()
+                .flat_map(|(&chunk, c)| c.versions.iter().filter(|v| !needed(v)).map(move |v| (chunk, *v)))
+                .collect()
+        };
+        if freed.is_empty() {
+            return Ok(0);
+        }
+        let records: Vec<Record> = freed.iter().map(|&(chunk, v)| Record::Free { chunk, start: v.start }).collect();
+        {
+            let mut state = self.state.lock().unwrap();
+            for (chunk, v) in &freed {
+                let c = state.chunks.get_mut(chunk).expect("chunk vanished");
+                c.versions.retain(|x| x.start != v.start);
+                if c.versions.is_empty() {
+                    state.chunks.remove(chunk);
+                }
+            }
+        }
+        self.journal.commit(&records).await?;
+        let mut bytes = 0;
+        for (_, v) in &freed {
+            if v.slot != ZERO_SLOT {
+                self.store.punch_hole(v.slot * self.chunk_size, self.chunk_size).await?;
+                bytes += self.chunk_size;
+            }
+        }
+        let mut state = self.state.lock().unwrap();
+        state.free_slots.extend(freed.iter().map(|(_, v)| v.slot).filter(|&s| s != ZERO_SLOT));
+        Ok(bytes)
+    }
+
+    /// Preserved bytes held by exactly one live snapshot, per snapshot generation.
+    pub fn exclusive_bytes(&self, live: &[u64], out: &mut HashMap<u64, u64>) {
+        let state = self.state.lock().unwrap();
+        for v in state.chunks.values().flat_map(|c| &c.versions) {
+            if v.slot == ZERO_SLOT {
+                continue;
+            }
+            let first = live.partition_point(|&g| g < v.start);
+            let last = live.partition_point(|&g| g < v.end);
+            if last - first == 1 {
+                *out.entry(live[first]).or_default() += self.chunk_size;
+            }
+        }
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.store.allocated_bytes().unwrap_or(0) + self.journal.allocated_bytes()
+    }
+
+    pub async fn flush_store(&self) -> Result<()> {
+        Ok(self.store.flush().await?)
+    }
+}
