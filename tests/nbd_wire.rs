@@ -736,3 +736,62 @@ fn real_clients_nbdinfo_qemu_img_nbdcopy() {
         eprintln!("nbdcopy not installed: skipped");
     }
 }
+
+/// Side-by-side throughput against nbdkit's file plugin (a ratio, not a
+/// timed assertion): `cargo test --release --test nbd_wire -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_against_nbdkit() {
+    if !have("qemu-img") || !have("nbdkit") {
+        eprintln!("qemu-img or nbdkit missing: skipped");
+        return;
+    }
+    let f = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("plain.img");
+    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+    let nbdkit_sock = dir.path().join("nbdkit.sock");
+    let mut nbdkit = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(&nbdkit_sock)
+        .arg("file")
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    while !nbdkit_sock.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let nbdkit_uri = format!("nbd+unix:///?socket={}", nbdkit_sock.display());
+    for (label, args) in [
+        (
+            "4k random writes, depth 32",
+            vec!["-w", "-s", "4k", "-c", "40000", "-d", "32"],
+        ),
+        (
+            "4k reads, depth 32",
+            vec!["-s", "4k", "-c", "40000", "-d", "32"],
+        ),
+        (
+            "1M writes, depth 8",
+            vec!["-w", "-s", "1M", "-S", "1M", "-c", "600", "-d", "8"],
+        ),
+    ] {
+        let mut times = Vec::new();
+        for uri in [f.uri("vol"), nbdkit_uri.clone()] {
+            let start = std::time::Instant::now();
+            run(Command::new("qemu-img")
+                .args(["bench", "-f", "raw"])
+                .args(&args)
+                .arg(&uri));
+            times.push(start.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "{label}: snapblk {:.2}s, nbdkit {:.2}s, ratio {:.2}",
+            times[0],
+            times[1],
+            times[0] / times[1]
+        );
+    }
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+}
