@@ -346,6 +346,6 @@ mod tests {
     fn long_messages_are_cut_on_char_boundaries() {
         let s = "é".repeat(3000); // 6000 bytes
         let t = truncate_utf8(&s, MAX_STRING_LEN);
-        assert!(t.len() <= MAX_STRING_LEN && t.len() % 2 == 0);
+        assert!(t.len() <= MAX_STRING_LEN && t.len().is_multiple_of(2));
     }
 }

@@ -279,7 +279,7 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, tcp: bool) {
 
 /// Drops the entries of threads that have exited (their handles detach).
 fn reap_finished(conns: &mut HashMap<u64, Conn>) {
-    conns.retain(|_, c| c.thread.as_ref().map_or(true, |t| !t.is_finished()));
+    conns.retain(|_, c| c.thread.as_ref().is_none_or(|t| !t.is_finished()));
 }
 
 fn set_nodelay(fd: RawFd) {
