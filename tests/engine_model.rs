@@ -20,7 +20,12 @@ const SIZE: u64 = 300 * 1024 + 3 * 512;
 const CHUNK: u32 = 4096;
 
 fn config() -> VolumeConfig {
-    VolumeConfig { size: SIZE, chunk_size: CHUNK, partitions: 3, backing: None }
+    VolumeConfig {
+        size: SIZE,
+        chunk_size: CHUNK,
+        partitions: 3,
+        backing: None,
+    }
 }
 
 fn sectors() -> usize {
@@ -47,11 +52,18 @@ fn tag_of(bytes: &[u8], lba: usize, what: &str) -> u64 {
         return 0;
     }
     let tag = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-    assert_eq!(bytes, &sector_bytes(tag, lba)[..], "{what}: sector {lba} holds bytes no write produced");
+    assert_eq!(
+        bytes,
+        &sector_bytes(tag, lba)[..],
+        "{what}: sector {lba} holds bytes no write produced"
+    );
     tag
 }
 
-async fn try_read_tags(volume: &Arc<Volume>, snapshot: Option<&str>) -> Result<Vec<u64>, EngineError> {
+async fn try_read_tags(
+    volume: &Arc<Volume>,
+    snapshot: Option<&str>,
+) -> Result<Vec<u64>, EngineError> {
     let view = match snapshot {
         Some(name) => volume.snapshot_view(name)?,
         None => volume.live(),
@@ -59,7 +71,11 @@ async fn try_read_tags(volume: &Arc<Volume>, snapshot: Option<&str>) -> Result<V
     let mut buf = vec![0u8; SIZE as usize];
     view.read(0, &mut buf).await?;
     let what = snapshot.unwrap_or("live volume");
-    Ok(buf.chunks(SECTOR).enumerate().map(|(lba, s)| tag_of(s, lba, what)).collect())
+    Ok(buf
+        .chunks(SECTOR)
+        .enumerate()
+        .map(|(lba, s)| tag_of(s, lba, what))
+        .collect())
 }
 
 async fn read_tags(volume: &Arc<Volume>, snapshot: Option<&str>) -> Vec<u64> {
@@ -68,11 +84,21 @@ async fn read_tags(volume: &Arc<Volume>, snapshot: Option<&str>) -> Vec<u64> {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { lba: usize, count: usize, fua: bool },
-    Zero { lba: usize, count: usize, keep_allocated: bool },
+    Write {
+        lba: usize,
+        count: usize,
+        fua: bool,
+    },
+    Zero {
+        lba: usize,
+        count: usize,
+        keep_allocated: bool,
+    },
     Flush,
     Snapshot,
-    DeleteSnapshot { pick: usize },
+    DeleteSnapshot {
+        pick: usize,
+    },
     Reopen,
     Check,
 }
@@ -81,12 +107,26 @@ fn random_op(rng: &mut SplitMix, allow_reopen: bool) -> Op {
     let lba = rng.below(sectors() as u64) as usize;
     let count = (1 + rng.below(24) as usize).min(sectors() - lba);
     match rng.below(100) {
-        0..=44 => Op::Write { lba, count, fua: false },
-        45..=51 => Op::Write { lba, count, fua: true },
-        52..=61 => Op::Zero { lba, count, keep_allocated: rng.below(2) == 0 },
+        0..=44 => Op::Write {
+            lba,
+            count,
+            fua: false,
+        },
+        45..=51 => Op::Write {
+            lba,
+            count,
+            fua: true,
+        },
+        52..=61 => Op::Zero {
+            lba,
+            count,
+            keep_allocated: rng.below(2) == 0,
+        },
         62..=71 => Op::Flush,
         72..=83 => Op::Snapshot,
-        84..=89 => Op::DeleteSnapshot { pick: rng.below(64) as usize },
+        84..=89 => Op::DeleteSnapshot {
+            pick: rng.below(64) as usize,
+        },
         90..=92 if allow_reopen => Op::Reopen,
         _ => Op::Check,
     }
@@ -138,12 +178,21 @@ impl Model {
 /// Runs one op against the volume and the model. An error is returned as is
 /// (the crash tests expect the simulated power cut); the model then records
 /// the op as in flight: its effects may or may not survive.
-async fn apply(volume: &mut Arc<Volume>, storage: &Storage, model: &mut Model, op: &Op) -> Result<(), EngineError> {
+async fn apply(
+    volume: &mut Arc<Volume>,
+    storage: &Storage,
+    model: &mut Model,
+    op: &Op,
+) -> Result<(), EngineError> {
     match *op {
         Op::Write { lba, count, fua } => {
             let tags: Vec<u64> = (0..count).map(|i| model.next_tag + i as u64).collect();
             model.next_tag += count as u64;
-            let data: Vec<u8> = tags.iter().enumerate().flat_map(|(i, &t)| sector_bytes(t, lba + i)).collect();
+            let data: Vec<u8> = tags
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &t)| sector_bytes(t, lba + i))
+                .collect();
             let result = volume.live().write((lba * SECTOR) as u64, &data, fua).await;
             match &result {
                 Ok(()) => model.written(lba, &tags, fua),
@@ -151,7 +200,11 @@ async fn apply(volume: &mut Arc<Volume>, storage: &Storage, model: &mut Model, o
             }
             result
         }
-        Op::Zero { lba, count, keep_allocated } => {
+        Op::Zero {
+            lba,
+            count,
+            keep_allocated,
+        } => {
             let view = volume.live();
             let (offset, len) = ((lba * SECTOR) as u64, (count * SECTOR) as u64);
             let result = if keep_allocated {
@@ -186,7 +239,12 @@ async fn apply(volume: &mut Arc<Volume>, storage: &Storage, model: &mut Model, o
             }
         }
         Op::DeleteSnapshot { pick } => {
-            let Some(name) = model.snapshots.keys().nth(pick % model.snapshots.len().max(1)).cloned() else {
+            let Some(name) = model
+                .snapshots
+                .keys()
+                .nth(pick % model.snapshots.len().max(1))
+                .cloned()
+            else {
                 return Ok(());
             };
             let image = model.snapshots.remove(&name).unwrap();
@@ -204,7 +262,11 @@ async fn apply(volume: &mut Arc<Volume>, storage: &Storage, model: &mut Model, o
             Ok(())
         }
         Op::Check => {
-            assert_eq!(try_read_tags(volume, None).await?, model.live, "live volume differs from the model");
+            assert_eq!(
+                try_read_tags(volume, None).await?,
+                model.live,
+                "live volume differs from the model"
+            );
             for (name, image) in &model.snapshots {
                 let got = try_read_tags(volume, Some(name)).await?;
                 assert_eq!(&got, image, "snapshot {name} differs from the model");
@@ -215,12 +277,27 @@ async fn apply(volume: &mut Arc<Volume>, storage: &Storage, model: &mut Model, o
 }
 
 async fn check_everything(volume: &Arc<Volume>, model: &Model) {
-    assert_eq!(read_tags(volume, None).await, model.live, "live volume differs from the model");
-    let listed: Vec<String> = volume.list_snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(
+        read_tags(volume, None).await,
+        model.live,
+        "live volume differs from the model"
+    );
+    let listed: Vec<String> = volume
+        .list_snapshots()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     let expected: Vec<String> = model.snapshots.keys().cloned().collect();
-    assert_eq!(listed.iter().collect::<std::collections::BTreeSet<_>>(), expected.iter().collect());
+    assert_eq!(
+        listed.iter().collect::<std::collections::BTreeSet<_>>(),
+        expected.iter().collect()
+    );
     for (name, image) in &model.snapshots {
-        assert_eq!(&read_tags(volume, Some(name)).await, image, "snapshot {name} differs from the model");
+        assert_eq!(
+            &read_tags(volume, Some(name)).await,
+            image,
+            "snapshot {name} differs from the model"
+        );
     }
 }
 
@@ -270,10 +347,18 @@ mod model {
             live.write(0, &[9u8; 4096], false).await.unwrap();
             let snapshots = volume.list_snapshots();
             // One 4 KiB version is shared by all ten: nobody holds it alone.
-            assert!(snapshots.iter().all(|s| s.exclusive_bytes == 0), "{snapshots:?}");
+            assert!(
+                snapshots.iter().all(|s| s.exclusive_bytes == 0),
+                "{snapshots:?}"
+            );
             for i in 0..10 {
                 let mut buf = [0u8; 4096];
-                volume.snapshot_view(&format!("s{i}")).unwrap().read(0, &mut buf).await.unwrap();
+                volume
+                    .snapshot_view(&format!("s{i}"))
+                    .unwrap()
+                    .read(0, &mut buf)
+                    .await
+                    .unwrap();
                 assert_eq!(buf, [7u8; 4096]);
             }
             for i in 1..10 {
@@ -290,14 +375,35 @@ mod model {
             let volume = Volume::create("v", storage, &config()).await.unwrap();
             let live = volume.live();
             let mut buf = [0u8; 1024];
-            assert_eq!(live.read(SIZE - 512, &mut buf).await.unwrap_err().errno(), libc::EINVAL);
-            assert_eq!(live.write(100, &[1u8; 512], false).await.unwrap_err().errno(), libc::EINVAL);
-            assert_eq!(live.discard(u64::MAX - 511, 512).await.unwrap_err().errno(), libc::EINVAL);
+            assert_eq!(
+                live.read(SIZE - 512, &mut buf).await.unwrap_err().errno(),
+                libc::EINVAL
+            );
+            assert_eq!(
+                live.write(100, &[1u8; 512], false)
+                    .await
+                    .unwrap_err()
+                    .errno(),
+                libc::EINVAL
+            );
+            assert_eq!(
+                live.discard(u64::MAX - 511, 512).await.unwrap_err().errno(),
+                libc::EINVAL
+            );
             volume.create_snapshot("s").await.unwrap();
             let snap = volume.snapshot_view("s").unwrap();
-            assert_eq!(snap.write(0, &[1u8; 512], false).await.unwrap_err().errno(), libc::EPERM);
-            assert!(matches!(volume.create_snapshot("s").await, Err(EngineError::AlreadyExists(_))));
-            assert!(matches!(volume.snapshot_view("nope"), Err(EngineError::NotFound(_))));
+            assert_eq!(
+                snap.write(0, &[1u8; 512], false).await.unwrap_err().errno(),
+                libc::EPERM
+            );
+            assert!(matches!(
+                volume.create_snapshot("s").await,
+                Err(EngineError::AlreadyExists(_))
+            ));
+            assert!(matches!(
+                volume.snapshot_view("nope"),
+                Err(EngineError::NotFound(_))
+            ));
             // The volume still works.
             live.write(0, &[3u8; 512], false).await.unwrap();
             live.read(0, &mut buf[..512]).await.unwrap();
@@ -319,7 +425,10 @@ mod crash {
         for _ in 0..WORKLOAD {
             let op = random_op(&mut rng, false);
             if let Err(e) = apply(&mut volume, &storage, model, &op).await {
-                assert!(e.to_string().contains("simulated power cut"), "seed {seed}: unexpected failure {e} in {op:?}");
+                assert!(
+                    e.to_string().contains("simulated power cut"),
+                    "seed {seed}: unexpected failure {e} in {op:?}"
+                );
                 return None;
             }
         }
@@ -330,7 +439,9 @@ mod crash {
         // A dry run counts the workload's disk operations, so the crash can
         // land anywhere inside it.
         let dry = MemDisk::new();
-        run(&dry, seed, &mut Model::new()).await.expect("dry run must not fail");
+        run(&dry, seed, &mut Model::new())
+            .await
+            .expect("dry run must not fail");
         let mut rng = SplitMix(seed ^ 0xC0FFEE);
         let crash_at = rng.below(dry.operations() + 1);
 
@@ -344,16 +455,25 @@ mod crash {
         let volume = match Volume::open("v", storage.clone()).await {
             Ok(v) => v,
             // Power went out before the create committed: no volume, nothing acknowledged.
-            Err(EngineError::NotFound(_)) if model.next_tag == 1 && model.next_snapshot == 0 => return,
+            Err(EngineError::NotFound(_)) if model.next_tag == 1 && model.next_snapshot == 0 => {
+                return
+            }
             Err(e) => panic!("seed {seed} crash at {crash_at}: recovery failed: {e}"),
         };
         let ctx = format!("seed {seed} crash at op {crash_at}");
 
         // Every acknowledged snapshot reads exactly its image; an uncertain
         // one is either gone or exact; nothing else exists.
-        let listed: Vec<String> = volume.list_snapshots().into_iter().map(|s| s.name).collect();
+        let listed: Vec<String> = volume
+            .list_snapshots()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         for name in model.snapshots.keys() {
-            assert!(listed.contains(name), "{ctx}: acknowledged snapshot {name} lost");
+            assert!(
+                listed.contains(name),
+                "{ctx}: acknowledged snapshot {name} lost"
+            );
         }
         for name in &listed {
             let image = model
@@ -361,7 +481,11 @@ mod crash {
                 .get(name)
                 .or_else(|| model.uncertain.get(name))
                 .unwrap_or_else(|| panic!("{ctx}: snapshot {name} should not exist"));
-            assert_eq!(&read_tags(&volume, Some(name)).await, image, "{ctx}: snapshot {name} damaged");
+            assert_eq!(
+                &read_tags(&volume, Some(name)).await,
+                image,
+                "{ctx}: snapshot {name} damaged"
+            );
         }
         // Every sector holds its last flushed value or a later write.
         let live = read_tags(&volume, None).await;
@@ -380,7 +504,17 @@ mod crash {
             may_hold: live.iter().map(|&t| vec![t]).collect(),
             snapshots: listed
                 .iter()
-                .map(|n| (n.clone(), model.snapshots.get(n).or_else(|| model.uncertain.get(n)).unwrap().clone()))
+                .map(|n| {
+                    (
+                        n.clone(),
+                        model
+                            .snapshots
+                            .get(n)
+                            .or_else(|| model.uncertain.get(n))
+                            .unwrap()
+                            .clone(),
+                    )
+                })
                 .collect(),
             uncertain: BTreeMap::new(),
             next_tag: model.next_tag + 1_000_000,
@@ -390,7 +524,9 @@ mod crash {
         let mut rng = SplitMix(seed.rotate_left(17));
         for _ in 0..30 {
             let op = random_op(&mut rng, true);
-            apply(&mut volume, &storage, &mut model, &op).await.unwrap_or_else(|e| panic!("{ctx}: after recovery {op:?}: {e}"));
+            apply(&mut volume, &storage, &mut model, &op)
+                .await
+                .unwrap_or_else(|e| panic!("{ctx}: after recovery {op:?}: {e}"));
         }
         check_everything(&volume, &model).await;
     }
@@ -398,8 +534,14 @@ mod crash {
     /// Hundreds of random crash points per run (CRASH_CASES overrides).
     #[test]
     fn every_snapshot_and_flushed_write_survives_power_cuts() {
-        let cases: u64 = std::env::var("CRASH_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
-        let base: u64 = std::env::var("CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed);
+        let cases: u64 = std::env::var("CRASH_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600);
+        let base: u64 = std::env::var("CRASH_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0x5eed);
         for i in 0..cases {
             block_on(crash_and_check(base.wrapping_add(i)));
         }
@@ -410,7 +552,9 @@ mod crash {
         block_on(async {
             let disk = MemDisk::new();
             let storage = Storage::Memory(disk.clone());
-            Volume::create("v", storage.clone(), &config()).await.unwrap();
+            Volume::create("v", storage.clone(), &config())
+                .await
+                .unwrap();
             disk.set_manifest("volume.json", b"{\"format\": 1, \"name\": ");
             let err = Volume::open("v", storage).await.err().expect("must fail");
             assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
@@ -423,7 +567,9 @@ mod crash {
         block_on(async {
             let disk = MemDisk::new();
             let storage = Storage::Memory(disk.clone());
-            let volume = Volume::create("v", storage.clone(), &config()).await.unwrap();
+            let volume = Volume::create("v", storage.clone(), &config())
+                .await
+                .unwrap();
             let live = volume.live();
             live.write(0, &[1u8; 4096], false).await.unwrap();
             volume.create_snapshot("a").await.unwrap();
@@ -438,11 +584,18 @@ mod crash {
             torn.corrupt(journal, len - 1);
             let v = Volume::open("v", Storage::Memory(torn)).await.unwrap();
             let mut buf = [0u8; 4096];
-            v.snapshot_view("a").unwrap().read(0, &mut buf).await.unwrap();
+            v.snapshot_view("a")
+                .unwrap()
+                .read(0, &mut buf)
+                .await
+                .unwrap();
             assert_eq!(buf, [1u8; 4096]);
             // Damage in the middle is refused with a message naming the file.
             disk.corrupt(journal, 3);
-            let err = Volume::open("v", Storage::Memory(disk.clone())).await.err().expect("must fail");
+            let err = Volume::open("v", Storage::Memory(disk.clone()))
+                .await
+                .err()
+                .expect("must fail");
             assert!(err.to_string().contains(journal), "{err}");
         });
     }

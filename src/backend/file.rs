@@ -61,7 +61,9 @@ impl FileBackend {
     pub async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match runtime::fallocate(self.fd(), mode, offset, len).await {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes(offset, len).await,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zeroes(offset, len).await
+            }
             other => other,
         }
     }
@@ -69,7 +71,9 @@ impl FileBackend {
     pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         match runtime::fallocate(self.fd(), mode, offset, len).await {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes(offset, len).await,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zeroes(offset, len).await
+            }
             other => other,
         }
     }
@@ -99,19 +103,35 @@ impl FileBackend {
     pub fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset + len;
         if self.block_device {
-            return Ok(vec![Extent { offset, len, data: true }]);
+            return Ok(vec![Extent {
+                offset,
+                len,
+                data: true,
+            }]);
         }
         let mut extents = Vec::new();
         let mut at = offset;
         while at < end {
-            let data_start = seek(self.fd(), at, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+            let data_start = seek(self.fd(), at, libc::SEEK_DATA)?
+                .unwrap_or(end)
+                .min(end);
             if data_start > at {
-                extents.push(Extent { offset: at, len: data_start - at, data: false });
+                extents.push(Extent {
+                    offset: at,
+                    len: data_start - at,
+                    data: false,
+                });
                 at = data_start;
                 continue;
             }
-            let hole_start = seek(self.fd(), at, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            extents.push(Extent { offset: at, len: hole_start - at, data: true });
+            let hole_start = seek(self.fd(), at, libc::SEEK_HOLE)?
+                .unwrap_or(end)
+                .min(end);
+            extents.push(Extent {
+                offset: at,
+                len: hole_start - at,
+                data: true,
+            });
             at = hole_start;
         }
         Ok(extents)

@@ -74,7 +74,7 @@ pub struct MemDisk {
 pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -83,7 +83,7 @@ impl SplitMix {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 }
 
@@ -116,8 +116,15 @@ impl MemDisk {
                     _ => match op {
                         Pending::Write { offset, data } if data.len() > SECTOR => {
                             let sectors = data.len().div_ceil(SECTOR);
-                            let keep = (rng.below(sectors as u64) as usize * SECTOR).min(data.len());
-                            apply(&mut image, &Pending::Write { offset: *offset, data: data[..keep].to_vec() });
+                            let keep =
+                                (rng.below(sectors as u64) as usize * SECTOR).min(data.len());
+                            apply(
+                                &mut image,
+                                &Pending::Write {
+                                    offset: *offset,
+                                    data: data[..keep].to_vec(),
+                                },
+                            );
                         }
                         _ => {}
                     },
@@ -125,11 +132,19 @@ impl MemDisk {
             }
             files.insert(
                 name.clone(),
-                FileState { durable: image.clone(), current: image, pending: Vec::new() },
+                FileState {
+                    durable: image.clone(),
+                    current: image,
+                    pending: Vec::new(),
+                },
             );
         }
         Arc::new(MemDisk {
-            state: Mutex::new(DiskState { files, manifests: state.manifests.clone(), ..Default::default() }),
+            state: Mutex::new(DiskState {
+                files,
+                manifests: state.manifests.clone(),
+                ..Default::default()
+            }),
         })
     }
 
@@ -142,11 +157,20 @@ impl MemDisk {
     }
 
     pub fn file_len(&self, name: &str) -> Option<usize> {
-        self.state.lock().unwrap().files.get(name).map(|f| f.current.len())
+        self.state
+            .lock()
+            .unwrap()
+            .files
+            .get(name)
+            .map(|f| f.current.len())
     }
 
     pub fn set_manifest(&self, name: &str, bytes: &[u8]) {
-        self.state.lock().unwrap().manifests.insert(name.to_string(), bytes.to_vec());
+        self.state
+            .lock()
+            .unwrap()
+            .manifests
+            .insert(name.to_string(), bytes.to_vec());
     }
 
     pub(super) fn open(self: &Arc<Self>, name: &str, create: bool) -> io::Result<MemFile> {
@@ -154,11 +178,17 @@ impl MemDisk {
         state.tick()?;
         if !state.files.contains_key(name) {
             if !create {
-                return Err(io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file")));
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{name}: no such file"),
+                ));
             }
             state.files.insert(name.to_string(), FileState::default());
         }
-        Ok(MemFile { disk: self.clone(), name: name.to_string() })
+        Ok(MemFile {
+            disk: self.clone(),
+            name: name.to_string(),
+        })
     }
 
     pub(super) fn read_manifest(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
@@ -218,7 +248,13 @@ impl MemFile {
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
-        self.record(Pending::Write { offset, data: buf.to_vec() }, durable)
+        self.record(
+            Pending::Write {
+                offset,
+                data: buf.to_vec(),
+            },
+            durable,
+        )
     }
 
     pub fn flush(&self) -> io::Result<()> {
@@ -243,6 +279,10 @@ impl MemFile {
 
     pub fn allocated_bytes(&self) -> io::Result<u64> {
         let state = self.disk.state.lock().unwrap();
-        Ok(state.files[&self.name].current.iter().filter(|b| **b != 0).count() as u64)
+        Ok(state.files[&self.name]
+            .current
+            .iter()
+            .filter(|b| **b != 0)
+            .count() as u64)
     }
 }

@@ -39,7 +39,9 @@ impl Ticket<'_> {
     /// generation in `[birth, current)`.
     pub fn must_preserve(&self, birth: u64) -> bool {
         let first_at_or_after = self.live.partition_point(|&g| g < birth);
-        self.live.get(first_at_or_after).is_some_and(|&g| g < self.generation)
+        self.live
+            .get(first_at_or_after)
+            .is_some_and(|&g| g < self.generation)
     }
 }
 
@@ -130,7 +132,10 @@ impl Gate {
             state.paused = true;
         }
         Drain { gate: self }.await;
-        Paused { gate: self, started }
+        Paused {
+            gate: self,
+            started,
+        }
     }
 }
 
@@ -148,7 +153,11 @@ impl<'a> Future for Enter<'a> {
             return Poll::Pending;
         }
         state.inflight += 1;
-        Poll::Ready(Ticket { gate: self.gate, generation: state.generation, live: state.live.clone() })
+        Poll::Ready(Ticket {
+            gate: self.gate,
+            generation: state.generation,
+            live: state.live.clone(),
+        })
     }
 }
 

@@ -32,7 +32,12 @@ pub const ZERO_SLOT: u64 = u64::MAX;
 pub enum Record {
     /// Chunk content valid for generations `[start, end)` is preserved in
     /// `slot` of the change-log store (or is all zeros: `ZERO_SLOT`).
-    Preserve { chunk: u64, slot: u64, start: u64, end: u64 },
+    Preserve {
+        chunk: u64,
+        slot: u64,
+        start: u64,
+        end: u64,
+    },
     /// The version of `chunk` starting at `start` is no longer needed.
     Free { chunk: u64, start: u64 },
     /// This partition's part of the snapshot closing `generation`.
@@ -42,7 +47,12 @@ pub enum Record {
 impl Record {
     fn encode_payload(&self, out: &mut Vec<u8>) {
         match *self {
-            Record::Preserve { chunk, slot, start, end } => {
+            Record::Preserve {
+                chunk,
+                slot,
+                start,
+                end,
+            } => {
                 out.push(1);
                 for v in [chunk, slot, start, end] {
                     out.extend_from_slice(&v.to_le_bytes());
@@ -63,12 +73,23 @@ impl Record {
     fn decode_payload(payload: &[u8]) -> Option<Record> {
         let (&kind, rest) = payload.split_first()?;
         let field = |i: usize| -> Option<u64> {
-            rest.get(i * 8..i * 8 + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            rest.get(i * 8..i * 8 + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
         };
         let record = match (kind, rest.len()) {
-            (1, 32) => Record::Preserve { chunk: field(0)?, slot: field(1)?, start: field(2)?, end: field(3)? },
-            (2, 16) => Record::Free { chunk: field(0)?, start: field(1)? },
-            (3, 8) => Record::PartitionSnapshot { generation: field(0)? },
+            (1, 32) => Record::Preserve {
+                chunk: field(0)?,
+                slot: field(1)?,
+                start: field(2)?,
+                end: field(3)?,
+            },
+            (2, 16) => Record::Free {
+                chunk: field(0)?,
+                start: field(1)?,
+            },
+            (3, 8) => Record::PartitionSnapshot {
+                generation: field(0)?,
+            },
             _ => return None,
         };
         Some(record)
@@ -160,13 +181,17 @@ impl Journal {
         }
         if at < len {
             // Valid records after the bad one mean damage in the middle, not a torn append.
-            if (at + 1..len).any(|i| decode(&bytes[i..]).is_some_and(|(_, seq, _)| seq >= next_seq)) {
+            if (at + 1..len).any(|i| decode(&bytes[i..]).is_some_and(|(_, seq, _)| seq >= next_seq))
+            {
                 return Err(EngineError::Corrupt(format!(
                     "{name}: damaged record at byte {at} is followed by valid records; \
                      refusing to drop them (restore the volume from a copy)"
                 )));
             }
-            log::warn!("{name}: dropping {} bytes of torn journal tail at byte {at}", len - at);
+            log::warn!(
+                "{name}: dropping {} bytes of torn journal tail at byte {at}",
+                len - at
+            );
             file.truncate(at as u64).await?;
         }
         let journal = Journal {
@@ -225,7 +250,12 @@ impl Journal {
         let (batch, waiters, tail, failed) = {
             let mut state = self.state.lock().unwrap();
             let batch = std::mem::take(&mut state.batch);
-            (batch, std::mem::take(&mut state.batch_waiters), state.tail, state.failed.clone())
+            (
+                batch,
+                std::mem::take(&mut state.batch_waiters),
+                state.tail,
+                state.failed.clone(),
+            )
         };
         let result = async {
             if let Some(reason) = failed {
@@ -278,7 +308,12 @@ mod tests {
 
     fn records() -> Vec<Record> {
         vec![
-            Record::Preserve { chunk: 7, slot: 0, start: 0, end: 2 },
+            Record::Preserve {
+                chunk: 7,
+                slot: 0,
+                start: 0,
+                end: 2,
+            },
             Record::PartitionSnapshot { generation: 1 },
             Record::Free { chunk: 7, start: 0 },
         ]
@@ -291,17 +326,26 @@ mod tests {
         block_on(async {
             let file = storage.open("j", true).unwrap();
             let store = storage.open("s", true).unwrap();
-            let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j").await.unwrap();
+            let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j")
+                .await
+                .unwrap();
             assert!(replayed.records.is_empty());
             journal.commit(&records()).await.unwrap();
             let good_len = file.size().unwrap();
             // A torn append: half a record.
-            file.write_at(&[0x53, 0x4e, 0x4a, 0x52, 9, 0], good_len, true).await.unwrap();
-            let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j").await.unwrap();
+            file.write_at(&[0x53, 0x4e, 0x4a, 0x52, 9, 0], good_len, true)
+                .await
+                .unwrap();
+            let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j")
+                .await
+                .unwrap();
             assert_eq!(replayed.records, records());
             assert_eq!(file.size().unwrap(), good_len);
             // Appending continues after the cut with the next sequence number.
-            journal.commit(&[Record::PartitionSnapshot { generation: 5 }]).await.unwrap();
+            journal
+                .commit(&[Record::PartitionSnapshot { generation: 5 }])
+                .await
+                .unwrap();
             let (_, replayed) = Journal::open(file, store, "j").await.unwrap();
             assert_eq!(replayed.records.len(), 4);
         });
@@ -314,10 +358,15 @@ mod tests {
         block_on(async {
             let file = storage.open("j", true).unwrap();
             let store = storage.open("s", true).unwrap();
-            let (journal, _) = Journal::open(file.clone(), store.clone(), "j").await.unwrap();
+            let (journal, _) = Journal::open(file.clone(), store.clone(), "j")
+                .await
+                .unwrap();
             journal.commit(&records()).await.unwrap();
             disk.corrupt("j", 20);
-            let err = Journal::open(file, store, "j").await.err().expect("must refuse");
+            let err = Journal::open(file, store, "j")
+                .await
+                .err()
+                .expect("must refuse");
             assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
             assert!(err.to_string().contains("byte 0"), "{err}");
         });
@@ -330,7 +379,9 @@ mod tests {
         block_on(async {
             let file = storage.open("j", true).unwrap();
             let store = storage.open("s", true).unwrap();
-            let (journal, _) = Journal::open(file.clone(), store.clone(), "j").await.unwrap();
+            let (journal, _) = Journal::open(file.clone(), store.clone(), "j")
+                .await
+                .unwrap();
             journal.commit(&records()).await.unwrap();
             let len = disk.file_len("j").unwrap();
             disk.corrupt("j", len - 2);

@@ -69,15 +69,19 @@ impl Manifest {
     }
 
     pub fn parse(bytes: &[u8], what: &str) -> Result<Self> {
-        let manifest: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| EngineError::Corrupt(format!("{what}: {e}; restore it from a backup or delete the volume")))?;
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| {
+            EngineError::Corrupt(format!(
+                "{what}: {e}; restore it from a backup or delete the volume"
+            ))
+        })?;
         if manifest.format != FORMAT {
             return Err(EngineError::Corrupt(format!(
                 "{what}: format {} is not supported by this snapblk (it reads format {FORMAT})",
                 manifest.format
             )));
         }
-        if !manifest.chunk_size.is_power_of_two() || manifest.partitions == 0 || manifest.size == 0 {
+        if !manifest.chunk_size.is_power_of_two() || manifest.partitions == 0 || manifest.size == 0
+        {
             return Err(EngineError::Corrupt(format!("{what}: impossible geometry")));
         }
         Ok(manifest)

@@ -70,11 +70,22 @@ pub struct Partition {
 
 impl Partition {
     /// Builds the partition from its replayed journal.
-    pub fn recover(index: u32, chunk_size: u32, journal: Journal, store: Backend, records: &[Record]) -> Self {
+    pub fn recover(
+        index: u32,
+        chunk_size: u32,
+        journal: Journal,
+        store: Backend,
+        records: &[Record],
+    ) -> Self {
         let mut state = State::default();
         for record in records {
             match *record {
-                Record::Preserve { chunk, slot, start, end } => {
+                Record::Preserve {
+                    chunk,
+                    slot,
+                    start,
+                    end,
+                } => {
                     let c = state.chunks.entry(chunk).or_default();
                     c.versions.push(Version { start, end, slot });
                     c.birth = c.birth.max(end);
@@ -87,13 +98,20 @@ impl Partition {
                         }
                     }
                 }
-                Record::PartitionSnapshot { generation } => state.recorded_snapshots.push(generation),
+                Record::PartitionSnapshot { generation } => {
+                    state.recorded_snapshots.push(generation)
+                }
             }
         }
         let mut used: Vec<u64> = Vec::new();
         for c in state.chunks.values_mut() {
             c.versions.sort_by_key(|v| v.start);
-            used.extend(c.versions.iter().map(|v| v.slot).filter(|&s| s != ZERO_SLOT));
+            used.extend(
+                c.versions
+                    .iter()
+                    .map(|v| v.slot)
+                    .filter(|&s| s != ZERO_SLOT),
+            );
         }
         used.sort_unstable();
         state.next_slot = used.last().map_or(0, |&s| s + 1);
@@ -105,7 +123,13 @@ impl Partition {
                 state.free_slots.push(slot);
             }
         }
-        Partition { index, chunk_size: chunk_size as u64, journal, store, state: Mutex::new(state) }
+        Partition {
+            index,
+            chunk_size: chunk_size as u64,
+            journal,
+            store,
+            state: Mutex::new(state),
+        }
     }
 
     pub fn recorded_snapshots(&self) -> Vec<u64> {
@@ -115,13 +139,24 @@ impl Partition {
     /// Highest generation any preserved version ends at.
     pub fn max_version_end(&self) -> u64 {
         let state = self.state.lock().unwrap();
-        state.chunks.values().flat_map(|c| c.versions.iter().map(|v| v.end)).max().unwrap_or(0)
+        state
+            .chunks
+            .values()
+            .flat_map(|c| c.versions.iter().map(|v| v.end))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Makes sure `chunk` may be overwritten by the write holding `ticket`:
     /// preserves its current origin content first if a live snapshot needs it,
     /// or waits for a concurrent writer that is doing so.
-    pub async fn preserve(&self, chunk: u64, ticket: &Ticket<'_>, origin: &Backend, volume_size: u64) -> Result<()> {
+    pub async fn preserve(
+        &self,
+        chunk: u64,
+        ticket: &Ticket<'_>,
+        origin: &Backend,
+        volume_size: u64,
+    ) -> Result<()> {
         let (birth, slot) = loop {
             let wait = {
                 let mut state = self.state.lock().unwrap();
@@ -144,7 +179,11 @@ impl Partition {
             // Either outcome (done or the preserver failed) means: look again.
             let _ = wait.await;
         };
-        let version = Version { start: birth, end: ticket.generation, slot };
+        let version = Version {
+            start: birth,
+            end: ticket.generation,
+            slot,
+        };
         let result = self.copy_out(chunk, version, origin, volume_size).await;
         let waiters = {
             let mut state = self.state.lock().unwrap();
@@ -168,7 +207,13 @@ impl Partition {
     }
 
     /// Copies the chunk's origin content into the store and commits its record.
-    async fn copy_out(&self, chunk: u64, mut version: Version, origin: &Backend, volume_size: u64) -> Result<Version> {
+    async fn copy_out(
+        &self,
+        chunk: u64,
+        mut version: Version,
+        origin: &Backend,
+        volume_size: u64,
+    ) -> Result<Version> {
         let offset = chunk * self.chunk_size;
         let len = self.chunk_size.min(volume_size - offset) as usize;
         let mut data = vec![0u8; len];
@@ -176,10 +221,19 @@ impl Partition {
         if data.iter().all(|&b| b == 0) {
             version.slot = ZERO_SLOT;
         } else {
-            self.store.write_at(&data, version.slot * self.chunk_size, false).await?;
+            self.store
+                .write_at(&data, version.slot * self.chunk_size, false)
+                .await?;
         }
         let Version { start, end, slot } = version;
-        self.journal.commit(&[Record::Preserve { chunk, slot, start, end }]).await?;
+        self.journal
+            .commit(&[Record::Preserve {
+                chunk,
+                slot,
+                start,
+                end,
+            }])
+            .await?;
         Ok(version)
     }
 
@@ -193,7 +247,11 @@ impl Partition {
         if c.birth <= generation {
             return Source::Origin;
         }
-        match c.versions.iter().find(|v| v.start <= generation && generation < v.end) {
+        match c
+            .versions
+            .iter()
+            .find(|v| v.start <= generation && generation < v.end)
+        {
             Some(v) if v.slot == ZERO_SLOT => Source::Zero,
             Some(v) => Source::Store(v.slot),
             // Origin content born after the snapshot with no version for it:
@@ -208,17 +266,29 @@ impl Partition {
     /// (A writer installs the preserved version before touching the origin.)
     pub fn origin_still_valid(&self, chunk: u64, generation: u64) -> bool {
         let state = self.state.lock().unwrap();
-        state.chunks.get(&chunk).is_none_or(|c| c.birth <= generation)
+        state
+            .chunks
+            .get(&chunk)
+            .is_none_or(|c| c.birth <= generation)
     }
 
     pub async fn read_store(&self, slot: u64, offset_in_chunk: u64, buf: &mut [u8]) -> Result<()> {
-        Ok(self.store.read_at(buf, slot * self.chunk_size + offset_in_chunk).await?)
+        Ok(self
+            .store
+            .read_at(buf, slot * self.chunk_size + offset_in_chunk)
+            .await?)
     }
 
     /// Journals this partition's part of a snapshot.
     pub async fn record_snapshot(&self, generation: u64) -> Result<()> {
-        self.journal.commit(&[Record::PartitionSnapshot { generation }]).await?;
-        self.state.lock().unwrap().recorded_snapshots.push(generation);
+        self.journal
+            .commit(&[Record::PartitionSnapshot { generation }])
+            .await?;
+        self.state
+            .lock()
+            .unwrap()
+            .recorded_snapshots
+            .push(generation);
         Ok(())
     }
 
@@ -234,13 +304,24 @@ impl Partition {
             state
                 .chunks
                 .iter()
-                .flat_map(|(&chunk, c)| c.versions.iter().filter(|v| !needed(v)).map(move |v| (chunk, *v)))
+                .flat_map(|(&chunk, c)| {
+                    c.versions
+                        .iter()
+                        .filter(|v| !needed(v))
+                        .map(move |v| (chunk, *v))
+                })
                 .collect()
         };
         if freed.is_empty() {
             return Ok(0);
         }
-        let records: Vec<Record> = freed.iter().map(|&(chunk, v)| Record::Free { chunk, start: v.start }).collect();
+        let records: Vec<Record> = freed
+            .iter()
+            .map(|&(chunk, v)| Record::Free {
+                chunk,
+                start: v.start,
+            })
+            .collect();
         {
             let mut state = self.state.lock().unwrap();
             for (chunk, v) in &freed {
@@ -255,12 +336,19 @@ impl Partition {
         let mut bytes = 0;
         for (_, v) in &freed {
             if v.slot != ZERO_SLOT {
-                self.store.punch_hole(v.slot * self.chunk_size, self.chunk_size).await?;
+                self.store
+                    .punch_hole(v.slot * self.chunk_size, self.chunk_size)
+                    .await?;
                 bytes += self.chunk_size;
             }
         }
         let mut state = self.state.lock().unwrap();
-        state.free_slots.extend(freed.iter().map(|(_, v)| v.slot).filter(|&s| s != ZERO_SLOT));
+        state.free_slots.extend(
+            freed
+                .iter()
+                .map(|(_, v)| v.slot)
+                .filter(|&s| s != ZERO_SLOT),
+        );
         Ok(bytes)
     }
 

@@ -91,13 +91,21 @@ fn validate_config(config: &VolumeConfig) -> Result<()> {
     let bad = |m: String| Err(EngineError::InvalidArgument(m));
     let cs = config.chunk_size;
     if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-        return bad(format!("chunk size {cs} must be a power of two between 4K and 1M"));
+        return bad(format!(
+            "chunk size {cs} must be a power of two between 4K and 1M"
+        ));
     }
-    if config.size == 0 || config.size % SECTOR_SIZE != 0 {
-        return bad(format!("size {} must be a positive multiple of 512 bytes", config.size));
+    if config.size == 0 || !config.size.is_multiple_of(SECTOR_SIZE) {
+        return bad(format!(
+            "size {} must be a positive multiple of 512 bytes",
+            config.size
+        ));
     }
     if config.partitions == 0 || config.partitions > MAX_PARTITIONS {
-        return bad(format!("partitions {} must be between 1 and {MAX_PARTITIONS}", config.partitions));
+        return bad(format!(
+            "partitions {} must be between 1 and {MAX_PARTITIONS}",
+            config.partitions
+        ));
     }
     Ok(())
 }
@@ -105,7 +113,11 @@ fn validate_config(config: &VolumeConfig) -> Result<()> {
 impl Volume {
     /// Creates the volume's files in `storage` (an existing, empty directory)
     /// and commits its manifest last, so a crash mid-create leaves no volume.
-    pub async fn create(name: &str, storage: Storage, config: &VolumeConfig) -> Result<Arc<Volume>> {
+    pub async fn create(
+        name: &str,
+        storage: Storage,
+        config: &VolumeConfig,
+    ) -> Result<Arc<Volume>> {
         validate_config(config)?;
         if storage.read_manifest(manifest::MANIFEST)?.is_some() {
             return Err(EngineError::AlreadyExists(format!("volume {name}")));
@@ -133,7 +145,13 @@ impl Volume {
             storage.open(&manifest::journal_name(p), true)?;
             storage.open(&manifest::store_name(p), true)?;
         }
-        let manifest = Manifest::new(name, config.size, config.chunk_size, config.partitions, origin);
+        let manifest = Manifest::new(
+            name,
+            config.size,
+            config.chunk_size,
+            config.partitions,
+            origin,
+        );
         storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
         Volume::open(name, storage).await
     }
@@ -166,11 +184,20 @@ impl Volume {
             let store = storage.open(&manifest::store_name(p), false)?;
             let label = format!("volume {name}: {}", manifest::journal_name(p));
             let (journal, replayed) = Journal::open(journal_file, store.clone(), &label).await?;
-            partitions.push(Partition::recover(p, manifest.chunk_size, journal, store, &replayed.records));
+            partitions.push(Partition::recover(
+                p,
+                manifest.chunk_size,
+                journal,
+                store,
+                &replayed.records,
+            ));
         }
         let live: Vec<u64> = manifest.snapshots.iter().map(|s| s.generation).collect();
         for snapshot in &manifest.snapshots {
-            if let Some(p) = partitions.iter().find(|p| !p.recorded_snapshots().contains(&snapshot.generation)) {
+            if let Some(p) = partitions
+                .iter()
+                .find(|p| !p.recorded_snapshots().contains(&snapshot.generation))
+            {
                 return Err(EngineError::Corrupt(format!(
                     "volume {name}: snapshot {} has no record in {}; the journal lost committed data",
                     snapshot.name,
@@ -180,7 +207,12 @@ impl Volume {
         }
         let generation = partitions
             .iter()
-            .flat_map(|p| p.recorded_snapshots().into_iter().map(|g| g + 1).chain([p.max_version_end()]))
+            .flat_map(|p| {
+                p.recorded_snapshots()
+                    .into_iter()
+                    .map(|g| g + 1)
+                    .chain([p.max_version_end()])
+            })
             .chain([manifest.next_generation])
             .max()
             .unwrap_or(1);
@@ -217,7 +249,12 @@ impl Volume {
     pub fn info(&self) -> Result<VolumeInfo> {
         let manifest = self.manifest.lock().unwrap().clone();
         let origin_bytes = self.origin.allocated_bytes()?;
-        let used = origin_bytes + self.partitions.iter().map(Partition::allocated_bytes).sum::<u64>();
+        let used = origin_bytes
+            + self
+                .partitions
+                .iter()
+                .map(Partition::allocated_bytes)
+                .sum::<u64>();
         Ok(VolumeInfo {
             name: self.name.clone(),
             capacity: self.size,
@@ -235,7 +272,10 @@ impl Volume {
     }
 
     pub fn live(self: &Arc<Self>) -> View {
-        View { volume: self.clone(), snapshot: None }
+        View {
+            volume: self.clone(),
+            snapshot: None,
+        }
     }
 
     pub fn snapshot_view(self: &Arc<Self>, snapshot: &str) -> Result<View> {
@@ -245,7 +285,10 @@ impl Volume {
             .iter()
             .find(|s| s.name == snapshot)
             .ok_or_else(|| EngineError::NotFound(format!("snapshot {}@{snapshot}", self.name)))?;
-        Ok(View { volume: self.clone(), snapshot: Some((record.name.clone(), record.generation)) })
+        Ok(View {
+            volume: self.clone(),
+            snapshot: Some((record.name.clone(), record.generation)),
+        })
     }
 
     /// Takes a snapshot: pauses writes only to close the generation (the
@@ -254,8 +297,18 @@ impl Volume {
     /// the manifest, which is the commit point.
     pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotCreated> {
         let _admin = self.admin.lock().await;
-        if self.manifest.lock().unwrap().snapshots.iter().any(|s| s.name == name) {
-            return Err(EngineError::AlreadyExists(format!("snapshot {}@{name}", self.name)));
+        if self
+            .manifest
+            .lock()
+            .unwrap()
+            .snapshots
+            .iter()
+            .any(|s| s.name == name)
+        {
+            return Err(EngineError::AlreadyExists(format!(
+                "snapshot {}@{name}",
+                self.name
+            )));
         }
         // Most dirty data goes out before the pause, so little is left after.
         self.origin.flush().await?;
@@ -271,7 +324,12 @@ impl Volume {
             // Every write acknowledged before the pause is in generation
             // `generation` or earlier; those not preserved since live in the origin.
             self.origin.flush().await?;
-            try_join_all(self.partitions.iter().map(|p| p.record_snapshot(generation))).await?;
+            try_join_all(
+                self.partitions
+                    .iter()
+                    .map(|p| p.record_snapshot(generation)),
+            )
+            .await?;
             let mut manifest = self.manifest.lock().unwrap().clone();
             manifest.snapshots.push(SnapshotRecord {
                 name: name.to_string(),
@@ -279,7 +337,8 @@ impl Volume {
                 created_unix_ms: now_unix_ms(),
             });
             manifest.next_generation = generation + 1;
-            self.storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
+            self.storage
+                .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
             let record = manifest.snapshots.last().unwrap().clone();
             *self.manifest.lock().unwrap() = manifest;
             Ok::<_, EngineError>(record)
@@ -306,11 +365,17 @@ impl Volume {
     async fn forget_generation(&self, generation: u64) {
         let live = {
             let paused = self.gate.pause().await;
-            let live: Vec<u64> = paused.live().iter().copied().filter(|&g| g != generation).collect();
+            let live: Vec<u64> = paused
+                .live()
+                .iter()
+                .copied()
+                .filter(|&g| g != generation)
+                .collect();
             paused.set(paused.generation(), live.clone());
             live
         };
-        if let Err(e) = try_join_all(self.partitions.iter().map(|p| p.collect_garbage(&live))).await {
+        if let Err(e) = try_join_all(self.partitions.iter().map(|p| p.collect_garbage(&live))).await
+        {
             // Recovery collects it at the next open.
             log::warn!("volume {}: freeing snapshot data failed: {e}", self.name);
         }
@@ -346,7 +411,8 @@ impl Volume {
             .position(|s| s.name == name)
             .ok_or_else(|| EngineError::NotFound(format!("snapshot {}@{name}", self.name)))?;
         let generation = manifest.snapshots.remove(index).generation;
-        self.storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
+        self.storage
+            .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
         *self.manifest.lock().unwrap() = manifest;
         self.forget_generation(generation).await;
         Ok(())
@@ -366,11 +432,15 @@ impl Volume {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+        if !offset.is_multiple_of(SECTOR_SIZE) || !len.is_multiple_of(SECTOR_SIZE) {
             return Err(EngineError::Misaligned { offset, len });
         }
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(EngineError::OutOfRange { offset, len, size: self.size });
+            return Err(EngineError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            });
         }
         Ok(())
     }
@@ -387,9 +457,16 @@ impl Volume {
         let chunks = self.chunks(offset, len);
         if chunks.start() == chunks.end() {
             let c = *chunks.start();
-            return self.partition_of(c).preserve(c, ticket, &self.origin, self.size).await;
+            return self
+                .partition_of(c)
+                .preserve(c, ticket, &self.origin, self.size)
+                .await;
         }
-        try_join_all(chunks.map(|c| self.partition_of(c).preserve(c, ticket, &self.origin, self.size))).await?;
+        try_join_all(chunks.map(|c| {
+            self.partition_of(c)
+                .preserve(c, ticket, &self.origin, self.size)
+        }))
+        .await?;
         Ok(())
     }
 
@@ -429,7 +506,9 @@ impl Volume {
         let cs = self.chunk_size as u64;
         let mut out: Vec<Extent> = Vec::new();
         let mut push = |e: Extent| match out.last_mut() {
-            Some(last) if last.data == e.data && last.offset + last.len == e.offset => last.len += e.len,
+            Some(last) if last.data == e.data && last.offset + last.len == e.offset => {
+                last.len += e.len
+            }
             _ => out.push(e),
         };
         let mut pos = offset;
@@ -437,9 +516,21 @@ impl Volume {
             let chunk = pos >> self.chunk_shift;
             let end = ((chunk + 1) * cs).min(offset + len);
             match self.partition_of(chunk).source(chunk, generation) {
-                Source::Origin => self.origin.extents(pos, end - pos)?.into_iter().for_each(&mut push),
-                Source::Zero => push(Extent { offset: pos, len: end - pos, data: false }),
-                Source::Store(_) => push(Extent { offset: pos, len: end - pos, data: true }),
+                Source::Origin => self
+                    .origin
+                    .extents(pos, end - pos)?
+                    .into_iter()
+                    .for_each(&mut push),
+                Source::Zero => push(Extent {
+                    offset: pos,
+                    len: end - pos,
+                    data: false,
+                }),
+                Source::Store(_) => push(Extent {
+                    offset: pos,
+                    len: end - pos,
+                    data: true,
+                }),
             }
             pos = end;
         }
@@ -470,7 +561,10 @@ impl View {
             None => Ok(None),
             Some((name, generation)) => {
                 if self.volume.gate.live().binary_search(generation).is_err() {
-                    return Err(EngineError::SnapshotGone(format!("{}@{name}", self.volume.name)));
+                    return Err(EngineError::SnapshotGone(format!(
+                        "{}@{name}",
+                        self.volume.name
+                    )));
                 }
                 Ok(Some(*generation))
             }
@@ -498,7 +592,9 @@ impl View {
         self.writable(offset, data.len() as u64)?;
         let volume = &self.volume;
         let ticket = volume.gate.enter().await;
-        volume.preserve_range(offset, data.len() as u64, &ticket).await?;
+        volume
+            .preserve_range(offset, data.len() as u64, &ticket)
+            .await?;
         volume.origin.write_at(data, offset, fua).await?;
         Ok(())
     }

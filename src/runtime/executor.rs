@@ -127,7 +127,10 @@ impl Executor {
 ///
 /// Panics if called from inside another `block_on` on the same thread.
 pub fn block_on<F: Future>(future: F) -> F::Output {
-    assert!(!RUNNING.with(|r| r.replace(true)), "nested runtime::block_on");
+    assert!(
+        !RUNNING.with(|r| r.replace(true)),
+        "nested runtime::block_on"
+    );
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -201,13 +204,17 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let fd = file.as_raw_fd();
         block_on(async {
-            super::super::write_at(fd, b"hello ring", 4096, 0).await.unwrap();
+            super::super::write_at(fd, b"hello ring", 4096, 0)
+                .await
+                .unwrap();
             super::super::fsync(fd, true).await.unwrap();
             let mut buf = [0u8; 10];
             super::super::read_at(fd, &mut buf, 4096).await.unwrap();
             assert_eq!(&buf, b"hello ring");
             let mut past_end = [1u8; 16];
-            super::super::read_at(fd, &mut past_end, 1 << 20).await.unwrap();
+            super::super::read_at(fd, &mut past_end, 1 << 20)
+                .await
+                .unwrap();
             assert_eq!(past_end, [0u8; 16]);
         });
     }

@@ -147,7 +147,6 @@ impl Reactor {
         }
         woke
     }
-
 }
 
 impl Drop for Reactor {
@@ -280,7 +279,10 @@ pub async fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
 }
 
 pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    let entry = opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(mode).build();
+    let entry = opcode::Fallocate::new(types::Fd(fd), len)
+        .offset(offset)
+        .mode(mode)
+        .build();
     Op::new(entry).await.map(drop)
 }
 
