@@ -135,14 +135,14 @@ pub struct Replayed {
 }
 
 enum Turn {
-    Done(std::result::Result<(), String>),
+    Done(std::result::Result<(), CommitError>),
     Lead,
 }
 
 struct State {
     tail: u64,
     next_seq: u64,
-    batch: Vec<u8>,
+    batch: Vec<Record>,
     batch_waiters: Vec<oneshot::Sender<Turn>>,
     committing: bool,
     failed: Option<String>,
@@ -220,11 +220,7 @@ impl Journal {
             if let Some(reason) = &state.failed {
                 return Err(journal_failed(reason));
             }
-            for record in records {
-                let seq = state.next_seq;
-                state.next_seq += 1;
-                encode(record, seq, &mut state.batch);
-            }
+            state.batch.extend_from_slice(records);
             if state.committing {
                 let (tx, rx) = oneshot::channel();
                 state.batch_waiters.push(tx);
@@ -236,66 +232,115 @@ impl Journal {
         };
         if let Some(rx) = lead {
             match rx.await {
-                Ok(Turn::Done(result)) => return result.map_err(|r| journal_failed(&r)),
+                Ok(Turn::Done(result)) => return result.map_err(CommitError::into_engine),
                 Ok(Turn::Lead) => {}
                 Err(_) => return Err(journal_failed("commit leader vanished")),
             }
         }
-        self.lead_one_batch().await
+        self.lead().await
     }
 
-    /// Writes the current batch (which holds the leader's own records) and
-    /// hands leadership to the next batch, if any.
-    async fn lead_one_batch(&self) -> Result<()> {
-        let (batch, waiters, tail, failed) = {
+    /// Commits the current batch (which holds the leader's own records), then
+    /// hands leadership to a waiter of the next batch, if any.
+    async fn lead(&self) -> Result<()> {
+        let mut own_result = None;
+        loop {
+            let result = self.write_batch().await;
+            own_result.get_or_insert_with(|| result.clone());
             let mut state = self.state.lock().unwrap();
-            let batch = std::mem::take(&mut state.batch);
+            if state.batch_waiters.is_empty() {
+                state.committing = false;
+                break;
+            }
+            let next = state.batch_waiters.remove(0);
+            drop(state);
+            if next.send(Turn::Lead).is_ok() {
+                break;
+            }
+            // That caller is gone; lead its batch ourselves.
+        }
+        own_result
+            .expect("led at least once")
+            .map_err(CommitError::into_engine)
+    }
+
+    async fn write_batch(&self) -> std::result::Result<(), CommitError> {
+        let (records, waiters, tail, seq, failed) = {
+            let mut state = self.state.lock().unwrap();
             (
-                batch,
+                std::mem::take(&mut state.batch),
                 std::mem::take(&mut state.batch_waiters),
                 state.tail,
+                state.next_seq,
                 state.failed.clone(),
             )
         };
-        let result = async {
-            if let Some(reason) = failed {
-                return Err(std::io::Error::other(reason));
-            }
-            self.store.flush().await?;
-            self.file.write_at(&batch, tail, false).await?;
-            self.file.flush().await
+        let mut bytes = Vec::with_capacity(records.len() * 48);
+        for (i, record) in records.iter().enumerate() {
+            encode(record, seq + i as u64, &mut bytes);
         }
-        .await
-        .map_err(|e| e.to_string());
-        let next_leader = {
+        let result = match failed {
+            Some(reason) => Err(CommitError::Failed(reason)),
+            None => self.append(&bytes, tail).await,
+        };
+        {
             let mut state = self.state.lock().unwrap();
             match &result {
-                Ok(()) => state.tail += batch.len() as u64,
-                Err(e) => state.failed = Some(e.clone()),
+                Ok(()) => {
+                    state.tail += bytes.len() as u64;
+                    state.next_seq += records.len() as u64;
+                }
+                Err(CommitError::Failed(reason)) => state.failed = Some(reason.clone()),
+                Err(CommitError::NoSpace) => {}
             }
-            if state.batch_waiters.is_empty() {
-                state.committing = false;
-                None
-            } else {
-                Some(state.batch_waiters.remove(0))
-            }
-        };
+        }
         for waiter in waiters {
             let _ = waiter.send(Turn::Done(result.clone()));
         }
-        if let Some(leader) = next_leader {
-            if let Err(Turn::Lead) = leader.send(Turn::Lead) {
-                // That caller is gone; nobody else may be waiting to lead.
-                self.state.lock().unwrap().committing = false;
-            }
+        result
+    }
+
+    async fn append(&self, bytes: &[u8], tail: u64) -> std::result::Result<(), CommitError> {
+        let written = async {
+            self.store.flush().await?;
+            self.file.write_at(bytes, tail, false).await?;
+            self.file.flush().await
         }
-        result.map_err(|r| journal_failed(&r))
+        .await;
+        match written {
+            Ok(()) => Ok(()),
+            // A full disk fails this batch only: cut what may have landed
+            // and the journal goes on from the same tail and sequence.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                match self.file.truncate(tail).await {
+                    Ok(()) => Err(CommitError::NoSpace),
+                    Err(e) => Err(CommitError::Failed(e.to_string())),
+                }
+            }
+            Err(e) => Err(CommitError::Failed(e.to_string())),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum CommitError {
+    NoSpace,
+    Failed(String),
+}
+
+impl CommitError {
+    fn into_engine(self) -> EngineError {
+        match self {
+            CommitError::NoSpace => EngineError::NoSpace,
+            CommitError::Failed(reason) => journal_failed(&reason),
+        }
     }
 }
 
 fn journal_failed(reason: &str) -> EngineError {
     EngineError::Io(std::io::Error::other(format!(
-        "metadata journal write failed ({reason}); the volume refuses writes that need copy-on-write until it is reopened"
+        "metadata journal write failed ({reason}); the volume refuses writes that need \
+         copy-on-write until it is reopened"
     )))
 }
 
