@@ -1,0 +1,294 @@
+//! Shared helpers for end-to-end tests that drive the real `snapblk` binary
+//! with real NBD clients (`tests/clients.rs`).
+//!
+//! A [`Daemon`] runs on a temporary data directory and serves NBD only on a
+//! UNIX socket inside it, so tests run in parallel without ports.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
+
+pub struct Daemon {
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts a daemon on `dir` (created if missing) and waits until its
+    /// control socket and NBD socket accept connections.
+    pub fn start(dir: &Path) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["daemon", "--data-dir"])
+            .arg(dir)
+            .arg("--control")
+            .arg(dir.with_extension("control.sock"))
+            .arg("--nbd-socket")
+            .arg(dir.with_extension("nbd.sock"))
+            .env("RUST_LOG", "info")
+            .env_remove("SNAPBLK_CONTROL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        };
+        d.wait_ready();
+        d
+    }
+
+    pub fn control(&self) -> PathBuf {
+        self.dir.with_extension("control.sock")
+    }
+
+    pub fn nbd_sock(&self) -> PathBuf {
+        self.dir.with_extension("nbd.sock")
+    }
+
+    /// `nbd+unix:///EXPORT?socket=PATH`
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd_sock().display())
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if UnixStream::connect(self.control()).is_ok()
+                && UnixStream::connect(self.nbd_sock()).is_ok()
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited early ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// True while the daemon process runs.
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Sends `sig` and waits for the process to end.
+    pub fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored signal {sig}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9, then start again on the same data directory.
+    pub fn kill9_and_restart(&mut self) {
+        let st = self.signal(libc::SIGKILL);
+        assert!(!st.success());
+        let d = Daemon::start(&self.dir);
+        *self = d;
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--control")
+            .arg(self.control())
+            .args(args)
+            .env_remove("SNAPBLK_CONTROL")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "snapblk {args:?} failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("--json prints JSON")
+    }
+
+    /// The CLI invocation prefix (`BIN --control PATH`) for scripts.
+    pub fn cli_prefix(&self) -> Vec<String> {
+        vec![
+            BIN.to_string(),
+            "--control".to_string(),
+            self.control().display().to_string(),
+        ]
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A temporary directory and the data directory inside it.
+pub fn tempdir() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("data");
+    (t, d)
+}
+
+/// True if `tool` can be executed.
+pub fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Returns true (and prints a clear SKIP line) if any tool is missing.
+pub fn skip_without(test: &str, tools: &[&str]) -> bool {
+    for t in tools {
+        let ok = if *t == "python3-nbd" {
+            python().is_some()
+        } else {
+            have(t)
+        };
+        if !ok {
+            eprintln!("SKIP {test}: {t} is not installed");
+            return true;
+        }
+    }
+    false
+}
+
+/// A Python interpreter that can `import nbd` (libnbd's bindings). The
+/// first `python3` on PATH may be a pyenv shim without the distribution's
+/// packages, so the system interpreter is tried too.
+pub fn python() -> Option<String> {
+    static PY: OnceLock<Option<String>> = OnceLock::new();
+    PY.get_or_init(|| {
+        for cand in ["python3", "/usr/bin/python3", "/usr/local/bin/python3"] {
+            let ok = Command::new(cand)
+                .args(["-c", "import nbd"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return Some(cand.to_string());
+            }
+        }
+        None
+    })
+    .clone()
+}
+
+/// Runs a command, returns (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a command, asserts exit 0, returns stdout + stderr.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let desc = format!("{cmd:?}");
+    let (ok, o, e) = run(cmd);
+    assert!(ok, "{desc} failed:\nstdout:\n{o}\nstderr:\n{e}");
+    o + &e
+}
+
+/// Runs an inline Python script (with libnbd available) with `args`
+/// (`sys.argv[1:]`); asserts exit 0 and that it printed `PASS`; returns stdout.
+pub fn py_ok(script: &str, args: &[String]) -> String {
+    let py = python().expect("python with nbd");
+    let (ok, o, e) = run(Command::new(py).arg("-c").arg(script).args(args));
+    assert!(
+        ok && o.lines().any(|l| l == "PASS"),
+        "python script failed:\nstdout:\n{o}\nstderr:\n{e}"
+    );
+    o
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Index of the first differing byte, if any (also on length mismatch).
+pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+        return Some(i);
+    }
+    (a.len() != b.len()).then(|| a.len().min(b.len()))
+}
+
+#[track_caller]
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    if let Some(i) = first_diff(got, want) {
+        panic!(
+            "{what}: differs at byte {i} (len got {} want {}): got {:?} want {:?}",
+            got.len(),
+            want.len(),
+            got.get(i..(i + 16).min(got.len())),
+            want.get(i..(i + 16).min(want.len()))
+        );
+    }
+}
