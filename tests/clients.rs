@@ -636,8 +636,9 @@ print("PASS")
 // 6. fio
 // ---------------------------------------------------------------------------
 
-fn fio_ok(args: &[String]) -> String {
-    let (ok, o, e) = run(Command::new("fio").args(args));
+/// Runs fio in `cwd` (it leaves verify state files there).
+fn fio_ok(cwd: &Path, args: &[String]) -> String {
+    let (ok, o, e) = run(Command::new("fio").current_dir(cwd).args(args));
     let text = o + &e;
     assert!(ok, "fio {args:?} failed:\n{text}");
     assert!(
@@ -653,7 +654,7 @@ fn fio_nbd_engine_verify() {
     if skip_without("fio_nbd_engine_verify", &["fio"]) {
         return;
     }
-    let (_t, dir) = tempdir();
+    let (t, dir) = tempdir();
     let d = Daemon::start(&dir);
     d.ok(&[
         "volume",
@@ -668,6 +669,7 @@ fn fio_nbd_engine_verify() {
     // Snapshots during the workload make every overwrite copy-on-write.
     d.ok(&["snapshot", "create", "vol", "before"]);
     let out = fio_ok(
+        t.path(),
         &[
             "--name=v",
             "--ioengine=nbd",
@@ -689,6 +691,7 @@ fn fio_nbd_engine_verify() {
     // Two jobs, two connections, disjoint 16 MiB ranges, mixed I/O with
     // unaligned-to-chunk block sizes.
     fio_ok(
+        t.path(),
         &[
             "--name=m",
             "--ioengine=nbd",
