@@ -197,6 +197,19 @@ impl MemDisk {
         Ok(state.manifests.get(name).cloned())
     }
 
+    pub(super) fn replace_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let mut state = self.state.lock().unwrap();
+        state.tick()?;
+        let image = bytes.to_vec();
+        let file = FileState {
+            durable: image.clone(),
+            current: image,
+            pending: Vec::new(),
+        };
+        state.files.insert(name.to_string(), file);
+        Ok(())
+    }
+
     pub(super) fn replace_manifest(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let mut state = self.state.lock().unwrap();
         state.tick()?;

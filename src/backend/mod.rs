@@ -148,6 +148,15 @@ impl Storage {
         }
     }
 
+    /// Replaces a whole file atomically and durably (journal compaction).
+    /// Handles opened before keep the old content; reopen after this.
+    pub fn replace_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Storage::Dir(dir) => file::replace_atomically(&dir.join(name), bytes),
+            Storage::Memory(disk) => disk.replace_file(name, bytes),
+        }
+    }
+
     /// Bytes free for new data where this storage lives.
     pub fn free_bytes(&self) -> io::Result<u64> {
         match self {

@@ -129,6 +129,45 @@ fn decode(bytes: &[u8]) -> Option<(Record, u64, usize)> {
     Some((record, seq, len))
 }
 
+/// The records that rebuild the same state as `records` for the live
+/// snapshot generations `live` (sorted): versions some live snapshot still
+/// reads, and live partition snapshots. Freed and garbage history is gone.
+pub fn compact(records: &[Record], live: &[u64]) -> Vec<Record> {
+    let mut versions: std::collections::BTreeMap<(u64, u64), Record> = Default::default();
+    let mut out = Vec::new();
+    for record in records {
+        match *record {
+            Record::Preserve {
+                chunk, start, end, ..
+            } => {
+                let i = live.partition_point(|&g| g < start);
+                if live.get(i).is_some_and(|&g| g < end) {
+                    versions.insert((chunk, start), *record);
+                }
+            }
+            Record::Free { chunk, start } => {
+                versions.remove(&(chunk, start));
+            }
+            Record::PartitionSnapshot { generation } => {
+                if live.binary_search(&generation).is_ok() {
+                    out.push(*record);
+                }
+            }
+        }
+    }
+    out.extend(versions.into_values());
+    out
+}
+
+/// A whole journal file holding `records` from sequence 0.
+pub fn encode_all(records: &[Record]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for (seq, record) in records.iter().enumerate() {
+        encode(record, seq as u64, &mut bytes);
+    }
+    bytes
+}
+
 /// What replay found.
 pub struct Replayed {
     pub records: Vec<Record>,

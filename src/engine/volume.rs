@@ -2,7 +2,7 @@
 
 use super::error::{EngineError, Result};
 use super::gate::{Gate, Ticket};
-use super::journal::Journal;
+use super::journal::{self, Journal};
 use super::manifest::{self, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
@@ -80,6 +80,9 @@ pub struct View {
     volume: Arc<Volume>,
     snapshot: Option<(String, u64)>,
 }
+
+/// Journal records beyond twice the live ones before a reopen compacts.
+const COMPACT_SLACK: usize = 1024;
 
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -179,11 +182,22 @@ impl Volume {
         let chunks = manifest.size.div_ceil(manifest.chunk_size as u64);
         let chunks_per_partition = chunks.div_ceil(manifest.partitions as u64);
         let mut partitions = Vec::new();
+        let live: Vec<u64> = manifest.snapshots.iter().map(|s| s.generation).collect();
         for p in 0..manifest.partitions {
             let journal_file = storage.open(&manifest::journal_name(p), false)?;
             let store = storage.open(&manifest::store_name(p), false)?;
             let label = format!("volume {name}: {}", manifest::journal_name(p));
-            let (journal, replayed) = Journal::open(journal_file, store.clone(), &label).await?;
+            let (mut journal, mut replayed) =
+                Journal::open(journal_file, store.clone(), &label).await?;
+            let compacted = journal::compact(&replayed.records, &live);
+            if replayed.records.len() > 2 * compacted.len() + COMPACT_SLACK {
+                // Replay time and journal size follow live state, not history.
+                drop(journal);
+                storage
+                    .replace_file(&manifest::journal_name(p), &journal::encode_all(&compacted))?;
+                let journal_file = storage.open(&manifest::journal_name(p), false)?;
+                (journal, replayed) = Journal::open(journal_file, store.clone(), &label).await?;
+            }
             partitions.push(Partition::recover(
                 p,
                 manifest.chunk_size,
@@ -192,7 +206,6 @@ impl Volume {
                 &replayed.records,
             ));
         }
-        let live: Vec<u64> = manifest.snapshots.iter().map(|s| s.generation).collect();
         for snapshot in &manifest.snapshots {
             if let Some(p) = partitions
                 .iter()
