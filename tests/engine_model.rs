@@ -424,7 +424,7 @@ mod model {
                 .unwrap();
             let after = disk.file_len("part-000.journal").unwrap();
             assert!(
-                after * 4 < before,
+                after * 2 < before,
                 "journal not compacted: {before} -> {after} bytes"
             );
             check_everything(&volume, &model).await;
