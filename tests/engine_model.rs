@@ -60,6 +60,16 @@ fn tag_of(bytes: &[u8], lba: usize, what: &str) -> u64 {
     tag
 }
 
+/// A fresh volume on a fresh fault-injecting memory disk.
+async fn new_volume() -> (Arc<MemDisk>, Storage, Arc<Volume>) {
+    let disk = MemDisk::new();
+    let storage = Storage::Memory(disk.clone());
+    let volume = Volume::create("v", storage.clone(), &config())
+        .await
+        .unwrap();
+    (disk, storage, volume)
+}
+
 async fn try_read_tags(
     volume: &Arc<Volume>,
     snapshot: Option<&str>,
@@ -313,8 +323,7 @@ mod model {
         #[test]
         fn engine_matches_model(seed in any::<u64>(), steps in 20usize..120) {
             block_on(async {
-                let storage = Storage::Memory(MemDisk::new());
-                let mut volume = Volume::create("v", storage.clone(), &config()).await.unwrap();
+                let (_, storage, mut volume) = new_volume().await;
                 let mut model = Model::new();
                 let mut rng = SplitMix(seed);
                 for _ in 0..steps {
@@ -337,8 +346,7 @@ mod model {
     #[test]
     fn one_preserved_copy_serves_many_snapshots() {
         block_on(async {
-            let storage = Storage::Memory(MemDisk::new());
-            let volume = Volume::create("v", storage, &config()).await.unwrap();
+            let (_, _, volume) = new_volume().await;
             let live = volume.live();
             live.write(0, &[7u8; 4096], false).await.unwrap();
             for i in 0..10 {
@@ -373,13 +381,8 @@ mod model {
     #[test]
     fn reopen_compacts_journals_to_live_state() {
         block_on(async {
-            let disk = MemDisk::new();
-            let storage = Storage::Memory(disk.clone());
-            let volume = Volume::create("v", storage.clone(), &config())
-                .await
-                .unwrap();
+            let (disk, storage, mut volume) = new_volume().await;
             let mut model = Model::new();
-            let mut volume = volume;
             for round in 0..800usize {
                 let lba = (round * 8) % 200; // partition 0: its journal grows fastest
                 apply(&mut volume, &storage, &mut model, &Op::Snapshot)
@@ -447,8 +450,7 @@ mod model {
     #[test]
     fn bad_requests_fail_alone() {
         block_on(async {
-            let storage = Storage::Memory(MemDisk::new());
-            let volume = Volume::create("v", storage, &config()).await.unwrap();
+            let (_, _, volume) = new_volume().await;
             let live = volume.live();
             let mut buf = [0u8; 1024];
             assert_eq!(
@@ -626,11 +628,7 @@ mod crash {
     #[test]
     fn corrupt_manifest_is_a_clear_error() {
         block_on(async {
-            let disk = MemDisk::new();
-            let storage = Storage::Memory(disk.clone());
-            Volume::create("v", storage.clone(), &config())
-                .await
-                .unwrap();
+            let (disk, storage, _) = new_volume().await;
             disk.set_manifest("volume.json", b"{\"format\": 1, \"name\": ");
             let err = Volume::open("v", storage).await.err().expect("must fail");
             assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
@@ -641,11 +639,7 @@ mod crash {
     #[test]
     fn corrupt_journal_middle_is_refused_and_torn_tail_dropped() {
         block_on(async {
-            let disk = MemDisk::new();
-            let storage = Storage::Memory(disk.clone());
-            let volume = Volume::create("v", storage.clone(), &config())
-                .await
-                .unwrap();
+            let (disk, _, volume) = new_volume().await;
             let live = volume.live();
             live.write(0, &[1u8; 4096], false).await.unwrap();
             volume.create_snapshot("a").await.unwrap();

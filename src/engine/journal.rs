@@ -389,6 +389,7 @@ mod tests {
     use crate::backend::memory::MemDisk;
     use crate::backend::Storage;
     use crate::runtime::block_on;
+    use std::sync::Arc;
 
     fn records() -> Vec<Record> {
         vec![
@@ -403,18 +404,24 @@ mod tests {
         ]
     }
 
+    /// A journal file "j" (with store "s") holding `records()`.
+    async fn committed(disk: &Arc<MemDisk>) -> (Journal, Backend, Backend) {
+        let storage = Storage::Memory(disk.clone());
+        let file = storage.open("j", true).unwrap();
+        let store = storage.open("s", true).unwrap();
+        let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j")
+            .await
+            .unwrap();
+        assert!(replayed.records.is_empty());
+        journal.commit(&records()).await.unwrap();
+        (journal, file, store)
+    }
+
     #[test]
     fn records_round_trip_and_a_torn_tail_is_cut() {
         let disk = MemDisk::new();
-        let storage = Storage::Memory(disk.clone());
         block_on(async {
-            let file = storage.open("j", true).unwrap();
-            let store = storage.open("s", true).unwrap();
-            let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j")
-                .await
-                .unwrap();
-            assert!(replayed.records.is_empty());
-            journal.commit(&records()).await.unwrap();
+            let (_, file, store) = committed(&disk).await;
             let good_len = file.size().unwrap();
             // A torn append: half a record.
             file.write_at(&[0x53, 0x4e, 0x4a, 0x52, 9, 0], good_len, true)
@@ -438,14 +445,8 @@ mod tests {
     #[test]
     fn damage_in_the_middle_is_reported_not_dropped() {
         let disk = MemDisk::new();
-        let storage = Storage::Memory(disk.clone());
         block_on(async {
-            let file = storage.open("j", true).unwrap();
-            let store = storage.open("s", true).unwrap();
-            let (journal, _) = Journal::open(file.clone(), store.clone(), "j")
-                .await
-                .unwrap();
-            journal.commit(&records()).await.unwrap();
+            let (_, file, store) = committed(&disk).await;
             disk.corrupt("j", 20);
             let err = Journal::open(file, store, "j")
                 .await
@@ -459,18 +460,56 @@ mod tests {
     #[test]
     fn a_corrupt_last_record_is_a_torn_tail() {
         let disk = MemDisk::new();
-        let storage = Storage::Memory(disk.clone());
         block_on(async {
-            let file = storage.open("j", true).unwrap();
-            let store = storage.open("s", true).unwrap();
-            let (journal, _) = Journal::open(file.clone(), store.clone(), "j")
-                .await
-                .unwrap();
-            journal.commit(&records()).await.unwrap();
-            let len = disk.file_len("j").unwrap();
-            disk.corrupt("j", len - 2);
+            let (_, file, store) = committed(&disk).await;
+            disk.corrupt("j", disk.file_len("j").unwrap() - 2);
             let (_, replayed) = Journal::open(file, store, "j").await.unwrap();
             assert_eq!(replayed.records, records()[..2].to_vec());
         });
+    }
+
+    #[test]
+    fn compaction_keeps_what_live_snapshots_read() {
+        let history = [
+            Record::PartitionSnapshot { generation: 1 },
+            Record::Preserve {
+                chunk: 1,
+                slot: 0,
+                start: 0,
+                end: 2,
+            },
+            Record::PartitionSnapshot { generation: 2 },
+            Record::Preserve {
+                chunk: 1,
+                slot: 1,
+                start: 2,
+                end: 3,
+            },
+            Record::Preserve {
+                chunk: 2,
+                slot: 2,
+                start: 0,
+                end: 3,
+            },
+            Record::Free { chunk: 2, start: 0 },
+        ];
+        // Snapshot 1 deleted, 2 live: only the version covering 2 stays.
+        assert_eq!(
+            compact(&history, &[2]),
+            vec![
+                Record::PartitionSnapshot { generation: 2 },
+                Record::Preserve {
+                    chunk: 1,
+                    slot: 1,
+                    start: 2,
+                    end: 3
+                },
+            ]
+        );
+        let bytes = encode_all(&compact(&history, &[1, 2]));
+        assert_eq!(
+            decode(&bytes).map(|(r, seq, _)| (r, seq)),
+            Some((history[0], 0))
+        );
     }
 }
