@@ -15,15 +15,34 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
 fn write_file(path: &Path, data: &[u8]) {
     std::fs::write(path, data).unwrap();
+}
+
+/// Unless a tool in `tools` is missing (then `None`, after a SKIP line):
+/// a daemon on a temporary directory, with volume `vol` created with
+/// `options` (`snapblk volume create vol OPTIONS...`).
+fn daemon_with_vol(
+    test: &str,
+    tools: &[&str],
+    options: &[&str],
+) -> Option<(tempfile::TempDir, Daemon)> {
+    if skip_without(test, tools) {
+        return None;
+    }
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    let mut args = vec!["volume", "create", "vol"];
+    args.extend_from_slice(options);
+    d.ok(&args);
+    Some((t, d))
 }
 
 /// Copies an export to a local file with nbdcopy and returns its bytes.
@@ -42,20 +61,13 @@ fn dump(d: &Daemon, export: &str, path: &Path) -> Vec<u8> {
 /// converting the export (and a snapshot of it) back out gives the same bytes.
 #[test]
 fn qemu_img_info_convert_compare() {
-    if skip_without("qemu_img_info_convert_compare", &["qemu-img", "qemu-io"]) {
+    let Some((t, d)) = daemon_with_vol(
+        "qemu_img_info_convert_compare",
+        &["qemu-img", "qemu-io"],
+        &["--size", "48M", "--chunk-size", "16K"],
+    ) else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "48M",
-        "--chunk-size",
-        "16K",
-    ]);
+    };
     let uri = d.uri("vol");
 
     let info = run_ok(
@@ -147,51 +159,20 @@ fn qemu_img_info_convert_compare() {
 // 2. qemu-io
 // ---------------------------------------------------------------------------
 
-fn qemu_io(uri: &str, readonly: bool, cmds: &[String]) -> (bool, String) {
-    let mut c = Command::new("qemu-io");
-    if readonly {
-        c.arg("-r");
-    }
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(uri);
-    let (ok, o, e) = run(&mut c);
-    (ok, o + &e)
-}
-
-#[track_caller]
-fn qemu_io_ok(uri: &str, readonly: bool, cmds: &[String]) -> String {
-    let (ok, text) = qemu_io(uri, readonly, cmds);
-    assert!(
-        ok && !text.contains("Pattern verification failed") && !text.contains("failed"),
-        "qemu-io {cmds:?}: {text}"
-    );
-    text
-}
-
 /// Patterns written at unaligned offsets, across chunk and partition
 /// boundaries, read back exactly; a wrong pattern is detected (so the check
 /// itself works); zeroes and discards read back as zero; a snapshot keeps
 /// the old patterns.
 #[test]
 fn qemu_io_patterns() {
-    if skip_without("qemu_io_patterns", &["qemu-io"]) {
-        return;
-    }
-    let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
     // 4 partitions of 8 MiB, 64 KiB chunks.
-    d.ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "32M",
-        "--partitions",
-        "4",
-    ]);
+    let Some((_t, d)) = daemon_with_vol(
+        "qemu_io_patterns",
+        &["qemu-io"],
+        &["--size", "32M", "--partitions", "4"],
+    ) else {
+        return;
+    };
     let uri = d.uri("vol");
     // (pattern, offset, length): sector-aligned, chunk-unaligned, crossing a
     // chunk boundary, crossing a partition boundary, the last bytes.
@@ -226,7 +207,7 @@ fn qemu_io_patterns() {
     check(&uri, &writes);
 
     // The pattern check itself works: a wrong pattern is reported.
-    let (ok, text) = qemu_io(&uri, true, &["read -P 0x12 20M 4096".into()]);
+    let (ok, text) = qemu_io(&uri, true, &["read -P 0x12 20M 4096"]);
     assert!(
         !ok || text.contains("Pattern verification failed"),
         "a wrong pattern must be detected: {text}"
@@ -239,27 +220,27 @@ fn qemu_io_patterns() {
         &uri,
         false,
         &[
-            "write -P 0x99 512 1024".into(),
-            "write -z 20M 304K".into(),
-            "discard 8M 64K".into(),
-            "flush".into(),
+            "write -P 0x99 512 1024",
+            "write -z 20M 304K",
+            "discard 8M 64K",
+            "flush",
         ],
     );
     qemu_io_ok(
         &uri,
         true,
         &[
-            "read -P 0x99 512 1024".into(),
-            "read -P 0 20M 400K".into(),
-            "read -P 0 8M 64K".into(),
-            format!("read -P 0x33 {} 65536", 8 * MIB - 65536 - 512),
-            format!("read -P 0x33 {} 512", 8 * MIB + 65536),
+            "read -P 0x99 512 1024",
+            "read -P 0 20M 400K",
+            "read -P 0 8M 64K",
+            format!("read -P 0x33 {} 65536", 8 * MIB - 65536 - 512).as_str(),
+            format!("read -P 0x33 {} 512", 8 * MIB + 65536).as_str(),
         ],
     );
     // The snapshot still has the old image.
     check(&d.uri("vol@s1"), &writes);
     // And refuses writes.
-    let (ok, text) = qemu_io(&d.uri("vol@s1"), false, &["write -P 1 0 512".into()]);
+    let (ok, text) = qemu_io(&d.uri("vol@s1"), false, &["write -P 1 0 512"]);
     assert!(
         !ok || text.contains("failed") || text.contains("read-only"),
         "write to a snapshot must fail: {text}"
@@ -307,12 +288,13 @@ fn merge(map: &[(u64, u64, u64)]) -> Vec<(u64, u64, u64)> {
 
 #[test]
 fn nbdinfo_flags_and_map() {
-    if skip_without("nbdinfo_flags_and_map", &["nbdinfo", "qemu-io"]) {
+    let Some((_t, d)) = daemon_with_vol(
+        "nbdinfo_flags_and_map",
+        &["nbdinfo", "qemu-io"],
+        &["--size", "64M"],
+    ) else {
         return;
-    }
-    let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "vol", "--size", "64M"]);
+    };
     let uri = d.uri("vol");
 
     let e = nbdinfo_json(&uri);
@@ -330,7 +312,7 @@ fn nbdinfo_flags_and_map() {
     qemu_io_ok(
         &uri,
         false,
-        &["write -P 0x61 3M 1M".into(), "write -P 0x62 40M 1M".into()],
+        &["write -P 0x61 3M 1M", "write -P 0x62 40M 1M"],
     );
     let want = vec![
         (0, 3 * MIB, 3),
@@ -351,11 +333,7 @@ fn nbdinfo_flags_and_map() {
 
     // After more writes (and a discard) on the volume, the snapshot's map is
     // still the old one and the volume's map is the new one.
-    qemu_io_ok(
-        &uri,
-        false,
-        &["write -P 0x63 20M 1M".into(), "discard 40M 1M".into()],
-    );
+    qemu_io_ok(&uri, false, &["write -P 0x63 20M 1M", "discard 40M 1M"]);
     assert_eq!(merge(&nbdinfo_map(&d.uri("vol@snap"))), want);
     let m = merge(&nbdinfo_map(&uri));
     assert_eq!(
@@ -372,7 +350,7 @@ fn nbdinfo_flags_and_map() {
     qemu_io_ok(
         &d.uri("vol@snap"),
         true,
-        &["read -P 0x61 3M 1M".into(), "read -P 0x62 40M 1M".into()],
+        &["read -P 0x61 3M 1M", "read -P 0x62 40M 1M"],
     );
 }
 
@@ -595,12 +573,13 @@ print("PASS")
 
 #[test]
 fn libnbd_python_requests() {
-    if skip_without("libnbd_python_requests", &["python3-nbd"]) {
+    let Some((_t, d)) = daemon_with_vol(
+        "libnbd_python_requests",
+        &["python3-nbd"],
+        &["--size", "64M"],
+    ) else {
         return;
-    }
-    let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "vol", "--size", "64M"]);
+    };
     d.ok(&["snapshot", "create", "vol", "empty"]);
     // Snapshot "s" holds, at 4M..5M, exactly what the main script's `exp`
     // is at its end (after its trims), zeros elsewhere; the main script
@@ -651,20 +630,13 @@ fn fio_ok(cwd: &Path, args: &[String]) -> String {
 
 #[test]
 fn fio_nbd_engine_verify() {
-    if skip_without("fio_nbd_engine_verify", &["fio"]) {
+    let Some((t, d)) = daemon_with_vol(
+        "fio_nbd_engine_verify",
+        &["fio"],
+        &["--size", "64M", "--chunk-size", "16K"],
+    ) else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "64M",
-        "--chunk-size",
-        "16K",
-    ]);
+    };
     let uri = d.uri("vol");
     // Snapshots during the workload make every overwrite copy-on-write.
     d.ok(&["snapshot", "create", "vol", "before"]);
@@ -717,7 +689,7 @@ fn fio_nbd_engine_verify() {
         qemu_io_ok(
             &d.uri("vol@before"),
             true,
-            &["read -P 0 0 32M".into(), "read -P 0 32M 32M".into()],
+            &["read -P 0 0 32M", "read -P 0 32M 32M"],
         );
     }
 }
@@ -930,6 +902,18 @@ else:
     emit("PASS")
 "#;
 
+/// `WRITER`'s arguments for volume `vol` of `d`.
+fn writer_args(d: &Daemon, nslots: u64, mode: &str) -> Vec<String> {
+    let mut args = vec![
+        d.uri("vol"),
+        "vol".to_string(),
+        nslots.to_string(),
+        mode.to_string(),
+    ];
+    args.extend(d.cli_prefix());
+    args
+}
+
 #[derive(Debug)]
 struct SnapBounds {
     name: String,
@@ -949,33 +933,15 @@ fn parse_snap(line: &str) -> Option<SnapBounds> {
 
 #[test]
 fn snapshots_under_concurrent_writes_are_point_in_time() {
-    if skip_without(
+    let Some((t, d)) = daemon_with_vol(
         "snapshots_under_concurrent_writes_are_point_in_time",
         &["python3-nbd", "nbdcopy"],
-    ) {
+        &["--size", "4M", "--chunk-size", "16K", "--partitions", "4"],
+    ) else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
+    };
     let nslots: u64 = 1024; // 4 MiB of 4 KiB blocks, 64 chunks of 16 KiB
-    d.ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "4M",
-        "--chunk-size",
-        "16K",
-        "--partitions",
-        "4",
-    ]);
-    let mut args = vec![
-        d.uri("vol"),
-        "vol".to_string(),
-        nslots.to_string(),
-        "live".to_string(),
-    ];
-    args.extend(d.cli_prefix());
+    let args = writer_args(&d, nslots, "live");
     let out = py_ok(WRITER, &args);
     let snaps: Vec<SnapBounds> = out.lines().filter_map(parse_snap).collect();
     assert_eq!(snaps.len(), 3, "{out}");
@@ -1021,42 +987,16 @@ fn snapshots_under_concurrent_writes_are_point_in_time() {
 /// every snapshot reads exactly its point-in-time image.
 #[test]
 fn kill9_under_write_load_keeps_flushed_writes_and_snapshots() {
-    if skip_without(
+    let Some((t, mut d)) = daemon_with_vol(
         "kill9_under_write_load_keeps_flushed_writes_and_snapshots",
         &["python3-nbd", "nbdcopy"],
-    ) {
+        &["--size", "8M", "--chunk-size", "32K", "--partitions", "3"],
+    ) else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
+    };
     let nslots: u64 = 2048; // 8 MiB
-    d.ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "8M",
-        "--chunk-size",
-        "32K",
-        "--partitions",
-        "3",
-    ]);
-    let mut args = vec![
-        d.uri("vol"),
-        "vol".to_string(),
-        nslots.to_string(),
-        "crash".to_string(),
-    ];
-    args.extend(d.cli_prefix());
-    let mut child = Command::new(python().unwrap())
-        .arg("-c")
-        .arg(WRITER)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let args = writer_args(&d, nslots, "crash");
+    let mut child = py_spawn(WRITER, &args, false);
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -1099,13 +1039,7 @@ fn kill9_under_write_load_keeps_flushed_writes_and_snapshots() {
     }
     reader.join().unwrap();
     let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = read_stderr(&mut child);
     assert!(status.success(), "writer: {status}\n{lines:?}\n{err}");
     let dead = lines
         .iter()
@@ -1130,7 +1064,7 @@ fn kill9_under_write_load_keeps_flushed_writes_and_snapshots() {
     let snaps: Vec<SnapBounds> = lines.iter().filter_map(|l| parse_snap(l)).collect();
     assert_eq!(snaps.len(), 3, "{lines:?}");
 
-    let d = Daemon::start(&dir);
+    d.restart();
     // Snapshots survived and read exactly their images.
     for s in &snaps {
         let img = dump(&d, &format!("vol@{}", s.name), &t.path().join("snap.img"));
@@ -1167,7 +1101,7 @@ fn kill9_under_write_load_keeps_flushed_writes_and_snapshots() {
         qemu_io_ok(
             &d.uri("vol"),
             false,
-            &["write -P 0x3c 0 4096".into(), "read -P 0x3c 0 4096".into()],
+            &["write -P 0x3c 0 4096", "read -P 0x3c 0 4096"],
         );
     }
 }
@@ -1209,46 +1143,21 @@ else:
 
 #[test]
 fn multi_conn_flush_on_other_connection_survives_kill9() {
-    if skip_without(
+    let Some((_t, mut d)) = daemon_with_vol(
         "multi_conn_flush_on_other_connection_survives_kill9",
         &["python3-nbd"],
-    ) {
+        &["--size", "64M", "--partitions", "4"],
+    ) else {
         return;
-    }
-    let (_t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
-    d.ok(&[
-        "volume",
-        "create",
-        "vol",
-        "--size",
-        "64M",
-        "--partitions",
-        "4",
-    ]);
-    let mut child = Command::new(python().unwrap())
-        .arg("-c")
-        .arg(MULTI_CONN)
-        .arg(d.uri("vol"))
-        .arg("write")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    };
+    let mut child = py_spawn(MULTI_CONN, &[d.uri("vol"), "write".to_string()], true);
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     if line.trim() != "READY" {
         let _ = child.kill();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let err = read_stderr(&mut child);
         panic!("writer failed: {line}{err}");
     }
     // Both connections are still open: no disconnect can trigger a flush.
@@ -1368,15 +1277,13 @@ print("PASS")
 
 #[test]
 fn bad_input_from_real_sockets_and_clients() {
-    if skip_without(
+    let Some((_t, mut d)) = daemon_with_vol(
         "bad_input_from_real_sockets_and_clients",
         &["python3-nbd", "qemu-img", "qemu-io"],
-    ) {
+        &["--size", "16M"],
+    ) else {
         return;
-    }
-    let (_t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "vol", "--size", "16M"]);
+    };
     py_ok(
         BAD_INPUT,
         &[d.uri("vol"), d.nbd_sock().display().to_string()],
@@ -1395,7 +1302,7 @@ fn bad_input_from_real_sockets_and_clients() {
 
     // Out-of-range reads through qemu-io fail, and the daemon still serves.
     for cmd in ["read 16M 4096", "read 16773120 8192", "write -P 1 16M 512"] {
-        let (ok, text) = qemu_io(&d.uri("vol"), false, &[cmd.to_string()]);
+        let (ok, text) = qemu_io(&d.uri("vol"), false, &[cmd]);
         assert!(
             !ok || text.contains("failed"),
             "qemu-io {cmd} should fail: {text}"
@@ -1404,10 +1311,7 @@ fn bad_input_from_real_sockets_and_clients() {
     qemu_io_ok(
         &d.uri("vol"),
         false,
-        &[
-            "write -P 0x7e 16773120 4096".into(),
-            "read -P 0x7e 16773120 4096".into(),
-        ],
+        &["write -P 0x7e 16773120 4096", "read -P 0x7e 16773120 4096"],
     );
     assert!(d.alive(), "daemon died; log:\n{}", d.log());
     // The control plane still answers.

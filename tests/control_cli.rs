@@ -4,151 +4,16 @@
 //! Each daemon serves NBD only on a UNIX socket inside its own data directory
 //! (no fixed TCP port), so these tests run in parallel.
 
+mod common;
+
+use common::{have, names, qemu_io_ok, tempdir, Daemon, BIN};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
-
-struct Daemon {
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn control(&self) -> PathBuf {
-        self.dir.join("control.sock")
-    }
-
-    fn start(dir: &Path) -> Daemon {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.with_extension("log"))
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["daemon", "--data-dir"])
-            .arg(dir)
-            .arg("--nbd-socket")
-            .arg(dir.join("nbd.sock"))
-            .env("RUST_LOG", "info")
-            .env_remove("SNAPBLK_CONTROL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        };
-        d.wait_ready();
-        d
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if UnixStream::connect(self.control()).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited early ({status}); log:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not start; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
-    }
-
-    fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "daemon ignored signal {sig}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Runs the CLI against this daemon.
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--control")
-            .arg(self.control())
-            .args(args)
-            .env_remove("SNAPBLK_CONTROL")
-            .output()
-            .unwrap()
-    }
-
-    /// Runs the CLI, asserts success, returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "snapblk {args:?} failed: {}\nlog:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs the CLI with --json, asserts success, parses stdout.
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&a)).expect("--json prints JSON")
-    }
-
-    /// Runs the CLI, asserts failure, returns stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(!out.status.success(), "snapblk {args:?} should fail");
-        assert!(out.stdout.is_empty(), "a failure prints nothing on stdout");
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(err.lines().count(), 1, "one line of error: {err:?}");
-        assert!(err.starts_with("snapblk: error: "), "{err}");
-        err
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tempdir() -> (tempfile::TempDir, PathBuf) {
-    let t = tempfile::tempdir().unwrap();
-    let d = t.path().join("data");
-    (t, d)
-}
-
-fn names(list: &Value) -> Vec<String> {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect()
-}
 
 /// A raw protocol connection.
 struct Raw {
@@ -176,31 +41,6 @@ impl Raw {
     }
 }
 
-/// Runs `qemu-io` on an export of the daemon in `dir`; `None` if qemu-io is
-/// not installed. Asserts success.
-fn qemu_io(dir: &Path, export: &str, readonly: bool, cmds: &[&str]) -> Option<String> {
-    let mut c = Command::new("qemu-io");
-    if readonly {
-        c.arg("-r");
-    }
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(format!(
-        "nbd+unix:///{export}?socket={}",
-        dir.join("nbd.sock").display()
-    ));
-    let out = c.output().ok()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("Pattern verification failed"),
-        "qemu-io {cmds:?}: {text}"
-    );
-    Some(text)
-}
-
 fn assert_error(v: &Value, code: &str, needle: &str) {
     assert_eq!(v["ok"], Value::Bool(false), "{v}");
     assert_eq!(v["error"]["code"], code, "{v}");
@@ -214,7 +54,7 @@ fn assert_error(v: &Value, code: &str, needle: &str) {
 #[test]
 fn volume_lifecycle_human_and_json() {
     let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
 
     assert!(d.ok(&["volume", "list"]).contains("no volumes"));
     assert_eq!(d.json(&["volume", "list"]), Value::Array(vec![]));
@@ -324,7 +164,7 @@ fn volume_lifecycle_human_and_json() {
 #[test]
 fn bad_sizes_and_names_are_rejected() {
     let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
     for size in [
         "10X",
         "abc",
@@ -421,7 +261,7 @@ fn daemon_not_running_is_a_clear_error() {
 #[test]
 fn snapshots_create_list_delete() {
     let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
     d.ok(&["volume", "create", "vol", "--size", "16M"]);
     assert!(d
         .ok(&["snapshot", "list", "vol"])
@@ -476,7 +316,7 @@ fn snapshots_create_list_delete() {
 #[test]
 fn malformed_lines_get_errors_and_the_connection_goes_on() {
     let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
     let mut raw = Raw::connect(&d.control());
     assert_error(&raw.send("garbage"), "bad_request", "not valid JSON");
     assert_error(&raw.send("[1,2,3]"), "bad_request", "JSON object");
@@ -535,7 +375,7 @@ fn malformed_lines_get_errors_and_the_connection_goes_on() {
 #[test]
 fn restart_after_sigterm_and_kill9_keeps_volumes_and_snapshots() {
     let (_t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
+    let mut d = Daemon::start_in_data_dir(&dir);
     d.ok(&["volume", "create", "a", "--size", "32M"]);
     d.ok(&[
         "volume",
@@ -546,10 +386,13 @@ fn restart_after_sigterm_and_kill9_keeps_volumes_and_snapshots() {
         "--partitions",
         "2",
     ]);
-    let have_qemu = qemu_io(&dir, "a", false, &["write -P 0x5a 0 1M", "flush"]).is_some();
+    let have_qemu = have("qemu-io");
+    if have_qemu {
+        qemu_io_ok(&d.uri("a"), false, &["write -P 0x5a 0 1M", "flush"]);
+    }
     d.ok(&["snapshot", "create", "a", "before"]);
     if have_qemu {
-        qemu_io(&dir, "a", false, &["write -P 0x11 0 64k", "flush"]);
+        qemu_io_ok(&d.uri("a"), false, &["write -P 0x11 0 64k", "flush"]);
     }
     d.ok(&["snapshot", "create", "a", "after"]);
 
@@ -558,7 +401,7 @@ fn restart_after_sigterm_and_kill9_keeps_volumes_and_snapshots() {
     assert!(!d.control().exists(), "control socket removed at shutdown");
     assert!(d.log().contains("stopped cleanly"));
 
-    let mut d = Daemon::start(&dir);
+    let mut d = Daemon::start_in_data_dir(&dir);
     assert_eq!(names(&d.json(&["volume", "list"])), ["a", "b"]);
     assert_eq!(
         names(&d.json(&["snapshot", "list", "a"])),
@@ -573,20 +416,19 @@ fn restart_after_sigterm_and_kill9_keeps_volumes_and_snapshots() {
     assert!(!status.success());
     assert!(d.control().exists());
 
-    let mut d = Daemon::start(&dir);
+    let mut d = Daemon::start_in_data_dir(&dir);
     assert_eq!(names(&d.json(&["volume", "list"])), ["a", "b"]);
     assert_eq!(names(&d.json(&["snapshot", "list", "a"])), ["after"]);
     assert_eq!(names(&d.json(&["snapshot", "list", "b"])), ["third"]);
     assert_eq!(d.json(&["volume", "info", "a"])["capacity"], 32u64 << 20);
     if have_qemu {
         // The data came back too: the origin and the surviving snapshot.
-        qemu_io(
-            &dir,
-            "a",
+        qemu_io_ok(
+            &d.uri("a"),
             true,
             &["read -P 0x11 0 64k", "read -P 0x5a 64k 960k"],
         );
-        qemu_io(&dir, "a@after", true, &["read -P 0x11 0 64k"]);
+        qemu_io_ok(&d.uri("a@after"), true, &["read -P 0x11 0 64k"]);
     }
 
     // SIGINT is a clean stop too.
@@ -597,12 +439,12 @@ fn restart_after_sigterm_and_kill9_keeps_volumes_and_snapshots() {
 #[test]
 fn interrupted_create_and_delete_are_cleaned_up_at_start() {
     let (_t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
+    let mut d = Daemon::start_in_data_dir(&dir);
     d.ok(&["volume", "create", "keep", "--size", "1M"]);
     d.signal(libc::SIGTERM);
     std::fs::create_dir_all(dir.join("volumes/.deleting-old/junk")).unwrap();
     std::fs::create_dir_all(dir.join("volumes/.creating-new")).unwrap();
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
     assert_eq!(names(&d.json(&["volume", "list"])), ["keep"]);
     assert!(!dir.join("volumes/.deleting-old").exists());
     assert!(!dir.join("volumes/.creating-new").exists());
@@ -611,7 +453,7 @@ fn interrupted_create_and_delete_are_cleaned_up_at_start() {
 #[test]
 fn corrupt_volume_is_reported_not_fatal() {
     let (_t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
+    let mut d = Daemon::start_in_data_dir(&dir);
     d.ok(&["volume", "create", "bad", "--size", "8M"]);
     d.ok(&["volume", "create", "good", "--size", "8M"]);
     d.ok(&["snapshot", "create", "good", "s1"]);
@@ -623,7 +465,7 @@ fn corrupt_volume_is_reported_not_fatal() {
     )
     .unwrap();
 
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
     assert!(
         d.log().contains("volume bad cannot be opened"),
         "log:\n{}",
@@ -661,7 +503,7 @@ fn corrupt_volume_is_reported_not_fatal() {
 #[test]
 fn control_socket_permissions() {
     let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
     let mode = std::fs::metadata(d.control()).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o660, "control socket mode {mode:o}");
 
@@ -736,10 +578,8 @@ fn serve_creates_disk0_and_prints_how_to_connect() {
         }
         text.push_str(&line);
     }
-    let d = Daemon {
-        dir: dir.clone(),
-        child: Some(child),
-    };
+    let mut d = Daemon::in_data_dir(&dir);
+    d.adopt(child);
     assert!(text.contains("serving volume disk0 (64 MiB)"), "{text}");
     let uri = text
         .split_whitespace()
@@ -774,7 +614,6 @@ fn serve_creates_disk0_and_prints_how_to_connect() {
             );
         }
     }
-    let mut d = d;
     assert_eq!(d.signal(libc::SIGTERM).code(), Some(0));
 
     // A second serve keeps the existing disk0 (no re-create, same size).
@@ -786,10 +625,8 @@ fn serve_creates_disk0_and_prints_how_to_connect() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut d = Daemon {
-        dir: dir.clone(),
-        child: Some(child),
-    };
+    let mut d = Daemon::in_data_dir(&dir);
+    d.adopt(child);
     d.wait_ready();
     assert_eq!(
         d.json(&["volume", "info", "disk0"])["capacity"],
@@ -807,10 +644,10 @@ fn nbd_exports_follow_the_registry() {
     };
     assert!(o.status.success());
     let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
     d.ok(&["volume", "create", "v", "--size", "4M"]);
     d.ok(&["snapshot", "create", "v", "s"]);
-    let sock = dir.join("nbd.sock");
+    let sock = d.nbd_sock();
     let o = Command::new("nbdinfo")
         .arg("--list")
         .arg(format!("nbd+unix:///?socket={}", sock.display()))
@@ -820,10 +657,7 @@ fn nbd_exports_follow_the_registry() {
     assert!(text.contains("export=\"v\""), "{text}");
     assert!(text.contains("export=\"v@s\""), "{text}");
     d.ok(&["volume", "delete", "v"]);
-    let o = Command::new("nbdinfo")
-        .arg(format!("nbd+unix:///v?socket={}", sock.display()))
-        .output()
-        .unwrap();
+    let o = Command::new("nbdinfo").arg(d.uri("v")).output().unwrap();
     assert!(
         !o.status.success(),
         "a deleted volume is no longer exported"
@@ -839,9 +673,9 @@ fn deleting_a_volume_in_use_is_refused() {
         return;
     }
     let (_t, dir) = tempdir();
-    let d = Daemon::start(&dir);
+    let d = Daemon::start_in_data_dir(&dir);
     d.ok(&["volume", "create", "v", "--size", "4M"]);
-    let uri = format!("nbd+unix:///v?socket={}", dir.join("nbd.sock").display());
+    let uri = d.uri("v");
     let mut qio = Command::new("qemu-io")
         .args(["-f", "raw", &uri])
         .stdin(Stdio::piped())

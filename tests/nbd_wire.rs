@@ -302,6 +302,14 @@ impl Client {
         (r, d)
     }
 
+    /// One request that must succeed; returns the data read.
+    #[track_caller]
+    fn call_ok(&mut self, kind: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> Vec<u8> {
+        let (r, d) = self.call(kind, flags, offset, length, data);
+        assert_eq!(r.error(), 0, "{r:?}");
+        d
+    }
+
     fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
@@ -415,11 +423,9 @@ fn pipelined_writes_and_reads_round_trip() {
     assert_eq!(order, (0..N).collect::<Vec<_>>());
 
     // Unwritten gaps read as zeros.
-    let (r, data) = c.call(CMD_READ, 0, LEN as u64, LEN as u32, &[]);
-    assert_eq!(r.error(), 0);
+    let data = c.call_ok(CMD_READ, 0, LEN as u64, LEN as u32, &[]);
     assert!(data.iter().all(|&b| b == 0));
-    let (r, _) = c.call(CMD_FLUSH, 0, 0, 0, &[]);
-    assert_eq!(r.error(), 0);
+    c.call_ok(CMD_FLUSH, 0, 0, 0, &[]);
 }
 
 #[test]
@@ -447,10 +453,8 @@ fn bad_requests_get_errors_and_the_connection_lives() {
     let (r, _) = c.call(CMD_CACHE, 0, 0, 512, &[]);
     assert_eq!(r.error(), NBD_EINVAL);
     // Still usable.
-    let (r, _) = c.call(CMD_WRITE, CMD_FLAG_FUA, 4096, 512, &[9u8; 512]);
-    assert_eq!(r.error(), 0);
-    let (r, data) = c.call(CMD_READ, 0, 4096, 512, &[]);
-    assert_eq!(r.error(), 0);
+    c.call_ok(CMD_WRITE, CMD_FLAG_FUA, 4096, 512, &[9u8; 512]);
+    let data = c.call_ok(CMD_READ, 0, 4096, 512, &[]);
     assert_eq!(data, vec![9u8; 512]);
     // A WRITE beyond the payload limit cannot be skipped: connection closed.
     c.send(CMD_WRITE, 0, 5, 0, (32 << 20) + 512, &[]);
@@ -462,17 +466,14 @@ fn bad_magic_closes_only_that_connection() {
     let f = Fixture::new();
     let mut a = Client::open(&f.sock, "vol");
     let mut b = Client::open(&f.sock, "vol");
-    let (r, _) = b.call(CMD_WRITE, 0, 0, 512, &[5u8; 512]);
-    assert_eq!(r.error(), 0);
+    b.call_ok(CMD_WRITE, 0, 0, 512, &[5u8; 512]);
     a.s.write_all(&[0xffu8; 28]).unwrap();
     assert!(a.is_closed());
-    let (r, data) = b.call(CMD_READ, 0, 0, 512, &[]);
-    assert_eq!(r.error(), 0);
+    let data = b.call_ok(CMD_READ, 0, 0, 512, &[]);
     assert_eq!(data, vec![5u8; 512]);
     // And new connections are still welcome.
     let mut c = Client::open(&f.sock, "vol");
-    let (r, data) = c.call(CMD_READ, 0, 0, 512, &[]);
-    assert_eq!(r.error(), 0);
+    let data = c.call_ok(CMD_READ, 0, 0, 512, &[]);
     assert_eq!(data, vec![5u8; 512]);
 }
 
@@ -481,8 +482,7 @@ fn zeroes_trim_and_block_status() {
     let f = Fixture::new();
     let mut c = Client::open(&f.sock, "vol");
     let mib = 1u32 << 20;
-    let (r, _) = c.call(CMD_WRITE, 0, 0, 2 * mib, &vec![0xabu8; 2 << 20]);
-    assert_eq!(r.error(), 0);
+    c.call_ok(CMD_WRITE, 0, 0, 2 * mib, &vec![0xabu8; 2 << 20]);
 
     let (r, _) = c.call(CMD_BLOCK_STATUS, 0, 0, 4 * mib, &[]);
     let Reply::Chunk { kind, payload, .. } = r else {
@@ -517,20 +517,16 @@ fn zeroes_trim_and_block_status() {
     assert_eq!(payload.len(), 12);
 
     // WRITE_ZEROES (punching and NO_HOLE) and TRIM read back as zeros.
-    let (r, _) = c.call(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, 65536, &[]);
-    assert_eq!(r.error(), 0);
-    let (r, _) = c.call(
+    c.call_ok(CMD_WRITE_ZEROES, CMD_FLAG_FUA, 0, 65536, &[]);
+    c.call_ok(
         CMD_WRITE_ZEROES,
         CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         65536,
         4096,
         &[],
     );
-    assert_eq!(r.error(), 0);
-    let (r, _) = c.call(CMD_TRIM, 0, mib as u64, mib, &[]);
-    assert_eq!(r.error(), 0);
-    let (r, data) = c.call(CMD_READ, 0, 0, 2 * mib, &[]);
-    assert_eq!(r.error(), 0);
+    c.call_ok(CMD_TRIM, 0, mib as u64, mib, &[]);
+    let data = c.call_ok(CMD_READ, 0, 0, 2 * mib, &[]);
     assert!(data[..65536 + 4096].iter().all(|&b| b == 0));
     assert!(data[65536 + 4096..mib as usize].iter().all(|&b| b == 0xab));
     // TRIM content is unspecified by NBD; nothing to assert beyond success.
@@ -553,8 +549,7 @@ fn simple_replies_without_structured_negotiation() {
     // No meta context: BLOCK_STATUS is invalid.
     let (r, _) = c.call(CMD_BLOCK_STATUS, 0, 0, 4096, &[]);
     assert!(matches!(r, Reply::Simple { error: 22, .. }), "{r:?}");
-    let (r, data) = c.call(CMD_READ, 0, 8192, 512, &[]);
-    assert_eq!(r.error(), 0);
+    let data = c.call_ok(CMD_READ, 0, 8192, 512, &[]);
     assert_eq!(data, vec![3u8; 512]);
 }
 
@@ -562,11 +557,9 @@ fn simple_replies_without_structured_negotiation() {
 fn snapshot_exports_are_read_only() {
     let f = Fixture::new();
     let mut c = Client::open(&f.sock, "vol");
-    let (r, _) = c.call(CMD_WRITE, CMD_FLAG_FUA, 0, 4096, &[1u8; 4096]);
-    assert_eq!(r.error(), 0);
+    c.call_ok(CMD_WRITE, CMD_FLAG_FUA, 0, 4096, &[1u8; 4096]);
     runtime::block_on(f.volume.create_snapshot("snap")).unwrap();
-    let (r, _) = c.call(CMD_WRITE, 0, 0, 4096, &[2u8; 4096]);
-    assert_eq!(r.error(), 0);
+    c.call_ok(CMD_WRITE, 0, 0, 4096, &[2u8; 4096]);
 
     let mut s = Client::connect(&f.sock);
     s.structured_replies();
@@ -574,15 +567,13 @@ fn snapshot_exports_are_read_only() {
     assert_eq!(size, SIZE);
     assert_eq!(flags & TFLAG_READ_ONLY, TFLAG_READ_ONLY);
     assert_eq!(flags & TFLAG_SEND_TRIM, 0);
-    let (r, data) = s.call(CMD_READ, 0, 0, 4096, &[]);
-    assert_eq!(r.error(), 0);
+    let data = s.call_ok(CMD_READ, 0, 0, 4096, &[]);
     assert_eq!(data, vec![1u8; 4096]);
     let (r, _) = s.call(CMD_WRITE, 0, 0, 512, &[0u8; 512]);
     assert_eq!(r.error(), NBD_EPERM);
     let (r, _) = s.call(CMD_TRIM, 0, 0, 512, &[]);
     assert_eq!(r.error(), NBD_EPERM);
-    let (r, _) = s.call(CMD_FLUSH, 0, 0, 0, &[]);
-    assert_eq!(r.error(), 0);
+    s.call_ok(CMD_FLUSH, 0, 0, 0, &[]);
 }
 
 #[test]
@@ -613,11 +604,9 @@ fn a_panicking_connection_does_not_disturb_others() {
     p.extend_from_slice(b"boom\0\0");
     b.opt(OPT_GO, &p);
     assert!(b.is_closed());
-    let (r, _) = a.call(CMD_WRITE, 0, 0, 512, &[1u8; 512]);
-    assert_eq!(r.error(), 0);
+    a.call_ok(CMD_WRITE, 0, 0, 512, &[1u8; 512]);
     let mut c = Client::open(&f.sock, "vol");
-    let (r, data) = c.call(CMD_READ, 0, 0, 512, &[]);
-    assert_eq!(r.error(), 0);
+    let data = c.call_ok(CMD_READ, 0, 0, 512, &[]);
     assert_eq!(data, vec![1u8; 512]);
 }
 
@@ -641,8 +630,7 @@ fn tcp_listener_and_stale_unix_socket() {
     assert!(stale.exists());
     second.listen_unix(&stale).unwrap();
     let mut c = Client::open(&stale, "vol");
-    let (r, _) = c.call(CMD_FLUSH, 0, 0, 0, &[]);
-    assert_eq!(r.error(), 0);
+    c.call_ok(CMD_FLUSH, 0, 0, 0, &[]);
     drop(c);
     second.shutdown();
     assert!(!stale.exists());
@@ -671,8 +659,7 @@ fn run(cmd: &mut Command) -> String {
 fn real_clients_nbdinfo_qemu_img_nbdcopy() {
     let f = Fixture::new();
     let mut c = Client::open(&f.sock, "vol");
-    let (r, _) = c.call(CMD_WRITE, CMD_FLAG_FUA, 0, 1 << 20, &vec![0x5au8; 1 << 20]);
-    assert_eq!(r.error(), 0);
+    c.call_ok(CMD_WRITE, CMD_FLAG_FUA, 0, 1 << 20, &vec![0x5au8; 1 << 20]);
     drop(c);
 
     if have("nbdinfo") {

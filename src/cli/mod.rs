@@ -138,6 +138,23 @@ fn print_json(v: &Value) {
     );
 }
 
+/// Sends `req` to the daemon; prints the result as JSON with `--json`, else
+/// for people with `human`.
+fn reply(
+    control: &Path,
+    json: bool,
+    req: &Request,
+    human: impl FnOnce(&Value),
+) -> Result<(), CliError> {
+    let r = client::request(control, req)?;
+    if json {
+        print_json(&r);
+    } else {
+        human(&r);
+    }
+    Ok(())
+}
+
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -192,10 +209,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve(a) => serve(cli.control, a),
         Command::Status => {
             let control = paths::client_control_path(cli.control);
-            let r = client::request(&control, &Request::DaemonStatus {})?;
-            if json {
-                print_json(&r);
-            } else {
+            reply(&control, json, &Request::DaemonStatus {}, |r| {
                 let list = |k: &str| {
                     r.get(k)
                         .and_then(Value::as_array)
@@ -211,18 +225,17 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 print!(
                     "{}",
                     output::key_values(&[
-                        ("version", output::str_of(&r, "version")),
-                        ("pid", output::str_of(&r, "pid")),
-                        ("data dir", output::str_of(&r, "data_dir")),
-                        ("control socket", output::str_of(&r, "control_socket")),
+                        ("version", output::str_of(r, "version")),
+                        ("pid", output::str_of(r, "pid")),
+                        ("data dir", output::str_of(r, "data_dir")),
+                        ("control socket", output::str_of(r, "control_socket")),
                         ("nbd tcp", list("nbd_tcp")),
                         ("nbd unix", list("nbd_unix")),
-                        ("volumes", output::str_of(&r, "volumes")),
-                        ("uptime", format!("{} s", output::str_of(&r, "uptime_s"))),
+                        ("volumes", output::str_of(r, "volumes")),
+                        ("uptime", format!("{} s", output::str_of(r, "uptime_s"))),
                     ])
                 );
-            }
-            Ok(())
+            })
         }
         Command::Volume(cmd) => {
             let control = paths::client_control_path(cli.control);
@@ -280,105 +293,69 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
                 ),
                 None => None,
             };
-            let r = client::request(
-                control,
-                &Request::VolumeCreate {
-                    name: name.clone(),
-                    size,
-                    chunk_size,
-                    partitions,
-                    backing,
-                },
-            )?;
-            if json {
-                print_json(&r);
-            } else {
+            let req = Request::VolumeCreate {
+                name: name.clone(),
+                size,
+                chunk_size,
+                partitions,
+                backing,
+            };
+            reply(control, json, &req, |r| {
                 println!(
                     "created volume {name}: {}, chunk size {}, {} partitions",
-                    output::size_of(&r, "capacity"),
-                    output::size_of(&r, "chunk_size"),
-                    output::str_of(&r, "partitions"),
-                );
-            }
+                    output::size_of(r, "capacity"),
+                    output::size_of(r, "chunk_size"),
+                    output::str_of(r, "partitions"),
+                )
+            })
         }
-        VolumeCmd::List => {
-            let r = client::request(control, &Request::VolumeList {})?;
-            if json {
-                print_json(&r);
-            } else {
-                print!("{}", output::volume_list(&r));
-            }
-        }
-        VolumeCmd::Info { name } => {
-            let r = client::request(control, &Request::VolumeInfo { name })?;
-            if json {
-                print_json(&r);
-            } else {
-                print!("{}", output::volume_info(&r));
-            }
-        }
+        VolumeCmd::List => reply(control, json, &Request::VolumeList {}, |r| {
+            print!("{}", output::volume_list(r))
+        }),
+        VolumeCmd::Info { name } => reply(control, json, &Request::VolumeInfo { name }, |r| {
+            print!("{}", output::volume_info(r))
+        }),
         VolumeCmd::Delete { name } => {
-            let r = client::request(control, &Request::VolumeDelete { name: name.clone() })?;
-            if json {
-                print_json(&r);
-            } else {
-                println!("deleted volume {name}");
-            }
+            let req = Request::VolumeDelete { name: name.clone() };
+            reply(control, json, &req, |_| println!("deleted volume {name}"))
         }
     }
-    Ok(())
 }
 
 fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError> {
     match cmd {
         SnapshotCmd::Create { volume, name } => {
             name_arg("snapshot", &name)?;
-            let r = client::request(
-                control,
-                &Request::SnapshotCreate {
-                    volume: volume.clone(),
-                    name: name.clone(),
-                },
-            )?;
-            if json {
-                print_json(&r);
-            } else {
+            let req = Request::SnapshotCreate {
+                volume: volume.clone(),
+                name: name.clone(),
+            };
+            reply(control, json, &req, |r| {
                 println!(
                     "created snapshot {name} of volume {volume} (generation {}, writes paused {} µs)",
-                    output::str_of(&r, "generation"),
-                    output::str_of(&r, "stall_us"),
-                );
-            }
+                    output::str_of(r, "generation"),
+                    output::str_of(r, "stall_us"),
+                )
+            })
         }
         SnapshotCmd::List { volume } => {
-            let r = client::request(
-                control,
-                &Request::SnapshotList {
-                    volume: volume.clone(),
-                },
-            )?;
-            if json {
-                print_json(&r);
-            } else {
-                print!("{}", output::snapshot_list(&volume, &r));
-            }
+            let req = Request::SnapshotList {
+                volume: volume.clone(),
+            };
+            reply(control, json, &req, |r| {
+                print!("{}", output::snapshot_list(&volume, r))
+            })
         }
         SnapshotCmd::Delete { volume, name } => {
-            let r = client::request(
-                control,
-                &Request::SnapshotDelete {
-                    volume: volume.clone(),
-                    name: name.clone(),
-                },
-            )?;
-            if json {
-                print_json(&r);
-            } else {
-                println!("deleted snapshot {name} of volume {volume}");
-            }
+            let req = Request::SnapshotDelete {
+                volume: volume.clone(),
+                name: name.clone(),
+            };
+            reply(control, json, &req, |_| {
+                println!("deleted snapshot {name} of volume {volume}")
+            })
         }
     }
-    Ok(())
 }
 
 /// `snapblk serve`: the quick start.

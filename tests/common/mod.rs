@@ -7,6 +7,8 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::ffi::OsString;
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -17,25 +19,98 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_snapblk");
 
 pub struct Daemon {
     pub dir: PathBuf,
+    control: PathBuf,
+    nbd: PathBuf,
+    log: PathBuf,
+    /// The `snapblk` arguments it was started with (for restarts).
+    args: Vec<OsString>,
     child: Option<Child>,
 }
 
 impl Daemon {
-    /// Starts a daemon on `dir` (created if missing) and waits until its
-    /// control socket and NBD socket accept connections.
+    /// Starts a daemon on `dir` (created if missing) with its control
+    /// socket, NBD socket and log beside it, and waits until both sockets
+    /// accept connections.
     pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_at(dir, dir)
+    }
+
+    /// Like [`Daemon::start`], with the sockets and the log at `at` plus
+    /// `.control.sock`, `.nbd.sock`, `.log` (e.g. off a small file system
+    /// that holds only the data).
+    pub fn start_at(dir: &Path, at: &Path) -> Daemon {
+        let control = at.with_extension("control.sock");
+        let nbd = at.with_extension("nbd.sock");
+        let args = vec![
+            "daemon".into(),
+            "--data-dir".into(),
+            dir.into(),
+            "--control".into(),
+            control.clone().into(),
+            "--nbd-socket".into(),
+            nbd.clone().into(),
+        ];
+        let mut d = Daemon {
+            dir: dir.to_path_buf(),
+            control,
+            nbd,
+            log: at.with_extension("log"),
+            args,
+            child: None,
+        };
+        d.launch();
+        d
+    }
+
+    /// Starts a daemon on `dir` with its default control socket
+    /// (`DIR/control.sock`, no `--control`) and NBD on `DIR/nbd.sock`.
+    pub fn start_in_data_dir(dir: &Path) -> Daemon {
+        let mut d = Daemon::in_data_dir(dir);
+        d.args = vec![
+            "daemon".into(),
+            "--data-dir".into(),
+            dir.into(),
+            "--nbd-socket".into(),
+            d.nbd.clone().into(),
+        ];
+        d.launch();
+        d
+    }
+
+    /// A daemon not started yet that will use the sockets inside `dir`
+    /// (`control.sock`, `nbd.sock`); start it elsewhere and [`Daemon::adopt`] it.
+    pub fn in_data_dir(dir: &Path) -> Daemon {
+        Daemon {
+            dir: dir.to_path_buf(),
+            control: dir.join("control.sock"),
+            nbd: dir.join("nbd.sock"),
+            log: dir.with_extension("log"),
+            args: Vec::new(),
+            child: None,
+        }
+    }
+
+    /// Takes over a daemon process started by the caller: it is killed on
+    /// drop like one started here.
+    pub fn adopt(&mut self, child: Child) {
+        assert!(self.child.is_none(), "a daemon already runs");
+        self.child = Some(child);
+    }
+
+    /// Spawns `snapblk ARGS` (logging to the log file) and waits until it
+    /// is ready.
+    fn launch(&mut self) {
+        assert!(
+            !self.args.is_empty(),
+            "not started here: cannot start again"
+        );
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.with_extension("log"))
+            .open(&self.log)
             .unwrap();
         let child = Command::new(BIN)
-            .args(["daemon", "--data-dir"])
-            .arg(dir)
-            .arg("--control")
-            .arg(dir.with_extension("control.sock"))
-            .arg("--nbd-socket")
-            .arg(dir.with_extension("nbd.sock"))
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .env_remove("SNAPBLK_CONTROL")
             .stdin(Stdio::null())
@@ -43,20 +118,16 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut d = Daemon {
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        };
-        d.wait_ready();
-        d
+        self.adopt(child);
+        self.wait_ready();
     }
 
     pub fn control(&self) -> PathBuf {
-        self.dir.with_extension("control.sock")
+        self.control.clone()
     }
 
     pub fn nbd_sock(&self) -> PathBuf {
-        self.dir.with_extension("nbd.sock")
+        self.nbd.clone()
     }
 
     /// `nbd+unix:///EXPORT?socket=PATH`
@@ -64,11 +135,12 @@ impl Daemon {
         format!("nbd+unix:///{export}?socket={}", self.nbd_sock().display())
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the control socket and the NBD socket accept
+    /// connections; panics (with the log) if the daemon exits first.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if UnixStream::connect(self.control()).is_ok()
-                && UnixStream::connect(self.nbd_sock()).is_ok()
+            if UnixStream::connect(&self.control).is_ok() && UnixStream::connect(&self.nbd).is_ok()
             {
                 return;
             }
@@ -85,7 +157,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
@@ -118,8 +190,12 @@ impl Daemon {
     pub fn kill9_and_restart(&mut self) {
         let st = self.signal(libc::SIGKILL);
         assert!(!st.success());
-        let d = Daemon::start(&self.dir);
-        *self = d;
+        self.restart();
+    }
+
+    /// Starts the stopped daemon again, as it was started first.
+    pub fn restart(&mut self) {
+        self.launch();
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
@@ -144,10 +220,28 @@ impl Daemon {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Runs the CLI with --json, asserts success, parses stdout.
     pub fn json(&self, args: &[&str]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         serde_json::from_str(&self.ok(&a)).expect("--json prints JSON")
+    }
+
+    /// Runs the CLI, asserts failure with exactly one line
+    /// `snapblk: error: ...` on stderr and nothing on stdout; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "snapblk {args:?} should fail");
+        assert!(out.stdout.is_empty(), "a failure prints nothing on stdout");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "one line of error: {err:?}");
+        assert!(err.starts_with("snapblk: error: "), "{err}");
+        err
+    }
+
+    /// The names in a JSON list of volumes or snapshots, in order.
+    pub fn names(&self, args: &[&str]) -> Vec<String> {
+        names(&self.json(args))
     }
 
     /// The CLI invocation prefix (`BIN --control PATH`) for scripts.
@@ -174,6 +268,15 @@ pub fn tempdir() -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().unwrap();
     let d = t.path().join("data");
     (t, d)
+}
+
+/// The `name` fields of a JSON array, in order.
+pub fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// True if `tool` can be executed.
@@ -244,6 +347,63 @@ pub fn run_ok(cmd: &mut Command) -> String {
     let (ok, o, e) = run(cmd);
     assert!(ok, "{desc} failed:\nstdout:\n{o}\nstderr:\n{e}");
     o + &e
+}
+
+/// Runs `qemu-io -f raw` (`-r` if `readonly`) on `uri` with each of `cmds`
+/// as a `-c` command; returns (exit 0, stdout + stderr).
+pub fn qemu_io<S: AsRef<str>>(uri: &str, readonly: bool, cmds: &[S]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    if readonly {
+        c.arg("-r");
+    }
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd.as_ref()]);
+    }
+    c.arg(uri);
+    let (ok, o, e) = run(&mut c);
+    (ok, o + &e)
+}
+
+/// True if a qemu-io run exited 0 and no request or pattern check failed.
+pub fn qemu_io_clean(ok: bool, text: &str) -> bool {
+    ok && !text.contains("Pattern verification failed") && !text.contains("failed")
+}
+
+/// Runs [`qemu_io`], asserts [`qemu_io_clean`], returns its output.
+#[track_caller]
+pub fn qemu_io_ok<S: AsRef<str>>(uri: &str, readonly: bool, cmds: &[S]) -> String {
+    let (ok, text) = qemu_io(uri, readonly, cmds);
+    let cmds: Vec<&str> = cmds.iter().map(AsRef::as_ref).collect();
+    assert!(qemu_io_clean(ok, &text), "qemu-io {cmds:?}: {text}");
+    text
+}
+
+/// Starts an inline Python script (with libnbd available) with `args`,
+/// stdout and stderr piped, stdin piped if `stdin` (else null).
+pub fn py_spawn(script: &str, args: &[String], stdin: bool) -> Child {
+    let py = python().expect("python with nbd");
+    Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads all of a child's piped stderr.
+pub fn read_stderr(child: &mut Child) -> String {
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
 }
 
 /// Runs an inline Python script (with libnbd available) with `args`

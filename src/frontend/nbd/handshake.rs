@@ -525,6 +525,16 @@ mod tests {
         out.extend_from_slice(data);
     }
 
+    /// A client's side of a handshake: fixed newstyle + no zeroes, then
+    /// `options` (option, data).
+    fn client(options: &[(u32, &[u8])]) -> Vec<u8> {
+        let mut c = 3u32.to_be_bytes().to_vec();
+        for (option, data) in options {
+            opt(&mut c, *option, data);
+        }
+        c
+    }
+
     fn go_payload(name: &str, infos: &[u16]) -> Vec<u8> {
         let mut p = (name.len() as u32).to_be_bytes().to_vec();
         p.extend_from_slice(name.as_bytes());
@@ -576,18 +586,14 @@ mod tests {
 
     #[test]
     fn go_with_structured_replies_and_base_allocation() {
-        let mut c = 3u32.to_be_bytes().to_vec();
-        opt(&mut c, OPT_STRUCTURED_REPLY, &[]);
-        opt(
-            &mut c,
-            OPT_SET_META_CONTEXT,
-            &meta_payload("vol", &["base:allocation", "qemu:dirty"]),
-        );
-        opt(
-            &mut c,
-            OPT_GO,
-            &go_payload("vol", &[INFO_NAME, INFO_BLOCK_SIZE]),
-        );
+        let c = client(&[
+            (OPT_STRUCTURED_REPLY, &[]),
+            (
+                OPT_SET_META_CONTEXT,
+                &meta_payload("vol", &["base:allocation", "qemu:dirty"]),
+            ),
+            (OPT_GO, &go_payload("vol", &[INFO_NAME, INFO_BLOCK_SIZE])),
+        ]);
         let (r, out) = run(c);
         let Outcome::Transmission(n) = r.unwrap() else {
             panic!("closed")
@@ -644,9 +650,7 @@ mod tests {
 
     #[test]
     fn unknown_export_gets_err_unknown_with_message() {
-        let mut c = 3u32.to_be_bytes().to_vec();
-        opt(&mut c, OPT_GO, &go_payload("nope", &[]));
-        opt(&mut c, OPT_ABORT, &[]);
+        let c = client(&[(OPT_GO, &go_payload("nope", &[])), (OPT_ABORT, &[])]);
         let (r, out) = run(c);
         assert!(matches!(r.unwrap(), Outcome::Closed));
         let reps = replies(&out[18..]);
@@ -694,14 +698,11 @@ mod tests {
 
     #[test]
     fn list_and_list_meta_context() {
-        let mut c = 3u32.to_be_bytes().to_vec();
-        opt(&mut c, OPT_LIST, &[]);
-        opt(&mut c, OPT_LIST_META_CONTEXT, &meta_payload("vol", &[]));
-        opt(
-            &mut c,
-            OPT_LIST_META_CONTEXT,
-            &meta_payload("vol", &["other:x"]),
-        );
+        let c = client(&[
+            (OPT_LIST, &[]),
+            (OPT_LIST_META_CONTEXT, &meta_payload("vol", &[])),
+            (OPT_LIST_META_CONTEXT, &meta_payload("vol", &["other:x"])),
+        ]);
         let (_, out) = run(c);
         let reps = replies(&out[18..]);
         assert_eq!(reps[0], (OPT_LIST, REP_SERVER, b"\0\0\0\x03vol".to_vec()));
@@ -745,21 +746,20 @@ mod tests {
         c.extend_from_slice(b"IHAVEOPT\0\0\0\x07\x10\0\0\0");
         assert!(run(c).0.is_err());
         // EXPORT_NAME with an unknown export
-        let mut c = 3u32.to_be_bytes().to_vec();
-        opt(&mut c, OPT_EXPORT_NAME, b"nope");
+        let c = client(&[(OPT_EXPORT_NAME, b"nope")]);
         assert!(run(c).0.is_err());
     }
 
     #[test]
     fn context_for_another_export_does_not_carry_over() {
-        let mut c = 3u32.to_be_bytes().to_vec();
-        opt(&mut c, OPT_STRUCTURED_REPLY, &[]);
-        opt(
-            &mut c,
-            OPT_SET_META_CONTEXT,
-            &meta_payload("vol@snap", &["base:allocation"]),
-        );
-        opt(&mut c, OPT_GO, &go_payload("vol", &[]));
+        let c = client(&[
+            (OPT_STRUCTURED_REPLY, &[]),
+            (
+                OPT_SET_META_CONTEXT,
+                &meta_payload("vol@snap", &["base:allocation"]),
+            ),
+            (OPT_GO, &go_payload("vol", &[])),
+        ]);
         let Outcome::Transmission(n) = run(c).0.unwrap() else {
             panic!()
         };

@@ -282,19 +282,23 @@ fn reap_finished(conns: &mut HashMap<u64, Conn>) {
     conns.retain(|_, c| c.thread.as_ref().is_none_or(|t| !t.is_finished()));
 }
 
-fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a pointer to a live c_int of the right size.
-    let r = unsafe {
+/// setsockopt(2) with `value` as the option value; returns its result.
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> libc::c_int {
+    // SAFETY: the pointer is to a live `T` and the length is its size.
+    unsafe {
         libc::setsockopt(
             fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
-    };
-    if r != 0 {
+    }
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    if setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &one) != 0 {
         log::warn!("nbd: TCP_NODELAY: {}", io::Error::last_os_error());
     }
 }
@@ -329,16 +333,7 @@ fn set_recv_timeout(fd: RawFd, timeout: Option<Duration>) {
         tv_sec: d.as_secs() as libc::time_t,
         tv_usec: d.subsec_micros() as libc::suseconds_t,
     };
-    // SAFETY: setsockopt with a pointer to a live timeval of the right size.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv);
 }
 
 fn serve(fd: RawFd, resolver: &dyn ExportResolver) -> io::Result<()> {
