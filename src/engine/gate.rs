@@ -1,20 +1,43 @@
 //! The write gate: how a snapshot sees a quiet instant without stopping reads.
 //!
-//! Every write holds a ticket from entering until its origin write is done;
-//! the ticket carries the generation it runs in and the set of live snapshot
-//! generations it must preserve for. A snapshot (or snapshot delete) pauses
-//! the gate: new writes wait, in-flight ones drain, the generation and live
-//! set change, and the gate reopens. Nothing slow (no flush, no journal
-//! write) happens while paused, which keeps the stall to the drain time.
+//! The gate publishes an [`Epoch`]: the current generation and the live
+//! snapshot generations. A write first preserves what that epoch requires
+//! (which may wait for a journal commit, i.e. a flush), then takes a
+//! [`Ticket`] for just its origin write; if the epoch changed in between, it
+//! preserves again for the new one. A snapshot (or snapshot delete) pauses the
+//! gate: new tickets wait, tickets in flight drain, the epoch changes, and the
+//! gate reopens. Only origin writes are drained, never journal flushes, which
+//! keeps the stall to the time of a few buffered writes.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
+/// The state a write's copy-on-write decisions are made against.
+#[derive(Clone, Debug)]
+pub struct Epoch {
+    /// Changes with every pause that changes the state (never repeats).
+    pub id: u64,
+    pub generation: u64,
+    /// Sorted generations of the live snapshots.
+    pub live: Arc<Vec<u64>>,
+}
+
+impl Epoch {
+    /// Whether origin content born in generation `birth` must be preserved
+    /// before a write of this epoch overwrites it: some live snapshot closed
+    /// a generation in `[birth, current)`.
+    pub fn must_preserve(&self, birth: u64) -> bool {
+        let first_at_or_after = self.live.partition_point(|&g| g < birth);
+        self.live
+            .get(first_at_or_after)
+            .is_some_and(|&g| g < self.generation)
+    }
+}
+
 struct State {
-    generation: u64,
-    live: Arc<Vec<u64>>,
+    epoch: Epoch,
     inflight: usize,
     paused: bool,
     entry_waiters: Vec<Waker>,
@@ -25,24 +48,10 @@ pub struct Gate {
     state: Mutex<State>,
 }
 
-/// Held by one write for its whole duration.
+/// Held by one write for the duration of its origin write.
 pub struct Ticket<'a> {
     gate: &'a Gate,
-    pub generation: u64,
-    /// Sorted generations of the live snapshots.
-    pub live: Arc<Vec<u64>>,
-}
-
-impl Ticket<'_> {
-    /// Whether origin content born in generation `birth` must be preserved
-    /// before this write overwrites it: some live snapshot closed a
-    /// generation in `[birth, current)`.
-    pub fn must_preserve(&self, birth: u64) -> bool {
-        let first_at_or_after = self.live.partition_point(|&g| g < birth);
-        self.live
-            .get(first_at_or_after)
-            .is_some_and(|&g| g < self.generation)
-    }
+    pub epoch_id: u64,
 }
 
 impl Drop for Ticket<'_> {
@@ -64,18 +73,18 @@ pub struct Paused<'a> {
 }
 
 impl Paused<'_> {
-    pub fn generation(&self) -> u64 {
-        self.gate.state.lock().unwrap().generation
-    }
-
-    pub fn live(&self) -> Arc<Vec<u64>> {
-        self.gate.state.lock().unwrap().live.clone()
+    pub fn epoch(&self) -> Epoch {
+        self.gate.state.lock().unwrap().epoch.clone()
     }
 
     pub fn set(&self, generation: u64, live: Vec<u64>) {
         let mut state = self.gate.state.lock().unwrap();
-        state.generation = generation;
-        state.live = Arc::new(live);
+        let id = state.epoch.id + 1;
+        state.epoch = Epoch {
+            id,
+            generation,
+            live: Arc::new(live),
+        };
     }
 
     /// How long writes have been held so far.
@@ -99,8 +108,11 @@ impl Gate {
     pub fn new(generation: u64, live: Vec<u64>) -> Self {
         Gate {
             state: Mutex::new(State {
-                generation,
-                live: Arc::new(live),
+                epoch: Epoch {
+                    id: 0,
+                    generation,
+                    live: Arc::new(live),
+                },
                 inflight: 0,
                 paused: false,
                 entry_waiters: Vec::new(),
@@ -109,21 +121,17 @@ impl Gate {
         }
     }
 
-    pub fn generation(&self) -> u64 {
-        self.state.lock().unwrap().generation
+    pub fn epoch(&self) -> Epoch {
+        self.state.lock().unwrap().epoch.clone()
     }
 
-    pub fn live(&self) -> Arc<Vec<u64>> {
-        self.state.lock().unwrap().live.clone()
-    }
-
-    /// Waits until the gate is open, then registers one in-flight write.
+    /// Waits until the gate is open, then registers one in-flight origin write.
     pub fn enter(&self) -> impl Future<Output = Ticket<'_>> {
         Enter { gate: self }
     }
 
-    /// Closes the gate and waits for in-flight writes to finish. Callers
-    /// serialize pauses among themselves (the volume's admin lock).
+    /// Closes the gate and waits for in-flight origin writes to finish.
+    /// Callers serialize pauses among themselves (the volume's admin lock).
     pub async fn pause(&self) -> Paused<'_> {
         let started = std::time::Instant::now();
         {
@@ -155,8 +163,7 @@ impl<'a> Future for Enter<'a> {
         state.inflight += 1;
         Poll::Ready(Ticket {
             gate: self.gate,
-            generation: state.generation,
-            live: state.live.clone(),
+            epoch_id: state.epoch.id,
         })
     }
 }
@@ -184,13 +191,29 @@ mod tests {
 
     #[test]
     fn must_preserve_exactly_when_a_live_snapshot_lies_in_birth_to_now() {
-        let gate = Gate::new(10, vec![2, 5, 9]);
-        let ticket = crate::runtime::block_on(gate.enter());
-        assert!(ticket.must_preserve(0));
-        assert!(ticket.must_preserve(5));
-        assert!(ticket.must_preserve(9));
-        assert!(!ticket.must_preserve(10));
-        let gate = Gate::new(10, vec![]);
-        assert!(!crate::runtime::block_on(gate.enter()).must_preserve(0));
+        let epoch = Gate::new(10, vec![2, 5, 9]).epoch();
+        assert!(epoch.must_preserve(0));
+        assert!(epoch.must_preserve(5));
+        assert!(epoch.must_preserve(9));
+        assert!(!epoch.must_preserve(10));
+        assert!(!Gate::new(10, vec![]).epoch().must_preserve(0));
+    }
+
+    #[test]
+    fn a_pause_changes_the_epoch_and_waits_for_tickets() {
+        let gate = Gate::new(1, vec![]);
+        crate::runtime::block_on(async {
+            let before = gate.epoch().id;
+            {
+                let ticket = gate.enter().await;
+                assert_eq!(ticket.epoch_id, before);
+            }
+            let paused = gate.pause().await;
+            paused.set(2, vec![1]);
+            drop(paused);
+            let ticket = gate.enter().await;
+            assert_ne!(ticket.epoch_id, before);
+            assert_eq!(gate.epoch().generation, 2);
+        });
     }
 }

@@ -8,7 +8,7 @@
 //! falls in its range, so a write costs the same with 1 or 100 snapshots.
 
 use super::error::Result;
-use super::gate::Ticket;
+use super::gate::Epoch;
 use super::journal::{Journal, Record, ZERO_SLOT};
 use crate::backend::Backend;
 use futures::channel::oneshot;
@@ -147,13 +147,13 @@ impl Partition {
             .unwrap_or(0)
     }
 
-    /// Makes sure `chunk` may be overwritten by the write holding `ticket`:
+    /// Makes sure `chunk` may be overwritten by a write of `epoch`:
     /// preserves its current origin content first if a live snapshot needs it,
     /// or waits for a concurrent writer that is doing so.
     pub async fn preserve(
         &self,
         chunk: u64,
-        ticket: &Ticket<'_>,
+        epoch: &Epoch,
         origin: &Backend,
         volume_size: u64,
     ) -> Result<()> {
@@ -161,7 +161,7 @@ impl Partition {
             let wait = {
                 let mut state = self.state.lock().unwrap();
                 let birth = state.chunks.get(&chunk).map_or(0, |c| c.birth);
-                if !ticket.must_preserve(birth) {
+                if !epoch.must_preserve(birth) {
                     return Ok(());
                 }
                 match state.preserving.get_mut(&chunk) {
@@ -181,7 +181,7 @@ impl Partition {
         };
         let version = Version {
             start: birth,
-            end: ticket.generation,
+            end: epoch.generation,
             slot,
         };
         let result = self.copy_out(chunk, version, origin, volume_size).await;
@@ -194,7 +194,7 @@ impl Partition {
                     }
                     let c = state.chunks.entry(chunk).or_default();
                     c.versions.push(*version);
-                    c.birth = ticket.generation;
+                    c.birth = epoch.generation;
                 }
                 Err(_) => state.free_slots.push(slot),
             }

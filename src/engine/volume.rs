@@ -1,7 +1,7 @@
 //! Volumes and their views: the engine's public face.
 
 use super::error::{EngineError, Result};
-use super::gate::{Gate, Ticket};
+use super::gate::{Epoch, Gate, Ticket};
 use super::journal::{self, Journal};
 use super::manifest::{self, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
@@ -275,7 +275,7 @@ impl Volume {
             free_bytes: self.storage.free_bytes()?,
             chunk_size: self.chunk_size,
             partitions: manifest.partitions,
-            generation: self.gate.generation(),
+            generation: self.gate.epoch().generation,
             snapshots: manifest.snapshots.len(),
             origin: match &manifest.origin {
                 Origin::Container => manifest::CONTAINER.to_string(),
@@ -327,8 +327,9 @@ impl Volume {
         self.origin.flush().await?;
         let (generation, stall) = {
             let paused = self.gate.pause().await;
-            let generation = paused.generation();
-            let mut live = paused.live().to_vec();
+            let epoch = paused.epoch();
+            let generation = epoch.generation;
+            let mut live = epoch.live.to_vec();
             live.push(generation);
             paused.set(generation + 1, live);
             (generation, paused.elapsed())
@@ -378,13 +379,14 @@ impl Volume {
     async fn forget_generation(&self, generation: u64) {
         let live = {
             let paused = self.gate.pause().await;
-            let live: Vec<u64> = paused
-                .live()
+            let epoch = paused.epoch();
+            let live: Vec<u64> = epoch
+                .live
                 .iter()
                 .copied()
                 .filter(|&g| g != generation)
                 .collect();
-            paused.set(paused.generation(), live.clone());
+            paused.set(epoch.generation, live.clone());
             live
         };
         if let Err(e) = try_join_all(self.partitions.iter().map(|p| p.collect_garbage(&live))).await
@@ -396,7 +398,7 @@ impl Volume {
 
     pub fn list_snapshots(&self) -> Vec<SnapshotInfo> {
         let snapshots = self.manifest.lock().unwrap().snapshots.clone();
-        let live: Vec<u64> = self.gate.live().to_vec();
+        let live: Vec<u64> = self.gate.epoch().live.to_vec();
         let mut exclusive = HashMap::new();
         for p in &self.partitions {
             p.exclusive_bytes(&live, &mut exclusive);
@@ -463,8 +465,8 @@ impl Volume {
     }
 
     /// Preserves, once, every chunk of the range that a live snapshot needs.
-    async fn preserve_range(&self, offset: u64, len: u64, ticket: &Ticket<'_>) -> Result<()> {
-        if ticket.live.is_empty() || len == 0 {
+    async fn preserve_range(&self, offset: u64, len: u64, epoch: &Epoch) -> Result<()> {
+        if epoch.live.is_empty() || len == 0 {
             return Ok(());
         }
         let chunks = self.chunks(offset, len);
@@ -472,15 +474,30 @@ impl Volume {
             let c = *chunks.start();
             return self
                 .partition_of(c)
-                .preserve(c, ticket, &self.origin, self.size)
+                .preserve(c, epoch, &self.origin, self.size)
                 .await;
         }
         try_join_all(chunks.map(|c| {
             self.partition_of(c)
-                .preserve(c, ticket, &self.origin, self.size)
+                .preserve(c, epoch, &self.origin, self.size)
         }))
         .await?;
         Ok(())
+    }
+
+    /// Preserves what the range's overwrite needs, then returns the ticket
+    /// for the origin write. Preservation (which waits for journal flushes)
+    /// runs outside the gate, so a snapshot never waits for it; if a snapshot
+    /// changed the epoch meanwhile, the check is redone for the new one.
+    async fn ready_to_overwrite(&self, offset: u64, len: u64) -> Result<Ticket<'_>> {
+        loop {
+            let epoch = self.gate.epoch();
+            self.preserve_range(offset, len, &epoch).await?;
+            let ticket = self.gate.enter().await;
+            if ticket.epoch_id == epoch.id {
+                return Ok(ticket);
+            }
+        }
     }
 
     /// Reads snapshot `generation`: each chunk from its preserved version if
@@ -573,7 +590,14 @@ impl View {
         match &self.snapshot {
             None => Ok(None),
             Some((name, generation)) => {
-                if self.volume.gate.live().binary_search(generation).is_err() {
+                if self
+                    .volume
+                    .gate
+                    .epoch()
+                    .live
+                    .binary_search(generation)
+                    .is_err()
+                {
                     return Err(EngineError::SnapshotGone(format!(
                         "{}@{name}",
                         self.volume.name
@@ -604,10 +628,7 @@ impl View {
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable(offset, data.len() as u64)?;
         let volume = &self.volume;
-        let ticket = volume.gate.enter().await;
-        volume
-            .preserve_range(offset, data.len() as u64, &ticket)
-            .await?;
+        let _ticket = volume.ready_to_overwrite(offset, data.len() as u64).await?;
         volume.origin.write_at(data, offset, fua).await?;
         Ok(())
     }
@@ -631,8 +652,7 @@ impl View {
             return Ok(());
         }
         let volume = &self.volume;
-        let ticket = volume.gate.enter().await;
-        volume.preserve_range(offset, len, &ticket).await?;
+        let _ticket = volume.ready_to_overwrite(offset, len).await?;
         if keep_allocated {
             volume.origin.zero_range(offset, len).await?;
         } else {
