@@ -9,10 +9,18 @@
 //! bad one, the journal is corrupt in the middle and replay refuses to guess.
 //!
 //! Group commit: concurrent callers queue their records; one of them (the
-//! leader) flushes the change-log store (so preserved data is durable before
-//! the record that points at it), appends the whole batch, and flushes the
-//! journal. Leadership passes to a waiter of the next batch, so no caller
-//! commits other callers' batches forever.
+//! leader) appends the whole batch followed by a `Commit` marker and flushes
+//! the journal and the change-log store in parallel. Leadership passes to a
+//! waiter of the next batch, so no caller commits other callers' batches
+//! forever, and batches are durable strictly one after another.
+//!
+//! Because the two flushes race, a crash can leave the last batch's records
+//! durable while the preserved data they point at is not. Each `Preserve`
+//! record therefore carries the crc32c of its data, and replay checks the
+//! data of the last complete batch only (every earlier batch finished both
+//! flushes before the next one was written): if any of it is wrong, the
+//! whole batch is dropped, which is safe because no origin write that
+//! depends on it was issued before its commit returned.
 
 use super::error::{EngineError, Result};
 use crate::backend::Backend;
@@ -37,11 +45,15 @@ pub enum Record {
         slot: u64,
         start: u64,
         end: u64,
+        /// crc32c of the whole slot as written (0 for `ZERO_SLOT`).
+        data_crc: u32,
     },
     /// The version of `chunk` starting at `start` is no longer needed.
     Free { chunk: u64, start: u64 },
     /// This partition's part of the snapshot closing `generation`.
     PartitionSnapshot { generation: u64 },
+    /// Ends a group-commit batch.
+    Commit,
 }
 
 impl Record {
@@ -52,9 +64,10 @@ impl Record {
                 slot,
                 start,
                 end,
+                data_crc,
             } => {
                 out.push(1);
-                for v in [chunk, slot, start, end] {
+                for v in [chunk, slot, start, end, data_crc as u64] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
@@ -67,6 +80,7 @@ impl Record {
                 out.push(3);
                 out.extend_from_slice(&generation.to_le_bytes());
             }
+            Record::Commit => out.push(4),
         }
     }
 
@@ -77,11 +91,12 @@ impl Record {
                 .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
         };
         let record = match (kind, rest.len()) {
-            (1, 32) => Record::Preserve {
+            (1, 40) => Record::Preserve {
                 chunk: field(0)?,
                 slot: field(1)?,
                 start: field(2)?,
                 end: field(3)?,
+                data_crc: u32::try_from(field(4)?).ok()?,
             },
             (2, 16) => Record::Free {
                 chunk: field(0)?,
@@ -90,6 +105,7 @@ impl Record {
             (3, 8) => Record::PartitionSnapshot {
                 generation: field(0)?,
             },
+            (4, 0) => Record::Commit,
             _ => return None,
         };
         Some(record)
@@ -153,19 +169,28 @@ pub fn compact(records: &[Record], live: &[u64]) -> Vec<Record> {
                     out.push(*record);
                 }
             }
+            Record::Commit => {}
         }
     }
     out.extend(versions.into_values());
     out
 }
 
-/// A whole journal file holding `records` from sequence 0.
+/// A whole journal file holding `records` from sequence 0, for compaction.
+/// Their data is already durable, so they are one batch followed by an empty
+/// one: the next replay has nothing to verify.
 pub fn encode_all(records: &[Record]) -> Vec<u8> {
     let mut bytes = Vec::new();
-    for (seq, record) in records.iter().enumerate() {
+    let all = records.iter().chain([&Record::Commit, &Record::Commit]);
+    for (seq, record) in all.enumerate() {
         encode(record, seq as u64, &mut bytes);
     }
     bytes
+}
+
+/// crc32c of a store slot's content, as `Preserve` records carry it.
+pub fn slot_crc(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
 }
 
 /// What replay found.
@@ -195,24 +220,31 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Replays the journal in `file`, cutting a torn tail.
-    pub async fn open(file: Backend, store: Backend, name: &str) -> Result<(Journal, Replayed)> {
+    /// Replays the journal in `file`: cuts a torn tail (records after the
+    /// last `Commit`), and drops the last batch too if the store does not
+    /// hold the data its records point at. `slot_size` is the store's slot size.
+    pub async fn open(
+        file: Backend,
+        store: Backend,
+        slot_size: u64,
+        name: &str,
+    ) -> Result<(Journal, Replayed)> {
         let len = file.size()? as usize;
         let mut bytes = vec![0u8; len];
         file.read_at(&mut bytes, 0).await?;
-        let mut records = Vec::new();
+        // (records, byte offset after it) for every record up to the first bad one.
+        let mut parsed: Vec<(Record, usize)> = Vec::new();
         let mut at = 0;
-        let mut next_seq = 0;
         while at < len {
+            let expected = parsed.len() as u64;
             match decode(&bytes[at..]) {
-                Some((record, seq, n)) if seq == next_seq => {
-                    records.push(record);
-                    next_seq += 1;
+                Some((record, seq, n)) if seq == expected => {
                     at += n;
+                    parsed.push((record, at));
                 }
                 Some((_, seq, _)) => {
                     return Err(EngineError::Corrupt(format!(
-                        "{name}: record at byte {at} has sequence {seq}, expected {next_seq}"
+                        "{name}: record at byte {at} has sequence {seq}, expected {expected}"
                     )))
                 }
                 None => break,
@@ -220,31 +252,53 @@ impl Journal {
         }
         if at < len {
             // Valid records after the bad one mean damage in the middle, not a torn append.
-            if (at + 1..len).any(|i| decode(&bytes[i..]).is_some_and(|(_, seq, _)| seq >= next_seq))
-            {
+            let next = parsed.len() as u64;
+            if (at + 1..len).any(|i| decode(&bytes[i..]).is_some_and(|(_, seq, _)| seq >= next)) {
                 return Err(EngineError::Corrupt(format!(
                     "{name}: damaged record at byte {at} is followed by valid records; \
                      refusing to drop them (restore the volume from a copy)"
                 )));
             }
-            log::warn!(
-                "{name}: dropping {} bytes of torn journal tail at byte {at}",
-                len - at
-            );
-            file.truncate(at as u64).await?;
         }
+        let commits: Vec<usize> = (0..parsed.len())
+            .filter(|&i| parsed[i].0 == Record::Commit)
+            .collect();
+        let mut keep = commits.last().map_or(0, |&i| i + 1);
+        if let Some(&last) = commits.last() {
+            let first = commits.len().checked_sub(2).map_or(0, |i| commits[i] + 1);
+            if !data_is_durable(&store, slot_size, &parsed[first..last]).await? {
+                log::warn!(
+                    "{name}: the last commit's preserved data never reached the store; dropping it"
+                );
+                keep = first;
+            }
+        }
+        let good_len = if keep == 0 { 0 } else { parsed[keep - 1].1 };
+        if good_len < len {
+            log::warn!(
+                "{name}: dropping {} bytes of torn journal tail at byte {good_len}",
+                len - good_len
+            );
+            file.truncate(good_len as u64).await?;
+        }
+        parsed.truncate(keep);
         let journal = Journal {
             file,
             store,
             state: Mutex::new(State {
-                tail: at as u64,
-                next_seq,
+                tail: good_len as u64,
+                next_seq: keep as u64,
                 batch: Vec::new(),
                 batch_waiters: Vec::new(),
                 committing: false,
                 failed: None,
             }),
         };
+        let records = parsed
+            .into_iter()
+            .map(|(r, _)| r)
+            .filter(|r| *r != Record::Commit)
+            .collect();
         Ok((journal, Replayed { records }))
     }
 
@@ -314,8 +368,8 @@ impl Journal {
                 state.failed.clone(),
             )
         };
-        let mut bytes = Vec::with_capacity(records.len() * 48);
-        for (i, record) in records.iter().enumerate() {
+        let mut bytes = Vec::with_capacity(records.len() * 56 + 24);
+        for (i, record) in records.iter().chain([&Record::Commit]).enumerate() {
             encode(record, seq + i as u64, &mut bytes);
         }
         let result = match failed {
@@ -327,7 +381,7 @@ impl Journal {
             match &result {
                 Ok(()) => {
                     state.tail += bytes.len() as u64;
-                    state.next_seq += records.len() as u64;
+                    state.next_seq += records.len() as u64 + 1;
                 }
                 Err(CommitError::Failed(reason)) => state.failed = Some(reason.clone()),
                 Err(CommitError::NoSpace) => {}
@@ -340,12 +394,15 @@ impl Journal {
     }
 
     async fn append(&self, bytes: &[u8], tail: u64) -> std::result::Result<(), CommitError> {
-        let written = async {
-            self.store.flush().await?;
+        // Both flushes at once: replay verifies the last batch's data, so
+        // the store need not be durable before the journal is.
+        let journal = async {
             self.file.write_at(bytes, tail, false).await?;
             self.file.flush().await
-        }
-        .await;
+        };
+        let written = futures::future::try_join(journal, self.store.flush())
+            .await
+            .map(drop);
         match written {
             Ok(()) => Ok(()),
             // A full disk fails this batch only: cut what may have landed
@@ -359,6 +416,27 @@ impl Journal {
             Err(e) => Err(CommitError::Failed(e.to_string())),
         }
     }
+}
+
+/// Whether every `Preserve` in `batch` finds its data in the store.
+async fn data_is_durable(
+    store: &Backend,
+    slot_size: u64,
+    batch: &[(Record, usize)],
+) -> Result<bool> {
+    let mut buf = vec![0u8; slot_size as usize];
+    for (record, _) in batch {
+        if let Record::Preserve { slot, data_crc, .. } = *record {
+            if slot == ZERO_SLOT {
+                continue;
+            }
+            store.read_at(&mut buf, slot * slot_size).await?;
+            if slot_crc(&buf) != data_crc {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 #[derive(Clone, Debug)]
@@ -391,29 +469,35 @@ mod tests {
     use crate::runtime::block_on;
     use std::sync::Arc;
 
+    const SLOT: u64 = 4096;
+
     fn records() -> Vec<Record> {
         vec![
             Record::Preserve {
                 chunk: 7,
-                slot: 0,
+                slot: ZERO_SLOT,
                 start: 0,
                 end: 2,
+                data_crc: 0,
             },
             Record::PartitionSnapshot { generation: 1 },
             Record::Free { chunk: 7, start: 0 },
         ]
     }
 
-    /// A journal file "j" (with store "s") holding `records()`.
+    async fn open(file: &Backend, store: &Backend) -> Result<(Journal, Replayed)> {
+        Journal::open(file.clone(), store.clone(), SLOT, "j").await
+    }
+
+    /// A journal file "j" (with store "s") holding `records()` as two batches.
     async fn committed(disk: &Arc<MemDisk>) -> (Journal, Backend, Backend) {
         let storage = Storage::Memory(disk.clone());
         let file = storage.open("j", true).unwrap();
         let store = storage.open("s", true).unwrap();
-        let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j")
-            .await
-            .unwrap();
+        let (journal, replayed) = open(&file, &store).await.unwrap();
         assert!(replayed.records.is_empty());
-        journal.commit(&records()).await.unwrap();
+        journal.commit(&records()[..2]).await.unwrap();
+        journal.commit(&records()[2..]).await.unwrap();
         (journal, file, store)
     }
 
@@ -427,9 +511,7 @@ mod tests {
             file.write_at(&[0x53, 0x4e, 0x4a, 0x52, 9, 0], good_len, true)
                 .await
                 .unwrap();
-            let (journal, replayed) = Journal::open(file.clone(), store.clone(), "j")
-                .await
-                .unwrap();
+            let (journal, replayed) = open(&file, &store).await.unwrap();
             assert_eq!(replayed.records, records());
             assert_eq!(file.size().unwrap(), good_len);
             // Appending continues after the cut with the next sequence number.
@@ -437,7 +519,7 @@ mod tests {
                 .commit(&[Record::PartitionSnapshot { generation: 5 }])
                 .await
                 .unwrap();
-            let (_, replayed) = Journal::open(file, store, "j").await.unwrap();
+            let (_, replayed) = open(&file, &store).await.unwrap();
             assert_eq!(replayed.records.len(), 4);
         });
     }
@@ -448,49 +530,73 @@ mod tests {
         block_on(async {
             let (_, file, store) = committed(&disk).await;
             disk.corrupt("j", 20);
-            let err = Journal::open(file, store, "j")
-                .await
-                .err()
-                .expect("must refuse");
+            let err = open(&file, &store).await.err().expect("must refuse");
             assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
             assert!(err.to_string().contains("byte 0"), "{err}");
         });
     }
 
     #[test]
-    fn a_corrupt_last_record_is_a_torn_tail() {
+    fn a_corrupt_last_record_is_a_torn_tail_and_takes_its_batch() {
         let disk = MemDisk::new();
         block_on(async {
             let (_, file, store) = committed(&disk).await;
             disk.corrupt("j", disk.file_len("j").unwrap() - 2);
-            let (_, replayed) = Journal::open(file, store, "j").await.unwrap();
+            let (_, replayed) = open(&file, &store).await.unwrap();
             assert_eq!(replayed.records, records()[..2].to_vec());
         });
     }
 
     #[test]
-    fn compaction_keeps_what_live_snapshots_read() {
-        let history = [
-            Record::PartitionSnapshot { generation: 1 },
-            Record::Preserve {
-                chunk: 1,
-                slot: 0,
+    fn a_last_batch_whose_data_is_missing_is_dropped() {
+        let disk = MemDisk::new();
+        let storage = Storage::Memory(disk.clone());
+        block_on(async {
+            let file = storage.open("j", true).unwrap();
+            let store = storage.open("s", true).unwrap();
+            let (journal, _) = open(&file, &store).await.unwrap();
+            let data = vec![0xabu8; SLOT as usize];
+            let preserve = |slot| Record::Preserve {
+                chunk: slot,
+                slot,
                 start: 0,
                 end: 2,
-            },
+                data_crc: slot_crc(&data),
+            };
+            store.write_at(&data, 0, false).await.unwrap();
+            journal.commit(&[preserve(0)]).await.unwrap();
+            // Slot 1's data never lands, but its record does.
+            journal.commit(&[preserve(1)]).await.unwrap();
+            let (_, replayed) = open(&file, &store).await.unwrap();
+            assert_eq!(replayed.records, vec![preserve(0)]);
+            // Only the last batch is checked: earlier ones were flushed before it.
+            let (journal, _) = open(&file, &store).await.unwrap();
+            journal
+                .commit(&[Record::PartitionSnapshot { generation: 1 }])
+                .await
+                .unwrap();
+            store.punch_hole(0, SLOT).await.unwrap();
+            let (_, replayed) = open(&file, &store).await.unwrap();
+            assert_eq!(replayed.records.len(), 2);
+        });
+    }
+
+    #[test]
+    fn compaction_keeps_what_live_snapshots_read() {
+        let preserve = |chunk, slot, start, end| Record::Preserve {
+            chunk,
+            slot,
+            start,
+            end,
+            data_crc: 0,
+        };
+        let history = [
+            Record::PartitionSnapshot { generation: 1 },
+            preserve(1, 0, 0, 2),
             Record::PartitionSnapshot { generation: 2 },
-            Record::Preserve {
-                chunk: 1,
-                slot: 1,
-                start: 2,
-                end: 3,
-            },
-            Record::Preserve {
-                chunk: 2,
-                slot: 2,
-                start: 0,
-                end: 3,
-            },
+            Record::Commit,
+            preserve(1, 1, 2, 3),
+            preserve(2, 2, 0, 3),
             Record::Free { chunk: 2, start: 0 },
         ];
         // Snapshot 1 deleted, 2 live: only the version covering 2 stays.
@@ -498,12 +604,7 @@ mod tests {
             compact(&history, &[2]),
             vec![
                 Record::PartitionSnapshot { generation: 2 },
-                Record::Preserve {
-                    chunk: 1,
-                    slot: 1,
-                    start: 2,
-                    end: 3
-                },
+                preserve(1, 1, 2, 3)
             ]
         );
         let bytes = encode_all(&compact(&history, &[1, 2]));

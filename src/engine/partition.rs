@@ -9,7 +9,7 @@
 
 use super::error::Result;
 use super::gate::Epoch;
-use super::journal::{Journal, Record, ZERO_SLOT};
+use super::journal::{slot_crc, Journal, Record, ZERO_SLOT};
 use crate::backend::Backend;
 use futures::channel::oneshot;
 use std::collections::HashMap;
@@ -85,6 +85,7 @@ impl Partition {
                     slot,
                     start,
                     end,
+                    ..
                 } => {
                     let c = state.chunks.entry(chunk).or_default();
                     c.versions.push(Version { start, end, slot });
@@ -101,6 +102,7 @@ impl Partition {
                 Record::PartitionSnapshot { generation } => {
                     state.recorded_snapshots.push(generation)
                 }
+                Record::Commit => {}
             }
         }
         let mut used: Vec<u64> = Vec::new();
@@ -216,24 +218,28 @@ impl Partition {
     ) -> Result<Version> {
         let offset = chunk * self.chunk_size;
         let len = self.chunk_size.min(volume_size - offset) as usize;
-        let mut data = vec![0u8; len];
-        origin.read_at(&mut data, offset).await?;
+        // A whole slot (zero-padded past the volume's end), so its crc is
+        // the crc of what the slot holds.
+        let mut data = vec![0u8; self.chunk_size as usize];
+        origin.read_at(&mut data[..len], offset).await?;
+        let mut data_crc = 0;
         if data.iter().all(|&b| b == 0) {
             version.slot = ZERO_SLOT;
         } else {
+            data_crc = slot_crc(&data);
             self.store
                 .write_at(&data, version.slot * self.chunk_size, false)
                 .await?;
         }
         let Version { start, end, slot } = version;
-        self.journal
-            .commit(&[Record::Preserve {
-                chunk,
-                slot,
-                start,
-                end,
-            }])
-            .await?;
+        let record = Record::Preserve {
+            chunk,
+            slot,
+            start,
+            end,
+            data_crc,
+        };
+        self.journal.commit(&[record]).await?;
         Ok(version)
     }
 

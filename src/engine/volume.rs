@@ -187,8 +187,13 @@ impl Volume {
             let journal_file = storage.open(&manifest::journal_name(p), false)?;
             let store = storage.open(&manifest::store_name(p), false)?;
             let label = format!("volume {name}: {}", manifest::journal_name(p));
-            let (mut journal, mut replayed) =
-                Journal::open(journal_file, store.clone(), &label).await?;
+            let (mut journal, mut replayed) = Journal::open(
+                journal_file,
+                store.clone(),
+                manifest.chunk_size as u64,
+                &label,
+            )
+            .await?;
             let compacted = journal::compact(&replayed.records, &live);
             if replayed.records.len() > 2 * compacted.len() + COMPACT_SLACK {
                 // Replay time and journal size follow live state, not history.
@@ -196,7 +201,13 @@ impl Volume {
                 storage
                     .replace_file(&manifest::journal_name(p), &journal::encode_all(&compacted))?;
                 let journal_file = storage.open(&manifest::journal_name(p), false)?;
-                (journal, replayed) = Journal::open(journal_file, store.clone(), &label).await?;
+                (journal, replayed) = Journal::open(
+                    journal_file,
+                    store.clone(),
+                    manifest.chunk_size as u64,
+                    &label,
+                )
+                .await?;
             }
             partitions.push(Partition::recover(
                 p,
