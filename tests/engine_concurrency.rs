@@ -47,6 +47,9 @@ fn version_of(block: usize, data: &[u8]) -> u64 {
     version
 }
 
+/// A snapshot's name and the block versions one read of it saw.
+type SnapshotRead = (String, Vec<u64>);
+
 struct Progress {
     started: Vec<AtomicU64>,
     acked: Vec<AtomicU64>,
@@ -132,7 +135,7 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
         .collect();
 
     // Readers re-read every snapshot that exists while writes go on.
-    let reads_during_load: Arc<std::sync::Mutex<Vec<(String, Vec<u64>)>>> = Default::default();
+    let reads_during_load: Arc<std::sync::Mutex<Vec<SnapshotRead>>> = Default::default();
     let reader = {
         let (volume, stop, reads) = (volume.clone(), stop.clone(), reads_during_load.clone());
         std::thread::spawn(move || {
