@@ -382,6 +382,33 @@ mod model {
         });
     }
 
+    /// A snapshot read that finds a chunk still in the origin must not
+    /// return what a writer lands there meanwhile: here another thread
+    /// preserves and overwrites the chunk inside the read's window, and the
+    /// read must notice and go to the preserved copy.
+    #[test]
+    fn snapshot_read_racing_an_overwrite_returns_the_old_data() {
+        let (disk, _, volume) = block_on(new_volume());
+        block_on(async {
+            volume.live().write(0, &[1u8; 4096], false).await.unwrap();
+            volume.create_snapshot("s").await.unwrap();
+        });
+        let writer = volume.clone();
+        disk.before_next_read("origin.img", move || {
+            // Another thread, as another connection or ublk queue would be.
+            let overwrite = move || block_on(writer.live().write(0, &[2u8; 4096], false)).unwrap();
+            std::thread::spawn(overwrite).join().unwrap();
+        });
+        let mut buf = [0u8; 4096];
+        block_on(volume.snapshot_view("s").unwrap().read(0, &mut buf)).unwrap();
+        assert_eq!(
+            buf, [1u8; 4096],
+            "snapshot read returned data written after it"
+        );
+        block_on(volume.live().read(0, &mut buf)).unwrap();
+        assert_eq!(buf, [2u8; 4096]);
+    }
+
     #[test]
     fn one_preserved_copy_serves_many_snapshots() {
         block_on(async {

@@ -68,7 +68,12 @@ impl DiskState {
 #[derive(Default)]
 pub struct MemDisk {
     state: Mutex<DiskState>,
+    /// Runs once, just before the next read of the named file copies its
+    /// data: lets a test land another request inside a read's window.
+    read_hook: Mutex<Option<(String, ReadHook)>>,
 }
+
+type ReadHook = Box<dyn FnOnce() + Send>;
 
 /// A deterministic generator, so a failing crash case can be replayed from its seed.
 pub struct SplitMix(pub u64);
@@ -140,6 +145,7 @@ impl MemDisk {
             );
         }
         Arc::new(MemDisk {
+            read_hook: Mutex::new(None),
             state: Mutex::new(DiskState {
                 files,
                 manifests: state.manifests.clone(),
@@ -163,6 +169,11 @@ impl MemDisk {
             .files
             .get(name)
             .map(|f| f.current.len())
+    }
+
+    /// Runs `hook` on its own, just before the next read of `name` copies data.
+    pub fn before_next_read(&self, name: &str, hook: impl FnOnce() + Send + 'static) {
+        *self.read_hook.lock().unwrap() = Some((name.to_string(), Box::new(hook)));
     }
 
     pub fn set_manifest(&self, name: &str, bytes: &[u8]) {
@@ -252,6 +263,19 @@ impl MemFile {
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let hook = {
+            let mut slot = self.disk.read_hook.lock().unwrap();
+            match slot.take() {
+                Some((name, hook)) if name == self.name => Some(hook),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        if let Some(hook) = hook {
+            hook();
+        }
         self.with(|file| {
             let start = (offset as usize).min(file.current.len());
             let end = (offset as usize + buf.len()).min(file.current.len());
