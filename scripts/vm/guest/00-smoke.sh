@@ -26,3 +26,17 @@ snapblk --control "$D/control.sock" --json snapshot list v | grep -q '"s"' \
 kill -0 "$SNAPBLK_PID" || fail "daemon died"
 daemon_stop TERM
 say "daemon: volume and snapshot created"
+
+# the host tools the ublk tests need run here with their libraries
+run fio --version
+run mke2fs -V
+run e2fsck -V
+run blkdiscard -V
+run fsfreeze -V
+# a small ext4 image on tmpfs: mkfs, fsck clean; fio writes and verifies a file
+run truncate -s 32M "$W/img"
+run mkfs.ext4 -q -F "$W/img"
+run e2fsck -fn "$W/img"
+run fio --name=smoke --filename="$W/fio.dat" --size=4M --bs=4k --rw=randwrite \
+    --ioengine=psync --verify=crc32c --do_verify=1 --output-format=terse >/dev/null
+say "tools: fio, mke2fs, e2fsck, blkdiscard, fsfreeze run"

@@ -1,4 +1,4 @@
-# Helpers for guest tests (busybox sh, POSIX). Source with: . /tests/lib.sh
+# Helpers for guest tests (run by bash). Source with: . /tests/lib.sh
 # Each test runs in its own empty tmpfs dir ($SNAPBLK_VM_WORK, also the cwd),
 # as root, with no network. Exit non-zero (or call fail) to fail the test.
 
