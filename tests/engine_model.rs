@@ -552,6 +552,11 @@ mod model {
             live.write(0, &[3u8; 512], false).await.unwrap();
             live.read(0, &mut buf[..512]).await.unwrap();
             assert_eq!(buf[..512], [3u8; 512]);
+            // A view of a deleted snapshot says so, instead of reading anything.
+            volume.delete_snapshot("s").await.unwrap();
+            let gone = snap.read(0, &mut buf).await.unwrap_err();
+            assert_eq!(gone.errno(), libc::ESTALE, "{gone}");
+            assert!(gone.to_string().contains("deleted"), "{gone}");
         });
     }
 }

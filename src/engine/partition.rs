@@ -58,6 +58,8 @@ pub enum Source {
     Origin,
     Zero,
     Store(u64),
+    /// No version covers the generation: the snapshot was deleted.
+    Gone,
 }
 
 pub struct Partition {
@@ -260,10 +262,9 @@ impl Partition {
         {
             Some(v) if v.slot == ZERO_SLOT => Source::Zero,
             Some(v) => Source::Store(v.slot),
-            // Origin content born after the snapshot with no version for it:
-            // the chunk was never written before (birth 0 versions cover the
-            // start), so this cannot happen for a live snapshot.
-            None => Source::Zero,
+            // Versions tile [0, birth) for every live snapshot, so only a
+            // snapshot deleted under this read gets here.
+            None => Source::Gone,
         }
     }
 

@@ -529,6 +529,7 @@ impl Volume {
                 match part.source(chunk, generation) {
                     Source::Zero => piece.fill(0),
                     Source::Store(slot) => part.read_store(slot, in_chunk, piece).await?,
+                    Source::Gone => return Err(self.snapshot_gone(generation)),
                     Source::Origin => {
                         self.origin.read_at(piece, pos).await?;
                         if !part.origin_still_valid(chunk, generation) {
@@ -541,6 +542,10 @@ impl Volume {
             at += n;
         }
         Ok(())
+    }
+
+    fn snapshot_gone(&self, generation: u64) -> EngineError {
+        EngineError::SnapshotGone(format!("{} (generation {generation})", self.name))
     }
 
     fn snapshot_extents(&self, generation: u64, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -572,6 +577,7 @@ impl Volume {
                     len: end - pos,
                     data: true,
                 }),
+                Source::Gone => return Err(self.snapshot_gone(generation)),
             }
             pos = end;
         }
