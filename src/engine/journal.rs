@@ -145,21 +145,24 @@ fn decode(bytes: &[u8]) -> Option<(Record, u64, usize)> {
     Some((record, seq, len))
 }
 
-/// The records that rebuild the same state as `records` for the live
-/// snapshot generations `live` (sorted): versions some live snapshot still
-/// reads, and live partition snapshots. Freed and garbage history is gone.
-pub fn compact(records: &[Record], live: &[u64]) -> Vec<Record> {
+/// What compaction keeps and what it lets go.
+pub struct Compacted {
+    /// Records that rebuild the same state for the live snapshots: versions
+    /// some live snapshot still reads, and live partition snapshots.
+    pub records: Vec<Record>,
+    /// Store slots of versions no live snapshot reads; their space is freed
+    /// with the old journal.
+    pub dropped_slots: Vec<u64>,
+}
+
+/// Compacts `records` for the live snapshot generations `live` (sorted).
+pub fn compact(records: &[Record], live: &[u64]) -> Compacted {
     let mut versions: std::collections::BTreeMap<(u64, u64), Record> = Default::default();
     let mut out = Vec::new();
     for record in records {
         match *record {
-            Record::Preserve {
-                chunk, start, end, ..
-            } => {
-                let i = live.partition_point(|&g| g < start);
-                if live.get(i).is_some_and(|&g| g < end) {
-                    versions.insert((chunk, start), *record);
-                }
+            Record::Preserve { chunk, start, .. } => {
+                versions.insert((chunk, start), *record);
             }
             Record::Free { chunk, start } => {
                 versions.remove(&(chunk, start));
@@ -172,8 +175,25 @@ pub fn compact(records: &[Record], live: &[u64]) -> Vec<Record> {
             Record::Commit => {}
         }
     }
-    out.extend(versions.into_values());
-    out
+    let mut dropped_slots = Vec::new();
+    for record in versions.into_values() {
+        let Record::Preserve {
+            start, end, slot, ..
+        } = record
+        else {
+            unreachable!("only versions are kept in the map")
+        };
+        let i = live.partition_point(|&g| g < start);
+        if live.get(i).is_some_and(|&g| g < end) {
+            out.push(record);
+        } else if slot != ZERO_SLOT {
+            dropped_slots.push(slot);
+        }
+    }
+    Compacted {
+        records: out,
+        dropped_slots,
+    }
 }
 
 /// A whole journal file holding `records` from sequence 0, for compaction.
@@ -599,15 +619,18 @@ mod tests {
             preserve(2, 2, 0, 3),
             Record::Free { chunk: 2, start: 0 },
         ];
-        // Snapshot 1 deleted, 2 live: only the version covering 2 stays.
+        // Snapshot 1 deleted, 2 live: only the version covering 2 stays;
+        // the one only snapshot 1 read gives its slot back.
+        let compacted = compact(&history, &[2]);
         assert_eq!(
-            compact(&history, &[2]),
+            compacted.records,
             vec![
                 Record::PartitionSnapshot { generation: 2 },
                 preserve(1, 1, 2, 3)
             ]
         );
-        let bytes = encode_all(&compact(&history, &[1, 2]));
+        assert_eq!(compacted.dropped_slots, vec![0]);
+        let bytes = encode_all(&compact(&history, &[1, 2]).records);
         assert_eq!(
             decode(&bytes).map(|(r, seq, _)| (r, seq)),
             Some((history[0], 0))

@@ -195,11 +195,15 @@ impl Volume {
             )
             .await?;
             let compacted = journal::compact(&replayed.records, &live);
-            if replayed.records.len() > 2 * compacted.len() + COMPACT_SLACK {
+            if replayed.records.len() > 2 * compacted.records.len() + COMPACT_SLACK {
                 // Replay time and journal size follow live state, not history.
                 drop(journal);
-                storage
-                    .replace_file(&manifest::journal_name(p), &journal::encode_all(&compacted))?;
+                let bytes = journal::encode_all(&compacted.records);
+                storage.replace_file(&manifest::journal_name(p), &bytes)?;
+                let cs = manifest.chunk_size as u64;
+                for slot in compacted.dropped_slots {
+                    store.punch_hole(slot * cs, cs).await?;
+                }
                 let journal_file = storage.open(&manifest::journal_name(p), false)?;
                 (journal, replayed) = Journal::open(
                     journal_file,
