@@ -127,6 +127,15 @@ impl Executor {
 ///
 /// Panics if called from inside another `block_on` on the same thread.
 pub fn block_on<F: Future>(future: F) -> F::Output {
+    block_on_with(|| false, future)
+}
+
+/// [`block_on`] for a thread that also serves another event source, such as
+/// a ublk queue's own io_uring: `service` runs before every sleep, must not
+/// block, and returns whether it woke any task. A task that awaits
+/// [`super::poll_readable`] on that source's fd is what wakes the thread
+/// when the source has work while it sleeps in this thread's ring.
+pub fn block_on_with<F: Future>(mut service: impl FnMut() -> bool, future: F) -> F::Output {
     assert!(
         !RUNNING.with(|r| r.replace(true)),
         "nested runtime::block_on"
@@ -160,6 +169,9 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
             let leftovers = std::mem::take(&mut *executor.tasks.borrow_mut());
             drop(leftovers);
             return value;
+        }
+        if service() {
+            continue;
         }
         executor.park();
     }
@@ -196,6 +208,50 @@ mod tests {
             rx2.await.unwrap()
         });
         assert_eq!(value, 42);
+    }
+
+    /// A second ring stands in for a ublk queue's: its completion reaches
+    /// a task only through the service hook, and the poll on its fd is what
+    /// wakes the sleeping executor.
+    #[test]
+    fn a_foreign_ring_is_served_through_the_hook() {
+        use io_uring::{opcode, types, IoUring};
+        use std::os::fd::AsRawFd;
+        let mut foreign = IoUring::new(8).unwrap();
+        let timeout = types::Timespec::new().nsec(20_000_000);
+        let entry = opcode::Timeout::new(&timeout).build().user_data(7);
+        unsafe { foreign.submission().push(&entry).unwrap() };
+        foreign.submit().unwrap();
+        let fd = foreign.as_raw_fd();
+        let seen = Rc::new(Cell::new(None));
+        let signal = Rc::new(RefCell::new(None::<Waker>));
+        let (seen2, signal2) = (seen.clone(), signal.clone());
+        let service = move || {
+            let Some(cqe) = foreign.completion().next() else {
+                return false;
+            };
+            seen2.set(Some(cqe.user_data()));
+            if let Some(w) = signal2.borrow_mut().take() {
+                w.wake();
+            }
+            true
+        };
+        let got = block_on_with(service, async move {
+            spawn(async move {
+                // Re-armed until block_on drops it: that drop must cancel
+                // the poll instead of waiting for it forever.
+                while super::super::poll_readable(fd).await.is_ok() {}
+            });
+            std::future::poll_fn(|cx| match seen.get() {
+                Some(v) => Poll::Ready(v),
+                None => {
+                    *signal.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await
+        });
+        assert_eq!(got, 7);
     }
 
     #[test]

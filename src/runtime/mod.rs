@@ -19,5 +19,5 @@
 mod executor;
 mod reactor;
 
-pub use executor::{block_on, spawn};
-pub use reactor::{fallocate, fsync, read_at, recv, send, write_at, writev};
+pub use executor::{block_on, block_on_with, spawn};
+pub use reactor::{fallocate, fsync, poll_readable, read_at, recv, send, write_at, writev};

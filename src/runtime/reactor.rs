@@ -10,6 +10,8 @@ use std::task::{Context, Poll, Waker};
 
 /// user_data reserved for the eventfd read that lets other threads wake us.
 const WAKE_TOKEN: u64 = u64::MAX;
+/// user_data of cancel requests; their own completions carry nothing.
+const CANCEL_TOKEN: u64 = u64::MAX - 1;
 const RING_ENTRIES: u32 = 256;
 
 enum OpState {
@@ -133,6 +135,9 @@ impl Reactor {
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
         for (token, result) in completions {
+            if token == CANCEL_TOKEN {
+                continue;
+            }
             if token == WAKE_TOKEN {
                 woke = true;
                 self.arm_wakeup();
@@ -209,7 +214,17 @@ impl Drop for Op<'_> {
             return;
         }
         let index = self.index;
-        // The kernel may still write into our buffers: wait it out.
+        // The kernel may still write into our buffers: ask it to stop (an
+        // op that never completes by itself, like a poll, would otherwise
+        // hang us), then wait until it has let go.
+        with(|r| {
+            if matches!(r.ops[index], OpState::Pending(_)) {
+                let cancel = opcode::AsyncCancel::new(index as u64)
+                    .build()
+                    .user_data(CANCEL_TOKEN);
+                r.push(cancel);
+            }
+        });
         loop {
             let done = with(|r| match r.ops[index] {
                 OpState::Done(_) => {
@@ -283,6 +298,13 @@ pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Resul
         .offset(offset)
         .mode(mode)
         .build();
+    Op::new(entry).await.map(drop)
+}
+
+/// Waits until `fd` is readable (an eventfd, a socket, another io_uring).
+pub async fn poll_readable(fd: RawFd) -> io::Result<()> {
+    let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+    // Dropping this future cancels the poll (see `Op`'s drop).
     Op::new(entry).await.map(drop)
 }
 
