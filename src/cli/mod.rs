@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 #[command(
     name = "snapblk",
     version,
-    about = "Userspace block devices with instant snapshots, served over NBD",
+    about = "Userspace block devices with instant snapshots, served over NBD and ublk",
     after_help = "Quick start: `snapblk serve`, then `qemu-img info nbd://127.0.0.1:10809/disk0`."
 )]
 pub struct Cli {
@@ -50,6 +50,11 @@ pub enum Command {
     Snapshot(SnapshotCmd),
     /// Show the running daemon's status
     Status,
+    /// Start, stop and list ublk block devices (/dev/ublkbN)
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Show what the running kernel's ublk driver offers
+    Features,
 }
 
 #[derive(Args, Debug)]
@@ -121,6 +126,32 @@ pub enum SnapshotCmd {
     /// Delete a snapshot
     #[command(alias = "rm")]
     Delete { volume: String, name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCmd {
+    /// Start /dev/ublkbN for a volume (read-write) or one of its snapshots (read-only); prints its path
+    Start {
+        volume: String,
+        /// Serve this snapshot of the volume, read-only
+        #[arg(long, value_name = "SNAP")]
+        snapshot: Option<String>,
+        /// Hardware queues, one thread and io_uring each [default: 1]
+        #[arg(long, value_name = "N")]
+        queues: Option<u16>,
+        /// Requests in flight per queue, 1 to 4096 [default: 64]
+        #[arg(long, value_name = "D")]
+        depth: Option<u16>,
+    },
+    /// Stop a device: VOL, VOL@SNAP or /dev/ublkbN
+    #[command(alias = "rm")]
+    Stop {
+        #[arg(value_name = "VOL|VOL@SNAP|/dev/ublkbN")]
+        device: String,
+    },
+    /// List devices
+    #[command(alias = "ls")]
+    List,
 }
 
 fn size_arg(text: &str) -> Result<u64, CliError> {
@@ -245,6 +276,68 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let control = paths::client_control_path(cli.control);
             snapshot(&control, json, cmd)
         }
+        Command::Device(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            device(&control, json, cmd)
+        }
+        Command::Features => {
+            let control = paths::client_control_path(cli.control);
+            reply(&control, json, &Request::Features {}, |r| {
+                print!("{}", output::features(r))
+            })
+        }
+    }
+}
+
+fn device(control: &Path, json: bool, cmd: DeviceCmd) -> Result<(), CliError> {
+    match cmd {
+        DeviceCmd::Start {
+            volume,
+            snapshot,
+            queues,
+            depth,
+        } => {
+            name_arg("volume", &volume)?;
+            if let Some(s) = &snapshot {
+                name_arg("snapshot", s)?;
+            }
+            let req = Request::DeviceStart {
+                volume,
+                snapshot,
+                queues,
+                depth,
+            };
+            reply(control, json, &req, |r| {
+                println!("{}", output::str_of(r, "path"))
+            })
+        }
+        DeviceCmd::Stop { device } => {
+            if !device.starts_with('/') {
+                match device.split_once('@') {
+                    Some((v, s)) => {
+                        name_arg("volume", v)?;
+                        name_arg("snapshot", s)?;
+                    }
+                    None => name_arg("volume", &device)?,
+                }
+            }
+            let req = Request::DeviceStop {
+                device: device.clone(),
+            };
+            reply(control, json, &req, |r| {
+                let key = match r.get("snapshot").and_then(Value::as_str) {
+                    Some(s) => format!("{}@{s}", output::str_of(r, "volume")),
+                    None => output::str_of(r, "volume"),
+                };
+                match r.get("path").and_then(Value::as_str) {
+                    Some(p) => println!("stopped device {p} ({key})"),
+                    None => println!("dropped the device entry for {key} (it was not running)"),
+                }
+            })
+        }
+        DeviceCmd::List => reply(control, json, &Request::DeviceList {}, |r| {
+            print!("{}", output::device_list(r))
+        }),
     }
 }
 

@@ -172,6 +172,67 @@ pub fn snapshot_list(volume: &str, result: &Value) -> String {
     table(&["NAME", "GENERATION", "CREATED", "EXCLUSIVE"], &rows)
 }
 
+/// `device list`: one row per device; devices that failed to start are
+/// listed with their error below the table.
+pub fn device_list(result: &Value) -> String {
+    let devs = result.as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = devs
+        .iter()
+        .map(|d| {
+            let device = match d.get("path").and_then(Value::as_str) {
+                Some(p) => p.to_string(),
+                None => "(failed)".to_string(),
+            };
+            let mode = match d.get("read_only").and_then(Value::as_bool) {
+                Some(true) => "ro",
+                Some(false) => "rw",
+                None => "-",
+            };
+            vec![
+                device,
+                str_of(d, "volume"),
+                str_of(d, "snapshot"),
+                mode.to_string(),
+                str_of(d, "queues"),
+                str_of(d, "depth"),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &["DEVICE", "VOLUME", "SNAPSHOT", "MODE", "QUEUES", "DEPTH"],
+        &rows,
+    );
+    for d in &devs {
+        let state = str_of(d, "state");
+        if let Some(err) = state.strip_prefix("error: ") {
+            let key = match d.get("snapshot").and_then(Value::as_str) {
+                Some(s) => format!("{}@{s}", str_of(d, "volume")),
+                None => str_of(d, "volume"),
+            };
+            out.push_str(&format!("{key}: not running: {err}\n"));
+        }
+    }
+    out
+}
+
+/// `features`: the driver's feature bits, then one supported feature a line.
+pub fn features(result: &Value) -> String {
+    let mut out = match result.get("driver_features").and_then(Value::as_u64) {
+        Some(bits) => format!("ublk driver features: {bits:#018x}\n"),
+        None => "ublk driver features: -\n".to_string(),
+    };
+    for name in result
+        .get("names")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
+        out.push_str(name.as_str().unwrap_or("?"));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +247,32 @@ mod tests {
             ],
         );
         assert_eq!(t, "NAME    SIZE\na       1 GiB\nlonger  2 B\n");
+    }
+
+    #[test]
+    fn devices_and_features() {
+        use serde_json::json;
+        assert_eq!(
+            device_list(&json!([])),
+            "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH\n"
+        );
+        let t = device_list(&json!([
+            {"id":0,"path":"/dev/ublkb0","volume":"v","snapshot":null,"read_only":false,
+             "queues":1,"depth":64,"state":"running"},
+            {"id":null,"path":null,"volume":"v","snapshot":"s","read_only":true,
+             "queues":2,"depth":128,"state":"error: no ublk"}
+        ]));
+        assert_eq!(
+            t,
+            "DEVICE       VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH\n\
+             /dev/ublkb0  v       -         rw    1       64\n\
+             (failed)     v       s         ro    2       128\n\
+             v@s: not running: no ublk\n"
+        );
+        assert_eq!(
+            features(&json!({"driver_features": 0x42, "names": ["USER_RECOVERY", "USER_COPY"]})),
+            "ublk driver features: 0x0000000000000042\nUSER_RECOVERY\nUSER_COPY\n"
+        );
     }
 
     #[test]

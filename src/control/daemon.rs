@@ -1,19 +1,23 @@
 //! The daemon: startup, NBD listeners, signals, orderly shutdown.
 //!
 //! Startup order: block SIGTERM/SIGINT in every thread (the mask is set
-//! before any thread exists, so all threads inherit it), take the data
-//! directory's lock (one daemon per directory), open the registry (every
-//! volume; broken ones are logged and kept as errors), start the NBD
-//! listeners, and bind the control socket *last*: once the socket exists,
-//! everything is being served. The main thread then waits in `sigwait`.
+//! before any thread exists, so all threads inherit it), move into a mount
+//! namespace of our own (also before any thread exists; see
+//! [`private_mount_namespace`]), take the data directory's lock (one daemon
+//! per directory), open the registry (every volume; broken ones are logged
+//! and kept as errors), start the ublk devices listed in `devices.json`
+//! (failures are logged, never fatal), start the NBD listeners, and bind the
+//! control socket *last*: once the socket exists, everything is being
+//! served. The main thread then waits in `sigwait`.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting control clients, shut the NBD
-//! server down (it drains in-flight requests), flush and close every volume,
-//! remove the sockets, exit 0. No async runtime crate: one thread per control
+//! server down (it drains in-flight requests), stop every ublk device, flush
+//! and close every volume, remove the sockets, exit 0. No async runtime crate: one thread per control
 //! client and the engine's per-thread io_uring runtime.
 
 use super::registry::Registry;
 use super::server::{ControlServer, DaemonFacts};
+use super::ublk::UblkDriver;
 use crate::engine::{EngineError, View};
 use crate::frontend::nbd::{ExportResolver, NbdServer};
 use std::io;
@@ -111,6 +115,39 @@ pub fn wait_for_termination(set: &libc::sigset_t) -> i32 {
     }
 }
 
+/// Moves the process into a mount namespace of its own, with `/` made
+/// recursively private so that no mount event propagates in or out.
+/// libublk's upstream caveat: a ublk server that shares its mount namespace
+/// can deadlock on exit (a mount of its own device pins it). `unshare`
+/// (with its implied `CLONE_FS`) fails once threads exist, so call it before
+/// any. Without the privilege (not root) it logs a warning and goes on.
+pub fn private_mount_namespace() {
+    // SAFETY: plain syscalls with constant arguments and a static C string.
+    let result = unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            Err(("unshare(CLONE_NEWNS)", io::Error::last_os_error()))
+        } else if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            Err(("making / private in it", io::Error::last_os_error()))
+        } else {
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => log::info!("running in a private mount namespace"),
+        Err((what, e)) => log::warn!(
+            "cannot run in a private mount namespace ({what}: {e}); ublk devices may hang \
+             the daemon's exit while one is mounted; run the daemon as root"
+        ),
+    }
+}
+
 fn lock_data_dir(dir: &Path) -> io::Result<std::fs::File> {
     let path = dir.join("daemon.lock");
     let f = std::fs::OpenOptions::new()
@@ -175,12 +212,21 @@ impl Daemon {
             env!("CARGO_PKG_VERSION"),
             data_dir.display()
         );
-        let registry = Arc::new(Registry::open(&data_dir).with_context(|| {
-            format!(
-                "cannot read the registry in {}",
-                data_dir.join("volumes").display()
-            )
-        })?);
+        let registry = Arc::new(
+            Registry::open(&data_dir, Box::new(UblkDriver)).with_context(|| {
+                format!(
+                    "cannot read the registry in {}",
+                    data_dir.join("volumes").display()
+                )
+            })?,
+        );
+        let failed = registry.restore_devices();
+        if failed > 0 {
+            log::error!(
+                "{failed} device(s) listed in {} could not be started; see above (the daemon goes on)",
+                data_dir.join(super::devices::DEVICES_FILE).display()
+            );
+        }
         before_control(&registry)?;
 
         let nbd = NbdServer::new(Arc::new(Resolver(registry.clone())));
@@ -250,6 +296,7 @@ pub fn run(
     after_start: impl FnOnce(&Daemon),
 ) -> anyhow::Result<()> {
     let set = block_signals();
+    private_mount_namespace();
     let daemon = Daemon::start(config, before_control)?;
     after_start(&daemon);
     let sig = wait_for_termination(&set);

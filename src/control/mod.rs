@@ -1,6 +1,7 @@
 //! Control plane: the daemon, its registry of volumes and the control socket.
 //!
-//! Owns: which volumes exist and where they live ([`registry`]), the control
+//! Owns: which volumes exist and where they live ([`registry`]), which kernel
+//! devices run for them and come back at restart ([`devices`], [`ublk`]), the control
 //! protocol's wire types ([`protocol`], JSON lines; people read
 //! `docs/control-protocol.md`), the socket and its access check ([`server`]),
 //! and the daemon's life cycle: startup, NBD listeners, signals, shutdown
@@ -12,9 +13,11 @@
 //! bad request disturb another client or the daemon.
 
 pub mod daemon;
+pub mod devices;
 pub mod protocol;
 pub mod registry;
 pub mod server;
+pub mod ublk;
 
 pub use daemon::{DaemonConfig, DEFAULT_NBD_TCP};
 pub use protocol::{ControlError, ErrorCode, Request, Response};

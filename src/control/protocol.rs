@@ -23,6 +23,10 @@ pub const OPS: &[&str] = &[
     "snapshot.list",
     "snapshot.delete",
     "daemon.status",
+    "device.start",
+    "device.stop",
+    "device.list",
+    "features",
 ];
 
 /// The longest request line the daemon reads; longer lines are refused.
@@ -60,6 +64,28 @@ pub enum Request {
     SnapshotDelete { volume: String, name: String },
     #[serde(rename = "daemon.status")]
     DaemonStatus {},
+    /// Starts a ublk device (`/dev/ublkbN`) for the volume, or read-only for
+    /// one of its snapshots.
+    #[serde(rename = "device.start")]
+    DeviceStart {
+        volume: String,
+        #[serde(default)]
+        snapshot: Option<String>,
+        /// Hardware queues (one thread and one io_uring each); default 1.
+        #[serde(default)]
+        queues: Option<u16>,
+        /// Requests in flight per queue; default 64.
+        #[serde(default)]
+        depth: Option<u16>,
+    },
+    /// Stops a device: `VOL`, `VOL@SNAP` or its path `/dev/ublkbN`.
+    #[serde(rename = "device.stop")]
+    DeviceStop { device: String },
+    #[serde(rename = "device.list")]
+    DeviceList {},
+    /// What the running kernel's ublk driver offers.
+    #[serde(rename = "features")]
+    Features {},
 }
 
 impl Request {
@@ -73,6 +99,10 @@ impl Request {
             Request::SnapshotList { .. } => "snapshot.list",
             Request::SnapshotDelete { .. } => "snapshot.delete",
             Request::DaemonStatus {} => "daemon.status",
+            Request::DeviceStart { .. } => "device.start",
+            Request::DeviceStop { .. } => "device.stop",
+            Request::DeviceList {} => "device.list",
+            Request::Features {} => "features",
         }
     }
 }
@@ -265,6 +295,56 @@ mod tests {
         );
         let r = parse_request(br#"{"op":"volume.create","name":"v","size":1}"#).unwrap();
         assert_eq!(r.op(), "volume.create");
+    }
+
+    #[test]
+    fn parses_device_ops() {
+        let r = parse_request(br#"{"op":"device.start","volume":"v"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::DeviceStart {
+                volume: "v".into(),
+                snapshot: None,
+                queues: None,
+                depth: None
+            }
+        );
+        let r = parse_request(
+            br#"{"op":"device.start","volume":"v","snapshot":"s","queues":2,"depth":128}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::DeviceStart {
+                volume: "v".into(),
+                snapshot: Some("s".into()),
+                queues: Some(2),
+                depth: Some(128)
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"device.stop","device":"/dev/ublkb0"}"#).unwrap(),
+            Request::DeviceStop {
+                device: "/dev/ublkb0".into()
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"device.list"}"#).unwrap(),
+            Request::DeviceList {}
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"features"}"#).unwrap(),
+            Request::Features {}
+        );
+        for line in [
+            &br#"{"op":"device.start"}"#[..],
+            br#"{"op":"device.start","volume":"v","depth":70000}"#,
+            br#"{"op":"device.start","volume":"v","queues":-1}"#,
+            br#"{"op":"device.stop"}"#,
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+        }
     }
 
     #[test]

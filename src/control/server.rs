@@ -285,6 +285,15 @@ pub fn handle(
         Request::SnapshotCreate { volume, name } => registry.create_snapshot(&volume, &name),
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDelete { volume, name } => registry.delete_snapshot(&volume, &name),
+        Request::DeviceStart {
+            volume,
+            snapshot,
+            queues,
+            depth,
+        } => registry.start_device(&volume, snapshot, queues, depth),
+        Request::DeviceStop { device } => registry.stop_device(&device),
+        Request::DeviceList {} => registry.list_devices(),
+        Request::Features {} => registry.features(),
         Request::DaemonStatus {} => Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
@@ -293,6 +302,7 @@ pub fn handle(
             "nbd_unix": facts.nbd_unix,
             "nbd_tcp": facts.nbd_tcp,
             "volumes": registry.len(),
+            "devices": registry.device_count(),
             "uptime_s": facts.started.elapsed().as_secs(),
         })),
     }
