@@ -41,6 +41,11 @@ pub struct DeviceSpec {
     pub queues: u16,
     #[serde(default = "default_depth")]
     pub depth: u16,
+    /// The kernel device id (`N` of `/dev/ublkbN`) it last ran as, for a
+    /// restarted daemon that re-attaches to the same device
+    /// (`UBLK_F_USER_RECOVERY`); absent before its first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_id: Option<u32>,
 }
 
 fn default_queues() -> u16 {
@@ -155,12 +160,14 @@ mod tests {
                 snapshot: None,
                 queues: 2,
                 depth: 128,
+                last_id: Some(3),
             },
             DeviceSpec {
                 volume: "v".into(),
                 snapshot: Some("s".into()),
                 queues: 1,
                 depth: 64,
+                last_id: None,
             },
         ];
         save(t.path(), &specs).unwrap();
@@ -186,6 +193,7 @@ mod tests {
                 snapshot: None,
                 queues: DEFAULT_QUEUES,
                 depth: DEFAULT_DEPTH,
+                last_id: None,
             }]
         );
         fs::write(t.path().join(DEVICES_FILE), "not json").unwrap();

@@ -587,7 +587,8 @@ impl Registry {
             }
         };
         let mut failed = 0;
-        for spec in specs {
+        let mut changed = false;
+        for mut spec in specs {
             let key = spec.key();
             if self.lock_devices().contains_key(&key) {
                 log::warn!(
@@ -599,6 +600,8 @@ impl Registry {
             let state = match self.start_kernel_device(&spec) {
                 Ok(dev) => {
                     log::info!("device {} ({key}) restored", dev.path());
+                    changed |= spec.last_id != Some(dev.id());
+                    spec.last_id = Some(dev.id());
                     DeviceState::Running(dev)
                 }
                 Err(e) => {
@@ -617,6 +620,11 @@ impl Registry {
                 }
             };
             self.lock_devices().insert(key, DeviceEntry { spec, state });
+        }
+        if changed {
+            if let Err(e) = self.save_devices() {
+                log::error!("{}", e.message);
+            }
         }
         failed
     }
@@ -648,14 +656,19 @@ impl Registry {
                 devices::MAX_DEPTH
             )));
         }
-        let spec = DeviceSpec {
+        let mut spec = DeviceSpec {
             volume: volume.to_string(),
             snapshot,
             queues,
             depth,
+            last_id: None,
         };
         let key = spec.key();
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = self.lock_devices().get(&key) {
+            // Retrying an entry whose restore failed: the same kernel device.
+            spec.last_id = entry.spec.last_id;
+        }
         if let Some(path) = self.lock_devices().get(&key).and_then(DeviceEntry::path) {
             return Err(ControlError::new(
                 ErrorCode::AlreadyExists,
@@ -675,6 +688,7 @@ impl Registry {
             }
         };
         let path = dev.path();
+        spec.last_id = Some(dev.id());
         let previous = self.lock_devices().insert(
             key.clone(),
             DeviceEntry {
@@ -940,6 +954,7 @@ mod tests {
         let saved = devices::load(t.path()).unwrap();
         assert_eq!(saved.len(), 2);
         assert_eq!(saved[1].key(), "v@s");
+        assert_eq!((saved[0].last_id, saved[1].last_id), (Some(0), Some(1)));
         assert_eq!((saved[1].queues, saved[1].depth), (2, 128));
 
         // Stop by path, then by name.
@@ -964,6 +979,7 @@ mod tests {
         let listed = reg.list_devices().unwrap();
         assert_eq!(listed[0]["path"], "/dev/ublkb2");
         assert_eq!(listed[0]["state"], "running");
+        assert_eq!(devices::load(t.path()).unwrap()[0].last_id, Some(2));
         reg.stop_device("v").unwrap();
         assert!(devices::load(t.path()).unwrap().is_empty());
         reg.delete_volume("v").unwrap();
@@ -987,12 +1003,14 @@ mod tests {
                     snapshot: None,
                     queues: 1,
                     depth: 32,
+                    last_id: Some(7),
                 },
                 DeviceSpec {
                     volume: "gone".into(),
                     snapshot: None,
                     queues: 1,
                     depth: 64,
+                    last_id: None,
                 },
             ],
         )
@@ -1014,6 +1032,13 @@ mod tests {
         assert_eq!(e.code, ErrorCode::IoError);
         assert!(e.message.contains("no ublk here"), "{}", e.message);
         *driver.fail.lock().unwrap() = None;
+        let failed_id = devices::load(t.path())
+            .unwrap()
+            .iter()
+            .find(|s| s.volume == "v")
+            .unwrap()
+            .last_id;
+        assert_eq!(failed_id, Some(7), "a failed restore keeps the last id");
         reg.start_device("v", None, None, Some(32)).unwrap();
         assert_eq!(devices::load(t.path()).unwrap().len(), 2);
         // Dropping a failed entry by name.
