@@ -140,11 +140,47 @@ pub fn private_mount_namespace() {
         }
     };
     match result {
-        Ok(()) => log::info!("running in a private mount namespace"),
+        Ok(()) => {
+            log::info!("running in a private mount namespace");
+            detach_ublk_mounts();
+        }
         Err((what, e)) => log::warn!(
             "cannot run in a private mount namespace ({what}: {e}); ublk devices may hang \
              the daemon's exit while one is mounted; run the daemon as root"
         ),
+    }
+}
+
+/// The private namespace starts as a copy of the one the daemon was started
+/// in, so a filesystem mounted from one of our devices before a restart
+/// (kill -9, then re-attach) would be mounted in here too, pinning the
+/// device: stopping it would then wait on ourselves. Detach those copies;
+/// the mounts people see are in their own namespace and stay.
+fn detach_ublk_mounts() {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    for line in mounts.lines() {
+        let mut fields = line.split(' ');
+        let (Some(source), Some(target)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !source.starts_with("/dev/ublkb") {
+            continue;
+        }
+        // /proc/self/mounts escapes space, tab, newline and backslash in octal.
+        let target = target
+            .replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\");
+        let Ok(c_target) = std::ffi::CString::new(target.clone()) else {
+            continue;
+        };
+        // SAFETY: umount2 with a valid C string; affects only this namespace.
+        if unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) } == 0 {
+            log::info!("detached this namespace's copy of {source} on {target}");
+        }
     }
 }
 

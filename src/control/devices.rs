@@ -141,7 +141,16 @@ pub trait RunningDevice: Send {
 /// Starts kernel devices; the daemon's seam to the ublk frontend.
 pub trait Driver: Send + Sync {
     /// Starts a device serving `view`; returns once its block device exists.
-    fn start(&self, view: View, queues: u16, depth: u16) -> io::Result<Box<dyn RunningDevice>>;
+    /// `previous_id`: the kernel device this entry had before the daemon
+    /// stopped; if it is still there waiting (USER_RECOVERY after a crash),
+    /// the new daemon re-attaches to it instead of adding a new one.
+    fn start(
+        &self,
+        view: View,
+        queues: u16,
+        depth: u16,
+        previous_id: Option<u32>,
+    ) -> io::Result<Box<dyn RunningDevice>>;
     /// What the kernel offers, as the `features` op answers it.
     fn features(&self) -> io::Result<Value>;
 }

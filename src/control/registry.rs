@@ -565,7 +565,7 @@ impl Registry {
     ) -> Result<Box<dyn RunningDevice>, ControlError> {
         let view = self.device_view(spec)?;
         self.driver
-            .start(view, spec.queues, spec.depth)
+            .start(view, spec.queues, spec.depth, spec.last_id)
             .map_err(|e| {
                 ControlError::new(
                     ErrorCode::IoError,
@@ -882,7 +882,13 @@ mod tests {
     }
 
     impl Driver for FakeDriver {
-        fn start(&self, view: View, _q: u16, _d: u16) -> io::Result<Box<dyn RunningDevice>> {
+        fn start(
+            &self,
+            view: View,
+            _q: u16,
+            _d: u16,
+            _previous: Option<u32>,
+        ) -> io::Result<Box<dyn RunningDevice>> {
             if let Some(m) = self.fail.lock().unwrap().clone() {
                 return Err(io::Error::other(m));
             }

@@ -51,9 +51,18 @@ impl RunningDevice for Device {
 }
 
 impl Driver for UblkDriver {
-    fn start(&self, view: View, queues: u16, depth: u16) -> io::Result<Box<dyn RunningDevice>> {
+    fn start(
+        &self,
+        view: View,
+        queues: u16,
+        depth: u16,
+        previous_id: Option<u32>,
+    ) -> io::Result<Box<dyn RunningDevice>> {
         check_control()?;
         let options = DeviceOptions { queues, depth };
+        if let Some(id) = previous_id.filter(|&id| ublk::awaiting_recovery(id)) {
+            return Ok(Box::new(Device::recover(id, view, &options)?));
+        }
         Ok(Box::new(Device::start(view, &options)?))
     }
 

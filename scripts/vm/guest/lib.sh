@@ -35,7 +35,8 @@ daemon_start() {
     SNAPBLK_PID=$!
     export SNAPBLK_CONTROL="$1/control.sock"
     _n=300
-    while [ ! -S "$SNAPBLK_CONTROL" ]; do
+    # Answering, not just a socket file: one left by a killed daemon lingers.
+    until snapblk status >/dev/null 2>&1; do
         if ! kill -0 "$SNAPBLK_PID" 2>/dev/null; then
             cat "$1/daemon.log" >&2
             fail "snapblk daemon exited during startup"

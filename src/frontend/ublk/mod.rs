@@ -67,6 +67,17 @@ impl Device {
     /// Adds and starts a kernel ublk device for `view`; returns once
     /// `/dev/ublkbN` exists.
     pub fn start(view: View, options: &DeviceOptions) -> io::Result<Device> {
+        Device::launch(view, options, None)
+    }
+
+    /// Re-attaches to device `id`, left waiting by a daemon that died
+    /// (USER_RECOVERY): the same `/dev/ublkbN`, whose queued I/O resumes, so
+    /// a mounted filesystem carries on.
+    pub fn recover(id: u32, view: View, options: &DeviceOptions) -> io::Result<Device> {
+        Device::launch(view, options, Some(id))
+    }
+
+    fn launch(view: View, options: &DeviceOptions, recover: Option<u32>) -> io::Result<Device> {
         if options.queues == 0 || options.depth == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -81,7 +92,7 @@ impl Device {
         std::thread::Builder::new()
             .name("ublk-device".into())
             .spawn(move || {
-                let result = run_device(view, options, started_tx.clone());
+                let result = run_device(view, options, recover, started_tx.clone());
                 if let Err(e) = result {
                     let _ = started_tx.send(Err(e));
                 }
@@ -122,16 +133,20 @@ impl Device {
             .map_err(|e| ublk_error(&format!("opening ublk device {}", self.id), e))?;
         ctrl.kill_dev()
             .map_err(|e| ublk_error(&format!("stopping {}", self.path()), e))?;
-        match self.exited.recv_timeout(KERNEL_TIMEOUT) {
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
+        if let Err(mpsc::RecvTimeoutError::Timeout) = self.exited.recv_timeout(KERNEL_TIMEOUT) {
+            return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
                     "{} did not stop within 60 s; check `dmesg` for ublk_drv errors",
                     self.path()
                 ),
-            )),
-            _ => Ok(()),
+            ));
         }
+        // A device we added is deleted when its thread ends; one we
+        // re-attached to after a crash is not ours to have added, so
+        // delete it here (an error just means it is gone already).
+        let _ = ctrl.del_dev();
+        Ok(())
     }
 }
 
@@ -139,17 +154,33 @@ impl Device {
 fn run_device(
     view: View,
     options: DeviceOptions,
+    recover: Option<u32>,
     started: mpsc::Sender<io::Result<u32>>,
 ) -> io::Result<()> {
+    // With USER_RECOVERY, a daemon killed by -9 leaves the device waiting
+    // (I/O queued, not failed) for the next daemon to re-attach.
+    // REISSUE: requests the dead daemon had taken are sent again to the new
+    // one rather than failed; block writes are idempotent, so that is safe.
+    let wanted = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    let recovery = features()?.driver_features & wanted;
+    let (id, flags) = match recover {
+        Some(id) => (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV),
+        None => (-1, UblkFlags::UBLK_DEV_F_ADD_DEV),
+    };
     let ctrl = UblkCtrlBuilder::default()
         .name("snapblk")
-        .id(-1)
+        .id(id)
         .nr_queues(options.queues)
         .depth(options.depth)
         .io_buf_bytes(IO_BUF_BYTES)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .ctrl_flags(recovery)
+        .dev_flags(flags)
         .build()
         .map_err(|e| ublk_error("adding a ublk device", e))?;
+    if recover.is_some() {
+        ctrl.start_user_recover()
+            .map_err(|e| ublk_error(&format!("re-attaching to /dev/ublkb{id}"), e))?;
+    }
     let size = view.size();
     let chunk = view.volume().chunk_size();
     let read_only = view.read_only();
@@ -292,6 +323,18 @@ const FEATURE_NAMES: &[(u64, &str)] = &[
     (sys::UBLK_F_QUIESCE as u64, "QUIESCE"),
     (sys::UBLK_F_PER_IO_DAEMON as u64, "PER_IO_DAEMON"),
 ];
+
+/// Whether kernel device `id` exists and waits for a daemon to re-attach
+/// (its previous daemon died with USER_RECOVERY set).
+pub fn awaiting_recovery(id: u32) -> bool {
+    let Ok(ctrl) = UblkCtrl::new_simple(id as i32) else {
+        return false;
+    };
+    let info = ctrl.dev_info();
+    info.flags & sys::UBLK_F_USER_RECOVERY as u64 != 0
+        && (info.state == sys::UBLK_S_DEV_QUIESCED as u16
+            || info.state == sys::UBLK_S_DEV_LIVE as u16)
+}
 
 /// Asks the kernel's ublk driver what it supports.
 pub fn features() -> io::Result<Features> {
