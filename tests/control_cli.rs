@@ -6,50 +6,13 @@
 
 mod common;
 
-use common::{have, names, qemu_io_ok, tempdir, Daemon, BIN};
+use common::{assert_error, have, names, qemu_io_ok, tempdir, Daemon, Raw, BIN};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A raw protocol connection.
-struct Raw {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Raw {
-    fn connect(path: &Path) -> Raw {
-        let stream = UnixStream::connect(path).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let reader = BufReader::new(stream.try_clone().unwrap());
-        Raw { stream, reader }
-    }
-    fn send(&mut self, line: &str) -> Value {
-        self.stream
-            .write_all(format!("{line}\n").as_bytes())
-            .unwrap();
-        let mut resp = String::new();
-        self.reader.read_line(&mut resp).unwrap();
-        assert!(resp.ends_with('\n'), "one response line: {resp:?}");
-        serde_json::from_str(&resp).unwrap()
-    }
-}
-
-fn assert_error(v: &Value, code: &str, needle: &str) {
-    assert_eq!(v["ok"], Value::Bool(false), "{v}");
-    assert_eq!(v["error"]["code"], code, "{v}");
-    let msg = v["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains(needle),
-        "message {msg:?} should mention {needle:?}"
-    );
-}
 
 #[test]
 fn volume_lifecycle_human_and_json() {

@@ -10,12 +10,10 @@
 
 mod common;
 
-use common::{tempdir, Daemon};
+use common::{assert_error, tempdir, Daemon, Raw};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
 const NO_UBLK: &str =
     "this kernel has no ublk: /dev/ublk-control is missing; load it with `modprobe ublk_drv` (kernel 6.0+)";
@@ -28,42 +26,6 @@ fn skip_with_ublk(test: &str) -> bool {
         return true;
     }
     false
-}
-
-/// A raw protocol connection.
-struct Raw {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Raw {
-    fn connect(path: &Path) -> Raw {
-        let stream = UnixStream::connect(path).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
-        let reader = BufReader::new(stream.try_clone().unwrap());
-        Raw { stream, reader }
-    }
-    fn send(&mut self, line: &str) -> Value {
-        self.stream
-            .write_all(format!("{line}\n").as_bytes())
-            .unwrap();
-        let mut resp = String::new();
-        self.reader.read_line(&mut resp).unwrap();
-        assert!(resp.ends_with('\n'), "one response line: {resp:?}");
-        serde_json::from_str(&resp).unwrap()
-    }
-}
-
-fn assert_error(v: &Value, code: &str, needle: &str) {
-    assert_eq!(v["ok"], Value::Bool(false), "{v}");
-    assert_eq!(v["error"]["code"], code, "{v}");
-    let msg = v["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains(needle),
-        "message {msg:?} should mention {needle:?}"
-    );
 }
 
 /// A daemon on a fresh data directory with volume `v` (1 GiB) and its

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 use std::ffi::OsString;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -451,4 +451,42 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
             want.get(i..(i + 16).min(want.len()))
         );
     }
+}
+
+/// A raw control-protocol connection: one JSON line out, one back.
+pub struct Raw {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Raw {
+    pub fn connect(path: &Path) -> Raw {
+        let stream = UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Raw { stream, reader }
+    }
+
+    pub fn send(&mut self, line: &str) -> Value {
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        let mut resp = String::new();
+        self.reader.read_line(&mut resp).unwrap();
+        assert!(resp.ends_with('\n'), "one response line: {resp:?}");
+        serde_json::from_str(&resp).unwrap()
+    }
+}
+
+/// A control-protocol error reply with `code` whose message mentions `needle`.
+pub fn assert_error(v: &Value, code: &str, needle: &str) {
+    assert_eq!(v["ok"], Value::Bool(false), "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(needle),
+        "message {msg:?} should mention {needle:?}"
+    );
 }
