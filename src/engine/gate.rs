@@ -9,30 +9,41 @@
 //! gate reopens. Only origin writes are drained, never journal flushes, which
 //! keeps the stall to the time of a few buffered writes.
 
+use super::hooks::{ChunkSet, WriteHook};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 /// The state a write's copy-on-write decisions are made against.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Epoch {
     /// Changes with every pause that changes the state (never repeats).
     pub id: u64,
     pub generation: u64,
     /// Sorted generations of the live snapshots.
     pub live: Arc<Vec<u64>>,
+    /// Live generations whose only reader has given some chunks back.
+    pub released: Arc<Vec<(u64, Arc<ChunkSet>)>>,
+    pub hooks: Arc<Vec<Arc<dyn WriteHook>>>,
 }
 
 impl Epoch {
-    /// Whether origin content born in generation `birth` must be preserved
-    /// before a write of this epoch overwrites it: some live snapshot closed
-    /// a generation in `[birth, current)`.
-    pub fn must_preserve(&self, birth: u64) -> bool {
+    /// Whether origin content of `chunk` born in generation `birth` must be
+    /// preserved before a write of this epoch overwrites it: some live
+    /// snapshot closed a generation in `[birth, current)` and still wants it.
+    pub fn must_preserve(&self, chunk: u64, birth: u64) -> bool {
         let first_at_or_after = self.live.partition_point(|&g| g < birth);
-        self.live
-            .get(first_at_or_after)
-            .is_some_and(|&g| g < self.generation)
+        self.live[first_at_or_after..]
+            .iter()
+            .take_while(|&&g| g < self.generation)
+            .any(|&g| !self.was_released(g, chunk))
+    }
+
+    fn was_released(&self, generation: u64, chunk: u64) -> bool {
+        self.released
+            .iter()
+            .any(|(g, set)| *g == generation && set.contains(chunk))
     }
 }
 
@@ -77,14 +88,28 @@ impl Paused<'_> {
         self.gate.state.lock().unwrap().epoch.clone()
     }
 
+    /// Sets the generation and live snapshots; released sets of generations
+    /// no longer live go with them.
     pub fn set(&self, generation: u64, live: Vec<u64>) {
+        self.change(|epoch| {
+            let released = epoch
+                .released
+                .iter()
+                .filter(|(g, _)| live.binary_search(g).is_ok())
+                .cloned()
+                .collect();
+            epoch.generation = generation;
+            epoch.live = Arc::new(live);
+            epoch.released = Arc::new(released);
+        });
+    }
+
+    /// Changes the epoch in place; writes that prepared under the old one
+    /// prepare again.
+    pub fn change(&self, f: impl FnOnce(&mut Epoch)) {
         let mut state = self.gate.state.lock().unwrap();
-        let id = state.epoch.id + 1;
-        state.epoch = Epoch {
-            id,
-            generation,
-            live: Arc::new(live),
-        };
+        f(&mut state.epoch);
+        state.epoch.id += 1;
     }
 
     /// How long writes have been held so far.
@@ -112,6 +137,8 @@ impl Gate {
                     id: 0,
                     generation,
                     live: Arc::new(live),
+                    released: Arc::default(),
+                    hooks: Arc::default(),
                 },
                 inflight: 0,
                 paused: false,
@@ -192,11 +219,31 @@ mod tests {
     #[test]
     fn must_preserve_exactly_when_a_live_snapshot_lies_in_birth_to_now() {
         let epoch = Gate::new(10, vec![2, 5, 9]).epoch();
-        assert!(epoch.must_preserve(0));
-        assert!(epoch.must_preserve(5));
-        assert!(epoch.must_preserve(9));
-        assert!(!epoch.must_preserve(10));
-        assert!(!Gate::new(10, vec![]).epoch().must_preserve(0));
+        assert!(epoch.must_preserve(0, 0));
+        assert!(epoch.must_preserve(0, 5));
+        assert!(epoch.must_preserve(0, 9));
+        assert!(!epoch.must_preserve(0, 10));
+        assert!(!Gate::new(10, vec![]).epoch().must_preserve(0, 0));
+    }
+
+    #[test]
+    fn a_released_chunk_is_preserved_only_for_snapshots_that_still_want_it() {
+        let gate = Gate::new(10, vec![5, 9]);
+        let set = Arc::new(ChunkSet::new(8));
+        set.insert(3);
+        crate::runtime::block_on(async {
+            let paused = gate.pause().await;
+            paused.change(|e| e.released = Arc::new(vec![(9, set.clone())]));
+        });
+        let epoch = gate.epoch();
+        assert!(
+            !epoch.must_preserve(3, 6),
+            "only 9 needs it, and 9 gave it back"
+        );
+        assert!(epoch.must_preserve(4, 6), "9 still wants chunk 4");
+        assert!(epoch.must_preserve(3, 0), "5 still wants chunk 3");
+        crate::runtime::block_on(async { gate.pause().await.set(10, vec![5]) });
+        assert!(gate.epoch().released.is_empty(), "9 is gone, so is its set");
     }
 
     #[test]

@@ -16,13 +16,17 @@
 
 mod error;
 mod gate;
+mod hooks;
 mod journal;
 mod manifest;
 mod partition;
 mod volume;
 
 pub use error::{EngineError, Result};
-pub use volume::{SnapshotCreated, SnapshotInfo, View, Volume, VolumeConfig, VolumeInfo};
+pub use hooks::{Change, WriteGuard, WriteHook};
+pub use volume::{
+    SnapshotConsumer, SnapshotCreated, SnapshotInfo, View, Volume, VolumeConfig, VolumeInfo,
+};
 
 /// The engine's addressing granularity.
 pub const SECTOR_SIZE: u64 = 512;

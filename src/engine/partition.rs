@@ -165,7 +165,7 @@ impl Partition {
             let wait = {
                 let mut state = self.state.lock().unwrap();
                 let birth = state.chunks.get(&chunk).map_or(0, |c| c.birth);
-                if !epoch.must_preserve(birth) {
+                if !epoch.must_preserve(chunk, birth) {
                     return Ok(());
                 }
                 match state.preserving.get_mut(&chunk) {

@@ -2,6 +2,7 @@
 
 use super::error::{EngineError, Result};
 use super::gate::{Epoch, Gate, Ticket};
+use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::{self, Journal};
 use super::manifest::{self, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
@@ -79,6 +80,41 @@ pub struct Volume {
 pub struct View {
     volume: Arc<Volume>,
     snapshot: Option<(String, u64)>,
+}
+
+/// The reader of a snapshot that nobody else reads (a copy job's private
+/// point-in-time image) giving back chunks it has durably consumed: writes
+/// stop preserving them for it. Released chunks of that snapshot then read
+/// as whatever the volume holds, so only the consumer may read it, and only
+/// ranges it has not released.
+pub struct SnapshotConsumer {
+    set: Arc<ChunkSet>,
+    chunk_shift: u32,
+}
+
+impl SnapshotConsumer {
+    /// Releases every chunk wholly inside `[offset, offset + len)`.
+    pub fn release(&self, offset: u64, len: u64) {
+        let chunk_size = 1u64 << self.chunk_shift;
+        let first = offset.div_ceil(chunk_size);
+        let end = (offset + len) >> self.chunk_shift;
+        (first..end).for_each(|c| self.set.insert(c));
+    }
+}
+
+/// What a write holds while it overwrites the origin.
+struct Admitted<'a> {
+    _ticket: Ticket<'a>,
+    epoch: Epoch,
+    _guards: Vec<WriteGuard>,
+}
+
+impl Admitted<'_> {
+    fn applied(&self, offset: u64, change: Change<'_>) {
+        for hook in self.epoch.hooks.iter() {
+            hook.after_write(offset, change);
+        }
+    }
 }
 
 /// Journal records beyond twice the live ones before a reopen compacts.
@@ -307,15 +343,10 @@ impl Volume {
     }
 
     pub fn snapshot_view(self: &Arc<Self>, snapshot: &str) -> Result<View> {
-        let manifest = self.manifest.lock().unwrap();
-        let record = manifest
-            .snapshots
-            .iter()
-            .find(|s| s.name == snapshot)
-            .ok_or_else(|| EngineError::NotFound(format!("snapshot {}@{snapshot}", self.name)))?;
+        let generation = self.snapshot_generation_of(snapshot)?;
         Ok(View {
             volume: self.clone(),
-            snapshot: Some((record.name.clone(), record.generation)),
+            snapshot: Some((snapshot.to_string(), generation)),
         })
     }
 
@@ -500,19 +531,84 @@ impl Volume {
         Ok(())
     }
 
-    /// Preserves what the range's overwrite needs, then returns the ticket
-    /// for the origin write. Preservation (which waits for journal flushes)
-    /// runs outside the gate, so a snapshot never waits for it; if a snapshot
-    /// changed the epoch meanwhile, the check is redone for the new one.
-    async fn ready_to_overwrite(&self, offset: u64, len: u64) -> Result<Ticket<'_>> {
+    /// Runs the write hooks, preserves what the range's overwrite needs, then
+    /// returns the ticket for the origin write. Hooks and preservation (which
+    /// waits for journal flushes) run outside the gate, so a snapshot never
+    /// waits for them; if the epoch changed meanwhile, they run again for the
+    /// new one.
+    async fn ready_to_overwrite(&self, offset: u64, len: u64) -> Result<Admitted<'_>> {
         loop {
             let epoch = self.gate.epoch();
+            let mut guards = Vec::with_capacity(epoch.hooks.len());
+            for hook in epoch.hooks.iter() {
+                guards.push(hook.before_write(offset, len).await?);
+            }
             self.preserve_range(offset, len, &epoch).await?;
             let ticket = self.gate.enter().await;
             if ticket.epoch_id == epoch.id {
-                return Ok(ticket);
+                return Ok(Admitted {
+                    _ticket: ticket,
+                    epoch,
+                    _guards: guards,
+                });
             }
         }
+    }
+
+    /// Puts `hook` in the write path of every write that has not yet
+    /// reached its origin write.
+    pub async fn add_write_hook(&self, hook: Arc<dyn WriteHook>) {
+        let _admin = self.admin.lock().await;
+        let paused = self.gate.pause().await;
+        paused.change(|epoch| {
+            let mut hooks = epoch.hooks.to_vec();
+            hooks.push(hook);
+            epoch.hooks = Arc::new(hooks);
+        });
+    }
+
+    /// Takes `hook` out of the write path; no write runs it after this returns.
+    pub async fn remove_write_hook(&self, hook: &Arc<dyn WriteHook>) {
+        let _admin = self.admin.lock().await;
+        let paused = self.gate.pause().await;
+        paused.change(|epoch| {
+            let hooks = epoch
+                .hooks
+                .iter()
+                .filter(|h| !Arc::ptr_eq(h, hook))
+                .cloned()
+                .collect();
+            epoch.hooks = Arc::new(hooks);
+        });
+    }
+
+    /// Makes the caller the sole reader of snapshot `name`, able to give back
+    /// chunks it has consumed (see [`SnapshotConsumer`]).
+    pub async fn consume_snapshot(&self, name: &str) -> Result<SnapshotConsumer> {
+        let _admin = self.admin.lock().await;
+        let generation = self.snapshot_generation_of(name)?;
+        let set = Arc::new(ChunkSet::new(self.size.div_ceil(self.chunk_size as u64)));
+        let paused = self.gate.pause().await;
+        paused.change(|epoch| {
+            let mut released = epoch.released.to_vec();
+            released.retain(|(g, _)| *g != generation);
+            released.push((generation, set.clone()));
+            epoch.released = Arc::new(released);
+        });
+        Ok(SnapshotConsumer {
+            set,
+            chunk_shift: self.chunk_shift,
+        })
+    }
+
+    fn snapshot_generation_of(&self, name: &str) -> Result<u64> {
+        let manifest = self.manifest.lock().unwrap();
+        manifest
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.generation)
+            .ok_or_else(|| EngineError::NotFound(format!("snapshot {}@{name}", self.name)))
     }
 
     /// Reads snapshot `generation`: each chunk from its preserved version if
@@ -649,8 +745,9 @@ impl View {
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable(offset, data.len() as u64)?;
         let volume = &self.volume;
-        let _ticket = volume.ready_to_overwrite(offset, data.len() as u64).await?;
+        let admitted = volume.ready_to_overwrite(offset, data.len() as u64).await?;
         volume.origin.write_at(data, offset, fua).await?;
+        admitted.applied(offset, Change::Data(data));
         Ok(())
     }
 
@@ -673,12 +770,13 @@ impl View {
             return Ok(());
         }
         let volume = &self.volume;
-        let _ticket = volume.ready_to_overwrite(offset, len).await?;
+        let admitted = volume.ready_to_overwrite(offset, len).await?;
         if keep_allocated {
             volume.origin.zero_range(offset, len).await?;
         } else {
             volume.origin.punch_hole(offset, len).await?;
         }
+        admitted.applied(offset, Change::Zeroes(len));
         Ok(())
     }
 
