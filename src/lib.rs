@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod cli;
 pub mod control;
+pub mod copy;
 pub mod engine;
 pub mod frontend;
 pub mod runtime;

@@ -6,6 +6,7 @@
 //! Sizes and names are checked here first, so obvious mistakes need no daemon.
 
 pub mod client;
+pub mod copy;
 pub mod output;
 pub mod paths;
 pub mod size;
@@ -55,6 +56,11 @@ pub enum Command {
     Device(DeviceCmd),
     /// Show what the running kernel's ublk driver offers
     Features,
+    /// Live point-in-time copies of volumes: start, status, pause, resume, cancel, list
+    #[command(subcommand)]
+    Copy(copy::CopyCmd),
+    /// Write a backup stream (from `copy start --format stream`) to a file or device
+    Restore(copy::RestoreArgs),
 }
 
 #[derive(Args, Debug)]
@@ -280,6 +286,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let control = paths::client_control_path(cli.control);
             device(&control, json, cmd)
         }
+        Command::Copy(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            copy::run(&control, json, cmd)
+        }
+        Command::Restore(a) => copy::restore(json, a),
         Command::Features => {
             let control = paths::client_control_path(cli.control);
             reply(&control, json, &Request::Features {}, |r| {

@@ -79,6 +79,7 @@ pub struct Daemon {
     pub control_path: PathBuf,
     nbd: NbdServer,
     control: Option<ControlServer>,
+    jobs: Arc<crate::copy::Jobs>,
     _lock: std::fs::File,
 }
 
@@ -256,6 +257,14 @@ impl Daemon {
                 )
             })?,
         );
+        // Copy jobs resume (their write hooks in place) before any device
+        // or export serves a write.
+        let jobs = crate::copy::Jobs::open(&data_dir, registry.clone()).with_context(|| {
+            format!(
+                "cannot read the copy jobs in {}",
+                data_dir.join("jobs").display()
+            )
+        })?;
         let failed = registry.restore_devices();
         if failed > 0 {
             log::error!(
@@ -290,6 +299,7 @@ impl Daemon {
             nbd_unix: config.nbd_unix.clone(),
             nbd_tcp: nbd_tcp.clone(),
             started: Instant::now(),
+            jobs: jobs.clone(),
         };
         let control =
             ControlServer::start(&control_path, registry.clone(), facts).map_err(|e| {
@@ -305,6 +315,7 @@ impl Daemon {
             control_path,
             nbd,
             control: Some(control),
+            jobs,
             _lock: lock,
         })
     }
@@ -316,6 +327,8 @@ impl Daemon {
         }
         log::info!("stopping the NBD server (draining in-flight requests)");
         self.nbd.shutdown();
+        log::info!("stopping copy jobs (they resume at next start)");
+        self.jobs.shutdown();
         let failed = self.registry.shutdown();
         for p in &self.facts_nbd_unix {
             remove_stale_socket(p);

@@ -370,7 +370,7 @@ impl Registry {
         match slot {
             Some(Slot::Ready(v)) => {
                 let mut j = volume_json(&v)?;
-                j["snapshot_list"] = serde_json::to_value(v.list_snapshots())
+                j["snapshot_list"] = serde_json::to_value(user_snapshots(&v))
                     .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?;
                 Ok(j)
             }
@@ -450,13 +450,19 @@ impl Registry {
     pub fn list_snapshots(&self, volume: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         let vol = self.volume(volume)?;
-        serde_json::to_value(vol.list_snapshots())
+        serde_json::to_value(user_snapshots(&vol))
             .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))
     }
 
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+        if name.starts_with('.') {
+            // Engine-internal (a copy job's): users cannot see or delete it.
+            return Err(ControlError::not_found(format!(
+                "snapshot {name} of volume {volume} not found"
+            )));
+        }
         let key = format!("{volume}@{name}");
         if let Some(path) = self.lock_devices().get(&key).and_then(DeviceEntry::path) {
             return Err(ControlError::new(
@@ -801,7 +807,7 @@ impl Registry {
         for (name, slot) in self.entries() {
             if let Slot::Ready(vol) = slot {
                 out.push(name.clone());
-                for s in vol.list_snapshots() {
+                for s in user_snapshots(&vol) {
                     out.push(format!("{name}@{}", s.name));
                 }
             }
@@ -826,6 +832,7 @@ impl Registry {
         };
         match snap {
             None => Ok(vol.live()),
+            Some(s) if s.starts_with('.') => Err(EngineError::NotFound(format!("snapshot {s}"))),
             Some(s) => vol.snapshot_view(s),
         }
     }
@@ -839,6 +846,14 @@ impl Registry {
             None
         }
     }
+}
+
+/// A volume's snapshots without the engine-internal ones (names starting
+/// with '.', which users cannot create: copy jobs' point-in-time images).
+fn user_snapshots(vol: &Volume) -> Vec<crate::engine::SnapshotInfo> {
+    let mut list = vol.list_snapshots();
+    list.retain(|s| !s.name.starts_with('.'));
+    list
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
