@@ -180,6 +180,13 @@ impl Job {
     /// Asks the job thread to pause, resume, cancel or stop.
     pub fn set_want(&self, want: Want) {
         *self.want.lock().unwrap() = want;
+        match want {
+            Want::Pause => self.set_state(JobState::Paused),
+            Want::Run if self.record.lock().unwrap().state == JobState::Paused => {
+                self.set_state(JobState::Running)
+            }
+            _ => {}
+        }
         self.wake.notify_all();
     }
 

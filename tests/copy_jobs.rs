@@ -1,0 +1,561 @@
+//! Live copy jobs end to end: the real daemon, a libnbd writer writing
+//! random data the whole time, and the CLI. Each test fails if its feature
+//! breaks: point-in-time images per policy, hold ordering, kill -9 and
+//! resume, stream round trip and corruption, ENOSPC on the target.
+
+mod common;
+
+use common::{
+    assert_same, first_diff, py_spawn, qemu_io_ok, random_bytes, read_stderr, run_ok, skip_without,
+    tempdir, Daemon,
+};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+/// Writes random 4 KiB blocks at random slots until told otherwise.
+/// stdin: `pause` (flush, print PAUSED, wait), `go`, `stop` (flush, read
+/// every slot back and compare with the last write: PASS/FAIL, and how
+/// many writes followed the last `go`). Exits quietly if the daemon dies.
+const WRITER: &str = r#"
+import nbd, os, random, select, sys
+uri, nslots = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD(); h.connect_uri(uri)
+last = {}
+since_go = 0
+print("READY", flush=True)
+try:
+    while True:
+        r, _, _ = select.select([sys.stdin], [], [], 0)
+        if r:
+            cmd = sys.stdin.readline().strip()
+            if cmd == "pause":
+                h.flush(); print("PAUSED", flush=True)
+                cmd = sys.stdin.readline().strip()
+                since_go = 0
+            if cmd == "stop":
+                h.flush()
+                for slot, data in last.items():
+                    if h.pread(4096, slot * 4096) != data:
+                        print("FAIL slot", slot, flush=True); sys.exit(1)
+                print("PASS", len(last), "WROTE", since_go, flush=True)
+                sys.exit(0)
+        slot = random.randrange(nslots)
+        data = os.urandom(4096)
+        h.pwrite(data, slot * 4096)
+        last[slot] = data
+        since_go += 1
+except nbd.Error as e:
+    print("DEAD", e, flush=True)
+"#;
+
+struct Writer {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+}
+
+impl Writer {
+    fn start(d: &Daemon, volume: &str, nslots: u64) -> Writer {
+        let mut child = py_spawn(WRITER, &[d.uri(volume), nslots.to_string()], true);
+        let stdin = child.stdin.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = Writer {
+            child,
+            stdin,
+            lines,
+        };
+        w.expect("READY");
+        w
+    }
+
+    fn expect(&mut self, prefix: &str) -> String {
+        match self.lines.recv_timeout(Duration::from_secs(300)) {
+            Ok(l) if l.starts_with(prefix) => l,
+            other => {
+                let _ = self.child.kill();
+                panic!(
+                    "writer: expected {prefix}, got {other:?}; stderr: {}",
+                    read_stderr(&mut self.child)
+                )
+            }
+        }
+    }
+
+    fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Stops the writer; asserts the live volume holds every write and
+    /// returns how many writes followed the last `go`.
+    fn stop(mut self) -> u64 {
+        self.send("stop");
+        let l = self.expect("PASS");
+        let _ = self.child.wait();
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_ended(d: &Daemon, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = d.json(&["copy", "status", id]);
+        if matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled")) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {id} never ended: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The export's whole content, via qemu-img.
+fn image(d: &Daemon, export: &str, path: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(path);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(d.uri(export))
+            .arg(path),
+    );
+    std::fs::read(path).unwrap()
+}
+
+fn fill(d: &Daemon, volume: &str, size: u64) {
+    // Data in most places, a hole in the middle (skipped as zeros).
+    let cmds: Vec<String> = (0..size / (1 << 20))
+        .filter(|i| i % 4 != 2)
+        .map(|i| format!("write -P {} {}M 1M", 0x10 + i, i))
+        .collect();
+    qemu_io_ok(&d.uri(volume), false, &cmds);
+}
+
+/// The image at `copy start` is exactly the target, while a writer writes
+/// throughout the job, under `policy`; the live volume keeps every write.
+fn copy_under_writes(policy: &str) {
+    let test = format!("copy_under_writes_{policy}");
+    if skip_without(&test, &["python3-nbd", "qemu-img", "qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "16M"]);
+    fill(&d, "v", 16 << 20);
+    let mut w = Writer::start(&d, "v", 4096);
+    std::thread::sleep(Duration::from_millis(200));
+    w.send("pause");
+    w.expect("PAUSED");
+    // No write between the snapshot and the start: both are the same image.
+    d.ok(&["snapshot", "create", "v", "s"]);
+    let target = t.path().join("copy.img");
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v",
+        "--to",
+        target.to_str().unwrap(),
+        "--policy",
+        policy,
+        "--block-size",
+        "256K",
+        "--rate",
+        "8M",
+        "--verify",
+    ]);
+    let id = id.trim();
+    w.send("go");
+    let end = wait_ended(&d, id);
+    assert_eq!(end["state"], "done", "{end}");
+    let wrote = w.stop();
+    assert!(wrote > 0, "the writer wrote nothing during the job");
+    let want = image(&d, "v@s", &t.path().join("snap.img"));
+    let got = std::fs::read(&target).unwrap();
+    assert_same(&format!("{policy} copy vs snapshot at start"), &got, &want);
+    // The job's own snapshot is gone; users never saw it.
+    assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 1);
+}
+
+#[test]
+fn cow_copy_under_writes_is_the_image_at_start() {
+    copy_under_writes("cow");
+}
+
+#[test]
+fn hold_copy_under_writes_is_the_image_at_start() {
+    copy_under_writes("hold");
+}
+
+#[test]
+fn direct_copy_under_writes_is_the_image_at_start() {
+    copy_under_writes("direct");
+}
+
+/// hold and direct: a write to a segment the job has not reached yet
+/// completes only once that segment's old data is in the target (the job
+/// is slowed by --rate so it cannot have got there on its own).
+#[test]
+fn hold_and_direct_copy_a_segment_before_its_write_completes() {
+    if skip_without("hold_ordering", &["qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "4M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x11 0 4M"]);
+    for policy in ["hold", "direct"] {
+        let target = t.path().join(format!("{policy}.img"));
+        let id = d.ok(&[
+            "copy",
+            "start",
+            "v",
+            "--to",
+            target.to_str().unwrap(),
+            "--policy",
+            policy,
+            "--block-size",
+            "64K",
+            "--rate",
+            "128K",
+        ]);
+        let id = id.trim();
+        let last = (4 << 20) - (64 << 10);
+        qemu_io_ok(&d.uri("v"), false, &[format!("write -P 0x22 {last} 64K")]);
+        // The write completed: its segment's old data is already copied.
+        let got = std::fs::read(&target).unwrap();
+        let seg = &got[last as usize..];
+        assert!(
+            seg.iter().all(|&b| b == 0x11),
+            "{policy}: the target lacks the old data of the written segment"
+        );
+        let v = d.json(&["copy", "status", id]);
+        assert!(
+            v["bytes_done"].as_u64().unwrap() < 4 << 20,
+            "{policy}: the job finished first; the test proves nothing: {v}"
+        );
+        let v = d.json(&["copy", "cancel", id]);
+        assert_eq!(v["state"], "cancelled");
+        qemu_io_ok(&d.uri("v"), true, &[format!("read -P 0x22 {last} 64K")]);
+        qemu_io_ok(&d.uri("v"), false, &["write -P 0x11 0 4M"]);
+    }
+    // Ended jobs cannot be paused, resumed or cancelled again.
+    let e = d.fails(&["copy", "pause", "1"]);
+    assert!(e.contains("already ended"), "{e}");
+    let e = d.fails(&["copy", "status", "99"]);
+    assert!(e.contains("not found"), "{e}");
+}
+
+/// kill -9 in the middle of a job; after the restart the job resumes (its
+/// hook in place before NBD serves) and, with a new writer writing, still
+/// produces exactly the image at start.
+fn kill9_mid_job(policy: &str) {
+    let test = format!("kill9_mid_job_{policy}");
+    if skip_without(&test, &["python3-nbd", "qemu-img", "qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let mut d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "16M"]);
+    fill(&d, "v", 16 << 20);
+    let mut w = Writer::start(&d, "v", 4096);
+    w.send("pause");
+    w.expect("PAUSED");
+    d.ok(&["snapshot", "create", "v", "s"]);
+    let target = t.path().join("copy.img");
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v",
+        "--to",
+        target.to_str().unwrap(),
+        "--policy",
+        policy,
+        "--block-size",
+        "256K",
+        "--rate",
+        "4M",
+    ]);
+    let id = id.trim().to_string();
+    w.send("go");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = d.json(&["copy", "status", &id]);
+        if v["bytes_done"].as_u64().unwrap() >= 4 << 20 {
+            assert_eq!(v["state"], "running", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9_and_restart();
+    drop(w);
+    let v = d.json(&["copy", "status", &id]);
+    assert!(
+        matches!(v["state"].as_str(), Some("running" | "done")),
+        "{v}"
+    );
+    let w = Writer::start(&d, "v", 4096);
+    let end = wait_ended(&d, &id);
+    assert_eq!(end["state"], "done", "{end}");
+    w.stop();
+    let want = image(&d, "v@s", &t.path().join("snap.img"));
+    let got = std::fs::read(&target).unwrap();
+    assert_same(&format!("{policy} copy across kill -9"), &got, &want);
+}
+
+#[test]
+fn cow_job_survives_kill9() {
+    kill9_mid_job("cow");
+}
+
+#[test]
+fn hold_job_survives_kill9() {
+    kill9_mid_job("hold");
+}
+
+/// A stream to a file and to the CLI's stdout both restore to the image;
+/// one flipped byte and a cut stream fail restore, naming the offset.
+#[test]
+fn stream_round_trip_and_corruption() {
+    if skip_without("stream_round_trip", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "8M"]);
+    let data = random_bytes(7, 3 << 20);
+    let src = t.path().join("src.img");
+    std::fs::write(&src, &data).unwrap();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(d.uri("v")),
+    );
+    let want = image(&d, "v", &t.path().join("live.img"));
+
+    let stream = t.path().join("v.stream");
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v",
+        "--to",
+        stream.to_str().unwrap(),
+        "--format",
+        "stream",
+        "--block-size",
+        "512K",
+        "--verify",
+    ]);
+    assert_eq!(wait_ended(&d, id.trim())["state"], "done");
+    let restored = t.path().join("restored.img");
+    let out = d.ok(&[
+        "restore",
+        stream.to_str().unwrap(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(out.contains("restored 8 MiB"), "{out}");
+    assert_same("restored stream", &std::fs::read(&restored).unwrap(), &want);
+
+    // To the CLI's standard output (passed to the daemon), into restore's stdin.
+    let piped = t.path().join("piped.stream");
+    let status = Command::new(common::BIN)
+        .arg("--control")
+        .arg(d.control())
+        .args(["copy", "start", "v", "--format", "stream", "--to", "-"])
+        .stdout(std::fs::File::create(&piped).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let restored2 = t.path().join("restored2.img");
+    let out = Command::new(common::BIN)
+        .args(["restore", "-", "--to", restored2.to_str().unwrap()])
+        .stdin(std::fs::File::open(&piped).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_same("stdout stream", &std::fs::read(&restored2).unwrap(), &want);
+
+    let bytes = std::fs::read(&stream).unwrap();
+    let mut flipped = bytes.clone();
+    let at = bytes.len() / 2;
+    flipped[at] ^= 0x01;
+    let bad = t.path().join("flipped.stream");
+    std::fs::write(&bad, &flipped).unwrap();
+    let e = d.fails(&[
+        "restore",
+        bad.to_str().unwrap(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("corrupt at byte") && e.contains("volume offset"),
+        "{e}"
+    );
+
+    let cut = t.path().join("cut.stream");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let e = d.fails(&[
+        "restore",
+        cut.to_str().unwrap(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains(&format!("truncated: it ends at byte {}", bytes.len() - 100)),
+        "{e}"
+    );
+    assert!(first_diff(&bytes, &flipped).is_some());
+}
+
+/// Copies to another volume, and of a snapshot (VOL@SNAP); bad requests
+/// get clear errors and the daemon goes on; the job's snapshot is hidden.
+#[test]
+fn volume_targets_snapshot_sources_and_bad_requests() {
+    if skip_without("volume_targets", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "4M"]);
+    d.ok(&["volume", "create", "w", "--size", "8M"]);
+    d.ok(&["volume", "create", "small", "--size", "1M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x33 0 4M"]);
+    qemu_io_ok(&d.uri("w"), false, &["write -P 0x44 0 8M"]);
+    d.ok(&["snapshot", "create", "v", "s"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x55 0 1M"]);
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v@s",
+        "--to",
+        "vol:w",
+        "--block-size",
+        "100K",
+    ]);
+    let end = wait_ended(&d, id.trim());
+    assert_eq!(end["state"], "done", "{end}");
+    assert_eq!(end["block_size"], 128 << 10, "rounded to the chunk size");
+    qemu_io_ok(
+        &d.uri("w"),
+        true,
+        &["read -P 0x33 0 4M", "read -P 0x44 4M 4M"],
+    );
+
+    let e = d.fails(&["copy", "start", "v", "--to", "vol:small"]);
+    assert!(e.contains("create a volume at least as large"), "{e}");
+    let e = d.fails(&["copy", "start", "v", "--to", "vol:v"]);
+    assert!(e.contains("onto itself"), "{e}");
+    let e = d.fails(&["copy", "start", "nope", "--to", "/tmp/x"]);
+    assert!(e.contains("volume nope not found"), "{e}");
+    let existing = t.path().join("exists.img");
+    std::fs::write(&existing, b"keep me").unwrap();
+    let e = d.fails(&["copy", "start", "v", "--to", existing.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+    let e = d.fails(&["copy", "start", "v", "--to", "-"]);
+    assert!(e.contains("--format stream"), "{e}");
+
+    // A slow cow job: its snapshot is neither listed nor deletable.
+    let target = t.path().join("slow.img");
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v",
+        "--to",
+        target.to_str().unwrap(),
+        "--rate",
+        "256K",
+    ]);
+    let id = id.trim();
+    let snaps = d.names(&["snapshot", "list", "v"]);
+    assert_eq!(snaps, ["s"]);
+    let e = d.fails(&["snapshot", "delete", "v", &format!(".copy-{id}")]);
+    assert!(e.contains("not found"), "{e}");
+    let v = d.json(&["copy", "pause", id]);
+    assert_eq!(v["state"], "paused");
+    let listed = d.json(&["copy", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    d.json(&["copy", "resume", id]);
+    assert_eq!(d.json(&["copy", "cancel", id])["state"], "cancelled");
+    assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 1);
+    let out = d.ok(&["copy", "list"]);
+    assert!(out.contains("cancelled") && out.contains("done"), "{out}");
+}
+
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A target file system that fills up fails the job with a clear error;
+/// the volume and its writer are unaffected.
+#[test]
+fn full_target_fails_the_job_not_the_volume() {
+    if skip_without("full_target", &["python3-nbd", "qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4M", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIP full_target: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _mount = Mount(mnt.clone());
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "16M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x66 0 16M"]);
+    for policy in ["cow", "direct"] {
+        let w = Writer::start(&d, "v", 4096);
+        let target = mnt.join(format!("{policy}.img"));
+        let id = d.ok(&[
+            "copy",
+            "start",
+            "v",
+            "--to",
+            target.to_str().unwrap(),
+            "--policy",
+            policy,
+        ]);
+        let end = wait_ended(&d, id.trim());
+        assert_eq!(end["state"], "failed", "{end}");
+        let msg = end["error"].as_str().unwrap();
+        assert!(
+            msg.contains("is full") && msg.contains(target.to_str().unwrap()),
+            "{msg}"
+        );
+        assert!(msg.contains("free space"), "{msg}");
+        w.stop();
+        std::fs::remove_file(&target).unwrap();
+    }
+    assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 0);
+    let out = d.ok(&["copy", "status", "1"]);
+    assert!(out.contains("failed") && out.contains("is full"), "{out}");
+}
