@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 /// Segments in flight on the job thread (fewer under a low `--rate`).
 pub const MAX_IN_FLIGHT: u64 = 16;
+/// Copied bytes per progress commit at most (fewer when a write waits).
+const COMMIT_BYTES: u64 = 64 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Seg {
@@ -81,6 +83,12 @@ pub struct Job {
     failure: Mutex<Option<String>>,
     hook: Mutex<Option<Arc<dyn WriteHook>>>,
     run_start: Mutex<(Instant, u64)>,
+    buffers: Mutex<Vec<AlignedBuf>>,
+    block_size: u64,
+    verify: bool,
+    /// The origin file and the target file, for `copy_file_range`.
+    kernel_copy: Option<(std::fs::File, std::fs::File)>,
+    kernel_copy_ok: AtomicBool,
 }
 
 /// Everything a job is built from (new or resumed).
@@ -94,6 +102,9 @@ pub struct Parts {
     pub map: ProgressMap,
     pub entries: Vec<Entry>,
     pub committed_stream_len: u64,
+    /// The origin file and the target file when the kernel can copy
+    /// between them (`copy_file_range`, same file system).
+    pub kernel_copy: Option<(std::fs::File, std::fs::File)>,
 }
 
 impl Job {
@@ -126,6 +137,7 @@ impl Job {
             }
         }
         let done_bytes = shared.done_bytes;
+        let verify = p.record.verify;
         Arc::new(Job {
             id: p.record.id,
             dir: p.dir,
@@ -148,6 +160,11 @@ impl Job {
             failure: Mutex::new(None),
             hook: Mutex::new(None),
             run_start: Mutex::new((Instant::now(), done_bytes)),
+            buffers: Mutex::new(Vec::new()),
+            block_size: bs,
+            verify,
+            kernel_copy_ok: AtomicBool::new(p.kernel_copy.is_some()),
+            kernel_copy: p.kernel_copy,
         })
     }
 
@@ -217,18 +234,81 @@ impl Job {
     }
 
     /// Copies one segment from the source to the target (not yet durable).
-    async fn copy_segment(&self, seg: u64) -> io::Result<(u64, Entry)> {
+    /// `may_block`: on the job thread, which may wait in a syscall.
+    async fn copy_segment(&self, seg: u64, may_block: bool) -> io::Result<(u64, Entry)> {
         let (off, len) = self.seg_range(seg);
         let extents = self.source.block_status(off, len).map_err(engine_io)?;
         if extents.iter().all(|e| !e.data) {
             self.target.write_zeroes(off, len).await?;
             return Ok((seg, Entry::Zero));
         }
-        let mut buf = AlignedBuf::zeroed(len as usize);
-        self.source.read(off, &mut buf).await.map_err(engine_io)?;
-        let crc = crc32c::crc32c(&buf);
-        self.target.write(off, &buf).await?;
-        Ok((seg, Entry::Copied(crc)))
+        if may_block && self.kernel_copy(off, len)? {
+            return Ok((seg, Entry::Copied(0)));
+        }
+        let mut buf = self.buffer();
+        let data = &mut buf[..len as usize];
+        let copied = async {
+            self.source.read(off, data).await.map_err(engine_io)?;
+            // Only --verify needs the checksum (it compares the target with it).
+            let crc = if self.verify { crc32c::crc32c(data) } else { 0 };
+            self.target.write(off, data).await?;
+            Ok((seg, Entry::Copied(crc)))
+        }
+        .await;
+        self.buffers.lock().unwrap().push(buf);
+        copied
+    }
+
+    /// Lets the kernel copy the segment from the origin file to the target
+    /// file when the source reads it from the origin (no data through user
+    /// memory); false when the segment must take the read/write path.
+    fn kernel_copy(&self, off: u64, len: u64) -> io::Result<bool> {
+        let Some((origin, target)) = &self.kernel_copy else {
+            return Ok(false);
+        };
+        if !self.kernel_copy_ok.load(Ordering::Relaxed)
+            || !self.source.reads_origin(off, len).map_err(engine_io)?
+        {
+            return Ok(false);
+        }
+        let (mut from, mut to, end) = (off as i64, off as i64, (off + len) as i64);
+        while from < end {
+            // SAFETY: plain syscall on descriptors we own, offsets by pointer.
+            let n = unsafe {
+                libc::copy_file_range(
+                    origin.as_raw_fd(),
+                    &mut from,
+                    target.as_raw_fd(),
+                    &mut to,
+                    (end - from) as usize,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) => {
+                        log::info!("copy job {}: no copy_file_range here ({e})", self.id);
+                        self.kernel_copy_ok.store(false, Ordering::Relaxed);
+                        Ok(false)
+                    }
+                    _ => Err(e),
+                };
+            }
+            if n == 0 {
+                return Ok(false);
+            }
+        }
+        // A write that began preserving a chunk meanwhile may have changed
+        // what was read: then the read/write path redoes the segment.
+        self.source.reads_origin(off, len).map_err(engine_io)
+    }
+
+    /// A block-size buffer from the pool (allocating and faulting in a
+    /// fresh one per segment costs as much CPU as the copy itself).
+    fn buffer(&self) -> AlignedBuf {
+        let popped = self.buffers.lock().unwrap().pop();
+        popped.unwrap_or_else(|| AlignedBuf::zeroed(self.block_size as usize))
     }
 
     /// Makes copied segments durable (target flush, then their progress
@@ -309,7 +389,7 @@ impl Job {
                     Next::Go => break,
                     Next::Wait(seen) => Changed { job: self, seen }.await,
                     Next::CopyFirst => {
-                        let copied = match self.copy_segment(seg).await {
+                        let copied = match self.copy_segment(seg, false).await {
                             Ok(d) => self.commit(&[d]).await,
                             Err(e) => Err(e),
                         };
@@ -413,7 +493,13 @@ impl Job {
                 (r.rate, r.block_size)
             };
             let depth = rate.map_or(MAX_IN_FLIGHT, |r| (r / bs).clamp(1, MAX_IN_FLIGHT));
+            // Copied, not yet durable: committed together (one target flush
+            // and one map fdatasync), at once when a write waits for one.
+            let mut pending = Vec::new();
             loop {
+                if self.want() != Want::Run {
+                    self.commit_pending(&mut pending).await;
+                }
                 match self.runnable() {
                     Want::Run => {}
                     Want::Stop => return,
@@ -429,6 +515,10 @@ impl Job {
                 }
                 let batch = self.pick(depth);
                 if batch.is_empty() {
+                    if !pending.is_empty() {
+                        self.commit_pending(&mut pending).await;
+                        continue;
+                    }
                     if self.all_done() {
                         break;
                     }
@@ -436,19 +526,22 @@ impl Job {
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 }
-                let results = join_all(batch.iter().map(|&s| self.copy_segment(s))).await;
-                let mut done = Vec::with_capacity(results.len());
+                let results = join_all(batch.iter().map(|&s| self.copy_segment(s, true))).await;
                 for (r, seg) in results.into_iter().zip(&batch) {
                     match r {
-                        Ok(d) => done.push(d),
+                        Ok(d) => pending.push(d),
                         Err(e) => {
                             let (off, _) = self.seg_range(*seg);
                             self.fail(&format!("copying the segment at {off}"), &e);
                         }
                     }
                 }
-                if let Err(e) = self.commit(&done).await {
-                    self.fail("making the copied data durable", &e);
+                let waited_for = {
+                    let s = self.shared.lock().unwrap();
+                    !s.waiters.is_empty() || !s.urgent.is_empty()
+                };
+                if rate.is_some() || waited_for || pending.len() as u64 * bs >= COMMIT_BYTES {
+                    self.commit_pending(&mut pending).await;
                 }
                 if let Some(rate) = rate {
                     let (t0, b0) = *self.run_start.lock().unwrap();
@@ -465,6 +558,13 @@ impl Job {
             }
             self.end(JobState::Done).await
         })
+    }
+
+    async fn commit_pending(&self, pending: &mut Vec<(u64, Entry)>) {
+        if let Err(e) = self.commit(pending).await {
+            self.fail("making the copied data durable", &e);
+        }
+        pending.clear();
     }
 
     /// The stream's footer, then `--verify`.

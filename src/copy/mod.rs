@@ -306,6 +306,7 @@ impl Jobs {
             None => None,
         };
         let hooked = reads.is_none();
+        let kernel_copy = self.kernel_copy_files(&r, &vol);
         let job = Job::new(Parts {
             dir: self.dir.clone(),
             record: r,
@@ -316,11 +317,45 @@ impl Jobs {
             map,
             entries,
             committed_stream_len: stream_len,
+            kernel_copy,
         });
         if hooked {
             block_on(job.install_hook());
         }
         Ok(job)
+    }
+
+    /// The origin and target files, when both are regular files the
+    /// kernel may copy between (raw format; `--verify` needs the data's
+    /// checksums, so it reads the data instead).
+    fn kernel_copy_files(
+        &self,
+        r: &JobRecord,
+        vol: &Volume,
+    ) -> Option<(std::fs::File, std::fs::File)> {
+        if r.format != Format::Raw || r.verify || !r.target.starts_with('/') {
+            return None;
+        }
+        let origin = PathBuf::from(vol.info().ok()?.origin);
+        let origin = if origin.is_absolute() {
+            origin
+        } else {
+            self.dir
+                .parent()?
+                .join("volumes")
+                .join(&r.volume)
+                .join(origin)
+        };
+        let is_file = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file());
+        if !is_file(&origin) || !is_file(Path::new(&r.target)) {
+            return None;
+        }
+        let from = std::fs::File::open(&origin).ok()?;
+        let to = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r.target)
+            .ok()?;
+        Some((from, to))
     }
 
     /// `copy.start`.
