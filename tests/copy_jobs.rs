@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    assert_same, first_diff, py_spawn, qemu_io_ok, random_bytes, read_stderr, run_ok, skip_without,
-    tempdir, Daemon,
+    assert_same, first_diff, mount_tmpfs, py_spawn, qemu_io_ok, random_bytes, read_stderr, run_ok,
+    skip_without, tempdir, Daemon,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -100,7 +100,7 @@ impl Writer {
 
     /// Stops the writer; asserts the live volume holds every write and
     /// returns how many writes followed the last `go`.
-    fn stop(mut self) -> u64 {
+    fn stop(&mut self) -> u64 {
         self.send("stop");
         let l = self.expect("PASS");
         let _ = self.child.wait();
@@ -127,6 +127,41 @@ fn wait_ended(d: &Daemon, id: &str) -> Value {
     }
 }
 
+/// A daemon with volume `v` of `size`, unless a tool is missing.
+fn daemon_with_v(test: &str, tools: &[&str], size: &str) -> Option<(tempfile::TempDir, Daemon)> {
+    if skip_without(test, tools) {
+        return None;
+    }
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", size]);
+    Some((t, d))
+}
+
+/// `copy start v --to TARGET ...`; returns the job id.
+fn start_job(
+    d: &Daemon,
+    target: &Path,
+    policy: &str,
+    block_size: &str,
+    rate: &str,
+    verify: bool,
+) -> String {
+    let mut args = vec!["copy", "start", "v", "--to", target.to_str().unwrap()];
+    args.extend([
+        "--policy",
+        policy,
+        "--block-size",
+        block_size,
+        "--rate",
+        rate,
+    ]);
+    if verify {
+        args.push("--verify");
+    }
+    d.ok(&args).trim().to_string()
+}
+
 /// The export's whole content, via qemu-img.
 fn image(d: &Daemon, export: &str, path: &Path) -> Vec<u8> {
     let _ = std::fs::remove_file(path);
@@ -148,54 +183,61 @@ fn fill(d: &Daemon, volume: &str, size: u64) {
     qemu_io_ok(&d.uri(volume), false, &cmds);
 }
 
-/// The image at `copy start` is exactly the target, while a writer writes
-/// throughout the job, under `policy`; the live volume keeps every write.
-fn copy_under_writes(policy: &str) {
-    let test = format!("copy_under_writes_{policy}");
-    if skip_without(&test, &["python3-nbd", "qemu-img", "qemu-io"]) {
-        return;
-    }
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "v", "--size", "16M"]);
+/// A filled 16 MiB volume `v`, a writer writing to it, and a copy job
+/// started with no write between it and snapshot `s` (the writer paused
+/// around both), so `s` is the image the target must equal. The writer is
+/// writing again on return.
+struct PausedStart {
+    t: tempfile::TempDir,
+    d: Daemon,
+    w: Writer,
+    id: String,
+    target: std::path::PathBuf,
+}
+
+fn start_copy_under_writes(test: &str, policy: &str, rate: &str) -> Option<PausedStart> {
+    let (t, d) = daemon_with_v(test, &["python3-nbd", "qemu-img", "qemu-io"], "16M")?;
     fill(&d, "v", 16 << 20);
     let mut w = Writer::start(&d, "v", 4096);
     std::thread::sleep(Duration::from_millis(200));
     w.send("pause");
     w.expect("PAUSED");
-    // No write between the snapshot and the start: both are the same image.
     d.ok(&["snapshot", "create", "v", "s"]);
     let target = t.path().join("copy.img");
-    let mut args = vec![
-        "copy",
-        "start",
-        "v",
-        "--to",
-        target.to_str().unwrap(),
-        "--policy",
-        policy,
-        "--block-size",
-        "256K",
-        "--rate",
-        "8M",
-    ];
     // --verify reads the data (for its checksums); without it a cow job
     // lets the kernel copy origin ranges (copy_file_range): test both.
-    if policy != "cow" {
-        args.push("--verify");
-    }
-    let id = d.ok(&args);
-    let id = id.trim();
+    let id = start_job(&d, &target, policy, "256K", rate, policy != "cow");
     w.send("go");
-    let end = wait_ended(&d, id);
+    Some(PausedStart {
+        t,
+        d,
+        w,
+        id,
+        target,
+    })
+}
+
+/// Asserts the target holds exactly snapshot `s`.
+fn assert_target_is_snapshot(p: &PausedStart, what: &str) {
+    let want = image(&p.d, "v@s", &p.t.path().join("snap.img"));
+    let got = std::fs::read(&p.target).unwrap();
+    assert_same(what, &got, &want);
+}
+
+/// The image at `copy start` is exactly the target, while a writer writes
+/// throughout the job, under `policy`; the live volume keeps every write.
+fn copy_under_writes(policy: &str) {
+    let test = format!("copy_under_writes_{policy}");
+    let Some(mut p) = start_copy_under_writes(&test, policy, "8M") else {
+        return;
+    };
+    let end = wait_ended(&p.d, &p.id);
     assert_eq!(end["state"], "done", "{end}");
-    let wrote = w.stop();
+    let wrote = p.w.stop();
     assert!(wrote > 0, "the writer wrote nothing during the job");
-    let want = image(&d, "v@s", &t.path().join("snap.img"));
-    let got = std::fs::read(&target).unwrap();
-    assert_same(&format!("{policy} copy vs snapshot at start"), &got, &want);
+    assert_target_is_snapshot(&p, &format!("{policy} copy vs snapshot at start"));
     // The job's own snapshot is gone; users never saw it.
-    assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 1);
+    assert_eq!(p.d.json(&["volume", "info", "v"])["snapshots"], 1);
 }
 
 #[test]
@@ -218,28 +260,13 @@ fn direct_copy_under_writes_is_the_image_at_start() {
 /// is slowed by --rate so it cannot have got there on its own).
 #[test]
 fn hold_and_direct_copy_a_segment_before_its_write_completes() {
-    if skip_without("hold_ordering", &["qemu-io"]) {
+    let Some((t, d)) = daemon_with_v("hold_ordering", &["qemu-io"], "4M") else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "v", "--size", "4M"]);
+    };
     qemu_io_ok(&d.uri("v"), false, &["write -P 0x11 0 4M"]);
     for policy in ["hold", "direct"] {
         let target = t.path().join(format!("{policy}.img"));
-        let id = d.ok(&[
-            "copy",
-            "start",
-            "v",
-            "--to",
-            target.to_str().unwrap(),
-            "--policy",
-            policy,
-            "--block-size",
-            "64K",
-            "--rate",
-            "128K",
-        ]);
+        let id = start_job(&d, &target, policy, "64K", "128K", false);
         let id = id.trim();
         let last = (4 << 20) - (64 << 10);
         qemu_io_ok(&d.uri("v"), false, &[format!("write -P 0x22 {last} 64K")]);
@@ -272,36 +299,12 @@ fn hold_and_direct_copy_a_segment_before_its_write_completes() {
 /// produces exactly the image at start.
 fn kill9_mid_job(policy: &str) {
     let test = format!("kill9_mid_job_{policy}");
-    if skip_without(&test, &["python3-nbd", "qemu-img", "qemu-io"]) {
+    let Some(mut p) = start_copy_under_writes(&test, policy, "4M") else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "v", "--size", "16M"]);
-    fill(&d, "v", 16 << 20);
-    let mut w = Writer::start(&d, "v", 4096);
-    w.send("pause");
-    w.expect("PAUSED");
-    d.ok(&["snapshot", "create", "v", "s"]);
-    let target = t.path().join("copy.img");
-    let id = d.ok(&[
-        "copy",
-        "start",
-        "v",
-        "--to",
-        target.to_str().unwrap(),
-        "--policy",
-        policy,
-        "--block-size",
-        "256K",
-        "--rate",
-        "4M",
-    ]);
-    let id = id.trim().to_string();
-    w.send("go");
+    };
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let v = d.json(&["copy", "status", &id]);
+        let v = p.d.json(&["copy", "status", &p.id]);
         if v["bytes_done"].as_u64().unwrap() >= 4 << 20 {
             assert_eq!(v["state"], "running", "{v}");
             break;
@@ -309,20 +312,17 @@ fn kill9_mid_job(policy: &str) {
         assert!(Instant::now() < deadline, "no progress: {v}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    d.kill9_and_restart();
-    drop(w);
-    let v = d.json(&["copy", "status", &id]);
+    p.d.kill9_and_restart();
+    let v = p.d.json(&["copy", "status", &p.id]);
     assert!(
         matches!(v["state"].as_str(), Some("running" | "done")),
         "{v}"
     );
-    let w = Writer::start(&d, "v", 4096);
-    let end = wait_ended(&d, &id);
+    p.w = Writer::start(&p.d, "v", 4096);
+    let end = wait_ended(&p.d, &p.id);
     assert_eq!(end["state"], "done", "{end}");
-    w.stop();
-    let want = image(&d, "v@s", &t.path().join("snap.img"));
-    let got = std::fs::read(&target).unwrap();
-    assert_same(&format!("{policy} copy across kill -9"), &got, &want);
+    p.w.stop();
+    assert_target_is_snapshot(&p, &format!("{policy} copy across kill -9"));
 }
 
 #[test]
@@ -339,12 +339,9 @@ fn hold_job_survives_kill9() {
 /// one flipped byte and a cut stream fail restore, naming the offset.
 #[test]
 fn stream_round_trip_and_corruption() {
-    if skip_without("stream_round_trip", &["qemu-img", "qemu-io"]) {
+    let Some((t, d)) = daemon_with_v("stream_round_trip", &["qemu-img", "qemu-io"], "8M") else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "v", "--size", "8M"]);
+    };
     let data = random_bytes(7, 3 << 20);
     let src = t.path().join("src.img");
     std::fs::write(&src, &data).unwrap();
@@ -435,12 +432,9 @@ fn stream_round_trip_and_corruption() {
 /// get clear errors and the daemon goes on; the job's snapshot is hidden.
 #[test]
 fn volume_targets_snapshot_sources_and_bad_requests() {
-    if skip_without("volume_targets", &["qemu-img", "qemu-io"]) {
+    let Some((t, d)) = daemon_with_v("volume_targets", &["qemu-img", "qemu-io"], "4M") else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "v", "--size", "4M"]);
+    };
     d.ok(&["volume", "create", "w", "--size", "8M"]);
     d.ok(&["volume", "create", "small", "--size", "1M"]);
     qemu_io_ok(&d.uri("v"), false, &["write -P 0x33 0 4M"]);
@@ -506,14 +500,6 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
     assert!(out.contains("cancelled") && out.contains("done"), "{out}");
 }
 
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A target file system that fills up fails the job with a clear error;
 /// the volume and its writer are unaffected.
 #[test]
@@ -523,22 +509,14 @@ fn full_target_fails_the_job_not_the_volume() {
     }
     let (t, dir) = tempdir();
     let mnt = t.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4M", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("SKIP full_target: cannot mount a tmpfs here (needs root)");
+    let Some(_mount) = mount_tmpfs("full_target", &mnt, "4M") else {
         return;
-    }
-    let _mount = Mount(mnt.clone());
+    };
     let d = Daemon::start(&dir);
     d.ok(&["volume", "create", "v", "--size", "16M"]);
     qemu_io_ok(&d.uri("v"), false, &["write -P 0x66 0 16M"]);
     for policy in ["cow", "direct"] {
-        let w = Writer::start(&d, "v", 4096);
+        let mut w = Writer::start(&d, "v", 4096);
         let target = mnt.join(format!("{policy}.img"));
         let id = d.ok(&[
             "copy",
