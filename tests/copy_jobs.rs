@@ -491,6 +491,8 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
     assert!(e.contains("not found"), "{e}");
     let v = d.json(&["copy", "pause", id]);
     assert_eq!(v["state"], "paused");
+    let e = d.fails(&["volume", "delete", "v"]);
+    assert!(e.contains(&format!("in use by copy job {id}")), "{e}");
     let listed = d.json(&["copy", "list"]);
     assert_eq!(listed.as_array().unwrap().len(), 2);
     d.json(&["copy", "resume", id]);
@@ -498,6 +500,8 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
     assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 1);
     let out = d.ok(&["copy", "list"]);
     assert!(out.contains("cancelled") && out.contains("done"), "{out}");
+    let ended = d.json(&["copy", "status", id]);
+    assert!(ended["bytes_done"].as_u64().unwrap() > 0, "{ended}");
 }
 
 /// A target file system that fills up fails the job with a clear error;
@@ -541,4 +545,40 @@ fn full_target_fails_the_job_not_the_volume() {
     assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 0);
     let out = d.ok(&["copy", "status", "1"]);
     assert!(out.contains("failed") && out.contains("is full"), "{out}");
+}
+
+/// A stream job killed with -9 resumes: the stream is cut back to its last
+/// committed frame, continues, and restores to the image at start.
+#[test]
+fn stream_job_survives_kill9() {
+    let Some((t, mut d)) = daemon_with_v("stream_kill9", &["qemu-img", "qemu-io"], "8M") else {
+        return;
+    };
+    fill(&d, "v", 8 << 20);
+    d.ok(&["snapshot", "create", "v", "s"]);
+    let stream = t.path().join("v.stream");
+    let target = stream.to_str().unwrap();
+    let args = ["copy", "start", "v", "--to", target, "--format", "stream"];
+    let id = d.ok(&[&args[..], &["--rate", "2M", "--block-size", "256K"]].concat());
+    let id = id.trim();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while d.json(&["copy", "status", id])["bytes_done"]
+        .as_u64()
+        .unwrap()
+        < 2 << 20
+    {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9_and_restart();
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x77 0 8M"]);
+    assert_eq!(wait_ended(&d, id)["state"], "done");
+    let restored = t.path().join("restored.img");
+    d.ok(&["restore", target, "--to", restored.to_str().unwrap()]);
+    let want = image(&d, "v@s", &t.path().join("snap.img"));
+    assert_same(
+        "stream across kill -9",
+        &std::fs::read(&restored).unwrap(),
+        &want,
+    );
 }

@@ -338,7 +338,10 @@ pub fn handle(
         } => registry.create_volume(&name, size, chunk_size, partitions, backing),
         Request::VolumeList {} => registry.list_volumes(),
         Request::VolumeInfo { name } => registry.volume_info(&name),
-        Request::VolumeDelete { name } => registry.delete_volume(&name),
+        Request::VolumeDelete { name } => {
+            facts.jobs.check_unused(&name)?;
+            registry.delete_volume(&name)
+        }
         Request::SnapshotCreate { volume, name } => registry.create_snapshot(&volume, &name),
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDelete { volume, name } => registry.delete_snapshot(&volume, &name),

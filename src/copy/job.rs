@@ -660,8 +660,10 @@ impl Job {
         }
         let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         {
+            let done = self.shared.lock().unwrap().done_bytes;
             let mut r = self.record.lock().unwrap();
             r.error = self.failure.lock().unwrap().clone();
+            r.bytes_done = done;
         }
         self.set_state(state);
         log::info!("copy job {} ended: {state:?}", self.id);
@@ -699,7 +701,6 @@ pub fn record_json(r: &JobRecord) -> serde_json::Value {
     v["segments"] = r.segments().into();
     if r.state == JobState::Done {
         v["segments_done"] = r.segments().into();
-        v["bytes_done"] = r.size.into();
     }
     v
 }

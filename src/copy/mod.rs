@@ -400,6 +400,7 @@ impl Jobs {
             created_unix_ms: now_unix_ms(),
             state: JobState::Running,
             error: None,
+            bytes_done: 0,
         };
         if let Some(s) = &req.snapshot {
             record.generation = vol
@@ -518,6 +519,26 @@ impl Jobs {
     /// `copy.list`: every job, ended ones too.
     pub fn list(&self) -> Value {
         Value::Array(self.lock().values().map(|s| self.status_of(s)).collect())
+    }
+
+    /// Refuses (`busy`) while a running job reads or writes volume `name`.
+    pub fn check_unused(&self, name: &str) -> Result<(), ControlError> {
+        let target = format!("vol:{name}");
+        for slot in self.lock().values() {
+            let Slot::Live(j) = slot else { continue };
+            let r = j.record();
+            if !r.state.finished() && (r.volume == name || r.target == target) {
+                return Err(ControlError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "volume {name} is in use by copy job {}; wait for it or cancel it with \
+                         `snapblk copy cancel {}`",
+                        r.id, r.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn pause(&self, id: u64) -> Result<Value, ControlError> {

@@ -73,6 +73,9 @@ pub struct JobRecord {
     pub created_unix_ms: u64,
     pub state: JobState,
     pub error: Option<String>,
+    /// Bytes durably done when the job ended (`copy list` of ended jobs).
+    #[serde(default)]
+    pub bytes_done: u64,
 }
 
 impl JobRecord {
