@@ -49,6 +49,8 @@ use target::Target;
 /// Internal snapshots of `cow` jobs are named `.copy-<id>`.
 pub const INTERNAL_PREFIX: &str = ".copy-";
 pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
+/// The nice value of a job thread no write waits for.
+const BACKGROUND_NICE: i32 = 10;
 
 /// `copy.start`'s fields.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +201,16 @@ impl Jobs {
         let handle = std::thread::Builder::new()
             .name(format!("copy-{id}"))
             .spawn(move || {
+                let r = job.record();
+                if r.policy == Policy::Cow || r.snapshot.is_some() {
+                    // No write waits for this job: let foreground I/O win
+                    // the CPU (a held or copied-first write does wait).
+                    // SAFETY: plain syscalls on this thread's own id.
+                    unsafe {
+                        let tid = libc::gettid() as libc::id_t;
+                        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE);
+                    }
+                }
                 job.clone().run();
                 // An ended job lets go of its target (a pipe sees EOF).
                 let r = job.record();
