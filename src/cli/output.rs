@@ -247,6 +247,15 @@ pub fn features(result: &Value) -> String {
         out.push_str(name.as_str().unwrap_or("?"));
         out.push('\n');
     }
+    for note in result
+        .get("notes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
+        out.push_str(note.as_str().unwrap_or("?"));
+        out.push('\n');
+    }
     out
 }
 
@@ -287,8 +296,12 @@ mod tests {
              v@s: not running: no ublk\n"
         );
         assert_eq!(
-            features(&json!({"driver_features": 0x42, "names": ["USER_RECOVERY", "USER_COPY"]})),
-            "ublk driver features: 0x0000000000000042\nUSER_RECOVERY\nUSER_COPY\n"
+            features(
+                &json!({"driver_features": 0x42, "names": ["USER_RECOVERY", "USER_COPY"],
+                "notes": ["zero copy: not available"]})
+            ),
+            "ublk driver features: 0x0000000000000042\nUSER_RECOVERY\nUSER_COPY\n\
+             zero copy: not available\n"
         );
     }
 

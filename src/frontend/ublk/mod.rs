@@ -553,6 +553,28 @@ fn reply(result: Result<(), EngineError>, bytes: u64) -> i32 {
 pub struct Features {
     pub driver_features: u64,
     pub names: Vec<String>,
+    /// What the bits mean for snapblk's devices, one sentence each.
+    pub notes: Vec<String>,
+}
+
+/// What the driver's feature bits mean for our devices.
+fn feature_notes(bits: u64) -> Vec<String> {
+    let has = |bit: u32| bits & bit as u64 != 0;
+    let recovery = if has(sys::UBLK_F_USER_RECOVERY) {
+        "recovery: yes (USER_RECOVERY): after kill -9 the restarted daemon re-attaches to the \
+         same /dev/ublkbN and held I/O resumes (unless a device was started with --no-recovery)"
+    } else {
+        "recovery: no (this kernel lacks USER_RECOVERY, 6.0+): a device dies with its daemon; \
+         the restarted daemon starts a new one"
+    };
+    let zero_copy = if has(sys::UBLK_F_AUTO_BUF_REG) {
+        "zero copy: not used: this kernel offers AUTO_BUF_REG, but snapblk copies each \
+         request's data through its own buffers (copy-on-write must see the data)"
+    } else {
+        "zero copy: not available: this kernel lacks AUTO_BUF_REG (6.15+); snapblk copies each \
+         request's data through its own buffers, which it does on any kernel"
+    };
+    vec![recovery.to_string(), zero_copy.to_string()]
 }
 
 const FEATURE_NAMES: &[(u64, &str)] = &[
@@ -601,5 +623,25 @@ pub fn features() -> io::Result<Features> {
     Ok(Features {
         driver_features: bits,
         names,
+        notes: feature_notes(bits),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_notes_say_what_is_missing() {
+        // Debian's 6.12: recovery, no AUTO_BUF_REG.
+        let notes = feature_notes(sys::UBLK_F_USER_RECOVERY as u64);
+        assert!(notes[0].starts_with("recovery: yes"), "{notes:?}");
+        assert!(
+            notes[1].starts_with("zero copy: not available: this kernel lacks AUTO_BUF_REG"),
+            "{notes:?}"
+        );
+        let notes = feature_notes(sys::UBLK_F_AUTO_BUF_REG as u64);
+        assert!(notes[0].starts_with("recovery: no"), "{notes:?}");
+        assert!(notes[1].starts_with("zero copy: not used"), "{notes:?}");
+    }
 }
