@@ -14,7 +14,7 @@ mod common;
 use common::{tempdir, Daemon, BIN};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const UNIT: &str = "systemd/snapblk.service";
 /// Where the unit installs the binary and keeps the data.
@@ -124,21 +124,8 @@ fn start_as_the_unit_does(data_dir: &Path) -> Daemon {
         let (k, v) = env.split_once('=').expect("Environment=KEY=VALUE");
         cmd.env(k, v);
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data_dir.with_extension("log"))
-        .unwrap();
-    let child = cmd
-        .env_remove("SNAPBLK_CONTROL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
     let mut d = Daemon::in_data_dir(data_dir);
-    d.adopt(child);
-    d.wait_ready();
+    d.spawn(cmd);
     d
 }
 

@@ -32,12 +32,7 @@ say "kill -9 of the daemon under load (no recovery)"
 daemon_stop KILL
 # The kernel removes the block device of a non-recoverable device whose
 # server died; its I/O fails.
-n=300
-while [ -e "$dev" ]; do
-    n=$((n - 1))
-    [ $n -gt 0 ] || fail "$dev still exists 30 s after its daemon died"
-    sleep 0.1
-done
+wait_gone "$dev"
 say "$dev is gone with its daemon"
 [ -e "/dev/ublkc$id" ] && say "the dead device keeps its id: /dev/ublkc$id is still there"
 kill -9 $FIO 2>/dev/null || true
@@ -55,12 +50,7 @@ wait_for "$newdev"
 say "recreated as $newdev (was $dev)"
 if [ "$newdev" != "$dev" ]; then
     # The dead one was deleted: its id goes once nothing holds it.
-    n=300
-    while [ -e "/dev/ublkc$id" ]; do
-        n=$((n - 1))
-        [ $n -gt 0 ] || fail "the dead device /dev/ublkc$id was not deleted"
-        sleep 0.1
-    done
+    wait_gone "/dev/ublkc$id"
 fi
 
 run mount -t ext4 "$newdev" "$W/mnt"   # replays the journal
