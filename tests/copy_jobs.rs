@@ -487,6 +487,11 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
     let id = id.trim();
     let snaps = d.names(&["snapshot", "list", "v"]);
     assert_eq!(snaps, ["s"]);
+    // Counts show the user's snapshots only, not the job's `.copy-N`.
+    assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 1);
+    let listed = d.json(&["volume", "list"]);
+    let v_row = listed.as_array().unwrap().iter().find(|r| r["name"] == "v");
+    assert_eq!(v_row.unwrap()["snapshots"], 1, "{listed}");
     let e = d.fails(&["snapshot", "delete", "v", &format!(".copy-{id}")]);
     assert!(e.contains("not found"), "{e}");
     let v = d.json(&["copy", "pause", id]);
@@ -502,6 +507,31 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
     assert!(out.contains("cancelled") && out.contains("done"), "{out}");
     let ended = d.json(&["copy", "status", id]);
     assert!(ended["bytes_done"].as_u64().unwrap() > 0, "{ended}");
+
+    // A job reading v@s keeps s: deleting it is refused while the job
+    // runs (paused too) and works once the job ended.
+    let target = t.path().join("from-s.img");
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v@s",
+        "--to",
+        target.to_str().unwrap(),
+        "--rate",
+        "256K",
+    ]);
+    let id = id.trim();
+    d.json(&["copy", "pause", id]);
+    let e = d.fails(&["snapshot", "delete", "v", "s"]);
+    assert!(
+        e.contains(&format!("being read by copy job {id}"))
+            && e.contains(&format!("snapblk copy cancel {id}")),
+        "{e}"
+    );
+    d.json(&["copy", "resume", id]);
+    assert_eq!(d.names(&["snapshot", "list", "v"]), ["s"]);
+    assert_eq!(d.json(&["copy", "cancel", id])["state"], "cancelled");
+    d.ok(&["snapshot", "delete", "v", "s"]);
 }
 
 /// A target file system that fills up fails the job with a clear error;

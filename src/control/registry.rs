@@ -245,6 +245,8 @@ fn volume_json(vol: &Volume) -> Result<Value, ControlError> {
     let info = vol.info()?;
     let mut v = serde_json::to_value(&info)
         .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?;
+    // Engine-internal snapshots (a copy job's) are not the user's to count.
+    v["snapshots"] = json!(user_snapshots(vol).len());
     v["state"] = json!("ok");
     Ok(v)
 }

@@ -344,7 +344,10 @@ pub fn handle(
         }
         Request::SnapshotCreate { volume, name } => registry.create_snapshot(&volume, &name),
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
-        Request::SnapshotDelete { volume, name } => registry.delete_snapshot(&volume, &name),
+        Request::SnapshotDelete { volume, name } => {
+            facts.jobs.check_snapshot_unused(&volume, &name)?;
+            registry.delete_snapshot(&volume, &name)
+        }
         Request::DeviceStart {
             volume,
             snapshot,

@@ -553,6 +553,25 @@ impl Jobs {
         Ok(())
     }
 
+    /// Refuses (`busy`) while a running job reads snapshot `volume@name`.
+    pub fn check_snapshot_unused(&self, volume: &str, name: &str) -> Result<(), ControlError> {
+        for slot in self.lock().values() {
+            let Slot::Live(j) = slot else { continue };
+            let r = j.record();
+            if !r.state.finished() && r.volume == volume && r.snapshot.as_deref() == Some(name) {
+                return Err(ControlError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "snapshot {volume}@{name} is being read by copy job {}; wait for it to \
+                         end (`snapblk copy status {}`) or cancel it with `snapblk copy cancel {}`",
+                        r.id, r.id, r.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn pause(&self, id: u64) -> Result<Value, ControlError> {
         let job = self.job(id)?;
         job.set_want(Want::Pause);
