@@ -26,8 +26,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// Segments in flight on the job thread (fewer under a low `--rate`).
-pub const MAX_IN_FLIGHT: u64 = 16;
+/// Bytes in flight on the job thread (fewer under a low `--rate`).
+const IN_FLIGHT_BYTES: u64 = 32 << 20;
+/// Consecutive segments are copied as one I/O of at most this many bytes
+/// (or one segment, when segments are larger).
+const RUN_BYTES: u64 = 8 << 20;
+/// Segments verified at once.
+const VERIFY_BATCH: usize = 16;
 /// Copied bytes per progress commit at most (fewer when a write waits).
 const COMMIT_BYTES: u64 = 64 << 20;
 
@@ -233,26 +238,77 @@ impl Job {
         self.notify();
     }
 
-    /// Copies one segment from the source to the target (not yet durable).
-    /// `may_block`: on the job thread, which may wait in a syscall.
-    async fn copy_segment(&self, seg: u64, may_block: bool) -> io::Result<(u64, Entry)> {
-        let (off, len) = self.seg_range(seg);
-        let extents = self.source.block_status(off, len).map_err(engine_io)?;
-        if extents.iter().all(|e| !e.data) {
-            self.target.write_zeroes(off, len).await?;
-            return Ok((seg, Entry::Zero));
+    /// Segments per run (one I/O) at most.
+    fn run_segments(&self) -> u64 {
+        (RUN_BYTES / self.block_size).max(1)
+    }
+
+    /// Copies the `n` consecutive segments from `first` on from the source
+    /// to the target (not yet durable): zero segments are skipped as one,
+    /// each stretch of data segments is one read and one write (or one
+    /// `copy_file_range`). `may_block`: on the job thread, which may wait
+    /// in a syscall.
+    async fn copy_run(&self, first: u64, n: u64, may_block: bool) -> io::Result<Vec<(u64, Entry)>> {
+        let (off, _) = self.seg_range(first);
+        let (last_off, last_len) = self.seg_range(first + n - 1);
+        let extents = self
+            .source
+            .block_status(off, last_off + last_len - off)
+            .map_err(engine_io)?;
+        let has_data = |seg: u64| {
+            let (o, l) = self.seg_range(seg);
+            extents
+                .iter()
+                .any(|e| e.data && e.offset < o + l && o < e.offset + e.len)
+        };
+        let mut out = Vec::with_capacity(n as usize);
+        let mut seg = first;
+        while seg < first + n {
+            let data = has_data(seg);
+            let mut end = seg + 1;
+            while end < first + n && has_data(end) == data {
+                end += 1;
+            }
+            let (o, _) = self.seg_range(seg);
+            let (lo, ll) = self.seg_range(end - 1);
+            if data {
+                out.extend(self.copy_data(seg, end, o, lo + ll - o, may_block).await?);
+            } else {
+                self.target.write_zeroes(o, lo + ll - o).await?;
+                out.extend((seg..end).map(|s| (s, Entry::Zero)));
+            }
+            seg = end;
         }
+        Ok(out)
+    }
+
+    /// Copies segments `[first, end)`, the bytes `[off, +len)`, that hold data.
+    async fn copy_data(
+        &self,
+        first: u64,
+        end: u64,
+        off: u64,
+        len: u64,
+        may_block: bool,
+    ) -> io::Result<Vec<(u64, Entry)>> {
         if may_block && self.kernel_copy(off, len)? {
-            return Ok((seg, Entry::Copied(0)));
+            return Ok((first..end).map(|s| (s, Entry::Copied(0))).collect());
         }
         let mut buf = self.buffer();
         let data = &mut buf[..len as usize];
         let copied = async {
             self.source.read(off, data).await.map_err(engine_io)?;
-            // Only --verify needs the checksum (it compares the target with it).
-            let crc = if self.verify { crc32c::crc32c(data) } else { 0 };
-            self.target.write(off, data).await?;
-            Ok((seg, Entry::Copied(crc)))
+            self.target.write_blocks(off, data, self.block_size).await?;
+            // Only --verify needs the checksums (it compares the target
+            // with them), one per segment.
+            Ok(data
+                .chunks(self.block_size as usize)
+                .zip(first..end)
+                .map(|(d, s)| {
+                    let crc = if self.verify { crc32c::crc32c(d) } else { 0 };
+                    (s, Entry::Copied(crc))
+                })
+                .collect())
         }
         .await;
         self.buffers.lock().unwrap().push(buf);
@@ -304,11 +360,12 @@ impl Job {
         self.source.reads_origin(off, len).map_err(engine_io)
     }
 
-    /// A block-size buffer from the pool (allocating and faulting in a
-    /// fresh one per segment costs as much CPU as the copy itself).
+    /// A run-size buffer from the pool (allocating and faulting in a
+    /// fresh one per run costs as much CPU as the copy itself).
     fn buffer(&self) -> AlignedBuf {
         let popped = self.buffers.lock().unwrap().pop();
-        popped.unwrap_or_else(|| AlignedBuf::zeroed(self.block_size as usize))
+        popped
+            .unwrap_or_else(|| AlignedBuf::zeroed((self.run_segments() * self.block_size) as usize))
     }
 
     /// Makes copied segments durable (target flush, then their progress
@@ -389,8 +446,8 @@ impl Job {
                     Next::Go => break,
                     Next::Wait(seen) => Changed { job: self, seen }.await,
                     Next::CopyFirst => {
-                        let copied = match self.copy_segment(seg, false).await {
-                            Ok(d) => self.commit(&[d]).await,
+                        let copied = match self.copy_run(seg, 1, false).await {
+                            Ok(d) => self.commit(&d).await,
                             Err(e) => Err(e),
                         };
                         if let Err(e) = copied {
@@ -492,7 +549,8 @@ impl Job {
                 let r = self.record.lock().unwrap();
                 (r.rate, r.block_size)
             };
-            let depth = rate.map_or(MAX_IN_FLIGHT, |r| (r / bs).clamp(1, MAX_IN_FLIGHT));
+            let max = (IN_FLIGHT_BYTES / bs).max(1);
+            let depth = rate.map_or(max, |r| (r / bs).clamp(1, max));
             // Copied, not yet durable: committed together (one target flush
             // and one map fdatasync), at once when a write waits for one.
             let mut pending = Vec::new();
@@ -526,13 +584,14 @@ impl Job {
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 }
-                let results = join_all(batch.iter().map(|&s| self.copy_segment(s, true))).await;
-                for (r, seg) in results.into_iter().zip(&batch) {
+                let runs = runs(&batch, self.run_segments());
+                let results = join_all(runs.iter().map(|&(s, n)| self.copy_run(s, n, true))).await;
+                for (r, &(seg, _)) in results.into_iter().zip(&runs) {
                     match r {
-                        Ok(d) => pending.push(d),
+                        Ok(d) => pending.extend(d),
                         Err(e) => {
-                            let (off, _) = self.seg_range(*seg);
-                            self.fail(&format!("copying the segment at {off}"), &e);
+                            let (off, _) = self.seg_range(seg);
+                            self.fail(&format!("copying the segments from {off} on"), &e);
                         }
                     }
                 }
@@ -611,7 +670,7 @@ impl Job {
         let segs: Vec<Seg> = self.shared.lock().unwrap().segs.clone();
         for batch in (0..segs.len() as u64)
             .collect::<Vec<_>>()
-            .chunks(MAX_IN_FLIGHT as usize)
+            .chunks(VERIFY_BATCH)
         {
             let checks = batch.iter().map(|&seg| {
                 let want = segs[seg as usize];
@@ -695,6 +754,19 @@ impl Job {
     }
 }
 
+/// Cuts a batch of segments (in the order picked) into runs of
+/// consecutive segments, `(first, count)`, of at most `max` segments each.
+fn runs(batch: &[u64], max: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &seg in batch {
+        match out.last_mut() {
+            Some((first, n)) if *first + *n == seg && *n < max => *n += 1,
+            _ => out.push((seg, 1)),
+        }
+    }
+    out
+}
+
 /// A finished or running job's record as `copy status` shows it.
 pub fn record_json(r: &JobRecord) -> serde_json::Value {
     let mut v = serde_json::to_value(r).expect("records serialize");
@@ -744,4 +816,19 @@ impl WriteHook for Hook {
     }
 
     fn after_write(&self, _offset: u64, _change: crate::engine::Change<'_>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_merge_consecutive_segments_up_to_the_limit() {
+        assert_eq!(runs(&[], 8), vec![]);
+        assert_eq!(
+            runs(&[7, 0, 1, 2, 3, 5, 6], 3),
+            vec![(7, 1), (0, 3), (3, 1), (5, 2)]
+        );
+        assert_eq!(runs(&[4, 5, 6], 1), vec![(4, 1), (5, 1), (6, 1)]);
+    }
 }

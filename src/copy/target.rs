@@ -218,6 +218,18 @@ impl Target {
         }
     }
 
+    /// Writes consecutive blocks of `block` bytes (the last may be short):
+    /// one I/O, except in a stream, where each block is its own frame.
+    pub async fn write_blocks(&self, offset: u64, data: &[u8], block: u64) -> io::Result<()> {
+        if !matches!(self, Target::Stream { .. }) {
+            return self.write(offset, data).await;
+        }
+        for (i, b) in data.chunks(block as usize).enumerate() {
+            self.write(offset + i as u64 * block, b).await?;
+        }
+        Ok(())
+    }
+
     /// Makes `[offset, +len)` read as zeros (targets that do not already).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {
