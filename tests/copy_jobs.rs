@@ -162,6 +162,20 @@ fn start_job(
     d.ok(&args).trim().to_string()
 }
 
+/// `copy start SOURCE --to TARGET --rate 256K` (slow enough to act on it
+/// while it runs); returns what it printed (the job id).
+fn start_slow(d: &Daemon, source: &str, target: &Path) -> String {
+    d.ok(&[
+        "copy",
+        "start",
+        source,
+        "--to",
+        target.to_str().unwrap(),
+        "--rate",
+        "256K",
+    ])
+}
+
 /// The export's whole content, via qemu-img.
 fn image(d: &Daemon, export: &str, path: &Path) -> Vec<u8> {
     let _ = std::fs::remove_file(path);
@@ -474,16 +488,7 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
     assert!(e.contains("--format stream"), "{e}");
 
     // A slow cow job: its snapshot is neither listed nor deletable.
-    let target = t.path().join("slow.img");
-    let id = d.ok(&[
-        "copy",
-        "start",
-        "v",
-        "--to",
-        target.to_str().unwrap(),
-        "--rate",
-        "256K",
-    ]);
+    let id = start_slow(&d, "v", &t.path().join("slow.img"));
     let id = id.trim();
     let snaps = d.names(&["snapshot", "list", "v"]);
     assert_eq!(snaps, ["s"]);
@@ -510,16 +515,7 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
 
     // A job reading v@s keeps s: deleting it is refused while the job
     // runs (paused too) and works once the job ended.
-    let target = t.path().join("from-s.img");
-    let id = d.ok(&[
-        "copy",
-        "start",
-        "v@s",
-        "--to",
-        target.to_str().unwrap(),
-        "--rate",
-        "256K",
-    ]);
+    let id = start_slow(&d, "v@s", &t.path().join("from-s.img"));
     let id = id.trim();
     d.json(&["copy", "pause", id]);
     let e = d.fails(&["snapshot", "delete", "v", "s"]);
