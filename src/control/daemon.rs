@@ -20,6 +20,7 @@ use super::server::{ControlServer, DaemonFacts};
 use super::ublk::UblkDriver;
 use crate::engine::{EngineError, View};
 use crate::frontend::nbd::{ExportResolver, NbdServer};
+use crate::replication::{Replication, ReplicationConfig};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub struct DaemonConfig {
     pub control: Option<PathBuf>,
     pub nbd_unix: Vec<PathBuf>,
     pub nbd_tcp: Vec<String>,
+    pub replication: ReplicationConfig,
 }
 
 impl DaemonConfig {
@@ -56,12 +58,17 @@ impl DaemonConfig {
     }
 }
 
-/// Serves the registry's volumes to NBD clients.
-struct Resolver(Arc<Registry>);
+/// Serves the registry's volumes to NBD clients; an unpromoted replica
+/// `VOL` serves its newest CP snapshot, read-only.
+struct Resolver(Arc<Registry>, Arc<Replication>);
 
 impl ExportResolver for Resolver {
     fn resolve(&self, export_name: &str) -> Result<View, EngineError> {
-        self.0.resolve_export(export_name)
+        match self.1.export_snapshot(export_name) {
+            Some(Ok(snap)) => self.0.resolve_export(&format!("{export_name}@{snap}")),
+            Some(Err(why)) => Err(EngineError::NotFound(why)),
+            None => self.0.resolve_export(export_name),
+        }
     }
     fn list(&self) -> Vec<String> {
         self.0.export_names()
@@ -74,6 +81,7 @@ impl ExportResolver for Resolver {
 /// A started daemon; [`Daemon::wait_for_signal`] then [`Daemon::shutdown`].
 pub struct Daemon {
     pub registry: Arc<Registry>,
+    pub replication: Arc<Replication>,
     pub facts_nbd_tcp: Vec<String>,
     pub facts_nbd_unix: Vec<PathBuf>,
     pub control_path: PathBuf,
@@ -256,6 +264,8 @@ impl Daemon {
                 )
             })?,
         );
+        // Before any device or export can write: links must see every write.
+        let replication = Replication::start(registry.clone(), &config.replication)?;
         let failed = registry.restore_devices();
         if failed > 0 {
             log::error!(
@@ -265,7 +275,7 @@ impl Daemon {
         }
         before_control(&registry)?;
 
-        let nbd = NbdServer::new(Arc::new(Resolver(registry.clone())));
+        let nbd = NbdServer::new(Arc::new(Resolver(registry.clone(), replication.clone())));
         let mut nbd_tcp = Vec::new();
         for addr in &config.nbd_tcp {
             let bound = nbd.listen_tcp(addr).map_err(|e| {
@@ -290,6 +300,7 @@ impl Daemon {
             nbd_unix: config.nbd_unix.clone(),
             nbd_tcp: nbd_tcp.clone(),
             started: Instant::now(),
+            replication: replication.clone(),
         };
         let control =
             ControlServer::start(&control_path, registry.clone(), facts).map_err(|e| {
@@ -300,6 +311,7 @@ impl Daemon {
             })?;
         Ok(Daemon {
             registry,
+            replication,
             facts_nbd_tcp: nbd_tcp,
             facts_nbd_unix: config.nbd_unix.clone(),
             control_path,
@@ -316,6 +328,7 @@ impl Daemon {
         }
         log::info!("stopping the NBD server (draining in-flight requests)");
         self.nbd.shutdown();
+        self.replication.shutdown();
         let failed = self.registry.shutdown();
         for p in &self.facts_nbd_unix {
             remove_stale_socket(p);

@@ -27,6 +27,11 @@ pub const OPS: &[&str] = &[
     "device.stop",
     "device.list",
     "features",
+    "replicate.start",
+    "replicate.stop",
+    "replicate.status",
+    "replicate.cp",
+    "replicate.promote",
 ];
 
 /// The longest request line the daemon reads; longer lines are refused.
@@ -86,6 +91,37 @@ pub enum Request {
     /// What the running kernel's ublk driver offers.
     #[serde(rename = "features")]
     Features {},
+    /// Replicates a volume to a destination daemon (see `src/replication`).
+    #[serde(rename = "replicate.start")]
+    ReplicateStart {
+        volume: String,
+        /// `HOST:PORT/DESTVOL`
+        to: String,
+        #[serde(default)]
+        cp_interval_ms: Option<u64>,
+        /// Absolute path of the shared key; default `DATA_DIR/replication.key`.
+        #[serde(default)]
+        key_file: Option<String>,
+        /// CP snapshots the destination keeps; default 1.
+        #[serde(default)]
+        keep_cps: Option<u32>,
+        /// Bytes of writes the log holds before falling back to the dirty map.
+        #[serde(default)]
+        max_log_bytes: Option<u64>,
+    },
+    #[serde(rename = "replicate.stop")]
+    ReplicateStop { volume: String },
+    #[serde(rename = "replicate.status")]
+    ReplicateStatus {
+        #[serde(default)]
+        volume: Option<String>,
+    },
+    /// Takes a consistency point now and waits until the destination applied it.
+    #[serde(rename = "replicate.cp")]
+    ReplicateCp { volume: String },
+    /// On the destination: makes a replica a normal writable volume.
+    #[serde(rename = "replicate.promote")]
+    ReplicatePromote { volume: String },
 }
 
 impl Request {
@@ -103,6 +139,11 @@ impl Request {
             Request::DeviceStop { .. } => "device.stop",
             Request::DeviceList {} => "device.list",
             Request::Features {} => "features",
+            Request::ReplicateStart { .. } => "replicate.start",
+            Request::ReplicateStop { .. } => "replicate.stop",
+            Request::ReplicateStatus { .. } => "replicate.status",
+            Request::ReplicateCp { .. } => "replicate.cp",
+            Request::ReplicatePromote { .. } => "replicate.promote",
         }
     }
 }

@@ -163,6 +163,14 @@ fn volume_json(vol: &Volume) -> Result<Value, ControlError> {
     Ok(v)
 }
 
+/// A volume's snapshots without the engine-internal ones (names starting
+/// with '.', e.g. replication's `.repl-cp-N`), which users neither see nor delete.
+fn visible_snapshots(vol: &Volume) -> Vec<crate::engine::SnapshotInfo> {
+    let mut list = vol.list_snapshots();
+    list.retain(|s| !s.name.starts_with('.'));
+    list
+}
+
 fn broken_json(name: &str, message: &str) -> Value {
     json!({ "name": name, "state": format!("error: {message}") })
 }
@@ -370,7 +378,7 @@ impl Registry {
         match slot {
             Some(Slot::Ready(v)) => {
                 let mut j = volume_json(&v)?;
-                j["snapshot_list"] = serde_json::to_value(v.list_snapshots())
+                j["snapshot_list"] = serde_json::to_value(visible_snapshots(&v))
                     .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?;
                 Ok(j)
             }
@@ -450,12 +458,13 @@ impl Registry {
     pub fn list_snapshots(&self, volume: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         let vol = self.volume(volume)?;
-        serde_json::to_value(vol.list_snapshots())
+        serde_json::to_value(visible_snapshots(&vol))
             .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))
     }
 
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
+        validate_name("snapshot", name)?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         let key = format!("{volume}@{name}");
         if let Some(path) = self.lock_devices().get(&key).and_then(DeviceEntry::path) {
@@ -801,7 +810,7 @@ impl Registry {
         for (name, slot) in self.entries() {
             if let Slot::Ready(vol) = slot {
                 out.push(name.clone());
-                for s in vol.list_snapshots() {
+                for s in visible_snapshots(&vol) {
                     out.push(format!("{name}@{}", s.name));
                 }
             }
@@ -826,6 +835,7 @@ impl Registry {
         };
         match snap {
             None => Ok(vol.live()),
+            Some(s) if s.starts_with('.') => Err(EngineError::NotFound(format!("snapshot {s}"))),
             Some(s) => vol.snapshot_view(s),
         }
     }

@@ -31,6 +31,7 @@ pub struct DaemonFacts {
     pub nbd_unix: Vec<PathBuf>,
     pub nbd_tcp: Vec<String>,
     pub started: Instant,
+    pub replication: Arc<crate::replication::Replication>,
 }
 
 pub struct ControlServer {
@@ -282,7 +283,11 @@ pub fn handle(
         Request::VolumeList {} => registry.list_volumes(),
         Request::VolumeInfo { name } => registry.volume_info(&name),
         Request::VolumeDelete { name } => registry.delete_volume(&name),
-        Request::SnapshotCreate { volume, name } => registry.create_snapshot(&volume, &name),
+        Request::SnapshotCreate { volume, name } => {
+            let created = registry.create_snapshot(&volume, &name)?;
+            facts.replication.snapshot_taken(&volume);
+            Ok(created)
+        }
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDelete { volume, name } => registry.delete_snapshot(&volume, &name),
         Request::DeviceStart {
@@ -294,6 +299,11 @@ pub fn handle(
         Request::DeviceStop { device } => registry.stop_device(&device),
         Request::DeviceList {} => registry.list_devices(),
         Request::Features {} => registry.features(),
+        r @ (Request::ReplicateStart { .. }
+        | Request::ReplicateStop { .. }
+        | Request::ReplicateStatus { .. }
+        | Request::ReplicateCp { .. }
+        | Request::ReplicatePromote { .. }) => facts.replication.handle(r),
         Request::DaemonStatus {} => Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
