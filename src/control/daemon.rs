@@ -5,13 +5,16 @@
 //! namespace of our own (also before any thread exists; see
 //! [`private_mount_namespace`]), take the data directory's lock (one daemon
 //! per directory), open the registry (every volume; broken ones are logged
-//! and kept as errors), start the ublk devices listed in `devices.json`
+//! and kept as errors), start replication (links go into their volumes'
+//! write paths before anything can write; replicas finish interrupted CP
+//! applies), start the ublk devices listed in `devices.json`
 //! (failures are logged, never fatal), start the NBD listeners, and bind the
 //! control socket *last*: once the socket exists, everything is being
 //! served. The main thread then waits in `sigwait`.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting control clients, shut the NBD
-//! server down (it drains in-flight requests), stop every ublk device, flush
+//! server down (it drains in-flight requests), stop replication's threads
+//! (links resume at next start), stop every ublk device, flush
 //! and close every volume, remove the sockets, exit 0. No async runtime crate: one thread per control
 //! client and the engine's per-thread io_uring runtime.
 

@@ -670,6 +670,12 @@ impl Receiver {
             }
         };
         if self.registry.volume(name).is_err() {
+            // Deleted under us (or never created): whatever it held is gone.
+            let mut rec = replica.record();
+            if rec.last_applied_cp.is_some() {
+                rec.last_applied_cp = None;
+                replica.save(rec).map_err(|e| e.to_string())?;
+            }
             self.registry
                 .create_volume(name, open.size, Some(open.block_size), None, None)
                 .map_err(|e| format!("cannot create volume {name}: {}", e.message))?;
