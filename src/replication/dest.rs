@@ -30,6 +30,7 @@ use crate::control::registry::validate_name;
 use crate::control::Registry;
 use crate::engine::Volume;
 use crate::runtime::block_on;
+use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,6 +44,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 const PAUSE_KNOB: &str = "SNAPBLK_TEST_PAUSE_APPLY";
+/// CP entries applied concurrently.
+const APPLY_BATCH: usize = 128;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReplicaRecord {
@@ -273,8 +276,14 @@ impl Replica {
         let pause_at = std::env::var(PAUSE_KNOB)
             .ok()
             .and_then(|v| v.parse::<u64>().ok());
-        for (i, e) in cp.entries.iter().enumerate() {
-            if pause_at == Some(cp.cp) && i == cp.entries.len() / 2 {
+        // Blocks of a CP are distinct: write a batch at a time, concurrently,
+        // so the engine group-commits what the writes must preserve.
+        let mid = cp.entries.len() / 2;
+        for (half, entries) in [&cp.entries[..mid], &cp.entries[mid..]]
+            .into_iter()
+            .enumerate()
+        {
+            if half == 1 && pause_at == Some(cp.cp) && !entries.is_empty() {
                 log::warn!(
                     "test hook {PAUSE_KNOB}: pausing in the middle of applying CP {} to {}",
                     cp.cp,
@@ -284,16 +293,25 @@ impl Replica {
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }
-            match *e {
-                CpEntry::Ref { tid, index, .. } => {
-                    let (offset, data) = self.read_piece(tid, index)?;
-                    block_on(view.write(offset, &data, false)).map_err(engine)?;
+            for batch in entries.chunks(APPLY_BATCH) {
+                let mut writes = Vec::new();
+                let mut zeroes = Vec::new();
+                for e in batch {
+                    match *e {
+                        CpEntry::Ref { tid, index, .. } => {
+                            writes.push(self.read_piece(tid, index)?)
+                        }
+                        CpEntry::Zero { block, count } => {
+                            let offset = block * bs;
+                            zeroes.push((offset, (count * bs).min(record.size - offset)));
+                        }
+                    }
                 }
-                CpEntry::Zero { block, count } => {
-                    let offset = block * bs;
-                    let len = (count * bs).min(record.size - offset);
-                    block_on(view.write_zeroes(offset, len, false)).map_err(engine)?;
-                }
+                block_on(async {
+                    try_join_all(writes.iter().map(|(o, d)| view.write(*o, d, false))).await?;
+                    try_join_all(zeroes.iter().map(|&(o, l)| view.write_zeroes(o, l, false))).await
+                })
+                .map_err(engine)?;
             }
         }
         block_on(view.flush()).map_err(engine)?;
