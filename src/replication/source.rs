@@ -937,12 +937,21 @@ impl Link {
         } else {
             Some(block_on(self.volume.consume_snapshot(snapshot)).map_err(err)?)
         };
-        let release = |offset: u64| {
-            if let Some(c) = &consumer {
-                c.release(offset, self.block_size);
+        let bs = self.block_size;
+        let release_blocks = |first: u64, end: u64| {
+            if let (Some(c), true) = (&consumer, end > first) {
+                c.release(first * bs, (end - first) * bs);
             }
         };
-        let bs = self.block_size;
+        let release = |offset: u64| release_blocks(offset / bs, offset / bs + 1);
+        // Only `blocks` are read from the snapshot: give every other chunk
+        // back now, so that writes after the CP stop preserving them.
+        let mut next = 0;
+        for &b in blocks {
+            release_blocks(next, b);
+            next = b + 1;
+        }
+        release_blocks(next, self.blocks);
         let size = self.volume.size();
         // On a full copy, unallocated ranges are zeros without reading them.
         let allocated: Option<Vec<(u64, u64)>> = if full {
