@@ -525,6 +525,30 @@ fn a_killed_source_and_a_cut_link_resync_only_the_changed_blocks() {
 }
 
 #[test]
+fn a_full_log_falls_back_to_sending_changed_blocks_at_the_cp() {
+    if skip_without("log_overflow", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let p = pair(&[], &[]);
+    p.src.ok(&["volume", "create", "v", "--size", "2M"]);
+    // A log smaller than one block: every whole-block write overflows it.
+    p.start("v", "r", &["--cp-interval", "1h", "--max-log", "4K"]);
+    p.wait_state("v", "replicating");
+    write_blocks(&p.src.uri("v"), [1, 2, 3], 7);
+    let s = p.status("v");
+    assert_eq!(s["state"], "log-overflow", "{s}");
+    assert!(s["log_overflows"].as_u64().unwrap() >= 3, "{s}");
+    assert_eq!(s["transfers"], 0, "{s}");
+    p.cp("v");
+    let s = p.status("v");
+    assert_eq!(s["state"], "replicating", "{s}");
+    assert_eq!(s["last_cp_full_blocks"], 3, "{s}");
+    assert_eq!(s["resync_blocks"], 3, "{s}");
+    assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
+    assert_eq!(p.src.log().matches("the write log is full").count(), 1);
+}
+
+#[test]
 fn a_promoted_replica_is_a_normal_writable_volume() {
     if skip_without("promote", &["qemu-img", "qemu-io"]) {
         return;

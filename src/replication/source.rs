@@ -269,14 +269,16 @@ impl WriteHook for Tap {
         if s.log_bytes + len > s.record.max_log_bytes {
             // Full: drop the log; the dirty map and the CP cover its blocks.
             s.drop_log();
-            s.overflowed = true;
             s.stats.log_overflows += 1;
-            log::warn!(
-                "replication of {}: the write log is full ({} bytes); falling back to \
-                 sending changed blocks whole at the next consistency point",
-                link.volume.name(),
-                s.record.max_log_bytes
-            );
+            if !s.overflowed {
+                log::warn!(
+                    "replication of {}: the write log is full ({} bytes); falling back to \
+                     sending changed blocks whole at the next consistency point",
+                    link.volume.name(),
+                    s.record.max_log_bytes
+                );
+            }
+            s.overflowed = true;
             if len > s.record.max_log_bytes {
                 for b in start / bs..end / bs {
                     s.epoch.insert(b, BlockState::Partial);
