@@ -215,7 +215,7 @@ fn device_list_is_empty_table_and_array() {
     let (_t, d) = daemon_with_volume();
     assert_eq!(
         d.ok(&["device", "list"]),
-        "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH\n"
+        "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  STATE\n"
     );
     assert_eq!(d.ok(&["device", "ls"]), d.ok(&["device", "list"]));
     assert_eq!(d.json(&["device", "list"]), json!([]));
@@ -244,7 +244,7 @@ fn devices_json_is_restored_at_start_and_failures_never_stop_the_daemon() {
     write_devices(
         &d.dir,
         json!([
-            {"volume": "v", "snapshot": null, "queues": 2, "depth": 128},
+            {"volume": "v", "snapshot": null, "queues": 2, "depth": 128, "recovery": false},
             {"volume": "v", "snapshot": "s"},
             {"volume": "ghost"}
         ]),
@@ -301,6 +301,10 @@ fn devices_json_is_restored_at_start_and_failures_never_stop_the_daemon() {
     );
     assert_eq!(list[1]["read_only"], false);
     assert_eq!(
+        (list[1]["recovery"].clone(), list[2]["recovery"].clone()),
+        (json!(false), json!(true))
+    );
+    assert_eq!(
         (list[2]["queues"].clone(), list[2]["depth"].clone()),
         (json!(1), json!(64))
     );
@@ -330,7 +334,9 @@ fn devices_json_is_restored_at_start_and_failures_never_stop_the_daemon() {
         serde_json::from_slice(&std::fs::read(d.dir.join("devices.json")).unwrap()).unwrap();
     assert_eq!(
         file,
-        json!({"devices": [{"volume": "v", "snapshot": null, "queues": 2, "depth": 128}]})
+        json!({"devices": [
+            {"volume": "v", "snapshot": null, "queues": 2, "depth": 128, "recovery": false}
+        ]})
     );
 
     // kill -9 keeps the list; it is tried again at start.

@@ -153,6 +153,11 @@ pub enum DeviceCmd {
         /// Requests in flight per queue, 1 to 4096 [default: 64]
         #[arg(long, value_name = "D")]
         depth: Option<u16>,
+        /// Without UBLK_F_USER_RECOVERY: if the daemon dies, the kernel fails the
+        /// device's I/O and removes it (the restarted daemon starts a new one)
+        /// instead of holding I/O until the daemon is back
+        #[arg(long)]
+        no_recovery: bool,
     },
     /// Stop a device: VOL, VOL@SNAP or /dev/ublkbN
     #[command(alias = "rm")]
@@ -315,6 +320,7 @@ fn device(control: &Path, json: bool, cmd: DeviceCmd) -> Result<(), CliError> {
             snapshot,
             queues,
             depth,
+            no_recovery,
         } => {
             name_arg("volume", &volume)?;
             if let Some(s) = &snapshot {
@@ -325,6 +331,7 @@ fn device(control: &Path, json: bool, cmd: DeviceCmd) -> Result<(), CliError> {
                 snapshot,
                 queues,
                 depth,
+                recovery: no_recovery.then_some(false),
             };
             reply(control, json, &req, |r| {
                 println!("{}", output::str_of(r, "path"))

@@ -181,11 +181,17 @@ pub fn device_list(result: &Value) -> String {
         .map(|d| {
             let device = match d.get("path").and_then(Value::as_str) {
                 Some(p) => p.to_string(),
-                None => "(failed)".to_string(),
+                None if str_of(d, "state").starts_with("error") => "(failed)".to_string(),
+                None => "-".to_string(),
             };
             let mode = match d.get("read_only").and_then(Value::as_bool) {
                 Some(true) => "ro",
                 Some(false) => "rw",
+                None => "-",
+            };
+            let recovery = match d.get("recovery").and_then(Value::as_bool) {
+                Some(true) => "yes",
+                Some(false) => "no",
                 None => "-",
             };
             vec![
@@ -195,11 +201,19 @@ pub fn device_list(result: &Value) -> String {
                 mode.to_string(),
                 str_of(d, "queues"),
                 str_of(d, "depth"),
+                recovery.to_string(),
+                // The reason of an error follows the table.
+                match str_of(d, "state") {
+                    s if s.starts_with("error") => "error".to_string(),
+                    s => s,
+                },
             ]
         })
         .collect();
     let mut out = table(
-        &["DEVICE", "VOLUME", "SNAPSHOT", "MODE", "QUEUES", "DEPTH"],
+        &[
+            "DEVICE", "VOLUME", "SNAPSHOT", "MODE", "QUEUES", "DEPTH", "RECOVERY", "STATE",
+        ],
         &rows,
     );
     for d in &devs {
@@ -209,7 +223,10 @@ pub fn device_list(result: &Value) -> String {
                 Some(s) => format!("{}@{s}", str_of(d, "volume")),
                 None => str_of(d, "volume"),
             };
-            out.push_str(&format!("{key}: not running: {err}\n"));
+            match err.strip_prefix("stop failed: ") {
+                Some(why) => out.push_str(&format!("{key}: stop failed: {why}\n")),
+                None => out.push_str(&format!("{key}: not running: {err}\n")),
+            }
         }
     }
     out
@@ -228,6 +245,15 @@ pub fn features(result: &Value) -> String {
         .unwrap_or_default()
     {
         out.push_str(name.as_str().unwrap_or("?"));
+        out.push('\n');
+    }
+    for note in result
+        .get("notes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+    {
+        out.push_str(note.as_str().unwrap_or("?"));
         out.push('\n');
     }
     out
@@ -254,24 +280,28 @@ mod tests {
         use serde_json::json;
         assert_eq!(
             device_list(&json!([])),
-            "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH\n"
+            "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  STATE\n"
         );
         let t = device_list(&json!([
             {"id":0,"path":"/dev/ublkb0","volume":"v","snapshot":null,"read_only":false,
-             "queues":1,"depth":64,"state":"running"},
+             "queues":1,"depth":64,"recovery":true,"state":"running"},
             {"id":null,"path":null,"volume":"v","snapshot":"s","read_only":true,
-             "queues":2,"depth":128,"state":"error: no ublk"}
+             "queues":2,"depth":128,"recovery":false,"state":"error: no ublk"}
         ]));
         assert_eq!(
             t,
-            "DEVICE       VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH\n\
-             /dev/ublkb0  v       -         rw    1       64\n\
-             (failed)     v       s         ro    2       128\n\
+            "DEVICE       VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  STATE\n\
+             /dev/ublkb0  v       -         rw    1       64     yes       running\n\
+             (failed)     v       s         ro    2       128    no        error\n\
              v@s: not running: no ublk\n"
         );
         assert_eq!(
-            features(&json!({"driver_features": 0x42, "names": ["USER_RECOVERY", "USER_COPY"]})),
-            "ublk driver features: 0x0000000000000042\nUSER_RECOVERY\nUSER_COPY\n"
+            features(
+                &json!({"driver_features": 0x42, "names": ["USER_RECOVERY", "USER_COPY"],
+                "notes": ["zero copy: not available"]})
+            ),
+            "ublk driver features: 0x0000000000000042\nUSER_RECOVERY\nUSER_COPY\n\
+             zero copy: not available\n"
         );
     }
 

@@ -46,6 +46,20 @@ pub struct DeviceSpec {
     /// (`UBLK_F_USER_RECOVERY`); absent before its first start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_id: Option<u32>,
+    /// Ask the kernel for `UBLK_F_USER_RECOVERY` (the default). Without it,
+    /// a daemon killed by -9 takes the device with it: the kernel fails its
+    /// I/O and removes `/dev/ublkbN`, and the restarted daemon deletes the
+    /// dead device and starts a new one.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub recovery: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_queues() -> u16 {
@@ -134,23 +148,27 @@ pub trait RunningDevice: Send {
     /// `/dev/ublkbN`.
     fn path(&self) -> String;
     fn read_only(&self) -> bool;
-    /// Stops and deletes the kernel device.
-    fn stop(self: Box<Self>) -> io::Result<()>;
+    /// Queues the kernel granted (at most one per CPU, whatever was asked).
+    fn queues(&self) -> u16;
+    /// Queue depth the kernel granted.
+    fn depth(&self) -> u16;
+    /// Whether the kernel device has `UBLK_F_USER_RECOVERY`.
+    fn recovery(&self) -> bool;
+    /// Requests served so far by each queue.
+    fn requests_per_queue(&self) -> Vec<u64>;
+    /// Stops and deletes the kernel device. A stop that failed (timed out)
+    /// may be called again.
+    fn stop(&mut self) -> io::Result<()>;
 }
 
 /// Starts kernel devices; the daemon's seam to the ublk frontend.
 pub trait Driver: Send + Sync {
-    /// Starts a device serving `view`; returns once its block device exists.
-    /// `previous_id`: the kernel device this entry had before the daemon
-    /// stopped; if it is still there waiting (USER_RECOVERY after a crash),
-    /// the new daemon re-attaches to it instead of adding a new one.
-    fn start(
-        &self,
-        view: View,
-        queues: u16,
-        depth: u16,
-        previous_id: Option<u32>,
-    ) -> io::Result<Box<dyn RunningDevice>>;
+    /// Starts a device serving `view` as `spec` asks; returns once its
+    /// block device exists. `spec.last_id`: the kernel device this entry had
+    /// before the daemon stopped; if it is still there waiting
+    /// (USER_RECOVERY after a crash), the new daemon re-attaches to it
+    /// instead of adding a new one; if it was left dead, it is deleted first.
+    fn start(&self, view: View, spec: &DeviceSpec) -> io::Result<Box<dyn RunningDevice>>;
     /// What the kernel offers, as the `features` op answers it.
     fn features(&self) -> io::Result<Value>;
 }
@@ -170,6 +188,7 @@ mod tests {
                 queues: 2,
                 depth: 128,
                 last_id: Some(3),
+                recovery: true,
             },
             DeviceSpec {
                 volume: "v".into(),
@@ -177,6 +196,7 @@ mod tests {
                 queues: 1,
                 depth: 64,
                 last_id: None,
+                recovery: false,
             },
         ];
         save(t.path(), &specs).unwrap();
@@ -203,6 +223,7 @@ mod tests {
                 queues: DEFAULT_QUEUES,
                 depth: DEFAULT_DEPTH,
                 last_id: None,
+                recovery: true,
             }]
         );
         fs::write(t.path().join(DEVICES_FILE), "not json").unwrap();

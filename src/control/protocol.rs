@@ -82,6 +82,10 @@ pub enum Request {
         /// Requests in flight per queue; default 64.
         #[serde(default)]
         depth: Option<u16>,
+        /// Ask for UBLK_F_USER_RECOVERY (default true); `false` makes the
+        /// device die with the daemon.
+        #[serde(default)]
+        recovery: Option<bool>,
     },
     /// Stops a device: `VOL`, `VOL@SNAP` or its path `/dev/ublkbN`.
     #[serde(rename = "device.stop")]
@@ -347,11 +351,12 @@ mod tests {
                 volume: "v".into(),
                 snapshot: None,
                 queues: None,
-                depth: None
+                depth: None,
+                recovery: None
             }
         );
         let r = parse_request(
-            br#"{"op":"device.start","volume":"v","snapshot":"s","queues":2,"depth":128}"#,
+            br#"{"op":"device.start","volume":"v","snapshot":"s","queues":2,"depth":128,"recovery":false}"#,
         )
         .unwrap();
         assert_eq!(
@@ -360,7 +365,8 @@ mod tests {
                 volume: "v".into(),
                 snapshot: Some("s".into()),
                 queues: Some(2),
-                depth: Some(128)
+                depth: Some(128),
+                recovery: Some(false)
             }
         );
         assert_eq!(

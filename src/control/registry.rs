@@ -55,41 +55,120 @@ use std::sync::{Arc, Mutex, RwLock};
 const CREATING: &str = ".creating-";
 const DELETING: &str = ".deleting-";
 
-/// A device the operator asked for: running, or not (its start failed at
-/// restore; the message says why).
+/// A device the operator asked for, in one of its states. Slow kernel
+/// calls (start, stop: up to a minute each on a struggling kernel) run
+/// without the registry's `mutate` lock; `Starting` and `Stopping` hold the
+/// entry's place meanwhile, so the volume or snapshot cannot be deleted and
+/// no second start or stop of the same key runs.
 enum DeviceState {
+    /// A `device.start` is asking the kernel for it.
+    Starting,
     Running(Box<dyn RunningDevice>),
+    /// A `device.stop` has it out, stopping it.
+    Stopping,
+    /// A stop failed (the kernel timed out): `device.stop` tries again.
+    StopFailed(Box<dyn RunningDevice>, String),
+    /// Not running: its start failed (at restore, or a retry); why.
     Failed(String),
+}
+
+/// What a started device is, as the kernel granted it; kept while it is
+/// out being stopped.
+#[derive(Clone)]
+struct Shown {
+    id: u32,
+    path: String,
+    read_only: bool,
+    queues: u16,
+    depth: u16,
+    recovery: bool,
+}
+
+impl Shown {
+    fn of(dev: &dyn RunningDevice) -> Shown {
+        Shown {
+            id: dev.id(),
+            path: dev.path(),
+            read_only: dev.read_only(),
+            queues: dev.queues(),
+            depth: dev.depth(),
+            recovery: dev.recovery(),
+        }
+    }
 }
 
 struct DeviceEntry {
     spec: DeviceSpec,
+    /// Set once the device ran; cleared when its start is retried.
+    shown: Option<Shown>,
     state: DeviceState,
+    /// Whether `devices.json` lists it (false for a first start still in
+    /// progress, and for a device being stopped).
+    persisted: bool,
 }
 
 impl DeviceEntry {
+    /// The kernel device's path, while it exists (running, or being stopped).
     fn path(&self) -> Option<String> {
         match &self.state {
-            DeviceState::Running(d) => Some(d.path()),
+            DeviceState::Running(_) | DeviceState::Stopping | DeviceState::StopFailed(..) => {
+                self.shown.as_ref().map(|s| s.path.clone())
+            }
+            DeviceState::Starting | DeviceState::Failed(_) => None,
+        }
+    }
+
+    /// Why this entry keeps its volume (or snapshot) from being deleted:
+    /// anything but a device that is not running.
+    fn in_use(&self) -> Option<String> {
+        match &self.state {
             DeviceState::Failed(_) => None,
+            DeviceState::Starting => Some("a device being started".to_string()),
+            _ => Some(format!(
+                "device {}",
+                self.path().unwrap_or_else(|| "?".to_string())
+            )),
         }
     }
 
     fn json(&self) -> Value {
         let s = &self.spec;
-        let (id, path, read_only, state) = match &self.state {
-            DeviceState::Running(d) => (
-                json!(d.id()),
-                json!(d.path()),
-                d.read_only(),
-                "running".to_string(),
+        let state = match &self.state {
+            DeviceState::Starting => "starting".to_string(),
+            DeviceState::Running(_) => "running".to_string(),
+            DeviceState::Stopping => "stopping".to_string(),
+            DeviceState::StopFailed(_, m) => format!(
+                "error: stop failed: {m}; retry with `snapblk device stop {}`",
+                s.key()
             ),
-            DeviceState::Failed(m) => (
+            DeviceState::Failed(m) => format!("error: {m}"),
+        };
+        let shown = match self.state {
+            DeviceState::Starting | DeviceState::Failed(_) => None,
+            _ => self.shown.as_ref(),
+        };
+        // What the kernel granted where a device exists; else what was asked.
+        let (id, path, read_only, queues, depth, recovery) = match shown {
+            Some(g) => (
+                json!(g.id),
+                json!(g.path),
+                g.read_only,
+                g.queues,
+                g.depth,
+                g.recovery,
+            ),
+            None => (
                 Value::Null,
                 Value::Null,
                 s.snapshot.is_some(),
-                format!("error: {m}"),
+                s.queues,
+                s.depth,
+                s.recovery,
             ),
+        };
+        let requests = match &self.state {
+            DeviceState::Running(dev) => json!(dev.requests_per_queue()),
+            _ => Value::Null,
         };
         json!({
             "id": id,
@@ -97,9 +176,11 @@ impl DeviceEntry {
             "volume": s.volume,
             "snapshot": s.snapshot,
             "read_only": read_only,
-            "queues": s.queues,
-            "depth": s.depth,
+            "queues": queues,
+            "depth": depth,
+            "recovery": recovery,
             "state": state,
+            "requests_per_queue": requests,
         })
     }
 }
@@ -120,8 +201,13 @@ pub struct Registry {
     mutate: Mutex<()>,
     /// `true` once shutdown began; requests hold it shared while they run.
     closing: RwLock<bool>,
-    /// Devices by `VOL` / `VOL@SNAP`. Changed only under `mutate`.
+    /// Devices by `VOL` / `VOL@SNAP`. Entries are added and removed only
+    /// under `mutate`, except that a start or stop in progress (its entry
+    /// `Starting` / `Stopping`, which nothing else touches) finishes
+    /// without it.
     devices: Mutex<BTreeMap<String, DeviceEntry>>,
+    /// Serializes writes of `devices.json`.
+    save_lock: Mutex<()>,
     driver: Box<dyn Driver>,
 }
 
@@ -233,6 +319,7 @@ impl Registry {
             mutate: Mutex::new(()),
             closing: RwLock::new(false),
             devices: Mutex::new(BTreeMap::new()),
+            save_lock: Mutex::new(()),
             driver,
         })
     }
@@ -390,17 +477,17 @@ impl Registry {
     pub fn delete_volume(&self, name: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((key, path)) = self
+        if let Some((key, what)) = self
             .lock_devices()
             .values()
             .filter(|e| e.spec.volume == name)
-            .find_map(|e| e.path().map(|p| (e.spec.key(), p)))
+            .find_map(|e| e.in_use().map(|w| (e.spec.key(), w)))
         {
             return Err(ControlError::new(
                 ErrorCode::Busy,
                 format!(
-                    "volume {name} is in use by device {path} ({key}); stop it first with \
-                     `snapblk device stop {path}`"
+                    "volume {name} is in use by {what} ({key}); stop it first with \
+                     `snapblk device stop {key}`"
                 ),
             ));
         }
@@ -467,12 +554,12 @@ impl Registry {
         validate_name("snapshot", name)?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         let key = format!("{volume}@{name}");
-        if let Some(path) = self.lock_devices().get(&key).and_then(DeviceEntry::path) {
+        if let Some(what) = self.lock_devices().get(&key).and_then(DeviceEntry::in_use) {
             return Err(ControlError::new(
                 ErrorCode::Busy,
                 format!(
-                    "snapshot {name} of volume {volume} is in use by device {path}; stop it \
-                     first with `snapblk device stop {path}`"
+                    "snapshot {name} of volume {volume} is in use by {what}; stop it first with \
+                     `snapblk device stop {key}`"
                 ),
             ));
         }
@@ -497,7 +584,8 @@ impl Registry {
         *closing = true;
         let running = std::mem::take(&mut *self.lock_devices());
         for (key, entry) in running {
-            if let DeviceState::Running(dev) = entry.state {
+            if let DeviceState::Running(mut dev) | DeviceState::StopFailed(mut dev, _) = entry.state
+            {
                 let path = dev.path();
                 match dev.stop() {
                     Ok(()) => log::info!("device {path} ({key}) stopped"),
@@ -524,16 +612,17 @@ impl Registry {
         self.devices.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The specs of every device asked for, in key order (what
-    /// `devices.json` holds).
+    /// The specs of every device `devices.json` lists, in key order.
     fn device_specs(&self) -> Vec<DeviceSpec> {
         self.lock_devices()
             .values()
+            .filter(|e| e.persisted)
             .map(|e| e.spec.clone())
             .collect()
     }
 
     fn save_devices(&self) -> Result<(), ControlError> {
+        let _s = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
         devices::save(&self.data_dir, &self.device_specs()).map_err(ControlError::from)
     }
 
@@ -567,25 +656,23 @@ impl Registry {
         }
     }
 
-    /// Starts the kernel device for `spec`.
+    /// Starts the kernel device for `spec` serving `view` (slow: no lock held).
     fn start_kernel_device(
         &self,
+        view: View,
         spec: &DeviceSpec,
     ) -> Result<Box<dyn RunningDevice>, ControlError> {
-        let view = self.device_view(spec)?;
-        self.driver
-            .start(view, spec.queues, spec.depth, spec.last_id)
-            .map_err(|e| {
-                ControlError::new(
-                    ErrorCode::IoError,
-                    format!("cannot start a ublk device for {}: {e}", spec.key()),
-                )
-            })
+        self.driver.start(view, spec).map_err(|e| {
+            ControlError::new(
+                ErrorCode::IoError,
+                format!("cannot start a ublk device for {}: {e}", spec.key()),
+            )
+        })
     }
 
-    /// Starts every device listed in `devices.json` (at daemon start). A
-    /// device that fails is logged and kept as failed; the daemon goes on.
-    /// Returns how many failed.
+    /// Starts every device listed in `devices.json` (at daemon start, before
+    /// the control socket opens). A device that fails is logged and kept as
+    /// failed; the daemon goes on. Returns how many failed.
     pub fn restore_devices(&self) -> usize {
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         let specs = match devices::load(&self.data_dir) {
@@ -606,12 +693,15 @@ impl Registry {
                 );
                 continue;
             }
-            let state = match self.start_kernel_device(&spec) {
+            let started = self
+                .device_view(&spec)
+                .and_then(|view| self.start_kernel_device(view, &spec));
+            let (shown, state) = match started {
                 Ok(dev) => {
                     log::info!("device {} ({key}) restored", dev.path());
                     changed |= spec.last_id != Some(dev.id());
                     spec.last_id = Some(dev.id());
-                    DeviceState::Running(dev)
+                    (Some(Shown::of(&*dev)), DeviceState::Running(dev))
                 }
                 Err(e) => {
                     failed += 1;
@@ -625,10 +715,18 @@ impl Registry {
                             .map(|s| format!(" --snapshot {s}"))
                             .unwrap_or_default(),
                     );
-                    DeviceState::Failed(e.message)
+                    (None, DeviceState::Failed(e.message))
                 }
             };
-            self.lock_devices().insert(key, DeviceEntry { spec, state });
+            self.lock_devices().insert(
+                key,
+                DeviceEntry {
+                    spec,
+                    shown,
+                    state,
+                    persisted: true,
+                },
+            );
         }
         if changed {
             if let Err(e) = self.save_devices() {
@@ -638,13 +736,15 @@ impl Registry {
         failed
     }
 
-    /// `device.start`.
+    /// `device.start`. The kernel call runs without the `mutate` lock, so
+    /// volume and snapshot operations go on meanwhile.
     pub fn start_device(
         &self,
         volume: &str,
         snapshot: Option<String>,
         queues: Option<u16>,
         depth: Option<u16>,
+        recovery: Option<bool>,
     ) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         validate_name("volume", volume)?;
@@ -671,70 +771,136 @@ impl Registry {
             queues,
             depth,
             last_id: None,
+            recovery: recovery.unwrap_or(true),
         };
         let key = spec.key();
-        let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = self.lock_devices().get(&key) {
-            // Retrying an entry whose restore failed: the same kernel device.
-            spec.last_id = entry.spec.last_id;
-        }
-        if let Some(path) = self.lock_devices().get(&key).and_then(DeviceEntry::path) {
-            return Err(ControlError::new(
-                ErrorCode::AlreadyExists,
-                format!(
-                    "{key} already has device {path}; stop it first with `snapblk device stop {path}`"
-                ),
-            ));
-        }
-        let dev = match self.start_kernel_device(&spec) {
+        // Under `mutate`: claim the key (Starting) and take the view.
+        let (view, retry) = {
+            let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+            let retry = match self.lock_devices().get(&key) {
+                None => false,
+                Some(entry) => match &entry.state {
+                    // Retrying an entry whose start failed: the same kernel device.
+                    DeviceState::Failed(_) => {
+                        spec.last_id = entry.spec.last_id;
+                        true
+                    }
+                    DeviceState::Starting => {
+                        return Err(ControlError::new(
+                            ErrorCode::Busy,
+                            format!("a device for {key} is being started; wait for it"),
+                        ))
+                    }
+                    _ => {
+                        return Err(ControlError::new(
+                            ErrorCode::AlreadyExists,
+                            format!(
+                            "{key} already has {}; stop it first with `snapblk device stop {key}`",
+                            entry.in_use().unwrap_or_default()
+                        ),
+                        ))
+                    }
+                },
+            };
+            let view = match self.device_view(&spec) {
+                Ok(v) => v,
+                Err(e) => {
+                    if let Some(entry) = self.lock_devices().get_mut(&key) {
+                        entry.state = DeviceState::Failed(e.message.clone());
+                    }
+                    return Err(e);
+                }
+            };
+            let mut map = self.lock_devices();
+            match map.get_mut(&key) {
+                Some(entry) => entry.state = DeviceState::Starting,
+                None => {
+                    map.insert(
+                        key.clone(),
+                        DeviceEntry {
+                            spec: spec.clone(),
+                            shown: None,
+                            state: DeviceState::Starting,
+                            persisted: false,
+                        },
+                    );
+                }
+            }
+            (view, retry)
+        };
+        let dev = match self.start_kernel_device(view, &spec) {
             Ok(d) => d,
             Err(e) => {
-                // A device restore failed for: keep it listed, with the new reason.
-                if let Some(entry) = self.lock_devices().get_mut(&key) {
-                    entry.state = DeviceState::Failed(e.message.clone());
+                let mut map = self.lock_devices();
+                if retry {
+                    // A device restore failed for: keep it listed, with the new reason.
+                    if let Some(entry) = map.get_mut(&key) {
+                        entry.state = DeviceState::Failed(e.message.clone());
+                    }
+                } else {
+                    map.remove(&key);
                 }
                 return Err(e);
             }
         };
         let path = dev.path();
         spec.last_id = Some(dev.id());
-        let previous = self.lock_devices().insert(
-            key.clone(),
-            DeviceEntry {
-                spec: spec.clone(),
-                state: DeviceState::Running(dev),
-            },
-        );
+        let old_spec = {
+            let mut map = self.lock_devices();
+            let entry = map.get_mut(&key).expect("a Starting entry stays");
+            let old = std::mem::replace(&mut entry.spec, spec.clone());
+            entry.shown = Some(Shown::of(&*dev));
+            entry.state = DeviceState::Running(dev);
+            entry.persisted = true;
+            old
+        };
         if let Err(e) = self.save_devices() {
             // Not persisted: do not leave a device that would not come back.
-            let entry = {
+            let dev = {
                 let mut map = self.lock_devices();
-                let entry = map.remove(&key);
-                if let Some(p) = previous {
-                    map.insert(key.clone(), p);
+                let entry = map.get_mut(&key).expect("present");
+                let state = if retry {
+                    entry.spec = old_spec;
+                    std::mem::replace(&mut entry.state, DeviceState::Failed(e.message.clone()))
+                } else {
+                    map.remove(&key).expect("present").state
+                };
+                match state {
+                    DeviceState::Running(dev) => Some(dev),
+                    _ => None,
                 }
-                entry
             };
-            if let Some(DeviceEntry {
-                state: DeviceState::Running(dev),
-                ..
-            }) = entry
-            {
+            if let Some(mut dev) = dev {
                 if let Err(se) = dev.stop() {
                     log::error!("device {path} ({key}): stop failed: {se}");
                 }
             }
             return Err(e);
         }
-        log::info!("device {path} started for {key} ({queues} queue(s), depth {depth})");
-        Ok(self.lock_devices()[&key].json())
+        let map = self.lock_devices();
+        let entry = &map[&key];
+        let g = entry.shown.as_ref().expect("set above");
+        log::info!(
+            "device {path} started for {key} ({} queue(s), depth {}, {})",
+            g.queues,
+            g.depth,
+            if g.recovery {
+                "USER_RECOVERY"
+            } else {
+                "no recovery: it dies with the daemon"
+            }
+        );
+        Ok(entry.json())
     }
 
-    /// `device.stop`: `device` is `VOL`, `VOL@SNAP` or `/dev/ublkbN`.
+    /// `device.stop`: `device` is `VOL`, `VOL@SNAP` or `/dev/ublkbN`. The
+    /// kernel calls run without the `mutate` lock. A stop that fails (the
+    /// kernel timed out) leaves the entry listed, and a second `device.stop`
+    /// tries again.
     pub fn stop_device(&self, device: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
-        let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = {
+        let (key, mut dev) = {
+            let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
             let mut map = self.lock_devices();
             let key = if device.starts_with('/') {
                 map.iter()
@@ -753,29 +919,61 @@ impl Registry {
                 }
                 device.to_string()
             };
-            map.remove(&key).expect("present")
+            let entry = map.get_mut(&key).expect("present");
+            match std::mem::replace(&mut entry.state, DeviceState::Stopping) {
+                DeviceState::Running(dev) | DeviceState::StopFailed(dev, _) => {
+                    entry.persisted = false;
+                    (key, dev)
+                }
+                DeviceState::Failed(m) => {
+                    entry.state = DeviceState::Failed(m);
+                    let entry = map.remove(&key).expect("present");
+                    drop(map);
+                    let mut out = entry.json();
+                    out["stopped"] = json!(true);
+                    out["state"] = json!("stopped");
+                    log::info!("device entry for {key} dropped (it was not running)");
+                    self.save_devices()?;
+                    return Ok(out);
+                }
+                other => {
+                    let what = if matches!(other, DeviceState::Starting) {
+                        "being started"
+                    } else {
+                        "being stopped already"
+                    };
+                    entry.state = other;
+                    return Err(ControlError::new(
+                        ErrorCode::Busy,
+                        format!("the device for {key} is {what}; wait for it"),
+                    ));
+                }
+            }
         };
-        let key = entry.spec.key();
+        // Out of devices.json first: a stopped device must not come back.
         let saved = self.save_devices();
+        let path = dev.path();
+        if let Err(e) = dev.stop() {
+            log::error!("device {path} ({key}): stop failed: {e}");
+            if let Some(entry) = self.lock_devices().get_mut(&key) {
+                entry.state = DeviceState::StopFailed(dev, e.to_string());
+            }
+            return Err(ControlError::new(
+                ErrorCode::IoError,
+                format!(
+                    "device {path} ({key}) did not stop: {e}; it stays listed (and will not come \
+                     back at restart): retry with `snapblk device stop {key}`"
+                ),
+            ));
+        }
+        log::info!("device {path} ({key}) stopped");
+        let entry = self
+            .lock_devices()
+            .remove(&key)
+            .expect("a Stopping entry stays");
         let mut out = entry.json();
         out["stopped"] = json!(true);
         out["state"] = json!("stopped");
-        if let DeviceState::Running(dev) = entry.state {
-            let path = dev.path();
-            if let Err(e) = dev.stop() {
-                log::error!("device {path} ({key}): stop failed: {e}");
-                return Err(ControlError::new(
-                    ErrorCode::IoError,
-                    format!(
-                        "device {path} ({key}) did not stop cleanly: {e}; it is no longer listed, \
-                         check `ls /dev/ublkb*` and the kernel log"
-                    ),
-                ));
-            }
-            log::info!("device {path} ({key}) stopped");
-        } else {
-            log::info!("device entry for {key} dropped (it was not running)");
-        }
         saved?;
         Ok(out)
     }
@@ -859,20 +1057,34 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::validate_name;
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::mpsc;
 
-    /// A driver that runs no kernel device: ids count up, stops are recorded.
+    /// Signals that a start began, then waits for the go.
+    type StartGate = (mpsc::Sender<()>, mpsc::Receiver<()>);
+
+    /// A driver that runs no kernel device: ids count up, stops are
+    /// recorded, at most 2 queues are granted (a 2-CPU machine), and a
+    /// `gate` makes starts wait until the test lets them go on.
     #[derive(Clone, Default)]
     struct FakeDriver {
         next_id: Arc<AtomicU32>,
         stopped: Arc<Mutex<Vec<String>>>,
         fail: Arc<Mutex<Option<String>>>,
+        /// Stops fail (time out) while set.
+        fail_stop: Arc<AtomicBool>,
+        /// `Some((entered, go))`: a start sends on `entered`, then waits on `go`.
+        gate: Arc<Mutex<Option<StartGate>>>,
     }
 
     struct FakeDevice {
         id: u32,
         read_only: bool,
+        queues: u16,
+        depth: u16,
+        recovery: bool,
         stopped: Arc<Mutex<Vec<String>>>,
+        fail_stop: Arc<AtomicBool>,
     }
 
     impl RunningDevice for FakeDevice {
@@ -885,27 +1097,44 @@ mod tests {
         fn read_only(&self) -> bool {
             self.read_only
         }
-        fn stop(self: Box<Self>) -> io::Result<()> {
+        fn queues(&self) -> u16 {
+            self.queues
+        }
+        fn depth(&self) -> u16 {
+            self.depth
+        }
+        fn recovery(&self) -> bool {
+            self.recovery
+        }
+        fn requests_per_queue(&self) -> Vec<u64> {
+            vec![0; self.queues as usize]
+        }
+        fn stop(&mut self) -> io::Result<()> {
+            if self.fail_stop.load(Ordering::SeqCst) {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "kernel timed out"));
+            }
             self.stopped.lock().unwrap().push(self.path());
             Ok(())
         }
     }
 
     impl Driver for FakeDriver {
-        fn start(
-            &self,
-            view: View,
-            _q: u16,
-            _d: u16,
-            _previous: Option<u32>,
-        ) -> io::Result<Box<dyn RunningDevice>> {
+        fn start(&self, view: View, spec: &DeviceSpec) -> io::Result<Box<dyn RunningDevice>> {
+            if let Some((entered, go)) = &*self.gate.lock().unwrap() {
+                entered.send(()).unwrap();
+                go.recv().unwrap();
+            }
             if let Some(m) = self.fail.lock().unwrap().clone() {
                 return Err(io::Error::other(m));
             }
             Ok(Box::new(FakeDevice {
                 id: self.next_id.fetch_add(1, Ordering::SeqCst),
                 read_only: view.read_only(),
+                queues: spec.queues.min(2),
+                depth: spec.depth,
+                recovery: spec.recovery,
                 stopped: self.stopped.clone(),
+                fail_stop: self.fail_stop.clone(),
             }))
         }
         fn features(&self) -> io::Result<Value> {
@@ -926,7 +1155,7 @@ mod tests {
             .unwrap();
         reg.create_snapshot("v", "s").unwrap();
 
-        let d = reg.start_device("v", None, None, None).unwrap();
+        let d = reg.start_device("v", None, None, None, None).unwrap();
         assert_eq!(d["path"], "/dev/ublkb0");
         assert_eq!(d["read_only"], false);
         assert_eq!(
@@ -934,27 +1163,32 @@ mod tests {
             (json!(1), json!(64))
         );
         let d = reg
-            .start_device("v", Some("s".into()), Some(2), Some(128))
+            .start_device("v", Some("s".into()), Some(2), Some(128), None)
             .unwrap();
         assert_eq!(d["path"], "/dev/ublkb1");
         assert_eq!(d["read_only"], true);
         assert_eq!(d["snapshot"], "s");
+        // What the kernel granted (2 of the 2 queues asked), not what was asked.
+        assert_eq!(
+            (d["queues"].clone(), d["recovery"].clone()),
+            (json!(2), json!(true))
+        );
 
         assert_eq!(
-            code(reg.start_device("v", None, None, None)),
+            code(reg.start_device("v", None, None, None, None)),
             ErrorCode::AlreadyExists
         );
         assert_eq!(
-            code(reg.start_device("w", None, None, None)),
+            code(reg.start_device("w", None, None, None, None)),
             ErrorCode::NotFound
         );
         assert_eq!(
-            code(reg.start_device("v", Some("x".into()), None, None)),
+            code(reg.start_device("v", Some("x".into()), None, None, None)),
             ErrorCode::NotFound
         );
         for (q, dp) in [(0, 64), (1, 0), (1, 4097), (65, 64)] {
             assert_eq!(
-                code(reg.start_device("v", None, Some(q), Some(dp))),
+                code(reg.start_device("v", None, Some(q), Some(dp), None)),
                 ErrorCode::InvalidArgument
             );
         }
@@ -1020,6 +1254,7 @@ mod tests {
                     queues: 1,
                     depth: 32,
                     last_id: Some(7),
+                    recovery: true,
                 },
                 DeviceSpec {
                     volume: "gone".into(),
@@ -1027,6 +1262,7 @@ mod tests {
                     queues: 1,
                     depth: 64,
                     last_id: None,
+                    recovery: false,
                 },
             ],
         )
@@ -1044,7 +1280,9 @@ mod tests {
             .contains("no ublk here"));
         assert!(listed[0]["state"].as_str().unwrap().contains("not found"));
         // A failed retry keeps the entry; a successful one runs it.
-        let e = reg.start_device("v", None, None, Some(32)).unwrap_err();
+        let e = reg
+            .start_device("v", None, None, Some(32), None)
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::IoError);
         assert!(e.message.contains("no ublk here"), "{}", e.message);
         *driver.fail.lock().unwrap() = None;
@@ -1055,13 +1293,118 @@ mod tests {
             .unwrap()
             .last_id;
         assert_eq!(failed_id, Some(7), "a failed restore keeps the last id");
-        reg.start_device("v", None, None, Some(32)).unwrap();
+        reg.start_device("v", None, None, Some(32), None).unwrap();
         assert_eq!(devices::load(t.path()).unwrap().len(), 2);
         // Dropping a failed entry by name.
         let out = reg.stop_device("gone").unwrap();
         assert!(out["path"].is_null());
         assert_eq!(devices::load(t.path()).unwrap().len(), 1);
         reg.stop_device("v").unwrap();
+        reg.shutdown();
+    }
+
+    #[test]
+    fn devices_report_what_the_kernel_granted_and_persist_no_recovery() {
+        let t = tempfile::tempdir().unwrap();
+        let reg = Registry::open(t.path(), Box::new(FakeDriver::default())).unwrap();
+        reg.create_volume("v", 1 << 20, None, Some(1), None)
+            .unwrap();
+        let d = reg
+            .start_device("v", None, Some(4), Some(256), Some(false))
+            .unwrap();
+        assert_eq!(
+            (
+                d["queues"].clone(),
+                d["depth"].clone(),
+                d["recovery"].clone()
+            ),
+            (json!(2), json!(256), json!(false))
+        );
+        assert_eq!(reg.list_devices().unwrap()[0]["queues"], 2);
+        // devices.json keeps what was asked: a bigger machine grants more.
+        let saved = devices::load(t.path()).unwrap();
+        assert_eq!((saved[0].queues, saved[0].recovery), (4, false));
+        let text = fs::read_to_string(t.path().join(devices::DEVICES_FILE)).unwrap();
+        assert!(text.contains("\"recovery\": false"), "{text}");
+        reg.stop_device("v").unwrap();
+        reg.shutdown();
+    }
+
+    #[test]
+    fn a_stop_that_failed_stays_listed_and_can_be_retried() {
+        let t = tempfile::tempdir().unwrap();
+        let driver = FakeDriver::default();
+        let reg = Registry::open(t.path(), Box::new(driver.clone())).unwrap();
+        reg.create_volume("v", 1 << 20, None, Some(1), None)
+            .unwrap();
+        reg.start_device("v", None, None, None, None).unwrap();
+        driver.fail_stop.store(true, Ordering::SeqCst);
+        let e = reg.stop_device("/dev/ublkb0").unwrap_err();
+        assert_eq!(e.code, ErrorCode::IoError);
+        assert!(
+            e.message.contains("retry with `snapblk device stop v`"),
+            "{}",
+            e.message
+        );
+        let listed = reg.list_devices().unwrap();
+        assert_eq!(listed[0]["path"], "/dev/ublkb0");
+        assert!(listed[0]["state"]
+            .as_str()
+            .unwrap()
+            .starts_with("error: stop failed: kernel timed out"));
+        // Asked to stop: it does not come back at restart, and it still
+        // holds its volume.
+        assert!(devices::load(t.path()).unwrap().is_empty());
+        assert_eq!(code(reg.delete_volume("v")), ErrorCode::Busy);
+        assert_eq!(
+            code(reg.start_device("v", None, None, None, None)),
+            ErrorCode::AlreadyExists
+        );
+        driver.fail_stop.store(false, Ordering::SeqCst);
+        let out = reg.stop_device("/dev/ublkb0").unwrap();
+        assert_eq!(out["state"], "stopped");
+        assert_eq!(*driver.stopped.lock().unwrap(), ["/dev/ublkb0"]);
+        assert!(reg.list_devices().unwrap().as_array().unwrap().is_empty());
+        reg.delete_volume("v").unwrap();
+        reg.shutdown();
+    }
+
+    #[test]
+    fn a_slow_device_start_does_not_hold_up_volume_operations() {
+        let t = tempfile::tempdir().unwrap();
+        let driver = FakeDriver::default();
+        let reg = Registry::open(t.path(), Box::new(driver.clone())).unwrap();
+        reg.create_volume("v", 1 << 20, None, Some(1), None)
+            .unwrap();
+        let (entered_tx, entered) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        *driver.gate.lock().unwrap() = Some((entered_tx, go_rx));
+        std::thread::scope(|scope| {
+            let starting = scope.spawn(|| reg.start_device("v", None, None, None, None));
+            entered.recv().unwrap();
+            // The kernel call is in progress: other volumes come and go...
+            reg.create_volume("w", 1 << 20, None, Some(1), None)
+                .unwrap();
+            reg.delete_volume("w").unwrap();
+            // ...while this key and its volume are held.
+            let listed = reg.list_devices().unwrap();
+            assert_eq!(listed[0]["state"], "starting");
+            assert!(listed[0]["path"].is_null());
+            assert_eq!(code(reg.delete_volume("v")), ErrorCode::Busy);
+            assert_eq!(code(reg.stop_device("v")), ErrorCode::Busy);
+            assert_eq!(
+                code(reg.start_device("v", None, None, None, None)),
+                ErrorCode::Busy
+            );
+            assert!(devices::load(t.path()).unwrap().is_empty());
+            go.send(()).unwrap();
+            let d = starting.join().unwrap().unwrap();
+            assert_eq!(d["state"], "running");
+        });
+        *driver.gate.lock().unwrap() = None;
+        assert_eq!(devices::load(t.path()).unwrap().len(), 1);
+        reg.stop_device("v").unwrap();
+        reg.delete_volume("v").unwrap();
         reg.shutdown();
     }
 

@@ -3,9 +3,9 @@
 //! Adds one thing to the frontend: a clear answer, before any ioctl, when the
 //! running kernel has no ublk at all (no `/dev/ublk-control`).
 
-use super::devices::{Driver, RunningDevice};
+use super::devices::{DeviceSpec, Driver, RunningDevice};
 use crate::engine::View;
-use crate::frontend::ublk::{self, Device, DeviceOptions};
+use crate::frontend::ublk::{self, Device, DeviceOptions, Previous};
 use serde_json::Value;
 use std::io;
 use std::path::Path;
@@ -45,25 +45,79 @@ impl RunningDevice for Device {
     fn read_only(&self) -> bool {
         Device::read_only(self)
     }
-    fn stop(self: Box<Self>) -> io::Result<()> {
-        Device::stop(*self)
+    fn queues(&self) -> u16 {
+        self.granted().queues
+    }
+    fn depth(&self) -> u16 {
+        self.granted().depth
+    }
+    fn recovery(&self) -> bool {
+        self.granted().recovery
+    }
+    fn requests_per_queue(&self) -> Vec<u64> {
+        Device::requests_per_queue(self)
+    }
+    fn stop(&mut self) -> io::Result<()> {
+        Device::stop(self)
     }
 }
 
 impl Driver for UblkDriver {
-    fn start(
-        &self,
-        view: View,
-        queues: u16,
-        depth: u16,
-        previous_id: Option<u32>,
-    ) -> io::Result<Box<dyn RunningDevice>> {
+    fn start(&self, view: View, spec: &DeviceSpec) -> io::Result<Box<dyn RunningDevice>> {
         check_control()?;
-        let options = DeviceOptions { queues, depth };
-        if let Some(id) = previous_id.filter(|&id| ublk::awaiting_recovery(id)) {
-            return Ok(Box::new(Device::recover(id, view, &options)?));
+        let options = DeviceOptions {
+            queues: spec.queues,
+            depth: spec.depth,
+            recovery: spec.recovery,
+        };
+        let key = spec.key();
+        let mut want_id = None;
+        if let Some(id) = spec.last_id {
+            match ublk::previous_state(id) {
+                Previous::Gone => want_id = Some(id),
+                Previous::AwaitingRecovery => {
+                    log::info!(
+                        "device for {key}: /dev/ublkb{id} was left waiting by a daemon that died \
+                         (USER_RECOVERY); re-attaching to it"
+                    );
+                    return Ok(Box::new(Device::recover(id, view, &options)?));
+                }
+                Previous::Dead => {
+                    log::warn!(
+                        "device for {key}: /dev/ublkb{id} was left dead by a daemon that died \
+                         without USER_RECOVERY: the kernel failed its in-flight I/O and removed the \
+                         block device (a filesystem mounted on it was shut down; unmount it and \
+                         check it with e2fsck/xfs_repair before mounting it again); deleting the \
+                         dead device (id {id}) and starting a new one"
+                    );
+                    ublk::delete_device(id);
+                    want_id = Some(id);
+                }
+                Previous::Other(why) => log::warn!(
+                    "device for {key}: kernel device {id} is not the one it last ran as ({why}); \
+                     leaving it alone and starting a new device"
+                ),
+            }
         }
-        Ok(Box::new(Device::start(view, &options)?))
+        let dev = Device::start(view, &options, want_id)?;
+        if dev.granted().queues < spec.queues || dev.granted().depth < spec.depth {
+            log::warn!(
+                "device for {key}: asked for {} queue(s) of depth {}, the kernel granted {} of \
+                 depth {} (at most one queue per CPU)",
+                spec.queues,
+                spec.depth,
+                dev.granted().queues,
+                dev.granted().depth
+            );
+        }
+        if spec.recovery && !dev.granted().recovery {
+            log::warn!(
+                "device for {key}: this kernel's ublk has no USER_RECOVERY: if the daemon dies, \
+                 the kernel fails the device's I/O and removes {}",
+                dev.path()
+            );
+        }
+        Ok(Box::new(dev))
     }
 
     fn features(&self) -> io::Result<Value> {

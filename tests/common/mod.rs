@@ -119,15 +119,23 @@ impl Daemon {
             !self.args.is_empty(),
             "not started here: cannot start again"
         );
+        let mut cmd = Command::new(BIN);
+        cmd.args(&self.args)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        self.spawn(cmd);
+    }
+
+    /// Spawns `cmd` (a daemon command line for this data directory) with
+    /// its stderr appended to the log and no `SNAPBLK_CONTROL`, adopts it
+    /// and waits until it is ready.
+    pub fn spawn(&mut self, mut cmd: Command) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+        let child = cmd
             .env_remove("SNAPBLK_CONTROL")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -7,6 +7,12 @@
 D="$W/data"
 daemon_start "$D"
 features=$(snapblk features) || fail "snapblk features failed"
+echo "$features"
+# 6.12 has no AUTO_BUF_REG (6.15+): `features` must say there is no zero copy.
+if ! echo "$features" | grep -qx AUTO_BUF_REG; then
+    echo "$features" | grep -q "^zero copy: not available: this kernel lacks AUTO_BUF_REG" \
+        || fail "snapblk features does not say that zero copy is unavailable"
+fi
 echo "$features" | grep -qx USER_RECOVERY || { say "SKIP: kernel lacks USER_RECOVERY"; exit 0; }
 run snapblk volume create v --size 256M
 dev=$(snapblk device start v) || fail "device start failed"

@@ -26,6 +26,16 @@ wait_for() {
     done
 }
 
+# wait_gone PATH [SECONDS]: until PATH no longer exists (default 30 s)
+wait_gone() {
+    _n=$(( ${2:-30} * 10 ))
+    while [ -e "$1" ]; do
+        _n=$((_n - 1))
+        [ $_n -gt 0 ] || fail "$1 still exists after ${2:-30} s"
+        sleep 0.1
+    done
+}
+
 # daemon_start DATA_DIR: start `snapblk daemon` in the background on DATA_DIR
 # with an NBD UNIX socket (no TCP), wait for its control socket, and export
 # SNAPBLK_CONTROL so plain `snapblk ...` CLI calls reach it.
@@ -56,5 +66,11 @@ daemon_stop() {
     SNAPBLK_PID=""
 }
 
-# Whatever a test leaves running is stopped when it exits.
-trap 'daemon_stop KILL' EXIT
+# Whatever a test leaves running is stopped when it exits, and its files go
+# (the guest's /tmp is a tmpfs in RAM shared by every test), unless something
+# is still mounted under $W: never remove through a mount.
+cleanup_work() {
+    daemon_stop KILL
+    grep -q " $W" /proc/mounts 2>/dev/null || rm -rf "${W:?}"/* 2>/dev/null || true
+}
+trap cleanup_work EXIT

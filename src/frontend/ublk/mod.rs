@@ -28,18 +28,26 @@ use libublk::uring_async::ublk_wake_task;
 use libublk::{sys, BufDesc, UblkError, UblkFlags};
 use serde::Serialize;
 use std::io;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 /// Largest single request the kernel sends us.
 const IO_BUF_BYTES: u32 = 1 << 20;
 /// Creating or deleting a device can hang on broken kernels: give up then.
 const KERNEL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The ublk target type our devices carry (libublk's run file names it).
+const TARGET_NAME: &str = "snapblk";
 
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceOptions {
     pub queues: u16,
     pub depth: u16,
+    /// Ask for `UBLK_F_USER_RECOVERY` (where the kernel has it): a daemon
+    /// killed by -9 leaves the device waiting for the next one. Without it
+    /// the kernel fails the device's I/O and removes `/dev/ublkbN` as soon
+    /// as the daemon dies.
+    pub recovery: bool,
 }
 
 impl Default for DeviceOptions {
@@ -47,37 +55,79 @@ impl Default for DeviceOptions {
         DeviceOptions {
             queues: 1,
             depth: 64,
+            recovery: true,
         }
     }
 }
 
-/// A running `/dev/ublkbN` serving one engine view.
-pub struct Device {
-    id: u32,
-    read_only: bool,
-    /// Ends when the device's queues have exited and the device is deleted.
-    exited: mpsc::Receiver<()>,
+/// What the kernel granted a device, which may be less than was asked: at
+/// most one queue per CPU, and recovery only where the driver has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Granted {
+    pub id: u32,
+    pub queues: u16,
+    pub depth: u16,
+    pub recovery: bool,
 }
 
+/// Requests served, one counter per queue, each on its own cache line (a
+/// queue thread only ever touches its own).
+#[repr(align(64))]
+#[derive(Default)]
+struct QueueCounter(AtomicU64);
+
+type Counters = Arc<Vec<QueueCounter>>;
+
+/// A running `/dev/ublkbN` serving one engine view.
+pub struct Device {
+    granted: Granted,
+    /// Requests each queue has served (up to `MAX_QUEUES` slots; the first
+    /// `granted.queues` are used).
+    counters: Counters,
+    read_only: bool,
+    /// Ends when the device's queues have exited and the device is deleted.
+    exited: Option<mpsc::Receiver<()>>,
+    /// A stop in progress (it may have timed out once): its verdict.
+    stopping: Option<mpsc::Receiver<io::Result<()>>>,
+}
+
+/// A libublk error with the errno it carries, if any.
 fn ublk_error(what: &str, e: UblkError) -> io::Error {
-    io::Error::other(format!("{what}: {e}"))
+    match e {
+        UblkError::UringIOError(n) | UblkError::OtherError(n) if n != 0 => {
+            let os = io::Error::from_raw_os_error(n.abs());
+            io::Error::new(os.kind(), format!("{what}: {os}"))
+        }
+        UblkError::IOError(os) => io::Error::new(os.kind(), format!("{what}: {os}")),
+        e => io::Error::other(format!("{what}: {e}")),
+    }
 }
 
 impl Device {
     /// Adds and starts a kernel ublk device for `view`; returns once
-    /// `/dev/ublkbN` exists.
-    pub fn start(view: View, options: &DeviceOptions) -> io::Result<Device> {
-        Device::launch(view, options, None)
+    /// `/dev/ublkbN` exists. `want_id`: the id to ask for (the kernel picks
+    /// another if that one is taken).
+    pub fn start(view: View, options: &DeviceOptions, want_id: Option<u32>) -> io::Result<Device> {
+        if let Some(id) = want_id {
+            match Device::launch(view.clone(), options, Launch::Add(Some(id))) {
+                Ok(d) => return Ok(d),
+                Err(e) if e.kind() != io::ErrorKind::TimedOut => {
+                    log::info!("ublk device id {id} is not free ({e}); the kernel picks another");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Device::launch(view, options, Launch::Add(None))
     }
 
     /// Re-attaches to device `id`, left waiting by a daemon that died
     /// (USER_RECOVERY): the same `/dev/ublkbN`, whose queued I/O resumes, so
     /// a mounted filesystem carries on.
     pub fn recover(id: u32, view: View, options: &DeviceOptions) -> io::Result<Device> {
-        Device::launch(view, options, Some(id))
+        Device::launch(view, options, Launch::Recover(id))
     }
 
-    fn launch(view: View, options: &DeviceOptions, recover: Option<u32>) -> io::Result<Device> {
+    fn launch(view: View, options: &DeviceOptions, how: Launch) -> io::Result<Device> {
         if options.queues == 0 || options.depth == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -86,67 +136,237 @@ impl Device {
         }
         features()?;
         let read_only = view.read_only();
-        let (started_tx, started_rx) = mpsc::channel::<io::Result<u32>>();
+        let (started_tx, started_rx) = mpsc::channel::<io::Result<Granted>>();
         let (exited_tx, exited_rx) = mpsc::channel::<()>();
+        // Set when we gave up waiting: a device that starts after all is
+        // stopped at once instead of running untracked.
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let abandoned2 = abandoned.clone();
+        let counters: Counters = Arc::new(
+            (0..options.queues)
+                .map(|_| QueueCounter::default())
+                .collect(),
+        );
+        let counters2 = counters.clone();
         let options = *options;
         std::thread::Builder::new()
             .name("ublk-device".into())
             .spawn(move || {
-                let result = run_device(view, options, recover, started_tx.clone());
+                let result = run_device(
+                    view,
+                    options,
+                    how,
+                    started_tx.clone(),
+                    abandoned2,
+                    counters2,
+                );
                 if let Err(e) = result {
                     let _ = started_tx.send(Err(e));
                 }
                 drop(exited_tx);
             })?;
-        let id = match started_rx.recv_timeout(KERNEL_TIMEOUT) {
+        let granted = match started_rx.recv_timeout(KERNEL_TIMEOUT) {
             Ok(result) => result?,
             Err(_) => {
+                abandoned.store(true, Ordering::SeqCst);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the kernel did not start the ublk device within 60 s; \
                      check `dmesg` for ublk_drv errors",
-                ))
+                ));
             }
         };
         Ok(Device {
-            id,
+            granted,
+            counters,
             read_only,
-            exited: exited_rx,
+            exited: Some(exited_rx),
+            stopping: None,
         })
     }
 
     pub fn id(&self) -> u32 {
-        self.id
+        self.granted.id
+    }
+
+    pub fn granted(&self) -> Granted {
+        self.granted
+    }
+
+    /// Requests served so far by each of the device's queues.
+    pub fn requests_per_queue(&self) -> Vec<u64> {
+        self.counters
+            .iter()
+            .take(self.granted.queues as usize)
+            .map(|c| c.0.load(Ordering::Relaxed))
+            .collect()
     }
 
     pub fn path(&self) -> String {
-        format!("/dev/ublkb{}", self.id)
+        format!("/dev/ublkb{}", self.granted.id)
     }
 
     pub fn read_only(&self) -> bool {
         self.read_only
     }
 
-    /// Stops and deletes the kernel device, then waits for its threads.
-    pub fn stop(self) -> io::Result<()> {
-        let ctrl = UblkCtrl::new_simple(self.id as i32)
-            .map_err(|e| ublk_error(&format!("opening ublk device {}", self.id), e))?;
-        ctrl.kill_dev()
-            .map_err(|e| ublk_error(&format!("stopping {}", self.path()), e))?;
-        if let Err(mpsc::RecvTimeoutError::Timeout) = self.exited.recv_timeout(KERNEL_TIMEOUT) {
-            return Err(io::Error::new(
+    /// Stops and deletes the kernel device, then waits for its threads. A
+    /// stop that timed out goes on in the background; calling this again
+    /// waits for it once more.
+    pub fn stop(&mut self) -> io::Result<()> {
+        if self.stopping.is_none() {
+            let (tx, rx) = mpsc::channel();
+            let id = self.granted.id;
+            let exited = self.exited.take();
+            // Every kernel call of a stop can hang on a broken kernel: they
+            // run on a thread of their own, and we wait for it with a limit.
+            std::thread::Builder::new()
+                .name("ublk-stop".into())
+                .spawn(move || {
+                    let _ = tx.send(stop_kernel_device(id, exited));
+                })?;
+            self.stopping = Some(rx);
+        }
+        let rx = self.stopping.as_ref().expect("set above");
+        match rx.recv_timeout(KERNEL_TIMEOUT) {
+            Ok(result) => {
+                self.stopping = None;
+                result
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
                     "{} did not stop within 60 s; check `dmesg` for ublk_drv errors",
                     self.path()
                 ),
-            ));
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.stopping = None;
+                Err(io::Error::other("the stop thread of the device panicked"))
+            }
         }
-        // A device we added is deleted when its thread ends; one we
-        // re-attached to after a crash is not ours to have added, so
-        // delete it here (an error just means it is gone already).
-        let _ = ctrl.del_dev();
-        Ok(())
+    }
+}
+
+/// How [`Device::launch`] gets its kernel device.
+#[derive(Clone, Copy, Debug)]
+enum Launch {
+    /// A new one, with this id if it is free.
+    Add(Option<u32>),
+    /// Re-attach to one left waiting (USER_RECOVERY).
+    Recover(u32),
+}
+
+/// Stops kernel device `id` (STOP_DEV), waits for its queue threads to
+/// exit (`exited` disconnects), and deletes it.
+fn stop_kernel_device(id: u32, exited: Option<mpsc::Receiver<()>>) -> io::Result<()> {
+    let path = format!("/dev/ublkb{id}");
+    match UblkCtrl::new_simple(id as i32) {
+        Ok(ctrl) => {
+            ctrl.kill_dev()
+                .map_err(|e| ublk_error(&format!("stopping {path}"), e))?;
+        }
+        // Gone already (deleted behind our back): the threads end anyway.
+        Err(e) => log::warn!("{}", ublk_error(&format!("opening {path} to stop it"), e)),
+    }
+    if let Some(exited) = exited {
+        let _ = exited.recv();
+    }
+    // A device we added is deleted when its thread ends; one we re-attached
+    // to after a crash is not ours to have added, so delete it here.
+    delete_device(id);
+    Ok(())
+}
+
+/// Deletes kernel device `id` without waiting for its last user to let go
+/// (DEL_DEV_ASYNC, kernel 6.9+; a filesystem still mounted on a stopped
+/// device would make a plain DEL_DEV wait for its unmount). On an older
+/// kernel the plain DEL_DEV runs on a thread of its own. Nothing to do if
+/// it is gone already.
+pub fn delete_device(id: u32) {
+    let Ok(ctrl) = UblkCtrl::new_simple(id as i32) else {
+        return;
+    };
+    match ctrl.del_dev_async() {
+        Ok(_) => {}
+        Err(UblkError::UringIOError(n)) if n == -libc::ENODEV || n == -libc::ENOENT => {}
+        Err(e) => {
+            log::debug!("DEL_DEV_ASYNC of ublk device {id}: {e:?}; trying DEL_DEV");
+            let _ = std::thread::Builder::new()
+                .name("ublk-del".into())
+                .spawn(move || {
+                    if let Ok(ctrl) = UblkCtrl::new_simple(id as i32) {
+                        if let Err(e) = ctrl.del_dev() {
+                            log::warn!("{}", ublk_error(&format!("deleting ublk device {id}"), e));
+                        }
+                    }
+                });
+        }
+    }
+}
+
+/// What a restarted daemon finds of the kernel device an entry had.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Previous {
+    /// No such device any more.
+    Gone,
+    /// Ours, left waiting by a daemon that died (USER_RECOVERY): re-attach.
+    AwaitingRecovery,
+    /// Ours, left dead by a daemon that died without USER_RECOVERY: the
+    /// kernel failed its I/O and removed its block device, and the id stays
+    /// taken until someone deletes it.
+    Dead,
+    /// Not ours to touch (another server's, or one still served); why.
+    Other(String),
+}
+
+/// Which ublk server the device's run file (libublk's
+/// `/run/ublksrvd/NNNN.json`) names: our devices carry target type
+/// `snapblk`.
+fn run_file_target(id: u32) -> Option<String> {
+    let path = format!("{}/{id:04}.json", UblkCtrl::run_dir());
+    let text = std::fs::read(path).ok()?;
+    let json: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    json["target"]["tgt_type"].as_str().map(str::to_string)
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Classifies kernel device `id`, which a daemon of ours last ran.
+pub fn previous_state(id: u32) -> Previous {
+    let Ok(ctrl) = UblkCtrl::new_simple(id as i32) else {
+        return Previous::Gone;
+    };
+    let info = ctrl.dev_info();
+    match run_file_target(id) {
+        Some(t) if t == TARGET_NAME => {}
+        Some(t) => return Previous::Other(format!("it is a {t:?} device of another ublk server")),
+        None => {
+            return Previous::Other(format!(
+                "{}/{id:04}.json does not say which server it belongs to",
+                UblkCtrl::run_dir()
+            ))
+        }
+    }
+    let pid = info.ublksrv_pid;
+    let recovery = info.flags & sys::UBLK_F_USER_RECOVERY as u64 != 0;
+    let state = info.state as u32;
+    if state == sys::UBLK_S_DEV_DEAD {
+        return Previous::Dead;
+    }
+    if process_alive(pid) {
+        return Previous::Other(format!("process {pid} still serves it"));
+    }
+    if recovery && (state == sys::UBLK_S_DEV_QUIESCED || state == sys::UBLK_S_DEV_LIVE) {
+        Previous::AwaitingRecovery
+    } else {
+        // LIVE without recovery and no server: the kernel is removing it.
+        Previous::Dead
     }
 }
 
@@ -154,21 +374,32 @@ impl Device {
 fn run_device(
     view: View,
     options: DeviceOptions,
-    recover: Option<u32>,
-    started: mpsc::Sender<io::Result<u32>>,
+    how: Launch,
+    started: mpsc::Sender<io::Result<Granted>>,
+    abandoned: Arc<AtomicBool>,
+    counters: Counters,
 ) -> io::Result<()> {
     // With USER_RECOVERY, a daemon killed by -9 leaves the device waiting
     // (I/O queued, not failed) for the next daemon to re-attach.
     // REISSUE: requests the dead daemon had taken are sent again to the new
     // one rather than failed; block writes are idempotent, so that is safe.
-    let wanted = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    let wanted = if options.recovery {
+        (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64
+    } else {
+        0
+    };
     let recovery = features()?.driver_features & wanted;
-    let (id, flags) = match recover {
-        Some(id) => (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV),
-        None => (-1, UblkFlags::UBLK_DEV_F_ADD_DEV),
+    // DEL_DEV_ASYNC: deleting the device when this thread ends must not
+    // wait for a filesystem still mounted on it to be unmounted.
+    let (id, flags) = match how {
+        Launch::Recover(id) => (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV),
+        Launch::Add(want) => (
+            want.map_or(-1, |id| id as i32),
+            UblkFlags::UBLK_DEV_F_ADD_DEV | UblkFlags::UBLK_DEV_F_DEL_DEV_ASYNC,
+        ),
     };
     let ctrl = UblkCtrlBuilder::default()
-        .name("snapblk")
+        .name(TARGET_NAME)
         .id(id)
         .nr_queues(options.queues)
         .depth(options.depth)
@@ -176,8 +407,11 @@ fn run_device(
         .ctrl_flags(recovery)
         .dev_flags(flags)
         .build()
-        .map_err(|e| ublk_error("adding a ublk device", e))?;
-    if recover.is_some() {
+        .map_err(|e| match how {
+            Launch::Add(Some(id)) => ublk_error(&format!("adding ublk device {id}"), e),
+            _ => ublk_error("adding a ublk device", e),
+        })?;
+    if let Launch::Recover(id) = how {
         ctrl.start_user_recover()
             .map_err(|e| ublk_error(&format!("re-attaching to /dev/ublkb{id}"), e))?;
     }
@@ -201,15 +435,37 @@ fn run_device(
         Ok(())
     };
     let announce = move |ctrl: &UblkCtrl| {
-        let _ = started.send(Ok(ctrl.dev_info().dev_id));
+        let info = ctrl.dev_info();
+        let granted = Granted {
+            id: info.dev_id,
+            queues: info.nr_hw_queues,
+            depth: info.queue_depth,
+            recovery: info.flags & sys::UBLK_F_USER_RECOVERY as u64 != 0,
+        };
+        if abandoned.load(Ordering::SeqCst) || started.send(Ok(granted)).is_err() {
+            log::warn!(
+                "/dev/ublkb{} started after its caller gave up waiting; stopping it",
+                granted.id
+            );
+            let _ = ctrl.kill_dev();
+        }
     };
-    ctrl.run_target(init, move |qid, dev| serve_queue(qid, dev, &view), announce)
-        .map_err(|e| ublk_error("running the ublk device", e))?;
+    ctrl.run_target(
+        init,
+        move |qid, dev| serve_queue(qid, dev, &view, &counters[qid as usize].0),
+        announce,
+    )
+    .map_err(|e| ublk_error("running the ublk device", e))?;
     Ok(())
 }
 
 /// One queue: a task per tag, the queue ring served through the runtime.
-fn serve_queue(qid: u16, dev: &UblkDev, view: &View) {
+fn serve_queue(qid: u16, dev: &UblkDev, view: &View, served: &AtomicU64) {
+    // `top -H` and /proc show which thread is which queue.
+    if let Ok(name) = std::ffi::CString::new(format!("ublk{}-q{qid}", dev.dev_info.dev_id)) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+    }
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => q,
         Err(e) => {
@@ -230,12 +486,12 @@ fn serve_queue(qid: u16, dev: &UblkDev, view: &View) {
     };
     runtime::block_on_with(service, async {
         runtime::spawn(async move { while runtime::poll_readable(ring_fd).await.is_ok() {} });
-        let tasks = queue.tags().map(|tag| serve_tag(&queue, tag, view));
+        let tasks = queue.tags().map(|tag| serve_tag(&queue, tag, view, served));
         futures::future::join_all(tasks).await;
     });
 }
 
-async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View) {
+async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View, served: &AtomicU64) {
     let mut buf = IoBuf::<u8>::new(queue.dev.dev_info.max_io_buf_bytes as usize);
     let prep = queue
         .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
@@ -249,6 +505,7 @@ async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View) {
     loop {
         let iod = *queue.get_iod(tag);
         let result = handle(view, &iod, buf.as_mut_slice()).await;
+        served.fetch_add(1, Ordering::Relaxed);
         let commit = queue
             .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result)
             .await;
@@ -296,6 +553,28 @@ fn reply(result: Result<(), EngineError>, bytes: u64) -> i32 {
 pub struct Features {
     pub driver_features: u64,
     pub names: Vec<String>,
+    /// What the bits mean for snapblk's devices, one sentence each.
+    pub notes: Vec<String>,
+}
+
+/// What the driver's feature bits mean for our devices.
+fn feature_notes(bits: u64) -> Vec<String> {
+    let has = |bit: u32| bits & bit as u64 != 0;
+    let recovery = if has(sys::UBLK_F_USER_RECOVERY) {
+        "recovery: yes (USER_RECOVERY): after kill -9 the restarted daemon re-attaches to the \
+         same /dev/ublkbN and held I/O resumes (unless a device was started with --no-recovery)"
+    } else {
+        "recovery: no (this kernel lacks USER_RECOVERY, 6.0+): a device dies with its daemon; \
+         the restarted daemon starts a new one"
+    };
+    let zero_copy = if has(sys::UBLK_F_AUTO_BUF_REG) {
+        "zero copy: not used: this kernel offers AUTO_BUF_REG, but snapblk copies each \
+         request's data through its own buffers (copy-on-write must see the data)"
+    } else {
+        "zero copy: not available: this kernel lacks AUTO_BUF_REG (6.15+); snapblk copies each \
+         request's data through its own buffers, which it does on any kernel"
+    };
+    vec![recovery.to_string(), zero_copy.to_string()]
 }
 
 const FEATURE_NAMES: &[(u64, &str)] = &[
@@ -324,18 +603,6 @@ const FEATURE_NAMES: &[(u64, &str)] = &[
     (sys::UBLK_F_PER_IO_DAEMON as u64, "PER_IO_DAEMON"),
 ];
 
-/// Whether kernel device `id` exists and waits for a daemon to re-attach
-/// (its previous daemon died with USER_RECOVERY set).
-pub fn awaiting_recovery(id: u32) -> bool {
-    let Ok(ctrl) = UblkCtrl::new_simple(id as i32) else {
-        return false;
-    };
-    let info = ctrl.dev_info();
-    info.flags & sys::UBLK_F_USER_RECOVERY as u64 != 0
-        && (info.state == sys::UBLK_S_DEV_QUIESCED as u16
-            || info.state == sys::UBLK_S_DEV_LIVE as u16)
-}
-
 /// Asks the kernel's ublk driver what it supports.
 pub fn features() -> io::Result<Features> {
     if !std::path::Path::new("/dev/ublk-control").exists() {
@@ -356,5 +623,25 @@ pub fn features() -> io::Result<Features> {
     Ok(Features {
         driver_features: bits,
         names,
+        notes: feature_notes(bits),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_notes_say_what_is_missing() {
+        // Debian's 6.12: recovery, no AUTO_BUF_REG.
+        let notes = feature_notes(sys::UBLK_F_USER_RECOVERY as u64);
+        assert!(notes[0].starts_with("recovery: yes"), "{notes:?}");
+        assert!(
+            notes[1].starts_with("zero copy: not available: this kernel lacks AUTO_BUF_REG"),
+            "{notes:?}"
+        );
+        let notes = feature_notes(sys::UBLK_F_AUTO_BUF_REG as u64);
+        assert!(notes[0].starts_with("recovery: no"), "{notes:?}");
+        assert!(notes[1].starts_with("zero copy: not used"), "{notes:?}");
+    }
 }
