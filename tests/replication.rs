@@ -525,6 +525,62 @@ fn a_killed_source_and_a_cut_link_resync_only_the_changed_blocks() {
 }
 
 #[test]
+fn with_small_blocks_the_dirty_map_tracks_64k_regions() {
+    if skip_without("dirty_regions", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let mut p = pair(&[], &[]);
+    p.src.ok(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "1M",
+        "--chunk-size",
+        "4K",
+    ]);
+    qemu_io_ok(&p.src.uri("v"), false, &["write -P 1 0 1M"]);
+    p.start("v", "r", &["--cp-interval", "1h"]);
+    p.cp("v");
+    // 4K writes are whole 4K blocks: shipped once, referenced at the CP.
+    qemu_io_ok(
+        &p.src.uri("v"),
+        false,
+        &["write -P 2 20k 4k", "write -P 3 400k 8k"],
+    );
+    assert_eq!(
+        p.status("v")["dirty_blocks"],
+        32,
+        "two 64K regions of 16 blocks"
+    );
+    p.cp("v");
+    let s = p.status("v");
+    assert_eq!(
+        (
+            s["last_cp_ref_blocks"].as_u64(),
+            s["last_cp_full_blocks"].as_u64()
+        ),
+        (Some(3), Some(0)),
+        "{s}"
+    );
+    // After a kill -9 the two regions are resent whole: 32 blocks, no full copy.
+    qemu_io_ok(
+        &p.src.uri("v"),
+        false,
+        &["write -P 4 20k 4k", "write -P 5 400k 8k"],
+    );
+    p.src.kill9_and_restart();
+    p.wait_state("v", "replicating");
+    let s = p.status("v");
+    assert_eq!(
+        (s["full_syncs"].as_u64(), s["resync_blocks"].as_u64()),
+        (Some(0), Some(32)),
+        "{s}"
+    );
+    assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
+}
+
+#[test]
 fn a_full_log_falls_back_to_sending_changed_blocks_at_the_cp() {
     if skip_without("log_overflow", &["qemu-img", "qemu-io"]) {
         return;

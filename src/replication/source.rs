@@ -23,7 +23,7 @@ use crate::engine::{Change, EngineError, Volume, WriteGuard, WriteHook};
 use crate::runtime::block_on;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -37,6 +37,11 @@ use std::time::{Duration, Instant};
 const TRANSFER_BYTES: usize = 1 << 20;
 /// How long to wait before reconnecting after a failure.
 const RETRY: Duration = Duration::from_secs(1);
+/// The dirty map's granularity (at least one block): one bit per 64 KiB, as
+/// md's write-intent bitmap chunk. Finer would cost an fsync for nearly every
+/// small random write to a volume with small blocks; coarser would resend
+/// more after a restart or a broken link.
+const DIRTY_REGION: u64 = 64 * 1024;
 /// How often an idle sender checks that the destination is still there.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
@@ -136,6 +141,8 @@ pub struct Link {
     volume: Arc<Volume>,
     block_size: u64,
     blocks: u64,
+    /// Blocks per bit of the dirty map.
+    region_blocks: u64,
     dirty: DirtyMap,
     record_path: PathBuf,
     source_id: String,
@@ -231,7 +238,8 @@ impl WriteHook for Tap {
                 link: link.clone(),
                 range,
             };
-            if let Some(generation) = link.dirty.mark(range.0, range.1) {
+            let rb = link.region_blocks;
+            if let Some(generation) = link.dirty.mark(range.0 / rb, range.1 / rb) {
                 link.dirty
                     .make_durable(generation)
                     .await
@@ -412,15 +420,16 @@ impl Link {
             );
             record.last_acked_cp = None;
         }
-        let dirty = DirtyMap::open(&dirty_path, blocks)?;
-        let epoch = dirty
-            .dirty_blocks()
+        let region_blocks = (DIRTY_REGION / block_size).max(1);
+        let dirty = DirtyMap::open(&dirty_path, blocks.div_ceil(region_blocks))?;
+        let epoch = expand_regions(&dirty, region_blocks, blocks)
             .into_iter()
             .map(|b| (b, BlockState::Partial))
             .collect();
         let link = Arc::new(Link {
             block_size,
             blocks,
+            region_blocks,
             dirty,
             record_path: dir.join(format!("{}.json", record.volume)),
             source_id: source_id.to_string(),
@@ -473,6 +482,11 @@ impl Link {
 
     pub fn volume(&self) -> &Arc<Volume> {
         &self.volume
+    }
+
+    /// Blocks the dirty map says may differ from the last applied CP.
+    fn dirty_blocks(&self) -> Vec<u64> {
+        expand_regions(&self.dirty, self.region_blocks, self.blocks)
     }
 
     fn block_range(&self, offset: u64, len: u64) -> (u64, u64) {
@@ -579,7 +593,7 @@ impl Link {
             "last_cp_unix_ms": r.last_acked_cp.map(|_| r.last_acked_unix_ms),
             "lag_bytes": s.stats.bytes_written.saturating_sub(s.written_at_last_cp),
             "lag_seconds": r.last_acked_cp.map(|_| now.saturating_sub(r.last_acked_unix_ms) as f64 / 1000.0),
-            "dirty_blocks": self.dirty.count(),
+            "dirty_blocks": self.dirty_blocks().len(),
             "block_size": self.block_size,
             "log_bytes": s.log_bytes,
             "max_log_bytes": r.max_log_bytes,
@@ -695,7 +709,7 @@ impl Link {
             let next_cp = opened.last_applied_cp.map_or(0, |d| d + 1);
             // The destination keeps staging across sessions, but references
             // are only trusted within one: resync from the dirty map.
-            for b in self.dirty.dirty_blocks() {
+            for b in self.dirty_blocks() {
                 s.epoch.insert(b, BlockState::Partial);
             }
             for st in s.epoch.values_mut() {
@@ -718,7 +732,7 @@ impl Link {
             if full {
                 "full copy".to_string()
             } else {
-                format!("resync of {} changed block(s)", self.dirty.count())
+                format!("resync of {} changed block(s)", self.dirty_blocks().len())
             }
         );
         self.consistency_point(&mut conn, next_cp, &mut next_tid, full)?;
@@ -1055,16 +1069,18 @@ impl Link {
             }
             s.phase = Phase::Replicating;
             s.overflowed = false;
-            let covered: Vec<u64> = if full {
-                (0..self.blocks).collect()
+            let rb = self.region_blocks;
+            let covered: HashSet<u64> = if full {
+                (0..self.blocks.div_ceil(rb)).collect()
             } else {
-                cp.map.keys().copied().collect()
+                cp.map.keys().map(|b| b / rb).collect()
             };
             // Under the lock: a write that begins now either is in the
             // epoch already or sets its bit again after this.
+            let busy: HashSet<u64> = s.epoch.keys().map(|b| b / rb).collect();
             let generation = self
                 .dirty
-                .clear(covered.into_iter().filter(|b| !s.epoch.contains_key(b)));
+                .clear(covered.into_iter().filter(|r| !busy.contains(r)));
             (s.record.clone(), generation)
         };
         self.cond.notify_all();
@@ -1077,6 +1093,15 @@ impl Link {
         );
         Ok(())
     }
+}
+
+/// The blocks of every dirty region.
+fn expand_regions(dirty: &DirtyMap, region_blocks: u64, blocks: u64) -> Vec<u64> {
+    dirty
+        .dirty_blocks()
+        .into_iter()
+        .flat_map(|r| r * region_blocks..((r + 1) * region_blocks).min(blocks))
+        .collect()
 }
 
 /// Adds block `b` to the zero entries, extending the last run if adjacent.
