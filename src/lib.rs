@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod cli;
 pub mod control;
+pub mod copy;
 pub mod engine;
 pub mod frontend;
 pub mod replication;

@@ -5,33 +5,15 @@
 
 mod common;
 
-use common::{qemu_io, qemu_io_clean, qemu_io_ok, Daemon};
-use std::path::PathBuf;
-use std::process::Command;
-
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use common::{mount_tmpfs, qemu_io, qemu_io_clean, qemu_io_ok, Daemon};
 
 #[test]
 fn full_disk_fails_only_the_writes_that_need_space() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24M", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("SKIP full_disk: cannot mount a tmpfs here (needs root)");
+    let Some(_mount) = mount_tmpfs("full_disk", &mnt, "24M") else {
         return;
-    }
-    let _mount = Mount(mnt.clone());
+    };
     let data = mnt.join("data");
     // Sockets and log outside the small file system.
     let d = Daemon::start_at(&data, &tmp.path().join("daemon"));

@@ -3,6 +3,7 @@
 use crate::control::protocol::{Request, Response};
 use serde_json::Value;
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -66,11 +67,46 @@ fn os_reason(e: &io::Error) -> String {
 /// Sends one request and returns the daemon's response.
 pub fn call(control: &Path, request: &Request) -> Result<Response, CliError> {
     let line = serde_json::to_string(request).expect("requests serialize");
-    call_line(control, &line)
+    exchange(control, &line, None)
 }
 
 /// Sends one raw line (no newline) and returns the daemon's response.
 pub fn call_line(control: &Path, line: &str) -> Result<Response, CliError> {
+    exchange(control, line, None)
+}
+
+/// Sends `bytes` with a copy of descriptor `fd` attached (SCM_RIGHTS).
+fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msg points at live buffers of the sizes given; the cmsg
+    // header and data are written inside `cbuf`.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+        libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut w = stream;
+    w.write_all(&bytes[sent as usize..])
+}
+
+fn exchange(control: &Path, line: &str, fd: Option<RawFd>) -> Result<Response, CliError> {
     let stream = UnixStream::connect(control).map_err(|e| {
         let reason = os_reason(&e);
         let hint = match e.raw_os_error() {
@@ -97,8 +133,11 @@ pub fn call_line(control: &Path, line: &str) -> Result<Response, CliError> {
             "see the daemon's log; it may have stopped",
         )
     };
-    let mut w = &stream;
-    w.write_all(format!("{line}\n").as_bytes()).map_err(lost)?;
+    let bytes = format!("{line}\n");
+    match fd {
+        Some(fd) => send_with_fd(&stream, bytes.as_bytes(), fd).map_err(lost)?,
+        None => (&stream).write_all(bytes.as_bytes()).map_err(lost)?,
+    }
     let mut reader = BufReader::new(&stream);
     let mut resp = String::new();
     let n = reader.read_line(&mut resp).map_err(lost)?;
@@ -121,8 +160,22 @@ pub fn call_line(control: &Path, line: &str) -> Result<Response, CliError> {
 
 /// Calls and turns a failed response into a [`CliError`] with a hint.
 pub fn request(control: &Path, request: &Request) -> Result<Value, CliError> {
+    request_passing(control, request, None)
+}
+
+/// [`request`] with a copy of descriptor `fd` handed to the daemon.
+pub fn request_with_fd(control: &Path, request: &Request, fd: RawFd) -> Result<Value, CliError> {
+    request_passing(control, request, Some(fd))
+}
+
+fn request_passing(
+    control: &Path,
+    request: &Request,
+    fd: Option<RawFd>,
+) -> Result<Value, CliError> {
     let op = request.op();
-    call(control, request)?.into_result().map_err(|e| {
+    let line = serde_json::to_string(request).expect("requests serialize");
+    exchange(control, &line, fd)?.into_result().map_err(|e| {
         use crate::control::ErrorCode::*;
         let hint = if e.message.contains("; ") {
             None

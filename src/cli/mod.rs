@@ -6,6 +6,7 @@
 //! Sizes and names are checked here first, so obvious mistakes need no daemon.
 
 pub mod client;
+pub mod copy;
 pub mod output;
 pub mod paths;
 pub mod replicate;
@@ -57,6 +58,11 @@ pub enum Command {
     Device(DeviceCmd),
     /// Show what the running kernel's ublk driver offers
     Features,
+    /// Live point-in-time copies of volumes: start, status, pause, resume, cancel, list
+    #[command(subcommand)]
+    Copy(copy::CopyCmd),
+    /// Write a backup stream (from `copy start --format stream`) to a file or device
+    Restore(copy::RestoreArgs),
     /// Replicate volumes to another daemon: start, stop, status, cp, promote
     #[command(subcommand)]
     Replicate(replicate::ReplicateCmd),
@@ -300,6 +306,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let control = paths::client_control_path(cli.control);
             device(&control, json, cmd)
         }
+        Command::Copy(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            copy::run(&control, json, cmd)
+        }
+        Command::Restore(a) => copy::restore(json, a),
         Command::Replicate(cmd) => {
             let control = paths::client_control_path(cli.control);
             replicate::run(&control, json, cmd)

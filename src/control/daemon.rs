@@ -90,6 +90,7 @@ pub struct Daemon {
     pub control_path: PathBuf,
     nbd: NbdServer,
     control: Option<ControlServer>,
+    jobs: Arc<crate::copy::Jobs>,
     _lock: std::fs::File,
 }
 
@@ -267,6 +268,14 @@ impl Daemon {
                 )
             })?,
         );
+        // Copy jobs resume (their write hooks in place) before any device
+        // or export serves a write.
+        let jobs = crate::copy::Jobs::open(&data_dir, registry.clone()).with_context(|| {
+            format!(
+                "cannot read the copy jobs in {}",
+                data_dir.join("jobs").display()
+            )
+        })?;
         // Before any device or export can write: links must see every write.
         let replication = Replication::start(registry.clone(), &config.replication)?;
         let failed = registry.restore_devices();
@@ -303,6 +312,7 @@ impl Daemon {
             nbd_unix: config.nbd_unix.clone(),
             nbd_tcp: nbd_tcp.clone(),
             started: Instant::now(),
+            jobs: jobs.clone(),
             replication: replication.clone(),
         };
         let control =
@@ -320,6 +330,7 @@ impl Daemon {
             control_path,
             nbd,
             control: Some(control),
+            jobs,
             _lock: lock,
         })
     }
@@ -331,6 +342,8 @@ impl Daemon {
         }
         log::info!("stopping the NBD server (draining in-flight requests)");
         self.nbd.shutdown();
+        log::info!("stopping copy jobs (they resume at next start)");
+        self.jobs.shutdown();
         self.replication.shutdown();
         let failed = self.registry.shutdown();
         for p in &self.facts_nbd_unix {

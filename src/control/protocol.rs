@@ -27,6 +27,12 @@ pub const OPS: &[&str] = &[
     "device.stop",
     "device.list",
     "features",
+    "copy.start",
+    "copy.status",
+    "copy.pause",
+    "copy.resume",
+    "copy.cancel",
+    "copy.list",
     "replicate.start",
     "replicate.stop",
     "replicate.status",
@@ -95,6 +101,23 @@ pub enum Request {
     /// What the running kernel's ublk driver offers.
     #[serde(rename = "features")]
     Features {},
+    /// Starts a live copy job; see [`crate::copy::CopyStart`].
+    #[serde(rename = "copy.start")]
+    CopyStart(crate::copy::CopyStart),
+    /// One job's progress, or (no id) every job not yet ended.
+    #[serde(rename = "copy.status")]
+    CopyStatus {
+        #[serde(default)]
+        id: Option<u64>,
+    },
+    #[serde(rename = "copy.pause")]
+    CopyPause { id: u64 },
+    #[serde(rename = "copy.resume")]
+    CopyResume { id: u64 },
+    #[serde(rename = "copy.cancel")]
+    CopyCancel { id: u64 },
+    #[serde(rename = "copy.list")]
+    CopyList {},
     /// Replicates a volume to a destination daemon (see `src/replication`).
     #[serde(rename = "replicate.start")]
     ReplicateStart {
@@ -143,6 +166,12 @@ impl Request {
             Request::DeviceStop { .. } => "device.stop",
             Request::DeviceList {} => "device.list",
             Request::Features {} => "features",
+            Request::CopyStart(_) => "copy.start",
+            Request::CopyStatus { .. } => "copy.status",
+            Request::CopyPause { .. } => "copy.pause",
+            Request::CopyResume { .. } => "copy.resume",
+            Request::CopyCancel { .. } => "copy.cancel",
+            Request::CopyList {} => "copy.list",
             Request::ReplicateStart { .. } => "replicate.start",
             Request::ReplicateStop { .. } => "replicate.stop",
             Request::ReplicateStatus { .. } => "replicate.status",

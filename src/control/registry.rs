@@ -249,14 +249,6 @@ fn volume_json(vol: &Volume) -> Result<Value, ControlError> {
     Ok(v)
 }
 
-/// A volume's snapshots without the engine-internal ones (names starting
-/// with '.', e.g. replication's `.repl-cp-N`), which users neither see nor delete.
-fn visible_snapshots(vol: &Volume) -> Vec<crate::engine::SnapshotInfo> {
-    let mut list = vol.list_snapshots();
-    list.retain(|s| !s.name.starts_with('.'));
-    list
-}
-
 fn broken_json(name: &str, message: &str) -> Value {
     json!({ "name": name, "state": format!("error: {message}") })
 }
@@ -465,7 +457,7 @@ impl Registry {
         match slot {
             Some(Slot::Ready(v)) => {
                 let mut j = volume_json(&v)?;
-                j["snapshot_list"] = serde_json::to_value(visible_snapshots(&v))
+                j["snapshot_list"] = serde_json::to_value(user_snapshots(&v))
                     .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?;
                 Ok(j)
             }
@@ -545,14 +537,19 @@ impl Registry {
     pub fn list_snapshots(&self, volume: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         let vol = self.volume(volume)?;
-        serde_json::to_value(visible_snapshots(&vol))
+        serde_json::to_value(user_snapshots(&vol))
             .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))
     }
 
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
-        validate_name("snapshot", name)?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+        if name.starts_with('.') {
+            // Engine-internal (a copy job's): users cannot see or delete it.
+            return Err(ControlError::not_found(format!(
+                "snapshot {name} of volume {volume} not found"
+            )));
+        }
         let key = format!("{volume}@{name}");
         if let Some(what) = self.lock_devices().get(&key).and_then(DeviceEntry::in_use) {
             return Err(ControlError::new(
@@ -1008,7 +1005,7 @@ impl Registry {
         for (name, slot) in self.entries() {
             if let Slot::Ready(vol) = slot {
                 out.push(name.clone());
-                for s in visible_snapshots(&vol) {
+                for s in user_snapshots(&vol) {
                     out.push(format!("{name}@{}", s.name));
                 }
             }
@@ -1047,6 +1044,14 @@ impl Registry {
             None
         }
     }
+}
+
+/// A volume's snapshots without the engine-internal ones (names starting
+/// with '.', which users cannot create: copy jobs' point-in-time images).
+fn user_snapshots(vol: &Volume) -> Vec<crate::engine::SnapshotInfo> {
+    let mut list = vol.list_snapshots();
+    list.retain(|s| !s.name.starts_with('.'));
+    list
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

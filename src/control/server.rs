@@ -15,7 +15,7 @@ use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response,
 use super::registry::Registry;
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -31,6 +31,7 @@ pub struct DaemonFacts {
     pub nbd_unix: Vec<PathBuf>,
     pub nbd_tcp: Vec<String>,
     pub started: Instant,
+    pub jobs: Arc<crate::copy::Jobs>,
     pub replication: Arc<crate::replication::Replication>,
 }
 
@@ -195,7 +196,7 @@ fn serve_client(
             return;
         }
     };
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(PassingReader(stream));
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -266,6 +267,62 @@ fn serve_client(
     }
 }
 
+thread_local! {
+    /// Descriptors a client passed with SCM_RIGHTS (each client has a thread).
+    static PASSED: std::cell::RefCell<Vec<OwnedFd>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The latest descriptor this thread's client passed (`copy start --to -`),
+/// if any; earlier ones are closed.
+pub fn take_passed_fd() -> Option<OwnedFd> {
+    PASSED.with(|p| p.borrow_mut().drain(..).next_back())
+}
+
+/// Reads a control connection with `recvmsg`, keeping passed descriptors.
+struct PassingReader(UnixStream);
+
+impl Read for PassingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let mut cbuf = [0u64; 8];
+        // SAFETY: msg points at live buffers of the sizes given; the kernel
+        // writes at most msg_controllen bytes of control data.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+            let n = libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if n >= 0 {
+                let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+                while !cmsg.is_null() {
+                    if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                        && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+                    {
+                        let data = libc::CMSG_DATA(cmsg) as *const RawFd;
+                        let count = ((*cmsg).cmsg_len as usize - (data as usize - cmsg as usize))
+                            / std::mem::size_of::<RawFd>();
+                        for i in 0..count {
+                            let fd = std::ptr::read_unaligned(data.add(i));
+                            PASSED.with(|p| p.borrow_mut().push(OwnedFd::from_raw_fd(fd)));
+                        }
+                    }
+                    cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+                }
+            }
+            n
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
 /// Executes one parsed request.
 pub fn handle(
     req: Request,
@@ -282,7 +339,10 @@ pub fn handle(
         } => registry.create_volume(&name, size, chunk_size, partitions, backing),
         Request::VolumeList {} => registry.list_volumes(),
         Request::VolumeInfo { name } => registry.volume_info(&name),
-        Request::VolumeDelete { name } => registry.delete_volume(&name),
+        Request::VolumeDelete { name } => {
+            facts.jobs.check_unused(&name)?;
+            registry.delete_volume(&name)
+        }
         Request::SnapshotCreate { volume, name } => {
             let created = registry.create_snapshot(&volume, &name)?;
             facts.replication.snapshot_taken(&volume);
@@ -300,6 +360,12 @@ pub fn handle(
         Request::DeviceStop { device } => registry.stop_device(&device),
         Request::DeviceList {} => registry.list_devices(),
         Request::Features {} => registry.features(),
+        Request::CopyStart(start) => facts.jobs.start(start),
+        Request::CopyStatus { id } => facts.jobs.status(id),
+        Request::CopyPause { id } => facts.jobs.pause(id),
+        Request::CopyResume { id } => facts.jobs.resume(id),
+        Request::CopyCancel { id } => facts.jobs.cancel(id),
+        Request::CopyList {} => Ok(facts.jobs.list()),
         r @ (Request::ReplicateStart { .. }
         | Request::ReplicateStop { .. }
         | Request::ReplicateStatus { .. }

@@ -780,6 +780,21 @@ impl View {
         Ok(())
     }
 
+    /// True if every chunk of the range reads from the origin in this view
+    /// (always for the live view). A caller that read the origin itself
+    /// (a copy job's `copy_file_range`) asks again afterwards: true then
+    /// means no write began overwriting those chunks meanwhile.
+    pub fn reads_origin(&self, offset: u64, len: u64) -> Result<bool> {
+        let volume = &self.volume;
+        volume.check_range(offset, len)?;
+        let Some(generation) = self.snapshot_generation()? else {
+            return Ok(true);
+        };
+        Ok(volume
+            .chunks(offset, len)
+            .all(|c| volume.partition_of(c).origin_still_valid(c, generation)))
+    }
+
     /// Allocation map: `data: false` extents read as zeros.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let volume = &self.volume;

@@ -514,3 +514,28 @@ pub fn assert_error(v: &Value, code: &str, needle: &str) {
         "message {msg:?} should mention {needle:?}"
     );
 }
+
+/// A tmpfs mounted for a test; unmounted (lazily) on drop.
+pub struct Mount(pub PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Mounts a tmpfs of `size` (e.g. "24M") on `dir` (created); None, with a
+/// SKIP line for `test`, where that is not allowed (needs root).
+pub fn mount_tmpfs(test: &str, dir: &Path, size: &str) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIP {test}: cannot mount a tmpfs here (needs root)");
+        return None;
+    }
+    Some(Mount(dir.to_path_buf()))
+}

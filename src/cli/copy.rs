@@ -1,0 +1,394 @@
+//! `snapblk copy ...` and `snapblk restore`: live copy jobs from the command
+//! line. `copy start ... --to -` hands the CLI's standard output to the
+//! daemon over the control socket (SCM_RIGHTS), so the stream never passes
+//! through the JSON connection, then waits for the job to end.
+
+use super::client::{self, CliError};
+use super::output::{self, key_values, str_of, table};
+use super::size::{format_size, parse_size};
+use super::{name_arg, print_json, reply};
+use crate::control::protocol::Request;
+use crate::copy::progress::{Format, Policy};
+use crate::copy::CopyStart;
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::Value;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PolicyArg {
+    /// Old data is preserved once in the snapshot store; writes go on
+    Cow,
+    /// Writes to a segment not yet copied wait until it is copied (it goes next)
+    Hold,
+    /// Writes to a segment not yet copied copy its old data to the target first
+    Direct,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FormatArg {
+    /// The image itself (a sparse file, a device, a volume)
+    Raw,
+    /// A self-describing backup stream for `snapblk restore`
+    Stream,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CopyCmd {
+    /// Start a point-in-time copy of a live volume (or VOL@SNAP); prints the job id
+    Start {
+        #[arg(value_name = "VOL[@SNAP]")]
+        source: String,
+        /// A new file (created sparse), a block device, vol:NAME, or - (stdout, --format stream)
+        #[arg(long, value_name = "TARGET", allow_hyphen_values = true)]
+        to: String,
+        /// What a write to a range not yet copied does [default: cow]
+        #[arg(long, value_enum)]
+        policy: Option<PolicyArg>,
+        /// Segment size, rounded up to the volume's chunk size [default: 1M]
+        #[arg(long, value_name = "SIZE")]
+        block_size: Option<String>,
+        /// Bandwidth limit in bytes per second (K/M/G suffixes), e.g. 100M
+        #[arg(long, value_name = "BYTES_PER_S")]
+        rate: Option<String>,
+        /// Output format [default: raw]
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        /// Re-read the target at the end and compare checksums
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Show progress, throughput and ETA of one job (or of every running job)
+    Status {
+        job: Option<u64>,
+        /// Follow the job until it ends (a progress bar on a terminal)
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Pause a job (hold writes are then copied first by the writer)
+    Pause { job: u64 },
+    /// Resume a paused job
+    Resume { job: u64 },
+    /// Cancel a job; the target keeps what was copied so far
+    Cancel { job: u64 },
+    /// List jobs, ended ones too
+    #[command(alias = "ls")]
+    List,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The stream file, or - for standard input
+    #[arg(value_name = "STREAM|-", allow_hyphen_values = true)]
+    pub stream: PathBuf,
+    /// A file (created or replaced, sparse) or a block device
+    #[arg(long, value_name = "TARGET")]
+    pub to: PathBuf,
+}
+
+fn absolute(path: &str) -> Result<String, CliError> {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        return Ok(path.to_string());
+    }
+    let cwd = std::env::current_dir()
+        .map_err(|e| CliError::plain(format!("cannot read the current directory: {e}")))?;
+    Ok(cwd.join(p).display().to_string())
+}
+
+pub fn run(control: &Path, json: bool, cmd: CopyCmd) -> Result<(), CliError> {
+    match cmd {
+        CopyCmd::Start {
+            source,
+            to,
+            policy,
+            block_size,
+            rate,
+            format,
+            verify,
+        } => {
+            let (volume, snapshot) = match source.split_once('@') {
+                Some((v, s)) => (v.to_string(), Some(s.to_string())),
+                None => (source.clone(), None),
+            };
+            name_arg("volume", &volume)?;
+            if let Some(s) = &snapshot {
+                name_arg("snapshot", s)?;
+            }
+            let stdout = to == "-";
+            if stdout && !matches!(format, Some(FormatArg::Stream)) {
+                return Err(CliError::plain(
+                    "--to - writes a backup stream to standard output; add --format stream",
+                ));
+            }
+            if stdout && verify {
+                return Err(CliError::plain(
+                    "--verify re-reads the target, which standard output cannot do; verify with \
+                     `snapblk restore` instead",
+                ));
+            }
+            let target = if stdout || to.starts_with("vol:") {
+                to.clone()
+            } else {
+                absolute(&to)?
+            };
+            let size = |s: Option<String>| s.map(|s| parse_size(&s)).transpose();
+            let req = Request::CopyStart(CopyStart {
+                volume,
+                snapshot,
+                target,
+                policy: policy.map(|p| match p {
+                    PolicyArg::Cow => Policy::Cow,
+                    PolicyArg::Hold => Policy::Hold,
+                    PolicyArg::Direct => Policy::Direct,
+                }),
+                block_size: size(block_size).map_err(CliError::plain)?,
+                rate: size(rate).map_err(CliError::plain)?,
+                format: format.map(|f| match f {
+                    FormatArg::Raw => Format::Raw,
+                    FormatArg::Stream => Format::Stream,
+                }),
+                verify,
+            });
+            if stdout {
+                return stream_to_stdout(control, &req);
+            }
+            reply(control, json, &req, |r| {
+                if let Some(note) = r.get("note").and_then(Value::as_str) {
+                    eprintln!("snapblk: note: {note}");
+                }
+                println!("{}", str_of(r, "id"))
+            })
+        }
+        CopyCmd::Status { job, watch } => {
+            if watch {
+                return watch_job(control, json, job);
+            }
+            reply(control, json, &Request::CopyStatus { id: job }, |r| {
+                if r.is_array() {
+                    print!("{}", job_table(r));
+                } else {
+                    print!("{}", job_details(r));
+                }
+            })
+        }
+        CopyCmd::Pause { job } => reply(control, json, &Request::CopyPause { id: job }, |_| {
+            println!("paused copy job {job}")
+        }),
+        CopyCmd::Resume { job } => reply(control, json, &Request::CopyResume { id: job }, |_| {
+            println!("resumed copy job {job}")
+        }),
+        CopyCmd::Cancel { job } => reply(control, json, &Request::CopyCancel { id: job }, |_| {
+            println!("cancelled copy job {job}; the target holds a partial copy")
+        }),
+        CopyCmd::List => reply(control, json, &Request::CopyList {}, |r| {
+            print!("{}", job_table(r))
+        }),
+    }
+}
+
+fn percent(v: &Value) -> String {
+    let total = v["size"].as_u64().unwrap_or(0).max(1);
+    let done = v["bytes_done"].as_u64().unwrap_or(0);
+    format!("{:.1}%", done as f64 * 100.0 / total as f64)
+}
+
+fn throughput(v: &Value) -> String {
+    match v["throughput_bps"].as_u64() {
+        Some(t) if t > 0 => format!("{}/s", format_size(t)),
+        _ => "-".into(),
+    }
+}
+
+fn eta(v: &Value) -> String {
+    match v["eta_s"].as_u64() {
+        Some(s) if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        Some(s) => format!("{s}s"),
+        None => "-".into(),
+    }
+}
+
+fn source_of(v: &Value) -> String {
+    match v["snapshot"].as_str() {
+        Some(s) => format!("{}@{s}", str_of(v, "volume")),
+        None => str_of(v, "volume"),
+    }
+}
+
+fn job_table(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| {
+                    vec![
+                        str_of(v, "id"),
+                        source_of(v),
+                        str_of(v, "target"),
+                        str_of(v, "policy"),
+                        str_of(v, "state"),
+                        percent(v),
+                        throughput(v),
+                        eta(v),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "ID", "SOURCE", "TARGET", "POLICY", "STATE", "DONE", "SPEED", "ETA",
+        ],
+        &rows,
+    )
+}
+
+fn job_details(v: &Value) -> String {
+    let mut pairs = vec![
+        ("job", str_of(v, "id")),
+        ("source", source_of(v)),
+        ("target", str_of(v, "target")),
+        ("policy", str_of(v, "policy")),
+        ("format", str_of(v, "format")),
+        ("block size", output::size_of(v, "block_size")),
+        ("state", str_of(v, "state")),
+        (
+            "progress",
+            format!(
+                "{} of {} ({})",
+                output::size_of(v, "bytes_done"),
+                output::size_of(v, "size"),
+                percent(v)
+            ),
+        ),
+        ("throughput", throughput(v)),
+        ("eta", eta(v)),
+    ];
+    if let Some(e) = v["error"].as_str() {
+        pairs.push(("error", e.to_string()));
+    }
+    key_values(&pairs)
+}
+
+fn ended(v: &Value) -> bool {
+    matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled"))
+}
+
+/// A job that ended other than done is an error for the CLI's exit status.
+fn outcome(v: &Value) -> Result<(), CliError> {
+    match v["state"].as_str() {
+        Some("done") => Ok(()),
+        Some(state) => Err(CliError::plain(format!(
+            "copy job {} {state}: {}",
+            str_of(v, "id"),
+            v["error"].as_str().unwrap_or("cancelled by request")
+        ))),
+        None => Err(CliError::plain("the daemon sent a job without a state")),
+    }
+}
+
+/// `copy status --watch`: a progress bar on a terminal, plain lines otherwise.
+fn watch_job(control: &Path, json: bool, job: Option<u64>) -> Result<(), CliError> {
+    let Some(id) = job else {
+        return Err(CliError::plain(
+            "--watch follows one job; give its id (see `snapblk copy list`)",
+        ));
+    };
+    let tty = !json && std::io::stdout().is_terminal();
+    loop {
+        let v = client::request(control, &Request::CopyStatus { id: Some(id) })?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(&v).expect("JSON values serialize")
+            );
+        } else if tty {
+            let total = v["size"].as_u64().unwrap_or(0).max(1);
+            let done = v["bytes_done"].as_u64().unwrap_or(0);
+            let filled = (done * 30 / total) as usize;
+            print!(
+                "\r[{}{}] {:>6}  {}  ETA {}  {}   ",
+                "#".repeat(filled),
+                "-".repeat(30 - filled),
+                percent(&v),
+                throughput(&v),
+                eta(&v),
+                str_of(&v, "state")
+            );
+            let _ = std::io::stdout().flush();
+        } else {
+            println!(
+                "job {id}: {} {} {} ETA {}",
+                str_of(&v, "state"),
+                percent(&v),
+                throughput(&v),
+                eta(&v)
+            );
+        }
+        if ended(&v) {
+            if tty {
+                println!();
+            }
+            return outcome(&v);
+        }
+        std::thread::sleep(Duration::from_millis(if tty { 200 } else { 1000 }));
+    }
+}
+
+/// `copy start ... --to -`: passes fd 1 to the daemon, then waits for the
+/// job; messages go to stderr since stdout carries the stream.
+fn stream_to_stdout(control: &Path, req: &Request) -> Result<(), CliError> {
+    let v = client::request_with_fd(control, req, libc::STDOUT_FILENO)?;
+    let id = v["id"].as_u64().unwrap_or(0);
+    eprintln!("snapblk: copy job {id} is streaming to standard output");
+    loop {
+        let v = client::request(control, &Request::CopyStatus { id: Some(id) })?;
+        if ended(&v) {
+            return outcome(&v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `snapblk restore`.
+pub fn restore(json: bool, a: RestoreArgs) -> Result<(), CliError> {
+    let result = if a.stream == Path::new("-") {
+        crate::copy::restore::restore(std::io::stdin().lock(), &a.to)
+    } else {
+        let f = std::fs::File::open(&a.stream).map_err(|e| {
+            CliError::new(
+                format!(
+                    "cannot open the stream {}: {}",
+                    a.stream.display(),
+                    super::strip_os_error(&e.to_string())
+                ),
+                "give the path of a file written by `snapblk copy start --format stream`",
+            )
+        })?;
+        crate::copy::restore::restore(f, &a.to)
+    };
+    let r = result.map_err(CliError::plain)?;
+    let v = serde_json::json!({
+        "source": r.header.source,
+        "generation": r.header.generation,
+        "size": r.header.volume_size,
+        "blocks": r.blocks,
+        "bytes": r.bytes,
+        "target": a.to,
+    });
+    if json {
+        print_json(&v);
+    } else {
+        println!(
+            "restored {} ({} blocks, {} of data) of {} generation {} to {}",
+            format_size(r.header.volume_size),
+            r.blocks,
+            format_size(r.bytes),
+            r.header.source,
+            r.header.generation,
+            a.to.display()
+        );
+    }
+    Ok(())
+}

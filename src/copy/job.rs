@@ -1,0 +1,747 @@
+//! One copy job: its segments, its write hook (`hold` / `direct`), the job
+//! thread that walks the block list, group commit of progress, verify, and
+//! the end of a job (done, failed, cancelled).
+//!
+//! A segment is `Pending`, `InFlight` (someone is copying it) or `Done`
+//! (its data is durable in the target and its progress entry is durable).
+//! Only the claimant of a segment copies it; a write to a segment that is
+//! not `Done` waits (`hold`, while the job thread runs) or claims it and
+//! copies it itself first (`direct`, and `hold` while the job is paused or
+//! the daemon stops). A `cow` job has no hook: it reads its point-in-time
+//! snapshot and gives each segment back to the engine once it is `Done`.
+
+use super::progress::{Entry, JobRecord, JobState, Policy, ProgressMap};
+use super::stream;
+use super::target::{engine_io, AlignedBuf, Target};
+use crate::engine::{EngineError, SnapshotConsumer, View, Volume, WriteGuard, WriteHook};
+use futures::future::{join_all, BoxFuture};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Segments in flight on the job thread (fewer under a low `--rate`).
+pub const MAX_IN_FLIGHT: u64 = 16;
+/// Copied bytes per progress commit at most (fewer when a write waits).
+const COMMIT_BYTES: u64 = 64 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seg {
+    Pending,
+    InFlight,
+    Done(Entry),
+}
+
+struct Shared {
+    segs: Vec<Seg>,
+    /// Segments that held writes wait for, in arrival order.
+    urgent: VecDeque<u64>,
+    /// The sequential walk's next segment.
+    cursor: u64,
+    done: u64,
+    done_bytes: u64,
+    copied_bytes: u64,
+    /// Bumped on every change a waiting write may care about.
+    changes: u64,
+    waiters: Vec<Waker>,
+    committed_stream_len: u64,
+}
+
+/// What the job thread is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    Run,
+    Pause,
+    Cancel,
+    /// The daemon stops: leave the job as it is on disk, to resume later.
+    Stop,
+}
+
+pub struct Job {
+    pub id: u64,
+    dir: PathBuf,
+    record: Mutex<JobRecord>,
+    volume: Arc<Volume>,
+    source: View,
+    consumer: Option<SnapshotConsumer>,
+    target: Target,
+    map: ProgressMap,
+    shared: Mutex<Shared>,
+    commit: Mutex<()>,
+    want: Mutex<Want>,
+    wake: Condvar,
+    /// The job thread is walking the block list (not paused or stopped).
+    active: AtomicBool,
+    /// The job ended (done, failed or cancelled); hooks let writes through.
+    ended: AtomicBool,
+    failure: Mutex<Option<String>>,
+    hook: Mutex<Option<Arc<dyn WriteHook>>>,
+    run_start: Mutex<(Instant, u64)>,
+    buffers: Mutex<Vec<AlignedBuf>>,
+    block_size: u64,
+    verify: bool,
+    /// The origin file and the target file, for `copy_file_range`.
+    kernel_copy: Option<(std::fs::File, std::fs::File)>,
+    kernel_copy_ok: AtomicBool,
+}
+
+/// Everything a job is built from (new or resumed).
+pub struct Parts {
+    pub dir: PathBuf,
+    pub record: JobRecord,
+    pub volume: Arc<Volume>,
+    pub source: View,
+    pub consumer: Option<SnapshotConsumer>,
+    pub target: Target,
+    pub map: ProgressMap,
+    pub entries: Vec<Entry>,
+    pub committed_stream_len: u64,
+    /// The origin file and the target file when the kernel can copy
+    /// between them (`copy_file_range`, same file system).
+    pub kernel_copy: Option<(std::fs::File, std::fs::File)>,
+}
+
+impl Job {
+    pub fn new(p: Parts) -> Arc<Job> {
+        let bs = p.record.block_size;
+        let size = p.record.size;
+        let mut shared = Shared {
+            segs: Vec::with_capacity(p.entries.len()),
+            urgent: VecDeque::new(),
+            cursor: 0,
+            done: 0,
+            done_bytes: 0,
+            copied_bytes: 0,
+            changes: 0,
+            waiters: Vec::new(),
+            committed_stream_len: p.committed_stream_len,
+        };
+        for (i, e) in p.entries.iter().enumerate() {
+            if *e == Entry::Pending {
+                shared.segs.push(Seg::Pending);
+                continue;
+            }
+            let off = i as u64 * bs;
+            let len = bs.min(size - off);
+            shared.segs.push(Seg::Done(*e));
+            shared.done += 1;
+            shared.done_bytes += len;
+            if let Some(c) = &p.consumer {
+                c.release(off, len);
+            }
+        }
+        let done_bytes = shared.done_bytes;
+        let verify = p.record.verify;
+        Arc::new(Job {
+            id: p.record.id,
+            dir: p.dir,
+            want: Mutex::new(if p.record.state == JobState::Paused {
+                Want::Pause
+            } else {
+                Want::Run
+            }),
+            record: Mutex::new(p.record),
+            volume: p.volume,
+            source: p.source,
+            consumer: p.consumer,
+            target: p.target,
+            map: p.map,
+            shared: Mutex::new(shared),
+            commit: Mutex::new(()),
+            wake: Condvar::new(),
+            active: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            hook: Mutex::new(None),
+            run_start: Mutex::new((Instant::now(), done_bytes)),
+            buffers: Mutex::new(Vec::new()),
+            block_size: bs,
+            verify,
+            kernel_copy_ok: AtomicBool::new(p.kernel_copy.is_some()),
+            kernel_copy: p.kernel_copy,
+        })
+    }
+
+    pub fn record(&self) -> JobRecord {
+        self.record.lock().unwrap().clone()
+    }
+
+    fn seg_range(&self, seg: u64) -> (u64, u64) {
+        let r = self.record.lock().unwrap();
+        let off = seg * r.block_size;
+        (off, r.block_size.min(r.size - off))
+    }
+
+    /// Puts the job's hook in the volume's write path (`hold` / `direct`).
+    pub async fn install_hook(self: &Arc<Self>) {
+        let hook: Arc<dyn WriteHook> = Arc::new(Hook(self.clone()));
+        self.volume.add_write_hook(hook.clone()).await;
+        *self.hook.lock().unwrap() = Some(hook);
+    }
+
+    fn notify(&self) {
+        let waiters = {
+            let mut s = self.shared.lock().unwrap();
+            s.changes += 1;
+            std::mem::take(&mut s.waiters)
+        };
+        waiters.into_iter().for_each(Waker::wake);
+    }
+
+    /// Asks the job thread to pause, resume, cancel or stop.
+    pub fn set_want(&self, want: Want) {
+        *self.want.lock().unwrap() = want;
+        match want {
+            Want::Pause => self.set_state(JobState::Paused),
+            Want::Run if self.record.lock().unwrap().state == JobState::Paused => {
+                self.set_state(JobState::Running)
+            }
+            _ => {}
+        }
+        self.wake.notify_all();
+    }
+
+    pub fn want(&self) -> Want {
+        *self.want.lock().unwrap()
+    }
+
+    /// Records a failure (from the job thread or a write's hook); the job
+    /// thread ends the job.
+    fn fail(&self, what: &str, e: &io::Error) {
+        let target = self.record.lock().unwrap().target.clone();
+        let msg = if e.raw_os_error() == Some(libc::ENOSPC) {
+            format!(
+                "the target {target} is full (no space left on device) while {what}; the volume \
+                 is unaffected; free space there or copy to a larger target with a new `copy start`"
+            )
+        } else {
+            format!(
+                "{what} failed: {}",
+                crate::cli::strip_os_error(&e.to_string())
+            )
+        };
+        log::error!("copy job {}: {msg}", self.id);
+        self.failure.lock().unwrap().get_or_insert(msg);
+        self.ended.store(true, Ordering::Release);
+        self.wake.notify_all();
+        self.notify();
+    }
+
+    /// Copies one segment from the source to the target (not yet durable).
+    /// `may_block`: on the job thread, which may wait in a syscall.
+    async fn copy_segment(&self, seg: u64, may_block: bool) -> io::Result<(u64, Entry)> {
+        let (off, len) = self.seg_range(seg);
+        let extents = self.source.block_status(off, len).map_err(engine_io)?;
+        if extents.iter().all(|e| !e.data) {
+            self.target.write_zeroes(off, len).await?;
+            return Ok((seg, Entry::Zero));
+        }
+        if may_block && self.kernel_copy(off, len)? {
+            return Ok((seg, Entry::Copied(0)));
+        }
+        let mut buf = self.buffer();
+        let data = &mut buf[..len as usize];
+        let copied = async {
+            self.source.read(off, data).await.map_err(engine_io)?;
+            // Only --verify needs the checksum (it compares the target with it).
+            let crc = if self.verify { crc32c::crc32c(data) } else { 0 };
+            self.target.write(off, data).await?;
+            Ok((seg, Entry::Copied(crc)))
+        }
+        .await;
+        self.buffers.lock().unwrap().push(buf);
+        copied
+    }
+
+    /// Lets the kernel copy the segment from the origin file to the target
+    /// file when the source reads it from the origin (no data through user
+    /// memory); false when the segment must take the read/write path.
+    fn kernel_copy(&self, off: u64, len: u64) -> io::Result<bool> {
+        let Some((origin, target)) = &self.kernel_copy else {
+            return Ok(false);
+        };
+        if !self.kernel_copy_ok.load(Ordering::Relaxed)
+            || !self.source.reads_origin(off, len).map_err(engine_io)?
+        {
+            return Ok(false);
+        }
+        let (mut from, mut to, end) = (off as i64, off as i64, (off + len) as i64);
+        while from < end {
+            // SAFETY: plain syscall on descriptors we own, offsets by pointer.
+            let n = unsafe {
+                libc::copy_file_range(
+                    origin.as_raw_fd(),
+                    &mut from,
+                    target.as_raw_fd(),
+                    &mut to,
+                    (end - from) as usize,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) => {
+                        log::info!("copy job {}: no copy_file_range here ({e})", self.id);
+                        self.kernel_copy_ok.store(false, Ordering::Relaxed);
+                        Ok(false)
+                    }
+                    _ => Err(e),
+                };
+            }
+            if n == 0 {
+                return Ok(false);
+            }
+        }
+        // A write that began preserving a chunk meanwhile may have changed
+        // what was read: then the read/write path redoes the segment.
+        self.source.reads_origin(off, len).map_err(engine_io)
+    }
+
+    /// A block-size buffer from the pool (allocating and faulting in a
+    /// fresh one per segment costs as much CPU as the copy itself).
+    fn buffer(&self) -> AlignedBuf {
+        let popped = self.buffers.lock().unwrap().pop();
+        popped.unwrap_or_else(|| AlignedBuf::zeroed(self.block_size as usize))
+    }
+
+    /// Makes copied segments durable (target flush, then their progress
+    /// entries with one fdatasync), then marks them done and, for `cow`,
+    /// gives them back to the engine.
+    async fn commit(&self, done: &[(u64, Entry)]) -> io::Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let stream_len = self.target.stream_len().await;
+        self.target.flush().await?;
+        {
+            let _one = self.commit.lock().unwrap();
+            let header = stream_len.map(|l| {
+                let mut s = self.shared.lock().unwrap();
+                s.committed_stream_len = s.committed_stream_len.max(l);
+                s.committed_stream_len
+            });
+            self.map.write(done, header)?;
+        }
+        self.map.sync().await?;
+        let ranges: Vec<(u64, u64)> = done.iter().map(|&(s, _)| self.seg_range(s)).collect();
+        {
+            let mut s = self.shared.lock().unwrap();
+            for (&(seg, entry), &(_, len)) in done.iter().zip(&ranges) {
+                s.segs[seg as usize] = Seg::Done(entry);
+                s.done += 1;
+                s.done_bytes += len;
+                if matches!(entry, Entry::Copied(_)) {
+                    s.copied_bytes += len;
+                }
+            }
+        }
+        if let Some(c) = &self.consumer {
+            ranges.iter().for_each(|&(off, len)| c.release(off, len));
+        }
+        self.notify();
+        Ok(())
+    }
+
+    /// The write hook's work for `[offset, +len)`.
+    async fn before_write(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let (bs, hold) = {
+            let r = self.record.lock().unwrap();
+            (r.block_size, r.policy == Policy::Hold)
+        };
+        for seg in offset / bs..=(offset + len - 1) / bs {
+            loop {
+                enum Next {
+                    Go,
+                    Wait(u64),
+                    CopyFirst,
+                }
+                let next = {
+                    let mut s = self.shared.lock().unwrap();
+                    if self.ended.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match s.segs[seg as usize] {
+                        Seg::Done(_) => Next::Go,
+                        Seg::InFlight => Next::Wait(s.changes),
+                        Seg::Pending if hold && self.active.load(Ordering::Acquire) => {
+                            if !s.urgent.contains(&seg) {
+                                s.urgent.push_back(seg);
+                            }
+                            Next::Wait(s.changes)
+                        }
+                        Seg::Pending => {
+                            s.segs[seg as usize] = Seg::InFlight;
+                            Next::CopyFirst
+                        }
+                    }
+                };
+                match next {
+                    Next::Go => break,
+                    Next::Wait(seen) => Changed { job: self, seen }.await,
+                    Next::CopyFirst => {
+                        let copied = match self.copy_segment(seg, false).await {
+                            Ok(d) => self.commit(&[d]).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = copied {
+                            let (off, _) = self.seg_range(seg);
+                            self.fail(&format!("copying the segment at {off} before a write"), &e);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the next segments to copy: held writes' segments first (at most
+    /// three quarters of the batch, so the walk always advances), then the
+    /// sequential walk.
+    fn pick(&self, depth: u64) -> Vec<u64> {
+        let mut s = self.shared.lock().unwrap();
+        let mut out = Vec::new();
+        let urgent_max = if s.urgent.is_empty() {
+            0
+        } else {
+            (depth - depth / 4).max(1)
+        };
+        while (out.len() as u64) < urgent_max {
+            let Some(seg) = s.urgent.pop_front() else {
+                break;
+            };
+            if s.segs[seg as usize] == Seg::Pending {
+                s.segs[seg as usize] = Seg::InFlight;
+                out.push(seg);
+            }
+        }
+        let n = s.segs.len() as u64;
+        while (out.len() as u64) < depth && s.cursor < n {
+            let seg = s.cursor;
+            s.cursor += 1;
+            if s.segs[seg as usize] == Seg::Pending {
+                s.segs[seg as usize] = Seg::InFlight;
+                out.push(seg);
+            }
+        }
+        out
+    }
+
+    fn all_done(&self) -> bool {
+        let s = self.shared.lock().unwrap();
+        s.done == s.segs.len() as u64
+    }
+
+    /// Waits while paused; returns what to do next.
+    fn runnable(&self) -> Want {
+        let mut want = self.want.lock().unwrap();
+        loop {
+            if self.ended.load(Ordering::Acquire) {
+                return Want::Cancel;
+            }
+            match *want {
+                Want::Pause => {
+                    if self.active.swap(false, Ordering::AcqRel) {
+                        self.notify();
+                        self.set_state(JobState::Paused);
+                    }
+                    want = self.wake.wait(want).unwrap();
+                }
+                Want::Run => {
+                    if !self.active.swap(true, Ordering::AcqRel) {
+                        self.set_state(JobState::Running);
+                        let done = self.shared.lock().unwrap().done_bytes;
+                        *self.run_start.lock().unwrap() = (Instant::now(), done);
+                    }
+                    return Want::Run;
+                }
+                w => {
+                    self.active.store(false, Ordering::Release);
+                    self.notify();
+                    return w;
+                }
+            }
+        }
+    }
+
+    fn set_state(&self, state: JobState) {
+        let mut r = self.record.lock().unwrap();
+        if r.state == state {
+            return;
+        }
+        r.state = state;
+        if let Err(e) = super::progress::save_record(&self.dir, &r) {
+            log::warn!("copy job {}: cannot save its state: {e}", self.id);
+        }
+    }
+
+    /// The job thread: walks the block list until done, then verifies and
+    /// ends the job.
+    pub fn run(self: Arc<Self>) {
+        crate::runtime::block_on(async {
+            let (rate, bs) = {
+                let r = self.record.lock().unwrap();
+                (r.rate, r.block_size)
+            };
+            let depth = rate.map_or(MAX_IN_FLIGHT, |r| (r / bs).clamp(1, MAX_IN_FLIGHT));
+            // Copied, not yet durable: committed together (one target flush
+            // and one map fdatasync), at once when a write waits for one.
+            let mut pending = Vec::new();
+            loop {
+                if self.want() != Want::Run {
+                    self.commit_pending(&mut pending).await;
+                }
+                match self.runnable() {
+                    Want::Run => {}
+                    Want::Stop => return,
+                    Want::Pause => unreachable!("runnable waits out pauses"),
+                    Want::Cancel => {
+                        let state = if self.failure.lock().unwrap().is_some() {
+                            JobState::Failed
+                        } else {
+                            JobState::Cancelled
+                        };
+                        return self.end(state).await;
+                    }
+                }
+                let batch = self.pick(depth);
+                if batch.is_empty() {
+                    if !pending.is_empty() {
+                        self.commit_pending(&mut pending).await;
+                        continue;
+                    }
+                    if self.all_done() {
+                        break;
+                    }
+                    // Writes are copying the last segments themselves.
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                let results = join_all(batch.iter().map(|&s| self.copy_segment(s, true))).await;
+                for (r, seg) in results.into_iter().zip(&batch) {
+                    match r {
+                        Ok(d) => pending.push(d),
+                        Err(e) => {
+                            let (off, _) = self.seg_range(*seg);
+                            self.fail(&format!("copying the segment at {off}"), &e);
+                        }
+                    }
+                }
+                let waited_for = {
+                    let s = self.shared.lock().unwrap();
+                    !s.waiters.is_empty() || !s.urgent.is_empty()
+                };
+                if rate.is_some() || waited_for || pending.len() as u64 * bs >= COMMIT_BYTES {
+                    self.commit_pending(&mut pending).await;
+                }
+                if let Some(rate) = rate {
+                    let (t0, b0) = *self.run_start.lock().unwrap();
+                    let moved = self.shared.lock().unwrap().done_bytes - b0;
+                    let due = Duration::from_secs_f64(moved as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                        std::thread::sleep(wait.min(Duration::from_secs(1)));
+                    }
+                }
+            }
+            if let Err((what, e)) = self.finish_target().await {
+                self.fail(&what, &e);
+                return self.end(JobState::Failed).await;
+            }
+            self.end(JobState::Done).await
+        })
+    }
+
+    async fn commit_pending(&self, pending: &mut Vec<(u64, Entry)>) {
+        if let Err(e) = self.commit(pending).await {
+            self.fail("making the copied data durable", &e);
+        }
+        pending.clear();
+    }
+
+    /// The stream's footer, then `--verify`.
+    async fn finish_target(&self) -> Result<(), (String, io::Error)> {
+        if let Target::Stream { file, pos } = &self.target {
+            let p = pos.lock().await;
+            let footer = stream::footer(p.blocks, p.crc);
+            crate::runtime::write_at(file.as_raw_fd(), &footer, p.len, 0)
+                .await
+                .map_err(|e| ("writing the stream's footer".to_string(), e))?;
+            self.target
+                .flush()
+                .await
+                .map_err(|e| ("flushing the stream".to_string(), e))?;
+        }
+        if !self.record.lock().unwrap().verify {
+            return Ok(());
+        }
+        self.verify().await.map_err(|e| ("verify".to_string(), e))
+    }
+
+    /// Re-reads the target and compares it with the checksums recorded
+    /// while copying (a stream: checks every frame and the footer).
+    async fn verify(&self) -> io::Result<()> {
+        if let Target::Stream { file, .. } = &self.target {
+            let f = file.try_clone()?;
+            let mut r = stream::StreamReader::open(io::BufReader::new(stream::ReadFrom(f, 0)))
+                .map_err(io::Error::other)?;
+            let mut data = Vec::new();
+            let want: Vec<Seg> = self.shared.lock().unwrap().segs.clone();
+            let bs = self.record.lock().unwrap().block_size;
+            loop {
+                match r.next(&mut data).map_err(io::Error::other)? {
+                    stream::Item::Block { offset } => {
+                        let crc = crc32c::crc32c(&data);
+                        if want[(offset / bs) as usize] != Seg::Done(Entry::Copied(crc)) {
+                            return Err(mismatch(offset));
+                        }
+                    }
+                    stream::Item::End { .. } => return Ok(()),
+                }
+            }
+        }
+        let segs: Vec<Seg> = self.shared.lock().unwrap().segs.clone();
+        for batch in (0..segs.len() as u64)
+            .collect::<Vec<_>>()
+            .chunks(MAX_IN_FLIGHT as usize)
+        {
+            let checks = batch.iter().map(|&seg| {
+                let want = segs[seg as usize];
+                async move {
+                    let (off, len) = self.seg_range(seg);
+                    let mut buf = AlignedBuf::zeroed(len as usize);
+                    self.target.read(off, &mut buf).await?;
+                    let ok = match want {
+                        Seg::Done(Entry::Copied(crc)) => crc32c::crc32c(&buf) == crc,
+                        Seg::Done(Entry::Zero) => buf.iter().all(|&b| b == 0),
+                        _ => false,
+                    };
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(mismatch(off))
+                    }
+                }
+            });
+            for r in join_all(checks).await {
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the job: lets every write through, takes the hook out, frees
+    /// the point-in-time snapshot and the progress map, records the state.
+    pub async fn end(&self, state: JobState) {
+        self.ended.store(true, Ordering::Release);
+        self.active.store(false, Ordering::Release);
+        self.notify();
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(h) = hook {
+            self.volume.remove_write_hook(&h).await;
+        }
+        let (internal, volume) = {
+            let r = self.record.lock().unwrap();
+            (r.internal_snapshot.clone(), r.volume.clone())
+        };
+        if let Some(name) = internal {
+            match self.volume.delete_snapshot(&name).await {
+                Ok(()) | Err(EngineError::NotFound(_)) => {}
+                Err(e) => log::warn!("copy job {}: cannot delete {volume}@{name}: {e}", self.id),
+            }
+        }
+        let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
+        {
+            let done = self.shared.lock().unwrap().done_bytes;
+            let mut r = self.record.lock().unwrap();
+            r.error = self.failure.lock().unwrap().clone();
+            r.bytes_done = done;
+        }
+        self.set_state(state);
+        log::info!("copy job {} ended: {state:?}", self.id);
+    }
+
+    /// Progress for `copy status`.
+    pub fn status(&self) -> serde_json::Value {
+        let r = self.record();
+        let (done, done_bytes, copied) = {
+            let s = self.shared.lock().unwrap();
+            (s.done, s.done_bytes, s.copied_bytes)
+        };
+        let (t0, b0) = *self.run_start.lock().unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let running = r.state == JobState::Running;
+        let throughput = if running && secs > 0.0 {
+            ((done_bytes - b0) as f64 / secs) as u64
+        } else {
+            0
+        };
+        let eta = (running && throughput > 0).then(|| (r.size - done_bytes) / throughput.max(1));
+        let mut v = record_json(&r);
+        v["segments_done"] = done.into();
+        v["bytes_done"] = done_bytes.into();
+        v["bytes_copied"] = copied.into();
+        v["throughput_bps"] = throughput.into();
+        v["eta_s"] = eta.into();
+        v
+    }
+}
+
+/// A finished or running job's record as `copy status` shows it.
+pub fn record_json(r: &JobRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).expect("records serialize");
+    v["segments"] = r.segments().into();
+    if r.state == JobState::Done {
+        v["segments_done"] = r.segments().into();
+    }
+    v
+}
+
+fn mismatch(offset: u64) -> io::Error {
+    io::Error::other(format!(
+        "the target does not hold what was copied at offset {offset}"
+    ))
+}
+
+/// Resolves when the job's shared state changed after `seen`.
+struct Changed<'a> {
+    job: &'a Job,
+    seen: u64,
+}
+
+impl Future for Changed<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.job.shared.lock().unwrap();
+        if s.changes != self.seen {
+            return Poll::Ready(());
+        }
+        s.waiters.push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+struct Hook(Arc<Job>);
+
+impl WriteHook for Hook {
+    fn before_write(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, crate::engine::Result<WriteGuard>> {
+        Box::pin(async move {
+            self.0.before_write(offset, len).await;
+            Ok(None)
+        })
+    }
+
+    fn after_write(&self, _offset: u64, _change: crate::engine::Change<'_>) {}
+}

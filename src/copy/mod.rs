@@ -1,0 +1,662 @@
+//! Live copy jobs: a point-in-time copy of a volume (or one of its
+//! snapshots) that is being written, to a file, a block device, another
+//! volume (`vol:NAME`) or a backup stream, and `restore` of such streams.
+//! Seeds 000 and 001: segments of a fixed block size, write interception
+//! with a FIFO hold or a copy-first, the snapshot map and data for
+//! copy-on-write, device-to-device I/O, a reordered block list, control
+//! data before and after each block.
+//!
+//! Owns: the job engine ([`job`]: segments, policies, the job thread, group
+//! commit, verify), targets ([`target`]), the stream format ([`stream`]),
+//! durable progress ([`progress`]: `DATA_DIR/jobs/<id>.json` + `<id>.map`),
+//! restore ([`restore`]) and the set of jobs of a daemon ([`Jobs`]).
+//!
+//! Policies: `cow` takes an engine-internal snapshot `.copy-<id>` at
+//! `copy start` (users cannot name, list or delete it) and reads it; the
+//! engine preserves old data once, as for any snapshot, and each segment
+//! durably copied is given back so later overwrites skip the preservation.
+//! `hold` and `direct` install a write hook and read the live volume: a
+//! write to a segment not yet copied waits until the job copied it (`hold`)
+//! or copies it first itself (`direct`).
+//!
+//! Must never: let a write reach a segment of the origin that the copy
+//! still needs before that segment's data and progress entry are durable;
+//! fail or block a client's write because the target failed (the job fails
+//! instead, and every write goes through); move data through a client
+//! connection.
+
+pub mod job;
+pub mod progress;
+pub mod restore;
+pub mod stream;
+pub mod target;
+
+use crate::control::protocol::{ControlError, ErrorCode};
+use crate::control::registry::{validate_name, Registry};
+use crate::engine::Volume;
+use crate::runtime::block_on;
+use job::{record_json, Job, Parts, Want};
+use progress::{Format, JobRecord, JobState, Policy, ProgressMap};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use target::Target;
+
+/// Internal snapshots of `cow` jobs are named `.copy-<id>`.
+pub const INTERNAL_PREFIX: &str = ".copy-";
+pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
+/// The nice value of a job thread no write waits for.
+const BACKGROUND_NICE: i32 = 10;
+
+/// `copy.start`'s fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyStart {
+    pub volume: String,
+    /// Copy this snapshot of the volume instead of the live volume.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// A file path, a block device, `vol:NAME`.
+    pub target: String,
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    #[serde(default)]
+    pub block_size: Option<u64>,
+    /// Bytes per second.
+    #[serde(default)]
+    pub rate: Option<u64>,
+    #[serde(default)]
+    pub format: Option<Format>,
+    #[serde(default)]
+    pub verify: bool,
+}
+
+enum Slot {
+    Live(Arc<Job>),
+    Ended(JobRecord),
+}
+
+/// Every job of a daemon.
+pub struct Jobs {
+    dir: PathBuf,
+    registry: Arc<Registry>,
+    jobs: Arc<Mutex<BTreeMap<u64, Slot>>>,
+    threads: Mutex<BTreeMap<u64, JoinHandle<()>>>,
+    /// Serializes start (ids, snapshot names).
+    starting: Mutex<()>,
+}
+
+fn io_err(what: &str, e: io::Error) -> ControlError {
+    let mut c = ControlError::from(e);
+    c.message = format!("{what}: {}", crate::cli::strip_os_error(&c.message));
+    c
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Jobs {
+    /// Loads `DATA_DIR/jobs/` and resumes every unfinished job: hooks are
+    /// in place when this returns, so call it before any frontend serves.
+    pub fn open(data_dir: &Path, registry: Arc<Registry>) -> io::Result<Arc<Jobs>> {
+        let dir = progress::jobs_dir(data_dir);
+        std::fs::create_dir_all(&dir)?;
+        let jobs = Arc::new(Jobs {
+            dir: dir.clone(),
+            registry,
+            jobs: Arc::new(Mutex::new(BTreeMap::new())),
+            threads: Mutex::new(BTreeMap::new()),
+            starting: Mutex::new(()),
+        });
+        let mut records = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                match progress::load_record(&path) {
+                    Ok(r) => records.push(r),
+                    Err(e) => log::error!("ignoring {}: {e}", path.display()),
+                }
+            }
+        }
+        records.sort_by_key(|r| r.id);
+        for r in records {
+            let id = r.id;
+            if r.state.finished() {
+                jobs.lock().insert(id, Slot::Ended(r));
+                continue;
+            }
+            match jobs.reload(r.clone()) {
+                Ok(job) => {
+                    log::info!("copy job {id}: resumed ({:?})", r.state);
+                    jobs.lock().insert(id, Slot::Live(job.clone()));
+                    jobs.spawn(job);
+                }
+                Err(e) => {
+                    let mut r = r;
+                    let msg = format!("cannot resume after the daemon restarted: {}", e.message);
+                    log::error!("copy job {id}: {msg}");
+                    jobs.forget_leftovers(&r);
+                    r.state = JobState::Failed;
+                    r.error = Some(msg);
+                    if let Err(e) = progress::save_record(&dir, &r) {
+                        log::error!("copy job {id}: cannot save its state: {e}");
+                    }
+                    jobs.lock().insert(id, Slot::Ended(r));
+                }
+            }
+        }
+        jobs.drop_orphan_snapshots();
+        Ok(jobs)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Slot>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `.copy-<id>` snapshots whose job is not live (a crash between taking
+    /// the snapshot and recording the job).
+    fn drop_orphan_snapshots(&self) {
+        let live: Vec<String> = self
+            .lock()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Live(j) => j.record().internal_snapshot,
+                Slot::Ended(_) => None,
+            })
+            .collect();
+        for (name, slot) in self.registry.entries() {
+            let crate::control::registry::Slot::Ready(vol) = slot else {
+                continue;
+            };
+            for s in vol.list_snapshots() {
+                if s.name.starts_with(INTERNAL_PREFIX) && !live.contains(&s.name) {
+                    log::info!("deleting {name}@{}: no copy job uses it", s.name);
+                    if let Err(e) = block_on(vol.delete_snapshot(&s.name)) {
+                        log::warn!("cannot delete {name}@{}: {e}", s.name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes what an unfinished job left (its internal snapshot, its map).
+    fn forget_leftovers(&self, r: &JobRecord) {
+        if let (Some(snap), Ok(vol)) = (&r.internal_snapshot, self.registry.volume(&r.volume)) {
+            let _ = block_on(vol.delete_snapshot(snap));
+        }
+        let _ = std::fs::remove_file(progress::map_path(&self.dir, r.id));
+    }
+
+    fn spawn(&self, job: Arc<Job>) {
+        let id = job.id;
+        let jobs = self.jobs.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("copy-{id}"))
+            .spawn(move || {
+                let r = job.record();
+                if r.policy == Policy::Cow || r.snapshot.is_some() {
+                    // No write waits for this job: let foreground I/O win
+                    // the CPU (a held or copied-first write does wait).
+                    // SAFETY: plain syscalls on this thread's own id.
+                    unsafe {
+                        let tid = libc::gettid() as libc::id_t;
+                        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE);
+                    }
+                }
+                job.clone().run();
+                // An ended job lets go of its target (a pipe sees EOF).
+                let r = job.record();
+                if r.state.finished() {
+                    drop(job);
+                    jobs.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, Slot::Ended(r));
+                }
+            })
+            .expect("spawning a copy job thread");
+        self.threads.lock().unwrap().insert(id, handle);
+    }
+
+    fn open_target(
+        &self,
+        r: &JobRecord,
+        resume: bool,
+    ) -> Result<(Target, Option<PathBuf>), ControlError> {
+        if r.target == "-" {
+            if resume {
+                return Err(ControlError::invalid(
+                    "its target was the standard output of `snapblk copy start`, which ended \
+                     with the daemon; start a new copy",
+                ));
+            }
+            let fd = crate::control::server::take_passed_fd().ok_or_else(|| {
+                ControlError::invalid(
+                    "target `-` is the standard output of the CLI, passed with the request; \
+                     use `snapblk copy start VOL --format stream --to -`",
+                )
+            })?;
+            if r.format != Format::Stream || r.verify {
+                return Err(ControlError::invalid(
+                    "standard output takes a backup stream (--format stream) without --verify",
+                ));
+            }
+            return Ok((Target::stream(std::fs::File::from(fd)), None));
+        }
+        if let Some(name) = r.target.strip_prefix("vol:") {
+            if r.format == Format::Stream {
+                return Err(ControlError::invalid(
+                    "a stream goes to a file; copy to vol:NAME with --format raw",
+                ));
+            }
+            if name == r.volume {
+                return Err(ControlError::invalid(format!(
+                    "volume {name} cannot be copied onto itself; choose another volume"
+                )));
+            }
+            let vol = self.registry.volume(name)?;
+            if vol.size() < r.size {
+                return Err(ControlError::invalid(format!(
+                    "target volume {name} has {} bytes but the copy needs {}; create a volume at \
+                     least as large",
+                    vol.size(),
+                    r.size
+                )));
+            }
+            return Ok((Target::Volume(vol.live()), None));
+        }
+        let path = Path::new(&r.target);
+        if !path.is_absolute() {
+            return Err(ControlError::invalid(format!(
+                "target path {:?} must be absolute",
+                r.target
+            )));
+        }
+        let existed = path.exists();
+        let t = Target::open_path(path, r.size, r.format == Format::Stream, resume)
+            .map_err(|e| io_err(&format!("cannot use {} as the target", r.target), e))?;
+        Ok((t, (!existed).then(|| path.to_path_buf())))
+    }
+
+    /// Builds the job for a record from disk, with its hook installed.
+    fn reload(&self, r: JobRecord) -> Result<Arc<Job>, ControlError> {
+        let vol = self.registry.volume(&r.volume)?;
+        let (target, _) = self.open_target(&r, true)?;
+        let map_path = progress::map_path(&self.dir, r.id);
+        let (map, stream_len, entries) = ProgressMap::open(&map_path, r.segments())
+            .map_err(|e| io_err("cannot read its progress map", e))?;
+        if let Target::Stream { file, pos } = &target {
+            rescan_stream(file, stream_len, pos)
+                .map_err(|e| io_err("cannot continue its stream", e))?;
+        }
+        self.build(r, vol, target, map, entries, stream_len)
+    }
+
+    fn build(
+        &self,
+        r: JobRecord,
+        vol: Arc<Volume>,
+        target: Target,
+        map: ProgressMap,
+        entries: Vec<progress::Entry>,
+        stream_len: u64,
+    ) -> Result<Arc<Job>, ControlError> {
+        let reads = r.snapshot.as_ref().or(r.internal_snapshot.as_ref());
+        let source = match reads {
+            Some(s) => vol.snapshot_view(s)?,
+            None => vol.live(),
+        };
+        let consumer = match &r.internal_snapshot {
+            Some(s) => Some(block_on(vol.consume_snapshot(s))?),
+            None => None,
+        };
+        let hooked = reads.is_none();
+        let kernel_copy = self.kernel_copy_files(&r, &vol);
+        let job = Job::new(Parts {
+            dir: self.dir.clone(),
+            record: r,
+            volume: vol,
+            source,
+            consumer,
+            target,
+            map,
+            entries,
+            committed_stream_len: stream_len,
+            kernel_copy,
+        });
+        if hooked {
+            block_on(job.install_hook());
+        }
+        Ok(job)
+    }
+
+    /// The origin and target files, when both are regular files the
+    /// kernel may copy between (raw format; `--verify` needs the data's
+    /// checksums, so it reads the data instead).
+    fn kernel_copy_files(
+        &self,
+        r: &JobRecord,
+        vol: &Volume,
+    ) -> Option<(std::fs::File, std::fs::File)> {
+        if r.format != Format::Raw || r.verify || !r.target.starts_with('/') {
+            return None;
+        }
+        let origin = PathBuf::from(vol.info().ok()?.origin);
+        let origin = if origin.is_absolute() {
+            origin
+        } else {
+            self.dir
+                .parent()?
+                .join("volumes")
+                .join(&r.volume)
+                .join(origin)
+        };
+        let is_file = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file());
+        if !is_file(&origin) || !is_file(Path::new(&r.target)) {
+            return None;
+        }
+        let from = std::fs::File::open(&origin).ok()?;
+        let to = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r.target)
+            .ok()?;
+        Some((from, to))
+    }
+
+    /// `copy.start`.
+    pub fn start(&self, req: CopyStart) -> Result<Value, ControlError> {
+        let vol = self.registry.volume(&req.volume)?;
+        if let Some(s) = &req.snapshot {
+            validate_name("snapshot", s)?;
+        }
+        let info = vol.info()?;
+        let chunk = info.chunk_size as u64;
+        let asked = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if asked == 0 || asked > stream::MAX_BLOCK as u64 {
+            return Err(ControlError::invalid(format!(
+                "block size {asked} must be between 1 byte and {} (it is rounded up to the \
+                 volume's chunk size, {chunk})",
+                stream::MAX_BLOCK
+            )));
+        }
+        let block_size = asked.div_ceil(chunk) * chunk;
+        if req.rate == Some(0) {
+            return Err(ControlError::invalid(
+                "rate must be more than 0 bytes per second; leave it out for no limit",
+            ));
+        }
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.lock().keys().next_back().map_or(1, |k| k + 1);
+        let policy = req.policy.unwrap_or(Policy::Cow);
+        let mut record = JobRecord {
+            id,
+            volume: req.volume.clone(),
+            snapshot: req.snapshot.clone(),
+            internal_snapshot: None,
+            target: req.target.clone(),
+            policy,
+            format: req.format.unwrap_or(Format::Raw),
+            block_size,
+            rate: req.rate,
+            verify: req.verify,
+            size: vol.size(),
+            chunk_size: info.chunk_size,
+            generation: info.generation,
+            created_unix_ms: now_unix_ms(),
+            state: JobState::Running,
+            error: None,
+            bytes_done: 0,
+        };
+        if let Some(s) = &req.snapshot {
+            record.generation = vol
+                .list_snapshots()
+                .iter()
+                .find(|x| &x.name == s)
+                .map(|x| x.generation)
+                .ok_or_else(|| {
+                    ControlError::not_found(format!(
+                        "snapshot {s} of volume {} not found",
+                        req.volume
+                    ))
+                })?;
+        }
+        let (target, created) = self.open_target(&record, false)?;
+        let mut undo = Undo {
+            jobs: self,
+            vol: vol.clone(),
+            id,
+            snapshot: None,
+            created,
+            armed: true,
+        };
+        if policy == Policy::Cow && req.snapshot.is_none() {
+            let name = format!("{INTERNAL_PREFIX}{id}");
+            let made = block_on(vol.create_snapshot(&name))?;
+            undo.snapshot = Some(name.clone());
+            record.internal_snapshot = Some(name);
+            record.generation = made.snapshot.generation;
+        }
+        progress::save_record(&self.dir, &record)
+            .map_err(|e| io_err("cannot record the job", e))?;
+        let map = ProgressMap::create(&progress::map_path(&self.dir, id), record.segments())
+            .map_err(|e| io_err("cannot create the job's progress map", e))?;
+        let mut stream_len = 0;
+        if let Target::Stream { file, pos } = &target {
+            let header = stream::Header {
+                volume_size: record.size,
+                chunk_size: record.chunk_size,
+                block_size: block_size as u32,
+                generation: record.generation,
+                source: match &record.snapshot {
+                    Some(s) => format!("{}@{s}", record.volume),
+                    None => record.volume.clone(),
+                },
+            }
+            .encode();
+            stream_len = header.len() as u64;
+            block_on(async {
+                use std::os::fd::AsRawFd;
+                crate::runtime::write_at(file.as_raw_fd(), &header, 0, 0).await?;
+                crate::runtime::fsync(file.as_raw_fd(), true).await?;
+                map.write(&[], Some(stream_len))?;
+                map.sync().await
+            })
+            .map_err(|e| io_err("cannot write the stream's header", e))?;
+            let mut p = pos.try_lock().expect("a new stream is not shared yet");
+            p.len = stream_len;
+            p.crc = crc32c::crc32c(&header);
+        }
+        let entries = vec![progress::Entry::Pending; record.segments() as usize];
+        let job = self.build(record, vol, target, map, entries, stream_len)?;
+        undo.armed = false;
+        let out = job.status();
+        self.lock().insert(id, Slot::Live(job.clone()));
+        self.spawn(job);
+        log::info!("copy job {id}: {} -> {} started", req.volume, req.target);
+        let mut out = out;
+        if block_size != asked {
+            out["note"] = format!(
+                "block size rounded up from {asked} to {block_size}, a multiple of the volume's \
+                 chunk size {chunk}"
+            )
+            .into();
+        }
+        Ok(out)
+    }
+
+    fn job(&self, id: u64) -> Result<Arc<Job>, ControlError> {
+        match self.lock().get(&id) {
+            Some(Slot::Live(j)) => match j.record() {
+                r if r.state.finished() => Err(ended(&r)),
+                _ => Ok(j.clone()),
+            },
+            Some(Slot::Ended(r)) => Err(ended(r)),
+            None => Err(not_found(id)),
+        }
+    }
+
+    fn status_of(&self, slot: &Slot) -> Value {
+        match slot {
+            Slot::Live(j) => j.status(),
+            Slot::Ended(r) => record_json(r),
+        }
+    }
+
+    /// `copy.status`: one job, or every job not yet ended.
+    pub fn status(&self, id: Option<u64>) -> Result<Value, ControlError> {
+        let map = self.lock();
+        match id {
+            Some(id) => map
+                .get(&id)
+                .map(|s| self.status_of(s))
+                .ok_or_else(|| not_found(id)),
+            None => Ok(Value::Array(
+                map.values()
+                    .map(|s| self.status_of(s))
+                    .filter(|v| {
+                        !matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled"))
+                    })
+                    .collect(),
+            )),
+        }
+    }
+
+    /// `copy.list`: every job, ended ones too.
+    pub fn list(&self) -> Value {
+        Value::Array(self.lock().values().map(|s| self.status_of(s)).collect())
+    }
+
+    /// Refuses (`busy`) while a running job reads or writes volume `name`.
+    pub fn check_unused(&self, name: &str) -> Result<(), ControlError> {
+        let target = format!("vol:{name}");
+        for slot in self.lock().values() {
+            let Slot::Live(j) = slot else { continue };
+            let r = j.record();
+            if !r.state.finished() && (r.volume == name || r.target == target) {
+                return Err(ControlError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "volume {name} is in use by copy job {}; wait for it or cancel it with \
+                         `snapblk copy cancel {}`",
+                        r.id, r.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self, id: u64) -> Result<Value, ControlError> {
+        let job = self.job(id)?;
+        job.set_want(Want::Pause);
+        Ok(job.status())
+    }
+
+    pub fn resume(&self, id: u64) -> Result<Value, ControlError> {
+        let job = self.job(id)?;
+        job.set_want(Want::Run);
+        Ok(job.status())
+    }
+
+    /// `copy.cancel`: the job ends; the target keeps what was copied.
+    pub fn cancel(&self, id: u64) -> Result<Value, ControlError> {
+        let job = self.job(id)?;
+        job.set_want(Want::Cancel);
+        let thread = self.threads.lock().unwrap().remove(&id);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        Ok(record_json(&job.record()))
+    }
+
+    /// Stops every job thread, leaving unfinished jobs to resume at next
+    /// start. Call after the frontends stopped taking requests.
+    pub fn shutdown(&self) {
+        for slot in self.lock().values() {
+            if let Slot::Live(j) = slot {
+                if !j.record().state.finished() {
+                    j.set_want(Want::Stop);
+                }
+            }
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        for (_, t) in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn not_found(id: u64) -> ControlError {
+    ControlError::not_found(format!(
+        "copy job {id} not found; list jobs with `snapblk copy list`"
+    ))
+}
+
+fn ended(r: &JobRecord) -> ControlError {
+    ControlError::new(
+        ErrorCode::InvalidArgument,
+        format!(
+            "copy job {} has already ended ({}); start a new one with `snapblk copy start`",
+            r.id,
+            serde_json::to_value(r.state)
+                .unwrap()
+                .as_str()
+                .unwrap_or("?")
+        ),
+    )
+}
+
+/// Rebuilds a stream's position after a restart: cuts what was written
+/// after the last commit and re-reads the rest for its checksum.
+fn rescan_stream(
+    file: &std::fs::File,
+    len: u64,
+    pos: &futures::lock::Mutex<target::StreamPos>,
+) -> io::Result<()> {
+    file.set_len(len)?;
+    let mut r =
+        stream::StreamReader::open(io::BufReader::new(stream::ReadFrom(file.try_clone()?, 0)))
+            .map_err(io::Error::other)?;
+    let mut data = Vec::new();
+    while r.position() < len {
+        r.next(&mut data).map_err(io::Error::other)?;
+    }
+    let mut p = pos.try_lock().expect("a resumed stream is not shared yet");
+    p.len = len;
+    p.crc = r.crc();
+    p.blocks = r.blocks();
+    Ok(())
+}
+
+/// Undoes a `copy.start` that failed half-way.
+struct Undo<'a> {
+    jobs: &'a Jobs,
+    vol: Arc<Volume>,
+    id: u64,
+    snapshot: Option<String>,
+    created: Option<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(s) = &self.snapshot {
+            let _ = block_on(self.vol.delete_snapshot(s));
+        }
+        let _ = std::fs::remove_file(progress::map_path(&self.jobs.dir, self.id));
+        let _ = std::fs::remove_file(progress::record_path(&self.jobs.dir, self.id));
+        if let Some(p) = &self.created {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

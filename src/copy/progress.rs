@@ -1,0 +1,192 @@
+//! A job's durable state: `DATA_DIR/jobs/<id>.json` (what the job is, its
+//! state; replaced atomically) and `DATA_DIR/jobs/<id>.map` (per-segment
+//! progress, updated in place with pwrite + fdatasync, many segments per
+//! fdatasync).
+//!
+//! Map layout: `"SBCPMAP1"`, the committed stream length (u64, stream
+//! targets), then 8 bytes per segment: state (u32: 0 pending, 1 copied,
+//! 2 zero) and the crc32c of the data written to the target (u32). An entry
+//! is written only after the target holds its segment durably.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const MAP_MAGIC: &[u8; 8] = b"SBCPMAP1";
+const MAP_HEADER: u64 = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Cow,
+    Hold,
+    Direct,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Stream,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    Paused,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// What `<id>.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: u64,
+    pub volume: String,
+    /// The user snapshot copied (`VOL@SNAP`), if any.
+    pub snapshot: Option<String>,
+    /// The engine-internal snapshot that holds the `cow` point-in-time image.
+    pub internal_snapshot: Option<String>,
+    pub target: String,
+    pub policy: Policy,
+    pub format: Format,
+    pub block_size: u64,
+    pub rate: Option<u64>,
+    pub verify: bool,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub generation: u64,
+    pub created_unix_ms: u64,
+    pub state: JobState,
+    pub error: Option<String>,
+    /// Bytes durably done when the job ended (`copy list` of ended jobs).
+    #[serde(default)]
+    pub bytes_done: u64,
+}
+
+impl JobRecord {
+    pub fn segments(&self) -> u64 {
+        self.size.div_ceil(self.block_size)
+    }
+}
+
+pub fn jobs_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("jobs")
+}
+
+pub fn record_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+pub fn map_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id}.map"))
+}
+
+pub fn save_record(dir: &Path, record: &JobRecord) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+    crate::backend::file::replace_atomically(&record_path(dir, record.id), &bytes)
+}
+
+pub fn load_record(path: &Path) -> io::Result<JobRecord> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a job record: {e}", path.display()),
+        )
+    })
+}
+
+/// One segment's durable progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Pending,
+    Copied(u32),
+    Zero,
+}
+
+/// The progress map file.
+pub struct ProgressMap {
+    file: File,
+}
+
+impl ProgressMap {
+    /// Creates an all-pending map for `segments` segments, durably.
+    pub fn create(path: &Path, segments: u64) -> io::Result<ProgressMap> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        let mut header = [0u8; MAP_HEADER as usize];
+        header[..8].copy_from_slice(MAP_MAGIC);
+        file.write_all_at(&header, 0)?;
+        file.set_len(MAP_HEADER + segments * 8)?;
+        file.sync_all()?;
+        Ok(ProgressMap { file })
+    }
+
+    /// Opens a map and reads it: (committed stream length, entries).
+    pub fn open(path: &Path, segments: u64) -> io::Result<(ProgressMap, u64, Vec<Entry>)> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let mut bytes = vec![0u8; (MAP_HEADER + segments * 8) as usize];
+        file.read_exact_at(&mut bytes, 0)?;
+        if &bytes[..8] != MAP_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a progress map", path.display()),
+            ));
+        }
+        let stream_len = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+        let entries = bytes[MAP_HEADER as usize..]
+            .chunks_exact(8)
+            .map(|e| {
+                let crc = u32::from_le_bytes(e[4..].try_into().unwrap());
+                match u32::from_le_bytes(e[..4].try_into().unwrap()) {
+                    1 => Entry::Copied(crc),
+                    2 => Entry::Zero,
+                    _ => Entry::Pending,
+                }
+            })
+            .collect();
+        Ok((ProgressMap { file }, stream_len, entries))
+    }
+
+    /// Writes entries and the stream length; durable after [`Self::sync`].
+    pub fn write(&self, entries: &[(u64, Entry)], stream_len: Option<u64>) -> io::Result<()> {
+        for &(segment, entry) in entries {
+            let (state, crc) = match entry {
+                Entry::Pending => (0u32, 0u32),
+                Entry::Copied(crc) => (1, crc),
+                Entry::Zero => (2, 0),
+            };
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&state.to_le_bytes());
+            b[4..].copy_from_slice(&crc.to_le_bytes());
+            self.file.write_all_at(&b, MAP_HEADER + segment * 8)?;
+        }
+        if let Some(len) = stream_len {
+            self.file.write_all_at(&len.to_le_bytes(), 8)?;
+        }
+        Ok(())
+    }
+
+    pub async fn sync(&self) -> io::Result<()> {
+        crate::runtime::fsync(self.file.as_raw_fd(), true).await
+    }
+}

@@ -1,0 +1,294 @@
+//! Where a copy goes: a file (created sparse), an existing block device,
+//! another volume of the daemon (`vol:NAME`), or a backup stream file.
+//!
+//! File and device targets are written through the job thread's io_uring,
+//! with O_DIRECT when the target accepts it (buffers are page aligned); a
+//! file system that refuses O_DIRECT (tmpfs) gets buffered I/O instead.
+
+use super::stream;
+use crate::engine::{EngineError, View};
+use crate::runtime;
+use futures::lock::Mutex;
+use std::alloc::{self, Layout};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+const ALIGN: usize = 4096;
+
+/// A page-aligned byte buffer (O_DIRECT needs aligned memory).
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation exclusively.
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let layout = Layout::from_size_align(len.max(1), ALIGN).expect("buffer layout");
+        // SAFETY: non-zero size layout.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for the buffer's life.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len.max(1), ALIGN).expect("buffer layout");
+        // SAFETY: allocated with this layout in `zeroed`.
+        unsafe { alloc::dealloc(self.ptr, layout) }
+    }
+}
+
+/// Where a stream's next frame goes, and what the stream holds so far.
+pub struct StreamPos {
+    pub len: u64,
+    pub crc: u32,
+    pub blocks: u64,
+}
+
+pub enum Target {
+    /// A regular file or block device; `fresh` when it was created by this
+    /// job (it reads as zeros where nothing was written).
+    Device {
+        file: File,
+        fresh: bool,
+    },
+    Volume(View),
+    Stream {
+        file: File,
+        pos: Mutex<StreamPos>,
+    },
+}
+
+fn open_direct(path: &Path, create: bool) -> io::Result<File> {
+    let open = |flags: i32| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).custom_flags(flags);
+        if create {
+            o.create_new(true);
+        }
+        o.open(path)
+    };
+    match open(libc::O_DIRECT) {
+        Ok(f) => Ok(f),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            if create {
+                // create_new made it before O_DIRECT was refused.
+                let _ = std::fs::remove_file(path);
+            }
+            open(0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn size_of(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+}
+
+impl Target {
+    /// Opens a file or block device target. `resume`: reopen what an
+    /// earlier run of the job created. Raw targets need `size` bytes.
+    pub fn open_path(path: &Path, size: u64, stream: bool, resume: bool) -> io::Result<Target> {
+        let meta = std::fs::metadata(path);
+        let is_dev = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
+        if stream {
+            if is_dev {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is a block device; a stream goes to a file (or `-`)",
+                        path.display()
+                    ),
+                ));
+            }
+            let mut o = OpenOptions::new();
+            o.read(true).write(true);
+            if !resume {
+                o.create_new(true);
+            }
+            let file = o.open(path).map_err(|e| exists_hint(e, path))?;
+            return Ok(Target::stream(file));
+        }
+        // O_DIRECT needs every I/O aligned; a volume whose size is not a
+        // multiple of the page size ends in a short segment.
+        let direct_ok = size.is_multiple_of(ALIGN as u64);
+        if is_dev || resume {
+            let file = if direct_ok {
+                open_direct(path, false)?
+            } else {
+                OpenOptions::new().read(true).write(true).open(path)?
+            };
+            let have = size_of(&file)?;
+            if have < size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "target {} holds {have} bytes but the copy needs {size}; use a larger device",
+                        path.display()
+                    ),
+                ));
+            }
+            return Ok(Target::Device {
+                file,
+                fresh: !is_dev,
+            });
+        }
+        let file = if direct_ok {
+            open_direct(path, true)
+        } else {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+        }
+        .map_err(|e| exists_hint(e, path))?;
+        file.set_len(size)?;
+        Ok(Target::Device { file, fresh: true })
+    }
+
+    /// A stream target writing to `file` (a file, or a pipe from the CLI).
+    pub fn stream(file: File) -> Target {
+        Target::Stream {
+            file,
+            pos: Mutex::new(StreamPos {
+                len: 0,
+                crc: 0,
+                blocks: 0,
+            }),
+        }
+    }
+
+    /// Whether ranges that read as zeros can be left unwritten.
+    pub fn reads_zero_unwritten(&self) -> bool {
+        matches!(
+            self,
+            Target::Device { fresh: true, .. } | Target::Stream { .. }
+        )
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        match self {
+            Target::Device { file, .. } => {
+                runtime::write_at(file.as_raw_fd(), data, offset, 0).await
+            }
+            Target::Volume(view) => view.write(offset, data, false).await.map_err(engine_io),
+            Target::Stream { file, pos } => {
+                let head = stream::frame_head(offset, data.len() as u32);
+                let tail = stream::frame_tail(&head, data);
+                let mut p = pos.lock().await;
+                let fd = file.as_raw_fd();
+                runtime::write_at(fd, &head, p.len, 0).await?;
+                runtime::write_at(fd, data, p.len + head.len() as u64, 0).await?;
+                runtime::write_at(fd, &tail, p.len + (head.len() + data.len()) as u64, 0).await?;
+                p.crc = crc32c::crc32c_append(p.crc, &head);
+                p.crc = crc32c::crc32c_append(p.crc, data);
+                p.crc = crc32c::crc32c_append(p.crc, &tail);
+                p.len += (head.len() + data.len() + tail.len()) as u64;
+                p.blocks += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes `[offset, +len)` read as zeros (targets that do not already).
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            Target::Device { fresh: true, .. } | Target::Stream { .. } => Ok(()),
+            Target::Device { file, .. } => {
+                let fd = file.as_raw_fd();
+                if runtime::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE, offset, len)
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                let zeros = AlignedBuf::zeroed(len as usize);
+                runtime::write_at(fd, &zeros, offset, 0).await
+            }
+            Target::Volume(view) => view
+                .write_zeroes(offset, len, false)
+                .await
+                .map_err(engine_io),
+        }
+    }
+
+    pub async fn flush(&self) -> io::Result<()> {
+        match self {
+            Target::Device { file, .. } => runtime::fsync(file.as_raw_fd(), true).await,
+            Target::Stream { file, .. } => match runtime::fsync(file.as_raw_fd(), true).await {
+                // A pipe or socket: nothing to make durable here.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+                r => r,
+            },
+            Target::Volume(view) => view.flush().await.map_err(engine_io),
+        }
+    }
+
+    /// Reads back a raw target (for `--verify`).
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            Target::Device { file, .. } => runtime::read_at(file.as_raw_fd(), buf, offset).await,
+            Target::Volume(view) => view.read(offset, buf).await.map_err(engine_io),
+            Target::Stream { .. } => Err(io::Error::other("a stream is read with its reader")),
+        }
+    }
+
+    /// The stream's committed length now (after what is written so far).
+    pub async fn stream_len(&self) -> Option<u64> {
+        match self {
+            Target::Stream { pos, .. } => Some(pos.lock().await.len),
+            _ => None,
+        }
+    }
+}
+
+fn exists_hint(e: io::Error, path: &Path) -> io::Error {
+    if e.kind() == io::ErrorKind::AlreadyExists {
+        io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "target {} already exists; remove it or choose a new path (a copy never overwrites a file)",
+                path.display()
+            ),
+        )
+    } else {
+        e
+    }
+}
+
+/// An engine error as the I/O error it is (ENOSPC stays ENOSPC).
+pub fn engine_io(e: EngineError) -> io::Error {
+    match e {
+        EngineError::Io(e) => e,
+        EngineError::NoSpace => io::Error::from_raw_os_error(libc::ENOSPC),
+        other => io::Error::other(other.to_string()),
+    }
+}

@@ -1,0 +1,584 @@
+//! Live copy jobs end to end: the real daemon, a libnbd writer writing
+//! random data the whole time, and the CLI. Each test fails if its feature
+//! breaks: point-in-time images per policy, hold ordering, kill -9 and
+//! resume, stream round trip and corruption, ENOSPC on the target.
+
+mod common;
+
+use common::{
+    assert_same, first_diff, mount_tmpfs, py_spawn, qemu_io_ok, random_bytes, read_stderr, run_ok,
+    skip_without, tempdir, Daemon,
+};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+/// Writes random 4 KiB blocks at random slots until told otherwise.
+/// stdin: `pause` (flush, print PAUSED, wait), `go`, `stop` (flush, read
+/// every slot back and compare with the last write: PASS/FAIL, and how
+/// many writes followed the last `go`). Exits quietly if the daemon dies.
+const WRITER: &str = r#"
+import nbd, os, random, select, sys
+uri, nslots = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD(); h.connect_uri(uri)
+last = {}
+since_go = 0
+print("READY", flush=True)
+try:
+    while True:
+        r, _, _ = select.select([sys.stdin], [], [], 0)
+        if r:
+            cmd = sys.stdin.readline().strip()
+            if cmd == "pause":
+                h.flush(); print("PAUSED", flush=True)
+                cmd = sys.stdin.readline().strip()
+                since_go = 0
+            if cmd == "stop":
+                h.flush()
+                for slot, data in last.items():
+                    if h.pread(4096, slot * 4096) != data:
+                        print("FAIL slot", slot, flush=True); sys.exit(1)
+                print("PASS", len(last), "WROTE", since_go, flush=True)
+                sys.exit(0)
+        slot = random.randrange(nslots)
+        data = os.urandom(4096)
+        h.pwrite(data, slot * 4096)
+        last[slot] = data
+        since_go += 1
+except nbd.Error as e:
+    print("DEAD", e, flush=True)
+"#;
+
+struct Writer {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+}
+
+impl Writer {
+    fn start(d: &Daemon, volume: &str, nslots: u64) -> Writer {
+        let mut child = py_spawn(WRITER, &[d.uri(volume), nslots.to_string()], true);
+        let stdin = child.stdin.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = Writer {
+            child,
+            stdin,
+            lines,
+        };
+        w.expect("READY");
+        w
+    }
+
+    fn expect(&mut self, prefix: &str) -> String {
+        match self.lines.recv_timeout(Duration::from_secs(300)) {
+            Ok(l) if l.starts_with(prefix) => l,
+            other => {
+                let _ = self.child.kill();
+                panic!(
+                    "writer: expected {prefix}, got {other:?}; stderr: {}",
+                    read_stderr(&mut self.child)
+                )
+            }
+        }
+    }
+
+    fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Stops the writer; asserts the live volume holds every write and
+    /// returns how many writes followed the last `go`.
+    fn stop(&mut self) -> u64 {
+        self.send("stop");
+        let l = self.expect("PASS");
+        let _ = self.child.wait();
+        l.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_ended(d: &Daemon, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = d.json(&["copy", "status", id]);
+        if matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled")) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {id} never ended: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A daemon with volume `v` of `size`, unless a tool is missing.
+fn daemon_with_v(test: &str, tools: &[&str], size: &str) -> Option<(tempfile::TempDir, Daemon)> {
+    if skip_without(test, tools) {
+        return None;
+    }
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", size]);
+    Some((t, d))
+}
+
+/// `copy start v --to TARGET ...`; returns the job id.
+fn start_job(
+    d: &Daemon,
+    target: &Path,
+    policy: &str,
+    block_size: &str,
+    rate: &str,
+    verify: bool,
+) -> String {
+    let mut args = vec!["copy", "start", "v", "--to", target.to_str().unwrap()];
+    args.extend([
+        "--policy",
+        policy,
+        "--block-size",
+        block_size,
+        "--rate",
+        rate,
+    ]);
+    if verify {
+        args.push("--verify");
+    }
+    d.ok(&args).trim().to_string()
+}
+
+/// The export's whole content, via qemu-img.
+fn image(d: &Daemon, export: &str, path: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(path);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(d.uri(export))
+            .arg(path),
+    );
+    std::fs::read(path).unwrap()
+}
+
+fn fill(d: &Daemon, volume: &str, size: u64) {
+    // Data in most places, a hole in the middle (skipped as zeros).
+    let cmds: Vec<String> = (0..size / (1 << 20))
+        .filter(|i| i % 4 != 2)
+        .map(|i| format!("write -P {} {}M 1M", 0x10 + i, i))
+        .collect();
+    qemu_io_ok(&d.uri(volume), false, &cmds);
+}
+
+/// A filled 16 MiB volume `v`, a writer writing to it, and a copy job
+/// started with no write between it and snapshot `s` (the writer paused
+/// around both), so `s` is the image the target must equal. The writer is
+/// writing again on return.
+struct PausedStart {
+    t: tempfile::TempDir,
+    d: Daemon,
+    w: Writer,
+    id: String,
+    target: std::path::PathBuf,
+}
+
+fn start_copy_under_writes(test: &str, policy: &str, rate: &str) -> Option<PausedStart> {
+    let (t, d) = daemon_with_v(test, &["python3-nbd", "qemu-img", "qemu-io"], "16M")?;
+    fill(&d, "v", 16 << 20);
+    let mut w = Writer::start(&d, "v", 4096);
+    std::thread::sleep(Duration::from_millis(200));
+    w.send("pause");
+    w.expect("PAUSED");
+    d.ok(&["snapshot", "create", "v", "s"]);
+    let target = t.path().join("copy.img");
+    // --verify reads the data (for its checksums); without it a cow job
+    // lets the kernel copy origin ranges (copy_file_range): test both.
+    let id = start_job(&d, &target, policy, "256K", rate, policy != "cow");
+    w.send("go");
+    Some(PausedStart {
+        t,
+        d,
+        w,
+        id,
+        target,
+    })
+}
+
+/// Asserts the target holds exactly snapshot `s`.
+fn assert_target_is_snapshot(p: &PausedStart, what: &str) {
+    let want = image(&p.d, "v@s", &p.t.path().join("snap.img"));
+    let got = std::fs::read(&p.target).unwrap();
+    assert_same(what, &got, &want);
+}
+
+/// The image at `copy start` is exactly the target, while a writer writes
+/// throughout the job, under `policy`; the live volume keeps every write.
+fn copy_under_writes(policy: &str) {
+    let test = format!("copy_under_writes_{policy}");
+    let Some(mut p) = start_copy_under_writes(&test, policy, "8M") else {
+        return;
+    };
+    let end = wait_ended(&p.d, &p.id);
+    assert_eq!(end["state"], "done", "{end}");
+    let wrote = p.w.stop();
+    assert!(wrote > 0, "the writer wrote nothing during the job");
+    assert_target_is_snapshot(&p, &format!("{policy} copy vs snapshot at start"));
+    // The job's own snapshot is gone; users never saw it.
+    assert_eq!(p.d.json(&["volume", "info", "v"])["snapshots"], 1);
+}
+
+#[test]
+fn cow_copy_under_writes_is_the_image_at_start() {
+    copy_under_writes("cow");
+}
+
+#[test]
+fn hold_copy_under_writes_is_the_image_at_start() {
+    copy_under_writes("hold");
+}
+
+#[test]
+fn direct_copy_under_writes_is_the_image_at_start() {
+    copy_under_writes("direct");
+}
+
+/// hold and direct: a write to a segment the job has not reached yet
+/// completes only once that segment's old data is in the target (the job
+/// is slowed by --rate so it cannot have got there on its own).
+#[test]
+fn hold_and_direct_copy_a_segment_before_its_write_completes() {
+    let Some((t, d)) = daemon_with_v("hold_ordering", &["qemu-io"], "4M") else {
+        return;
+    };
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x11 0 4M"]);
+    for policy in ["hold", "direct"] {
+        let target = t.path().join(format!("{policy}.img"));
+        let id = start_job(&d, &target, policy, "64K", "128K", false);
+        let id = id.trim();
+        let last = (4 << 20) - (64 << 10);
+        qemu_io_ok(&d.uri("v"), false, &[format!("write -P 0x22 {last} 64K")]);
+        // The write completed: its segment's old data is already copied.
+        let got = std::fs::read(&target).unwrap();
+        let seg = &got[last as usize..];
+        assert!(
+            seg.iter().all(|&b| b == 0x11),
+            "{policy}: the target lacks the old data of the written segment"
+        );
+        let v = d.json(&["copy", "status", id]);
+        assert!(
+            v["bytes_done"].as_u64().unwrap() < 4 << 20,
+            "{policy}: the job finished first; the test proves nothing: {v}"
+        );
+        let v = d.json(&["copy", "cancel", id]);
+        assert_eq!(v["state"], "cancelled");
+        qemu_io_ok(&d.uri("v"), true, &[format!("read -P 0x22 {last} 64K")]);
+        qemu_io_ok(&d.uri("v"), false, &["write -P 0x11 0 4M"]);
+    }
+    // Ended jobs cannot be paused, resumed or cancelled again.
+    let e = d.fails(&["copy", "pause", "1"]);
+    assert!(e.contains("already ended"), "{e}");
+    let e = d.fails(&["copy", "status", "99"]);
+    assert!(e.contains("not found"), "{e}");
+}
+
+/// kill -9 in the middle of a job; after the restart the job resumes (its
+/// hook in place before NBD serves) and, with a new writer writing, still
+/// produces exactly the image at start.
+fn kill9_mid_job(policy: &str) {
+    let test = format!("kill9_mid_job_{policy}");
+    let Some(mut p) = start_copy_under_writes(&test, policy, "4M") else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = p.d.json(&["copy", "status", &p.id]);
+        if v["bytes_done"].as_u64().unwrap() >= 4 << 20 {
+            assert_eq!(v["state"], "running", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.d.kill9_and_restart();
+    let v = p.d.json(&["copy", "status", &p.id]);
+    assert!(
+        matches!(v["state"].as_str(), Some("running" | "done")),
+        "{v}"
+    );
+    p.w = Writer::start(&p.d, "v", 4096);
+    let end = wait_ended(&p.d, &p.id);
+    assert_eq!(end["state"], "done", "{end}");
+    p.w.stop();
+    assert_target_is_snapshot(&p, &format!("{policy} copy across kill -9"));
+}
+
+#[test]
+fn cow_job_survives_kill9() {
+    kill9_mid_job("cow");
+}
+
+#[test]
+fn hold_job_survives_kill9() {
+    kill9_mid_job("hold");
+}
+
+/// A stream to a file and to the CLI's stdout both restore to the image;
+/// one flipped byte and a cut stream fail restore, naming the offset.
+#[test]
+fn stream_round_trip_and_corruption() {
+    let Some((t, d)) = daemon_with_v("stream_round_trip", &["qemu-img", "qemu-io"], "8M") else {
+        return;
+    };
+    let data = random_bytes(7, 3 << 20);
+    let src = t.path().join("src.img");
+    std::fs::write(&src, &data).unwrap();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(d.uri("v")),
+    );
+    let want = image(&d, "v", &t.path().join("live.img"));
+
+    let stream = t.path().join("v.stream");
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v",
+        "--to",
+        stream.to_str().unwrap(),
+        "--format",
+        "stream",
+        "--block-size",
+        "512K",
+        "--verify",
+    ]);
+    assert_eq!(wait_ended(&d, id.trim())["state"], "done");
+    let restored = t.path().join("restored.img");
+    let out = d.ok(&[
+        "restore",
+        stream.to_str().unwrap(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(out.contains("restored 8 MiB"), "{out}");
+    assert_same("restored stream", &std::fs::read(&restored).unwrap(), &want);
+
+    // To the CLI's standard output (passed to the daemon), into restore's stdin.
+    let piped = t.path().join("piped.stream");
+    let status = Command::new(common::BIN)
+        .arg("--control")
+        .arg(d.control())
+        .args(["copy", "start", "v", "--format", "stream", "--to", "-"])
+        .stdout(std::fs::File::create(&piped).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let restored2 = t.path().join("restored2.img");
+    let out = Command::new(common::BIN)
+        .args(["restore", "-", "--to", restored2.to_str().unwrap()])
+        .stdin(std::fs::File::open(&piped).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_same("stdout stream", &std::fs::read(&restored2).unwrap(), &want);
+
+    let bytes = std::fs::read(&stream).unwrap();
+    let mut flipped = bytes.clone();
+    let at = bytes.len() / 2;
+    flipped[at] ^= 0x01;
+    let bad = t.path().join("flipped.stream");
+    std::fs::write(&bad, &flipped).unwrap();
+    let e = d.fails(&[
+        "restore",
+        bad.to_str().unwrap(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("corrupt at byte") && e.contains("volume offset"),
+        "{e}"
+    );
+
+    let cut = t.path().join("cut.stream");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let e = d.fails(&[
+        "restore",
+        cut.to_str().unwrap(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains(&format!("truncated: it ends at byte {}", bytes.len() - 100)),
+        "{e}"
+    );
+    assert!(first_diff(&bytes, &flipped).is_some());
+}
+
+/// Copies to another volume, and of a snapshot (VOL@SNAP); bad requests
+/// get clear errors and the daemon goes on; the job's snapshot is hidden.
+#[test]
+fn volume_targets_snapshot_sources_and_bad_requests() {
+    let Some((t, d)) = daemon_with_v("volume_targets", &["qemu-img", "qemu-io"], "4M") else {
+        return;
+    };
+    d.ok(&["volume", "create", "w", "--size", "8M"]);
+    d.ok(&["volume", "create", "small", "--size", "1M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x33 0 4M"]);
+    qemu_io_ok(&d.uri("w"), false, &["write -P 0x44 0 8M"]);
+    d.ok(&["snapshot", "create", "v", "s"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x55 0 1M"]);
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v@s",
+        "--to",
+        "vol:w",
+        "--block-size",
+        "100K",
+    ]);
+    let end = wait_ended(&d, id.trim());
+    assert_eq!(end["state"], "done", "{end}");
+    assert_eq!(end["block_size"], 128 << 10, "rounded to the chunk size");
+    qemu_io_ok(
+        &d.uri("w"),
+        true,
+        &["read -P 0x33 0 4M", "read -P 0x44 4M 4M"],
+    );
+
+    let e = d.fails(&["copy", "start", "v", "--to", "vol:small"]);
+    assert!(e.contains("create a volume at least as large"), "{e}");
+    let e = d.fails(&["copy", "start", "v", "--to", "vol:v"]);
+    assert!(e.contains("onto itself"), "{e}");
+    let e = d.fails(&["copy", "start", "nope", "--to", "/tmp/x"]);
+    assert!(e.contains("volume nope not found"), "{e}");
+    let existing = t.path().join("exists.img");
+    std::fs::write(&existing, b"keep me").unwrap();
+    let e = d.fails(&["copy", "start", "v", "--to", existing.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+    let e = d.fails(&["copy", "start", "v", "--to", "-"]);
+    assert!(e.contains("--format stream"), "{e}");
+
+    // A slow cow job: its snapshot is neither listed nor deletable.
+    let target = t.path().join("slow.img");
+    let id = d.ok(&[
+        "copy",
+        "start",
+        "v",
+        "--to",
+        target.to_str().unwrap(),
+        "--rate",
+        "256K",
+    ]);
+    let id = id.trim();
+    let snaps = d.names(&["snapshot", "list", "v"]);
+    assert_eq!(snaps, ["s"]);
+    let e = d.fails(&["snapshot", "delete", "v", &format!(".copy-{id}")]);
+    assert!(e.contains("not found"), "{e}");
+    let v = d.json(&["copy", "pause", id]);
+    assert_eq!(v["state"], "paused");
+    let e = d.fails(&["volume", "delete", "v"]);
+    assert!(e.contains(&format!("in use by copy job {id}")), "{e}");
+    let listed = d.json(&["copy", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    d.json(&["copy", "resume", id]);
+    assert_eq!(d.json(&["copy", "cancel", id])["state"], "cancelled");
+    assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 1);
+    let out = d.ok(&["copy", "list"]);
+    assert!(out.contains("cancelled") && out.contains("done"), "{out}");
+    let ended = d.json(&["copy", "status", id]);
+    assert!(ended["bytes_done"].as_u64().unwrap() > 0, "{ended}");
+}
+
+/// A target file system that fills up fails the job with a clear error;
+/// the volume and its writer are unaffected.
+#[test]
+fn full_target_fails_the_job_not_the_volume() {
+    if skip_without("full_target", &["python3-nbd", "qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let mnt = t.path().join("mnt");
+    let Some(_mount) = mount_tmpfs("full_target", &mnt, "4M") else {
+        return;
+    };
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "16M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x66 0 16M"]);
+    for policy in ["cow", "direct"] {
+        let mut w = Writer::start(&d, "v", 4096);
+        let target = mnt.join(format!("{policy}.img"));
+        let id = d.ok(&[
+            "copy",
+            "start",
+            "v",
+            "--to",
+            target.to_str().unwrap(),
+            "--policy",
+            policy,
+        ]);
+        let end = wait_ended(&d, id.trim());
+        assert_eq!(end["state"], "failed", "{end}");
+        let msg = end["error"].as_str().unwrap();
+        assert!(
+            msg.contains("is full") && msg.contains(target.to_str().unwrap()),
+            "{msg}"
+        );
+        assert!(msg.contains("free space"), "{msg}");
+        w.stop();
+        std::fs::remove_file(&target).unwrap();
+    }
+    assert_eq!(d.json(&["volume", "info", "v"])["snapshots"], 0);
+    let out = d.ok(&["copy", "status", "1"]);
+    assert!(out.contains("failed") && out.contains("is full"), "{out}");
+}
+
+/// A stream job killed with -9 resumes: the stream is cut back to its last
+/// committed frame, continues, and restores to the image at start.
+#[test]
+fn stream_job_survives_kill9() {
+    let Some((t, mut d)) = daemon_with_v("stream_kill9", &["qemu-img", "qemu-io"], "8M") else {
+        return;
+    };
+    fill(&d, "v", 8 << 20);
+    d.ok(&["snapshot", "create", "v", "s"]);
+    let stream = t.path().join("v.stream");
+    let target = stream.to_str().unwrap();
+    let args = ["copy", "start", "v", "--to", target, "--format", "stream"];
+    let id = d.ok(&[&args[..], &["--rate", "2M", "--block-size", "256K"]].concat());
+    let id = id.trim();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while d.json(&["copy", "status", id])["bytes_done"]
+        .as_u64()
+        .unwrap()
+        < 2 << 20
+    {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9_and_restart();
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x77 0 8M"]);
+    assert_eq!(wait_ended(&d, id)["state"], "done");
+    let restored = t.path().join("restored.img");
+    d.ok(&["restore", target, "--to", restored.to_str().unwrap()]);
+    let want = image(&d, "v@s", &t.path().join("snap.img"));
+    assert_same(
+        "stream across kill -9",
+        &std::fs::read(&restored).unwrap(),
+        &want,
+    );
+}
