@@ -4,6 +4,7 @@
 //! Layers, top to bottom (data flows down, never back up):
 //! - [`control`]: the daemon, its registry of volumes and the control socket;
 //! - [`frontend`]: NBD (and, next, ublk) adapters that turn requests into engine calls;
+//! - [`replication`]: mirrors of volumes on other daemons (links, replicas);
 //! - [`engine`]: volumes, partitions, snapshots, copy-on-write, journals, recovery;
 //! - [`backend`]: files, block devices and the fault-injecting memory disk;
 //! - [`runtime`]: the per-thread io_uring executor everything above runs on.
@@ -14,4 +15,5 @@ pub mod control;
 pub mod copy;
 pub mod engine;
 pub mod frontend;
+pub mod replication;
 pub mod runtime;

@@ -9,11 +9,13 @@ pub mod client;
 pub mod copy;
 pub mod output;
 pub mod paths;
+pub mod replicate;
 pub mod size;
 
 use crate::control::daemon::{self, DaemonConfig, DEFAULT_NBD_TCP};
 use crate::control::protocol::Request;
 use crate::control::registry::validate_name;
+use crate::replication::ReplicationConfig;
 use clap::{Args, Parser, Subcommand};
 use client::CliError;
 use serde_json::Value;
@@ -61,6 +63,9 @@ pub enum Command {
     Copy(copy::CopyCmd),
     /// Write a backup stream (from `copy start --format stream`) to a file or device
     Restore(copy::RestoreArgs),
+    /// Replicate volumes to another daemon: start, stop, status, cp, promote
+    #[command(subcommand)]
+    Replicate(replicate::ReplicateCmd),
 }
 
 #[derive(Args, Debug)]
@@ -74,6 +79,12 @@ pub struct DaemonArgs {
     /// Serve NBD on this TCP address (repeatable) [default with no NBD option: 127.0.0.1:10809 and DATA_DIR/nbd.sock]
     #[arg(long, value_name = "HOST:PORT")]
     pub nbd_listen: Vec<String>,
+    /// Accept replication sources on this TCP address
+    #[arg(long, value_name = "HOST:PORT")]
+    pub replication_listen: Option<String>,
+    /// The key replication sources must prove [default: DATA_DIR/replication.key]
+    #[arg(long, value_name = "PATH")]
+    pub replication_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -245,6 +256,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 control: cli.control,
                 nbd_unix: a.nbd_socket,
                 nbd_tcp: a.nbd_listen,
+                replication: ReplicationConfig {
+                    listen: a.replication_listen,
+                    key_file: a.replication_key_file,
+                },
             };
             daemon::run(&config, |_| Ok(()), |_| {}).map_err(daemon_error)
         }
@@ -296,6 +311,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             copy::run(&control, json, cmd)
         }
         Command::Restore(a) => copy::restore(json, a),
+        Command::Replicate(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            replicate::run(&control, json, cmd)
+        }
         Command::Features => {
             let control = paths::client_control_path(cli.control);
             reply(&control, json, &Request::Features {}, |r| {
@@ -484,6 +503,7 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
         control,
         nbd_unix: vec![data_dir.join("nbd.sock")],
         nbd_tcp: vec![a.nbd_listen],
+        replication: ReplicationConfig::default(),
     };
     const DISK: &str = "disk0";
     daemon::run(

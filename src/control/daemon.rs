@@ -5,13 +5,16 @@
 //! namespace of our own (also before any thread exists; see
 //! [`private_mount_namespace`]), take the data directory's lock (one daemon
 //! per directory), open the registry (every volume; broken ones are logged
-//! and kept as errors), start the ublk devices listed in `devices.json`
+//! and kept as errors), start replication (links go into their volumes'
+//! write paths before anything can write; replicas finish interrupted CP
+//! applies), start the ublk devices listed in `devices.json`
 //! (failures are logged, never fatal), start the NBD listeners, and bind the
 //! control socket *last*: once the socket exists, everything is being
 //! served. The main thread then waits in `sigwait`.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting control clients, shut the NBD
-//! server down (it drains in-flight requests), stop every ublk device, flush
+//! server down (it drains in-flight requests), stop replication's threads
+//! (links resume at next start), stop every ublk device, flush
 //! and close every volume, remove the sockets, exit 0. No async runtime crate: one thread per control
 //! client and the engine's per-thread io_uring runtime.
 
@@ -20,6 +23,7 @@ use super::server::{ControlServer, DaemonFacts};
 use super::ublk::UblkDriver;
 use crate::engine::{EngineError, View};
 use crate::frontend::nbd::{ExportResolver, NbdServer};
+use crate::replication::{Replication, ReplicationConfig};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -36,6 +40,7 @@ pub struct DaemonConfig {
     pub control: Option<PathBuf>,
     pub nbd_unix: Vec<PathBuf>,
     pub nbd_tcp: Vec<String>,
+    pub replication: ReplicationConfig,
 }
 
 impl DaemonConfig {
@@ -56,12 +61,17 @@ impl DaemonConfig {
     }
 }
 
-/// Serves the registry's volumes to NBD clients.
-struct Resolver(Arc<Registry>);
+/// Serves the registry's volumes to NBD clients; an unpromoted replica
+/// `VOL` serves its newest CP snapshot, read-only.
+struct Resolver(Arc<Registry>, Arc<Replication>);
 
 impl ExportResolver for Resolver {
     fn resolve(&self, export_name: &str) -> Result<View, EngineError> {
-        self.0.resolve_export(export_name)
+        match self.1.export_snapshot(export_name) {
+            Some(Ok(snap)) => self.0.resolve_export(&format!("{export_name}@{snap}")),
+            Some(Err(why)) => Err(EngineError::NotFound(why)),
+            None => self.0.resolve_export(export_name),
+        }
     }
     fn list(&self) -> Vec<String> {
         self.0.export_names()
@@ -74,6 +84,7 @@ impl ExportResolver for Resolver {
 /// A started daemon; [`Daemon::wait_for_signal`] then [`Daemon::shutdown`].
 pub struct Daemon {
     pub registry: Arc<Registry>,
+    pub replication: Arc<Replication>,
     pub facts_nbd_tcp: Vec<String>,
     pub facts_nbd_unix: Vec<PathBuf>,
     pub control_path: PathBuf,
@@ -265,6 +276,8 @@ impl Daemon {
                 data_dir.join("jobs").display()
             )
         })?;
+        // Before any device or export can write: links must see every write.
+        let replication = Replication::start(registry.clone(), &config.replication)?;
         let failed = registry.restore_devices();
         if failed > 0 {
             log::error!(
@@ -274,7 +287,7 @@ impl Daemon {
         }
         before_control(&registry)?;
 
-        let nbd = NbdServer::new(Arc::new(Resolver(registry.clone())));
+        let nbd = NbdServer::new(Arc::new(Resolver(registry.clone(), replication.clone())));
         let mut nbd_tcp = Vec::new();
         for addr in &config.nbd_tcp {
             let bound = nbd.listen_tcp(addr).map_err(|e| {
@@ -300,6 +313,7 @@ impl Daemon {
             nbd_tcp: nbd_tcp.clone(),
             started: Instant::now(),
             jobs: jobs.clone(),
+            replication: replication.clone(),
         };
         let control =
             ControlServer::start(&control_path, registry.clone(), facts).map_err(|e| {
@@ -310,6 +324,7 @@ impl Daemon {
             })?;
         Ok(Daemon {
             registry,
+            replication,
             facts_nbd_tcp: nbd_tcp,
             facts_nbd_unix: config.nbd_unix.clone(),
             control_path,
@@ -329,6 +344,7 @@ impl Daemon {
         self.nbd.shutdown();
         log::info!("stopping copy jobs (they resume at next start)");
         self.jobs.shutdown();
+        self.replication.shutdown();
         let failed = self.registry.shutdown();
         for p in &self.facts_nbd_unix {
             remove_stale_socket(p);

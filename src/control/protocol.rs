@@ -33,6 +33,11 @@ pub const OPS: &[&str] = &[
     "copy.resume",
     "copy.cancel",
     "copy.list",
+    "replicate.start",
+    "replicate.stop",
+    "replicate.status",
+    "replicate.cp",
+    "replicate.promote",
 ];
 
 /// The longest request line the daemon reads; longer lines are refused.
@@ -113,6 +118,37 @@ pub enum Request {
     CopyCancel { id: u64 },
     #[serde(rename = "copy.list")]
     CopyList {},
+    /// Replicates a volume to a destination daemon (see `src/replication`).
+    #[serde(rename = "replicate.start")]
+    ReplicateStart {
+        volume: String,
+        /// `HOST:PORT/DESTVOL`
+        to: String,
+        #[serde(default)]
+        cp_interval_ms: Option<u64>,
+        /// Absolute path of the shared key; default `DATA_DIR/replication.key`.
+        #[serde(default)]
+        key_file: Option<String>,
+        /// CP snapshots the destination keeps; default 1.
+        #[serde(default)]
+        keep_cps: Option<u32>,
+        /// Bytes of writes the log holds before falling back to the dirty map.
+        #[serde(default)]
+        max_log_bytes: Option<u64>,
+    },
+    #[serde(rename = "replicate.stop")]
+    ReplicateStop { volume: String },
+    #[serde(rename = "replicate.status")]
+    ReplicateStatus {
+        #[serde(default)]
+        volume: Option<String>,
+    },
+    /// Takes a consistency point now and waits until the destination applied it.
+    #[serde(rename = "replicate.cp")]
+    ReplicateCp { volume: String },
+    /// On the destination: makes a replica a normal writable volume.
+    #[serde(rename = "replicate.promote")]
+    ReplicatePromote { volume: String },
 }
 
 impl Request {
@@ -136,6 +172,11 @@ impl Request {
             Request::CopyResume { .. } => "copy.resume",
             Request::CopyCancel { .. } => "copy.cancel",
             Request::CopyList {} => "copy.list",
+            Request::ReplicateStart { .. } => "replicate.start",
+            Request::ReplicateStop { .. } => "replicate.stop",
+            Request::ReplicateStatus { .. } => "replicate.status",
+            Request::ReplicateCp { .. } => "replicate.cp",
+            Request::ReplicatePromote { .. } => "replicate.promote",
         }
     }
 }

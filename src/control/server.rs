@@ -32,6 +32,7 @@ pub struct DaemonFacts {
     pub nbd_tcp: Vec<String>,
     pub started: Instant,
     pub jobs: Arc<crate::copy::Jobs>,
+    pub replication: Arc<crate::replication::Replication>,
 }
 
 pub struct ControlServer {
@@ -342,7 +343,11 @@ pub fn handle(
             facts.jobs.check_unused(&name)?;
             registry.delete_volume(&name)
         }
-        Request::SnapshotCreate { volume, name } => registry.create_snapshot(&volume, &name),
+        Request::SnapshotCreate { volume, name } => {
+            let created = registry.create_snapshot(&volume, &name)?;
+            facts.replication.snapshot_taken(&volume);
+            Ok(created)
+        }
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDelete { volume, name } => {
             facts.jobs.check_snapshot_unused(&volume, &name)?;
@@ -364,6 +369,11 @@ pub fn handle(
         Request::CopyResume { id } => facts.jobs.resume(id),
         Request::CopyCancel { id } => facts.jobs.cancel(id),
         Request::CopyList {} => Ok(facts.jobs.list()),
+        r @ (Request::ReplicateStart { .. }
+        | Request::ReplicateStop { .. }
+        | Request::ReplicateStatus { .. }
+        | Request::ReplicateCp { .. }
+        | Request::ReplicatePromote { .. }) => facts.replication.handle(r),
         Request::DaemonStatus {} => Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),

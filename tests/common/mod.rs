@@ -24,6 +24,8 @@ pub struct Daemon {
     log: PathBuf,
     /// The `snapblk` arguments it was started with (for restarts).
     args: Vec<OsString>,
+    /// Extra environment for every (re)start.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -39,6 +41,11 @@ impl Daemon {
     /// `.control.sock`, `.nbd.sock`, `.log` (e.g. off a small file system
     /// that holds only the data).
     pub fn start_at(dir: &Path, at: &Path) -> Daemon {
+        Daemon::start_with(dir, at, &[], &[])
+    }
+
+    /// Like [`Daemon::start_at`], with `extra` daemon arguments and `env`.
+    pub fn start_with(dir: &Path, at: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let control = at.with_extension("control.sock");
         let nbd = at.with_extension("nbd.sock");
         let args = vec![
@@ -55,7 +62,14 @@ impl Daemon {
             control,
             nbd,
             log: at.with_extension("log"),
-            args,
+            args: args
+                .into_iter()
+                .chain(extra.iter().map(|a| a.into()))
+                .collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         d.launch();
@@ -86,6 +100,7 @@ impl Daemon {
             nbd: dir.join("nbd.sock"),
             log: dir.with_extension("log"),
             args: Vec::new(),
+            env: Vec::new(),
             child: None,
         }
     }
@@ -105,7 +120,9 @@ impl Daemon {
             "not started here: cannot start again"
         );
         let mut cmd = Command::new(BIN);
-        cmd.args(&self.args).env("RUST_LOG", "info");
+        cmd.args(&self.args)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.spawn(cmd);
     }
 

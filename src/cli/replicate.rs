@@ -1,0 +1,224 @@
+//! `snapblk replicate ...`: replication links and replicas (see
+//! `src/replication`), and its human output.
+
+use super::client::CliError;
+use super::{name_arg, output, reply, size_arg, strip_os_error};
+use crate::control::protocol::Request;
+use clap::Subcommand;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand, Debug)]
+pub enum ReplicateCmd {
+    /// Replicate a volume to another daemon (the destination volume is created there if absent)
+    Start {
+        volume: String,
+        /// Destination daemon's --replication-listen address and volume
+        #[arg(long, value_name = "HOST:PORT/DESTVOL")]
+        to: String,
+        /// Time between consistency points, e.g. 500ms, 10s, 5m [default: 10s]
+        #[arg(long, value_name = "DURATION")]
+        cp_interval: Option<String>,
+        /// The key shared with the destination [default: DATA_DIR/replication.key]
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
+        /// Consistency-point snapshots (cp-N) the destination keeps [default: 1]
+        #[arg(long, value_name = "N")]
+        keep_cps: Option<u32>,
+        /// Write log size before falling back to dirty-block resync [default: 64M]
+        #[arg(long, value_name = "SIZE")]
+        max_log: Option<String>,
+    },
+    /// Stop replicating a volume (the replica stays at its last consistency point)
+    Stop { volume: String },
+    /// Show links from this daemon and replicas on it
+    Status { volume: Option<String> },
+    /// Take a consistency point now and wait until the destination applied it
+    Cp { volume: String },
+    /// On the destination: turn a replica into a normal writable volume (failover)
+    Promote { volume: String },
+}
+
+/// `500ms`, `10s`, `5m`, `1h` or plain seconds -> milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let factor = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => 0,
+    };
+    match num.parse::<u64>() {
+        Ok(n) if factor > 0 => n
+            .checked_mul(factor)
+            .ok_or_else(|| format!("invalid duration {text:?}: too large")),
+        _ => Err(format!(
+            "invalid duration {text:?}; use a number with ms, s, m or h, e.g. 10s"
+        )),
+    }
+}
+
+pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError> {
+    match cmd {
+        ReplicateCmd::Start {
+            volume,
+            to,
+            cp_interval,
+            key_file,
+            keep_cps,
+            max_log,
+        } => {
+            name_arg("volume", &volume)?;
+            let cp_interval_ms = cp_interval
+                .map(|d| parse_duration_ms(&d).map_err(CliError::plain))
+                .transpose()?;
+            let key_file = key_file
+                .map(|p| {
+                    p.canonicalize()
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .map_err(|e| {
+                            CliError::new(
+                                format!(
+                                    "cannot use {} as the key file: {}",
+                                    p.display(),
+                                    strip_os_error(&e.to_string())
+                                ),
+                                "give a file holding the key shared with the destination",
+                            )
+                        })
+                })
+                .transpose()?;
+            let max_log_bytes = max_log.map(|s| size_arg(&s)).transpose()?;
+            let req = Request::ReplicateStart {
+                volume: volume.clone(),
+                to: to.clone(),
+                cp_interval_ms,
+                key_file,
+                keep_cps,
+                max_log_bytes,
+            };
+            reply(control, json, &req, |_| {
+                println!(
+                    "replicating volume {volume} to {to}; see `snapblk replicate status {volume}`"
+                )
+            })
+        }
+        ReplicateCmd::Stop { volume } => {
+            let req = Request::ReplicateStop {
+                volume: volume.clone(),
+            };
+            reply(control, json, &req, |_| {
+                println!("stopped replicating volume {volume}")
+            })
+        }
+        ReplicateCmd::Status { volume } => {
+            reply(control, json, &Request::ReplicateStatus { volume }, |r| {
+                print!("{}", status(r))
+            })
+        }
+        ReplicateCmd::Cp { volume } => {
+            let req = Request::ReplicateCp {
+                volume: volume.clone(),
+            };
+            reply(control, json, &req, |r| {
+                println!(
+                    "consistency point {} of volume {volume} applied on the destination",
+                    output::str_of(r, "cp")
+                )
+            })
+        }
+        ReplicateCmd::Promote { volume } => {
+            let req = Request::ReplicatePromote {
+                volume: volume.clone(),
+            };
+            reply(control, json, &req, |r| {
+                println!(
+                    "volume {volume} is a normal writable volume now (its image is consistency point {})",
+                    output::str_of(r, "last_cp")
+                )
+            })
+        }
+    }
+}
+
+/// `replicate status` for people: one block of `key: value` per link.
+fn status(r: &Value) -> String {
+    let mut out = format!("listening: {}\n", output::str_of(r, "listen"));
+    let links = r
+        .get("links")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if links.is_empty() {
+        out.push_str("no replication links or replicas\n");
+    }
+    for l in &links {
+        let when = l
+            .get("last_cp_unix_ms")
+            .and_then(Value::as_u64)
+            .map(output::format_unix_ms)
+            .unwrap_or_else(|| "-".into());
+        let lag = match l.get("lag_seconds").and_then(Value::as_f64) {
+            Some(s) => format!("{s:.1} s"),
+            None => "-".into(),
+        };
+        out.push('\n');
+        let mut pairs = vec![
+            ("volume", output::str_of(l, "volume")),
+            ("role", output::str_of(l, "role")),
+            ("state", output::str_of(l, "state")),
+        ];
+        if output::str_of(l, "role") == "source" {
+            pairs.extend([
+                ("to", output::str_of(l, "to")),
+                (
+                    "last cp",
+                    format!("{} at {when}", output::str_of(l, "last_cp")),
+                ),
+                ("lag", format!("{}, {lag}", output::size_of(l, "lag_bytes"))),
+                ("bytes written", output::size_with_bytes(l, "bytes_written")),
+                ("bytes sent", output::size_with_bytes(l, "bytes_sent")),
+                (
+                    "saved by references",
+                    output::size_with_bytes(l, "bytes_saved"),
+                ),
+                ("dirty blocks", output::str_of(l, "dirty_blocks")),
+                ("resync blocks", output::str_of(l, "resync_blocks")),
+                ("error", output::str_of(l, "error")),
+            ]);
+        } else {
+            pairs.extend([
+                ("source", output::str_of(l, "source")),
+                (
+                    "last cp",
+                    format!("{} at {when}", output::str_of(l, "last_cp")),
+                ),
+                ("since last cp", lag),
+                (
+                    "bytes received",
+                    output::size_with_bytes(l, "bytes_received"),
+                ),
+            ]);
+        }
+        out.push_str(&output::key_values(&pairs));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("10s"), Ok(10_000));
+        assert_eq!(parse_duration_ms("2"), Ok(2000));
+        assert_eq!(parse_duration_ms("5m"), Ok(300_000));
+        assert!(parse_duration_ms("5x").is_err());
+        assert!(parse_duration_ms("s").is_err());
+    }
+}

@@ -1,0 +1,1116 @@
+//! The source end of a replication link: the write hook, the bounded write
+//! log, the persistent dirty map and the sender thread.
+//!
+//! Per block (the volume's chunk size) the link knows, for the epoch since
+//! the last consistency point (CP), what the destination can rebuild it
+//! from: `Logged(seq)` (last written wholly by log entry `seq`, not shipped
+//! yet), `Shipped(tid, index)` (last written wholly by a piece the
+//! destination has stored durably) or `Partial` (anything else: partial
+//! writes, zeroes, a dropped log, a restart). At a CP, shipped blocks become
+//! references and the others are read whole from the CP's snapshot.
+//!
+//! Ordering: `before_write` takes a block-granular range lock, so writes to
+//! the same block reach the origin and `after_write` in one order and a
+//! block's state always names its last write. A CP sets a barrier that new
+//! writes wait at in `before_write`, waits until no hooked write is between
+//! `before_write` and the end of `after_write`, takes the internal snapshot
+//! `.repl-cp-N`, and splits the epoch: every write before the snapshot is in
+//! the CP's block set, every later one in the next.
+
+use super::dirty::DirtyMap;
+use super::wire::{self, CpCommit, CpEntry, Kind};
+use crate::engine::{Change, EngineError, Volume, WriteGuard, WriteHook};
+use crate::runtime::block_on;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::poll_fn;
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Pieces per transfer are gathered up to this many bytes.
+const TRANSFER_BYTES: usize = 1 << 20;
+/// How long to wait before reconnecting after a failure.
+const RETRY: Duration = Duration::from_secs(1);
+/// The dirty map's granularity (at least one block): one bit per 64 KiB, as
+/// md's write-intent bitmap chunk. Finer would cost an fsync for nearly every
+/// small random write to a volume with small blocks; coarser would resend
+/// more after a restart or a broken link.
+const DIRTY_REGION: u64 = 64 * 1024;
+/// How often an idle sender checks that the destination is still there.
+const IDLE_CHECK: Duration = Duration::from_millis(500);
+
+/// What `DATA_DIR/replication/VOL.json` holds: the pair and how far it got.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinkRecord {
+    pub volume: String,
+    /// Destination daemon, `HOST:PORT`.
+    pub host: String,
+    pub dest_volume: String,
+    pub cp_interval_ms: u64,
+    pub key_file: PathBuf,
+    pub keep_cps: u32,
+    pub max_log_bytes: u64,
+    /// The last CP the destination acknowledged, and when it was taken.
+    #[serde(default)]
+    pub last_acked_cp: Option<u64>,
+    #[serde(default)]
+    pub last_acked_unix_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BlockState {
+    Partial,
+    Logged(u64),
+    Shipped { tid: u64, index: u32 },
+}
+
+/// A logged write, trimmed to the whole blocks it covers (a partial block
+/// can never be referenced, so it is sent whole at the CP instead).
+struct Entry {
+    seq: u64,
+    offset: u64,
+    data: Vec<u8>,
+}
+
+/// Why the current CP is taken; decides the state shown while it runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Syncing,
+    Resyncing,
+    Replicating,
+}
+
+#[derive(Clone, Default, Serialize)]
+struct Stats {
+    bytes_written: u64,
+    bytes_sent: u64,
+    bytes_saved: u64,
+    transfers: u64,
+    cps: u64,
+    full_syncs: u64,
+    /// Blocks sent whole by CPs after a reconnect, a restart or a log overflow.
+    resync_blocks: u64,
+    log_overflows: u64,
+    last_cp_ref_blocks: u64,
+    last_cp_full_blocks: u64,
+    last_cp_zero_blocks: u64,
+}
+
+/// The CP being sent: its snapshot, where its writes end, its block set.
+struct CpInFlight {
+    number: u64,
+    boundary: u64,
+    map: HashMap<u64, BlockState>,
+    written: u64,
+    unix_ms: u64,
+    requested: u64,
+}
+
+struct Shared {
+    // The write barrier and the range lock.
+    inflight: usize,
+    cp_pending: bool,
+    locked: Vec<(u64, u64)>,
+    waiters: Vec<Waker>,
+    // The epoch since the last CP and the log.
+    next_seq: u64,
+    epoch: HashMap<u64, BlockState>,
+    cp: Option<CpInFlight>,
+    log: VecDeque<Entry>,
+    log_bytes: u64,
+    connected: bool,
+    overflowed: bool,
+    phase: Phase,
+    // Requests to the sender.
+    stop: bool,
+    cp_requests: u64,
+    cp_acked_requests: u64,
+    record: LinkRecord,
+    written_at_last_cp: u64,
+    stats: Stats,
+    error: Option<String>,
+}
+
+pub struct Link {
+    volume: Arc<Volume>,
+    block_size: u64,
+    blocks: u64,
+    /// Blocks per bit of the dirty map.
+    region_blocks: u64,
+    dirty: DirtyMap,
+    record_path: PathBuf,
+    source_id: String,
+    shared: Mutex<Shared>,
+    cond: Condvar,
+    stream: Mutex<Option<TcpStream>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Test hook: with this set in the source daemon's environment, CP
+/// snapshots are named `repl-cp-N` (visible, exportable) and kept after the
+/// CP is acknowledged, so a test can compare each CP with the replica.
+const KEEP_KNOB: &str = "SNAPBLK_TEST_KEEP_SOURCE_CPS";
+
+fn keep_cp_snapshots() -> bool {
+    std::env::var_os(KEEP_KNOB).is_some()
+}
+
+/// The internal snapshot holding CP `n`'s image on the source.
+pub fn cp_snapshot_name(n: u64) -> String {
+    if keep_cp_snapshots() {
+        format!("repl-cp-{n}")
+    } else {
+        format!(".repl-cp-{n}")
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn save_record(path: &Path, record: &LinkRecord) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
+    crate::backend::file::replace_atomically(path, &bytes)
+}
+
+/// Held by a write from `before_write` until it is done: its blocks' lock
+/// and its place in the CP barrier.
+struct RangeGuard {
+    link: Arc<Link>,
+    range: (u64, u64),
+}
+
+impl Drop for RangeGuard {
+    fn drop(&mut self) {
+        let waiters = {
+            let mut s = self.link.lock();
+            if let Some(i) = s.locked.iter().position(|r| *r == self.range) {
+                s.locked.swap_remove(i);
+            }
+            s.inflight -= 1;
+            std::mem::take(&mut s.waiters)
+        };
+        waiters.into_iter().for_each(Waker::wake);
+        self.link.cond.notify_all();
+    }
+}
+
+/// The link's place in the volume's write path.
+pub struct Tap(pub Arc<Link>);
+
+impl WriteHook for Tap {
+    fn before_write(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, crate::engine::Result<WriteGuard>> {
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(None);
+            }
+            let link = &self.0;
+            let range = link.block_range(offset, len);
+            poll_fn(|cx| {
+                let mut s = link.lock();
+                let busy = s.locked.iter().any(|r| r.0 <= range.1 && range.0 <= r.1);
+                if s.cp_pending || busy {
+                    s.waiters.push(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                s.inflight += 1;
+                s.locked.push(range);
+                // Until after_write says otherwise, the block may hold anything.
+                for b in range.0..=range.1 {
+                    s.epoch.insert(b, BlockState::Partial);
+                }
+                Poll::Ready(())
+            })
+            .await;
+            let guard = RangeGuard {
+                link: link.clone(),
+                range,
+            };
+            let rb = link.region_blocks;
+            if let Some(generation) = link.dirty.mark(range.0 / rb, range.1 / rb) {
+                link.dirty
+                    .make_durable(generation)
+                    .await
+                    .map_err(EngineError::Io)?;
+            }
+            Ok(Some(Box::new(guard) as Box<dyn std::any::Any + Send>))
+        })
+    }
+
+    fn after_write(&self, offset: u64, change: Change<'_>) {
+        let link = &self.0;
+        let bs = link.block_size;
+        let mut s = link.lock();
+        s.stats.bytes_written += change.len();
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let Change::Data(data) = change else {
+            return; // zeroes: the blocks stay Partial and are read at the CP
+        };
+        let start = offset.div_ceil(bs) * bs;
+        let end = ((offset + data.len() as u64) / bs) * bs;
+        if start >= end {
+            return;
+        }
+        for b in start / bs..end / bs {
+            s.epoch.insert(b, BlockState::Logged(seq));
+        }
+        if !s.connected {
+            for b in start / bs..end / bs {
+                s.epoch.insert(b, BlockState::Partial);
+            }
+            return;
+        }
+        let len = end - start;
+        if s.log_bytes + len > s.record.max_log_bytes {
+            // Full: drop the log; the dirty map and the CP cover its blocks.
+            s.drop_log();
+            s.stats.log_overflows += 1;
+            if !s.overflowed {
+                log::warn!(
+                    "replication of {}: the write log is full ({} bytes); falling back to \
+                     sending changed blocks whole at the next consistency point",
+                    link.volume.name(),
+                    s.record.max_log_bytes
+                );
+            }
+            s.overflowed = true;
+            if len > s.record.max_log_bytes {
+                for b in start / bs..end / bs {
+                    s.epoch.insert(b, BlockState::Partial);
+                }
+                return;
+            }
+        }
+        let at = (start - offset) as usize;
+        s.log.push_back(Entry {
+            seq,
+            offset: start,
+            data: data[at..at + len as usize].to_vec(),
+        });
+        s.log_bytes += len;
+        drop(s);
+        link.cond.notify_all();
+    }
+}
+
+impl Shared {
+    /// Forgets the log: every block it would have made shippable is Partial.
+    fn drop_log(&mut self) {
+        let dropped: Vec<u64> = self.log.iter().map(|e| e.seq).collect();
+        let boundary = self.cp.as_ref().map_or(0, |c| c.boundary);
+        for seq in dropped {
+            let map = match &mut self.cp {
+                Some(cp) if seq < boundary => &mut cp.map,
+                _ => &mut self.epoch,
+            };
+            for st in map.values_mut() {
+                if *st == BlockState::Logged(seq) {
+                    *st = BlockState::Partial;
+                }
+            }
+        }
+        self.log.clear();
+        self.log_bytes = 0;
+    }
+
+    fn state(&self) -> &'static str {
+        if !self.connected {
+            "disconnected"
+        } else if self.phase == Phase::Syncing {
+            "syncing"
+        } else if self.phase == Phase::Resyncing {
+            "resyncing"
+        } else if self.overflowed {
+            "log-overflow"
+        } else {
+            "replicating"
+        }
+    }
+}
+
+/// One authenticated connection to the destination.
+struct Conn<'a> {
+    link: &'a Link,
+    stream: TcpStream,
+}
+
+impl Conn<'_> {
+    fn send(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
+        let n = wire::write_frame(&mut self.stream, kind, payload)?;
+        self.link.lock().stats.bytes_sent += n as u64;
+        Ok(())
+    }
+
+    fn expect(&mut self, kind: Kind) -> io::Result<Vec<u8>> {
+        wire::expect(&mut self.stream, kind)
+    }
+
+    /// Fails if the destination closed the connection (it only ever
+    /// speaks when asked, so anything readable while idle means it is gone).
+    fn check_alive(&mut self) -> io::Result<()> {
+        self.stream.set_nonblocking(true)?;
+        let mut byte = [0u8; 1];
+        let peeked = self.stream.peek(&mut byte);
+        self.stream.set_nonblocking(false)?;
+        match peeked {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the destination closed the connection",
+            )),
+            Ok(_) => {
+                let msg = match wire::read_frame(&mut self.stream) {
+                    Ok((_, payload)) => String::from_utf8_lossy(&payload).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                Err(io::Error::other(format!(
+                    "the destination ended the session: {msg}"
+                )))
+            }
+        }
+    }
+
+    /// Sends one transfer and waits until the destination has it durably.
+    fn transfer(&mut self, tid: u64, pieces: &[(u64, &[u8])]) -> io::Result<()> {
+        self.send(Kind::Transfer, &wire::encode_transfer(tid, pieces))?;
+        let acked = wire::parse_u64(&self.expect(Kind::TransferAck)?)?;
+        if acked != tid {
+            return Err(io::Error::other(format!(
+                "the destination acknowledged transfer {acked}, expected {tid}"
+            )));
+        }
+        self.link.lock().stats.transfers += 1;
+        Ok(())
+    }
+}
+
+type SessionResult = Result<(), String>;
+
+impl Link {
+    /// Opens the link's dirty map and puts it in the volume's write path.
+    /// Call [`Link::start`] to begin shipping.
+    pub fn open(
+        volume: Arc<Volume>,
+        mut record: LinkRecord,
+        dir: &Path,
+        source_id: &str,
+    ) -> io::Result<(Arc<Link>, Arc<dyn WriteHook>)> {
+        let block_size = volume.chunk_size() as u64;
+        let blocks = volume.size().div_ceil(block_size);
+        let dirty_path = dir.join(format!("{}.dirty", record.volume));
+        if !dirty_path.exists() && record.last_acked_cp.is_some() {
+            log::warn!(
+                "replication of {}: {} is missing; the next consistency point is a full copy",
+                record.volume,
+                dirty_path.display()
+            );
+            record.last_acked_cp = None;
+        }
+        let region_blocks = (DIRTY_REGION / block_size).max(1);
+        let dirty = DirtyMap::open(&dirty_path, blocks.div_ceil(region_blocks))?;
+        let epoch = expand_regions(&dirty, region_blocks, blocks)
+            .into_iter()
+            .map(|b| (b, BlockState::Partial))
+            .collect();
+        let link = Arc::new(Link {
+            block_size,
+            blocks,
+            region_blocks,
+            dirty,
+            record_path: dir.join(format!("{}.json", record.volume)),
+            source_id: source_id.to_string(),
+            shared: Mutex::new(Shared {
+                inflight: 0,
+                cp_pending: false,
+                locked: Vec::new(),
+                waiters: Vec::new(),
+                next_seq: 0,
+                epoch,
+                cp: None,
+                log: VecDeque::new(),
+                log_bytes: 0,
+                connected: false,
+                overflowed: false,
+                phase: Phase::Syncing,
+                stop: false,
+                cp_requests: 0,
+                cp_acked_requests: 0,
+                record,
+                written_at_last_cp: 0,
+                stats: Stats::default(),
+                error: None,
+            }),
+            cond: Condvar::new(),
+            stream: Mutex::new(None),
+            thread: Mutex::new(None),
+            volume,
+        });
+        save_record(&link.record_path, &link.lock().record)?;
+        link.drop_stale_snapshots();
+        let hook: Arc<dyn WriteHook> = Arc::new(Tap(link.clone()));
+        block_on(link.volume.add_write_hook(hook.clone()));
+        Ok((link, hook))
+    }
+
+    /// Starts the sender thread.
+    pub fn start(self: &Arc<Self>) -> io::Result<()> {
+        let link = self.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("repl-{}", self.volume.name()))
+            .spawn(move || link.run())?;
+        *self.thread.lock().unwrap() = Some(handle);
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    /// Blocks the dirty map says may differ from the last applied CP.
+    fn dirty_blocks(&self) -> Vec<u64> {
+        expand_regions(&self.dirty, self.region_blocks, self.blocks)
+    }
+
+    fn block_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        (
+            offset / self.block_size,
+            (offset + len - 1) / self.block_size,
+        )
+    }
+
+    /// Stops the sender thread (interrupting any wait on the network).
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.cond.notify_all();
+        if let Some(s) = self.stream.lock().unwrap().as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops the link for good: out of the write path, its files and
+    /// internal snapshots gone.
+    pub fn remove(&self, hook: &Arc<dyn WriteHook>) {
+        self.stop();
+        block_on(self.volume.remove_write_hook(hook));
+        self.drop_stale_snapshots();
+        let volume = self.volume.name();
+        for path in [
+            self.record_path.clone(),
+            self.record_path.with_file_name(format!("{volume}.dirty")),
+        ] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                log::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Deletes every `.repl-cp-*` snapshot of the volume (left by a CP that
+    /// did not finish).
+    fn drop_stale_snapshots(&self) {
+        for s in self.volume.list_snapshots() {
+            if s.name.starts_with(".repl-cp-") {
+                if let Err(e) = block_on(self.volume.delete_snapshot(&s.name)) {
+                    log::warn!(
+                        "volume {}: cannot delete {}: {e}",
+                        self.volume.name(),
+                        s.name
+                    );
+                }
+            }
+        }
+    }
+
+    /// Asks for a CP now; returns a ticket for [`Link::wait_cp`].
+    pub fn request_cp(&self) -> u64 {
+        let mut s = self.lock();
+        s.cp_requests += 1;
+        let ticket = s.cp_requests;
+        drop(s);
+        self.cond.notify_all();
+        ticket
+    }
+
+    /// Waits until a CP taken after request `ticket` is acknowledged; fails
+    /// if the link is down or stops.
+    pub fn wait_cp(&self, ticket: u64) -> Result<u64, String> {
+        let mut s = self.lock();
+        loop {
+            if s.cp_acked_requests >= ticket {
+                return Ok(s.record.last_acked_cp.unwrap_or(0));
+            }
+            if s.stop {
+                return Err("the replication link was stopped".into());
+            }
+            if !s.connected && s.error.is_some() {
+                return Err(format!(
+                    "the destination is not reachable ({}); the consistency point is taken \
+                     when the link is back",
+                    s.error.clone().unwrap_or_default()
+                ));
+            }
+            s = self
+                .cond
+                .wait_timeout(s, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// `replicate status` for this link.
+    pub fn status(&self) -> serde_json::Value {
+        let s = self.lock();
+        let r = &s.record;
+        let now = now_unix_ms();
+        let mut v = serde_json::json!({
+            "role": "source",
+            "volume": r.volume,
+            "to": format!("{}/{}", r.host, r.dest_volume),
+            "state": s.state(),
+            "error": s.error,
+            "cp_interval_ms": r.cp_interval_ms,
+            "last_cp": r.last_acked_cp,
+            "last_cp_unix_ms": r.last_acked_cp.map(|_| r.last_acked_unix_ms),
+            "lag_bytes": s.stats.bytes_written.saturating_sub(s.written_at_last_cp),
+            "lag_seconds": r.last_acked_cp.map(|_| now.saturating_sub(r.last_acked_unix_ms) as f64 / 1000.0),
+            "dirty_blocks": self.dirty_blocks().len(),
+            "block_size": self.block_size,
+            "log_bytes": s.log_bytes,
+            "max_log_bytes": r.max_log_bytes,
+        });
+        let stats = serde_json::to_value(&s.stats).expect("stats serialize");
+        for (k, x) in stats.as_object().expect("an object") {
+            v[k] = x.clone();
+        }
+        v
+    }
+
+    // ---- the sender thread ----
+
+    fn run(self: Arc<Self>) {
+        loop {
+            if self.lock().stop {
+                break;
+            }
+            let result = self.session();
+            self.disconnected(result.as_ref().err().cloned());
+            if let Err(e) = result {
+                log::warn!(
+                    "replication of {}: {e}; retrying in {} s",
+                    self.volume.name(),
+                    RETRY.as_secs()
+                );
+            }
+            let s = self.lock();
+            if s.stop {
+                break;
+            }
+            let _ = self.cond.wait_timeout(s, RETRY);
+        }
+        log::info!("replication of {}: sender stopped", self.volume.name());
+    }
+
+    /// After a session ended: the log is gone, the dirty map remembers.
+    fn disconnected(&self, error: Option<String>) {
+        let stale = {
+            let mut s = self.lock();
+            s.connected = false;
+            s.error = error;
+            s.drop_log();
+            let cp = s.cp.take();
+            if let Some(cp) = &cp {
+                for b in cp.map.keys() {
+                    s.epoch.insert(*b, BlockState::Partial);
+                }
+            }
+            cp.map(|c| c.number)
+        };
+        *self.stream.lock().unwrap() = None;
+        self.cond.notify_all();
+        if let Some(n) = stale {
+            let _ = block_on(self.volume.delete_snapshot(&cp_snapshot_name(n)));
+        }
+    }
+
+    fn connect(&self) -> Result<Conn<'_>, String> {
+        let (host, key_file) = {
+            let s = self.lock();
+            (s.record.host.clone(), s.record.key_file.clone())
+        };
+        let key = wire::read_key(&key_file)?;
+        let addrs: Vec<_> = host
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .collect();
+        let mut last = format!("{host} has no address");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    let mut conn = Conn { link: self, stream };
+                    let sent = wire::authenticate_to_destination(&mut conn.stream, &key)
+                        .map_err(|e| format!("{host}: {e}"))?;
+                    self.lock().stats.bytes_sent += sent as u64;
+                    let clone = conn.stream.try_clone().map_err(|e| e.to_string())?;
+                    *self.stream.lock().unwrap() = Some(clone);
+                    return Ok(conn);
+                }
+                Err(e) => last = format!("cannot connect to {addr}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    fn session(&self) -> SessionResult {
+        let mut conn = self.connect()?;
+        let open = {
+            let s = self.lock();
+            wire::Open {
+                source_id: self.source_id.clone(),
+                source_volume: s.record.volume.clone(),
+                dest_volume: s.record.dest_volume.clone(),
+                size: self.volume.size(),
+                block_size: self.block_size as u32,
+                keep_cps: s.record.keep_cps,
+            }
+        };
+        let io = |e: io::Error| e.to_string();
+        conn.send(Kind::Open, &wire::to_json(&open)).map_err(io)?;
+        let opened: wire::Opened =
+            wire::from_json(&conn.expect(Kind::Opened).map_err(io)?).map_err(io)?;
+        let mut next_tid = opened.next_tid;
+        let (full, mut next_cp) = {
+            let mut s = self.lock();
+            let acked = s.record.last_acked_cp;
+            let full = match (opened.last_applied_cp, acked) {
+                (Some(d), Some(a)) => d != a && d != a + 1,
+                _ => true,
+            };
+            let next_cp = opened.last_applied_cp.map_or(0, |d| d + 1);
+            // The destination keeps staging across sessions, but references
+            // are only trusted within one: resync from the dirty map.
+            for b in self.dirty_blocks() {
+                s.epoch.insert(b, BlockState::Partial);
+            }
+            for st in s.epoch.values_mut() {
+                *st = BlockState::Partial;
+            }
+            s.connected = true;
+            s.error = None;
+            s.phase = if full {
+                Phase::Syncing
+            } else {
+                Phase::Resyncing
+            };
+            (full, next_cp)
+        };
+        log::info!(
+            "replication of {} connected to {}/{}: {}",
+            open.source_volume,
+            self.lock().record.host,
+            open.dest_volume,
+            if full {
+                "full copy".to_string()
+            } else {
+                format!("resync of {} changed block(s)", self.dirty_blocks().len())
+            }
+        );
+        self.consistency_point(&mut conn, next_cp, &mut next_tid, full)?;
+        next_cp += 1;
+        let interval = Duration::from_millis(self.lock().record.cp_interval_ms.max(1));
+        let mut due = Instant::now() + interval;
+        loop {
+            let take_cp = {
+                let mut s = self.lock();
+                loop {
+                    if s.stop {
+                        return Ok(());
+                    }
+                    let now = Instant::now();
+                    if s.cp_requests > s.cp_acked_requests {
+                        break true;
+                    }
+                    if now >= due {
+                        if s.epoch.is_empty() && s.log.is_empty() {
+                            due = now + interval;
+                        } else {
+                            break true;
+                        }
+                    }
+                    if !s.log.is_empty() {
+                        break false;
+                    }
+                    let nap = due.saturating_duration_since(now).min(IDLE_CHECK);
+                    s = self
+                        .cond
+                        .wait_timeout(s, nap)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    if Instant::now() >= now + IDLE_CHECK {
+                        drop(s);
+                        conn.check_alive().map_err(|e| e.to_string())?;
+                        s = self.lock();
+                    }
+                }
+            };
+            self.ship_log(&mut conn, u64::MAX, &mut next_tid)?;
+            if take_cp {
+                self.consistency_point(&mut conn, next_cp, &mut next_tid, false)?;
+                next_cp += 1;
+                due = Instant::now() + interval;
+            }
+        }
+    }
+
+    /// Ships logged writes with sequence numbers below `limit`, in transfers.
+    fn ship_log(&self, conn: &mut Conn, limit: u64, next_tid: &mut u64) -> SessionResult {
+        loop {
+            let batch: Vec<Entry> = {
+                let mut s = self.lock();
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                while let Some(e) = s.log.front() {
+                    if e.seq >= limit || (bytes > 0 && bytes + e.data.len() > TRANSFER_BYTES) {
+                        break;
+                    }
+                    bytes += e.data.len();
+                    s.log_bytes -= e.data.len() as u64;
+                    batch.push(s.log.pop_front().expect("front exists"));
+                }
+                batch
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let bs = self.block_size as usize;
+            let mut pieces = Vec::new();
+            let mut owners = Vec::new();
+            for e in &batch {
+                for (k, data) in e.data.chunks(bs).enumerate() {
+                    let offset = e.offset + (k * bs) as u64;
+                    pieces.push((offset, data));
+                    owners.push((e.seq, offset / self.block_size));
+                }
+            }
+            let tid = *next_tid;
+            *next_tid += 1;
+            conn.transfer(tid, &pieces).map_err(|e| e.to_string())?;
+            let mut s = self.lock();
+            let boundary = s.cp.as_ref().map_or(0, |c| c.boundary);
+            for (index, (seq, block)) in owners.into_iter().enumerate() {
+                let map = match &mut s.cp {
+                    Some(cp) if seq < boundary => &mut cp.map,
+                    _ => &mut s.epoch,
+                };
+                if let Some(st) = map.get_mut(&block) {
+                    if *st == BlockState::Logged(seq) {
+                        *st = BlockState::Shipped {
+                            tid,
+                            index: index as u32,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes snapshot `.repl-cp-N` with no hooked write in flight and starts
+    /// a new epoch.
+    fn take_cp_snapshot(&self, number: u64) -> SessionResult {
+        let name = cp_snapshot_name(number);
+        // Most dirty data goes out before writes wait at the barrier.
+        block_on(self.volume.live().flush()).map_err(|e| e.to_string())?;
+        let mut s = self.lock();
+        s.cp_pending = true;
+        while s.inflight > 0 {
+            s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(s);
+        let taken = block_on(self.volume.create_snapshot(&name));
+        let mut s = self.lock();
+        s.cp_pending = false;
+        if taken.is_ok() {
+            let map = std::mem::take(&mut s.epoch);
+            s.cp = Some(CpInFlight {
+                number,
+                boundary: s.next_seq,
+                map,
+                written: s.stats.bytes_written,
+                unix_ms: now_unix_ms(),
+                requested: s.cp_requests,
+            });
+        }
+        let waiters = std::mem::take(&mut s.waiters);
+        drop(s);
+        waiters.into_iter().for_each(Waker::wake);
+        taken
+            .map(|_| ())
+            .map_err(|e| format!("cannot take snapshot {name}: {e}"))
+    }
+
+    /// One consistency point: snapshot, ship the log up to it, send the
+    /// blocks not already shipped whole, commit, wait for the destination to
+    /// apply it, then forget what it covered.
+    fn consistency_point(
+        &self,
+        conn: &mut Conn,
+        number: u64,
+        next_tid: &mut u64,
+        full: bool,
+    ) -> SessionResult {
+        self.take_cp_snapshot(number)?;
+        let name = cp_snapshot_name(number);
+        let boundary = self.lock().cp.as_ref().expect("taken").boundary;
+        self.ship_log(conn, boundary, next_tid)?;
+        let (mut entries, mut whole): (Vec<CpEntry>, Vec<u64>) = {
+            let s = self.lock();
+            let map = &s.cp.as_ref().expect("taken").map;
+            let mut refs = Vec::new();
+            let mut whole = Vec::new();
+            let mut consider = |b: u64, st: Option<&BlockState>| match st {
+                Some(&BlockState::Shipped { tid, index }) => refs.push(CpEntry::Ref {
+                    block: b,
+                    tid,
+                    index,
+                }),
+                _ => whole.push(b),
+            };
+            if full {
+                (0..self.blocks).for_each(|b| consider(b, map.get(&b)));
+            } else {
+                map.iter().for_each(|(&b, st)| consider(b, Some(st)));
+            }
+            (refs, whole)
+        };
+        let refs = entries.len() as u64;
+        whole.sort_unstable();
+        let (sent_whole, zero) =
+            self.send_whole_blocks(conn, &name, &whole, full, next_tid, &mut entries)?;
+        let commit = CpCommit {
+            cp: number,
+            keep_from_tid: *next_tid,
+            entries,
+        };
+        conn.send(Kind::CpCommit, &wire::encode_cp(&commit))
+            .map_err(|e| e.to_string())?;
+        let acked = conn
+            .expect(Kind::CpAck)
+            .and_then(|p| wire::parse_u64(&p))
+            .map_err(|e| format!("consistency point {number}: {e}"))?;
+        if acked != number {
+            return Err(format!(
+                "the destination acknowledged consistency point {acked}, expected {number}"
+            ));
+        }
+        self.acknowledged(number, full, refs, sent_whole, zero)?;
+        if keep_cp_snapshots() {
+            return Ok(());
+        }
+        if let Err(e) = block_on(self.volume.delete_snapshot(&name)) {
+            log::warn!("volume {}: cannot delete {name}: {e}", self.volume.name());
+        }
+        Ok(())
+    }
+
+    /// Reads `blocks` from the CP snapshot and ships the non-zero ones in
+    /// transfers, adding an entry per block to `entries`. Returns how many
+    /// blocks were sent whole and how many were zero.
+    fn send_whole_blocks(
+        &self,
+        conn: &mut Conn,
+        snapshot: &str,
+        blocks: &[u64],
+        full: bool,
+        next_tid: &mut u64,
+        entries: &mut Vec<CpEntry>,
+    ) -> Result<(u64, u64), String> {
+        let err = |e: EngineError| e.to_string();
+        let view = self.volume.snapshot_view(snapshot).map_err(err)?;
+        // Blocks sent need no copy-on-write for this snapshot any more
+        // (unless a test keeps it to compare).
+        let consumer = if keep_cp_snapshots() {
+            None
+        } else {
+            Some(block_on(self.volume.consume_snapshot(snapshot)).map_err(err)?)
+        };
+        let bs = self.block_size;
+        let release_blocks = |first: u64, end: u64| {
+            if let (Some(c), true) = (&consumer, end > first) {
+                c.release(first * bs, (end - first) * bs);
+            }
+        };
+        let release = |offset: u64| release_blocks(offset / bs, offset / bs + 1);
+        // Only `blocks` are read from the snapshot: give every other chunk
+        // back now, so that writes after the CP stop preserving them.
+        let mut next = 0;
+        for &b in blocks {
+            release_blocks(next, b);
+            next = b + 1;
+        }
+        release_blocks(next, self.blocks);
+        let size = self.volume.size();
+        // On a full copy, unallocated ranges are zeros without reading them.
+        let allocated: Option<Vec<(u64, u64)>> = if full {
+            let extents = view.block_status(0, size).map_err(err)?;
+            Some(
+                extents
+                    .into_iter()
+                    .filter(|e| e.data)
+                    .map(|e| (e.offset / bs, (e.offset + e.len).div_ceil(bs)))
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        let is_allocated = |b: u64| {
+            allocated
+                .as_ref()
+                .is_none_or(|a| a.iter().any(|&(s, e)| s <= b && b < e))
+        };
+        let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let (mut sent, mut zero) = (0u64, 0u64);
+        let mut flush = |batch: &mut Vec<(u64, Vec<u8>)>,
+                         conn: &mut Conn,
+                         entries: &mut Vec<CpEntry>| {
+            if batch.is_empty() {
+                return Ok::<(), String>(());
+            }
+            let tid = *next_tid;
+            *next_tid += 1;
+            let pieces: Vec<(u64, &[u8])> = batch.iter().map(|(b, d)| (b * bs, &d[..])).collect();
+            conn.transfer(tid, &pieces).map_err(|e| e.to_string())?;
+            for (index, (b, _)) in batch.iter().enumerate() {
+                entries.push(CpEntry::Ref {
+                    block: *b,
+                    tid,
+                    index: index as u32,
+                });
+                release(b * bs);
+            }
+            batch.clear();
+            Ok(())
+        };
+        for &b in blocks {
+            let offset = b * bs;
+            let len = bs.min(size - offset);
+            if !is_allocated(b) {
+                push_zero(entries, b);
+                zero += 1;
+                continue;
+            }
+            let mut data = vec![0u8; len as usize];
+            block_on(view.read(offset, &mut data)).map_err(err)?;
+            if data.iter().all(|&x| x == 0) {
+                push_zero(entries, b);
+                zero += 1;
+                release(offset);
+                continue;
+            }
+            sent += 1;
+            batch_bytes += data.len();
+            batch.push((b, data));
+            if batch_bytes >= TRANSFER_BYTES {
+                flush(&mut batch, conn, entries)?;
+                batch_bytes = 0;
+            }
+        }
+        flush(&mut batch, conn, entries)?;
+        Ok((sent, zero))
+    }
+
+    /// The destination applied CP `number`: record it, clear the dirty bits
+    /// of blocks it covered that were not written since, count.
+    fn acknowledged(
+        &self,
+        number: u64,
+        full: bool,
+        refs: u64,
+        whole: u64,
+        zero: u64,
+    ) -> SessionResult {
+        let (record, generation) = {
+            let mut s = self.lock();
+            let cp = s.cp.take().expect("taken");
+            s.record.last_acked_cp = Some(number);
+            s.record.last_acked_unix_ms = cp.unix_ms;
+            s.written_at_last_cp = cp.written;
+            s.cp_acked_requests = s.cp_acked_requests.max(cp.requested);
+            s.stats.cps += 1;
+            s.stats.last_cp_ref_blocks = refs;
+            s.stats.last_cp_full_blocks = whole;
+            s.stats.last_cp_zero_blocks = zero;
+            s.stats.bytes_saved += refs * self.block_size;
+            match s.phase {
+                Phase::Syncing => s.stats.full_syncs += 1,
+                Phase::Resyncing => s.stats.resync_blocks += whole,
+                Phase::Replicating if s.overflowed => s.stats.resync_blocks += whole,
+                Phase::Replicating => {}
+            }
+            s.phase = Phase::Replicating;
+            s.overflowed = false;
+            let rb = self.region_blocks;
+            let covered: HashSet<u64> = if full {
+                (0..self.blocks.div_ceil(rb)).collect()
+            } else {
+                cp.map.keys().map(|b| b / rb).collect()
+            };
+            // Under the lock: a write that begins now either is in the
+            // epoch already or sets its bit again after this.
+            let busy: HashSet<u64> = s.epoch.keys().map(|b| b / rb).collect();
+            let generation = self
+                .dirty
+                .clear(covered.into_iter().filter(|r| !busy.contains(r)));
+            (s.record.clone(), generation)
+        };
+        self.cond.notify_all();
+        save_record(&self.record_path, &record).map_err(|e| e.to_string())?;
+        block_on(self.dirty.make_durable(generation)).map_err(|e| e.to_string())?;
+        log::info!(
+            "replication of {}: consistency point {number} applied ({refs} referenced, \
+             {whole} sent whole, {zero} zero block(s))",
+            self.volume.name()
+        );
+        Ok(())
+    }
+}
+
+/// The blocks of every dirty region.
+fn expand_regions(dirty: &DirtyMap, region_blocks: u64, blocks: u64) -> Vec<u64> {
+    dirty
+        .dirty_blocks()
+        .into_iter()
+        .flat_map(|r| r * region_blocks..((r + 1) * region_blocks).min(blocks))
+        .collect()
+}
+
+/// Adds block `b` to the zero entries, extending the last run if adjacent.
+fn push_zero(entries: &mut Vec<CpEntry>, b: u64) {
+    if let Some(CpEntry::Zero { block, count }) = entries.last_mut() {
+        if *block + *count == b {
+            *count += 1;
+            return;
+        }
+    }
+    entries.push(CpEntry::Zero { block: b, count: 1 });
+}
