@@ -614,6 +614,25 @@ fn a_promoted_replica_is_a_normal_writable_volume() {
     qemu_io_ok(&p.src.uri("v"), false, &["write -P 6 0 2M"]);
     p.start("v", "r", &["--cp-interval", "1h"]);
     p.cp("v");
+    // Before promotion: the replica's live image and newest CP are guarded,
+    // and the source cannot be deleted under its link.
+    let e = p.src.fails(&["volume", "delete", "v"]);
+    assert!(e.contains("snapblk replicate stop v"), "{e}");
+    let e = p.dst.fails(&["device", "start", "r"]);
+    assert!(
+        e.contains("is a replica") && e.contains("--snapshot cp-"),
+        "{e}"
+    );
+    let snaps = p.dst.json(&["snapshot", "list", "r"]);
+    let newest = snaps
+        .as_array()
+        .and_then(|a| a.last())
+        .expect("a CP snapshot")["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let e = p.dst.fails(&["snapshot", "delete", "r", &newest]);
+    assert!(e.contains("newest consistency point"), "{e}");
     let e = p.dst.fails(&["replicate", "promote", "nope"]);
     assert!(e.contains("not a replica"), "{e}");
     let out = p.dst.ok(&["replicate", "promote", "r"]);

@@ -341,6 +341,7 @@ pub fn handle(
         Request::VolumeInfo { name } => registry.volume_info(&name),
         Request::VolumeDelete { name } => {
             facts.jobs.check_unused(&name)?;
+            facts.replication.check_volume_delete(&name)?;
             registry.delete_volume(&name)
         }
         Request::SnapshotCreate { volume, name } => {
@@ -351,6 +352,9 @@ pub fn handle(
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDelete { volume, name } => {
             facts.jobs.check_snapshot_unused(&volume, &name)?;
+            facts
+                .replication
+                .check_replica_use(&volume, Some(&name), true)?;
             registry.delete_snapshot(&volume, &name)
         }
         Request::DeviceStart {
@@ -359,7 +363,12 @@ pub fn handle(
             queues,
             depth,
             recovery,
-        } => registry.start_device(&volume, snapshot, queues, depth, recovery),
+        } => {
+            facts
+                .replication
+                .check_replica_use(&volume, snapshot.as_deref(), false)?;
+            registry.start_device(&volume, snapshot, queues, depth, recovery)
+        }
         Request::DeviceStop { device } => registry.stop_device(&device),
         Request::DeviceList {} => registry.list_devices(),
         Request::Features {} => registry.features(),

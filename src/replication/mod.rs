@@ -279,6 +279,54 @@ impl Replication {
         }
     }
 
+    /// Refuses deleting a volume replicated from here: the link would keep
+    /// writing a dirty map and sending for a volume that is gone.
+    pub fn check_volume_delete(&self, volume: &str) -> Result<(), ControlError> {
+        if self.links().contains_key(volume) {
+            return Err(ControlError::new(
+                ErrorCode::Busy,
+                format!(
+                    "volume {volume} is being replicated; stop that first with \
+                     `snapblk replicate stop {volume}`"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a writable device on an unpromoted replica (its live image is
+    /// where CPs are applied, half-written between CPs and not to be
+    /// written by anyone else) and deleting the CP snapshot its readers see.
+    pub fn check_replica_use(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+        deleting: bool,
+    ) -> Result<(), ControlError> {
+        let Some(newest) = self.receiver.export_snapshot(volume) else {
+            return Ok(());
+        };
+        match (snapshot, newest) {
+            (None, newest) => Err(ControlError::new(
+                ErrorCode::Busy,
+                format!(
+                    "volume {volume} is a replica: consistency points are applied to it. Serve \
+                     its newest one read-only with `snapblk device start {volume} --snapshot {}`, \
+                     or make it a normal volume with `snapblk replicate promote {volume}`",
+                    newest.unwrap_or_else(|_| "cp-N".to_string())
+                ),
+            )),
+            (Some(snap), Ok(newest)) if deleting && snap == newest => Err(ControlError::new(
+                ErrorCode::Busy,
+                format!(
+                    "snapshot {snap} is replica {volume}'s newest consistency point, the image \
+                     its readers see; it can be deleted once a newer one is applied"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// See [`dest::Receiver::export_snapshot`].
     pub fn export_snapshot(&self, volume: &str) -> Option<Result<String, String>> {
         self.receiver.export_snapshot(volume)
