@@ -608,18 +608,33 @@ impl Link {
     // ---- the sender thread ----
 
     fn run(self: Arc<Self>) {
+        // An outage is logged once, not at every retry: the same failure
+        // repeating (destination down) says nothing new; status shows it.
+        let mut logged: Option<String> = None;
         loop {
             if self.lock().stop {
                 break;
             }
             let result = self.session();
+            if self.lock().connected {
+                logged = None;
+            }
             self.disconnected(result.as_ref().err().cloned());
             if let Err(e) = result {
-                log::warn!(
-                    "replication of {}: {e}; retrying in {} s",
-                    self.volume.name(),
-                    RETRY.as_secs()
-                );
+                let name = self.volume.name();
+                if logged.as_ref() == Some(&e) {
+                    log::debug!(
+                        "replication of {name}: {e}; retrying in {} s",
+                        RETRY.as_secs()
+                    );
+                } else {
+                    log::warn!(
+                        "replication of {name}: {e}; retrying every {} s (logged once until \
+                         it changes; `snapblk replicate status {name}` shows the state)",
+                        RETRY.as_secs()
+                    );
+                    logged = Some(e);
+                }
             }
             let s = self.lock();
             if s.stop {
