@@ -96,13 +96,6 @@ fn io_err(what: &str, e: io::Error) -> ControlError {
     c
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Jobs {
     /// Loads `DATA_DIR/jobs/` and resumes every unfinished job: hooks are
     /// in place when this returns, so call it before any frontend serves.
@@ -409,7 +402,7 @@ impl Jobs {
             size: vol.size(),
             chunk_size: info.chunk_size,
             generation: info.generation,
-            created_unix_ms: now_unix_ms(),
+            created_unix_ms: crate::engine::now_unix_ms(),
             state: JobState::Running,
             error: None,
             bytes_done: 0,

@@ -25,7 +25,8 @@ mod volume;
 pub use error::{EngineError, Result};
 pub use hooks::{Change, WriteGuard, WriteHook};
 pub use volume::{
-    SnapshotConsumer, SnapshotCreated, SnapshotInfo, View, Volume, VolumeConfig, VolumeInfo,
+    now_unix_ms, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View, Volume, VolumeConfig,
+    VolumeInfo,
 };
 
 /// The engine's addressing granularity.

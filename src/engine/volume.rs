@@ -120,7 +120,8 @@ impl Admitted<'_> {
 /// Journal records beyond twice the live ones before a reopen compacts.
 const COMPACT_SLACK: usize = 1024;
 
-fn now_unix_ms() -> u64 {
+/// Wall-clock milliseconds since the epoch, for timestamps people read.
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -89,12 +89,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn engine(e: crate::engine::EngineError) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -320,7 +314,7 @@ impl Replica {
             block_on(volume.create_snapshot(&name)).map_err(engine)?;
         }
         record.last_applied_cp = Some(cp.cp);
-        record.applied_unix_ms = now_unix_ms();
+        record.applied_unix_ms = crate::engine::now_unix_ms();
         record.keep_from_tid = record.keep_from_tid.max(cp.keep_from_tid);
         let keep_cps = record.keep_cps.max(1) as usize;
         let keep_from = record.keep_from_tid;
@@ -371,7 +365,7 @@ impl Replica {
             "peer": session,
             "last_cp": r.last_applied_cp,
             "last_cp_unix_ms": r.last_applied_cp.map(|_| r.applied_unix_ms),
-            "lag_seconds": r.last_applied_cp.map(|_| now_unix_ms().saturating_sub(r.applied_unix_ms) as f64 / 1000.0),
+            "lag_seconds": r.last_applied_cp.map(|_| crate::engine::now_unix_ms().saturating_sub(r.applied_unix_ms) as f64 / 1000.0),
             "keep_cps": r.keep_cps,
             "staged_transfers": lock(&self.index).len(),
             "bytes_received": self.bytes_received.load(Ordering::Relaxed),

@@ -170,12 +170,6 @@ pub fn cp_snapshot_name(n: u64) -> String {
     }
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 pub fn save_record(path: &Path, record: &LinkRecord) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
     crate::backend::file::replace_atomically(path, &bytes)
@@ -581,7 +575,7 @@ impl Link {
     pub fn status(&self) -> serde_json::Value {
         let s = self.lock();
         let r = &s.record;
-        let now = now_unix_ms();
+        let now = crate::engine::now_unix_ms();
         let mut v = serde_json::json!({
             "role": "source",
             "volume": r.volume,
@@ -871,7 +865,7 @@ impl Link {
                 boundary: s.next_seq,
                 map,
                 written: s.stats.bytes_written,
-                unix_ms: now_unix_ms(),
+                unix_ms: crate::engine::now_unix_ms(),
                 requested: s.cp_requests,
             });
         }
