@@ -608,3 +608,65 @@ fn stream_job_survives_kill9() {
         &want,
     );
 }
+
+/// How a job moved its data is reported, and each path produces the same
+/// image: a volume target goes through the job thread's registered arena
+/// (READ_FIXED / WRITE_FIXED: every data byte read and written there), a
+/// file beside the origin through `copy_file_range`, and with both
+/// switched off (`SNAPBLK_COPY_TUNING`, the benchmark's switch) through
+/// plain buffers.
+#[test]
+fn data_paths_are_reported_and_give_the_same_image() {
+    if skip_without("data_paths", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let data = 6u64 << 20; // `fill` leaves 2 of 8 MiB unwritten
+    let check = |d: &Daemon, t: &Path, target: &str, want: [(&str, u64); 2]| {
+        let id = d.ok(&["copy", "start", "v", "--to", target]);
+        let end = wait_ended(d, id.trim());
+        assert_eq!(end["state"], "done", "{end}");
+        assert_eq!(end["bytes_copied"], data, "{end}");
+        for (field, n) in want {
+            assert_eq!(end[field], n, "{field} after a copy to {target}: {end}");
+        }
+        let want = image(d, "v", &t.join("want.img"));
+        let got = match target.strip_prefix("vol:") {
+            Some(name) => image(d, name, &t.join("got.img")),
+            None => std::fs::read(target).unwrap(),
+        };
+        assert_same(target, &got, &want);
+    };
+
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "8M"]);
+    d.ok(&["volume", "create", "w", "--size", "8M"]);
+    fill(&d, "v", 8 << 20);
+    let arena = [
+        ("registered_buffer_io_bytes", 2 * data),
+        ("bytes_kernel_copied", 0),
+    ];
+    check(&d, t.path(), "vol:w", arena);
+    let beside = t.path().join("beside.img");
+    let kernel = [
+        ("registered_buffer_io_bytes", 0),
+        ("bytes_kernel_copied", data),
+    ];
+    check(&d, t.path(), beside.to_str().unwrap(), kernel);
+    drop(d);
+
+    let (t, dir) = tempdir();
+    let switch = (
+        "SNAPBLK_COPY_TUNING",
+        "no-kernel-copy,no-registered-buffers",
+    );
+    let d = Daemon::start_with(&dir, &dir, &[], &[switch]);
+    d.ok(&["volume", "create", "v", "--size", "8M"]);
+    fill(&d, "v", 8 << 20);
+    let plain = t.path().join("plain.img");
+    let none = [
+        ("registered_buffer_io_bytes", 0),
+        ("bytes_kernel_copied", 0),
+    ];
+    check(&d, t.path(), plain.to_str().unwrap(), none);
+}

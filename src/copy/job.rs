@@ -10,10 +10,11 @@
 //! the daemon stops). A `cow` job has no hook: it reads its point-in-time
 //! snapshot and gives each segment back to the engine once it is `Done`.
 
-use super::progress::{Entry, JobRecord, JobState, Policy, ProgressMap};
+use super::progress::{Entry, JobRecord, JobState, Moved, Policy, ProgressMap};
 use super::stream;
-use super::target::{engine_io, AlignedBuf, Target};
+use super::target::{engine_io, Target};
 use crate::engine::{EngineError, SnapshotConsumer, View, Volume, WriteGuard, WriteHook};
+use crate::runtime::AlignedBuf;
 use futures::future::{join_all, BoxFuture};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -51,7 +52,7 @@ struct Shared {
     cursor: u64,
     done: u64,
     done_bytes: u64,
-    copied_bytes: u64,
+    moved: Moved,
     /// Bumped on every change a waiting write may care about.
     changes: u64,
     waiters: Vec<Waker>,
@@ -94,6 +95,41 @@ pub struct Job {
     /// The origin file and the target file, for `copy_file_range`.
     kernel_copy: Option<(std::fs::File, std::fs::File)>,
     kernel_copy_ok: AtomicBool,
+    tuning: Tuning,
+}
+
+/// Switches for benchmarks that measure what each part of the data path
+/// gains (`SNAPBLK_COPY_TUNING=no-kernel-copy,no-registered-buffers,
+/// no-coalescing` in the daemon's environment). Everything is on by default.
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    kernel_copy: bool,
+    registered_buffers: bool,
+    coalescing: bool,
+}
+
+impl Tuning {
+    fn from_env() -> Tuning {
+        let off = std::env::var("SNAPBLK_COPY_TUNING").unwrap_or_default();
+        let off: Vec<&str> = off.split(',').map(str::trim).collect();
+        for word in &off {
+            if ![
+                "",
+                "no-kernel-copy",
+                "no-registered-buffers",
+                "no-coalescing",
+            ]
+            .contains(word)
+            {
+                log::warn!("SNAPBLK_COPY_TUNING: unknown switch {word:?} ignored");
+            }
+        }
+        Tuning {
+            kernel_copy: !off.contains(&"no-kernel-copy"),
+            registered_buffers: !off.contains(&"no-registered-buffers"),
+            coalescing: !off.contains(&"no-coalescing"),
+        }
+    }
 }
 
 /// Everything a job is built from (new or resumed).
@@ -122,7 +158,7 @@ impl Job {
             cursor: 0,
             done: 0,
             done_bytes: 0,
-            copied_bytes: 0,
+            moved: Moved::default(),
             changes: 0,
             waiters: Vec::new(),
             committed_stream_len: p.committed_stream_len,
@@ -143,6 +179,7 @@ impl Job {
         }
         let done_bytes = shared.done_bytes;
         let verify = p.record.verify;
+        let tuning = Tuning::from_env();
         Arc::new(Job {
             id: p.record.id,
             dir: p.dir,
@@ -168,8 +205,9 @@ impl Job {
             buffers: Mutex::new(Vec::new()),
             block_size: bs,
             verify,
-            kernel_copy_ok: AtomicBool::new(p.kernel_copy.is_some()),
+            kernel_copy_ok: AtomicBool::new(p.kernel_copy.is_some() && tuning.kernel_copy),
             kernel_copy: p.kernel_copy,
+            tuning,
         })
     }
 
@@ -240,6 +278,9 @@ impl Job {
 
     /// Segments per run (one I/O) at most.
     fn run_segments(&self) -> u64 {
+        if !self.tuning.coalescing {
+            return 1;
+        }
         (RUN_BYTES / self.block_size).max(1)
     }
 
@@ -247,8 +288,14 @@ impl Job {
     /// to the target (not yet durable): zero segments are skipped as one,
     /// each stretch of data segments is one read and one write (or one
     /// `copy_file_range`). `may_block`: on the job thread, which may wait
-    /// in a syscall.
-    async fn copy_run(&self, first: u64, n: u64, may_block: bool) -> io::Result<Vec<(u64, Entry)>> {
+    /// in a syscall. `buf` holds at least `n` segments.
+    async fn copy_run(
+        &self,
+        first: u64,
+        n: u64,
+        may_block: bool,
+        buf: &mut [u8],
+    ) -> io::Result<Vec<(u64, Entry)>> {
         let (off, _) = self.seg_range(first);
         let (last_off, last_len) = self.seg_range(first + n - 1);
         let extents = self
@@ -272,7 +319,9 @@ impl Job {
             let (o, _) = self.seg_range(seg);
             let (lo, ll) = self.seg_range(end - 1);
             if data {
-                out.extend(self.copy_data(seg, end, o, lo + ll - o, may_block).await?);
+                let at = ((seg - first) * self.block_size) as usize;
+                let data = &mut buf[at..at + (lo + ll - o) as usize];
+                out.extend(self.copy_data(seg, end, o, data, may_block).await?);
             } else {
                 self.target.write_zeroes(o, lo + ll - o).await?;
                 out.extend((seg..end).map(|s| (s, Entry::Zero)));
@@ -282,37 +331,33 @@ impl Job {
         Ok(out)
     }
 
-    /// Copies segments `[first, end)`, the bytes `[off, +len)`, that hold data.
+    /// Copies segments `[first, end)`, the bytes `[off, +data.len())`, that
+    /// hold data, through `data`.
     async fn copy_data(
         &self,
         first: u64,
         end: u64,
         off: u64,
-        len: u64,
+        data: &mut [u8],
         may_block: bool,
     ) -> io::Result<Vec<(u64, Entry)>> {
+        let len = data.len() as u64;
         if may_block && self.kernel_copy(off, len)? {
+            self.shared.lock().unwrap().moved.bytes_kernel_copied += len;
             return Ok((first..end).map(|s| (s, Entry::Copied(0))).collect());
         }
-        let mut buf = self.buffer();
-        let data = &mut buf[..len as usize];
-        let copied = async {
-            self.source.read(off, data).await.map_err(engine_io)?;
-            self.target.write_blocks(off, data, self.block_size).await?;
-            // Only --verify needs the checksums (it compares the target
-            // with them), one per segment.
-            Ok(data
-                .chunks(self.block_size as usize)
-                .zip(first..end)
-                .map(|(d, s)| {
-                    let crc = if self.verify { crc32c::crc32c(d) } else { 0 };
-                    (s, Entry::Copied(crc))
-                })
-                .collect())
-        }
-        .await;
-        self.buffers.lock().unwrap().push(buf);
-        copied
+        self.source.read(off, data).await.map_err(engine_io)?;
+        self.target.write_blocks(off, data, self.block_size).await?;
+        // Only --verify needs the checksums (it compares the target with
+        // them), one per segment.
+        Ok(data
+            .chunks(self.block_size as usize)
+            .zip(first..end)
+            .map(|(d, s)| {
+                let crc = if self.verify { crc32c::crc32c(d) } else { 0 };
+                (s, Entry::Copied(crc))
+            })
+            .collect())
     }
 
     /// Lets the kernel copy the segment from the origin file to the target
@@ -360,12 +405,12 @@ impl Job {
         self.source.reads_origin(off, len).map_err(engine_io)
     }
 
-    /// A run-size buffer from the pool (allocating and faulting in a
-    /// fresh one per run costs as much CPU as the copy itself).
+    /// A segment-size buffer for a write's hook, which copies one segment
+    /// on the writer's thread (allocating and faulting in a fresh one per
+    /// copy costs as much CPU as the copy itself).
     fn buffer(&self) -> AlignedBuf {
         let popped = self.buffers.lock().unwrap().pop();
-        popped
-            .unwrap_or_else(|| AlignedBuf::zeroed((self.run_segments() * self.block_size) as usize))
+        popped.unwrap_or_else(|| AlignedBuf::zeroed(self.block_size as usize))
     }
 
     /// Makes copied segments durable (target flush, then their progress
@@ -395,7 +440,7 @@ impl Job {
                 s.done += 1;
                 s.done_bytes += len;
                 if matches!(entry, Entry::Copied(_)) {
-                    s.copied_bytes += len;
+                    s.moved.bytes_copied += len;
                 }
             }
         }
@@ -446,10 +491,12 @@ impl Job {
                     Next::Go => break,
                     Next::Wait(seen) => Changed { job: self, seen }.await,
                     Next::CopyFirst => {
-                        let copied = match self.copy_run(seg, 1, false).await {
+                        let mut buf = self.buffer();
+                        let copied = match self.copy_run(seg, 1, false, &mut buf).await {
                             Ok(d) => self.commit(&d).await,
                             Err(e) => Err(e),
                         };
+                        self.buffers.lock().unwrap().push(buf);
                         if let Err(e) = copied {
                             let (off, _) = self.seg_range(seg);
                             self.fail(&format!("copying the segment at {off} before a write"), &e);
@@ -551,6 +598,16 @@ impl Job {
             };
             let max = (IN_FLIGHT_BYTES / bs).max(1);
             let depth = rate.map_or(max, |r| (r / bs).clamp(1, max));
+            // Every batch's runs are carved out of one arena registered with
+            // this thread's io_uring: the kernel pins and maps it once, not
+            // at every read and write (part of seed 001's direct
+            // device-to-device copy).
+            let mut arena = if self.tuning.registered_buffers {
+                crate::runtime::FixedArena::new((depth * bs) as usize)
+            } else {
+                log::info!("copy job {}: registered buffers switched off", self.id);
+                crate::runtime::FixedArena::unregistered((depth * bs) as usize)
+            };
             // Copied, not yet durable: committed together (one target flush
             // and one map fdatasync), at once when a write waits for one.
             let mut pending = Vec::new();
@@ -585,7 +642,17 @@ impl Job {
                     continue;
                 }
                 let runs = runs(&batch, self.run_segments());
-                let results = join_all(runs.iter().map(|&(s, n)| self.copy_run(s, n, true))).await;
+                let mut rest: &mut [u8] = &mut arena;
+                let mut copies = Vec::with_capacity(runs.len());
+                for &(seg, n) in &runs {
+                    let (buf, tail) = rest.split_at_mut((n * bs) as usize);
+                    rest = tail;
+                    copies.push(self.copy_run(seg, n, true, buf));
+                }
+                let fixed_before = crate::runtime::fixed_io_bytes();
+                let results = join_all(copies).await;
+                self.shared.lock().unwrap().moved.registered_buffer_io_bytes +=
+                    crate::runtime::fixed_io_bytes() - fixed_before;
                 for (r, &(seg, _)) in results.into_iter().zip(&runs) {
                     match r {
                         Ok(d) => pending.extend(d),
@@ -719,10 +786,14 @@ impl Job {
         }
         let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         {
-            let done = self.shared.lock().unwrap().done_bytes;
+            let (done, moved) = {
+                let s = self.shared.lock().unwrap();
+                (s.done_bytes, s.moved)
+            };
             let mut r = self.record.lock().unwrap();
             r.error = self.failure.lock().unwrap().clone();
             r.bytes_done = done;
+            r.moved = moved;
         }
         self.set_state(state);
         log::info!("copy job {} ended: {state:?}", self.id);
@@ -730,10 +801,11 @@ impl Job {
 
     /// Progress for `copy status`.
     pub fn status(&self) -> serde_json::Value {
-        let r = self.record();
-        let (done, done_bytes, copied) = {
+        let mut r = self.record();
+        let (done, done_bytes) = {
             let s = self.shared.lock().unwrap();
-            (s.done, s.done_bytes, s.copied_bytes)
+            r.moved = s.moved;
+            (s.done, s.done_bytes)
         };
         let (t0, b0) = *self.run_start.lock().unwrap();
         let secs = t0.elapsed().as_secs_f64();
@@ -747,7 +819,6 @@ impl Job {
         let mut v = record_json(&r);
         v["segments_done"] = done.into();
         v["bytes_done"] = done_bytes.into();
-        v["bytes_copied"] = copied.into();
         v["throughput_bps"] = throughput.into();
         v["eta_s"] = eta.into();
         v

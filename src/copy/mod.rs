@@ -19,6 +19,13 @@
 //! write to a segment not yet copied waits until the job copied it (`hold`)
 //! or copies it first itself (`direct`).
 //!
+//! Data path (seed 001's device-to-device copy): the job thread moves
+//! segments the source reads from the origin file with `copy_file_range`
+//! when the target is a file on the same file system; everything else is
+//! read and written through one arena registered with the job thread's
+//! io_uring (READ_FIXED / WRITE_FIXED), O_DIRECT on the target where
+//! accepted, consecutive segments merged into runs of up to 8 MiB.
+//!
 //! Must never: let a write reach a segment of the origin that the copy
 //! still needs before that segment's data and progress entry are durable;
 //! fail or block a client's write because the target failed (the job fails
@@ -77,7 +84,7 @@ pub struct CopyStart {
 
 enum Slot {
     Live(Arc<Job>),
-    Ended(JobRecord),
+    Ended(Box<JobRecord>),
 }
 
 /// Every job of a daemon.
@@ -123,7 +130,7 @@ impl Jobs {
         for r in records {
             let id = r.id;
             if r.state.finished() {
-                jobs.lock().insert(id, Slot::Ended(r));
+                jobs.lock().insert(id, Slot::Ended(Box::new(r)));
                 continue;
             }
             match jobs.reload(r.clone()) {
@@ -142,7 +149,7 @@ impl Jobs {
                     if let Err(e) = progress::save_record(&dir, &r) {
                         log::error!("copy job {id}: cannot save its state: {e}");
                     }
-                    jobs.lock().insert(id, Slot::Ended(r));
+                    jobs.lock().insert(id, Slot::Ended(Box::new(r)));
                 }
             }
         }
@@ -211,7 +218,7 @@ impl Jobs {
                     drop(job);
                     jobs.lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(id, Slot::Ended(r));
+                        .insert(id, Slot::Ended(Box::new(r)));
                 }
             })
             .expect("spawning a copy job thread");
@@ -406,6 +413,7 @@ impl Jobs {
             state: JobState::Running,
             error: None,
             bytes_done: 0,
+            moved: Default::default(),
         };
         if let Some(s) = &req.snapshot {
             record.generation = vol
