@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    assert_same, first_diff, mount_tmpfs, py_spawn, qemu_io_ok, random_bytes, read_stderr, run_ok,
-    skip_without, tempdir, Daemon,
+    assert_same, first_diff, mount_tmpfs, mount_xfs, py_spawn, qemu_io_ok, random_bytes,
+    read_stderr, run_ok, skip_without, tempdir, Daemon,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -610,14 +610,15 @@ fn stream_job_survives_kill9() {
 }
 
 /// How a job moved its data is reported, and each path produces the same
-/// image: a volume target goes through the job thread's registered arena
-/// (READ_FIXED / WRITE_FIXED: every data byte read and written there), a
-/// file beside the origin through `copy_file_range`, and with both
-/// switched off (`SNAPBLK_COPY_TUNING`, the benchmark's switch) through
-/// plain buffers.
+/// image: a volume target, and a file target on ext4, go through the job
+/// thread's registered arena (READ_FIXED / WRITE_FIXED: every data byte is
+/// read and written there); a file beside the origin on XFS is cloned with
+/// `copy_file_range` (its extents are shared with the origin's); with
+/// registration switched off (`SNAPBLK_COPY_TUNING`, the benchmark's
+/// switch) plain buffers carry it.
 #[test]
 fn data_paths_are_reported_and_give_the_same_image() {
-    if skip_without("data_paths", &["qemu-img", "qemu-io"]) {
+    if skip_without("data_paths", &["qemu-img", "qemu-io", "filefrag"]) {
         return;
     }
     let data = 6u64 << 20; // `fill` leaves 2 of 8 MiB unwritten
@@ -636,37 +637,52 @@ fn data_paths_are_reported_and_give_the_same_image() {
         };
         assert_same(target, &got, &want);
     };
-
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&["volume", "create", "v", "--size", "8M"]);
-    d.ok(&["volume", "create", "w", "--size", "8M"]);
-    fill(&d, "v", 8 << 20);
+    let start = |dir: &Path, env: &[(&str, &str)]| {
+        let d = Daemon::start_with(dir, dir, &[], env);
+        d.ok(&["volume", "create", "v", "--size", "8M"]);
+        fill(&d, "v", 8 << 20);
+        d
+    };
     let arena = [
         ("registered_buffer_io_bytes", 2 * data),
         ("bytes_kernel_copied", 0),
     ];
+
+    let (t, dir) = tempdir();
+    let d = start(&dir, &[]);
+    d.ok(&["volume", "create", "w", "--size", "8M"]);
     check(&d, t.path(), "vol:w", arena);
     let beside = t.path().join("beside.img");
-    let kernel = [
-        ("registered_buffer_io_bytes", 0),
-        ("bytes_kernel_copied", data),
-    ];
-    check(&d, t.path(), beside.to_str().unwrap(), kernel);
+    check(&d, t.path(), beside.to_str().unwrap(), arena);
     drop(d);
 
     let (t, dir) = tempdir();
-    let switch = (
-        "SNAPBLK_COPY_TUNING",
-        "no-kernel-copy,no-registered-buffers",
-    );
-    let d = Daemon::start_with(&dir, &dir, &[], &[switch]);
-    d.ok(&["volume", "create", "v", "--size", "8M"]);
-    fill(&d, "v", 8 << 20);
+    let switch = ("SNAPBLK_COPY_TUNING", "no-registered-buffers");
+    let d = start(&dir, &[switch]);
     let plain = t.path().join("plain.img");
     let none = [
         ("registered_buffer_io_bytes", 0),
         ("bytes_kernel_copied", 0),
     ];
     check(&d, t.path(), plain.to_str().unwrap(), none);
+    drop(d);
+
+    let (t, _) = tempdir();
+    let mnt = t.path().join("xfs");
+    let Some(_mount) = mount_xfs("data_paths", &t.path().join("xfs.img"), &mnt) else {
+        return;
+    };
+    let d = start(&mnt.join("data"), &[]);
+    let clone = mnt.join("clone.img");
+    let kernel = [
+        ("registered_buffer_io_bytes", 0),
+        ("bytes_kernel_copied", data),
+    ];
+    check(&d, t.path(), clone.to_str().unwrap(), kernel);
+    drop(d);
+    let extents = run_ok(Command::new("filefrag").arg("-v").arg(&clone));
+    assert!(
+        extents.contains("shared"),
+        "not a clone of the origin:\n{extents}"
+    );
 }

@@ -16,6 +16,7 @@ use super::target::{engine_io, Target};
 use crate::engine::{EngineError, SnapshotConsumer, View, Volume, WriteGuard, WriteHook};
 use crate::runtime::AlignedBuf;
 use futures::future::{join_all, BoxFuture};
+use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
@@ -48,6 +49,8 @@ struct Shared {
     segs: Vec<Seg>,
     /// Segments that held writes wait for, in arrival order.
     urgent: VecDeque<u64>,
+    /// Held writes' runs picked in a row (the walk gets every fourth).
+    urgent_streak: u32,
     /// The sequential walk's next segment.
     cursor: u64,
     done: u64,
@@ -155,6 +158,7 @@ impl Job {
         let mut shared = Shared {
             segs: Vec::with_capacity(p.entries.len()),
             urgent: VecDeque::new(),
+            urgent_streak: 0,
             cursor: 0,
             done: 0,
             done_bytes: 0,
@@ -508,36 +512,9 @@ impl Job {
         }
     }
 
-    /// Takes the next segments to copy: held writes' segments first (at most
-    /// three quarters of the batch, so the walk always advances), then the
-    /// sequential walk.
-    fn pick(&self, depth: u64) -> Vec<u64> {
-        let mut s = self.shared.lock().unwrap();
-        let mut out = Vec::new();
-        let urgent_max = if s.urgent.is_empty() {
-            0
-        } else {
-            (depth - depth / 4).max(1)
-        };
-        while (out.len() as u64) < urgent_max {
-            let Some(seg) = s.urgent.pop_front() else {
-                break;
-            };
-            if s.segs[seg as usize] == Seg::Pending {
-                s.segs[seg as usize] = Seg::InFlight;
-                out.push(seg);
-            }
-        }
-        let n = s.segs.len() as u64;
-        while (out.len() as u64) < depth && s.cursor < n {
-            let seg = s.cursor;
-            s.cursor += 1;
-            if s.segs[seg as usize] == Seg::Pending {
-                s.segs[seg as usize] = Seg::InFlight;
-                out.push(seg);
-            }
-        }
-        out
+    /// Claims the next run to copy (see [`next_run`]).
+    fn pick_run(&self, max: u64) -> Option<(u64, u64)> {
+        next_run(&mut self.shared.lock().unwrap(), max)
     }
 
     fn all_done(&self) -> bool {
@@ -598,92 +575,116 @@ impl Job {
             };
             let max = (IN_FLIGHT_BYTES / bs).max(1);
             let depth = rate.map_or(max, |r| (r / bs).clamp(1, max));
-            // Every batch's runs are carved out of one arena registered with
+            let run_segments = self.run_segments().min(depth);
+            let slots = (depth / run_segments).max(1);
+            // Each run in flight has its slot in one arena registered with
             // this thread's io_uring: the kernel pins and maps it once, not
             // at every read and write (part of seed 001's direct
             // device-to-device copy).
+            let arena_len = (slots * run_segments * bs) as usize;
             let mut arena = if self.tuning.registered_buffers {
-                crate::runtime::FixedArena::new((depth * bs) as usize)
+                crate::runtime::FixedArena::new(arena_len)
             } else {
                 log::info!("copy job {}: registered buffers switched off", self.id);
-                crate::runtime::FixedArena::unregistered((depth * bs) as usize)
+                crate::runtime::FixedArena::unregistered(arena_len)
             };
+            let mut free: Vec<&mut [u8]> = arena.chunks_mut((run_segments * bs) as usize).collect();
+            let fixed_at_start = crate::runtime::fixed_io_bytes();
+            // Runs in flight: a run that completes frees its slot for the
+            // next at once, so the target never waits for a whole batch.
+            let mut in_flight = FuturesUnordered::new();
             // Copied, not yet durable: committed together (one target flush
             // and one map fdatasync), at once when a write waits for one.
             let mut pending = Vec::new();
+            let job = &*self;
             loop {
-                if self.want() != Want::Run {
-                    self.commit_pending(&mut pending).await;
+                if job.want() != Want::Run {
+                    while let Some((buf, seg, copied)) = in_flight.next().await {
+                        free.push(buf);
+                        job.collect(seg, copied, &mut pending);
+                    }
+                    job.commit_pending(&mut pending).await;
                 }
-                match self.runnable() {
+                match job.runnable() {
                     Want::Run => {}
                     Want::Stop => return,
                     Want::Pause => unreachable!("runnable waits out pauses"),
                     Want::Cancel => {
-                        let state = if self.failure.lock().unwrap().is_some() {
+                        while in_flight.next().await.is_some() {}
+                        let state = if job.failure.lock().unwrap().is_some() {
                             JobState::Failed
                         } else {
                             JobState::Cancelled
                         };
-                        return self.end(state).await;
+                        return job.end(state).await;
                     }
                 }
-                let batch = self.pick(depth);
-                if batch.is_empty() {
+                while let Some(buf) = free.pop() {
+                    let Some((seg, n)) = job.pick_run(run_segments) else {
+                        free.push(buf);
+                        break;
+                    };
+                    in_flight.push(async move {
+                        let copied = job.copy_run(seg, n, true, buf).await;
+                        (buf, seg, copied)
+                    });
+                }
+                let Some((buf, seg, copied)) = in_flight.next().await else {
                     if !pending.is_empty() {
-                        self.commit_pending(&mut pending).await;
+                        job.commit_pending(&mut pending).await;
                         continue;
                     }
-                    if self.all_done() {
+                    if job.all_done() {
                         break;
                     }
                     // Writes are copying the last segments themselves.
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
-                }
-                let runs = runs(&batch, self.run_segments());
-                let mut rest: &mut [u8] = &mut arena;
-                let mut copies = Vec::with_capacity(runs.len());
-                for &(seg, n) in &runs {
-                    let (buf, tail) = rest.split_at_mut((n * bs) as usize);
-                    rest = tail;
-                    copies.push(self.copy_run(seg, n, true, buf));
-                }
-                let fixed_before = crate::runtime::fixed_io_bytes();
-                let results = join_all(copies).await;
-                self.shared.lock().unwrap().moved.registered_buffer_io_bytes +=
-                    crate::runtime::fixed_io_bytes() - fixed_before;
-                for (r, &(seg, _)) in results.into_iter().zip(&runs) {
-                    match r {
-                        Ok(d) => pending.extend(d),
-                        Err(e) => {
-                            let (off, _) = self.seg_range(seg);
-                            self.fail(&format!("copying the segments from {off} on"), &e);
-                        }
-                    }
-                }
+                };
+                free.push(buf);
+                job.collect(seg, copied, &mut pending);
+                job.shared.lock().unwrap().moved.registered_buffer_io_bytes =
+                    crate::runtime::fixed_io_bytes() - fixed_at_start;
                 let waited_for = {
-                    let s = self.shared.lock().unwrap();
+                    let s = job.shared.lock().unwrap();
                     !s.waiters.is_empty() || !s.urgent.is_empty()
                 };
                 if rate.is_some() || waited_for || pending.len() as u64 * bs >= COMMIT_BYTES {
-                    self.commit_pending(&mut pending).await;
+                    job.commit_pending(&mut pending).await;
                 }
                 if let Some(rate) = rate {
-                    let (t0, b0) = *self.run_start.lock().unwrap();
-                    let moved = self.shared.lock().unwrap().done_bytes - b0;
+                    let (t0, b0) = *job.run_start.lock().unwrap();
+                    let moved = job.shared.lock().unwrap().done_bytes - b0;
                     let due = Duration::from_secs_f64(moved as f64 / rate as f64);
                     if let Some(wait) = due.checked_sub(t0.elapsed()) {
                         std::thread::sleep(wait.min(Duration::from_secs(1)));
                     }
                 }
             }
-            if let Err((what, e)) = self.finish_target().await {
-                self.fail(&what, &e);
-                return self.end(JobState::Failed).await;
+            drop(in_flight);
+            if let Err((what, e)) = job.finish_target().await {
+                job.fail(&what, &e);
+                return job.end(JobState::Failed).await;
             }
-            self.end(JobState::Done).await
+            job.end(JobState::Done).await
         })
+    }
+
+    /// Takes a finished run's result: its segments wait for the next
+    /// commit, or the job fails.
+    fn collect(
+        &self,
+        seg: u64,
+        copied: io::Result<Vec<(u64, Entry)>>,
+        pending: &mut Vec<(u64, Entry)>,
+    ) {
+        match copied {
+            Ok(done) => pending.extend(done),
+            Err(e) => {
+                let (off, _) = self.seg_range(seg);
+                self.fail(&format!("copying the segments from {off} on"), &e);
+            }
+        }
     }
 
     async fn commit_pending(&self, pending: &mut Vec<(u64, Entry)>) {
@@ -825,17 +826,40 @@ impl Job {
     }
 }
 
-/// Cuts a batch of segments (in the order picked) into runs of
-/// consecutive segments, `(first, count)`, of at most `max` segments each.
-fn runs(batch: &[u64], max: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &seg in batch {
-        match out.last_mut() {
-            Some((first, n)) if *first + *n == seg && *n < max => *n += 1,
-            _ => out.push((seg, 1)),
+/// Claims the next run of at most `max` segments: a held write's segment
+/// first (alone: it is wanted now), but never a fourth in a row, so the
+/// sequential walk always advances; else the walk's next pending segments,
+/// merged while they are consecutive. `(first, count)`.
+fn next_run(s: &mut Shared, max: u64) -> Option<(u64, u64)> {
+    let urgent = |s: &mut Shared| {
+        while let Some(seg) = s.urgent.pop_front() {
+            if s.segs[seg as usize] == Seg::Pending {
+                s.segs[seg as usize] = Seg::InFlight;
+                s.urgent_streak += 1;
+                return Some((seg, 1));
+            }
+        }
+        None
+    };
+    if s.urgent_streak < 3 {
+        if let Some(run) = urgent(s) {
+            return Some(run);
         }
     }
-    out
+    s.urgent_streak = 0;
+    let n = s.segs.len() as u64;
+    while s.cursor < n && s.segs[s.cursor as usize] != Seg::Pending {
+        s.cursor += 1;
+    }
+    if s.cursor == n {
+        return urgent(s);
+    }
+    let first = s.cursor;
+    while s.cursor < n && s.cursor - first < max && s.segs[s.cursor as usize] == Seg::Pending {
+        s.segs[s.cursor as usize] = Seg::InFlight;
+        s.cursor += 1;
+    }
+    Some((first, s.cursor - first))
 }
 
 /// A finished or running job's record as `copy status` shows it.
@@ -891,15 +915,61 @@ impl WriteHook for Hook {
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::{next_run, Entry, Seg, Shared};
+    use std::collections::VecDeque;
+
+    fn shared(segs: Vec<Seg>, urgent: &[u64]) -> Shared {
+        Shared {
+            segs,
+            urgent: urgent.iter().copied().collect::<VecDeque<_>>(),
+            urgent_streak: 0,
+            cursor: 0,
+            done: 0,
+            done_bytes: 0,
+            moved: Default::default(),
+            changes: 0,
+            waiters: Vec::new(),
+            committed_stream_len: 0,
+        }
+    }
 
     #[test]
-    fn runs_merge_consecutive_segments_up_to_the_limit() {
-        assert_eq!(runs(&[], 8), vec![]);
+    fn the_walk_merges_consecutive_pending_segments_up_to_the_limit() {
+        let (p, d) = (Seg::Pending, Seg::Done(Entry::Zero));
+        let mut s = shared(vec![p, p, p, p, d, p, Seg::InFlight, p], &[]);
+        assert_eq!(next_run(&mut s, 3), Some((0, 3)));
         assert_eq!(
-            runs(&[7, 0, 1, 2, 3, 5, 6], 3),
-            vec![(7, 1), (0, 3), (3, 1), (5, 2)]
+            next_run(&mut s, 3),
+            Some((3, 1)),
+            "a done segment ends a run"
         );
-        assert_eq!(runs(&[4, 5, 6], 1), vec![(4, 1), (5, 1), (6, 1)]);
+        assert_eq!(next_run(&mut s, 3), Some((5, 1)), "so does one in flight");
+        assert_eq!(next_run(&mut s, 3), Some((7, 1)));
+        assert_eq!(next_run(&mut s, 3), None);
+        assert!(s.segs.iter().all(|&x| x != Seg::Pending), "all claimed");
+    }
+
+    #[test]
+    fn held_writes_go_first_but_the_walk_gets_every_fourth_run() {
+        let mut s = shared(vec![Seg::Pending; 16], &[9, 10, 11, 12, 13, 9]);
+        let picked: Vec<_> = (0..8).map_while(|_| next_run(&mut s, 2)).collect();
+        assert_eq!(
+            picked,
+            [
+                (9, 1),
+                (10, 1),
+                (11, 1),
+                (0, 2),
+                (12, 1),
+                (13, 1),
+                (2, 2),
+                (4, 2)
+            ],
+            "9 is claimed once; the walk never starves"
+        );
+        // Once the walk is through, held segments still come.
+        let mut s = shared(vec![Seg::Done(Entry::Zero), Seg::Pending], &[1]);
+        s.urgent_streak = 3;
+        assert_eq!(next_run(&mut s, 4), Some((1, 1)));
     }
 }
