@@ -17,7 +17,7 @@ use crate::engine::{EngineError, SnapshotConsumer, View, Volume, WriteGuard, Wri
 use crate::runtime::AlignedBuf;
 use futures::future::{join_all, BoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -49,8 +49,11 @@ struct Shared {
     segs: Vec<Seg>,
     /// Segments that held writes wait for, in arrival order.
     urgent: VecDeque<u64>,
-    /// Held writes' runs picked in a row (the walk gets every fourth).
+    /// Held writes' picks in a row (the walk gets every fourth).
     urgent_streak: u32,
+    /// Segments a write waits for (held, or in flight under `direct`):
+    /// once copied, they are committed at once instead of with the group.
+    awaited: HashSet<u64>,
     /// The sequential walk's next segment.
     cursor: u64,
     done: u64,
@@ -159,6 +162,7 @@ impl Job {
             segs: Vec::with_capacity(p.entries.len()),
             urgent: VecDeque::new(),
             urgent_streak: 0,
+            awaited: HashSet::new(),
             cursor: 0,
             done: 0,
             done_bytes: 0,
@@ -441,6 +445,7 @@ impl Job {
             let mut s = self.shared.lock().unwrap();
             for (&(seg, entry), &(_, len)) in done.iter().zip(&ranges) {
                 s.segs[seg as usize] = Seg::Done(entry);
+                s.awaited.remove(&seg);
                 s.done += 1;
                 s.done_bytes += len;
                 if matches!(entry, Entry::Copied(_)) {
@@ -478,9 +483,12 @@ impl Job {
                     }
                     match s.segs[seg as usize] {
                         Seg::Done(_) => Next::Go,
-                        Seg::InFlight => Next::Wait(s.changes),
+                        Seg::InFlight => {
+                            s.awaited.insert(seg);
+                            Next::Wait(s.changes)
+                        }
                         Seg::Pending if hold && self.active.load(Ordering::Acquire) => {
-                            if !s.urgent.contains(&seg) {
+                            if s.awaited.insert(seg) {
                                 s.urgent.push_back(seg);
                             }
                             Next::Wait(s.changes)
@@ -512,9 +520,30 @@ impl Job {
         }
     }
 
-    /// Claims the next run to copy (see [`next_run`]).
-    fn pick_run(&self, max: u64) -> Option<(u64, u64)> {
-        next_run(&mut self.shared.lock().unwrap(), max)
+    /// Claims the next runs to copy in one slot (see [`next_pick`]).
+    fn pick(&self, max: u64) -> Option<Vec<(u64, u64)>> {
+        next_pick(&mut self.shared.lock().unwrap(), max)
+    }
+
+    /// Copies `runs` (of at most `buf`'s size together) at once; on
+    /// failure, the first segment of the run that failed.
+    async fn copy_slot(
+        &self,
+        runs: &[(u64, u64)],
+        buf: &mut [u8],
+    ) -> Result<Vec<(u64, Entry)>, (u64, io::Error)> {
+        let mut rest = buf;
+        let mut copies = Vec::with_capacity(runs.len());
+        for &(seg, n) in runs {
+            let (b, tail) = rest.split_at_mut((n * self.block_size) as usize);
+            rest = tail;
+            copies.push(async move { self.copy_run(seg, n, true, b).await.map_err(|e| (seg, e)) });
+        }
+        let mut done = Vec::new();
+        for copied in join_all(copies).await {
+            done.extend(copied?);
+        }
+        Ok(done)
     }
 
     fn all_done(&self) -> bool {
@@ -599,9 +628,9 @@ impl Job {
             let job = &*self;
             loop {
                 if job.want() != Want::Run {
-                    while let Some((buf, seg, copied)) = in_flight.next().await {
+                    while let Some((buf, copied)) = in_flight.next().await {
                         free.push(buf);
-                        job.collect(seg, copied, &mut pending);
+                        job.collect(copied, &mut pending);
                     }
                     job.commit_pending(&mut pending).await;
                 }
@@ -620,16 +649,16 @@ impl Job {
                     }
                 }
                 while let Some(buf) = free.pop() {
-                    let Some((seg, n)) = job.pick_run(run_segments) else {
+                    let Some(runs) = job.pick(run_segments) else {
                         free.push(buf);
                         break;
                     };
                     in_flight.push(async move {
-                        let copied = job.copy_run(seg, n, true, buf).await;
-                        (buf, seg, copied)
+                        let copied = job.copy_slot(&runs, buf).await;
+                        (buf, copied)
                     });
                 }
-                let Some((buf, seg, copied)) = in_flight.next().await else {
+                let Some((buf, copied)) = in_flight.next().await else {
                     if !pending.is_empty() {
                         job.commit_pending(&mut pending).await;
                         continue;
@@ -642,12 +671,12 @@ impl Job {
                     continue;
                 };
                 free.push(buf);
-                job.collect(seg, copied, &mut pending);
+                job.collect(copied, &mut pending);
                 job.shared.lock().unwrap().moved.registered_buffer_io_bytes =
                     crate::runtime::fixed_io_bytes() - fixed_at_start;
                 let waited_for = {
                     let s = job.shared.lock().unwrap();
-                    !s.waiters.is_empty() || !s.urgent.is_empty()
+                    pending.iter().any(|(seg, _)| s.awaited.contains(seg))
                 };
                 if rate.is_some() || waited_for || pending.len() as u64 * bs >= COMMIT_BYTES {
                     job.commit_pending(&mut pending).await;
@@ -674,13 +703,12 @@ impl Job {
     /// commit, or the job fails.
     fn collect(
         &self,
-        seg: u64,
-        copied: io::Result<Vec<(u64, Entry)>>,
+        copied: Result<Vec<(u64, Entry)>, (u64, io::Error)>,
         pending: &mut Vec<(u64, Entry)>,
     ) {
         match copied {
             Ok(done) => pending.extend(done),
-            Err(e) => {
+            Err((seg, e)) => {
                 let (off, _) = self.seg_range(seg);
                 self.fail(&format!("copying the segments from {off} on"), &e);
             }
@@ -826,24 +854,29 @@ impl Job {
     }
 }
 
-/// Claims the next run of at most `max` segments: a held write's segment
-/// first (alone: it is wanted now), but never a fourth in a row, so the
-/// sequential walk always advances; else the walk's next pending segments,
-/// merged while they are consecutive. `(first, count)`.
-fn next_run(s: &mut Shared, max: u64) -> Option<(u64, u64)> {
+/// Claims the next runs for one slot of `max` segments: held writes'
+/// segments first, up to `max` of them at once, but never a fourth such
+/// pick in a row, so the sequential walk always advances; else one run of
+/// the walk's next pending segments, merged while they are consecutive.
+/// Each run is `(first, count)`.
+fn next_pick(s: &mut Shared, max: u64) -> Option<Vec<(u64, u64)>> {
     let urgent = |s: &mut Shared| {
-        while let Some(seg) = s.urgent.pop_front() {
+        let mut runs = Vec::new();
+        while (runs.len() as u64) < max {
+            let Some(seg) = s.urgent.pop_front() else {
+                break;
+            };
             if s.segs[seg as usize] == Seg::Pending {
                 s.segs[seg as usize] = Seg::InFlight;
-                s.urgent_streak += 1;
-                return Some((seg, 1));
+                runs.push((seg, 1));
             }
         }
-        None
+        (!runs.is_empty()).then_some(runs)
     };
     if s.urgent_streak < 3 {
-        if let Some(run) = urgent(s) {
-            return Some(run);
+        if let Some(runs) = urgent(s) {
+            s.urgent_streak += 1;
+            return Some(runs);
         }
     }
     s.urgent_streak = 0;
@@ -859,7 +892,7 @@ fn next_run(s: &mut Shared, max: u64) -> Option<(u64, u64)> {
         s.segs[s.cursor as usize] = Seg::InFlight;
         s.cursor += 1;
     }
-    Some((first, s.cursor - first))
+    Some(vec![(first, s.cursor - first)])
 }
 
 /// A finished or running job's record as `copy status` shows it.
@@ -915,14 +948,15 @@ impl WriteHook for Hook {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_run, Entry, Seg, Shared};
-    use std::collections::VecDeque;
+    use super::{next_pick, Entry, Seg, Shared};
+    use std::collections::{HashSet, VecDeque};
 
     fn shared(segs: Vec<Seg>, urgent: &[u64]) -> Shared {
         Shared {
             segs,
             urgent: urgent.iter().copied().collect::<VecDeque<_>>(),
             urgent_streak: 0,
+            awaited: HashSet::new(),
             cursor: 0,
             done: 0,
             done_bytes: 0,
@@ -937,39 +971,35 @@ mod tests {
     fn the_walk_merges_consecutive_pending_segments_up_to_the_limit() {
         let (p, d) = (Seg::Pending, Seg::Done(Entry::Zero));
         let mut s = shared(vec![p, p, p, p, d, p, Seg::InFlight, p], &[]);
-        assert_eq!(next_run(&mut s, 3), Some((0, 3)));
-        assert_eq!(
-            next_run(&mut s, 3),
-            Some((3, 1)),
-            "a done segment ends a run"
-        );
-        assert_eq!(next_run(&mut s, 3), Some((5, 1)), "so does one in flight");
-        assert_eq!(next_run(&mut s, 3), Some((7, 1)));
-        assert_eq!(next_run(&mut s, 3), None);
+        assert_eq!(next_pick(&mut s, 3), Some(vec![(0, 3)]));
+        let one = |seg| Some(vec![(seg, 1)]);
+        assert_eq!(next_pick(&mut s, 3), one(3), "a done segment ends a run");
+        assert_eq!(next_pick(&mut s, 3), one(5), "so does one in flight");
+        assert_eq!(next_pick(&mut s, 3), one(7));
+        assert_eq!(next_pick(&mut s, 3), None);
         assert!(s.segs.iter().all(|&x| x != Seg::Pending), "all claimed");
     }
 
     #[test]
-    fn held_writes_go_first_but_the_walk_gets_every_fourth_run() {
-        let mut s = shared(vec![Seg::Pending; 16], &[9, 10, 11, 12, 13, 9]);
-        let picked: Vec<_> = (0..8).map_while(|_| next_run(&mut s, 2)).collect();
+    fn held_writes_go_first_but_the_walk_gets_every_fourth_pick() {
+        let mut s = shared(vec![Seg::Pending; 16], &[9, 1, 11, 12, 13, 14, 15, 9]);
+        let picked: Vec<_> = (0..6).map_while(|_| next_pick(&mut s, 2)).collect();
+        let held = |a, b| vec![(a, 1), (b, 1)];
         assert_eq!(
             picked,
             [
-                (9, 1),
-                (10, 1),
-                (11, 1),
-                (0, 2),
-                (12, 1),
-                (13, 1),
-                (2, 2),
-                (4, 2)
+                held(9, 1),
+                held(11, 12),
+                held(13, 14),
+                vec![(0, 1)],
+                vec![(15, 1)],
+                vec![(2, 2)]
             ],
             "9 is claimed once; the walk never starves"
         );
         // Once the walk is through, held segments still come.
         let mut s = shared(vec![Seg::Done(Entry::Zero), Seg::Pending], &[1]);
         s.urgent_streak = 3;
-        assert_eq!(next_run(&mut s, 4), Some((1, 1)));
+        assert_eq!(next_pick(&mut s, 4), Some(vec![(1, 1)]));
     }
 }
