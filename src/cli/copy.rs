@@ -1,7 +1,8 @@
 //! `snapblk copy ...` and `snapblk restore`: live copy jobs from the command
 //! line. `copy start ... --to -` hands the CLI's standard output to the
 //! daemon over the control socket (SCM_RIGHTS), so the stream never passes
-//! through the JSON connection, then waits for the job to end.
+//! through the JSON connection, then waits for the job to end; `restore
+//! ... --to vol:NAME` hands over the stream's descriptor the same way.
 
 use super::client::{self, CliError};
 use super::output::{self, key_values, str_of, table};
@@ -82,7 +83,8 @@ pub struct RestoreArgs {
     /// The stream file, or - for standard input
     #[arg(value_name = "STREAM|-", allow_hyphen_values = true)]
     pub stream: PathBuf,
-    /// A file (created or replaced, sparse) or a block device
+    /// A file (created or replaced, sparse), a block device, or vol:NAME (a
+    /// volume of the daemon: created with the stream's size if missing)
     #[arg(long, value_name = "TARGET")]
     pub to: PathBuf,
 }
@@ -351,12 +353,13 @@ fn stream_to_stdout(control: &Path, req: &Request) -> Result<(), CliError> {
     }
 }
 
-/// `snapblk restore`.
-pub fn restore(json: bool, a: RestoreArgs) -> Result<(), CliError> {
-    let result = if a.stream == Path::new("-") {
-        crate::copy::restore::restore(std::io::stdin().lock(), &a.to)
+/// `snapblk restore`: into a file or device here, or into a volume by the
+/// daemon, which reads the stream from the descriptor passed with the request.
+pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliError> {
+    let opened = if a.stream == Path::new("-") {
+        None
     } else {
-        let f = std::fs::File::open(&a.stream).map_err(|e| {
+        Some(std::fs::File::open(&a.stream).map_err(|e| {
             CliError::new(
                 format!(
                     "cannot open the stream {}: {}",
@@ -365,29 +368,51 @@ pub fn restore(json: bool, a: RestoreArgs) -> Result<(), CliError> {
                 ),
                 "give the path of a file written by `snapblk copy start --format stream`",
             )
-        })?;
-        crate::copy::restore::restore(f, &a.to)
+        })?)
     };
-    let r = result.map_err(CliError::plain)?;
-    let v = serde_json::json!({
-        "source": r.header.source,
-        "generation": r.header.generation,
-        "size": r.header.volume_size,
-        "blocks": r.blocks,
-        "bytes": r.bytes,
-        "target": a.to,
-    });
+    let v = match a.to.to_str().and_then(|t| t.strip_prefix("vol:")) {
+        Some(volume) => {
+            name_arg("volume", volume)?;
+            let fd = opened
+                .as_ref()
+                .map_or(libc::STDIN_FILENO, std::os::fd::AsRawFd::as_raw_fd);
+            let req = Request::Restore {
+                volume: volume.to_string(),
+            };
+            client::request_with_fd(control, &req, fd)?
+        }
+        None => {
+            let r = match opened {
+                Some(f) => crate::copy::restore::restore(f, &a.to),
+                None => crate::copy::restore::restore(std::io::stdin().lock(), &a.to),
+            }
+            .map_err(CliError::plain)?;
+            serde_json::json!({
+                "source": r.header.source,
+                "generation": r.header.generation,
+                "size": r.header.volume_size,
+                "blocks": r.blocks,
+                "bytes": r.bytes,
+                "target": a.to,
+            })
+        }
+    };
     if json {
         print_json(&v);
     } else {
         println!(
-            "restored {} ({} blocks, {} of data) of {} generation {} to {}",
-            format_size(r.header.volume_size),
-            r.blocks,
-            format_size(r.bytes),
-            r.header.source,
-            r.header.generation,
-            a.to.display()
+            "restored {} ({} blocks, {} of data) of {} generation {} to {}{}",
+            output::size_of(&v, "size"),
+            str_of(&v, "blocks"),
+            output::size_of(&v, "bytes"),
+            str_of(&v, "source"),
+            str_of(&v, "generation"),
+            str_of(&v, "target"),
+            if v["created"] == true {
+                " (created)"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
