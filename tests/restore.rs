@@ -7,7 +7,7 @@
 mod common;
 
 use common::{assert_error, py_spawn, qemu_io_ok, run_ok, skip_without, tempdir, Daemon, Raw};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -68,7 +68,7 @@ fn args(v: &[String]) -> Vec<&str> {
 
 /// Into a new volume (created with the stream's size and chunk size), an
 /// existing larger one (old data and the tail beyond the image zeroed, its
-/// snapshot kept) and from standard input (a pipe).
+/// snapshot kept) and from standard input: a pipe from `copy start --to -`.
 #[test]
 fn restore_into_new_and_existing_volumes_is_the_snapshot() {
     let Some((_t, d, stream)) = daemon_and_stream("restore_into_volumes", &["qemu-img", "qemu-io"])
@@ -102,20 +102,22 @@ fn restore_into_new_and_existing_volumes_is_the_snapshot() {
     assert_same_image(&d, "v@s", "old");
     qemu_io_ok(&d.uri("old@before"), true, &["read -P 0xee 0 12M"]);
 
-    let mut child = Command::new(common::BIN)
+    // `copy start --to - | restore - --to vol:`, a pipe end to end.
+    let mut copy = Command::new(common::BIN)
+        .arg("--control")
+        .arg(d.control())
+        .args(["copy", "start", "v@s", "--format", "stream", "--to", "-"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Command::new(common::BIN)
         .arg("--control")
         .arg(d.control())
         .args(["restore", "-", "--to", "vol:piped"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .stdin(copy.stdout.take().unwrap())
+        .output()
         .unwrap();
-    let bytes = std::fs::read(&stream).unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let feeder = std::thread::spawn(move || stdin.write_all(&bytes));
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap().unwrap();
+    assert!(copy.wait().unwrap().success(), "{}", d.log());
     assert!(out.status.success(), "{out:?}\n{}", d.log());
     assert_same_image(&d, "v@s", "piped");
 }

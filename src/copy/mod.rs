@@ -465,7 +465,7 @@ impl Jobs {
             block_on(async {
                 use std::os::fd::AsRawFd;
                 crate::runtime::write_at(file.as_raw_fd(), &header, 0, 0).await?;
-                crate::runtime::fsync(file.as_raw_fd(), true).await?;
+                target.flush().await?; // a pipe has nothing to sync
                 map.write(&[], Some(stream_len))?;
                 map.sync().await
             })
