@@ -12,8 +12,9 @@ use crate::control::protocol::Request;
 use crate::copy::progress::{Format, Policy};
 use crate::copy::CopyStart;
 use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -290,52 +291,70 @@ fn outcome(v: &Value) -> Result<(), CliError> {
     }
 }
 
-/// `copy status --watch`: a progress bar on a terminal, plain lines otherwise.
+/// `copy status --watch`: polls the job until it ends. On a terminal an
+/// indicatif bar (bytes done/total, throughput, ETA); otherwise a plain line
+/// a second and the final one; with `--json` one object a line. A job that
+/// failed or was cancelled is an error (non-zero exit).
 fn watch_job(control: &Path, json: bool, job: Option<u64>) -> Result<(), CliError> {
     let Some(id) = job else {
         return Err(CliError::plain(
             "--watch follows one job; give its id (see `snapblk copy list`)",
         ));
     };
+    let mut bar: Option<ProgressBar> = None;
     let tty = !json && std::io::stdout().is_terminal();
     loop {
         let v = client::request(control, &Request::CopyStatus { id: Some(id) })?;
+        let done = v["bytes_done"].as_u64().unwrap_or(0);
         if json {
             println!(
                 "{}",
                 serde_json::to_string(&v).expect("JSON values serialize")
             );
         } else if tty {
-            let total = v["size"].as_u64().unwrap_or(0).max(1);
-            let done = v["bytes_done"].as_u64().unwrap_or(0);
-            let filled = (done * 30 / total) as usize;
-            print!(
-                "\r[{}{}] {:>6}  {}  ETA {}  {}   ",
-                "#".repeat(filled),
-                "-".repeat(30 - filled),
-                percent(&v),
-                throughput(&v),
-                eta(&v),
-                str_of(&v, "state")
-            );
-            let _ = std::io::stdout().flush();
+            let b = bar.get_or_insert_with(|| new_bar(id, &v));
+            b.set_position(done);
+            b.set_message(str_of(&v, "state"));
         } else {
+            let speed = match ended(&v) {
+                true => String::new(),
+                false => format!(" {} ETA {}", throughput(&v), eta(&v)),
+            };
             println!(
-                "job {id}: {} {} {} ETA {}",
+                "job {id}: {} {} ({} of {}){speed}",
                 str_of(&v, "state"),
                 percent(&v),
-                throughput(&v),
-                eta(&v)
+                format_size(done),
+                output::size_of(&v, "size"),
             );
         }
         if ended(&v) {
-            if tty {
-                println!();
+            if let Some(b) = bar {
+                let state = str_of(&v, "state");
+                if state == "done" {
+                    b.finish_with_message(state);
+                } else {
+                    b.abandon_with_message(state);
+                }
             }
             return outcome(&v);
         }
         std::thread::sleep(Duration::from_millis(if tty { 200 } else { 1000 }));
     }
+}
+
+/// The terminal's bar for job `id`, starting where the job is.
+fn new_bar(id: u64, v: &Value) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "job {prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({percent}%) \
+         {binary_bytes_per_sec} ETA {eta} {msg}",
+    )
+    .expect("a valid template")
+    .progress_chars("#>-");
+    ProgressBar::with_draw_target(v["size"].as_u64(), ProgressDrawTarget::stdout())
+        .with_style(style)
+        .with_prefix(id.to_string())
+        .with_position(v["bytes_done"].as_u64().unwrap_or(0))
 }
 
 /// `copy start ... --to -`: passes fd 1 to the daemon, then waits for the
