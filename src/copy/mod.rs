@@ -9,7 +9,8 @@
 //! Owns: the job engine ([`job`]: segments, policies, the job thread, group
 //! commit, verify), targets ([`target`]), the stream format ([`stream`]),
 //! durable progress ([`progress`]: `DATA_DIR/jobs/<id>.json` + `<id>.map`),
-//! restore ([`restore`]) and the set of jobs of a daemon ([`Jobs`]).
+//! restore ([`restore`] to files and devices, [`restore_vol`] into a volume
+//! of the daemon) and the set of jobs of a daemon ([`Jobs`]).
 //!
 //! Policies: `cow` takes an engine-internal snapshot `.copy-<id>` at
 //! `copy start` (users cannot name, list or delete it) and reads it; the
@@ -35,6 +36,7 @@
 pub mod job;
 pub mod progress;
 pub mod restore;
+pub mod restore_vol;
 pub mod stream;
 pub mod target;
 
@@ -58,6 +60,16 @@ pub const INTERNAL_PREFIX: &str = ".copy-";
 pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
 /// The nice value of a job thread no write waits for.
 const BACKGROUND_NICE: i32 = 10;
+
+/// Lets foreground I/O win the CPU over the calling thread (a job or a
+/// restore no client write waits for).
+fn lower_priority() {
+    // SAFETY: plain syscalls on this thread's own id.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE);
+    }
+}
 
 /// `copy.start`'s fields.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,11 +237,7 @@ impl Jobs {
                 if r.policy == Policy::Cow || r.snapshot.is_some() {
                     // No write waits for this job: let foreground I/O win
                     // the CPU (a held or copied-first write does wait).
-                    // SAFETY: plain syscalls on this thread's own id.
-                    unsafe {
-                        let tid = libc::gettid() as libc::id_t;
-                        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE);
-                    }
+                    lower_priority();
                 }
                 job.clone().run();
                 // An ended job lets go of its target (a pipe sees EOF).
@@ -495,7 +503,7 @@ impl Jobs {
             block_on(async {
                 use std::os::fd::AsRawFd;
                 crate::runtime::write_at(file.as_raw_fd(), &header, 0, 0).await?;
-                crate::runtime::fsync(file.as_raw_fd(), true).await?;
+                target.flush().await?; // a pipe has nothing to sync
                 map.write(&[], Some(stream_len))?;
                 map.sync().await
             })
