@@ -839,7 +839,9 @@ impl Job {
         let (t0, b0) = *self.run_start.lock().unwrap();
         let secs = t0.elapsed().as_secs_f64();
         let running = r.state == JobState::Running;
-        let throughput = if running && secs > 0.0 {
+        // The first batch lands at once, before any pacing: a rate over
+        // less than a second would show that burst, not the job's speed.
+        let throughput = if running && secs >= 1.0 {
             ((done_bytes - b0) as f64 / secs) as u64
         } else {
             0
