@@ -218,3 +218,50 @@ fn restore_into_volume_refuses_bad_streams_and_volumes_in_use() {
     );
     d.ok(&["volume", "list"]);
 }
+
+/// On a terminal (a pty from util-linux `script`), restoring a stream file
+/// shows a bar of how far the stream was read, into a volume (the daemon
+/// reads the passed descriptor) and into a file (the CLI reads it); it
+/// ends full, with the stream's size as its total.
+#[test]
+fn restore_on_a_terminal_shows_how_far_the_stream_was_read() {
+    let Some((t, d, stream)) = daemon_and_stream("restore_bar", &["qemu-img", "qemu-io", "script"])
+    else {
+        return;
+    };
+    let len = std::fs::metadata(&stream).unwrap().len();
+    let total = format!(
+        "{:.2} MiB/{:.2} MiB",
+        len as f64 / MIB as f64,
+        len as f64 / MIB as f64
+    );
+    let file = t.path().join("restored.img");
+    for to in ["vol:shown".to_string(), file.display().to_string()] {
+        let cmd = format!(
+            "{} --control {} restore {} --to {to}",
+            common::BIN,
+            d.control().display(),
+            stream.display()
+        );
+        let out = Command::new("script")
+            .args(["-qfec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}\n{}", d.log());
+        assert!(
+            text.contains("restore [#") && text.contains(&total) && text.contains("restored"),
+            "{to}: want a full bar of {total}:\n{text}"
+        );
+    }
+    assert_same_image(&d, "v@s", "shown");
+    let want = t.path().join("want.img");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(d.uri("v@s"))
+            .arg(&want),
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), std::fs::read(&want).unwrap());
+}

@@ -312,7 +312,11 @@ fn watch_job(control: &Path, json: bool, job: Option<u64>) -> Result<(), CliErro
                 serde_json::to_string(&v).expect("JSON values serialize")
             );
         } else if tty {
-            let b = bar.get_or_insert_with(|| new_bar(id, &v));
+            let b = bar.get_or_insert_with(|| {
+                let bar = bytes_bar(&format!("job {id}"), v["size"].as_u64());
+                bar.set_draw_target(ProgressDrawTarget::stdout());
+                bar
+            });
             b.set_position(done);
             b.set_message(str_of(&v, "state"));
         } else {
@@ -343,18 +347,69 @@ fn watch_job(control: &Path, json: bool, job: Option<u64>) -> Result<(), CliErro
     }
 }
 
-/// The terminal's bar for job `id`, starting where the job is.
-fn new_bar(id: u64, v: &Value) -> ProgressBar {
+/// A terminal bar of bytes out of `total`, with throughput and ETA,
+/// labelled `label` (drawn on stderr unless told otherwise).
+fn bytes_bar(label: &str, total: Option<u64>) -> ProgressBar {
     let style = ProgressStyle::with_template(
-        "job {prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({percent}%) \
+        "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({percent}%) \
          {binary_bytes_per_sec} ETA {eta} {msg}",
     )
     .expect("a valid template")
     .progress_chars("#>-");
-    ProgressBar::with_draw_target(v["size"].as_u64(), ProgressDrawTarget::stdout())
+    ProgressBar::new(total.unwrap_or(0))
         .with_style(style)
-        .with_prefix(id.to_string())
-        .with_position(v["bytes_done"].as_u64().unwrap_or(0))
+        .with_prefix(label.to_string())
+}
+
+fn show_offset(bar: &ProgressBar, file: &std::fs::File) {
+    if let Ok(at) = std::io::Seek::stream_position(&mut &*file) {
+        bar.set_position(at);
+    }
+}
+
+/// A restore's progress on a terminal: how far the stream file has been
+/// read, by this process or by the daemon (a passed descriptor shares its
+/// file offset with ours, so `lseek` here sees the daemon's reads).
+struct ReadProgress {
+    bar: ProgressBar,
+    watched: std::fs::File,
+    stop: std::sync::mpsc::Sender<()>,
+    poller: std::thread::JoinHandle<()>,
+}
+
+impl ReadProgress {
+    /// None unless stderr is a terminal and `stream` a regular file.
+    fn start(stream: &std::fs::File, json: bool) -> Option<ReadProgress> {
+        if json || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let len = stream.metadata().ok().filter(|m| m.is_file())?.len();
+        let watched = stream.try_clone().ok()?;
+        let polled = stream.try_clone().ok()?;
+        let bar = bytes_bar("restore", Some(len));
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let shown = bar.clone();
+        let poller = std::thread::spawn(move || {
+            while stopped.recv_timeout(Duration::from_millis(100)).is_err() {
+                show_offset(&shown, &polled);
+            }
+        });
+        Some(ReadProgress {
+            bar,
+            watched,
+            stop,
+            poller,
+        })
+    }
+
+    /// Leaves the bar where the reader stopped (full after a whole stream).
+    fn end(self, ok: bool) {
+        let _ = self.stop.send(());
+        let _ = self.poller.join();
+        show_offset(&self.bar, &self.watched);
+        self.bar
+            .abandon_with_message(if ok { "restored" } else { "failed" });
+    }
 }
 
 /// `copy start ... --to -`: passes fd 1 to the daemon, then waits for the
@@ -389,7 +444,8 @@ pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliErro
             )
         })?)
     };
-    let v = match a.to.to_str().and_then(|t| t.strip_prefix("vol:")) {
+    let progress = opened.as_ref().and_then(|f| ReadProgress::start(f, json));
+    let restored = match a.to.to_str().and_then(|t| t.strip_prefix("vol:")) {
         Some(volume) => {
             name_arg("volume", volume)?;
             let fd = opened
@@ -398,14 +454,14 @@ pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliErro
             let req = Request::Restore {
                 volume: volume.to_string(),
             };
-            client::request_with_fd(control, &req, fd)?
+            client::request_with_fd(control, &req, fd)
         }
-        None => {
-            let r = match opened {
-                Some(f) => crate::copy::restore::restore(f, &a.to),
-                None => crate::copy::restore::restore(std::io::stdin().lock(), &a.to),
-            }
-            .map_err(CliError::plain)?;
+        None => match opened {
+            Some(f) => crate::copy::restore::restore(f, &a.to),
+            None => crate::copy::restore::restore(std::io::stdin().lock(), &a.to),
+        }
+        .map_err(CliError::plain)
+        .map(|r| {
             serde_json::json!({
                 "source": r.header.source,
                 "generation": r.header.generation,
@@ -414,8 +470,12 @@ pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliErro
                 "bytes": r.bytes,
                 "target": a.to,
             })
-        }
+        }),
     };
+    if let Some(p) = progress {
+        p.end(restored.is_ok());
+    }
+    let v = restored?;
     if json {
         print_json(&v);
     } else {
