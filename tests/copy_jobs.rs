@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    assert_same, first_diff, mount_tmpfs, py_spawn, qemu_io_ok, random_bytes, read_stderr, run_ok,
-    skip_without, tempdir, Daemon,
+    assert_error, assert_same, first_diff, mount_tmpfs, py_spawn, qemu_io_ok, random_bytes,
+    read_stderr, run_ok, skip_without, tempdir, Daemon, Raw,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -607,4 +607,94 @@ fn stream_job_survives_kill9() {
         &std::fs::read(&restored).unwrap(),
         &want,
     );
+}
+
+/// Sends `a` and `b` on two control connections at once (`b` a little
+/// later when `delay_us` > 0); returns both replies.
+fn race(d: &Daemon, a: &str, b: &str, delay_us: u64) -> (Value, Value) {
+    let (mut ca, mut cb) = (Raw::connect(&d.control()), Raw::connect(&d.control()));
+    let go = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| {
+            go.wait();
+            ca.send(a)
+        });
+        let tb = s.spawn(|| {
+            go.wait();
+            std::thread::sleep(Duration::from_micros(delay_us));
+            cb.send(b)
+        });
+        (ta.join().unwrap(), tb.join().unwrap())
+    })
+}
+
+/// `copy start VOL@SNAP` racing `snapshot delete VOL SNAP` (and `copy start
+/// VOL` racing `volume delete VOL`): exactly one wins, every time. Either
+/// the job starts and the delete is refused as busy, or the delete wins and
+/// the start fails with "not found"; every job that started copies exactly
+/// its source, which still exists until the job ends.
+#[test]
+fn copy_start_and_delete_race_one_wins() {
+    let Some((t, d)) = daemon_with_v("start_delete_race", &["qemu-img", "qemu-io"], "1M") else {
+        return;
+    };
+    // Slow jobs (~2 s each): a delete can only succeed before the start.
+    let copy = |source: &str, snapshot: Option<&str>, target: &Path| {
+        serde_json::json!({
+            "op": "copy.start", "volume": source, "snapshot": snapshot,
+            "target": target, "rate": 512 << 10, "block_size": 64 << 10,
+        })
+        .to_string()
+    };
+    let mut started = Vec::new();
+    for i in 0..24u64 {
+        qemu_io_ok(&d.uri("v"), false, &[format!("write -P {} 0 1M", i + 1)]);
+        let snap = format!("s{i}");
+        d.ok(&["snapshot", "create", "v", &snap]);
+        let target = t.path().join(format!("{snap}.img"));
+        let delete = format!(r#"{{"op":"snapshot.delete","volume":"v","name":"{snap}"}}"#);
+        let (st, del) = race(&d, &copy("v", Some(&snap), &target), &delete, (i % 4) * 300);
+        match (st["ok"].as_bool(), del["ok"].as_bool()) {
+            (Some(true), Some(false)) => {
+                assert_error(&del, "busy", "being read by copy job");
+                started.push((st["result"]["id"].to_string(), format!("v@{snap}"), target));
+            }
+            (Some(false), Some(true)) => {
+                assert_error(&st, "not_found", &format!("snapshot {snap} of volume v"));
+            }
+            _ => panic!("start and delete of v@{snap} both won or both lost: {st} {del}"),
+        }
+
+        let vol = format!("w{i}");
+        d.ok(&["volume", "create", &vol, "--size", "1M"]);
+        qemu_io_ok(&d.uri(&vol), false, &[format!("write -P {} 0 1M", i + 1)]);
+        let target = t.path().join(format!("{vol}.img"));
+        let delete = format!(r#"{{"op":"volume.delete","name":"{vol}"}}"#);
+        let (st, del) = race(&d, &copy(&vol, None, &target), &delete, (i % 4) * 300);
+        match (st["ok"].as_bool(), del["ok"].as_bool()) {
+            (Some(true), Some(false)) => {
+                assert_error(&del, "busy", "in use by copy job");
+                started.push((st["result"]["id"].to_string(), vol, target));
+            }
+            (Some(false), Some(true)) => {
+                assert_error(&st, "not_found", &format!("volume {vol} not found"));
+            }
+            _ => panic!("start and delete of {vol} both won or both lost: {st} {del}"),
+        }
+    }
+    eprintln!("{} of 48 starts won their race", started.len());
+    for (id, source, target) in &started {
+        let end = wait_ended(&d, id);
+        assert_eq!(end["state"], "done", "{end}");
+        let want = image(&d, source, &t.path().join("want.img"));
+        assert_same(source, &std::fs::read(target).unwrap(), &want);
+    }
+    // Every source is still there and can go now; the daemon still serves.
+    for (_, source, _) in &started {
+        match source.split_once('@') {
+            Some((v, s)) => d.ok(&["snapshot", "delete", v, s]),
+            None => d.ok(&["volume", "delete", source]),
+        };
+    }
+    assert_eq!(d.names(&["snapshot", "list", "v"]), Vec::<String>::new());
 }

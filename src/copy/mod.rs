@@ -86,7 +86,11 @@ pub struct Jobs {
     registry: Arc<Registry>,
     jobs: Arc<Mutex<BTreeMap<u64, Slot>>>,
     threads: Mutex<BTreeMap<u64, JoinHandle<()>>>,
-    /// Serializes start (ids, snapshot names).
+    /// Held by `copy.start` from looking up its source to the job being
+    /// listed (ids, internal snapshot names, the source's existence), and by
+    /// a delete of a volume or snapshot from its in-use check to the
+    /// deletion: either the delete sees the job and is refused, or the
+    /// start finds its source gone.
     starting: Mutex<()>,
 }
 
@@ -365,6 +369,7 @@ impl Jobs {
 
     /// `copy.start`.
     pub fn start(&self, req: CopyStart) -> Result<Value, ControlError> {
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let vol = self.registry.volume(&req.volume)?;
         if let Some(s) = &req.snapshot {
             validate_name("snapshot", s)?;
@@ -385,7 +390,6 @@ impl Jobs {
                 "rate must be more than 0 bytes per second; leave it out for no limit",
             ));
         }
-        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let id = self.lock().keys().next_back().map_or(1, |k| k + 1);
         let policy = req.policy.unwrap_or(Policy::Cow);
         let mut record = JobRecord {
@@ -526,8 +530,26 @@ impl Jobs {
         Value::Array(self.lock().values().map(|s| self.status_of(s)).collect())
     }
 
+    /// Runs `delete` (of volume `volume`, or of its snapshot `snapshot`)
+    /// unless a job that has not ended uses it (`busy`), atomically with
+    /// `copy.start`: no job can start on it between the check and the
+    /// deletion.
+    pub fn delete_unused<T>(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+        delete: impl FnOnce() -> Result<T, ControlError>,
+    ) -> Result<T, ControlError> {
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        match snapshot {
+            Some(name) => self.check_snapshot_unused(volume, name)?,
+            None => self.check_unused(volume)?,
+        }
+        delete()
+    }
+
     /// Refuses (`busy`) while a running job reads or writes volume `name`.
-    pub fn check_unused(&self, name: &str) -> Result<(), ControlError> {
+    fn check_unused(&self, name: &str) -> Result<(), ControlError> {
         let target = format!("vol:{name}");
         for slot in self.lock().values() {
             let Slot::Live(j) = slot else { continue };
@@ -547,7 +569,7 @@ impl Jobs {
     }
 
     /// Refuses (`busy`) while a running job reads snapshot `volume@name`.
-    pub fn check_snapshot_unused(&self, volume: &str, name: &str) -> Result<(), ControlError> {
+    fn check_snapshot_unused(&self, volume: &str, name: &str) -> Result<(), ControlError> {
         for slot in self.lock().values() {
             let Slot::Live(j) = slot else { continue };
             let r = j.record();
