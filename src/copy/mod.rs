@@ -127,6 +127,9 @@ impl Jobs {
         for r in records {
             let id = r.id;
             if r.state.finished() {
+                // Failed by a write's hook while the daemon stopped: its
+                // map is left (its internal snapshot goes below).
+                let _ = std::fs::remove_file(progress::map_path(&dir, id));
                 jobs.lock().insert(id, Slot::Ended(r));
                 continue;
             }
@@ -462,7 +465,7 @@ impl Jobs {
                 use std::os::fd::AsRawFd;
                 crate::runtime::write_at(file.as_raw_fd(), &header, 0, 0).await?;
                 crate::runtime::fsync(file.as_raw_fd(), true).await?;
-                map.write(&[], Some(stream_len))?;
+                map.write(&[], Some(stream_len)).await?;
                 map.sync().await
             })
             .map_err(|e| io_err("cannot write the stream's header", e))?;
