@@ -746,3 +746,153 @@ fn hook_failure_survives_restarts() {
         &["read -P 0x77 15M 64K", "read -P 0x66 0 15M"],
     );
 }
+
+/// A loop device for a test; detached on drop.
+struct LoopDev(String);
+
+impl LoopDev {
+    /// Attaches a loop device to a new file of `size` bytes; None, with a
+    /// SKIP line for `test`, where that is not allowed (needs root).
+    fn attach(test: &str, img: &Path, size: u64) -> Option<LoopDev> {
+        std::fs::File::create(img).unwrap().set_len(size).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(img)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                Some(LoopDev(String::from_utf8(o.stdout).unwrap().trim().into()))
+            }
+            other => {
+                eprintln!("SKIP {test}: cannot attach a loop device here: {other:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A block device as the target: a `cow` copy of a volume being written
+/// is the image at start (the device is larger: the rest stays as it was);
+/// a device smaller than the volume is refused, saying so.
+#[test]
+fn block_device_target() {
+    let Some((t, d)) = daemon_with_v(
+        "block_device_target",
+        &["python3-nbd", "qemu-img", "qemu-io"],
+        "16M",
+    ) else {
+        return;
+    };
+    let Some(dev) = LoopDev::attach("block_device_target", &t.path().join("dev.img"), 17 << 20)
+    else {
+        return;
+    };
+    let Some(small) = LoopDev::attach("block_device_target", &t.path().join("small.img"), 8 << 20)
+    else {
+        return;
+    };
+    let e = d.fails(&["copy", "start", "v", "--to", &small.0]);
+    assert!(
+        e.contains(&format!(
+            "target {} holds {} bytes but the copy needs {}",
+            small.0,
+            8 << 20,
+            16 << 20
+        )) && e.contains("larger device"),
+        "{e}"
+    );
+    fill(&d, "v", 16 << 20);
+    let mut w = Writer::start(&d, "v", 4096);
+    std::thread::sleep(Duration::from_millis(200));
+    w.send("pause");
+    w.expect("PAUSED");
+    d.ok(&["snapshot", "create", "v", "s"]);
+    let id = start_job(&d, Path::new(&dev.0), "cow", "256K", "8M", false);
+    w.send("go");
+    let end = wait_ended(&d, &id);
+    assert_eq!(end["state"], "done", "{end}");
+    assert!(w.stop() > 0, "the writer wrote nothing during the job");
+    let want = image(&d, "v@s", &t.path().join("snap.img"));
+    let got = std::fs::read(&dev.0).unwrap();
+    assert_eq!(got.len(), 17 << 20);
+    assert_same("block device vs snapshot at start", &got[..16 << 20], &want);
+    assert!(
+        got[16 << 20..].iter().all(|&b| b == 0),
+        "past the volume's end"
+    );
+}
+
+/// `--rate R`: a job of N bytes takes at least about N/R (a lower bound
+/// only: the machine may be slower), and the throughput `copy status`
+/// shows stays near R once past the first batch (R bytes at once).
+#[test]
+fn rate_limits_the_job() {
+    let Some((t, d)) = daemon_with_v("rate_limit", &["qemu-io"], "8M") else {
+        return;
+    };
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x5a 0 8M"]);
+    let (n, rate) = (8u64 << 20, 2u64 << 20);
+    let t0 = Instant::now();
+    let id = start_job(&d, &t.path().join("rate.img"), "cow", "256K", "2M", false);
+    let mut samples = Vec::new();
+    let end = loop {
+        let v = d.json(&["copy", "status", &id]);
+        if v["state"] != "running" {
+            break v;
+        }
+        samples.push((t0.elapsed(), v["throughput_bps"].as_u64().unwrap()));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = t0.elapsed();
+    assert_eq!(end["state"], "done", "{end}");
+    let least = Duration::from_secs_f64(0.8 * n as f64 / rate as f64);
+    assert!(took >= least, "{n} bytes at {rate} B/s took {took:?}");
+    // After t seconds at most R * (t + 1) bytes moved.
+    for (at, bps) in &samples {
+        if *at >= Duration::from_secs(2) {
+            assert!(*bps <= rate * 8 / 5, "{bps} B/s at {at:?}: {samples:?}");
+        }
+    }
+    eprintln!("rate {rate} B/s: {n} bytes took {took:?}; status samples {samples:?}");
+}
+
+/// `--verify` re-reads the target: a target changed behind the job's back
+/// after its first segment was copied fails the job, naming the offset.
+#[test]
+fn verify_catches_a_changed_target() {
+    let Some((t, d)) = daemon_with_v("verify_changed", &["qemu-io"], "4M") else {
+        return;
+    };
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x3c 0 4M"]);
+    let target = t.path().join("verify.img");
+    let id = start_job(&d, &target, "cow", "256K", "1M", true);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while d.json(&["copy", "status", &id])["bytes_done"]
+        .as_u64()
+        .unwrap()
+        < 512 << 10
+    {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    f.write_all_at(&[0xee; 4096], 256 << 10).unwrap();
+    f.sync_all().unwrap();
+    let end = wait_ended(&d, &id);
+    assert_eq!(end["state"], "failed", "{end}");
+    let msg = end["error"].as_str().unwrap();
+    assert!(
+        msg.contains("verify") && msg.contains(&format!("at offset {}", 256 << 10)),
+        "{msg}"
+    );
+}
