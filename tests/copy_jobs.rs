@@ -209,14 +209,21 @@ struct PausedStart {
     target: std::path::PathBuf,
 }
 
-fn start_copy_under_writes(test: &str, policy: &str, rate: &str) -> Option<PausedStart> {
-    let (t, d) = daemon_with_v(test, &["python3-nbd", "qemu-img", "qemu-io"], "16M")?;
-    fill(&d, "v", 16 << 20);
-    let mut w = Writer::start(&d, "v", 4096);
+/// Fills the 16 MiB volume `v`, starts a writer on it and takes snapshot
+/// `s` with the writer paused; send it `go` once the job started.
+fn paused_writer_and_snapshot(d: &Daemon) -> Writer {
+    fill(d, "v", 16 << 20);
+    let mut w = Writer::start(d, "v", 4096);
     std::thread::sleep(Duration::from_millis(200));
     w.send("pause");
     w.expect("PAUSED");
     d.ok(&["snapshot", "create", "v", "s"]);
+    w
+}
+
+fn start_copy_under_writes(test: &str, policy: &str, rate: &str) -> Option<PausedStart> {
+    let (t, d) = daemon_with_v(test, &["python3-nbd", "qemu-img", "qemu-io"], "16M")?;
+    let mut w = paused_writer_and_snapshot(&d);
     let target = t.path().join("copy.img");
     // --verify reads the data (for its checksums); without it a cow job
     // lets the kernel copy origin ranges (copy_file_range): test both.
@@ -807,12 +814,7 @@ fn block_device_target() {
         )) && e.contains("larger device"),
         "{e}"
     );
-    fill(&d, "v", 16 << 20);
-    let mut w = Writer::start(&d, "v", 4096);
-    std::thread::sleep(Duration::from_millis(200));
-    w.send("pause");
-    w.expect("PAUSED");
-    d.ok(&["snapshot", "create", "v", "s"]);
+    let mut w = paused_writer_and_snapshot(&d);
     let id = start_job(&d, Path::new(&dev.0), "cow", "256K", "8M", false);
     w.send("go");
     let end = wait_ended(&d, &id);
