@@ -728,8 +728,19 @@ fn hook_failure_survives_restarts() {
     let id = start_job(&d, &target, "direct", "64K", "256K", false);
     let id = id.as_str();
     d.json(&["copy", "pause", id]);
-    // Paused: only writes copy (first). Fill the target's file system.
-    let ballast = std::fs::write(mnt.join("ballast"), vec![1u8; 4 << 20]);
+    // Paused (once a batch in flight is in): only writes copy (first).
+    let done = || d.json(&["copy", "status", id])["bytes_done"].clone();
+    let mut last = done();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = done();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    // Fill the target's file system.
+    let ballast = std::fs::write(mnt.join("ballast"), vec![1u8; 5 << 20]);
     assert!(ballast.is_err(), "the ballast should fill the tmpfs");
     qemu_io_ok(&d.uri("v"), false, &["write -P 0x77 15M 64K"]);
     let check = |d: &Daemon, when: &str| {
