@@ -218,10 +218,16 @@ impl Job {
         *self.want.lock().unwrap()
     }
 
-    /// Records a failure (from the job thread or a write's hook); the job
-    /// thread ends the job.
+    /// Records a failure on the job thread (which may block): in the job's
+    /// record first, then every write goes through; the job thread ends
+    /// the job. A write that went through before a crash must not find
+    /// the job resumed, copying what it wrote.
     fn fail(&self, what: &str, e: &io::Error) {
-        self.failed(self.failure_message(what, e));
+        let msg = self.failure_message(what, e);
+        if let Some(r) = self.mark_failed(&msg) {
+            self.save(&r);
+        }
+        self.failed(msg);
     }
 
     /// A write's hook could not copy its segment first: the job fails
@@ -231,17 +237,7 @@ impl Job {
     /// what the write put there.
     async fn fail_before_write(&self, what: &str, e: &io::Error) {
         let msg = self.failure_message(what, e);
-        // The first failure is the one the job reports.
-        let msg = self.failure.lock().unwrap().clone().unwrap_or(msg);
-        let record = {
-            let mut r = self.record.lock().unwrap();
-            (!r.state.finished()).then(|| {
-                r.state = JobState::Failed;
-                r.error = Some(msg.clone());
-                r.clone()
-            })
-        };
-        if let Some(r) = record {
+        if let Some(r) = self.mark_failed(&msg) {
             if let Err(e) = super::progress::save_record_off_thread(&self.dir, r).await {
                 log::error!("copy job {}: cannot save its failure: {e}", self.id);
             }
@@ -249,7 +245,22 @@ impl Job {
         self.failed(msg);
     }
 
+    /// Marks the record failed; returns it to be saved, unless the job
+    /// had already ended.
+    fn mark_failed(&self, msg: &str) -> Option<JobRecord> {
+        let mut r = self.record.lock().unwrap();
+        (!r.state.finished()).then(|| {
+            r.state = JobState::Failed;
+            r.error = Some(msg.to_string());
+            r.clone()
+        })
+    }
+
+    /// What the job reports: its first failure.
     fn failure_message(&self, what: &str, e: &io::Error) -> String {
+        if let Some(first) = self.failure.lock().unwrap().clone() {
+            return first;
+        }
         let target = self.record.lock().unwrap().target.clone();
         if e.raw_os_error() == Some(libc::ENOSPC) {
             format!(
