@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    assert_error, assert_same, first_diff, mount_tmpfs, py_spawn, qemu_io_ok, random_bytes,
-    read_stderr, run_ok, skip_without, tempdir, Daemon, Raw,
+    assert_error, assert_same, first_diff, mount_tmpfs, mount_xfs, py_spawn, qemu_io_ok,
+    random_bytes, read_stderr, run_ok, skip_without, tempdir, Daemon, Raw,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -907,5 +907,83 @@ fn verify_catches_a_changed_target() {
     assert!(
         msg.contains("verify") && msg.contains(&format!("at offset {}", 256 << 10)),
         "{msg}"
+    );
+}
+
+/// How a job moved its data is reported, and each path produces the same
+/// image: a volume target, and a file target on ext4, go through the job
+/// thread's registered arena (READ_FIXED / WRITE_FIXED: every data byte is
+/// read and written there); a file beside the origin on XFS is cloned with
+/// `copy_file_range` (its extents are shared with the origin's); with
+/// registration switched off (`SNAPBLK_COPY_TUNING`, the benchmark's
+/// switch) plain buffers carry it.
+#[test]
+fn data_paths_are_reported_and_give_the_same_image() {
+    if skip_without("data_paths", &["qemu-img", "qemu-io", "filefrag"]) {
+        return;
+    }
+    let data = 6u64 << 20; // `fill` leaves 2 of 8 MiB unwritten
+    let check = |d: &Daemon, t: &Path, target: &str, want: [(&str, u64); 2]| {
+        let id = d.ok(&["copy", "start", "v", "--to", target]);
+        let end = wait_ended(d, id.trim());
+        assert_eq!(end["state"], "done", "{end}");
+        assert_eq!(end["bytes_copied"], data, "{end}");
+        for (field, n) in want {
+            assert_eq!(end[field], n, "{field} after a copy to {target}: {end}");
+        }
+        let want = image(d, "v", &t.join("want.img"));
+        let got = match target.strip_prefix("vol:") {
+            Some(name) => image(d, name, &t.join("got.img")),
+            None => std::fs::read(target).unwrap(),
+        };
+        assert_same(target, &got, &want);
+    };
+    let start = |dir: &Path, env: &[(&str, &str)]| {
+        let d = Daemon::start_with(dir, dir, &[], env);
+        d.ok(&["volume", "create", "v", "--size", "8M"]);
+        fill(&d, "v", 8 << 20);
+        d
+    };
+    let arena = [
+        ("registered_buffer_io_bytes", 2 * data),
+        ("bytes_kernel_copied", 0),
+    ];
+
+    let (t, dir) = tempdir();
+    let d = start(&dir, &[]);
+    d.ok(&["volume", "create", "w", "--size", "8M"]);
+    check(&d, t.path(), "vol:w", arena);
+    let beside = t.path().join("beside.img");
+    check(&d, t.path(), beside.to_str().unwrap(), arena);
+    drop(d);
+
+    let (t, dir) = tempdir();
+    let switch = ("SNAPBLK_COPY_TUNING", "no-registered-buffers");
+    let d = start(&dir, &[switch]);
+    let plain = t.path().join("plain.img");
+    let none = [
+        ("registered_buffer_io_bytes", 0),
+        ("bytes_kernel_copied", 0),
+    ];
+    check(&d, t.path(), plain.to_str().unwrap(), none);
+    drop(d);
+
+    let (t, _) = tempdir();
+    let mnt = t.path().join("xfs");
+    let Some(_mount) = mount_xfs("data_paths", &t.path().join("xfs.img"), &mnt) else {
+        return;
+    };
+    let d = start(&mnt.join("data"), &[]);
+    let clone = mnt.join("clone.img");
+    let kernel = [
+        ("registered_buffer_io_bytes", 0),
+        ("bytes_kernel_copied", data),
+    ];
+    check(&d, t.path(), clone.to_str().unwrap(), kernel);
+    drop(d);
+    let extents = run_ok(Command::new("filefrag").arg("-v").arg(&clone));
+    assert!(
+        extents.contains("shared"),
+        "not a clone of the origin:\n{extents}"
     );
 }

@@ -320,6 +320,14 @@ fn a_wrong_key_is_refused_and_writes_nothing() {
     for log in [p.src.log(), p.dst.log()] {
         assert!(!log.contains("not the right key") && !log.contains("correct horse"));
     }
+    // The source retries every second: the destination says it once.
+    p.src.ok(&["replicate", "stop", "v"]);
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(&p.addr).unwrap();
+        assert!(wire::authenticate_to_destination(&mut s, b"still wrong").is_err());
+    }
+    let refusals = p.dst.log().matches("refused the connection").count();
+    assert_eq!(refusals, 1, "{}", p.dst.log());
     assert!(!p
         .src
         .ok(&["replicate", "status"])

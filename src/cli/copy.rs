@@ -1,7 +1,8 @@
 //! `snapblk copy ...` and `snapblk restore`: live copy jobs from the command
 //! line. `copy start ... --to -` hands the CLI's standard output to the
 //! daemon over the control socket (SCM_RIGHTS), so the stream never passes
-//! through the JSON connection, then waits for the job to end.
+//! through the JSON connection, then waits for the job to end; `restore
+//! ... --to vol:NAME` hands over the stream's descriptor the same way.
 
 use super::client::{self, CliError};
 use super::output::{self, key_values, str_of, table};
@@ -11,8 +12,9 @@ use crate::control::protocol::Request;
 use crate::copy::progress::{Format, Policy};
 use crate::copy::CopyStart;
 use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -82,7 +84,8 @@ pub struct RestoreArgs {
     /// The stream file, or - for standard input
     #[arg(value_name = "STREAM|-", allow_hyphen_values = true)]
     pub stream: PathBuf,
-    /// A file (created or replaced, sparse) or a block device
+    /// A file (created or replaced, sparse), a block device, or vol:NAME (a
+    /// volume of the daemon: created with the stream's size if missing)
     #[arg(long, value_name = "TARGET")]
     pub to: PathBuf,
 }
@@ -288,52 +291,70 @@ fn outcome(v: &Value) -> Result<(), CliError> {
     }
 }
 
-/// `copy status --watch`: a progress bar on a terminal, plain lines otherwise.
+/// `copy status --watch`: polls the job until it ends. On a terminal an
+/// indicatif bar (bytes done/total, throughput, ETA); otherwise a plain line
+/// a second and the final one; with `--json` one object a line. A job that
+/// failed or was cancelled is an error (non-zero exit).
 fn watch_job(control: &Path, json: bool, job: Option<u64>) -> Result<(), CliError> {
     let Some(id) = job else {
         return Err(CliError::plain(
             "--watch follows one job; give its id (see `snapblk copy list`)",
         ));
     };
+    let mut bar: Option<ProgressBar> = None;
     let tty = !json && std::io::stdout().is_terminal();
     loop {
         let v = client::request(control, &Request::CopyStatus { id: Some(id) })?;
+        let done = v["bytes_done"].as_u64().unwrap_or(0);
         if json {
             println!(
                 "{}",
                 serde_json::to_string(&v).expect("JSON values serialize")
             );
         } else if tty {
-            let total = v["size"].as_u64().unwrap_or(0).max(1);
-            let done = v["bytes_done"].as_u64().unwrap_or(0);
-            let filled = (done * 30 / total) as usize;
-            print!(
-                "\r[{}{}] {:>6}  {}  ETA {}  {}   ",
-                "#".repeat(filled),
-                "-".repeat(30 - filled),
-                percent(&v),
-                throughput(&v),
-                eta(&v),
-                str_of(&v, "state")
-            );
-            let _ = std::io::stdout().flush();
+            let b = bar.get_or_insert_with(|| new_bar(id, &v));
+            b.set_position(done);
+            b.set_message(str_of(&v, "state"));
         } else {
+            let speed = match ended(&v) {
+                true => String::new(),
+                false => format!(" {} ETA {}", throughput(&v), eta(&v)),
+            };
             println!(
-                "job {id}: {} {} {} ETA {}",
+                "job {id}: {} {} ({} of {}){speed}",
                 str_of(&v, "state"),
                 percent(&v),
-                throughput(&v),
-                eta(&v)
+                format_size(done),
+                output::size_of(&v, "size"),
             );
         }
         if ended(&v) {
-            if tty {
-                println!();
+            if let Some(b) = bar {
+                let state = str_of(&v, "state");
+                if state == "done" {
+                    b.finish_with_message(state);
+                } else {
+                    b.abandon_with_message(state);
+                }
             }
             return outcome(&v);
         }
         std::thread::sleep(Duration::from_millis(if tty { 200 } else { 1000 }));
     }
+}
+
+/// The terminal's bar for job `id`, starting where the job is.
+fn new_bar(id: u64, v: &Value) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "job {prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({percent}%) \
+         {binary_bytes_per_sec} ETA {eta} {msg}",
+    )
+    .expect("a valid template")
+    .progress_chars("#>-");
+    ProgressBar::with_draw_target(v["size"].as_u64(), ProgressDrawTarget::stdout())
+        .with_style(style)
+        .with_prefix(id.to_string())
+        .with_position(v["bytes_done"].as_u64().unwrap_or(0))
 }
 
 /// `copy start ... --to -`: passes fd 1 to the daemon, then waits for the
@@ -351,12 +372,13 @@ fn stream_to_stdout(control: &Path, req: &Request) -> Result<(), CliError> {
     }
 }
 
-/// `snapblk restore`.
-pub fn restore(json: bool, a: RestoreArgs) -> Result<(), CliError> {
-    let result = if a.stream == Path::new("-") {
-        crate::copy::restore::restore(std::io::stdin().lock(), &a.to)
+/// `snapblk restore`: into a file or device here, or into a volume by the
+/// daemon, which reads the stream from the descriptor passed with the request.
+pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliError> {
+    let opened = if a.stream == Path::new("-") {
+        None
     } else {
-        let f = std::fs::File::open(&a.stream).map_err(|e| {
+        Some(std::fs::File::open(&a.stream).map_err(|e| {
             CliError::new(
                 format!(
                     "cannot open the stream {}: {}",
@@ -365,29 +387,51 @@ pub fn restore(json: bool, a: RestoreArgs) -> Result<(), CliError> {
                 ),
                 "give the path of a file written by `snapblk copy start --format stream`",
             )
-        })?;
-        crate::copy::restore::restore(f, &a.to)
+        })?)
     };
-    let r = result.map_err(CliError::plain)?;
-    let v = serde_json::json!({
-        "source": r.header.source,
-        "generation": r.header.generation,
-        "size": r.header.volume_size,
-        "blocks": r.blocks,
-        "bytes": r.bytes,
-        "target": a.to,
-    });
+    let v = match a.to.to_str().and_then(|t| t.strip_prefix("vol:")) {
+        Some(volume) => {
+            name_arg("volume", volume)?;
+            let fd = opened
+                .as_ref()
+                .map_or(libc::STDIN_FILENO, std::os::fd::AsRawFd::as_raw_fd);
+            let req = Request::Restore {
+                volume: volume.to_string(),
+            };
+            client::request_with_fd(control, &req, fd)?
+        }
+        None => {
+            let r = match opened {
+                Some(f) => crate::copy::restore::restore(f, &a.to),
+                None => crate::copy::restore::restore(std::io::stdin().lock(), &a.to),
+            }
+            .map_err(CliError::plain)?;
+            serde_json::json!({
+                "source": r.header.source,
+                "generation": r.header.generation,
+                "size": r.header.volume_size,
+                "blocks": r.blocks,
+                "bytes": r.bytes,
+                "target": a.to,
+            })
+        }
+    };
     if json {
         print_json(&v);
     } else {
         println!(
-            "restored {} ({} blocks, {} of data) of {} generation {} to {}",
-            format_size(r.header.volume_size),
-            r.blocks,
-            format_size(r.bytes),
-            r.header.source,
-            r.header.generation,
-            a.to.display()
+            "restored {} ({} blocks, {} of data) of {} generation {} to {}{}",
+            output::size_of(&v, "size"),
+            str_of(&v, "blocks"),
+            output::size_of(&v, "bytes"),
+            str_of(&v, "source"),
+            str_of(&v, "generation"),
+            str_of(&v, "target"),
+            if v["created"] == true {
+                " (created)"
+            } else {
+                ""
+            }
         );
     }
     Ok(())

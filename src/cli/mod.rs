@@ -310,7 +310,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let control = paths::client_control_path(cli.control);
             copy::run(&control, json, cmd)
         }
-        Command::Restore(a) => copy::restore(json, a),
+        Command::Restore(a) => {
+            let control = paths::client_control_path(cli.control);
+            copy::restore(&control, json, a)
+        }
         Command::Replicate(cmd) => {
             let control = paths::client_control_path(cli.control);
             replicate::run(&control, json, cmd)

@@ -33,6 +33,7 @@ pub const OPS: &[&str] = &[
     "copy.resume",
     "copy.cancel",
     "copy.list",
+    "restore",
     "replicate.start",
     "replicate.stop",
     "replicate.status",
@@ -118,6 +119,10 @@ pub enum Request {
     CopyCancel { id: u64 },
     #[serde(rename = "copy.list")]
     CopyList {},
+    /// Writes the backup stream passed with the request (SCM_RIGHTS) into
+    /// a volume; see [`crate::copy::restore_vol`].
+    #[serde(rename = "restore")]
+    Restore { volume: String },
     /// Replicates a volume to a destination daemon (see `src/replication`).
     #[serde(rename = "replicate.start")]
     ReplicateStart {
@@ -172,6 +177,7 @@ impl Request {
             Request::CopyResume { .. } => "copy.resume",
             Request::CopyCancel { .. } => "copy.cancel",
             Request::CopyList {} => "copy.list",
+            Request::Restore { .. } => "restore",
             Request::ReplicateStart { .. } => "replicate.start",
             Request::ReplicateStop { .. } => "replicate.stop",
             Request::ReplicateStatus { .. } => "replicate.status",

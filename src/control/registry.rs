@@ -46,7 +46,7 @@ use crate::engine::{EngineError, View, Volume, VolumeConfig};
 use crate::engine::{DEFAULT_CHUNK_SIZE, DEFAULT_PARTITIONS};
 use crate::runtime::block_on;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -208,7 +208,23 @@ pub struct Registry {
     devices: Mutex<BTreeMap<String, DeviceEntry>>,
     /// Serializes writes of `devices.json`.
     save_lock: Mutex<()>,
+    /// Volumes a `restore` writes: nothing else may take them (see
+    /// [`Registry::claim_for_restore`]). Changed under the `map` lock.
+    restoring: Mutex<BTreeSet<String>>,
     driver: Box<dyn Driver>,
+}
+
+/// A volume held for a restore; dropping it gives the volume back.
+pub struct RestoreClaim<'a> {
+    registry: &'a Registry,
+    pub volume: Arc<Volume>,
+}
+
+impl Drop for RestoreClaim<'_> {
+    fn drop(&mut self) {
+        let _map = self.registry.lock_map();
+        self.registry.lock_restoring().remove(self.volume.name());
+    }
 }
 
 /// Checks a volume or snapshot name: `[A-Za-z0-9._-]{1,64}`, not starting with '.'.
@@ -239,6 +255,16 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ControlError> {
 
 fn not_found(name: &str) -> ControlError {
     ControlError::not_found(format!("volume {name} not found"))
+}
+
+fn restoring(name: &str) -> ControlError {
+    ControlError::new(
+        ErrorCode::Busy,
+        format!(
+            "volume {name} is being restored from a backup stream; wait for `snapblk restore` \
+             to finish"
+        ),
+    )
 }
 
 fn volume_json(vol: &Volume) -> Result<Value, ControlError> {
@@ -314,6 +340,7 @@ impl Registry {
             closing: RwLock::new(false),
             devices: Mutex::new(BTreeMap::new()),
             save_lock: Mutex::new(()),
+            restoring: Mutex::new(BTreeSet::new()),
             driver,
         })
     }
@@ -345,9 +372,76 @@ impl Registry {
             .collect()
     }
 
-    /// The healthy volume `name`.
+    fn lock_restoring(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.restoring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_restoring(&self, name: &str) -> bool {
+        self.lock_restoring().contains(name)
+    }
+
+    /// `busy` while a device serves volume `name` or one of its snapshots.
+    fn check_no_device(&self, name: &str) -> Result<(), ControlError> {
+        if let Some((key, what)) = self
+            .lock_devices()
+            .values()
+            .filter(|e| e.spec.volume == name)
+            .find_map(|e| e.in_use().map(|w| (e.spec.key(), w)))
+        {
+            return Err(ControlError::new(
+                ErrorCode::Busy,
+                format!(
+                    "volume {name} is in use by {what} ({key}); stop it first with \
+                     `snapblk device stop {key}`"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes volume `name` for a restore: refused (`busy`, naming the user)
+    /// while a device serves it (or one of its snapshots) or anything else
+    /// (an NBD connection, a request) holds it. Until the claim is dropped no
+    /// device, export, copy job or delete can take the volume. The caller
+    /// checks copy jobs and replication first, for their clearer messages.
+    pub fn claim_for_restore(&self, name: &str) -> Result<RestoreClaim<'_>, ControlError> {
+        let _g = self.gate()?;
+        let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_no_device(name)?;
+        let map = self.lock_map();
+        let vol = match map.get(name) {
+            Some(Slot::Ready(_)) if self.is_restoring(name) => return Err(restoring(name)),
+            Some(Slot::Ready(v)) => v.clone(),
+            Some(Slot::Broken(msg)) => {
+                return Err(ControlError::new(
+                    ErrorCode::IoError,
+                    format!("volume {name} is not available: {msg}"),
+                ))
+            }
+            None => return Err(not_found(name)),
+        };
+        // The map's reference and `vol`; anything more is a user.
+        if Arc::strong_count(&vol) > 2 {
+            return Err(ControlError::new(
+                ErrorCode::Busy,
+                format!(
+                    "volume {name} is in use by {} open NBD connection(s) or requests; \
+                     disconnect its NBD clients first",
+                    Arc::strong_count(&vol) - 2
+                ),
+            ));
+        }
+        self.lock_restoring().insert(name.to_string());
+        Ok(RestoreClaim {
+            registry: self,
+            volume: vol,
+        })
+    }
+
+    /// The healthy volume `name` (`busy` while a restore writes it).
     pub fn volume(&self, name: &str) -> Result<Arc<Volume>, ControlError> {
         match self.lock_map().get(name) {
+            Some(Slot::Ready(_)) if self.is_restoring(name) => Err(restoring(name)),
             Some(Slot::Ready(v)) => Ok(v.clone()),
             Some(Slot::Broken(msg)) => Err(ControlError::new(
                 ErrorCode::IoError,
@@ -471,24 +565,12 @@ impl Registry {
     pub fn delete_volume(&self, name: &str) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((key, what)) = self
-            .lock_devices()
-            .values()
-            .filter(|e| e.spec.volume == name)
-            .find_map(|e| e.in_use().map(|w| (e.spec.key(), w)))
-        {
-            return Err(ControlError::new(
-                ErrorCode::Busy,
-                format!(
-                    "volume {name} is in use by {what} ({key}); stop it first with \
-                     `snapblk device stop {key}`"
-                ),
-            ));
-        }
+        self.check_no_device(name)?;
         let slot = {
             let mut map = self.lock_map();
             match map.get(name) {
                 None => return Err(not_found(name)),
+                Some(_) if self.is_restoring(name) => return Err(restoring(name)),
                 // The registry holds one reference; every NBD connection's
                 // view (and any request in progress) holds another. Exports
                 // are resolved under this lock, so none can appear between
@@ -1024,6 +1106,9 @@ impl Registry {
         };
         let slot = self.lock_map().get(vol).cloned();
         let vol = match slot {
+            Some(Slot::Ready(_)) if self.is_restoring(vol) => {
+                return Err(EngineError::InvalidArgument(restoring(vol).message))
+            }
             Some(Slot::Ready(v)) => v,
             Some(Slot::Broken(msg)) => {
                 return Err(EngineError::Corrupt(format!("volume {vol}: {msg}")))
@@ -1372,6 +1457,60 @@ mod tests {
         assert_eq!(out["state"], "stopped");
         assert_eq!(*driver.stopped.lock().unwrap(), ["/dev/ublkb0"]);
         assert!(reg.list_devices().unwrap().as_array().unwrap().is_empty());
+        reg.delete_volume("v").unwrap();
+        reg.shutdown();
+    }
+
+    #[test]
+    fn a_restore_claim_needs_an_unused_volume_and_excludes_every_other_use() {
+        let t = tempfile::tempdir().unwrap();
+        let reg = Registry::open(t.path(), Box::new(FakeDriver::default())).unwrap();
+        reg.create_volume("v", 1 << 20, None, Some(1), None)
+            .unwrap();
+        reg.create_snapshot("v", "s").unwrap();
+        let msg = |r: Result<RestoreClaim<'_>, ControlError>| {
+            let e = r.err().expect("refused");
+            assert_eq!(e.code, ErrorCode::Busy, "{}", e.message);
+            e.message
+        };
+        for snap in [None, Some("s".to_string())] {
+            let out = reg.start_device("v", snap, None, None, None).unwrap();
+            let path = out["path"].as_str().unwrap().to_string();
+            let m = msg(reg.claim_for_restore("v"));
+            assert!(
+                m.contains(&format!("in use by device {path}"))
+                    && m.contains("`snapblk device stop v"),
+                "{m}"
+            );
+            reg.stop_device(&path).unwrap();
+        }
+        let export = reg.resolve_export("v").ok();
+        let m = msg(reg.claim_for_restore("v"));
+        assert!(m.contains("1 open NBD connection(s)"), "{m}");
+        drop(export);
+
+        let claim = reg.claim_for_restore("v").unwrap();
+        let restoring = "is being restored from a backup stream";
+        assert!(msg(reg.claim_for_restore("v")).contains(restoring));
+        assert!(reg
+            .volume("v")
+            .err()
+            .expect("refused")
+            .message
+            .contains(restoring));
+        assert!(reg
+            .delete_volume("v")
+            .unwrap_err()
+            .message
+            .contains(restoring));
+        let e = reg.start_device("v", None, None, None, None).unwrap_err();
+        assert!(e.message.contains(restoring), "{}", e.message);
+        let e = reg.resolve_export("v@s").err().expect("refused");
+        assert!(e.to_string().contains(restoring), "{e}");
+        // Information about it still works.
+        reg.volume_info("v").unwrap();
+        drop(claim);
+        assert!(reg.resolve_export("v").is_ok());
         reg.delete_volume("v").unwrap();
         reg.shutdown();
     }

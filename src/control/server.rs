@@ -272,8 +272,8 @@ thread_local! {
     static PASSED: std::cell::RefCell<Vec<OwnedFd>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The latest descriptor this thread's client passed (`copy start --to -`),
-/// if any; earlier ones are closed.
+/// The latest descriptor this thread's client passed (`copy start --to -`,
+/// `restore`), if any; earlier ones are closed.
 pub fn take_passed_fd() -> Option<OwnedFd> {
     PASSED.with(|p| p.borrow_mut().drain(..).next_back())
 }
@@ -378,6 +378,11 @@ pub fn handle(
         Request::CopyResume { id } => facts.jobs.resume(id),
         Request::CopyCancel { id } => facts.jobs.cancel(id),
         Request::CopyList {} => Ok(facts.jobs.list()),
+        Request::Restore { volume } => crate::copy::restore_vol::restore(registry, &volume, |v| {
+            facts.jobs.check_unused(v)?;
+            facts.replication.check_volume_delete(v)?;
+            facts.replication.check_replica_use(v, None, false)
+        }),
         r @ (Request::ReplicateStart { .. }
         | Request::ReplicateStop { .. }
         | Request::ReplicateStatus { .. }

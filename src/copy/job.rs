@@ -10,12 +10,14 @@
 //! the daemon stops). A `cow` job has no hook: it reads its point-in-time
 //! snapshot and gives each segment back to the engine once it is `Done`.
 
-use super::progress::{Entry, JobRecord, JobState, Policy, ProgressMap};
+use super::progress::{Entry, JobRecord, JobState, Moved, Policy, ProgressMap};
 use super::stream;
-use super::target::{engine_io, AlignedBuf, Target};
+use super::target::{engine_io, Target};
 use crate::engine::{EngineError, SnapshotConsumer, View, Volume, WriteGuard, WriteHook};
+use crate::runtime::AlignedBuf;
 use futures::future::{join_all, BoxFuture};
-use std::collections::VecDeque;
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -47,11 +49,16 @@ struct Shared {
     segs: Vec<Seg>,
     /// Segments that held writes wait for, in arrival order.
     urgent: VecDeque<u64>,
+    /// Held writes' picks in a row (the walk gets every fourth).
+    urgent_streak: u32,
+    /// Segments a write waits for (held, or in flight under `direct`):
+    /// once copied, they are committed at once instead of with the group.
+    awaited: HashSet<u64>,
     /// The sequential walk's next segment.
     cursor: u64,
     done: u64,
     done_bytes: u64,
-    copied_bytes: u64,
+    moved: Moved,
     /// Bumped on every change a waiting write may care about.
     changes: u64,
     waiters: Vec<Waker>,
@@ -96,6 +103,41 @@ pub struct Job {
     /// The origin file and the target file, for `copy_file_range`.
     kernel_copy: Option<(std::fs::File, std::fs::File)>,
     kernel_copy_ok: AtomicBool,
+    tuning: Tuning,
+}
+
+/// Switches for benchmarks that measure what each part of the data path
+/// gains (`SNAPBLK_COPY_TUNING=no-kernel-copy,no-registered-buffers,
+/// no-coalescing` in the daemon's environment). Everything is on by default.
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    kernel_copy: bool,
+    registered_buffers: bool,
+    coalescing: bool,
+}
+
+impl Tuning {
+    fn from_env() -> Tuning {
+        let off = std::env::var("SNAPBLK_COPY_TUNING").unwrap_or_default();
+        let off: Vec<&str> = off.split(',').map(str::trim).collect();
+        for word in &off {
+            if ![
+                "",
+                "no-kernel-copy",
+                "no-registered-buffers",
+                "no-coalescing",
+            ]
+            .contains(word)
+            {
+                log::warn!("SNAPBLK_COPY_TUNING: unknown switch {word:?} ignored");
+            }
+        }
+        Tuning {
+            kernel_copy: !off.contains(&"no-kernel-copy"),
+            registered_buffers: !off.contains(&"no-registered-buffers"),
+            coalescing: !off.contains(&"no-coalescing"),
+        }
+    }
 }
 
 /// Everything a job is built from (new or resumed).
@@ -121,10 +163,12 @@ impl Job {
         let mut shared = Shared {
             segs: Vec::with_capacity(p.entries.len()),
             urgent: VecDeque::new(),
+            urgent_streak: 0,
+            awaited: HashSet::new(),
             cursor: 0,
             done: 0,
             done_bytes: 0,
-            copied_bytes: 0,
+            moved: Moved::default(),
             changes: 0,
             waiters: Vec::new(),
             committed_stream_len: p.committed_stream_len,
@@ -145,6 +189,7 @@ impl Job {
         }
         let done_bytes = shared.done_bytes;
         let verify = p.record.verify;
+        let tuning = Tuning::from_env();
         Arc::new(Job {
             id: p.record.id,
             dir: p.dir,
@@ -170,8 +215,9 @@ impl Job {
             buffers: Mutex::new(Vec::new()),
             block_size: bs,
             verify,
-            kernel_copy_ok: AtomicBool::new(p.kernel_copy.is_some()),
+            kernel_copy_ok: AtomicBool::new(p.kernel_copy.is_some() && tuning.kernel_copy),
             kernel_copy: p.kernel_copy,
+            tuning,
         })
     }
 
@@ -285,6 +331,9 @@ impl Job {
 
     /// Segments per run (one I/O) at most.
     fn run_segments(&self) -> u64 {
+        if !self.tuning.coalescing {
+            return 1;
+        }
         (RUN_BYTES / self.block_size).max(1)
     }
 
@@ -292,8 +341,14 @@ impl Job {
     /// to the target (not yet durable): zero segments are skipped as one,
     /// each stretch of data segments is one read and one write (or one
     /// `copy_file_range`). `may_block`: on the job thread, which may wait
-    /// in a syscall.
-    async fn copy_run(&self, first: u64, n: u64, may_block: bool) -> io::Result<Vec<(u64, Entry)>> {
+    /// in a syscall. `buf` holds at least `n` segments.
+    async fn copy_run(
+        &self,
+        first: u64,
+        n: u64,
+        may_block: bool,
+        buf: &mut [u8],
+    ) -> io::Result<Vec<(u64, Entry)>> {
         let (off, _) = self.seg_range(first);
         let (last_off, last_len) = self.seg_range(first + n - 1);
         let extents = self
@@ -317,7 +372,9 @@ impl Job {
             let (o, _) = self.seg_range(seg);
             let (lo, ll) = self.seg_range(end - 1);
             if data {
-                out.extend(self.copy_data(seg, end, o, lo + ll - o, may_block).await?);
+                let at = ((seg - first) * self.block_size) as usize;
+                let data = &mut buf[at..at + (lo + ll - o) as usize];
+                out.extend(self.copy_data(seg, end, o, data, may_block).await?);
             } else {
                 self.target.write_zeroes(o, lo + ll - o).await?;
                 out.extend((seg..end).map(|s| (s, Entry::Zero)));
@@ -327,37 +384,33 @@ impl Job {
         Ok(out)
     }
 
-    /// Copies segments `[first, end)`, the bytes `[off, +len)`, that hold data.
+    /// Copies segments `[first, end)`, the bytes `[off, +data.len())`, that
+    /// hold data, through `data`.
     async fn copy_data(
         &self,
         first: u64,
         end: u64,
         off: u64,
-        len: u64,
+        data: &mut [u8],
         may_block: bool,
     ) -> io::Result<Vec<(u64, Entry)>> {
+        let len = data.len() as u64;
         if may_block && self.kernel_copy(off, len)? {
+            self.shared.lock().unwrap().moved.bytes_kernel_copied += len;
             return Ok((first..end).map(|s| (s, Entry::Copied(0))).collect());
         }
-        let mut buf = self.buffer();
-        let data = &mut buf[..len as usize];
-        let copied = async {
-            self.source.read(off, data).await.map_err(engine_io)?;
-            self.target.write_blocks(off, data, self.block_size).await?;
-            // Only --verify needs the checksums (it compares the target
-            // with them), one per segment.
-            Ok(data
-                .chunks(self.block_size as usize)
-                .zip(first..end)
-                .map(|(d, s)| {
-                    let crc = if self.verify { crc32c::crc32c(d) } else { 0 };
-                    (s, Entry::Copied(crc))
-                })
-                .collect())
-        }
-        .await;
-        self.buffers.lock().unwrap().push(buf);
-        copied
+        self.source.read(off, data).await.map_err(engine_io)?;
+        self.target.write_blocks(off, data, self.block_size).await?;
+        // Only --verify needs the checksums (it compares the target with
+        // them), one per segment.
+        Ok(data
+            .chunks(self.block_size as usize)
+            .zip(first..end)
+            .map(|(d, s)| {
+                let crc = if self.verify { crc32c::crc32c(d) } else { 0 };
+                (s, Entry::Copied(crc))
+            })
+            .collect())
     }
 
     /// Lets the kernel copy the segment from the origin file to the target
@@ -405,12 +458,12 @@ impl Job {
         self.source.reads_origin(off, len).map_err(engine_io)
     }
 
-    /// A run-size buffer from the pool (allocating and faulting in a
-    /// fresh one per run costs as much CPU as the copy itself).
+    /// A segment-size buffer for a write's hook, which copies one segment
+    /// on the writer's thread (allocating and faulting in a fresh one per
+    /// copy costs as much CPU as the copy itself).
     fn buffer(&self) -> AlignedBuf {
         let popped = self.buffers.lock().unwrap().pop();
-        popped
-            .unwrap_or_else(|| AlignedBuf::zeroed((self.run_segments() * self.block_size) as usize))
+        popped.unwrap_or_else(|| AlignedBuf::zeroed(self.block_size as usize))
     }
 
     /// Makes copied segments durable (target flush, then their progress
@@ -437,10 +490,11 @@ impl Job {
             let mut s = self.shared.lock().unwrap();
             for (&(seg, entry), &(_, len)) in done.iter().zip(&ranges) {
                 s.segs[seg as usize] = Seg::Done(entry);
+                s.awaited.remove(&seg);
                 s.done += 1;
                 s.done_bytes += len;
                 if matches!(entry, Entry::Copied(_)) {
-                    s.copied_bytes += len;
+                    s.moved.bytes_copied += len;
                 }
             }
         }
@@ -474,9 +528,12 @@ impl Job {
                     }
                     match s.segs[seg as usize] {
                         Seg::Done(_) => Next::Go,
-                        Seg::InFlight => Next::Wait(s.changes),
+                        Seg::InFlight => {
+                            s.awaited.insert(seg);
+                            Next::Wait(s.changes)
+                        }
                         Seg::Pending if hold && self.active.load(Ordering::Acquire) => {
-                            if !s.urgent.contains(&seg) {
+                            if s.awaited.insert(seg) {
                                 s.urgent.push_back(seg);
                             }
                             Next::Wait(s.changes)
@@ -491,10 +548,12 @@ impl Job {
                     Next::Go => break,
                     Next::Wait(seen) => Changed { job: self, seen }.await,
                     Next::CopyFirst => {
-                        let copied = match self.copy_run(seg, 1, false).await {
+                        let mut buf = self.buffer();
+                        let copied = match self.copy_run(seg, 1, false, &mut buf).await {
                             Ok(d) => self.commit(&d).await,
                             Err(e) => Err(e),
                         };
+                        self.buffers.lock().unwrap().push(buf);
                         if let Err(e) = copied {
                             let (off, _) = self.seg_range(seg);
                             let what = format!("copying the segment at {off} before a write");
@@ -507,36 +566,30 @@ impl Job {
         }
     }
 
-    /// Takes the next segments to copy: held writes' segments first (at most
-    /// three quarters of the batch, so the walk always advances), then the
-    /// sequential walk.
-    fn pick(&self, depth: u64) -> Vec<u64> {
-        let mut s = self.shared.lock().unwrap();
-        let mut out = Vec::new();
-        let urgent_max = if s.urgent.is_empty() {
-            0
-        } else {
-            (depth - depth / 4).max(1)
-        };
-        while (out.len() as u64) < urgent_max {
-            let Some(seg) = s.urgent.pop_front() else {
-                break;
-            };
-            if s.segs[seg as usize] == Seg::Pending {
-                s.segs[seg as usize] = Seg::InFlight;
-                out.push(seg);
-            }
+    /// Claims the next runs to copy in one slot (see [`next_pick`]).
+    fn pick(&self, max: u64) -> Option<Vec<(u64, u64)>> {
+        next_pick(&mut self.shared.lock().unwrap(), max)
+    }
+
+    /// Copies `runs` (of at most `buf`'s size together) at once; on
+    /// failure, the first segment of the run that failed.
+    async fn copy_slot(
+        &self,
+        runs: &[(u64, u64)],
+        buf: &mut [u8],
+    ) -> Result<Vec<(u64, Entry)>, (u64, io::Error)> {
+        let mut rest = buf;
+        let mut copies = Vec::with_capacity(runs.len());
+        for &(seg, n) in runs {
+            let (b, tail) = rest.split_at_mut((n * self.block_size) as usize);
+            rest = tail;
+            copies.push(async move { self.copy_run(seg, n, true, b).await.map_err(|e| (seg, e)) });
         }
-        let n = s.segs.len() as u64;
-        while (out.len() as u64) < depth && s.cursor < n {
-            let seg = s.cursor;
-            s.cursor += 1;
-            if s.segs[seg as usize] == Seg::Pending {
-                s.segs[seg as usize] = Seg::InFlight;
-                out.push(seg);
-            }
+        let mut done = Vec::new();
+        for copied in join_all(copies).await {
+            done.extend(copied?);
         }
-        out
+        Ok(done)
     }
 
     fn all_done(&self) -> bool {
@@ -603,72 +656,115 @@ impl Job {
             };
             let max = (IN_FLIGHT_BYTES / bs).max(1);
             let depth = rate.map_or(max, |r| (r / bs).clamp(1, max));
+            let run_segments = self.run_segments().min(depth);
+            let slots = (depth / run_segments).max(1);
+            // Each run in flight has its slot in one arena registered with
+            // this thread's io_uring: the kernel pins and maps it once, not
+            // at every read and write (part of seed 001's direct
+            // device-to-device copy).
+            let arena_len = (slots * run_segments * bs) as usize;
+            let mut arena = if self.tuning.registered_buffers {
+                crate::runtime::FixedArena::new(arena_len)
+            } else {
+                log::info!("copy job {}: registered buffers switched off", self.id);
+                crate::runtime::FixedArena::unregistered(arena_len)
+            };
+            let mut free: Vec<&mut [u8]> = arena.chunks_mut((run_segments * bs) as usize).collect();
+            let fixed_at_start = crate::runtime::fixed_io_bytes();
+            // Runs in flight: a run that completes frees its slot for the
+            // next at once, so the target never waits for a whole batch.
+            let mut in_flight = FuturesUnordered::new();
             // Copied, not yet durable: committed together (one target flush
             // and one map fdatasync), at once when a write waits for one.
             let mut pending = Vec::new();
+            let job = &*self;
             loop {
-                if self.want() != Want::Run {
-                    self.commit_pending(&mut pending).await;
+                if job.want() != Want::Run {
+                    while let Some((buf, copied)) = in_flight.next().await {
+                        free.push(buf);
+                        job.collect(copied, &mut pending);
+                    }
+                    job.commit_pending(&mut pending).await;
                 }
-                match self.runnable() {
+                match job.runnable() {
                     Want::Run => {}
                     Want::Stop => return,
                     Want::Pause => unreachable!("runnable waits out pauses"),
                     Want::Cancel => {
-                        let state = if self.failure.lock().unwrap().is_some() {
+                        while in_flight.next().await.is_some() {}
+                        let state = if job.failure.lock().unwrap().is_some() {
                             JobState::Failed
                         } else {
                             JobState::Cancelled
                         };
-                        return self.end(state).await;
+                        return job.end(state).await;
                     }
                 }
-                let batch = self.pick(depth);
-                if batch.is_empty() {
+                while let Some(buf) = free.pop() {
+                    let Some(runs) = job.pick(run_segments) else {
+                        free.push(buf);
+                        break;
+                    };
+                    in_flight.push(async move {
+                        let copied = job.copy_slot(&runs, buf).await;
+                        (buf, copied)
+                    });
+                }
+                let Some((buf, copied)) = in_flight.next().await else {
                     if !pending.is_empty() {
-                        self.commit_pending(&mut pending).await;
+                        job.commit_pending(&mut pending).await;
                         continue;
                     }
-                    if self.all_done() {
+                    if job.all_done() {
                         break;
                     }
                     // Writes are copying the last segments themselves.
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
-                }
-                let runs = runs(&batch, self.run_segments());
-                let results = join_all(runs.iter().map(|&(s, n)| self.copy_run(s, n, true))).await;
-                for (r, &(seg, _)) in results.into_iter().zip(&runs) {
-                    match r {
-                        Ok(d) => pending.extend(d),
-                        Err(e) => {
-                            let (off, _) = self.seg_range(seg);
-                            self.fail(&format!("copying the segments from {off} on"), &e);
-                        }
-                    }
-                }
+                };
+                free.push(buf);
+                job.collect(copied, &mut pending);
+                job.shared.lock().unwrap().moved.registered_buffer_io_bytes =
+                    crate::runtime::fixed_io_bytes() - fixed_at_start;
                 let waited_for = {
-                    let s = self.shared.lock().unwrap();
-                    !s.waiters.is_empty() || !s.urgent.is_empty()
+                    let s = job.shared.lock().unwrap();
+                    pending.iter().any(|(seg, _)| s.awaited.contains(seg))
                 };
                 if rate.is_some() || waited_for || pending.len() as u64 * bs >= COMMIT_BYTES {
-                    self.commit_pending(&mut pending).await;
+                    job.commit_pending(&mut pending).await;
                 }
                 if let Some(rate) = rate {
-                    let (t0, b0) = *self.run_start.lock().unwrap();
-                    let moved = self.shared.lock().unwrap().done_bytes - b0;
+                    let (t0, b0) = *job.run_start.lock().unwrap();
+                    let moved = job.shared.lock().unwrap().done_bytes - b0;
                     let due = Duration::from_secs_f64(moved as f64 / rate as f64);
                     if let Some(wait) = due.checked_sub(t0.elapsed()) {
                         std::thread::sleep(wait.min(Duration::from_secs(1)));
                     }
                 }
             }
-            if let Err((what, e)) = self.finish_target().await {
-                self.fail(&what, &e);
-                return self.end(JobState::Failed).await;
+            drop(in_flight);
+            if let Err((what, e)) = job.finish_target().await {
+                job.fail(&what, &e);
+                return job.end(JobState::Failed).await;
             }
-            self.end(JobState::Done).await
+            job.end(JobState::Done).await
         })
+    }
+
+    /// Takes a finished run's result: its segments wait for the next
+    /// commit, or the job fails.
+    fn collect(
+        &self,
+        copied: Result<Vec<(u64, Entry)>, (u64, io::Error)>,
+        pending: &mut Vec<(u64, Entry)>,
+    ) {
+        match copied {
+            Ok(done) => pending.extend(done),
+            Err((seg, e)) => {
+                let (off, _) = self.seg_range(seg);
+                self.fail(&format!("copying the segments from {off} on"), &e);
+            }
+        }
     }
 
     async fn commit_pending(&self, pending: &mut Vec<(u64, Entry)>) {
@@ -771,10 +867,14 @@ impl Job {
         }
         let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         {
-            let done = self.shared.lock().unwrap().done_bytes;
+            let (done, moved) = {
+                let s = self.shared.lock().unwrap();
+                (s.done_bytes, s.moved)
+            };
             let mut r = self.record.lock().unwrap();
             r.error = self.failure.lock().unwrap().clone();
             r.bytes_done = done;
+            r.moved = moved;
             r.state = state;
             self.save(&r);
         }
@@ -783,15 +883,18 @@ impl Job {
 
     /// Progress for `copy status`.
     pub fn status(&self) -> serde_json::Value {
-        let r = self.record();
-        let (done, done_bytes, copied) = {
+        let mut r = self.record();
+        let (done, done_bytes) = {
             let s = self.shared.lock().unwrap();
-            (s.done, s.done_bytes, s.copied_bytes)
+            r.moved = s.moved;
+            (s.done, s.done_bytes)
         };
         let (t0, b0) = *self.run_start.lock().unwrap();
         let secs = t0.elapsed().as_secs_f64();
         let running = r.state == JobState::Running;
-        let throughput = if running && secs > 0.0 {
+        // The first batch lands at once, before any pacing: a rate over
+        // less than a second would show that burst, not the job's speed.
+        let throughput = if running && secs >= 1.0 {
             ((done_bytes - b0) as f64 / secs) as u64
         } else {
             0
@@ -800,24 +903,51 @@ impl Job {
         let mut v = record_json(&r);
         v["segments_done"] = done.into();
         v["bytes_done"] = done_bytes.into();
-        v["bytes_copied"] = copied.into();
         v["throughput_bps"] = throughput.into();
         v["eta_s"] = eta.into();
         v
     }
 }
 
-/// Cuts a batch of segments (in the order picked) into runs of
-/// consecutive segments, `(first, count)`, of at most `max` segments each.
-fn runs(batch: &[u64], max: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &seg in batch {
-        match out.last_mut() {
-            Some((first, n)) if *first + *n == seg && *n < max => *n += 1,
-            _ => out.push((seg, 1)),
+/// Claims the next runs for one slot of `max` segments: held writes'
+/// segments first, up to `max` of them at once, but never a fourth such
+/// pick in a row, so the sequential walk always advances; else one run of
+/// the walk's next pending segments, merged while they are consecutive.
+/// Each run is `(first, count)`.
+fn next_pick(s: &mut Shared, max: u64) -> Option<Vec<(u64, u64)>> {
+    let urgent = |s: &mut Shared| {
+        let mut runs = Vec::new();
+        while (runs.len() as u64) < max {
+            let Some(seg) = s.urgent.pop_front() else {
+                break;
+            };
+            if s.segs[seg as usize] == Seg::Pending {
+                s.segs[seg as usize] = Seg::InFlight;
+                runs.push((seg, 1));
+            }
+        }
+        (!runs.is_empty()).then_some(runs)
+    };
+    if s.urgent_streak < 3 {
+        if let Some(runs) = urgent(s) {
+            s.urgent_streak += 1;
+            return Some(runs);
         }
     }
-    out
+    s.urgent_streak = 0;
+    let n = s.segs.len() as u64;
+    while s.cursor < n && s.segs[s.cursor as usize] != Seg::Pending {
+        s.cursor += 1;
+    }
+    if s.cursor == n {
+        return urgent(s);
+    }
+    let first = s.cursor;
+    while s.cursor < n && s.cursor - first < max && s.segs[s.cursor as usize] == Seg::Pending {
+        s.segs[s.cursor as usize] = Seg::InFlight;
+        s.cursor += 1;
+    }
+    Some(vec![(first, s.cursor - first)])
 }
 
 /// A finished or running job's record as `copy status` shows it.
@@ -873,15 +1003,58 @@ impl WriteHook for Hook {
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::{next_pick, Entry, Seg, Shared};
+    use std::collections::{HashSet, VecDeque};
+
+    fn shared(segs: Vec<Seg>, urgent: &[u64]) -> Shared {
+        Shared {
+            segs,
+            urgent: urgent.iter().copied().collect::<VecDeque<_>>(),
+            urgent_streak: 0,
+            awaited: HashSet::new(),
+            cursor: 0,
+            done: 0,
+            done_bytes: 0,
+            moved: Default::default(),
+            changes: 0,
+            waiters: Vec::new(),
+            committed_stream_len: 0,
+        }
+    }
 
     #[test]
-    fn runs_merge_consecutive_segments_up_to_the_limit() {
-        assert_eq!(runs(&[], 8), vec![]);
+    fn the_walk_merges_consecutive_pending_segments_up_to_the_limit() {
+        let (p, d) = (Seg::Pending, Seg::Done(Entry::Zero));
+        let mut s = shared(vec![p, p, p, p, d, p, Seg::InFlight, p], &[]);
+        assert_eq!(next_pick(&mut s, 3), Some(vec![(0, 3)]));
+        let one = |seg| Some(vec![(seg, 1)]);
+        assert_eq!(next_pick(&mut s, 3), one(3), "a done segment ends a run");
+        assert_eq!(next_pick(&mut s, 3), one(5), "so does one in flight");
+        assert_eq!(next_pick(&mut s, 3), one(7));
+        assert_eq!(next_pick(&mut s, 3), None);
+        assert!(s.segs.iter().all(|&x| x != Seg::Pending), "all claimed");
+    }
+
+    #[test]
+    fn held_writes_go_first_but_the_walk_gets_every_fourth_pick() {
+        let mut s = shared(vec![Seg::Pending; 16], &[9, 1, 11, 12, 13, 14, 15, 9]);
+        let picked: Vec<_> = (0..6).map_while(|_| next_pick(&mut s, 2)).collect();
+        let held = |a, b| vec![(a, 1), (b, 1)];
         assert_eq!(
-            runs(&[7, 0, 1, 2, 3, 5, 6], 3),
-            vec![(7, 1), (0, 3), (3, 1), (5, 2)]
+            picked,
+            [
+                held(9, 1),
+                held(11, 12),
+                held(13, 14),
+                vec![(0, 1)],
+                vec![(15, 1)],
+                vec![(2, 2)]
+            ],
+            "9 is claimed once; the walk never starves"
         );
-        assert_eq!(runs(&[4, 5, 6], 1), vec![(4, 1), (5, 1), (6, 1)]);
+        // Once the walk is through, held segments still come.
+        let mut s = shared(vec![Seg::Done(Entry::Zero), Seg::Pending], &[1]);
+        s.urgent_streak = 3;
+        assert_eq!(next_pick(&mut s, 4), Some(vec![(1, 1)]));
     }
 }

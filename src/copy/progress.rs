@@ -76,6 +76,19 @@ pub struct JobRecord {
     /// Bytes durably done when the job ended (`copy list` of ended jobs).
     #[serde(default)]
     pub bytes_done: u64,
+    /// How the data moved, counted since the job last started.
+    #[serde(default, flatten)]
+    pub moved: Moved,
+}
+
+/// Bytes a job copied (data, not zeros), and how: by `copy_file_range`,
+/// or read and written through the job thread's registered arena (a byte
+/// counts once when read and once when written there).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moved {
+    pub bytes_copied: u64,
+    pub bytes_kernel_copied: u64,
+    pub registered_buffer_io_bytes: u64,
 }
 
 impl JobRecord {

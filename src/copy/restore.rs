@@ -1,6 +1,7 @@
 //! `snapblk restore STREAM|- --to TARGET`: writes a backup stream's image to
 //! a file (created or replaced, sparse) or a block device, checking every
-//! frame and the footer. Runs in the CLI process: no daemon needed.
+//! frame and the footer. Runs in the CLI process: no daemon needed (a
+//! volume of the daemon is [`super::restore_vol`]'s).
 
 use super::stream::{Header, Item, StreamReader};
 use std::fs::{File, OpenOptions};
@@ -80,16 +81,28 @@ pub fn restore(input: impl Read, target: &Path) -> Result<Restored, String> {
 
 /// A device is not zero where the stream has no frame: zero it there.
 fn zero_gaps(file: &File, written: &mut [(u64, u64)], size: u64) -> io::Result<()> {
-    written.sort_unstable();
     let zeros = vec![0u8; 1 << 20];
-    let mut at = 0;
-    for &(off, len) in written.iter().chain([&(size, 0)]) {
-        while at < off {
-            let n = (off - at).min(zeros.len() as u64);
+    for (mut at, end) in gaps(written, size) {
+        while at < end {
+            let n = (end - at).min(zeros.len() as u64);
             file.write_all_at(&zeros[..n as usize], at)?;
             at += n;
         }
-        at = at.max(off + len);
     }
     Ok(())
+}
+
+/// The ranges `[start, end)` of `[0, size)` that no `(offset, len)` in
+/// `written` covers, in order.
+pub fn gaps(written: &mut [(u64, u64)], size: u64) -> Vec<(u64, u64)> {
+    written.sort_unstable();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &(off, len) in written.iter().chain([&(size, 0)]) {
+        if at < off {
+            out.push((at, off));
+        }
+        at = at.max(off + len);
+    }
+    out
 }

@@ -7,61 +7,13 @@
 
 use super::stream;
 use crate::engine::{EngineError, View};
-use crate::runtime;
+use crate::runtime::{self, AlignedBuf, ALIGN};
 use futures::lock::Mutex;
-use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
-
-const ALIGN: usize = 4096;
-
-/// A page-aligned byte buffer (O_DIRECT needs aligned memory).
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the buffer owns its allocation exclusively.
-unsafe impl Send for AlignedBuf {}
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    pub fn zeroed(len: usize) -> AlignedBuf {
-        let layout = Layout::from_size_align(len.max(1), ALIGN).expect("buffer layout");
-        // SAFETY: non-zero size layout.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, len }
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes for the buffer's life.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and we hold the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len.max(1), ALIGN).expect("buffer layout");
-        // SAFETY: allocated with this layout in `zeroed`.
-        unsafe { alloc::dealloc(self.ptr, layout) }
-    }
-}
 
 /// Where a stream's next frame goes, and what the stream holds so far.
 pub struct StreamPos {

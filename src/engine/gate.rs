@@ -15,20 +15,32 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-/// The state a write's copy-on-write decisions are made against.
+/// The state a write's copy-on-write decisions are made against. Every
+/// write takes one, so it is a single shared pointer: cloning it is one
+/// atomic increment.
 #[derive(Clone)]
-pub struct Epoch {
+pub struct Epoch(Arc<EpochState>);
+
+#[derive(Clone)]
+pub struct EpochState {
     /// Changes with every pause that changes the state (never repeats).
     pub id: u64,
     pub generation: u64,
     /// Sorted generations of the live snapshots.
-    pub live: Arc<Vec<u64>>,
+    pub live: Vec<u64>,
     /// Live generations whose only reader has given some chunks back.
-    pub released: Arc<Vec<(u64, Arc<ChunkSet>)>>,
-    pub hooks: Arc<Vec<Arc<dyn WriteHook>>>,
+    pub released: Vec<(u64, Arc<ChunkSet>)>,
+    pub hooks: Vec<Arc<dyn WriteHook>>,
 }
 
-impl Epoch {
+impl std::ops::Deref for Epoch {
+    type Target = EpochState;
+    fn deref(&self) -> &EpochState {
+        &self.0
+    }
+}
+
+impl EpochState {
     /// Whether origin content of `chunk` born in generation `birth` must be
     /// preserved before a write of this epoch overwrites it: some live
     /// snapshot closed a generation in `[birth, current)` and still wants it.
@@ -99,17 +111,18 @@ impl Paused<'_> {
                 .cloned()
                 .collect();
             epoch.generation = generation;
-            epoch.live = Arc::new(live);
-            epoch.released = Arc::new(released);
+            epoch.live = live;
+            epoch.released = released;
         });
     }
 
     /// Changes the epoch in place; writes that prepared under the old one
     /// prepare again.
-    pub fn change(&self, f: impl FnOnce(&mut Epoch)) {
+    pub fn change(&self, f: impl FnOnce(&mut EpochState)) {
         let mut state = self.gate.state.lock().unwrap();
-        f(&mut state.epoch);
-        state.epoch.id += 1;
+        let epoch = Arc::make_mut(&mut state.epoch.0);
+        f(epoch);
+        epoch.id += 1;
     }
 
     /// How long writes have been held so far.
@@ -133,13 +146,13 @@ impl Gate {
     pub fn new(generation: u64, live: Vec<u64>) -> Self {
         Gate {
             state: Mutex::new(State {
-                epoch: Epoch {
+                epoch: Epoch(Arc::new(EpochState {
                     id: 0,
                     generation,
-                    live: Arc::new(live),
-                    released: Arc::default(),
-                    hooks: Arc::default(),
-                },
+                    live,
+                    released: Vec::new(),
+                    hooks: Vec::new(),
+                })),
                 inflight: 0,
                 paused: false,
                 entry_waiters: Vec::new(),
@@ -233,7 +246,7 @@ mod tests {
         set.insert(3);
         crate::runtime::block_on(async {
             let paused = gate.pause().await;
-            paused.change(|e| e.released = Arc::new(vec![(9, set.clone())]));
+            paused.change(|e| e.released = vec![(9, set.clone())]);
         });
         let epoch = gate.epoch();
         assert!(

@@ -562,9 +562,7 @@ impl Volume {
         let _admin = self.admin.lock().await;
         let paused = self.gate.pause().await;
         paused.change(|epoch| {
-            let mut hooks = epoch.hooks.to_vec();
-            hooks.push(hook);
-            epoch.hooks = Arc::new(hooks);
+            epoch.hooks.push(hook);
         });
     }
 
@@ -573,13 +571,7 @@ impl Volume {
         let _admin = self.admin.lock().await;
         let paused = self.gate.pause().await;
         paused.change(|epoch| {
-            let hooks = epoch
-                .hooks
-                .iter()
-                .filter(|h| !Arc::ptr_eq(h, hook))
-                .cloned()
-                .collect();
-            epoch.hooks = Arc::new(hooks);
+            epoch.hooks.retain(|h| !Arc::ptr_eq(h, hook));
         });
     }
 
@@ -591,10 +583,8 @@ impl Volume {
         let set = Arc::new(ChunkSet::new(self.size.div_ceil(self.chunk_size as u64)));
         let paused = self.gate.pause().await;
         paused.change(|epoch| {
-            let mut released = epoch.released.to_vec();
-            released.retain(|(g, _)| *g != generation);
-            released.push((generation, set.clone()));
-            epoch.released = Arc::new(released);
+            epoch.released.retain(|(g, _)| *g != generation);
+            epoch.released.push((generation, set.clone()));
         });
         Ok(SnapshotConsumer {
             set,

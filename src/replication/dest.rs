@@ -32,10 +32,10 @@ use crate::engine::Volume;
 use crate::runtime::block_on;
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,6 +83,9 @@ pub struct Receiver {
     local_addr: Option<SocketAddr>,
     stopping: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The last refusal logged per source address: a source retries every
+    /// second, and one line per outage is enough.
+    refusals: Mutex<HashMap<IpAddr, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -461,6 +464,7 @@ impl Receiver {
             local_addr,
             stopping: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            refusals: Mutex::new(HashMap::new()),
         });
         if let Some(l) = &receiver.listener {
             let l = l.try_clone()?;
@@ -498,30 +502,45 @@ impl Receiver {
         }
     }
 
+    /// Logs why a connection from `ip` was refused, once per source
+    /// address until the reason changes or a session starts.
+    fn refused(&self, ip: Option<IpAddr>, peer: &str, why: String) {
+        let mut seen = lock(&self.refusals);
+        if let Some(ip) = ip {
+            if seen.get(&ip) == Some(&why) {
+                log::debug!("replication: {peer}: {why}");
+                return;
+            }
+            if seen.len() >= 1024 {
+                seen.clear();
+            }
+            seen.insert(ip, why.clone());
+        }
+        log::warn!(
+            "replication: {peer}: {why} (logged once per source address until the reason \
+             changes or a session starts)"
+        );
+    }
+
     fn serve(&self, mut stream: TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let addr = stream.peer_addr().ok();
+        let ip = addr.map(|a| a.ip());
+        let peer = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
         let key = self.key.as_ref().expect("listening needs a key");
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
         let _ = stream.set_nodelay(true);
         if let Err(e) = wire::authenticate_source(&mut stream, key) {
-            if e.kind() == io::ErrorKind::PermissionDenied {
-                log::warn!(
-                    "replication: refused the connection from {peer}: {e}; nothing was written"
-                );
+            let why = if e.kind() == io::ErrorKind::PermissionDenied {
+                format!("refused the connection: {e}; nothing was written")
             } else {
-                log::warn!("replication: handshake with {peer} failed: {e}");
-            }
-            return;
+                format!("handshake failed: {e}")
+            };
+            return self.refused(ip, &peer, why);
         }
         let open: wire::Open =
             match wire::expect(&mut stream, Kind::Open).and_then(|p| wire::from_json(&p)) {
                 Ok(o) => o,
-                Err(e) => {
-                    log::warn!("replication: {peer}: {e}");
-                    return;
-                }
+                Err(e) => return self.refused(ip, &peer, e.to_string()),
             };
         let cut = match stream.try_clone() {
             Ok(c) => c,
@@ -533,15 +552,17 @@ impl Receiver {
         let replica = match self.pair(&open, &peer, cut) {
             Ok(r) => r,
             Err(msg) => {
-                log::warn!(
-                    "replication: refused {} of source {} from {peer}: {msg}",
-                    open.source_volume,
-                    open.source_id
-                );
                 let _ = wire::write_frame(&mut stream, Kind::Refused, msg.as_bytes());
-                return;
+                let why = format!(
+                    "refused {} of source {}: {msg}",
+                    open.source_volume, open.source_id
+                );
+                return self.refused(ip, &peer, why);
             }
         };
+        if let Some(ip) = ip {
+            lock(&self.refusals).remove(&ip);
+        }
         let name = open.dest_volume.clone();
         let result = self.session(&replica, &name, &peer, &mut stream);
         *lock(&replica.session) = None;

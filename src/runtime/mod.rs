@@ -16,8 +16,13 @@
 //! for the kernel to finish with the buffer, so safe code can never hand the
 //! kernel a dangling pointer.
 
+mod buffer;
 mod executor;
 mod reactor;
 
+pub use buffer::{AlignedBuf, FixedArena, ALIGN};
+
 pub use executor::{block_on, block_on_with, spawn};
-pub use reactor::{fallocate, fsync, poll_readable, read_at, recv, send, write_at, writev};
+pub use reactor::{
+    fallocate, fixed_io_bytes, fsync, poll_readable, read_at, recv, send, write_at, writev,
+};

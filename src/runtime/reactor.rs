@@ -29,6 +29,10 @@ pub(crate) struct Reactor {
     free: Vec<usize>,
     eventfd: RawFd,
     eventfd_buf: Box<[u8; 8]>,
+    /// The registered arena, `(address, length)`: buffer index 0.
+    fixed: Option<(usize, usize)>,
+    /// Bytes moved by READ_FIXED / WRITE_FIXED on this ring.
+    fixed_bytes: u64,
 }
 
 thread_local! {
@@ -57,6 +61,8 @@ impl Reactor {
             free: Vec::new(),
             eventfd,
             eventfd_buf: Box::new([0; 8]),
+            fixed: None,
+            fixed_bytes: 0,
         };
         reactor.arm_wakeup();
         Ok(reactor)
@@ -64,6 +70,45 @@ impl Reactor {
 
     pub(crate) fn eventfd(&self) -> RawFd {
         self.eventfd
+    }
+
+    /// Registers `buf` as this ring's only fixed buffer (index 0).
+    pub(crate) fn register_fixed(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        if self.fixed.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "this thread's ring already has a registered arena",
+            ));
+        }
+        let iovec = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the caller (FixedArena) keeps the memory alive and
+        // unregisters it before freeing it.
+        unsafe { self.ring.submitter().register_buffers(&[iovec])? };
+        self.fixed = Some((buf.as_ptr() as usize, buf.len()));
+        Ok(())
+    }
+
+    pub(crate) fn unregister_fixed(&mut self) {
+        if let Err(e) = self.ring.submitter().unregister_buffers() {
+            log::warn!("cannot unregister io_uring buffers: {e}");
+        }
+        self.fixed = None;
+    }
+
+    /// Whether `[ptr, +len)` lies inside the registered arena; if so, counts
+    /// the bytes as moved through it.
+    fn use_fixed(&mut self, ptr: *const u8, len: usize) -> bool {
+        let inside = self.fixed.is_some_and(|(base, size)| {
+            let p = ptr as usize;
+            p >= base && p + len <= base + size
+        });
+        if inside {
+            self.fixed_bytes += len as u64;
+        }
+        inside
     }
 
     fn arm_wakeup(&mut self) {
@@ -247,15 +292,31 @@ fn len32(len: usize) -> u32 {
     u32::try_from(len).expect("single I/O larger than 4 GiB")
 }
 
+/// Bytes this thread has moved through its registered arena so far.
+pub fn fixed_io_bytes() -> u64 {
+    with(|r| r.fixed_bytes)
+}
+
 /// Reads into all of `buf` at `offset`, resubmitting after short reads.
 /// Reading past end of file fills the rest with zeros.
 pub async fn read_at(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
-        let entry = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), len32(rest.len()))
-            .offset(offset + done as u64)
-            .build();
+        let at = offset + done as u64;
+        // The raw pointer stays inside this block: the future must be Send.
+        let entry = {
+            let (ptr, len) = (rest.as_mut_ptr(), rest.len());
+            if with(|r| r.use_fixed(ptr, len)) {
+                opcode::ReadFixed::new(types::Fd(fd), ptr, len32(len), 0)
+                    .offset(at)
+                    .build()
+            } else {
+                opcode::Read::new(types::Fd(fd), ptr, len32(len))
+                    .offset(at)
+                    .build()
+            }
+        };
         let n = Op::new(entry).await? as usize;
         if n == 0 {
             rest.fill(0);
@@ -271,10 +332,21 @@ pub async fn write_at(fd: RawFd, buf: &[u8], offset: u64, rw_flags: i32) -> io::
     let mut done = 0;
     while done < buf.len() {
         let rest = &buf[done..];
-        let entry = opcode::Write::new(types::Fd(fd), rest.as_ptr(), len32(rest.len()))
-            .offset(offset + done as u64)
-            .rw_flags(rw_flags)
-            .build();
+        let at = offset + done as u64;
+        let entry = {
+            let (ptr, len) = (rest.as_ptr(), rest.len());
+            if with(|r| r.use_fixed(ptr, len)) {
+                opcode::WriteFixed::new(types::Fd(fd), ptr, len32(len), 0)
+                    .offset(at)
+                    .rw_flags(rw_flags)
+                    .build()
+            } else {
+                opcode::Write::new(types::Fd(fd), ptr, len32(len))
+                    .offset(at)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
+        };
         let n = Op::new(entry).await? as usize;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));

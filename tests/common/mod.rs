@@ -515,7 +515,7 @@ pub fn assert_error(v: &Value, code: &str, needle: &str) {
     );
 }
 
-/// A tmpfs mounted for a test; unmounted (lazily) on drop.
+/// A file system mounted for a test; unmounted (lazily) on drop.
 pub struct Mount(pub PathBuf);
 
 impl Drop for Mount {
@@ -527,14 +527,38 @@ impl Drop for Mount {
 /// Mounts a tmpfs of `size` (e.g. "24M") on `dir` (created); None, with a
 /// SKIP line for `test`, where that is not allowed (needs root).
 pub fn mount_tmpfs(test: &str, dir: &Path, size: &str) -> Option<Mount> {
+    let size = format!("size={size}");
+    mount(test, "a tmpfs", dir, &["-t", "tmpfs", "-o", &size, "tmpfs"])
+}
+
+/// Makes a 512 MiB XFS (reflink on, as mkfs.xfs does by default) in the
+/// image file `image` and mounts it on `dir` through a loop device; None,
+/// with a SKIP line, where mkfs.xfs or loop mounts are missing.
+pub fn mount_xfs(test: &str, image: &Path, dir: &Path) -> Option<Mount> {
+    if skip_without(test, &["mkfs.xfs"]) {
+        return None;
+    }
+    std::fs::File::create(image)
+        .and_then(|f| f.set_len(512 << 20))
+        .unwrap();
+    run_ok(
+        Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(image),
+    );
+    let image = image.to_str().unwrap();
+    mount(test, "an XFS loop image", dir, &["-o", "loop", image])
+}
+
+fn mount(test: &str, what: &str, dir: &Path, args: &[&str]) -> Option<Mount> {
     std::fs::create_dir_all(dir).unwrap();
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .args(args)
         .arg(dir)
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("SKIP {test}: cannot mount a tmpfs here (needs root)");
+        eprintln!("SKIP {test}: cannot mount {what} here (needs root)");
         return None;
     }
     Some(Mount(dir.to_path_buf()))

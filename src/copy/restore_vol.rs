@@ -1,0 +1,137 @@
+//! The `restore` request: `snapblk restore STREAM|- --to vol:NAME` writes a
+//! backup stream into a volume of the running daemon. The CLI passes the
+//! stream's descriptor with the request (SCM_RIGHTS, as `copy start --to -`
+//! passes its standard output), so the data never crosses the JSON
+//! connection. Every frame is checked ([`StreamReader`]) before it is
+//! written through the engine (a `View` of the live volume), so snapshots of
+//! the target keep their data; the ranges the stream has no frame for are
+//! zeroed with `write_zeroes`, then the volume is flushed.
+//!
+//! A missing volume is created with the stream's size and chunk size; an
+//! existing one must be at least that large and unused (no device on its
+//! live image, no NBD connection, no copy job, no replication), and stays
+//! claimed ([`Registry::claim_for_restore`]) until the restore ends.
+//!
+//! Must never: write a volume something else serves or reads; write a
+//! frame before its checksum was checked; report success before the flush.
+
+use super::restore::gaps;
+use super::stream::{Item, StreamReader};
+use crate::control::protocol::{ControlError, ErrorCode};
+use crate::control::registry::{validate_name, Registry};
+use crate::runtime::block_on;
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::BufReader;
+
+/// Restores the stream passed with this request into volume `name`.
+/// `check_users` refuses a volume a copy job or replication uses (they
+/// hold it, so the registry's claim alone would give a vaguer message).
+pub fn restore(
+    registry: &Registry,
+    name: &str,
+    check_users: impl Fn(&str) -> Result<(), ControlError> + Send,
+) -> Result<Value, ControlError> {
+    validate_name("volume", name)?;
+    let fd = crate::control::server::take_passed_fd().ok_or_else(|| {
+        ControlError::invalid(
+            "restore reads the stream from a descriptor passed with the request; use \
+             `snapblk restore STREAM|- --to vol:NAME`",
+        )
+    })?;
+    // Its own thread, as a copy job: a long restore is plain to see in the
+    // daemon's threads and runs at background priority.
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name(format!("restore-{name}"))
+            .spawn_scoped(s, || {
+                super::lower_priority();
+                run(registry, name, File::from(fd), check_users)
+            })
+            .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(ControlError::new(
+                    ErrorCode::IoError,
+                    format!("the restore of volume {name} failed unexpectedly; see the log"),
+                ))
+            })
+    })
+}
+
+fn run(
+    registry: &Registry,
+    name: &str,
+    input: File,
+    check_users: impl Fn(&str) -> Result<(), ControlError> + Send,
+) -> Result<Value, ControlError> {
+    let mut r = StreamReader::open(BufReader::with_capacity(1 << 20, input))
+        .map_err(|e| ControlError::invalid(format!("{e}; nothing was written")))?;
+    let h = r.header.clone();
+    let created = match registry.volume(name) {
+        Err(e) if e.code == ErrorCode::NotFound => {
+            registry.create_volume(name, h.volume_size, Some(h.chunk_size), None, None)?;
+            true
+        }
+        Err(e) => return Err(e),
+        Ok(vol) if vol.size() < h.volume_size => {
+            return Err(ControlError::invalid(format!(
+                "volume {name} has {} bytes but the stream's image has {}; restore into a new \
+                 volume (it is created with the stream's size) or a larger one",
+                vol.size(),
+                h.volume_size
+            )))
+        }
+        Ok(_) => false,
+    };
+    check_users(name)?;
+    let claim = registry.claim_for_restore(name)?;
+    let vol = &claim.volume;
+    log::info!(
+        "restoring {} generation {} into volume {name}",
+        h.source,
+        h.generation
+    );
+    let view = vol.live();
+    let partial = |mut e: ControlError| {
+        e.message = format!(
+            "{}; volume {name} holds a partial image: do not use it (restore again, or delete \
+             it with `snapblk volume delete {name}`)",
+            e.message
+        );
+        log::error!("restore into {name}: {}", e.message);
+        e
+    };
+    let mut written: Vec<(u64, u64)> = Vec::new();
+    let mut data = Vec::new();
+    let blocks = loop {
+        match r.next(&mut data) {
+            Ok(Item::Block { offset }) => {
+                block_on(view.write(offset, &data, false)).map_err(|e| partial(e.into()))?;
+                written.push((offset, data.len() as u64));
+            }
+            Ok(Item::End { blocks }) => break blocks,
+            Err(e) => return Err(partial(ControlError::invalid(e.to_string()))),
+        }
+    };
+    // A new volume reads as zeros already; an old one has its old data
+    // where the stream has no frame, and beyond the stream's size.
+    if !created {
+        for (start, end) in gaps(&mut written, vol.size()) {
+            block_on(view.write_zeroes(start, end - start, false))
+                .map_err(|e| partial(e.into()))?;
+        }
+    }
+    block_on(view.flush()).map_err(|e| partial(e.into()))?;
+    let bytes: u64 = written.iter().map(|w| w.1).sum();
+    log::info!("restored {blocks} blocks ({bytes} bytes) into volume {name}");
+    Ok(json!({
+        "source": h.source,
+        "generation": h.generation,
+        "size": h.volume_size,
+        "blocks": blocks,
+        "bytes": bytes,
+        "target": format!("vol:{name}"),
+        "created": created,
+    }))
+}
