@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    assert_same, first_diff, mount_tmpfs, mount_xfs, py_spawn, qemu_io_ok, random_bytes,
-    read_stderr, run_ok, skip_without, tempdir, Daemon,
+    assert_error, assert_same, first_diff, mount_tmpfs, mount_xfs, py_spawn, qemu_io_ok,
+    random_bytes, read_stderr, run_ok, skip_without, tempdir, Daemon, Raw,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -209,14 +209,21 @@ struct PausedStart {
     target: std::path::PathBuf,
 }
 
-fn start_copy_under_writes(test: &str, policy: &str, rate: &str) -> Option<PausedStart> {
-    let (t, d) = daemon_with_v(test, &["python3-nbd", "qemu-img", "qemu-io"], "16M")?;
-    fill(&d, "v", 16 << 20);
-    let mut w = Writer::start(&d, "v", 4096);
+/// Fills the 16 MiB volume `v`, starts a writer on it and takes snapshot
+/// `s` with the writer paused; send it `go` once the job started.
+fn paused_writer_and_snapshot(d: &Daemon) -> Writer {
+    fill(d, "v", 16 << 20);
+    let mut w = Writer::start(d, "v", 4096);
     std::thread::sleep(Duration::from_millis(200));
     w.send("pause");
     w.expect("PAUSED");
     d.ok(&["snapshot", "create", "v", "s"]);
+    w
+}
+
+fn start_copy_under_writes(test: &str, policy: &str, rate: &str) -> Option<PausedStart> {
+    let (t, d) = daemon_with_v(test, &["python3-nbd", "qemu-img", "qemu-io"], "16M")?;
+    let mut w = paused_writer_and_snapshot(&d);
     let target = t.path().join("copy.img");
     // --verify reads the data (for its checksums); without it a cow job
     // lets the kernel copy origin ranges (copy_file_range): test both.
@@ -606,6 +613,300 @@ fn stream_job_survives_kill9() {
         "stream across kill -9",
         &std::fs::read(&restored).unwrap(),
         &want,
+    );
+}
+
+/// Sends `a` and `b` on two control connections at once (`b` a little
+/// later when `delay_us` > 0); returns both replies.
+fn race(d: &Daemon, a: &str, b: &str, delay_us: u64) -> (Value, Value) {
+    let (mut ca, mut cb) = (Raw::connect(&d.control()), Raw::connect(&d.control()));
+    let go = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| {
+            go.wait();
+            ca.send(a)
+        });
+        let tb = s.spawn(|| {
+            go.wait();
+            std::thread::sleep(Duration::from_micros(delay_us));
+            cb.send(b)
+        });
+        (ta.join().unwrap(), tb.join().unwrap())
+    })
+}
+
+/// `copy start VOL@SNAP` racing `snapshot delete VOL SNAP` (and `copy start
+/// VOL` racing `volume delete VOL`): exactly one wins, every time. Either
+/// the job starts and the delete is refused as busy, or the delete wins and
+/// the start fails with "not found"; every job that started copies exactly
+/// its source, which still exists until the job ends.
+#[test]
+fn copy_start_and_delete_race_one_wins() {
+    let Some((t, d)) = daemon_with_v("start_delete_race", &["qemu-img", "qemu-io"], "1M") else {
+        return;
+    };
+    // Slow jobs (~2 s each): a delete can only succeed before the start.
+    let copy = |source: &str, snapshot: Option<&str>, target: &Path| {
+        serde_json::json!({
+            "op": "copy.start", "volume": source, "snapshot": snapshot,
+            "target": target, "rate": 512 << 10, "block_size": 64 << 10,
+        })
+        .to_string()
+    };
+    let mut started = Vec::new();
+    for i in 0..24u64 {
+        qemu_io_ok(&d.uri("v"), false, &[format!("write -P {} 0 1M", i + 1)]);
+        let snap = format!("s{i}");
+        d.ok(&["snapshot", "create", "v", &snap]);
+        let target = t.path().join(format!("{snap}.img"));
+        let delete = format!(r#"{{"op":"snapshot.delete","volume":"v","name":"{snap}"}}"#);
+        let (st, del) = race(&d, &copy("v", Some(&snap), &target), &delete, (i % 4) * 300);
+        match (st["ok"].as_bool(), del["ok"].as_bool()) {
+            (Some(true), Some(false)) => {
+                assert_error(&del, "busy", "being read by copy job");
+                started.push((st["result"]["id"].to_string(), format!("v@{snap}"), target));
+            }
+            (Some(false), Some(true)) => {
+                assert_error(&st, "not_found", &format!("snapshot {snap} of volume v"));
+            }
+            _ => panic!("start and delete of v@{snap} both won or both lost: {st} {del}"),
+        }
+
+        let vol = format!("w{i}");
+        d.ok(&["volume", "create", &vol, "--size", "1M"]);
+        qemu_io_ok(&d.uri(&vol), false, &[format!("write -P {} 0 1M", i + 1)]);
+        let target = t.path().join(format!("{vol}.img"));
+        let delete = format!(r#"{{"op":"volume.delete","name":"{vol}"}}"#);
+        let (st, del) = race(&d, &copy(&vol, None, &target), &delete, (i % 4) * 300);
+        match (st["ok"].as_bool(), del["ok"].as_bool()) {
+            (Some(true), Some(false)) => {
+                // (or by qemu-io's NBD connection, still closing)
+                assert_error(&del, "busy", &format!("volume {vol} is in use by"));
+                started.push((st["result"]["id"].to_string(), vol, target));
+            }
+            (Some(false), Some(true)) => {
+                assert_error(&st, "not_found", &format!("volume {vol} not found"));
+            }
+            _ => panic!("start and delete of {vol} both won or both lost: {st} {del}"),
+        }
+    }
+    eprintln!("{} of 48 starts won their race", started.len());
+    for (id, source, target) in &started {
+        let end = wait_ended(&d, id);
+        assert_eq!(end["state"], "done", "{end}");
+        let want = image(&d, source, &t.path().join("want.img"));
+        assert_same(source, &std::fs::read(target).unwrap(), &want);
+    }
+    // Every source is still there and can go now; the daemon still serves.
+    for (_, source, _) in &started {
+        match source.split_once('@') {
+            Some((v, s)) => d.ok(&["snapshot", "delete", v, s]),
+            None => d.ok(&["volume", "delete", source]),
+        };
+    }
+    assert_eq!(d.names(&["snapshot", "list", "v"]), Vec::<String>::new());
+}
+
+/// A write's hook that cannot copy its segment first (the target is full)
+/// fails the job durably before the write goes through: the job shows
+/// failed with that error after kill -9 and after a clean restart, and does
+/// not resume (it would copy what the write put there).
+#[test]
+fn hook_failure_survives_restarts() {
+    if skip_without("hook_failure_restart", &["qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let mnt = t.path().join("mnt");
+    let Some(_mount) = mount_tmpfs("hook_failure_restart", &mnt, "4M") else {
+        return;
+    };
+    let mut d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "v", "--size", "16M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x66 0 16M"]);
+    let target = mnt.join("direct.img");
+    let id = start_job(&d, &target, "direct", "64K", "256K", false);
+    let id = id.as_str();
+    d.json(&["copy", "pause", id]);
+    // Paused (once a batch in flight is in): only writes copy (first).
+    let done = || d.json(&["copy", "status", id])["bytes_done"].clone();
+    let mut last = done();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = done();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    // Fill the target's file system.
+    let ballast = std::fs::write(mnt.join("ballast"), vec![1u8; 5 << 20]);
+    assert!(ballast.is_err(), "the ballast should fill the tmpfs");
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x77 15M 64K"]);
+    let check = |d: &Daemon, when: &str| {
+        let v = d.json(&["copy", "status", id]);
+        assert_eq!(v["state"], "failed", "{when}: {v}");
+        let msg = v["error"].as_str().unwrap();
+        assert!(
+            msg.contains("is full") && msg.contains("before a write"),
+            "{when}: {msg}"
+        );
+    };
+    check(&d, "at once");
+    d.kill9_and_restart();
+    check(&d, "after kill -9");
+    d.signal(libc::SIGTERM);
+    d.restart();
+    check(&d, "after SIGTERM");
+    qemu_io_ok(
+        &d.uri("v"),
+        true,
+        &["read -P 0x77 15M 64K", "read -P 0x66 0 15M"],
+    );
+}
+
+/// A loop device for a test; detached on drop.
+struct LoopDev(String);
+
+impl LoopDev {
+    /// Attaches a loop device to a new file of `size` bytes; None, with a
+    /// SKIP line for `test`, where that is not allowed (needs root).
+    fn attach(test: &str, img: &Path, size: u64) -> Option<LoopDev> {
+        std::fs::File::create(img).unwrap().set_len(size).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(img)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                Some(LoopDev(String::from_utf8(o.stdout).unwrap().trim().into()))
+            }
+            other => {
+                eprintln!("SKIP {test}: cannot attach a loop device here: {other:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A block device as the target: a `cow` copy of a volume being written
+/// is the image at start (the device is larger: the rest stays as it was);
+/// a device smaller than the volume is refused, saying so.
+#[test]
+fn block_device_target() {
+    let Some((t, d)) = daemon_with_v(
+        "block_device_target",
+        &["python3-nbd", "qemu-img", "qemu-io"],
+        "16M",
+    ) else {
+        return;
+    };
+    let Some(dev) = LoopDev::attach("block_device_target", &t.path().join("dev.img"), 17 << 20)
+    else {
+        return;
+    };
+    let Some(small) = LoopDev::attach("block_device_target", &t.path().join("small.img"), 8 << 20)
+    else {
+        return;
+    };
+    let e = d.fails(&["copy", "start", "v", "--to", &small.0]);
+    assert!(
+        e.contains(&format!(
+            "target {} holds {} bytes but the copy needs {}",
+            small.0,
+            8 << 20,
+            16 << 20
+        )) && e.contains("larger device"),
+        "{e}"
+    );
+    let mut w = paused_writer_and_snapshot(&d);
+    let id = start_job(&d, Path::new(&dev.0), "cow", "256K", "8M", false);
+    w.send("go");
+    let end = wait_ended(&d, &id);
+    assert_eq!(end["state"], "done", "{end}");
+    assert!(w.stop() > 0, "the writer wrote nothing during the job");
+    let want = image(&d, "v@s", &t.path().join("snap.img"));
+    let got = std::fs::read(&dev.0).unwrap();
+    assert_eq!(got.len(), 17 << 20);
+    assert_same("block device vs snapshot at start", &got[..16 << 20], &want);
+    assert!(
+        got[16 << 20..].iter().all(|&b| b == 0),
+        "past the volume's end"
+    );
+}
+
+/// `--rate R`: a job of N bytes takes at least about N/R (a lower bound
+/// only: the machine may be slower), and the throughput `copy status`
+/// shows stays near R once past the first batch (R bytes at once).
+#[test]
+fn rate_limits_the_job() {
+    let Some((t, d)) = daemon_with_v("rate_limit", &["qemu-io"], "8M") else {
+        return;
+    };
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x5a 0 8M"]);
+    let (n, rate) = (8u64 << 20, 2u64 << 20);
+    let t0 = Instant::now();
+    let id = start_job(&d, &t.path().join("rate.img"), "cow", "256K", "2M", false);
+    let mut samples = Vec::new();
+    let end = loop {
+        let v = d.json(&["copy", "status", &id]);
+        if v["state"] != "running" {
+            break v;
+        }
+        samples.push((t0.elapsed(), v["throughput_bps"].as_u64().unwrap()));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = t0.elapsed();
+    assert_eq!(end["state"], "done", "{end}");
+    let least = Duration::from_secs_f64(0.8 * n as f64 / rate as f64);
+    assert!(took >= least, "{n} bytes at {rate} B/s took {took:?}");
+    // After t seconds at most R * (t + 1) bytes moved.
+    for (at, bps) in &samples {
+        if *at >= Duration::from_secs(2) {
+            assert!(*bps <= rate * 8 / 5, "{bps} B/s at {at:?}: {samples:?}");
+        }
+    }
+    eprintln!("rate {rate} B/s: {n} bytes took {took:?}; status samples {samples:?}");
+}
+
+/// `--verify` re-reads the target: a target changed behind the job's back
+/// after its first segment was copied fails the job, naming the offset.
+#[test]
+fn verify_catches_a_changed_target() {
+    let Some((t, d)) = daemon_with_v("verify_changed", &["qemu-io"], "4M") else {
+        return;
+    };
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x3c 0 4M"]);
+    let target = t.path().join("verify.img");
+    let id = start_job(&d, &target, "cow", "256K", "1M", true);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while d.json(&["copy", "status", &id])["bytes_done"]
+        .as_u64()
+        .unwrap()
+        < 512 << 10
+    {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    f.write_all_at(&[0xee; 4096], 256 << 10).unwrap();
+    f.sync_all().unwrap();
+    let end = wait_ended(&d, &id);
+    assert_eq!(end["state"], "failed", "{end}");
+    let msg = end["error"].as_str().unwrap();
+    assert!(
+        msg.contains("verify") && msg.contains(&format!("at offset {}", 256 << 10)),
+        "{msg}"
     );
 }
 

@@ -339,11 +339,10 @@ pub fn handle(
         } => registry.create_volume(&name, size, chunk_size, partitions, backing),
         Request::VolumeList {} => registry.list_volumes(),
         Request::VolumeInfo { name } => registry.volume_info(&name),
-        Request::VolumeDelete { name } => {
-            facts.jobs.check_unused(&name)?;
+        Request::VolumeDelete { name } => facts.jobs.delete_unused(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
             registry.delete_volume(&name)
-        }
+        }),
         Request::SnapshotCreate { volume, name } => {
             let created = registry.create_snapshot(&volume, &name)?;
             facts.replication.snapshot_taken(&volume);
@@ -351,11 +350,12 @@ pub fn handle(
         }
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDelete { volume, name } => {
-            facts.jobs.check_snapshot_unused(&volume, &name)?;
-            facts
-                .replication
-                .check_replica_use(&volume, Some(&name), true)?;
-            registry.delete_snapshot(&volume, &name)
+            facts.jobs.delete_unused(&volume, Some(&name), || {
+                facts
+                    .replication
+                    .check_replica_use(&volume, Some(&name), true)?;
+                registry.delete_snapshot(&volume, &name)
+            })
         }
         Request::DeviceStart {
             volume,

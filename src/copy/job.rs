@@ -85,7 +85,9 @@ pub struct Job {
     target: Target,
     map: ProgressMap,
     shared: Mutex<Shared>,
-    commit: Mutex<()>,
+    /// One committer at a time writes the map (the stream length in its
+    /// header only grows); held across the map's asynchronous writes.
+    commit: futures::lock::Mutex<()>,
     want: Mutex<Want>,
     wake: Condvar,
     /// The job thread is walking the block list (not paused or stopped).
@@ -203,7 +205,7 @@ impl Job {
             target: p.target,
             map: p.map,
             shared: Mutex::new(shared),
-            commit: Mutex::new(()),
+            commit: futures::lock::Mutex::new(()),
             wake: Condvar::new(),
             active: AtomicBool::new(false),
             ended: AtomicBool::new(false),
@@ -262,11 +264,51 @@ impl Job {
         *self.want.lock().unwrap()
     }
 
-    /// Records a failure (from the job thread or a write's hook); the job
-    /// thread ends the job.
+    /// Records a failure on the job thread (which may block): in the job's
+    /// record first, then every write goes through; the job thread ends
+    /// the job. A write that went through before a crash must not find
+    /// the job resumed, copying what it wrote.
     fn fail(&self, what: &str, e: &io::Error) {
+        let msg = self.failure_message(what, e);
+        if let Some(r) = self.mark_failed(&msg) {
+            self.save(&r);
+        }
+        self.failed(msg);
+    }
+
+    /// A write's hook could not copy its segment first: the job fails
+    /// durably before the write goes through, so that after a restart (the
+    /// job thread may have stopped with the daemon, or the daemon may be
+    /// killed) the job shows this error instead of resuming and copying
+    /// what the write put there.
+    async fn fail_before_write(&self, what: &str, e: &io::Error) {
+        let msg = self.failure_message(what, e);
+        if let Some(r) = self.mark_failed(&msg) {
+            if let Err(e) = super::progress::save_record_off_thread(&self.dir, r).await {
+                log::error!("copy job {}: cannot save its failure: {e}", self.id);
+            }
+        }
+        self.failed(msg);
+    }
+
+    /// Marks the record failed; returns it to be saved, unless the job
+    /// had already ended.
+    fn mark_failed(&self, msg: &str) -> Option<JobRecord> {
+        let mut r = self.record.lock().unwrap();
+        (!r.state.finished()).then(|| {
+            r.state = JobState::Failed;
+            r.error = Some(msg.to_string());
+            r.clone()
+        })
+    }
+
+    /// What the job reports: its first failure.
+    fn failure_message(&self, what: &str, e: &io::Error) -> String {
+        if let Some(first) = self.failure.lock().unwrap().clone() {
+            return first;
+        }
         let target = self.record.lock().unwrap().target.clone();
-        let msg = if e.raw_os_error() == Some(libc::ENOSPC) {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
             format!(
                 "the target {target} is full (no space left on device) while {what}; the volume \
                  is unaffected; free space there or copy to a larger target with a new `copy start`"
@@ -276,7 +318,10 @@ impl Job {
                 "{what} failed: {}",
                 crate::cli::strip_os_error(&e.to_string())
             )
-        };
+        }
+    }
+
+    fn failed(&self, msg: String) {
         log::error!("copy job {}: {msg}", self.id);
         self.failure.lock().unwrap().get_or_insert(msg);
         self.ended.store(true, Ordering::Release);
@@ -431,13 +476,13 @@ impl Job {
         let stream_len = self.target.stream_len().await;
         self.target.flush().await?;
         {
-            let _one = self.commit.lock().unwrap();
+            let _one = self.commit.lock().await;
             let header = stream_len.map(|l| {
                 let mut s = self.shared.lock().unwrap();
                 s.committed_stream_len = s.committed_stream_len.max(l);
                 s.committed_stream_len
             });
-            self.map.write(done, header)?;
+            self.map.write(done, header).await?;
         }
         self.map.sync().await?;
         let ranges: Vec<(u64, u64)> = done.iter().map(|&(s, _)| self.seg_range(s)).collect();
@@ -511,7 +556,8 @@ impl Job {
                         self.buffers.lock().unwrap().push(buf);
                         if let Err(e) = copied {
                             let (off, _) = self.seg_range(seg);
-                            self.fail(&format!("copying the segment at {off} before a write"), &e);
+                            let what = format!("copying the segment at {off} before a write");
+                            self.fail_before_write(&what, &e).await;
                             return;
                         }
                     }
@@ -583,13 +629,19 @@ impl Job {
         }
     }
 
+    /// Moves a job that has not ended to `state` and saves its record (an
+    /// ended one, e.g. failed by a write's hook, stays so).
     fn set_state(&self, state: JobState) {
         let mut r = self.record.lock().unwrap();
-        if r.state == state {
+        if r.state == state || r.state.finished() {
             return;
         }
         r.state = state;
-        if let Err(e) = super::progress::save_record(&self.dir, &r) {
+        self.save(&r);
+    }
+
+    fn save(&self, r: &JobRecord) {
+        if let Err(e) = super::progress::save_record(&self.dir, r) {
             log::warn!("copy job {}: cannot save its state: {e}", self.id);
         }
     }
@@ -823,8 +875,9 @@ impl Job {
             r.error = self.failure.lock().unwrap().clone();
             r.bytes_done = done;
             r.moved = moved;
+            r.state = state;
+            self.save(&r);
         }
-        self.set_state(state);
         log::info!("copy job {} ended: {state:?}", self.id);
     }
 

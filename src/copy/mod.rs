@@ -125,7 +125,11 @@ pub struct Jobs {
     registry: Arc<Registry>,
     jobs: Arc<Mutex<BTreeMap<u64, Slot>>>,
     threads: Mutex<BTreeMap<u64, JoinHandle<()>>>,
-    /// Serializes start (ids, snapshot names).
+    /// Held by `copy.start` from looking up its source to the job being
+    /// listed (ids, internal snapshot names, the source's existence), and by
+    /// a delete of a volume or snapshot from its in-use check to the
+    /// deletion: either the delete sees the job and is refused, or the
+    /// start finds its source gone.
     starting: Mutex<()>,
 }
 
@@ -162,6 +166,9 @@ impl Jobs {
         for r in records {
             let id = r.id;
             if r.state.finished() {
+                // Failed by a write's hook while the daemon stopped: its
+                // map is left (its internal snapshot goes below).
+                let _ = std::fs::remove_file(progress::map_path(&dir, id));
                 jobs.lock().insert(id, Slot::Ended(Box::new(r)));
                 continue;
             }
@@ -410,6 +417,7 @@ impl Jobs {
 
     /// `copy.start`.
     pub fn start(&self, req: CopyStart) -> Result<Value, ControlError> {
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let vol = self.registry.volume(&req.volume)?;
         if let Some(s) = &req.snapshot {
             validate_name("snapshot", s)?;
@@ -430,7 +438,6 @@ impl Jobs {
                 "rate must be more than 0 bytes per second; leave it out for no limit",
             ));
         }
-        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let id = self.lock().keys().next_back().map_or(1, |k| k + 1);
         let policy = req.policy.unwrap_or(Policy::Cow);
         let mut record = JobRecord {
@@ -504,7 +511,7 @@ impl Jobs {
                 use std::os::fd::AsRawFd;
                 crate::runtime::write_at(file.as_raw_fd(), &header, 0, 0).await?;
                 target.flush().await?; // a pipe has nothing to sync
-                map.write(&[], Some(stream_len))?;
+                map.write(&[], Some(stream_len)).await?;
                 map.sync().await
             })
             .map_err(|e| io_err("cannot write the stream's header", e))?;
@@ -572,6 +579,24 @@ impl Jobs {
         Value::Array(self.lock().values().map(|s| self.status_of(s)).collect())
     }
 
+    /// Runs `delete` (of volume `volume`, or of its snapshot `snapshot`)
+    /// unless a job that has not ended uses it (`busy`), atomically with
+    /// `copy.start`: no job can start on it between the check and the
+    /// deletion.
+    pub fn delete_unused<T>(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+        delete: impl FnOnce() -> Result<T, ControlError>,
+    ) -> Result<T, ControlError> {
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        match snapshot {
+            Some(name) => self.check_snapshot_unused(volume, name)?,
+            None => self.check_unused(volume)?,
+        }
+        delete()
+    }
+
     /// Refuses (`busy`) while a running job reads or writes volume `name`.
     pub fn check_unused(&self, name: &str) -> Result<(), ControlError> {
         let target = format!("vol:{name}");
@@ -593,7 +618,7 @@ impl Jobs {
     }
 
     /// Refuses (`busy`) while a running job reads snapshot `volume@name`.
-    pub fn check_snapshot_unused(&self, volume: &str, name: &str) -> Result<(), ControlError> {
+    fn check_snapshot_unused(&self, volume: &str, name: &str) -> Result<(), ControlError> {
         for slot in self.lock().values() {
             let Slot::Live(j) = slot else { continue };
             let r = j.record();

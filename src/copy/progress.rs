@@ -114,6 +114,20 @@ pub fn save_record(dir: &Path, record: &JobRecord) -> io::Result<()> {
     crate::backend::file::replace_atomically(&record_path(dir, record.id), &bytes)
 }
 
+/// [`save_record`] on a helper thread, for async code that must not block
+/// (a write's hook on an I/O thread).
+pub async fn save_record_off_thread(dir: &Path, record: JobRecord) -> io::Result<()> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    let dir = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name(format!("copy-{}-record", record.id))
+        .spawn(move || {
+            let _ = tx.send(save_record(&dir, &record));
+        })?;
+    rx.await
+        .unwrap_or_else(|_| Err(io::Error::other("the thread saving the record ended")))
+}
+
 pub fn load_record(path: &Path) -> io::Result<JobRecord> {
     let bytes = std::fs::read(path)?;
     serde_json::from_slice(&bytes).map_err(|e| {
@@ -130,6 +144,19 @@ pub enum Entry {
     Pending,
     Copied(u32),
     Zero,
+}
+
+/// An entry as the map stores it.
+fn encode(entry: Entry) -> [u8; 8] {
+    let (state, crc) = match entry {
+        Entry::Pending => (0u32, 0u32),
+        Entry::Copied(crc) => (1, crc),
+        Entry::Zero => (2, 0),
+    };
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&state.to_le_bytes());
+    b[4..].copy_from_slice(&crc.to_le_bytes());
+    b
 }
 
 /// The progress map file.
@@ -181,20 +208,25 @@ impl ProgressMap {
     }
 
     /// Writes entries and the stream length; durable after [`Self::sync`].
-    pub fn write(&self, entries: &[(u64, Entry)], stream_len: Option<u64>) -> io::Result<()> {
-        for &(segment, entry) in entries {
-            let (state, crc) = match entry {
-                Entry::Pending => (0u32, 0u32),
-                Entry::Copied(crc) => (1, crc),
-                Entry::Zero => (2, 0),
-            };
-            let mut b = [0u8; 8];
-            b[..4].copy_from_slice(&state.to_le_bytes());
-            b[4..].copy_from_slice(&crc.to_le_bytes());
-            self.file.write_all_at(&b, MAP_HEADER + segment * 8)?;
+    /// Asynchronous (io_uring), one write per run of consecutive segments:
+    /// a write's hook commits from an I/O thread, which must not block.
+    pub async fn write(&self, entries: &[(u64, Entry)], stream_len: Option<u64>) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        let mut sorted = entries.to_vec();
+        sorted.sort_unstable_by_key(|&(segment, _)| segment);
+        let mut rest = &sorted[..];
+        while let Some(&(first, _)) = rest.first() {
+            let run = rest
+                .iter()
+                .zip(first..)
+                .take_while(|&(&(segment, _), want)| segment == want)
+                .count();
+            let bytes: Vec<u8> = rest[..run].iter().flat_map(|&(_, e)| encode(e)).collect();
+            crate::runtime::write_at(fd, &bytes, MAP_HEADER + first * 8, 0).await?;
+            rest = &rest[run..];
         }
         if let Some(len) = stream_len {
-            self.file.write_all_at(&len.to_le_bytes(), 8)?;
+            crate::runtime::write_at(fd, &len.to_le_bytes(), 8, 0).await?;
         }
         Ok(())
     }
