@@ -339,7 +339,7 @@ pub fn handle(
         } => registry.create_volume(&name, size, chunk_size, partitions, backing),
         Request::VolumeList {} => registry.list_volumes(),
         Request::VolumeInfo { name } => registry.volume_info(&name),
-        Request::VolumeDelete { name } => facts.jobs.delete_unused(&name, None, || {
+        Request::VolumeDelete { name } => facts.jobs.unless_used(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
             registry.delete_volume(&name)
         }),
@@ -350,7 +350,7 @@ pub fn handle(
         }
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDelete { volume, name } => {
-            facts.jobs.delete_unused(&volume, Some(&name), || {
+            facts.jobs.unless_used(&volume, Some(&name), || {
                 facts
                     .replication
                     .check_replica_use(&volume, Some(&name), true)?;
@@ -379,9 +379,11 @@ pub fn handle(
         Request::CopyCancel { id } => facts.jobs.cancel(id),
         Request::CopyList {} => Ok(facts.jobs.list()),
         Request::Restore { volume } => crate::copy::restore_vol::restore(registry, &volume, |v| {
-            facts.jobs.check_unused(v)?;
-            facts.replication.check_volume_delete(v)?;
-            facts.replication.check_replica_use(v, None, false)
+            facts.jobs.unless_used(v, None, || {
+                facts.replication.check_volume_delete(v)?;
+                facts.replication.check_replica_use(v, None, false)?;
+                registry.claim_for_restore(v)
+            })
         }),
         r @ (Request::ReplicateStart { .. }
         | Request::ReplicateStop { .. }

@@ -579,22 +579,22 @@ impl Jobs {
         Value::Array(self.lock().values().map(|s| self.status_of(s)).collect())
     }
 
-    /// Runs `delete` (of volume `volume`, or of its snapshot `snapshot`)
-    /// unless a job that has not ended uses it (`busy`), atomically with
-    /// `copy.start`: no job can start on it between the check and the
-    /// deletion.
-    pub fn delete_unused<T>(
+    /// Runs `then` (a delete of volume `volume` or of its snapshot
+    /// `snapshot`, or a restore's claim on the volume) unless a job that
+    /// has not ended uses it (`busy`), atomically with `copy.start`: no job
+    /// can start on it between the check and `then`.
+    pub fn unless_used<T>(
         &self,
         volume: &str,
         snapshot: Option<&str>,
-        delete: impl FnOnce() -> Result<T, ControlError>,
+        then: impl FnOnce() -> Result<T, ControlError>,
     ) -> Result<T, ControlError> {
         let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         match snapshot {
             Some(name) => self.check_snapshot_unused(volume, name)?,
             None => self.check_unused(volume)?,
         }
-        delete()
+        then()
     }
 
     /// Refuses (`busy`) while a running job reads or writes volume `name`.

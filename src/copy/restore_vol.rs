@@ -18,19 +18,20 @@
 use super::restore::gaps;
 use super::stream::{Item, StreamReader};
 use crate::control::protocol::{ControlError, ErrorCode};
-use crate::control::registry::{validate_name, Registry};
+use crate::control::registry::{validate_name, Registry, RestoreClaim};
 use crate::runtime::block_on;
 use serde_json::{json, Value};
 use std::fs::File;
 use std::io::BufReader;
 
 /// Restores the stream passed with this request into volume `name`.
-/// `check_users` refuses a volume a copy job or replication uses (they
-/// hold it, so the registry's claim alone would give a vaguer message).
-pub fn restore(
-    registry: &Registry,
+/// `claim` takes the registry's restore claim on the volume, refusing one
+/// a copy job or replication uses (they hold it, so the registry's claim
+/// alone would give a vaguer message), atomically with `copy.start`.
+pub fn restore<'r>(
+    registry: &'r Registry,
     name: &str,
-    check_users: impl Fn(&str) -> Result<(), ControlError> + Send,
+    claim: impl FnOnce(&str) -> Result<RestoreClaim<'r>, ControlError> + Send,
 ) -> Result<Value, ControlError> {
     validate_name("volume", name)?;
     let fd = crate::control::server::take_passed_fd().ok_or_else(|| {
@@ -46,7 +47,7 @@ pub fn restore(
             .name(format!("restore-{name}"))
             .spawn_scoped(s, || {
                 super::lower_priority();
-                run(registry, name, File::from(fd), check_users)
+                run(registry, name, File::from(fd), claim)
             })
             .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?
             .join()
@@ -59,11 +60,11 @@ pub fn restore(
     })
 }
 
-fn run(
-    registry: &Registry,
+fn run<'r>(
+    registry: &'r Registry,
     name: &str,
     input: File,
-    check_users: impl Fn(&str) -> Result<(), ControlError> + Send,
+    claim: impl FnOnce(&str) -> Result<RestoreClaim<'r>, ControlError> + Send,
 ) -> Result<Value, ControlError> {
     let mut r = StreamReader::open(BufReader::with_capacity(1 << 20, input))
         .map_err(|e| ControlError::invalid(format!("{e}; nothing was written")))?;
@@ -84,8 +85,7 @@ fn run(
         }
         Ok(_) => false,
     };
-    check_users(name)?;
-    let claim = registry.claim_for_restore(name)?;
+    let claim = claim(name)?;
     let vol = &claim.volume;
     log::info!(
         "restoring {} generation {} into volume {name}",
