@@ -655,7 +655,9 @@ impl Job {
                 (r.rate, r.block_size)
             };
             let max = (IN_FLIGHT_BYTES / bs).max(1);
-            let depth = rate.map_or(max, |r| (r / bs).clamp(1, max));
+            // Under --rate, at most a quarter second's worth in flight: the
+            // pacing after each run then keeps bursts that short.
+            let depth = rate.map_or(max, |r| (r / 4 / bs).clamp(1, max));
             let run_segments = self.run_segments().min(depth);
             let slots = (depth / run_segments).max(1);
             // Each run in flight has its slot in one arena registered with
