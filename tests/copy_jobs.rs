@@ -987,3 +987,62 @@ fn data_paths_are_reported_and_give_the_same_image() {
         "not a clone of the origin:\n{extents}"
     );
 }
+
+/// A job no write waits for yields the CPU and the disk to foreground I/O:
+/// its thread runs at nice 10 in the idle I/O class; a `hold` job, which
+/// writes wait for, keeps the daemon's priorities.
+#[test]
+fn background_jobs_run_at_low_cpu_and_io_priority() {
+    let Some((t, d)) = daemon_with_v("job_priority", &["qemu-io", "ionice"], "4M") else {
+        return;
+    };
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x61 0 4M"]);
+    let thread = |id: &str| {
+        let tasks = format!("/proc/{}/task", d.pid());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for task in std::fs::read_dir(&tasks).unwrap().flatten() {
+                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+                if comm.trim() == format!("copy-{id}") {
+                    return task.file_name().into_string().unwrap();
+                }
+            }
+            assert!(Instant::now() < deadline, "no thread copy-{id}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let priorities = |tid: &str| {
+        let stat = std::fs::read_to_string(format!("/proc/{}/task/{tid}/stat", d.pid())).unwrap();
+        // Field 19 is the nice value; the command name before it is in parentheses.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice = after.split(' ').nth(16).unwrap().to_string();
+        let class = run_ok(Command::new("ionice").args(["-p", tid]));
+        (nice, class.trim().to_string())
+    };
+    let id = start_slow(&d, "v", &t.path().join("cow.img"));
+    let tid = thread(id.trim());
+    let (nice, class) = priorities(&tid);
+    assert_eq!(
+        (nice.as_str(), class.as_str()),
+        ("10", "idle"),
+        "cow job {tid}"
+    );
+    d.ok(&["copy", "cancel", id.trim()]);
+
+    let held = t.path().join("hold.img");
+    let args = [
+        "copy",
+        "start",
+        "v",
+        "--to",
+        held.to_str().unwrap(),
+        "--policy",
+        "hold",
+    ];
+    let id = d.ok(&[&args[..], &["--rate", "256K"]].concat());
+    let tid = thread(id.trim());
+    let (nice, class) = priorities(&tid);
+    assert_ne!(class, "idle", "a hold job that writes wait for, {tid}");
+    assert_eq!(nice, "0");
+    d.ok(&["copy", "cancel", id.trim()]);
+}

@@ -61,13 +61,33 @@ pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
 /// The nice value of a job thread no write waits for.
 const BACKGROUND_NICE: i32 = 10;
 
-/// Lets foreground I/O win the CPU over the calling thread (a job or a
-/// restore no client write waits for).
+/// Lets foreground I/O win the CPU and the disk over the calling thread (a
+/// job or a restore no client write waits for): nice 10, and the idle I/O
+/// class, which schedulers with priorities (mq-deadline, bfq) serve only
+/// when nothing else waits, or after their aging limit (10 s by default),
+/// so the job is slowed by foreground I/O but never stopped. Its io_uring
+/// requests carry this thread's I/O priority.
 fn lower_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: u32 = 13;
     // SAFETY: plain syscalls on this thread's own id.
     unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE);
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
+        let idle = IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT;
+        if libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid as libc::c_long,
+            idle,
+        ) != 0
+        {
+            log::debug!(
+                "cannot lower the I/O priority: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 
