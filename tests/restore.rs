@@ -122,8 +122,9 @@ fn restore_into_new_and_existing_volumes_is_the_snapshot() {
     assert_same_image(&d, "v@s", "piped");
 }
 
-/// A flipped byte and a cut stream fail naming the offset and the partial
-/// image; a volume too small, one an NBD client or a copy job uses, a
+/// A flipped byte and a cut stream fail naming the offset; a volume the
+/// restore created is deleted again, an existing one keeps the partial
+/// image and says so; a volume too small, one an NBD client or a copy job uses, a
 /// request without a descriptor are refused; the daemon serves throughout.
 #[test]
 fn restore_into_volume_refuses_bad_streams_and_volumes_in_use() {
@@ -137,13 +138,17 @@ fn restore_into_volume_refuses_bad_streams_and_volumes_in_use() {
     flipped[bytes.len() / 2] ^= 0x01;
     let bad = t.path().join("flipped.stream");
     std::fs::write(&bad, &flipped).unwrap();
+    // Into a volume the restore created: the volume goes again.
     let e = d.fails(&args(&restore_to(&bad, "r")));
     assert!(
         e.contains("corrupt at byte")
             && e.contains("volume offset")
-            && e.contains("volume r holds a partial image"),
+            && e.contains("volume r was created for this restore and is deleted again"),
         "{e}"
     );
+    d.fails(&["volume", "info", "r"]);
+    // Into an existing volume: it keeps the partial image, and says so.
+    d.ok(&["volume", "create", "r", "--size", "8M"]);
     let cut = t.path().join("cut.stream");
     std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
     let e = d.fails(&args(&restore_to(&cut, "r")));
@@ -152,6 +157,8 @@ fn restore_into_volume_refuses_bad_streams_and_volumes_in_use() {
             && e.contains("volume r holds a partial image"),
         "{e}"
     );
+    let e = d.fails(&args(&restore_to(&bad, "r")));
+    assert!(e.contains("volume r holds a partial image"), "{e}");
     // Not a stream at all: nothing is created.
     let junk = t.path().join("junk");
     std::fs::write(&junk, vec![7u8; 4096]).unwrap();

@@ -378,13 +378,22 @@ pub fn handle(
         Request::CopyResume { id } => facts.jobs.resume(id),
         Request::CopyCancel { id } => facts.jobs.cancel(id),
         Request::CopyList {} => Ok(facts.jobs.list()),
-        Request::Restore { volume } => crate::copy::restore_vol::restore(registry, &volume, |v| {
-            facts.jobs.unless_used(v, None, || {
-                facts.replication.check_volume_delete(v)?;
-                facts.replication.check_replica_use(v, None, false)?;
-                registry.claim_for_restore(v)
-            })
-        }),
+        Request::Restore { volume } => crate::copy::restore_vol::restore(
+            registry,
+            &volume,
+            |v| {
+                facts.jobs.unless_used(v, None, || {
+                    facts.replication.check_volume_delete(v)?;
+                    facts.replication.check_replica_use(v, None, false)?;
+                    registry.claim_for_restore(v)
+                })
+            },
+            |v| {
+                facts
+                    .jobs
+                    .unless_used(v, None, || registry.delete_volume(v))
+            },
+        ),
         r @ (Request::ReplicateStart { .. }
         | Request::ReplicateStop { .. }
         | Request::ReplicateStatus { .. }

@@ -28,10 +28,13 @@ use std::io::BufReader;
 /// `claim` takes the registry's restore claim on the volume, refusing one
 /// a copy job or replication uses (they hold it, so the registry's claim
 /// alone would give a vaguer message), atomically with `copy.start`.
+/// `discard` deletes a volume this restore created when the restore fails
+/// (as `volume.delete` does, so never one a job has started on since).
 pub fn restore<'r>(
     registry: &'r Registry,
     name: &str,
     claim: impl FnOnce(&str) -> Result<RestoreClaim<'r>, ControlError> + Send,
+    discard: impl FnOnce(&str) -> Result<Value, ControlError> + Send,
 ) -> Result<Value, ControlError> {
     validate_name("volume", name)?;
     let fd = crate::control::server::take_passed_fd().ok_or_else(|| {
@@ -47,7 +50,7 @@ pub fn restore<'r>(
             .name(format!("restore-{name}"))
             .spawn_scoped(s, || {
                 super::lower_priority();
-                run(registry, name, File::from(fd), claim)
+                run(registry, name, File::from(fd), claim, discard)
             })
             .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?
             .join()
@@ -65,6 +68,7 @@ fn run<'r>(
     name: &str,
     input: File,
     claim: impl FnOnce(&str) -> Result<RestoreClaim<'r>, ControlError> + Send,
+    discard: impl FnOnce(&str) -> Result<Value, ControlError> + Send,
 ) -> Result<Value, ControlError> {
     let mut r = StreamReader::open(BufReader::with_capacity(1 << 20, input))
         .map_err(|e| ControlError::invalid(format!("{e}; nothing was written")))?;
@@ -86,52 +90,75 @@ fn run<'r>(
         Ok(_) => false,
     };
     let claim = claim(name)?;
+    let written = write_image(&claim, &mut r, created);
+    drop(claim);
+    let mut e = match written {
+        Ok((blocks, bytes)) => {
+            return Ok(json!({
+                "source": h.source,
+                "generation": h.generation,
+                "size": h.volume_size,
+                "blocks": blocks,
+                "bytes": bytes,
+                "target": format!("vol:{name}"),
+                "created": created,
+            }))
+        }
+        Err(e) => e,
+    };
+    let discarded = created && discard(name).is_ok();
+    e.message = if discarded {
+        format!(
+            "{}; volume {name} was created for this restore and is deleted again",
+            e.message
+        )
+    } else {
+        format!(
+            "{}; volume {name} holds a partial image: do not use it (restore again, or delete \
+             it with `snapblk volume delete {name}`)",
+            e.message
+        )
+    };
+    log::error!("restore into {name}: {}", e.message);
+    Err(e)
+}
+
+/// Writes the stream's image into the claimed volume; (blocks, bytes).
+fn write_image(
+    claim: &RestoreClaim<'_>,
+    r: &mut StreamReader<BufReader<File>>,
+    created: bool,
+) -> Result<(u64, u64), ControlError> {
     let vol = &claim.volume;
+    let name = vol.name();
+    let h = r.header.clone();
     log::info!(
         "restoring {} generation {} into volume {name}",
         h.source,
         h.generation
     );
     let view = vol.live();
-    let partial = |mut e: ControlError| {
-        e.message = format!(
-            "{}; volume {name} holds a partial image: do not use it (restore again, or delete \
-             it with `snapblk volume delete {name}`)",
-            e.message
-        );
-        log::error!("restore into {name}: {}", e.message);
-        e
-    };
     let mut written: Vec<(u64, u64)> = Vec::new();
     let mut data = Vec::new();
     let blocks = loop {
         match r.next(&mut data) {
             Ok(Item::Block { offset }) => {
-                block_on(view.write(offset, &data, false)).map_err(|e| partial(e.into()))?;
+                block_on(view.write(offset, &data, false)).map_err(ControlError::from)?;
                 written.push((offset, data.len() as u64));
             }
             Ok(Item::End { blocks }) => break blocks,
-            Err(e) => return Err(partial(ControlError::invalid(e.to_string()))),
+            Err(e) => return Err(ControlError::invalid(e.to_string())),
         }
     };
     // A new volume reads as zeros already; an old one has its old data
     // where the stream has no frame, and beyond the stream's size.
     if !created {
         for (start, end) in gaps(&mut written, vol.size()) {
-            block_on(view.write_zeroes(start, end - start, false))
-                .map_err(|e| partial(e.into()))?;
+            block_on(view.write_zeroes(start, end - start, false)).map_err(ControlError::from)?;
         }
     }
-    block_on(view.flush()).map_err(|e| partial(e.into()))?;
+    block_on(view.flush()).map_err(ControlError::from)?;
     let bytes: u64 = written.iter().map(|w| w.1).sum();
     log::info!("restored {blocks} blocks ({bytes} bytes) into volume {name}");
-    Ok(json!({
-        "source": h.source,
-        "generation": h.generation,
-        "size": h.volume_size,
-        "blocks": blocks,
-        "bytes": bytes,
-        "target": format!("vol:{name}"),
-        "created": created,
-    }))
+    Ok((blocks, bytes))
 }
