@@ -1,7 +1,7 @@
 //! The thread-local io_uring and the futures of single operations on it.
 
 use io_uring::{opcode, squeue, types, IoUring};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
@@ -29,14 +29,16 @@ pub(crate) struct Reactor {
     free: Vec<usize>,
     eventfd: RawFd,
     eventfd_buf: Box<[u8; 8]>,
-    /// The registered arena, `(address, length)`: buffer index 0.
-    fixed: Option<(usize, usize)>,
-    /// Bytes moved by READ_FIXED / WRITE_FIXED on this ring.
-    fixed_bytes: u64,
 }
 
 thread_local! {
     static REACTOR: RefCell<Option<Reactor>> = const { RefCell::new(None) };
+    /// This thread's registered arena, `(address, length)` (buffer index 0
+    /// of its ring; length 0: none). Kept outside the reactor so the check
+    /// every read and write makes is one thread-local load, not a borrow.
+    static FIXED: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    /// Bytes moved by READ_FIXED / WRITE_FIXED on this thread's ring.
+    static FIXED_BYTES: Cell<u64> = const { Cell::new(0) };
 }
 
 pub(crate) fn with<R>(f: impl FnOnce(&mut Reactor) -> R) -> R {
@@ -61,8 +63,6 @@ impl Reactor {
             free: Vec::new(),
             eventfd,
             eventfd_buf: Box::new([0; 8]),
-            fixed: None,
-            fixed_bytes: 0,
         };
         reactor.arm_wakeup();
         Ok(reactor)
@@ -74,7 +74,7 @@ impl Reactor {
 
     /// Registers `buf` as this ring's only fixed buffer (index 0).
     pub(crate) fn register_fixed(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        if self.fixed.is_some() {
+        if FIXED.get().1 != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::ResourceBusy,
                 "this thread's ring already has a registered arena",
@@ -87,7 +87,7 @@ impl Reactor {
         // SAFETY: the caller (FixedArena) keeps the memory alive and
         // unregisters it before freeing it.
         unsafe { self.ring.submitter().register_buffers(&[iovec])? };
-        self.fixed = Some((buf.as_ptr() as usize, buf.len()));
+        FIXED.set((buf.as_ptr() as usize, buf.len()));
         Ok(())
     }
 
@@ -95,20 +95,7 @@ impl Reactor {
         if let Err(e) = self.ring.submitter().unregister_buffers() {
             log::warn!("cannot unregister io_uring buffers: {e}");
         }
-        self.fixed = None;
-    }
-
-    /// Whether `[ptr, +len)` lies inside the registered arena; if so, counts
-    /// the bytes as moved through it.
-    fn use_fixed(&mut self, ptr: *const u8, len: usize) -> bool {
-        let inside = self.fixed.is_some_and(|(base, size)| {
-            let p = ptr as usize;
-            p >= base && p + len <= base + size
-        });
-        if inside {
-            self.fixed_bytes += len as u64;
-        }
-        inside
+        FIXED.set((0, 0));
     }
 
     fn arm_wakeup(&mut self) {
@@ -294,7 +281,19 @@ fn len32(len: usize) -> u32 {
 
 /// Bytes this thread has moved through its registered arena so far.
 pub fn fixed_io_bytes() -> u64 {
-    with(|r| r.fixed_bytes)
+    FIXED_BYTES.get()
+}
+
+/// Whether `[ptr, +len)` lies inside this thread's registered arena; if so,
+/// counts the bytes as moved through it.
+fn use_fixed(ptr: *const u8, len: usize) -> bool {
+    let (base, size) = FIXED.get();
+    let p = ptr as usize;
+    let inside = size != 0 && p >= base && p + len <= base + size;
+    if inside {
+        FIXED_BYTES.set(FIXED_BYTES.get() + len as u64);
+    }
+    inside
 }
 
 /// Reads into all of `buf` at `offset`, resubmitting after short reads.
@@ -307,7 +306,7 @@ pub async fn read_at(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // The raw pointer stays inside this block: the future must be Send.
         let entry = {
             let (ptr, len) = (rest.as_mut_ptr(), rest.len());
-            if with(|r| r.use_fixed(ptr, len)) {
+            if use_fixed(ptr, len) {
                 opcode::ReadFixed::new(types::Fd(fd), ptr, len32(len), 0)
                     .offset(at)
                     .build()
@@ -335,7 +334,7 @@ pub async fn write_at(fd: RawFd, buf: &[u8], offset: u64, rw_flags: i32) -> io::
         let at = offset + done as u64;
         let entry = {
             let (ptr, len) = (rest.as_ptr(), rest.len());
-            if with(|r| r.use_fixed(ptr, len)) {
+            if use_fixed(ptr, len) {
                 opcode::WriteFixed::new(types::Fd(fd), ptr, len32(len), 0)
                     .offset(at)
                     .rw_flags(rw_flags)
