@@ -726,10 +726,10 @@ impl Job {
                 };
                 free.push(buf);
                 job.collect(copied, &mut pending);
-                job.shared.lock().unwrap().moved.registered_buffer_io_bytes =
-                    crate::runtime::fixed_io_bytes() - fixed_at_start;
                 let waited_for = {
-                    let s = job.shared.lock().unwrap();
+                    let mut s = job.shared.lock().unwrap();
+                    s.moved.registered_buffer_io_bytes =
+                        crate::runtime::fixed_io_bytes() - fixed_at_start;
                     pending.iter().any(|(seg, _)| s.awaited.contains(seg))
                 };
                 if rate.is_some() || waited_for || pending.len() as u64 * bs >= COMMIT_BYTES {

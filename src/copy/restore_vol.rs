@@ -131,11 +131,10 @@ fn write_image(
 ) -> Result<(u64, u64), ControlError> {
     let vol = &claim.volume;
     let name = vol.name();
-    let h = r.header.clone();
     log::info!(
         "restoring {} generation {} into volume {name}",
-        h.source,
-        h.generation
+        r.header.source,
+        r.header.generation
     );
     let view = vol.live();
     let mut written: Vec<(u64, u64)> = Vec::new();
