@@ -147,13 +147,8 @@ fn watch_on_a_terminal_draws_a_bar_with_throughput_and_eta() {
         common::BIN,
         d.control().display()
     );
-    let out = Command::new("script")
-        .args(["-qfec", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = common::on_terminal(&cmd);
+    assert!(ok, "{text}");
     assert!(
         text.contains(&format!("job {id} [#"))
             && text.contains("/4.00 MiB")

@@ -250,13 +250,8 @@ fn restore_on_a_terminal_shows_how_far_the_stream_was_read() {
             d.control().display(),
             stream.display()
         );
-        let out = Command::new("script")
-            .args(["-qfec", &cmd, "/dev/null"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text}\n{}", d.log());
+        let (ok, text) = common::on_terminal(&cmd);
+        assert!(ok, "{text}\n{}", d.log());
         assert!(
             text.contains("restore [#") && text.contains(&total) && text.contains("restored"),
             "{to}: want a full bar of {total}:\n{text}"

@@ -531,6 +531,20 @@ pub fn mount_tmpfs(test: &str, dir: &Path, size: &str) -> Option<Mount> {
     mount(test, "a tmpfs", dir, &["-t", "tmpfs", "-o", &size, "tmpfs"])
 }
 
+/// Runs the shell command `cmd` on a terminal (a pty from util-linux
+/// `script`); whether it succeeded, and what it drew.
+pub fn on_terminal(cmd: &str) -> (bool, String) {
+    let out = Command::new("script")
+        .args(["-qfec", cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// Makes a 512 MiB XFS (reflink on, as mkfs.xfs does by default) in the
 /// image file `image` and mounts it on `dir` through a loop device; None,
 /// with a SKIP line, where mkfs.xfs or loop mounts are missing.
