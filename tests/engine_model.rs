@@ -9,7 +9,7 @@
 
 use snapblk::backend::memory::{MemDisk, SplitMix};
 use snapblk::backend::Storage;
-use snapblk::engine::{EngineError, Volume, VolumeConfig};
+use snapblk::engine::{EngineError, Volume, VolumeConfig, WriteBackConfig};
 use snapblk::runtime::block_on;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +26,25 @@ fn config() -> VolumeConfig {
         partitions: 3,
         backing: None,
     }
+}
+
+/// Write-back without the background committer, so a seed replays the same
+/// operations in the same order (crash points stay reproducible), with a
+/// small budget so full-buffer back-pressure happens often.
+fn writeback() -> WriteBackConfig {
+    WriteBackConfig {
+        limit_bytes: 24 * 1024,
+        commit_delay: std::time::Duration::ZERO,
+        background: false,
+    }
+}
+
+async fn open(storage: &Storage) -> Result<Arc<Volume>, EngineError> {
+    Volume::open_with("v", storage.clone(), writeback()).await
+}
+
+async fn create(storage: &Storage) -> Result<Arc<Volume>, EngineError> {
+    Volume::create_with("v", storage.clone(), &config(), writeback()).await
 }
 
 fn sectors() -> usize {
@@ -64,9 +83,7 @@ fn tag_of(bytes: &[u8], lba: usize, what: &str) -> u64 {
 async fn new_volume() -> (Arc<MemDisk>, Storage, Arc<Volume>) {
     let disk = MemDisk::new();
     let storage = Storage::Memory(disk.clone());
-    let volume = Volume::create("v", storage.clone(), &config())
-        .await
-        .unwrap();
+    let volume = create(&storage).await.unwrap();
     (disk, storage, volume)
 }
 
@@ -268,7 +285,7 @@ async fn apply(
         }
         Op::Reopen => {
             volume.shutdown().await?;
-            *volume = Volume::open("v", storage.clone()).await?;
+            *volume = open(storage).await?;
             Ok(())
         }
         Op::Check => {
@@ -569,7 +586,7 @@ mod crash {
     /// Runs the workload of `seed` until it ends or the disk "loses power".
     async fn run(disk: &Arc<MemDisk>, seed: u64, model: &mut Model) -> Option<Arc<Volume>> {
         let storage = Storage::Memory(disk.clone());
-        let mut volume = Volume::create("v", storage.clone(), &config()).await.ok()?;
+        let mut volume = create(&storage).await.ok()?;
         let mut rng = SplitMix(seed);
         for _ in 0..WORKLOAD {
             let op = random_op(&mut rng, false);
@@ -601,7 +618,7 @@ mod crash {
         let after = disk.power_cut(&mut rng);
 
         let storage = Storage::Memory(after);
-        let volume = match Volume::open("v", storage.clone()).await {
+        let volume = match open(&storage).await {
             Ok(v) => v,
             // Power went out before the create committed: no volume, nothing acknowledged.
             Err(EngineError::NotFound(_)) if model.next_tag == 1 && model.next_snapshot == 0 => {
@@ -686,7 +703,7 @@ mod crash {
         let cases: u64 = std::env::var("CRASH_CASES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(600);
+            .unwrap_or(1000);
         let base: u64 = std::env::var("CRASH_SEED")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -717,13 +734,15 @@ mod crash {
             live.write(0, &[2u8; 4096], false).await.unwrap();
             volume.create_snapshot("b").await.unwrap();
             live.write(0, &[3u8; 4096], false).await.unwrap();
+            // The flush commits that overwrite's preservation: the last batch.
+            live.flush().await.unwrap();
             drop((live, volume));
             let journal = "part-000.journal";
             let len = disk.file_len(journal).unwrap();
             // A torn last record is dropped; everything before it stays.
             let torn = disk.power_cut(&mut SplitMix(1));
             torn.corrupt(journal, len - 1);
-            let v = Volume::open("v", Storage::Memory(torn)).await.unwrap();
+            let v = open(&Storage::Memory(torn)).await.unwrap();
             let mut buf = [0u8; 4096];
             v.snapshot_view("a")
                 .unwrap()
@@ -733,7 +752,7 @@ mod crash {
             assert_eq!(buf, [1u8; 4096]);
             // Damage in the middle is refused with a message naming the file.
             disk.corrupt(journal, 3);
-            let err = Volume::open("v", Storage::Memory(disk.clone()))
+            let err = open(&Storage::Memory(disk.clone()))
                 .await
                 .err()
                 .expect("must fail");

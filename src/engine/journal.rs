@@ -25,6 +25,7 @@
 use super::error::{EngineError, Result};
 use crate::backend::Backend;
 use futures::channel::oneshot;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const MAGIC: u32 = 0x524a_4e53; // "SNJR"
@@ -226,6 +227,8 @@ enum Turn {
 struct State {
     tail: u64,
     next_seq: u64,
+    /// Id of the batch now gathering in `batch` (ids count from 1).
+    batch_id: u64,
     batch: Vec<Record>,
     batch_waiters: Vec<oneshot::Sender<Turn>>,
     committing: bool,
@@ -237,6 +240,8 @@ pub struct Journal {
     /// The change-log store whose data the records point at.
     store: Backend,
     state: Mutex<State>,
+    /// Every batch with an id up to this one is durable.
+    durable: AtomicU64,
 }
 
 impl Journal {
@@ -308,11 +313,13 @@ impl Journal {
             state: Mutex::new(State {
                 tail: good_len as u64,
                 next_seq: keep as u64,
+                batch_id: 1,
                 batch: Vec::new(),
                 batch_waiters: Vec::new(),
                 committing: false,
                 failed: None,
             }),
+            durable: AtomicU64::new(0),
         };
         let records = parsed
             .into_iter()
@@ -324,6 +331,38 @@ impl Journal {
 
     pub fn allocated_bytes(&self) -> u64 {
         self.file.allocated_bytes().unwrap_or(0)
+    }
+
+    /// Queues `records` for the next commit without waiting for it; returns
+    /// the batch they belong to, durable once [`Journal::durable_batch`]
+    /// reaches it. A batch that fails for lack of space hands its records to
+    /// the next one, so that stays true.
+    pub fn enqueue(&self, records: &[Record]) -> Result<u64> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(reason) = &state.failed {
+            return Err(journal_failed(reason));
+        }
+        state.batch.extend_from_slice(records);
+        Ok(state.batch_id)
+    }
+
+    /// The newest batch id such that it and every earlier batch are durable.
+    pub fn durable_batch(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Makes every record queued so far durable.
+    pub async fn sync(&self) -> Result<()> {
+        {
+            let state = self.state.lock().unwrap();
+            if let Some(reason) = &state.failed {
+                return Err(journal_failed(reason));
+            }
+            if state.batch.is_empty() && !state.committing {
+                return Ok(());
+            }
+        }
+        self.commit(&[]).await
     }
 
     /// Makes `records` durable, after everything written to the store so far.
@@ -378,14 +417,16 @@ impl Journal {
     }
 
     async fn write_batch(&self) -> std::result::Result<(), CommitError> {
-        let (records, waiters, tail, seq, failed) = {
+        let (records, waiters, tail, seq, failed, id) = {
             let mut state = self.state.lock().unwrap();
+            state.batch_id += 1;
             (
                 std::mem::take(&mut state.batch),
                 std::mem::take(&mut state.batch_waiters),
                 state.tail,
                 state.next_seq,
                 state.failed.clone(),
+                state.batch_id - 1,
             )
         };
         let mut bytes = Vec::with_capacity(records.len() * 56 + 24);
@@ -402,9 +443,16 @@ impl Journal {
                 Ok(()) => {
                     state.tail += bytes.len() as u64;
                     state.next_seq += records.len() as u64 + 1;
+                    self.durable.store(id, Ordering::Release);
                 }
                 Err(CommitError::Failed(reason)) => state.failed = Some(reason.clone()),
-                Err(CommitError::NoSpace) => {}
+                Err(CommitError::NoSpace) => {
+                    // Queued preservations stay promised: their held writes
+                    // wait for a later batch that has space.
+                    let later = std::mem::take(&mut state.batch);
+                    state.batch = records;
+                    state.batch.extend(later);
+                }
             }
         }
         for waiter in waiters {
@@ -438,16 +486,33 @@ impl Journal {
     }
 }
 
-/// Whether every `Preserve` in `batch` finds its data in the store.
+/// Whether every `Preserve` in `batch` finds its data in the store. A
+/// version freed later in the same batch is skipped: one commit may carry a
+/// preservation and, after a snapshot delete, its `Free`, and the slot is
+/// punched once that commit returns.
 async fn data_is_durable(
     store: &Backend,
     slot_size: u64,
     batch: &[(Record, usize)],
 ) -> Result<bool> {
+    let freed: std::collections::HashSet<(u64, u64)> = batch
+        .iter()
+        .filter_map(|(r, _)| match *r {
+            Record::Free { chunk, start } => Some((chunk, start)),
+            _ => None,
+        })
+        .collect();
     let mut buf = vec![0u8; slot_size as usize];
     for (record, _) in batch {
-        if let Record::Preserve { slot, data_crc, .. } = *record {
-            if slot == ZERO_SLOT {
+        if let Record::Preserve {
+            chunk,
+            slot,
+            start,
+            data_crc,
+            ..
+        } = *record
+        {
+            if slot == ZERO_SLOT || freed.contains(&(chunk, start)) {
                 continue;
             }
             store.read_at(&mut buf, slot * slot_size).await?;

@@ -21,6 +21,7 @@ mod journal;
 mod manifest;
 mod partition;
 mod volume;
+mod writeback;
 
 pub use error::{EngineError, Result};
 pub use hooks::{Change, WriteGuard, WriteHook};
@@ -28,6 +29,7 @@ pub use volume::{
     now_unix_ms, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View, Volume, VolumeConfig,
     VolumeInfo,
 };
+pub use writeback::WriteBackConfig;
 
 /// The engine's addressing granularity.
 pub const SECTOR_SIZE: u64 = 512;

@@ -36,6 +36,9 @@ struct State {
     chunks: HashMap<u64, ChunkState>,
     /// Chunks being preserved now, with the writers waiting for it.
     preserving: HashMap<u64, Vec<oneshot::Sender<()>>>,
+    /// Chunks whose newest preservation is queued in this journal batch and
+    /// may not be durable yet: writes over them are held (see `writeback`).
+    unsettled: HashMap<u64, u64>,
     free_slots: Vec<u64>,
     next_slot: u64,
     /// Generations of partition snapshots recorded in this journal.
@@ -153,20 +156,23 @@ impl Partition {
 
     /// Makes sure `chunk` may be overwritten by a write of `epoch`:
     /// preserves its current origin content first if a live snapshot needs it,
-    /// or waits for a concurrent writer that is doing so.
+    /// or waits for a concurrent writer that is doing so. The preservation's
+    /// record is queued, not committed: returns whether it (or an earlier one
+    /// of this chunk) is durable yet. Within one epoch a chunk is preserved at
+    /// most once, so `true` stays true until the epoch changes.
     pub async fn preserve(
         &self,
         chunk: u64,
         epoch: &Epoch,
         origin: &Backend,
         volume_size: u64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (birth, slot) = loop {
             let wait = {
                 let mut state = self.state.lock().unwrap();
                 let birth = state.chunks.get(&chunk).map_or(0, |c| c.birth);
                 if !epoch.must_preserve(chunk, birth) {
-                    return Ok(());
+                    return Ok(self.settled(&mut state, chunk));
                 }
                 match state.preserving.get_mut(&chunk) {
                     Some(waiters) => {
@@ -192,13 +198,14 @@ impl Partition {
         let waiters = {
             let mut state = self.state.lock().unwrap();
             match &result {
-                Ok(version) => {
+                Ok((version, batch)) => {
                     if version.slot == ZERO_SLOT {
                         state.free_slots.push(slot);
                     }
                     let c = state.chunks.entry(chunk).or_default();
                     c.versions.push(*version);
                     c.birth = epoch.generation;
+                    state.unsettled.insert(chunk, *batch);
                 }
                 Err(_) => state.free_slots.push(slot),
             }
@@ -207,17 +214,42 @@ impl Partition {
         for waiter in waiters {
             let _ = waiter.send(());
         }
-        result.map(drop)
+        result.map(|_| false)
     }
 
-    /// Copies the chunk's origin content into the store and commits its record.
+    fn settled(&self, state: &mut State, chunk: u64) -> bool {
+        match state.unsettled.get(&chunk) {
+            None => true,
+            Some(&batch) if batch <= self.journal.durable_batch() => {
+                state.unsettled.remove(&chunk);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Commits every queued record (preservations included); then forgets
+    /// which chunks were waiting for that.
+    pub async fn sync_journal(&self) -> Result<()> {
+        self.journal.sync().await?;
+        let durable = self.journal.durable_batch();
+        self.state
+            .lock()
+            .unwrap()
+            .unsettled
+            .retain(|_, batch| *batch > durable);
+        Ok(())
+    }
+
+    /// Copies the chunk's origin content into the store and queues its
+    /// record; returns the version and the journal batch that will hold it.
     async fn copy_out(
         &self,
         chunk: u64,
         mut version: Version,
         origin: &Backend,
         volume_size: u64,
-    ) -> Result<Version> {
+    ) -> Result<(Version, u64)> {
         let offset = chunk * self.chunk_size;
         let len = self.chunk_size.min(volume_size - offset) as usize;
         // A whole slot (zero-padded past the volume's end), so its crc is
@@ -241,8 +273,8 @@ impl Partition {
             end,
             data_crc,
         };
-        self.journal.commit(&[record]).await?;
-        Ok(version)
+        let batch = self.journal.enqueue(&[record])?;
+        Ok((version, batch))
     }
 
     /// Where snapshot `generation` finds `chunk`, and a token to validate an

@@ -6,9 +6,11 @@ use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::{self, Journal};
 use super::manifest::{self, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
+use super::writeback::{Held, HeldOp, Holding, WriteBack, WriteBackConfig};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
 use crate::backend::{Backend, Extent, Storage};
+use crate::runtime::AlignedBuf;
 use futures::future::try_join_all;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -72,6 +74,14 @@ pub struct Volume {
     manifest: Mutex<Manifest>,
     /// Serializes snapshot create/delete and shutdown.
     admin: futures::lock::Mutex<()>,
+    /// Writes acknowledged before the preservations they overwrite are durable.
+    writeback: Arc<WriteBack>,
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.writeback.stop();
+    }
 }
 
 /// A handle to read (and, for the live volume, write) one image: the volume
@@ -107,6 +117,8 @@ struct Admitted<'a> {
     _ticket: Ticket<'a>,
     epoch: Epoch,
     _guards: Vec<WriteGuard>,
+    /// Every preservation the range needed is durable already.
+    settled: bool,
 }
 
 impl Admitted<'_> {
@@ -119,6 +131,16 @@ impl Admitted<'_> {
 
 /// Journal records beyond twice the live ones before a reopen compacts.
 const COMPACT_SLACK: usize = 1024;
+
+/// Chunks a write preserves at once: bounds the chunk buffers one request
+/// holds (a 4 GiB discard under a snapshot copies 16 chunks at a time).
+const PRESERVE_WINDOW: usize = 16;
+/// Chunks one step of a long discard or write-zeroes covers: each step is
+/// admitted, preserved and applied on its own, so neither memory nor the
+/// held budget grows with the request.
+const ZEROING_STEP_CHUNKS: u64 = 256;
+/// Held writes one wave sends to the origin at once.
+const APPLY_CONCURRENCY: usize = 64;
 
 /// Wall-clock milliseconds since the epoch, for timestamps people read.
 pub fn now_unix_ms() -> u64 {
@@ -158,6 +180,16 @@ impl Volume {
         storage: Storage,
         config: &VolumeConfig,
     ) -> Result<Arc<Volume>> {
+        Volume::create_with(name, storage, config, WriteBackConfig::default()).await
+    }
+
+    /// [`Volume::create`] with explicit write-back settings.
+    pub async fn create_with(
+        name: &str,
+        storage: Storage,
+        config: &VolumeConfig,
+        writeback: WriteBackConfig,
+    ) -> Result<Arc<Volume>> {
         validate_config(config)?;
         if storage.read_manifest(manifest::MANIFEST)?.is_some() {
             return Err(EngineError::AlreadyExists(format!("volume {name}")));
@@ -193,12 +225,21 @@ impl Volume {
             origin,
         );
         storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
-        Volume::open(name, storage).await
+        Volume::open_with(name, storage, writeback).await
     }
 
     /// Opens a volume and recovers it: replays each partition's journal,
     /// cuts torn tails, drops preserved versions no committed snapshot needs.
     pub async fn open(name: &str, storage: Storage) -> Result<Arc<Volume>> {
+        Volume::open_with(name, storage, WriteBackConfig::default()).await
+    }
+
+    /// [`Volume::open`] with explicit write-back settings.
+    pub async fn open_with(
+        name: &str,
+        storage: Storage,
+        writeback: WriteBackConfig,
+    ) -> Result<Arc<Volume>> {
         let what = format!("volume {name}: {}", manifest::MANIFEST);
         let bytes = storage
             .read_manifest(manifest::MANIFEST)?
@@ -284,7 +325,9 @@ impl Volume {
         // Versions made for a snapshot whose create never committed, or left
         // by a delete cut short, are garbage now.
         try_join_all(partitions.iter().map(|p| p.collect_garbage(&live))).await?;
-        Ok(Arc::new(Volume {
+        let background = writeback.background;
+        let volume = Arc::new(Volume {
+            writeback: Arc::new(WriteBack::new(chunk_shift, writeback)),
             name: name.to_string(),
             size: manifest.size,
             chunk_size: manifest.chunk_size,
@@ -296,7 +339,97 @@ impl Volume {
             gate: Gate::new(generation, live),
             manifest: Mutex::new(manifest),
             admin: futures::lock::Mutex::new(()),
-        }))
+        });
+        if background {
+            volume.start_committer()?;
+        }
+        Ok(volume)
+    }
+
+    /// The thread that drains the write-back buffer in the background, on
+    /// its own ring, so no I/O thread stalls on a commit. It holds the volume
+    /// only while it drives, and ends when the volume is dropped.
+    fn start_committer(self: &Arc<Self>) -> Result<()> {
+        let volume = Arc::downgrade(self);
+        let writeback = self.writeback.clone();
+        let name = self.name.clone();
+        std::thread::Builder::new()
+            .name("snapblk-commit".into())
+            .spawn(move || {
+                let mut last_error: Option<String> = None;
+                while writeback.wait_for_work() {
+                    let Some(volume) = volume.upgrade() else {
+                        break;
+                    };
+                    match crate::runtime::block_on(volume.drive()) {
+                        Ok(()) => last_error = None,
+                        Err(e) => {
+                            let e = e.to_string();
+                            if last_error.as_ref() != Some(&e) {
+                                log::warn!(
+                                    "volume {name}: committing held writes failed: {e}; \
+                                     they stay held and FLUSH reports the error"
+                                );
+                            }
+                            last_error = Some(e);
+                            // A full disk is not a reason to spin.
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Commits every queued journal record, then applies every write held
+    /// before that commit began to the origin, in order per chunk. This is
+    /// the one place held writes reach the origin, so the ordering rule
+    /// (preserved copy and record durable first) lives here.
+    async fn drive(&self) -> Result<()> {
+        let _driver = self.writeback.driver.lock().await;
+        // Taken before the commit: each of these was held after its
+        // preservation's record was queued, so the commit covers them all.
+        let held = self.writeback.all_held();
+        try_join_all(self.partitions.iter().map(Partition::sync_journal)).await?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        for wave in self.writeback.waves(held) {
+            for group in wave.chunks(APPLY_CONCURRENCY) {
+                try_join_all(group.iter().map(|h| self.apply_held(h))).await?;
+                self.writeback.applied(group);
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_held(&self, held: &Held) -> Result<()> {
+        match &held.op {
+            HeldOp::Data(data) => self.origin.write_at(data, held.offset, false).await?,
+            HeldOp::Zeroes { keep_allocated } => {
+                self.zero_origin(held.offset, held.len, *keep_allocated)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    async fn zero_origin(
+        &self,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+    ) -> std::io::Result<()> {
+        if keep_allocated {
+            self.origin.zero_range(offset, len).await
+        } else {
+            self.origin.punch_hole(offset, len).await
+        }
+    }
+
+    /// Bytes the write-back buffer holds now.
+    pub fn held_bytes(&self) -> usize {
+        self.writeback.held_bytes()
     }
 
     pub fn name(&self) -> &str {
@@ -370,10 +503,15 @@ impl Volume {
                 self.name
             )));
         }
-        // Most dirty data goes out before the pause, so little is left after.
+        // Most held and dirty data goes out before the pause, so little is
+        // left after.
+        self.drive().await?;
         self.origin.flush().await?;
         let (generation, stall) = {
             let paused = self.gate.pause().await;
+            // The snapshot reads the origin for chunks born at or before
+            // it: every acknowledged write must be there, none held.
+            self.drive().await?;
             let epoch = paused.epoch();
             let generation = epoch.generation;
             let mut live = epoch.live.to_vec();
@@ -484,9 +622,26 @@ impl Volume {
     pub async fn shutdown(&self) -> Result<()> {
         let _admin = self.admin.lock().await;
         let _paused = self.gate.pause().await;
+        self.drive().await?;
         self.origin.flush().await?;
         try_join_all(self.partitions.iter().map(Partition::flush_store)).await?;
+        self.writeback.stop();
         Ok(())
+    }
+
+    /// What a held write owes after it was acknowledged to the buffer: a
+    /// FUA write is made durable at once; a write that took the buffer past
+    /// its budget drives the commit itself (back-pressure).
+    async fn after_holding(&self, holding: Holding, fua: bool) -> Result<()> {
+        match holding {
+            Holding::Direct => Ok(()),
+            Holding::Held { .. } if fua => {
+                self.drive().await?;
+                Ok(self.origin.flush().await?)
+            }
+            Holding::Held { over_budget: true } => self.drive().await,
+            Holding::Held { over_budget: false } => Ok(()),
+        }
     }
 
     fn partition_of(&self, chunk: u64) -> &Partition {
@@ -511,10 +666,12 @@ impl Volume {
         (offset >> self.chunk_shift)..=((offset + len.max(1) - 1) >> self.chunk_shift)
     }
 
-    /// Preserves, once, every chunk of the range that a live snapshot needs.
-    async fn preserve_range(&self, offset: u64, len: u64, epoch: &Epoch) -> Result<()> {
+    /// Preserves, once, every chunk of the range that a live snapshot needs,
+    /// a window of chunks at a time; returns whether all those preservations
+    /// are durable already.
+    async fn preserve_range(&self, offset: u64, len: u64, epoch: &Epoch) -> Result<bool> {
         if epoch.live.is_empty() || len == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let chunks = self.chunks(offset, len);
         if chunks.start() == chunks.end() {
@@ -524,12 +681,19 @@ impl Volume {
                 .preserve(c, epoch, &self.origin, self.size)
                 .await;
         }
-        try_join_all(chunks.map(|c| {
-            self.partition_of(c)
-                .preserve(c, epoch, &self.origin, self.size)
-        }))
-        .await?;
-        Ok(())
+        let mut all_settled = true;
+        let mut first = *chunks.start();
+        while first <= *chunks.end() {
+            let last = (first + PRESERVE_WINDOW as u64 - 1).min(*chunks.end());
+            let settled = try_join_all((first..=last).map(|c| {
+                self.partition_of(c)
+                    .preserve(c, epoch, &self.origin, self.size)
+            }))
+            .await?;
+            all_settled &= settled.iter().all(|&s| s);
+            first = last + 1;
+        }
+        Ok(all_settled)
     }
 
     /// Runs the write hooks, preserves what the range's overwrite needs, then
@@ -544,13 +708,14 @@ impl Volume {
             for hook in epoch.hooks.iter() {
                 guards.push(hook.before_write(offset, len).await?);
             }
-            self.preserve_range(offset, len, &epoch).await?;
+            let settled = self.preserve_range(offset, len, &epoch).await?;
             let ticket = self.gate.enter().await;
             if ticket.epoch_id == epoch.id {
                 return Ok(Admitted {
                     _ticket: ticket,
                     epoch,
                     _guards: guards,
+                    settled,
                 });
             }
         }
@@ -728,7 +893,14 @@ impl View {
         let volume = &self.volume;
         volume.check_range(offset, buf.len() as u64)?;
         match self.snapshot_generation()? {
-            None => Ok(volume.origin.read_at(buf, offset).await?),
+            None => {
+                // Held writes are taken before the origin is read and laid
+                // over it: one applied meanwhile is laid again, unchanged.
+                let held = volume.writeback.overlapping(offset, buf.len() as u64);
+                volume.origin.read_at(buf, offset).await?;
+                held.iter().for_each(|h| h.overlay(offset, buf));
+                Ok(())
+            }
             Some(generation) => volume.read_snapshot(generation, offset, buf).await,
         }
     }
@@ -736,16 +908,26 @@ impl View {
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable(offset, data.len() as u64)?;
         let volume = &self.volume;
-        let admitted = volume.ready_to_overwrite(offset, data.len() as u64).await?;
-        volume.origin.write_at(data, offset, fua).await?;
+        let len = data.len() as u64;
+        let admitted = volume.ready_to_overwrite(offset, len).await?;
+        let holding = volume.writeback.hold(offset, len, admitted.settled, || {
+            let mut copy = AlignedBuf::zeroed(data.len());
+            copy.copy_from_slice(data);
+            HeldOp::Data(copy)
+        });
+        if let Holding::Direct = holding {
+            volume.origin.write_at(data, offset, fua).await?;
+        }
         admitted.applied(offset, Change::Data(data));
-        Ok(())
+        drop(admitted);
+        volume.after_holding(holding, fua).await
     }
 
     /// Makes every write completed so far durable, from any connection:
-    /// journal records are committed before their writes proceed, so the
-    /// origin is all that can still be volatile.
+    /// commits the queued preservations, applies the held writes, then
+    /// flushes the origin.
     pub async fn flush(&self) -> Result<()> {
+        self.volume.drive().await?;
         Ok(self.volume.origin.flush().await?)
     }
 
@@ -757,17 +939,27 @@ impl View {
     /// otherwise the space goes back to the filesystem.
     pub async fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
         self.writable(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
         let volume = &self.volume;
-        let admitted = volume.ready_to_overwrite(offset, len).await?;
-        if keep_allocated {
-            volume.origin.zero_range(offset, len).await?;
-        } else {
-            volume.origin.punch_hole(offset, len).await?;
+        let step = ZEROING_STEP_CHUNKS << volume.chunk_shift;
+        let mut at = offset;
+        while at < offset + len {
+            // Steps end on chunk boundaries, so each chunk is in one step.
+            let end = ((at / step + 1) * step).min(offset + len);
+            let n = end - at;
+            let admitted = volume.ready_to_overwrite(at, n).await?;
+            let holding = volume
+                .writeback
+                .hold(at, n, admitted.settled, || HeldOp::Zeroes {
+                    keep_allocated,
+                });
+            if let Holding::Direct = holding {
+                volume.zero_origin(at, n, keep_allocated).await?;
+            }
+            admitted.applied(at, Change::Zeroes(n));
+            drop(admitted);
+            volume.after_holding(holding, false).await?;
+            at = end;
         }
-        admitted.applied(offset, Change::Zeroes(len));
         Ok(())
     }
 
@@ -779,7 +971,7 @@ impl View {
         let volume = &self.volume;
         volume.check_range(offset, len)?;
         let Some(generation) = self.snapshot_generation()? else {
-            return Ok(true);
+            return Ok(volume.writeback.overlapping(offset, len).is_empty());
         };
         Ok(volume
             .chunks(offset, len)
@@ -791,7 +983,16 @@ impl View {
         let volume = &self.volume;
         volume.check_range(offset, len)?;
         match self.snapshot_generation()? {
-            None => Ok(volume.origin.extents(offset, len)?),
+            None if volume.writeback.overlapping(offset, len).is_empty() => {
+                Ok(volume.origin.extents(offset, len)?)
+            }
+            // Held writes are not in the origin's map yet: report the range
+            // as data rather than guess (data is always a safe answer).
+            None => Ok(vec![Extent {
+                offset,
+                len,
+                data: true,
+            }]),
             Some(generation) => volume.snapshot_extents(generation, offset, len),
         }
     }

@@ -1,0 +1,400 @@
+//! The write-back buffer: origin writes held in memory until the journal
+//! records of the preservations they overwrite are durable.
+//!
+//! Why it exists (issue 10, DESIGN.md "Making preservation cheap"): the
+//! devices advertise a volatile write cache, so a write without FUA promises
+//! nothing until the next FLUSH. The one ordering rule copy-on-write needs is
+//! that a preserved copy and its record are durable before the overwritten
+//! origin content can reach stable storage. Waiting for that commit inside
+//! every first overwrite made writes after a snapshot as slow as one journal
+//! and store flush per client queue depth. Instead, a write whose chunk has a
+//! preservation not yet committed is acknowledged once it is held here; one
+//! commit then covers every preservation queued meanwhile, however many
+//! writes that is, and the held writes go to the origin right after it. This
+//! is how dm-thin and qcow2 behave (metadata committed on FLUSH or
+//! periodically), with the difference that our old data is copied once into
+//! the partition's change log (seed 004) rather than redirected.
+//!
+//! Owns: the held writes (data or zeroes) in arrival order, the overlay that
+//! reads of the live volume apply over the origin, the byte budget (a write
+//! that takes the buffer past it drives the commit itself before it is
+//! acknowledged: back-pressure, never unbounded memory), and the background
+//! committer thread that drains the buffer.
+//!
+//! Must never: let a held write reach the origin before every journal record
+//! queued before it was held is durable (the volume's `drive` commits the
+//! journals first, then applies); reorder two held writes that touch the
+//! same chunk; drop a held write whose application failed (it stays held and
+//! readable, and the error goes to the FLUSH that asked).
+
+use crate::runtime::AlignedBuf;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// How a volume's write-back buffer behaves; the daemon's settings.
+#[derive(Clone, Debug)]
+pub struct WriteBackConfig {
+    /// Bytes of held writes before a write must wait for a commit.
+    pub limit_bytes: usize,
+    /// How long the background committer lets held writes gather before it
+    /// commits them (it commits at once when half the budget is used).
+    pub commit_delay: Duration,
+    /// Run a background committer thread. Without one, held writes wait for
+    /// a FLUSH, a FUA write, a full buffer or a snapshot (the deterministic
+    /// crash tests run that way).
+    pub background: bool,
+}
+
+/// Default budget: enough for a database's burst between flushes, small
+/// next to the page cache. See README "The write path".
+pub const DEFAULT_LIMIT_BYTES: usize = 64 << 20;
+pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(2);
+
+impl Default for WriteBackConfig {
+    fn default() -> Self {
+        WriteBackConfig {
+            limit_bytes: DEFAULT_LIMIT_BYTES,
+            commit_delay: DEFAULT_COMMIT_DELAY,
+            background: true,
+        }
+    }
+}
+
+/// What a held write will do to the origin.
+pub enum HeldOp {
+    Data(AlignedBuf),
+    Zeroes { keep_allocated: bool },
+}
+
+/// One acknowledged write not yet applied to the origin.
+pub struct Held {
+    pub seq: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub op: HeldOp,
+}
+
+/// What a held zeroing costs in the budget: it carries no data.
+const ZEROES_COST: usize = 64;
+
+impl Held {
+    fn cost(&self) -> usize {
+        match self.op {
+            HeldOp::Data(_) => self.len as usize,
+            HeldOp::Zeroes { .. } => ZEROES_COST,
+        }
+    }
+
+    /// Copies what this write puts in `[offset, offset + buf.len())` into `buf`.
+    pub fn overlay(&self, offset: u64, buf: &mut [u8]) {
+        let start = self.offset.max(offset);
+        let end = (self.offset + self.len).min(offset + buf.len() as u64);
+        if start >= end {
+            return;
+        }
+        let dst = &mut buf[(start - offset) as usize..(end - offset) as usize];
+        match &self.op {
+            HeldOp::Data(data) => {
+                let from = (start - self.offset) as usize;
+                dst.copy_from_slice(&data[from..from + dst.len()]);
+            }
+            HeldOp::Zeroes { .. } => dst.fill(0),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next_seq: u64,
+    held: BTreeMap<u64, Arc<Held>>,
+    /// Chunk -> seqs of the held writes touching it, ascending.
+    by_chunk: HashMap<u64, Vec<u64>>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Committer {
+    /// Held writes arrived since the committer last looked.
+    kicked: bool,
+    stop: bool,
+}
+
+pub struct WriteBack {
+    chunk_shift: u32,
+    config: WriteBackConfig,
+    /// `held.len()`, read without the lock by the fast paths.
+    count: AtomicUsize,
+    state: Mutex<State>,
+    /// One drive (commit, then apply) at a time.
+    pub(super) driver: futures::lock::Mutex<()>,
+    committer: (Mutex<Committer>, Condvar),
+}
+
+/// Whether [`WriteBack::hold`] took the write, and if so whether the
+/// buffer is now over its budget.
+pub enum Holding {
+    /// Nothing the write touches waits for a commit: write the origin now.
+    Direct,
+    Held {
+        over_budget: bool,
+    },
+}
+
+impl WriteBack {
+    pub fn new(chunk_shift: u32, config: WriteBackConfig) -> Self {
+        WriteBack {
+            chunk_shift,
+            config,
+            count: AtomicUsize::new(0),
+            state: Mutex::new(State::default()),
+            driver: futures::lock::Mutex::new(()),
+            committer: (Mutex::new(Committer::default()), Condvar::new()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Bytes held now (data, plus a token for each held zeroing).
+    pub fn held_bytes(&self) -> usize {
+        self.state.lock().unwrap().bytes
+    }
+
+    fn chunks(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        (offset >> self.chunk_shift)..=((offset + len.max(1) - 1) >> self.chunk_shift)
+    }
+
+    /// Holds the write of `[offset, offset + len)` unless it may go straight
+    /// to the origin: every chunk it touches has its preservation committed
+    /// (`all_settled`) and no earlier held write touches any of them (that
+    /// one would land later and undo this one). `op` builds the held copy.
+    pub fn hold(
+        &self,
+        offset: u64,
+        len: u64,
+        all_settled: bool,
+        op: impl FnOnce() -> HeldOp,
+    ) -> Holding {
+        if all_settled && self.is_empty() {
+            return Holding::Direct;
+        }
+        let over_budget = {
+            let mut state = self.state.lock().unwrap();
+            if all_settled
+                && !self
+                    .chunks(offset, len)
+                    .any(|c| state.by_chunk.contains_key(&c))
+            {
+                return Holding::Direct;
+            }
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            let held = Arc::new(Held {
+                seq,
+                offset,
+                len,
+                op: op(),
+            });
+            state.bytes += held.cost();
+            for c in self.chunks(offset, len) {
+                state.by_chunk.entry(c).or_default().push(seq);
+            }
+            state.held.insert(seq, held);
+            self.count.store(state.held.len(), Ordering::Release);
+            state.bytes >= self.config.limit_bytes
+        };
+        self.kick();
+        Holding::Held { over_budget }
+    }
+
+    /// The held writes overlapping `[offset, offset + len)`, oldest first:
+    /// a read takes them before it reads the origin and lays them over what
+    /// it read, so a write applied in between is simply laid again.
+    pub fn overlapping(&self, offset: u64, len: u64) -> Vec<Arc<Held>> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        let state = self.state.lock().unwrap();
+        let mut seqs: Vec<u64> = self
+            .chunks(offset, len)
+            .filter_map(|c| state.by_chunk.get(&c))
+            .flatten()
+            .copied()
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        seqs.iter()
+            .map(|s| state.held[s].clone())
+            .filter(|h| h.offset < offset + len && offset < h.offset + h.len)
+            .collect()
+    }
+
+    /// Every write held so far, oldest first (what a drive applies).
+    pub fn all_held(&self) -> Vec<Arc<Held>> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        self.state.lock().unwrap().held.values().cloned().collect()
+    }
+
+    /// Forgets writes that reached the origin.
+    pub fn applied(&self, done: &[Arc<Held>]) {
+        let mut state = self.state.lock().unwrap();
+        for held in done {
+            if state.held.remove(&held.seq).is_none() {
+                continue;
+            }
+            state.bytes -= held.cost();
+            for c in self.chunks(held.offset, held.len) {
+                if let Some(seqs) = state.by_chunk.get_mut(&c) {
+                    seqs.retain(|&s| s != held.seq);
+                    if seqs.is_empty() {
+                        state.by_chunk.remove(&c);
+                    }
+                }
+            }
+        }
+        self.count.store(state.held.len(), Ordering::Release);
+    }
+
+    /// Splits `held` (oldest first) into waves: no two writes of a wave touch
+    /// the same chunk, so a wave may go to the origin concurrently, and
+    /// waves go one after another, which keeps per-chunk order.
+    pub fn waves(&self, held: Vec<Arc<Held>>) -> Vec<Vec<Arc<Held>>> {
+        let mut waves: Vec<Vec<Arc<Held>>> = Vec::new();
+        let mut touched: HashSet<u64> = HashSet::new();
+        for h in held {
+            let chunks = self.chunks(h.offset, h.len);
+            if waves.is_empty() || chunks.clone().any(|c| touched.contains(&c)) {
+                touched.clear();
+                waves.push(Vec::new());
+            }
+            touched.extend(chunks);
+            waves.last_mut().unwrap().push(h);
+        }
+        waves
+    }
+
+    /// Tells the background committer that writes are waiting.
+    fn kick(&self) {
+        if !self.config.background {
+            return;
+        }
+        let (lock, cv) = &self.committer;
+        let mut c = lock.lock().unwrap();
+        if !c.kicked {
+            c.kicked = true;
+            cv.notify_one();
+        }
+    }
+
+    /// Ends the background committer (the volume is going away).
+    pub fn stop(&self) {
+        let (lock, cv) = &self.committer;
+        lock.lock().unwrap().stop = true;
+        cv.notify_all();
+    }
+
+    /// For the committer thread: waits until writes are held (then lets
+    /// them gather for the commit delay, unless half the budget is used) or
+    /// the volume stops. False: stop.
+    pub fn wait_for_work(&self) -> bool {
+        let (lock, cv) = &self.committer;
+        let mut c = lock.lock().unwrap();
+        c = cv.wait_while(c, |c| !c.kicked && !c.stop).unwrap();
+        if c.stop {
+            return false;
+        }
+        c.kicked = false;
+        drop(c);
+        let delay = self.config.commit_delay;
+        if !delay.is_zero() && self.held_bytes() < self.config.limit_bytes / 2 {
+            let c = lock.lock().unwrap();
+            let (c, _) = cv.wait_timeout_while(c, delay, |c| !c.stop).unwrap();
+            if c.stop {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, byte: u8) -> HeldOp {
+        let mut buf = AlignedBuf::zeroed(len);
+        buf.fill(byte);
+        HeldOp::Data(buf)
+    }
+
+    fn quiet() -> WriteBack {
+        WriteBack::new(
+            12,
+            WriteBackConfig {
+                limit_bytes: 2 * 4096,
+                commit_delay: Duration::ZERO,
+                background: false,
+            },
+        )
+    }
+
+    #[test]
+    fn settled_writes_go_direct_unless_an_earlier_write_is_held_on_their_chunk() {
+        let wb = quiet();
+        assert!(matches!(
+            wb.hold(0, 512, true, || data(512, 1)),
+            Holding::Direct
+        ));
+        assert!(matches!(
+            wb.hold(4096, 512, false, || data(512, 2)),
+            Holding::Held { over_budget: false }
+        ));
+        // Settled, but chunk 1 has a held write: it must queue behind it.
+        assert!(matches!(
+            wb.hold(4096 + 1024, 512, true, || data(512, 3)),
+            Holding::Held { .. }
+        ));
+        assert!(matches!(
+            wb.hold(8192, 512, true, || data(512, 4)),
+            Holding::Direct
+        ));
+        let all = wb.all_held();
+        assert_eq!(all.iter().map(|h| h.seq).collect::<Vec<_>>(), vec![0, 1]);
+        wb.applied(&all);
+        assert!(wb.is_empty());
+        assert_eq!(wb.held_bytes(), 0);
+        assert!(matches!(
+            wb.hold(4096, 512, true, || data(512, 5)),
+            Holding::Direct
+        ));
+    }
+
+    #[test]
+    fn reads_see_held_writes_in_order_and_the_budget_pushes_back() {
+        let wb = quiet();
+        wb.hold(0, 4096, false, || data(4096, 1));
+        wb.hold(1024, 512, false, || HeldOp::Zeroes {
+            keep_allocated: false,
+        });
+        let held = wb.hold(2048, 4096, false, || data(4096, 3));
+        assert!(matches!(held, Holding::Held { over_budget: true }));
+        let mut buf = vec![9u8; 4096];
+        for h in wb.overlapping(0, 4096) {
+            h.overlay(0, &mut buf);
+        }
+        assert_eq!(&buf[..1024], &[1u8; 1024][..]);
+        assert_eq!(&buf[1024..1536], &[0u8; 512][..]);
+        assert_eq!(&buf[1536..2048], &[1u8; 512][..]);
+        assert_eq!(&buf[2048..], &[3u8; 2048][..]);
+        assert!(wb.overlapping(8192, 512).is_empty());
+        // All three touch chunk 0: three waves, in order.
+        let waves = wb.waves(wb.all_held());
+        assert_eq!(waves.len(), 3);
+        assert_eq!(waves[2][0].seq, 2);
+    }
+}
