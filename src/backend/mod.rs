@@ -127,6 +127,19 @@ impl Storage {
         }
     }
 
+    /// Opens an existing file whose whole-page writes should bypass the
+    /// page cache (see [`file::FileBackend::with_direct_writes`]).
+    pub fn open_for_direct_writes(&self, name: &str) -> io::Result<Backend> {
+        match self {
+            Storage::Dir(dir) => {
+                let path = dir.join(name);
+                let file = file::FileBackend::open(&path, false)?.with_direct_writes(&path);
+                Ok(Backend::File(Arc::new(file)))
+            }
+            Storage::Memory(_) => self.open(name, false),
+        }
+    }
+
     /// Reads a manifest; `None` if it does not exist.
     pub fn read_manifest(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
         match self {

@@ -15,6 +15,7 @@ pub mod size;
 use crate::control::daemon::{self, DaemonConfig, DEFAULT_NBD_TCP};
 use crate::control::protocol::Request;
 use crate::control::registry::validate_name;
+use crate::engine::WriteBackConfig;
 use crate::replication::ReplicationConfig;
 use clap::{Args, Parser, Subcommand};
 use client::CliError;
@@ -85,6 +86,10 @@ pub struct DaemonArgs {
     /// The key replication sources must prove [default: DATA_DIR/replication.key]
     #[arg(long, value_name = "PATH")]
     pub replication_key_file: Option<PathBuf>,
+    /// Bytes of writes each volume may acknowledge before the copy-on-write
+    /// they depend on is committed (0: every such write waits for its commit)
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    pub writeback_buffer: String,
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +108,9 @@ pub struct ServeArgs {
     /// NBD TCP address
     #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_NBD_TCP)]
     pub nbd_listen: String,
+    /// As for `snapblk daemon`
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    pub writeback_buffer: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,6 +258,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     let json = cli.json;
     match cli.command {
         Command::Daemon(a) => {
+            set_writeback_buffer(&a.writeback_buffer)?;
             init_logging();
             let config = DaemonConfig {
                 data_dir: a.data_dir.unwrap_or_else(paths::default_data_dir),
@@ -492,6 +501,23 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
 }
 
 /// `snapblk serve`: the quick start.
+fn set_writeback_buffer(arg: &str) -> Result<(), CliError> {
+    let limit_bytes = usize::try_from(size_arg(arg)?)
+        .map_err(|_| CliError::plain(format!("--writeback-buffer {arg} is too large")))?;
+    let mut config = WriteBackConfig {
+        limit_bytes,
+        ..WriteBackConfig::default()
+    };
+    if let Some(ms) = std::env::var("SNAPBLK_COMMIT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.commit_delay = std::time::Duration::from_millis(ms);
+    }
+    WriteBackConfig::set_daemon_default(config);
+    Ok(())
+}
+
 fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
     let size = size_arg(&a.size)?;
     if size == 0 {
@@ -499,6 +525,7 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
             "invalid size \"0\": disk0 needs at least one byte; e.g. --size 10G",
         ));
     }
+    set_writeback_buffer(&a.writeback_buffer)?;
     init_logging();
     let data_dir = a.data_dir.unwrap_or_else(paths::default_data_dir);
     let config = DaemonConfig {

@@ -180,7 +180,7 @@ impl Volume {
         storage: Storage,
         config: &VolumeConfig,
     ) -> Result<Arc<Volume>> {
-        Volume::create_with(name, storage, config, WriteBackConfig::default()).await
+        Volume::create_with(name, storage, config, WriteBackConfig::daemon_default()).await
     }
 
     /// [`Volume::create`] with explicit write-back settings.
@@ -231,7 +231,7 @@ impl Volume {
     /// Opens a volume and recovers it: replays each partition's journal,
     /// cuts torn tails, drops preserved versions no committed snapshot needs.
     pub async fn open(name: &str, storage: Storage) -> Result<Arc<Volume>> {
-        Volume::open_with(name, storage, WriteBackConfig::default()).await
+        Volume::open_with(name, storage, WriteBackConfig::daemon_default()).await
     }
 
     /// [`Volume::open`] with explicit write-back settings.
@@ -263,7 +263,7 @@ impl Volume {
         let live: Vec<u64> = manifest.snapshots.iter().map(|s| s.generation).collect();
         for p in 0..manifest.partitions {
             let journal_file = storage.open(&manifest::journal_name(p), false)?;
-            let store = storage.open(&manifest::store_name(p), false)?;
+            let store = storage.open_for_direct_writes(&manifest::store_name(p))?;
             let label = format!("volume {name}: {}", manifest::journal_name(p));
             let (mut journal, mut replayed) = Journal::open(
                 journal_file,

@@ -62,6 +62,20 @@ impl Default for WriteBackConfig {
     }
 }
 
+/// The settings the daemon was started with (`--writeback-buffer`), used
+/// by every volume it opens; the built-in default until it sets them.
+static DAEMON_SETTINGS: std::sync::RwLock<Option<WriteBackConfig>> = std::sync::RwLock::new(None);
+
+impl WriteBackConfig {
+    pub fn set_daemon_default(config: WriteBackConfig) {
+        *DAEMON_SETTINGS.write().unwrap() = Some(config);
+    }
+
+    pub fn daemon_default() -> WriteBackConfig {
+        DAEMON_SETTINGS.read().unwrap().clone().unwrap_or_default()
+    }
+}
+
 /// What a held write will do to the origin.
 pub enum HeldOp {
     Data(AlignedBuf),
