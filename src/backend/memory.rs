@@ -51,6 +51,8 @@ struct DiskState {
     files: HashMap<String, FileState>,
     manifests: HashMap<String, Vec<u8>>,
     operations: u64,
+    /// Flushes of any file, so tests can count commits.
+    flushes: u64,
     crash_after: Option<u64>,
 }
 
@@ -100,6 +102,11 @@ impl MemDisk {
     /// Operations (reads, writes, flushes, manifest replacements) so far.
     pub fn operations(&self) -> u64 {
         self.state.lock().unwrap().operations
+    }
+
+    /// Flushes (of any file) so far.
+    pub fn flushes(&self) -> u64 {
+        self.state.lock().unwrap().flushes
     }
 
     /// From now on, operation number `n+1` and every later one fails.
@@ -295,6 +302,7 @@ impl MemFile {
     }
 
     pub fn flush(&self) -> io::Result<()> {
+        self.disk.state.lock().unwrap().flushes += 1;
         self.with(|file| {
             for op in std::mem::take(&mut file.pending) {
                 apply(&mut file.durable, &op);

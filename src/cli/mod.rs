@@ -504,17 +504,10 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
 fn set_writeback_buffer(arg: &str) -> Result<(), CliError> {
     let limit_bytes = usize::try_from(size_arg(arg)?)
         .map_err(|_| CliError::plain(format!("--writeback-buffer {arg} is too large")))?;
-    let mut config = WriteBackConfig {
+    WriteBackConfig::set_daemon_default(WriteBackConfig {
         limit_bytes,
         ..WriteBackConfig::default()
-    };
-    if let Some(ms) = std::env::var("SNAPBLK_COMMIT_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        config.commit_delay = std::time::Duration::from_millis(ms);
-    }
-    WriteBackConfig::set_daemon_default(config);
+    });
     Ok(())
 }
 
