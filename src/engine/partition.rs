@@ -253,19 +253,26 @@ impl Partition {
     ) -> Result<(Version, u64)> {
         let offset = chunk * self.chunk_size;
         let len = self.chunk_size.min(volume_size - offset) as usize;
-        // A whole slot (zero-padded past the volume's end), so its crc is
-        // the crc of what the slot holds.
-        // Page-aligned, so the store write can bypass the page cache.
-        let mut data = AlignedBuf::zeroed(self.chunk_size as usize);
-        origin.read_at(&mut data[..len], offset).await?;
         let mut data_crc = 0;
-        if is_zero(&data) {
+        // A chunk the origin never allocated is preserved as zeros without
+        // reading it: a discard of a large sparse volume under a snapshot
+        // would otherwise read (and zero-check) every byte of its holes.
+        if origin.extents(offset, len as u64)?.iter().all(|e| !e.data) {
             version.slot = ZERO_SLOT;
         } else {
-            data_crc = slot_crc(&data);
-            self.store
-                .write_at(&data, version.slot * self.chunk_size, false)
-                .await?;
+            // A whole slot (zero-padded past the volume's end), so its crc
+            // is the crc of what the slot holds; page-aligned, so the store
+            // write can bypass the page cache.
+            let mut data = AlignedBuf::zeroed(self.chunk_size as usize);
+            origin.read_at(&mut data[..len], offset).await?;
+            if is_zero(&data) {
+                version.slot = ZERO_SLOT;
+            } else {
+                data_crc = slot_crc(&data);
+                self.store
+                    .write_at(&data, version.slot * self.chunk_size, false)
+                    .await?;
+            }
         }
         let Version { start, end, slot } = version;
         let record = Record::Preserve {

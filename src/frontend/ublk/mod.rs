@@ -534,9 +534,11 @@ async fn handle(view: &View, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 
             Some(data) => reply(view.write(offset, data, fua).await, len),
             None => -libc::EINVAL,
         },
-        // No buffer: a discard may be larger than the I/O buffer.
-        sys::UBLK_IO_OP_DISCARD => reply(view.discard(offset, len).await, len),
-        sys::UBLK_IO_OP_WRITE_ZEROES => reply(view.write_zeroes(offset, len, false).await, len),
+        // No buffer: a discard may be larger than the I/O buffer. The
+        // driver wants a result >= 0, not a byte count: a count of 2 GiB or
+        // more would not fit the i32 and read as an error.
+        sys::UBLK_IO_OP_DISCARD => reply(view.discard(offset, len).await, 0),
+        sys::UBLK_IO_OP_WRITE_ZEROES => reply(view.write_zeroes(offset, len, false).await, 0),
         _ => -libc::EOPNOTSUPP,
     }
 }
