@@ -3,13 +3,13 @@
 use super::error::{EngineError, Result};
 use super::gate::{Epoch, Gate, Ticket};
 use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
-use super::journal::{self, Journal};
+use super::journal::Journal;
 use super::manifest::{self, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
 use crate::backend::{Backend, Extent, Storage};
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -117,9 +117,6 @@ impl Admitted<'_> {
     }
 }
 
-/// Journal records beyond twice the live ones before a reopen compacts.
-const COMPACT_SLACK: usize = 1024;
-
 /// Wall-clock milliseconds since the epoch, for timestamps people read.
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -221,35 +218,13 @@ impl Volume {
         let mut partitions = Vec::new();
         let live: Vec<u64> = manifest.snapshots.iter().map(|s| s.generation).collect();
         for p in 0..manifest.partitions {
-            let journal_file = storage.open(&manifest::journal_name(p), false)?;
+            let journal_name = manifest::journal_name(p);
             let store = storage.open(&manifest::store_name(p), false)?;
-            let label = format!("volume {name}: {}", manifest::journal_name(p));
-            let (mut journal, mut replayed) = Journal::open(
-                journal_file,
-                store.clone(),
-                manifest.chunk_size as u64,
-                &label,
-            )
-            .await?;
-            let compacted = journal::compact(&replayed.records, &live);
-            if replayed.records.len() > 2 * compacted.records.len() + COMPACT_SLACK {
-                // Replay time and journal size follow live state, not history.
-                drop(journal);
-                let bytes = journal::encode_all(&compacted.records);
-                storage.replace_file(&manifest::journal_name(p), &bytes)?;
-                let cs = manifest.chunk_size as u64;
-                for slot in compacted.dropped_slots {
-                    store.punch_hole(slot * cs, cs).await?;
-                }
-                let journal_file = storage.open(&manifest::journal_name(p), false)?;
-                (journal, replayed) = Journal::open(
-                    journal_file,
-                    store.clone(),
-                    manifest.chunk_size as u64,
-                    &label,
-                )
-                .await?;
-            }
+            let label = format!("volume {name}: {journal_name}");
+            let cs = manifest.chunk_size as u64;
+            let (journal, replayed) =
+                Journal::open_compacted(&storage, &journal_name, store.clone(), cs, &label, &live)
+                    .await?;
             partitions.push(Partition::recover(
                 p,
                 manifest.chunk_size,
@@ -477,7 +452,24 @@ impl Volume {
             .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
         *self.manifest.lock().unwrap() = manifest;
         self.forget_generation(generation).await;
+        self.compact_journals().await;
         Ok(())
+    }
+
+    /// Compacts the journals a delete left mostly dead. Under `admin`, so no
+    /// snapshot is half created; a failure leaves the old journal, to be
+    /// compacted at a later delete or at open.
+    async fn compact_journals(&self) {
+        let live = self.gate.epoch().live.to_vec();
+        // join_all, not try_join_all: a compaction holds its journal's commit
+        // leadership and must not be dropped halfway.
+        let results = join_all(self.partitions.iter().map(|p| p.compact_journal(&live))).await;
+        for (p, result) in self.partitions.iter().zip(results) {
+            if let Err(e) = result {
+                let journal = manifest::journal_name(p.index);
+                log::warn!("volume {}: compacting {journal} failed: {e}", self.name);
+            }
+        }
     }
 
     /// Makes everything durable; called on clean shutdown.
