@@ -11,8 +11,9 @@
 //! Group commit: concurrent callers queue their records; one of them (the
 //! leader) appends the whole batch followed by a `Commit` marker and flushes
 //! the journal and the change-log store in parallel. Leadership passes to a
-//! waiter of the next batch, so no caller commits other callers' batches
-//! forever, and batches are durable strictly one after another.
+//! waiting compaction, else to a waiter of the next batch, so no caller
+//! commits other callers' batches forever, and batches are durable strictly
+//! one after another.
 //!
 //! Because the two flushes race, a crash can leave the last batch's records
 //! durable while the preserved data they point at is not. Each `Preserve`
@@ -21,9 +22,40 @@
 //! flushes before the next one was written): if any of it is wrong, the
 //! whole batch is dropped, which is safe because no origin write that
 //! depends on it was issued before its commit returned.
+//!
+//! Compaction: deleting a snapshot leaves dead records behind (its partition
+//! snapshot, the versions only it read and the `Free` records that let them
+//! go), so a journal under snapshot churn would grow without bound and be
+//! read whole at the next open. Once the journal exceeds `GROWTH` times the
+//! encoded size of its live records plus `SLACK` bytes, it is rewritten to
+//! the live records alone (`compact`): at open, and online while the volume
+//! is written ([`Journal::compact_if_grown`], after every snapshot delete).
+//! Online, the committed prefix is read and compacted while commits go on
+//! (appends never touch it); then the compaction takes commit leadership, so
+//! no batch is in flight and new commits queue, adds the batches committed
+//! meanwhile, writes the new file with [`Storage::replace_file`] (temp file,
+//! fsync, rename, fsync of the directory), reopens it and hands leadership
+//! on: the queued records go into the new file.
+//!
+//! Why a crash at any point is safe: until the rename is durable the old file
+//! is the journal, whole: from the moment the compaction reads its last
+//! records until the new file is open, the compaction holds leadership and
+//! nothing is appended. After the rename the new file is the journal, and it
+//! holds every record a live snapshot needs. Every record in
+//! it comes from a batch whose store flush finished, so it ends with an empty
+//! batch and replay has no data to verify. If the rename may have happened
+//! but may not be durable (a failed directory fsync), the journal fails: an
+//! append to either file could be lost. Slots of versions a compaction drops
+//! are not punched online: `Free` records already gave them back, and a new
+//! version may hold them now. Only a rewrite at open punches them.
+//!
+//! Must never: drop a record a live snapshot needs, or the partition
+//! snapshot of a snapshot being created (callers compact only while no
+//! snapshot is being created or deleted), or append to a file that may no
+//! longer be the journal.
 
 use super::error::{EngineError, Result};
-use crate::backend::Backend;
+use crate::backend::{Backend, Storage};
 use futures::channel::oneshot;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -33,6 +65,23 @@ const HEADER: usize = 16;
 const TRAILER: usize = 4;
 /// Payloads are tiny; anything larger is garbage, not a record.
 const MAX_PAYLOAD: u32 = 4096;
+/// Encoded sizes of the records a compacted journal holds.
+const PRESERVE_LEN: u64 = (HEADER + 41 + TRAILER) as u64;
+const SNAPSHOT_LEN: u64 = (HEADER + 9 + TRAILER) as u64;
+const COMMIT_LEN: u64 = (HEADER + 1 + TRAILER) as u64;
+
+/// A journal is compacted once it exceeds `GROWTH` times its live records'
+/// encoded size plus `SLACK` bytes. Each compaction then rewrites at most as
+/// many bytes as dead ones went since the last, and a small journal is not
+/// rewritten every few records.
+const GROWTH: u64 = 2;
+const SLACK: u64 = 4096;
+
+/// Whether a journal of `bytes` whose live records take `live_bytes` encoded
+/// is due for compaction.
+fn compaction_due(bytes: u64, live_bytes: u64) -> bool {
+    bytes > GROWTH * live_bytes + SLACK
+}
 
 /// Marks a version whose data was all zeros: no store slot holds it.
 pub const ZERO_SLOT: u64 = u64::MAX;
@@ -147,17 +196,17 @@ fn decode(bytes: &[u8]) -> Option<(Record, u64, usize)> {
 }
 
 /// What compaction keeps and what it lets go.
-pub struct Compacted {
+struct Compacted {
     /// Records that rebuild the same state for the live snapshots: versions
     /// some live snapshot still reads, and live partition snapshots.
-    pub records: Vec<Record>,
+    records: Vec<Record>,
     /// Store slots of versions no live snapshot reads; their space is freed
     /// with the old journal.
-    pub dropped_slots: Vec<u64>,
+    dropped_slots: Vec<u64>,
 }
 
 /// Compacts `records` for the live snapshot generations `live` (sorted).
-pub fn compact(records: &[Record], live: &[u64]) -> Compacted {
+fn compact(records: &[Record], live: &[u64]) -> Compacted {
     let mut versions: std::collections::BTreeMap<(u64, u64), Record> = Default::default();
     let mut out = Vec::new();
     for record in records {
@@ -200,7 +249,7 @@ pub fn compact(records: &[Record], live: &[u64]) -> Compacted {
 /// A whole journal file holding `records` from sequence 0, for compaction.
 /// Their data is already durable, so they are one batch followed by an empty
 /// one: the next replay has nothing to verify.
-pub fn encode_all(records: &[Record]) -> Vec<u8> {
+fn encode_all(records: &[Record]) -> Vec<u8> {
     let mut bytes = Vec::new();
     let all = records.iter().chain([&Record::Commit, &Record::Commit]);
     for (seq, record) in all.enumerate() {
@@ -225,35 +274,51 @@ enum Turn {
 }
 
 struct State {
+    /// End of the committed records: everything before it is immutable
+    /// until a compaction replaces the file.
     tail: u64,
     next_seq: u64,
     /// Id of the batch now gathering in `batch` (ids count from 1).
     batch_id: u64,
     batch: Vec<Record>,
     batch_waiters: Vec<oneshot::Sender<Turn>>,
+    /// Someone holds commit leadership: a batch or a compaction is in flight.
     committing: bool,
+    /// Compactions waiting for leadership; they get it before the next batch.
+    compactions: Vec<oneshot::Sender<()>>,
     failed: Option<String>,
 }
 
 pub struct Journal {
-    file: Backend,
+    /// The open journal file; a compaction swaps in the file it renamed over it.
+    file: Mutex<Backend>,
+    storage: Storage,
+    /// The journal's file name in `storage`.
+    name: String,
+    /// Names the journal in messages.
+    label: String,
     /// The change-log store whose data the records point at.
     store: Backend,
     state: Mutex<State>,
     /// Every batch with an id up to this one is durable.
     durable: AtomicU64,
+    /// One compaction at a time: each reads the file before taking leadership.
+    compacting: futures::lock::Mutex<()>,
 }
 
 impl Journal {
-    /// Replays the journal in `file`: cuts a torn tail (records after the
-    /// last `Commit`), and drops the last batch too if the store does not
-    /// hold the data its records point at. `slot_size` is the store's slot size.
+    /// Replays the journal file `name` of `storage`: cuts a torn tail
+    /// (records after the last `Commit`), and drops the last batch too if
+    /// the store does not hold the data its records point at. `slot_size` is
+    /// the store's slot size; `label` names the journal in messages.
     pub async fn open(
-        file: Backend,
+        storage: &Storage,
+        name: &str,
         store: Backend,
         slot_size: u64,
-        name: &str,
+        label: &str,
     ) -> Result<(Journal, Replayed)> {
+        let file = storage.open(name, false)?;
         let len = file.size()? as usize;
         let mut bytes = vec![0u8; len];
         file.read_at(&mut bytes, 0).await?;
@@ -269,7 +334,7 @@ impl Journal {
                 }
                 Some((_, seq, _)) => {
                     return Err(EngineError::Corrupt(format!(
-                        "{name}: record at byte {at} has sequence {seq}, expected {expected}"
+                        "{label}: record at byte {at} has sequence {seq}, expected {expected}"
                     )))
                 }
                 None => break,
@@ -280,7 +345,7 @@ impl Journal {
             let next = parsed.len() as u64;
             if (at + 1..len).any(|i| decode(&bytes[i..]).is_some_and(|(_, seq, _)| seq >= next)) {
                 return Err(EngineError::Corrupt(format!(
-                    "{name}: damaged record at byte {at} is followed by valid records; \
+                    "{label}: damaged record at byte {at} is followed by valid records; \
                      refusing to drop them (restore the volume from a copy)"
                 )));
             }
@@ -293,7 +358,7 @@ impl Journal {
             let first = commits.len().checked_sub(2).map_or(0, |i| commits[i] + 1);
             if !data_is_durable(&store, slot_size, &parsed[first..last]).await? {
                 log::warn!(
-                    "{name}: the last commit's preserved data never reached the store; dropping it"
+                    "{label}: the last commit's preserved data never reached the store; dropping it"
                 );
                 keep = first;
             }
@@ -301,14 +366,17 @@ impl Journal {
         let good_len = if keep == 0 { 0 } else { parsed[keep - 1].1 };
         if good_len < len {
             log::warn!(
-                "{name}: dropping {} bytes of torn journal tail at byte {good_len}",
+                "{label}: dropping {} bytes of torn journal tail at byte {good_len}",
                 len - good_len
             );
             file.truncate(good_len as u64).await?;
         }
         parsed.truncate(keep);
         let journal = Journal {
-            file,
+            file: Mutex::new(file),
+            storage: storage.clone(),
+            name: name.to_string(),
+            label: label.to_string(),
             store,
             state: Mutex::new(State {
                 tail: good_len as u64,
@@ -317,9 +385,11 @@ impl Journal {
                 batch: Vec::new(),
                 batch_waiters: Vec::new(),
                 committing: false,
+                compactions: Vec::new(),
                 failed: None,
             }),
             durable: AtomicU64::new(0),
+            compacting: futures::lock::Mutex::new(()),
         };
         let records = parsed
             .into_iter()
@@ -329,8 +399,44 @@ impl Journal {
         Ok((journal, Replayed { records }))
     }
 
+    /// [`Journal::open`], and if the journal has outgrown the records
+    /// snapshots `live` need, rewrites it to them first and punches the
+    /// slots of the versions it drops: nothing runs yet that could have
+    /// reused them. Start-up time follows live state, not history.
+    pub async fn open_compacted(
+        storage: &Storage,
+        name: &str,
+        store: Backend,
+        slot_size: u64,
+        label: &str,
+        live: &[u64],
+    ) -> Result<(Journal, Replayed)> {
+        let (journal, replayed) =
+            Journal::open(storage, name, store.clone(), slot_size, label).await?;
+        let compacted = compact(&replayed.records, live);
+        let bytes = encode_all(&compacted.records);
+        if !compaction_due(journal.committed_bytes(), bytes.len() as u64) {
+            return Ok((journal, replayed));
+        }
+        drop(journal);
+        storage.replace_file(name, &bytes)?;
+        for slot in compacted.dropped_slots {
+            store.punch_hole(slot * slot_size, slot_size).await?;
+        }
+        Journal::open(storage, name, store, slot_size, label).await
+    }
+
+    fn file(&self) -> Backend {
+        self.file.lock().unwrap().clone()
+    }
+
+    /// Bytes of committed records.
+    pub fn committed_bytes(&self) -> u64 {
+        self.state.lock().unwrap().tail
+    }
+
     pub fn allocated_bytes(&self) -> u64 {
-        self.file.allocated_bytes().unwrap_or(0)
+        self.file().allocated_bytes().unwrap_or(0)
     }
 
     /// Queues `records` for the next commit without waiting for it; returns
@@ -393,27 +499,44 @@ impl Journal {
     }
 
     /// Commits the current batch (which holds the leader's own records), then
-    /// hands leadership to a waiter of the next batch, if any.
+    /// hands leadership on.
     async fn lead(&self) -> Result<()> {
         let mut own_result = None;
         loop {
             let result = self.write_batch().await;
-            own_result.get_or_insert_with(|| result.clone());
-            let mut state = self.state.lock().unwrap();
-            if state.batch_waiters.is_empty() {
-                state.committing = false;
+            own_result.get_or_insert(result);
+            if !self.pass_leadership() {
                 break;
             }
-            let next = state.batch_waiters.remove(0);
-            drop(state);
-            if next.send(Turn::Lead).is_ok() {
-                break;
-            }
-            // That caller is gone; lead its batch ourselves.
         }
         own_result
             .expect("led at least once")
             .map_err(CommitError::into_engine)
+    }
+
+    /// Hands commit leadership to a waiting compaction, else to a waiter of
+    /// the next batch, so no caller commits other callers' batches forever.
+    /// True if the caller must lead the next batch itself: its first waiter
+    /// is gone.
+    fn pass_leadership(&self) -> bool {
+        loop {
+            let mut state = self.state.lock().unwrap();
+            if !state.compactions.is_empty() {
+                let compaction = state.compactions.remove(0);
+                drop(state);
+                if compaction.send(()).is_ok() {
+                    return false;
+                }
+                continue;
+            }
+            if state.batch_waiters.is_empty() {
+                state.committing = false;
+                return false;
+            }
+            let next = state.batch_waiters.remove(0);
+            drop(state);
+            return next.send(Turn::Lead).is_err();
+        }
     }
 
     async fn write_batch(&self) -> std::result::Result<(), CommitError> {
@@ -462,11 +585,12 @@ impl Journal {
     }
 
     async fn append(&self, bytes: &[u8], tail: u64) -> std::result::Result<(), CommitError> {
+        let file = self.file();
         // Both flushes at once: replay verifies the last batch's data, so
         // the store need not be durable before the journal is.
         let journal = async {
-            self.file.write_at(bytes, tail, false).await?;
-            self.file.flush().await
+            file.write_at(bytes, tail, false).await?;
+            file.flush().await
         };
         let written = futures::future::try_join(journal, self.store.flush())
             .await
@@ -475,14 +599,154 @@ impl Journal {
             Ok(()) => Ok(()),
             // A full disk fails this batch only: cut what may have landed
             // and the journal goes on from the same tail and sequence.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                match self.file.truncate(tail).await {
-                    Ok(()) => Err(CommitError::NoSpace),
-                    Err(e) => Err(CommitError::Failed(e.to_string())),
-                }
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => match file.truncate(tail).await {
+                Ok(()) => Err(CommitError::NoSpace),
+                Err(e) => Err(CommitError::Failed(e.to_string())),
+            },
             Err(e) => Err(CommitError::Failed(e.to_string())),
         }
+    }
+
+    /// Rewrites the journal to the records snapshots `live` need, if it has
+    /// outgrown them (see the module docs). `versions` is how many preserved
+    /// versions the partition holds. Every live snapshot's partition snapshot
+    /// must be committed: the record of one being created now would be
+    /// dropped. Like [`Journal::commit`], must run to completion once polled.
+    pub async fn compact_if_grown(&self, live: &[u64], versions: usize) -> Result<()> {
+        let live_bytes =
+            versions as u64 * PRESERVE_LEN + live.len() as u64 * SNAPSHOT_LEN + 2 * COMMIT_LEN;
+        if !compaction_due(self.committed_bytes(), live_bytes) {
+            return Ok(());
+        }
+        let _one = self.compacting.lock().await;
+        // Appends never touch the committed prefix, so it is read and
+        // compacted while commits go on.
+        let (tail, seq) = {
+            let state = self.state.lock().unwrap();
+            (state.tail, state.next_seq)
+        };
+        let mut bytes = vec![0u8; tail as usize];
+        self.file().read_at(&mut bytes, 0).await?;
+        let records = compact(&self.decode_committed(&bytes, 0, 0)?, live).records;
+        self.take_leadership().await?;
+        let result = self.replace(records, tail, seq).await;
+        if self.pass_leadership() {
+            // The first queued committer is gone: commit the batch for the
+            // others, who get its result from it.
+            let _ = self.lead().await;
+        }
+        result
+    }
+
+    /// Waits until no batch is in flight and takes commit leadership:
+    /// committers queue meanwhile.
+    async fn take_leadership(&self) -> Result<()> {
+        let wait = {
+            let mut state = self.state.lock().unwrap();
+            if state.committing {
+                let (tx, rx) = oneshot::channel();
+                state.compactions.push(tx);
+                Some(rx)
+            } else {
+                state.committing = true;
+                None
+            }
+        };
+        if let Some(rx) = wait {
+            rx.await
+                .map_err(|_| journal_failed("commit leader vanished"))?;
+        }
+        Ok(())
+    }
+
+    /// With leadership: replaces the file with `compacted` (the records of
+    /// its first `tail` bytes, compacted, which start at sequence 0) plus the
+    /// batches committed after them (from sequence `seq`).
+    async fn replace(&self, mut compacted: Vec<Record>, tail: u64, seq: u64) -> Result<()> {
+        let (end, failed) = {
+            let state = self.state.lock().unwrap();
+            (state.tail, state.failed.clone())
+        };
+        if let Some(reason) = failed {
+            return Err(journal_failed(&reason));
+        }
+        let mut since = vec![0u8; (end - tail) as usize];
+        self.file().read_at(&mut since, tail).await?;
+        compacted.extend(self.decode_committed(&since, seq, tail)?);
+        let bytes = encode_all(&compacted);
+        if bytes.len() as u64 >= end {
+            return Ok(());
+        }
+        if let Err(e) = self.storage.replace_file(&self.name, &bytes) {
+            return Err(self.replace_failed(e, end));
+        }
+        match self.storage.open(&self.name, false) {
+            Ok(file) => *self.file.lock().unwrap() = file,
+            Err(e) => {
+                // The handle still writes the old file, which is no longer the journal.
+                let reason = format!("reopening it after compaction: {e}");
+                self.state.lock().unwrap().failed = Some(reason.clone());
+                return Err(journal_failed(&reason));
+            }
+        }
+        let mut state = self.state.lock().unwrap();
+        state.tail = bytes.len() as u64;
+        state.next_seq = compacted.len() as u64 + 2;
+        log::debug!(
+            "{}: compacted from {end} to {} bytes",
+            self.label,
+            bytes.len()
+        );
+        Ok(())
+    }
+
+    /// After `replace_file` failed on a journal of `end` bytes: if the old
+    /// file is still in place (the new one is smaller), it stays the journal
+    /// and only this compaction failed. Otherwise the rename happened but may
+    /// not be durable, so an append to either file could be lost: the
+    /// journal fails until a reopen finds whichever file the disk kept.
+    fn replace_failed(&self, error: std::io::Error, end: u64) -> EngineError {
+        let old_in_place = self
+            .storage
+            .open(&self.name, false)
+            .and_then(|file| file.size())
+            .is_ok_and(|len| len == end);
+        if old_in_place {
+            return EngineError::Io(std::io::Error::other(format!(
+                "{error}; the uncompacted journal stays in place until a later \
+                 compaction succeeds"
+            )));
+        }
+        let reason = format!("replacing it with its compacted copy: {error}");
+        self.state.lock().unwrap().failed = Some(reason.clone());
+        journal_failed(&reason)
+    }
+
+    /// The records (without `Commit` markers) of committed journal bytes
+    /// that begin at sequence `seq`, at byte `at` of the file.
+    fn decode_committed(&self, bytes: &[u8], mut seq: u64, at: u64) -> Result<Vec<Record>> {
+        let mut records = Vec::new();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            match decode(&bytes[pos..]) {
+                Some((record, s, n)) if s == seq => {
+                    if record != Record::Commit {
+                        records.push(record);
+                    }
+                    pos += n;
+                    seq += 1;
+                }
+                _ => {
+                    return Err(EngineError::Corrupt(format!(
+                        "{}: committed record at byte {} no longer reads back; \
+                         restore the volume from a copy",
+                        self.label,
+                        at + pos as u64
+                    )))
+                }
+            }
+        }
+        Ok(records)
     }
 }
 
@@ -570,8 +834,9 @@ mod tests {
         ]
     }
 
-    async fn open(file: &Backend, store: &Backend) -> Result<(Journal, Replayed)> {
-        Journal::open(file.clone(), store.clone(), SLOT, "j").await
+    async fn open(disk: &Arc<MemDisk>, store: &Backend) -> Result<(Journal, Replayed)> {
+        let storage = Storage::Memory(disk.clone());
+        Journal::open(&storage, "j", store.clone(), SLOT, "j").await
     }
 
     /// A journal file "j" (with store "s") holding `records()` as two batches.
@@ -579,7 +844,7 @@ mod tests {
         let storage = Storage::Memory(disk.clone());
         let file = storage.open("j", true).unwrap();
         let store = storage.open("s", true).unwrap();
-        let (journal, replayed) = open(&file, &store).await.unwrap();
+        let (journal, replayed) = open(disk, &store).await.unwrap();
         assert!(replayed.records.is_empty());
         journal.commit(&records()[..2]).await.unwrap();
         journal.commit(&records()[2..]).await.unwrap();
@@ -596,7 +861,7 @@ mod tests {
             file.write_at(&[0x53, 0x4e, 0x4a, 0x52, 9, 0], good_len, true)
                 .await
                 .unwrap();
-            let (journal, replayed) = open(&file, &store).await.unwrap();
+            let (journal, replayed) = open(&disk, &store).await.unwrap();
             assert_eq!(replayed.records, records());
             assert_eq!(file.size().unwrap(), good_len);
             // Appending continues after the cut with the next sequence number.
@@ -604,7 +869,7 @@ mod tests {
                 .commit(&[Record::PartitionSnapshot { generation: 5 }])
                 .await
                 .unwrap();
-            let (_, replayed) = open(&file, &store).await.unwrap();
+            let (_, replayed) = open(&disk, &store).await.unwrap();
             assert_eq!(replayed.records.len(), 4);
         });
     }
@@ -613,9 +878,9 @@ mod tests {
     fn damage_in_the_middle_is_reported_not_dropped() {
         let disk = MemDisk::new();
         block_on(async {
-            let (_, file, store) = committed(&disk).await;
+            let (_, _, store) = committed(&disk).await;
             disk.corrupt("j", 20);
-            let err = open(&file, &store).await.err().expect("must refuse");
+            let err = open(&disk, &store).await.err().expect("must refuse");
             assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
             assert!(err.to_string().contains("byte 0"), "{err}");
         });
@@ -625,9 +890,9 @@ mod tests {
     fn a_corrupt_last_record_is_a_torn_tail_and_takes_its_batch() {
         let disk = MemDisk::new();
         block_on(async {
-            let (_, file, store) = committed(&disk).await;
+            let (_, _, store) = committed(&disk).await;
             disk.corrupt("j", disk.file_len("j").unwrap() - 2);
-            let (_, replayed) = open(&file, &store).await.unwrap();
+            let (_, replayed) = open(&disk, &store).await.unwrap();
             assert_eq!(replayed.records, records()[..2].to_vec());
         });
     }
@@ -637,9 +902,9 @@ mod tests {
         let disk = MemDisk::new();
         let storage = Storage::Memory(disk.clone());
         block_on(async {
-            let file = storage.open("j", true).unwrap();
+            storage.open("j", true).unwrap();
             let store = storage.open("s", true).unwrap();
-            let (journal, _) = open(&file, &store).await.unwrap();
+            let (journal, _) = open(&disk, &store).await.unwrap();
             let data = vec![0xabu8; SLOT as usize];
             let preserve = |slot| Record::Preserve {
                 chunk: slot,
@@ -652,16 +917,16 @@ mod tests {
             journal.commit(&[preserve(0)]).await.unwrap();
             // Slot 1's data never lands, but its record does.
             journal.commit(&[preserve(1)]).await.unwrap();
-            let (_, replayed) = open(&file, &store).await.unwrap();
+            let (_, replayed) = open(&disk, &store).await.unwrap();
             assert_eq!(replayed.records, vec![preserve(0)]);
             // Only the last batch is checked: earlier ones were flushed before it.
-            let (journal, _) = open(&file, &store).await.unwrap();
+            let (journal, _) = open(&disk, &store).await.unwrap();
             journal
                 .commit(&[Record::PartitionSnapshot { generation: 1 }])
                 .await
                 .unwrap();
             store.punch_hole(0, SLOT).await.unwrap();
-            let (_, replayed) = open(&file, &store).await.unwrap();
+            let (_, replayed) = open(&disk, &store).await.unwrap();
             assert_eq!(replayed.records.len(), 2);
         });
     }
@@ -695,10 +960,204 @@ mod tests {
             ]
         );
         assert_eq!(compacted.dropped_slots, vec![0]);
+        // The trigger's estimate of live bytes is exact.
+        assert_eq!(
+            encode_all(&compacted.records).len() as u64,
+            SNAPSHOT_LEN + PRESERVE_LEN + 2 * COMMIT_LEN
+        );
         let bytes = encode_all(&compact(&history, &[1, 2]).records);
         assert_eq!(
             decode(&bytes).map(|(r, seq, _)| (r, seq)),
             Some((history[0], 0))
         );
+    }
+
+    /// `count` partition snapshots of which only the last stays live: a
+    /// journal due for compaction.
+    async fn churned(journal: &Journal, count: u64) -> Vec<u64> {
+        for generation in 0..count {
+            journal
+                .commit(&[Record::PartitionSnapshot { generation }])
+                .await
+                .unwrap();
+        }
+        vec![count - 1]
+    }
+
+    fn zero_version(chunk: u64) -> Record {
+        Record::Preserve {
+            chunk,
+            slot: ZERO_SLOT,
+            start: 0,
+            end: 1,
+            data_crc: 0,
+        }
+    }
+
+    /// Records committed while a compaction reads the old file go into the
+    /// new one, and so do records queued while it holds commit leadership.
+    #[test]
+    fn compaction_under_concurrent_commits_loses_no_queued_record() {
+        use std::future::Future;
+        use std::sync::mpsc;
+        use std::task::{Context, Poll};
+        use std::thread::JoinHandle;
+
+        let disk = MemDisk::new();
+        let storage = Storage::Memory(disk.clone());
+        storage.open("j", true).unwrap();
+        let store = storage.open("s", true).unwrap();
+        let journal = Arc::new(block_on(open(&disk, &store)).unwrap().0);
+        let live = block_on(churned(&journal, 300));
+        let before = disk.file_len("j").unwrap();
+        let queued: Arc<Mutex<Vec<JoinHandle<Result<()>>>>> = Default::default();
+
+        // Commits from other threads, as partitions are written from many.
+        let commit_now = {
+            let journal = journal.clone();
+            move |record: Record| {
+                let journal = journal.clone();
+                let commit = move || block_on(journal.commit(&[record]));
+                std::thread::spawn(commit).join().unwrap().unwrap();
+            }
+        };
+        let commit_queued = {
+            let (journal, queued) = (journal.clone(), queued.clone());
+            move |record: Record| {
+                let journal = journal.clone();
+                let (polled, ready) = mpsc::channel();
+                let handle = std::thread::spawn(move || {
+                    let records = [record];
+                    let mut commit = Box::pin(journal.commit(&records));
+                    let waker = futures::task::noop_waker();
+                    let first = commit.as_mut().poll(&mut Context::from_waker(&waker));
+                    assert!(
+                        matches!(first, Poll::Pending),
+                        "a commit must wait while a compaction holds leadership"
+                    );
+                    polled.send(()).unwrap();
+                    block_on(commit)
+                });
+                ready.recv().unwrap();
+                queued.lock().unwrap().push(handle);
+            }
+        };
+        // The first read of the journal is the compaction reading the old
+        // file without leadership; the second, of what was committed
+        // meanwhile, runs with it.
+        let d = disk.clone();
+        disk.before_next_read("j", move || {
+            commit_now(zero_version(1));
+            d.before_next_read("j", move || {
+                commit_queued(zero_version(2));
+                commit_queued(zero_version(3));
+            });
+        });
+        block_on(journal.compact_if_grown(&live, 0)).unwrap();
+        for handle in std::mem::take(&mut *queued.lock().unwrap()) {
+            handle.join().unwrap().unwrap();
+        }
+        let after = disk.file_len("j").unwrap();
+        assert!(
+            after * 10 < before,
+            "not compacted: {before} -> {after} bytes"
+        );
+        block_on(journal.commit(&[zero_version(4)])).unwrap();
+        let (_, replayed) = block_on(open(&disk, &store)).unwrap();
+        let mut expected = vec![Record::PartitionSnapshot { generation: 299 }];
+        expected.extend((1..=4).map(zero_version));
+        assert_eq!(replayed.records, expected);
+    }
+
+    /// On real files the rename leaves the old handle on the unlinked file:
+    /// commits after a compaction must reach the new one. Below the trigger
+    /// the journal is left alone.
+    #[test]
+    fn compaction_on_real_files_reopens_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::Dir(dir.path().into());
+        let path = dir.path().join("j");
+        block_on(async {
+            storage.open("j", true).unwrap();
+            let store = storage.open("s", true).unwrap();
+            let open = || Journal::open(&storage, "j", store.clone(), SLOT, "j");
+            let (journal, _) = open().await.unwrap();
+            let live = churned(&journal, 40).await;
+            let small = std::fs::metadata(&path).unwrap().len();
+            assert!(small < SLACK, "{small} bytes");
+            journal.compact_if_grown(&live, 0).await.unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), small);
+
+            let live = churned(&journal, 300).await;
+            journal.compact_if_grown(&live, 0).await.unwrap();
+            journal.commit(&[zero_version(1)]).await.unwrap();
+            let expected = [
+                Record::PartitionSnapshot { generation: 299 },
+                zero_version(1),
+            ];
+            let (_, replayed) = open().await.unwrap();
+            assert_eq!(replayed.records, expected);
+            // Exactly the live records, their commit markers and one batch.
+            let len = std::fs::metadata(&path).unwrap().len();
+            assert_eq!(len, SNAPSHOT_LEN + PRESERVE_LEN + 3 * COMMIT_LEN);
+        });
+    }
+
+    /// At open a journal that outgrew its live records is rewritten to them
+    /// and the slots of the versions it drops are punched; one within the
+    /// bound is left alone.
+    #[test]
+    fn open_compacts_an_outgrown_journal_and_frees_dropped_slots() {
+        let disk = MemDisk::new();
+        let storage = Storage::Memory(disk.clone());
+        block_on(async {
+            storage.open("j", true).unwrap();
+            let store = storage.open("s", true).unwrap();
+            let data = vec![0xabu8; SLOT as usize];
+            let version = |chunk, end| Record::Preserve {
+                chunk,
+                slot: chunk,
+                start: 0,
+                end,
+                data_crc: slot_crc(&data),
+            };
+            let (journal, _) = open(&disk, &store).await.unwrap();
+            store.write_at(&data, 0, false).await.unwrap();
+            store.write_at(&data, SLOT, false).await.unwrap();
+            // Slot 0 serves only generation 0, slot 1 the live 299.
+            journal
+                .commit(&[version(0, 1), version(1, 300)])
+                .await
+                .unwrap();
+            let live = churned(&journal, 300).await;
+            drop(journal);
+            let before = disk.file_len("j").unwrap();
+            let open_compacted =
+                || Journal::open_compacted(&storage, "j", store.clone(), SLOT, "j", &live);
+            let (journal, replayed) = open_compacted().await.unwrap();
+            let mut expected = vec![
+                Record::PartitionSnapshot { generation: 299 },
+                version(1, 300),
+            ];
+            assert_eq!(replayed.records, expected);
+            let after = disk.file_len("j").unwrap();
+            assert!(
+                after * 10 < before,
+                "not compacted: {before} -> {after} bytes"
+            );
+            let mut slots = vec![0u8; 2 * SLOT as usize];
+            store.read_at(&mut slots, 0).await.unwrap();
+            assert!(
+                slots[..SLOT as usize].iter().all(|&b| b == 0),
+                "slot 0 kept"
+            );
+            assert_eq!(slots[SLOT as usize..], data[..]);
+            // A dead record within the bound survives the next open.
+            journal.commit(&[zero_version(5)]).await.unwrap();
+            drop(journal);
+            let (_, replayed) = open_compacted().await.unwrap();
+            expected.push(zero_version(5));
+            assert_eq!(replayed.records, expected);
+        });
     }
 }

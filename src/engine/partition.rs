@@ -42,7 +42,8 @@ struct State {
     unsettled: HashMap<u64, u64>,
     free_slots: Vec<u64>,
     next_slot: u64,
-    /// Generations of partition snapshots recorded in this journal.
+    /// Generations of partition snapshots recorded in this journal, less
+    /// those of snapshots deleted since the partition was opened.
     recorded_snapshots: Vec<u64>,
 }
 
@@ -348,7 +349,11 @@ impl Partition {
             live.get(i).is_some_and(|&g| g < v.end)
         };
         let freed: Vec<(u64, Version)> = {
-            let state = self.state.lock().unwrap();
+            let mut state = self.state.lock().unwrap();
+            // Memory stays bounded under any number of create/delete cycles.
+            state
+                .recorded_snapshots
+                .retain(|g| live.binary_search(g).is_ok());
             state
                 .chunks
                 .iter()
@@ -400,6 +405,18 @@ impl Partition {
         Ok(bytes)
     }
 
+    /// Rewrites the journal to what snapshots `live` read once dead records
+    /// dominate it. Only while no snapshot is being created or deleted (the
+    /// volume's admin lock): a partition snapshot recorded for a create not
+    /// yet committed is not in `live` and would be dropped.
+    pub async fn compact_journal(&self, live: &[u64]) -> Result<()> {
+        let versions = {
+            let state = self.state.lock().unwrap();
+            state.chunks.values().map(|c| c.versions.len()).sum()
+        };
+        self.journal.compact_if_grown(live, versions).await
+    }
+
     /// Preserved bytes held by exactly one live snapshot, per snapshot generation.
     pub fn exclusive_bytes(&self, live: &[u64], out: &mut HashMap<u64, u64>) {
         let state = self.state.lock().unwrap();
@@ -432,4 +449,32 @@ fn is_zero(data: &[u8]) -> bool {
     head.iter().all(|&b| b == 0)
         && words.iter().fold(0, |acc, &w| acc | w) == 0
         && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::MemDisk;
+    use crate::backend::Storage;
+    use crate::runtime::block_on;
+
+    /// Deleted snapshots leave nothing behind in memory, so a daemon's
+    /// memory does not grow with create/delete cycles.
+    #[test]
+    fn deleted_snapshots_are_forgotten() {
+        let storage = Storage::Memory(MemDisk::new());
+        block_on(async {
+            storage.open("j", true).unwrap();
+            let store = storage.open("s", true).unwrap();
+            let (journal, _) = Journal::open(&storage, "j", store.clone(), 4096, "j")
+                .await
+                .unwrap();
+            let partition = Partition::recover(0, 4096, journal, store, &[]);
+            for generation in 0..1000 {
+                partition.record_snapshot(generation).await.unwrap();
+                partition.collect_garbage(&[0]).await.unwrap();
+            }
+            assert_eq!(partition.recorded_snapshots(), vec![0]);
+        });
+    }
 }

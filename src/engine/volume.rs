@@ -3,7 +3,7 @@
 use super::error::{EngineError, Result};
 use super::gate::{Epoch, Gate, Ticket};
 use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
-use super::journal::{self, Journal};
+use super::journal::Journal;
 use super::manifest::{self, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
 use super::writeback::{Held, HeldOp, Holding, WriteBack, WriteBackConfig};
@@ -11,7 +11,7 @@ use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
 use crate::backend::{Backend, Extent, Storage};
 use crate::runtime::AlignedBuf;
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -128,9 +128,6 @@ impl Admitted<'_> {
         }
     }
 }
-
-/// Journal records beyond twice the live ones before a reopen compacts.
-const COMPACT_SLACK: usize = 1024;
 
 /// Chunks a write preserves at once: bounds the chunk buffers one request
 /// holds (a 4 GiB discard under a snapshot copies 16 chunks at a time).
@@ -262,35 +259,13 @@ impl Volume {
         let mut partitions = Vec::new();
         let live: Vec<u64> = manifest.snapshots.iter().map(|s| s.generation).collect();
         for p in 0..manifest.partitions {
-            let journal_file = storage.open(&manifest::journal_name(p), false)?;
+            let journal_name = manifest::journal_name(p);
             let store = storage.open_for_direct_writes(&manifest::store_name(p))?;
-            let label = format!("volume {name}: {}", manifest::journal_name(p));
-            let (mut journal, mut replayed) = Journal::open(
-                journal_file,
-                store.clone(),
-                manifest.chunk_size as u64,
-                &label,
-            )
-            .await?;
-            let compacted = journal::compact(&replayed.records, &live);
-            if replayed.records.len() > 2 * compacted.records.len() + COMPACT_SLACK {
-                // Replay time and journal size follow live state, not history.
-                drop(journal);
-                let bytes = journal::encode_all(&compacted.records);
-                storage.replace_file(&manifest::journal_name(p), &bytes)?;
-                let cs = manifest.chunk_size as u64;
-                for slot in compacted.dropped_slots {
-                    store.punch_hole(slot * cs, cs).await?;
-                }
-                let journal_file = storage.open(&manifest::journal_name(p), false)?;
-                (journal, replayed) = Journal::open(
-                    journal_file,
-                    store.clone(),
-                    manifest.chunk_size as u64,
-                    &label,
-                )
-                .await?;
-            }
+            let label = format!("volume {name}: {journal_name}");
+            let cs = manifest.chunk_size as u64;
+            let (journal, replayed) =
+                Journal::open_compacted(&storage, &journal_name, store.clone(), cs, &label, &live)
+                    .await?;
             partitions.push(Partition::recover(
                 p,
                 manifest.chunk_size,
@@ -615,7 +590,24 @@ impl Volume {
             .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
         *self.manifest.lock().unwrap() = manifest;
         self.forget_generation(generation).await;
+        self.compact_journals().await;
         Ok(())
+    }
+
+    /// Compacts the journals a delete left mostly dead. Under `admin`, so no
+    /// snapshot is half created; a failure leaves the old journal, to be
+    /// compacted at a later delete or at open.
+    async fn compact_journals(&self) {
+        let live = self.gate.epoch().live.to_vec();
+        // join_all, not try_join_all: a compaction holds its journal's commit
+        // leadership and must not be dropped halfway.
+        let results = join_all(self.partitions.iter().map(|p| p.compact_journal(&live))).await;
+        for (p, result) in self.partitions.iter().zip(results) {
+            if let Err(e) = result {
+                let journal = manifest::journal_name(p.index);
+                log::warn!("volume {}: compacting {journal} failed: {e}", self.name);
+            }
+        }
     }
 
     /// Makes everything durable; called on clean shutdown.
