@@ -6,11 +6,14 @@
 //!   with one source refuses every other), the last applied CP, whether it
 //!   was promoted;
 //! - `DEST.staging/t-<tid>`: one file per transfer (crc32c + payload),
-//!   fsynced (file and directory) before it is acknowledged; the file's
-//!   piece table is the transfer ID -> block location map, rebuilt from the
-//!   files at start (a file failing its check is dropped: it was never
-//!   acknowledged);
-//! - `DEST.staging/cp-<n>.rec`: a CP's block set, durable before it is applied.
+//!   acknowledged once written; the file's piece table is the transfer ID ->
+//!   block location map, rebuilt from the files at start (a file failing its
+//!   check is dropped: no durable CP record refers to it);
+//! - `DEST.staging/cp-<n>.rec`: a CP's block set, made durable together
+//!   with every transfer staged before it (one sync per CP, not per
+//!   transfer) before it is applied. References are trusted within one
+//!   session only, so a transfer lost in a crash before its CP record was
+//!   durable is never referred to: the source resyncs from its dirty map.
 //!
 //! Applying CP n writes every block of its set into the replica's live
 //! volume, flushes, takes snapshot `cp-n`, then records n as applied. Readers
@@ -75,6 +78,8 @@ pub struct Replica {
     apply: Mutex<()>,
     /// Transfer id -> its pieces (offsets into the staged payload).
     index: Mutex<BTreeMap<u64, Vec<Piece>>>,
+    /// Transfers staged since the last CP record, not yet synced.
+    unsynced: Mutex<Vec<fs::File>>,
     session: Mutex<Option<(String, TcpStream)>>,
     bytes_received: AtomicU64,
 }
@@ -105,13 +110,21 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Writes `crc32c(payload) | payload` to `path` and makes it durable.
-fn write_staged(path: &Path, payload: &[u8]) -> io::Result<()> {
+/// Writes `crc32c(payload) | payload` to `path`; returns the file, to make
+/// durable with [`sync_staged`].
+fn write_staged(path: &Path, payload: &[u8]) -> io::Result<fs::File> {
     let mut f = fs::File::create(path)?;
     f.write_all(&crc32c::crc32c(payload).to_le_bytes())?;
     f.write_all(payload)?;
-    f.sync_data()?;
-    fs::File::open(path.parent().expect("in a directory"))?.sync_all()
+    Ok(f)
+}
+
+/// Makes staged files and their names in `staging` durable.
+fn sync_staged(staging: &Path, files: &[fs::File]) -> io::Result<()> {
+    for f in files {
+        f.sync_data()?;
+    }
+    fs::File::open(staging)?.sync_all()
 }
 
 /// Reads a staged file back; `None` if it fails its check.
@@ -210,12 +223,23 @@ impl Replica {
         staged.max(self.record().keep_from_tid)
     }
 
-    /// Checks and stages a transfer durably; returns its id.
+    /// Checks and stages a transfer; returns its id. It is made durable
+    /// with the next CP record ([`Replica::stage_cp`]), the first thing that
+    /// can refer to it after a crash: one sync per CP, not per transfer.
     fn store_transfer(&self, payload: &[u8]) -> io::Result<u64> {
         let (tid, pieces) = wire::decode_transfer(payload, self.record().size)?;
-        write_staged(&transfer_file(&self.staging, tid), payload)?;
+        let f = write_staged(&transfer_file(&self.staging, tid), payload)?;
+        lock(&self.unsynced).push(f);
         lock(&self.index).insert(tid, pieces);
         Ok(tid)
+    }
+
+    /// Makes every staged transfer durable, then CP record `cp`: a crash
+    /// after this applies the CP again from staging.
+    fn stage_cp(&self, cp: u64, payload: &[u8]) -> io::Result<()> {
+        let mut files = std::mem::take(&mut *lock(&self.unsynced));
+        files.push(write_staged(&cp_file(&self.staging, cp), payload)?);
+        sync_staged(&self.staging, &files)
     }
 
     /// Checks that every entry of `cp` lies inside the volume and every
@@ -452,6 +476,7 @@ impl Receiver {
                 record: Mutex::new(record),
                 apply: Mutex::new(()),
                 index: Mutex::new(BTreeMap::new()),
+                unsynced: Mutex::new(Vec::new()),
                 session: Mutex::new(None),
                 bytes_received: AtomicU64::new(0),
             });
@@ -668,7 +693,7 @@ impl Receiver {
                     let applied = replica.record().last_applied_cp;
                     if applied.is_none_or(|a| cp.cp > a) {
                         replica.check_cp(&cp)?;
-                        write_staged(&cp_file(&replica.staging, cp.cp), &payload)?;
+                        replica.stage_cp(cp.cp, &payload)?;
                         let vol = self
                             .registry
                             .volume(name)
@@ -739,6 +764,7 @@ impl Receiver {
                     record: Mutex::new(record.clone()),
                     apply: Mutex::new(()),
                     index: Mutex::new(BTreeMap::new()),
+                    unsynced: Mutex::new(Vec::new()),
                     session: Mutex::new(None),
                     bytes_received: AtomicU64::new(0),
                 });

@@ -10,8 +10,9 @@
 //! Seed 003, as built:
 //! - every write to a source volume is appended, after it reached the
 //!   origin, to the link's log and shipped in transfers with increasing IDs;
-//!   the destination stages each transfer durably before acknowledging it and
-//!   keeps transfer ID -> piece locations;
+//!   the destination stages each transfer, keeps transfer ID -> piece
+//!   locations, and makes the staged transfers durable with the next CP's
+//!   record (the first thing that refers to them);
 //! - at each consistency point (CP: every `--cp-interval`, after a user's
 //!   `snapshot create` of the source, on `replicate cp`) the source takes the
 //!   internal snapshot `.repl-cp-N` and sends the CP's block set: a reference
