@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The chunk size of the tests' volumes.
 const BLOCK: u64 = 64 * 1024;
+/// The default replication block, and how many fit in a chunk.
+const SMALL: u64 = 4096;
+const PER_CHUNK: u64 = BLOCK / SMALL;
 
 struct Pair {
     _t: tempfile::TempDir,
@@ -121,7 +125,8 @@ fn same_image(a: &str, b: &str) -> bool {
     ok
 }
 
-/// Random writes through NBD: whole blocks, partial 4K pieces and zeroes.
+/// Random writes through NBD: whole chunks, 4K pieces, 1.5K pieces (partial
+/// at any block size) and zeroes.
 const WRITER: &str = r#"
 import nbd, random, sys, time
 uri, seed, n, block = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -134,9 +139,12 @@ for i in range(n):
     if op < 0.5:
         off = r.randrange(size // block) * block
         h.pwrite(r.randbytes(block), off)
-    elif op < 0.9:
+    elif op < 0.8:
         off = r.randrange(size // 4096) * 4096
         h.pwrite(r.randbytes(4096), off)
+    elif op < 0.9:
+        off = r.randrange(size // 512 - 3) * 512
+        h.pwrite(r.randbytes(1536), off)
     else:
         off = r.randrange(size // block) * block
         h.zero(block, off)
@@ -212,6 +220,135 @@ fn every_consistency_point_equals_the_source_image_at_that_point() {
         .all(|n| !n.starts_with('.')));
 }
 
+/// Writes random 64K blocks as fast as it can until the file `stop` exists,
+/// then says STOPPED; says EXHAUSTED if it reached `limit` writes first.
+const NONSTOP_WRITER: &str = r#"
+import nbd, os, random, sys
+uri, stop, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+r = random.Random(5)
+h = nbd.NBD()
+h.connect_uri(uri)
+size = h.get_size()
+data = [r.randbytes(65536) for _ in range(8)]
+n = 0
+while n % 16 or not os.path.exists(stop):
+    if n >= limit:
+        print("EXHAUSTED", n)
+        sys.exit(0)
+    h.pwrite(data[n % 8], r.randrange(size // 65536) * 65536)
+    n += 1
+h.flush()
+print("STOPPED", n)
+"#;
+
+#[test]
+fn consistency_points_keep_coming_under_a_writer_that_never_pauses() {
+    if skip_without("cp_on_time", &["qemu-img", "python3-nbd"]) {
+        return;
+    }
+    // A slow link (each transfer acknowledged after 50 ms or more, so at
+    // most 20 MiB/s) that the writer outpaces: the log never empties while
+    // it writes, and a sender that shipped whatever keeps arriving before
+    // taking a due CP would take none until the writer stops.
+    let p = pair(&[], &[("SNAPBLK_TEST_STAGE_DELAY_MS", "50")]);
+    p.src.ok(&["volume", "create", "v", "--size", "4M"]);
+    p.start("v", "r", &["--cp-interval", "200ms", "--max-log", "2M"]);
+    p.wait_state("v", "replicating");
+    let stop = p._t.path().join("stop-writer");
+    // 64 GiB: far more than a few CPs need (each moves at most 6 MiB: the
+    // 2 MiB log and the 4 MiB volume).
+    let limit: u64 = 1 << 20;
+    let mut writer = py_spawn(
+        NONSTOP_WRITER,
+        &[
+            p.src.uri("v"),
+            stop.to_str().unwrap().into(),
+            limit.to_string(),
+        ],
+        false,
+    );
+    let applied = || {
+        p.dst.json(&["replicate", "status", "r"])["links"][0]["last_cp"]
+            .as_u64()
+            .unwrap()
+    };
+    let first = applied();
+    let mut requested_cp = None;
+    loop {
+        assert!(
+            writer.try_wait().unwrap().is_none(),
+            "the writer ended ({} writes done or failed) before 4 CPs and a requested one \
+             were applied: CPs wait for the writer\n{}",
+            limit,
+            read_stderr(&mut writer)
+        );
+        let n = applied() - first;
+        if n >= 1 && requested_cp.is_none() {
+            // `replicate cp` returns while the writer still writes.
+            requested_cp = Some(p.cp("v"));
+            assert!(writer.try_wait().unwrap().is_none());
+        }
+        if n >= 4 && requested_cp.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(&stop, b"").unwrap();
+    let out = writer.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("STOPPED"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = p.status("v");
+    assert!(
+        s["log_overflows"].as_u64().unwrap() > 0,
+        "the writer never outpaced the link, so this proves nothing: {s}"
+    );
+    assert!(s["max_cp_delay_ms"].is_u64(), "{s}");
+    p.cp("v");
+    assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
+}
+
+#[test]
+fn with_4k_blocks_on_64k_chunks_only_the_written_4k_blocks_are_shipped() {
+    if skip_without("small_blocks", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let p = pair(&[], &[]);
+    p.src.ok(&["volume", "create", "v", "--size", "8M"]);
+    qemu_io_ok(&p.src.uri("v"), false, &["write -P 1 0 8M"]);
+    p.start("v", "r", &["--cp-interval", "1h", "--block-size", "4K"]);
+    p.cp("v");
+    let before = p.status("v");
+    assert_eq!(
+        (before["block_size"].as_u64(), before["chunk_size"].as_u64()),
+        (Some(SMALL), Some(BLOCK)),
+        "{before}"
+    );
+    // 4K writes into 16 different chunks, and one 1K write: a partial 4K
+    // block, read whole from the CP snapshot.
+    let mut cmds: Vec<String> = (0..16u64)
+        .map(|b| format!("write -P {} {} 4k", b + 2, b * 5 * BLOCK + 8192))
+        .collect();
+    cmds.push(format!("write -P 99 {} 1k", 100 * BLOCK + 512));
+    qemu_io_ok(&p.src.uri("v"), false, &cmds);
+    p.cp("v");
+    let after = p.status("v");
+    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(d("bytes_written"), 16 * SMALL + 1024);
+    assert_eq!(after["last_cp_ref_blocks"], 16, "{after}");
+    assert_eq!(after["last_cp_full_blocks"], 1, "{after}");
+    // 17 4K blocks and their headers, not 17 64K chunks.
+    let sent = d("bytes_sent");
+    assert!(
+        (17 * SMALL..18 * SMALL).contains(&sent),
+        "{sent} bytes sent for 17 written 4K blocks: {after}"
+    );
+    assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
+}
+
 fn write_blocks(uri: &str, blocks: impl IntoIterator<Item = u64>, pattern: u64) {
     let cmds: Vec<String> = blocks
         .into_iter()
@@ -229,7 +366,8 @@ fn whole_block_overwrites_ship_each_block_once_and_partial_writes_send_blocks_at
     }
     let p = pair(&[], &[]);
     p.src.ok(&["volume", "create", "v", "--size", "8M"]);
-    p.start("v", "r", &["--cp-interval", "1h"]);
+    // Blocks as large as the chunk: 4K writes are partial blocks.
+    p.start("v", "r", &["--cp-interval", "1h", "--block-size", "64K"]);
     p.cp("v");
     let before = p.status("v");
     // Each of the 128 blocks overwritten wholly, twice, with a CP after each round.
@@ -343,6 +481,7 @@ fn raw_source(addr: &str, key: &[u8], dest: &str) -> TcpStream {
         source_volume: "v".into(),
         dest_volume: dest.into(),
         size: 1 << 20,
+        chunk_size: BLOCK as u32,
         block_size: BLOCK as u32,
         keep_cps: 1,
     };
@@ -384,8 +523,10 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
     let cp = wire::CpCommit {
         cp: 0,
         keep_from_tid: 0,
+        block_size: BLOCK as u32,
         entries: vec![wire::CpEntry::Ref {
             block: 0,
+            count: 1,
             tid: 7,
             index: 0,
         }],
@@ -416,6 +557,31 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
     assert!(p.dst.log().contains("truncated"), "{}", p.dst.log());
     // No CP was ever applied: the replica has no readable image.
     assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
+    // A reference to more blocks than its piece holds.
+    let mut s = raw_source(&p.addr, key, "r");
+    wire::write_frame(&mut s, Kind::Transfer, &good).unwrap();
+    wire::expect(&mut s, Kind::TransferAck).unwrap();
+    let cp = wire::CpCommit {
+        cp: 0,
+        keep_from_tid: 0,
+        block_size: SMALL as u32,
+        entries: vec![wire::CpEntry::Ref {
+            block: 0,
+            count: PER_CHUNK + 1,
+            tid: 0,
+            index: 0,
+        }],
+    };
+    wire::write_frame(&mut s, Kind::CpCommit, &wire::encode_cp(&cp)).unwrap();
+    let (kind, msg) = wire::read_frame(&mut s).unwrap();
+    assert_eq!(kind, Kind::Error);
+    assert!(
+        String::from_utf8_lossy(&msg).contains("does not cover"),
+        "{msg:?}"
+    );
+    drop(s);
+    assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
+
     // A proper transfer and CP still work on the same replica.
     let mut s = raw_source(&p.addr, key, "r");
     wire::write_frame(&mut s, Kind::Transfer, &good).unwrap();
@@ -423,18 +589,21 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
         wire::parse_u64(&wire::expect(&mut s, Kind::TransferAck).unwrap()).unwrap(),
         0
     );
+    // 4K blocks: the first four from part of the 64K piece, zeros after.
     let cp = wire::CpCommit {
         cp: 0,
         keep_from_tid: 1,
+        block_size: SMALL as u32,
         entries: vec![
             wire::CpEntry::Ref {
                 block: 0,
+                count: 4,
                 tid: 0,
                 index: 0,
             },
             wire::CpEntry::Zero {
-                block: 1,
-                count: 15,
+                block: 4,
+                count: (1 << 20) / SMALL - 4,
             },
         ],
     };
@@ -446,7 +615,7 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
     qemu_io_ok(
         &p.dst.uri("r"),
         true,
-        &["read -P 5 0 64k", "read -P 0 64k 960k"],
+        &["read -P 5 0 16k", "read -P 0 16k 1008k"],
     );
 }
 
@@ -505,15 +674,16 @@ fn a_killed_source_and_a_cut_link_resync_only_the_changed_blocks() {
     p.cp("v");
     assert_eq!(p.status("v")["dirty_blocks"], 0);
 
-    // kill -9 of the source after writes to 5 blocks the destination lacks.
+    // kill -9 of the source after writes to 5 chunks the destination lacks
+    // (a 64K region of the dirty map is 16 4K blocks).
     write_blocks(&p.src.uri("v"), [2, 3, 50, 51, 127], 4);
-    assert_eq!(p.status("v")["dirty_blocks"], 5);
+    assert_eq!(p.status("v")["dirty_blocks"], 5 * PER_CHUNK);
     p.src.kill9_and_restart();
     p.wait_state("v", "replicating");
     p.cp("v");
     let s = p.status("v");
     assert_eq!(s["full_syncs"], 0, "no full copy after a restart: {s}");
-    assert_eq!(s["resync_blocks"], 5, "{s}");
+    assert_eq!(s["resync_blocks"], 5 * PER_CHUNK, "{s}");
     assert_eq!(s["dirty_blocks"], 0, "{s}");
     assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
 
@@ -527,14 +697,18 @@ fn a_killed_source_and_a_cut_link_resync_only_the_changed_blocks() {
     std::thread::sleep(Duration::from_millis(3500));
     write_blocks(&p.src.uri("v"), [0, 10, 20, 30, 40, 60, 80, 100, 120], 5);
     write_blocks(&p.src.uri("v"), [10, 20], 6);
-    assert_eq!(p.status("v")["dirty_blocks"], 9);
+    assert_eq!(p.status("v")["dirty_blocks"], 9 * PER_CHUNK);
     assert!(retries_logged() - before <= 2, "{}", p.src.log());
     p.dst.restart();
     p.wait_state("v", "replicating");
     p.cp("v");
     let s = p.status("v");
     assert_eq!(s["full_syncs"], 0, "{s}");
-    assert_eq!(s["resync_blocks"], 5 + 9, "only the changed blocks: {s}");
+    assert_eq!(
+        s["resync_blocks"],
+        (5 + 9) * PER_CHUNK,
+        "only the changed blocks: {s}"
+    );
     assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
 }
 
@@ -612,8 +786,8 @@ fn a_full_log_falls_back_to_sending_changed_blocks_at_the_cp() {
     p.cp("v");
     let s = p.status("v");
     assert_eq!(s["state"], "replicating", "{s}");
-    assert_eq!(s["last_cp_full_blocks"], 3, "{s}");
-    assert_eq!(s["resync_blocks"], 3, "{s}");
+    assert_eq!(s["last_cp_full_blocks"], 3 * PER_CHUNK, "{s}");
+    assert_eq!(s["resync_blocks"], 3 * PER_CHUNK, "{s}");
     assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
     assert_eq!(p.src.log().matches("the write log is full").count(), 1);
 }
@@ -712,6 +886,30 @@ fn replicate_requests_check_their_arguments() {
         (
             vec!["replicate", "start", "v", "--to", "127.0.0.1:1/r"],
             "replication key file",
+        ),
+        (
+            vec![
+                "replicate",
+                "start",
+                "v",
+                "--to",
+                "127.0.0.1:1/r",
+                "--block-size",
+                "128K",
+            ],
+            "power of two between 4096 and volume v's chunk size 65536",
+        ),
+        (
+            vec![
+                "replicate",
+                "start",
+                "v",
+                "--to",
+                "127.0.0.1:1/r",
+                "--block-size",
+                "6K",
+            ],
+            "power of two",
         ),
         (vec!["replicate", "stop", "v"], "not replicated"),
         (vec!["replicate", "cp", "v"], "not replicated"),

@@ -28,6 +28,9 @@ pub enum ReplicateCmd {
         /// Write log size before falling back to dirty-block resync [default: 64M]
         #[arg(long, value_name = "SIZE")]
         max_log: Option<String>,
+        /// The unit writes are tracked and shipped in, a power of two from 4K to the volume's chunk size [default: 4K]
+        #[arg(long, value_name = "SIZE")]
+        block_size: Option<String>,
     },
     /// Stop replicating a volume (the replica stays at its last consistency point)
     Stop { volume: String },
@@ -70,6 +73,7 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
             key_file,
             keep_cps,
             max_log,
+            block_size,
         } => {
             name_arg("volume", &volume)?;
             let cp_interval_ms = cp_interval
@@ -92,6 +96,7 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
                 })
                 .transpose()?;
             let max_log_bytes = max_log.map(|s| size_arg(&s)).transpose()?;
+            let block_size = block_size.map(|s| size_arg(&s)).transpose()?;
             let req = Request::ReplicateStart {
                 volume: volume.clone(),
                 to: to.clone(),
@@ -99,6 +104,7 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
                 key_file,
                 keep_cps,
                 max_log_bytes,
+                block_size,
             };
             reply(control, json, &req, |_| {
                 println!(

@@ -140,6 +140,10 @@ pub enum Request {
         /// Bytes of writes the log holds before falling back to the dirty map.
         #[serde(default)]
         max_log_bytes: Option<u64>,
+        /// The replication block (tracking and shipping unit); default
+        /// 4 KiB, at most the volume's chunk.
+        #[serde(default)]
+        block_size: Option<u64>,
     },
     #[serde(rename = "replicate.stop")]
     ReplicateStop { volume: String },

@@ -6,11 +6,14 @@
 //!   with one source refuses every other), the last applied CP, whether it
 //!   was promoted;
 //! - `DEST.staging/t-<tid>`: one file per transfer (crc32c + payload),
-//!   fsynced (file and directory) before it is acknowledged; the file's
-//!   piece table is the transfer ID -> block location map, rebuilt from the
-//!   files at start (a file failing its check is dropped: it was never
-//!   acknowledged);
-//! - `DEST.staging/cp-<n>.rec`: a CP's block set, durable before it is applied.
+//!   acknowledged once written; the file's piece table is the transfer ID ->
+//!   block location map, rebuilt from the files at start (a file failing its
+//!   check is dropped: no durable CP record refers to it);
+//! - `DEST.staging/cp-<n>.rec`: a CP's block set, made durable together
+//!   with every transfer staged before it (one sync per CP, not per
+//!   transfer) before it is applied. References are trusted within one
+//!   session only, so a transfer lost in a crash before its CP record was
+//!   durable is never referred to: the source resyncs from its dirty map.
 //!
 //! Applying CP n writes every block of its set into the replica's live
 //! volume, flushes, takes snapshot `cp-n`, then records n as applied. Readers
@@ -20,10 +23,12 @@
 //! it again from the start (each block is simply rewritten), before any
 //! export is served.
 //!
-//! Test hook: with `SNAPBLK_TEST_PAUSE_APPLY=N` in its environment the
-//! daemon stops halfway through applying CP N (it logs "pausing in the
-//! middle of applying") and waits there forever, so a test can kill it at
-//! that instant. Never set it outside tests.
+//! Test hooks (never set them outside tests): with
+//! `SNAPBLK_TEST_PAUSE_APPLY=N` in its environment the daemon stops halfway
+//! through applying CP N (it logs "pausing in the middle of applying") and
+//! waits there forever, so a test can kill it at that instant; with
+//! `SNAPBLK_TEST_STAGE_DELAY_MS=N` it waits N ms before acknowledging each
+//! transfer, a slow link that any writer outpaces.
 
 use super::wire::{self, CpEntry, Kind, Piece};
 use crate::control::registry::validate_name;
@@ -44,8 +49,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 const PAUSE_KNOB: &str = "SNAPBLK_TEST_PAUSE_APPLY";
-/// CP entries applied concurrently.
+const STAGE_DELAY_KNOB: &str = "SNAPBLK_TEST_STAGE_DELAY_MS";
+/// CP entries applied concurrently, and the bytes they may hold in memory.
 const APPLY_BATCH: usize = 128;
+const APPLY_BATCH_BYTES: u64 = 16 << 20;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReplicaRecord {
@@ -53,6 +60,7 @@ pub struct ReplicaRecord {
     pub source_id: String,
     pub source_volume: String,
     pub size: u64,
+    /// The block size of the current (or last) session; each CP carries its own.
     pub block_size: u32,
     pub keep_cps: u32,
     pub last_applied_cp: Option<u64>,
@@ -70,6 +78,8 @@ pub struct Replica {
     apply: Mutex<()>,
     /// Transfer id -> its pieces (offsets into the staged payload).
     index: Mutex<BTreeMap<u64, Vec<Piece>>>,
+    /// Transfers staged since the last CP record, not yet synced.
+    unsynced: Mutex<Vec<fs::File>>,
     session: Mutex<Option<(String, TcpStream)>>,
     bytes_received: AtomicU64,
 }
@@ -100,13 +110,21 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Writes `crc32c(payload) | payload` to `path` and makes it durable.
-fn write_staged(path: &Path, payload: &[u8]) -> io::Result<()> {
+/// Writes `crc32c(payload) | payload` to `path`; returns the file, to make
+/// durable with [`sync_staged`].
+fn write_staged(path: &Path, payload: &[u8]) -> io::Result<fs::File> {
     let mut f = fs::File::create(path)?;
     f.write_all(&crc32c::crc32c(payload).to_le_bytes())?;
     f.write_all(payload)?;
-    f.sync_data()?;
-    fs::File::open(path.parent().expect("in a directory"))?.sync_all()
+    Ok(f)
+}
+
+/// Makes staged files and their names in `staging` durable.
+fn sync_staged(staging: &Path, files: &[fs::File]) -> io::Result<()> {
+    for f in files {
+        f.sync_data()?;
+    }
+    fs::File::open(staging)?.sync_all()
 }
 
 /// Reads a staged file back; `None` if it fails its check.
@@ -128,6 +146,12 @@ fn transfer_file(staging: &Path, tid: u64) -> PathBuf {
 
 fn cp_file(staging: &Path, cp: u64) -> PathBuf {
     staging.join(format!("cp-{cp:016x}.rec"))
+}
+
+/// The bytes of blocks `block .. block + count` (the last block of the
+/// volume may be short).
+fn run_bytes(block: u64, count: u64, bs: u64, size: u64) -> (u64, u64) {
+    (block * bs, ((block + count) * bs).min(size))
 }
 
 /// The replica's snapshot holding CP `n`.
@@ -199,66 +223,87 @@ impl Replica {
         staged.max(self.record().keep_from_tid)
     }
 
-    /// Checks and stages a transfer durably; returns its id.
+    /// Checks and stages a transfer; returns its id. It is made durable
+    /// with the next CP record ([`Replica::stage_cp`]), the first thing that
+    /// can refer to it after a crash: one sync per CP, not per transfer.
     fn store_transfer(&self, payload: &[u8]) -> io::Result<u64> {
         let (tid, pieces) = wire::decode_transfer(payload, self.record().size)?;
-        write_staged(&transfer_file(&self.staging, tid), payload)?;
+        let f = write_staged(&transfer_file(&self.staging, tid), payload)?;
+        lock(&self.unsynced).push(f);
         lock(&self.index).insert(tid, pieces);
         Ok(tid)
     }
 
-    /// Checks that every reference of `cp` names a whole block this replica
-    /// holds in staging.
+    /// Makes every staged transfer durable, then CP record `cp`: a crash
+    /// after this applies the CP again from staging.
+    fn stage_cp(&self, cp: u64, payload: &[u8]) -> io::Result<()> {
+        let mut files = std::mem::take(&mut *lock(&self.unsynced));
+        files.push(write_staged(&cp_file(&self.staging, cp), payload)?);
+        sync_staged(&self.staging, &files)
+    }
+
+    /// Checks that every entry of `cp` lies inside the volume and every
+    /// reference names a staged piece that covers its blocks.
     fn check_cp(&self, cp: &wire::CpCommit) -> io::Result<()> {
-        let r = self.record();
-        let bs = r.block_size as u64;
-        let blocks = r.size.div_ceil(bs);
+        let size = self.record().size;
+        let bs = cp.block_size as u64;
+        let blocks = size.div_ceil(bs);
         let index = lock(&self.index);
         for e in &cp.entries {
-            match *e {
-                CpEntry::Ref {
-                    block,
-                    tid,
-                    index: i,
-                } => {
-                    let piece =
-                        index
-                            .get(&tid)
-                            .and_then(|p| p.get(i as usize))
-                            .ok_or_else(|| {
-                                invalid(format!(
-                                    "CP {}: block {block} refers to piece {i} of transfer {tid}, \
-                                 which this replica does not hold",
-                                    cp.cp
-                                ))
-                            })?;
-                    let want = bs.min(r.size.saturating_sub(block * bs));
-                    if block >= blocks || piece.offset != block * bs || piece.len as u64 != want {
-                        return Err(invalid(format!(
-                            "CP {}: piece {i} of transfer {tid} is not block {block}",
-                            cp.cp
-                        )));
-                    }
+            let (block, count) = match *e {
+                CpEntry::Ref { block, count, .. } | CpEntry::Zero { block, count } => {
+                    (block, count)
                 }
-                CpEntry::Zero { block, count } => {
-                    if block.checked_add(count).is_none_or(|e| e > blocks) {
-                        return Err(invalid(format!(
-                            "CP {}: zero run {block}+{count} is beyond the volume",
+            };
+            if block.checked_add(count).is_none_or(|e| e > blocks) {
+                return Err(invalid(format!(
+                    "CP {}: blocks {block}+{count} of {bs} bytes are beyond the volume",
+                    cp.cp
+                )));
+            }
+            if let CpEntry::Ref { tid, index: i, .. } = *e {
+                let piece = index
+                    .get(&tid)
+                    .and_then(|p| p.get(i as usize))
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "CP {}: block {block} refers to piece {i} of transfer {tid}, \
+                             which this replica does not hold",
                             cp.cp
-                        )));
-                    }
+                        ))
+                    })?;
+                let (start, end) = run_bytes(block, count, bs, size);
+                if start < piece.offset || end > piece.offset + piece.len as u64 {
+                    return Err(invalid(format!(
+                        "CP {}: piece {i} of transfer {tid} does not cover blocks {block}+{count}",
+                        cp.cp
+                    )));
                 }
             }
         }
         Ok(())
     }
 
-    fn read_piece(&self, tid: u64, i: u32) -> io::Result<(u64, Vec<u8>)> {
+    /// Reads the bytes of piece `i` of transfer `tid` that belong at
+    /// `start..end` of the volume; `files` keeps staged files open across
+    /// one apply.
+    fn read_piece(
+        &self,
+        files: &mut HashMap<u64, fs::File>,
+        tid: u64,
+        i: u32,
+        (start, end): (u64, u64),
+    ) -> io::Result<Vec<u8>> {
         let piece = lock(&self.index)[&tid][i as usize].clone();
-        let f = fs::File::open(transfer_file(&self.staging, tid))?;
-        let mut data = vec![0u8; piece.len as usize];
-        f.read_exact_at(&mut data, 4 + piece.at as u64)?;
-        Ok((piece.offset, data))
+        let f = match files.entry(tid) {
+            std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(fs::File::open(transfer_file(&self.staging, tid))?)
+            }
+        };
+        let mut data = vec![0u8; (end - start) as usize];
+        f.read_exact_at(&mut data, 4 + (piece.at as u64) + (start - piece.offset))?;
+        Ok(data)
     }
 
     /// Applies a staged CP to `volume` (see the module doc); idempotent.
@@ -268,8 +313,9 @@ impl Replica {
         if record.promoted {
             return Err(io::Error::other("the replica was promoted"));
         }
-        let bs = record.block_size as u64;
+        let bs = cp.block_size as u64;
         let view = volume.live();
+        let mut files = HashMap::new();
         let pause_at = std::env::var(PAUSE_KNOB)
             .ok()
             .and_then(|v| v.parse::<u64>().ok());
@@ -290,20 +336,35 @@ impl Replica {
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }
-            for batch in entries.chunks(APPLY_BATCH) {
+            let mut rest = entries;
+            while !rest.is_empty() {
                 let mut writes = Vec::new();
                 let mut zeroes = Vec::new();
-                for e in batch {
+                let mut bytes = 0;
+                let mut taken = 0;
+                for e in rest.iter().take(APPLY_BATCH) {
+                    if bytes >= APPLY_BATCH_BYTES {
+                        break;
+                    }
+                    taken += 1;
                     match *e {
-                        CpEntry::Ref { tid, index, .. } => {
-                            writes.push(self.read_piece(tid, index)?)
+                        CpEntry::Ref {
+                            block,
+                            count,
+                            tid,
+                            index,
+                        } => {
+                            let run = run_bytes(block, count, bs, record.size);
+                            bytes += run.1 - run.0;
+                            writes.push((run.0, self.read_piece(&mut files, tid, index, run)?));
                         }
                         CpEntry::Zero { block, count } => {
-                            let offset = block * bs;
-                            zeroes.push((offset, (count * bs).min(record.size - offset)));
+                            let (start, end) = run_bytes(block, count, bs, record.size);
+                            zeroes.push((start, end - start));
                         }
                     }
                 }
+                rest = &rest[taken..];
                 block_on(async {
                     try_join_all(writes.iter().map(|(o, d)| view.write(*o, d, false))).await?;
                     try_join_all(zeroes.iter().map(|&(o, l)| view.write_zeroes(o, l, false))).await
@@ -311,6 +372,7 @@ impl Replica {
                 .map_err(engine)?;
             }
         }
+        drop(files);
         block_on(view.flush()).map_err(engine)?;
         let name = cp_snapshot(cp.cp);
         if !volume.list_snapshots().iter().any(|s| s.name == name) {
@@ -370,6 +432,7 @@ impl Replica {
             "last_cp_unix_ms": r.last_applied_cp.map(|_| r.applied_unix_ms),
             "lag_seconds": r.last_applied_cp.map(|_| crate::engine::now_unix_ms().saturating_sub(r.applied_unix_ms) as f64 / 1000.0),
             "keep_cps": r.keep_cps,
+            "block_size": r.block_size,
             "staged_transfers": lock(&self.index).len(),
             "bytes_received": self.bytes_received.load(Ordering::Relaxed),
         })
@@ -413,6 +476,7 @@ impl Receiver {
                 record: Mutex::new(record),
                 apply: Mutex::new(()),
                 index: Mutex::new(BTreeMap::new()),
+                unsynced: Mutex::new(Vec::new()),
                 session: Mutex::new(None),
                 bytes_received: AtomicU64::new(0),
             });
@@ -591,6 +655,9 @@ impl Receiver {
         };
         wire::write_frame(stream, Kind::Opened, &wire::to_json(&opened))?;
         stream.set_read_timeout(None)?;
+        let stage_delay = std::env::var(STAGE_DELAY_KNOB)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
         log::info!(
             "replica {name}: receiving from {} of {} at {peer} (last applied CP {:?})",
             record.source_volume,
@@ -616,6 +683,9 @@ impl Receiver {
             match kind {
                 Kind::Transfer => {
                     let tid = replica.store_transfer(&payload)?;
+                    if let Some(ms) = stage_delay {
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
                     wire::write_frame(stream, Kind::TransferAck, &wire::u64_payload(tid))?;
                 }
                 Kind::CpCommit => {
@@ -623,7 +693,7 @@ impl Receiver {
                     let applied = replica.record().last_applied_cp;
                     if applied.is_none_or(|a| cp.cp > a) {
                         replica.check_cp(&cp)?;
-                        write_staged(&cp_file(&replica.staging, cp.cp), &payload)?;
+                        replica.stage_cp(cp.cp, &payload)?;
                         let vol = self
                             .registry
                             .volume(name)
@@ -660,10 +730,11 @@ impl Receiver {
                          replication; pick another destination volume"
                     ));
                 }
-                if rec.size != open.size || rec.block_size != open.block_size {
+                if rec.size != open.size {
                     return Err(format!(
-                        "volume {name} has size {} and block size {}, the source {} and {}",
-                        rec.size, rec.block_size, open.size, open.block_size
+                        "volume {name} has {} bytes, the source {}; pick another destination \
+                         volume",
+                        rec.size, open.size
                     ));
                 }
                 r.clone()
@@ -693,6 +764,7 @@ impl Receiver {
                     record: Mutex::new(record.clone()),
                     apply: Mutex::new(()),
                     index: Mutex::new(BTreeMap::new()),
+                    unsynced: Mutex::new(Vec::new()),
                     session: Mutex::new(None),
                     bytes_received: AtomicU64::new(0),
                 });
@@ -710,7 +782,7 @@ impl Receiver {
                 replica.save(rec).map_err(|e| e.to_string())?;
             }
             self.registry
-                .create_volume(name, open.size, Some(open.block_size), None, None)
+                .create_volume(name, open.size, Some(open.chunk_size), None, None)
                 .map_err(|e| format!("cannot create volume {name}: {}", e.message))?;
             log::info!(
                 "replica {name}: created for {} of {}",
@@ -728,8 +800,9 @@ impl Receiver {
             *session = Some((peer.to_string(), cut));
         }
         let mut rec = replica.record();
-        if rec.keep_cps != open.keep_cps {
+        if rec.keep_cps != open.keep_cps || rec.block_size != open.block_size {
             rec.keep_cps = open.keep_cps;
+            rec.block_size = open.block_size;
             replica.save(rec).map_err(|e| e.to_string())?;
         }
         Ok(replica)

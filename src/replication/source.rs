@@ -1,13 +1,28 @@
 //! The source end of a replication link: the write hook, the bounded write
 //! log, the persistent dirty map and the sender thread.
 //!
-//! Per block (the volume's chunk size) the link knows, for the epoch since
-//! the last consistency point (CP), what the destination can rebuild it
-//! from: `Logged(seq)` (last written wholly by log entry `seq`, not shipped
-//! yet), `Shipped(tid, index)` (last written wholly by a piece the
+//! Per replication block (a setting of the link, at most the volume's
+//! chunk: `replicate start --block-size`) the link knows, for the epoch
+//! since the last consistency point (CP), what the destination can rebuild
+//! it from: `Logged(seq)` (last written wholly by log entry `seq`, not
+//! shipped yet), `Shipped(tid, index)` (last written wholly by a piece the
 //! destination has stored durably) or `Partial` (anything else: partial
-//! writes, zeroes, a dropped log, a restart). At a CP, shipped blocks become
-//! references and the others are read whole from the CP's snapshot.
+//! writes, zeroes, a write the full log could not take, a broken link, a
+//! restart). At a CP, shipped blocks become references and the others are
+//! read whole from the CP's snapshot. A block smaller than the chunk makes
+//! a 4k write a whole block: logged, shipped once and referenced, instead of
+//! a chunk read and shipped whole at every CP. Memory: one map entry (about
+//! 40 bytes) per block written since the last CP.
+//!
+//! Consistency points on time: the sender ships the log one transfer (at
+//! most [`TRANSFER_BYTES`]) at a time and checks between transfers whether
+//! a CP fell due (interval, `replicate cp`, a user's snapshot). A due CP's
+//! snapshot is therefore taken after at most the transfer in flight when
+//! it fell due; the CP then ships only the log up to that snapshot (at most
+//! `--max-log` bytes, as the log is bounded), sends its other changed
+//! blocks whole, and writes logged after the snapshot wait for the next
+//! transfer. A writer that outpaces the link can delay the next CP only by
+//! what the CP itself must carry, never by what keeps arriving.
 //!
 //! Ordering: `before_write` takes a block-granular range lock, so writes to
 //! the same block reach the origin and `after_write` in one order and a
@@ -15,7 +30,11 @@
 //! writes wait at in `before_write`, waits until no hooked write is between
 //! `before_write` and the end of `after_write`, takes the internal snapshot
 //! `.repl-cp-N`, and splits the epoch: every write before the snapshot is in
-//! the CP's block set, every later one in the next.
+//! the CP's block set, every later one in the next. Right after the
+//! snapshot the CP knows which of its blocks it will read whole (the log up
+//! to the snapshot is always shipped, never dropped): every chunk holding
+//! none of them is released from the snapshot at once, so writes after the
+//! CP do not preserve chunks the CP never reads.
 
 use super::dirty::DirtyMap;
 use super::wire::{self, CpCommit, CpEntry, Kind};
@@ -39,9 +58,12 @@ const TRANSFER_BYTES: usize = 1 << 20;
 const RETRY: Duration = Duration::from_secs(1);
 /// The dirty map's granularity (at least one block): one bit per 64 KiB, as
 /// md's write-intent bitmap chunk. Finer would cost an fsync for nearly every
-/// small random write to a volume with small blocks; coarser would resend
-/// more after a restart or a broken link.
+/// small random write with small blocks; coarser would resend more after a
+/// restart or a broken link.
 const DIRTY_REGION: u64 = 64 * 1024;
+/// The smallest replication block: finer would cost a map entry per 512
+/// bytes written for writes that are rarely that small.
+pub const MIN_BLOCK: u64 = 4096;
 /// How often an idle sender checks that the destination is still there.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
@@ -56,6 +78,10 @@ pub struct LinkRecord {
     pub key_file: PathBuf,
     pub keep_cps: u32,
     pub max_log_bytes: u64,
+    /// The replication block; `None` in records from before it was a
+    /// setting, which replicate whole chunks.
+    #[serde(default)]
+    pub block_size: Option<u64>,
     /// The last CP the destination acknowledged, and when it was taken.
     #[serde(default)]
     pub last_acked_cp: Option<u64>,
@@ -71,7 +97,8 @@ enum BlockState {
 }
 
 /// A logged write, trimmed to the whole blocks it covers (a partial block
-/// can never be referenced, so it is sent whole at the CP instead).
+/// can never be referenced, so it is sent whole at the CP instead); it
+/// ships as one piece.
 struct Entry {
     seq: u64,
     offset: u64,
@@ -100,6 +127,12 @@ struct Stats {
     last_cp_ref_blocks: u64,
     last_cp_full_blocks: u64,
     last_cp_zero_blocks: u64,
+    /// From the moment a CP fell due (interval, request, user snapshot)
+    /// until the destination acknowledged applying it.
+    last_cp_delay_ms: u64,
+    /// The largest such delay among CPs taken while replicating (a session's
+    /// first CP, a full copy or a resync, is bounded by the volume instead).
+    max_cp_delay_ms: u64,
 }
 
 /// The CP being sent: its snapshot, where its writes end, its block set.
@@ -110,6 +143,8 @@ struct CpInFlight {
     written: u64,
     unix_ms: u64,
     requested: u64,
+    /// When it fell due.
+    due: Instant,
 }
 
 struct Shared {
@@ -131,6 +166,8 @@ struct Shared {
     stop: bool,
     cp_requests: u64,
     cp_acked_requests: u64,
+    /// When the oldest request not covered by a CP snapshot arrived.
+    cp_requested_at: Option<Instant>,
     record: LinkRecord,
     written_at_last_cp: u64,
     stats: Stats,
@@ -140,6 +177,7 @@ struct Shared {
 pub struct Link {
     volume: Arc<Volume>,
     block_size: u64,
+    chunk_size: u64,
     blocks: u64,
     /// Blocks per bit of the dirty map.
     region_blocks: u64,
@@ -250,43 +288,35 @@ impl WriteHook for Tap {
         s.stats.bytes_written += change.len();
         let seq = s.next_seq;
         s.next_seq += 1;
+        // Zeroes, partial blocks and unlogged writes leave their blocks
+        // Partial (set in before_write): read whole at the CP.
         let Change::Data(data) = change else {
-            return; // zeroes: the blocks stay Partial and are read at the CP
+            return;
         };
         let start = offset.div_ceil(bs) * bs;
         let end = ((offset + data.len() as u64) / bs) * bs;
-        if start >= end {
-            return;
-        }
-        for b in start / bs..end / bs {
-            s.epoch.insert(b, BlockState::Logged(seq));
-        }
-        if !s.connected {
-            for b in start / bs..end / bs {
-                s.epoch.insert(b, BlockState::Partial);
-            }
+        if start >= end || !s.connected {
             return;
         }
         let len = end - start;
         if s.log_bytes + len > s.record.max_log_bytes {
-            // Full: drop the log; the dirty map and the CP cover its blocks.
-            s.drop_log();
+            // Full: this write is not logged. What is logged still ships
+            // (it is on its way, and the CP in flight needs what precedes
+            // its snapshot); the CP sends this write's blocks whole.
             s.stats.log_overflows += 1;
             if !s.overflowed {
                 log::warn!(
-                    "replication of {}: the write log is full ({} bytes); falling back to \
-                     sending changed blocks whole at the next consistency point",
+                    "replication of {}: the write log is full ({} bytes); sending the blocks \
+                     of writes it cannot take whole at the next consistency point",
                     link.volume.name(),
                     s.record.max_log_bytes
                 );
             }
             s.overflowed = true;
-            if len > s.record.max_log_bytes {
-                for b in start / bs..end / bs {
-                    s.epoch.insert(b, BlockState::Partial);
-                }
-                return;
-            }
+            return;
+        }
+        for b in start / bs..end / bs {
+            s.epoch.insert(b, BlockState::Logged(seq));
         }
         let at = (start - offset) as usize;
         s.log.push_back(Entry {
@@ -301,19 +331,12 @@ impl WriteHook for Tap {
 }
 
 impl Shared {
-    /// Forgets the log: every block it would have made shippable is Partial.
+    /// Forgets the log (the link broke): every block it would have made
+    /// shippable is Partial.
     fn drop_log(&mut self) {
-        let dropped: Vec<u64> = self.log.iter().map(|e| e.seq).collect();
-        let boundary = self.cp.as_ref().map_or(0, |c| c.boundary);
-        for seq in dropped {
-            let map = match &mut self.cp {
-                Some(cp) if seq < boundary => &mut cp.map,
-                _ => &mut self.epoch,
-            };
-            for st in map.values_mut() {
-                if *st == BlockState::Logged(seq) {
-                    *st = BlockState::Partial;
-                }
+        for st in self.epoch.values_mut() {
+            if matches!(st, BlockState::Logged(_)) {
+                *st = BlockState::Partial;
             }
         }
         self.log.clear();
@@ -403,7 +426,8 @@ impl Link {
         dir: &Path,
         source_id: &str,
     ) -> io::Result<(Arc<Link>, Arc<dyn WriteHook>)> {
-        let block_size = volume.chunk_size() as u64;
+        let chunk_size = volume.chunk_size() as u64;
+        let block_size = record.block_size.unwrap_or(chunk_size);
         let blocks = volume.size().div_ceil(block_size);
         let dirty_path = dir.join(format!("{}.dirty", record.volume));
         if !dirty_path.exists() && record.last_acked_cp.is_some() {
@@ -422,6 +446,7 @@ impl Link {
             .collect();
         let link = Arc::new(Link {
             block_size,
+            chunk_size,
             blocks,
             region_blocks,
             dirty,
@@ -443,6 +468,7 @@ impl Link {
                 stop: false,
                 cp_requests: 0,
                 cp_acked_requests: 0,
+                cp_requested_at: None,
                 record,
                 written_at_last_cp: 0,
                 stats: Stats::default(),
@@ -539,6 +565,7 @@ impl Link {
     pub fn request_cp(&self) -> u64 {
         let mut s = self.lock();
         s.cp_requests += 1;
+        s.cp_requested_at.get_or_insert_with(Instant::now);
         let ticket = s.cp_requests;
         drop(s);
         self.cond.notify_all();
@@ -589,6 +616,7 @@ impl Link {
             "lag_seconds": r.last_acked_cp.map(|_| now.saturating_sub(r.last_acked_unix_ms) as f64 / 1000.0),
             "dirty_blocks": self.dirty_blocks().len(),
             "block_size": self.block_size,
+            "chunk_size": self.chunk_size,
             "log_bytes": s.log_bytes,
             "max_log_bytes": r.max_log_bytes,
         });
@@ -699,6 +727,7 @@ impl Link {
                 source_volume: s.record.volume.clone(),
                 dest_volume: s.record.dest_volume.clone(),
                 size: self.volume.size(),
+                chunk_size: self.chunk_size as u32,
                 block_size: self.block_size as u32,
                 keep_cps: s.record.keep_cps,
             }
@@ -744,12 +773,13 @@ impl Link {
                 format!("resync of {} changed block(s)", self.dirty_blocks().len())
             }
         );
-        self.consistency_point(&mut conn, next_cp, &mut next_tid, full)?;
+        self.consistency_point(&mut conn, next_cp, &mut next_tid, full, Instant::now())?;
         next_cp += 1;
         let interval = Duration::from_millis(self.lock().record.cp_interval_ms.max(1));
         let mut due = Instant::now() + interval;
         loop {
-            let take_cp = {
+            // `Some(when it fell due)`: take a CP now; `None`: ship one transfer.
+            let cp_due = {
                 let mut s = self.lock();
                 loop {
                     if s.stop {
@@ -757,17 +787,22 @@ impl Link {
                     }
                     let now = Instant::now();
                     if s.cp_requests > s.cp_acked_requests {
-                        break true;
+                        let requested = s.cp_requested_at.unwrap_or(now);
+                        break Some(if now >= due {
+                            requested.min(due)
+                        } else {
+                            requested
+                        });
                     }
                     if now >= due {
                         if s.epoch.is_empty() && s.log.is_empty() {
                             due = now + interval;
                         } else {
-                            break true;
+                            break Some(due);
                         }
                     }
                     if !s.log.is_empty() {
-                        break false;
+                        break None;
                     }
                     let nap = due.saturating_duration_since(now).min(IDLE_CHECK);
                     s = self
@@ -782,57 +817,61 @@ impl Link {
                     }
                 }
             };
-            self.ship_log(&mut conn, u64::MAX, &mut next_tid)?;
-            if take_cp {
-                self.consistency_point(&mut conn, next_cp, &mut next_tid, false)?;
-                next_cp += 1;
-                due = Instant::now() + interval;
+            match cp_due {
+                None => {
+                    self.ship_transfer(&mut conn, u64::MAX, &mut next_tid)?;
+                }
+                Some(fell_due) => {
+                    self.consistency_point(&mut conn, next_cp, &mut next_tid, false, fell_due)?;
+                    next_cp += 1;
+                    due = Instant::now() + interval;
+                }
             }
         }
     }
 
-    /// Ships logged writes with sequence numbers below `limit`, in transfers.
-    fn ship_log(&self, conn: &mut Conn, limit: u64, next_tid: &mut u64) -> SessionResult {
-        loop {
-            let batch: Vec<Entry> = {
-                let mut s = self.lock();
-                let mut batch = Vec::new();
-                let mut bytes = 0;
-                while let Some(e) = s.log.front() {
-                    if e.seq >= limit || (bytes > 0 && bytes + e.data.len() > TRANSFER_BYTES) {
-                        break;
-                    }
-                    bytes += e.data.len();
-                    s.log_bytes -= e.data.len() as u64;
-                    batch.push(s.log.pop_front().expect("front exists"));
-                }
-                batch
-            };
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let bs = self.block_size as usize;
-            let mut pieces = Vec::new();
-            let mut owners = Vec::new();
-            for e in &batch {
-                for (k, data) in e.data.chunks(bs).enumerate() {
-                    let offset = e.offset + (k * bs) as u64;
-                    pieces.push((offset, data));
-                    owners.push((e.seq, offset / self.block_size));
-                }
-            }
-            let tid = *next_tid;
-            *next_tid += 1;
-            conn.transfer(tid, &pieces).map_err(|e| e.to_string())?;
+    /// Ships one transfer of logged writes with sequence numbers below
+    /// `limit` (up to [`TRANSFER_BYTES`], or one larger write); false if
+    /// there was none.
+    fn ship_transfer(
+        &self,
+        conn: &mut Conn,
+        limit: u64,
+        next_tid: &mut u64,
+    ) -> Result<bool, String> {
+        let batch: Vec<Entry> = {
             let mut s = self.lock();
-            let boundary = s.cp.as_ref().map_or(0, |c| c.boundary);
-            for (index, (seq, block)) in owners.into_iter().enumerate() {
-                let map = match &mut s.cp {
-                    Some(cp) if seq < boundary => &mut cp.map,
-                    _ => &mut s.epoch,
-                };
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(e) = s.log.front() {
+                if e.seq >= limit || (bytes > 0 && bytes + e.data.len() > TRANSFER_BYTES) {
+                    break;
+                }
+                bytes += e.data.len();
+                s.log_bytes -= e.data.len() as u64;
+                batch.push(s.log.pop_front().expect("front exists"));
+            }
+            batch
+        };
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        let pieces: Vec<(u64, &[u8])> = batch.iter().map(|e| (e.offset, &e.data[..])).collect();
+        let tid = *next_tid;
+        *next_tid += 1;
+        conn.transfer(tid, &pieces).map_err(|e| e.to_string())?;
+        let bs = self.block_size;
+        let mut s = self.lock();
+        let boundary = s.cp.as_ref().map_or(0, |c| c.boundary);
+        for (index, e) in batch.iter().enumerate() {
+            let map = match &mut s.cp {
+                Some(cp) if e.seq < boundary => &mut cp.map,
+                _ => &mut s.epoch,
+            };
+            let first = e.offset / bs;
+            for block in first..first + e.data.len() as u64 / bs {
                 if let Some(st) = map.get_mut(&block) {
-                    if *st == BlockState::Logged(seq) {
+                    if *st == BlockState::Logged(e.seq) {
                         *st = BlockState::Shipped {
                             tid,
                             index: index as u32,
@@ -841,11 +880,12 @@ impl Link {
                 }
             }
         }
+        Ok(true)
     }
 
     /// Takes snapshot `.repl-cp-N` with no hooked write in flight and starts
-    /// a new epoch.
-    fn take_cp_snapshot(&self, number: u64) -> SessionResult {
+    /// a new epoch; `due` is when the CP fell due.
+    fn take_cp_snapshot(&self, number: u64, due: Instant) -> SessionResult {
         let name = cp_snapshot_name(number);
         // Most dirty data goes out before writes wait at the barrier.
         block_on(self.volume.live().flush()).map_err(|e| e.to_string())?;
@@ -867,7 +907,9 @@ impl Link {
                 written: s.stats.bytes_written,
                 unix_ms: crate::engine::now_unix_ms(),
                 requested: s.cp_requests,
+                due,
             });
+            s.cp_requested_at = None;
         }
         let waiters = std::mem::take(&mut s.waiters);
         drop(s);
@@ -877,47 +919,79 @@ impl Link {
             .map_err(|e| format!("cannot take snapshot {name}: {e}"))
     }
 
-    /// One consistency point: snapshot, ship the log up to it, send the
-    /// blocks not already shipped whole, commit, wait for the destination to
-    /// apply it, then forget what it covered.
+    /// One consistency point: snapshot, release the chunks it will not read,
+    /// ship the log up to it, send the blocks not shipped whole, commit, wait
+    /// for the destination to apply it, then forget what it covered.
     fn consistency_point(
         &self,
         conn: &mut Conn,
         number: u64,
         next_tid: &mut u64,
         full: bool,
+        due: Instant,
     ) -> SessionResult {
-        self.take_cp_snapshot(number)?;
+        self.take_cp_snapshot(number, due)?;
         let name = cp_snapshot_name(number);
-        let boundary = self.lock().cp.as_ref().expect("taken").boundary;
-        self.ship_log(conn, boundary, next_tid)?;
-        let (mut entries, mut whole): (Vec<CpEntry>, Vec<u64>) = {
+        // The log up to the snapshot ships before the commit (it is never
+        // dropped while the session lasts), so the blocks read whole are
+        // known now: the Partial ones, or on a full copy all but the logged.
+        let (boundary, whole) = {
             let s = self.lock();
-            let map = &s.cp.as_ref().expect("taken").map;
-            let mut refs = Vec::new();
-            let mut whole = Vec::new();
-            let mut consider = |b: u64, st: Option<&BlockState>| match st {
-                Some(&BlockState::Shipped { tid, index }) => refs.push(CpEntry::Ref {
-                    block: b,
-                    tid,
-                    index,
-                }),
-                _ => whole.push(b),
-            };
-            if full {
-                (0..self.blocks).for_each(|b| consider(b, map.get(&b)));
+            let cp = s.cp.as_ref().expect("taken");
+            let mut picked: Vec<u64> = cp
+                .map
+                .iter()
+                .filter(|(_, st)| (**st == BlockState::Partial) != full)
+                .map(|(&b, _)| b)
+                .collect();
+            picked.sort_unstable();
+            let runs = to_runs(&picked);
+            let whole = if full {
+                complement(&runs, self.blocks)
             } else {
-                map.iter().for_each(|(&b, st)| consider(b, Some(st)));
-            }
-            (refs, whole)
+                runs
+            };
+            (cp.boundary, whole)
         };
-        let refs = entries.len() as u64;
-        whole.sort_unstable();
-        let (sent_whole, zero) =
-            self.send_whole_blocks(conn, &name, &whole, full, next_tid, &mut entries)?;
+        let err = |e: EngineError| e.to_string();
+        let view = self.volume.snapshot_view(&name).map_err(err)?;
+        // Chunks released stop being preserved for this snapshot (unless a
+        // test keeps it to compare).
+        let consumer = if keep_cp_snapshots() {
+            None
+        } else {
+            Some(block_on(self.volume.consume_snapshot(&name)).map_err(err)?)
+        };
+        let mut release = Release {
+            consumer,
+            block_size: self.block_size,
+            chunk_size: self.chunk_size,
+            next: 0,
+        };
+        release.all_but(&whole, self.blocks);
+        while self.ship_transfer(conn, boundary, next_tid)? {}
+        let mut entries = self.references(number)?;
+        let refs = entries
+            .iter()
+            .map(|e| match e {
+                CpEntry::Ref { count, .. } => *count,
+                CpEntry::Zero { .. } => 0,
+            })
+            .sum();
+        let (sent_whole, zero) = self.send_whole_blocks(
+            conn,
+            &view,
+            &mut release,
+            &whole,
+            full,
+            next_tid,
+            &mut entries,
+        )?;
+        release.rest(self.blocks);
         let commit = CpCommit {
             cp: number,
             keep_from_tid: *next_tid,
+            block_size: self.block_size as u32,
             entries,
         };
         conn.send(Kind::CpCommit, &wire::encode_cp(&commit))
@@ -941,42 +1015,67 @@ impl Link {
         Ok(())
     }
 
-    /// Reads `blocks` from the CP snapshot and ships the non-zero ones in
-    /// transfers, adding an entry per block to `entries`. Returns how many
-    /// blocks were sent whole and how many were zero.
+    /// The in-flight CP's shipped blocks as references, runs of blocks of
+    /// one piece in one entry.
+    fn references(&self, number: u64) -> Result<Vec<CpEntry>, String> {
+        let s = self.lock();
+        let map = &s.cp.as_ref().expect("taken").map;
+        let mut shipped = Vec::new();
+        for (&block, st) in map {
+            match *st {
+                BlockState::Shipped { tid, index } => shipped.push((block, tid, index)),
+                BlockState::Logged(seq) => {
+                    return Err(format!(
+                        "consistency point {number}: block {block}, logged by write {seq} before \
+                         its snapshot, was not shipped; resyncing"
+                    ))
+                }
+                BlockState::Partial => {}
+            }
+        }
+        shipped.sort_unstable();
+        let mut entries: Vec<CpEntry> = Vec::new();
+        for (b, t, i) in shipped {
+            if let Some(CpEntry::Ref {
+                block,
+                count,
+                tid,
+                index,
+            }) = entries.last_mut()
+            {
+                if *block + *count == b && *tid == t && *index == i {
+                    *count += 1;
+                    continue;
+                }
+            }
+            entries.push(CpEntry::Ref {
+                block: b,
+                count: 1,
+                tid: t,
+                index: i,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Reads the block runs `whole` from the CP snapshot and ships their
+    /// non-zero blocks in transfers, adding entries for them (a run of
+    /// adjacent non-zero blocks is one piece and one entry) and for the zero
+    /// ones. Each chunk is released once its blocks are read. Returns how
+    /// many blocks were sent whole and how many were zero.
+    #[allow(clippy::too_many_arguments)]
     fn send_whole_blocks(
         &self,
         conn: &mut Conn,
-        snapshot: &str,
-        blocks: &[u64],
+        view: &crate::engine::View,
+        release: &mut Release,
+        whole: &[(u64, u64)],
         full: bool,
         next_tid: &mut u64,
         entries: &mut Vec<CpEntry>,
     ) -> Result<(u64, u64), String> {
         let err = |e: EngineError| e.to_string();
-        let view = self.volume.snapshot_view(snapshot).map_err(err)?;
-        // Blocks sent need no copy-on-write for this snapshot any more
-        // (unless a test keeps it to compare).
-        let consumer = if keep_cp_snapshots() {
-            None
-        } else {
-            Some(block_on(self.volume.consume_snapshot(snapshot)).map_err(err)?)
-        };
         let bs = self.block_size;
-        let release_blocks = |first: u64, end: u64| {
-            if let (Some(c), true) = (&consumer, end > first) {
-                c.release(first * bs, (end - first) * bs);
-            }
-        };
-        let release = |offset: u64| release_blocks(offset / bs, offset / bs + 1);
-        // Only `blocks` are read from the snapshot: give every other chunk
-        // back now, so that writes after the CP stop preserving them.
-        let mut next = 0;
-        for &b in blocks {
-            release_blocks(next, b);
-            next = b + 1;
-        }
-        release_blocks(next, self.blocks);
         let size = self.volume.size();
         // On a full copy, unallocated ranges are zeros without reading them.
         let allocated: Option<Vec<(u64, u64)>> = if full {
@@ -991,60 +1090,79 @@ impl Link {
         } else {
             None
         };
-        let is_allocated = |b: u64| {
-            allocated
-                .as_ref()
-                .is_none_or(|a| a.iter().any(|&(s, e)| s <= b && b < e))
-        };
-        let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut batch: Vec<(u64, u64, Vec<u8>)> = Vec::new();
         let mut batch_bytes = 0usize;
         let (mut sent, mut zero) = (0u64, 0u64);
-        let mut flush = |batch: &mut Vec<(u64, Vec<u8>)>,
-                         conn: &mut Conn,
-                         entries: &mut Vec<CpEntry>| {
+        let flush = |batch: &mut Vec<(u64, u64, Vec<u8>)>,
+                     conn: &mut Conn,
+                     entries: &mut Vec<CpEntry>,
+                     next_tid: &mut u64| {
             if batch.is_empty() {
                 return Ok::<(), String>(());
             }
             let tid = *next_tid;
             *next_tid += 1;
-            let pieces: Vec<(u64, &[u8])> = batch.iter().map(|(b, d)| (b * bs, &d[..])).collect();
+            let pieces: Vec<(u64, &[u8])> =
+                batch.iter().map(|(b, _, d)| (b * bs, &d[..])).collect();
             conn.transfer(tid, &pieces).map_err(|e| e.to_string())?;
-            for (index, (b, _)) in batch.iter().enumerate() {
+            for (index, &(block, count, _)) in batch.iter().enumerate() {
                 entries.push(CpEntry::Ref {
-                    block: *b,
+                    block,
+                    count,
                     tid,
                     index: index as u32,
                 });
-                release(b * bs);
             }
             batch.clear();
             Ok(())
         };
-        for &b in blocks {
-            let offset = b * bs;
-            let len = bs.min(size - offset);
-            if !is_allocated(b) {
-                push_zero(entries, b);
-                zero += 1;
-                continue;
-            }
-            let mut data = vec![0u8; len as usize];
-            block_on(view.read(offset, &mut data)).map_err(err)?;
-            if data.iter().all(|&x| x == 0) {
-                push_zero(entries, b);
-                zero += 1;
-                release(offset);
-                continue;
-            }
-            sent += 1;
-            batch_bytes += data.len();
-            batch.push((b, data));
-            if batch_bytes >= TRANSFER_BYTES {
-                flush(&mut batch, conn, entries)?;
-                batch_bytes = 0;
+        let per_read = (TRANSFER_BYTES as u64 / bs).max(1);
+        for &(first, end) in whole {
+            for (a, b, data_here) in split_by_allocation(allocated.as_deref(), first, end) {
+                if !data_here {
+                    push_zero(entries, a, b - a);
+                    zero += b - a;
+                    release.progress(b);
+                    continue;
+                }
+                let mut at = a;
+                while at < b {
+                    let n = per_read.min(b - at);
+                    let offset = at * bs;
+                    let len = (n * bs).min(size - offset) as usize;
+                    let mut data = vec![0u8; len];
+                    block_on(view.read(offset, &mut data)).map_err(err)?;
+                    release.progress(at + n);
+                    let block_of = |k: u64| {
+                        let s = (k * bs) as usize;
+                        &data[s..((k + 1) * bs).min(len as u64) as usize]
+                    };
+                    let mut k = 0;
+                    while k < n {
+                        if block_of(k).iter().all(|&x| x == 0) {
+                            push_zero(entries, at + k, 1);
+                            zero += 1;
+                            k += 1;
+                            continue;
+                        }
+                        let run = k;
+                        while k < n && !block_of(k).iter().all(|&x| x == 0) {
+                            k += 1;
+                        }
+                        let bytes = &data[(run * bs) as usize..((k * bs) as usize).min(len)];
+                        sent += k - run;
+                        batch_bytes += bytes.len();
+                        batch.push((at + run, k - run, bytes.to_vec()));
+                        if batch_bytes >= TRANSFER_BYTES {
+                            flush(&mut batch, conn, entries, next_tid)?;
+                            batch_bytes = 0;
+                        }
+                    }
+                    at += n;
+                }
             }
         }
-        flush(&mut batch, conn, entries)?;
+        flush(&mut batch, conn, entries, next_tid)?;
         Ok((sent, zero))
     }
 
@@ -1070,6 +1188,11 @@ impl Link {
             s.stats.last_cp_full_blocks = whole;
             s.stats.last_cp_zero_blocks = zero;
             s.stats.bytes_saved += refs * self.block_size;
+            let delay = cp.due.elapsed().as_millis() as u64;
+            s.stats.last_cp_delay_ms = delay;
+            if s.phase == Phase::Replicating {
+                s.stats.max_cp_delay_ms = s.stats.max_cp_delay_ms.max(delay);
+            }
             match s.phase {
                 Phase::Syncing => s.stats.full_syncs += 1,
                 Phase::Resyncing => s.stats.resync_blocks += whole,
@@ -1113,13 +1236,159 @@ fn expand_regions(dirty: &DirtyMap, region_blocks: u64, blocks: u64) -> Vec<u64>
         .collect()
 }
 
-/// Adds block `b` to the zero entries, extending the last run if adjacent.
-fn push_zero(entries: &mut Vec<CpEntry>, b: u64) {
+/// Adds blocks `b .. b + n` to the zero entries, extending the last run if
+/// adjacent.
+fn push_zero(entries: &mut Vec<CpEntry>, b: u64, n: u64) {
     if let Some(CpEntry::Zero { block, count }) = entries.last_mut() {
         if *block + *count == b {
-            *count += 1;
+            *count += n;
             return;
         }
     }
-    entries.push(CpEntry::Zero { block: b, count: 1 });
+    entries.push(CpEntry::Zero { block: b, count: n });
+}
+
+/// Sorted block numbers -> runs `(first, end)`.
+fn to_runs(sorted: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &b in sorted {
+        match runs.last_mut() {
+            Some(r) if r.1 == b => r.1 += 1,
+            _ => runs.push((b, b + 1)),
+        }
+    }
+    runs
+}
+
+/// The runs of `0..blocks` outside the sorted, disjoint `runs`.
+fn complement(runs: &[(u64, u64)], blocks: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    for &(a, b) in runs {
+        if a > next {
+            out.push((next, a));
+        }
+        next = b;
+    }
+    if next < blocks {
+        out.push((next, blocks));
+    }
+    out
+}
+
+/// `first..end` split into runs inside and outside the sorted `allocated`
+/// runs (all inside without them): `(first, end, allocated)`.
+fn split_by_allocation(
+    allocated: Option<&[(u64, u64)]>,
+    first: u64,
+    end: u64,
+) -> Vec<(u64, u64, bool)> {
+    let Some(allocated) = allocated else {
+        return vec![(first, end, true)];
+    };
+    let mut out = Vec::new();
+    let mut at = first;
+    let from = allocated.partition_point(|&(_, e)| e <= first);
+    for &(a, b) in &allocated[from..] {
+        if a >= end {
+            break;
+        }
+        if a > at {
+            out.push((at, a, false));
+        }
+        let (s, e) = (a.max(at), b.min(end));
+        if s < e {
+            out.push((s, e, true));
+            at = e;
+        }
+    }
+    if at < end {
+        out.push((at, end, false));
+    }
+    out
+}
+
+/// Gives a CP snapshot's chunks back to the engine (so writes stop
+/// preserving them) as soon as the CP no longer reads them.
+struct Release {
+    consumer: Option<crate::engine::SnapshotConsumer>,
+    block_size: u64,
+    chunk_size: u64,
+    /// Every chunk below this byte offset has been released.
+    next: u64,
+}
+
+impl Release {
+    /// Releases every chunk wholly inside blocks `first..end`.
+    fn blocks(&self, first: u64, end: u64) {
+        if let (Some(c), true) = (&self.consumer, end > first) {
+            c.release(first * self.block_size, (end - first) * self.block_size);
+        }
+    }
+
+    /// Releases every chunk that holds no block of the sorted `runs`.
+    fn all_but(&self, runs: &[(u64, u64)], blocks: u64) {
+        for (a, b) in complement(runs, blocks) {
+            self.blocks(a, b);
+        }
+    }
+
+    /// Every block below `done` has been read: release the chunks below it.
+    fn progress(&mut self, done: u64) {
+        let end = done * self.block_size / self.chunk_size * self.chunk_size;
+        if end > self.next {
+            self.blocks(self.next / self.block_size, end / self.block_size);
+            self.next = end;
+        }
+    }
+
+    /// The CP read everything it needed.
+    fn rest(&mut self, blocks: u64) {
+        self.blocks(self.next / self.block_size, blocks);
+        self.next = blocks * self.block_size;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_runs_complements_and_allocation_splits() {
+        assert_eq!(to_runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 4), (7, 8), (9, 11)]);
+        assert_eq!(to_runs(&[]), vec![]);
+        assert_eq!(
+            complement(&[(1, 4), (7, 8)], 10),
+            vec![(0, 1), (4, 7), (8, 10)]
+        );
+        assert_eq!(complement(&[(0, 10)], 10), vec![]);
+        assert_eq!(complement(&[], 3), vec![(0, 3)]);
+        let allocated = [(2, 4), (6, 9)];
+        assert_eq!(
+            split_by_allocation(Some(&allocated), 0, 10),
+            vec![
+                (0, 2, false),
+                (2, 4, true),
+                (4, 6, false),
+                (6, 9, true),
+                (9, 10, false)
+            ]
+        );
+        assert_eq!(
+            split_by_allocation(Some(&allocated), 3, 7),
+            vec![(3, 4, true), (4, 6, false), (6, 7, true)]
+        );
+        assert_eq!(split_by_allocation(None, 3, 7), vec![(3, 7, true)]);
+        let mut zeros = Vec::new();
+        push_zero(&mut zeros, 4, 2);
+        push_zero(&mut zeros, 6, 1);
+        push_zero(&mut zeros, 9, 1);
+        assert_eq!(
+            zeros,
+            vec![
+                CpEntry::Zero { block: 4, count: 3 },
+                CpEntry::Zero { block: 9, count: 1 }
+            ]
+        );
+    }
 }

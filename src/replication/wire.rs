@@ -18,6 +18,11 @@
 //! After the handshake: `Open` (JSON: who the source is, which destination
 //! volume) -> `Opened` (JSON: the last CP the replica applied); then any
 //! number of `Transfer` -> `TransferAck` and `CpCommit` -> `CpAck`.
+//!
+//! Version 2: a CP carries its replication block size (a setting of the
+//! link, at most the volume's chunk), and a reference sets a run of blocks
+//! from part of one piece, so a multi-block write or a run of blocks sent
+//! whole costs one entry.
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -25,7 +30,7 @@ use sha2::Sha256;
 use std::io::{self, Read, Write};
 
 pub const MAGIC: u32 = 0x5342_5250; // "SBRP"
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER: usize = 16;
 /// The largest payload either side accepts.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -155,6 +160,9 @@ pub struct Open {
     pub source_volume: String,
     pub dest_volume: String,
     pub size: u64,
+    /// The chunk size a replica volume is created with.
+    pub chunk_size: u32,
+    /// The link's replication block size (also in every CP).
     pub block_size: u32,
     pub keep_cps: u32,
 }
@@ -378,11 +386,17 @@ pub fn decode_transfer(payload: &[u8], size: u64) -> io::Result<(u64, Vec<Piece>
     Ok((tid, pieces))
 }
 
-/// What a consistency point sets one block (or run of blocks) to.
+/// What a consistency point sets a run of blocks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpEntry {
-    /// Block `block` := piece `index` of transfer `tid` (a whole block).
-    Ref { block: u64, tid: u64, index: u32 },
+    /// Blocks `block .. block + count` := the bytes of piece `index` of
+    /// transfer `tid` that belong at their offsets (the piece covers them).
+    Ref {
+        block: u64,
+        count: u64,
+        tid: u64,
+        index: u32,
+    },
     /// Blocks `block .. block + count` read as zeros.
     Zero { block: u64, count: u64 },
 }
@@ -393,23 +407,35 @@ pub struct CpCommit {
     pub cp: u64,
     /// Transfers below this id are referenced by no later CP.
     pub keep_from_tid: u64,
+    /// The size of the blocks the entries count in.
+    pub block_size: u32,
     pub entries: Vec<CpEntry>,
 }
 
+/// Bytes of one encoded entry: kind, block, count, tid, index.
+const ENTRY: usize = 1 + 8 + 8 + 8 + 4;
+
 pub fn encode_cp(cp: &CpCommit) -> Vec<u8> {
-    let mut out = Vec::with_capacity(20 + cp.entries.len() * 21);
+    let mut out = Vec::with_capacity(24 + cp.entries.len() * ENTRY);
     out.extend_from_slice(&cp.cp.to_le_bytes());
     out.extend_from_slice(&cp.keep_from_tid.to_le_bytes());
+    out.extend_from_slice(&cp.block_size.to_le_bytes());
     out.extend_from_slice(&(cp.entries.len() as u32).to_le_bytes());
     for e in &cp.entries {
-        let (kind, block, a, b) = match *e {
-            CpEntry::Ref { block, tid, index } => (0u8, block, tid, index as u64),
-            CpEntry::Zero { block, count } => (1u8, block, count, 0),
+        let (kind, block, count, tid, index) = match *e {
+            CpEntry::Ref {
+                block,
+                count,
+                tid,
+                index,
+            } => (0u8, block, count, tid, index),
+            CpEntry::Zero { block, count } => (1u8, block, count, 0, 0),
         };
         out.push(kind);
         out.extend_from_slice(&block.to_le_bytes());
-        out.extend_from_slice(&a.to_le_bytes());
-        out.extend_from_slice(&(b as u32).to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&tid.to_le_bytes());
+        out.extend_from_slice(&index.to_le_bytes());
     }
     out
 }
@@ -421,20 +447,33 @@ pub fn decode_cp(payload: &[u8]) -> io::Result<CpCommit> {
     };
     let cp = c.u64()?;
     let keep_from_tid = c.u64()?;
+    let block_size = c.u32()?;
+    if !block_size.is_power_of_two() || block_size < 512 {
+        return Err(bad(format!(
+            "CP {cp}: block size {block_size} is not a power of two of at least 512"
+        )));
+    }
     let n = c.u32()? as usize;
-    let mut entries = Vec::with_capacity(n.min(payload.len() / 21));
+    let mut entries = Vec::with_capacity(n.min(payload.len() / ENTRY));
     for _ in 0..n {
         let kind = c.take(1)?[0];
         let block = c.u64()?;
-        let a = c.u64()?;
-        let b = c.u32()?;
+        let count = c.u64()?;
+        let tid = c.u64()?;
+        let index = c.u32()?;
+        if count == 0 {
+            return Err(bad(format!(
+                "CP {cp}: an entry of no blocks at block {block}"
+            )));
+        }
         entries.push(match kind {
             0 => CpEntry::Ref {
                 block,
-                tid: a,
-                index: b,
+                count,
+                tid,
+                index,
             },
-            1 => CpEntry::Zero { block, count: a },
+            1 => CpEntry::Zero { block, count },
             k => return Err(bad(format!("CP {cp}: unknown entry kind {k}"))),
         });
     }
@@ -442,6 +481,7 @@ pub fn decode_cp(payload: &[u8]) -> io::Result<CpCommit> {
     Ok(CpCommit {
         cp,
         keep_from_tid,
+        block_size,
         entries,
     })
 }
@@ -489,17 +529,29 @@ mod tests {
         let cp = CpCommit {
             cp: 3,
             keep_from_tid: 10,
+            block_size: 4096,
             entries: vec![
                 CpEntry::Ref {
                     block: 1,
+                    count: 2,
                     tid: 9,
                     index: 0,
                 },
-                CpEntry::Zero { block: 2, count: 5 },
+                CpEntry::Zero { block: 3, count: 5 },
             ],
         };
         assert_eq!(decode_cp(&encode_cp(&cp)).unwrap(), cp);
         assert!(decode_cp(&encode_cp(&cp)[..30]).is_err());
+        let odd = CpCommit {
+            block_size: 3000,
+            ..cp.clone()
+        };
+        assert!(decode_cp(&encode_cp(&odd)).is_err(), "not a power of two");
+        let empty = CpCommit {
+            entries: vec![CpEntry::Zero { block: 3, count: 0 }],
+            ..cp
+        };
+        assert!(decode_cp(&encode_cp(&empty)).is_err(), "a run of no blocks");
     }
 
     #[test]
