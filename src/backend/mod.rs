@@ -99,6 +99,15 @@ impl Backend {
         }
     }
 
+    /// Requests that direct I/O could not take as they were (see
+    /// [`file::FileBackend::bounced_ios`]); 0 for anything not direct.
+    pub fn bounced_ios(&self) -> u64 {
+        match self {
+            Backend::File(f) => f.bounced_ios(),
+            Backend::Memory(_) => 0,
+        }
+    }
+
     /// Truncates to `len` bytes (journal tails) and makes that durable.
     pub async fn truncate(&self, len: u64) -> io::Result<()> {
         match self {
@@ -118,10 +127,17 @@ pub enum Storage {
 impl Storage {
     /// Opens (and with `create`, creates empty) the named file.
     pub fn open(&self, name: &str, create: bool) -> io::Result<Backend> {
+        self.open_with(name, create, false)
+    }
+
+    /// As [`Storage::open`]; `direct`: bypass the page cache (O_DIRECT).
+    /// The in-memory disk has no page cache and ignores it.
+    pub fn open_with(&self, name: &str, create: bool, direct: bool) -> io::Result<Backend> {
         match self {
-            Storage::Dir(dir) => Ok(Backend::File(Arc::new(file::FileBackend::open(
+            Storage::Dir(dir) => Ok(Backend::File(Arc::new(file::FileBackend::open_with(
                 &dir.join(name),
                 create,
+                direct,
             )?))),
             Storage::Memory(disk) => Ok(Backend::Memory(disk.open(name, create)?)),
         }

@@ -11,6 +11,7 @@ use super::error::Result;
 use super::gate::Epoch;
 use super::journal::{slot_crc, Journal, Record, ZERO_SLOT};
 use crate::backend::Backend;
+use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -222,7 +223,8 @@ impl Partition {
         let len = self.chunk_size.min(volume_size - offset) as usize;
         // A whole slot (zero-padded past the volume's end), so its crc is
         // the crc of what the slot holds.
-        let mut data = vec![0u8; self.chunk_size as usize];
+        // Aligned: the origin may be opened with O_DIRECT.
+        let mut data = AlignedBuf::zeroed(self.chunk_size as usize);
         origin.read_at(&mut data[..len], offset).await?;
         let mut data_crc = 0;
         if data.iter().all(|&b| b == 0) {

@@ -4,7 +4,7 @@ use super::error::{EngineError, Result};
 use super::gate::{Epoch, Gate, Ticket};
 use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::{self, Journal};
-use super::manifest::{self, Manifest, Origin, SnapshotRecord};
+use super::manifest::{self, CacheMode, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
@@ -24,6 +24,7 @@ pub struct VolumeConfig {
     /// An existing file or block device to use as the origin instead of a
     /// new sparse container file.
     pub backing: Option<PathBuf>,
+    pub cache: CacheMode,
 }
 
 /// What `volume info` reports.
@@ -38,6 +39,10 @@ pub struct VolumeInfo {
     pub generation: u64,
     pub snapshots: usize,
     pub origin: String,
+    pub cache: CacheMode,
+    /// Origin I/Os that O_DIRECT could not take as they were (cache mode
+    /// none): copied through an aligned buffer or sent through the page cache.
+    pub bounced_ios: u64,
 }
 
 /// What `snapshot list` reports for one snapshot.
@@ -162,9 +167,12 @@ impl Volume {
         if storage.read_manifest(manifest::MANIFEST)?.is_some() {
             return Err(EngineError::AlreadyExists(format!("volume {name}")));
         }
+        // Opened as the volume will open it, so a file system that refuses
+        // O_DIRECT fails the create, not every later open.
+        let direct = config.cache == CacheMode::None;
         let origin = match &config.backing {
             Some(path) => {
-                let backing = Backend::File(Arc::new(FileBackend::open(path, false)?));
+                let backing = Backend::File(Arc::new(FileBackend::open_with(path, false, direct)?));
                 let available = backing.size()?;
                 if available < config.size {
                     return Err(EngineError::InvalidArgument(format!(
@@ -176,7 +184,7 @@ impl Volume {
                 Origin::Backing(path.clone())
             }
             None => {
-                let container = storage.open(manifest::CONTAINER, true)?;
+                let container = storage.open_with(manifest::CONTAINER, true, direct)?;
                 container.truncate(config.size).await?;
                 Origin::Container
             }
@@ -185,13 +193,16 @@ impl Volume {
             storage.open(&manifest::journal_name(p), true)?;
             storage.open(&manifest::store_name(p), true)?;
         }
-        let manifest = Manifest::new(
-            name,
-            config.size,
-            config.chunk_size,
-            config.partitions,
-            origin,
-        );
+        let manifest = Manifest {
+            cache: config.cache,
+            ..Manifest::new(
+                name,
+                config.size,
+                config.chunk_size,
+                config.partitions,
+                origin,
+            )
+        };
         storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
         Volume::open(name, storage).await
     }
@@ -204,9 +215,12 @@ impl Volume {
             .read_manifest(manifest::MANIFEST)?
             .ok_or_else(|| EngineError::NotFound(format!("{what} (not a volume directory)")))?;
         let manifest = Manifest::parse(&bytes, &what)?;
+        let direct = manifest.cache == CacheMode::None;
         let origin = match &manifest.origin {
-            Origin::Container => storage.open(manifest::CONTAINER, false)?,
-            Origin::Backing(path) => Backend::File(Arc::new(FileBackend::open(path, false)?)),
+            Origin::Container => storage.open_with(manifest::CONTAINER, false, direct)?,
+            Origin::Backing(path) => {
+                Backend::File(Arc::new(FileBackend::open_with(path, false, direct)?))
+            }
         };
         if origin.size()? < manifest.size {
             return Err(EngineError::Corrupt(format!(
@@ -333,6 +347,8 @@ impl Volume {
                 Origin::Container => manifest::CONTAINER.to_string(),
                 Origin::Backing(path) => path.display().to_string(),
             },
+            cache: manifest.cache,
+            bounced_ios: self.origin.bounced_ios(),
         })
     }
 

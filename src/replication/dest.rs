@@ -29,7 +29,7 @@ use super::wire::{self, CpEntry, Kind, Piece};
 use crate::control::registry::validate_name;
 use crate::control::Registry;
 use crate::engine::Volume;
-use crate::runtime::block_on;
+use crate::runtime::{block_on, AlignedBuf};
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -253,10 +253,11 @@ impl Replica {
         Ok(())
     }
 
-    fn read_piece(&self, tid: u64, i: u32) -> io::Result<(u64, Vec<u8>)> {
+    fn read_piece(&self, tid: u64, i: u32) -> io::Result<(u64, AlignedBuf)> {
         let piece = lock(&self.index)[&tid][i as usize].clone();
         let f = fs::File::open(transfer_file(&self.staging, tid))?;
-        let mut data = vec![0u8; piece.len as usize];
+        // Aligned: the replica's origin may be opened with O_DIRECT.
+        let mut data = AlignedBuf::zeroed(piece.len as usize);
         f.read_exact_at(&mut data, 4 + piece.at as u64)?;
         Ok((piece.offset, data))
     }
@@ -710,7 +711,7 @@ impl Receiver {
                 replica.save(rec).map_err(|e| e.to_string())?;
             }
             self.registry
-                .create_volume(name, open.size, Some(open.block_size), None, None)
+                .create_volume(name, open.size, Some(open.block_size), None, None, None)
                 .map_err(|e| format!("cannot create volume {name}: {}", e.message))?;
             log::info!(
                 "replica {name}: created for {} of {}",

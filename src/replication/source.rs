@@ -20,7 +20,7 @@
 use super::dirty::DirtyMap;
 use super::wire::{self, CpCommit, CpEntry, Kind};
 use crate::engine::{Change, EngineError, Volume, WriteGuard, WriteHook};
-use crate::runtime::block_on;
+use crate::runtime::{block_on, AlignedBuf};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -996,10 +996,10 @@ impl Link {
                 .as_ref()
                 .is_none_or(|a| a.iter().any(|&(s, e)| s <= b && b < e))
         };
-        let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut batch: Vec<(u64, AlignedBuf)> = Vec::new();
         let mut batch_bytes = 0usize;
         let (mut sent, mut zero) = (0u64, 0u64);
-        let mut flush = |batch: &mut Vec<(u64, Vec<u8>)>,
+        let mut flush = |batch: &mut Vec<(u64, AlignedBuf)>,
                          conn: &mut Conn,
                          entries: &mut Vec<CpEntry>| {
             if batch.is_empty() {
@@ -1028,7 +1028,8 @@ impl Link {
                 zero += 1;
                 continue;
             }
-            let mut data = vec![0u8; len as usize];
+            // Aligned: the origin may be opened with O_DIRECT.
+            let mut data = AlignedBuf::zeroed(len as usize);
             block_on(view.read(offset, &mut data)).map_err(err)?;
             if data.iter().all(|&x| x == 0) {
                 push_zero(entries, b);

@@ -15,10 +15,13 @@ use std::marker::PhantomData;
 /// Page size: the alignment O_DIRECT asks of buffers, offsets and lengths.
 pub const ALIGN: usize = 4096;
 
-/// A page-aligned byte buffer (O_DIRECT needs aligned memory).
+/// A page-aligned byte buffer (O_DIRECT needs aligned memory). Its length
+/// may be set anywhere up to the capacity it was allocated with, so one
+/// buffer can be reused for requests of different sizes.
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
+    cap: usize,
 }
 
 // SAFETY: the buffer owns its allocation exclusively.
@@ -33,14 +36,25 @@ impl AlignedBuf {
         if ptr.is_null() {
             alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap: len }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Makes the buffer `len` bytes long (at most its capacity). The bytes
+    /// are whatever it last held (zeros if never written).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap, "length {len} beyond capacity {}", self.cap);
+        self.len = len;
     }
 }
 
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes for the buffer's life.
+        // SAFETY: ptr is valid, and initialized (zeroed), for cap >= len bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
@@ -54,7 +68,7 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len.max(1), ALIGN).expect("buffer layout");
+        let layout = Layout::from_size_align(self.cap.max(1), ALIGN).expect("buffer layout");
         // SAFETY: allocated with this layout in `zeroed`.
         unsafe { alloc::dealloc(self.ptr, layout) }
     }
