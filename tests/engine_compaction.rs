@@ -8,7 +8,7 @@
 //! that replays the compacted journals.
 
 use snapblk::backend::Storage;
-use snapblk::engine::{Volume, VolumeConfig};
+use snapblk::engine::{CacheMode, Volume, VolumeConfig};
 use snapblk::runtime::{block_on, spawn};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -144,6 +144,7 @@ fn compaction_under_concurrent_writes_keeps_every_snapshot_exact() {
         chunk_size: 16 * 1024,
         partitions: PARTITIONS,
         backing: None,
+        cache: CacheMode::Writeback,
     };
     let volume = block_on(Volume::create("v", storage.clone(), &config)).unwrap();
     let fill: Vec<u8> = (0..BLOCKS).flat_map(|b| block_bytes(b, 1)).collect();

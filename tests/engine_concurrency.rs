@@ -10,7 +10,7 @@
 //! when all is quiet.
 
 use snapblk::backend::Storage;
-use snapblk::engine::{Volume, VolumeConfig};
+use snapblk::engine::{CacheMode, Volume, VolumeConfig};
 use snapblk::runtime::{block_on, spawn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -73,6 +73,7 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
         chunk_size: 16 * 1024,
         partitions: 3,
         backing: None,
+        cache: CacheMode::Writeback,
     };
     let volume = block_on(Volume::create(
         "v",

@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use snapblk::backend::memory::MemDisk;
 use snapblk::backend::Storage;
-use snapblk::engine::{Change, Result, Volume, VolumeConfig, WriteGuard, WriteHook};
+use snapblk::engine::{CacheMode, Change, Result, Volume, VolumeConfig, WriteGuard, WriteHook};
 use snapblk::runtime::{block_on, spawn};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ fn volume(disk: &Arc<MemDisk>) -> Arc<Volume> {
         chunk_size: CHUNK,
         partitions: 2,
         backing: None,
+        cache: CacheMode::Writeback,
     };
     block_on(Volume::create("v", Storage::Memory(disk.clone()), &config)).unwrap()
 }

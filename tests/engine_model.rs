@@ -9,7 +9,7 @@
 
 use snapblk::backend::memory::{MemDisk, SplitMix};
 use snapblk::backend::Storage;
-use snapblk::engine::{EngineError, Volume, VolumeConfig, WriteBackConfig};
+use snapblk::engine::{CacheMode, EngineError, Volume, VolumeConfig, WriteBackConfig};
 use snapblk::runtime::block_on;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ fn config() -> VolumeConfig {
         chunk_size: CHUNK,
         partitions: 3,
         backing: None,
+        cache: CacheMode::Writeback,
     }
 }
 
@@ -378,6 +379,7 @@ mod model {
             chunk_size: 64 * 1024,
             partitions: 2,
             backing: None,
+            cache: CacheMode::Writeback,
         };
         block_on(async {
             let volume = Volume::create("v", Storage::Dir(dir.path().into()), &config)

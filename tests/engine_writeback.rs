@@ -5,7 +5,7 @@
 
 use snapblk::backend::memory::MemDisk;
 use snapblk::backend::Storage;
-use snapblk::engine::{Volume, VolumeConfig, WriteBackConfig};
+use snapblk::engine::{CacheMode, Volume, VolumeConfig, WriteBackConfig};
 use snapblk::runtime::block_on;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ fn config() -> VolumeConfig {
         chunk_size: CHUNK as u32,
         partitions: 2,
         backing: None,
+        cache: CacheMode::Writeback,
     }
 }
 

@@ -3,7 +3,7 @@
 //! they are installed).
 
 use snapblk::backend::Storage;
-use snapblk::engine::{EngineError, View, Volume, VolumeConfig};
+use snapblk::engine::{CacheMode, EngineError, View, Volume, VolumeConfig};
 use snapblk::frontend::nbd::{proto::*, ExportResolver, NbdServer};
 use snapblk::runtime;
 use std::collections::HashMap;
@@ -62,6 +62,7 @@ impl Fixture {
                 chunk_size: 65536,
                 partitions: 2,
                 backing: None,
+                cache: CacheMode::Writeback,
             },
         ))
         .unwrap();

@@ -1,60 +1,130 @@
 //! Regular files and block devices, driven through the thread's io_uring.
+//!
+//! A file opened for direct I/O (a volume's origin in cache mode `none`)
+//! takes every request O_DIRECT can take as it is. A request it cannot take
+//! still succeeds, slower: a misaligned buffer is copied through an aligned
+//! one, a misaligned offset or length goes through the page cache on a
+//! second descriptor. Both are counted ([`FileBackend::bounced_ios`]) so the
+//! tests can prove the hot paths hand over aligned memory.
 
 use super::Extent;
-use crate::runtime;
+use crate::runtime::{self, AlignedBuf};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct FileBackend {
     file: File,
     block_device: bool,
-    /// The same file opened O_DIRECT, for writes of whole aligned blocks
-    /// (a partition's change-log store; see [`FileBackend::with_direct_writes`]).
-    direct: Option<File>,
+    /// Present when `file` was opened with O_DIRECT.
+    direct: Option<Direct>,
+}
+
+/// What O_DIRECT asks of I/O on one file, and the way around it.
+struct Direct {
+    /// The same file without O_DIRECT, for I/O whose offset or length is not
+    /// a multiple of `offset_align`. The kernel keeps both coherent: a direct
+    /// write writes back and drops the cached pages of its range, a direct
+    /// read first writes back dirty ones; fdatasync on either descriptor
+    /// covers the inode, so FLUSH stays one call.
+    buffered: File,
+    mem_align: usize,
+    offset_align: u64,
+    bounced: AtomicU64,
+}
+
+/// How one request reaches a direct file.
+enum Route {
+    Direct,
+    /// Misaligned memory: through an aligned copy.
+    Bounce,
+    /// Misaligned offset or length: through the page cache.
+    Buffered(RawFd),
 }
 
 impl FileBackend {
     pub fn open(path: &Path, create: bool) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Self::open_with(path, create, false)
+    }
+
+    /// `direct`: open with O_DIRECT (the page cache is bypassed; a FLUSH
+    /// still fdatasyncs, for the disk's own volatile cache).
+    pub fn open_with(path: &Path, create: bool, direct: bool) -> io::Result<Self> {
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .custom_flags(libc::O_CLOEXEC | flags)
+                .open(path)
+        };
+        let file = match open(if direct { libc::O_DIRECT } else { 0 }) {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "{}: the file system refuses O_DIRECT, which cache mode none needs; \
+                         use cache mode writeback for a volume stored here",
+                        path.display()
+                    ),
+                ))
+            }
+            other => other.map_err(named)?,
+        };
         let block_device = file.metadata()?.file_type().is_block_device();
+        let direct = if direct {
+            let (mem_align, offset_align) = dio_alignment(&file).map_err(named)?;
+            Some(Direct {
+                buffered: open(0).map_err(named)?,
+                mem_align,
+                offset_align,
+                bounced: AtomicU64::new(0),
+            })
+        } else {
+            None
+        };
         Ok(FileBackend {
             file,
             block_device,
-            direct: None,
+            direct,
         })
-    }
-
-    /// Sends page-aligned writes of whole pages around the page cache.
-    /// For the change-log store: its slots are written once and read
-    /// rarely, so copying them into the page cache only to flush them at
-    /// the next commit cost a memory copy per preserved chunk, and on ext4
-    /// io_uring hands every buffered write to a worker thread. Reads stay
-    /// buffered (the kernel keeps them coherent with direct writes), so
-    /// snapshot reads of any alignment work as before. A filesystem that
-    /// refuses O_DIRECT keeps buffered writes.
-    pub fn with_direct_writes(mut self, path: &Path) -> Self {
-        match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
-            .open(path)
-        {
-            Ok(file) => self.direct = Some(file),
-            Err(e) => log::debug!("{}: no O_DIRECT writes ({e})", path.display()),
-        }
-        self
     }
 
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Requests that O_DIRECT could not take as they were (bounced through
+    /// an aligned copy or sent through the page cache) since the open.
+    pub fn bounced_ios(&self) -> u64 {
+        self.direct
+            .as_ref()
+            .map_or(0, |d| d.bounced.load(Ordering::Relaxed))
+    }
+
+    fn route(&self, ptr: *const u8, len: usize, offset: u64) -> Route {
+        let Some(d) = &self.direct else {
+            return Route::Direct;
+        };
+        let route = if !offset.is_multiple_of(d.offset_align)
+            || !(len as u64).is_multiple_of(d.offset_align)
+        {
+            Route::Buffered(d.buffered.as_raw_fd())
+        } else if !(ptr as usize).is_multiple_of(d.mem_align) {
+            Route::Bounce
+        } else {
+            return Route::Direct;
+        };
+        d.bounced.fetch_add(1, Ordering::Relaxed);
+        route
     }
 
     pub fn size(&self) -> io::Result<u64> {
@@ -73,23 +143,29 @@ impl FileBackend {
     }
 
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        runtime::read_at(self.fd(), buf, offset).await
+        match self.route(buf.as_ptr(), buf.len(), offset) {
+            Route::Direct => runtime::read_at(self.fd(), buf, offset).await,
+            Route::Buffered(fd) => runtime::read_at(fd, buf, offset).await,
+            Route::Bounce => {
+                let mut bounce = AlignedBuf::zeroed(buf.len());
+                runtime::read_at(self.fd(), &mut bounce, offset).await?;
+                buf.copy_from_slice(&bounce);
+                Ok(())
+            }
+        }
     }
 
     pub async fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         let flags = if durable { libc::RWF_DSYNC } else { 0 };
-        let aligned = |n: usize| n.is_multiple_of(runtime::ALIGN);
-        let fd = match &self.direct {
-            Some(direct)
-                if aligned(buf.as_ptr() as usize)
-                    && aligned(offset as usize)
-                    && aligned(buf.len()) =>
-            {
-                direct.as_raw_fd()
+        match self.route(buf.as_ptr(), buf.len(), offset) {
+            Route::Direct => runtime::write_at(self.fd(), buf, offset, flags).await,
+            Route::Buffered(fd) => runtime::write_at(fd, buf, offset, flags).await,
+            Route::Bounce => {
+                let mut bounce = AlignedBuf::zeroed(buf.len());
+                bounce.copy_from_slice(buf);
+                runtime::write_at(self.fd(), &bounce, offset, flags).await
             }
-            _ => self.fd(),
-        };
-        runtime::write_at(fd, buf, offset, flags).await
+        }
     }
 
     pub async fn flush(&self) -> io::Result<()> {
@@ -119,7 +195,7 @@ impl FileBackend {
     /// Fallback for filesystems and devices without fallocate modes.
     async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         const STEP: u64 = 1 << 20;
-        let zeros = vec![0u8; STEP.min(len) as usize];
+        let zeros = AlignedBuf::zeroed(STEP.min(len) as usize);
         let mut at = offset;
         while at < offset + len {
             let n = STEP.min(offset + len - at) as usize;
@@ -181,6 +257,32 @@ impl FileBackend {
     }
 }
 
+/// (memory, offset) alignment O_DIRECT asks of `file`. Kernels and file
+/// systems that do not say (statx without STATX_DIOALIGN) get the page
+/// size, which every O_DIRECT implementation accepts.
+fn dio_alignment(file: &File) -> io::Result<(usize, u64)> {
+    // SAFETY: statx fills the zeroed struct; the empty path with
+    // AT_EMPTY_PATH names the descriptor itself.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let page = runtime::ALIGN;
+    if r < 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return Ok((page, page as u64));
+    }
+    Ok((
+        (stx.stx_dio_mem_align as usize).max(1),
+        stx.stx_dio_offset_align as u64,
+    ))
+}
+
 /// lseek with SEEK_DATA/SEEK_HOLE; `None` when past the last data (ENXIO).
 fn seek(fd: RawFd, offset: u64, whence: i32) -> io::Result<Option<u64>> {
     // SAFETY: plain syscall on an fd we own.
@@ -218,4 +320,72 @@ pub fn free_bytes(dir: &Path) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(st.f_bavail * st.f_frsize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::block_on;
+
+    fn flags_of(fd: RawFd) -> i32 {
+        // SAFETY: plain fcntl on a descriptor the backend owns.
+        unsafe { libc::fcntl(fd, libc::F_GETFL) }
+    }
+
+    #[test]
+    fn direct_io_takes_aligned_requests_and_bounces_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("origin");
+        let f = FileBackend::open_with(&path, true, true).unwrap();
+        assert!(f.is_direct());
+        assert_ne!(flags_of(f.fd()) & libc::O_DIRECT, 0);
+        block_on(async {
+            f.truncate(1 << 20).await.unwrap();
+            // Aligned memory, offset and length: straight to O_DIRECT.
+            let mut buf = AlignedBuf::zeroed(8192);
+            buf.fill(0x11);
+            f.write_at(&buf, 4096, false).await.unwrap();
+            let mut back = AlignedBuf::zeroed(8192);
+            f.read_at(&mut back, 4096).await.unwrap();
+            assert!(back.iter().all(|&b| b == 0x11));
+            assert_eq!(f.bounced_ios(), 0);
+
+            // Memory one byte off alignment: copied through an aligned buffer.
+            let mut odd = AlignedBuf::zeroed(4096 + 1);
+            odd[1..].fill(0x22);
+            f.write_at(&odd[1..], 65536, true).await.unwrap();
+            odd[1..].fill(0);
+            f.read_at(&mut odd[1..], 65536).await.unwrap();
+            assert!(odd[1..].iter().all(|&b| b == 0x22));
+            assert_eq!(f.bounced_ios(), 2);
+
+            // An offset and length no device sector divides: page cache,
+            // coherent with the direct I/O around it.
+            f.write_at(&[0x33; 100], 4096 + 10, false).await.unwrap();
+            f.read_at(&mut back, 4096).await.unwrap();
+            assert!(back[..10].iter().all(|&b| b == 0x11));
+            assert!(back[10..110].iter().all(|&b| b == 0x33));
+            assert!(back[110..].iter().all(|&b| b == 0x11));
+            assert_eq!(f.bounced_ios(), 3);
+            f.flush().await.unwrap();
+        });
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[4096 + 10..4096 + 110], &[0x33; 100]);
+        assert!(on_disk[65536..65536 + 4096].iter().all(|&b| b == 0x22));
+    }
+
+    #[test]
+    fn buffered_files_never_count_bounces() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = FileBackend::open(&dir.path().join("f"), true).unwrap();
+        assert!(!f.is_direct());
+        assert_eq!(flags_of(f.fd()) & libc::O_DIRECT, 0);
+        block_on(async {
+            f.write_at(&[7; 100], 3, false).await.unwrap();
+            let mut back = [0u8; 100];
+            f.read_at(&mut back, 3).await.unwrap();
+            assert_eq!(back, [7; 100]);
+        });
+        assert_eq!(f.bounced_ios(), 0);
+    }
 }

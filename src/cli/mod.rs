@@ -15,9 +15,10 @@ pub mod size;
 use crate::control::daemon::{self, DaemonConfig, DEFAULT_NBD_TCP};
 use crate::control::protocol::Request;
 use crate::control::registry::validate_name;
+use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;
 use crate::replication::ReplicationConfig;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::CliError;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -113,6 +114,14 @@ pub struct ServeArgs {
     pub writeback_buffer: String,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CacheArg {
+    /// Through the page cache
+    Writeback,
+    /// O_DIRECT: the page cache is bypassed (FLUSH still syncs the disk)
+    None,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
     /// Create a volume (a sparse container file unless --backing is given)
@@ -130,6 +139,9 @@ pub enum VolumeCmd {
         /// Use this existing file or block device as the volume's data
         #[arg(long, value_name = "PATH")]
         backing: Option<PathBuf>,
+        /// How the volume's data is opened [default: writeback]
+        #[arg(long, value_enum)]
+        cache: Option<CacheArg>,
     },
     /// List volumes
     #[command(alias = "ls")]
@@ -398,6 +410,7 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
             chunk_size,
             partitions,
             backing,
+            cache,
         } => {
             name_arg("volume", &name)?;
             let size = size_arg(&size)?;
@@ -441,13 +454,18 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
                 chunk_size,
                 partitions,
                 backing,
+                cache: cache.map(|c| match c {
+                    CacheArg::Writeback => CacheMode::Writeback,
+                    CacheArg::None => CacheMode::None,
+                }),
             };
             reply(control, json, &req, |r| {
                 println!(
-                    "created volume {name}: {}, chunk size {}, {} partitions",
+                    "created volume {name}: {}, chunk size {}, {} partitions, cache {}",
                     output::size_of(r, "capacity"),
                     output::size_of(r, "chunk_size"),
                     output::str_of(r, "partitions"),
+                    output::str_of(r, "cache"),
                 )
             })
         }
@@ -533,7 +551,7 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
         &config,
         |reg| {
             if reg.volume(DISK).is_err() && reg.entries().iter().all(|(n, _)| n != DISK) {
-                reg.create_volume(DISK, size, None, None, None)
+                reg.create_volume(DISK, size, None, None, None, None)
                     .map_err(|e| anyhow::anyhow!("cannot create volume {DISK}: {}", e.message))?;
                 log::info!("created volume {DISK} ({})", size::format_size(size));
             }

@@ -122,6 +122,18 @@ pub fn volume_list(result: &Value) -> String {
     )
 }
 
+/// The cache mode, and for O_DIRECT how many requests it could not take
+/// as they were.
+fn cache_of(v: &Value) -> String {
+    let mode = str_of(v, "cache");
+    match v.get("bounced_ios").and_then(Value::as_u64) {
+        Some(n) if mode == "none" => {
+            format!("none (O_DIRECT; {n} unaligned requests bounced)")
+        }
+        _ => mode,
+    }
+}
+
 pub fn volume_info(v: &Value) -> String {
     let state = str_of(v, "state");
     if state != "ok" {
@@ -138,6 +150,7 @@ pub fn volume_info(v: &Value) -> String {
         ("generation", str_of(v, "generation")),
         ("snapshots", str_of(v, "snapshots")),
         ("origin", str_of(v, "origin")),
+        ("cache", cache_of(v)),
     ];
     if let Some(list) = v.get("snapshot_list").and_then(Value::as_array) {
         if !list.is_empty() {

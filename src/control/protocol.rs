@@ -9,6 +9,7 @@
 //! object" / "no op"), then the op's own fields (missing field, wrong type,
 //! unknown field).
 
+use crate::engine::CacheMode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fmt;
@@ -61,6 +62,9 @@ pub enum Request {
         /// Absolute path of an existing file or block device to use as the origin.
         #[serde(default)]
         backing: Option<String>,
+        /// How the origin is opened; `null` or absent: writeback.
+        #[serde(default)]
+        cache: Option<CacheMode>,
     },
     #[serde(rename = "volume.list")]
     VolumeList {},
@@ -364,7 +368,7 @@ mod tests {
     #[test]
     fn parses_create() {
         let r = parse_request(
-            br#"{"op":"volume.create","name":"v","size":1073741824,"chunk_size":65536,"partitions":4,"backing":null}"#,
+            br#"{"op":"volume.create","name":"v","size":1073741824,"chunk_size":65536,"partitions":4,"backing":null,"cache":"none"}"#,
         )
         .unwrap();
         assert_eq!(
@@ -374,8 +378,15 @@ mod tests {
                 size: 1 << 30,
                 chunk_size: Some(65536),
                 partitions: Some(4),
-                backing: None
+                backing: None,
+                cache: Some(CacheMode::None),
             }
+        );
+        let e = parse_request(br#"{"op":"volume.create","name":"v","size":1,"cache":"direct"}"#)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("expected `writeback` or `none`"),
+            "{e}"
         );
         let r = parse_request(br#"{"op":"volume.create","name":"v","size":1}"#).unwrap();
         assert_eq!(r.op(), "volume.create");

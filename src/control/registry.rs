@@ -42,7 +42,7 @@
 use super::devices::{self, DeviceSpec, Driver, RunningDevice};
 use super::protocol::{ControlError, ErrorCode};
 use crate::backend::Storage;
-use crate::engine::{EngineError, View, Volume, VolumeConfig};
+use crate::engine::{CacheMode, EngineError, View, Volume, VolumeConfig};
 use crate::engine::{DEFAULT_CHUNK_SIZE, DEFAULT_PARTITIONS};
 use crate::runtime::block_on;
 use serde_json::{json, Value};
@@ -466,6 +466,7 @@ impl Registry {
         chunk_size: Option<u32>,
         partitions: Option<u32>,
         backing: Option<String>,
+        cache: Option<CacheMode>,
     ) -> Result<Value, ControlError> {
         let _g = self.gate()?;
         validate_name("volume", name)?;
@@ -485,6 +486,7 @@ impl Registry {
             chunk_size: chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             partitions: partitions.unwrap_or(DEFAULT_PARTITIONS),
             backing,
+            cache: cache.unwrap_or_default(),
         };
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         let final_dir = self.volumes_dir.join(name);
@@ -1243,7 +1245,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let driver = FakeDriver::default();
         let reg = Registry::open(t.path(), Box::new(driver.clone())).unwrap();
-        reg.create_volume("v", 1 << 20, None, Some(1), None)
+        reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
         reg.create_snapshot("v", "s").unwrap();
 
@@ -1333,7 +1335,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let driver = FakeDriver::default();
         let reg = Registry::open(t.path(), Box::new(driver.clone())).unwrap();
-        reg.create_volume("v", 1 << 20, None, Some(1), None)
+        reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
         reg.shutdown();
         drop(reg);
@@ -1399,7 +1401,7 @@ mod tests {
     fn devices_report_what_the_kernel_granted_and_persist_no_recovery() {
         let t = tempfile::tempdir().unwrap();
         let reg = Registry::open(t.path(), Box::new(FakeDriver::default())).unwrap();
-        reg.create_volume("v", 1 << 20, None, Some(1), None)
+        reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
         let d = reg
             .start_device("v", None, Some(4), Some(256), Some(false))
@@ -1427,7 +1429,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let driver = FakeDriver::default();
         let reg = Registry::open(t.path(), Box::new(driver.clone())).unwrap();
-        reg.create_volume("v", 1 << 20, None, Some(1), None)
+        reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
         reg.start_device("v", None, None, None, None).unwrap();
         driver.fail_stop.store(true, Ordering::SeqCst);
@@ -1465,7 +1467,7 @@ mod tests {
     fn a_restore_claim_needs_an_unused_volume_and_excludes_every_other_use() {
         let t = tempfile::tempdir().unwrap();
         let reg = Registry::open(t.path(), Box::new(FakeDriver::default())).unwrap();
-        reg.create_volume("v", 1 << 20, None, Some(1), None)
+        reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
         reg.create_snapshot("v", "s").unwrap();
         let msg = |r: Result<RestoreClaim<'_>, ControlError>| {
@@ -1520,7 +1522,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let driver = FakeDriver::default();
         let reg = Registry::open(t.path(), Box::new(driver.clone())).unwrap();
-        reg.create_volume("v", 1 << 20, None, Some(1), None)
+        reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
         let (entered_tx, entered) = mpsc::channel();
         let (go, go_rx) = mpsc::channel();
@@ -1529,7 +1531,7 @@ mod tests {
             let starting = scope.spawn(|| reg.start_device("v", None, None, None, None));
             entered.recv().unwrap();
             // The kernel call is in progress: other volumes come and go...
-            reg.create_volume("w", 1 << 20, None, Some(1), None)
+            reg.create_volume("w", 1 << 20, None, Some(1), None, None)
                 .unwrap();
             reg.delete_volume("w").unwrap();
             // ...while this key and its volume are held.

@@ -336,7 +336,8 @@ pub fn handle(
             chunk_size,
             partitions,
             backing,
-        } => registry.create_volume(&name, size, chunk_size, partitions, backing),
+            cache,
+        } => registry.create_volume(&name, size, chunk_size, partitions, backing, cache),
         Request::VolumeList {} => registry.list_volumes(),
         Request::VolumeInfo { name } => registry.volume_info(&name),
         Request::VolumeDelete { name } => facts.jobs.unless_used(&name, None, || {

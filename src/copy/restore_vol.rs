@@ -75,7 +75,7 @@ fn run<'r>(
     let h = r.header.clone();
     let created = match registry.volume(name) {
         Err(e) if e.code == ErrorCode::NotFound => {
-            registry.create_volume(name, h.volume_size, Some(h.chunk_size), None, None)?;
+            registry.create_volume(name, h.volume_size, Some(h.chunk_size), None, None, None)?;
             true
         }
         Err(e) => return Err(e),

@@ -27,6 +27,26 @@ pub enum Origin {
     Backing(PathBuf),
 }
 
+/// How the origin is opened; the names are qemu's `cache=` modes.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Through the page cache (buffered I/O).
+    #[default]
+    Writeback,
+    /// O_DIRECT: no page cache; a FLUSH still syncs the disk's cache.
+    None,
+}
+
+impl CacheMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotRecord {
     pub name: String,
@@ -42,6 +62,9 @@ pub struct Manifest {
     pub chunk_size: u32,
     pub partitions: u32,
     pub origin: Origin,
+    /// Manifests written before cache modes existed read as writeback.
+    #[serde(default)]
+    pub cache: CacheMode,
     /// Lower bound for the current generation after a restart.
     pub next_generation: u64,
     /// Overall snapshots, oldest first.
@@ -57,6 +80,7 @@ impl Manifest {
             chunk_size,
             partitions,
             origin,
+            cache: CacheMode::Writeback,
             next_generation: 1,
             snapshots: Vec::new(),
         }
@@ -85,5 +109,27 @@ impl Manifest {
             return Err(EngineError::Corrupt(format!("{what}: impossible geometry")));
         }
         Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_mode_round_trips_and_defaults_to_writeback() {
+        let mut m = Manifest::new("v", 1 << 20, 65536, 1, Origin::Container);
+        m.cache = CacheMode::None;
+        let bytes = m.to_bytes();
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""cache": "none""#));
+        assert_eq!(Manifest::parse(&bytes, "t").unwrap().cache, CacheMode::None);
+
+        // A manifest from before cache modes.
+        let old = br#"{"format":1,"name":"v","size":1048576,"chunk_size":65536,"partitions":1,
+            "origin":"container","next_generation":1,"snapshots":[]}"#;
+        assert_eq!(
+            Manifest::parse(old, "t").unwrap().cache,
+            CacheMode::Writeback
+        );
     }
 }

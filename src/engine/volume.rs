@@ -4,7 +4,7 @@ use super::error::{EngineError, Result};
 use super::gate::{Epoch, Gate, Ticket};
 use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::Journal;
-use super::manifest::{self, Manifest, Origin, SnapshotRecord};
+use super::manifest::{self, CacheMode, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
 use super::writeback::{Held, HeldOp, Holding, WriteBack, WriteBackConfig};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
@@ -26,6 +26,7 @@ pub struct VolumeConfig {
     /// An existing file or block device to use as the origin instead of a
     /// new sparse container file.
     pub backing: Option<PathBuf>,
+    pub cache: CacheMode,
 }
 
 /// What `volume info` reports.
@@ -40,6 +41,10 @@ pub struct VolumeInfo {
     pub generation: u64,
     pub snapshots: usize,
     pub origin: String,
+    pub cache: CacheMode,
+    /// Origin I/Os that O_DIRECT could not take as they were (cache mode
+    /// none): copied through an aligned buffer or sent through the page cache.
+    pub bounced_ios: u64,
 }
 
 /// What `snapshot list` reports for one snapshot.
@@ -191,9 +196,12 @@ impl Volume {
         if storage.read_manifest(manifest::MANIFEST)?.is_some() {
             return Err(EngineError::AlreadyExists(format!("volume {name}")));
         }
+        // Opened as the volume will open it, so a file system that refuses
+        // O_DIRECT fails the create, not every later open.
+        let direct = config.cache == CacheMode::None;
         let origin = match &config.backing {
             Some(path) => {
-                let backing = Backend::File(Arc::new(FileBackend::open(path, false)?));
+                let backing = Backend::File(Arc::new(FileBackend::open_with(path, false, direct)?));
                 let available = backing.size()?;
                 if available < config.size {
                     return Err(EngineError::InvalidArgument(format!(
@@ -205,7 +213,7 @@ impl Volume {
                 Origin::Backing(path.clone())
             }
             None => {
-                let container = storage.open(manifest::CONTAINER, true)?;
+                let container = storage.open_with(manifest::CONTAINER, true, direct)?;
                 container.truncate(config.size).await?;
                 Origin::Container
             }
@@ -214,13 +222,16 @@ impl Volume {
             storage.open(&manifest::journal_name(p), true)?;
             storage.open(&manifest::store_name(p), true)?;
         }
-        let manifest = Manifest::new(
-            name,
-            config.size,
-            config.chunk_size,
-            config.partitions,
-            origin,
-        );
+        let manifest = Manifest {
+            cache: config.cache,
+            ..Manifest::new(
+                name,
+                config.size,
+                config.chunk_size,
+                config.partitions,
+                origin,
+            )
+        };
         storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
         Volume::open_with(name, storage, writeback).await
     }
@@ -242,9 +253,12 @@ impl Volume {
             .read_manifest(manifest::MANIFEST)?
             .ok_or_else(|| EngineError::NotFound(format!("{what} (not a volume directory)")))?;
         let manifest = Manifest::parse(&bytes, &what)?;
+        let direct = manifest.cache == CacheMode::None;
         let origin = match &manifest.origin {
-            Origin::Container => storage.open(manifest::CONTAINER, false)?,
-            Origin::Backing(path) => Backend::File(Arc::new(FileBackend::open(path, false)?)),
+            Origin::Container => storage.open_with(manifest::CONTAINER, false, direct)?,
+            Origin::Backing(path) => {
+                Backend::File(Arc::new(FileBackend::open_with(path, false, direct)?))
+            }
         };
         if origin.size()? < manifest.size {
             return Err(EngineError::Corrupt(format!(
@@ -260,7 +274,7 @@ impl Volume {
         let live: Vec<u64> = manifest.snapshots.iter().map(|s| s.generation).collect();
         for p in 0..manifest.partitions {
             let journal_name = manifest::journal_name(p);
-            let store = storage.open_for_direct_writes(&manifest::store_name(p))?;
+            let store = storage.open_store(&manifest::store_name(p))?;
             let label = format!("volume {name}: {journal_name}");
             let cs = manifest.chunk_size as u64;
             let (journal, replayed) =
@@ -369,13 +383,36 @@ impl Volume {
         if held.is_empty() {
             return Ok(());
         }
+        let mut first_error = None;
         for wave in self.writeback.waves(held) {
             for group in wave.chunks(APPLY_CONCURRENCY) {
-                try_join_all(group.iter().map(|h| self.apply_held(h))).await?;
+                let results = join_all(group.iter().map(|h| self.apply_held(h))).await;
+                // A write the origin refused (a full disk) is dropped, as
+                // the page cache drops a page whose writeback failed, and
+                // the next FLUSH reports it: kept, it would block every
+                // later write to its chunks, the discards that could free
+                // space among them.
+                for (held, result) in group.iter().zip(results) {
+                    if let Err(e) = result {
+                        self.writeback.lost(held, &e);
+                        first_error.get_or_insert(e);
+                    }
+                }
                 self.writeback.applied(group);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// FLUSH: every write acknowledged so far is durable, or the error
+    /// that lost one since the last FLUSH.
+    async fn flush_all(&self) -> Result<()> {
+        let driven = self.drive().await;
+        if let Some(lost) = self.writeback.take_lost() {
+            return Err(lost);
+        }
+        driven?;
+        Ok(self.origin.flush().await?)
     }
 
     async fn apply_held(&self, held: &Held) -> Result<()> {
@@ -441,6 +478,8 @@ impl Volume {
                 Origin::Container => manifest::CONTAINER.to_string(),
                 Origin::Backing(path) => path.display().to_string(),
             },
+            cache: manifest.cache,
+            bounced_ios: self.origin.bounced_ios(),
         })
     }
 
@@ -627,10 +666,7 @@ impl Volume {
     async fn after_holding(&self, holding: Holding, fua: bool) -> Result<()> {
         match holding {
             Holding::Direct => Ok(()),
-            Holding::Held { .. } if fua => {
-                self.drive().await?;
-                Ok(self.origin.flush().await?)
-            }
+            Holding::Held { .. } if fua => self.flush_all().await,
             Holding::Held { over_budget: true } => self.drive().await,
             Holding::Held { over_budget: false } => Ok(()),
         }
@@ -919,8 +955,7 @@ impl View {
     /// commits the queued preservations, applies the held writes, then
     /// flushes the origin.
     pub async fn flush(&self) -> Result<()> {
-        self.volume.drive().await?;
-        Ok(self.volume.origin.flush().await?)
+        self.volume.flush_all().await
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -27,6 +27,7 @@
 //! same chunk; drop a held write whose application failed (it stays held and
 //! readable, and the error goes to the FLUSH that asked).
 
+use super::error::EngineError;
 use crate::runtime::AlignedBuf;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -126,6 +127,8 @@ struct State {
     /// Chunk -> seqs of the held writes touching it, ascending.
     by_chunk: HashMap<u64, Vec<u64>>,
     bytes: usize,
+    /// A held write the origin refused since the last FLUSH: its errno.
+    lost: Option<i32>,
 }
 
 #[derive(Default)]
@@ -272,6 +275,24 @@ impl WriteBack {
             }
         }
         self.count.store(state.held.len(), Ordering::Release);
+    }
+
+    /// Notes that `held` could not be applied and is dropped; the next
+    /// [`WriteBack::take_lost`] reports it.
+    pub fn lost(&self, held: &Held, error: &EngineError) {
+        log::warn!(
+            "a held write of {} bytes at {} could not reach the origin and is lost: {error}; \
+             the next FLUSH fails",
+            held.len,
+            held.offset
+        );
+        self.state.lock().unwrap().lost.get_or_insert(error.errno());
+    }
+
+    /// The error that lost a held write since the last call, if any.
+    pub fn take_lost(&self) -> Option<EngineError> {
+        let errno = self.state.lock().unwrap().lost.take()?;
+        Some(EngineError::from(std::io::Error::from_raw_os_error(errno)))
     }
 
     /// Splits `held` (oldest first) into waves: no two writes of a wave touch

@@ -34,7 +34,7 @@ use super::wire::{self, CpEntry, Kind, Piece};
 use crate::control::registry::validate_name;
 use crate::control::Registry;
 use crate::engine::Volume;
-use crate::runtime::block_on;
+use crate::runtime::{block_on, AlignedBuf};
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -293,7 +293,7 @@ impl Replica {
         tid: u64,
         i: u32,
         (start, end): (u64, u64),
-    ) -> io::Result<Vec<u8>> {
+    ) -> io::Result<AlignedBuf> {
         let piece = lock(&self.index)[&tid][i as usize].clone();
         let f = match files.entry(tid) {
             std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
@@ -301,7 +301,8 @@ impl Replica {
                 v.insert(fs::File::open(transfer_file(&self.staging, tid))?)
             }
         };
-        let mut data = vec![0u8; (end - start) as usize];
+        // Aligned: the replica's origin may be opened with O_DIRECT.
+        let mut data = AlignedBuf::zeroed((end - start) as usize);
         f.read_exact_at(&mut data, 4 + (piece.at as u64) + (start - piece.offset))?;
         Ok(data)
     }
@@ -782,7 +783,7 @@ impl Receiver {
                 replica.save(rec).map_err(|e| e.to_string())?;
             }
             self.registry
-                .create_volume(name, open.size, Some(open.chunk_size), None, None)
+                .create_volume(name, open.size, Some(open.chunk_size), None, None, None)
                 .map_err(|e| format!("cannot create volume {name}: {}", e.message))?;
             log::info!(
                 "replica {name}: created for {} of {}",

@@ -39,7 +39,7 @@
 use super::dirty::DirtyMap;
 use super::wire::{self, CpCommit, CpEntry, Kind};
 use crate::engine::{Change, EngineError, Volume, WriteGuard, WriteHook};
-use crate::runtime::block_on;
+use crate::runtime::{block_on, AlignedBuf};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -1130,7 +1130,8 @@ impl Link {
                     let n = per_read.min(b - at);
                     let offset = at * bs;
                     let len = (n * bs).min(size - offset) as usize;
-                    let mut data = vec![0u8; len];
+                    // Aligned: the origin may be opened with O_DIRECT.
+                    let mut data = AlignedBuf::zeroed(len);
                     block_on(view.read(offset, &mut data)).map_err(err)?;
                     release.progress(at + n);
                     let block_of = |k: u64| {

@@ -15,32 +15,72 @@ use std::marker::PhantomData;
 /// Page size: the alignment O_DIRECT asks of buffers, offsets and lengths.
 pub const ALIGN: usize = 4096;
 
-/// A page-aligned byte buffer (O_DIRECT needs aligned memory).
+/// A page-aligned byte buffer (O_DIRECT needs aligned memory). Its length
+/// may be set anywhere up to the capacity it was allocated with, so one
+/// buffer can be reused for requests of different sizes.
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
+    cap: usize,
 }
 
 // SAFETY: the buffer owns its allocation exclusively.
 unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
+/// Buffers at least this large are mapped from the kernel, not taken from
+/// the heap: the heap cuts each aligned block out of a larger free one, and
+/// under copy-on-write load (a chunk buffer per preservation) the pieces so
+/// cut tripled the daemon's RSS. A mapping goes back to the kernel whole
+/// when dropped, and its pages are zero without a memset.
+const MAP_MIN: usize = 64 * 1024;
+
 impl AlignedBuf {
     pub fn zeroed(len: usize) -> AlignedBuf {
         let layout = Layout::from_size_align(len.max(1), ALIGN).expect("buffer layout");
-        // SAFETY: non-zero size layout.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = if len >= MAP_MIN {
+            // SAFETY: a fresh private anonymous mapping, owned by this buffer.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                std::ptr::null_mut()
+            } else {
+                p.cast::<u8>()
+            }
+        } else {
+            // SAFETY: non-zero size layout.
+            unsafe { alloc::alloc_zeroed(layout) }
+        };
         if ptr.is_null() {
             alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap: len }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Makes the buffer `len` bytes long (at most its capacity). The bytes
+    /// are whatever it last held (zeros if never written).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap, "length {len} beyond capacity {}", self.cap);
+        self.len = len;
     }
 }
 
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes for the buffer's life.
+        // SAFETY: ptr is valid, and initialized (zeroed), for cap >= len bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
@@ -54,7 +94,12 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len.max(1), ALIGN).expect("buffer layout");
+        if self.cap >= MAP_MIN {
+            // SAFETY: mapped with this length in `zeroed`; nothing borrows it.
+            unsafe { libc::munmap(self.ptr.cast(), self.cap) };
+            return;
+        }
+        let layout = Layout::from_size_align(self.cap.max(1), ALIGN).expect("buffer layout");
         // SAFETY: allocated with this layout in `zeroed`.
         unsafe { alloc::dealloc(self.ptr, layout) }
     }

@@ -25,7 +25,7 @@ use super::handshake::Negotiated;
 use super::proto::*;
 use crate::backend::Extent;
 use crate::engine::{EngineError, View};
-use crate::runtime;
+use crate::runtime::{self, AlignedBuf};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -49,7 +49,7 @@ const MAX_EXTENTS: usize = 64 * 1024;
 /// One encoded reply: a header and, for reads, the data.
 struct Reply {
     head: Vec<u8>,
-    data: Vec<u8>,
+    data: Option<AlignedBuf>,
     /// Bytes of the in-flight budget this reply releases once sent.
     budget: usize,
 }
@@ -84,28 +84,53 @@ struct Conn {
     broken: Cell<bool>,
     reader: WakeSlot,
     writer: WakeSlot,
-    /// Payload buffers of replies already sent, for reuse: a fresh large
-    /// allocation per request costs a page fault per 4 KiB.
-    buffers: RefCell<Vec<Vec<u8>>>,
+    /// Payload buffers of replies already sent, for reuse (a fresh large
+    /// allocation per request costs a page fault per 4 KiB), by size class:
+    /// `buffers[k]` holds buffers of `MIN_BUFFER << k` bytes. Page-aligned,
+    /// so an origin opened with O_DIRECT takes them as they are.
+    buffers: RefCell<Vec<Vec<AlignedBuf>>>,
+    pooled_bytes: Cell<usize>,
 }
 
 /// Most bytes of idle payload buffers a connection keeps.
 const POOLED_BYTES: usize = 16 << 20;
+/// The smallest payload buffer: one page.
+const MIN_BUFFER: usize = runtime::ALIGN;
+
+/// The size class of a `len`-byte payload: its buffers hold `MIN_BUFFER << k`.
+fn size_class(len: usize) -> usize {
+    (len.max(MIN_BUFFER).next_power_of_two() / MIN_BUFFER).trailing_zeros() as usize
+}
 
 impl Conn {
     /// A buffer of `len` bytes whose content the caller overwrites entirely.
-    fn take_buffer(&self, len: usize) -> Vec<u8> {
-        let mut buf = self.buffers.borrow_mut().pop().unwrap_or_default();
-        buf.resize(len, 0);
+    fn take_buffer(&self, len: usize) -> AlignedBuf {
+        let class = size_class(len);
+        let pooled = self.buffers.borrow_mut().get_mut(class).and_then(Vec::pop);
+        let mut buf = match pooled {
+            Some(buf) => {
+                self.pooled_bytes
+                    .set(self.pooled_bytes.get() - buf.capacity());
+                buf
+            }
+            None => AlignedBuf::zeroed(MIN_BUFFER << class),
+        };
+        buf.set_len(len);
         buf
     }
 
-    fn give_back(&self, buf: Vec<u8>) {
-        let mut pool = self.buffers.borrow_mut();
-        let pooled: usize = pool.iter().map(Vec::capacity).sum();
-        if buf.capacity() > 0 && pooled + buf.capacity() <= POOLED_BYTES {
-            pool.push(buf);
+    fn give_back(&self, buf: AlignedBuf) {
+        let cap = buf.capacity();
+        if self.pooled_bytes.get() + cap > POOLED_BYTES {
+            return;
         }
+        let class = size_class(cap);
+        let mut pool = self.buffers.borrow_mut();
+        if pool.len() <= class {
+            pool.resize_with(class + 1, Vec::new);
+        }
+        pool[class].push(buf);
+        self.pooled_bytes.set(self.pooled_bytes.get() + cap);
     }
 
     fn push(&self, reply: Reply) {
@@ -122,7 +147,7 @@ impl Conn {
         }
         Reply {
             head,
-            data: Vec::new(),
+            data: None,
             budget: 0,
         }
     }
@@ -132,7 +157,7 @@ impl Conn {
         put_simple_reply(&mut head, 0, cookie);
         Reply {
             head,
-            data: Vec::new(),
+            data: None,
             budget: 0,
         }
     }
@@ -202,6 +227,7 @@ pub(crate) async fn serve(fd: RawFd, n: Negotiated<View>) -> io::Result<()> {
         base_allocation: n.base_allocation,
         queue: RefCell::new(VecDeque::new()),
         buffers: RefCell::new(Vec::new()),
+        pooled_bytes: Cell::new(0),
         in_flight: Cell::new(0),
         in_flight_bytes: Cell::new(0),
         closing: Cell::new(false),
@@ -265,7 +291,7 @@ async fn read_requests(conn: &Rc<Conn>) -> io::Result<()> {
             )
         })?;
 
-        let mut payload = Vec::new();
+        let mut payload = None;
         let mut budget = 0usize;
         match req.kind {
             CMD_DISC => return Ok(()),
@@ -280,11 +306,11 @@ async fn read_requests(conn: &Rc<Conn>) -> io::Result<()> {
                         ),
                     ));
                 }
-                payload = conn.take_buffer(req.length as usize);
-                if !rx.read_exact(&mut payload).await? && req.length > 0 {
+                let buf = payload.insert(conn.take_buffer(req.length as usize));
+                if !rx.read_exact(buf).await? && req.length > 0 {
                     return Ok(());
                 }
-                budget = payload.len();
+                budget = buf.len();
             }
             CMD_READ if req.length <= MAX_PAYLOAD => budget = req.length as usize,
             CMD_READ | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => {}
@@ -302,8 +328,10 @@ async fn read_requests(conn: &Rc<Conn>) -> io::Result<()> {
             .set(conn.in_flight_bytes.get() + budget);
         let c = conn.clone();
         runtime::spawn(async move {
-            let mut reply = execute(&c, req, &payload).await;
-            c.give_back(payload);
+            let mut reply = execute(&c, req, payload.as_deref().unwrap_or_default()).await;
+            if let Some(buf) = payload {
+                c.give_back(buf);
+            }
             reply.budget = budget;
             c.push(reply);
             c.in_flight.set(c.in_flight.get() - 1);
@@ -369,7 +397,7 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
             }
             Reply {
                 head,
-                data,
+                data: Some(data),
                 budget: 0,
             }
         }
@@ -409,7 +437,7 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
                     block_status_reply(&mut head, cookie, &descs);
                     Reply {
                         head,
-                        data: Vec::new(),
+                        data: None,
                         budget: 0,
                     }
                 }
@@ -503,8 +531,8 @@ async fn writer(conn: Rc<Conn>) {
         let mut slices: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
         for r in &batch {
             slices.push(&r.head);
-            if !r.data.is_empty() {
-                slices.push(&r.data);
+            if let Some(data) = r.data.as_deref().filter(|d| !d.is_empty()) {
+                slices.push(data);
             }
         }
         if let Err(e) = send_all(conn.fd, &slices).await {
@@ -520,8 +548,8 @@ async fn writer(conn: Rc<Conn>) {
         let released: usize = batch.iter().map(|r| r.budget).sum();
         conn.in_flight_bytes
             .set(conn.in_flight_bytes.get() - released);
-        for reply in batch {
-            conn.give_back(reply.data);
+        for data in batch.into_iter().filter_map(|r| r.data) {
+            conn.give_back(data);
         }
         conn.reader.wake();
     }
