@@ -215,7 +215,7 @@ fn device_list_is_empty_table_and_array() {
     let (_t, d) = daemon_with_volume();
     assert_eq!(
         d.ok(&["device", "list"]),
-        "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  STATE\n"
+        "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  BUFFERS  STATE\n"
     );
     assert_eq!(d.ok(&["device", "ls"]), d.ok(&["device", "list"]));
     assert_eq!(d.json(&["device", "list"]), json!([]));

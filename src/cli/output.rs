@@ -215,6 +215,7 @@ pub fn device_list(result: &Value) -> String {
                 str_of(d, "queues"),
                 str_of(d, "depth"),
                 recovery.to_string(),
+                str_of(d, "buffers"),
                 // The reason of an error follows the table.
                 match str_of(d, "state") {
                     s if s.starts_with("error") => "error".to_string(),
@@ -225,7 +226,8 @@ pub fn device_list(result: &Value) -> String {
         .collect();
     let mut out = table(
         &[
-            "DEVICE", "VOLUME", "SNAPSHOT", "MODE", "QUEUES", "DEPTH", "RECOVERY", "STATE",
+            "DEVICE", "VOLUME", "SNAPSHOT", "MODE", "QUEUES", "DEPTH", "RECOVERY", "BUFFERS",
+            "STATE",
         ],
         &rows,
     );
@@ -293,19 +295,19 @@ mod tests {
         use serde_json::json;
         assert_eq!(
             device_list(&json!([])),
-            "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  STATE\n"
+            "DEVICE  VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  BUFFERS  STATE\n"
         );
         let t = device_list(&json!([
             {"id":0,"path":"/dev/ublkb0","volume":"v","snapshot":null,"read_only":false,
-             "queues":1,"depth":64,"recovery":true,"state":"running"},
+             "queues":1,"depth":64,"recovery":true,"buffers":"copy","state":"running"},
             {"id":null,"path":null,"volume":"v","snapshot":"s","read_only":true,
-             "queues":2,"depth":128,"recovery":false,"state":"error: no ublk"}
+             "queues":2,"depth":128,"recovery":false,"buffers":null,"state":"error: no ublk"}
         ]));
         assert_eq!(
             t,
-            "DEVICE       VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  STATE\n\
-             /dev/ublkb0  v       -         rw    1       64     yes       running\n\
-             (failed)     v       s         ro    2       128    no        error\n\
+            "DEVICE       VOLUME  SNAPSHOT  MODE  QUEUES  DEPTH  RECOVERY  BUFFERS  STATE\n\
+             /dev/ublkb0  v       -         rw    1       64     yes       copy     running\n\
+             (failed)     v       s         ro    2       128    no        -        error\n\
              v@s: not running: no ublk\n"
         );
         assert_eq!(

@@ -12,6 +12,7 @@
 //! [`View`]) or decide which devices may exist (the registry does).
 
 use crate::engine::View;
+use crate::frontend::ublk::RingOps;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fs;
@@ -156,6 +157,12 @@ pub trait RunningDevice: Send {
     fn recovery(&self) -> bool;
     /// Requests served so far by each queue.
     fn requests_per_queue(&self) -> Vec<u64>;
+    /// Where each queue's engine I/O went so far: the queue's own ring, or
+    /// a runtime ring of the queue thread's own.
+    fn ring_ops_per_queue(&self) -> Vec<RingOps>;
+    /// How request data moves between the kernel and the daemon
+    /// ([`crate::frontend::ublk::BUFFERS`]).
+    fn buffers(&self) -> &'static str;
     /// Stops and deletes the kernel device. A stop that failed (timed out)
     /// may be called again.
     fn stop(&mut self) -> io::Result<()>;

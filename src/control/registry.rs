@@ -82,6 +82,7 @@ struct Shown {
     queues: u16,
     depth: u16,
     recovery: bool,
+    buffers: &'static str,
 }
 
 impl Shown {
@@ -93,6 +94,7 @@ impl Shown {
             queues: dev.queues(),
             depth: dev.depth(),
             recovery: dev.recovery(),
+            buffers: dev.buffers(),
         }
     }
 }
@@ -166,9 +168,12 @@ impl DeviceEntry {
                 s.recovery,
             ),
         };
-        let requests = match &self.state {
-            DeviceState::Running(dev) => json!(dev.requests_per_queue()),
-            _ => Value::Null,
+        let (requests, ring_ops) = match &self.state {
+            DeviceState::Running(dev) => (
+                json!(dev.requests_per_queue()),
+                json!(dev.ring_ops_per_queue()),
+            ),
+            _ => (Value::Null, Value::Null),
         };
         json!({
             "id": id,
@@ -181,6 +186,8 @@ impl DeviceEntry {
             "recovery": recovery,
             "state": state,
             "requests_per_queue": requests,
+            "ring_ops_per_queue": ring_ops,
+            "buffers": shown.map(|g| g.buffers),
         })
     }
 }
@@ -964,14 +971,15 @@ impl Registry {
         let entry = &map[&key];
         let g = entry.shown.as_ref().expect("set above");
         log::info!(
-            "device {path} started for {key} ({} queue(s), depth {}, {})",
+            "device {path} started for {key} ({} queue(s), depth {}, {}, buffers: {})",
             g.queues,
             g.depth,
             if g.recovery {
                 "USER_RECOVERY"
             } else {
                 "no recovery: it dies with the daemon"
-            }
+            },
+            g.buffers
         );
         Ok(entry.json())
     }
@@ -1202,6 +1210,12 @@ mod tests {
         }
         fn requests_per_queue(&self) -> Vec<u64> {
             vec![0; self.queues as usize]
+        }
+        fn ring_ops_per_queue(&self) -> Vec<crate::frontend::ublk::RingOps> {
+            vec![Default::default(); self.queues as usize]
+        }
+        fn buffers(&self) -> &'static str {
+            "copy"
         }
         fn stop(&mut self) -> io::Result<()> {
             if self.fail_stop.load(Ordering::SeqCst) {

@@ -57,6 +57,12 @@ impl RunningDevice for Device {
     fn requests_per_queue(&self) -> Vec<u64> {
         Device::requests_per_queue(self)
     }
+    fn ring_ops_per_queue(&self) -> Vec<ublk::RingOps> {
+        Device::ring_ops_per_queue(self)
+    }
+    fn buffers(&self) -> &'static str {
+        ublk::BUFFERS
+    }
     fn stop(&mut self) -> io::Result<()> {
         Device::stop(self)
     }

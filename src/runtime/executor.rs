@@ -1,8 +1,9 @@
 //! A single-threaded executor whose idle wait is the reactor's io_uring wait.
 
-use super::reactor;
+use super::reactor::{self, HostRing};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,9 @@ type Task = Pin<Box<dyn Future<Output = ()>>>;
 /// Task ids made runnable, possibly by other threads.
 struct ReadyQueue {
     state: Mutex<ReadyState>,
-    eventfd: i32,
+    /// The reactor's wake-up eventfd, kept open for as long as any waker
+    /// can write to it, even after the reactor is gone.
+    eventfd: Arc<OwnedFd>,
 }
 
 struct ReadyState {
@@ -37,12 +40,20 @@ impl Wake for TaskWaker {
             state.ids.push(self.id);
             state.sleeping
         };
-        if sleeping {
+        // A wake on the executor's own thread comes from the reactor's reap,
+        // after its wait: the thread runs the task next without being woken.
+        let own_thread = DRIVING.with(|d| d.get() == Arc::as_ptr(&self.queue));
+        if sleeping && !own_thread {
             let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a valid u64 to an eventfd we own for
-            // the executor's lifetime (the waker keeps the queue alive; the
-            // reactor outlives every executor on its thread).
-            unsafe { libc::write(self.queue.eventfd, (&one as *const u64).cast(), 8) };
+            // SAFETY: writes 8 bytes from a valid u64 to an eventfd the
+            // queue keeps open.
+            unsafe {
+                libc::write(
+                    self.queue.eventfd.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    8,
+                )
+            };
         }
     }
 }
@@ -56,6 +67,8 @@ struct Executor {
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Executor>>> = const { RefCell::new(None) };
     static RUNNING: Cell<bool> = const { Cell::new(false) };
+    /// The ready queue of the executor this thread runs (null: none).
+    static DRIVING: Cell<*const ReadyQueue> = const { Cell::new(std::ptr::null()) };
 }
 
 impl Executor {
@@ -127,15 +140,6 @@ impl Executor {
 ///
 /// Panics if called from inside another `block_on` on the same thread.
 pub fn block_on<F: Future>(future: F) -> F::Output {
-    block_on_with(|| false, future)
-}
-
-/// [`block_on`] for a thread that also serves another event source, such as
-/// a ublk queue's own io_uring: `service` runs before every sleep, must not
-/// block, and returns whether it woke any task. A task that awaits
-/// [`super::poll_readable`] on that source's fd is what wakes the thread
-/// when the source has work while it sleeps in this thread's ring.
-pub fn block_on_with<F: Future>(mut service: impl FnMut() -> bool, future: F) -> F::Output {
     assert!(
         !RUNNING.with(|r| r.replace(true)),
         "nested runtime::block_on"
@@ -144,6 +148,7 @@ pub fn block_on_with<F: Future>(mut service: impl FnMut() -> bool, future: F) ->
     impl Drop for Reset {
         fn drop(&mut self) {
             RUNNING.with(|r| r.set(false));
+            DRIVING.with(|d| d.set(std::ptr::null()));
             CURRENT.with(|c| c.borrow_mut().take());
         }
     }
@@ -151,6 +156,7 @@ pub fn block_on_with<F: Future>(mut service: impl FnMut() -> bool, future: F) ->
 
     let executor = Executor::new();
     CURRENT.with(|c| *c.borrow_mut() = Some(executor.clone()));
+    DRIVING.with(|d| d.set(Arc::as_ptr(&executor.queue)));
     let output = Rc::new(RefCell::new(None));
     let slot = output.clone();
     // SAFETY of the lifetime extension: the main task is dropped (with all
@@ -170,11 +176,17 @@ pub fn block_on_with<F: Future>(mut service: impl FnMut() -> bool, future: F) ->
             drop(leftovers);
             return value;
         }
-        if service() {
-            continue;
-        }
         executor.park();
     }
+}
+
+/// [`block_on`] on a ring that belongs to someone else, such as a ublk
+/// queue's: every operation of this thread's tasks goes on `host`'s ring,
+/// and the executor sleeps in `host`'s wait, which also serves the host's
+/// own work. The host's completions wake its tasks through their wakers.
+pub fn block_on_hosted<F: Future>(host: &dyn HostRing, future: F) -> F::Output {
+    assert!(!RUNNING.with(|r| r.get()), "nested runtime::block_on");
+    reactor::with_host(host, || block_on(future))
 }
 
 /// Spawns a task onto the executor of the current `block_on`.
@@ -210,48 +222,122 @@ mod tests {
         assert_eq!(value, 42);
     }
 
-    /// A second ring stands in for a ublk queue's: its completion reaches
-    /// a task only through the service hook, and the poll on its fd is what
-    /// wakes the sleeping executor.
+    /// A ring of someone else's, standing in for a ublk queue's: its own
+    /// entries carry user_data without [`TestHost::TAG`], and their
+    /// completions go to `seen`, waking whoever waits for them.
+    struct TestHost {
+        ring: RefCell<io_uring::IoUring>,
+        seen: Cell<Option<u64>>,
+        signal: RefCell<Option<Waker>>,
+        /// Completions of ours it handed back.
+        ours: Cell<u64>,
+    }
+
+    impl TestHost {
+        const TAG: u64 = 1 << 63;
+    }
+
+    impl HostRing for TestHost {
+        fn tag(&self) -> u64 {
+            Self::TAG
+        }
+        fn push(&self, entry: &io_uring::squeue::Entry) -> bool {
+            unsafe { self.ring.borrow_mut().submission().push(entry) }.is_ok()
+        }
+        fn turn(&self, want: usize, ours: &mut dyn FnMut(u64, i32)) {
+            let mut ring = self.ring.borrow_mut();
+            ring.submit_and_wait(want).unwrap();
+            for cqe in ring.completion() {
+                if cqe.user_data() & Self::TAG != 0 {
+                    self.ours.set(self.ours.get() + 1);
+                    ours(cqe.user_data(), cqe.result());
+                } else {
+                    self.seen.set(Some(cqe.user_data()));
+                    if let Some(w) = self.signal.borrow_mut().take() {
+                        w.wake();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hosted on another ring, the runtime's I/O goes there and nowhere
+    /// else; the host's own completion, a wake-up from another thread and
+    /// the cancellation of a dropped operation all arrive through the
+    /// host's wait; and nothing of ours is left on the host's ring after.
     #[test]
-    fn a_foreign_ring_is_served_through_the_hook() {
-        use io_uring::{opcode, types, IoUring};
+    fn a_hosted_runtime_runs_on_the_host_ring() {
+        use io_uring::{opcode, types};
         use std::os::fd::AsRawFd;
-        let mut foreign = IoUring::new(8).unwrap();
+        let host = TestHost {
+            ring: RefCell::new(io_uring::IoUring::new(8).unwrap()),
+            seen: Cell::new(None),
+            signal: RefCell::new(None),
+            ours: Cell::new(0),
+        };
         let timeout = types::Timespec::new().nsec(20_000_000);
         let entry = opcode::Timeout::new(&timeout).build().user_data(7);
-        unsafe { foreign.submission().push(&entry).unwrap() };
-        foreign.submit().unwrap();
-        let fd = foreign.as_raw_fd();
-        let seen = Rc::new(Cell::new(None));
-        let signal = Rc::new(RefCell::new(None::<Waker>));
-        let (seen2, signal2) = (seen.clone(), signal.clone());
-        let service = move || {
-            let Some(cqe) = foreign.completion().next() else {
-                return false;
-            };
-            seen2.set(Some(cqe.user_data()));
-            if let Some(w) = signal2.borrow_mut().take() {
-                w.wake();
-            }
-            true
-        };
-        let got = block_on_with(service, async move {
-            spawn(async move {
-                // Re-armed until block_on drops it: that drop must cancel
-                // the poll instead of waiting for it forever.
-                while super::super::poll_readable(fd).await.is_ok() {}
+        assert!(host.push(&entry));
+        let file = tempfile::tempfile().unwrap();
+        let fd = file.as_raw_fd();
+        let (quiet, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let before = super::super::submitted_ops();
+        let got = block_on_hosted(&host, async {
+            // The own ring's arena would mean nothing on the host's.
+            assert!(!super::super::FixedArena::new(4096).is_registered());
+            super::super::write_at(fd, b"hosted", 512, 0).await.unwrap();
+            let mut back = [0u8; 6];
+            super::super::read_at(fd, &mut back, 512).await.unwrap();
+            assert_eq!(&back, b"hosted");
+
+            // Polled once, then dropped: the drop must cancel the recv, which
+            // would otherwise never complete, and wait for it.
+            let mut buf = [0u8; 8];
+            let mut recv = Box::pin(super::super::recv(quiet.as_raw_fd(), &mut buf));
+            std::future::poll_fn(|cx| {
+                assert!(recv.as_mut().poll(cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            drop(recv);
+
+            let (tx, rx) = futures::channel::oneshot::channel::<u64>();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                tx.send(6).unwrap();
             });
-            std::future::poll_fn(|cx| match seen.get() {
+            let from_thread = rx.await.unwrap();
+            let from_host = std::future::poll_fn(|cx| match host.seen.get() {
                 Some(v) => Poll::Ready(v),
                 None => {
-                    *signal.borrow_mut() = Some(cx.waker().clone());
+                    *host.signal.borrow_mut() = Some(cx.waker().clone());
                     Poll::Pending
                 }
             })
-            .await
+            .await;
+            from_thread * from_host
         });
-        assert_eq!(got, 7);
+        assert_eq!(got, 42);
+        let after = super::super::submitted_ops();
+        assert_eq!(after.own_ring, before.own_ring, "nothing on an own ring");
+        assert_eq!(after.host_ring - before.host_ring, 3, "write, read, recv");
+        // The write, the read, the cancelled recv and its cancel; the
+        // eventfd read, armed at the start, cancelled at the end, and done
+        // once more if the other thread's wake found us asleep. Completions
+        // that wake a task on this thread (the write's, the read's, the
+        // host's own) must not write the eventfd: nothing more.
+        assert!(
+            (6..=7).contains(&host.ours.get()),
+            "{} completions of ours",
+            host.ours.get()
+        );
+        let mut ring = host.ring.borrow_mut();
+        ring.submit().unwrap();
+        assert_eq!(
+            ring.completion().count(),
+            0,
+            "nothing of ours left in flight"
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! Owns: the thread-local io_uring (one per I/O thread, as DESIGN.md's I/O
 //! model asks: no hand-off between threads per request), the task queue of that
-//! thread, and the futures that wrap single io_uring operations.
+//! thread, and the futures that wrap single io_uring operations. A thread that
+//! already serves a ring of someone else's (a ublk queue's) runs its reactor
+//! on that ring instead ([`block_on_hosted`], [`HostRing`]): one ring and one
+//! wait per thread either way.
 //!
 //! Must never: move a task to another thread, or block inside a task. Tasks on
 //! one thread cooperate; the only blocking call is the reactor's wait for
@@ -22,7 +25,8 @@ mod reactor;
 
 pub use buffer::{AlignedBuf, FixedArena, ALIGN};
 
-pub use executor::{block_on, block_on_with, spawn};
+pub use executor::{block_on, block_on_hosted, spawn};
 pub use reactor::{
-    fallocate, fixed_io_bytes, fsync, poll_readable, read_at, recv, send, write_at, writev,
+    fallocate, fixed_io_bytes, fsync, read_at, recv, send, submitted_ops, write_at, writev,
+    HostRing, SubmittedOps,
 };

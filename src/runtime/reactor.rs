@@ -1,18 +1,58 @@
 //! The thread-local io_uring and the futures of single operations on it.
+//!
+//! A thread's reactor runs on a ring of its own, or, inside
+//! [`super::block_on_hosted`], on a ring that belongs to someone else (a
+//! ublk queue's): a [`HostRing`]. Hosted, every entry the reactor submits
+//! carries the host's tag bits in its user_data, and the host's completion
+//! loop hands those completions back; the thread then has one ring, one
+//! wait and one submission per turn for both the host's work and ours.
 
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::ptr::NonNull;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-/// user_data reserved for the eventfd read that lets other threads wake us.
-const WAKE_TOKEN: u64 = u64::MAX;
-/// user_data of cancel requests; their own completions carry nothing.
-const CANCEL_TOKEN: u64 = u64::MAX - 1;
+/// The low 32 bits of our user_data: an op slot, or one of these tokens.
+const TOKEN_MASK: u64 = u32::MAX as u64;
+/// The eventfd read that lets other threads wake us.
+const WAKE_TOKEN: u64 = TOKEN_MASK;
+/// Cancel requests; their own completions carry nothing.
+const CANCEL_TOKEN: u64 = TOKEN_MASK - 1;
 const RING_ENTRIES: u32 = 256;
+
+/// A ring owned by someone else that this thread's reactor submits to.
+///
+/// The host keeps driving its own work on the ring; the reactor only adds
+/// entries whose user_data carries [`HostRing::tag`], and the host must hand
+/// every completion carrying it to the reactor, untouched, and never submit
+/// such user_data itself.
+pub trait HostRing {
+    /// Bits set in the user_data of every entry the reactor submits; none of
+    /// the low 32 (the reactor's own), and none the host's own entries carry
+    /// all of.
+    fn tag(&self) -> u64;
+    /// Queues `entry` for submission; false if the submission queue is full.
+    fn push(&self, entry: &squeue::Entry) -> bool;
+    /// Submits what is queued, waits until at least `want` completions are
+    /// there, and reaps every completion: those whose user_data carries
+    /// the tag go to `ours` as `(user_data, result)`, the rest to the host.
+    fn turn(&self, want: usize, ours: &mut dyn FnMut(u64, i32));
+}
+
+// One per thread: its size does not matter, an indirection on every
+// submission would.
+#[allow(clippy::large_enum_variant)]
+enum Ring {
+    Own(IoUring),
+    /// Valid while the reactor exists: [`with_host`] drops the reactor
+    /// before the borrow it was made from ends.
+    Hosted(NonNull<dyn HostRing>),
+}
 
 enum OpState {
     /// Queued or in the kernel; the waker of the task that awaits it.
@@ -24,11 +64,31 @@ enum OpState {
 }
 
 pub(crate) struct Reactor {
-    ring: IoUring,
+    ring: Ring,
+    /// [`HostRing::tag`] when hosted, else 0.
+    tag: u64,
     ops: Vec<OpState>,
     free: Vec<usize>,
-    eventfd: RawFd,
+    /// Shared with the executors' ready queues: a waker on another thread
+    /// may still write to it after this reactor is gone.
+    eventfd: Arc<OwnedFd>,
     eventfd_buf: Box<[u8; 8]>,
+    /// Whether the eventfd read is in the kernel (it reads `eventfd_buf`).
+    wake_armed: bool,
+    /// Set while a hosted reactor is taken down: a completed eventfd read
+    /// is not armed again.
+    closing: bool,
+    /// Completions reaped and not yet dispatched (kept to reuse its memory).
+    reaped: Vec<(u64, i32)>,
+}
+
+/// Operations this thread has submitted, by ring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubmittedOps {
+    /// On the thread's own runtime ring.
+    pub own_ring: u64,
+    /// On a ring it was hosted on ([`super::block_on_hosted`]).
+    pub host_ring: u64,
 }
 
 thread_local! {
@@ -39,6 +99,9 @@ thread_local! {
     static FIXED: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
     /// Bytes moved by READ_FIXED / WRITE_FIXED on this thread's ring.
     static FIXED_BYTES: Cell<u64> = const { Cell::new(0) };
+    static SUBMITTED: Cell<SubmittedOps> = const {
+        Cell::new(SubmittedOps { own_ring: 0, host_ring: 0 })
+    };
 }
 
 pub(crate) fn with<R>(f: impl FnOnce(&mut Reactor) -> R) -> R {
@@ -49,31 +112,89 @@ pub(crate) fn with<R>(f: impl FnOnce(&mut Reactor) -> R) -> R {
     })
 }
 
+/// Runs `f` with this thread's reactor on `host`'s ring, then takes that
+/// reactor down (waiting for its eventfd read to let go of its buffer) and
+/// puts back whatever reactor the thread had.
+pub(crate) fn with_host<R>(host: &dyn HostRing, f: impl FnOnce() -> R) -> R {
+    struct Restore {
+        reactor: Option<Reactor>,
+        fixed: (usize, usize),
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let hosted = REACTOR.with(|c| c.replace(self.reactor.take()));
+            FIXED.set(self.fixed);
+            drop(hosted);
+        }
+    }
+    let hosted = Reactor::hosted(host).expect("cannot set up the hosted reactor");
+    // An arena registered on the thread's own ring means nothing on the
+    // host's: while hosted, I/O takes the plain opcodes.
+    let _restore = Restore {
+        reactor: REACTOR.with(|c| c.replace(Some(hosted))),
+        fixed: FIXED.replace((0, 0)),
+    };
+    f()
+}
+
+fn new_eventfd() -> io::Result<Arc<OwnedFd>> {
+    // SAFETY: plain syscall.
+    let eventfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if eventfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(eventfd) }))
+}
+
 impl Reactor {
     fn new() -> io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
-        // SAFETY: plain syscall; the fd is owned by the reactor until drop.
-        let eventfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if eventfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        Ok(Reactor::on(Ring::Own(ring), 0, new_eventfd()?))
+    }
+
+    fn hosted(host: &dyn HostRing) -> io::Result<Self> {
+        let tag = host.tag();
+        assert_eq!(
+            tag & TOKEN_MASK,
+            0,
+            "a host's tag overlaps the reactor's tokens"
+        );
+        let host: NonNull<dyn HostRing + '_> = NonNull::from(host);
+        // SAFETY: only the lifetime is erased; `with_host` drops this
+        // reactor before its `host` borrow ends.
+        let host: NonNull<dyn HostRing> = unsafe { std::mem::transmute(host) };
+        Ok(Reactor::on(Ring::Hosted(host), tag, new_eventfd()?))
+    }
+
+    fn on(ring: Ring, tag: u64, eventfd: Arc<OwnedFd>) -> Self {
         let mut reactor = Reactor {
             ring,
+            tag,
             ops: Vec::new(),
             free: Vec::new(),
             eventfd,
             eventfd_buf: Box::new([0; 8]),
+            wake_armed: false,
+            closing: false,
+            reaped: Vec::new(),
         };
         reactor.arm_wakeup();
-        Ok(reactor)
+        reactor
     }
 
-    pub(crate) fn eventfd(&self) -> RawFd {
-        self.eventfd
+    pub(crate) fn eventfd(&self) -> Arc<OwnedFd> {
+        self.eventfd.clone()
     }
 
     /// Registers `buf` as this ring's only fixed buffer (index 0).
     pub(crate) fn register_fixed(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let Ring::Own(ring) = &mut self.ring else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this thread's ring belongs to a ublk queue",
+            ));
+        };
         if FIXED.get().1 != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::ResourceBusy,
@@ -86,38 +207,51 @@ impl Reactor {
         };
         // SAFETY: the caller (FixedArena) keeps the memory alive and
         // unregisters it before freeing it.
-        unsafe { self.ring.submitter().register_buffers(&[iovec])? };
+        unsafe { ring.submitter().register_buffers(&[iovec])? };
         FIXED.set((buf.as_ptr() as usize, buf.len()));
         Ok(())
     }
 
     pub(crate) fn unregister_fixed(&mut self) {
-        if let Err(e) = self.ring.submitter().unregister_buffers() {
-            log::warn!("cannot unregister io_uring buffers: {e}");
+        if let Ring::Own(ring) = &mut self.ring {
+            if let Err(e) = ring.submitter().unregister_buffers() {
+                log::warn!("cannot unregister io_uring buffers: {e}");
+            }
         }
         FIXED.set((0, 0));
     }
 
     fn arm_wakeup(&mut self) {
-        let entry = opcode::Read::new(types::Fd(self.eventfd), self.eventfd_buf.as_mut_ptr(), 8)
+        let fd = types::Fd(self.eventfd.as_raw_fd());
+        let entry = opcode::Read::new(fd, self.eventfd_buf.as_mut_ptr(), 8)
             .build()
-            .user_data(WAKE_TOKEN);
+            .user_data(self.tag | WAKE_TOKEN);
         self.push(entry);
+        self.wake_armed = true;
     }
 
     fn push(&mut self, entry: squeue::Entry) {
         loop {
             // SAFETY: every entry's buffers are kept alive by the Op future
             // that owns its slot until the completion is reaped.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            let pushed = match &mut self.ring {
+                Ring::Own(ring) => unsafe { ring.submission().push(&entry) }.is_ok(),
+                Ring::Hosted(host) => unsafe { host.as_ref() }.push(&entry),
+            };
+            if pushed {
                 return;
             }
             // Submission queue full: hand what we have to the kernel.
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) {
-                    panic!("io_uring submit failed: {e}");
+            match &mut self.ring {
+                Ring::Own(ring) => {
+                    if let Err(e) = ring.submit() {
+                        if e.raw_os_error() != Some(libc::EBUSY) {
+                            panic!("io_uring submit failed: {e}");
+                        }
+                        self.reap(true);
+                    }
                 }
-                self.reap(true);
+                Ring::Hosted(_) => self.turn(false),
             }
         }
     }
@@ -133,65 +267,95 @@ impl Reactor {
                 self.ops.len() - 1
             }
         };
-        self.push(entry.user_data(index as u64));
+        self.push(entry.user_data(self.tag | index as u64));
+        let mut submitted = SUBMITTED.get();
+        match self.ring {
+            Ring::Own(_) => submitted.own_ring += 1,
+            Ring::Hosted(_) => submitted.host_ring += 1,
+        }
+        SUBMITTED.set(submitted);
         index
     }
 
     /// Submits queued entries and, if `wait`, blocks until at least one
-    /// completion (an I/O or a cross-thread wake-up) arrives. Returns whether a
-    /// cross-thread wake-up was seen.
-    pub(crate) fn turn(&mut self, wait: bool) -> bool {
+    /// completion (an I/O, a cross-thread wake-up, or the host's own work)
+    /// arrives.
+    pub(crate) fn turn(&mut self, wait: bool) {
         let want = usize::from(wait);
-        loop {
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    self.reap(false);
-                    break;
+        match &mut self.ring {
+            Ring::Own(ring) => loop {
+                match ring.submit_and_wait(want) {
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                    Err(e) => panic!("io_uring wait failed: {e}"),
                 }
-                Err(e) => panic!("io_uring wait failed: {e}"),
+            },
+            Ring::Hosted(host) => {
+                let reaped = &mut self.reaped;
+                // SAFETY: see `Ring::Hosted`.
+                unsafe { host.as_ref() }
+                    .turn(want, &mut |data, result| reaped.push((data, result)));
             }
         }
-        self.reap(false)
+        self.reap(false);
     }
 
-    fn reap(&mut self, wait_if_empty: bool) -> bool {
-        if wait_if_empty && self.ring.completion().is_empty() {
-            let _ = self.ring.submitter().submit_and_wait(1);
+    /// Dispatches completions: those `turn` got from a host, and whatever
+    /// the own ring holds.
+    fn reap(&mut self, wait_if_empty: bool) {
+        let mut reaped = std::mem::take(&mut self.reaped);
+        if let Ring::Own(ring) = &mut self.ring {
+            if wait_if_empty && ring.completion().is_empty() {
+                let _ = ring.submitter().submit_and_wait(1);
+            }
+            reaped.extend(ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
         }
-        let mut woke = false;
-        let completions: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
-        for (token, result) in completions {
-            if token == CANCEL_TOKEN {
-                continue;
-            }
-            if token == WAKE_TOKEN {
-                woke = true;
-                self.arm_wakeup();
-                continue;
-            }
-            let index = token as usize;
-            match std::mem::replace(&mut self.ops[index], OpState::Done(result)) {
-                OpState::Pending(Some(waker)) => waker.wake(),
-                OpState::Pending(None) => {}
-                OpState::Done(_) | OpState::Free => unreachable!("completion for idle slot"),
+        for (data, result) in reaped.drain(..) {
+            match data & TOKEN_MASK {
+                CANCEL_TOKEN => {}
+                WAKE_TOKEN => {
+                    self.wake_armed = false;
+                    if !self.closing {
+                        self.arm_wakeup();
+                    }
+                }
+                index => {
+                    let index = index as usize;
+                    match std::mem::replace(&mut self.ops[index], OpState::Done(result)) {
+                        OpState::Pending(Some(waker)) => waker.wake(),
+                        OpState::Pending(None) => {}
+                        OpState::Done(_) | OpState::Free => {
+                            unreachable!("completion for idle slot")
+                        }
+                    }
+                }
             }
         }
-        woke
+        self.reaped = reaped;
     }
 }
 
 impl Drop for Reactor {
     fn drop(&mut self) {
         // Buffers of in-flight operations belong to futures that have already
-        // waited in their own drop; only the eventfd read remains.
-        // SAFETY: we own the fd.
-        unsafe { libc::close(self.eventfd) };
+        // waited in their own drop; only the eventfd read remains. An own
+        // ring goes with the reactor, and the kernel cancels the read with
+        // it; a host's ring lives on, so stop the read and wait until the
+        // kernel has let go of its buffer. The eventfd closes with its last
+        // owner.
+        if matches!(self.ring, Ring::Hosted(_)) {
+            self.closing = true;
+            if self.wake_armed {
+                let cancel = opcode::AsyncCancel::new(self.tag | WAKE_TOKEN)
+                    .build()
+                    .user_data(self.tag | CANCEL_TOKEN);
+                self.push(cancel);
+            }
+            while self.wake_armed {
+                self.turn(true);
+            }
+        }
     }
 }
 
@@ -251,9 +415,9 @@ impl Drop for Op<'_> {
         // hang us), then wait until it has let go.
         with(|r| {
             if matches!(r.ops[index], OpState::Pending(_)) {
-                let cancel = opcode::AsyncCancel::new(index as u64)
+                let cancel = opcode::AsyncCancel::new(r.tag | index as u64)
                     .build()
-                    .user_data(CANCEL_TOKEN);
+                    .user_data(r.tag | CANCEL_TOKEN);
                 r.push(cancel);
             }
         });
@@ -282,6 +446,11 @@ fn len32(len: usize) -> u32 {
 /// Bytes this thread has moved through its registered arena so far.
 pub fn fixed_io_bytes() -> u64 {
     FIXED_BYTES.get()
+}
+
+/// Operations this thread has submitted so far, by ring.
+pub fn submitted_ops() -> SubmittedOps {
+    SUBMITTED.get()
 }
 
 /// Whether `[ptr, +len)` lies inside this thread's registered arena; if so,
@@ -369,13 +538,6 @@ pub async fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Resul
         .offset(offset)
         .mode(mode)
         .build();
-    Op::new(entry).await.map(drop)
-}
-
-/// Waits until `fd` is readable (an eventfd, a socket, another io_uring).
-pub async fn poll_readable(fd: RawFd) -> io::Result<()> {
-    let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
-    // Dropping this future cancels the poll (see `Op`'s drop).
     Op::new(entry).await.map(drop)
 }
 

@@ -8,10 +8,15 @@ D="$W/data"
 daemon_start "$D"
 features=$(snapblk features) || fail "snapblk features failed"
 echo "$features"
-# 6.12 has no AUTO_BUF_REG (6.15+): `features` must say there is no zero copy.
-if ! echo "$features" | grep -qx AUTO_BUF_REG; then
-    echo "$features" | grep -q "^zero copy: not available: this kernel lacks AUTO_BUF_REG" \
+# 6.12 offers neither zero-copy mode (SUPPORT_ZERO_COPY 6.15+, AUTO_BUF_REG
+# 6.16+): `features` must say so, in both forms.
+if ! echo "$features" | grep -qx -e AUTO_BUF_REG -e SUPPORT_ZERO_COPY; then
+    echo "$features" | grep -q "^zero copy: not available: this kernel offers neither" \
         || fail "snapblk features does not say that zero copy is unavailable"
+    json=$(snapblk --json features | tr -d ' \n')
+    for want in '"support_zero_copy":false' '"auto_buf_reg":false' '"buffers":"copy"'; do
+        echo "$json" | grep -qF "$want" || fail "snapblk --json features lacks $want: $json"
+    done
 fi
 echo "$features" | grep -qx USER_RECOVERY || { say "SKIP: kernel lacks USER_RECOVERY"; exit 0; }
 run snapblk volume create v --size 256M

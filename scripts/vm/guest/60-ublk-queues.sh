@@ -3,6 +3,8 @@
 # list --json` reports what it granted (checked against sysfs). fio with
 # crc32c verify on the raw device, 4 jobs split over both CPUs, so both
 # queues carry I/O (the daemon counts requests per queue in `device list`).
+# Each queue thread runs the engine's I/O on the queue's own io_uring: the
+# per-queue count of engine operations on a separate runtime ring stays 0.
 . /tests/lib.sh
 
 D="$W/data"
@@ -39,5 +41,19 @@ say "requests served per queue: $served"
 for n in $(echo "$served" | tr ',' ' '); do
     [ "$n" -gt 0 ] || fail "a queue served no request: [$served]"
 done
+ring_ops=$(snapblk --json device list | tr -d " \n" | grep -o '"ring_ops_per_queue":\[[^]]*\]')
+say "engine operations per queue: $ring_ops"
+on_queue=$(echo "$ring_ops" | grep -o '"queue_ring":[0-9]*' | cut -d: -f2)
+on_runtime=$(echo "$ring_ops" | grep -o '"runtime_ring":[0-9]*' | cut -d: -f2)
+[ "$(echo "$on_queue" | grep -c .)" = "$queues" ] \
+    || fail "ring operation counts $ring_ops are not one per queue ($queues)"
+for n in $on_queue; do
+    [ "$n" -gt 0 ] || fail "a queue submitted no engine I/O on its own ring: $ring_ops"
+done
+for n in $on_runtime; do
+    [ "$n" = 0 ] || fail "a queue thread submitted engine I/O on a separate runtime ring: $ring_ops"
+done
+snapblk device list | grep -q "^$dev .* copy  *running" \
+    || { snapblk device list; fail "device list does not show buffers: copy"; }
 run snapblk device stop v
 daemon_stop TERM

@@ -7,13 +7,20 @@
 //!
 //! How a queue thread runs: libublk owns the queue's io_uring (it alone may
 //! open `/dev/ublkcN`), and its per-tag command futures are woken when its
-//! completions are reaped. The engine's own I/O runs on this thread's
-//! [`runtime`] ring. [`runtime::block_on_with`] joins the two: before every
-//! sleep it reaps the queue ring without blocking, and a task polls the queue
-//! ring's fd from this thread's ring, so either ring's completions wake the
-//! thread. The engine is called inline from the tag's task: snapshot checks
-//! and copy-on-write happen in the queue's own I/O path, with every tag of
-//! the queue in flight at once.
+//! completions are reaped. The thread's [`runtime`] is hosted on that same
+//! ring ([`runtime::block_on_hosted`] with [`QueueRing`]): the engine's I/O
+//! goes on the queue's ring with [`RUNTIME_TAG`] in its user_data, libublk's
+//! completion loop (`flush_and_wake_io_tasks`) is the thread's only wait,
+//! and it hands those completions back to the runtime. One `io_uring_enter`
+//! then submits the commits of finished requests and the engine I/O of new
+//! ones, and waits for either. The engine is called inline from the tag's
+//! task: snapshot checks and copy-on-write happen in the queue's own I/O
+//! path, with every tag of the queue in flight at once.
+//!
+//! Buffers: each request's data is copied through the tag's own buffer
+//! (`buffers: copy`). The kernel's zero-copy modes (SUPPORT_ZERO_COPY,
+//! 6.15+; AUTO_BUF_REG, 6.16+) are detected and reported by [`features`],
+//! but no device asks for them.
 //!
 //! Must never: block the queue thread (no synchronous syscalls in the I/O
 //! path beyond the rings), decide anything about snapshots, or keep serving
@@ -25,7 +32,7 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_wake_task;
-use libublk::{sys, BufDesc, UblkError, UblkFlags};
+use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
 use serde::Serialize;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -70,13 +77,30 @@ pub struct Granted {
     pub recovery: bool,
 }
 
-/// Requests served, one counter per queue, each on its own cache line (a
-/// queue thread only ever touches its own).
+/// What a queue has done, one per queue, each on its own cache line (a
+/// queue thread only ever writes its own).
 #[repr(align(64))]
 #[derive(Default)]
-struct QueueCounter(AtomicU64);
+struct QueueStats {
+    requests: AtomicU64,
+    /// Engine operations submitted on the queue's own ring.
+    queue_ring_ops: AtomicU64,
+    /// Engine operations submitted on a runtime ring of the queue thread's
+    /// own (none while the runtime is hosted on the queue's ring).
+    runtime_ring_ops: AtomicU64,
+}
 
-type Counters = Arc<Vec<QueueCounter>>;
+type Counters = Arc<Vec<QueueStats>>;
+
+/// How a queue thread's engine I/O reached the kernel so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RingOps {
+    pub queue_ring: u64,
+    pub runtime_ring: u64,
+}
+
+/// How request data moves between the kernel and the daemon.
+pub const BUFFERS: &str = "copy";
 
 /// A running `/dev/ublkbN` serving one engine view.
 pub struct Device {
@@ -142,11 +166,8 @@ impl Device {
         // stopped at once instead of running untracked.
         let abandoned = Arc::new(AtomicBool::new(false));
         let abandoned2 = abandoned.clone();
-        let counters: Counters = Arc::new(
-            (0..options.queues)
-                .map(|_| QueueCounter::default())
-                .collect(),
-        );
+        let counters: Counters =
+            Arc::new((0..options.queues).map(|_| QueueStats::default()).collect());
         let counters2 = counters.clone();
         let options = *options;
         std::thread::Builder::new()
@@ -198,7 +219,19 @@ impl Device {
         self.counters
             .iter()
             .take(self.granted.queues as usize)
-            .map(|c| c.0.load(Ordering::Relaxed))
+            .map(|c| c.requests.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Where each queue's engine I/O went so far.
+    pub fn ring_ops_per_queue(&self) -> Vec<RingOps> {
+        self.counters
+            .iter()
+            .take(self.granted.queues as usize)
+            .map(|c| RingOps {
+                queue_ring: c.queue_ring_ops.load(Ordering::Relaxed),
+                runtime_ring: c.runtime_ring_ops.load(Ordering::Relaxed),
+            })
             .collect()
     }
 
@@ -420,6 +453,12 @@ fn run_device(
     let read_only = view.read_only();
     let init = move |dev: &mut UblkDev| {
         dev.set_default_params(size);
+        // The queue's ring carries the engine's I/O too: room for every
+        // tag's command plus its engine operations, and completions to
+        // spare, so a full queue never overflows the completion ring.
+        let depth = dev.dev_info.queue_depth;
+        dev.tgt.sq_depth = depth.saturating_mul(2).clamp(128, 4096);
+        dev.tgt.cq_depth = depth.saturating_mul(4).clamp(256, 16384);
         let params = &mut dev.tgt.params;
         params.types |= sys::UBLK_PARAM_TYPE_DISCARD;
         params.basic.logical_bs_shift = 9;
@@ -452,15 +491,74 @@ fn run_device(
     };
     ctrl.run_target(
         init,
-        move |qid, dev| serve_queue(qid, dev, &view, &counters[qid as usize].0),
+        move |qid, dev| serve_queue(qid, dev, &view, &counters[qid as usize]),
         announce,
     )
     .map_err(|e| ublk_error("running the ublk device", e))?;
     Ok(())
 }
 
-/// One queue: a task per tag, the queue ring served through the runtime.
-fn serve_queue(qid: u16, dev: &UblkDev, view: &View, served: &AtomicU64) {
+/// The bits that mark the runtime's entries on a queue's ring: libublk's
+/// `Target` bit, so libublk never counts them as ublk commands, plus one
+/// that libublk's own target I/O (which we never submit) leaves clear.
+const RUNTIME_TAG: u64 = UblkUringData::Target as u64 | 1 << 61;
+
+/// A queue's ring as the host of its thread's runtime.
+struct QueueRing<'a> {
+    queue: &'a UblkQueue<'a>,
+}
+
+impl runtime::HostRing for QueueRing<'_> {
+    fn tag(&self) -> u64 {
+        RUNTIME_TAG
+    }
+
+    fn push(&self, entry: &io_uring::squeue::Entry) -> bool {
+        // SAFETY: the runtime keeps the entry's buffers alive until its
+        // completion is handed back.
+        libublk::with_task_io_ring_mut(|ring| unsafe { ring.submission().push(entry) }.is_ok())
+    }
+
+    fn turn(&self, want: usize, ours: &mut dyn FnMut(u64, i32)) {
+        let mut route = |data: u64, cqe: &io_uring::cqueue::Entry| {
+            if data & RUNTIME_TAG == RUNTIME_TAG {
+                ours(data, cqe.result());
+            } else {
+                ublk_wake_task(data, cqe);
+            }
+        };
+        // libublk's loop keeps the queue's own accounting (commands in
+        // flight, abort, idle); it waits at most 20 s (idle) and returns.
+        loop {
+            match self
+                .queue
+                .flush_and_wake_io_tasks(|data, cqe, _| route(data, cqe), want)
+            {
+                Ok(_) => return,
+                Err(UblkError::IOError(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        // The queue is down (no command in flight any more), yet a tag may
+        // still wait for its engine I/O: serve the ring directly.
+        libublk::with_task_io_ring_mut(|ring| {
+            loop {
+                match ring.submit_and_wait(want) {
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                    Err(e) => panic!("io_uring wait on a ublk queue failed: {e}"),
+                }
+            }
+            for cqe in ring.completion() {
+                route(cqe.user_data(), &cqe);
+            }
+        });
+    }
+}
+
+/// One queue: a task per tag, on a runtime hosted on the queue's ring.
+fn serve_queue(qid: u16, dev: &UblkDev, view: &View, stats: &QueueStats) {
     // `top -H` and /proc show which thread is which queue.
     if let Ok(name) = std::ffi::CString::new(format!("ublk{}-q{qid}", dev.dev_info.dev_id)) {
         // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
@@ -473,25 +571,13 @@ fn serve_queue(qid: u16, dev: &UblkDev, view: &View, served: &AtomicU64) {
             return;
         }
     };
-    let ring_fd = libublk::io::with_task_io_ring(|ring| {
-        use std::os::fd::AsRawFd;
-        ring.as_raw_fd()
-    });
-    let service = || {
-        // Submits queued commands and wakes the tasks whose commands completed.
-        matches!(
-            queue.flush_and_wake_io_tasks(|data, cqe, _| ublk_wake_task(data, cqe), 0),
-            Ok(n) if n > 0
-        )
-    };
-    runtime::block_on_with(service, async {
-        runtime::spawn(async move { while runtime::poll_readable(ring_fd).await.is_ok() {} });
-        let tasks = queue.tags().map(|tag| serve_tag(&queue, tag, view, served));
+    runtime::block_on_hosted(&QueueRing { queue: &queue }, async {
+        let tasks = queue.tags().map(|tag| serve_tag(&queue, tag, view, stats));
         futures::future::join_all(tasks).await;
     });
 }
 
-async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View, served: &AtomicU64) {
+async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View, stats: &QueueStats) {
     let mut buf = IoBuf::<u8>::new(queue.dev.dev_info.max_io_buf_bytes as usize);
     let prep = queue
         .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
@@ -505,7 +591,13 @@ async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View, served: &Atomic
     loop {
         let iod = *queue.get_iod(tag);
         let result = handle(view, &iod, buf.as_mut_slice()).await;
-        served.fetch_add(1, Ordering::Relaxed);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        // This thread's counts: only this thread writes them.
+        let ops = runtime::submitted_ops();
+        stats.queue_ring_ops.store(ops.host_ring, Ordering::Relaxed);
+        stats
+            .runtime_ring_ops
+            .store(ops.own_ring, Ordering::Relaxed);
         let commit = queue
             .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result)
             .await;
@@ -555,6 +647,13 @@ fn reply(result: Result<(), EngineError>, bytes: u64) -> i32 {
 pub struct Features {
     pub driver_features: u64,
     pub names: Vec<String>,
+    /// Whether the driver offers zero copy by registering each request's
+    /// pages with the server's io_uring on request (SUPPORT_ZERO_COPY,
+    /// usable since 6.15) or by itself (AUTO_BUF_REG, 6.16).
+    pub support_zero_copy: bool,
+    pub auto_buf_reg: bool,
+    /// How snapblk's devices move request data on this kernel.
+    pub buffers: &'static str,
     /// What the bits mean for snapblk's devices, one sentence each.
     pub notes: Vec<String>,
 }
@@ -565,18 +664,34 @@ fn feature_notes(bits: u64) -> Vec<String> {
     let recovery = if has(sys::UBLK_F_USER_RECOVERY) {
         "recovery: yes (USER_RECOVERY): after kill -9 the restarted daemon re-attaches to the \
          same /dev/ublkbN and held I/O resumes (unless a device was started with --no-recovery)"
+            .to_string()
     } else {
         "recovery: no (this kernel lacks USER_RECOVERY, 6.0+): a device dies with its daemon; \
          the restarted daemon starts a new one"
+            .to_string()
     };
-    let zero_copy = if has(sys::UBLK_F_AUTO_BUF_REG) {
-        "zero copy: not used: this kernel offers AUTO_BUF_REG, but snapblk copies each \
-         request's data through its own buffers (copy-on-write must see the data)"
+    let offered: Vec<&str> = [
+        (sys::UBLK_F_SUPPORT_ZERO_COPY, "SUPPORT_ZERO_COPY"),
+        (sys::UBLK_F_AUTO_BUF_REG, "AUTO_BUF_REG"),
+    ]
+    .iter()
+    .filter(|(bit, _)| has(*bit))
+    .map(|(_, name)| *name)
+    .collect();
+    let zero_copy = if offered.is_empty() {
+        format!(
+            "zero copy: not available: this kernel offers neither SUPPORT_ZERO_COPY (6.15+) nor \
+             AUTO_BUF_REG (6.16+); devices copy each request's data through their own buffers \
+             (buffers: {BUFFERS}), as they do on any kernel"
+        )
     } else {
-        "zero copy: not available: this kernel lacks AUTO_BUF_REG (6.15+); snapblk copies each \
-         request's data through its own buffers, which it does on any kernel"
+        format!(
+            "zero copy: this kernel offers {}, but snapblk does not use it yet: devices copy each \
+             request's data through their own buffers (buffers: {BUFFERS})",
+            offered.join(" and ")
+        )
     };
-    vec![recovery.to_string(), zero_copy.to_string()]
+    vec![recovery, zero_copy]
 }
 
 const FEATURE_NAMES: &[(u64, &str)] = &[
@@ -625,6 +740,9 @@ pub fn features() -> io::Result<Features> {
     Ok(Features {
         driver_features: bits,
         names,
+        support_zero_copy: bits & sys::UBLK_F_SUPPORT_ZERO_COPY as u64 != 0,
+        auto_buf_reg: bits & sys::UBLK_F_AUTO_BUF_REG as u64 != 0,
+        buffers: BUFFERS,
         notes: feature_notes(bits),
     })
 }
@@ -635,15 +753,25 @@ mod tests {
 
     #[test]
     fn feature_notes_say_what_is_missing() {
-        // Debian's 6.12: recovery, no AUTO_BUF_REG.
+        // Debian's 6.12: recovery, neither zero-copy mode.
         let notes = feature_notes(sys::UBLK_F_USER_RECOVERY as u64);
         assert!(notes[0].starts_with("recovery: yes"), "{notes:?}");
         assert!(
-            notes[1].starts_with("zero copy: not available: this kernel lacks AUTO_BUF_REG"),
+            notes[1].starts_with(
+                "zero copy: not available: this kernel offers neither SUPPORT_ZERO_COPY"
+            ),
             "{notes:?}"
         );
-        let notes = feature_notes(sys::UBLK_F_AUTO_BUF_REG as u64);
+        assert!(notes[1].contains("(buffers: copy)"), "{notes:?}");
+        let notes =
+            feature_notes((sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG) as u64);
         assert!(notes[0].starts_with("recovery: no"), "{notes:?}");
-        assert!(notes[1].starts_with("zero copy: not used"), "{notes:?}");
+        assert!(
+            notes[1].starts_with(
+                "zero copy: this kernel offers SUPPORT_ZERO_COPY and AUTO_BUF_REG, but snapblk \
+                 does not use it yet"
+            ),
+            "{notes:?}"
+        );
     }
 }
