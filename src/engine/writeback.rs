@@ -127,8 +127,8 @@ struct State {
     /// Chunk -> seqs of the held writes touching it, ascending.
     by_chunk: HashMap<u64, Vec<u64>>,
     bytes: usize,
-    /// A held write the origin refused since the last FLUSH: its errno.
-    lost: Option<i32>,
+    /// A held write the origin refused since the last FLUSH: why.
+    lost: Option<(i32, String)>,
 }
 
 #[derive(Default)]
@@ -286,13 +286,19 @@ impl WriteBack {
             held.len,
             held.offset
         );
-        self.state.lock().unwrap().lost.get_or_insert(error.errno());
+        let why = (error.errno(), error.to_string());
+        self.state.lock().unwrap().lost.get_or_insert(why);
     }
 
     /// The error that lost a held write since the last call, if any.
     pub fn take_lost(&self) -> Option<EngineError> {
-        let errno = self.state.lock().unwrap().lost.take()?;
-        Some(EngineError::from(std::io::Error::from_raw_os_error(errno)))
+        let (errno, why) = self.state.lock().unwrap().lost.take()?;
+        Some(match errno {
+            libc::ENOSPC => EngineError::NoSpace,
+            _ => EngineError::Io(std::io::Error::other(format!(
+                "a write acknowledged earlier could not be written: {why}"
+            ))),
+        })
     }
 
     /// Splits `held` (oldest first) into waves: no two writes of a wave touch
