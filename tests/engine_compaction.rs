@@ -9,38 +9,18 @@
 
 use snapblk::backend::Storage;
 use snapblk::engine::{CacheMode, Volume, VolumeConfig};
-use snapblk::runtime::{block_on, spawn};
+use snapblk::runtime::block_on;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-const BLOCK: usize = 4096;
-const BLOCKS: usize = 1024;
+mod engine_load;
+use engine_load::{block_bytes, start_writers, version_of, Progress, BLOCK, BLOCKS};
+
 const PARTITIONS: u32 = 3;
 const WRITER_THREADS: usize = 2;
 const TASKS_PER_THREAD: usize = 4;
 const CYCLES: usize = 60;
-
-fn block_bytes(block: usize, version: u64) -> Vec<u8> {
-    let mut data = vec![0u8; BLOCK];
-    for (i, word) in data.chunks_mut(8).enumerate() {
-        word.copy_from_slice(
-            &((block as u64) << 40 | version << 8 | (i as u64 & 0xff)).to_le_bytes(),
-        );
-    }
-    data
-}
-
-fn version_of(block: usize, data: &[u8]) -> u64 {
-    let word = u64::from_le_bytes(data[..8].try_into().unwrap());
-    let version = (word >> 8) & ((1 << 32) - 1);
-    assert_eq!(
-        data,
-        &block_bytes(block, version)[..],
-        "block {block} is torn or foreign"
-    );
-    version
-}
 
 fn versions(volume: &Arc<Volume>, snapshot: Option<&str>) -> Vec<u64> {
     let view = match snapshot {
@@ -74,67 +54,6 @@ fn journal_lens(dir: &Path) -> Vec<u64> {
         .collect()
 }
 
-struct Progress {
-    started: Vec<AtomicU64>,
-    acked: Vec<AtomicU64>,
-}
-
-impl Progress {
-    fn snapshot(counters: &[AtomicU64]) -> Vec<u64> {
-        counters.iter().map(|a| a.load(Ordering::SeqCst)).collect()
-    }
-}
-
-/// Writer threads, each with many tasks; each task owns the blocks
-/// congruent to its id, so one write per block is in flight.
-fn start_writers(
-    volume: &Arc<Volume>,
-    progress: &Arc<Progress>,
-    stop: &Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<()>> {
-    (0..WRITER_THREADS)
-        .map(|t| {
-            let (volume, progress, stop) = (volume.clone(), progress.clone(), stop.clone());
-            std::thread::spawn(move || {
-                block_on(async move {
-                    let (done_tx, mut done_rx) = futures::channel::mpsc::unbounded::<()>();
-                    for task in 0..TASKS_PER_THREAD {
-                        let (view, progress, stop, done) = (
-                            volume.live(),
-                            progress.clone(),
-                            stop.clone(),
-                            done_tx.clone(),
-                        );
-                        let id = t * TASKS_PER_THREAD + task;
-                        let stride = WRITER_THREADS * TASKS_PER_THREAD;
-                        spawn(async move {
-                            let mut rng = id as u64 * 7919 + 1;
-                            while !stop.load(Ordering::Relaxed) {
-                                rng = rng
-                                    .wrapping_mul(6364136223846793005)
-                                    .wrapping_add(1442695040888963407);
-                                let block =
-                                    ((rng >> 33) % (BLOCKS / stride) as u64) as usize * stride + id;
-                                let version = progress.started[block].load(Ordering::SeqCst) + 1;
-                                progress.started[block].store(version, Ordering::SeqCst);
-                                let data = block_bytes(block, version);
-                                view.write((block * BLOCK) as u64, &data, false)
-                                    .await
-                                    .unwrap();
-                                progress.acked[block].store(version, Ordering::SeqCst);
-                            }
-                            drop(done);
-                        });
-                    }
-                    drop(done_tx);
-                    use futures::StreamExt;
-                    while done_rx.next().await.is_some() {}
-                })
-            })
-        })
-        .collect()
-}
-
 #[test]
 fn compaction_under_concurrent_writes_keeps_every_snapshot_exact() {
     let dir = tempfile::tempdir().unwrap();
@@ -150,12 +69,10 @@ fn compaction_under_concurrent_writes_keeps_every_snapshot_exact() {
     let fill: Vec<u8> = (0..BLOCKS).flat_map(|b| block_bytes(b, 1)).collect();
     block_on(volume.live().write(0, &fill, false)).unwrap();
     block_on(volume.create_snapshot("before")).unwrap();
-    let progress = Arc::new(Progress {
-        started: (0..BLOCKS).map(|_| AtomicU64::new(1)).collect(),
-        acked: (0..BLOCKS).map(|_| AtomicU64::new(1)).collect(),
-    });
+    // Every block holds version 1 now.
+    let progress = Progress::starting_at(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = start_writers(&volume, &progress, &stop);
+    let writers = start_writers(&volume, &progress, &stop, WRITER_THREADS, TASKS_PER_THREAD);
 
     let mut during = None;
     let mut shrinks = 0;

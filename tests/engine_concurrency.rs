@@ -11,49 +11,19 @@
 
 use snapblk::backend::Storage;
 use snapblk::engine::{CacheMode, Volume, VolumeConfig};
-use snapblk::runtime::{block_on, spawn};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use snapblk::runtime::block_on;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-const BLOCK: usize = 4096;
-const BLOCKS: usize = 1024;
+mod engine_load;
+use engine_load::{start_writers, version_of, Progress, BLOCK, BLOCKS};
+
 const WRITER_THREADS: usize = 2;
 const TASKS_PER_THREAD: usize = 16;
 const SNAPSHOTS: usize = 12;
 
-fn block_bytes(block: usize, version: u64) -> Vec<u8> {
-    let mut data = vec![0u8; BLOCK];
-    if version > 0 {
-        for (i, word) in data.chunks_mut(8).enumerate() {
-            word.copy_from_slice(
-                &((block as u64) << 40 | version << 8 | (i as u64 & 0xff)).to_le_bytes(),
-            );
-        }
-    }
-    data
-}
-
-fn version_of(block: usize, data: &[u8]) -> u64 {
-    if data.iter().all(|&b| b == 0) {
-        return 0;
-    }
-    let word = u64::from_le_bytes(data[..8].try_into().unwrap());
-    let version = (word >> 8) & ((1 << 32) - 1);
-    assert_eq!(
-        data,
-        &block_bytes(block, version)[..],
-        "block {block} is torn or foreign"
-    );
-    version
-}
-
 /// A snapshot's name and the block versions one read of it saw.
 type SnapshotRead = (String, Vec<u64>);
-
-struct Progress {
-    started: Vec<AtomicU64>,
-    acked: Vec<AtomicU64>,
-}
 
 fn snapshot_versions(volume: &Arc<Volume>, name: &str) -> Vec<u64> {
     let view = volume.snapshot_view(name).unwrap();
@@ -81,59 +51,10 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
         &config,
     ))
     .unwrap();
-    let progress = Arc::new(Progress {
-        started: (0..BLOCKS).map(|_| AtomicU64::new(0)).collect(),
-        acked: (0..BLOCKS).map(|_| AtomicU64::new(0)).collect(),
-    });
+    let progress = Progress::starting_at(0);
     let stop = Arc::new(AtomicBool::new(false));
 
-    let writers: Vec<_> = (0..WRITER_THREADS)
-        .map(|t| {
-            let (volume, progress, stop) = (volume.clone(), progress.clone(), stop.clone());
-            std::thread::spawn(move || {
-                block_on(async move {
-                    let (done_tx, mut done_rx) = futures::channel::mpsc::unbounded::<()>();
-                    for task in 0..TASKS_PER_THREAD {
-                        let (view, progress, stop, done) = (
-                            volume.live(),
-                            progress.clone(),
-                            stop.clone(),
-                            done_tx.clone(),
-                        );
-                        // Each task owns the blocks congruent to its id: one
-                        // write in flight per block, many per chunk.
-                        let id = t * TASKS_PER_THREAD + task;
-                        spawn(async move {
-                            let mut rng = id as u64 * 7919 + 1;
-                            while !stop.load(Ordering::Relaxed) {
-                                rng = rng
-                                    .wrapping_mul(6364136223846793005)
-                                    .wrapping_add(1442695040888963407);
-                                let n = (BLOCKS / (WRITER_THREADS * TASKS_PER_THREAD)) as u64;
-                                let block =
-                                    ((rng >> 33) % n) as usize * WRITER_THREADS * TASKS_PER_THREAD
-                                        + id;
-                                let version = progress.started[block].load(Ordering::SeqCst) + 1;
-                                progress.started[block].store(version, Ordering::SeqCst);
-                                view.write(
-                                    (block * BLOCK) as u64,
-                                    &block_bytes(block, version),
-                                    false,
-                                )
-                                .await
-                                .unwrap();
-                                progress.acked[block].store(version, Ordering::SeqCst);
-                            }
-                            drop(done);
-                        });
-                    }
-                    drop(done_tx);
-                    use futures::StreamExt;
-                    while done_rx.next().await.is_some() {}
-                })
-            })
-        })
-        .collect();
+    let writers = start_writers(&volume, &progress, &stop, WRITER_THREADS, TASKS_PER_THREAD);
 
     // Readers re-read every snapshot that exists while writes go on.
     let reads_during_load: Arc<std::sync::Mutex<Vec<SnapshotRead>>> = Default::default();
@@ -153,18 +74,10 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
     let mut bounds = Vec::new();
     for i in 0..SNAPSHOTS {
         std::thread::sleep(std::time::Duration::from_millis(40));
-        let low: Vec<u64> = progress
-            .acked
-            .iter()
-            .map(|a| a.load(Ordering::SeqCst))
-            .collect();
+        let low = Progress::snapshot(&progress.acked);
         let name = format!("s{i}");
         block_on(volume.create_snapshot(&name)).unwrap();
-        let high: Vec<u64> = progress
-            .started
-            .iter()
-            .map(|a| a.load(Ordering::SeqCst))
-            .collect();
+        let high = Progress::snapshot(&progress.started);
         bounds.push((name, low, high));
     }
     std::thread::sleep(std::time::Duration::from_millis(40));
@@ -172,11 +85,7 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
     writers.into_iter().for_each(|w| w.join().unwrap());
     reader.join().unwrap();
 
-    let total_writes: u64 = progress
-        .acked
-        .iter()
-        .map(|a| a.load(Ordering::SeqCst))
-        .sum();
+    let total_writes: u64 = Progress::snapshot(&progress.acked).iter().sum();
     assert!(
         total_writes > 1000,
         "the load was too light to prove anything ({total_writes} writes)"
