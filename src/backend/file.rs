@@ -230,10 +230,13 @@ impl FileBackend {
                 .unwrap_or(end)
                 .min(end);
             if data_start > at {
+                // ext4 and XFS report allocated but unwritten blocks (what
+                // FALLOC_FL_ZERO_RANGE leaves, i.e. NBD's write-zeroes with
+                // NO_HOLE) as holes to SEEK_HOLE; they are allocated.
                 extents.push(Extent {
                     offset: at,
                     len: data_start - at,
-                    data: false,
+                    data: has_mapped_blocks(self.fd(), at, data_start - at)?,
                 });
                 at = data_start;
                 continue;
@@ -281,6 +284,40 @@ fn dio_alignment(file: &File) -> io::Result<(usize, u64)> {
         (stx.stx_dio_mem_align as usize).max(1),
         stx.stx_dio_offset_align as u64,
     ))
+}
+
+/// Whether any block of `[offset, offset + len)` is mapped (FIEMAP, counting
+/// extents only). A file system without FIEMAP: no.
+fn has_mapped_blocks(fd: RawFd, offset: u64, len: u64) -> io::Result<bool> {
+    #[repr(C)]
+    struct Fiemap {
+        start: u64,
+        length: u64,
+        flags: u32,
+        mapped_extents: u32,
+        extent_count: u32,
+        reserved: u32,
+    }
+    // _IOWR('f', 11, struct fiemap)
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    let mut map = Fiemap {
+        start: offset,
+        length: len,
+        flags: 0,
+        mapped_extents: 0,
+        // 0: only count the extents, return none.
+        extent_count: 0,
+        reserved: 0,
+    };
+    // SAFETY: the ioctl reads and writes the header only (extent_count 0).
+    if unsafe { libc::ioctl(fd, FS_IOC_FIEMAP, &mut map) } < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(map.mapped_extents > 0)
 }
 
 /// lseek with SEEK_DATA/SEEK_HOLE; `None` when past the last data (ENXIO).
