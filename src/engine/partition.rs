@@ -10,6 +10,7 @@
 use super::error::Result;
 use super::gate::Epoch;
 use super::journal::{slot_crc, Journal, Record, ZERO_SLOT};
+use super::writeback::WriteBack;
 use crate::backend::Backend;
 use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
@@ -167,6 +168,7 @@ impl Partition {
         chunk: u64,
         epoch: &Epoch,
         origin: &Backend,
+        held: &WriteBack,
         volume_size: u64,
     ) -> Result<bool> {
         let (birth, slot) = loop {
@@ -196,7 +198,9 @@ impl Partition {
             end: epoch.generation,
             slot,
         };
-        let result = self.copy_out(chunk, version, origin, volume_size).await;
+        let result = self
+            .copy_out(chunk, version, origin, held, volume_size)
+            .await;
         let waiters = {
             let mut state = self.state.lock().unwrap();
             match &result {
@@ -250,15 +254,20 @@ impl Partition {
         chunk: u64,
         mut version: Version,
         origin: &Backend,
+        held: &WriteBack,
         volume_size: u64,
     ) -> Result<(Version, u64)> {
         let offset = chunk * self.chunk_size;
         let len = self.chunk_size.min(volume_size - offset) as usize;
+        // The chunk's content is the origin with the writes still held
+        // over it (all of earlier generations: this generation's writes
+        // to the chunk wait for this preservation).
+        let held = held.overlapping(offset, len as u64);
         let mut data_crc = 0;
         // A chunk the origin never allocated is preserved as zeros without
         // reading it: a discard of a large sparse volume under a snapshot
         // would otherwise read (and zero-check) every byte of its holes.
-        if origin.extents(offset, len as u64)?.iter().all(|e| !e.data) {
+        if held.is_empty() && origin.extents(offset, len as u64)?.iter().all(|e| !e.data) {
             version.slot = ZERO_SLOT;
         } else {
             // A whole slot (zero-padded past the volume's end), so its crc
@@ -266,6 +275,8 @@ impl Partition {
             // write can bypass the page cache.
             let mut data = AlignedBuf::zeroed(self.chunk_size as usize);
             origin.read_at(&mut data[..len], offset).await?;
+            held.iter()
+                .for_each(|h| h.overlay(offset, &mut data[..len]));
             if is_zero(&data) {
                 version.slot = ZERO_SLOT;
             } else {

@@ -517,15 +517,18 @@ impl Volume {
                 self.name
             )));
         }
-        // Most held and dirty data goes out before the pause, so little is
-        // left after.
-        self.drive().await?;
+        // Most dirty and held data goes out before the pause, so little is
+        // left inside it: the origin flush first (it may take long, and
+        // writes keep being held meanwhile), then the buffer, last thing
+        // before the pause.
         self.origin.flush().await?;
+        self.drive().await?;
         let (generation, stall) = {
+            // Held writes stay held across the pause (committing them
+            // inside it cost a journal flush of stall under load): the
+            // snapshot's reads of the origin and the next generation's
+            // preservations lay them over what they read until they land.
             let paused = self.gate.pause().await;
-            // The snapshot reads the origin for chunks born at or before
-            // it: every acknowledged write must be there, none held.
-            self.drive().await?;
             let epoch = paused.epoch();
             let generation = epoch.generation;
             let mut live = epoch.live.to_vec();
@@ -535,7 +538,10 @@ impl Volume {
         };
         let committed = async {
             // Every write acknowledged before the pause is in generation
-            // `generation` or earlier; those not preserved since live in the origin.
+            // `generation` or earlier; those not preserved since live in
+            // the origin, or are held: applied now and flushed, the
+            // snapshot's image is durable before its commit point.
+            self.drive().await?;
             self.origin.flush().await?;
             try_join_all(
                 self.partitions
@@ -706,7 +712,7 @@ impl Volume {
             let c = *chunks.start();
             return self
                 .partition_of(c)
-                .preserve(c, epoch, &self.origin, self.size)
+                .preserve(c, epoch, &self.origin, &self.writeback, self.size)
                 .await;
         }
         let mut all_settled = true;
@@ -715,7 +721,7 @@ impl Volume {
             let last = (first + PRESERVE_WINDOW as u64 - 1).min(*chunks.end());
             let settled = try_join_all((first..=last).map(|c| {
                 self.partition_of(c)
-                    .preserve(c, epoch, &self.origin, self.size)
+                    .preserve(c, epoch, &self.origin, &self.writeback, self.size)
             }))
             .await?;
             all_settled &= settled.iter().all(|&s| s);
@@ -815,10 +821,14 @@ impl Volume {
                     Source::Store(slot) => part.read_store(slot, in_chunk, piece).await?,
                     Source::Gone => return Err(self.snapshot_gone(generation)),
                     Source::Origin => {
+                        // Writes of this snapshot's generation may still be
+                        // held (a snapshot does not wait for them to land).
+                        let held = self.writeback.overlapping(pos, n as u64);
                         self.origin.read_at(piece, pos).await?;
                         if !part.origin_still_valid(chunk, generation) {
                             continue;
                         }
+                        held.iter().for_each(|h| h.overlay(pos, piece));
                     }
                 }
                 break;
@@ -846,6 +856,14 @@ impl Volume {
             let chunk = pos >> self.chunk_shift;
             let end = ((chunk + 1) * cs).min(offset + len);
             match self.partition_of(chunk).source(chunk, generation) {
+                // Held writes are not in the origin's map yet: data.
+                Source::Origin if !self.writeback.overlapping(pos, end - pos).is_empty() => {
+                    push(Extent {
+                        offset: pos,
+                        len: end - pos,
+                        data: true,
+                    })
+                }
                 Source::Origin => self
                     .origin
                     .extents(pos, end - pos)?
@@ -1000,9 +1018,11 @@ impl View {
         let Some(generation) = self.snapshot_generation()? else {
             return Ok(volume.writeback.overlapping(offset, len).is_empty());
         };
-        Ok(volume
-            .chunks(offset, len)
-            .all(|c| volume.partition_of(c).origin_still_valid(c, generation)))
+        // Held writes are part of the image but not of the origin yet.
+        Ok(volume.writeback.overlapping(offset, len).is_empty()
+            && volume
+                .chunks(offset, len)
+                .all(|c| volume.partition_of(c).origin_still_valid(c, generation)))
     }
 
     /// Allocation map: `data: false` extents read as zeros.
