@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod engine_load;
-use engine_load::{block_bytes, start_writers, version_of, Progress, BLOCK, BLOCKS};
+use engine_load::{
+    assert_between, block_bytes, start_writers, version_of, Progress, BLOCK, BLOCKS,
+};
 
 const PARTITIONS: u32 = 3;
 const WRITER_THREADS: usize = 2;
@@ -99,15 +101,7 @@ fn compaction_under_concurrent_writes_keeps_every_snapshot_exact() {
 
     let (low, high) = during.unwrap();
     let during = versions(&volume, Some("during"));
-    for b in 0..BLOCKS {
-        assert!(
-            low[b] <= during[b] && during[b] <= high[b],
-            "snapshot during, block {b}: version {} outside [{}, {}]",
-            during[b],
-            low[b],
-            high[b]
-        );
-    }
+    assert_between("snapshot during", &during, &low, &high);
     let acked = Progress::snapshot(&progress.acked);
     let check = |volume: &Arc<Volume>, when: &str| {
         let before = vec![1; BLOCKS];

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod engine_load;
-use engine_load::{start_writers, version_of, Progress, BLOCK, BLOCKS};
+use engine_load::{assert_between, start_writers, version_of, Progress, BLOCK, BLOCKS};
 
 const WRITER_THREADS: usize = 2;
 const TASKS_PER_THREAD: usize = 16;
@@ -92,15 +92,7 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
     );
     for (name, low, high) in &bounds {
         let versions = snapshot_versions(&volume, name);
-        for b in 0..BLOCKS {
-            assert!(
-                low[b] <= versions[b] && versions[b] <= high[b],
-                "snapshot {name} block {b}: version {} outside [{}, {}]",
-                versions[b],
-                low[b],
-                high[b]
-            );
-        }
+        assert_between(&format!("snapshot {name}"), &versions, low, high);
         for (_, during) in reads_during_load
             .lock()
             .unwrap()

@@ -39,6 +39,21 @@ pub fn version_of(block: usize, data: &[u8]) -> u64 {
     version
 }
 
+/// Asserts that every block of the image `what` holds a version no older
+/// than `low` (acknowledged before it was taken) and no newer than `high`
+/// (started before it returned).
+pub fn assert_between(what: &str, versions: &[u64], low: &[u64], high: &[u64]) {
+    for b in 0..BLOCKS {
+        assert!(
+            low[b] <= versions[b] && versions[b] <= high[b],
+            "{what}, block {b}: version {} outside [{}, {}]",
+            versions[b],
+            low[b],
+            high[b]
+        );
+    }
+}
+
 /// Per block: the newest version a writer started, and the newest acknowledged.
 pub struct Progress {
     pub started: Vec<AtomicU64>,
