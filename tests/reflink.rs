@@ -9,6 +9,9 @@
 //! The XFS test mounts a loop image, so it needs root and a kernel with
 //! XFS and loop devices (CI has both); without them it prints SKIP.
 
+mod common;
+
+use common::mount_xfs;
 use snapblk::backend::memory::MemDisk;
 use snapblk::backend::Storage;
 use snapblk::engine::{CacheMode, Volume, VolumeConfig, WriteBackConfig};
@@ -93,46 +96,6 @@ fn a_disk_that_shares_blocks_preserves_by_clone() {
     }
 }
 
-/// An XFS file system with reflink on a loop device, unmounted on drop.
-struct Xfs {
-    // Holds the image; dropped after `drop` unmounts it.
-    _dir: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
-impl Xfs {
-    fn mount() -> Option<Xfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("xfs.img");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(512 << 20)
-            .unwrap();
-        let ok = |cmd: &mut Command| cmd.output().is_ok_and(|o| o.status.success());
-        if !ok(Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(&image))
-            || !ok(Command::new("mount")
-                .arg("-o")
-                .arg("loop")
-                .arg(&image)
-                .arg(&mnt))
-        {
-            return None;
-        }
-        Some(Xfs { _dir: dir, mnt })
-    }
-}
-
-impl Drop for Xfs {
-    fn drop(&mut self) {
-        // Before the temporary directory that holds the image goes.
-        let _ = Command::new("umount").arg(&self.mnt).status();
-    }
-}
-
 /// Whether `filefrag` reports any extent of `path` as shared.
 fn has_shared_extents(path: &Path) -> bool {
     let out = Command::new("filefrag")
@@ -145,12 +108,14 @@ fn has_shared_extents(path: &Path) -> bool {
 
 #[test]
 fn xfs_with_reflink_preserves_by_clone_and_survives_a_restart() {
-    let Some(xfs) = Xfs::mount() else {
-        println!("SKIP xfs_with_reflink...: cannot make and mount an XFS loop image (needs root)");
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    let test = "xfs_with_reflink_preserves_by_clone_and_survives_a_restart";
+    let Some(_mount) = mount_xfs(test, &tmp.path().join("xfs.img"), &mnt) else {
         return;
     };
     for cache in [CacheMode::Writeback, CacheMode::None] {
-        let dir = xfs.mnt.join(format!("{cache:?}"));
+        let dir = mnt.join(format!("{cache:?}"));
         std::fs::create_dir(&dir).unwrap();
         block_on(async {
             let volume = overwrite_after_snapshot(Storage::Dir(dir.clone()), cache).await;

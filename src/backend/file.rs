@@ -225,6 +225,10 @@ impl FileBackend {
         }
     }
 
+    pub async fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        runtime::fallocate(self.fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len).await
+    }
+
     pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         match runtime::fallocate(self.fd(), mode, offset, len).await {
@@ -388,6 +392,42 @@ pub fn replace_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     std::fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
+}
+
+/// [`replace_atomically`] for a file that must stay replaceable on a full
+/// disk (a volume's manifest: deleting a snapshot, the way to free space,
+/// replaces it). The new content goes into a spare file whose blocks were
+/// allocated by the previous replacement, and a new spare is allocated
+/// after the rename, best effort: on a full disk the first replacement
+/// still works, and freeing space makes the next spare.
+pub fn replace_with_spare(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    const SPARE: u64 = 64 << 10;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let spare = path.with_extension("spare");
+    {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&spare)?;
+        file.write_all(bytes)?;
+        file.set_len(bytes.len() as u64)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&spare, path)?;
+    File::open(dir)?.sync_all()?;
+    let len = SPARE.max(2 * bytes.len() as u64);
+    let reserved = File::create(&spare).and_then(|f| {
+        // SAFETY: fallocate on a file we just created.
+        match unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len as i64) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        }
+    });
+    if let Err(e) = reserved {
+        log::debug!("{}: cannot allocate a spare: {e}", spare.display());
+    }
+    Ok(())
 }
 
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {

@@ -92,6 +92,16 @@ impl Backend {
         }
     }
 
+    /// Allocates `[offset, +len)` without changing the file's size, so
+    /// later writes there need no new space (a journal's reserve for a
+    /// full disk). The in-memory disk never runs out and ignores it.
+    pub async fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.reserve(offset, len).await,
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
     /// Zeroes a range, keeping it allocated.
     pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {
@@ -193,7 +203,7 @@ impl Storage {
     /// the old or the new content is there, never a mix.
     pub fn replace_manifest(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         match self {
-            Storage::Dir(dir) => file::replace_atomically(&dir.join(name), bytes),
+            Storage::Dir(dir) => file::replace_with_spare(&dir.join(name), bytes),
             Storage::Memory(disk) => disk.replace_manifest(name, bytes),
         }
     }

@@ -77,6 +77,12 @@ const COMMIT_LEN: u64 = (HEADER + 1 + TRAILER) as u64;
 const GROWTH: u64 = 2;
 const SLACK: u64 = 4096;
 
+/// Space kept allocated past the journal's end (FALLOC_FL_KEEP_SIZE), so
+/// that on a full disk the records that free space (a snapshot delete's
+/// `Free` records, about 20k of them) and those that let held writes reach
+/// the origin can still be appended. Topped up when half is used.
+const RESERVE: u64 = 1 << 20;
+
 /// Whether a journal of `bytes` whose live records take `live_bytes` encoded
 /// is due for compaction.
 fn compaction_due(bytes: u64, live_bytes: u64) -> bool {
@@ -304,6 +310,8 @@ pub struct Journal {
     durable: AtomicU64,
     /// One compaction at a time: each reads the file before taking leadership.
     compacting: futures::lock::Mutex<()>,
+    /// The file is allocated up to here (see [`RESERVE`]).
+    reserved_to: AtomicU64,
 }
 
 impl Journal {
@@ -390,7 +398,9 @@ impl Journal {
             }),
             durable: AtomicU64::new(0),
             compacting: futures::lock::Mutex::new(()),
+            reserved_to: AtomicU64::new(0),
         };
+        journal.top_up_reserve(good_len as u64).await;
         let records = parsed
             .into_iter()
             .map(|(r, _)| r)
@@ -596,14 +606,34 @@ impl Journal {
             .await
             .map(drop);
         match written {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.top_up_reserve(tail + bytes.len() as u64).await;
+                Ok(())
+            }
             // A full disk fails this batch only: cut what may have landed
-            // and the journal goes on from the same tail and sequence.
+            // (the reserve with it) and the journal goes on from the same
+            // tail and sequence.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => match file.truncate(tail).await {
-                Ok(()) => Err(CommitError::NoSpace),
+                Ok(()) => {
+                    self.reserved_to.store(0, Ordering::Relaxed);
+                    Err(CommitError::NoSpace)
+                }
                 Err(e) => Err(CommitError::Failed(e.to_string())),
             },
             Err(e) => Err(CommitError::Failed(e.to_string())),
+        }
+    }
+
+    /// Keeps [`RESERVE`] bytes allocated past `end`, the journal's end, once
+    /// less than half of it is left. Best effort: on a full disk the reserve
+    /// shrinks as appends use it, and grows again when space comes back.
+    async fn top_up_reserve(&self, end: u64) {
+        if end + RESERVE / 2 <= self.reserved_to.load(Ordering::Relaxed) {
+            return;
+        }
+        match self.file().reserve(end, RESERVE).await {
+            Ok(()) => self.reserved_to.store(end + RESERVE, Ordering::Relaxed),
+            Err(e) => log::debug!("{}: cannot reserve journal space: {e}", self.label),
         }
     }
 
@@ -689,6 +719,8 @@ impl Journal {
                 return Err(journal_failed(&reason));
             }
         }
+        self.reserved_to.store(0, Ordering::Relaxed);
+        self.top_up_reserve(bytes.len() as u64).await;
         let mut state = self.state.lock().unwrap();
         state.tail = bytes.len() as u64;
         state.next_seq = compacted.len() as u64 + 2;
