@@ -687,11 +687,7 @@ mod crash {
     async fn crash_and_check(seed: u64, workload: &Workload) -> bool {
         // A dry run counts the workload's disk operations, so the crash can
         // land anywhere inside it.
-        // Half the seeds preserve by cloning (a disk that shares blocks,
-        // like XFS with reflink), half by copying.
-        let reflink = seed & 1 == 1;
         let dry = MemDisk::new();
-        dry.set_reflink(reflink);
         let mut compactions = Vec::new();
         run(&dry, seed, &mut Model::new(), workload, &mut compactions)
             .await
@@ -706,7 +702,6 @@ mod crash {
         };
 
         let disk = MemDisk::new();
-        disk.set_reflink(reflink);
         disk.crash_after(crash_at);
         let mut model = Model::new();
         let _ = run(&disk, seed, &mut model, workload, &mut Vec::new()).await;

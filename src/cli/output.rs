@@ -151,7 +151,6 @@ pub fn volume_info(v: &Value) -> String {
         ("snapshots", str_of(v, "snapshots")),
         ("origin", str_of(v, "origin")),
         ("cache", cache_of(v)),
-        ("chunks cloned", str_of(v, "cloned_chunks")),
     ];
     if let Some(list) = v.get("snapshot_list").and_then(Value::as_array) {
         if !list.is_empty() {

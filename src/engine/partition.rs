@@ -15,7 +15,6 @@ use crate::backend::Backend;
 use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Old content of one chunk, valid for snapshots of generation `[start, end)`.
@@ -75,8 +74,6 @@ pub struct Partition {
     journal: Journal,
     store: Backend,
     state: Mutex<State>,
-    /// Chunks preserved by sharing the origin's blocks instead of copying.
-    cloned_chunks: AtomicU64,
 }
 
 impl Partition {
@@ -142,7 +139,6 @@ impl Partition {
             journal,
             store,
             state: Mutex::new(state),
-            cloned_chunks: AtomicU64::new(0),
         }
     }
 
@@ -285,23 +281,9 @@ impl Partition {
                 version.slot = ZERO_SLOT;
             } else {
                 data_crc = slot_crc(&data);
-                let at = version.slot * self.chunk_size;
-                // Where the file system can share blocks (XFS with reflink,
-                // btrfs) the slot takes the origin's blocks and the old
-                // content costs no data write; the origin's overwrite then
-                // goes to new blocks. Not with held writes over the chunk
-                // (the slot must hold `data`), nor for a short last chunk.
-                // The read above stays: the record's crc covers the slot.
-                let whole = held.is_empty() && len as u64 == self.chunk_size;
-                if whole
-                    && self
-                        .store
-                        .clone_range_from(origin, offset, at, self.chunk_size)?
-                {
-                    self.cloned_chunks.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.store.write_at(&data, at, false).await?;
-                }
+                self.store
+                    .write_at(&data, version.slot * self.chunk_size, false)
+                    .await?;
             }
         }
         let Version { start, end, slot } = version;
@@ -463,11 +445,6 @@ impl Partition {
 
     pub fn allocated_bytes(&self) -> u64 {
         self.store.allocated_bytes().unwrap_or(0) + self.journal.allocated_bytes()
-    }
-
-    /// Chunks preserved by a clone since the open (see `copy_out`).
-    pub fn cloned_chunks(&self) -> u64 {
-        self.cloned_chunks.load(Ordering::Relaxed)
     }
 
     pub async fn flush_store(&self) -> Result<()> {

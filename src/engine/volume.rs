@@ -45,9 +45,6 @@ pub struct VolumeInfo {
     /// Origin I/Os that O_DIRECT could not take as they were (cache mode
     /// none): copied through an aligned buffer or sent through the page cache.
     pub bounced_ios: u64,
-    /// Chunks preserved since the open by sharing the origin's blocks
-    /// (reflink) instead of copying them.
-    pub cloned_chunks: u64,
 }
 
 /// What `snapshot list` reports for one snapshot.
@@ -483,7 +480,6 @@ impl Volume {
             },
             cache: manifest.cache,
             bounced_ios: self.origin.bounced_ios(),
-            cloned_chunks: self.partitions.iter().map(Partition::cloned_chunks).sum(),
         })
     }
 
