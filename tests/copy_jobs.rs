@@ -1021,7 +1021,16 @@ fn background_jobs_run_at_low_cpu_and_io_priority() {
     };
     let id = start_slow(&d, "v", &t.path().join("cow.img"));
     let tid = thread(id.trim());
-    let (nice, class) = priorities(&tid);
+    // The thread has its name from birth and sets its priorities as its
+    // first step: wait for that step, not for a moment.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (nice, class) = loop {
+        let now = priorities(&tid);
+        if now.1 == "idle" || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(
         (nice.as_str(), class.as_str()),
         ("10", "idle"),
