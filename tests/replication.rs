@@ -9,6 +9,7 @@ use serde_json::Value;
 use snapblk::replication::wire::{self, Kind};
 use std::io::Write;
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,9 +28,11 @@ struct Pair {
     addr: String,
 }
 
+/// A key file readable by its owner only, as the daemon insists.
 fn write_key(dir: &Path, name: &str, key: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, key).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
@@ -463,6 +466,7 @@ fn a_wrong_key_is_refused_and_writes_nothing() {
     for _ in 0..3 {
         let mut s = TcpStream::connect(&p.addr).unwrap();
         assert!(wire::authenticate_to_destination(&mut s, b"still wrong").is_err());
+        drop(s);
     }
     let refusals = p.dst.log().matches("refused the connection").count();
     assert_eq!(refusals, 1, "{}", p.dst.log());
@@ -472,24 +476,51 @@ fn a_wrong_key_is_refused_and_writes_nothing() {
         .contains("not the right key"));
 }
 
-/// Authenticates with `key` and opens replica `dest` like a source would.
-fn raw_source(addr: &str, key: &[u8], dest: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    wire::authenticate_to_destination(&mut s, key).unwrap();
-    let open = wire::Open {
-        source_id: "raw-test".into(),
-        source_volume: "v".into(),
-        dest_volume: dest.into(),
-        size: 1 << 20,
-        chunk_size: BLOCK as u32,
-        block_size: BLOCK as u32,
-        keep_cps: 1,
-    };
-    wire::write_frame(&mut s, Kind::Open, &wire::to_json(&open)).unwrap();
-    let opened: wire::Opened =
-        wire::from_json(&wire::expect(&mut s, Kind::Opened).unwrap()).unwrap();
-    assert_eq!(opened.last_applied_cp, None);
-    s
+/// A source spoken by hand: authenticated with a key, sealed frames.
+struct RawSource {
+    s: TcpStream,
+    sealed: wire::Session,
+}
+
+impl RawSource {
+    /// Authenticates with `key` and opens replica `dest` like a source would.
+    fn open(addr: &str, key: &[u8], dest: &str) -> RawSource {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let (sealed, _) = wire::authenticate_to_destination(&mut s, key).unwrap();
+        let mut raw = RawSource { s, sealed };
+        let open = wire::Open {
+            source_id: "raw-test".into(),
+            source_volume: "v".into(),
+            dest_volume: dest.into(),
+            size: 1 << 20,
+            chunk_size: BLOCK as u32,
+            block_size: BLOCK as u32,
+            keep_cps: 1,
+        };
+        raw.send(Kind::Open, &wire::to_json(&open));
+        let opened: wire::Opened = wire::from_json(&raw.expect(Kind::Opened)).unwrap();
+        assert_eq!(opened.last_applied_cp, None);
+        raw
+    }
+
+    /// The bytes of the next sealed frame, to send (or not) by hand.
+    fn seal(&mut self, kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        self.sealed.send(&mut frame, kind, payload).unwrap();
+        frame
+    }
+
+    fn send(&mut self, kind: Kind, payload: &[u8]) {
+        self.sealed.send(&mut self.s, kind, payload).unwrap();
+    }
+
+    fn recv(&mut self) -> std::io::Result<(Kind, Vec<u8>)> {
+        self.sealed.recv(&mut self.s)
+    }
+
+    fn expect(&mut self, kind: Kind) -> Vec<u8> {
+        self.sealed.expect(&mut self.s, kind).unwrap()
+    }
 }
 
 #[test]
@@ -500,26 +531,27 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
     let data = vec![5u8; BLOCK as usize];
     let good = wire::encode_transfer(0, &[(0, &data)]);
 
-    // A flipped bit: the crc check fails, the connection is dropped.
-    let mut s = raw_source(&p.addr, key, "r");
-    let mut frame = wire::encode_frame(Kind::Transfer, &good);
+    // A flipped bit: the frame fails authentication, the connection is
+    // dropped.
+    let mut s = RawSource::open(&p.addr, key, "r");
+    let mut frame = s.seal(Kind::Transfer, &good);
     frame[100] ^= 1;
-    s.write_all(&frame).unwrap();
-    let e = wire::read_frame(&mut s);
-    assert!(matches!(e, Ok((Kind::Error, _))) || e.is_err(), "{e:?}");
+    s.s.write_all(&frame).unwrap();
+    let e = s.recv();
+    assert!(e.is_err(), "{e:?}");
     drop(s);
 
     // A piece beyond the volume, with a valid crc.
-    let mut s = raw_source(&p.addr, key, "r");
+    let mut s = RawSource::open(&p.addr, key, "r");
     let beyond = wire::encode_transfer(0, &[(1 << 20, &data)]);
-    wire::write_frame(&mut s, Kind::Transfer, &beyond).unwrap();
-    let (kind, msg) = wire::read_frame(&mut s).unwrap();
+    s.send(Kind::Transfer, &beyond);
+    let (kind, msg) = s.recv().unwrap();
     assert_eq!(kind, Kind::Error);
     assert!(String::from_utf8_lossy(&msg).contains("beyond"), "{msg:?}");
     drop(s);
 
     // A CP that refers to a transfer the replica never got.
-    let mut s = raw_source(&p.addr, key, "r");
+    let mut s = RawSource::open(&p.addr, key, "r");
     let cp = wire::CpCommit {
         cp: 0,
         keep_from_tid: 0,
@@ -531,15 +563,15 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
             index: 0,
         }],
     };
-    wire::write_frame(&mut s, Kind::CpCommit, &wire::encode_cp(&cp)).unwrap();
-    let (kind, _) = wire::read_frame(&mut s).unwrap();
+    s.send(Kind::CpCommit, &wire::encode_cp(&cp));
+    let (kind, _) = s.recv().unwrap();
     assert_eq!(kind, Kind::Error);
     drop(s);
 
     // Truncated: the header announces more than arrives.
-    let mut s = raw_source(&p.addr, key, "r");
-    let frame = wire::encode_frame(Kind::Transfer, &good);
-    s.write_all(&frame[..frame.len() / 2]).unwrap();
+    let mut s = RawSource::open(&p.addr, key, "r");
+    let frame = s.seal(Kind::Transfer, &good);
+    s.s.write_all(&frame[..frame.len() / 2]).unwrap();
     drop(s);
 
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -553,14 +585,18 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
         assert!(Instant::now() < deadline, "{st}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(p.dst.log().contains("crc32c"), "{}", p.dst.log());
+    assert!(
+        p.dst.log().contains("fails authentication"),
+        "{}",
+        p.dst.log()
+    );
     assert!(p.dst.log().contains("truncated"), "{}", p.dst.log());
     // No CP was ever applied: the replica has no readable image.
     assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
     // A reference to more blocks than its piece holds.
-    let mut s = raw_source(&p.addr, key, "r");
-    wire::write_frame(&mut s, Kind::Transfer, &good).unwrap();
-    wire::expect(&mut s, Kind::TransferAck).unwrap();
+    let mut s = RawSource::open(&p.addr, key, "r");
+    s.send(Kind::Transfer, &good);
+    s.expect(Kind::TransferAck);
     let cp = wire::CpCommit {
         cp: 0,
         keep_from_tid: 0,
@@ -572,8 +608,8 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
             index: 0,
         }],
     };
-    wire::write_frame(&mut s, Kind::CpCommit, &wire::encode_cp(&cp)).unwrap();
-    let (kind, msg) = wire::read_frame(&mut s).unwrap();
+    s.send(Kind::CpCommit, &wire::encode_cp(&cp));
+    let (kind, msg) = s.recv().unwrap();
     assert_eq!(kind, Kind::Error);
     assert!(
         String::from_utf8_lossy(&msg).contains("does not cover"),
@@ -583,12 +619,9 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
     assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
 
     // A proper transfer and CP still work on the same replica.
-    let mut s = raw_source(&p.addr, key, "r");
-    wire::write_frame(&mut s, Kind::Transfer, &good).unwrap();
-    assert_eq!(
-        wire::parse_u64(&wire::expect(&mut s, Kind::TransferAck).unwrap()).unwrap(),
-        0
-    );
+    let mut s = RawSource::open(&p.addr, key, "r");
+    s.send(Kind::Transfer, &good);
+    assert_eq!(wire::parse_u64(&s.expect(Kind::TransferAck)).unwrap(), 0);
     // 4K blocks: the first four from part of the 64K piece, zeros after.
     let cp = wire::CpCommit {
         cp: 0,
@@ -607,11 +640,8 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
             },
         ],
     };
-    wire::write_frame(&mut s, Kind::CpCommit, &wire::encode_cp(&cp)).unwrap();
-    assert_eq!(
-        wire::parse_u64(&wire::expect(&mut s, Kind::CpAck).unwrap()).unwrap(),
-        0
-    );
+    s.send(Kind::CpCommit, &wire::encode_cp(&cp));
+    assert_eq!(wire::parse_u64(&s.expect(Kind::CpAck)).unwrap(), 0);
     qemu_io_ok(
         &p.dst.uri("r"),
         true,

@@ -327,6 +327,12 @@ impl Replication {
         let Some(newest) = self.receiver.export_snapshot(volume) else {
             return Ok(());
         };
+        if let Some(why) = self.receiver.broken(volume) {
+            return Err(ControlError::new(
+                ErrorCode::IoError,
+                format!("volume {volume} is a broken replica: {why}"),
+            ));
+        }
         match (snapshot, newest) {
             (None, newest) => Err(ControlError::new(
                 ErrorCode::Busy,
