@@ -74,20 +74,30 @@ fn pair(src_env: &[(&str, &str)], dst_env: &[(&str, &str)]) -> Pair {
     }
 }
 
+/// The arguments of `replicate start VOL --to TO --key-file KEY EXTRA...`.
+fn start_args<'a>(vol: &'a str, to: &'a str, key: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "replicate",
+        "start",
+        vol,
+        "--to",
+        to,
+        "--key-file",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 impl Pair {
     fn start(&self, vol: &str, dest: &str, extra: &[&str]) {
-        let to = format!("{}/{dest}", self.addr);
-        let mut args = vec![
-            "replicate",
-            "start",
-            vol,
-            "--to",
-            &to,
-            "--key-file",
-            self.key.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        self.src.ok(&args);
+        self.start_via(&self.addr, vol, dest, extra);
+    }
+
+    /// Like [`Pair::start`], through `addr` (a proxy) instead.
+    fn start_via(&self, addr: &str, vol: &str, dest: &str, extra: &[&str]) {
+        let to = format!("{addr}/{dest}");
+        self.src.ok(&start_args(vol, &to, &self.key, extra));
     }
 
     fn status(&self, vol: &str) -> Value {
@@ -127,6 +137,21 @@ fn same_image(a: &str, b: &str) -> bool {
         "qemu-img compare failed: {o}{e}"
     );
     ok
+}
+
+/// Each replica snapshot `r@cp-N` in `cps` equals the source's `v@repl-cp-N`
+/// (kept by `SNAPBLK_TEST_KEEP_SOURCE_CPS`).
+fn assert_cps_equal_the_source(p: &Pair, cps: &[String]) {
+    for cp in cps {
+        let n = &cp[3..];
+        assert!(
+            same_image(
+                &p.src.uri(&format!("v@repl-cp-{n}")),
+                &p.dst.uri(&format!("r@{cp}"))
+            ),
+            "CP {n} differs from the source's image at that point"
+        );
+    }
 }
 
 /// Random writes through NBD: whole chunks, 4K pieces, 1.5K pieces (partial
@@ -192,16 +217,7 @@ fn every_consistency_point_equals_the_source_image_at_that_point() {
         .collect();
     assert!(cps.len() >= 3, "only {cps:?} were taken");
     assert!(cps.contains(&format!("cp-{last}")));
-    for cp in &cps {
-        let n = &cp[3..];
-        assert!(
-            same_image(
-                &p.src.uri(&format!("v@repl-cp-{n}")),
-                &p.dst.uri(&format!("r@{cp}"))
-            ),
-            "CP {n} differs from the source's image at that point"
-        );
-    }
+    assert_cps_equal_the_source(&p, &cps);
     // The replica's own export is its latest CP, read-only.
     assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
     let (ok, text) = qemu_io(&p.dst.uri("r"), false, &["write 0 4k"]);
@@ -1193,22 +1209,15 @@ fn a_man_in_the_middle_can_neither_read_nor_replay_reorder_alter_or_drop_frames(
     let p = pair(&[("SNAPBLK_TEST_KEEP_SOURCE_CPS", "1")], &[]);
     let proxy = Proxy::start(&p.addr);
     p.src.ok(&["volume", "create", "v", "--size", "4M"]);
-    let to = format!("{}/r", proxy.addr);
-    p.src.ok(&[
-        "replicate",
-        "start",
-        "v",
-        "--to",
-        &to,
-        "--key-file",
-        p.key.to_str().unwrap(),
+    let extra = [
         "--cp-interval",
         "1h",
         "--keep-cps",
         "1000",
         "--block-size",
         "64K",
-    ]);
+    ];
+    p.start_via(&proxy.addr, "v", "r", &extra);
     p.wait_state("v", "replicating");
     let refused = || p.dst.log().matches("fails authentication").count();
     // Transfers carry data; pings are what an idle source sends, and it
@@ -1255,16 +1264,7 @@ fn a_man_in_the_middle_can_neither_read_nor_replay_reorder_alter_or_drop_frames(
     }
     // Every image the replica ever showed is the source's at that CP:
     // nothing of a tampered frame got in.
-    for cp in p.dst.names(&["snapshot", "list", "r"]) {
-        let n = &cp[3..];
-        assert!(
-            same_image(
-                &p.src.uri(&format!("v@repl-cp-{n}")),
-                &p.dst.uri(&format!("r@{cp}"))
-            ),
-            "CP {n} differs from the source's image at that point"
-        );
-    }
+    assert_cps_equal_the_source(&p, &p.dst.names(&["snapshot", "list", "r"]));
     // Confidential: megabytes of text crossed, none of it readable.
     let wire = std::mem::take(&mut proxy.state.lock().unwrap().wire);
     assert!(wire.len() > 1 << 20, "only {} bytes crossed", wire.len());
@@ -1282,18 +1282,7 @@ fn a_half_open_source_connection_is_taken_over_by_its_reconnection() {
     let p = pair(&[], &[]);
     let proxy = Proxy::start(&p.addr);
     p.src.ok(&["volume", "create", "v", "--size", "4M"]);
-    let to = format!("{}/r", proxy.addr);
-    p.src.ok(&[
-        "replicate",
-        "start",
-        "v",
-        "--to",
-        &to,
-        "--key-file",
-        p.key.to_str().unwrap(),
-        "--cp-interval",
-        "1h",
-    ]);
+    p.start_via(&proxy.addr, "v", "r", &["--cp-interval", "1h"]);
     p.wait_state("v", "replicating");
     // The next transfer never arrives and the destination's side of the
     // connection stays open and silent, as when a source loses power.
@@ -1331,15 +1320,7 @@ fn a_silent_destination_never_blocks_stop_or_shutdown() {
     src.ok(&["volume", "create", "v", "--size", "1M"]);
     let start = |src: &Daemon| {
         let before = accepted.lock().unwrap().len();
-        src.ok(&[
-            "replicate",
-            "start",
-            "v",
-            "--to",
-            &format!("{addr}/r"),
-            "--key-file",
-            key.to_str().unwrap(),
-        ]);
+        src.ok(&start_args("v", &format!("{addr}/r"), &key, &[]));
         // The sender is now waiting for the handshake's answer.
         wait_until(
             "a connection",
@@ -1453,26 +1434,11 @@ fn a_world_readable_key_file_is_refused() {
     );
     let src = Daemon::start(&t.path().join("src"));
     src.ok(&["volume", "create", "v", "--size", "1M"]);
-    let e = src.fails(&[
-        "replicate",
-        "start",
-        "v",
-        "--to",
-        "127.0.0.1:1/r",
-        "--key-file",
-        key.to_str().unwrap(),
-    ]);
+    let start = start_args("v", "127.0.0.1:1/r", &key, &[]);
+    let e = src.fails(&start);
     assert!(e.contains("chmod 600"), "{e}");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    src.ok(&[
-        "replicate",
-        "start",
-        "v",
-        "--to",
-        "127.0.0.1:1/r",
-        "--key-file",
-        key.to_str().unwrap(),
-    ]);
+    src.ok(&start);
 }
 
 #[test]

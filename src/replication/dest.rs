@@ -125,6 +125,8 @@ pub struct Receiver {
     handshaking: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
     next_conn_id: AtomicU64,
+    /// Connections not attached to a replica yet (shutdown ends them).
+    unpaired: Mutex<HashMap<u64, TcpStream>>,
     /// The last refusal logged per source address: a source retries every
     /// second, and one line per outage is enough.
     refusals: Mutex<HashMap<IpAddr, String>>,
@@ -632,6 +634,7 @@ impl Receiver {
             handshaking: Arc::new(AtomicUsize::new(0)),
             connections: Arc::new(AtomicUsize::new(0)),
             next_conn_id: AtomicU64::new(0),
+            unpaired: Mutex::new(HashMap::new()),
             refusals: Mutex::new(HashMap::new()),
         });
         if let Some(l) = &receiver.listener {
@@ -706,11 +709,22 @@ impl Receiver {
         );
     }
 
+    /// Serves one connection; `counted` holds its place in the limits
+    /// until it ends.
     fn serve(&self, stream: TcpStream, mut counted: Counted) {
         let addr = stream.peer_addr().ok();
         let ip = addr.map(|a| a.ip());
         let peer = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
         let key = self.key.as_ref().expect("listening needs a key");
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        match stream.try_clone() {
+            Ok(s) => lock(&self.unpaired).insert(id, s),
+            Err(e) => return log::warn!("replication: {peer}: {e}"),
+        };
+        let unpaired = Unpaired(&self.unpaired, id);
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
         let _ = stream.set_nodelay(true);
         let _ = wire::keepalive(&stream, KEEPALIVE_IDLE);
         // Everything up to the pairing shares one deadline: a peer that
@@ -720,7 +734,11 @@ impl Receiver {
             until: Instant::now() + HANDSHAKE_TIMEOUT,
         };
         let mut sealed = match wire::authenticate_source(&mut hs, key) {
-            Ok(s) => s,
+            Ok(s) => {
+                // It proved the key: the handshake slots are for strangers.
+                counted.authenticated();
+                s
+            }
             Err(e) => {
                 let why = if e.kind() == io::ErrorKind::PermissionDenied {
                     format!("refused the connection: {e}; nothing was written")
@@ -737,7 +755,6 @@ impl Receiver {
             Ok(o) => o,
             Err(e) => return self.refused(ip, &peer, e.to_string()),
         };
-        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let attached = stream.try_clone().map(|cut| Attached {
             id,
             peer: peer.clone(),
@@ -746,6 +763,7 @@ impl Receiver {
         let replica = attached
             .map_err(|e| e.to_string())
             .and_then(|a| self.pair(&open, a));
+        drop(unpaired);
         let replica = match replica {
             Ok(r) => r,
             Err(msg) => {
@@ -757,7 +775,6 @@ impl Receiver {
                 return self.refused(ip, &peer, why);
             }
         };
-        counted.authenticated();
         if let Some(ip) = ip {
             lock(&self.refusals).remove(&ip);
         }
@@ -1068,11 +1085,25 @@ impl Receiver {
             if let Some(a) = lock(&r.session).as_ref() {
                 let _ = a.cut.shutdown(std::net::Shutdown::Both);
             }
+            // A connection waiting to take a replica over gives up.
+            r.released.notify_all();
+        }
+        for s in lock(&self.unpaired).values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+/// Takes a connection off [`Receiver::unpaired`] when it is paired or ends.
+struct Unpaired<'a>(&'a Mutex<HashMap<u64, TcpStream>>, u64);
+
+impl Drop for Unpaired<'_> {
+    fn drop(&mut self) {
+        lock(self.0).remove(&self.1);
     }
 }
 

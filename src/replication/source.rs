@@ -417,6 +417,12 @@ impl Conn<'_> {
                 )))
             }
         }?;
+        self.keep_alive()
+    }
+
+    /// Pings if nothing was sent for a while, so that the destination's
+    /// idle timeout tells a busy or idle source from a vanished one.
+    fn keep_alive(&mut self) -> io::Result<()> {
         if self.last_sent.elapsed() >= PING_EVERY {
             self.send(Kind::Ping, &[])?;
         }
@@ -1181,6 +1187,8 @@ impl Link {
                     let mut data = AlignedBuf::zeroed(len);
                     block_on(view.read(offset, &mut data)).map_err(err)?;
                     release.progress(at + n);
+                    // Long runs of zeros send nothing for a while.
+                    conn.keep_alive().map_err(|e| e.to_string())?;
                     let block_of = |k: u64| {
                         let s = (k * bs) as usize;
                         &data[s..((k + 1) * bs).min(len as u64) as usize]
