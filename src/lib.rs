@@ -17,3 +17,4 @@ pub mod engine;
 pub mod frontend;
 pub mod replication;
 pub mod runtime;
+pub mod secret_file;

@@ -9,8 +9,10 @@ use serde_json::Value;
 use snapblk::replication::wire::{self, Kind};
 use std::io::Write;
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The chunk size of the tests' volumes.
@@ -27,9 +29,11 @@ struct Pair {
     addr: String,
 }
 
+/// A key file readable by its owner only, as the daemon insists.
 fn write_key(dir: &Path, name: &str, key: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, key).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
@@ -70,20 +74,30 @@ fn pair(src_env: &[(&str, &str)], dst_env: &[(&str, &str)]) -> Pair {
     }
 }
 
+/// The arguments of `replicate start VOL --to TO --key-file KEY EXTRA...`.
+fn start_args<'a>(vol: &'a str, to: &'a str, key: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "replicate",
+        "start",
+        vol,
+        "--to",
+        to,
+        "--key-file",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 impl Pair {
     fn start(&self, vol: &str, dest: &str, extra: &[&str]) {
-        let to = format!("{}/{dest}", self.addr);
-        let mut args = vec![
-            "replicate",
-            "start",
-            vol,
-            "--to",
-            &to,
-            "--key-file",
-            self.key.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        self.src.ok(&args);
+        self.start_via(&self.addr, vol, dest, extra);
+    }
+
+    /// Like [`Pair::start`], through `addr` (a proxy) instead.
+    fn start_via(&self, addr: &str, vol: &str, dest: &str, extra: &[&str]) {
+        let to = format!("{addr}/{dest}");
+        self.src.ok(&start_args(vol, &to, &self.key, extra));
     }
 
     fn status(&self, vol: &str) -> Value {
@@ -123,6 +137,21 @@ fn same_image(a: &str, b: &str) -> bool {
         "qemu-img compare failed: {o}{e}"
     );
     ok
+}
+
+/// Each replica snapshot `r@cp-N` in `cps` equals the source's `v@repl-cp-N`
+/// (kept by `SNAPBLK_TEST_KEEP_SOURCE_CPS`).
+fn assert_cps_equal_the_source(p: &Pair, cps: &[String]) {
+    for cp in cps {
+        let n = &cp[3..];
+        assert!(
+            same_image(
+                &p.src.uri(&format!("v@repl-cp-{n}")),
+                &p.dst.uri(&format!("r@{cp}"))
+            ),
+            "CP {n} differs from the source's image at that point"
+        );
+    }
 }
 
 /// Random writes through NBD: whole chunks, 4K pieces, 1.5K pieces (partial
@@ -188,16 +217,7 @@ fn every_consistency_point_equals_the_source_image_at_that_point() {
         .collect();
     assert!(cps.len() >= 3, "only {cps:?} were taken");
     assert!(cps.contains(&format!("cp-{last}")));
-    for cp in &cps {
-        let n = &cp[3..];
-        assert!(
-            same_image(
-                &p.src.uri(&format!("v@repl-cp-{n}")),
-                &p.dst.uri(&format!("r@{cp}"))
-            ),
-            "CP {n} differs from the source's image at that point"
-        );
-    }
+    assert_cps_equal_the_source(&p, &cps);
     // The replica's own export is its latest CP, read-only.
     assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
     let (ok, text) = qemu_io(&p.dst.uri("r"), false, &["write 0 4k"]);
@@ -463,6 +483,7 @@ fn a_wrong_key_is_refused_and_writes_nothing() {
     for _ in 0..3 {
         let mut s = TcpStream::connect(&p.addr).unwrap();
         assert!(wire::authenticate_to_destination(&mut s, b"still wrong").is_err());
+        drop(s);
     }
     let refusals = p.dst.log().matches("refused the connection").count();
     assert_eq!(refusals, 1, "{}", p.dst.log());
@@ -472,24 +493,51 @@ fn a_wrong_key_is_refused_and_writes_nothing() {
         .contains("not the right key"));
 }
 
-/// Authenticates with `key` and opens replica `dest` like a source would.
-fn raw_source(addr: &str, key: &[u8], dest: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    wire::authenticate_to_destination(&mut s, key).unwrap();
-    let open = wire::Open {
-        source_id: "raw-test".into(),
-        source_volume: "v".into(),
-        dest_volume: dest.into(),
-        size: 1 << 20,
-        chunk_size: BLOCK as u32,
-        block_size: BLOCK as u32,
-        keep_cps: 1,
-    };
-    wire::write_frame(&mut s, Kind::Open, &wire::to_json(&open)).unwrap();
-    let opened: wire::Opened =
-        wire::from_json(&wire::expect(&mut s, Kind::Opened).unwrap()).unwrap();
-    assert_eq!(opened.last_applied_cp, None);
-    s
+/// A source spoken by hand: authenticated with a key, sealed frames.
+struct RawSource {
+    s: TcpStream,
+    sealed: wire::Session,
+}
+
+impl RawSource {
+    /// Authenticates with `key` and opens replica `dest` like a source would.
+    fn open(addr: &str, key: &[u8], dest: &str) -> RawSource {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let (sealed, _) = wire::authenticate_to_destination(&mut s, key).unwrap();
+        let mut raw = RawSource { s, sealed };
+        let open = wire::Open {
+            source_id: "raw-test".into(),
+            source_volume: "v".into(),
+            dest_volume: dest.into(),
+            size: 1 << 20,
+            chunk_size: BLOCK as u32,
+            block_size: BLOCK as u32,
+            keep_cps: 1,
+        };
+        raw.send(Kind::Open, &wire::to_json(&open));
+        let opened: wire::Opened = wire::from_json(&raw.expect(Kind::Opened)).unwrap();
+        assert_eq!(opened.last_applied_cp, None);
+        raw
+    }
+
+    /// The bytes of the next sealed frame, to send (or not) by hand.
+    fn seal(&mut self, kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        self.sealed.send(&mut frame, kind, payload).unwrap();
+        frame
+    }
+
+    fn send(&mut self, kind: Kind, payload: &[u8]) {
+        self.sealed.send(&mut self.s, kind, payload).unwrap();
+    }
+
+    fn recv(&mut self) -> std::io::Result<(Kind, Vec<u8>)> {
+        self.sealed.recv(&mut self.s)
+    }
+
+    fn expect(&mut self, kind: Kind) -> Vec<u8> {
+        self.sealed.expect(&mut self.s, kind).unwrap()
+    }
 }
 
 #[test]
@@ -500,26 +548,31 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
     let data = vec![5u8; BLOCK as usize];
     let good = wire::encode_transfer(0, &[(0, &data)]);
 
-    // A flipped bit: the crc check fails, the connection is dropped.
-    let mut s = raw_source(&p.addr, key, "r");
-    let mut frame = wire::encode_frame(Kind::Transfer, &good);
+    // A flipped bit: the frame fails authentication, the connection is
+    // dropped.
+    let mut s = RawSource::open(&p.addr, key, "r");
+    let mut frame = s.seal(Kind::Transfer, &good);
     frame[100] ^= 1;
-    s.write_all(&frame).unwrap();
-    let e = wire::read_frame(&mut s);
-    assert!(matches!(e, Ok((Kind::Error, _))) || e.is_err(), "{e:?}");
+    s.s.write_all(&frame).unwrap();
+    let (kind, msg) = s.recv().unwrap();
+    assert_eq!(kind, Kind::Error);
+    assert!(
+        String::from_utf8_lossy(&msg).contains("fails authentication"),
+        "{msg:?}"
+    );
     drop(s);
 
-    // A piece beyond the volume, with a valid crc.
-    let mut s = raw_source(&p.addr, key, "r");
+    // A piece beyond the volume, properly sealed.
+    let mut s = RawSource::open(&p.addr, key, "r");
     let beyond = wire::encode_transfer(0, &[(1 << 20, &data)]);
-    wire::write_frame(&mut s, Kind::Transfer, &beyond).unwrap();
-    let (kind, msg) = wire::read_frame(&mut s).unwrap();
+    s.send(Kind::Transfer, &beyond);
+    let (kind, msg) = s.recv().unwrap();
     assert_eq!(kind, Kind::Error);
     assert!(String::from_utf8_lossy(&msg).contains("beyond"), "{msg:?}");
     drop(s);
 
     // A CP that refers to a transfer the replica never got.
-    let mut s = raw_source(&p.addr, key, "r");
+    let mut s = RawSource::open(&p.addr, key, "r");
     let cp = wire::CpCommit {
         cp: 0,
         keep_from_tid: 0,
@@ -531,15 +584,15 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
             index: 0,
         }],
     };
-    wire::write_frame(&mut s, Kind::CpCommit, &wire::encode_cp(&cp)).unwrap();
-    let (kind, _) = wire::read_frame(&mut s).unwrap();
+    s.send(Kind::CpCommit, &wire::encode_cp(&cp));
+    let (kind, _) = s.recv().unwrap();
     assert_eq!(kind, Kind::Error);
     drop(s);
 
     // Truncated: the header announces more than arrives.
-    let mut s = raw_source(&p.addr, key, "r");
-    let frame = wire::encode_frame(Kind::Transfer, &good);
-    s.write_all(&frame[..frame.len() / 2]).unwrap();
+    let mut s = RawSource::open(&p.addr, key, "r");
+    let frame = s.seal(Kind::Transfer, &good);
+    s.s.write_all(&frame[..frame.len() / 2]).unwrap();
     drop(s);
 
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -553,14 +606,18 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
         assert!(Instant::now() < deadline, "{st}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(p.dst.log().contains("crc32c"), "{}", p.dst.log());
+    assert!(
+        p.dst.log().contains("fails authentication"),
+        "{}",
+        p.dst.log()
+    );
     assert!(p.dst.log().contains("truncated"), "{}", p.dst.log());
     // No CP was ever applied: the replica has no readable image.
     assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
     // A reference to more blocks than its piece holds.
-    let mut s = raw_source(&p.addr, key, "r");
-    wire::write_frame(&mut s, Kind::Transfer, &good).unwrap();
-    wire::expect(&mut s, Kind::TransferAck).unwrap();
+    let mut s = RawSource::open(&p.addr, key, "r");
+    s.send(Kind::Transfer, &good);
+    s.expect(Kind::TransferAck);
     let cp = wire::CpCommit {
         cp: 0,
         keep_from_tid: 0,
@@ -572,8 +629,8 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
             index: 0,
         }],
     };
-    wire::write_frame(&mut s, Kind::CpCommit, &wire::encode_cp(&cp)).unwrap();
-    let (kind, msg) = wire::read_frame(&mut s).unwrap();
+    s.send(Kind::CpCommit, &wire::encode_cp(&cp));
+    let (kind, msg) = s.recv().unwrap();
     assert_eq!(kind, Kind::Error);
     assert!(
         String::from_utf8_lossy(&msg).contains("does not cover"),
@@ -583,12 +640,9 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
     assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
 
     // A proper transfer and CP still work on the same replica.
-    let mut s = raw_source(&p.addr, key, "r");
-    wire::write_frame(&mut s, Kind::Transfer, &good).unwrap();
-    assert_eq!(
-        wire::parse_u64(&wire::expect(&mut s, Kind::TransferAck).unwrap()).unwrap(),
-        0
-    );
+    let mut s = RawSource::open(&p.addr, key, "r");
+    s.send(Kind::Transfer, &good);
+    assert_eq!(wire::parse_u64(&s.expect(Kind::TransferAck)).unwrap(), 0);
     // 4K blocks: the first four from part of the 64K piece, zeros after.
     let cp = wire::CpCommit {
         cp: 0,
@@ -607,11 +661,8 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
             },
         ],
     };
-    wire::write_frame(&mut s, Kind::CpCommit, &wire::encode_cp(&cp)).unwrap();
-    assert_eq!(
-        wire::parse_u64(&wire::expect(&mut s, Kind::CpAck).unwrap()).unwrap(),
-        0
-    );
+    s.send(Kind::CpCommit, &wire::encode_cp(&cp));
+    assert_eq!(wire::parse_u64(&s.expect(Kind::CpAck)).unwrap(), 0);
     qemu_io_ok(
         &p.dst.uri("r"),
         true,
@@ -697,7 +748,11 @@ fn a_killed_source_and_a_cut_link_resync_only_the_changed_blocks() {
     std::thread::sleep(Duration::from_millis(3500));
     write_blocks(&p.src.uri("v"), [0, 10, 20, 30, 40, 60, 80, 100, 120], 5);
     write_blocks(&p.src.uri("v"), [10, 20], 6);
-    assert_eq!(p.status("v")["dirty_blocks"], 9 * PER_CHUNK);
+    let s = p.status("v");
+    assert_eq!(s["dirty_blocks"], 9 * PER_CHUNK, "{s}");
+    // Disconnected, the dirty map alone keeps what changed: no per-block
+    // map grows with what is written during an outage.
+    assert_eq!(s["tracked_blocks"], 0, "{s}");
     assert!(retries_logged() - before <= 2, "{}", p.src.log());
     p.dst.restart();
     p.wait_state("v", "replicating");
@@ -948,4 +1003,537 @@ fn replicate_requests_check_their_arguments() {
         .unwrap()
         .is_empty());
     assert!(p.dst.ok(&["replicate", "status"]).contains("waiting"));
+}
+
+// ---- a hostile network and hostile peers ----
+
+/// What the man in the middle does to the next frame of a kind it sees
+/// from the source, once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Attack {
+    /// Forwards it, then the same bytes again.
+    Replay,
+    /// Flips one bit of its sealed payload.
+    Flip,
+    /// Swallows it.
+    Drop,
+    /// Holds it back and forwards it after the next frame.
+    Swap,
+    /// Closes the source's side and keeps the destination's open, silent:
+    /// to the destination the source lost power (a half-open connection).
+    HalfOpen,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    armed: Option<(Attack, Kind)>,
+    done: Vec<Attack>,
+    /// Every byte the source sent, as seen on the wire.
+    wire: Vec<u8>,
+    connections: usize,
+}
+
+/// A TCP proxy on loopback between the source and the destination that
+/// reads the source's frames (headers are in the clear) and tampers with
+/// them on demand.
+struct Proxy {
+    addr: String,
+    state: Arc<Mutex<ProxyState>>,
+    /// Destination-side sockets kept open by `HalfOpen`.
+    _held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(dest: &str) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(Mutex::new(ProxyState::default()));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let (st, hd, dest) = (state.clone(), held.clone(), dest.to_string());
+        std::thread::spawn(move || {
+            for src in listener.incoming() {
+                let Ok(src) = src else { return };
+                let Ok(dst) = TcpStream::connect(&dest) else {
+                    continue;
+                };
+                st.lock().unwrap().connections += 1;
+                let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+                // Destination -> source: copied as is.
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &dst2, &mut &src2);
+                    let _ = src2.shutdown(std::net::Shutdown::Both);
+                });
+                let (st, hd) = (st.clone(), hd.clone());
+                std::thread::spawn(move || Proxy::forward(src, dst, &st, &hd));
+            }
+        });
+        Proxy {
+            addr,
+            state,
+            _held: held,
+        }
+    }
+
+    /// Source -> destination, frame by frame.
+    fn forward(
+        mut src: TcpStream,
+        mut dst: TcpStream,
+        state: &Mutex<ProxyState>,
+        held: &Mutex<Vec<TcpStream>>,
+    ) {
+        use std::io::Read;
+        let mut swapped: Option<Vec<u8>> = None;
+        loop {
+            let mut frame = vec![0u8; wire::HEADER];
+            if src.read_exact(&mut frame).is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes(frame[8..12].try_into().unwrap()) as usize;
+            frame.resize(wire::HEADER + len, 0);
+            if src.read_exact(&mut frame[wire::HEADER..]).is_err() {
+                break;
+            }
+            let mut s = state.lock().unwrap();
+            s.wire.extend_from_slice(&frame);
+            let attack = match s.armed {
+                Some((a, k)) if k as u8 == frame[4] => {
+                    s.armed = None;
+                    s.done.push(a);
+                    Some(a)
+                }
+                _ => None,
+            };
+            drop(s);
+            let mut out = Vec::new();
+            match attack {
+                Some(Attack::Replay) => {
+                    out.extend_from_slice(&frame);
+                    out.extend_from_slice(&frame);
+                }
+                Some(Attack::Flip) => {
+                    frame[wire::HEADER + len / 2] ^= 0x10;
+                    out = frame;
+                }
+                Some(Attack::Drop) => {}
+                Some(Attack::Swap) => swapped = Some(frame),
+                Some(Attack::HalfOpen) => {
+                    let _ = src.shutdown(std::net::Shutdown::Both);
+                    held.lock().unwrap().push(dst);
+                    return;
+                }
+                None => {
+                    out = frame;
+                    if let Some(earlier) = swapped.take() {
+                        out.extend_from_slice(&earlier);
+                    }
+                }
+            }
+            if dst.write_all(&out).is_err() {
+                break;
+            }
+        }
+        let _ = dst.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn arm(&self, attack: Attack, kind: Kind) {
+        self.state.lock().unwrap().armed = Some((attack, kind));
+    }
+
+    fn done(&self, attack: Attack) -> bool {
+        self.state.lock().unwrap().done.contains(&attack)
+    }
+
+    fn connections(&self) -> usize {
+        self.state.lock().unwrap().connections
+    }
+}
+
+/// Waits (generously) until `cond` holds; `what` and `log` explain a hang.
+fn wait_until(what: &str, log: impl Fn() -> String, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} never happened:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes 64K blocks of recognizable text (never on the wire in the clear).
+const PLAIN: &[u8] = b"PLAINTEXT-ON-THE-WIRE? ";
+const TEXT_WRITER: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+first, n, tag = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+for b in range(first, first + n):
+    line = (b"PLAINTEXT-ON-THE-WIRE? " + tag.encode() + b" %d\n" % b) * 3000
+    h.pwrite(line[:65536], b * 65536)
+h.flush()
+print("PASS")
+"#;
+
+fn write_text(uri: &str, first: u64, n: u64, tag: &str) {
+    py_ok(
+        TEXT_WRITER,
+        &[uri.into(), first.to_string(), n.to_string(), tag.into()],
+    );
+}
+
+/// `replicate cp` until it succeeds (the link may be reconnecting).
+fn cp_when_back(p: &Pair, vol: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = p.src.cli(&["--json", "replicate", "cp", vol]);
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            return v["cp"].as_u64().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicate cp never succeeded: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            p.src.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_man_in_the_middle_can_neither_read_nor_replay_reorder_alter_or_drop_frames() {
+    if skip_without("mitm", &["qemu-img", "python3-nbd"]) {
+        return;
+    }
+    let p = pair(&[("SNAPBLK_TEST_KEEP_SOURCE_CPS", "1")], &[]);
+    let proxy = Proxy::start(&p.addr);
+    p.src.ok(&["volume", "create", "v", "--size", "4M"]);
+    let extra = [
+        "--cp-interval",
+        "1h",
+        "--keep-cps",
+        "1000",
+        "--block-size",
+        "64K",
+    ];
+    p.start_via(&proxy.addr, "v", "r", &extra);
+    p.wait_state("v", "replicating");
+    let refused = || p.dst.log().matches("fails authentication").count();
+    // Transfers carry data; pings are what an idle source sends, and it
+    // sends the next frame without waiting for an answer, so a dropped or
+    // held-back ping shows in the frame after it.
+    let scenarios = [
+        (Attack::Replay, Kind::Transfer),
+        (Attack::Flip, Kind::Transfer),
+        (Attack::Drop, Kind::Ping),
+        (Attack::Swap, Kind::Ping),
+    ];
+    for (round, (attack, kind)) in scenarios.into_iter().enumerate() {
+        let before = refused();
+        let connections = proxy.connections();
+        proxy.arm(attack, kind);
+        let tag = format!("{attack:?}");
+        if kind == Kind::Transfer {
+            write_text(&p.src.uri("v"), round as u64 * 8, 8, &tag);
+        }
+        wait_until(
+            &format!("{attack:?}"),
+            || p.dst.log(),
+            || proxy.done(attack),
+        );
+        if kind == Kind::Ping {
+            // The frame after the ping (the next one, or a transfer).
+            write_text(&p.src.uri("v"), round as u64 * 8, 8, &tag);
+        }
+        wait_until(
+            &format!("the destination refusing the {attack:?} frame"),
+            || p.dst.log(),
+            || refused() > before,
+        );
+        // The source reconnects and converges.
+        cp_when_back(&p, "v");
+        assert!(
+            proxy.connections() > connections,
+            "{attack:?}: no reconnect"
+        );
+        assert!(
+            same_image(&p.src.uri("v"), &p.dst.uri("r")),
+            "{attack:?}: the replica did not converge"
+        );
+    }
+    // Every image the replica ever showed is the source's at that CP:
+    // nothing of a tampered frame got in.
+    assert_cps_equal_the_source(&p, &p.dst.names(&["snapshot", "list", "r"]));
+    // Confidential: megabytes of text crossed, none of it readable.
+    let wire = std::mem::take(&mut proxy.state.lock().unwrap().wire);
+    assert!(wire.len() > 1 << 20, "only {} bytes crossed", wire.len());
+    assert!(
+        !wire.windows(PLAIN.len()).any(|w| w == PLAIN),
+        "block content crossed the wire in the clear"
+    );
+}
+
+#[test]
+fn a_half_open_source_connection_is_taken_over_by_its_reconnection() {
+    if skip_without("half_open", &["qemu-img", "python3-nbd"]) {
+        return;
+    }
+    let p = pair(&[], &[]);
+    let proxy = Proxy::start(&p.addr);
+    p.src.ok(&["volume", "create", "v", "--size", "4M"]);
+    p.start_via(&proxy.addr, "v", "r", &["--cp-interval", "1h"]);
+    p.wait_state("v", "replicating");
+    // The next transfer never arrives and the destination's side of the
+    // connection stays open and silent, as when a source loses power.
+    proxy.arm(Attack::HalfOpen, Kind::Transfer);
+    write_text(&p.src.uri("v"), 0, 4, "half-open");
+    wait_until(
+        "the half-open cut",
+        || p.src.log(),
+        || proxy.done(Attack::HalfOpen),
+    );
+    // The source reconnects at once; its new connection takes the replica
+    // over instead of being refused as "already receiving".
+    cp_when_back(&p, "v");
+    assert!(same_image(&p.src.uri("v"), &p.dst.uri("r")));
+    let log = p.dst.log();
+    assert!(log.contains("connects again while"), "{log}");
+    assert!(!log.contains("already receiving"), "{log}");
+}
+
+#[test]
+fn a_silent_destination_never_blocks_stop_or_shutdown() {
+    let t = tempfile::tempdir().unwrap();
+    let key = write_key(t.path(), "key", "correct horse battery staple\n");
+    // Accepts every connection and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let acc = accepted.clone();
+    std::thread::spawn(move || {
+        for c in silent.incoming().flatten() {
+            acc.lock().unwrap().push(c);
+        }
+    });
+    let mut src = Daemon::start(&t.path().join("src"));
+    src.ok(&["volume", "create", "v", "--size", "1M"]);
+    let start = |src: &Daemon| {
+        let before = accepted.lock().unwrap().len();
+        src.ok(&start_args("v", &format!("{addr}/r"), &key, &[]));
+        // The sender is now waiting for the handshake's answer.
+        wait_until(
+            "a connection",
+            || src.log(),
+            || accepted.lock().unwrap().len() > before,
+        );
+    };
+    start(&src);
+    src.ok(&["replicate", "stop", "v"]);
+    // The handshake times out and is retried meanwhile.
+    start(&src);
+    wait_until(
+        "the handshake timing out",
+        || src.log(),
+        || {
+            let s = &src.json(&["replicate", "status", "v"])["links"][0];
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("did not complete the handshake in time"))
+        },
+    );
+    wait_until(
+        "a retry",
+        || src.log(),
+        || accepted.lock().unwrap().len() >= 3,
+    );
+    let status = src.signal(libc::SIGTERM);
+    assert!(status.success(), "{status}: {}", src.log());
+}
+
+#[test]
+fn the_destination_bounds_unauthenticated_connections() {
+    let p = pair(&[], &[]);
+    // A Hello announcing 64 MiB is refused unread.
+    let mut big = TcpStream::connect(&p.addr).unwrap();
+    let mut header = wire::encode_frame(Kind::Hello, &[])[..wire::HEADER].to_vec();
+    header[8..12].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    big.write_all(&header).unwrap();
+    assert_closed(&mut big);
+    // 16 connections that never speak fill the handshake slots: the next
+    // is closed at once, and each idle one when its deadline passes.
+    let idle: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(&p.addr).unwrap())
+        .collect();
+    wait_until(
+        "the next connection refused",
+        || p.dst.log(),
+        || {
+            let mut extra = TcpStream::connect(&p.addr).unwrap();
+            extra
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let closed = match std::io::Read::read(&mut extra, &mut [0u8; 1]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            };
+            closed && p.dst.log().contains("connections are in their handshake")
+        },
+    );
+    for mut c in idle {
+        assert_closed(&mut c);
+    }
+    let log = p.dst.log();
+    assert!(log.contains("exceeds the 1024-byte limit"), "{log}");
+    assert!(
+        log.contains("did not complete the handshake in time"),
+        "{log}"
+    );
+    // And a real source gets through.
+    p.src.ok(&["volume", "create", "v", "--size", "1M"]);
+    p.start("v", "r", &[]);
+    p.wait_state("v", "replicating");
+}
+
+/// Waits (generously) for the peer to close `s`.
+fn assert_closed(s: &mut TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match std::io::Read::read(s, &mut buf) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("the destination did not close the connection: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_world_readable_key_file_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let key = write_key(t.path(), "key", "correct horse battery staple\n");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, _, err) = run(Command::new(BIN).args([
+        "daemon",
+        "--data-dir",
+        t.path().join("dst").to_str().unwrap(),
+        "--control",
+        t.path().join("dst.sock").to_str().unwrap(),
+        "--nbd-socket",
+        t.path().join("dst.nbd").to_str().unwrap(),
+        "--replication-listen",
+        "127.0.0.1:0",
+        "--replication-key-file",
+        key.to_str().unwrap(),
+    ]));
+    assert!(!ok);
+    assert!(
+        err.contains("accessible by group or others (mode 0644)") && err.contains("chmod 600"),
+        "{err}"
+    );
+    let src = Daemon::start(&t.path().join("src"));
+    src.ok(&["volume", "create", "v", "--size", "1M"]);
+    let start = start_args("v", "127.0.0.1:1/r", &key, &[]);
+    let e = src.fails(&start);
+    assert!(e.contains("chmod 600"), "{e}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    src.ok(&start);
+}
+
+#[test]
+fn a_replica_that_cannot_be_recovered_is_broken_and_the_others_are_served() {
+    if skip_without("broken_replica", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let mut p = pair(&[], &[]);
+    for v in ["a", "b", "c"] {
+        p.src.ok(&["volume", "create", v, "--size", "1M"]);
+        qemu_io_ok(&p.src.uri(v), false, &["write -P 3 0 1M"]);
+        p.start(v, v, &["--cp-interval", "1h"]);
+        p.cp(v);
+    }
+    for v in ["a", "b", "c"] {
+        p.src.ok(&["replicate", "stop", v]);
+    }
+    p.dst.signal(libc::SIGTERM);
+    let dest = p.dst.dir.join("replication/dest");
+    // a: a staged CP record that refers to a transfer it does not hold.
+    let last = p.dst_last_cp(&dest, "a");
+    let cp = wire::encode_cp(&wire::CpCommit {
+        cp: last + 1,
+        keep_from_tid: 0,
+        block_size: 4096,
+        entries: vec![wire::CpEntry::Ref {
+            block: 0,
+            count: 1,
+            tid: 999,
+            index: 0,
+        }],
+    });
+    let mut rec = crc32c::crc32c(&cp).to_le_bytes().to_vec();
+    rec.extend_from_slice(&cp);
+    std::fs::write(
+        dest.join(format!("a.staging/cp-{:016x}.rec", last + 1)),
+        rec,
+    )
+    .unwrap();
+    // b: an unreadable record.
+    std::fs::write(dest.join("b.json"), "{ not json").unwrap();
+    p.dst.restart();
+    let st = p.dst.json(&["replicate", "status"]);
+    let state = |v: &str| {
+        st["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["volume"] == v)
+            .unwrap_or_else(|| panic!("{v} missing: {st}"))
+            .clone()
+    };
+    assert_eq!(state("a")["state"], "broken", "{st}");
+    assert!(
+        state("a")["error"]
+            .as_str()
+            .unwrap()
+            .contains("transfer 999"),
+        "{st}"
+    );
+    assert_eq!(state("b")["state"], "broken", "{st}");
+    assert!(
+        state("b")["error"].as_str().unwrap().contains("b.json"),
+        "{st}"
+    );
+    // c is served; a and b are not exported at all, nor startable as devices.
+    assert!(same_image(&p.src.uri("c"), &p.dst.uri("c")));
+    for v in ["a", "b"] {
+        let (ok, text) = qemu_io(&p.dst.uri(v), false, &["write -P 9 0 4k"]);
+        assert!(
+            !ok || text.contains("error") || text.contains("fail"),
+            "{v}: {text}"
+        );
+        let e = p.dst.fails(&["device", "start", v]);
+        assert!(e.contains("broken replica"), "{e}");
+    }
+    // Its source is refused with the reason.
+    p.start("a", "a", &["--cp-interval", "1h"]);
+    wait_until(
+        "the source seeing the refusal",
+        || p.src.log(),
+        || {
+            p.status("a")["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("is broken"))
+        },
+    );
+}
+
+impl Pair {
+    /// The last CP replica `vol` applied, from its record.
+    fn dst_last_cp(&self, dest: &Path, vol: &str) -> u64 {
+        let rec: Value =
+            serde_json::from_slice(&std::fs::read(dest.join(format!("{vol}.json"))).unwrap())
+                .unwrap();
+        rec["last_applied_cp"].as_u64().unwrap()
+    }
 }

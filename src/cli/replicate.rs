@@ -19,7 +19,8 @@ pub enum ReplicateCmd {
         /// Time between consistency points, e.g. 500ms, 10s, 5m [default: 10s]
         #[arg(long, value_name = "DURATION")]
         cp_interval: Option<String>,
-        /// The key shared with the destination [default: DATA_DIR/replication.key]
+        /// The key shared with the destination, a file readable by its owner
+        /// only [default: DATA_DIR/replication.key]
         #[arg(long, value_name = "PATH")]
         key_file: Option<PathBuf>,
         /// Consistency-point snapshots (cp-N) the destination keeps [default: 1]

@@ -43,16 +43,30 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PAUSE_KNOB: &str = "SNAPBLK_TEST_PAUSE_APPLY";
 const STAGE_DELAY_KNOB: &str = "SNAPBLK_TEST_STAGE_DELAY_MS";
 /// CP entries applied concurrently, and the bytes they may hold in memory.
 const APPLY_BATCH: usize = 128;
 const APPLY_BATCH_BYTES: u64 = 16 << 20;
+/// The whole handshake (key proof, `Open`, pairing) must end within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many connections may be in their handshake at once (each
+/// holds a thread and a socket until its deadline), and this many in all.
+const MAX_HANDSHAKES: usize = 16;
+const MAX_CONNECTIONS: usize = 256;
+/// A session that receives nothing (not even the idle source's `Ping`)
+/// for this long is dropped: its source is gone without a word.
+pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Keepalive probes start after this long without traffic.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(20);
+/// How long a new connection of a replica's source waits for the old one
+/// (ended at once, but it may be in the middle of applying a CP) to let go.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReplicaRecord {
@@ -80,8 +94,22 @@ pub struct Replica {
     index: Mutex<BTreeMap<u64, Vec<Piece>>>,
     /// Transfers staged since the last CP record, not yet synced.
     unsynced: Mutex<Vec<fs::File>>,
-    session: Mutex<Option<(String, TcpStream)>>,
+    session: Mutex<Option<Attached>>,
+    /// Signalled when a connection lets go of the replica.
+    released: Condvar,
+    /// Why the replica could not be recovered at start: it is then neither
+    /// exported nor written until the operator repaired it and restarted.
+    broken: Mutex<Option<String>>,
     bytes_received: AtomicU64,
+}
+
+/// The connection a replica receives from.
+struct Attached {
+    /// Tells this connection from a later one of the same source.
+    id: u64,
+    peer: String,
+    /// A handle on the connection, to end it (takeover, promote, shutdown).
+    cut: TcpStream,
 }
 
 pub struct Receiver {
@@ -93,6 +121,12 @@ pub struct Receiver {
     local_addr: Option<SocketAddr>,
     stopping: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Connections that have not proved the key yet, and all connections.
+    handshaking: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    next_conn_id: AtomicU64,
+    /// Connections not attached to a replica yet (shutdown ends them).
+    unpaired: Mutex<HashMap<u64, TcpStream>>,
     /// The last refusal logged per source address: a source retries every
     /// second, and one line per outage is enough.
     refusals: Mutex<HashMap<IpAddr, String>>,
@@ -160,6 +194,110 @@ pub fn cp_snapshot(n: u64) -> String {
 }
 
 impl Replica {
+    fn new(dir: &Path, record_path: PathBuf, record: ReplicaRecord) -> Replica {
+        Replica {
+            staging: dir.join(format!("{}.staging", record.volume)),
+            record_path,
+            record: Mutex::new(record),
+            apply: Mutex::new(()),
+            index: Mutex::new(BTreeMap::new()),
+            unsynced: Mutex::new(Vec::new()),
+            session: Mutex::new(None),
+            released: Condvar::new(),
+            broken: Mutex::new(None),
+            bytes_received: AtomicU64::new(0),
+        }
+    }
+
+    /// Loads the replica recorded at `path` and finishes the CPs whose apply
+    /// a crash cut short. One that cannot be recovered (an unreadable record,
+    /// a bad staged transfer, a full disk) is returned broken rather than
+    /// stopping the daemon: the rest is served, and it fails closed (neither
+    /// exported nor written) until the operator repaired it.
+    fn recover(registry: &Registry, dir: &Path, path: &Path) -> (String, Replica) {
+        let stem = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let record = fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<ReplicaRecord>(&b).map_err(|e| e.to_string()));
+        let replica = match record {
+            Ok(record) => Replica::new(dir, path.to_path_buf(), record),
+            Err(e) => {
+                // What it replicates is unknown, so nothing may use the
+                // volume as its own: a placeholder that refuses everything.
+                let placeholder = ReplicaRecord {
+                    volume: stem.clone(),
+                    source_id: String::new(),
+                    source_volume: String::new(),
+                    size: 0,
+                    block_size: 0,
+                    keep_cps: 1,
+                    last_applied_cp: None,
+                    applied_unix_ms: 0,
+                    keep_from_tid: 0,
+                    promoted: false,
+                };
+                let r = Replica::new(dir, path.to_path_buf(), placeholder);
+                r.mark_broken(format!(
+                    "its record {} cannot be read ({e}); repair or remove that file and restart",
+                    path.display()
+                ));
+                return (stem, r);
+            }
+        };
+        let name = replica.record().volume;
+        if let Err(e) = replica.finish_applies(registry, &name) {
+            replica.mark_broken(format!(
+                "it could not be recovered at start ({e}); free space or repair {} and restart, \
+                 or promote it to use the last consistency point it applied",
+                replica.staging.display()
+            ));
+        }
+        (name, replica)
+    }
+
+    /// Applies the staged CPs a crash left unapplied.
+    fn finish_applies(&self, registry: &Registry, name: &str) -> io::Result<()> {
+        fs::create_dir_all(&self.staging)?;
+        let pending = self.load_staging()?;
+        if pending.is_empty() || self.record().promoted {
+            return Ok(());
+        }
+        let vol = match registry.volume(name) {
+            Ok(v) => v,
+            // Deleted: the next session creates it again and copies it whole.
+            Err(e) if e.code == crate::control::protocol::ErrorCode::NotFound => {
+                log::error!("replica {name}: {}", e.message);
+                return Ok(());
+            }
+            Err(e) => return Err(io::Error::other(e.message)),
+        };
+        for cp in pending {
+            log::info!(
+                "replica {name}: applying consistency point {} again (an apply was cut short)",
+                cp.cp
+            );
+            self.check_cp(&cp)?;
+            self.apply(&vol, &cp)?;
+        }
+        Ok(())
+    }
+
+    fn mark_broken(&self, why: String) {
+        log::error!(
+            "replica {}: {why}; it is neither exported nor written until then",
+            self.record().volume
+        );
+        *lock(&self.broken) = Some(why);
+    }
+
+    fn broken(&self) -> Option<String> {
+        lock(&self.broken).clone()
+    }
+
     fn record(&self) -> ReplicaRecord {
         lock(&self.record).clone()
     }
@@ -415,8 +553,11 @@ impl Replica {
 
     fn status(&self, name: &str) -> serde_json::Value {
         let r = self.record();
-        let session = lock(&self.session).as_ref().map(|(peer, _)| peer.clone());
-        let state = if r.promoted {
+        let session = lock(&self.session).as_ref().map(|a| a.peer.clone());
+        let broken = self.broken();
+        let state = if broken.is_some() {
+            "broken"
+        } else if r.promoted {
             "promoted"
         } else if session.is_some() {
             "receiving"
@@ -428,6 +569,7 @@ impl Replica {
             "volume": name,
             "source": format!("{}/{}", r.source_id, r.source_volume),
             "state": state,
+            "error": broken,
             "peer": session,
             "last_cp": r.last_applied_cp,
             "last_cp_unix_ms": r.last_applied_cp.map(|_| r.applied_unix_ms),
@@ -457,48 +599,8 @@ impl Receiver {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let record: ReplicaRecord = match fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    log::error!(
-                        "replication: cannot read {}: {e}; ignoring it",
-                        path.display()
-                    );
-                    continue;
-                }
-            };
-            let name = record.volume.clone();
-            let replica = Arc::new(Replica {
-                staging: dir.join(format!("{name}.staging")),
-                record_path: path.clone(),
-                record: Mutex::new(record),
-                apply: Mutex::new(()),
-                index: Mutex::new(BTreeMap::new()),
-                unsynced: Mutex::new(Vec::new()),
-                session: Mutex::new(None),
-                bytes_received: AtomicU64::new(0),
-            });
-            fs::create_dir_all(&replica.staging)?;
-            let pending = replica.load_staging()?;
-            if !pending.is_empty() && !replica.record().promoted {
-                match registry.volume(&name) {
-                    Ok(vol) => {
-                        for cp in pending {
-                            log::info!(
-                                "replica {name}: applying consistency point {} again (an apply was cut short)",
-                                cp.cp
-                            );
-                            replica.check_cp(&cp)?;
-                            replica.apply(&vol, &cp)?;
-                        }
-                    }
-                    Err(e) => log::error!("replica {name}: {}", e.message),
-                }
-            }
-            replicas.insert(name, replica);
+            let (name, replica) = Replica::recover(&registry, &dir, &path);
+            replicas.insert(name, Arc::new(replica));
         }
         let (listener, local_addr) = match listen {
             Some(addr) => {
@@ -529,6 +631,10 @@ impl Receiver {
             local_addr,
             stopping: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            handshaking: Arc::new(AtomicUsize::new(0)),
+            connections: Arc::new(AtomicUsize::new(0)),
+            next_conn_id: AtomicU64::new(0),
+            unpaired: Mutex::new(HashMap::new()),
             refusals: Mutex::new(HashMap::new()),
         });
         if let Some(l) = &receiver.listener {
@@ -552,10 +658,26 @@ impl Receiver {
                 break;
             }
             let Ok(stream) = conn else { continue };
+            let handshaking = self.handshaking.load(Ordering::Acquire);
+            let connections = self.connections.load(Ordering::Acquire);
+            if handshaking >= MAX_HANDSHAKES || connections >= MAX_CONNECTIONS {
+                let addr = stream.peer_addr().ok();
+                self.refused(
+                    addr.map(|a| a.ip()),
+                    &addr.map_or_else(|| "?".into(), |a| a.to_string()),
+                    format!(
+                        "refused the connection at once: {handshaking} connections are in their \
+                         handshake and {connections} open (limits {MAX_HANDSHAKES} and \
+                         {MAX_CONNECTIONS})"
+                    ),
+                );
+                continue;
+            }
+            let counted = Counted::new(&self.connections, &self.handshaking);
             let r = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("repl-recv".into())
-                .spawn(move || r.serve(stream));
+                .spawn(move || r.serve(stream, counted));
             match spawned {
                 Ok(t) => {
                     let mut threads = lock(&self.threads);
@@ -587,37 +709,65 @@ impl Receiver {
         );
     }
 
-    fn serve(&self, mut stream: TcpStream) {
+    /// Serves one connection; `counted` holds its place in the limits
+    /// until it ends.
+    fn serve(&self, stream: TcpStream, mut counted: Counted) {
         let addr = stream.peer_addr().ok();
         let ip = addr.map(|a| a.ip());
         let peer = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
         let key = self.key.as_ref().expect("listening needs a key");
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-        let _ = stream.set_nodelay(true);
-        if let Err(e) = wire::authenticate_source(&mut stream, key) {
-            let why = if e.kind() == io::ErrorKind::PermissionDenied {
-                format!("refused the connection: {e}; nothing was written")
-            } else {
-                format!("handshake failed: {e}")
-            };
-            return self.refused(ip, &peer, why);
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        match stream.try_clone() {
+            Ok(s) => lock(&self.unpaired).insert(id, s),
+            Err(e) => return log::warn!("replication: {peer}: {e}"),
+        };
+        let unpaired = Unpaired(&self.unpaired, id);
+        if self.stopping.load(Ordering::Acquire) {
+            return;
         }
-        let open: wire::Open =
-            match wire::expect(&mut stream, Kind::Open).and_then(|p| wire::from_json(&p)) {
-                Ok(o) => o,
-                Err(e) => return self.refused(ip, &peer, e.to_string()),
-            };
-        let cut = match stream.try_clone() {
-            Ok(c) => c,
+        let _ = stream.set_nodelay(true);
+        let _ = wire::keepalive(&stream, KEEPALIVE_IDLE);
+        // Everything up to the pairing shares one deadline: a peer that
+        // trickles bytes cannot hold a connection slot longer.
+        let mut hs = wire::Deadline {
+            stream: &stream,
+            until: Instant::now() + HANDSHAKE_TIMEOUT,
+        };
+        let mut sealed = match wire::authenticate_source(&mut hs, key) {
+            Ok(s) => {
+                // It proved the key: the handshake slots are for strangers.
+                counted.authenticated();
+                s
+            }
             Err(e) => {
-                log::warn!("replication: {peer}: {e}");
-                return;
+                let why = if e.kind() == io::ErrorKind::PermissionDenied {
+                    format!("refused the connection: {e}; nothing was written")
+                } else {
+                    format!("handshake failed: {e}")
+                };
+                return self.refused(ip, &peer, why);
             }
         };
-        let replica = match self.pair(&open, &peer, cut) {
+        let open: wire::Open = match sealed
+            .expect(&mut hs, Kind::Open)
+            .and_then(|p| wire::from_json(&p))
+        {
+            Ok(o) => o,
+            Err(e) => return self.refused(ip, &peer, e.to_string()),
+        };
+        let attached = stream.try_clone().map(|cut| Attached {
+            id,
+            peer: peer.clone(),
+            cut,
+        });
+        let replica = attached
+            .map_err(|e| e.to_string())
+            .and_then(|a| self.pair(&open, a));
+        drop(unpaired);
+        let replica = match replica {
             Ok(r) => r,
             Err(msg) => {
-                let _ = wire::write_frame(&mut stream, Kind::Refused, msg.as_bytes());
+                let _ = sealed.send(&mut hs, Kind::Refused, msg.as_bytes());
                 let why = format!(
                     "refused {} of source {}: {msg}",
                     open.source_volume, open.source_id
@@ -629,14 +779,21 @@ impl Receiver {
             lock(&self.refusals).remove(&ip);
         }
         let name = open.dest_volume.clone();
-        let result = self.session(&replica, &name, &peer, &mut stream);
-        *lock(&replica.session) = None;
+        let result = self.session(&replica, &name, &peer, &stream, &mut sealed);
+        {
+            let mut attached = lock(&replica.session);
+            if attached.as_ref().is_some_and(|a| a.id == id) {
+                *attached = None;
+            }
+        }
+        replica.released.notify_all();
         match result {
             Ok(()) => log::info!("replica {name}: {peer} disconnected"),
             Err(e) => {
                 log::warn!("replica {name}: dropping the connection from {peer}: {e}");
                 if e.kind() == io::ErrorKind::InvalidData {
-                    let _ = wire::write_frame(&mut stream, Kind::Error, e.to_string().as_bytes());
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = sealed.send(&mut &stream, Kind::Error, e.to_string().as_bytes());
                 }
             }
         }
@@ -647,15 +804,19 @@ impl Receiver {
         replica: &Arc<Replica>,
         name: &str,
         peer: &str,
-        stream: &mut TcpStream,
+        mut stream: &TcpStream,
+        sealed: &mut wire::Session,
     ) -> io::Result<()> {
         let record = replica.record();
         let opened = wire::Opened {
             last_applied_cp: record.last_applied_cp,
             next_tid: replica.next_tid(),
         };
-        wire::write_frame(stream, Kind::Opened, &wire::to_json(&opened))?;
-        stream.set_read_timeout(None)?;
+        stream.set_write_timeout(None)?;
+        sealed.send(&mut stream, Kind::Opened, &wire::to_json(&opened))?;
+        // The source speaks at least every few seconds (a `Ping` when
+        // idle); silence this long means it is gone (half-open).
+        stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT))?;
         let stage_delay = std::env::var(STAGE_DELAY_KNOB)
             .ok()
             .and_then(|v| v.parse::<u64>().ok());
@@ -666,8 +827,22 @@ impl Receiver {
             record.last_applied_cp
         );
         loop {
-            let (kind, payload) = match wire::read_frame(stream) {
+            let (kind, payload) = match sealed.recv(&mut stream) {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "nothing received for {} s: the source is gone",
+                            SESSION_IDLE_TIMEOUT.as_secs()
+                        ),
+                    ))
+                }
                 r => r?,
             };
             if self.stopping.load(Ordering::Acquire) {
@@ -675,19 +850,21 @@ impl Receiver {
             }
             if replica.record().promoted {
                 let msg = format!("volume {name} was promoted; it accepts no more replication");
-                wire::write_frame(stream, Kind::Error, msg.as_bytes())?;
+                sealed.send(&mut stream, Kind::Error, msg.as_bytes())?;
                 return Err(io::Error::other(msg));
             }
-            replica
-                .bytes_received
-                .fetch_add((payload.len() + wire::HEADER) as u64, Ordering::Relaxed);
+            replica.bytes_received.fetch_add(
+                (payload.len() + wire::HEADER + wire::TAG) as u64,
+                Ordering::Relaxed,
+            );
             match kind {
+                Kind::Ping => {}
                 Kind::Transfer => {
                     let tid = replica.store_transfer(&payload)?;
                     if let Some(ms) = stage_delay {
                         std::thread::sleep(Duration::from_millis(ms));
                     }
-                    wire::write_frame(stream, Kind::TransferAck, &wire::u64_payload(tid))?;
+                    sealed.send(&mut stream, Kind::TransferAck, &wire::u64_payload(tid))?;
                 }
                 Kind::CpCommit => {
                     let cp = wire::decode_cp(&payload)?;
@@ -702,21 +879,67 @@ impl Receiver {
                         replica.apply(&vol, &cp)?;
                         log::info!("replica {name}: consistency point {} applied", cp.cp);
                     }
-                    wire::write_frame(stream, Kind::CpAck, &wire::u64_payload(cp.cp))?;
+                    sealed.send(&mut stream, Kind::CpAck, &wire::u64_payload(cp.cp))?;
                 }
                 k => return Err(invalid(format!("unexpected {k:?} frame"))),
             }
         }
     }
 
-    /// Finds or creates the replica `open` asks for, enforcing the pairing.
-    /// `cut` is a handle on the connection, to end it (promote, shutdown).
-    fn pair(&self, open: &wire::Open, peer: &str, cut: TcpStream) -> Result<Arc<Replica>, String> {
+    /// Finds or creates the replica `open` asks for, enforcing the pairing,
+    /// and attaches the connection to it. A replica still attached to an
+    /// older connection of the same source (one that went silent: the
+    /// source lost power or its network) is taken over: that connection is
+    /// ended and, once its thread let go, this one receives.
+    fn pair(&self, open: &wire::Open, attached: Attached) -> Result<Arc<Replica>, String> {
+        let replica = self.find_or_create(open)?;
+        let name = &open.dest_volume;
+        let deadline = Instant::now() + TAKEOVER_WAIT;
+        let mut current = lock(&replica.session);
+        if let Some(old) = current.as_ref() {
+            log::warn!(
+                "replica {name}: {} connects again while {} is still attached; ending the \
+                 older connection (its source restarted or lost its network)",
+                attached.peer,
+                old.peer
+            );
+            let _ = old.cut.shutdown(std::net::Shutdown::Both);
+        }
+        while let Some(old) = current.as_ref() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stopping.load(Ordering::Acquire) {
+                return Err(format!(
+                    "volume {name} is still receiving from {} (busy applying a consistency \
+                     point); retry later",
+                    old.peer
+                ));
+            }
+            current = replica
+                .released
+                .wait_timeout(current, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *current = Some(attached);
+        drop(current);
+        let mut rec = replica.record();
+        if rec.keep_cps != open.keep_cps || rec.block_size != open.block_size {
+            rec.keep_cps = open.keep_cps;
+            rec.block_size = open.block_size;
+            replica.save(rec).map_err(|e| e.to_string())?;
+        }
+        Ok(replica)
+    }
+
+    fn find_or_create(&self, open: &wire::Open) -> Result<Arc<Replica>, String> {
         let name = &open.dest_volume;
         validate_name("volume", name).map_err(|e| e.message)?;
         let mut replicas = lock(&self.replicas);
         let replica = match replicas.get(name) {
             Some(r) => {
+                if let Some(why) = r.broken() {
+                    return Err(format!("replica {name} is broken: {why}"));
+                }
                 let rec = r.record();
                 if rec.source_id != open.source_id || rec.source_volume != open.source_volume {
                     return Err(format!(
@@ -759,16 +982,11 @@ impl Receiver {
                     keep_from_tid: 0,
                     promoted: false,
                 };
-                let replica = Arc::new(Replica {
-                    staging: self.dir.join(format!("{name}.staging")),
-                    record_path: self.dir.join(format!("{name}.json")),
-                    record: Mutex::new(record.clone()),
-                    apply: Mutex::new(()),
-                    index: Mutex::new(BTreeMap::new()),
-                    unsynced: Mutex::new(Vec::new()),
-                    session: Mutex::new(None),
-                    bytes_received: AtomicU64::new(0),
-                });
+                let replica = Arc::new(Replica::new(
+                    &self.dir,
+                    self.dir.join(format!("{name}.json")),
+                    record.clone(),
+                ));
                 fs::create_dir_all(&replica.staging).map_err(|e| e.to_string())?;
                 replica.save(record).map_err(|e| e.to_string())?;
                 replicas.insert(name.clone(), replica.clone());
@@ -791,21 +1009,6 @@ impl Receiver {
                 open.source_id
             );
         }
-        {
-            let mut session = lock(&replica.session);
-            if session.is_some() {
-                return Err(format!(
-                    "volume {name} is already receiving from another connection"
-                ));
-            }
-            *session = Some((peer.to_string(), cut));
-        }
-        let mut rec = replica.record();
-        if rec.keep_cps != open.keep_cps || rec.block_size != open.block_size {
-            rec.keep_cps = open.keep_cps;
-            rec.block_size = open.block_size;
-            replica.save(rec).map_err(|e| e.to_string())?;
-        }
         Ok(replica)
     }
 
@@ -813,6 +1016,9 @@ impl Receiver {
     /// replica: `Some(Ok(cp-N))`, or `Some(Err)` before its first CP.
     pub fn export_snapshot(&self, volume: &str) -> Option<Result<String, String>> {
         let replica = lock(&self.replicas).get(volume).cloned()?;
+        if let Some(why) = replica.broken() {
+            return Some(Err(format!("replica {volume} is broken: {why}")));
+        }
         let r = replica.record();
         if r.promoted {
             return None;
@@ -822,6 +1028,11 @@ impl Receiver {
                 .map(cp_snapshot)
                 .ok_or_else(|| format!("replica {volume} has no consistency point yet")),
         )
+    }
+
+    /// Why replica `volume` is broken, if it is (see [`Replica::recover`]).
+    pub fn broken(&self, volume: &str) -> Option<String> {
+        lock(&self.replicas).get(volume)?.broken()
     }
 
     pub fn status(&self, volume: Option<&str>) -> Vec<serde_json::Value> {
@@ -839,6 +1050,9 @@ impl Receiver {
             .get(volume)
             .cloned()
             .ok_or_else(|| format!("volume {volume} is not a replica on this daemon"))?;
+        if let Some(why) = replica.broken() {
+            return Err(format!("replica {volume} is broken: {why}"));
+        }
         let _applying = lock(&replica.apply);
         let mut record = replica.record();
         if record.promoted {
@@ -847,8 +1061,8 @@ impl Receiver {
         record.promoted = true;
         let last = record.last_applied_cp;
         replica.save(record).map_err(|e| e.to_string())?;
-        if let Some((_, s)) = lock(&replica.session).as_ref() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        if let Some(a) = lock(&replica.session).as_ref() {
+            let _ = a.cut.shutdown(std::net::Shutdown::Both);
         }
         lock(&replica.index).clear();
         if let Err(e) = fs::remove_dir_all(&replica.staging) {
@@ -868,13 +1082,58 @@ impl Receiver {
             unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(l), libc::SHUT_RDWR) };
         }
         for r in lock(&self.replicas).values() {
-            if let Some((_, s)) = lock(&r.session).as_ref() {
-                let _ = s.shutdown(std::net::Shutdown::Both);
+            if let Some(a) = lock(&r.session).as_ref() {
+                let _ = a.cut.shutdown(std::net::Shutdown::Both);
             }
+            // A connection waiting to take a replica over gives up.
+            r.released.notify_all();
+        }
+        for s in lock(&self.unpaired).values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+/// Takes a connection off [`Receiver::unpaired`] when it is paired or ends.
+struct Unpaired<'a>(&'a Mutex<HashMap<u64, TcpStream>>, u64);
+
+impl Drop for Unpaired<'_> {
+    fn drop(&mut self) {
+        lock(self.0).remove(&self.1);
+    }
+}
+
+/// A connection counted against the limits until it ends.
+struct Counted {
+    all: Arc<AtomicUsize>,
+    handshaking: Option<Arc<AtomicUsize>>,
+}
+
+impl Counted {
+    fn new(all: &Arc<AtomicUsize>, handshaking: &Arc<AtomicUsize>) -> Counted {
+        all.fetch_add(1, Ordering::AcqRel);
+        handshaking.fetch_add(1, Ordering::AcqRel);
+        Counted {
+            all: all.clone(),
+            handshaking: Some(handshaking.clone()),
+        }
+    }
+
+    /// The peer proved the key: it no longer counts as handshaking.
+    fn authenticated(&mut self) {
+        if let Some(h) = self.handshaking.take() {
+            h.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.authenticated();
+        self.all.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -13,8 +13,15 @@
 //! can only mix sectors of two maps that both hold every bit whose write
 //! proceeded, so no checksum is needed. A file of the wrong size (a volume
 //! resized under us) is read as "everything dirty".
+//!
+//! A write may proceed only once its regions' bits are durable, also when
+//! an earlier write set a bit that is still on its way to disk: [`DirtyMap::mark`]
+//! then returns the generation that set it, so the second write waits for
+//! the same flush instead of racing ahead of it (a power cut could
+//! otherwise lose the bit of an acknowledged write).
 
 use crate::runtime;
+use std::collections::HashMap;
 use std::fs::File;
 use std::future::poll_fn;
 use std::io;
@@ -35,6 +42,9 @@ struct State {
     generation: u64,
     /// The newest generation known to be on disk.
     durable: u64,
+    /// Bits set in memory by a generation not known to be on disk yet:
+    /// region -> that generation.
+    pending: HashMap<u64, u64>,
     flushing: bool,
     waiters: Vec<Waker>,
 }
@@ -74,6 +84,7 @@ impl DirtyMap {
                 bits,
                 generation: 1,
                 durable: 0,
+                pending: HashMap::new(),
                 flushing: false,
                 waiters: Vec::new(),
             }),
@@ -88,22 +99,31 @@ impl DirtyMap {
     }
 
     /// Sets the bits of blocks `first..=last`; returns the generation to make
-    /// durable if any bit was clear.
+    /// durable before the write may proceed if any bit was clear or is set
+    /// but not durable yet.
     pub fn mark(&self, first: u64, last: u64) -> Option<u64> {
         let mut s = self.lock();
+        let s = &mut *s;
+        let next = s.generation + 1;
         let mut changed = false;
+        let mut wait = 0;
         for b in first..=last.min(self.blocks.saturating_sub(1)) {
             let (w, m) = ((b / 64) as usize, 1u64 << (b % 64));
             if s.bits[w] & m == 0 {
                 s.bits[w] |= m;
+                s.pending.insert(b, next);
                 changed = true;
+            } else if let Some(&g) = s.pending.get(&b) {
+                if g > s.durable {
+                    wait = wait.max(g);
+                }
             }
         }
-        if !changed {
-            return None;
+        if changed {
+            s.generation = next;
+            return Some(next);
         }
-        s.generation += 1;
-        Some(s.generation)
+        (wait > 0).then_some(wait)
     }
 
     /// Clears the given blocks' bits; returns the generation to make durable.
@@ -112,6 +132,7 @@ impl DirtyMap {
         for b in blocks {
             if b < self.blocks {
                 s.bits[(b / 64) as usize] &= !(1u64 << (b % 64));
+                s.pending.remove(&b);
             }
         }
         s.generation += 1;
@@ -166,6 +187,8 @@ impl DirtyMap {
                 s.flushing = false;
                 if written.is_ok() {
                     s.durable = s.durable.max(generation);
+                    let durable = s.durable;
+                    s.pending.retain(|_, g| *g > durable);
                 }
                 std::mem::take(&mut s.waiters)
             };
@@ -185,8 +208,11 @@ mod tests {
         let path = t.path().join("v.dirty");
         let map = DirtyMap::open(&path, 130).unwrap();
         let g = map.mark(3, 5).unwrap();
-        assert!(map.mark(4, 4).is_none(), "already set: nothing to flush");
         runtime::block_on(map.make_durable(g)).unwrap();
+        assert!(
+            map.mark(4, 4).is_none(),
+            "already durable: nothing to flush"
+        );
         map.mark(129, 129);
         drop(map);
         let map = DirtyMap::open(&path, 130).unwrap();
@@ -204,5 +230,37 @@ mod tests {
         drop(map);
         let map = DirtyMap::open(&path, 200).unwrap();
         assert_eq!(map.dirty_blocks().len(), 200, "a resized map is all dirty");
+    }
+
+    /// Two writes into one clean region: the second must not proceed before
+    /// the bit the first one set is durable, though it finds the bit set.
+    /// Dropping the map without its flush is the power cut that loses
+    /// whatever was not durable.
+    #[test]
+    fn a_second_write_waits_for_the_bit_the_first_one_set() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("v.dirty");
+        let map = DirtyMap::open(&path, 16).unwrap();
+        let first = map.mark(5, 5).expect("a clear bit: flush");
+        let second = map
+            .mark(5, 5)
+            .expect("set in memory only: the second write must wait too");
+        assert_eq!(second, first, "the same flush covers both");
+        let other = map.mark(6, 7).unwrap();
+        assert!(other > first);
+        assert_eq!(
+            map.mark(5, 6),
+            Some(other),
+            "the newest pending bit of the range"
+        );
+        // The second write proceeds only after this; then the power cut.
+        runtime::block_on(map.make_durable(second)).unwrap();
+        assert_eq!(map.mark(5, 5), None, "durable now: nothing to wait for");
+        drop(map);
+        let map = DirtyMap::open(&path, 16).unwrap();
+        assert!(
+            map.dirty_blocks().contains(&5),
+            "the region of an acknowledged write is still dirty after the power cut"
+        );
     }
 }

@@ -4,8 +4,8 @@
 //! Owns: replication links from this daemon's volumes ([`source`]: the write
 //! hook, the bounded write log, the persistent dirty map in [`dirty`], the
 //! sender thread), replicas on this daemon ([`dest`]: the listener, staging,
-//! CP application, promotion), the wire protocol and key handshake
-//! ([`wire`]), and `DATA_DIR/replication/`.
+//! CP application, promotion), the wire protocol, key handshake and sealed
+//! session ([`wire`]), and `DATA_DIR/replication/`.
 //!
 //! Seed 003, as built:
 //! - every write to a source volume is appended, after it reached the
@@ -36,7 +36,8 @@
 //! Must never: let a client write wait on the network (the log is bounded;
 //! a write it cannot take goes whole at the next CP and `status` says
 //! `log-overflow`); let a due CP wait for writes logged after it fell due; write anything on the destination before the peer proved
-//! the shared key; write into a replica from a source it is not paired with;
+//! the shared key, or anything a frame that fails authentication carries;
+//! write into a replica from a source it is not paired with;
 //! let a reader of a replica see a mix of two CPs; log or show the key.
 
 pub mod dest;
@@ -327,6 +328,12 @@ impl Replication {
         let Some(newest) = self.receiver.export_snapshot(volume) else {
             return Ok(());
         };
+        if let Some(why) = self.receiver.broken(volume) {
+            return Err(ControlError::new(
+                ErrorCode::IoError,
+                format!("volume {volume} is a broken replica: {why}"),
+            ));
+        }
         match (snapshot, newest) {
             (None, newest) => Err(ControlError::new(
                 ErrorCode::Busy,

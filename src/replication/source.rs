@@ -66,6 +66,17 @@ const DIRTY_REGION: u64 = 64 * 1024;
 pub const MIN_BLOCK: u64 = 4096;
 /// How often an idle sender checks that the destination is still there.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// An idle sender pings this often, well within the destination's idle
+/// timeout ([`super::dest::SESSION_IDLE_TIMEOUT`]).
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// Connecting, and the whole handshake up to `Opened`, must end within
+/// these: a destination that accepts and never answers is retried, not
+/// waited for.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Keepalive probes start after this long without traffic, and data sent
+/// but unacknowledged this long (plus 15 s) ends the connection.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(20);
 
 /// What `DATA_DIR/replication/VOL.json` holds: the pair and how far it got.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -250,7 +261,8 @@ impl WriteHook for Tap {
             }
             let link = &self.0;
             let range = link.block_range(offset, len);
-            poll_fn(|cx| {
+            let rb = link.region_blocks;
+            let durable = poll_fn(|cx| {
                 let mut s = link.lock();
                 let busy = s.locked.iter().any(|r| r.0 <= range.1 && range.0 <= r.1);
                 if s.cp_pending || busy {
@@ -259,19 +271,25 @@ impl WriteHook for Tap {
                 }
                 s.inflight += 1;
                 s.locked.push(range);
-                // Until after_write says otherwise, the block may hold anything.
-                for b in range.0..=range.1 {
-                    s.epoch.insert(b, BlockState::Partial);
+                // Until after_write says otherwise, the block may hold
+                // anything. While disconnected the dirty map alone keeps
+                // it (a session begins by reading that map), so memory
+                // does not grow with what is written during an outage.
+                if s.connected {
+                    for b in range.0..=range.1 {
+                        s.epoch.insert(b, BlockState::Partial);
+                    }
                 }
-                Poll::Ready(())
+                // Marked under the link's lock: a session that begins reads
+                // the map under it too, and so sees this write's region.
+                Poll::Ready(link.dirty.mark(range.0 / rb, range.1 / rb))
             })
             .await;
             let guard = RangeGuard {
                 link: link.clone(),
                 range,
             };
-            let rb = link.region_blocks;
-            if let Some(generation) = link.dirty.mark(range.0 / rb, range.1 / rb) {
+            if let Some(generation) = durable {
                 link.dirty
                     .make_durable(generation)
                     .await
@@ -331,14 +349,10 @@ impl WriteHook for Tap {
 }
 
 impl Shared {
-    /// Forgets the log (the link broke): every block it would have made
-    /// shippable is Partial.
-    fn drop_log(&mut self) {
-        for st in self.epoch.values_mut() {
-            if matches!(st, BlockState::Logged(_)) {
-                *st = BlockState::Partial;
-            }
-        }
+    /// Forgets the log and the per-block map (the link broke); the dirty
+    /// map holds every block they held.
+    fn forget(&mut self) {
+        self.epoch = HashMap::new();
         self.log.clear();
         self.log_bytes = 0;
     }
@@ -358,21 +372,25 @@ impl Shared {
     }
 }
 
-/// One authenticated connection to the destination.
+/// One authenticated connection to the destination, sealed (wire.rs).
 struct Conn<'a> {
     link: &'a Link,
     stream: TcpStream,
+    sealed: wire::Session,
+    /// When the last frame went out (an idle link pings).
+    last_sent: Instant,
 }
 
 impl Conn<'_> {
     fn send(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
-        let n = wire::write_frame(&mut self.stream, kind, payload)?;
+        let n = self.sealed.send(&mut self.stream, kind, payload)?;
+        self.last_sent = Instant::now();
         self.link.lock().stats.bytes_sent += n as u64;
         Ok(())
     }
 
     fn expect(&mut self, kind: Kind) -> io::Result<Vec<u8>> {
-        wire::expect(&mut self.stream, kind)
+        self.sealed.expect(&mut self.stream, kind)
     }
 
     /// Fails if the destination closed the connection (it only ever
@@ -390,7 +408,7 @@ impl Conn<'_> {
                 "the destination closed the connection",
             )),
             Ok(_) => {
-                let msg = match wire::read_frame(&mut self.stream) {
+                let msg = match self.sealed.recv(&mut self.stream) {
                     Ok((_, payload)) => String::from_utf8_lossy(&payload).into_owned(),
                     Err(e) => e.to_string(),
                 };
@@ -398,7 +416,17 @@ impl Conn<'_> {
                     "the destination ended the session: {msg}"
                 )))
             }
+        }?;
+        self.keep_alive()
+    }
+
+    /// Pings if nothing was sent for a while, so that the destination's
+    /// idle timeout tells a busy or idle source from a vanished one.
+    fn keep_alive(&mut self) -> io::Result<()> {
+        if self.last_sent.elapsed() >= PING_EVERY {
+            self.send(Kind::Ping, &[])?;
         }
+        Ok(())
     }
 
     /// Sends one transfer and waits until the destination has it durably.
@@ -440,10 +468,6 @@ impl Link {
         }
         let region_blocks = (DIRTY_REGION / block_size).max(1);
         let dirty = DirtyMap::open(&dirty_path, blocks.div_ceil(region_blocks))?;
-        let epoch = expand_regions(&dirty, region_blocks, blocks)
-            .into_iter()
-            .map(|b| (b, BlockState::Partial))
-            .collect();
         let link = Arc::new(Link {
             block_size,
             chunk_size,
@@ -458,7 +482,8 @@ impl Link {
                 locked: Vec::new(),
                 waiters: Vec::new(),
                 next_seq: 0,
-                epoch,
+                // A session begins with the dirty map's blocks.
+                epoch: HashMap::new(),
                 cp: None,
                 log: VecDeque::new(),
                 log_bytes: 0,
@@ -615,6 +640,7 @@ impl Link {
             "lag_bytes": s.stats.bytes_written.saturating_sub(s.written_at_last_cp),
             "lag_seconds": r.last_acked_cp.map(|_| now.saturating_sub(r.last_acked_unix_ms) as f64 / 1000.0),
             "dirty_blocks": self.dirty_blocks().len(),
+            "tracked_blocks": s.epoch.len() + s.cp.as_ref().map_or(0, |c| c.map.len()),
             "block_size": self.block_size,
             "chunk_size": self.chunk_size,
             "log_bytes": s.log_bytes,
@@ -667,20 +693,16 @@ impl Link {
         log::info!("replication of {}: sender stopped", self.volume.name());
     }
 
-    /// After a session ended: the log is gone, the dirty map remembers.
+    /// After a session ended: the log and the per-block map are gone, the
+    /// dirty map remembers (every block in them has its region's bit set,
+    /// and the next session starts from the dirty map).
     fn disconnected(&self, error: Option<String>) {
         let stale = {
             let mut s = self.lock();
             s.connected = false;
             s.error = error;
-            s.drop_log();
-            let cp = s.cp.take();
-            if let Some(cp) = &cp {
-                for b in cp.map.keys() {
-                    s.epoch.insert(*b, BlockState::Partial);
-                }
-            }
-            cp.map(|c| c.number)
+            s.forget();
+            s.cp.take().map(|c| c.number)
         };
         *self.stream.lock().unwrap() = None;
         self.cond.notify_all();
@@ -689,7 +711,9 @@ impl Link {
         }
     }
 
-    fn connect(&self) -> Result<Conn<'_>, String> {
+    /// Connects and authenticates; the connection is registered first, so
+    /// that [`Link::stop`] can end it at any moment.
+    fn connect(&self, until: Instant) -> Result<Conn<'_>, String> {
         let (host, key_file) = {
             let s = self.lock();
             (s.record.host.clone(), s.record.key_file.clone())
@@ -701,25 +725,42 @@ impl Link {
             .collect();
         let mut last = format!("{host} has no address");
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    let mut conn = Conn { link: self, stream };
-                    let sent = wire::authenticate_to_destination(&mut conn.stream, &key)
-                        .map_err(|e| format!("{host}: {e}"))?;
-                    self.lock().stats.bytes_sent += sent as u64;
-                    let clone = conn.stream.try_clone().map_err(|e| e.to_string())?;
-                    *self.stream.lock().unwrap() = Some(clone);
-                    return Ok(conn);
+            let stream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                Ok(s) => s,
+                Err(e) => {
+                    last = format!("cannot connect to {addr}: {e}");
+                    continue;
                 }
-                Err(e) => last = format!("cannot connect to {addr}: {e}"),
+            };
+            let _ = stream.set_nodelay(true);
+            let _ = wire::keepalive(&stream, KEEPALIVE_IDLE);
+            {
+                let mut registered = self.stream.lock().unwrap();
+                if self.lock().stop {
+                    return Err("the link was stopped".into());
+                }
+                *registered = Some(stream.try_clone().map_err(|e| e.to_string())?);
             }
+            let mut hs = wire::Deadline {
+                stream: &stream,
+                until,
+            };
+            let (sealed, sent) = wire::authenticate_to_destination(&mut hs, &key)
+                .map_err(|e| format!("{host}: {e}"))?;
+            self.lock().stats.bytes_sent += sent as u64;
+            return Ok(Conn {
+                link: self,
+                stream,
+                sealed,
+                last_sent: Instant::now(),
+            });
         }
         Err(last)
     }
 
     fn session(&self) -> SessionResult {
-        let mut conn = self.connect()?;
+        let until = Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut conn = self.connect(until)?;
         let open = {
             let s = self.lock();
             wire::Open {
@@ -734,8 +775,20 @@ impl Link {
         };
         let io = |e: io::Error| e.to_string();
         conn.send(Kind::Open, &wire::to_json(&open)).map_err(io)?;
-        let opened: wire::Opened =
-            wire::from_json(&conn.expect(Kind::Opened).map_err(io)?).map_err(io)?;
+        let opened = {
+            let mut hs = wire::Deadline {
+                stream: &conn.stream,
+                until,
+            };
+            conn.sealed
+                .expect(&mut hs, Kind::Opened)
+                .and_then(|p| wire::from_json::<wire::Opened>(&p))
+                .map_err(io)?
+        };
+        // From here the destination may take long to answer (applying a
+        // CP); keepalive and `stop` bound the wait instead.
+        conn.stream.set_read_timeout(None).map_err(io)?;
+        conn.stream.set_write_timeout(None).map_err(io)?;
         let mut next_tid = opened.next_tid;
         let (full, mut next_cp) = {
             let mut s = self.lock();
@@ -1134,6 +1187,8 @@ impl Link {
                     let mut data = AlignedBuf::zeroed(len);
                     block_on(view.read(offset, &mut data)).map_err(err)?;
                     release.progress(at + n);
+                    // Long runs of zeros send nothing for a while.
+                    conn.keep_alive().map_err(|e| e.to_string())?;
                     let block_of = |k: u64| {
                         let s = (k * bs) as usize;
                         &data[s..((k + 1) * bs).min(len as u64) as usize]

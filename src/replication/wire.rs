@@ -1,39 +1,77 @@
-//! The replication wire protocol: frames, messages and the key handshake.
+//! The replication wire protocol: frames, messages, the key handshake and
+//! the sealed session that follows it.
 //!
-//! Every message is one frame: a 16-byte header (magic `SBRP`, kind, payload
-//! length, crc32c of kind and payload) and the payload. A frame whose magic,
-//! length or checksum is wrong, or whose payload does not parse completely,
-//! is an error: the receiver drops the connection before the frame touches
+//! Every message is one frame: a 16-byte header (magic `SBRP`, kind, three
+//! zero bytes, body length, check) and the body. Before authentication the
+//! body is the plain payload and the check its crc32c (with the kind); such
+//! a frame may be at most [`PRE_AUTH_MAX`] bytes, so an unauthenticated peer
+//! makes the destination allocate nothing big. A frame whose magic, length
+//! or check is wrong, or whose payload does not parse completely, is an
+//! error: the receiver drops the connection before the frame touches
 //! staging or the replica.
 //!
 //! Handshake (mutual HMAC-SHA256 challenge-response over a shared key, before
-//! any data): the source sends `Hello` with a random nonce; the destination
-//! answers `Challenge` with its own nonce and its proof
+//! any data): the source sends `Hello` (protocol version, random nonce); the
+//! destination answers `Challenge` with its own nonce and its proof
 //! `HMAC(key, "snapblk-repl dest" | source nonce | dest nonce)`; the source
 //! checks it (so it never ships data to an impostor) and answers `Proof` with
 //! `HMAC(key, "snapblk-repl source" | dest nonce | source nonce)`; the
 //! destination checks that and answers `Welcome` or `Refused`. The key never
-//! crosses the wire and is never logged.
+//! crosses the wire and is never logged. A peer of another version is
+//! refused with a message naming both versions.
+//!
+//! The sealed session (version 3): every frame after `Welcome`, both ways, is
+//! sealed with AES-256-GCM, so it is confidential, and a frame that was
+//! altered, replayed (from this session or another), reordered or dropped
+//! fails to open and ends the connection:
+//! - keys: HKDF-SHA256 with salt `source nonce | dest nonce` (fresh on both
+//!   sides, so no two sessions share a key) over the shared key, one key
+//!   per direction (info `snapblk-repl v3 source->dest` and `dest->source`):
+//!   a frame cannot be reflected back to its sender;
+//! - nonce: the direction's frame sequence number (0, 1, 2, ... as 8
+//!   little-endian bytes, then 4 zero bytes), never sent: the receiver opens
+//!   frame n with n, so a frame out of its place does not authenticate;
+//! - additional data: the frame header (kind and length are authenticated
+//!   though sent in the clear; the check field is zero);
+//! - body: the ciphertext then the 16-byte tag.
+//!
+//! The crc32c of the plain frames is not needed there: the tag covers more.
+//! AES-256-GCM from `ring` (assembly, AES-NI and carry-less multiply), by
+//! measured throughput: 2-2.6 GB/s on the build machine, against about
+//! 0.3 GB/s for the pure-Rust AES-GCM and ChaCha20-Poly1305 crates, which
+//! in a lockstep protocol adds straight to every transfer's round trip. The
+//! sequence number cannot wrap (a link would need 2^64 frames).
 //!
 //! After the handshake: `Open` (JSON: who the source is, which destination
 //! volume) -> `Opened` (JSON: the last CP the replica applied); then any
-//! number of `Transfer` -> `TransferAck` and `CpCommit` -> `CpAck`.
+//! number of `Transfer` -> `TransferAck` and `CpCommit` -> `CpAck`, and a
+//! `Ping` from an idle source (no answer) that tells the destination's
+//! idle timeout the source is still there.
 //!
 //! Version 2: a CP carries its replication block size (a setting of the
 //! link, at most the volume's chunk), and a reference sets a run of blocks
 //! from part of one piece, so a multi-block write or a run of blocks sent
-//! whole costs one entry.
+//! whole costs one entry. Version 3: the sealed session and `Ping`.
 
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, AES_256_GCM};
+use ring::hkdf;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 pub const MAGIC: u32 = 0x5342_5250; // "SBRP"
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const HEADER: usize = 16;
-/// The largest payload either side accepts.
+/// The largest payload either side accepts in a sealed frame.
 pub const MAX_PAYLOAD: usize = 64 << 20;
+/// The largest frame accepted before the peer proved the key (the biggest,
+/// a `Refused` message, is a line of text).
+pub const PRE_AUTH_MAX: usize = 1024;
+/// Bytes of the authentication tag ending every sealed frame.
+pub const TAG: usize = 16;
 pub const NONCE: usize = 32;
 /// The shortest key accepted (bytes, after trimming whitespace).
 pub const MIN_KEY: usize = 16;
@@ -53,6 +91,7 @@ pub enum Kind {
     CpCommit = 10,
     CpAck = 11,
     Error = 12,
+    Ping = 13,
 }
 
 impl Kind {
@@ -71,6 +110,7 @@ impl Kind {
             CpCommit,
             CpAck,
             Error,
+            Ping,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -85,19 +125,25 @@ fn checksum(kind: u8, payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&[kind]), payload)
 }
 
-/// The bytes of one frame.
+fn header(kind: Kind, len: usize, check: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4] = kind as u8;
+    h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    h[12..].copy_from_slice(&check.to_le_bytes());
+    h
+}
+
+/// The bytes of one plain (handshake) frame.
 pub fn encode_frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(&MAGIC.to_le_bytes());
-    out.extend_from_slice(&[kind as u8, 0, 0, 0]);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&checksum(kind as u8, payload).to_le_bytes());
+    out.extend_from_slice(&header(kind, payload.len(), checksum(kind as u8, payload)));
     out.extend_from_slice(payload);
     out
 }
 
-/// Reads one frame; any malformation is an `InvalidData` error.
-pub fn read_frame(r: &mut impl Read) -> io::Result<(Kind, Vec<u8>)> {
+/// Reads a frame header and then its body of at most `limit` bytes.
+fn read_raw(r: &mut impl Read, limit: usize) -> io::Result<([u8; HEADER], Kind, Vec<u8>)> {
     let mut h = [0u8; HEADER];
     r.read_exact(&mut h)?;
     let word = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap());
@@ -106,29 +152,34 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<(Kind, Vec<u8>)> {
     }
     let kind = Kind::from_u8(h[4]).ok_or_else(|| bad(format!("unknown frame kind {}", h[4])))?;
     let len = word(8) as usize;
-    if len > MAX_PAYLOAD {
+    if len > limit {
         return Err(bad(format!(
-            "frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"
+            "{kind:?} frame of {len} bytes exceeds the {limit}-byte limit"
         )));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(|e| {
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             bad(format!("truncated frame: {len} payload bytes announced"))
         } else {
             e
         }
     })?;
-    if checksum(h[4], &payload) != word(12) {
+    Ok((h, kind, body))
+}
+
+/// Reads one plain frame (the handshake; at most [`PRE_AUTH_MAX`] bytes);
+/// any malformation is an `InvalidData` error.
+pub fn read_frame(r: &mut impl Read) -> io::Result<(Kind, Vec<u8>)> {
+    let (h, kind, payload) = read_raw(r, PRE_AUTH_MAX)?;
+    if checksum(h[4], &payload) != u32::from_le_bytes(h[12..].try_into().unwrap()) {
         return Err(bad(format!("{kind:?} frame fails its crc32c check")));
     }
     Ok((kind, payload))
 }
 
-/// Reads one frame and insists on its kind; an `Error` or `Refused` frame
-/// from the peer becomes an error carrying the peer's message.
-pub fn expect(r: &mut impl Read, want: Kind) -> io::Result<Vec<u8>> {
-    let (kind, payload) = read_frame(r)?;
+/// A peer's `Error` or `Refused` frame as the error it reports.
+fn peer_error(kind: Kind, payload: Vec<u8>, want: Kind) -> io::Result<Vec<u8>> {
     match kind {
         k if k == want => Ok(payload),
         Kind::Error | Kind::Refused => Err(io::Error::new(
@@ -139,10 +190,211 @@ pub fn expect(r: &mut impl Read, want: Kind) -> io::Result<Vec<u8>> {
     }
 }
 
+/// Reads one plain frame and insists on its kind; an `Error` or `Refused`
+/// frame from the peer becomes an error carrying the peer's message.
+pub fn expect(r: &mut impl Read, want: Kind) -> io::Result<Vec<u8>> {
+    let (kind, payload) = read_frame(r)?;
+    peer_error(kind, payload, want)
+}
+
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<usize> {
     let frame = encode_frame(kind, payload);
     w.write_all(&frame)?;
     Ok(frame.len())
+}
+
+/// One direction of a sealed session: its key and frame counter.
+struct Direction {
+    key: LessSafeKey,
+    seq: u64,
+}
+
+impl Direction {
+    fn new(key: &[u8], salt: &[u8], info: &[u8]) -> Direction {
+        let info = [info];
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(key);
+        let okm = prk
+            .expand(&info, &AES_256_GCM)
+            .expect("an AES-256 key is a valid HKDF-SHA256 output length");
+        Direction {
+            key: LessSafeKey::new(okm.into()),
+            seq: 0,
+        }
+    }
+
+    /// The nonce of the next frame, and the counter moved past it: each
+    /// (key, nonce) pair seals one frame only.
+    fn next_nonce(&mut self) -> io::Result<Nonce> {
+        let mut n = [0u8; 12];
+        n[..8].copy_from_slice(&self.seq.to_le_bytes());
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| bad("the session's frame counter is exhausted; reconnect"))?;
+        Ok(Nonce::assume_unique_for_key(n))
+    }
+}
+
+/// The sealed session both ends keep after the handshake (module doc):
+/// [`Session::send`] and [`Session::recv`] on the connection's stream.
+pub struct Session {
+    tx: Direction,
+    rx: Direction,
+}
+
+impl Session {
+    /// The session keys of one end (`source`: the source's) from the shared
+    /// key and both handshake nonces.
+    fn derive(key: &[u8], source_nonce: &[u8], dest_nonce: &[u8], source: bool) -> Session {
+        let salt = [source_nonce, dest_nonce].concat();
+        let to_dest = Direction::new(key, &salt, b"snapblk-repl v3 source->dest");
+        let to_source = Direction::new(key, &salt, b"snapblk-repl v3 dest->source");
+        if source {
+            Session {
+                tx: to_dest,
+                rx: to_source,
+            }
+        } else {
+            Session {
+                tx: to_source,
+                rx: to_dest,
+            }
+        }
+    }
+
+    /// Seals and writes one frame; returns the bytes written.
+    pub fn send(&mut self, w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<usize> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(bad(format!(
+                "a {kind:?} message of {} bytes exceeds the {MAX_PAYLOAD}-byte limit",
+                payload.len()
+            )));
+        }
+        let h = header(kind, payload.len() + TAG, 0);
+        let mut frame = Vec::with_capacity(HEADER + payload.len() + TAG);
+        frame.extend_from_slice(&h);
+        frame.extend_from_slice(payload);
+        let nonce = self.tx.next_nonce()?;
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(&h), &mut frame[HEADER..])
+            .map_err(|_| io::Error::other("cannot seal a frame"))?;
+        frame.extend_from_slice(tag.as_ref());
+        w.write_all(&frame)?;
+        Ok(frame.len())
+    }
+
+    /// Reads and opens one frame; one that does not authenticate as the
+    /// next frame of this session is an `InvalidData` error.
+    pub fn recv(&mut self, r: &mut impl Read) -> io::Result<(Kind, Vec<u8>)> {
+        let (h, kind, mut body) = read_raw(r, MAX_PAYLOAD + TAG)?;
+        if body.len() < TAG || h[12..] != [0; 4] {
+            return Err(bad(format!("{kind:?} frame is not sealed")));
+        }
+        let seq = self.rx.seq;
+        let nonce = self.rx.next_nonce()?;
+        let len = body.len() - TAG;
+        self.rx
+            .key
+            .open_in_place(nonce, Aad::from(&h), &mut body)
+            .map_err(|_| {
+                bad(format!(
+                    "frame {seq} of the session ({kind:?}) fails authentication: it was altered, \
+                     replayed, reordered or a frame before it was lost on the way"
+                ))
+            })?;
+        body.truncate(len);
+        Ok((kind, body))
+    }
+
+    /// [`Session::recv`] insisting on a kind, as [`expect`].
+    pub fn expect(&mut self, r: &mut impl Read, want: Kind) -> io::Result<Vec<u8>> {
+        let (kind, payload) = self.recv(r)?;
+        peer_error(kind, payload, want)
+    }
+}
+
+/// A stream whose reads and writes all end by one instant (a handshake's
+/// deadline), however slowly the peer trickles bytes.
+pub struct Deadline<'a> {
+    pub stream: &'a TcpStream,
+    pub until: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not complete the handshake in time",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        self.stream.read(buf).map_err(timed_out)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        self.stream.write(buf).map_err(timed_out)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// A socket timeout reads as `WouldBlock`; say what it means.
+fn timed_out(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer did not complete the handshake in time",
+        )
+    } else {
+        e
+    }
+}
+
+/// TCP keepalive (probes after `idle` without traffic, a dead peer noticed
+/// about `idle` + 3 x 5 s later) and a limit on how long sent data may stay
+/// unacknowledged: a peer that lost power or network ends the connection
+/// instead of leaving it open forever.
+pub fn keepalive(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let idle_s = idle.as_secs().max(1) as libc::c_int;
+    let user_timeout_ms = (idle.as_millis() as libc::c_int).saturating_add(15_000);
+    for (level, opt, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle_s),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_timeout_ms),
+    ] {
+        // SAFETY: setsockopt with a pointer to a live c_int and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 pub fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -177,8 +429,11 @@ pub struct Opened {
 
 // ---- the key handshake ----
 
-/// Reads a key file: its content with surrounding whitespace trimmed.
+/// Reads a key file: its content with surrounding whitespace trimmed. A
+/// file that group or others may access is refused, as ssh refuses such a
+/// private key.
 pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    crate::secret_file::check_private_file_mode(path, "the replication key file")?;
     let raw = std::fs::read(path).map_err(|e| {
         format!(
             "cannot read the replication key file {}: {}",
@@ -190,7 +445,7 @@ pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
     if key.len() < MIN_KEY {
         return Err(format!(
             "the replication key file {} holds {} bytes; use at least {MIN_KEY} random bytes \
-             (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+             (e.g. `(umask 077; head -c 32 /dev/urandom | base64 > FILE)`)",
             path.display(),
             key.len()
         ));
@@ -235,9 +490,12 @@ pub fn nonce() -> [u8; NONCE] {
     n
 }
 
-/// Source side of the handshake; returns the bytes it sent. A destination
-/// that cannot prove the key, or refuses ours, is an error.
-pub fn authenticate_to_destination<S: Read + Write>(s: &mut S, key: &[u8]) -> io::Result<usize> {
+/// Source side of the handshake: the sealed session, and the bytes sent. A
+/// destination that cannot prove the key, or refuses ours, is an error.
+pub fn authenticate_to_destination<S: Read + Write>(
+    s: &mut S,
+    key: &[u8],
+) -> io::Result<(Session, usize)> {
     let ours = nonce();
     let mut hello = VERSION.to_le_bytes().to_vec();
     hello.extend_from_slice(&ours);
@@ -255,22 +513,28 @@ pub fn authenticate_to_destination<S: Read + Write>(s: &mut S, key: &[u8]) -> io
     }
     sent += write_frame(s, Kind::Proof, &proof(key, b"source", theirs, &ours))?;
     expect(s, Kind::Welcome)?;
-    Ok(sent)
+    Ok((Session::derive(key, &ours, theirs, true), sent))
 }
 
-/// Destination side of the handshake: `Ok(())` once the peer proved the key;
-/// on a wrong proof it answers `Refused` and returns a `PermissionDenied` error.
-pub fn authenticate_source<S: Read + Write>(s: &mut S, key: &[u8]) -> io::Result<()> {
+/// Destination side of the handshake: the sealed session once the peer
+/// proved the key; on a wrong proof it answers `Refused` and returns a
+/// `PermissionDenied` error, on another version `Refused` and `InvalidData`.
+pub fn authenticate_source<S: Read + Write>(s: &mut S, key: &[u8]) -> io::Result<Session> {
     let hello = expect(s, Kind::Hello)?;
-    if hello.len() != 4 + NONCE {
+    if hello.len() < 4 {
         return Err(bad("malformed hello"));
     }
     let version = u32::from_le_bytes(hello[..4].try_into().unwrap());
     if version != VERSION {
-        let msg =
-            format!("protocol version {version} is not supported (this daemon speaks {VERSION})");
+        let msg = format!(
+            "replication protocol version {version} is not supported: this daemon speaks version \
+             {VERSION} (every frame sealed); run the same snapblk release on both sides"
+        );
         write_frame(s, Kind::Refused, msg.as_bytes())?;
         return Err(bad(msg));
+    }
+    if hello.len() != 4 + NONCE {
+        return Err(bad("malformed hello"));
     }
     let theirs = &hello[4..];
     let ours = nonce();
@@ -299,7 +563,7 @@ pub fn authenticate_source<S: Read + Write>(s: &mut S, key: &[u8]) -> io::Result
         ));
     }
     write_frame(s, Kind::Welcome, &[])?;
-    Ok(())
+    Ok(Session::derive(key, theirs, &ours, false))
 }
 
 // ---- transfers and consistency points ----
@@ -568,5 +832,96 @@ mod tests {
             drop(a);
             assert_eq!(t.join().unwrap(), ok);
         }
+    }
+
+    /// Both ends of a sealed session over a socket pair.
+    fn sessions() -> (Session, Session) {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || authenticate_source(&mut b, b"0123456789abcdef"));
+        let (src, _) = authenticate_to_destination(&mut a, b"0123456789abcdef").unwrap();
+        (src, t.join().unwrap().unwrap())
+    }
+
+    fn sealed(s: &mut Session, kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        s.send(&mut out, kind, payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn sealed_frames_hide_their_payload_and_open_once_in_order() {
+        let (mut src, mut dst) = sessions();
+        let secret = b"the block content nobody may read on the wire".repeat(10);
+        let f0 = sealed(&mut src, Kind::Transfer, &secret);
+        assert!(
+            !f0.windows(16).any(|w| secret.windows(16).any(|p| p == w)),
+            "plaintext on the wire"
+        );
+        // Replayed, reordered, altered, dropped: each fails, on a fresh
+        // receiver at the same point of the stream.
+        let open = |dst: &mut Session, f: &[u8]| dst.recv(&mut &f[..]);
+        assert_eq!(
+            open(&mut dst, &f0).unwrap(),
+            (Kind::Transfer, secret.clone())
+        );
+        let e = open(&mut dst, &f0).unwrap_err();
+        assert!(
+            e.to_string().contains("fails authentication"),
+            "replay: {e}"
+        );
+        let (mut src, mut dst) = sessions();
+        let f0 = sealed(&mut src, Kind::Transfer, b"first");
+        let f1b = sealed(&mut src, Kind::Transfer, b"second");
+        assert!(open(&mut dst, &f1b).is_err(), "reordered");
+        let (mut src, mut dst) = sessions();
+        let mut flipped = sealed(&mut src, Kind::Transfer, b"first");
+        flipped[HEADER + 2] ^= 4;
+        assert!(open(&mut dst, &flipped).is_err(), "flipped payload bit");
+        let (mut src, mut dst) = sessions();
+        let mut kind = sealed(&mut src, Kind::Transfer, b"first");
+        kind[4] = Kind::CpCommit as u8;
+        assert!(open(&mut dst, &kind).is_err(), "altered header");
+        let (mut src, mut dst) = sessions();
+        let _dropped = sealed(&mut src, Kind::Transfer, b"first");
+        let next = sealed(&mut src, Kind::Transfer, b"second");
+        assert!(open(&mut dst, &next).is_err(), "a frame before it dropped");
+        // Another session's frames (same key) and reflected frames fail too.
+        let (_, mut other) = sessions();
+        assert!(
+            open(&mut other, &f0).is_err(),
+            "replayed from another session"
+        );
+        let (mut src, _) = sessions();
+        let to_dest = sealed(&mut src, Kind::Transfer, b"x");
+        assert!(open(&mut src, &to_dest).is_err(), "reflected to its sender");
+        // Both directions work in turn.
+        let (mut src, mut dst) = sessions();
+        for i in 0..3u64 {
+            let f = sealed(&mut src, Kind::Transfer, &i.to_le_bytes());
+            assert_eq!(
+                dst.expect(&mut &f[..], Kind::Transfer).unwrap(),
+                i.to_le_bytes()
+            );
+            let f = sealed(&mut dst, Kind::TransferAck, &u64_payload(i));
+            assert_eq!(
+                parse_u64(&src.expect(&mut &f[..], Kind::TransferAck).unwrap()).unwrap(),
+                i
+            );
+        }
+    }
+
+    #[test]
+    fn before_authentication_frames_are_small_and_other_versions_refused() {
+        let big = encode_frame(Kind::Hello, &vec![0u8; PRE_AUTH_MAX + 1]);
+        let e = read_frame(&mut &big[..]).unwrap_err();
+        assert!(e.to_string().contains("exceeds"), "{e}");
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || authenticate_source(&mut b, b"0123456789abcdef"));
+        let mut hello = 2u32.to_le_bytes().to_vec();
+        hello.extend_from_slice(&nonce());
+        write_frame(&mut a, Kind::Hello, &hello).unwrap();
+        let e = expect(&mut a, Kind::Challenge).unwrap_err();
+        assert!(e.to_string().contains("version 2 is not supported"), "{e}");
+        assert!(t.join().unwrap().is_err());
     }
 }
