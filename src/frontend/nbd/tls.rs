@@ -144,10 +144,12 @@ impl NbdTls {
         let (cert, key) = match (&files.cert, &files.key) {
             (Some(c), Some(k)) => (c, k),
             (None, None) if files.ca.is_none() && mode == TlsMode::Off => return Ok(NbdTls::off()),
-            (None, None) if files.ca.is_none() => return Err(config_error(format!(
+            (None, None) if files.ca.is_none() => {
+                return Err(config_error(format!(
                 "--tls={} needs a certificate and its key; give --tls-cert FILE and --tls-key FILE",
                 mode.as_str()
-            ))),
+            )))
+            }
             _ => {
                 return Err(config_error(
                     "NBD TLS needs a certificate and its key; give both --tls-cert FILE and \
