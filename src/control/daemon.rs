@@ -464,3 +464,40 @@ pub fn run(
     log::info!("stopped cleanly");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn network_addresses_need_required_tls_or_the_override() {
+        let lo = addrs(&["127.0.0.1:0", "[::1]:0", "localhost:0"]);
+        for tls in [TlsMode::Off, TlsMode::On, TlsMode::Require] {
+            check_nbd_exposure(&lo, tls, false).unwrap();
+        }
+        let net = addrs(&["127.0.0.1:0", "0.0.0.0:10809"]);
+        let e = check_nbd_exposure(&net, TlsMode::Off, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("refusing to serve NBD on 0.0.0.0:10809 without TLS")
+                && e.contains("--tls-cert FILE --tls-key FILE")
+                && e.contains("--nbd-insecure"),
+            "{e}"
+        );
+        let e = check_nbd_exposure(&net, TlsMode::On, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use --tls=require"), "{e}");
+        check_nbd_exposure(&net, TlsMode::Require, false).unwrap();
+        check_nbd_exposure(&net, TlsMode::Off, true).unwrap();
+        let e = check_nbd_exposure(&addrs(&["no-port"]), TlsMode::Off, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give HOST:PORT"), "{e}");
+    }
+}
