@@ -7,7 +7,9 @@
 //! - [`replication`]: mirrors of volumes on other daemons (links, replicas);
 //! - [`engine`]: volumes, partitions, snapshots, copy-on-write, journals, recovery;
 //! - [`backend`]: files, block devices and the fault-injecting memory disk;
-//! - [`runtime`]: the per-thread io_uring executor everything above runs on.
+//! - [`runtime`]: the per-thread io_uring executor everything above runs on;
+//! - [`security`]: who may connect (local peers' credentials) and which
+//!   files must stay private, shared by every door into the daemon.
 
 pub mod backend;
 pub mod cli;
@@ -17,4 +19,4 @@ pub mod engine;
 pub mod frontend;
 pub mod replication;
 pub mod runtime;
-pub mod secret_file;
+pub mod security;

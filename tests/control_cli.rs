@@ -11,6 +11,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -513,19 +514,14 @@ fn control_socket_permissions() {
     assert_eq!(names(&d.json(&["volume", "list"])), ["v"]);
 }
 
-#[test]
-fn serve_creates_disk0_and_prints_how_to_connect() {
-    let (_t, dir) = tempdir();
+/// Starts `snapblk serve ARGS --data-dir DIR` and reads what it prints up
+/// to its last hint; the daemon is adopted by the returned [`Daemon`].
+fn serve_and_read_hints(dir: &Path, args: &[&str]) -> (Daemon, String) {
     let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--size",
-            "64M",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&dir)
+        .arg("serve")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -534,67 +530,76 @@ fn serve_creates_disk0_and_prints_how_to_connect() {
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut text = String::new();
-    while !text.contains("nbdinfo") {
+    while !text.contains("More:") {
         let mut line = String::new();
         if out.read_line(&mut line).unwrap() == 0 {
             break;
         }
         text.push_str(&line);
     }
-    let mut d = Daemon::in_data_dir(&dir);
+    let mut d = Daemon::in_data_dir(dir);
     d.adopt(child);
-    assert!(text.contains("serving volume disk0 (64 MiB)"), "{text}");
-    let uri = text
-        .split_whitespace()
-        .find(|w| w.starts_with("nbd://127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no TCP URI in:\n{text}"))
-        .to_string();
-    assert!(uri.ends_with("/disk0"), "{uri}");
-    assert!(
-        text.contains(&format!(
-            "nbd+unix:///disk0?socket={}",
-            dir.canonicalize().unwrap().join("nbd.sock").display()
-        )),
-        "{text}"
-    );
-    assert!(text.contains(&format!("qemu-img info {uri}")), "{text}");
-    assert!(text.contains(&format!("nbdinfo {uri}")), "{text}");
-    let v = d.json(&["volume", "info", "disk0"]);
-    assert_eq!(v["capacity"], 64u64 << 20);
+    (d, text)
+}
 
-    // The printed URI works with a real NBD client, if one is installed.
+/// The first word of `text` that starts with `prefix`, without quotes.
+fn uri_in(text: &str, prefix: &str) -> String {
+    text.split_whitespace()
+        .map(|w| w.trim_matches('\''))
+        .find(|w| w.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} URI in:\n{text}"))
+        .to_string()
+}
+
+/// `qemu-img info URI` works and sees `size` bytes, if qemu-img is installed.
+fn qemu_img_sees(uri: &str, size: u64) {
     if let Ok(o) = Command::new("qemu-img")
-        .args(["info", "--output=json", &uri])
+        .args(["info", "--output=json", uri])
         .output()
     {
-        if o.status.success() {
-            let info: Value = serde_json::from_slice(&o.stdout).unwrap();
-            assert_eq!(info["virtual-size"], 64u64 << 20);
-        } else {
-            panic!(
-                "qemu-img info {uri} failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
+        assert!(
+            o.status.success(),
+            "qemu-img info {uri} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let info: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(info["virtual-size"], size);
     }
+}
+
+#[test]
+fn serve_creates_disk0_and_prints_how_to_connect() {
+    // The safe default: the UNIX socket only, no TCP.
+    let (_t, dir) = tempdir();
+    let (mut d, text) = serve_and_read_hints(&dir, &["--size", "64M"]);
+    assert!(text.contains("serving volume disk0 (64 MiB)"), "{text}");
+    assert!(!text.contains("nbd://"), "no TCP by default:\n{text}");
+    assert!(text.contains("add --nbd-listen"), "{text}");
+    let unix = format!(
+        "nbd+unix:///disk0?socket={}",
+        dir.canonicalize().unwrap().join("nbd.sock").display()
+    );
+    assert!(text.contains(&format!("qemu-img info '{unix}'")), "{text}");
+    assert!(text.contains(&format!("nbdinfo '{unix}'")), "{text}");
+    assert_eq!(d.json(&["status"])["nbd_tcp"], serde_json::json!([]));
+    let v = d.json(&["volume", "info", "disk0"]);
+    assert_eq!(v["capacity"], 64u64 << 20);
+    // The printed URI works with a real NBD client.
+    qemu_img_sees(&uri_in(&text, "nbd+unix://"), 64 << 20);
     assert_eq!(d.signal(libc::SIGTERM).code(), Some(0));
 
-    // A second serve keeps the existing disk0 (no re-create, same size).
-    let child = Command::new(BIN)
-        .args(["serve", "--nbd-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut d = Daemon::in_data_dir(&dir);
-    d.adopt(child);
-    d.wait_ready();
+    // A second serve keeps the existing disk0 (no re-create, same size);
+    // asked for TCP on loopback, it serves and prints that too.
+    let (mut d, text) = serve_and_read_hints(&dir, &["--nbd-listen", "127.0.0.1:0"]);
+    let uri = uri_in(&text, "nbd://127.0.0.1:");
+    assert!(uri.ends_with("/disk0"), "{uri}");
+    assert!(text.contains(&format!("qemu-img info '{uri}'")), "{text}");
+    assert!(text.contains(&unix), "{text}");
     assert_eq!(
         d.json(&["volume", "info", "disk0"])["capacity"],
         64u64 << 20
     );
+    qemu_img_sees(&uri, 64 << 20);
     assert_eq!(d.signal(libc::SIGTERM).code(), Some(0));
 }
 

@@ -1429,7 +1429,7 @@ fn a_world_readable_key_file_is_refused() {
     ]));
     assert!(!ok);
     assert!(
-        err.contains("accessible by group or others (mode 0644)") && err.contains("chmod 600"),
+        err.contains("permissions 0644 for the replication key file") && err.contains("chmod 600"),
         "{err}"
     );
     let src = Daemon::start(&t.path().join("src"));

@@ -1,10 +1,11 @@
 //! The systemd unit, `systemd/snapblk.service`, checked against the binary:
 //! `systemd-analyze verify` (where the host has it), and its `ExecStart` run
-//! as written, with only the data directory moved to a temporary one and the
-//! NBD listeners made private to the test: the daemon serves, stops cleanly
-//! on the unit's `KillSignal`, and the same command line brings back the
-//! volumes and the `devices.json` entries after a clean stop and after
-//! `kill -9` (which `Restart=on-failure` answers with a restart).
+//! as written, with only the data directory moved to a temporary one: the
+//! daemon serves NBD on its UNIX socket only (the safe default: no TCP, so
+//! nothing on a network address), stops cleanly on the unit's `KillSignal`,
+//! and the same command line brings back the volumes and the `devices.json`
+//! entries after a clean stop and after `kill -9` (which
+//! `Restart=on-failure` answers with a restart).
 //!
 //! A real boot under systemd is not tested: the guest of `scripts/vm` boots
 //! an initramfs with no systemd in it.
@@ -101,10 +102,9 @@ fn the_units_settings_fit_the_cli() {
     assert_eq!(one(&unit, "Install", "WantedBy"), "multi-user.target");
 }
 
-/// The unit's ExecStart with `data_dir` for /var/lib/snapblk, plus NBD on a
-/// UNIX socket in it and an ephemeral TCP port (the default 10809 may be
-/// taken on a shared machine), its Environment= applied; adopted by a
-/// [`Daemon`] that waits until it serves.
+/// The unit's ExecStart with `data_dir` for /var/lib/snapblk and nothing
+/// else changed, its Environment= applied; adopted by a [`Daemon`] that
+/// waits until it serves.
 fn start_as_the_unit_does(data_dir: &Path) -> Daemon {
     let unit = unit_text();
     let exec = one(&unit, "Service", "ExecStart");
@@ -117,9 +117,7 @@ fn start_as_the_unit_does(data_dir: &Path) -> Daemon {
     });
     assert_eq!(argv.next().as_deref(), Some(UNIT_BIN));
     let mut cmd = Command::new(BIN);
-    cmd.args(argv)
-        .args(["--nbd-listen", "127.0.0.1:0", "--nbd-socket"])
-        .arg(data_dir.join("nbd.sock"));
+    cmd.args(argv);
     for env in values(&unit, "Service", "Environment") {
         let (k, v) = env.split_once('=').expect("Environment=KEY=VALUE");
         cmd.env(k, v);
@@ -144,6 +142,11 @@ fn exec_start_serves_and_restores_volumes_and_devices() {
     let dir: PathBuf = root.join("var-lib-snapblk");
     std::fs::create_dir_all(&dir).unwrap();
     let mut d = start_as_the_unit_does(&dir);
+    // Safe defaults: NBD on DATA_DIR/nbd.sock, no TCP, no TLS needed there.
+    let st = d.json(&["status"]);
+    assert_eq!(st["nbd_tcp"], json!([]));
+    assert_eq!(st["nbd_unix"], json!([dir.join("nbd.sock")]));
+    assert_eq!(st["nbd_tls"], "off");
     d.ok(&["volume", "create", "v", "--size", "16M"]);
     d.ok(&["snapshot", "create", "v", "s"]);
     assert!(d.signal(libc::SIGTERM).success(), "log:\n{}", d.log());

@@ -12,11 +12,12 @@ pub mod paths;
 pub mod replicate;
 pub mod size;
 
-use crate::control::daemon::{self, DaemonConfig, DEFAULT_NBD_TCP};
+use crate::control::daemon::{self, DaemonConfig, NbdAccess};
 use crate::control::protocol::Request;
 use crate::control::registry::validate_name;
 use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;
+use crate::frontend::nbd::{TlsFiles, TlsMode};
 use crate::replication::ReplicationConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::CliError;
@@ -28,7 +29,7 @@ use std::path::{Path, PathBuf};
     name = "snapblk",
     version,
     about = "Userspace block devices with instant snapshots, served over NBD and ublk",
-    after_help = "Quick start: `snapblk serve`, then `qemu-img info nbd://127.0.0.1:10809/disk0`."
+    after_help = "Quick start: `snapblk serve`, then the `qemu-img info` line it prints."
 )]
 pub struct Cli {
     /// Control socket [default: $SNAPBLK_CONTROL, else DATA_DIR/control.sock]
@@ -75,12 +76,11 @@ pub struct DaemonArgs {
     /// Where volumes and sockets live [default: $SNAPBLK_DATA_DIR, /var/lib/snapblk for root, else ~/.local/share/snapblk]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Serve NBD on this UNIX socket (repeatable)
+    /// Serve NBD on this UNIX socket (repeatable) [default: DATA_DIR/nbd.sock]
     #[arg(long, value_name = "PATH")]
     pub nbd_socket: Vec<PathBuf>,
-    /// Serve NBD on this TCP address (repeatable) [default with no NBD option: 127.0.0.1:10809 and DATA_DIR/nbd.sock]
-    #[arg(long, value_name = "HOST:PORT")]
-    pub nbd_listen: Vec<String>,
+    #[command(flatten)]
+    pub nbd: NbdArgs,
     /// Accept replication sources on this TCP address
     #[arg(long, value_name = "HOST:PORT")]
     pub replication_listen: Option<String>,
@@ -106,12 +106,63 @@ pub struct ServeArgs {
         allow_hyphen_values = true
     )]
     pub size: String,
-    /// NBD TCP address
-    #[arg(long, value_name = "HOST:PORT", default_value = DEFAULT_NBD_TCP)]
-    pub nbd_listen: String,
+    #[command(flatten)]
+    pub nbd: NbdArgs,
     /// As for `snapblk daemon`
     #[arg(long, value_name = "SIZE", default_value = "64M")]
     pub writeback_buffer: String,
+}
+
+/// Who may reach NBD beyond the UNIX socket: TCP listeners and TLS
+/// (`snapblk daemon` and `snapblk serve` alike).
+#[derive(Args, Debug)]
+pub struct NbdArgs {
+    /// Also serve NBD on this TCP address (repeatable; none by default). An
+    /// address other than loopback needs TLS (--tls-cert/--tls-key) or --nbd-insecure
+    #[arg(long, value_name = "HOST:PORT")]
+    pub nbd_listen: Vec<String>,
+    /// NBD TLS: off, on (offered, plain text allowed) or require (STARTTLS
+    /// before anything else) [default: require with --tls-cert, else off]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub tls: Option<TlsArg>,
+    /// NBD TLS: the server's certificate (PEM, then any intermediates)
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// NBD TLS: the certificate's private key (PEM, mode 0600 or tighter)
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// NBD TLS: clients must present a certificate signed by this CA (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve NBD in plain text on non-loopback --nbd-listen addresses anyway:
+    /// anyone who can reach them can read and write every volume
+    #[arg(long)]
+    pub nbd_insecure: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TlsArg {
+    Off,
+    On,
+    Require,
+}
+
+impl NbdArgs {
+    fn access(&self) -> NbdAccess {
+        NbdAccess {
+            tls: self.tls.map(|t| match t {
+                TlsArg::Off => TlsMode::Off,
+                TlsArg::On => TlsMode::On,
+                TlsArg::Require => TlsMode::Require,
+            }),
+            tls_files: TlsFiles {
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                ca: self.tls_ca.clone(),
+            },
+            insecure: self.nbd_insecure,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -276,7 +327,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 data_dir: a.data_dir.unwrap_or_else(paths::default_data_dir),
                 control: cli.control,
                 nbd_unix: a.nbd_socket,
-                nbd_tcp: a.nbd_listen,
+                nbd_access: a.nbd.access(),
+                nbd_tcp: a.nbd.nbd_listen,
                 replication: ReplicationConfig {
                     listen: a.replication_listen,
                     key_file: a.replication_key_file,
@@ -309,6 +361,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         ("control socket", output::str_of(r, "control_socket")),
                         ("nbd tcp", list("nbd_tcp")),
                         ("nbd unix", list("nbd_unix")),
+                        ("nbd tls", nbd_tls_fact(r)),
                         ("volumes", output::str_of(r, "volumes")),
                         ("uptime", format!("{} s", output::str_of(r, "uptime_s"))),
                     ])
@@ -518,6 +571,16 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
     }
 }
 
+/// `snapblk status`'s line on NBD TLS.
+fn nbd_tls_fact(r: &Value) -> String {
+    let mode = output::str_of(r, "nbd_tls");
+    if r.get("nbd_tls_client_certs").and_then(Value::as_bool) == Some(true) {
+        format!("{mode}, client certificates required")
+    } else {
+        mode
+    }
+}
+
 /// `snapblk serve`: the quick start.
 fn set_writeback_buffer(arg: &str) -> Result<(), CliError> {
     let limit_bytes = usize::try_from(size_arg(arg)?)
@@ -543,7 +606,8 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
         data_dir: data_dir.clone(),
         control,
         nbd_unix: vec![data_dir.join("nbd.sock")],
-        nbd_tcp: vec![a.nbd_listen],
+        nbd_access: a.nbd.access(),
+        nbd_tcp: a.nbd.nbd_listen,
         replication: ReplicationConfig::default(),
     };
     const DISK: &str = "disk0";
@@ -558,12 +622,17 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
             Ok(())
         },
         |d| {
-            let tcp = d.facts_nbd_tcp.first().cloned().unwrap_or_default();
+            let tls = d.facts_nbd_tls == TlsMode::Require;
+            let scheme = if tls { "nbds" } else { "nbd" };
             let unix = d
                 .facts_nbd_unix
                 .first()
-                .map(|p| p.display().to_string())
+                .map(|p| format!("{scheme}+unix:///{DISK}?socket={}", p.display()))
                 .unwrap_or_default();
+            let tcp = d
+                .facts_nbd_tcp
+                .first()
+                .map(|a| format!("{scheme}://{a}/{DISK}"));
             let size = d
                 .registry
                 .volume(DISK)
@@ -574,11 +643,21 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
                 d.registry.data_dir().display()
             );
             println!();
-            println!("  NBD over TCP:   nbd://{tcp}/{DISK}");
-            println!("  NBD over UNIX:  nbd+unix:///{DISK}?socket={unix}");
+            println!("  NBD over UNIX:  {unix}");
+            match &tcp {
+                Some(tcp) => println!("  NBD over TCP:   {tcp}"),
+                None => println!("  (no TCP: add --nbd-listen 127.0.0.1:10809 to serve it there)"),
+            }
             println!();
-            println!("Try:  qemu-img info nbd://{tcp}/{DISK}");
-            println!("      nbdinfo nbd://{tcp}/{DISK}");
+            let uri = tcp.unwrap_or(unix);
+            if tls {
+                println!("TLS is required; clients need the CA certificate, e.g.:");
+                let sep = if uri.contains('?') { '&' } else { '?' };
+                println!("Try:  nbdinfo '{uri}{sep}tls-certificates=DIR-WITH-ca-cert.pem'");
+            } else {
+                println!("Try:  qemu-img info '{uri}'");
+                println!("      nbdinfo '{uri}'");
+            }
             println!(
                 "More: snapblk --control {} volume list   (Ctrl-C stops the daemon)",
                 d.control_path.display()

@@ -10,7 +10,13 @@
 //! applies), start the ublk devices listed in `devices.json`
 //! (failures are logged, never fatal), start the NBD listeners, and bind the
 //! control socket *last*: once the socket exists, everything is being
-//! served. The main thread then waits in `sigwait`.
+//! served. The main thread then waits in `sigwait`. Before all that, the NBD
+//! access settings are checked ([`check_nbd_exposure`]): a wrong TLS file or
+//! a network address without TLS stops the start with nothing touched.
+//!
+//! NBD is served on `DATA_DIR/nbd.sock` (unless `--nbd-socket` names other
+//! sockets), whose peers are checked like the control socket's; TCP only on
+//! the addresses `--nbd-listen` names.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting control clients, shut the NBD
 //! server down (it drains in-flight requests), stop replication's threads
@@ -22,33 +28,54 @@ use super::registry::Registry;
 use super::server::{ControlServer, DaemonFacts};
 use super::ublk::UblkDriver;
 use crate::engine::{EngineError, View};
-use crate::frontend::nbd::{ExportResolver, NbdServer};
+use crate::frontend::nbd::{ExportResolver, NbdServer, NbdTls, TlsFiles, TlsMode};
 use crate::replication::{Replication, ReplicationConfig};
+use crate::security::LocalPeers;
 use std::io;
+use std::net::ToSocketAddrs;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The TCP address NBD listens on when no listener is given.
-pub const DEFAULT_NBD_TCP: &str = "127.0.0.1:10809";
 
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     pub data_dir: PathBuf,
     /// Default: `data_dir/control.sock`.
     pub control: Option<PathBuf>,
+    /// Default: `data_dir/nbd.sock`.
     pub nbd_unix: Vec<PathBuf>,
+    /// TCP listeners; none by default.
     pub nbd_tcp: Vec<String>,
+    pub nbd_access: NbdAccess,
     pub replication: ReplicationConfig,
 }
 
+/// NBD TLS and the override for plain text on network addresses.
+#[derive(Clone, Debug, Default)]
+pub struct NbdAccess {
+    /// `None`: `require` when a certificate is given, else `off`.
+    pub tls: Option<TlsMode>,
+    pub tls_files: TlsFiles,
+    /// Serve plain text on non-loopback addresses anyway.
+    pub insecure: bool,
+}
+
+impl NbdAccess {
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls.unwrap_or(if self.tls_files.cert.is_some() {
+            TlsMode::Require
+        } else {
+            TlsMode::Off
+        })
+    }
+}
+
 impl DaemonConfig {
-    /// Applies the defaults: with no NBD listener given, TCP on
-    /// [`DEFAULT_NBD_TCP`] and UNIX on `data_dir/nbd.sock`.
+    /// Applies the defaults: NBD on the UNIX socket `data_dir/nbd.sock`
+    /// unless other sockets are named.
     pub fn with_defaults(mut self) -> Self {
-        if self.nbd_unix.is_empty() && self.nbd_tcp.is_empty() {
-            self.nbd_tcp.push(DEFAULT_NBD_TCP.to_string());
+        if self.nbd_unix.is_empty() {
             self.nbd_unix.push(self.data_dir.join("nbd.sock"));
         }
         self
@@ -87,6 +114,7 @@ pub struct Daemon {
     pub replication: Arc<Replication>,
     pub facts_nbd_tcp: Vec<String>,
     pub facts_nbd_unix: Vec<PathBuf>,
+    pub facts_nbd_tls: TlsMode,
     pub control_path: PathBuf,
     nbd: NbdServer,
     control: Option<ControlServer>,
@@ -222,6 +250,51 @@ fn lock_data_dir(dir: &Path) -> io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// Refuses NBD on a network (non-loopback) address unless every client
+/// there must use TLS, or the operator said `--nbd-insecure`; the override
+/// is logged loudly at every start.
+pub fn check_nbd_exposure(tcp: &[String], tls: TlsMode, insecure: bool) -> anyhow::Result<()> {
+    let mut exposed = Vec::new();
+    for addr in tcp {
+        let resolved: Vec<_> = addr
+            .to_socket_addrs()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot use --nbd-listen {addr}: {e}; give HOST:PORT, e.g. 127.0.0.1:10809"
+                )
+            })?
+            .collect();
+        if resolved.is_empty() || resolved.iter().any(|a| !a.ip().is_loopback()) {
+            exposed.push(addr.as_str());
+        }
+    }
+    if exposed.is_empty() || tls == TlsMode::Require {
+        if insecure {
+            log::warn!("--nbd-insecure is given but changes nothing: no NBD address is served in plain text beyond loopback");
+        }
+        return Ok(());
+    }
+    let list = exposed.join(", ");
+    if insecure {
+        log::warn!(
+            "INSECURE: NBD on {list} is served without required TLS (--nbd-insecure): anyone who can \
+             reach it can read and write every volume"
+        );
+        return Ok(());
+    }
+    let why = match tls {
+        TlsMode::On => "--tls=on lets clients stay in plain text; use --tls=require",
+        _ => {
+            "give --tls-cert FILE --tls-key FILE (and --tls-ca FILE to require client certificates)"
+        }
+    };
+    anyhow::bail!(
+        "refusing to serve NBD on {list} without TLS: it is not a loopback address, so anyone who \
+         can reach it could read and write every volume; {why}, or --nbd-insecure to serve it in \
+         plain text anyway"
+    )
+}
+
 fn remove_stale_socket(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -242,6 +315,9 @@ impl Daemon {
     ) -> anyhow::Result<Daemon> {
         use anyhow::Context;
         let config = config.clone().with_defaults();
+        let tls = NbdTls::load(config.nbd_access.tls_mode(), &config.nbd_access.tls_files)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        check_nbd_exposure(&config.nbd_tcp, tls.mode(), config.nbd_access.insecure)?;
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(
                 "cannot create the data directory {}",
@@ -287,7 +363,12 @@ impl Daemon {
         }
         before_control(&registry)?;
 
-        let nbd = NbdServer::new(Arc::new(Resolver(registry.clone(), replication.clone())));
+        let facts_tls = (tls.mode(), tls.client_certs());
+        let nbd = NbdServer::with_access(
+            Arc::new(Resolver(registry.clone(), replication.clone())),
+            tls,
+            Some(LocalPeers::of_data_dir(&data_dir)?),
+        );
         let mut nbd_tcp = Vec::new();
         for addr in &config.nbd_tcp {
             let bound = nbd.listen_tcp(addr).map_err(|e| {
@@ -311,6 +392,8 @@ impl Daemon {
             control_socket: control_path.clone(),
             nbd_unix: config.nbd_unix.clone(),
             nbd_tcp: nbd_tcp.clone(),
+            nbd_tls: facts_tls.0.as_str(),
+            nbd_tls_client_certs: facts_tls.1,
             started: Instant::now(),
             jobs: jobs.clone(),
             replication: replication.clone(),
@@ -327,6 +410,7 @@ impl Daemon {
             replication,
             facts_nbd_tcp: nbd_tcp,
             facts_nbd_unix: config.nbd_unix.clone(),
+            facts_nbd_tls: facts_tls.0,
             control_path,
             nbd,
             control: Some(control),
@@ -379,4 +463,41 @@ pub fn run(
     }
     log::info!("stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn network_addresses_need_required_tls_or_the_override() {
+        let lo = addrs(&["127.0.0.1:0", "[::1]:0", "localhost:0"]);
+        for tls in [TlsMode::Off, TlsMode::On, TlsMode::Require] {
+            check_nbd_exposure(&lo, tls, false).unwrap();
+        }
+        let net = addrs(&["127.0.0.1:0", "0.0.0.0:10809"]);
+        let e = check_nbd_exposure(&net, TlsMode::Off, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("refusing to serve NBD on 0.0.0.0:10809 without TLS")
+                && e.contains("--tls-cert FILE --tls-key FILE")
+                && e.contains("--nbd-insecure"),
+            "{e}"
+        );
+        let e = check_nbd_exposure(&net, TlsMode::On, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use --tls=require"), "{e}");
+        check_nbd_exposure(&net, TlsMode::Require, false).unwrap();
+        check_nbd_exposure(&net, TlsMode::Off, true).unwrap();
+        let e = check_nbd_exposure(&addrs(&["no-port"]), TlsMode::Off, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give HOST:PORT"), "{e}");
+    }
 }

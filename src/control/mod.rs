@@ -19,6 +19,6 @@ pub mod registry;
 pub mod server;
 pub mod ublk;
 
-pub use daemon::{DaemonConfig, DEFAULT_NBD_TCP};
+pub use daemon::{DaemonConfig, NbdAccess};
 pub use protocol::{ControlError, ErrorCode, Request, Response};
 pub use registry::Registry;

@@ -13,10 +13,11 @@
 
 use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
 use super::registry::Registry;
+use crate::security::LocalPeers;
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,9 @@ pub struct DaemonFacts {
     pub control_socket: PathBuf,
     pub nbd_unix: Vec<PathBuf>,
     pub nbd_tcp: Vec<String>,
+    /// NBD TLS mode: "off", "on" or "require".
+    pub nbd_tls: &'static str,
+    pub nbd_tls_client_certs: bool,
     pub started: Instant,
     pub jobs: Arc<crate::copy::Jobs>,
     pub replication: Arc<crate::replication::Replication>,
@@ -40,30 +44,6 @@ pub struct ControlServer {
     listener: UnixListener,
     stopping: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
-}
-
-/// Uid, gid, pid of the process at the other end of a UNIX socket.
-pub fn peer_credentials(stream: &UnixStream) -> io::Result<libc::ucred> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred)
 }
 
 impl ControlServer {
@@ -99,7 +79,7 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        let owner_uid = std::fs::metadata(registry.data_dir())?.uid();
+        let peers = LocalPeers::of_data_dir(registry.data_dir())?;
         let stopping = Arc::new(AtomicBool::new(false));
         let facts = Arc::new(facts);
         let accept_listener = listener.try_clone()?;
@@ -124,7 +104,7 @@ impl ControlServer {
                     let stop = stop.clone();
                     let spawned = std::thread::Builder::new()
                         .name("control-client".into())
-                        .spawn(move || serve_client(stream, &registry, &facts, owner_uid, &stop));
+                        .spawn(move || serve_client(stream, &registry, &facts, peers, &stop));
                     if let Err(e) = spawned {
                         log::error!("control socket: cannot start a client thread: {e}");
                     }
@@ -169,26 +149,13 @@ fn serve_client(
     stream: UnixStream,
     registry: &Registry,
     facts: &DaemonFacts,
-    owner_uid: u32,
+    peers: LocalPeers,
     stop: &AtomicBool,
 ) {
-    let allowed = match peer_credentials(&stream) {
-        Ok(c) => {
-            let ok = c.uid == 0 || c.uid == owner_uid;
-            if !ok {
-                log::warn!(
-                    "control socket: refusing pid {} uid {} (only root and uid {owner_uid} may use it)",
-                    c.pid,
-                    c.uid
-                );
-            }
-            ok
-        }
-        Err(e) => {
-            log::warn!("control socket: cannot read peer credentials: {e}");
-            false
-        }
-    };
+    let refused = peers.check(stream.as_raw_fd(), "control socket").err();
+    if let Some(why) = &refused {
+        log::warn!("control socket: refusing a client: {why}");
+    }
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -233,13 +200,10 @@ fn serve_client(
             if trimmed.is_empty() {
                 continue;
             }
-            if !allowed {
+            if let Some(why) = &refused {
                 Response::from_result(Err(ControlError::new(
                     ErrorCode::PermissionDenied,
-                    format!(
-                        "permission denied: only root and the owner (uid {owner_uid}) of {} may control this daemon",
-                        facts.data_dir.display()
-                    ),
+                    why.clone(),
                 )))
             } else {
                 let result = parse_request(trimmed).and_then(|req| {
@@ -407,6 +371,8 @@ pub fn handle(
             "control_socket": facts.control_socket,
             "nbd_unix": facts.nbd_unix,
             "nbd_tcp": facts.nbd_tcp,
+            "nbd_tls": facts.nbd_tls,
+            "nbd_tls_client_certs": facts.nbd_tls_client_certs,
             "volumes": registry.len(),
             "devices": registry.device_count(),
             "uptime_s": facts.started.elapsed().as_secs(),

@@ -433,7 +433,8 @@ pub struct Opened {
 /// file that group or others may access is refused, as ssh refuses such a
 /// private key.
 pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    crate::secret_file::check_private_file_mode(path, "the replication key file")?;
+    crate::security::check_private_file_mode(path, "the replication key file")
+        .map_err(|e| e.to_string())?;
     let raw = std::fs::read(path).map_err(|e| {
         format!(
             "cannot read the replication key file {}: {}",

@@ -8,8 +8,17 @@
 //!
 //! The phase is generic over [`Catalog`] so that its byte-level behaviour is
 //! unit tested without an engine.
+//!
+//! [`Policy`] says what a connection may do before it names an export: a
+//! peer the server refuses gets `NBD_REP_ERR_POLICY` with the reason for
+//! every option (and nothing else); with TLS required, every option but
+//! STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD` until TLS is up. After
+//! STARTTLS the caller runs the TLS handshake and resumes with
+//! [`resume_over_tls`]; nothing negotiated in plain text carries over
+//! (as nbdkit does), so a man in the middle cannot have chosen anything.
 
 use super::proto::*;
+use super::tls::TlsMode;
 use super::ExportResolver;
 use crate::engine::{EngineError, View};
 use std::io::{self, Read, Write};
@@ -89,6 +98,34 @@ pub(crate) enum Outcome<E> {
     Transmission(Negotiated<E>),
     /// The client aborted or left; nothing more to do.
     Closed,
+    /// STARTTLS was acknowledged: run the TLS handshake on the socket, then
+    /// [`resume_over_tls`].
+    StartTls(Resume),
+}
+
+/// What survives STARTTLS: the client's flags and its option budget.
+pub(crate) struct Resume {
+    no_zeroes: bool,
+    options_left: usize,
+}
+
+/// What a connection may do before it names an export.
+#[derive(Clone, Debug)]
+pub(crate) struct Policy {
+    pub tls: TlsMode,
+    /// This peer may not use the server: every option is refused with this
+    /// reason.
+    pub refused: Option<String>,
+}
+
+impl Policy {
+    #[cfg(test)]
+    fn open() -> Policy {
+        Policy {
+            tls: TlsMode::Off,
+            refused: None,
+        }
+    }
 }
 
 /// Options a single connection may send before we give up on it.
@@ -337,6 +374,7 @@ impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
 pub(crate) fn negotiate<S: Read + Write, C: Catalog + ?Sized>(
     stream: &mut S,
     catalog: &C,
+    policy: &Policy,
 ) -> io::Result<Outcome<C::Export>> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBD_MAGIC.to_be_bytes());
@@ -351,8 +389,36 @@ pub(crate) fn negotiate<S: Read + Write, C: Catalog + ?Sized>(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let resume = Resume {
+        no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
+        options_left: MAX_OPTIONS,
+    };
+    options(stream, catalog, policy, resume, false)
+}
 
+/// Goes on with option haggling over `stream`, now TLS, after
+/// [`Outcome::StartTls`] and a successful TLS handshake.
+pub(crate) fn resume_over_tls<S: Read + Write, C: Catalog + ?Sized>(
+    stream: &mut S,
+    catalog: &C,
+    policy: &Policy,
+    resume: Resume,
+) -> io::Result<Outcome<C::Export>> {
+    options(stream, catalog, policy, resume, true)
+}
+
+/// The message of NBD_REP_ERR_TLS_REQD.
+const TLS_REQUIRED: &str = "TLS is required by this server: start TLS first \
+     (qemu: a tls-creds-x509 object; libnbd: an nbds:// URI)";
+
+fn options<S: Read + Write, C: Catalog + ?Sized>(
+    stream: &mut S,
+    catalog: &C,
+    policy: &Policy,
+    resume: Resume,
+    tls_active: bool,
+) -> io::Result<Outcome<C::Export>> {
+    let no_zeroes = resume.no_zeroes;
     let mut s = Session {
         stream,
         catalog,
@@ -360,7 +426,7 @@ pub(crate) fn negotiate<S: Read + Write, C: Catalog + ?Sized>(
         structured: false,
         meta_for: None,
     };
-    for _ in 0..MAX_OPTIONS {
+    for left in (0..resume.options_left).rev() {
         let mut head = [0u8; 16];
         match s.stream.read_exact(&mut head) {
             Ok(()) => {}
@@ -380,6 +446,27 @@ pub(crate) fn negotiate<S: Read + Write, C: Catalog + ?Sized>(
         }
         let mut data = vec![0u8; length as usize];
         s.stream.read_exact(&mut data)?;
+
+        let refusal = match &policy.refused {
+            Some(why) => Some((REP_ERR_POLICY, why.as_str())),
+            None if policy.tls == TlsMode::Require && !tls_active => {
+                Some((REP_ERR_TLS_REQD, TLS_REQUIRED))
+            }
+            None => None,
+        };
+        if let Some((kind, why)) = refusal {
+            match option {
+                OPT_ABORT => {}
+                OPT_STARTTLS if kind == REP_ERR_TLS_REQD => {}
+                // EXPORT_NAME has no error reply: closing is all we can do.
+                OPT_EXPORT_NAME => return Err(protocol_error(why)),
+                _ => {
+                    s.error(option, kind, why);
+                    s.flush()?;
+                    continue;
+                }
+            }
+        }
 
         match option {
             OPT_EXPORT_NAME => {
@@ -407,6 +494,26 @@ pub(crate) fn negotiate<S: Read + Write, C: Catalog + ?Sized>(
                 // The client may already be gone; that is fine.
                 let _ = s.flush();
                 return Ok(Outcome::Closed);
+            }
+            OPT_STARTTLS => {
+                if !data.is_empty() {
+                    s.error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no payload");
+                } else if tls_active {
+                    s.error(option, REP_ERR_INVALID, "TLS is already active");
+                } else if policy.tls == TlsMode::Off {
+                    s.error(
+                        option,
+                        REP_ERR_POLICY,
+                        "TLS is not enabled on this server (snapblk daemon --tls-cert/--tls-key)",
+                    );
+                } else {
+                    s.reply(option, REP_ACK, &[]);
+                    s.flush()?;
+                    return Ok(Outcome::StartTls(Resume {
+                        no_zeroes,
+                        options_left: left,
+                    }));
+                }
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -439,7 +546,6 @@ pub(crate) fn negotiate<S: Read + Write, C: Catalog + ?Sized>(
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => s.meta_context(option, &data),
-            OPT_STARTTLS => s.error(option, REP_ERR_UNSUP, "TLS is not supported"),
             _ => s.error(
                 option,
                 REP_ERR_UNSUP,
@@ -557,11 +663,40 @@ mod tests {
     }
 
     fn run(client: Vec<u8>) -> (io::Result<Outcome<FakeExport>>, Vec<u8>) {
+        run_with(&Policy::open(), client)
+    }
+
+    fn run_with(policy: &Policy, client: Vec<u8>) -> (io::Result<Outcome<FakeExport>>, Vec<u8>) {
         let mut s = Script {
             input: Cursor::new(client),
             output: Vec::new(),
         };
-        let r = negotiate(&mut s, &FakeCatalog);
+        let r = negotiate(&mut s, &FakeCatalog, policy);
+        (r, s.output)
+    }
+
+    fn tls(mode: TlsMode) -> Policy {
+        Policy {
+            tls: mode,
+            refused: None,
+        }
+    }
+
+    /// The options after STARTTLS, as if the TLS handshake had happened.
+    fn after_tls(
+        policy: &Policy,
+        resume: Resume,
+        options: &[(u32, &[u8])],
+    ) -> (io::Result<Outcome<FakeExport>>, Vec<u8>) {
+        let mut input = Vec::new();
+        for (option, data) in options {
+            opt(&mut input, *option, data);
+        }
+        let mut s = Script {
+            input: Cursor::new(input),
+            output: Vec::new(),
+        };
+        let r = resume_over_tls(&mut s, &FakeCatalog, policy, resume);
         (r, s.output)
     }
 
@@ -781,5 +916,110 @@ mod tests {
         );
         assert_eq!(preferred_block_size(65536), 65536);
         assert_eq!(preferred_block_size(3000), 4096);
+    }
+
+    #[test]
+    fn starttls_is_acknowledged_and_nothing_from_plain_text_carries_over() {
+        let policy = tls(TlsMode::On);
+        let c = client(&[(OPT_STRUCTURED_REPLY, &[]), (OPT_STARTTLS, &[])]);
+        let (r, out) = run_with(&policy, c);
+        let Outcome::StartTls(resume) = r.unwrap() else {
+            panic!("no STARTTLS")
+        };
+        let reps = replies(&out[18..]);
+        assert_eq!(reps[0], (OPT_STRUCTURED_REPLY, REP_ACK, vec![]));
+        assert_eq!(reps[1], (OPT_STARTTLS, REP_ACK, vec![]));
+        assert_eq!(reps.len(), 2);
+
+        let (r, out) = after_tls(
+            &policy,
+            resume,
+            &[(OPT_STARTTLS, &[]), (OPT_GO, &go_payload("vol", &[]))],
+        );
+        let Outcome::Transmission(n) = r.unwrap() else {
+            panic!("closed")
+        };
+        // Structured replies were negotiated in plain text: forgotten.
+        assert!(!n.structured);
+        let reps = replies(&out);
+        assert_eq!((reps[0].0, reps[0].1), (OPT_STARTTLS, REP_ERR_INVALID));
+        assert_eq!(reps.last().unwrap().1, REP_ACK);
+    }
+
+    #[test]
+    fn plain_client_works_when_tls_is_only_offered() {
+        let c = client(&[(OPT_GO, &go_payload("vol", &[]))]);
+        let (r, _) = run_with(&tls(TlsMode::On), c);
+        assert!(matches!(r.unwrap(), Outcome::Transmission(_)));
+    }
+
+    #[test]
+    fn tls_required_refuses_all_but_starttls_and_abort() {
+        let policy = tls(TlsMode::Require);
+        let c = client(&[
+            (OPT_LIST, &[]),
+            (OPT_STRUCTURED_REPLY, &[]),
+            (OPT_GO, &go_payload("vol", &[])),
+            (OPT_STARTTLS, &[]),
+        ]);
+        let (r, out) = run_with(&policy, c);
+        let Outcome::StartTls(resume) = r.unwrap() else {
+            panic!("no STARTTLS")
+        };
+        let reps = replies(&out[18..]);
+        let kinds: Vec<_> = reps.iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (OPT_LIST, REP_ERR_TLS_REQD),
+                (OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+                (OPT_GO, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, REP_ACK),
+            ]
+        );
+        assert!(String::from_utf8_lossy(&reps[0].2).contains("TLS is required"));
+        // Inside TLS the same options work.
+        let (r, _) = after_tls(&policy, resume, &[(OPT_GO, &go_payload("vol", &[]))]);
+        assert!(matches!(r.unwrap(), Outcome::Transmission(_)));
+
+        // EXPORT_NAME cannot be answered with an error: the connection ends.
+        let (r, _) = run_with(&policy, client(&[(OPT_EXPORT_NAME, b"vol")]));
+        assert!(r.is_err());
+        let (r, out) = run_with(&policy, client(&[(OPT_ABORT, &[])]));
+        assert!(matches!(r.unwrap(), Outcome::Closed));
+        assert_eq!(replies(&out[18..]), [(OPT_ABORT, REP_ACK, vec![])]);
+    }
+
+    #[test]
+    fn starttls_without_tls_configured_is_refused_by_policy() {
+        let c = client(&[(OPT_STARTTLS, &[]), (OPT_GO, &go_payload("vol", &[]))]);
+        let (r, out) = run_with(&tls(TlsMode::Off), c);
+        assert!(matches!(r.unwrap(), Outcome::Transmission(_)));
+        let reps = replies(&out[18..]);
+        assert_eq!((reps[0].0, reps[0].1), (OPT_STARTTLS, REP_ERR_POLICY));
+    }
+
+    #[test]
+    fn refused_peer_gets_the_reason_for_every_option_and_no_export() {
+        let policy = Policy {
+            tls: TlsMode::On,
+            refused: Some("permission denied: uid 7 may not".into()),
+        };
+        let c = client(&[
+            (OPT_LIST, &[]),
+            (OPT_STARTTLS, &[]),
+            (OPT_GO, &go_payload("vol", &[])),
+            (OPT_ABORT, &[]),
+        ]);
+        let (r, out) = run_with(&policy, c);
+        assert!(matches!(r.unwrap(), Outcome::Closed));
+        let reps = replies(&out[18..]);
+        for (option, rep) in [OPT_LIST, OPT_STARTTLS, OPT_GO].iter().zip(&reps) {
+            assert_eq!((rep.0, rep.1), (*option, REP_ERR_POLICY));
+            assert_eq!(rep.2, b"permission denied: uid 7 may not");
+        }
+        assert_eq!(reps[3], (OPT_ABORT, REP_ACK, vec![]));
+        let (r, _) = run_with(&policy, client(&[(OPT_EXPORT_NAME, b"vol")]));
+        assert!(r.is_err());
     }
 }

@@ -15,7 +15,9 @@
 //! - `transmission`: the request loop (READ, WRITE, FLUSH, TRIM,
 //!   WRITE_ZEROES, BLOCK_STATUS, DISC), many requests in flight, replies out
 //!   of order;
-//! - `server`: listeners, a thread per connection, shutdown.
+//! - `tls`: STARTTLS (`--tls=off|on|require`, client certificates), and
+//!   the TLS record I/O the transmission loop uses once TLS is up;
+//! - `server`: listeners, who may connect, a thread per connection, shutdown.
 //!
 //! Capabilities: FLUSH, FUA, TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO),
 //! structured replies, `base:allocation` block status, and CAN_MULTI_CONN:
@@ -31,11 +33,13 @@
 mod handshake;
 pub mod proto;
 mod server;
+pub mod tls;
 mod transmission;
 
 use crate::engine::{EngineError, View};
 
 pub use server::NbdServer;
+pub use tls::{NbdTls, TlsFiles, TlsMode};
 
 /// Where the NBD server finds its exports; the daemon implements it over its
 /// registry of volumes.

@@ -1,10 +1,16 @@
 //! Listeners, connection threads and shutdown.
 //!
 //! One accept thread per listener and one thread per connection. A
-//! connection thread negotiates with blocking I/O, then runs the
-//! transmission phase on its own io_uring executor. A panic or error in one
-//! connection is caught and logged; it never reaches other connections or
-//! the daemon.
+//! connection thread negotiates with blocking I/O (and runs the TLS
+//! handshake there when the client starts TLS), then runs the transmission
+//! phase on its own io_uring executor. A panic or error in one connection
+//! is caught and logged; it never reaches other connections or the daemon.
+//!
+//! Who gets in: a UNIX socket's peer is checked with the daemon's
+//! [`LocalPeers`] rule (the control socket's); a refused peer gets
+//! `NBD_REP_ERR_POLICY` with the reason for every option, and no export. A
+//! TCP peer is known only through TLS: the daemon refuses to listen on a
+//! non-loopback address without it (see `control::daemon`).
 //!
 //! Shutdown: stop the accept threads (shutting a listening socket down wakes
 //! its `accept`), then shut the read side of every connection's socket. Each
@@ -13,14 +19,16 @@
 //! connection forever, so after [`DRAIN_TIMEOUT`] the sockets are shut down
 //! completely.
 
-use super::handshake::{self, Outcome};
+use super::handshake::{self, Outcome, Policy};
+use super::tls::{NbdTls, TlsIo};
 use super::{transmission, ExportResolver};
 use crate::runtime;
+use crate::security::LocalPeers;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +52,9 @@ pub struct NbdServer {
 
 struct Shared {
     resolver: Arc<dyn ExportResolver>,
+    tls: NbdTls,
+    /// Who may connect on UNIX sockets (`None`: anyone who can open them).
+    local_peers: Option<LocalPeers>,
     stopping: AtomicBool,
     next_id: AtomicU64,
     listeners: Mutex<Vec<Listener>>,
@@ -106,10 +117,24 @@ fn shutdown_fd(fd: RawFd, how: i32) {
 }
 
 impl NbdServer {
+    /// A server without TLS whose UNIX sockets admit whoever can open them
+    /// (tests, embedding); the daemon uses [`NbdServer::with_access`].
     pub fn new(resolver: Arc<dyn ExportResolver>) -> NbdServer {
+        NbdServer::with_access(resolver, NbdTls::off(), None)
+    }
+
+    /// A server with these TLS settings whose UNIX sockets admit only the
+    /// peers `local_peers` allows.
+    pub fn with_access(
+        resolver: Arc<dyn ExportResolver>,
+        tls: NbdTls,
+        local_peers: Option<LocalPeers>,
+    ) -> NbdServer {
         NbdServer {
             shared: Arc::new(Shared {
                 resolver,
+                tls,
+                local_peers,
                 stopping: AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
                 listeners: Mutex::new(Vec::new()),
@@ -138,9 +163,16 @@ impl NbdServer {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
+        // Like the control socket: owner and group may connect; whether a
+        // connecting process may use it is decided by its credentials.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         let fd: OwnedFd = listener.into();
         self.start_listener(fd, Some(path.to_owned()), false);
-        log::info!("nbd: listening on unix:{}", path.display());
+        log::info!(
+            "nbd: listening on unix:{} (TLS {})",
+            path.display(),
+            self.shared.tls.mode().as_str()
+        );
         Ok(())
     }
 
@@ -151,7 +183,10 @@ impl NbdServer {
         let local = listener.local_addr()?;
         let fd: OwnedFd = listener.into();
         self.start_listener(fd, None, true);
-        log::info!("nbd: listening on tcp:{local}");
+        log::info!(
+            "nbd: listening on tcp:{local} (TLS {})",
+            self.shared.tls.mode().as_str()
+        );
         Ok(local)
     }
 
@@ -261,7 +296,7 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, tcp: bool) {
         let csock = sock.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
-            .spawn(move || connection_thread(s, id, csock));
+            .spawn(move || connection_thread(s, id, csock, !tcp));
         match spawned {
             Ok(thread) => {
                 conns.insert(
@@ -303,10 +338,11 @@ fn set_nodelay(fd: RawFd) {
     }
 }
 
-fn connection_thread(shared: Arc<Shared>, id: u64, sock: Arc<OwnedFd>) {
+fn connection_thread(shared: Arc<Shared>, id: u64, sock: Arc<OwnedFd>, unix: bool) {
     let fd = sock.as_raw_fd();
-    let resolver = shared.resolver.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(fd, &*resolver)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve(fd, id, &shared, unix)
+    }));
     match result {
         Ok(Ok(())) => log::debug!("nbd: connection {id} closed"),
         Ok(Err(e)) => log::warn!("nbd: connection {id} closed: {e}"),
@@ -336,22 +372,45 @@ fn set_recv_timeout(fd: RawFd, timeout: Option<Duration>) {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv);
 }
 
-fn serve(fd: RawFd, resolver: &dyn ExportResolver) -> io::Result<()> {
+fn serve(fd: RawFd, id: u64, shared: &Shared, unix: bool) -> io::Result<()> {
+    let resolver = &*shared.resolver;
+    let refused = match (&shared.local_peers, unix) {
+        (Some(peers), true) => peers.check(fd, "NBD socket").err(),
+        _ => None,
+    };
+    if let Some(why) = &refused {
+        log::warn!("nbd: connection {id} refused: {why}");
+    }
+    let policy = Policy {
+        tls: shared.tls.mode(),
+        refused,
+    };
     let mut stream = SockStream(fd);
     set_recv_timeout(fd, Some(HANDSHAKE_TIMEOUT));
-    let outcome = handshake::negotiate(&mut stream, resolver);
-    set_recv_timeout(fd, None);
-    match outcome? {
-        Outcome::Closed => Ok(()),
-        Outcome::Transmission(n) => {
-            log::debug!(
-                "nbd: serving export '{}' (flags {:#x}, structured replies: {}, base:allocation: {})",
-                n.name,
-                n.flags,
-                n.structured,
-                n.base_allocation
-            );
-            runtime::block_on(transmission::serve(fd, n))
+    let (negotiated, tls) = match handshake::negotiate(&mut stream, resolver, &policy)? {
+        Outcome::Closed => return Ok(()),
+        Outcome::Transmission(n) => (n, None),
+        Outcome::StartTls(resume) => {
+            let mut tls = shared.tls.accept(&mut stream)?;
+            let mut secure = rustls::Stream::new(&mut tls, &mut stream);
+            match handshake::resume_over_tls(&mut secure, resolver, &policy, resume)? {
+                Outcome::Transmission(n) => (n, Some(tls)),
+                Outcome::Closed | Outcome::StartTls(_) => {
+                    tls.send_close_notify();
+                    let _ = tls.write_tls(&mut stream);
+                    return Ok(());
+                }
+            }
         }
-    }
+    };
+    set_recv_timeout(fd, None);
+    log::debug!(
+        "nbd: serving export '{}' (flags {:#x}, structured replies: {}, base:allocation: {}, TLS: {})",
+        negotiated.name,
+        negotiated.flags,
+        negotiated.structured,
+        negotiated.base_allocation,
+        tls.is_some()
+    );
+    runtime::block_on(transmission::serve(fd, tls.map(TlsIo::new), negotiated))
 }

@@ -15,6 +15,10 @@
 //! The executor is single-threaded, so the shared state is plain `Cell`s and
 //! `RefCell`s; no request ever hops to another thread.
 //!
+//! Over TLS the same loop runs with the reader's receives and the writer's
+//! sends going through the connection's [`TlsIo`] (see `tls` for why);
+//! a plaintext connection pays one branch per receive and per send.
+//!
 //! Closing: at end of stream, NBD_CMD_DISC, a malformed packet, or a server
 //! shutdown (which shuts the socket's read side), the reader stops taking
 //! requests, waits until every request in flight has finished and its reply is
@@ -23,6 +27,7 @@
 
 use super::handshake::Negotiated;
 use super::proto::*;
+use super::tls::TlsIo;
 use crate::backend::Extent;
 use crate::engine::{EngineError, View};
 use crate::runtime::{self, AlignedBuf};
@@ -71,6 +76,8 @@ impl WakeSlot {
 
 struct Conn {
     fd: RawFd,
+    /// The TLS session, when the client started TLS.
+    tls: Option<TlsIo>,
     view: View,
     structured: bool,
     base_allocation: bool,
@@ -171,14 +178,30 @@ impl Conn {
 }
 
 /// Buffered receiving of the request stream.
-struct Receiver {
-    fd: RawFd,
+struct Receiver<'c> {
+    conn: &'c Conn,
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
-impl Receiver {
+/// Receives some bytes of the request stream (plaintext) into `out`.
+async fn recv(conn: &Conn, out: &mut [u8]) -> io::Result<usize> {
+    match &conn.tls {
+        None => runtime::recv(conn.fd, out).await,
+        Some(tls) => {
+            let n = tls.recv(conn.fd, out).await?;
+            if tls.wants_write() {
+                // rustls has something to say (a key update): only the
+                // writer sends.
+                conn.writer.wake();
+            }
+            Ok(n)
+        }
+    }
+}
+
+impl Receiver<'_> {
     /// Fills `out` completely. `Ok(false)`: clean end of stream before the
     /// first byte; end of stream in the middle is an error.
     async fn read_exact(&mut self, out: &mut [u8]) -> io::Result<bool> {
@@ -194,12 +217,12 @@ impl Receiver {
             let want = out.len() - done;
             let n = if want >= self.buf.len() / 2 {
                 // Large payloads go straight into their own buffer.
-                let n = runtime::recv(self.fd, &mut out[done..]).await?;
+                let n = recv(self.conn, &mut out[done..]).await?;
                 done += n;
                 n
             } else {
                 self.start = 0;
-                self.end = runtime::recv(self.fd, &mut self.buf).await?;
+                self.end = recv(self.conn, &mut self.buf).await?;
                 self.end
             };
             if n == 0 {
@@ -218,9 +241,10 @@ impl Receiver {
 
 /// Serves one negotiated connection until it ends. An `Err` describes why
 /// the connection was cut (malformed packet, I/O error).
-pub(crate) async fn serve(fd: RawFd, n: Negotiated<View>) -> io::Result<()> {
+pub(crate) async fn serve(fd: RawFd, tls: Option<TlsIo>, n: Negotiated<View>) -> io::Result<()> {
     let conn = Rc::new(Conn {
         fd,
+        tls,
         read_only: n.export.read_only(),
         view: n.export,
         structured: n.structured,
@@ -258,7 +282,7 @@ async fn reader(conn: Rc<Conn>) -> io::Result<()> {
 
 async fn read_requests(conn: &Rc<Conn>) -> io::Result<()> {
     let mut rx = Receiver {
-        fd: conn.fd,
+        conn,
         buf: vec![0u8; RECV_BUF],
         start: 0,
         end: 0,
@@ -514,6 +538,8 @@ async fn writer(conn: Rc<Conn>) {
                 Poll::Ready(true)
             } else if conn.closing.get() {
                 Poll::Ready(false)
+            } else if conn.tls.as_ref().is_some_and(|t| t.wants_write()) {
+                Poll::Ready(true)
             } else {
                 conn.writer.register(cx.waker());
                 Poll::Pending
@@ -521,6 +547,9 @@ async fn writer(conn: Rc<Conn>) {
         })
         .await;
         if !more {
+            if let Some(tls) = conn.tls.as_ref().filter(|_| !conn.broken.get()) {
+                tls.close(conn.fd).await;
+            }
             return;
         }
         let batch: Vec<Reply> = {
@@ -535,7 +564,11 @@ async fn writer(conn: Rc<Conn>) {
                 slices.push(data);
             }
         }
-        if let Err(e) = send_all(conn.fd, &slices).await {
+        let sent = match &conn.tls {
+            None => send_all(conn.fd, &slices).await,
+            Some(tls) => tls.send_all(conn.fd, &slices).await,
+        };
+        if let Err(e) = sent {
             if !conn.broken.get() {
                 log::debug!("nbd: sending replies failed: {e}");
             }
@@ -556,7 +589,7 @@ async fn writer(conn: Rc<Conn>) {
 }
 
 /// Sends all of `slices` with as few writev calls as the kernel allows.
-async fn send_all(fd: RawFd, slices: &[&[u8]]) -> io::Result<()> {
+pub(crate) async fn send_all(fd: RawFd, slices: &[&[u8]]) -> io::Result<()> {
     let mut index = 0;
     let mut skip = 0;
     while index < slices.len() {
