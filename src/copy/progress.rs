@@ -129,13 +129,19 @@ pub async fn save_record_off_thread(dir: &Path, record: JobRecord) -> io::Result
 }
 
 pub fn load_record(path: &Path) -> io::Result<JobRecord> {
-    let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is not a job record: {e}", path.display()),
-        )
-    })
+    JobRecord::parse(&std::fs::read(path)?, path)
+}
+
+impl JobRecord {
+    /// Decodes the bytes of the record file `path` (named in errors).
+    pub fn parse(bytes: &[u8], path: &Path) -> io::Result<JobRecord> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a job record: {e}", path.display()),
+            )
+        })
+    }
 }
 
 /// One segment's durable progress.
