@@ -174,7 +174,7 @@ fn map_path() -> &'static Path {
         bytes.extend_from_slice(&(1u64 << 20).to_le_bytes());
         for i in 0..MAP_SEGMENTS as u32 {
             bytes.extend_from_slice(&(i % 3).to_le_bytes());
-            bytes.extend_from_slice(&(i * 0x9e37_79b9).to_le_bytes());
+            bytes.extend_from_slice(&i.wrapping_mul(0x9e37_79b9).to_le_bytes());
         }
         std::fs::write(&path, bytes).expect("the map is written");
         (dir, path)
