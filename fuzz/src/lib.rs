@@ -32,8 +32,11 @@ pub use files::{job_record, journal, manifest};
 pub use nbd::{nbd_handshake, nbd_transmission};
 pub use parsers::{backup_stream, control_protocol, replication_wire};
 
+/// A target's body: whether the input was accepted whole.
+pub type Target = fn(&[u8]) -> bool;
+
 /// Every target by name, as `scripts/fuzz` and the corpus folders name them.
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("nbd_handshake", nbd_handshake),
     ("nbd_transmission", nbd_transmission),
     ("control_protocol", control_protocol),

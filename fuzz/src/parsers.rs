@@ -125,8 +125,8 @@ fn fix_frames(b: &mut [u8]) {
     }
 }
 
-/// Decodes one frame's payload as the peer receiving it would. Encodings
-/// are exact, so what decodes must encode back to the same bytes.
+/// Decodes one frame's payload as the peer receiving it would; what
+/// decodes must encode to bytes that decode to the same message.
 fn decode_message(kind: Kind, payload: &[u8]) -> io::Result<()> {
     match kind {
         Kind::Transfer => {
@@ -138,8 +138,9 @@ fn decode_message(kind: Kind, payload: &[u8]) -> io::Result<()> {
             assert_eq!(wire::encode_transfer(tid, &data), payload);
         }
         Kind::CpCommit => {
+            // Not byte-exact: a zero entry's tid and index are padding.
             let cp = wire::decode_cp(payload)?;
-            assert_eq!(wire::encode_cp(&cp), payload);
+            assert_eq!(wire::decode_cp(&wire::encode_cp(&cp))?, cp);
         }
         Kind::Open => {
             wire::from_json::<wire::Open>(payload)?;
