@@ -858,6 +858,15 @@ mod tests {
         Journal::open(&storage, "j", store.clone(), SLOT, "j").await
     }
 
+    /// An empty journal file "j" with its store "s".
+    async fn empty(disk: &Arc<MemDisk>) -> (Journal, Backend) {
+        let storage = Storage::Memory(disk.clone());
+        storage.open("j", true).unwrap();
+        let store = storage.open("s", true).unwrap();
+        let (journal, _) = open(disk, &store).await.unwrap();
+        (journal, store)
+    }
+
     /// A journal file "j" (with store "s") holding `records()` as two batches.
     async fn committed(disk: &Arc<MemDisk>) -> (Journal, Backend, Backend) {
         let storage = Storage::Memory(disk.clone());
@@ -919,11 +928,8 @@ mod tests {
     #[test]
     fn a_last_batch_whose_data_is_missing_is_dropped() {
         let disk = MemDisk::new();
-        let storage = Storage::Memory(disk.clone());
         block_on(async {
-            storage.open("j", true).unwrap();
-            let store = storage.open("s", true).unwrap();
-            let (journal, _) = open(&disk, &store).await.unwrap();
+            let (journal, store) = empty(&disk).await;
             let data = vec![0xabu8; SLOT as usize];
             let preserve = |slot| Record::Preserve {
                 chunk: slot,
@@ -953,11 +959,8 @@ mod tests {
     #[test]
     fn a_slot_beyond_the_store_is_refused_or_dropped_with_its_batch() {
         let disk = MemDisk::new();
-        let storage = Storage::Memory(disk.clone());
         block_on(async {
-            storage.open("j", true).unwrap();
-            let store = storage.open("s", true).unwrap();
-            let (journal, _) = open(&disk, &store).await.unwrap();
+            let (journal, store) = empty(&disk).await;
             let data = vec![0xabu8; SLOT as usize];
             store.write_at(&data, 0, false).await.unwrap();
             let far = Record::Preserve {
