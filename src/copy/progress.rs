@@ -8,6 +8,8 @@
 //! 2 zero) and the crc32c of the data written to the target (u32). An entry
 //! is written only after the target holds its segment durably.
 
+use super::stream::MAX_BLOCK;
+use crate::engine::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -129,13 +131,34 @@ pub async fn save_record_off_thread(dir: &Path, record: JobRecord) -> io::Result
 }
 
 pub fn load_record(path: &Path) -> io::Result<JobRecord> {
-    let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is not a job record: {e}", path.display()),
-        )
-    })
+    JobRecord::parse(&std::fs::read(path)?, path)
+}
+
+impl JobRecord {
+    /// Decodes the bytes of the record file `path` (named in errors), and
+    /// checks the geometry the job's segments are computed from.
+    pub fn parse(bytes: &[u8], path: &Path) -> io::Result<JobRecord> {
+        let invalid = |what: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a job record: {what}", path.display()),
+            )
+        };
+        let r: JobRecord = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        let chunk = r.chunk_size;
+        if !chunk.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk) {
+            return Err(invalid(format!(
+                "chunk size {chunk} is not a power of two between 4K and 1M"
+            )));
+        }
+        let block = r.block_size;
+        if block == 0 || !block.is_multiple_of(chunk as u64) || block > MAX_BLOCK as u64 {
+            return Err(invalid(format!(
+                "block size {block} is not a multiple of the chunk size {chunk} of at most {MAX_BLOCK}"
+            )));
+        }
+        Ok(r)
+    }
 }
 
 /// One segment's durable progress.
@@ -184,6 +207,17 @@ impl ProgressMap {
     /// Opens a map and reads it: (committed stream length, entries).
     pub fn open(path: &Path, segments: u64) -> io::Result<(ProgressMap, u64, Vec<Entry>)> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let held = file.metadata()?.len().saturating_sub(MAP_HEADER) / 8;
+        if held < segments {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds {held} segments but the job has {segments}: it was cut short \
+                     or belongs to another job",
+                    path.display()
+                ),
+            ));
+        }
         let mut bytes = vec![0u8; (MAP_HEADER + segments * 8) as usize];
         file.read_exact_at(&mut bytes, 0)?;
         if &bytes[..8] != MAP_MAGIC {
@@ -233,5 +267,56 @@ impl ProgressMap {
 
     pub async fn sync(&self) -> io::Result<()> {
         crate::runtime::fsync(self.file.as_raw_fd(), true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record_bytes(block_size: u64, chunk_size: u32, size: u64) -> Vec<u8> {
+        format!(
+            r#"{{"id":1,"volume":"v","snapshot":null,"internal_snapshot":null,"target":"/t",
+            "policy":"cow","format":"raw","block_size":{block_size},"rate":null,"verify":false,
+            "size":{size},"chunk_size":{chunk_size},"generation":1,"created_unix_ms":0,
+            "state":"running","error":null,"bytes_copied":0,"bytes_kernel_copied":0,
+            "registered_buffer_io_bytes":0}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_record_with_an_impossible_geometry_is_refused_naming_its_file() {
+        let path = Path::new("/data/jobs/1.json");
+        let r = JobRecord::parse(&record_bytes(131072, 65536, 1 << 20), path).unwrap();
+        assert_eq!(r.segments(), 8);
+        for (block, chunk, needle) in [
+            (0, 65536, "block size 0"),
+            (98304, 65536, "block size 98304"),
+            (128 << 20, 65536, "block size 134217728"),
+            (4096, 0, "chunk size 0"),
+            (4096, 3000, "chunk size 3000"),
+        ] {
+            let e = JobRecord::parse(&record_bytes(block, chunk, 1 << 20), path).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            let e = e.to_string();
+            assert!(e.contains("/data/jobs/1.json") && e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_map_shorter_than_its_record_is_refused_before_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.map");
+        drop(ProgressMap::create(&path, 4).unwrap());
+        let (_, _, entries) = ProgressMap::open(&path, 4).unwrap();
+        assert_eq!(entries, [Entry::Pending; 4]);
+        // A record claiming 2^60 segments must not make the daemon try to
+        // allocate 8 EiB for them.
+        for segments in [5, 1 << 60, u64::MAX] {
+            let e = ProgressMap::open(&path, segments).err().unwrap();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            assert!(e.to_string().contains("holds 4 segments"), "{e}");
+        }
     }
 }

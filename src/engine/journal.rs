@@ -362,13 +362,28 @@ impl Journal {
             .filter(|&i| parsed[i].0 == Record::Commit)
             .collect();
         let mut keep = commits.last().map_or(0, |&i| i + 1);
+        let store_slots = store.size()? / slot_size;
         if let Some(&last) = commits.last() {
             let first = commits.len().checked_sub(2).map_or(0, |i| commits[i] + 1);
-            if !data_is_durable(&store, slot_size, &parsed[first..last]).await? {
+            if !data_is_durable(&store, slot_size, store_slots, &parsed[first..last]).await? {
                 log::warn!(
                     "{label}: the last commit's preserved data never reached the store; dropping it"
                 );
                 keep = first;
+            }
+        }
+        // Every batch before the last finished its store flush, so its
+        // slots lie inside the store; recovery reserves every slot up to
+        // the highest, which must not be a number a damaged record made up.
+        for (i, (record, _)) in parsed[..keep].iter().enumerate() {
+            if let Record::Preserve { slot, .. } = *record {
+                if slot != ZERO_SLOT && slot >= store_slots {
+                    let at = i.checked_sub(1).map_or(0, |p| parsed[p].1);
+                    return Err(EngineError::Corrupt(format!(
+                        "{label}: record at byte {at} puts a preserved chunk in slot {slot}, \
+                         beyond the {store_slots} slots of its store (restore the volume from a copy)"
+                    )));
+                }
             }
         }
         let good_len = if keep == 0 { 0 } else { parsed[keep - 1].1 };
@@ -789,6 +804,7 @@ impl Journal {
 async fn data_is_durable(
     store: &Backend,
     slot_size: u64,
+    store_slots: u64,
     batch: &[(Record, usize)],
 ) -> Result<bool> {
     let freed: std::collections::HashSet<(u64, u64)> = batch
@@ -810,6 +826,9 @@ async fn data_is_durable(
         {
             if slot == ZERO_SLOT || freed.contains(&(chunk, start)) {
                 continue;
+            }
+            if slot >= store_slots {
+                return Ok(false);
             }
             store.read_at(&mut buf, slot * slot_size).await?;
             if slot_crc(&buf) != data_crc {
@@ -869,6 +888,15 @@ mod tests {
     async fn open(disk: &Arc<MemDisk>, store: &Backend) -> Result<(Journal, Replayed)> {
         let storage = Storage::Memory(disk.clone());
         Journal::open(&storage, "j", store.clone(), SLOT, "j").await
+    }
+
+    /// An empty journal file "j" with its store "s".
+    async fn empty(disk: &Arc<MemDisk>) -> (Journal, Backend) {
+        let storage = Storage::Memory(disk.clone());
+        storage.open("j", true).unwrap();
+        let store = storage.open("s", true).unwrap();
+        let (journal, _) = open(disk, &store).await.unwrap();
+        (journal, store)
     }
 
     /// A journal file "j" (with store "s") holding `records()` as two batches.
@@ -932,11 +960,8 @@ mod tests {
     #[test]
     fn a_last_batch_whose_data_is_missing_is_dropped() {
         let disk = MemDisk::new();
-        let storage = Storage::Memory(disk.clone());
         block_on(async {
-            storage.open("j", true).unwrap();
-            let store = storage.open("s", true).unwrap();
-            let (journal, _) = open(&disk, &store).await.unwrap();
+            let (journal, store) = empty(&disk).await;
             let data = vec![0xabu8; SLOT as usize];
             let preserve = |slot| Record::Preserve {
                 chunk: slot,
@@ -960,6 +985,37 @@ mod tests {
             store.punch_hole(0, SLOT).await.unwrap();
             let (_, replayed) = open(&disk, &store).await.unwrap();
             assert_eq!(replayed.records.len(), 2);
+        });
+    }
+
+    #[test]
+    fn a_slot_beyond_the_store_is_refused_or_dropped_with_its_batch() {
+        let disk = MemDisk::new();
+        block_on(async {
+            let (journal, store) = empty(&disk).await;
+            let data = vec![0xabu8; SLOT as usize];
+            store.write_at(&data, 0, false).await.unwrap();
+            let far = Record::Preserve {
+                chunk: 1,
+                slot: 1 << 40,
+                start: 0,
+                end: 2,
+                data_crc: slot_crc(&data),
+            };
+            // In the last batch: its data never reached the store.
+            journal.commit(&[far]).await.unwrap();
+            let (journal, replayed) = open(&disk, &store).await.unwrap();
+            assert!(replayed.records.is_empty());
+            // In an earlier batch: the journal is damaged. Recovery would
+            // otherwise reserve 2^40 free slots.
+            journal.commit(&[far]).await.unwrap();
+            journal
+                .commit(&[Record::PartitionSnapshot { generation: 1 }])
+                .await
+                .unwrap();
+            let err = open(&disk, &store).await.err().expect("must refuse");
+            assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
+            assert!(err.to_string().contains("slot 1099511627776"), "{err}");
         });
     }
 
