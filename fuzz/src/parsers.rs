@@ -151,7 +151,7 @@ fn decode_message(kind: Kind, payload: &[u8]) -> io::Result<()> {
         Kind::TransferAck | Kind::CpAck => {
             wire::parse_u64(payload)?;
         }
-        Kind::Hello | Kind::Challenge | Kind::Proof | Kind::Welcome => {}
+        Kind::Hello | Kind::Challenge | Kind::Proof | Kind::Welcome | Kind::Ping => {}
         Kind::Refused | Kind::Error => {
             let _ = String::from_utf8_lossy(payload);
         }

@@ -136,7 +136,8 @@ fn replication() -> Vec<Seed> {
         last_applied_cp: Some(3),
         next_tid: 9,
     };
-    let data = vec![5u8; 8192];
+    // Small: the frames are read as plain frames, at most wire::PRE_AUTH_MAX bytes.
+    let data = vec![5u8; 512];
     let cp = CpCommit {
         cp: 4,
         keep_from_tid: 9,
