@@ -22,7 +22,7 @@ use super::registry::Registry;
 use super::server::{ControlServer, DaemonFacts};
 use super::ublk::UblkDriver;
 use crate::engine::{EngineError, View};
-use crate::frontend::nbd::{ExportResolver, NbdServer};
+use crate::frontend::nbd::{ExportResolver, Limits, NbdServer};
 use crate::replication::{Replication, ReplicationConfig};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -40,6 +40,7 @@ pub struct DaemonConfig {
     pub control: Option<PathBuf>,
     pub nbd_unix: Vec<PathBuf>,
     pub nbd_tcp: Vec<String>,
+    pub nbd_limits: Limits,
     pub replication: ReplicationConfig,
 }
 
@@ -287,7 +288,10 @@ impl Daemon {
         }
         before_control(&registry)?;
 
-        let nbd = NbdServer::new(Arc::new(Resolver(registry.clone(), replication.clone())));
+        let nbd = NbdServer::with_limits(
+            Arc::new(Resolver(registry.clone(), replication.clone())),
+            config.nbd_limits,
+        );
         let mut nbd_tcp = Vec::new();
         for addr in &config.nbd_tcp {
             let bound = nbd.listen_tcp(addr).map_err(|e| {

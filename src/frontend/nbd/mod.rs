@@ -35,7 +35,7 @@ mod transmission;
 
 use crate::engine::{EngineError, View};
 
-pub use server::NbdServer;
+pub use server::{Limits, NbdServer};
 
 /// Where the NBD server finds its exports; the daemon implements it over its
 /// registry of volumes.
