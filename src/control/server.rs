@@ -10,6 +10,12 @@
 //! A bad line (not JSON, unknown op, missing or mistyped field, too long) gets
 //! a JSON error on that connection, which then goes on; nothing a client
 //! sends can stop the daemon.
+//!
+//! Bounds: at most [`MAX_CLIENTS`] client threads for permitted peers and
+//! [`MAX_REFUSED`] for refused ones (so other users cannot crowd out root);
+//! a connection over its pool's limit gets one `busy` line and is closed.
+//! Descriptors passed (SCM_RIGHTS) on a refused connection are closed at
+//! once; a permitted one keeps only its latest [`MAX_PASSED`].
 
 use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
 use super::registry::Registry;
@@ -19,10 +25,36 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
+
+/// Client threads serving permitted peers at once.
+pub const MAX_CLIENTS: usize = 64;
+/// Client threads answering refused peers at once.
+pub const MAX_REFUSED: usize = 8;
+/// Passed descriptors a connection holds at most (a request uses one).
+pub const MAX_PASSED: usize = 4;
+
+/// Counts a client thread in its pool while it lives.
+struct PoolSlot(Arc<AtomicUsize>);
+
+impl PoolSlot {
+    fn take(pool: &Arc<AtomicUsize>, max: usize) -> Option<PoolSlot> {
+        pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| PoolSlot(pool.clone()))
+    }
+}
+
+impl Drop for PoolSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What `daemon.status` reports besides the registry.
 pub struct DaemonFacts {
@@ -104,6 +136,7 @@ impl ControlServer {
         let facts = Arc::new(facts);
         let accept_listener = listener.try_clone()?;
         let stop = stopping.clone();
+        let (permitted, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let accept_thread = std::thread::Builder::new()
             .name("control-accept".into())
             .spawn(move || {
@@ -119,12 +152,25 @@ impl ControlServer {
                             continue;
                         }
                     };
+                    let allowed = permitted_peer(&stream, owner_uid);
+                    let (pool, max) = if allowed {
+                        (&permitted, MAX_CLIENTS)
+                    } else {
+                        (&refused, MAX_REFUSED)
+                    };
+                    let Some(slot) = PoolSlot::take(pool, max) else {
+                        turn_away(stream, allowed);
+                        continue;
+                    };
                     let registry = registry.clone();
                     let facts = facts.clone();
                     let stop = stop.clone();
                     let spawned = std::thread::Builder::new()
                         .name("control-client".into())
-                        .spawn(move || serve_client(stream, &registry, &facts, owner_uid, &stop));
+                        .spawn(move || {
+                            let _slot = slot;
+                            serve_client(stream, allowed, &registry, &facts, owner_uid, &stop)
+                        });
                     if let Err(e) = spawned {
                         log::error!("control socket: cannot start a client thread: {e}");
                     }
@@ -165,14 +211,10 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_client(
-    stream: UnixStream,
-    registry: &Registry,
-    facts: &DaemonFacts,
-    owner_uid: u32,
-    stop: &AtomicBool,
-) {
-    let allowed = match peer_credentials(&stream) {
+/// Whether the peer may control the daemon: root and the data directory's
+/// owner may.
+fn permitted_peer(stream: &UnixStream, owner_uid: u32) -> bool {
+    match peer_credentials(stream) {
         Ok(c) => {
             let ok = c.uid == 0 || c.uid == owner_uid;
             if !ok {
@@ -188,7 +230,35 @@ fn serve_client(
             log::warn!("control socket: cannot read peer credentials: {e}");
             false
         }
-    };
+    }
+}
+
+/// Answers a connection over its pool's limit with one `busy` line and
+/// closes it (with whatever descriptors it passed, never received).
+fn turn_away(mut stream: UnixStream, allowed: bool) {
+    let max = if allowed { MAX_CLIENTS } else { MAX_REFUSED };
+    log::warn!("control socket: {max} clients of this kind already connected; turning one away");
+    let mut line = Response::from_result(Err(ControlError::new(
+        ErrorCode::Busy,
+        format!(
+            "the daemon already serves {max} control connections; close some (or wait) and retry"
+        ),
+    )))
+    .to_line();
+    line.push('\n');
+    // Never block the accept thread on a client that does not read.
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write_all(line.as_bytes());
+}
+
+fn serve_client(
+    stream: UnixStream,
+    allowed: bool,
+    registry: &Registry,
+    facts: &DaemonFacts,
+    owner_uid: u32,
+    stop: &AtomicBool,
+) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -196,7 +266,10 @@ fn serve_client(
             return;
         }
     };
-    let mut reader = BufReader::new(PassingReader(stream));
+    let mut reader = BufReader::new(PassingReader {
+        stream,
+        keep: allowed,
+    });
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -278,8 +351,26 @@ pub fn take_passed_fd() -> Option<OwnedFd> {
     PASSED.with(|p| p.borrow_mut().drain(..).next_back())
 }
 
-/// Reads a control connection with `recvmsg`, keeping passed descriptors.
-struct PassingReader(UnixStream);
+/// Reads a control connection with `recvmsg`, keeping passed descriptors
+/// if `keep` (the peer is permitted), at most [`MAX_PASSED`]; the others
+/// are closed as they arrive.
+struct PassingReader {
+    stream: UnixStream,
+    keep: bool,
+}
+
+fn received_fd(fd: OwnedFd, keep: bool) {
+    if !keep {
+        return; // dropped: closed
+    }
+    PASSED.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() >= MAX_PASSED {
+            p.remove(0);
+        }
+        p.push(fd);
+    });
+}
 
 impl Read for PassingReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -296,7 +387,7 @@ impl Read for PassingReader {
             msg.msg_iovlen = 1;
             msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
             msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-            let n = libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            let n = libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
             if n >= 0 {
                 let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
                 while !cmsg.is_null() {
@@ -308,7 +399,7 @@ impl Read for PassingReader {
                             / std::mem::size_of::<RawFd>();
                         for i in 0..count {
                             let fd = std::ptr::read_unaligned(data.add(i));
-                            PASSED.with(|p| p.borrow_mut().push(OwnedFd::from_raw_fd(fd)));
+                            received_fd(OwnedFd::from_raw_fd(fd), self.keep);
                         }
                     }
                     cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
