@@ -223,6 +223,28 @@ fn lock_data_dir(dir: &Path) -> io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// Creates the data directory 0750 (parents too), or takes the group's
+/// write and others' access away from an existing one: it holds every
+/// volume's data.
+fn make_data_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o027 != 0 {
+        let tight = mode & !0o027;
+        log::warn!(
+            "data directory {} was mode {mode:o}; setting {tight:o} (no group write, no access \
+             for others)",
+            dir.display()
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(tight))?;
+    }
+    Ok(())
+}
+
 fn remove_stale_socket(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -243,7 +265,7 @@ impl Daemon {
     ) -> anyhow::Result<Daemon> {
         use anyhow::Context;
         let config = config.clone().with_defaults();
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        make_data_dir(&config.data_dir).with_context(|| {
             format!(
                 "cannot create the data directory {}",
                 config.data_dir.display()
@@ -365,6 +387,12 @@ pub fn run(
     after_start: impl FnOnce(&Daemon),
 ) -> anyhow::Result<()> {
     let set = block_signals();
+    // Whatever umask the daemon inherited (a service manager's 000, say),
+    // nothing it creates is writable by its group or visible to others;
+    // files that hold data get explicit modes on top (volume files 0640,
+    // copy targets 0600).
+    // SAFETY: umask only sets this process's file creation mask.
+    unsafe { libc::umask(0o027) };
     private_mount_namespace();
     let daemon = Daemon::start(config, before_control)?;
     after_start(&daemon);

@@ -36,10 +36,17 @@ pub enum Target {
     },
 }
 
+/// A copy holds a whole volume's data: only its owner may read it, unless
+/// the operator loosens the file afterwards.
+pub const TARGET_MODE: u32 = 0o600;
+
 fn open_direct(path: &Path, create: bool) -> io::Result<File> {
     let open = |flags: i32| {
         let mut o = OpenOptions::new();
-        o.read(true).write(true).custom_flags(flags);
+        o.read(true)
+            .write(true)
+            .mode(TARGET_MODE)
+            .custom_flags(flags);
         if create {
             o.create_new(true);
         }
@@ -81,7 +88,7 @@ impl Target {
                 ));
             }
             let mut o = OpenOptions::new();
-            o.read(true).write(true);
+            o.read(true).write(true).mode(TARGET_MODE);
             if !resume {
                 o.create_new(true);
             }
@@ -119,6 +126,7 @@ impl Target {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(TARGET_MODE)
                 .open(path)
         }
         .map_err(|e| exists_hint(e, path))?;
