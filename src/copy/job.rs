@@ -951,7 +951,6 @@ impl Job {
                 Err(e) => log::warn!("copy job {}: cannot delete {volume}@{name}: {e}", self.id),
             }
         }
-        let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         {
             let (done, moved) = {
                 let s = self.shared.lock().unwrap();
@@ -964,6 +963,9 @@ impl Job {
             r.state = state;
             self.save(&r);
         }
+        // Only now: a crash before the state is saved must find the map
+        // (to resume); one after finds the job ended.
+        let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         log::info!("copy job {} ended: {state:?}", self.id);
     }
 

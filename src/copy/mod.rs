@@ -387,8 +387,28 @@ impl Jobs {
             )));
         }
         let existed = path.exists();
-        let t = Target::open_path(path, r.size, r.format == Format::Stream, resume)
-            .map_err(|e| io_err(&format!("cannot use {} as the target", r.target), e))?;
+        let opened = match (&r.target_real, resume) {
+            (Some(real), true) => Path::new(real),
+            _ => path,
+        };
+        let t =
+            Target::open_path(opened, r.size, r.format == Format::Stream, resume).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::ELOOP) => ControlError::invalid(format!(
+                        "its target {} is now a symbolic link; a resumed job never follows one \
+                     (it could point at any file); start a new copy",
+                        opened.display()
+                    )),
+                    _ => io_err(&format!("cannot use {} as the target", r.target), e),
+                }
+            })?;
+        if resume && r.target_id.is_some() && t.identity() != r.target_id {
+            return Err(ControlError::invalid(format!(
+                "its target {} is no longer the file it was writing (another file was put \
+                 there); nothing was written to it; start a new copy",
+                opened.display()
+            )));
+        }
         Ok((t, (!existed).then(|| path.to_path_buf())))
     }
 
@@ -539,6 +559,8 @@ impl Jobs {
             error: None,
             bytes_done: 0,
             moved: Default::default(),
+            target_real: None,
+            target_id: None,
         };
         if let Some(s) = &req.snapshot {
             record.generation = vol
@@ -554,6 +576,12 @@ impl Jobs {
                 })?;
         }
         let (target, created) = self.open_target(&record, false)?;
+        if record.target.starts_with('/') {
+            record.target_id = target.identity();
+            record.target_real = std::fs::canonicalize(&record.target)
+                .ok()
+                .map(|p| p.display().to_string());
+        }
         let mut undo = Undo {
             jobs: self,
             vol: vol.clone(),

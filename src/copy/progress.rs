@@ -71,6 +71,12 @@ pub struct JobRecord {
     /// copies its segment first) before the job fails and lets it through.
     #[serde(default = "default_hold_timeout_ms")]
     pub hold_timeout_ms: u64,
+    /// A file or device target's path with symlinks resolved at start,
+    /// and its (device, inode): a resumed job reopens exactly that file.
+    #[serde(default)]
+    pub target_real: Option<String>,
+    #[serde(default)]
+    pub target_id: Option<(u64, u64)>,
     pub size: u64,
     pub chunk_size: u32,
     pub generation: u64,

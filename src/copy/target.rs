@@ -40,13 +40,14 @@ pub enum Target {
 /// the operator loosens the file afterwards.
 pub const TARGET_MODE: u32 = 0o600;
 
-fn open_direct(path: &Path, create: bool) -> io::Result<File> {
+/// `extra`: more open flags (O_NOFOLLOW when resuming).
+fn open_direct(path: &Path, create: bool, extra: i32) -> io::Result<File> {
     let open = |flags: i32| {
         let mut o = OpenOptions::new();
         o.read(true)
             .write(true)
             .mode(TARGET_MODE)
-            .custom_flags(flags);
+            .custom_flags(flags | extra);
         if create {
             o.create_new(true);
         }
@@ -73,8 +74,10 @@ fn size_of(file: &File) -> io::Result<u64> {
 
 impl Target {
     /// Opens a file or block device target. `resume`: reopen what an
-    /// earlier run of the job created. Raw targets need `size` bytes.
+    /// earlier run of the job created, never through a symlink (one swapped
+    /// in meanwhile could point anywhere). Raw targets need `size` bytes.
     pub fn open_path(path: &Path, size: u64, stream: bool, resume: bool) -> io::Result<Target> {
+        let nofollow = if resume { libc::O_NOFOLLOW } else { 0 };
         let meta = std::fs::metadata(path);
         let is_dev = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
         if stream {
@@ -88,7 +91,10 @@ impl Target {
                 ));
             }
             let mut o = OpenOptions::new();
-            o.read(true).write(true).mode(TARGET_MODE);
+            o.read(true)
+                .write(true)
+                .mode(TARGET_MODE)
+                .custom_flags(nofollow);
             if !resume {
                 o.create_new(true);
             }
@@ -100,9 +106,13 @@ impl Target {
         let direct_ok = size.is_multiple_of(ALIGN as u64);
         if is_dev || resume {
             let file = if direct_ok {
-                open_direct(path, false)?
+                open_direct(path, false, nofollow)?
             } else {
-                OpenOptions::new().read(true).write(true).open(path)?
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(nofollow)
+                    .open(path)?
             };
             let have = size_of(&file)?;
             if have < size {
@@ -120,7 +130,7 @@ impl Target {
             });
         }
         let file = if direct_ok {
-            open_direct(path, true)
+            open_direct(path, true, 0)
         } else {
             OpenOptions::new()
                 .read(true)
@@ -132,6 +142,17 @@ impl Target {
         .map_err(|e| exists_hint(e, path))?;
         file.set_len(size)?;
         Ok(Target::Device { file, fresh: true })
+    }
+
+    /// The (device, inode) of a file or device target.
+    pub fn identity(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Target::Device { file, .. } | Target::Stream { file, .. } => {
+                file.metadata().ok().map(|m| (m.dev(), m.ino()))
+            }
+            Target::Volume(_) => None,
+        }
     }
 
     /// A stream target writing to `file` (a file, or a pipe from the CLI).
