@@ -148,12 +148,32 @@ pub async fn save_record_off_thread(dir: &Path, record: JobRecord) -> io::Result
 
 pub fn load_record(path: &Path) -> io::Result<JobRecord> {
     let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    let bad = |m: String| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is not a job record: {e}", path.display()),
+            format!("{} is not a job record: {m}", path.display()),
         )
-    })
+    };
+    let r: JobRecord = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    // The block size sizes the progress map read at resume (8 bytes per
+    // segment): a damaged one must not make it gigabytes.
+    let cs = r.chunk_size as u64;
+    if !r.chunk_size.is_power_of_two()
+        || !(crate::engine::MIN_CHUNK_SIZE..=crate::engine::MAX_CHUNK_SIZE).contains(&r.chunk_size)
+    {
+        return Err(bad(format!("chunk size {cs} is impossible")));
+    }
+    if r.block_size == 0
+        || !r.block_size.is_multiple_of(cs)
+        || r.block_size > super::stream::MAX_BLOCK as u64
+    {
+        return Err(bad(format!(
+            "block size {} is not a multiple of the chunk size {cs} up to {}",
+            r.block_size,
+            super::stream::MAX_BLOCK
+        )));
+    }
+    Ok(r)
 }
 
 /// One segment's durable progress.
