@@ -386,6 +386,17 @@ impl Jobs {
                 r.target
             )));
         }
+        if !resume {
+            if let Some(dev) = own_device(path, &self.registry.device_paths_of(&r.volume)) {
+                return Err(ControlError::invalid(format!(
+                    "{} is {}, a device of volume {} itself: the copy would overwrite what it \
+                     reads; choose another target",
+                    r.target,
+                    dev.display(),
+                    r.volume
+                )));
+            }
+        }
         let existed = path.exists();
         let opened = match (&r.target_real, resume) {
             (Some(real), true) => Path::new(real),
@@ -815,6 +826,21 @@ fn stall_timer(jobs: &Mutex<BTreeMap<u64, Slot>>, stop: &(Mutex<bool>, std::sync
     }
 }
 
+/// The one of `devices` (the source volume's own block devices) that
+/// `target` is, by device number, whatever its path (a symlink, another
+/// node for the same device).
+fn own_device(target: &Path, devices: &[PathBuf]) -> Option<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let rdev = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .filter(|m| m.file_type().is_block_device())
+            .map(|m| m.rdev())
+    };
+    let t = rdev(target)?;
+    devices.iter().find(|d| rdev(d) == Some(t)).cloned()
+}
+
 fn not_found(id: u64) -> ControlError {
     ControlError::not_found(format!(
         "copy job {id} not found; list jobs with `snapblk copy list`"
@@ -879,6 +905,44 @@ impl Drop for Undo<'_> {
         let _ = std::fs::remove_file(progress::record_path(&self.jobs.dir, self.id));
         if let Some(p) = &self.created {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_device;
+    use std::path::Path;
+
+    fn mknod(path: &Path, kind: libc::mode_t, major: u32, minor: u32) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mknod on a valid NUL-terminated path.
+        unsafe { libc::mknod(c.as_ptr(), kind | 0o600, libc::makedev(major, minor)) == 0 }
+    }
+
+    /// Real device nodes (this host has no ublk): a node or a symlink for
+    /// one of the volume's devices is found by device number, whatever its
+    /// name; another device, a character device with the same numbers, or
+    /// a regular file is not.
+    #[test]
+    fn own_devices_are_found_by_device_number() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        if !mknod(&p("ublkb3"), libc::S_IFBLK, 259, 3) {
+            eprintln!("SKIP own_devices_are_found_by_device_number: mknod needs root");
+            return;
+        }
+        assert!(mknod(&p("alias"), libc::S_IFBLK, 259, 3));
+        assert!(mknod(&p("other"), libc::S_IFBLK, 259, 4));
+        assert!(mknod(&p("char"), libc::S_IFCHR, 259, 3));
+        std::os::unix::fs::symlink(p("ublkb3"), p("by-id")).unwrap();
+        std::fs::write(p("file"), b"x").unwrap();
+        let devices = [p("ublkb9-gone"), p("ublkb3")];
+        assert_eq!(own_device(&p("alias"), &devices), Some(p("ublkb3")));
+        assert_eq!(own_device(&p("by-id"), &devices), Some(p("ublkb3")));
+        for not in ["other", "char", "file", "missing"] {
+            assert_eq!(own_device(&p(not), &devices), None, "{not}");
         }
     }
 }
