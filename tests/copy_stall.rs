@@ -59,6 +59,9 @@ fn start_stalled(d: &Daemon, out: std::fs::File, hold_timeout: &str) -> (Child, 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the job never started; log:\n{}", d.log());
 }
 

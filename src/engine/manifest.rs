@@ -139,7 +139,8 @@ mod tests {
     #[test]
     fn impossible_geometry_is_a_clear_error() {
         let good = Manifest::new("v", 1 << 20, 65536, 4, Origin::Container);
-        let cases: [(&str, fn(&mut Manifest)); 6] = [
+        type Damage = fn(&mut Manifest);
+        let cases: [(&str, Damage); 6] = [
             ("chunk size 3000", |m| m.chunk_size = 3000),
             ("chunk size 2048", |m| m.chunk_size = 2048),
             ("chunk size 2097152", |m| m.chunk_size = 2 << 20),
