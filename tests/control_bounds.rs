@@ -28,7 +28,10 @@ def connect(path):
 def read_line(s):
     b = b""
     while not b.endswith(b"\n"):
-        c = s.recv(4096)
+        try:
+            c = s.recv(4096)
+        except ConnectionResetError:
+            c = b""
         if not c:
             return None
         b += c
@@ -42,6 +45,15 @@ def closed_elsewhere(r):
         return os.read(r, 1) == b""
     except BlockingIOError:
         return False
+
+def ask(s):
+    # A connection turned away may be closed before the request goes out;
+    # its one `busy` line is still there to read.
+    try:
+        s.sendall(b'{"op":"daemon.status"}\n')
+    except BrokenPipeError:
+        pass
+    return read_line(s)
 
 def send_with_pipes(s, n):
     # One request line carrying the write ends of n fresh pipes; returns the read ends.
@@ -147,9 +159,7 @@ fn control_client_threads_are_bounded() {
     let script = format!(
         r#"
 held = [connect(path) for _ in range(30)]
-for s in held:
-    s.sendall(b'{{"op":"daemon.status"}}\n')
-answers = [read_line(s) for s in held]
+answers = [ask(s) for s in held]
 busy = sum(1 for a in answers if a and "busy" in a)
 denied = sum(1 for a in answers if a and "permission_denied" in a)
 assert busy == 30 - {refused} and denied == {refused}, (busy, denied)
@@ -184,9 +194,7 @@ sys.stdin.read()
     let script = format!(
         r#"
 held = [connect(path) for _ in range({max} + 20)]
-for s in held:
-    s.sendall(b'{{"op":"daemon.status"}}\n')
-answers = [read_line(s) for s in held]
+answers = [ask(s) for s in held]
 ok = sum(1 for a in answers if a and '"ok":true' in a.replace(" ", ""))
 busy = sum(1 for a in answers if a and "busy" in a)
 assert ok == {max} and busy == 20, (ok, busy)
