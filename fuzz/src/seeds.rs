@@ -72,6 +72,7 @@ fn control() -> Vec<Seed> {
             rate: None,
             format: Some(Format::Stream),
             verify: false,
+            hold_timeout_ms: Some(10_000),
         }),
         Request::ReplicateStart {
             volume: "vol".into(),
@@ -198,6 +199,9 @@ fn job_record() -> Vec<u8> {
         error: None,
         bytes_done: 0,
         moved: Moved::default(),
+        hold_timeout_ms: 10_000,
+        target_real: Some("/backup/vol.img".into()),
+        target_id: Some((2049, 12)),
     };
     serde_json::to_vec_pretty(&record).expect("records serialize")
 }

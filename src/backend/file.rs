@@ -59,6 +59,7 @@ impl FileBackend {
                 .read(true)
                 .write(true)
                 .create(create)
+                .mode(VOLUME_FILE_MODE)
                 .custom_flags(libc::O_CLOEXEC | flags)
                 .open(path)
         };
@@ -338,12 +339,21 @@ fn seek(fd: RawFd, offset: u64, whence: i32) -> io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
+/// Files of the data directory (volume data, journals, manifests, records)
+/// are never readable by others, whatever the umask.
+pub const VOLUME_FILE_MODE: u32 = 0o640;
+
 /// Write a temporary file, fsync it, rename over `path`, fsync the directory.
 pub fn replace_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
-        let mut file = File::create(&tmp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(VOLUME_FILE_MODE)
+            .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
     }

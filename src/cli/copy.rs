@@ -60,6 +60,10 @@ pub enum CopyCmd {
         /// Re-read the target at the end and compare checksums
         #[arg(long)]
         verify: bool,
+        /// hold/direct: a write that waits this long for the job (the target
+        /// stalled) fails the job and goes through [default: 10]
+        #[arg(long, value_name = "SECS")]
+        hold_timeout: Option<f64>,
     },
     /// Show progress, throughput and ETA of one job (or of every running job)
     Status {
@@ -110,6 +114,7 @@ pub fn run(control: &Path, json: bool, cmd: CopyCmd) -> Result<(), CliError> {
             rate,
             format,
             verify,
+            hold_timeout,
         } => {
             let (volume, snapshot) = match source.split_once('@') {
                 Some((v, s)) => (v.to_string(), Some(s.to_string())),
@@ -153,6 +158,7 @@ pub fn run(control: &Path, json: bool, cmd: CopyCmd) -> Result<(), CliError> {
                     FormatArg::Stream => Format::Stream,
                 }),
                 verify,
+                hold_timeout_ms: hold_timeout.map(|s| (s * 1000.0).round() as u64),
             });
             if stdout {
                 return stream_to_stdout(control, &req);

@@ -17,12 +17,13 @@ use crate::control::protocol::Request;
 use crate::control::registry::validate_name;
 use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;
-use crate::frontend::nbd::{TlsFiles, TlsMode};
+use crate::frontend::nbd::{Limits, TlsFiles, TlsMode};
 use crate::replication::ReplicationConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::CliError;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -81,6 +82,18 @@ pub struct DaemonArgs {
     pub nbd_socket: Vec<PathBuf>,
     #[command(flatten)]
     pub nbd: NbdArgs,
+    /// Close an NBD connection that has not finished negotiating after SECS seconds
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub nbd_handshake_limit: u64,
+    /// Close an NBD connection on which nothing moved for SECS seconds while
+    /// no request was being served (0: never; a client that stops reading
+    /// its replies counts as idle)
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub nbd_idle_timeout: u64,
+    /// NBD connections one client may hold at once (a client: a TCP peer
+    /// address, or a uid on a UNIX socket)
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub nbd_client_connections: usize,
     /// Accept replication sources on this TCP address
     #[arg(long, value_name = "HOST:PORT")]
     pub replication_listen: Option<String>,
@@ -317,6 +330,20 @@ fn daemon_error(e: anyhow::Error) -> CliError {
     }
 }
 
+/// The NBD server's [`Limits`] from `snapblk daemon`'s options.
+fn nbd_limits(handshake: u64, idle: u64, per_client: usize) -> Result<Limits, CliError> {
+    if handshake == 0 || per_client == 0 {
+        return Err(CliError::plain(
+            "--nbd-handshake-limit and --nbd-client-connections must be at least 1",
+        ));
+    }
+    Ok(Limits {
+        handshake: Duration::from_secs(handshake),
+        idle: (idle > 0).then(|| Duration::from_secs(idle)),
+        per_client,
+    })
+}
+
 pub fn run(cli: Cli) -> Result<(), CliError> {
     let json = cli.json;
     match cli.command {
@@ -329,6 +356,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 nbd_unix: a.nbd_socket,
                 nbd_access: a.nbd.access(),
                 nbd_tcp: a.nbd.nbd_listen,
+                nbd_limits: nbd_limits(
+                    a.nbd_handshake_limit,
+                    a.nbd_idle_timeout,
+                    a.nbd_client_connections,
+                )?,
                 replication: ReplicationConfig {
                     listen: a.replication_listen,
                     key_file: a.replication_key_file,
@@ -608,6 +640,7 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
         nbd_unix: vec![data_dir.join("nbd.sock")],
         nbd_access: a.nbd.access(),
         nbd_tcp: a.nbd.nbd_listen,
+        nbd_limits: Default::default(),
         replication: ReplicationConfig::default(),
     };
     const DISK: &str = "disk0";

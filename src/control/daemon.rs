@@ -28,7 +28,7 @@ use super::registry::Registry;
 use super::server::{ControlServer, DaemonFacts};
 use super::ublk::UblkDriver;
 use crate::engine::{EngineError, View};
-use crate::frontend::nbd::{ExportResolver, NbdServer, NbdTls, TlsFiles, TlsMode};
+use crate::frontend::nbd::{ExportResolver, Limits, NbdServer, NbdTls, TlsFiles, TlsMode};
 use crate::replication::{Replication, ReplicationConfig};
 use crate::security::LocalPeers;
 use std::io;
@@ -48,6 +48,7 @@ pub struct DaemonConfig {
     /// TCP listeners; none by default.
     pub nbd_tcp: Vec<String>,
     pub nbd_access: NbdAccess,
+    pub nbd_limits: Limits,
     pub replication: ReplicationConfig,
 }
 
@@ -295,6 +296,28 @@ pub fn check_nbd_exposure(tcp: &[String], tls: TlsMode, insecure: bool) -> anyho
     )
 }
 
+/// Creates the data directory 0750 (parents too), or takes the group's
+/// write and others' access away from an existing one: it holds every
+/// volume's data.
+fn make_data_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o027 != 0 {
+        let tight = mode & !0o027;
+        log::warn!(
+            "data directory {} was mode {mode:o}; setting {tight:o} (no group write, no access \
+             for others)",
+            dir.display()
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(tight))?;
+    }
+    Ok(())
+}
+
 fn remove_stale_socket(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -318,7 +341,7 @@ impl Daemon {
         let tls = NbdTls::load(config.nbd_access.tls_mode(), &config.nbd_access.tls_files)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         check_nbd_exposure(&config.nbd_tcp, tls.mode(), config.nbd_access.insecure)?;
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        make_data_dir(&config.data_dir).with_context(|| {
             format!(
                 "cannot create the data directory {}",
                 config.data_dir.display()
@@ -368,6 +391,7 @@ impl Daemon {
             Arc::new(Resolver(registry.clone(), replication.clone())),
             tls,
             Some(LocalPeers::of_data_dir(&data_dir)?),
+            config.nbd_limits,
         );
         let mut nbd_tcp = Vec::new();
         for addr in &config.nbd_tcp {
@@ -445,6 +469,12 @@ pub fn run(
     after_start: impl FnOnce(&Daemon),
 ) -> anyhow::Result<()> {
     let set = block_signals();
+    // Whatever umask the daemon inherited (a service manager's 000, say),
+    // nothing it creates is writable by its group or visible to others;
+    // files that hold data get explicit modes on top (volume files 0640,
+    // copy targets 0600).
+    // SAFETY: umask only sets this process's file creation mask.
+    unsafe { libc::umask(0o027) };
     private_mount_namespace();
     let daemon = Daemon::start(config, before_control)?;
     after_start(&daemon);

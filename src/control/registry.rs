@@ -1080,6 +1080,15 @@ impl Registry {
         ))
     }
 
+    /// Paths of the kernel devices serving `volume` or one of its snapshots.
+    pub fn device_paths_of(&self, volume: &str) -> Vec<PathBuf> {
+        self.lock_devices()
+            .values()
+            .filter(|d| d.spec.volume == volume)
+            .filter_map(|d| d.path().map(PathBuf::from))
+            .collect()
+    }
+
     /// How many devices are asked for (running or failed).
     pub fn device_count(&self) -> usize {
         self.lock_devices().len()

@@ -10,6 +10,12 @@
 //! A bad line (not JSON, unknown op, missing or mistyped field, too long) gets
 //! a JSON error on that connection, which then goes on; nothing a client
 //! sends can stop the daemon.
+//!
+//! Bounds: at most [`MAX_CLIENTS`] client threads for permitted peers and
+//! [`MAX_REFUSED`] for refused ones (so other users cannot crowd out root);
+//! a connection over its pool's limit gets one `busy` line and is closed.
+//! Descriptors passed (SCM_RIGHTS) on a refused connection are closed at
+//! once; a permitted one keeps only its latest [`MAX_PASSED`].
 
 use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
 use super::registry::Registry;
@@ -20,10 +26,36 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
+
+/// Client threads serving permitted peers at once.
+pub const MAX_CLIENTS: usize = 64;
+/// Client threads answering refused peers at once.
+pub const MAX_REFUSED: usize = 8;
+/// Passed descriptors a connection holds at most (a request uses one).
+pub const MAX_PASSED: usize = 4;
+
+/// Counts a client thread in its pool while it lives.
+struct PoolSlot(Arc<AtomicUsize>);
+
+impl PoolSlot {
+    fn take(pool: &Arc<AtomicUsize>, max: usize) -> Option<PoolSlot> {
+        pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| PoolSlot(pool.clone()))
+    }
+}
+
+impl Drop for PoolSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What `daemon.status` reports besides the registry.
 pub struct DaemonFacts {
@@ -84,6 +116,7 @@ impl ControlServer {
         let facts = Arc::new(facts);
         let accept_listener = listener.try_clone()?;
         let stop = stopping.clone();
+        let (permitted, turned) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let accept_thread = std::thread::Builder::new()
             .name("control-accept".into())
             .spawn(move || {
@@ -99,12 +132,29 @@ impl ControlServer {
                             continue;
                         }
                     };
+                    let refused = peers.check(stream.as_raw_fd(), "control socket").err();
+                    if let Some(why) = &refused {
+                        log::warn!("control socket: refusing a client: {why}");
+                    }
+                    let allowed = refused.is_none();
+                    let (pool, max) = if allowed {
+                        (&permitted, MAX_CLIENTS)
+                    } else {
+                        (&turned, MAX_REFUSED)
+                    };
+                    let Some(slot) = PoolSlot::take(pool, max) else {
+                        turn_away(stream, allowed);
+                        continue;
+                    };
                     let registry = registry.clone();
                     let facts = facts.clone();
                     let stop = stop.clone();
                     let spawned = std::thread::Builder::new()
                         .name("control-client".into())
-                        .spawn(move || serve_client(stream, &registry, &facts, peers, &stop));
+                        .spawn(move || {
+                            let _slot = slot;
+                            serve_client(stream, refused, &registry, &facts, &stop)
+                        });
                     if let Err(e) = spawned {
                         log::error!("control socket: cannot start a client thread: {e}");
                     }
@@ -145,17 +195,33 @@ impl Drop for ControlServer {
     }
 }
 
+/// Answers a connection over its pool's limit with one `busy` line and
+/// closes it (with whatever descriptors it passed, never received).
+fn turn_away(mut stream: UnixStream, allowed: bool) {
+    let max = if allowed { MAX_CLIENTS } else { MAX_REFUSED };
+    log::warn!("control socket: {max} clients of this kind already connected; turning one away");
+    let mut line = Response::from_result(Err(ControlError::new(
+        ErrorCode::Busy,
+        format!(
+            "the daemon already serves {max} control connections; close some (or wait) and retry"
+        ),
+    )))
+    .to_line();
+    line.push('\n');
+    // Never block the accept thread on a client that does not read.
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write_all(line.as_bytes());
+}
+
+/// Serves one connection; `refused`: why its peer may not use the socket
+/// (every request gets that as a `permission_denied` answer).
 fn serve_client(
     stream: UnixStream,
+    refused: Option<String>,
     registry: &Registry,
     facts: &DaemonFacts,
-    peers: LocalPeers,
     stop: &AtomicBool,
 ) {
-    let refused = peers.check(stream.as_raw_fd(), "control socket").err();
-    if let Some(why) = &refused {
-        log::warn!("control socket: refusing a client: {why}");
-    }
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -163,7 +229,10 @@ fn serve_client(
             return;
         }
     };
-    let mut reader = BufReader::new(PassingReader(stream));
+    let mut reader = BufReader::new(PassingReader {
+        stream,
+        keep: refused.is_none(),
+    });
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -242,8 +311,26 @@ pub fn take_passed_fd() -> Option<OwnedFd> {
     PASSED.with(|p| p.borrow_mut().drain(..).next_back())
 }
 
-/// Reads a control connection with `recvmsg`, keeping passed descriptors.
-struct PassingReader(UnixStream);
+/// Reads a control connection with `recvmsg`, keeping passed descriptors
+/// if `keep` (the peer is permitted), at most [`MAX_PASSED`]; the others
+/// are closed as they arrive.
+struct PassingReader {
+    stream: UnixStream,
+    keep: bool,
+}
+
+fn received_fd(fd: OwnedFd, keep: bool) {
+    if !keep {
+        return; // dropped: closed
+    }
+    PASSED.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() >= MAX_PASSED {
+            p.remove(0);
+        }
+        p.push(fd);
+    });
+}
 
 impl Read for PassingReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -260,7 +347,7 @@ impl Read for PassingReader {
             msg.msg_iovlen = 1;
             msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
             msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-            let n = libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            let n = libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
             if n >= 0 {
                 let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
                 while !cmsg.is_null() {
@@ -272,7 +359,7 @@ impl Read for PassingReader {
                             / std::mem::size_of::<RawFd>();
                         for i in 0..count {
                             let fd = std::ptr::read_unaligned(data.add(i));
-                            PASSED.with(|p| p.borrow_mut().push(OwnedFd::from_raw_fd(fd)));
+                            received_fd(OwnedFd::from_raw_fd(fd), self.keep);
                         }
                     }
                     cmsg = libc::CMSG_NXTHDR(&msg, cmsg);

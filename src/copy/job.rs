@@ -9,6 +9,14 @@
 //! copies it itself first (`direct`, and `hold` while the job is paused or
 //! the daemon stops). A `cow` job has no hook: it reads its point-in-time
 //! snapshot and gives each segment back to the engine once it is `Done`.
+//!
+//! A stalled target (a pipe nobody drains, a hung network file system) must
+//! not block the volume: every write waiting for the job is timed, and
+//! [`Job::check_stall`] (called by the jobs' timer thread, seed 002's
+//! "timer") fails the job once one waited longer than its hold timeout.
+//! An ended job's hook lets writes through, and whatever waits on the
+//! target (the job thread, a write copying first) stops waiting: its I/O is
+//! dropped, which cancels it.
 
 use super::progress::{Entry, JobRecord, JobState, Moved, Policy, ProgressMap};
 use super::stream;
@@ -17,7 +25,7 @@ use crate::engine::{EngineError, SnapshotConsumer, View, Volume, WriteGuard, Wri
 use crate::runtime::AlignedBuf;
 use futures::future::{join_all, BoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -63,6 +71,9 @@ struct Shared {
     changes: u64,
     waiters: Vec<Waker>,
     committed_stream_len: u64,
+    /// When each write now waiting for the job began to wait, by ticket.
+    waits: BTreeMap<u64, Instant>,
+    next_ticket: u64,
 }
 
 /// What the job thread is asked to do.
@@ -172,6 +183,8 @@ impl Job {
             changes: 0,
             waiters: Vec::new(),
             committed_stream_len: p.committed_stream_len,
+            waits: BTreeMap::new(),
+            next_ticket: 0,
         };
         for (i, e) in p.entries.iter().enumerate() {
             if *e == Entry::Pending {
@@ -327,6 +340,59 @@ impl Job {
         self.ended.store(true, Ordering::Release);
         self.wake.notify_all();
         self.notify();
+    }
+
+    /// Lets everything waiting for the job go: hooks pass writes through,
+    /// and whatever waits on the target gives up (see [`Self::unless_ended`]).
+    /// For `copy cancel` when the job thread does not finish by itself.
+    pub fn stop_waiting(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.wake.notify_all();
+        self.notify();
+    }
+
+    /// Fails the job if a write has waited for it longer than its hold
+    /// timeout: the target stopped taking data, and the volume's writes
+    /// must not wait for it forever. Blocks (saves the record).
+    pub fn check_stall(&self) {
+        let oldest = self.shared.lock().unwrap().waits.values().min().copied();
+        let (timeout, target) = {
+            let r = self.record.lock().unwrap();
+            (Duration::from_millis(r.hold_timeout_ms), r.target.clone())
+        };
+        if oldest.is_none_or(|t| t.elapsed() <= timeout) || self.ended.load(Ordering::Acquire) {
+            return;
+        }
+        let msg = format!(
+            "the target {target} took no data for {} s while a write to the volume waited for \
+             the copy (hold timeout); the job failed so that writes go on, and the volume is \
+             unaffected; check the target, then start a new copy (--hold-timeout sets the limit)",
+            timeout.as_secs_f64()
+        );
+        if let Some(r) = self.mark_failed(&msg) {
+            self.save(&r);
+        }
+        self.failed(msg);
+    }
+
+    /// Times a write's wait for the job until the guard drops.
+    fn start_wait(&self) -> WaitGuard<'_> {
+        let mut s = self.shared.lock().unwrap();
+        let ticket = s.next_ticket;
+        s.next_ticket += 1;
+        s.waits.insert(ticket, Instant::now());
+        WaitGuard { job: self, ticket }
+    }
+
+    /// `fut`'s output, or None if the job ends first; `fut` is then
+    /// dropped, which cancels its I/O (a write to a target that stopped
+    /// taking data never completes by itself).
+    async fn unless_ended<T>(&self, fut: impl Future<Output = T>) -> Option<T> {
+        let fut = std::pin::pin!(fut);
+        match futures::future::select(fut, Ended(self)).await {
+            futures::future::Either::Left((v, _)) => Some(v),
+            futures::future::Either::Right(_) => None,
+        }
     }
 
     /// Segments per run (one I/O) at most.
@@ -514,6 +580,7 @@ impl Job {
             let r = self.record.lock().unwrap();
             (r.block_size, r.policy == Policy::Hold)
         };
+        let mut timed = None;
         for seg in offset / bs..=(offset + len - 1) / bs {
             loop {
                 enum Next {
@@ -544,15 +611,22 @@ impl Job {
                         }
                     }
                 };
+                if !matches!(next, Next::Go) && timed.is_none() {
+                    timed = Some(self.start_wait());
+                }
                 match next {
                     Next::Go => break,
                     Next::Wait(seen) => Changed { job: self, seen }.await,
                     Next::CopyFirst => {
                         let mut buf = self.buffer();
-                        let copied = match self.copy_run(seg, 1, false, &mut buf).await {
-                            Ok(d) => self.commit(&d).await,
-                            Err(e) => Err(e),
+                        let copy = async {
+                            match self.copy_run(seg, 1, false, &mut buf).await {
+                                Ok(d) => self.commit(&d).await,
+                                Err(e) => Err(e),
+                            }
                         };
+                        // None: the job ended (timed out) meanwhile.
+                        let copied = self.unless_ended(copy).await.unwrap_or(Ok(()));
                         self.buffers.lock().unwrap().push(buf);
                         if let Err(e) = copied {
                             let (off, _) = self.seg_range(seg);
@@ -601,6 +675,12 @@ impl Job {
     fn runnable(&self) -> Want {
         let mut want = self.want.lock().unwrap();
         loop {
+            if *want == Want::Stop {
+                // Stays as it is on disk (failed, if it failed meanwhile).
+                self.active.store(false, Ordering::Release);
+                self.notify();
+                return Want::Stop;
+            }
             if self.ended.load(Ordering::Acquire) {
                 return Want::Cancel;
             }
@@ -682,7 +762,7 @@ impl Job {
             let job = &*self;
             loop {
                 if job.want() != Want::Run {
-                    while let Some((buf, copied)) = in_flight.next().await {
+                    while let Some(Some((buf, copied))) = job.unless_ended(in_flight.next()).await {
                         free.push(buf);
                         job.collect(copied, &mut pending);
                     }
@@ -693,7 +773,8 @@ impl Job {
                     Want::Stop => return,
                     Want::Pause => unreachable!("runnable waits out pauses"),
                     Want::Cancel => {
-                        while in_flight.next().await.is_some() {}
+                        while let Some(Some(_)) = job.unless_ended(in_flight.next()).await {}
+                        drop(in_flight);
                         let state = if job.failure.lock().unwrap().is_some() {
                             JobState::Failed
                         } else {
@@ -712,7 +793,10 @@ impl Job {
                         (buf, copied)
                     });
                 }
-                let Some((buf, copied)) = in_flight.next().await else {
+                let Some(next) = job.unless_ended(in_flight.next()).await else {
+                    continue; // ended: `runnable` says Cancel
+                };
+                let Some((buf, copied)) = next else {
                     if !pending.is_empty() {
                         job.commit_pending(&mut pending).await;
                         continue;
@@ -867,7 +951,6 @@ impl Job {
                 Err(e) => log::warn!("copy job {}: cannot delete {volume}@{name}: {e}", self.id),
             }
         }
-        let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         {
             let (done, moved) = {
                 let s = self.shared.lock().unwrap();
@@ -880,6 +963,9 @@ impl Job {
             r.state = state;
             self.save(&r);
         }
+        // Only now: a crash before the state is saved must find the map
+        // (to resume); one after finds the job ended.
+        let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         log::info!("copy job {} ended: {state:?}", self.id);
     }
 
@@ -968,6 +1054,35 @@ fn mismatch(offset: u64) -> io::Error {
     ))
 }
 
+/// Resolves once the job has ended.
+struct Ended<'a>(&'a Job);
+
+impl Future for Ended<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.0.shared.lock().unwrap();
+        if self.0.ended.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if !s.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            s.waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// A write's wait for the job, timed by [`Job::check_stall`].
+struct WaitGuard<'a> {
+    job: &'a Job,
+    ticket: u64,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.job.shared.lock().unwrap().waits.remove(&self.ticket);
+    }
+}
+
 /// Resolves when the job's shared state changed after `seen`.
 struct Changed<'a> {
     job: &'a Job,
@@ -1021,6 +1136,8 @@ mod tests {
             changes: 0,
             waiters: Vec::new(),
             committed_stream_len: 0,
+            waits: Default::default(),
+            next_ticket: 0,
         }
     }
 

@@ -53,6 +53,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use target::Target;
 
 /// Internal snapshots of `cow` jobs are named `.copy-<id>`.
@@ -112,6 +113,10 @@ pub struct CopyStart {
     pub format: Option<Format>,
     #[serde(default)]
     pub verify: bool,
+    /// See [`JobRecord::hold_timeout_ms`]; default
+    /// [`progress::DEFAULT_HOLD_TIMEOUT_MS`].
+    #[serde(default)]
+    pub hold_timeout_ms: Option<u64>,
 }
 
 enum Slot {
@@ -151,6 +156,46 @@ pub struct Jobs {
     /// deletion: either the delete sees the job and is refused, or the
     /// start finds its source gone.
     starting: Mutex<()>,
+    /// The timer thread failing jobs whose target stalled (set: stop).
+    timer_stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    timer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// How often the timer looks for writes waiting on a stalled target.
+const STALL_TICK: Duration = Duration::from_millis(100);
+/// How long `copy cancel` and shutdown let a job thread finish its I/O, and
+/// then wait again after dropping that I/O, before leaving the thread.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits up to [`STOP_GRACE`] for `thread` to end; true if it did.
+fn ended_within(thread: &JoinHandle<()>) -> bool {
+    let deadline = Instant::now() + STOP_GRACE;
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    thread.is_finished()
+}
+
+/// Joins a job thread asked to stop or cancel. One stuck on a target that
+/// takes no data is told to stop waiting (its I/O is dropped, which
+/// cancels it); one the kernel still does not let go (a hung network file
+/// system) is left behind rather than hang the caller.
+fn join_job(job: &Job, thread: JoinHandle<()>) {
+    if !ended_within(&thread) {
+        log::warn!(
+            "copy job {}: its target takes no data; abandoning its I/O",
+            job.id
+        );
+        job.stop_waiting();
+        if !ended_within(&thread) {
+            log::error!(
+                "copy job {}: its thread is still stuck in the target's I/O; leaving it",
+                job.id
+            );
+            return;
+        }
+    }
+    let _ = thread.join();
 }
 
 fn io_err(what: &str, e: io::Error) -> ControlError {
@@ -171,7 +216,14 @@ impl Jobs {
             jobs: Arc::new(Mutex::new(BTreeMap::new())),
             threads: Mutex::new(BTreeMap::new()),
             starting: Mutex::new(()),
+            timer_stop: Arc::new((Mutex::new(false), std::sync::Condvar::new())),
+            timer: Mutex::new(None),
         });
+        let (live, stop) = (jobs.jobs.clone(), jobs.timer_stop.clone());
+        let timer = std::thread::Builder::new()
+            .name("copy-timer".into())
+            .spawn(move || stall_timer(&live, &stop))?;
+        *jobs.timer.lock().unwrap() = Some(timer);
         let mut records = Vec::new();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -334,9 +386,40 @@ impl Jobs {
                 r.target
             )));
         }
+        if !resume {
+            if let Some(dev) = own_device(path, &self.registry.device_paths_of(&r.volume)) {
+                return Err(ControlError::invalid(format!(
+                    "{} is {}, a device of volume {} itself: the copy would overwrite what it \
+                     reads; choose another target",
+                    r.target,
+                    dev.display(),
+                    r.volume
+                )));
+            }
+        }
         let existed = path.exists();
-        let t = Target::open_path(path, r.size, r.format == Format::Stream, resume)
-            .map_err(|e| io_err(&format!("cannot use {} as the target", r.target), e))?;
+        let opened = match (&r.target_real, resume) {
+            (Some(real), true) => Path::new(real),
+            _ => path,
+        };
+        let t =
+            Target::open_path(opened, r.size, r.format == Format::Stream, resume).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::ELOOP) => ControlError::invalid(format!(
+                        "its target {} is now a symbolic link; a resumed job never follows one \
+                     (it could point at any file); start a new copy",
+                        opened.display()
+                    )),
+                    _ => io_err(&format!("cannot use {} as the target", r.target), e),
+                }
+            })?;
+        if resume && r.target_id.is_some() && t.identity() != r.target_id {
+            return Err(ControlError::invalid(format!(
+                "its target {} is no longer the file it was writing (another file was put \
+                 there); nothing was written to it; start a new copy",
+                opened.display()
+            )));
+        }
         Ok((t, (!existed).then(|| path.to_path_buf())))
     }
 
@@ -453,6 +536,11 @@ impl Jobs {
             )));
         }
         let block_size = asked.div_ceil(chunk) * chunk;
+        if req.hold_timeout_ms == Some(0) {
+            return Err(ControlError::invalid(
+                "hold timeout must be more than 0; leave it out for the default (10 s)",
+            ));
+        }
         if req.rate == Some(0) {
             return Err(ControlError::invalid(
                 "rate must be more than 0 bytes per second; leave it out for no limit",
@@ -471,6 +559,9 @@ impl Jobs {
             block_size,
             rate: req.rate,
             verify: req.verify,
+            hold_timeout_ms: req
+                .hold_timeout_ms
+                .unwrap_or(progress::DEFAULT_HOLD_TIMEOUT_MS),
             size: vol.size(),
             chunk_size: info.chunk_size,
             generation: info.generation,
@@ -479,6 +570,8 @@ impl Jobs {
             error: None,
             bytes_done: 0,
             moved: Default::default(),
+            target_real: None,
+            target_id: None,
         };
         if let Some(s) = &req.snapshot {
             record.generation = vol
@@ -494,6 +587,12 @@ impl Jobs {
                 })?;
         }
         let (target, created) = self.open_target(&record, false)?;
+        if record.target.starts_with('/') {
+            record.target_id = target.identity();
+            record.target_real = std::fs::canonicalize(&record.target)
+                .ok()
+                .map(|p| p.display().to_string());
+        }
         let mut undo = Undo {
             jobs: self,
             vol: vol.clone(),
@@ -674,7 +773,7 @@ impl Jobs {
         job.set_want(Want::Cancel);
         let thread = self.threads.lock().unwrap().remove(&id);
         if let Some(t) = thread {
-            let _ = t.join();
+            join_job(&job, t);
         }
         Ok(record_json(&job.record()))
     }
@@ -682,18 +781,64 @@ impl Jobs {
     /// Stops every job thread, leaving unfinished jobs to resume at next
     /// start. Call after the frontends stopped taking requests.
     pub fn shutdown(&self) {
-        for slot in self.lock().values() {
+        let mut live = BTreeMap::new();
+        for (id, slot) in self.lock().iter() {
             if let Slot::Live(j) = slot {
                 if !j.record().state.finished() {
                     j.set_want(Want::Stop);
                 }
+                live.insert(*id, j.clone());
             }
         }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
-        for (_, t) in threads {
+        *self.timer_stop.0.lock().unwrap() = true;
+        self.timer_stop.1.notify_all();
+        if let Some(t) = self.timer.lock().unwrap().take() {
             let _ = t.join();
         }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        for (id, t) in threads {
+            match live.get(&id) {
+                Some(job) => join_job(job, t),
+                None => {
+                    let _ = t.join();
+                }
+            }
+        }
     }
+}
+
+/// Seed 002's timer: fails every job a write has waited for longer than
+/// its hold timeout, until `stop` is set.
+fn stall_timer(jobs: &Mutex<BTreeMap<u64, Slot>>, stop: &(Mutex<bool>, std::sync::Condvar)) {
+    let mut stopped = stop.0.lock().unwrap();
+    while !*stopped {
+        stopped = stop.1.wait_timeout(stopped, STALL_TICK).unwrap().0;
+        let live: Vec<Arc<Job>> = jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|s| match s {
+                Slot::Live(j) => Some(j.clone()),
+                Slot::Ended(_) => None,
+            })
+            .collect();
+        live.iter().for_each(|j| j.check_stall());
+    }
+}
+
+/// The one of `devices` (the source volume's own block devices) that
+/// `target` is, by device number, whatever its path (a symlink, another
+/// node for the same device).
+fn own_device(target: &Path, devices: &[PathBuf]) -> Option<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let rdev = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .filter(|m| m.file_type().is_block_device())
+            .map(|m| m.rdev())
+    };
+    let t = rdev(target)?;
+    devices.iter().find(|d| rdev(d) == Some(t)).cloned()
 }
 
 fn not_found(id: u64) -> ControlError {
@@ -760,6 +905,44 @@ impl Drop for Undo<'_> {
         let _ = std::fs::remove_file(progress::record_path(&self.jobs.dir, self.id));
         if let Some(p) = &self.created {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_device;
+    use std::path::Path;
+
+    fn mknod(path: &Path, kind: libc::mode_t, major: u32, minor: u32) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mknod on a valid NUL-terminated path.
+        unsafe { libc::mknod(c.as_ptr(), kind | 0o600, libc::makedev(major, minor)) == 0 }
+    }
+
+    /// Real device nodes (this host has no ublk): a node or a symlink for
+    /// one of the volume's devices is found by device number, whatever its
+    /// name; another device, a character device with the same numbers, or
+    /// a regular file is not.
+    #[test]
+    fn own_devices_are_found_by_device_number() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        if !mknod(&p("ublkb3"), libc::S_IFBLK, 259, 3) {
+            eprintln!("SKIP own_devices_are_found_by_device_number: mknod needs root");
+            return;
+        }
+        assert!(mknod(&p("alias"), libc::S_IFBLK, 259, 3));
+        assert!(mknod(&p("other"), libc::S_IFBLK, 259, 4));
+        assert!(mknod(&p("char"), libc::S_IFCHR, 259, 3));
+        std::os::unix::fs::symlink(p("ublkb3"), p("by-id")).unwrap();
+        std::fs::write(p("file"), b"x").unwrap();
+        let devices = [p("ublkb9-gone"), p("ublkb3")];
+        assert_eq!(own_device(&p("alias"), &devices), Some(p("ublkb3")));
+        assert_eq!(own_device(&p("by-id"), &devices), Some(p("ublkb3")));
+        for not in ["other", "char", "file", "missing"] {
+            assert_eq!(own_device(&p(not), &devices), None, "{not}");
         }
     }
 }

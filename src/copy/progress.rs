@@ -69,6 +69,16 @@ pub struct JobRecord {
     pub block_size: u64,
     pub rate: Option<u64>,
     pub verify: bool,
+    /// How long a write may wait for the job (a held write, or one that
+    /// copies its segment first) before the job fails and lets it through.
+    #[serde(default = "default_hold_timeout_ms")]
+    pub hold_timeout_ms: u64,
+    /// A file or device target's path with symlinks resolved at start,
+    /// and its (device, inode): a resumed job reopens exactly that file.
+    #[serde(default)]
+    pub target_real: Option<String>,
+    #[serde(default)]
+    pub target_id: Option<(u64, u64)>,
     pub size: u64,
     pub chunk_size: u32,
     pub generation: u64,
@@ -91,6 +101,14 @@ pub struct Moved {
     pub bytes_copied: u64,
     pub bytes_kernel_copied: u64,
     pub registered_buffer_io_bytes: u64,
+}
+
+/// A stalled target (a pipe nobody drains, a hung network file system)
+/// fails a job after this long rather than block the volume's writes.
+pub const DEFAULT_HOLD_TIMEOUT_MS: u64 = 10_000;
+
+fn default_hold_timeout_ms() -> u64 {
+    DEFAULT_HOLD_TIMEOUT_MS
 }
 
 impl JobRecord {

@@ -6,7 +6,7 @@
 use super::stream::{Header, Item, StreamReader};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 /// What a successful restore wrote.
@@ -46,7 +46,13 @@ pub fn restore(input: impl Read, target: &Path) -> Result<Restored, String> {
         }
         f
     } else {
-        let f = File::create(target).map_err(cannot)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(super::target::TARGET_MODE)
+            .open(target)
+            .map_err(cannot)?;
         f.set_len(size).map_err(cannot)?;
         f
     };

@@ -36,10 +36,18 @@ pub enum Target {
     },
 }
 
-fn open_direct(path: &Path, create: bool) -> io::Result<File> {
+/// A copy holds a whole volume's data: only its owner may read it, unless
+/// the operator loosens the file afterwards.
+pub const TARGET_MODE: u32 = 0o600;
+
+/// `extra`: more open flags (O_NOFOLLOW when resuming).
+fn open_direct(path: &Path, create: bool, extra: i32) -> io::Result<File> {
     let open = |flags: i32| {
         let mut o = OpenOptions::new();
-        o.read(true).write(true).custom_flags(flags);
+        o.read(true)
+            .write(true)
+            .mode(TARGET_MODE)
+            .custom_flags(flags | extra);
         if create {
             o.create_new(true);
         }
@@ -66,8 +74,10 @@ fn size_of(file: &File) -> io::Result<u64> {
 
 impl Target {
     /// Opens a file or block device target. `resume`: reopen what an
-    /// earlier run of the job created. Raw targets need `size` bytes.
+    /// earlier run of the job created, never through a symlink (one swapped
+    /// in meanwhile could point anywhere). Raw targets need `size` bytes.
     pub fn open_path(path: &Path, size: u64, stream: bool, resume: bool) -> io::Result<Target> {
+        let nofollow = if resume { libc::O_NOFOLLOW } else { 0 };
         let meta = std::fs::metadata(path);
         let is_dev = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
         if stream {
@@ -81,7 +91,10 @@ impl Target {
                 ));
             }
             let mut o = OpenOptions::new();
-            o.read(true).write(true);
+            o.read(true)
+                .write(true)
+                .mode(TARGET_MODE)
+                .custom_flags(nofollow);
             if !resume {
                 o.create_new(true);
             }
@@ -93,9 +106,13 @@ impl Target {
         let direct_ok = size.is_multiple_of(ALIGN as u64);
         if is_dev || resume {
             let file = if direct_ok {
-                open_direct(path, false)?
+                open_direct(path, false, nofollow)?
             } else {
-                OpenOptions::new().read(true).write(true).open(path)?
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(nofollow)
+                    .open(path)?
             };
             let have = size_of(&file)?;
             if have < size {
@@ -113,17 +130,29 @@ impl Target {
             });
         }
         let file = if direct_ok {
-            open_direct(path, true)
+            open_direct(path, true, 0)
         } else {
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(TARGET_MODE)
                 .open(path)
         }
         .map_err(|e| exists_hint(e, path))?;
         file.set_len(size)?;
         Ok(Target::Device { file, fresh: true })
+    }
+
+    /// The (device, inode) of a file or device target.
+    pub fn identity(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Target::Device { file, .. } | Target::Stream { file, .. } => {
+                file.metadata().ok().map(|m| (m.dev(), m.ino()))
+            }
+            Target::Volume(_) => None,
+        }
     }
 
     /// A stream target writing to `file` (a file, or a pipe from the CLI).

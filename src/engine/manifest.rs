@@ -3,6 +3,7 @@
 //! only ever replaced atomically (see [`crate::backend::Storage::replace_manifest`]).
 
 use super::error::{EngineError, Result};
+use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -104,9 +105,28 @@ impl Manifest {
                 manifest.format
             )));
         }
-        if !manifest.chunk_size.is_power_of_two() || manifest.partitions == 0 || manifest.size == 0
-        {
-            return Err(EngineError::Corrupt(format!("{what}: impossible geometry")));
+        let bad = |m: String| {
+            Err(EngineError::Corrupt(format!(
+                "{what}: {m}; the file is damaged"
+            )))
+        };
+        let cs = manifest.chunk_size;
+        if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+            return bad(format!(
+                "chunk size {cs} is not a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+            ));
+        }
+        if !(1..=MAX_PARTITIONS).contains(&manifest.partitions) {
+            return bad(format!(
+                "{} partitions is not from 1 to {MAX_PARTITIONS}",
+                manifest.partitions
+            ));
+        }
+        if manifest.size == 0 || !manifest.size.is_multiple_of(SECTOR_SIZE) {
+            return bad(format!(
+                "size {} is not a positive multiple of {SECTOR_SIZE} bytes",
+                manifest.size
+            ));
         }
         Ok(manifest)
     }
@@ -115,6 +135,32 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn impossible_geometry_is_a_clear_error() {
+        let good = Manifest::new("v", 1 << 20, 65536, 4, Origin::Container);
+        type Damage = fn(&mut Manifest);
+        let cases: [(&str, Damage); 6] = [
+            ("chunk size 3000", |m| m.chunk_size = 3000),
+            ("chunk size 2048", |m| m.chunk_size = 2048),
+            ("chunk size 2097152", |m| m.chunk_size = 2 << 20),
+            ("0 partitions", |m| m.partitions = 0),
+            ("257 partitions", |m| m.partitions = 257),
+            ("size 1000", |m| m.size = 1000),
+        ];
+        for (needle, damage) in cases {
+            let mut m = good.clone();
+            damage(&mut m);
+            let e = Manifest::parse(&m.to_bytes(), "vol/volume.json")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("vol/volume.json") && e.contains(needle),
+                "{needle}: {e}"
+            );
+        }
+        assert!(Manifest::parse(&good.to_bytes(), "t").is_ok());
+    }
 
     #[test]
     fn cache_mode_round_trips_and_defaults_to_writeback() {

@@ -38,7 +38,7 @@ mod transmission;
 
 use crate::engine::{EngineError, View};
 
-pub use server::NbdServer;
+pub use server::{Limits, NbdServer};
 pub use tls::{NbdTls, TlsFiles, TlsMode};
 
 /// Where the NBD server finds its exports; the daemon implements it over its

@@ -18,10 +18,20 @@
 //! flight, and exits. A client that stops reading its replies would hold a
 //! connection forever, so after [`DRAIN_TIMEOUT`] the sockets are shut down
 //! completely.
+//!
+//! Bounds ([`Limits`]): a watchdog thread closes a connection whose whole
+//! negotiation takes longer than the handshake limit (a client trickling one
+//! byte at a time cannot pin a thread) and, when an idle timeout is set, one
+//! on which nothing moved while no request was inside the engine (a client
+//! that stops reading its replies is idle too). Each client (a peer address
+//! on TCP, a uid on a UNIX socket) may hold a bounded number of connections;
+//! TCP connections get keepalive probes, so a peer that vanished without a
+//! FIN is noticed.
 
 use super::handshake::{self, Outcome, Policy};
 use super::tls::{NbdTls, TlsIo};
-use super::{transmission, ExportResolver};
+use super::transmission::{self, Activity};
+use super::ExportResolver;
 use crate::runtime;
 use crate::security::LocalPeers;
 use std::collections::HashMap;
@@ -32,17 +42,58 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long shutdown waits for connections to finish their requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client that sends nothing for this long during negotiation is dropped,
-/// so idle sockets cannot pin threads forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections served at once; more are closed right after accept.
 const MAX_CONNECTIONS: usize = 1024;
+/// TCP keepalive: first probe after this much silence, then every
+/// [`KEEPALIVE_INTERVAL`], giving up after [`KEEPALIVE_PROBES`] unanswered.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: libc::c_int = 6;
+
+/// What one client may cost the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The whole negotiation (greeting to NBD_OPT_GO) must end within this.
+    pub handshake: Duration,
+    /// Close a connection idle this long (None: never).
+    pub idle: Option<Duration>,
+    /// Connections one client (TCP peer address, UNIX peer uid) may hold.
+    pub per_client: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            handshake: Duration::from_secs(10),
+            idle: None,
+            per_client: 64,
+        }
+    }
+}
+
+/// Who a connection belongs to, for [`Limits::per_client`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Client {
+    Addr(std::net::IpAddr),
+    Uid(u32),
+    Unknown,
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Client::Addr(a) => write!(f, "{a}"),
+            Client::Uid(u) => write!(f, "uid {u}"),
+            Client::Unknown => f.write_str("an unidentified peer"),
+        }
+    }
+}
 
 /// The NBD server: any number of listeners feeding connection threads that
 /// all serve exports found through one [`ExportResolver`].
@@ -55,6 +106,10 @@ struct Shared {
     tls: NbdTls,
     /// Who may connect on UNIX sockets (`None`: anyone who can open them).
     local_peers: Option<LocalPeers>,
+    limits: Limits,
+    /// Set on shutdown; the condvar wakes the watchdog at once.
+    watch_stop: (Mutex<bool>, Condvar),
+    watchdog: Mutex<Option<JoinHandle<()>>>,
     stopping: AtomicBool,
     next_id: AtomicU64,
     listeners: Mutex<Vec<Listener>>,
@@ -70,6 +125,12 @@ struct Listener {
 struct Conn {
     sock: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
+    client: Client,
+    accepted: Instant,
+    /// Some once negotiation is over (the transmission phase runs).
+    activity: Arc<Mutex<Option<Arc<Activity>>>>,
+    /// The watchdog already closed it.
+    cut: bool,
 }
 
 /// Blocking `Read`/`Write` over a socket fd, without SIGPIPE.
@@ -120,27 +181,36 @@ impl NbdServer {
     /// A server without TLS whose UNIX sockets admit whoever can open them
     /// (tests, embedding); the daemon uses [`NbdServer::with_access`].
     pub fn new(resolver: Arc<dyn ExportResolver>) -> NbdServer {
-        NbdServer::with_access(resolver, NbdTls::off(), None)
+        NbdServer::with_access(resolver, NbdTls::off(), None, Limits::default())
     }
 
-    /// A server with these TLS settings whose UNIX sockets admit only the
-    /// peers `local_peers` allows.
+    /// A server with these TLS settings and bounds whose UNIX sockets admit
+    /// only the peers `local_peers` allows.
     pub fn with_access(
         resolver: Arc<dyn ExportResolver>,
         tls: NbdTls,
         local_peers: Option<LocalPeers>,
+        limits: Limits,
     ) -> NbdServer {
-        NbdServer {
-            shared: Arc::new(Shared {
-                resolver,
-                tls,
-                local_peers,
-                stopping: AtomicBool::new(false),
-                next_id: AtomicU64::new(0),
-                listeners: Mutex::new(Vec::new()),
-                conns: Mutex::new(HashMap::new()),
-            }),
-        }
+        let shared = Arc::new(Shared {
+            resolver,
+            tls,
+            local_peers,
+            limits,
+            watch_stop: (Mutex::new(false), Condvar::new()),
+            watchdog: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            listeners: Mutex::new(Vec::new()),
+            conns: Mutex::new(HashMap::new()),
+        });
+        let s = shared.clone();
+        let watchdog = std::thread::Builder::new()
+            .name("nbd-watchdog".into())
+            .spawn(move || watchdog(s))
+            .expect("cannot spawn the NBD watchdog thread");
+        *shared.watchdog.lock().unwrap() = Some(watchdog);
+        NbdServer { shared }
     }
 
     /// Listens on a UNIX socket at `path`, replacing a stale socket file
@@ -209,6 +279,11 @@ impl NbdServer {
     /// closes every connection and joins every thread. Idempotent.
     pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        *self.shared.watch_stop.0.lock().unwrap() = true;
+        self.shared.watch_stop.1.notify_all();
+        if let Some(t) = self.shared.watchdog.lock().unwrap().take() {
+            let _ = t.join();
+        }
         let listeners: Vec<Listener> = std::mem::take(&mut *self.shared.listeners.lock().unwrap());
         for mut l in listeners {
             shutdown_fd(l.fd.as_raw_fd(), libc::SHUT_RDWR);
@@ -282,7 +357,9 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, tcp: bool) {
         let sock = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         if tcp {
             set_nodelay(fd);
+            set_keepalive(fd);
         }
+        let client = peer(fd, tcp);
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         // Hold the lock while spawning so the entry exists before the thread
         // can try to remove it.
@@ -292,11 +369,21 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, tcp: bool) {
             log::warn!("nbd: {MAX_CONNECTIONS} connections already open; refusing one");
             continue;
         }
+        let limit = shared.limits.per_client;
+        if conns.values().filter(|c| c.client == client).count() >= limit {
+            log::warn!(
+                "nbd: {client} already holds {limit} connections (the per-client limit, \
+                 --nbd-client-connections); refusing another"
+            );
+            continue;
+        }
         let s = shared.clone();
         let csock = sock.clone();
+        let activity = Arc::new(Mutex::new(None));
+        let cactivity = activity.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
-            .spawn(move || connection_thread(s, id, csock, !tcp));
+            .spawn(move || connection_thread(s, id, csock, !tcp, cactivity));
         match spawned {
             Ok(thread) => {
                 conns.insert(
@@ -304,6 +391,10 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, tcp: bool) {
                     Conn {
                         sock,
                         thread: Some(thread),
+                        client,
+                        accepted: Instant::now(),
+                        activity,
+                        cut: false,
                     },
                 );
             }
@@ -338,10 +429,126 @@ fn set_nodelay(fd: RawFd) {
     }
 }
 
-fn connection_thread(shared: Arc<Shared>, id: u64, sock: Arc<OwnedFd>, unix: bool) {
+fn set_keepalive(fd: RawFd) {
+    let secs = |d: Duration| d.as_secs() as libc::c_int;
+    let opts = [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(KEEPALIVE_IDLE)),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            secs(KEEPALIVE_INTERVAL),
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+    ];
+    for (level, name, value) in opts {
+        if setsockopt(fd, level, name, &value) != 0 {
+            log::warn!("nbd: keepalive: {}", io::Error::last_os_error());
+        }
+    }
+}
+
+/// The client a connection counts against: its address on TCP, its uid on
+/// a UNIX socket.
+fn peer(fd: RawFd, tcp: bool) -> Client {
+    if tcp {
+        // SAFETY: getpeername into a zeroed sockaddr_storage of the size given.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of_val(&ss) as libc::socklen_t;
+        let rc = unsafe {
+            libc::getpeername(
+                fd,
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Client::Unknown;
+        }
+        return match ss.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the family says it is a sockaddr_in.
+                let a =
+                    unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                Client::Addr(std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into())
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says it is a sockaddr_in6.
+                let a = unsafe {
+                    &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
+                Client::Addr(std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into())
+            }
+            _ => Client::Unknown,
+        };
+    }
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Client::Uid(cred.uid)
+    } else {
+        Client::Unknown
+    }
+}
+
+/// Closes connections past their handshake limit or idle timeout, until
+/// the server shuts down. Closing = shutting the socket down: the
+/// connection's thread sees end of stream (or a failed send) and ends.
+fn watchdog(shared: Arc<Shared>) {
+    let limits = shared.limits;
+    let shortest = limits
+        .idle
+        .map_or(limits.handshake, |i| i.min(limits.handshake));
+    let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let (stop, wake) = &shared.watch_stop;
+    let mut stopped = stop.lock().unwrap();
+    while !*stopped {
+        stopped = wake.wait_timeout(stopped, tick).unwrap().0;
+        let mut conns = shared.conns.lock().unwrap();
+        for (id, c) in conns.iter_mut().filter(|(_, c)| !c.cut) {
+            let activity = c.activity.lock().unwrap().clone();
+            let why = match activity {
+                None if c.accepted.elapsed() > limits.handshake => format!(
+                    "did not finish negotiating within {} s (--nbd-handshake-limit)",
+                    limits.handshake.as_secs_f64()
+                ),
+                Some(a) if limits.idle.is_some_and(|i| a.idle_for() > i) => format!(
+                    "idle for {} s (--nbd-idle-timeout)",
+                    limits.idle.unwrap_or_default().as_secs_f64()
+                ),
+                _ => continue,
+            };
+            log::warn!("nbd: connection {id} from {}: {why}; closing it", c.client);
+            shutdown_fd(c.sock.as_raw_fd(), libc::SHUT_RDWR);
+            c.cut = true;
+        }
+    }
+}
+
+fn connection_thread(
+    shared: Arc<Shared>,
+    id: u64,
+    sock: Arc<OwnedFd>,
+    unix: bool,
+    activity: Arc<Mutex<Option<Arc<Activity>>>>,
+) {
     let fd = sock.as_raw_fd();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        serve(fd, id, &shared, unix)
+        serve(fd, id, &shared, unix, &activity)
     }));
     match result {
         Ok(Ok(())) => log::debug!("nbd: connection {id} closed"),
@@ -362,17 +569,13 @@ fn connection_thread(shared: Arc<Shared>, id: u64, sock: Arc<OwnedFd>, unix: boo
     }
 }
 
-/// Sets SO_RCVTIMEO (`None`: wait forever).
-fn set_recv_timeout(fd: RawFd, timeout: Option<Duration>) {
-    let d = timeout.unwrap_or_default();
-    let tv = libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    };
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv);
-}
-
-fn serve(fd: RawFd, id: u64, shared: &Shared, unix: bool) -> io::Result<()> {
+fn serve(
+    fd: RawFd,
+    id: u64,
+    shared: &Shared,
+    unix: bool,
+    activity: &Mutex<Option<Arc<Activity>>>,
+) -> io::Result<()> {
     let resolver = &*shared.resolver;
     let refused = match (&shared.local_peers, unix) {
         (Some(peers), true) => peers.check(fd, "NBD socket").err(),
@@ -386,7 +589,6 @@ fn serve(fd: RawFd, id: u64, shared: &Shared, unix: bool) -> io::Result<()> {
         refused,
     };
     let mut stream = SockStream(fd);
-    set_recv_timeout(fd, Some(HANDSHAKE_TIMEOUT));
     let (negotiated, tls) = match handshake::negotiate(&mut stream, resolver, &policy)? {
         Outcome::Closed => return Ok(()),
         Outcome::Transmission(n) => (n, None),
@@ -403,7 +605,6 @@ fn serve(fd: RawFd, id: u64, shared: &Shared, unix: bool) -> io::Result<()> {
             }
         }
     };
-    set_recv_timeout(fd, None);
     log::debug!(
         "nbd: serving export '{}' (flags {:#x}, structured replies: {}, base:allocation: {}, TLS: {})",
         negotiated.name,
@@ -412,5 +613,8 @@ fn serve(fd: RawFd, id: u64, shared: &Shared, unix: bool) -> io::Result<()> {
         negotiated.base_allocation,
         tls.is_some()
     );
-    runtime::block_on(transmission::serve(fd, tls.map(TlsIo::new), negotiated))
+    let a = Arc::new(Activity::default());
+    a.touch();
+    *activity.lock().unwrap() = Some(a.clone());
+    runtime::block_on(transmission::serve(fd, tls.map(TlsIo::new), negotiated, a))
 }

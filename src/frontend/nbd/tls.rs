@@ -29,7 +29,7 @@
 //! never held across an `.await`. A plaintext connection does not go
 //! through any of this.
 
-use super::transmission::send_all;
+use super::transmission::{send_all, Activity};
 use crate::runtime;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -314,7 +314,12 @@ impl TlsIo {
 
     /// Encrypts and sends all of `slices`, in pieces of at most
     /// [`TLS_SEND_BUFFER`] bytes of ciphertext.
-    pub(crate) async fn send_all(&self, fd: RawFd, slices: &[&[u8]]) -> io::Result<()> {
+    pub(crate) async fn send_all(
+        &self,
+        fd: RawFd,
+        slices: &[&[u8]],
+        activity: &Activity,
+    ) -> io::Result<()> {
         let mut index = 0;
         let mut skip = 0;
         loop {
@@ -349,7 +354,7 @@ impl TlsIo {
                     }
                 }
             }
-            self.flush(fd).await?;
+            self.flush(fd, activity).await?;
             if index == slices.len() {
                 return Ok(());
             }
@@ -357,7 +362,7 @@ impl TlsIo {
     }
 
     /// Sends every record rustls holds.
-    pub(crate) async fn flush(&self, fd: RawFd) -> io::Result<()> {
+    pub(crate) async fn flush(&self, fd: RawFd, activity: &Activity) -> io::Result<()> {
         loop {
             let mut out = std::mem::take(&mut *self.cipher_out.borrow_mut());
             out.clear();
@@ -371,7 +376,7 @@ impl TlsIo {
                 *self.cipher_out.borrow_mut() = out;
                 return Ok(());
             }
-            let sent = send_all(fd, &[&out]).await;
+            let sent = send_all(fd, &[&out], activity).await;
             *self.cipher_out.borrow_mut() = out;
             sent?;
         }
@@ -379,8 +384,8 @@ impl TlsIo {
 
     /// Says goodbye the TLS way (close_notify), so that the client can tell
     /// a clean close from a cut connection.
-    pub(crate) async fn close(&self, fd: RawFd) {
+    pub(crate) async fn close(&self, fd: RawFd, activity: &Activity) {
         self.conn.borrow_mut().send_close_notify();
-        let _ = self.flush(fd).await;
+        let _ = self.flush(fd, activity).await;
     }
 }

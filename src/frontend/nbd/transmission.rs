@@ -5,7 +5,10 @@
 //! - the **reader** receives request headers (and WRITE payloads) with
 //!   [`runtime::recv`], checks them, and spawns one task per request, keeping
 //!   at most [`MAX_IN_FLIGHT`] requests (and about [`IN_FLIGHT_BYTES`] of
-//!   payload) in flight;
+//!   payload) in flight. A request stays in flight until its reply is *sent*,
+//!   not merely built: a client that sends READs and never reads its socket
+//!   fills the budget and then waits, instead of making the daemon hold an
+//!   ever longer queue of read data;
 //! - each **request task** calls the engine and queues its complete reply;
 //!   replies therefore go out in completion order, not request order (NBD
 //!   matches them by cookie);
@@ -37,12 +40,17 @@ use std::future::poll_fn;
 use std::io;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// Requests a connection may have in flight at once.
 pub(crate) const MAX_IN_FLIGHT: usize = 128;
-/// Payload bytes (READ buffers + WRITE data) in flight before the reader
-/// waits; one request alone may always exceed it.
+/// Bytes in flight (WRITE data, then every reply's bytes until sent: READ
+/// data, block status descriptors, error messages) before the reader waits;
+/// one request alone may always exceed it. With [`MAX_PAYLOAD`] and the
+/// buffer pool this bounds a connection's memory.
 pub(crate) const IN_FLIGHT_BYTES: usize = 128 * 1024 * 1024;
 /// Replies sent with one writev at most (two iovecs each; IOV_MAX is 1024).
 const MAX_BATCH: usize = 256;
@@ -55,8 +63,46 @@ const MAX_EXTENTS: usize = 64 * 1024;
 struct Reply {
     head: Vec<u8>,
     data: Option<AlignedBuf>,
-    /// Bytes of the in-flight budget this reply releases once sent.
-    budget: usize,
+}
+
+impl Reply {
+    /// What the reply holds until it is sent.
+    fn bytes(&self) -> usize {
+        self.head.len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
+}
+
+/// What the server's watchdog sees of a connection: when bytes last moved
+/// on its socket and whether the engine is working for it. Shared with the
+/// watchdog thread, hence atomics.
+#[derive(Default)]
+pub(crate) struct Activity {
+    /// Milliseconds since [`epoch`] when bytes last moved either way.
+    last_ms: AtomicU64,
+    /// Requests inside the engine (a long FLUSH is not idleness).
+    executing: AtomicUsize,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Activity {
+    pub(crate) fn touch(&self) {
+        self.last_ms
+            .store(epoch().elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long nothing has moved while nothing was executing (zero while
+    /// a request is inside the engine).
+    pub(crate) fn idle_for(&self) -> Duration {
+        if self.executing.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let now = epoch().elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
 }
 
 /// A single-waiter wake-up slot (one reader, one writer).
@@ -83,8 +129,11 @@ struct Conn {
     base_allocation: bool,
     read_only: bool,
     queue: RefCell<VecDeque<Reply>>,
+    /// Requests taken and not yet answered on the wire.
     in_flight: Cell<usize>,
+    /// Their bytes: reserved when taken, the reply's own size once built.
     in_flight_bytes: Cell<usize>,
+    activity: Arc<Activity>,
     /// The reader has stopped: the writer ends when everything is sent.
     closing: Cell<bool>,
     /// Sending failed: the peer is gone.
@@ -152,21 +201,13 @@ impl Conn {
         } else {
             put_simple_reply(&mut head, error, cookie);
         }
-        Reply {
-            head,
-            data: None,
-            budget: 0,
-        }
+        Reply { head, data: None }
     }
 
     fn ok_reply(&self, cookie: u64) -> Reply {
         let mut head = Vec::with_capacity(SIMPLE_REPLY_LEN);
         put_simple_reply(&mut head, 0, cookie);
-        Reply {
-            head,
-            data: None,
-            budget: 0,
-        }
+        Reply { head, data: None }
     }
 
     fn engine_reply(&self, cookie: u64, r: Result<(), EngineError>) -> Reply {
@@ -225,6 +266,7 @@ impl Receiver<'_> {
                 self.end = recv(self.conn, &mut self.buf).await?;
                 self.end
             };
+            self.conn.activity.touch();
             if n == 0 {
                 if done == 0 {
                     return Ok(false);
@@ -241,7 +283,13 @@ impl Receiver<'_> {
 
 /// Serves one negotiated connection until it ends. An `Err` describes why
 /// the connection was cut (malformed packet, I/O error).
-pub(crate) async fn serve(fd: RawFd, tls: Option<TlsIo>, n: Negotiated<View>) -> io::Result<()> {
+pub(crate) async fn serve(
+    fd: RawFd,
+    tls: Option<TlsIo>,
+    n: Negotiated<View>,
+    activity: Arc<Activity>,
+) -> io::Result<()> {
+    activity.touch();
     let conn = Rc::new(Conn {
         fd,
         tls,
@@ -254,6 +302,7 @@ pub(crate) async fn serve(fd: RawFd, tls: Option<TlsIo>, n: Negotiated<View>) ->
         pooled_bytes: Cell::new(0),
         in_flight: Cell::new(0),
         in_flight_bytes: Cell::new(0),
+        activity,
         closing: Cell::new(false),
         broken: Cell::new(false),
         reader: WakeSlot::default(),
@@ -265,7 +314,7 @@ pub(crate) async fn serve(fd: RawFd, tls: Option<TlsIo>, n: Negotiated<View>) ->
 
 async fn reader(conn: Rc<Conn>) -> io::Result<()> {
     let result = read_requests(&conn).await;
-    // Let every request in flight finish; the writer sends their replies.
+    // Let every request in flight finish and its reply go out.
     poll_fn(|cx| {
         if conn.in_flight.get() == 0 {
             Poll::Ready(())
@@ -350,15 +399,19 @@ async fn read_requests(conn: &Rc<Conn>) -> io::Result<()> {
         conn.in_flight.set(conn.in_flight.get() + 1);
         conn.in_flight_bytes
             .set(conn.in_flight_bytes.get() + budget);
+        conn.activity.executing.fetch_add(1, Ordering::Relaxed);
         let c = conn.clone();
         runtime::spawn(async move {
-            let mut reply = execute(&c, req, payload.as_deref().unwrap_or_default()).await;
+            let reply = execute(&c, req, payload.as_deref().unwrap_or_default()).await;
             if let Some(buf) = payload {
                 c.give_back(buf);
             }
-            reply.budget = budget;
+            // From here the reply's own bytes count until the writer sent them.
+            c.in_flight_bytes
+                .set(c.in_flight_bytes.get() - budget + reply.bytes());
+            c.activity.executing.fetch_sub(1, Ordering::Relaxed);
+            c.activity.touch();
             c.push(reply);
-            c.in_flight.set(c.in_flight.get() - 1);
             c.reader.wake();
         });
     }
@@ -422,7 +475,6 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
             Reply {
                 head,
                 data: Some(data),
-                budget: 0,
             }
         }
         CMD_WRITE => conn.engine_reply(cookie, view.write(req.offset, payload, fua).await),
@@ -459,11 +511,7 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
                     let descs = descriptors(&extents, req.offset, req.length as u64, one);
                     let mut head = Vec::with_capacity(CHUNK_HEADER_LEN + 4 + 8 * descs.len());
                     block_status_reply(&mut head, cookie, &descs);
-                    Reply {
-                        head,
-                        data: None,
-                        budget: 0,
-                    }
+                    Reply { head, data: None }
                 }
                 Err(e) => conn.error_reply(cookie, nbd_error(&e), &e.to_string()),
             }
@@ -548,7 +596,7 @@ async fn writer(conn: Rc<Conn>) {
         .await;
         if !more {
             if let Some(tls) = conn.tls.as_ref().filter(|_| !conn.broken.get()) {
-                tls.close(conn.fd).await;
+                tls.close(conn.fd, &conn.activity).await;
             }
             return;
         }
@@ -565,9 +613,11 @@ async fn writer(conn: Rc<Conn>) {
             }
         }
         let sent = match &conn.tls {
-            None => send_all(conn.fd, &slices).await,
-            Some(tls) => tls.send_all(conn.fd, &slices).await,
+            None => send_all(conn.fd, &slices, &conn.activity).await,
+            Some(tls) => tls.send_all(conn.fd, &slices, &conn.activity).await,
         };
+        drop(slices);
+        let mut finished = batch;
         if let Err(e) = sent {
             if !conn.broken.get() {
                 log::debug!("nbd: sending replies failed: {e}");
@@ -576,12 +626,13 @@ async fn writer(conn: Rc<Conn>) {
             // Wake a reader blocked in recv: nobody will read our replies.
             // SAFETY: plain syscall on a socket this connection owns.
             unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
-            conn.queue.borrow_mut().clear();
+            finished.extend(conn.queue.borrow_mut().drain(..));
         }
-        let released: usize = batch.iter().map(|r| r.budget).sum();
+        let released: usize = finished.iter().map(Reply::bytes).sum();
         conn.in_flight_bytes
             .set(conn.in_flight_bytes.get() - released);
-        for data in batch.into_iter().filter_map(|r| r.data) {
+        conn.in_flight.set(conn.in_flight.get() - finished.len());
+        for data in finished.into_iter().filter_map(|r| r.data) {
             conn.give_back(data);
         }
         conn.reader.wake();
@@ -589,7 +640,7 @@ async fn writer(conn: Rc<Conn>) {
 }
 
 /// Sends all of `slices` with as few writev calls as the kernel allows.
-pub(crate) async fn send_all(fd: RawFd, slices: &[&[u8]]) -> io::Result<()> {
+pub(crate) async fn send_all(fd: RawFd, slices: &[&[u8]], activity: &Activity) -> io::Result<()> {
     let mut index = 0;
     let mut skip = 0;
     while index < slices.len() {
@@ -608,6 +659,7 @@ pub(crate) async fn send_all(fd: RawFd, slices: &[&[u8]]) -> io::Result<()> {
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed"));
         }
+        activity.touch();
         while index < slices.len() && n >= slices[index].len() - skip {
             n -= slices[index].len() - skip;
             index += 1;
@@ -678,7 +730,9 @@ mod tests {
             all
         });
         runtime::block_on(async {
-            send_all(fds[0], &[b"ab", &big, b"", b"cd"]).await.unwrap();
+            send_all(fds[0], &[b"ab", &big, b"", b"cd"], &Activity::default())
+                .await
+                .unwrap();
         });
         // SAFETY: closing our own fd.
         unsafe { libc::close(fds[0]) };

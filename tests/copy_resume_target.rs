@@ -1,0 +1,98 @@
+//! A copy job resumed after a restart reopens exactly the file it was
+//! writing: a symlink swapped in for its target, or another file put in its
+//! place, fails the job with a clear error, and nothing is written there.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// A daemon with volume `v` (8 MiB of data) and a slow copy job to
+/// `target` that is stopped half-way by a daemon shutdown; returns the id.
+fn stopped_job(d: &mut Daemon, target: &Path) -> String {
+    d.ok(&["volume", "create", "v", "--size", "8M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x3c 0 8M"]);
+    let id = d
+        .ok(&[
+            "copy",
+            "start",
+            "v",
+            "--to",
+            target.to_str().unwrap(),
+            "--rate",
+            "256K",
+        ])
+        .trim()
+        .to_string();
+    assert!(d.signal(libc::SIGTERM).success(), "{}", d.log());
+    id
+}
+
+fn assert_refused(d: &Daemon, id: &str, needle: &str, victim: &Path, victim_bytes: &[u8]) {
+    let s = d.json(&["copy", "status", id]);
+    assert_eq!(s["state"], "failed", "{s}");
+    let e = s["error"].as_str().unwrap();
+    assert!(e.contains(needle), "unclear error: {e}");
+    assert_eq!(
+        std::fs::read(victim).unwrap(),
+        victim_bytes,
+        "the job wrote elsewhere"
+    );
+}
+
+#[test]
+fn a_symlink_swapped_in_for_the_target_is_not_followed() {
+    if skip_without(
+        "a_symlink_swapped_in_for_the_target_is_not_followed",
+        &["qemu-io"],
+    ) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let mut d = Daemon::start(&dir);
+    let target = t.path().join("copy.img");
+    let id = stopped_job(&mut d, &target);
+    let victim = t.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::fs::remove_file(&target).unwrap();
+    std::os::unix::fs::symlink(&victim, &target).unwrap();
+    d.restart();
+    assert_refused(&d, &id, "symbolic link", &victim, b"precious");
+    assert!(d.alive());
+}
+
+#[test]
+fn another_file_in_the_targets_place_is_not_written() {
+    if skip_without(
+        "another_file_in_the_targets_place_is_not_written",
+        &["qemu-io"],
+    ) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let mut d = Daemon::start(&dir);
+    let target = t.path().join("copy.img");
+    let id = stopped_job(&mut d, &target);
+    // Same name, same size, another inode.
+    let replaced = vec![0x77u8; 8 << 20];
+    std::fs::remove_file(&target).unwrap();
+    std::fs::write(&target, &replaced).unwrap();
+    d.restart();
+    assert_refused(&d, &id, "no longer the file", &target, &replaced);
+}
+
+#[test]
+fn the_same_target_resumes() {
+    if skip_without("the_same_target_resumes", &["qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let mut d = Daemon::start(&dir);
+    let target = t.path().join("copy.img");
+    let id = stopped_job(&mut d, &target);
+    d.restart();
+    d.ok(&["copy", "pause", &id]);
+    let s = d.json(&["copy", "status", &id]);
+    assert_eq!(s["state"], "paused", "{s}");
+    assert!(s["target_id"].is_array(), "{s}");
+}
