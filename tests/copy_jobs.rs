@@ -1055,3 +1055,60 @@ fn background_jobs_run_at_low_cpu_and_io_priority() {
     assert_eq!(nice, "0");
     d.ok(&["copy", "cancel", id.trim()]);
 }
+
+/// A job's end is saved before its progress map goes: when the state cannot
+/// be saved (here the record's temporary file is blocked by a directory),
+/// the map stays, so the next start finds the job as it was, with its map,
+/// exactly as after a crash before the save.
+#[test]
+fn an_ended_job_keeps_its_map_until_its_state_is_saved() {
+    let Some((t, mut d)) = daemon_with_v("job_end_order", &["qemu-io"], "4M") else {
+        return;
+    };
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x61 0 4M"]);
+    let id = start_slow(&d, "v", &t.path().join("slow.img"));
+    let id = id.trim();
+    let jobs = d.dir.join("jobs");
+    let map = jobs.join(format!("{id}.map"));
+    assert!(map.exists(), "a running job has its map {map:?}");
+    let blocker = jobs.join(format!("{id}.tmp"));
+    std::fs::create_dir(&blocker).unwrap();
+    d.ok(&["copy", "cancel", id]);
+    let ended = format!("copy job {id} ended");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.log().contains(&ended) {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not end:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        d.log().contains("cannot save its state"),
+        "the failed save is logged:\n{}",
+        d.log()
+    );
+    assert!(
+        map.exists(),
+        "the map went although the cancelled state could not be saved"
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    // The next start (after a crash) finds the job as it was saved last
+    // (running), with its map. Its internal snapshot went before the failed
+    // save, so it cannot resume: it ends failed, saying why, and only then
+    // is its map removed.
+    d.kill9_and_restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = d.json(&["copy", "status", id]);
+        if status["state"] != "running" || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status["state"], "failed", "{status}");
+    let error = status["error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot resume"), "{status}");
+    assert!(!map.exists(), "a job whose end was saved keeps its map");
+}

@@ -73,10 +73,13 @@ fn another_file_in_the_targets_place_is_not_written() {
     let mut d = Daemon::start(&dir);
     let target = t.path().join("copy.img");
     let id = stopped_job(&mut d, &target);
-    // Same name, same size, another inode.
+    // Same name, same size, another inode: written beside it and renamed
+    // over it, so the old inode still exists when the new one is made (a
+    // remove then create may get the freed inode number back).
     let replaced = vec![0x77u8; 8 << 20];
-    std::fs::remove_file(&target).unwrap();
-    std::fs::write(&target, &replaced).unwrap();
+    let beside = t.path().join("copy.img.new");
+    std::fs::write(&beside, &replaced).unwrap();
+    std::fs::rename(&beside, &target).unwrap();
     d.restart();
     assert_refused(&d, &id, "no longer the file", &target, &replaced);
 }

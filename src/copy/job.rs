@@ -284,7 +284,7 @@ impl Job {
     fn fail(&self, what: &str, e: &io::Error) {
         let msg = self.failure_message(what, e);
         if let Some(r) = self.mark_failed(&msg) {
-            self.save(&r);
+            let _ = self.save(&r);
         }
         self.failed(msg);
     }
@@ -370,7 +370,7 @@ impl Job {
             timeout.as_secs_f64()
         );
         if let Some(r) = self.mark_failed(&msg) {
-            self.save(&r);
+            let _ = self.save(&r);
         }
         self.failed(msg);
     }
@@ -717,12 +717,17 @@ impl Job {
             return;
         }
         r.state = state;
-        self.save(&r);
+        let _ = self.save(&r);
     }
 
-    fn save(&self, r: &JobRecord) {
-        if let Err(e) = super::progress::save_record(&self.dir, r) {
-            log::warn!("copy job {}: cannot save its state: {e}", self.id);
+    /// Saves the record; false (logged) if it could not be.
+    fn save(&self, r: &JobRecord) -> bool {
+        match super::progress::save_record(&self.dir, r) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("copy job {}: cannot save its state: {e}", self.id);
+                false
+            }
         }
     }
 
@@ -951,7 +956,7 @@ impl Job {
                 Err(e) => log::warn!("copy job {}: cannot delete {volume}@{name}: {e}", self.id),
             }
         }
-        {
+        let ended = {
             let (done, moved) = {
                 let s = self.shared.lock().unwrap();
                 (s.done_bytes, s.moved)
@@ -961,11 +966,13 @@ impl Job {
             r.bytes_done = done;
             r.moved = moved;
             r.state = state;
-            self.save(&r);
+            r.clone()
+        };
+        // Only once the end is saved: a crash (or a failed save) before
+        // that must find the map, to resume; after it, the job has ended.
+        if self.save(&ended) {
+            let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         }
-        // Only now: a crash before the state is saved must find the map
-        // (to resume); one after finds the job ended.
-        let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         log::info!("copy job {} ended: {state:?}", self.id);
     }
 
