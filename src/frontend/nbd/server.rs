@@ -482,27 +482,7 @@ fn peer(fd: RawFd, tcp: bool) -> Client {
             _ => Client::Unknown,
         };
     }
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Client::Uid(cred.uid)
-    } else {
-        Client::Unknown
-    }
+    crate::security::peer_credentials(fd).map_or(Client::Unknown, |c| Client::Uid(c.uid))
 }
 
 /// Closes connections past their handshake limit or idle timeout, until
