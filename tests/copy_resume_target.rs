@@ -5,7 +5,21 @@
 mod common;
 
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// For `test` (None where qemu-io is missing): a daemon with a slow copy
+/// job to `copy.img` in a temporary directory, stopped half-way by a daemon
+/// shutdown; returns the directory, the daemon, the target and the job id.
+fn stopped(test: &str) -> Option<(tempfile::TempDir, Daemon, PathBuf, String)> {
+    if skip_without(test, &["qemu-io"]) {
+        return None;
+    }
+    let (t, dir) = tempdir();
+    let mut d = Daemon::start(&dir);
+    let target = t.path().join("copy.img");
+    let id = stopped_job(&mut d, &target);
+    Some((t, d, target, id))
+}
 
 /// A daemon with volume `v` (8 MiB of data) and a slow copy job to
 /// `target` that is stopped half-way by a daemon shutdown; returns the id.
@@ -42,16 +56,11 @@ fn assert_refused(d: &Daemon, id: &str, needle: &str, victim: &Path, victim_byte
 
 #[test]
 fn a_symlink_swapped_in_for_the_target_is_not_followed() {
-    if skip_without(
-        "a_symlink_swapped_in_for_the_target_is_not_followed",
-        &["qemu-io"],
-    ) {
+    let Some((t, mut d, target, id)) =
+        stopped("a_symlink_swapped_in_for_the_target_is_not_followed")
+    else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
-    let target = t.path().join("copy.img");
-    let id = stopped_job(&mut d, &target);
+    };
     let victim = t.path().join("victim");
     std::fs::write(&victim, b"precious").unwrap();
     std::fs::remove_file(&target).unwrap();
@@ -63,16 +72,10 @@ fn a_symlink_swapped_in_for_the_target_is_not_followed() {
 
 #[test]
 fn another_file_in_the_targets_place_is_not_written() {
-    if skip_without(
-        "another_file_in_the_targets_place_is_not_written",
-        &["qemu-io"],
-    ) {
+    let Some((t, mut d, target, id)) = stopped("another_file_in_the_targets_place_is_not_written")
+    else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
-    let target = t.path().join("copy.img");
-    let id = stopped_job(&mut d, &target);
+    };
     // Same name, same size, another inode: written beside it and renamed
     // over it, so the old inode still exists when the new one is made (a
     // remove then create may get the freed inode number back).
@@ -86,13 +89,9 @@ fn another_file_in_the_targets_place_is_not_written() {
 
 #[test]
 fn the_same_target_resumes() {
-    if skip_without("the_same_target_resumes", &["qemu-io"]) {
+    let Some((_t, mut d, _target, id)) = stopped("the_same_target_resumes") else {
         return;
-    }
-    let (t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
-    let target = t.path().join("copy.img");
-    let id = stopped_job(&mut d, &target);
+    };
     d.restart();
     d.ok(&["copy", "pause", &id]);
     let s = d.json(&["copy", "status", &id]);
