@@ -345,20 +345,25 @@ pub const VOLUME_FILE_MODE: u32 = 0o640;
 
 /// Write a temporary file, fsync it, rename over `path`, fsync the directory.
 pub fn replace_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
+    rename_over(&path.with_extension("tmp"), path, bytes)
+}
+
+/// Writes `bytes` into `staged` (existing blocks reused, the rest cut
+/// off), fsyncs it, renames it over `path` and fsyncs the directory.
+fn rename_over(staged: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(VOLUME_FILE_MODE)
-            .open(&tmp)?;
+            .open(staged)?;
         file.write_all(bytes)?;
+        file.set_len(bytes.len() as u64)?;
         file.sync_all()?;
     }
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    std::fs::rename(staged, path)?;
+    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// [`replace_atomically`] for a file that must stay replaceable on a full
@@ -369,28 +374,23 @@ pub fn replace_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// still works, and freeing space makes the next spare.
 pub fn replace_with_spare(path: &Path, bytes: &[u8]) -> io::Result<()> {
     const SPARE: u64 = 64 << 10;
-    let dir = path.parent().unwrap_or(Path::new("."));
     let spare = path.with_extension("spare");
-    {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&spare)?;
-        file.write_all(bytes)?;
-        file.set_len(bytes.len() as u64)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&spare, path)?;
-    File::open(dir)?.sync_all()?;
+    rename_over(&spare, path, bytes)?;
     let len = SPARE.max(2 * bytes.len() as u64);
-    let reserved = File::create(&spare).and_then(|f| {
-        // SAFETY: fallocate on a file we just created.
-        match unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len as i64) } {
-            0 => Ok(()),
-            _ => Err(io::Error::last_os_error()),
-        }
-    });
+    let reserved = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(VOLUME_FILE_MODE)
+        .open(&spare)
+        .and_then(|f| {
+            // SAFETY: fallocate on a file we just opened.
+            match unsafe {
+                libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len as i64)
+            } {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        });
     if let Err(e) = reserved {
         log::debug!("{}: cannot allocate a spare: {e}", spare.display());
     }
