@@ -321,6 +321,44 @@ impl Partition {
         }
     }
 
+    /// Appends to `out`, in order, the chunks of `[first, end)` whose content
+    /// differs between snapshot `from` and image `to` (a later snapshot's
+    /// generation, or `u64::MAX` for the live volume).
+    ///
+    /// Exact, and never stale: every write after `from` to a chunk `from`
+    /// reads from the origin preserves it (`from` is live and not released),
+    /// so the version `from` reads ends at the generation of the chunk's
+    /// first write after `from`; the chunk changed by `to` iff that end is
+    /// at most `to`. A chunk with no version was never written after any
+    /// live snapshot. Costs the smaller of the range and the chunks this
+    /// partition tracks, never the volume's size.
+    pub fn changed_chunks(&self, from: u64, to: u64, first: u64, end: u64, out: &mut Vec<u64>) {
+        let state = self.state.lock().unwrap();
+        let changed = |c: &ChunkState| {
+            if c.birth <= from {
+                return false;
+            }
+            match c.versions.iter().find(|v| v.start <= from && from < v.end) {
+                Some(v) => v.end <= to,
+                // Only a deleted `from` has none: say changed (the safe answer).
+                None => true,
+            }
+        };
+        let start = out.len();
+        if end.saturating_sub(first) <= state.chunks.len() as u64 {
+            out.extend((first..end).filter(|c| state.chunks.get(c).is_some_and(changed)));
+        } else {
+            out.extend(
+                state
+                    .chunks
+                    .iter()
+                    .filter(|&(&c, s)| (first..end).contains(&c) && changed(s))
+                    .map(|(&c, _)| c),
+            );
+            out[start..].sort_unstable();
+        }
+    }
+
     /// After reading the origin for snapshot `generation`: true if no write
     /// has begun overwriting the chunk since [`Partition::source`] said Origin.
     /// (A writer installs the preserved version before touching the origin.)

@@ -29,6 +29,8 @@ pub(crate) trait Export {
     fn read_only(&self) -> bool;
     fn preferred_block_size(&self) -> u32;
     fn description(&self) -> String;
+    /// Snapshots a `qemu:dirty-bitmap:NAME` context may count changes from.
+    fn dirty_bitmaps(&self) -> Vec<String>;
 }
 
 impl Export for View {
@@ -49,6 +51,13 @@ impl Export for View {
             ),
             None => format!("volume {}", self.volume().name()),
         }
+    }
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        // Names starting with '.' are the daemon's own (a copy job's
+        // point-in-time image), never exported.
+        let mut names = self.older_snapshots();
+        names.retain(|n| !n.starts_with('.'));
+        names
     }
 }
 
@@ -89,9 +98,30 @@ pub(crate) struct Negotiated<E> {
     pub export: E,
     pub name: String,
     pub structured: bool,
-    /// base:allocation was selected for this export.
-    pub base_allocation: bool,
+    /// The metadata contexts selected for this export; each one's id is
+    /// its index + 1.
+    pub contexts: Vec<MetaContext>,
     pub flags: u16,
+}
+
+/// A metadata context a client can select.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum MetaContext {
+    /// `base:allocation`: holes and zeros.
+    BaseAllocation,
+    /// `qemu:dirty-bitmap:SNAP`: what changed since snapshot SNAP, as QEMU
+    /// reports a dirty bitmap (flag 1: dirty), so incremental-backup
+    /// tools read it unchanged.
+    DirtyBitmap(String),
+}
+
+impl MetaContext {
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::BaseAllocation => META_BASE_ALLOCATION.to_owned(),
+            MetaContext::DirtyBitmap(s) => format!("{META_DIRTY_BITMAP_PREFIX}{s}"),
+        }
+    }
 }
 
 pub(crate) enum Outcome<E> {
@@ -231,15 +261,35 @@ pub(crate) fn parse_meta_request(data: &[u8]) -> Option<MetaRequest<'_>> {
     p.0.is_empty().then_some(MetaRequest { name, queries })
 }
 
-/// Contexts a query selects. LIST accepts the namespace query "base:" and
-/// an empty query list (all contexts); SET only the exact name.
-fn meta_matches(queries: &[&str], list: bool) -> bool {
-    if list && queries.is_empty() {
-        return true;
+/// The contexts `queries` select, base:allocation first, then bitmaps in
+/// the order asked, each once. Exact names select in LIST and SET; LIST
+/// also takes an empty query list (everything) and, as QEMU does, the
+/// namespace queries "base:", "qemu:" and "qemu:dirty-bitmap:".
+fn select_contexts(queries: &[&str], list: bool, bitmaps: &[String]) -> Vec<MetaContext> {
+    let all = list && queries.is_empty();
+    let mut out = Vec::new();
+    if all
+        || queries
+            .iter()
+            .any(|q| *q == META_BASE_ALLOCATION || (list && *q == "base:"))
+    {
+        out.push(MetaContext::BaseAllocation);
     }
-    queries
-        .iter()
-        .any(|q| *q == META_BASE_ALLOCATION || (list && *q == "base:"))
+    for q in queries.iter().copied().chain(all.then_some("qemu:")) {
+        let names: Vec<&String> = match q.strip_prefix(META_DIRTY_BITMAP_PREFIX) {
+            Some("") if list => bitmaps.iter().collect(),
+            Some(name) => bitmaps.iter().filter(|b| *b == name).collect(),
+            None if list && q == "qemu:" => bitmaps.iter().collect(),
+            None => Vec::new(),
+        };
+        for n in names {
+            let c = MetaContext::DirtyBitmap(n.clone());
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 struct Session<'c, S, C: ?Sized> {
@@ -247,8 +297,8 @@ struct Session<'c, S, C: ?Sized> {
     catalog: &'c C,
     out: Vec<u8>,
     structured: bool,
-    /// Export name for which base:allocation was selected.
-    meta_for: Option<String>,
+    /// The export name contexts were selected for, and those contexts.
+    meta_for: Option<(String, Vec<MetaContext>)>,
 }
 
 impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
@@ -326,15 +376,22 @@ impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
         if option != OPT_GO {
             return None;
         }
-        // A context selected for another export name does not carry over.
-        let base_allocation = self.structured && self.meta_for.as_deref() == Some(req.name);
         Some(Negotiated {
             export,
             name: canonical,
             structured: self.structured,
-            base_allocation,
+            contexts: self.contexts_for(req.name),
             flags,
         })
+    }
+
+    /// Contexts selected for export `name` (one selected for another
+    /// export name does not carry over).
+    fn contexts_for(&self, name: &str) -> Vec<MetaContext> {
+        match &self.meta_for {
+            Some((n, contexts)) if self.structured && n == name => contexts.clone(),
+            _ => Vec::new(),
+        }
     }
 
     fn meta_context(&mut self, option: u32, data: &[u8]) {
@@ -351,19 +408,21 @@ impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
             self.error(option, REP_ERR_INVALID, "malformed meta context payload");
             return;
         };
-        if let Err(msg) = self.resolve(req.name) {
-            self.error(option, REP_ERR_UNKNOWN, &msg);
-            return;
-        }
-        let matched = meta_matches(&req.queries, !set);
-        let name = req.name.to_owned();
-        if matched {
-            let mut p = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-            p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        let export = match self.resolve(req.name) {
+            Ok((_, export)) => export,
+            Err(msg) => {
+                self.error(option, REP_ERR_UNKNOWN, &msg);
+                return;
+            }
+        };
+        let selected = select_contexts(&req.queries, !set, &export.dirty_bitmaps());
+        for (id, context) in (1u32..).zip(&selected) {
+            let mut p = id.to_be_bytes().to_vec();
+            p.extend_from_slice(context.name().as_bytes());
             self.reply(option, REP_META_CONTEXT, &p);
         }
         if set {
-            self.meta_for = matched.then_some(name);
+            self.meta_for = Some((req.name.to_owned(), selected));
         }
         self.reply(option, REP_ACK, &[]);
     }
@@ -480,12 +539,11 @@ fn options<S: Read + Write, C: Catalog + ?Sized>(
                     s.out.extend_from_slice(&[0u8; 124]);
                 }
                 s.flush()?;
-                let base_allocation = s.structured && s.meta_for.as_deref() == Some(name);
                 return Ok(Outcome::Transmission(Negotiated {
                     export,
                     name: canonical,
                     structured: s.structured,
-                    base_allocation,
+                    contexts: s.contexts_for(name),
                     flags,
                 }));
             }
@@ -578,6 +636,13 @@ mod tests {
         }
         fn description(&self) -> String {
             "fake".into()
+        }
+        fn dirty_bitmaps(&self) -> Vec<String> {
+            // The live volume is newer than its snapshot; the snapshot has none older.
+            match self.ro {
+                true => vec![],
+                false => vec!["snap".into()],
+            }
         }
     }
     struct FakeCatalog;
@@ -733,7 +798,7 @@ mod tests {
         let Outcome::Transmission(n) = r.unwrap() else {
             panic!("closed")
         };
-        assert!(n.structured && n.base_allocation);
+        assert!(n.structured && n.contexts == [MetaContext::BaseAllocation]);
         assert_eq!(n.name, "vol");
         assert_eq!(&out[..18], &GREETING);
         let reps = replies(&out[18..]);
@@ -776,7 +841,7 @@ mod tests {
             panic!("closed")
         };
         assert_eq!(n.name, "vol"); // the default export
-        assert!(!n.structured && !n.base_allocation);
+        assert!(!n.structured && n.contexts.is_empty());
         let reps = replies(&out[18..]);
         assert_eq!(reps[0].0, 0x1234);
         assert_eq!(reps[0].1, REP_ERR_UNSUP);
@@ -846,9 +911,76 @@ mod tests {
             (OPT_LIST, REP_SERVER, b"\0\0\0\x08vol@snap".to_vec())
         );
         assert_eq!(reps[2], (OPT_LIST, REP_ACK, vec![]));
-        assert_eq!(reps[3].1, REP_META_CONTEXT);
-        assert_eq!(reps[4], (OPT_LIST_META_CONTEXT, REP_ACK, vec![]));
+        let context = |id: u8, name: &str| {
+            let mut p = vec![0, 0, 0, id];
+            p.extend_from_slice(name.as_bytes());
+            (OPT_LIST_META_CONTEXT, REP_META_CONTEXT, p)
+        };
+        assert_eq!(reps[3], context(1, "base:allocation"));
+        assert_eq!(reps[4], context(2, "qemu:dirty-bitmap:snap"));
         assert_eq!(reps[5], (OPT_LIST_META_CONTEXT, REP_ACK, vec![]));
+        assert_eq!(reps[6], (OPT_LIST_META_CONTEXT, REP_ACK, vec![]));
+    }
+
+    /// QEMU's names and namespace queries: a snapshot older than the
+    /// export is a `qemu:dirty-bitmap:` context; SET takes exact names only.
+    #[test]
+    fn dirty_bitmap_contexts_are_listed_and_selected_by_name() {
+        let c = client(&[
+            (OPT_STRUCTURED_REPLY, &[]),
+            (OPT_LIST_META_CONTEXT, &meta_payload("vol", &["qemu:"])),
+            (
+                OPT_LIST_META_CONTEXT,
+                &meta_payload("vol@snap", &["qemu:dirty-bitmap:"]),
+            ),
+            (OPT_SET_META_CONTEXT, &meta_payload("vol", &["qemu:"])),
+            (
+                OPT_SET_META_CONTEXT,
+                &meta_payload(
+                    "vol",
+                    &[
+                        "qemu:dirty-bitmap:snap",
+                        "qemu:dirty-bitmap:nope",
+                        "base:allocation",
+                        "qemu:dirty-bitmap:snap",
+                    ],
+                ),
+            ),
+            (OPT_GO, &go_payload("vol", &[])),
+        ]);
+        let (r, out) = run(c);
+        let Outcome::Transmission(n) = r.unwrap() else {
+            panic!("closed")
+        };
+        assert_eq!(
+            n.contexts,
+            [
+                MetaContext::BaseAllocation,
+                MetaContext::DirtyBitmap("snap".into())
+            ]
+        );
+        let reps: Vec<_> = replies(&out[18..])
+            .into_iter()
+            .filter(|r| r.0 != OPT_GO)
+            .collect();
+        let context = |option, id: u8, name: &str| {
+            let mut p = vec![0, 0, 0, id];
+            p.extend_from_slice(name.as_bytes());
+            (option, REP_META_CONTEXT, p)
+        };
+        let ack = |option| (option, REP_ACK, vec![]);
+        assert_eq!(
+            reps[1..],
+            [
+                context(OPT_LIST_META_CONTEXT, 1, "qemu:dirty-bitmap:snap"),
+                ack(OPT_LIST_META_CONTEXT),
+                ack(OPT_LIST_META_CONTEXT),
+                ack(OPT_SET_META_CONTEXT),
+                context(OPT_SET_META_CONTEXT, 1, "base:allocation"),
+                context(OPT_SET_META_CONTEXT, 2, "qemu:dirty-bitmap:snap"),
+                ack(OPT_SET_META_CONTEXT),
+            ]
+        );
     }
 
     #[test]
@@ -898,7 +1030,7 @@ mod tests {
         let Outcome::Transmission(n) = run(c).0.unwrap() else {
             panic!()
         };
-        assert!(n.structured && !n.base_allocation);
+        assert!(n.structured && n.contexts.is_empty());
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! Files follow the protocol's phases (like nbdkit's `server/`):
 //! - [`proto`]: constants and the encoding of wire structures;
 //! - `handshake`: fixed newstyle negotiation (EXPORT_NAME, ABORT, LIST, INFO,
-//!   GO, STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`);
+//!   GO, STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation` and
+//!   `qemu:dirty-bitmap:SNAP`);
 //! - `transmission`: the request loop (READ, WRITE, FLUSH, TRIM,
 //!   WRITE_ZEROES, BLOCK_STATUS, DISC), many requests in flight, replies out
 //!   of order;
@@ -20,7 +21,10 @@
 //! - `server`: listeners, who may connect, a thread per connection, shutdown.
 //!
 //! Capabilities: FLUSH, FUA, TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO),
-//! structured replies, `base:allocation` block status, and CAN_MULTI_CONN:
+//! structured replies, `base:allocation` block status, changed-block maps
+//! (`qemu:dirty-bitmap:SNAP`: what changed since each older snapshot SNAP,
+//! computed by the engine, flag 1 dirty, as QEMU reports its bitmaps), and
+//! CAN_MULTI_CONN:
 //! every connection to a volume shares the engine's state, and the engine's
 //! flush makes every completed write durable whichever connection made it.
 //! Snapshot exports (`VOL@SNAP`) are READ_ONLY.

@@ -66,7 +66,10 @@ pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// The only metadata context we serve, and the id we give it.
 pub const META_BASE_ALLOCATION: &str = "base:allocation";
-pub const META_BASE_ALLOCATION_ID: u32 = 1;
+/// QEMU's name for the context of its dirty bitmap NAME is this + NAME.
+pub const META_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// A dirty bitmap context's flag: the extent changed.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Limits. An option longer than this is garbage: the connection is closed.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;

@@ -586,11 +586,11 @@ fn serve(
         }
     };
     log::debug!(
-        "nbd: serving export '{}' (flags {:#x}, structured replies: {}, base:allocation: {}, TLS: {})",
+        "nbd: serving export '{}' (flags {:#x}, structured replies: {}, contexts: {:?}, TLS: {})",
         negotiated.name,
         negotiated.flags,
         negotiated.structured,
-        negotiated.base_allocation,
+        negotiated.contexts,
         tls.is_some()
     );
     let a = Arc::new(Activity::default());

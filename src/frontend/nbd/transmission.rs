@@ -28,7 +28,7 @@
 //! sent, and the connection ends. Requests are never abandoned half-way
 //! inside the engine.
 
-use super::handshake::Negotiated;
+use super::handshake::{MetaContext, Negotiated};
 use super::proto::*;
 use super::tls::TlsIo;
 use crate::backend::Extent;
@@ -38,6 +38,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -126,7 +127,8 @@ struct Conn {
     tls: Option<TlsIo>,
     view: View,
     structured: bool,
-    base_allocation: bool,
+    /// The negotiated metadata contexts; each one's id is its index + 1.
+    contexts: Vec<MetaContext>,
     read_only: bool,
     queue: RefCell<VecDeque<Reply>>,
     /// Requests taken and not yet answered on the wire.
@@ -296,7 +298,7 @@ pub(crate) async fn serve(
         read_only: n.export.read_only(),
         view: n.export,
         structured: n.structured,
-        base_allocation: n.base_allocation,
+        contexts: n.contexts,
         queue: RefCell::new(VecDeque::new()),
         buffers: RefCell::new(Vec::new()),
         pooled_bytes: Cell::new(0),
@@ -502,19 +504,31 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
             conn.engine_reply(cookie, r)
         }
         CMD_BLOCK_STATUS => {
-            if !conn.base_allocation {
+            if conn.contexts.is_empty() {
                 return einval("no metadata context was negotiated");
             }
-            match view.block_status(req.offset, req.length as u64) {
-                Ok(extents) => {
-                    let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-                    let descs = descriptors(&extents, req.offset, req.length as u64, one);
-                    let mut head = Vec::with_capacity(CHUNK_HEADER_LEN + 4 + 8 * descs.len());
-                    block_status_reply(&mut head, cookie, &descs);
-                    Reply { head, data: None }
+            let (offset, len) = (req.offset, req.length as u64);
+            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            let mut head = Vec::new();
+            // One chunk per context, as QEMU sends them; the last is final.
+            for (id, context) in (1u32..).zip(&conn.contexts) {
+                let descs = match context {
+                    MetaContext::BaseAllocation => view
+                        .block_status(offset, len)
+                        .map(|e| descriptors(&e, offset, len, one)),
+                    MetaContext::DirtyBitmap(from) => view
+                        .changed_since(from, offset, len)
+                        .map(|changed| dirty_descriptors(&changed, offset, len, one)),
+                };
+                match descs {
+                    Ok(descs) => {
+                        let last = id as usize == conn.contexts.len();
+                        block_status_chunk(&mut head, cookie, id, &descs, last)
+                    }
+                    Err(e) => return conn.error_reply(cookie, nbd_error(&e), &e.to_string()),
                 }
-                Err(e) => conn.error_reply(cookie, nbd_error(&e), &e.to_string()),
             }
+            Reply { head, data: None }
         }
         _ => unreachable!("filtered above"),
     }
@@ -524,6 +538,33 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
 /// `[offset, offset + len)` from its start, clipped and merged. Gaps in the
 /// engine's answer are reported as data (the safe answer).
 pub(crate) fn descriptors(extents: &[Extent], offset: u64, len: u64, one: bool) -> Vec<(u32, u32)> {
+    let mut sorted: Vec<&Extent> = extents.iter().collect();
+    sorted.sort_by_key(|e| e.offset);
+    let runs = sorted.into_iter().map(|e| {
+        let flags = if e.data { 0 } else { STATE_HOLE | STATE_ZERO };
+        (e.offset, e.len, flags)
+    });
+    clip_runs(runs, offset, len, one)
+}
+
+/// A dirty bitmap context's descriptors for `[offset, offset + len)`:
+/// the `changed` ranges (sorted) dirty, the rest clean.
+fn dirty_descriptors(changed: &[Range<u64>], offset: u64, len: u64, one: bool) -> Vec<(u32, u32)> {
+    let runs = changed
+        .iter()
+        .map(|r| (r.start, r.end - r.start, STATE_DIRTY));
+    clip_runs(runs, offset, len, one)
+}
+
+/// (length, flags) descriptors covering `[offset, offset + len)` from
+/// `runs` of (offset, length, flags) in order, clipped and merged; gaps
+/// have flags 0.
+fn clip_runs(
+    runs: impl Iterator<Item = (u64, u64, u32)>,
+    offset: u64,
+    len: u64,
+    one: bool,
+) -> Vec<(u32, u32)> {
     let end = offset + len;
     let mut out: Vec<(u32, u32)> = Vec::new();
     let mut pos = offset;
@@ -536,21 +577,18 @@ pub(crate) fn descriptors(extents: &[Extent], offset: u64, len: u64, one: bool) 
             _ => out.push((n as u32, flags)),
         }
     };
-    let mut sorted: Vec<&Extent> = extents.iter().collect();
-    sorted.sort_by_key(|e| e.offset);
-    for e in sorted {
+    for (e_offset, e_len, flags) in runs {
         if pos >= end || out.len() >= MAX_EXTENTS {
             break;
         }
-        let e_end = e.offset.saturating_add(e.len).min(end);
+        let e_end = e_offset.saturating_add(e_len).min(end);
         if e_end <= pos {
             continue;
         }
-        if e.offset > pos {
-            emit(&mut out, e.offset.min(end) - pos, 0);
-            pos = e.offset.min(end);
+        if e_offset > pos {
+            emit(&mut out, e_offset.min(end) - pos, 0);
+            pos = e_offset.min(end);
         }
-        let flags = if e.data { 0 } else { STATE_HOLE | STATE_ZERO };
         emit(&mut out, e_end - pos, flags);
         pos = e_end;
     }
@@ -563,16 +601,23 @@ pub(crate) fn descriptors(extents: &[Extent], offset: u64, len: u64, one: bool) 
     out
 }
 
-/// Encodes a final NBD_REPLY_TYPE_BLOCK_STATUS chunk.
-pub(crate) fn block_status_reply(out: &mut Vec<u8>, cookie: u64, descs: &[(u32, u32)]) {
+/// Encodes an NBD_REPLY_TYPE_BLOCK_STATUS chunk for context `id` (`last`:
+/// the reply's final chunk).
+pub(crate) fn block_status_chunk(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    id: u32,
+    descs: &[(u32, u32)],
+    last: bool,
+) {
     put_chunk_header(
         out,
-        REPLY_FLAG_DONE,
+        if last { REPLY_FLAG_DONE } else { 0 },
         REPLY_TYPE_BLOCK_STATUS,
         cookie,
         4 + 8 * descs.len() as u32,
     );
-    out.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
     for (len, flags) in descs {
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
@@ -693,12 +738,18 @@ mod tests {
         );
         assert_eq!(descriptors(&e, 1024, 22528, true), vec![(7168, 0)]);
         assert_eq!(descriptors(&[], 0, 512, false), vec![(512, 0)]);
+        let changed = [4096..8192, 12288..16384];
+        assert_eq!(
+            dirty_descriptors(&changed, 2048, 12288, false),
+            vec![(2048, 0), (4096, 1), (4096, 0), (2048, 1)]
+        );
+        assert_eq!(dirty_descriptors(&[], 0, 512, true), vec![(512, 0)]);
     }
 
     #[test]
     fn block_status_reply_bytes() {
         let mut out = Vec::new();
-        block_status_reply(&mut out, 9, &[(65536, 0), (512, 3)]);
+        block_status_chunk(&mut out, 9, 1, &[(65536, 0), (512, 3)], true);
         assert_eq!(
             out,
             [
