@@ -38,23 +38,41 @@ fn request(data: &[u8]) -> bool {
 /// the footer's (over everything before it).
 fn fix_stream(s: &mut [u8]) {
     const FIXED: usize = 38;
-    let Some(name_len) = s
-        .get(36..38)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    else {
+    let u16_at = |s: &[u8], at: usize| {
+        s.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let Some(name_len) = u16_at(s, 36) else {
         return;
     };
-    if s.len() < FIXED + name_len + 4 || &s[..8] != STREAM_MAGIC {
+    let mut header = FIXED + name_len;
+    // Version 2: the volume's name, its stamp, kind and base follow.
+    if le32(s, 8) == Some(2) {
+        let Some(volume_len) = u16_at(s, header) else {
+            return;
+        };
+        header += 2 + volume_len + 25;
+    }
+    if s.len() < header + 4 || &s[..8] != STREAM_MAGIC {
         return;
     }
-    let crc = crc32c::crc32c(&s[..FIXED + name_len]);
-    put_le32(s, FIXED + name_len, crc);
-    let mut at = FIXED + name_len + 4;
+    let crc = crc32c::crc32c(&s[..header]);
+    put_le32(s, header, crc);
+    let mut at = header + 4;
     while let Some(magic) = le32(s, at) {
         match &magic.to_le_bytes() {
             b"FRME" => {
                 let Some(len) = le32(s, at + 12) else { return };
                 let end = at + FRAME_HEAD + len as usize;
+                if end + 4 > s.len() {
+                    return;
+                }
+                let crc = crc32c::crc32c(&s[at..end]);
+                put_le32(s, end, crc);
+                at = end + 4;
+            }
+            b"ZERO" => {
+                let end = at + FRAME_HEAD;
                 if end + 4 > s.len() {
                     return;
                 }
@@ -94,6 +112,9 @@ pub fn backup_stream(data: &[u8]) -> bool {
         match reader.next(&mut block) {
             Ok(Item::Block { offset }) => {
                 assert!(offset + block.len() as u64 <= reader.header.volume_size);
+            }
+            Ok(Item::Zero { offset, len }) => {
+                assert!(offset + len <= reader.header.volume_size);
             }
             Ok(Item::End { blocks }) => {
                 assert_eq!(blocks, reader.blocks());

@@ -9,7 +9,7 @@ use super::files::{template_files, MAP_SEGMENTS};
 use super::nbd::server_socket;
 use snapblk::control::protocol::{ControlError, Request, Response};
 use snapblk::copy::progress::{Format, JobRecord, JobState, Moved, Policy};
-use snapblk::copy::stream::{footer, frame_head, frame_tail, Header};
+use snapblk::copy::stream::{footer, frame_head, frame_tail, zero_frame, Header};
 use snapblk::copy::CopyStart;
 use snapblk::frontend::nbd::proto::*;
 use snapblk::replication::wire::{self, CpCommit, CpEntry, Kind};
@@ -29,7 +29,12 @@ pub fn all() -> Vec<Seed> {
     let mut seeds = Vec::new();
     seeds.extend(nbd());
     seeds.extend(control());
-    seeds.push(("backup_stream", "two-blocks".into(), backup_stream()));
+    seeds.push(("backup_stream", "two-blocks".into(), backup_stream(None)));
+    seeds.push((
+        "backup_stream",
+        "incremental".into(),
+        backup_stream(Some((2, 1_700_000_000_000))),
+    ));
     seeds.extend(replication());
     let (journal, manifest) = template_files();
     seeds.push((
@@ -73,6 +78,7 @@ fn control() -> Vec<Seed> {
             format: Some(Format::Stream),
             verify: false,
             hold_timeout_ms: Some(10_000),
+            since: Some("s1".into()),
         }),
         Request::ReplicateStart {
             volume: "vol".into(),
@@ -101,13 +107,17 @@ fn control() -> Vec<Seed> {
     seeds
 }
 
-fn backup_stream() -> Vec<u8> {
+/// A full stream, or with `base` an incremental one (with a ZERO frame).
+fn backup_stream(base: Option<(u64, u64)>) -> Vec<u8> {
     let header = Header {
         volume_size: 1 << 20,
         chunk_size: 4096,
         block_size: 4096,
         generation: 3,
-        source: "vol".into(),
+        source: "vol@s3".into(),
+        volume: "vol".into(),
+        stamp: 1_700_000_000_500,
+        base,
     };
     let mut s = header.encode();
     for (offset, byte) in [(4096u64, 7u8), (0, 9)] {
@@ -117,8 +127,13 @@ fn backup_stream() -> Vec<u8> {
         s.extend_from_slice(&data);
         s.extend_from_slice(&frame_tail(&head, &data));
     }
+    let mut blocks = 2;
+    if base.is_some() {
+        s.extend_from_slice(&zero_frame(8192, 8192));
+        blocks += 1;
+    }
     let whole = crc32c::crc32c(&s);
-    s.extend_from_slice(&footer(2, whole));
+    s.extend_from_slice(&footer(blocks, whole));
     [&[1u8][..], &s].concat()
 }
 

@@ -64,6 +64,10 @@ pub enum CopyCmd {
         /// stalled) fails the job and goes through [default: 10]
         #[arg(long, value_name = "SECS")]
         hold_timeout: Option<f64>,
+        /// Copy only what changed since this older snapshot: a raw target
+        /// must hold it already; a stream is an incremental onto it
+        #[arg(long, value_name = "SNAP")]
+        since: Option<String>,
     },
     /// Show progress, throughput and ETA of one job (or of every running job)
     Status {
@@ -85,13 +89,18 @@ pub enum CopyCmd {
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// The stream file, or - for standard input
-    #[arg(value_name = "STREAM|-", allow_hyphen_values = true)]
-    pub stream: PathBuf,
+    /// The stream files, applied in order (a full stream, then
+    /// incrementals onto it), or - for standard input
+    #[arg(value_name = "STREAM|-", required = true)]
+    pub streams: Vec<PathBuf>,
     /// A file (created or replaced, sparse), a block device, or vol:NAME (a
     /// volume of the daemon: created with the stream's size if missing)
-    #[arg(long, value_name = "TARGET")]
-    pub to: PathBuf,
+    #[arg(long, value_name = "TARGET", required_unless_present = "verify_chain")]
+    pub to: Option<PathBuf>,
+    /// Check the streams as a chain (every frame, and each incremental onto
+    /// the image the previous stream leaves) without writing anything
+    #[arg(long, conflicts_with = "to")]
+    pub verify_chain: bool,
 }
 
 fn absolute(path: &str) -> Result<String, CliError> {
@@ -115,6 +124,7 @@ pub fn run(control: &Path, json: bool, cmd: CopyCmd) -> Result<(), CliError> {
             format,
             verify,
             hold_timeout,
+            since,
         } => {
             let (volume, snapshot) = match source.split_once('@') {
                 Some((v, s)) => (v.to_string(), Some(s.to_string())),
@@ -159,6 +169,7 @@ pub fn run(control: &Path, json: bool, cmd: CopyCmd) -> Result<(), CliError> {
                 }),
                 verify,
                 hold_timeout_ms: hold_timeout.map(|s| (s * 1000.0).round() as u64),
+                since,
             });
             if stdout {
                 return stream_to_stdout(control, &req);
@@ -433,17 +444,69 @@ fn stream_to_stdout(control: &Path, req: &Request) -> Result<(), CliError> {
     }
 }
 
-/// `snapblk restore`: into a file or device here, or into a volume by the
-/// daemon, which reads the stream from the descriptor passed with the request.
+/// `snapblk restore`: each stream in turn into a file or device here, or
+/// into a volume by the daemon, which reads the stream from the descriptor
+/// passed with the request; or `--verify-chain`.
 pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliError> {
-    let opened = if a.stream == Path::new("-") {
+    let Some(to) = a.to else {
+        return verify_chain(json, &a.streams);
+    };
+    if a.streams.len() > 1 && a.streams.iter().any(|s| s == Path::new("-")) {
+        return Err(CliError::plain(
+            "standard input (-) is one stream; give the streams of a chain as files",
+        ));
+    }
+    for stream in &a.streams {
+        restore_one(control, json, stream, &to)?;
+    }
+    Ok(())
+}
+
+/// `restore --verify-chain`: checks without writing; prints each link.
+fn verify_chain(json: bool, streams: &[PathBuf]) -> Result<(), CliError> {
+    let links = crate::copy::restore::verify_chain(streams).map_err(CliError::plain)?;
+    let rows: Vec<Value> = links
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "stream": l.path,
+                "source": l.header.source,
+                "image": l.header.image(),
+                "base": l.header.base_image(),
+                "blocks": l.blocks,
+            })
+        })
+        .collect();
+    if json {
+        print_json(&Value::Array(rows));
+        return Ok(());
+    }
+    for l in &links {
+        let kind = match l.header.base_image() {
+            Some(b) => format!("incremental onto generation {}", b.generation),
+            None => "full".to_string(),
+        };
+        println!(
+            "{}: {} generation {} ({kind}, {} blocks): ok",
+            l.path, l.header.source, l.header.generation, l.blocks
+        );
+    }
+    println!(
+        "the chain of {} streams is complete and intact",
+        links.len()
+    );
+    Ok(())
+}
+
+fn restore_one(control: &Path, json: bool, stream: &Path, to: &Path) -> Result<(), CliError> {
+    let opened = if stream == Path::new("-") {
         None
     } else {
-        Some(std::fs::File::open(&a.stream).map_err(|e| {
+        Some(std::fs::File::open(stream).map_err(|e| {
             CliError::new(
                 format!(
                     "cannot open the stream {}: {}",
-                    a.stream.display(),
+                    stream.display(),
                     super::strip_os_error(&e.to_string())
                 ),
                 "give the path of a file written by `snapblk copy start --format stream`",
@@ -451,7 +514,8 @@ pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliErro
         })?)
     };
     let progress = opened.as_ref().and_then(|f| ReadProgress::start(f, json));
-    let restored = match a.to.to_str().and_then(|t| t.strip_prefix("vol:")) {
+    let data_dir = super::paths::default_data_dir();
+    let restored = match to.to_str().and_then(|t| t.strip_prefix("vol:")) {
         Some(volume) => {
             name_arg("volume", volume)?;
             let fd = opened
@@ -463,8 +527,8 @@ pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliErro
             client::request_with_fd(control, &req, fd)
         }
         None => match opened {
-            Some(f) => crate::copy::restore::restore(f, &a.to),
-            None => crate::copy::restore::restore(std::io::stdin().lock(), &a.to),
+            Some(f) => crate::copy::restore::restore(f, to, &data_dir),
+            None => crate::copy::restore::restore(std::io::stdin().lock(), to, &data_dir),
         }
         .map_err(CliError::plain)
         .map(|r| {
@@ -474,7 +538,8 @@ pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliErro
                 "size": r.header.volume_size,
                 "blocks": r.blocks,
                 "bytes": r.bytes,
-                "target": a.to,
+                "target": to,
+                "incremental": r.header.base.is_some(),
             })
         }),
     };

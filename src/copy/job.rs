@@ -406,8 +406,9 @@ impl Job {
     /// Copies the `n` consecutive segments from `first` on from the source
     /// to the target (not yet durable): zero segments are skipped as one,
     /// each stretch of data segments is one read and one write (or one
-    /// `copy_file_range`). `may_block`: on the job thread, which may wait
-    /// in a syscall. `buf` holds at least `n` segments.
+    /// `copy_file_range`); under `--since`, segments that did not change
+    /// since its snapshot are not touched. `may_block`: on the job thread,
+    /// which may wait in a syscall. `buf` holds at least `n` segments.
     async fn copy_run(
         &self,
         first: u64,
@@ -417,33 +418,61 @@ impl Job {
     ) -> io::Result<Vec<(u64, Entry)>> {
         let (off, _) = self.seg_range(first);
         let (last_off, last_len) = self.seg_range(first + n - 1);
-        let extents = self
-            .source
-            .block_status(off, last_off + last_len - off)
-            .map_err(engine_io)?;
-        let has_data = |seg: u64| {
+        let len = last_off + last_len - off;
+        let extents = self.source.block_status(off, len).map_err(engine_io)?;
+        let since = self.record.lock().unwrap().since.clone();
+        let changed = match since {
+            Some(s) => Some(
+                self.source
+                    .changed_since(&s.snapshot, off, len)
+                    .map_err(engine_io)?,
+            ),
+            None => None,
+        };
+        #[derive(Clone, Copy, PartialEq)]
+        enum Kind {
+            Data,
+            Zero,
+            Unchanged,
+        }
+        let kind = |seg: u64| {
             let (o, l) = self.seg_range(seg);
-            extents
+            let overlaps = |a: u64, b: u64| a < o + l && o < b;
+            if changed
+                .as_ref()
+                .is_some_and(|c| !c.iter().any(|r| overlaps(r.start, r.end)))
+            {
+                Kind::Unchanged
+            } else if extents
                 .iter()
-                .any(|e| e.data && e.offset < o + l && o < e.offset + e.len)
+                .any(|e| e.data && overlaps(e.offset, e.offset + e.len))
+            {
+                Kind::Data
+            } else {
+                Kind::Zero
+            }
         };
         let mut out = Vec::with_capacity(n as usize);
         let mut seg = first;
         while seg < first + n {
-            let data = has_data(seg);
+            let k = kind(seg);
             let mut end = seg + 1;
-            while end < first + n && has_data(end) == data {
+            while end < first + n && kind(end) == k {
                 end += 1;
             }
             let (o, _) = self.seg_range(seg);
             let (lo, ll) = self.seg_range(end - 1);
-            if data {
-                let at = ((seg - first) * self.block_size) as usize;
-                let data = &mut buf[at..at + (lo + ll - o) as usize];
-                out.extend(self.copy_data(seg, end, o, data, may_block).await?);
-            } else {
-                self.target.write_zeroes(o, lo + ll - o).await?;
-                out.extend((seg..end).map(|s| (s, Entry::Zero)));
+            match k {
+                Kind::Data => {
+                    let at = ((seg - first) * self.block_size) as usize;
+                    let data = &mut buf[at..at + (lo + ll - o) as usize];
+                    out.extend(self.copy_data(seg, end, o, data, may_block).await?);
+                }
+                Kind::Zero => {
+                    self.target.write_zeroes(o, lo + ll - o).await?;
+                    out.extend((seg..end).map(|s| (s, Entry::Zero)));
+                }
+                Kind::Unchanged => out.extend((seg..end).map(|s| (s, Entry::Unchanged))),
             }
             seg = end;
         }
@@ -867,7 +896,7 @@ impl Job {
 
     /// The stream's footer, then `--verify`.
     async fn finish_target(&self) -> Result<(), (String, io::Error)> {
-        if let Target::Stream { file, pos } = &self.target {
+        if let Target::Stream { file, pos, .. } = &self.target {
             let p = pos.lock().await;
             let footer = stream::footer(p.blocks, p.crc);
             crate::runtime::write_at(file.as_raw_fd(), &footer, p.len, 0)
@@ -902,6 +931,11 @@ impl Job {
                             return Err(mismatch(offset));
                         }
                     }
+                    stream::Item::Zero { offset, .. } => {
+                        if want[(offset / bs) as usize] != Seg::Done(Entry::Zero) {
+                            return Err(mismatch(offset));
+                        }
+                    }
                     stream::Item::End { .. } => return Ok(()),
                 }
             }
@@ -920,6 +954,15 @@ impl Job {
                     let ok = match want {
                         Seg::Done(Entry::Copied(crc)) => crc32c::crc32c(&buf) == crc,
                         Seg::Done(Entry::Zero) => buf.iter().all(|&b| b == 0),
+                        // Not copied: the target must have held it already.
+                        Seg::Done(Entry::Unchanged) => {
+                            let mut source = AlignedBuf::zeroed(len as usize);
+                            self.source
+                                .read(off, &mut source)
+                                .await
+                                .map_err(engine_io)?;
+                            buf[..] == source[..]
+                        }
                         _ => false,
                     };
                     if ok {
@@ -968,12 +1011,48 @@ impl Job {
             r.state = state;
             r.clone()
         };
+        if state == JobState::Done {
+            self.remember_image(&ended).await;
+        }
         // Only once the end is saved: a crash (or a failed save) before
         // that must find the map, to resume; after it, the job has ended.
         if self.save(&ended) {
             let _ = std::fs::remove_file(super::progress::map_path(&self.dir, self.id));
         }
         log::info!("copy job {} ended: {state:?}", self.id);
+    }
+
+    /// A raw target that received the whole image remembers which, so a
+    /// later `--since` copy or incremental restore can build on it.
+    async fn remember_image(&self, r: &JobRecord) {
+        if r.format != super::progress::Format::Raw {
+            return;
+        }
+        let image = stream::Image {
+            volume: r.volume.clone(),
+            generation: r.generation,
+            stamp: r.stamp,
+        };
+        let remembered = match &self.target {
+            Target::Volume(view) => super::chain::volume_remember(view.volume(), &image)
+                .await
+                .map_err(|e| e.to_string()),
+            _ => match (r.target_real.as_ref(), self.dir.parent()) {
+                (Some(path), Some(data_dir)) => {
+                    super::chain::remember(std::path::Path::new(path), data_dir, &image)
+                        .map_err(|e| e.to_string())
+                }
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = remembered {
+            log::warn!(
+                "copy job {}: {} holds {image} but cannot record so ({e}); a later --since \
+                 copy to it will be refused",
+                self.id,
+                r.target
+            );
+        }
     }
 
     /// Progress for `copy status`.

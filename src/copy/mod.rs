@@ -33,6 +33,7 @@
 //! instead, and every write goes through); move data through a client
 //! connection.
 
+pub mod chain;
 pub mod job;
 pub mod progress;
 pub mod restore;
@@ -117,6 +118,10 @@ pub struct CopyStart {
     /// [`progress::DEFAULT_HOLD_TIMEOUT_MS`].
     #[serde(default)]
     pub hold_timeout_ms: Option<u64>,
+    /// Copy only what changed since this older snapshot: the raw target
+    /// holds it already, or the stream is an incremental onto it.
+    #[serde(default)]
+    pub since: Option<String>,
 }
 
 enum Slot {
@@ -355,7 +360,8 @@ impl Jobs {
                     "standard output takes a backup stream (--format stream) without --verify",
                 ));
             }
-            return Ok((Target::stream(std::fs::File::from(fd)), None));
+            let incremental = r.since.is_some();
+            return Ok((Target::stream(std::fs::File::from(fd), incremental), None));
         }
         if let Some(name) = r.target.strip_prefix("vol:") {
             if r.format == Format::Stream {
@@ -402,8 +408,9 @@ impl Jobs {
             (Some(real), true) => Path::new(real),
             _ => path,
         };
+        let stream = r.format == Format::Stream;
         let t =
-            Target::open_path(opened, r.size, r.format == Format::Stream, resume).map_err(|e| {
+            Target::open_path(opened, r.size, stream, resume, r.since.is_some()).map_err(|e| {
                 match e.raw_os_error() {
                     Some(libc::ELOOP) => ControlError::invalid(format!(
                         "its target {} is now a symbolic link; a resumed job never follows one \
@@ -430,7 +437,7 @@ impl Jobs {
         let map_path = progress::map_path(&self.dir, r.id);
         let (map, stream_len, entries) = ProgressMap::open(&map_path, r.segments())
             .map_err(|e| io_err("cannot read its progress map", e))?;
-        if let Target::Stream { file, pos } = &target {
+        if let Target::Stream { file, pos, .. } = &target {
             rescan_stream(file, stream_len, pos)
                 .map_err(|e| io_err("cannot continue its stream", e))?;
         }
@@ -527,7 +534,11 @@ impl Jobs {
         }
         let info = vol.info()?;
         let chunk = info.chunk_size as u64;
-        let asked = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        // --since copies changed chunks, not whole megabytes around them.
+        let asked = match req.since {
+            Some(_) => req.block_size.unwrap_or(chunk),
+            None => req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
+        };
         if asked == 0 || asked > stream::MAX_BLOCK as u64 {
             return Err(ControlError::invalid(format!(
                 "block size {asked} must be between 1 byte and {} (it is rounded up to the \
@@ -572,21 +583,40 @@ impl Jobs {
             moved: Default::default(),
             target_real: None,
             target_id: None,
+            since: None,
+            stamp: 0,
+        };
+        record.stamp = record.created_unix_ms;
+        let snapshots = vol.list_snapshots();
+        let find = |s: &str| {
+            snapshots.iter().find(|x| x.name == s).ok_or_else(|| {
+                ControlError::not_found(format!("snapshot {s} of volume {} not found", req.volume))
+            })
         };
         if let Some(s) = &req.snapshot {
-            record.generation = vol
-                .list_snapshots()
-                .iter()
-                .find(|x| &x.name == s)
-                .map(|x| x.generation)
-                .ok_or_else(|| {
-                    ControlError::not_found(format!(
-                        "snapshot {s} of volume {} not found",
-                        req.volume
-                    ))
-                })?;
+            let snap = find(s)?;
+            record.generation = snap.generation;
+            record.stamp = snap.created_unix_ms;
+        }
+        if let Some(from) = &req.since {
+            validate_name("snapshot", from)?;
+            let snap = find(from)?;
+            if snap.generation >= record.generation {
+                return Err(ControlError::invalid(format!(
+                    "--since {from} must name a snapshot older than the image copied ({})",
+                    req.snapshot.as_deref().unwrap_or("the live volume")
+                )));
+            }
+            record.since = Some(progress::Since {
+                snapshot: from.clone(),
+                generation: snap.generation,
+                stamp: snap.created_unix_ms,
+            });
         }
         let (target, created) = self.open_target(&record, false)?;
+        if record.format == Format::Raw {
+            self.claim_raw_target(&record, &target)?;
+        }
         if record.target.starts_with('/') {
             record.target_id = target.identity();
             record.target_real = std::fs::canonicalize(&record.target)
@@ -607,13 +637,14 @@ impl Jobs {
             undo.snapshot = Some(name.clone());
             record.internal_snapshot = Some(name);
             record.generation = made.snapshot.generation;
+            record.stamp = made.snapshot.created_unix_ms;
         }
         progress::save_record(&self.dir, &record)
             .map_err(|e| io_err("cannot record the job", e))?;
         let map = ProgressMap::create(&progress::map_path(&self.dir, id), record.segments())
             .map_err(|e| io_err("cannot create the job's progress map", e))?;
         let mut stream_len = 0;
-        if let Target::Stream { file, pos } = &target {
+        if let Target::Stream { file, pos, .. } = &target {
             let header = stream::Header {
                 volume_size: record.size,
                 chunk_size: record.chunk_size,
@@ -623,6 +654,9 @@ impl Jobs {
                     Some(s) => format!("{}@{s}", record.volume),
                     None => record.volume.clone(),
                 },
+                volume: record.volume.clone(),
+                stamp: record.stamp,
+                base: record.since.as_ref().map(|s| (s.generation, s.stamp)),
             }
             .encode();
             stream_len = header.len() as u64;
@@ -654,6 +688,37 @@ impl Jobs {
             .into();
         }
         Ok(out)
+    }
+
+    /// A raw target is about to change: under `--since` it must hold the
+    /// base image (else the copy would mix two images); whatever it held,
+    /// it holds no known image until the job is done.
+    fn claim_raw_target(&self, r: &JobRecord, target: &Target) -> Result<(), ControlError> {
+        let data_dir = self.dir.parent().unwrap_or(&self.dir);
+        let cannot = |e: io::Error| io_err(&format!("cannot use {} as the target", r.target), e);
+        let held = match target {
+            Target::Volume(view) => chain::volume_holds(view.volume()),
+            _ => chain::held(Path::new(&r.target), data_dir).map_err(cannot)?,
+        };
+        if let Some(s) = &r.since {
+            let base = stream::Image {
+                volume: r.volume.clone(),
+                generation: s.generation,
+                stamp: s.stamp,
+            };
+            chain::check_base(held.as_ref(), &base, &r.target).map_err(|e| {
+                ControlError::invalid(format!(
+                    "{e}, or copy {}@{} there in full first",
+                    r.volume, s.snapshot
+                ))
+            })?;
+        }
+        match target {
+            Target::Volume(view) => {
+                block_on(chain::volume_forget(view.volume())).map_err(ControlError::from)
+            }
+            _ => chain::forget(Path::new(&r.target), data_dir).map_err(cannot),
+        }
     }
 
     fn job(&self, id: u64) -> Result<Arc<Job>, ControlError> {

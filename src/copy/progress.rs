@@ -5,7 +5,8 @@
 //!
 //! Map layout: `"SBCPMAP1"`, the committed stream length (u64, stream
 //! targets), then 8 bytes per segment: state (u32: 0 pending, 1 copied,
-//! 2 zero) and the crc32c of the data written to the target (u32). An entry
+//! 2 zero, 3 unchanged since `--since`'s snapshot, so not written) and the
+//! crc32c of the data written to the target (u32). An entry
 //! is written only after the target holds its segment durably.
 
 use super::stream::MAX_BLOCK;
@@ -69,6 +70,14 @@ pub struct JobRecord {
     pub block_size: u64,
     pub rate: Option<u64>,
     pub verify: bool,
+    /// `--since`: only what changed since this older image is copied (the
+    /// target holds it already, or the stream is an incremental onto it).
+    #[serde(default)]
+    pub since: Option<Since>,
+    /// The copied image's creation time (ms), its identity with the
+    /// volume and the generation.
+    #[serde(default)]
+    pub stamp: u64,
     /// How long a write may wait for the job (a held write, or one that
     /// copies its segment first) before the job fails and lets it through.
     #[serde(default = "default_hold_timeout_ms")]
@@ -91,6 +100,14 @@ pub struct JobRecord {
     /// How the data moved, counted since the job last started.
     #[serde(default, flatten)]
     pub moved: Moved,
+}
+
+/// The snapshot a `--since` job counts changes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since {
+    pub snapshot: String,
+    pub generation: u64,
+    pub stamp: u64,
 }
 
 /// Bytes a job copied (data, not zeros), and how: by `copy_file_range`,
@@ -185,6 +202,8 @@ pub enum Entry {
     Pending,
     Copied(u32),
     Zero,
+    /// `--since`: the segment did not change; the target holds it already.
+    Unchanged,
 }
 
 /// An entry as the map stores it.
@@ -193,6 +212,7 @@ fn encode(entry: Entry) -> [u8; 8] {
         Entry::Pending => (0u32, 0u32),
         Entry::Copied(crc) => (1, crc),
         Entry::Zero => (2, 0),
+        Entry::Unchanged => (3, 0),
     };
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&state.to_le_bytes());
@@ -252,6 +272,7 @@ impl ProgressMap {
                 match u32::from_le_bytes(e[..4].try_into().unwrap()) {
                     1 => Entry::Copied(crc),
                     2 => Entry::Zero,
+                    3 => Entry::Unchanged,
                     _ => Entry::Pending,
                 }
             })

@@ -7,6 +7,10 @@
 //! the target keep their data; the ranges the stream has no frame for are
 //! zeroed with `write_zeroes`, then the volume is flushed.
 //!
+//! An incremental stream applies only onto a volume that holds its base
+//! image and was not written since ([`super::chain`]); the volume
+//! remembers the image it received with a marker snapshot.
+//!
 //! A missing volume is created with the stream's size and chunk size; an
 //! existing one must be at least that large and unused (no device on its
 //! live image, no NBD connection, no copy job, no replication), and stays
@@ -73,6 +77,14 @@ fn run<'r>(
     let mut r = StreamReader::open(BufReader::with_capacity(1 << 20, input))
         .map_err(|e| ControlError::invalid(format!("{e}; nothing was written")))?;
     let h = r.header.clone();
+    if let Some(base) = h.base_image() {
+        let held = registry
+            .volume(name)
+            .ok()
+            .and_then(|v| super::chain::volume_holds(&v));
+        super::chain::check_base(held.as_ref(), &base, &format!("volume {name}"))
+            .map_err(|e| ControlError::invalid(format!("{e}; nothing was written")))?;
+    }
     let created = match registry.volume(name) {
         Err(e) if e.code == ErrorCode::NotFound => {
             registry.create_volume(name, h.volume_size, Some(h.chunk_size), None, None, None)?;
@@ -137,6 +149,7 @@ fn write_image(
         r.header.generation
     );
     let view = vol.live();
+    block_on(super::chain::volume_forget(vol)).map_err(ControlError::from)?;
     let mut written: Vec<(u64, u64)> = Vec::new();
     let mut data = Vec::new();
     let blocks = loop {
@@ -145,18 +158,23 @@ fn write_image(
                 block_on(view.write(offset, &data, false)).map_err(ControlError::from)?;
                 written.push((offset, data.len() as u64));
             }
+            Ok(Item::Zero { offset, len }) => {
+                block_on(view.write_zeroes(offset, len, false)).map_err(ControlError::from)?;
+            }
             Ok(Item::End { blocks }) => break blocks,
             Err(e) => return Err(ControlError::invalid(e.to_string())),
         }
     };
     // A new volume reads as zeros already; an old one has its old data
-    // where the stream has no frame, and beyond the stream's size.
-    if !created {
+    // where a full stream has no frame, and beyond the stream's size (an
+    // incremental's target holds its base there, which is right).
+    if !created && r.header.base.is_none() {
         for (start, end) in gaps(&mut written, vol.size()) {
             block_on(view.write_zeroes(start, end - start, false)).map_err(ControlError::from)?;
         }
     }
     block_on(view.flush()).map_err(ControlError::from)?;
+    block_on(super::chain::volume_remember(vol, &r.header.image())).map_err(ControlError::from)?;
     let bytes: u64 = written.iter().map(|w| w.1).sum();
     log::info!("restored {blocks} blocks ({bytes} bytes) into volume {name}");
     Ok((blocks, bytes))

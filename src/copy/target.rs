@@ -33,6 +33,9 @@ pub enum Target {
     Stream {
         file: File,
         pos: Mutex<StreamPos>,
+        /// An incremental stream: zeroed ranges get ZERO frames (its
+        /// target holds older data there).
+        zeros: bool,
     },
 }
 
@@ -75,8 +78,16 @@ fn size_of(file: &File) -> io::Result<u64> {
 impl Target {
     /// Opens a file or block device target. `resume`: reopen what an
     /// earlier run of the job created, never through a symlink (one swapped
-    /// in meanwhile could point anywhere). Raw targets need `size` bytes.
-    pub fn open_path(path: &Path, size: u64, stream: bool, resume: bool) -> io::Result<Target> {
+    /// in meanwhile could point anywhere). `existing`: a raw file that
+    /// already holds an older image (`--since`), written in place. Raw
+    /// targets need `size` bytes.
+    pub fn open_path(
+        path: &Path,
+        size: u64,
+        stream: bool,
+        resume: bool,
+        existing: bool,
+    ) -> io::Result<Target> {
         let nofollow = if resume { libc::O_NOFOLLOW } else { 0 };
         let meta = std::fs::metadata(path);
         let is_dev = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
@@ -99,12 +110,12 @@ impl Target {
                 o.create_new(true);
             }
             let file = o.open(path).map_err(|e| exists_hint(e, path))?;
-            return Ok(Target::stream(file));
+            return Ok(Target::stream(file, existing));
         }
         // O_DIRECT needs every I/O aligned; a volume whose size is not a
         // multiple of the page size ends in a short segment.
         let direct_ok = size.is_multiple_of(ALIGN as u64);
-        if is_dev || resume {
+        if is_dev || resume || existing {
             let file = if direct_ok {
                 open_direct(path, false, nofollow)?
             } else {
@@ -126,7 +137,7 @@ impl Target {
             }
             return Ok(Target::Device {
                 file,
-                fresh: !is_dev,
+                fresh: !is_dev && !existing,
             });
         }
         let file = if direct_ok {
@@ -155,8 +166,9 @@ impl Target {
         }
     }
 
-    /// A stream target writing to `file` (a file, or a pipe from the CLI).
-    pub fn stream(file: File) -> Target {
+    /// A stream target writing to `file` (a file, or a pipe from the CLI);
+    /// `incremental`: zeroed ranges get frames.
+    pub fn stream(file: File, incremental: bool) -> Target {
         Target::Stream {
             file,
             pos: Mutex::new(StreamPos {
@@ -164,6 +176,7 @@ impl Target {
                 crc: 0,
                 blocks: 0,
             }),
+            zeros: incremental,
         }
     }
 
@@ -181,20 +194,10 @@ impl Target {
                 runtime::write_at(file.as_raw_fd(), data, offset, 0).await
             }
             Target::Volume(view) => view.write(offset, data, false).await.map_err(engine_io),
-            Target::Stream { file, pos } => {
+            Target::Stream { file, pos, .. } => {
                 let head = stream::frame_head(offset, data.len() as u32);
                 let tail = stream::frame_tail(&head, data);
-                let mut p = pos.lock().await;
-                let fd = file.as_raw_fd();
-                runtime::write_at(fd, &head, p.len, 0).await?;
-                runtime::write_at(fd, data, p.len + head.len() as u64, 0).await?;
-                runtime::write_at(fd, &tail, p.len + (head.len() + data.len()) as u64, 0).await?;
-                p.crc = crc32c::crc32c_append(p.crc, &head);
-                p.crc = crc32c::crc32c_append(p.crc, data);
-                p.crc = crc32c::crc32c_append(p.crc, &tail);
-                p.len += (head.len() + data.len() + tail.len()) as u64;
-                p.blocks += 1;
-                Ok(())
+                append_frame(file, pos, &[&head, data, &tail]).await
             }
         }
     }
@@ -214,7 +217,17 @@ impl Target {
     /// Makes `[offset, +len)` read as zeros (targets that do not already).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {
-            Target::Device { fresh: true, .. } | Target::Stream { .. } => Ok(()),
+            Target::Device { fresh: true, .. } | Target::Stream { zeros: false, .. } => Ok(()),
+            Target::Stream { file, pos, .. } => {
+                let mut at = offset;
+                while at < offset + len {
+                    let n = (offset + len - at).min(stream::MAX_BLOCK as u64);
+                    let frame = stream::zero_frame(at, n as u32);
+                    append_frame(file, pos, &[&frame]).await?;
+                    at += n;
+                }
+                Ok(())
+            }
             Target::Device { file, .. } => {
                 let fd = file.as_raw_fd();
                 if runtime::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE, offset, len)
@@ -261,6 +274,18 @@ impl Target {
             _ => None,
         }
     }
+}
+
+/// Appends one frame, given in parts, to a stream.
+async fn append_frame(file: &File, pos: &Mutex<StreamPos>, parts: &[&[u8]]) -> io::Result<()> {
+    let mut p = pos.lock().await;
+    for part in parts {
+        runtime::write_at(file.as_raw_fd(), part, p.len, 0).await?;
+        p.crc = crc32c::crc32c_append(p.crc, part);
+        p.len += part.len() as u64;
+    }
+    p.blocks += 1;
+    Ok(())
 }
 
 fn exists_hint(e: io::Error, path: &Path) -> io::Error {
