@@ -13,6 +13,7 @@ use snapblk::copy::stream::{footer, frame_head, frame_tail, Header};
 use snapblk::copy::CopyStart;
 use snapblk::frontend::nbd::proto::*;
 use snapblk::replication::wire::{self, CpCommit, CpEntry, Kind};
+use snapblk::replication::ReplicateStart;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -74,7 +75,7 @@ fn control() -> Vec<Seed> {
             verify: false,
             hold_timeout_ms: Some(10_000),
         }),
-        Request::ReplicateStart {
+        Request::ReplicateStart(ReplicateStart {
             volume: "vol".into(),
             to: "127.0.0.1:10810/vol".into(),
             cp_interval_ms: Some(1000),
@@ -82,7 +83,7 @@ fn control() -> Vec<Seed> {
             keep_cps: Some(2),
             max_log_bytes: None,
             block_size: Some(4096),
-        },
+        }),
         Request::CopyStatus { id: None },
     ];
     let mut seeds: Vec<Seed> = requests

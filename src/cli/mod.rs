@@ -14,11 +14,11 @@ pub mod size;
 
 use crate::control::daemon::{self, DaemonConfig, NbdAccess};
 use crate::control::protocol::Request;
-use crate::control::registry::validate_name;
 use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;
 use crate::frontend::nbd::{Limits, TlsFiles, TlsMode};
 use crate::replication::ReplicationConfig;
+use crate::volumes::validate_name;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::CliError;
 use serde_json::Value;
