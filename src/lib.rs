@@ -2,9 +2,12 @@
 //! replication inline in its I/O path.
 //!
 //! Layers, top to bottom (data flows down, never back up):
-//! - [`control`]: the daemon, its registry of volumes and the control socket;
+//! - [`control`]: the daemon, the control socket and its protocol;
 //! - [`frontend`]: NBD (and, next, ublk) adapters that turn requests into engine calls;
-//! - [`replication`]: mirrors of volumes on other daemons (links, replicas);
+//! - [`copy`] and [`replication`]: live copy jobs, and mirrors of volumes on
+//!   other daemons (links, replicas);
+//! - [`volumes`]: the registry of volumes and their devices, beneath
+//!   everything that works on whole volumes;
 //! - [`engine`]: volumes, partitions, snapshots, copy-on-write, journals, recovery;
 //! - [`backend`]: files, block devices and the fault-injecting memory disk;
 //! - [`runtime`]: the per-thread io_uring executor everything above runs on;
@@ -20,3 +23,4 @@ pub mod frontend;
 pub mod replication;
 pub mod runtime;
 pub mod security;
+pub mod volumes;

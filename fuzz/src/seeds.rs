@@ -13,6 +13,7 @@ use snapblk::copy::stream::{footer, frame_head, frame_tail, zero_frame, Header};
 use snapblk::copy::CopyStart;
 use snapblk::frontend::nbd::proto::*;
 use snapblk::replication::wire::{self, CpCommit, CpEntry, Kind};
+use snapblk::replication::ReplicateStart;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -80,7 +81,7 @@ fn control() -> Vec<Seed> {
             hold_timeout_ms: Some(10_000),
             since: Some("s1".into()),
         }),
-        Request::ReplicateStart {
+        Request::ReplicateStart(ReplicateStart {
             volume: "vol".into(),
             to: "127.0.0.1:10810/vol".into(),
             cp_interval_ms: Some(1000),
@@ -88,7 +89,7 @@ fn control() -> Vec<Seed> {
             keep_cps: Some(2),
             max_log_bytes: None,
             block_size: Some(4096),
-        },
+        }),
         Request::CopyStatus { id: None },
     ];
     let mut seeds: Vec<Seed> = requests

@@ -1,13 +1,14 @@
 //! Regular files and block devices, driven through the thread's io_uring.
 //!
-//! A file opened for direct I/O (a volume's origin in cache mode `none`)
-//! takes every request O_DIRECT can take as it is. A request it cannot take
+//! A file opened for direct I/O (a volume's origin in cache mode `none` or
+//! `writearound`, a change-log store) takes every request O_DIRECT can take
+//! as it is. A request it cannot take
 //! still succeeds, slower: a misaligned buffer is copied through an aligned
 //! one, a misaligned offset or length goes through the page cache on a
 //! second descriptor. Both are counted ([`FileBackend::bounced_ios`]) so the
 //! tests can prove the hot paths hand over aligned memory.
 
-use super::Extent;
+use super::{Extent, PageCache};
 use crate::runtime::{self, AlignedBuf};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -34,6 +35,8 @@ struct Direct {
     mem_align: usize,
     offset_align: u64,
     bounced: AtomicU64,
+    /// Reads go through `buffered` (cache mode `writearound`).
+    cached_reads: bool,
 }
 
 /// How one request reaches a direct file.
@@ -47,12 +50,14 @@ enum Route {
 
 impl FileBackend {
     pub fn open(path: &Path, create: bool) -> io::Result<Self> {
-        Self::open_with(path, create, false)
+        Self::open_with(path, create, PageCache::Use)
     }
 
-    /// `direct`: open with O_DIRECT (the page cache is bypassed; a FLUSH
-    /// still fdatasyncs, for the disk's own volatile cache).
-    pub fn open_with(path: &Path, create: bool, direct: bool) -> io::Result<Self> {
+    /// With [`PageCache::Bypass`] or [`PageCache::BypassForWrites`] the file
+    /// is opened O_DIRECT (a FLUSH still fdatasyncs, for the disk's own
+    /// volatile cache).
+    pub fn open_with(path: &Path, create: bool, cache: PageCache) -> io::Result<Self> {
+        let direct = cache != PageCache::Use;
         let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let open = |flags: i32| {
             OpenOptions::new()
@@ -68,8 +73,8 @@ impl FileBackend {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
                     format!(
-                        "{}: the file system refuses O_DIRECT, which cache mode none needs; \
-                         use cache mode writeback for a volume stored here",
+                        "{}: the file system refuses O_DIRECT, which cache modes none and \
+                         writearound need; use cache mode writeback for a volume stored here",
                         path.display()
                     ),
                 ))
@@ -84,6 +89,7 @@ impl FileBackend {
                 mem_align,
                 offset_align,
                 bounced: AtomicU64::new(0),
+                cached_reads: cache == PageCache::BypassForWrites,
             })
         } else {
             None
@@ -144,6 +150,14 @@ impl FileBackend {
     }
 
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(d) = self.direct.as_ref().filter(|d| d.cached_reads) {
+            return runtime::read_at(d.buffered.as_raw_fd(), buf, offset).await;
+        }
+        self.read_uncached_at(buf, offset).await
+    }
+
+    /// As [`FileBackend::read_at`], but O_DIRECT wherever writes are.
+    pub async fn read_uncached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self.route(buf.as_ptr(), buf.len(), offset) {
             Route::Direct => runtime::read_at(self.fd(), buf, offset).await,
             Route::Buffered(fd) => runtime::read_at(fd, buf, offset).await,
@@ -423,7 +437,7 @@ mod tests {
     fn direct_io_takes_aligned_requests_and_bounces_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("origin");
-        let f = FileBackend::open_with(&path, true, true).unwrap();
+        let f = FileBackend::open_with(&path, true, PageCache::Bypass).unwrap();
         assert!(f.is_direct());
         assert_ne!(flags_of(f.fd()) & libc::O_DIRECT, 0);
         block_on(async {

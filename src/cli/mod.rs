@@ -14,11 +14,11 @@ pub mod size;
 
 use crate::control::daemon::{self, DaemonConfig, NbdAccess};
 use crate::control::protocol::Request;
-use crate::control::registry::validate_name;
 use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;
 use crate::frontend::nbd::{Limits, TlsFiles, TlsMode};
 use crate::replication::ReplicationConfig;
+use crate::volumes::validate_name;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::CliError;
 use serde_json::Value;
@@ -184,6 +184,8 @@ pub enum CacheArg {
     Writeback,
     /// O_DIRECT: the page cache is bypassed (FLUSH still syncs the disk)
     None,
+    /// O_DIRECT writes, reads through the page cache
+    Writearound,
 }
 
 #[derive(Subcommand, Debug)]
@@ -542,6 +544,7 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
                 cache: cache.map(|c| match c {
                     CacheArg::Writeback => CacheMode::Writeback,
                     CacheArg::None => CacheMode::None,
+                    CacheArg::Writearound => CacheMode::Writearound,
                 }),
             };
             reply(control, json, &req, |r| {

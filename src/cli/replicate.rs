@@ -4,6 +4,7 @@
 use super::client::CliError;
 use super::{name_arg, output, reply, size_arg, strip_os_error};
 use crate::control::protocol::Request;
+use crate::replication::ReplicateStart;
 use clap::Subcommand;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -98,7 +99,7 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
                 .transpose()?;
             let max_log_bytes = max_log.map(|s| size_arg(&s)).transpose()?;
             let block_size = block_size.map(|s| size_arg(&s)).transpose()?;
-            let req = Request::ReplicateStart {
+            let req = Request::ReplicateStart(ReplicateStart {
                 volume: volume.clone(),
                 to: to.clone(),
                 cp_interval_ms,
@@ -106,7 +107,7 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
                 keep_cps,
                 max_log_bytes,
                 block_size,
-            };
+            });
             reply(control, json, &req, |_| {
                 println!(
                     "replicating volume {volume} to {to}; see `snapblk replicate status {volume}`"

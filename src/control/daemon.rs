@@ -24,13 +24,13 @@
 //! and close every volume, remove the sockets, exit 0. No async runtime crate: one thread per control
 //! client and the engine's per-thread io_uring runtime.
 
-use super::registry::Registry;
 use super::server::{ControlServer, DaemonFacts};
 use super::ublk::UblkDriver;
 use crate::engine::{EngineError, View};
 use crate::frontend::nbd::{ExportResolver, Limits, NbdServer, NbdTls, TlsFiles, TlsMode};
 use crate::replication::{Replication, ReplicationConfig};
 use crate::security::LocalPeers;
+use crate::volumes::Registry;
 use std::io;
 use std::net::ToSocketAddrs;
 use std::os::fd::AsRawFd;
@@ -381,7 +381,7 @@ impl Daemon {
         if failed > 0 {
             log::error!(
                 "{failed} device(s) listed in {} could not be started; see above (the daemon goes on)",
-                data_dir.join(super::devices::DEVICES_FILE).display()
+                data_dir.join(crate::volumes::devices::DEVICES_FILE).display()
             );
         }
         before_control(&registry)?;

@@ -129,26 +129,7 @@ pub enum Request {
     Restore { volume: String },
     /// Replicates a volume to a destination daemon (see `src/replication`).
     #[serde(rename = "replicate.start")]
-    ReplicateStart {
-        volume: String,
-        /// `HOST:PORT/DESTVOL`
-        to: String,
-        #[serde(default)]
-        cp_interval_ms: Option<u64>,
-        /// Absolute path of the shared key; default `DATA_DIR/replication.key`.
-        #[serde(default)]
-        key_file: Option<String>,
-        /// CP snapshots the destination keeps; default 1.
-        #[serde(default)]
-        keep_cps: Option<u32>,
-        /// Bytes of writes the log holds before falling back to the dirty map.
-        #[serde(default)]
-        max_log_bytes: Option<u64>,
-        /// The replication block (tracking and shipping unit); default
-        /// 4 KiB, at most the volume's chunk.
-        #[serde(default)]
-        block_size: Option<u64>,
-    },
+    ReplicateStart(crate::replication::ReplicateStart),
     #[serde(rename = "replicate.stop")]
     ReplicateStop { volume: String },
     #[serde(rename = "replicate.status")]
@@ -186,7 +167,7 @@ impl Request {
             Request::CopyCancel { .. } => "copy.cancel",
             Request::CopyList {} => "copy.list",
             Request::Restore { .. } => "restore",
-            Request::ReplicateStart { .. } => "replicate.start",
+            Request::ReplicateStart(_) => "replicate.start",
             Request::ReplicateStop { .. } => "replicate.stop",
             Request::ReplicateStatus { .. } => "replicate.status",
             Request::ReplicateCp { .. } => "replicate.cp",
@@ -243,9 +224,6 @@ impl ControlError {
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::NotFound, message)
     }
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::InvalidArgument, message)
-    }
 }
 
 impl fmt::Display for ControlError {
@@ -256,33 +234,19 @@ impl fmt::Display for ControlError {
 
 impl std::error::Error for ControlError {}
 
-impl From<crate::engine::EngineError> for ControlError {
-    fn from(e: crate::engine::EngineError) -> Self {
-        use crate::engine::EngineError as E;
-        let code = match &e {
-            E::NotFound(_) => ErrorCode::NotFound,
-            E::AlreadyExists(_) => ErrorCode::AlreadyExists,
-            E::InvalidArgument(_) | E::OutOfRange { .. } | E::Misaligned { .. } | E::ReadOnly => {
-                ErrorCode::InvalidArgument
-            }
-            E::NoSpace => ErrorCode::NoSpace,
-            E::SnapshotGone(_) => ErrorCode::NotFound,
-            E::Corrupt(_) | E::Io(_) => ErrorCode::IoError,
+impl From<crate::volumes::VolumeError> for ControlError {
+    fn from(e: crate::volumes::VolumeError) -> Self {
+        use crate::volumes::ErrorKind as K;
+        let code = match e.kind {
+            K::NotFound => ErrorCode::NotFound,
+            K::AlreadyExists => ErrorCode::AlreadyExists,
+            K::InvalidArgument => ErrorCode::InvalidArgument,
+            K::Busy => ErrorCode::Busy,
+            K::NoSpace => ErrorCode::NoSpace,
+            K::IoError => ErrorCode::IoError,
+            K::PermissionDenied => ErrorCode::PermissionDenied,
         };
-        ControlError::new(code, e.to_string())
-    }
-}
-
-impl From<std::io::Error> for ControlError {
-    fn from(e: std::io::Error) -> Self {
-        let code = match e.kind() {
-            std::io::ErrorKind::NotFound => ErrorCode::NotFound,
-            std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
-            std::io::ErrorKind::AlreadyExists => ErrorCode::AlreadyExists,
-            _ if e.raw_os_error() == Some(libc::ENOSPC) => ErrorCode::NoSpace,
-            _ => ErrorCode::IoError,
-        };
-        ControlError::new(code, e.to_string())
+        ControlError::new(code, e.message)
     }
 }
 

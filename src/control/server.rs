@@ -18,8 +18,8 @@
 //! once; a permitted one keeps only its latest [`MAX_PASSED`].
 
 use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
-use super::registry::Registry;
 use crate::security::LocalPeers;
+use crate::volumes::{Registry, VolumeError};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -307,7 +307,7 @@ thread_local! {
 
 /// The latest descriptor this thread's client passed (`copy start --to -`,
 /// `restore`), if any; earlier ones are closed.
-pub fn take_passed_fd() -> Option<OwnedFd> {
+fn take_passed_fd() -> Option<OwnedFd> {
     PASSED.with(|p| p.borrow_mut().drain(..).next_back())
 }
 
@@ -374,12 +374,17 @@ impl Read for PassingReader {
     }
 }
 
-/// Executes one parsed request.
+/// Executes one parsed request; the layer that does it answers in its own
+/// error type, which becomes the protocol's here.
 pub fn handle(
     req: Request,
     registry: &Registry,
     facts: &DaemonFacts,
 ) -> Result<Value, ControlError> {
+    dispatch(req, registry, facts).map_err(ControlError::from)
+}
+
+fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Value, VolumeError> {
     match req {
         Request::VolumeCreate {
             name,
@@ -424,7 +429,7 @@ pub fn handle(
         Request::DeviceStop { device } => registry.stop_device(&device),
         Request::DeviceList {} => registry.list_devices(),
         Request::Features {} => registry.features(),
-        Request::CopyStart(start) => facts.jobs.start(start),
+        Request::CopyStart(start) => facts.jobs.start(start, take_passed_fd()),
         Request::CopyStatus { id } => facts.jobs.status(id),
         Request::CopyPause { id } => facts.jobs.pause(id),
         Request::CopyResume { id } => facts.jobs.resume(id),
@@ -433,6 +438,7 @@ pub fn handle(
         Request::Restore { volume } => crate::copy::restore_vol::restore(
             registry,
             &volume,
+            take_passed_fd(),
             |v| {
                 facts.jobs.unless_used(v, None, || {
                     facts.replication.check_volume_delete(v)?;
@@ -446,11 +452,11 @@ pub fn handle(
                     .unless_used(v, None, || registry.delete_volume(v))
             },
         ),
-        r @ (Request::ReplicateStart { .. }
-        | Request::ReplicateStop { .. }
-        | Request::ReplicateStatus { .. }
-        | Request::ReplicateCp { .. }
-        | Request::ReplicatePromote { .. }) => facts.replication.handle(r),
+        Request::ReplicateStart(start) => facts.replication.start_link(start),
+        Request::ReplicateStop { volume } => facts.replication.stop_link(&volume),
+        Request::ReplicateStatus { volume } => facts.replication.status(volume.as_deref()),
+        Request::ReplicateCp { volume } => facts.replication.cp_now(&volume),
+        Request::ReplicatePromote { volume } => facts.replication.promote(&volume),
         Request::DaemonStatus {} => Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),

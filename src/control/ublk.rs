@@ -3,9 +3,9 @@
 //! Adds one thing to the frontend: a clear answer, before any ioctl, when the
 //! running kernel has no ublk at all (no `/dev/ublk-control`).
 
-use super::devices::{DeviceSpec, Driver, RunningDevice};
 use crate::engine::View;
 use crate::frontend::ublk::{self, Device, DeviceOptions, Previous};
+use crate::volumes::devices::{DeviceSpec, Driver, RunningDevice};
 use serde_json::Value;
 use std::io;
 use std::path::Path;

@@ -41,16 +41,16 @@ pub mod restore_vol;
 pub mod stream;
 pub mod target;
 
-use crate::control::protocol::{ControlError, ErrorCode};
-use crate::control::registry::{validate_name, Registry};
 use crate::engine::Volume;
 use crate::runtime::block_on;
+use crate::volumes::{validate_name, ErrorKind, Registry, VolumeError};
 use job::{record_json, Job, Parts, Want};
 use progress::{Format, JobRecord, JobState, Policy, ProgressMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -203,8 +203,8 @@ fn join_job(job: &Job, thread: JoinHandle<()>) {
     let _ = thread.join();
 }
 
-fn io_err(what: &str, e: io::Error) -> ControlError {
-    let mut c = ControlError::from(e);
+fn io_err(what: &str, e: io::Error) -> VolumeError {
+    let mut c = VolumeError::from(e);
     c.message = format!("{what}: {}", crate::cli::strip_os_error(&c.message));
     c
 }
@@ -289,7 +289,7 @@ impl Jobs {
             })
             .collect();
         for (name, slot) in self.registry.entries() {
-            let crate::control::registry::Slot::Ready(vol) = slot else {
+            let crate::volumes::Slot::Ready(vol) = slot else {
                 continue;
             };
             for s in vol.list_snapshots() {
@@ -337,26 +337,29 @@ impl Jobs {
         self.threads.lock().unwrap().insert(id, handle);
     }
 
+    /// `passed` is the descriptor the client sent with the request, the
+    /// target `-` stands for.
     fn open_target(
         &self,
         r: &JobRecord,
         resume: bool,
-    ) -> Result<(Target, Option<PathBuf>), ControlError> {
+        passed: Option<OwnedFd>,
+    ) -> Result<(Target, Option<PathBuf>), VolumeError> {
         if r.target == "-" {
             if resume {
-                return Err(ControlError::invalid(
+                return Err(VolumeError::invalid(
                     "its target was the standard output of `snapblk copy start`, which ended \
                      with the daemon; start a new copy",
                 ));
             }
-            let fd = crate::control::server::take_passed_fd().ok_or_else(|| {
-                ControlError::invalid(
+            let fd = passed.ok_or_else(|| {
+                VolumeError::invalid(
                     "target `-` is the standard output of the CLI, passed with the request; \
                      use `snapblk copy start VOL --format stream --to -`",
                 )
             })?;
             if r.format != Format::Stream || r.verify {
-                return Err(ControlError::invalid(
+                return Err(VolumeError::invalid(
                     "standard output takes a backup stream (--format stream) without --verify",
                 ));
             }
@@ -365,18 +368,18 @@ impl Jobs {
         }
         if let Some(name) = r.target.strip_prefix("vol:") {
             if r.format == Format::Stream {
-                return Err(ControlError::invalid(
+                return Err(VolumeError::invalid(
                     "a stream goes to a file; copy to vol:NAME with --format raw",
                 ));
             }
             if name == r.volume {
-                return Err(ControlError::invalid(format!(
+                return Err(VolumeError::invalid(format!(
                     "volume {name} cannot be copied onto itself; choose another volume"
                 )));
             }
             let vol = self.registry.volume(name)?;
             if vol.size() < r.size {
-                return Err(ControlError::invalid(format!(
+                return Err(VolumeError::invalid(format!(
                     "target volume {name} has {} bytes but the copy needs {}; create a volume at \
                      least as large",
                     vol.size(),
@@ -387,14 +390,14 @@ impl Jobs {
         }
         let path = Path::new(&r.target);
         if !path.is_absolute() {
-            return Err(ControlError::invalid(format!(
+            return Err(VolumeError::invalid(format!(
                 "target path {:?} must be absolute",
                 r.target
             )));
         }
         if !resume {
             if let Some(dev) = own_device(path, &self.registry.device_paths_of(&r.volume)) {
-                return Err(ControlError::invalid(format!(
+                return Err(VolumeError::invalid(format!(
                     "{} is {}, a device of volume {} itself: the copy would overwrite what it \
                      reads; choose another target",
                     r.target,
@@ -412,7 +415,7 @@ impl Jobs {
         let t =
             Target::open_path(opened, r.size, stream, resume, r.since.is_some()).map_err(|e| {
                 match e.raw_os_error() {
-                    Some(libc::ELOOP) => ControlError::invalid(format!(
+                    Some(libc::ELOOP) => VolumeError::invalid(format!(
                         "its target {} is now a symbolic link; a resumed job never follows one \
                      (it could point at any file); start a new copy",
                         opened.display()
@@ -421,7 +424,7 @@ impl Jobs {
                 }
             })?;
         if resume && r.target_id.is_some() && t.identity() != r.target_id {
-            return Err(ControlError::invalid(format!(
+            return Err(VolumeError::invalid(format!(
                 "its target {} is no longer the file it was writing (another file was put \
                  there); nothing was written to it; start a new copy",
                 opened.display()
@@ -431,9 +434,9 @@ impl Jobs {
     }
 
     /// Builds the job for a record from disk, with its hook installed.
-    fn reload(&self, r: JobRecord) -> Result<Arc<Job>, ControlError> {
+    fn reload(&self, r: JobRecord) -> Result<Arc<Job>, VolumeError> {
         let vol = self.registry.volume(&r.volume)?;
-        let (target, _) = self.open_target(&r, true)?;
+        let (target, _) = self.open_target(&r, true, None)?;
         let map_path = progress::map_path(&self.dir, r.id);
         let (map, stream_len, entries) = ProgressMap::open(&map_path, r.segments())
             .map_err(|e| io_err("cannot read its progress map", e))?;
@@ -452,7 +455,7 @@ impl Jobs {
         map: ProgressMap,
         entries: Vec<progress::Entry>,
         stream_len: u64,
-    ) -> Result<Arc<Job>, ControlError> {
+    ) -> Result<Arc<Job>, VolumeError> {
         let reads = r.snapshot.as_ref().or(r.internal_snapshot.as_ref());
         let source = match reads {
             Some(s) => vol.snapshot_view(s)?,
@@ -526,7 +529,9 @@ impl Jobs {
     }
 
     /// `copy.start`.
-    pub fn start(&self, req: CopyStart) -> Result<Value, ControlError> {
+    /// `passed`: the descriptor sent with the request (SCM_RIGHTS), for
+    /// target `-`.
+    pub fn start(&self, req: CopyStart, passed: Option<OwnedFd>) -> Result<Value, VolumeError> {
         let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let vol = self.registry.volume(&req.volume)?;
         if let Some(s) = &req.snapshot {
@@ -540,7 +545,7 @@ impl Jobs {
             None => req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
         };
         if asked == 0 || asked > stream::MAX_BLOCK as u64 {
-            return Err(ControlError::invalid(format!(
+            return Err(VolumeError::invalid(format!(
                 "block size {asked} must be between 1 byte and {} (it is rounded up to the \
                  volume's chunk size, {chunk})",
                 stream::MAX_BLOCK
@@ -548,12 +553,12 @@ impl Jobs {
         }
         let block_size = asked.div_ceil(chunk) * chunk;
         if req.hold_timeout_ms == Some(0) {
-            return Err(ControlError::invalid(
+            return Err(VolumeError::invalid(
                 "hold timeout must be more than 0; leave it out for the default (10 s)",
             ));
         }
         if req.rate == Some(0) {
-            return Err(ControlError::invalid(
+            return Err(VolumeError::invalid(
                 "rate must be more than 0 bytes per second; leave it out for no limit",
             ));
         }
@@ -590,7 +595,7 @@ impl Jobs {
         let snapshots = vol.list_snapshots();
         let find = |s: &str| {
             snapshots.iter().find(|x| x.name == s).ok_or_else(|| {
-                ControlError::not_found(format!("snapshot {s} of volume {} not found", req.volume))
+                VolumeError::not_found(format!("snapshot {s} of volume {} not found", req.volume))
             })
         };
         if let Some(s) = &req.snapshot {
@@ -602,7 +607,7 @@ impl Jobs {
             validate_name("snapshot", from)?;
             let snap = find(from)?;
             if snap.generation >= record.generation {
-                return Err(ControlError::invalid(format!(
+                return Err(VolumeError::invalid(format!(
                     "--since {from} must name a snapshot older than the image copied ({})",
                     req.snapshot.as_deref().unwrap_or("the live volume")
                 )));
@@ -613,7 +618,7 @@ impl Jobs {
                 stamp: snap.created_unix_ms,
             });
         }
-        let (target, created) = self.open_target(&record, false)?;
+        let (target, created) = self.open_target(&record, false, passed)?;
         if record.format == Format::Raw {
             self.claim_raw_target(&record, &target)?;
         }
@@ -693,7 +698,7 @@ impl Jobs {
     /// A raw target is about to change: under `--since` it must hold the
     /// base image (else the copy would mix two images); whatever it held,
     /// it holds no known image until the job is done.
-    fn claim_raw_target(&self, r: &JobRecord, target: &Target) -> Result<(), ControlError> {
+    fn claim_raw_target(&self, r: &JobRecord, target: &Target) -> Result<(), VolumeError> {
         let data_dir = self.dir.parent().unwrap_or(&self.dir);
         let cannot = |e: io::Error| io_err(&format!("cannot use {} as the target", r.target), e);
         let held = match target {
@@ -707,7 +712,7 @@ impl Jobs {
                 stamp: s.stamp,
             };
             chain::check_base(held.as_ref(), &base, &r.target).map_err(|e| {
-                ControlError::invalid(format!(
+                VolumeError::invalid(format!(
                     "{e}, or copy {}@{} there in full first",
                     r.volume, s.snapshot
                 ))
@@ -715,13 +720,13 @@ impl Jobs {
         }
         match target {
             Target::Volume(view) => {
-                block_on(chain::volume_forget(view.volume())).map_err(ControlError::from)
+                block_on(chain::volume_forget(view.volume())).map_err(VolumeError::from)
             }
             _ => chain::forget(Path::new(&r.target), data_dir).map_err(cannot),
         }
     }
 
-    fn job(&self, id: u64) -> Result<Arc<Job>, ControlError> {
+    fn job(&self, id: u64) -> Result<Arc<Job>, VolumeError> {
         match self.lock().get(&id) {
             Some(Slot::Live(j)) => match j.record() {
                 r if r.state.finished() => Err(ended(&r)),
@@ -740,7 +745,7 @@ impl Jobs {
     }
 
     /// `copy.status`: one job, or every job not yet ended.
-    pub fn status(&self, id: Option<u64>) -> Result<Value, ControlError> {
+    pub fn status(&self, id: Option<u64>) -> Result<Value, VolumeError> {
         let map = self.lock();
         match id {
             Some(id) => map
@@ -771,8 +776,8 @@ impl Jobs {
         &self,
         volume: &str,
         snapshot: Option<&str>,
-        then: impl FnOnce() -> Result<T, ControlError>,
-    ) -> Result<T, ControlError> {
+        then: impl FnOnce() -> Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
         let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         match snapshot {
             Some(name) => self.check_snapshot_unused(volume, name)?,
@@ -782,14 +787,14 @@ impl Jobs {
     }
 
     /// Refuses (`busy`) while a running job reads or writes volume `name`.
-    pub fn check_unused(&self, name: &str) -> Result<(), ControlError> {
+    pub fn check_unused(&self, name: &str) -> Result<(), VolumeError> {
         let target = format!("vol:{name}");
         for slot in self.lock().values() {
             let Slot::Live(j) = slot else { continue };
             let r = j.record();
             if !r.state.finished() && (r.volume == name || r.target == target) {
-                return Err(ControlError::new(
-                    ErrorCode::Busy,
+                return Err(VolumeError::new(
+                    ErrorKind::Busy,
                     format!(
                         "volume {name} is in use by copy job {}; wait for it or cancel it with \
                          `snapblk copy cancel {}`",
@@ -802,13 +807,13 @@ impl Jobs {
     }
 
     /// Refuses (`busy`) while a running job reads snapshot `volume@name`.
-    fn check_snapshot_unused(&self, volume: &str, name: &str) -> Result<(), ControlError> {
+    fn check_snapshot_unused(&self, volume: &str, name: &str) -> Result<(), VolumeError> {
         for slot in self.lock().values() {
             let Slot::Live(j) = slot else { continue };
             let r = j.record();
             if !r.state.finished() && r.volume == volume && r.snapshot.as_deref() == Some(name) {
-                return Err(ControlError::new(
-                    ErrorCode::Busy,
+                return Err(VolumeError::new(
+                    ErrorKind::Busy,
                     format!(
                         "snapshot {volume}@{name} is being read by copy job {}; wait for it to \
                          end (`snapblk copy status {}`) or cancel it with `snapblk copy cancel {}`",
@@ -820,20 +825,20 @@ impl Jobs {
         Ok(())
     }
 
-    pub fn pause(&self, id: u64) -> Result<Value, ControlError> {
+    pub fn pause(&self, id: u64) -> Result<Value, VolumeError> {
         let job = self.job(id)?;
         job.set_want(Want::Pause);
         Ok(job.status())
     }
 
-    pub fn resume(&self, id: u64) -> Result<Value, ControlError> {
+    pub fn resume(&self, id: u64) -> Result<Value, VolumeError> {
         let job = self.job(id)?;
         job.set_want(Want::Run);
         Ok(job.status())
     }
 
     /// `copy.cancel`: the job ends; the target keeps what was copied.
-    pub fn cancel(&self, id: u64) -> Result<Value, ControlError> {
+    pub fn cancel(&self, id: u64) -> Result<Value, VolumeError> {
         let job = self.job(id)?;
         job.set_want(Want::Cancel);
         let thread = self.threads.lock().unwrap().remove(&id);
@@ -906,15 +911,15 @@ fn own_device(target: &Path, devices: &[PathBuf]) -> Option<PathBuf> {
     devices.iter().find(|d| rdev(d) == Some(t)).cloned()
 }
 
-fn not_found(id: u64) -> ControlError {
-    ControlError::not_found(format!(
+fn not_found(id: u64) -> VolumeError {
+    VolumeError::not_found(format!(
         "copy job {id} not found; list jobs with `snapblk copy list`"
     ))
 }
 
-fn ended(r: &JobRecord) -> ControlError {
-    ControlError::new(
-        ErrorCode::InvalidArgument,
+fn ended(r: &JobRecord) -> VolumeError {
+    VolumeError::new(
+        ErrorKind::InvalidArgument,
         format!(
             "copy job {} has already ended ({}); start a new one with `snapblk copy start`",
             r.id,

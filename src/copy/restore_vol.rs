@@ -21,14 +21,15 @@
 
 use super::restore::gaps;
 use super::stream::{Item, StreamReader};
-use crate::control::protocol::{ControlError, ErrorCode};
-use crate::control::registry::{validate_name, Registry, RestoreClaim};
 use crate::runtime::block_on;
+use crate::volumes::{validate_name, ErrorKind, Registry, RestoreClaim, VolumeError};
 use serde_json::{json, Value};
 use std::fs::File;
 use std::io::BufReader;
+use std::os::fd::OwnedFd;
 
-/// Restores the stream passed with this request into volume `name`.
+/// Restores the stream passed with this request (`passed`, sent with
+/// SCM_RIGHTS) into volume `name`.
 /// `claim` takes the registry's restore claim on the volume, refusing one
 /// a copy job or replication uses (they hold it, so the registry's claim
 /// alone would give a vaguer message), atomically with `copy.start`.
@@ -37,12 +38,13 @@ use std::io::BufReader;
 pub fn restore<'r>(
     registry: &'r Registry,
     name: &str,
-    claim: impl FnOnce(&str) -> Result<RestoreClaim<'r>, ControlError> + Send,
-    discard: impl FnOnce(&str) -> Result<Value, ControlError> + Send,
-) -> Result<Value, ControlError> {
+    passed: Option<OwnedFd>,
+    claim: impl FnOnce(&str) -> Result<RestoreClaim<'r>, VolumeError> + Send,
+    discard: impl FnOnce(&str) -> Result<Value, VolumeError> + Send,
+) -> Result<Value, VolumeError> {
     validate_name("volume", name)?;
-    let fd = crate::control::server::take_passed_fd().ok_or_else(|| {
-        ControlError::invalid(
+    let fd = passed.ok_or_else(|| {
+        VolumeError::invalid(
             "restore reads the stream from a descriptor passed with the request; use \
              `snapblk restore STREAM|- --to vol:NAME`",
         )
@@ -56,11 +58,11 @@ pub fn restore<'r>(
                 super::lower_priority();
                 run(registry, name, File::from(fd), claim, discard)
             })
-            .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?
+            .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))?
             .join()
             .unwrap_or_else(|_| {
-                Err(ControlError::new(
-                    ErrorCode::IoError,
+                Err(VolumeError::new(
+                    ErrorKind::IoError,
                     format!("the restore of volume {name} failed unexpectedly; see the log"),
                 ))
             })
@@ -71,11 +73,11 @@ fn run<'r>(
     registry: &'r Registry,
     name: &str,
     input: File,
-    claim: impl FnOnce(&str) -> Result<RestoreClaim<'r>, ControlError> + Send,
-    discard: impl FnOnce(&str) -> Result<Value, ControlError> + Send,
-) -> Result<Value, ControlError> {
+    claim: impl FnOnce(&str) -> Result<RestoreClaim<'r>, VolumeError> + Send,
+    discard: impl FnOnce(&str) -> Result<Value, VolumeError> + Send,
+) -> Result<Value, VolumeError> {
     let mut r = StreamReader::open(BufReader::with_capacity(1 << 20, input))
-        .map_err(|e| ControlError::invalid(format!("{e}; nothing was written")))?;
+        .map_err(|e| VolumeError::invalid(format!("{e}; nothing was written")))?;
     let h = r.header.clone();
     if let Some(base) = h.base_image() {
         let held = registry
@@ -83,16 +85,16 @@ fn run<'r>(
             .ok()
             .and_then(|v| super::chain::volume_holds(&v));
         super::chain::check_base(held.as_ref(), &base, &format!("volume {name}"))
-            .map_err(|e| ControlError::invalid(format!("{e}; nothing was written")))?;
+            .map_err(|e| VolumeError::invalid(format!("{e}; nothing was written")))?;
     }
     let created = match registry.volume(name) {
-        Err(e) if e.code == ErrorCode::NotFound => {
+        Err(e) if e.kind == ErrorKind::NotFound => {
             registry.create_volume(name, h.volume_size, Some(h.chunk_size), None, None, None)?;
             true
         }
         Err(e) => return Err(e),
         Ok(vol) if vol.size() < h.volume_size => {
-            return Err(ControlError::invalid(format!(
+            return Err(VolumeError::invalid(format!(
                 "volume {name} has {} bytes but the stream's image has {}; restore into a new \
                  volume (it is created with the stream's size) or a larger one",
                 vol.size(),
@@ -140,7 +142,7 @@ fn write_image(
     claim: &RestoreClaim<'_>,
     r: &mut StreamReader<BufReader<File>>,
     created: bool,
-) -> Result<(u64, u64), ControlError> {
+) -> Result<(u64, u64), VolumeError> {
     let vol = &claim.volume;
     let name = vol.name();
     log::info!(
@@ -149,20 +151,20 @@ fn write_image(
         r.header.generation
     );
     let view = vol.live();
-    block_on(super::chain::volume_forget(vol)).map_err(ControlError::from)?;
+    block_on(super::chain::volume_forget(vol)).map_err(VolumeError::from)?;
     let mut written: Vec<(u64, u64)> = Vec::new();
     let mut data = Vec::new();
     let blocks = loop {
         match r.next(&mut data) {
             Ok(Item::Block { offset }) => {
-                block_on(view.write(offset, &data, false)).map_err(ControlError::from)?;
+                block_on(view.write(offset, &data, false)).map_err(VolumeError::from)?;
                 written.push((offset, data.len() as u64));
             }
             Ok(Item::Zero { offset, len }) => {
-                block_on(view.write_zeroes(offset, len, false)).map_err(ControlError::from)?;
+                block_on(view.write_zeroes(offset, len, false)).map_err(VolumeError::from)?;
             }
             Ok(Item::End { blocks }) => break blocks,
-            Err(e) => return Err(ControlError::invalid(e.to_string())),
+            Err(e) => return Err(VolumeError::invalid(e.to_string())),
         }
     };
     // A new volume reads as zeros already; an old one has its old data
@@ -170,11 +172,11 @@ fn write_image(
     // incremental's target holds its base there, which is right).
     if !created && r.header.base.is_none() {
         for (start, end) in gaps(&mut written, vol.size()) {
-            block_on(view.write_zeroes(start, end - start, false)).map_err(ControlError::from)?;
+            block_on(view.write_zeroes(start, end - start, false)).map_err(VolumeError::from)?;
         }
     }
-    block_on(view.flush()).map_err(ControlError::from)?;
-    block_on(super::chain::volume_remember(vol, &r.header.image())).map_err(ControlError::from)?;
+    block_on(view.flush()).map_err(VolumeError::from)?;
+    block_on(super::chain::volume_remember(vol, &r.header.image())).map_err(VolumeError::from)?;
     let bytes: u64 = written.iter().map(|w| w.1).sum();
     log::info!("restored {blocks} blocks ({bytes} bytes) into volume {name}");
     Ok((blocks, bytes))

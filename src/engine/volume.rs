@@ -199,10 +199,10 @@ impl Volume {
         }
         // Opened as the volume will open it, so a file system that refuses
         // O_DIRECT fails the create, not every later open.
-        let direct = config.cache == CacheMode::None;
+        let cache = config.cache.page_cache();
         let origin = match &config.backing {
             Some(path) => {
-                let backing = Backend::File(Arc::new(FileBackend::open_with(path, false, direct)?));
+                let backing = Backend::File(Arc::new(FileBackend::open_with(path, false, cache)?));
                 let available = backing.size()?;
                 if available < config.size {
                     return Err(EngineError::InvalidArgument(format!(
@@ -214,7 +214,7 @@ impl Volume {
                 Origin::Backing(path.clone())
             }
             None => {
-                let container = storage.open_with(manifest::CONTAINER, true, direct)?;
+                let container = storage.open_with(manifest::CONTAINER, true, cache)?;
                 container.truncate(config.size).await?;
                 Origin::Container
             }
@@ -254,11 +254,11 @@ impl Volume {
             .read_manifest(manifest::MANIFEST)?
             .ok_or_else(|| EngineError::NotFound(format!("{what} (not a volume directory)")))?;
         let manifest = Manifest::parse(&bytes, &what)?;
-        let direct = manifest.cache == CacheMode::None;
+        let cache = manifest.cache.page_cache();
         let origin = match &manifest.origin {
-            Origin::Container => storage.open_with(manifest::CONTAINER, false, direct)?,
+            Origin::Container => storage.open_with(manifest::CONTAINER, false, cache)?,
             Origin::Backing(path) => {
-                Backend::File(Arc::new(FileBackend::open_with(path, false, direct)?))
+                Backend::File(Arc::new(FileBackend::open_with(path, false, cache)?))
             }
         };
         if origin.size()? < manifest.size {

@@ -31,10 +31,9 @@
 //! transfer, a slow link that any writer outpaces.
 
 use super::wire::{self, CpEntry, Kind, Piece};
-use crate::control::registry::validate_name;
-use crate::control::Registry;
 use crate::engine::Volume;
 use crate::runtime::{block_on, AlignedBuf};
+use crate::volumes::{validate_name, ErrorKind, Registry};
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -269,7 +268,7 @@ impl Replica {
         let vol = match registry.volume(name) {
             Ok(v) => v,
             // Deleted: the next session creates it again and copies it whole.
-            Err(e) if e.code == crate::control::protocol::ErrorCode::NotFound => {
+            Err(e) if e.kind == ErrorKind::NotFound => {
                 log::error!("replica {name}: {}", e.message);
                 return Ok(());
             }

@@ -45,15 +45,38 @@ mod dirty;
 pub mod source;
 pub mod wire;
 
-use crate::control::protocol::{ControlError, ErrorCode, Request};
-use crate::control::registry::validate_name;
-use crate::control::Registry;
 use crate::engine::WriteHook;
+use crate::volumes::{validate_name, ErrorKind, Registry, VolumeError};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use source::{Link, LinkRecord};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// `replicate.start`'s fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicateStart {
+    pub volume: String,
+    /// `HOST:PORT/DESTVOL`
+    pub to: String,
+    #[serde(default)]
+    pub cp_interval_ms: Option<u64>,
+    /// Absolute path of the shared key; default `DATA_DIR/replication.key`.
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// CP snapshots the destination keeps; default 1.
+    #[serde(default)]
+    pub keep_cps: Option<u32>,
+    /// Bytes of writes the log holds before falling back to the dirty map.
+    #[serde(default)]
+    pub max_log_bytes: Option<u64>,
+    /// The replication block (tracking and shipping unit); default
+    /// 4 KiB, at most the volume's chunk.
+    #[serde(default)]
+    pub block_size: Option<u64>,
+}
 
 pub const DEFAULT_CP_INTERVAL_MS: u64 = 10_000;
 pub const DEFAULT_KEEP_CPS: u32 = 1;
@@ -157,7 +180,7 @@ impl Replication {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn open_link(&self, record: LinkRecord) -> Result<String, ControlError> {
+    fn open_link(&self, record: LinkRecord) -> Result<String, VolumeError> {
         let name = record.volume.clone();
         let volume = self.registry.volume(&name)?;
         let (link, hook) = Link::open(volume, record, &self.dir, &self.source_id)?;
@@ -166,132 +189,132 @@ impl Replication {
         Ok(name)
     }
 
-    fn link(&self, volume: &str) -> Result<Arc<Link>, ControlError> {
+    fn link(&self, volume: &str) -> Result<Arc<Link>, VolumeError> {
         self.links()
             .get(volume)
             .map(|(l, _)| l.clone())
             .ok_or_else(|| {
-                ControlError::not_found(format!(
+                VolumeError::not_found(format!(
                     "volume {volume} is not replicated from here; start with \
                      `snapblk replicate start {volume} --to HOST:PORT/DESTVOL`"
                 ))
             })
     }
 
-    /// Executes a `replicate.*` request.
-    pub fn handle(&self, req: Request) -> Result<Value, ControlError> {
-        match req {
-            Request::ReplicateStart {
-                volume,
-                to,
-                cp_interval_ms,
-                key_file,
-                keep_cps,
-                max_log_bytes,
-                block_size,
-            } => {
-                let (host, dest_volume) = parse_target(&to)?;
-                if self.links().contains_key(&volume) {
-                    return Err(ControlError::new(
-                        ErrorCode::AlreadyExists,
-                        format!("volume {volume} is already replicated; `snapblk replicate stop {volume}` first"),
-                    ));
-                }
-                let chunk_size = self.registry.volume(&volume)?.chunk_size() as u64;
-                let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE.min(chunk_size));
-                if !block_size.is_power_of_two()
-                    || block_size < source::MIN_BLOCK
-                    || block_size > chunk_size
-                {
-                    return Err(ControlError::invalid(format!(
-                        "block size {block_size} is not a power of two between {} and volume \
-                         {volume}'s chunk size {chunk_size}; pick one such as 4K",
-                        source::MIN_BLOCK
-                    )));
-                }
-                if self.receiver.export_snapshot(&volume).is_some() {
-                    return Err(ControlError::invalid(format!(
-                        "volume {volume} is a replica; promote it first with `snapblk replicate promote {volume}`"
-                    )));
-                }
-                let cp_interval_ms = cp_interval_ms.unwrap_or(DEFAULT_CP_INTERVAL_MS);
-                if cp_interval_ms < 100 {
-                    return Err(ControlError::invalid(format!(
-                        "cp interval {cp_interval_ms} ms is too short; use at least 100 ms"
-                    )));
-                }
-                let key_file = key_file
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| self.data_dir.join(DEFAULT_KEY_FILE));
-                if !key_file.is_absolute() {
-                    return Err(ControlError::invalid(format!(
-                        "key file {} must be an absolute path",
-                        key_file.display()
-                    )));
-                }
-                wire::read_key(&key_file).map_err(ControlError::invalid)?;
-                let record = LinkRecord {
-                    volume: volume.clone(),
-                    host,
-                    dest_volume,
-                    cp_interval_ms,
-                    key_file,
-                    keep_cps: keep_cps.unwrap_or(DEFAULT_KEEP_CPS).max(1),
-                    max_log_bytes: max_log_bytes.unwrap_or(DEFAULT_MAX_LOG_BYTES),
-                    block_size: Some(block_size),
-                    last_acked_cp: None,
-                    last_acked_unix_ms: 0,
-                };
-                // A previous pair's dirty map would hide nothing (a full copy
-                // follows), but start from a clean one.
-                let _ = std::fs::remove_file(self.dir.join(format!("{volume}.dirty")));
-                self.open_link(record)?;
-                log::info!("replication of {volume} to {to} started");
-                Ok(self.link(&volume)?.status())
-            }
-            Request::ReplicateStop { volume } => {
-                let (link, hook) = self.links().remove(&volume).ok_or_else(|| {
-                    ControlError::not_found(format!("volume {volume} is not replicated from here"))
-                })?;
-                link.remove(&hook);
-                log::info!("replication of {volume} stopped");
-                Ok(json!({ "volume": volume, "stopped": true }))
-            }
-            Request::ReplicateStatus { volume } => {
-                let mut list: Vec<Value> = self
-                    .links()
-                    .iter()
-                    .filter(|(n, _)| volume.as_deref().is_none_or(|v| v == n.as_str()))
-                    .map(|(_, (l, _))| l.status())
-                    .collect();
-                list.extend(self.receiver.status(volume.as_deref()));
-                if let (Some(v), true) = (&volume, list.is_empty()) {
-                    return Err(ControlError::not_found(format!(
-                        "volume {v} is neither replicated from nor a replica on this daemon"
-                    )));
-                }
-                Ok(json!({
-                    "listen": self.receiver.local_addr().map(|a| a.to_string()),
-                    "links": list,
-                }))
-            }
-            Request::ReplicateCp { volume } => {
-                let link = self.link(&volume)?;
-                let ticket = link.request_cp();
-                let cp = link
-                    .wait_cp(ticket)
-                    .map_err(|m| ControlError::new(ErrorCode::IoError, m))?;
-                Ok(json!({ "volume": volume, "cp": cp }))
-            }
-            Request::ReplicatePromote { volume } => self
-                .receiver
-                .promote(&volume)
-                .map_err(ControlError::invalid),
-            other => Err(ControlError::bad_request(format!(
-                "{} is not a replication request",
-                other.op()
-            ))),
+    /// `replicate.start`: a new link from this daemon's volume.
+    pub fn start_link(&self, req: ReplicateStart) -> Result<Value, VolumeError> {
+        let ReplicateStart {
+            volume,
+            to,
+            cp_interval_ms,
+            key_file,
+            keep_cps,
+            max_log_bytes,
+            block_size,
+        } = req;
+        let (host, dest_volume) = parse_target(&to)?;
+        if self.links().contains_key(&volume) {
+            return Err(VolumeError::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {volume} is already replicated; `snapblk replicate stop {volume}` first"),
+            ));
         }
+        let chunk_size = self.registry.volume(&volume)?.chunk_size() as u64;
+        let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE.min(chunk_size));
+        if !block_size.is_power_of_two()
+            || block_size < source::MIN_BLOCK
+            || block_size > chunk_size
+        {
+            return Err(VolumeError::invalid(format!(
+                "block size {block_size} is not a power of two between {} and volume \
+                 {volume}'s chunk size {chunk_size}; pick one such as 4K",
+                source::MIN_BLOCK
+            )));
+        }
+        if self.receiver.export_snapshot(&volume).is_some() {
+            return Err(VolumeError::invalid(format!(
+                "volume {volume} is a replica; promote it first with `snapblk replicate promote {volume}`"
+            )));
+        }
+        let cp_interval_ms = cp_interval_ms.unwrap_or(DEFAULT_CP_INTERVAL_MS);
+        if cp_interval_ms < 100 {
+            return Err(VolumeError::invalid(format!(
+                "cp interval {cp_interval_ms} ms is too short; use at least 100 ms"
+            )));
+        }
+        let key_file = key_file
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.data_dir.join(DEFAULT_KEY_FILE));
+        if !key_file.is_absolute() {
+            return Err(VolumeError::invalid(format!(
+                "key file {} must be an absolute path",
+                key_file.display()
+            )));
+        }
+        wire::read_key(&key_file).map_err(VolumeError::invalid)?;
+        let record = LinkRecord {
+            volume: volume.clone(),
+            host,
+            dest_volume,
+            cp_interval_ms,
+            key_file,
+            keep_cps: keep_cps.unwrap_or(DEFAULT_KEEP_CPS).max(1),
+            max_log_bytes: max_log_bytes.unwrap_or(DEFAULT_MAX_LOG_BYTES),
+            block_size: Some(block_size),
+            last_acked_cp: None,
+            last_acked_unix_ms: 0,
+        };
+        // A previous pair's dirty map would hide nothing (a full copy
+        // follows), but start from a clean one.
+        let _ = std::fs::remove_file(self.dir.join(format!("{volume}.dirty")));
+        self.open_link(record)?;
+        log::info!("replication of {volume} to {to} started");
+        Ok(self.link(&volume)?.status())
+    }
+
+    /// `replicate.stop`.
+    pub fn stop_link(&self, volume: &str) -> Result<Value, VolumeError> {
+        let (link, hook) = self.links().remove(volume).ok_or_else(|| {
+            VolumeError::not_found(format!("volume {volume} is not replicated from here"))
+        })?;
+        link.remove(&hook);
+        log::info!("replication of {volume} stopped");
+        Ok(json!({ "volume": volume, "stopped": true }))
+    }
+
+    /// `replicate.status`: every link and replica here, or `volume`'s.
+    pub fn status(&self, volume: Option<&str>) -> Result<Value, VolumeError> {
+        let mut list: Vec<Value> = self
+            .links()
+            .iter()
+            .filter(|(n, _)| volume.is_none_or(|v| v == n.as_str()))
+            .map(|(_, (l, _))| l.status())
+            .collect();
+        list.extend(self.receiver.status(volume));
+        if let (Some(v), true) = (volume, list.is_empty()) {
+            return Err(VolumeError::not_found(format!(
+                "volume {v} is neither replicated from nor a replica on this daemon"
+            )));
+        }
+        Ok(json!({
+            "listen": self.receiver.local_addr().map(|a| a.to_string()),
+            "links": list,
+        }))
+    }
+
+    /// `replicate.cp`: takes a CP now and waits until the destination applied it.
+    pub fn cp_now(&self, volume: &str) -> Result<Value, VolumeError> {
+        let link = self.link(volume)?;
+        let ticket = link.request_cp();
+        let cp = link
+            .wait_cp(ticket)
+            .map_err(|m| VolumeError::new(ErrorKind::IoError, m))?;
+        Ok(json!({ "volume": volume, "cp": cp }))
+    }
+
+    /// `replicate.promote`: makes a replica here a normal writable volume.
+    pub fn promote(&self, volume: &str) -> Result<Value, VolumeError> {
+        self.receiver.promote(volume).map_err(VolumeError::invalid)
     }
 
     /// A user snapshot of `volume` was taken: replicate it as a CP too.
@@ -303,10 +326,10 @@ impl Replication {
 
     /// Refuses deleting a volume replicated from here: the link would keep
     /// writing a dirty map and sending for a volume that is gone.
-    pub fn check_volume_delete(&self, volume: &str) -> Result<(), ControlError> {
+    pub fn check_volume_delete(&self, volume: &str) -> Result<(), VolumeError> {
         if self.links().contains_key(volume) {
-            return Err(ControlError::new(
-                ErrorCode::Busy,
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
                 format!(
                     "volume {volume} is being replicated; stop that first with \
                      `snapblk replicate stop {volume}`"
@@ -324,19 +347,19 @@ impl Replication {
         volume: &str,
         snapshot: Option<&str>,
         deleting: bool,
-    ) -> Result<(), ControlError> {
+    ) -> Result<(), VolumeError> {
         let Some(newest) = self.receiver.export_snapshot(volume) else {
             return Ok(());
         };
         if let Some(why) = self.receiver.broken(volume) {
-            return Err(ControlError::new(
-                ErrorCode::IoError,
+            return Err(VolumeError::new(
+                ErrorKind::IoError,
                 format!("volume {volume} is a broken replica: {why}"),
             ));
         }
         match (snapshot, newest) {
-            (None, newest) => Err(ControlError::new(
-                ErrorCode::Busy,
+            (None, newest) => Err(VolumeError::new(
+                ErrorKind::Busy,
                 format!(
                     "volume {volume} is a replica: consistency points are applied to it. Serve \
                      its newest one read-only with `snapblk device start {volume} --snapshot {}`, \
@@ -344,8 +367,8 @@ impl Replication {
                     newest.unwrap_or_else(|_| "cp-N".to_string())
                 ),
             )),
-            (Some(snap), Ok(newest)) if deleting && snap == newest => Err(ControlError::new(
-                ErrorCode::Busy,
+            (Some(snap), Ok(newest)) if deleting && snap == newest => Err(VolumeError::new(
+                ErrorKind::Busy,
                 format!(
                     "snapshot {snap} is replica {volume}'s newest consistency point, the image \
                      its readers see; it can be deleted once a newer one is applied"
@@ -371,9 +394,9 @@ impl Replication {
 }
 
 /// `HOST:PORT/DESTVOL` -> (`HOST:PORT`, `DESTVOL`).
-fn parse_target(to: &str) -> Result<(String, String), ControlError> {
+fn parse_target(to: &str) -> Result<(String, String), VolumeError> {
     let bad = |why: &str| {
-        Err(ControlError::invalid(format!(
+        Err(VolumeError::invalid(format!(
             "invalid target {to:?}: {why}; use HOST:PORT/DESTVOL, e.g. 127.0.0.1:10810/disk0"
         )))
     };

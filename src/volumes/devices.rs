@@ -1,7 +1,7 @@
 //! Kernel block devices (`/dev/ublkbN`) the daemon runs for volumes and
 //! snapshots: what a device is asked to be ([`DeviceSpec`]), the persisted
 //! list of them (`DATA_DIR/devices.json`), and the seam to the frontend that
-//! runs them ([`Driver`]; the real one is [`super::ublk::UblkDriver`]).
+//! runs them ([`Driver`]; the real one is `control::ublk::UblkDriver`).
 //!
 //! `devices.json` lists every device the operator started and has not
 //! stopped; a restarted daemon (also after `kill -9`) starts them again. It

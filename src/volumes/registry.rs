@@ -40,7 +40,7 @@
 //! every in-flight request and refuse new ones.
 
 use super::devices::{self, DeviceSpec, Driver, RunningDevice};
-use super::protocol::{ControlError, ErrorCode};
+use super::error::{ErrorKind, VolumeError};
 use crate::backend::Storage;
 use crate::engine::{CacheMode, EngineError, View, Volume, VolumeConfig};
 use crate::engine::{DEFAULT_CHUNK_SIZE, DEFAULT_PARTITIONS};
@@ -235,9 +235,9 @@ impl Drop for RestoreClaim<'_> {
 }
 
 /// Checks a volume or snapshot name: `[A-Za-z0-9._-]{1,64}`, not starting with '.'.
-pub fn validate_name(kind: &str, name: &str) -> Result<(), ControlError> {
+pub fn validate_name(kind: &str, name: &str) -> Result<(), VolumeError> {
     let bad = |why: &str| {
-        Err(ControlError::invalid(format!(
+        Err(VolumeError::invalid(format!(
             "invalid {kind} name {name:?}: {why}; use 1-64 characters from A-Z a-z 0-9 . _ - \
              (not starting with '.')"
         )))
@@ -260,13 +260,13 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
-fn not_found(name: &str) -> ControlError {
-    ControlError::not_found(format!("volume {name} not found"))
+fn not_found(name: &str) -> VolumeError {
+    VolumeError::not_found(format!("volume {name} not found"))
 }
 
-fn restoring(name: &str) -> ControlError {
-    ControlError::new(
-        ErrorCode::Busy,
+fn restoring(name: &str) -> VolumeError {
+    VolumeError::new(
+        ErrorKind::Busy,
         format!(
             "volume {name} is being restored from a backup stream; wait for `snapblk restore` \
              to finish"
@@ -274,10 +274,10 @@ fn restoring(name: &str) -> ControlError {
     )
 }
 
-fn volume_json(vol: &Volume) -> Result<Value, ControlError> {
+fn volume_json(vol: &Volume) -> Result<Value, VolumeError> {
     let info = vol.info()?;
     let mut v = serde_json::to_value(&info)
-        .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?;
+        .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))?;
     // Engine-internal snapshots (a copy job's) are not the user's to count.
     v["snapshots"] = json!(user_snapshots(vol).len());
     v["state"] = json!("ok");
@@ -356,11 +356,11 @@ impl Registry {
         &self.data_dir
     }
 
-    fn gate(&self) -> Result<std::sync::RwLockReadGuard<'_, bool>, ControlError> {
+    fn gate(&self) -> Result<std::sync::RwLockReadGuard<'_, bool>, VolumeError> {
         let g = self.closing.read().unwrap_or_else(|e| e.into_inner());
         if *g {
-            return Err(ControlError::new(
-                ErrorCode::Busy,
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
                 "the daemon is shutting down",
             ));
         }
@@ -388,15 +388,15 @@ impl Registry {
     }
 
     /// `busy` while a device serves volume `name` or one of its snapshots.
-    fn check_no_device(&self, name: &str) -> Result<(), ControlError> {
+    fn check_no_device(&self, name: &str) -> Result<(), VolumeError> {
         if let Some((key, what)) = self
             .lock_devices()
             .values()
             .filter(|e| e.spec.volume == name)
             .find_map(|e| e.in_use().map(|w| (e.spec.key(), w)))
         {
-            return Err(ControlError::new(
-                ErrorCode::Busy,
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
                 format!(
                     "volume {name} is in use by {what} ({key}); stop it first with \
                      `snapblk device stop {key}`"
@@ -411,7 +411,7 @@ impl Registry {
     /// (an NBD connection, a request) holds it. Until the claim is dropped no
     /// device, export, copy job or delete can take the volume. The caller
     /// checks copy jobs and replication first, for their clearer messages.
-    pub fn claim_for_restore(&self, name: &str) -> Result<RestoreClaim<'_>, ControlError> {
+    pub fn claim_for_restore(&self, name: &str) -> Result<RestoreClaim<'_>, VolumeError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         self.check_no_device(name)?;
@@ -420,8 +420,8 @@ impl Registry {
             Some(Slot::Ready(_)) if self.is_restoring(name) => return Err(restoring(name)),
             Some(Slot::Ready(v)) => v.clone(),
             Some(Slot::Broken(msg)) => {
-                return Err(ControlError::new(
-                    ErrorCode::IoError,
+                return Err(VolumeError::new(
+                    ErrorKind::IoError,
                     format!("volume {name} is not available: {msg}"),
                 ))
             }
@@ -429,8 +429,8 @@ impl Registry {
         };
         // The map's reference and `vol`; anything more is a user.
         if Arc::strong_count(&vol) > 2 {
-            return Err(ControlError::new(
-                ErrorCode::Busy,
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
                 format!(
                     "volume {name} is in use by {} open NBD connection(s) or requests; \
                      disconnect its NBD clients first",
@@ -446,12 +446,12 @@ impl Registry {
     }
 
     /// The healthy volume `name` (`busy` while a restore writes it).
-    pub fn volume(&self, name: &str) -> Result<Arc<Volume>, ControlError> {
+    pub fn volume(&self, name: &str) -> Result<Arc<Volume>, VolumeError> {
         match self.lock_map().get(name) {
             Some(Slot::Ready(_)) if self.is_restoring(name) => Err(restoring(name)),
             Some(Slot::Ready(v)) => Ok(v.clone()),
-            Some(Slot::Broken(msg)) => Err(ControlError::new(
-                ErrorCode::IoError,
+            Some(Slot::Broken(msg)) => Err(VolumeError::new(
+                ErrorKind::IoError,
                 format!("volume {name} is not available: {msg}"),
             )),
             None => Err(not_found(name)),
@@ -474,15 +474,15 @@ impl Registry {
         partitions: Option<u32>,
         backing: Option<String>,
         cache: Option<CacheMode>,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         validate_name("volume", name)?;
         if size == 0 {
-            return Err(ControlError::invalid("size must be greater than 0"));
+            return Err(VolumeError::invalid("size must be greater than 0"));
         }
         let backing = match backing {
             Some(b) if !Path::new(&b).is_absolute() => {
-                return Err(ControlError::invalid(format!(
+                return Err(VolumeError::invalid(format!(
                     "backing path {b:?} must be absolute"
                 )))
             }
@@ -498,8 +498,8 @@ impl Registry {
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         let final_dir = self.volumes_dir.join(name);
         if self.lock_map().contains_key(name) || final_dir.exists() {
-            return Err(ControlError::new(
-                ErrorCode::AlreadyExists,
+            return Err(VolumeError::new(
+                ErrorKind::AlreadyExists,
                 format!("volume {name} already exists"),
             ));
         }
@@ -529,8 +529,8 @@ impl Registry {
                 let msg = e.to_string();
                 self.lock_map()
                     .insert(name.to_string(), Slot::Broken(msg.clone()));
-                return Err(ControlError::new(
-                    ErrorCode::IoError,
+                return Err(VolumeError::new(
+                    ErrorKind::IoError,
                     format!("volume {name} was created but cannot be opened: {msg}"),
                 ));
             }
@@ -541,7 +541,7 @@ impl Registry {
         out
     }
 
-    pub fn list_volumes(&self) -> Result<Value, ControlError> {
+    pub fn list_volumes(&self) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         let mut out = Vec::new();
         for (name, slot) in self.entries() {
@@ -556,14 +556,14 @@ impl Registry {
         Ok(Value::Array(out))
     }
 
-    pub fn volume_info(&self, name: &str) -> Result<Value, ControlError> {
+    pub fn volume_info(&self, name: &str) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         let slot = self.lock_map().get(name).cloned();
         match slot {
             Some(Slot::Ready(v)) => {
                 let mut j = volume_json(&v)?;
                 j["snapshot_list"] = serde_json::to_value(user_snapshots(&v))
-                    .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?;
+                    .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))?;
                 Ok(j)
             }
             Some(Slot::Broken(msg)) => Ok(broken_json(name, &msg)),
@@ -571,7 +571,7 @@ impl Registry {
         }
     }
 
-    pub fn delete_volume(&self, name: &str) -> Result<Value, ControlError> {
+    pub fn delete_volume(&self, name: &str) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         self.check_no_device(name)?;
@@ -585,8 +585,8 @@ impl Registry {
                 // are resolved under this lock, so none can appear between
                 // this check and the removal.
                 Some(Slot::Ready(v)) if Arc::strong_count(v) > 1 => {
-                    return Err(ControlError::new(
-                        ErrorCode::Busy,
+                    return Err(VolumeError::new(
+                        ErrorKind::Busy,
                         format!(
                             "volume {name} is in use by {} open export connection(s) or requests; \
                              disconnect its NBD clients first",
@@ -615,38 +615,38 @@ impl Registry {
         Ok(json!({ "name": name, "deleted": true }))
     }
 
-    pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<Value, ControlError> {
+    pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         validate_name("snapshot", name)?;
         let vol = self.volume(volume)?;
         let created = block_on(vol.create_snapshot(name))?;
         log::info!("volume {volume}: created snapshot {name}");
         let mut j = serde_json::to_value(&created)
-            .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))?;
+            .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))?;
         j["volume"] = json!(volume);
         Ok(j)
     }
 
-    pub fn list_snapshots(&self, volume: &str) -> Result<Value, ControlError> {
+    pub fn list_snapshots(&self, volume: &str) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         let vol = self.volume(volume)?;
         serde_json::to_value(user_snapshots(&vol))
-            .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))
+            .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))
     }
 
-    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<Value, ControlError> {
+    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         if name.starts_with('.') {
             // Engine-internal (a copy job's): users cannot see or delete it.
-            return Err(ControlError::not_found(format!(
+            return Err(VolumeError::not_found(format!(
                 "snapshot {name} of volume {volume} not found"
             )));
         }
         let key = format!("{volume}@{name}");
         if let Some(what) = self.lock_devices().get(&key).and_then(DeviceEntry::in_use) {
-            return Err(ControlError::new(
-                ErrorCode::Busy,
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
                 format!(
                     "snapshot {name} of volume {volume} is in use by {what}; stop it first with \
                      `snapblk device stop {key}`"
@@ -656,7 +656,7 @@ impl Registry {
         let vol = self.volume(volume)?;
         block_on(vol.delete_snapshot(name)).map_err(|e| match e {
             EngineError::NotFound(_) => {
-                ControlError::not_found(format!("snapshot {name} of volume {volume} not found"))
+                VolumeError::not_found(format!("snapshot {name} of volume {volume} not found"))
             }
             e => e.into(),
         })?;
@@ -711,9 +711,9 @@ impl Registry {
             .collect()
     }
 
-    fn save_devices(&self) -> Result<(), ControlError> {
+    fn save_devices(&self) -> Result<(), VolumeError> {
         let _s = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
-        devices::save(&self.data_dir, &self.device_specs()).map_err(ControlError::from)
+        devices::save(&self.data_dir, &self.device_specs()).map_err(VolumeError::from)
     }
 
     /// Drops the (not running) device entries `doomed` selects, after their
@@ -733,12 +733,12 @@ impl Registry {
     }
 
     /// The view a device for `spec` serves.
-    fn device_view(&self, spec: &DeviceSpec) -> Result<View, ControlError> {
+    fn device_view(&self, spec: &DeviceSpec) -> Result<View, VolumeError> {
         let vol = self.volume(&spec.volume)?;
         match &spec.snapshot {
             None => Ok(vol.live()),
             Some(snap) => vol.snapshot_view(snap).map_err(|e| match e {
-                EngineError::NotFound(_) | EngineError::SnapshotGone(_) => ControlError::not_found(
+                EngineError::NotFound(_) | EngineError::SnapshotGone(_) => VolumeError::not_found(
                     format!("snapshot {snap} of volume {} not found", spec.volume),
                 ),
                 e => e.into(),
@@ -751,10 +751,10 @@ impl Registry {
         &self,
         view: View,
         spec: &DeviceSpec,
-    ) -> Result<Box<dyn RunningDevice>, ControlError> {
+    ) -> Result<Box<dyn RunningDevice>, VolumeError> {
         self.driver.start(view, spec).map_err(|e| {
-            ControlError::new(
-                ErrorCode::IoError,
+            VolumeError::new(
+                ErrorKind::IoError,
                 format!("cannot start a ublk device for {}: {e}", spec.key()),
             )
         })
@@ -835,7 +835,7 @@ impl Registry {
         queues: Option<u16>,
         depth: Option<u16>,
         recovery: Option<bool>,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         validate_name("volume", volume)?;
         if let Some(s) = &snapshot {
@@ -844,13 +844,13 @@ impl Registry {
         let queues = queues.unwrap_or(devices::DEFAULT_QUEUES);
         let depth = depth.unwrap_or(devices::DEFAULT_DEPTH);
         if !(1..=devices::MAX_QUEUES).contains(&queues) {
-            return Err(ControlError::invalid(format!(
+            return Err(VolumeError::invalid(format!(
                 "queues {queues} must be between 1 and {}",
                 devices::MAX_QUEUES
             )));
         }
         if !(1..=devices::MAX_DEPTH).contains(&depth) {
-            return Err(ControlError::invalid(format!(
+            return Err(VolumeError::invalid(format!(
                 "depth {depth} must be between 1 and {}",
                 devices::MAX_DEPTH
             )));
@@ -876,14 +876,14 @@ impl Registry {
                         true
                     }
                     DeviceState::Starting => {
-                        return Err(ControlError::new(
-                            ErrorCode::Busy,
+                        return Err(VolumeError::new(
+                            ErrorKind::Busy,
                             format!("a device for {key} is being started; wait for it"),
                         ))
                     }
                     _ => {
-                        return Err(ControlError::new(
-                            ErrorCode::AlreadyExists,
+                        return Err(VolumeError::new(
+                            ErrorKind::AlreadyExists,
                             format!(
                             "{key} already has {}; stop it first with `snapblk device stop {key}`",
                             entry.in_use().unwrap_or_default()
@@ -988,7 +988,7 @@ impl Registry {
     /// kernel calls run without the `mutate` lock. A stop that fails (the
     /// kernel timed out) leaves the entry listed, and a second `device.stop`
     /// tries again.
-    pub fn stop_device(&self, device: &str) -> Result<Value, ControlError> {
+    pub fn stop_device(&self, device: &str) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         let (key, mut dev) = {
             let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
@@ -998,13 +998,13 @@ impl Registry {
                     .find(|(_, e)| e.path().as_deref() == Some(device))
                     .map(|(k, _)| k.clone())
                     .ok_or_else(|| {
-                        ControlError::not_found(format!(
+                        VolumeError::not_found(format!(
                             "no device {device} is running here; list them with `snapblk device list`"
                         ))
                     })?
             } else {
                 if !map.contains_key(device) {
-                    return Err(ControlError::not_found(format!(
+                    return Err(VolumeError::not_found(format!(
                         "no device for {device}; list them with `snapblk device list`"
                     )));
                 }
@@ -1034,8 +1034,8 @@ impl Registry {
                         "being stopped already"
                     };
                     entry.state = other;
-                    return Err(ControlError::new(
-                        ErrorCode::Busy,
+                    return Err(VolumeError::new(
+                        ErrorKind::Busy,
                         format!("the device for {key} is {what}; wait for it"),
                     ));
                 }
@@ -1049,8 +1049,8 @@ impl Registry {
             if let Some(entry) = self.lock_devices().get_mut(&key) {
                 entry.state = DeviceState::StopFailed(dev, e.to_string());
             }
-            return Err(ControlError::new(
-                ErrorCode::IoError,
+            return Err(VolumeError::new(
+                ErrorKind::IoError,
                 format!(
                     "device {path} ({key}) did not stop: {e}; it stays listed (and will not come \
                      back at restart): retry with `snapblk device stop {key}`"
@@ -1070,7 +1070,7 @@ impl Registry {
     }
 
     /// `device.list`: every device, in `VOL` / `VOL@SNAP` order.
-    pub fn list_devices(&self) -> Result<Value, ControlError> {
+    pub fn list_devices(&self) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         Ok(Value::Array(
             self.lock_devices()
@@ -1095,11 +1095,11 @@ impl Registry {
     }
 
     /// `features`: what the kernel's ublk driver offers.
-    pub fn features(&self) -> Result<Value, ControlError> {
+    pub fn features(&self) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         self.driver
             .features()
-            .map_err(|e| ControlError::new(ErrorCode::IoError, e.to_string()))
+            .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))
     }
 
     /// Names the NBD server exports: every healthy volume and `VOL@SNAP`.
@@ -1259,8 +1259,8 @@ mod tests {
         }
     }
 
-    fn code(r: Result<Value, ControlError>) -> ErrorCode {
-        r.unwrap_err().code
+    fn code(r: Result<Value, VolumeError>) -> ErrorKind {
+        r.unwrap_err().kind
     }
 
     #[test]
@@ -1293,29 +1293,29 @@ mod tests {
 
         assert_eq!(
             code(reg.start_device("v", None, None, None, None)),
-            ErrorCode::AlreadyExists
+            ErrorKind::AlreadyExists
         );
         assert_eq!(
             code(reg.start_device("w", None, None, None, None)),
-            ErrorCode::NotFound
+            ErrorKind::NotFound
         );
         assert_eq!(
             code(reg.start_device("v", Some("x".into()), None, None, None)),
-            ErrorCode::NotFound
+            ErrorKind::NotFound
         );
         for (q, dp) in [(0, 64), (1, 0), (1, 4097), (65, 64)] {
             assert_eq!(
                 code(reg.start_device("v", None, Some(q), Some(dp), None)),
-                ErrorCode::InvalidArgument
+                ErrorKind::InvalidArgument
             );
         }
 
         let e = reg.delete_volume("v").unwrap_err();
-        assert_eq!(e.code, ErrorCode::Busy);
+        assert_eq!(e.kind, ErrorKind::Busy);
         assert!(e.message.contains("/dev/ublkb"), "{}", e.message);
         assert!(e.message.contains("stop it first"), "{}", e.message);
         let e = reg.delete_snapshot("v", "s").unwrap_err();
-        assert_eq!(e.code, ErrorCode::Busy);
+        assert_eq!(e.kind, ErrorKind::Busy);
         assert!(e.message.contains("/dev/ublkb1"), "{}", e.message);
 
         let saved = devices::load(t.path()).unwrap();
@@ -1326,7 +1326,7 @@ mod tests {
 
         // Stop by path, then by name.
         reg.stop_device("/dev/ublkb1").unwrap();
-        assert_eq!(code(reg.stop_device("/dev/ublkb1")), ErrorCode::NotFound);
+        assert_eq!(code(reg.stop_device("/dev/ublkb1")), ErrorKind::NotFound);
         assert_eq!(devices::load(t.path()).unwrap().len(), 1);
         reg.delete_snapshot("v", "s").unwrap();
         let listed = reg.list_devices().unwrap();
@@ -1400,7 +1400,7 @@ mod tests {
         let e = reg
             .start_device("v", None, None, Some(32), None)
             .unwrap_err();
-        assert_eq!(e.code, ErrorCode::IoError);
+        assert_eq!(e.kind, ErrorKind::IoError);
         assert!(e.message.contains("no ublk here"), "{}", e.message);
         *driver.fail.lock().unwrap() = None;
         let failed_id = devices::load(t.path())
@@ -1457,7 +1457,7 @@ mod tests {
         reg.start_device("v", None, None, None, None).unwrap();
         driver.fail_stop.store(true, Ordering::SeqCst);
         let e = reg.stop_device("/dev/ublkb0").unwrap_err();
-        assert_eq!(e.code, ErrorCode::IoError);
+        assert_eq!(e.kind, ErrorKind::IoError);
         assert!(
             e.message.contains("retry with `snapblk device stop v`"),
             "{}",
@@ -1472,10 +1472,10 @@ mod tests {
         // Asked to stop: it does not come back at restart, and it still
         // holds its volume.
         assert!(devices::load(t.path()).unwrap().is_empty());
-        assert_eq!(code(reg.delete_volume("v")), ErrorCode::Busy);
+        assert_eq!(code(reg.delete_volume("v")), ErrorKind::Busy);
         assert_eq!(
             code(reg.start_device("v", None, None, None, None)),
-            ErrorCode::AlreadyExists
+            ErrorKind::AlreadyExists
         );
         driver.fail_stop.store(false, Ordering::SeqCst);
         let out = reg.stop_device("/dev/ublkb0").unwrap();
@@ -1493,9 +1493,9 @@ mod tests {
         reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
         reg.create_snapshot("v", "s").unwrap();
-        let msg = |r: Result<RestoreClaim<'_>, ControlError>| {
+        let msg = |r: Result<RestoreClaim<'_>, VolumeError>| {
             let e = r.err().expect("refused");
-            assert_eq!(e.code, ErrorCode::Busy, "{}", e.message);
+            assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
             e.message
         };
         for snap in [None, Some("s".to_string())] {
@@ -1561,11 +1561,11 @@ mod tests {
             let listed = reg.list_devices().unwrap();
             assert_eq!(listed[0]["state"], "starting");
             assert!(listed[0]["path"].is_null());
-            assert_eq!(code(reg.delete_volume("v")), ErrorCode::Busy);
-            assert_eq!(code(reg.stop_device("v")), ErrorCode::Busy);
+            assert_eq!(code(reg.delete_volume("v")), ErrorKind::Busy);
+            assert_eq!(code(reg.stop_device("v")), ErrorKind::Busy);
             assert_eq!(
                 code(reg.start_device("v", None, None, None, None)),
-                ErrorCode::Busy
+                ErrorKind::Busy
             );
             assert!(devices::load(t.path()).unwrap().is_empty());
             go.send(()).unwrap();

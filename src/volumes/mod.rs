@@ -1,0 +1,21 @@
+//! The registry of volumes: which volumes exist and where they live
+//! ([`registry`]), which kernel devices run for them and come back at
+//! restart ([`devices`]), restore claims, and the JSON that describes them.
+//! Seed 002's "registry rebuilt on restart" is what it implements.
+//!
+//! It sits beneath everything that works on whole volumes (copy jobs,
+//! replication, and next groups and schedules) and above the engine; its
+//! errors are its own ([`VolumeError`]), which `control` turns into the
+//! control protocol's.
+//!
+//! Must never: import `control` (the socket, the protocol and the daemon's
+//! life cycle live there, above this), touch a volume's bytes or decide
+//! anything about snapshots (that is the engine's), or speak NBD or ublk
+//! itself (devices run through the [`devices::Driver`] the daemon hands in).
+
+pub mod devices;
+pub mod error;
+pub mod registry;
+
+pub use error::{ErrorKind, VolumeError};
+pub use registry::{validate_name, Registry, RestoreClaim, Slot};
