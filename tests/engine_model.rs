@@ -1,6 +1,9 @@
 //! The engine against a model: random workloads of writes, discards,
 //! write-zeroes, flushes, snapshot create/delete and reopen, then simulated
 //! power cuts at random points with the fault-injecting memory disk.
+//! A diff op checks the engine's changed-block map between two snapshots
+//! (or a snapshot and the live volume) against the chunks the model wrote
+//! in between.
 //!
 //! Every sector written carries a tag (the id of the write that wrote it and
 //! its own sector number), so after a crash each sector can be checked
@@ -11,7 +14,7 @@ use snapblk::backend::memory::{MemDisk, SplitMix};
 use snapblk::backend::Storage;
 use snapblk::engine::{CacheMode, EngineError, Volume, VolumeConfig, WriteBackConfig};
 use snapblk::runtime::block_on;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 const SECTOR: usize = 512;
@@ -136,6 +139,11 @@ enum Op {
     },
     Reopen,
     Check,
+    /// Changed chunks from the `pick`th snapshot to a later one, or live.
+    Diff {
+        pick: usize,
+        to: usize,
+    },
 }
 
 fn random_op(rng: &mut SplitMix, allow_reopen: bool) -> Op {
@@ -163,6 +171,11 @@ fn random_op(rng: &mut SplitMix, allow_reopen: bool) -> Op {
             pick: rng.below(64) as usize,
         },
         90..=92 if allow_reopen => Op::Reopen,
+        // No draws of its own: the crash tests' workloads stay as they were.
+        93..=96 => Op::Diff {
+            pick: lba,
+            to: count,
+        },
         _ => Op::Check,
     }
 }
@@ -178,6 +191,12 @@ struct Model {
     uncertain: BTreeMap<String, Vec<u64>>,
     next_tag: u64,
     next_snapshot: u64,
+    /// Per snapshot: the chunks written since it was taken.
+    touched: BTreeMap<String, BTreeSet<u64>>,
+    /// (older, newer): the chunks written between the two snapshots.
+    between: BTreeMap<(String, String), BTreeSet<u64>>,
+    /// A write failed (a simulated crash): what it touched is unknown.
+    touch_unknown: bool,
 }
 
 impl Model {
@@ -189,7 +208,33 @@ impl Model {
             uncertain: BTreeMap::new(),
             next_tag: 1,
             next_snapshot: 0,
+            touched: BTreeMap::new(),
+            between: BTreeMap::new(),
+            touch_unknown: false,
         }
+    }
+
+    /// Sectors `[lba, lba + count)` were written: their chunks changed for
+    /// every snapshot.
+    fn touch(&mut self, lba: usize, count: usize) {
+        let per_chunk = CHUNK as usize / SECTOR;
+        let chunks = (lba / per_chunk) as u64..=((lba + count - 1) / per_chunk) as u64;
+        for set in self.touched.values_mut() {
+            set.extend(chunks.clone());
+        }
+    }
+
+    fn snapshot_taken(&mut self, name: &str) {
+        for (older, set) in &self.touched {
+            self.between
+                .insert((older.clone(), name.to_string()), set.clone());
+        }
+        self.touched.insert(name.to_string(), BTreeSet::new());
+    }
+
+    fn snapshot_deleted(&mut self, name: &str) {
+        self.touched.remove(name);
+        self.between.retain(|(a, b), _| a != name && b != name);
     }
 
     fn written(&mut self, lba: usize, tags: &[u64], durable: bool) {
@@ -233,6 +278,8 @@ async fn apply(
                 Ok(()) => model.written(lba, &tags, fua),
                 Err(_) => (0..count).for_each(|i| model.may_hold[lba + i].push(tags[i])),
             }
+            model.touch(lba, count);
+            model.touch_unknown |= result.is_err();
             result
         }
         Op::Zero {
@@ -251,6 +298,8 @@ async fn apply(
                 Ok(()) => model.written(lba, &vec![0; count], false),
                 Err(_) => (lba..lba + count).for_each(|s| model.may_hold[s].push(0)),
             }
+            model.touch(lba, count);
+            model.touch_unknown |= result.is_err();
             result
         }
         Op::Flush => {
@@ -264,6 +313,7 @@ async fn apply(
             match volume.create_snapshot(&name).await {
                 Ok(created) => {
                     assert_eq!(created.snapshot.name, name);
+                    model.snapshot_taken(&name);
                     model.snapshots.insert(name, model.live.clone());
                     Ok(())
                 }
@@ -283,6 +333,7 @@ async fn apply(
                 return Ok(());
             };
             let image = model.snapshots.remove(&name).unwrap();
+            model.snapshot_deleted(&name);
             match volume.delete_snapshot(&name).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
@@ -294,6 +345,31 @@ async fn apply(
         Op::Reopen => {
             volume.shutdown().await?;
             *volume = open(storage).await?;
+            Ok(())
+        }
+        Op::Diff { pick, to } => {
+            let names: Vec<String> = model.snapshots.keys().cloned().collect();
+            if names.is_empty() || model.touch_unknown || !model.uncertain.is_empty() {
+                return Ok(());
+            }
+            let from = &names[pick % names.len()];
+            // Names sort in creation order up to s9; compare by generation.
+            let generation = |n: &str| n[1..].parse::<u64>().unwrap();
+            let later: Vec<&String> = names
+                .iter()
+                .filter(|n| generation(n) > generation(from))
+                .collect();
+            let to = later.get(to % (later.len() + 1)).copied();
+            let want = match to {
+                Some(to) => model.between[&(from.clone(), to.clone())].clone(),
+                None => model.touched[from].clone(),
+            };
+            let got: BTreeSet<u64> = volume
+                .changed_extents(from, to.map(String::as_str), 0, SIZE)?
+                .into_iter()
+                .flat_map(|r| r.start / CHUNK as u64..=(r.end - 1) / CHUNK as u64)
+                .collect();
+            assert_eq!(got, want, "changed chunks from {from} to {to:?}");
             Ok(())
         }
         Op::Check => {
@@ -774,6 +850,10 @@ mod crash {
             uncertain: BTreeMap::new(),
             next_tag: model.next_tag + 1_000_000,
             next_snapshot: model.next_snapshot + 1000,
+            // Which writes before the crash landed is not known.
+            touched: BTreeMap::new(),
+            between: BTreeMap::new(),
+            touch_unknown: true,
         };
         let mut volume = volume;
         let mut rng = SplitMix(seed.rotate_left(17));

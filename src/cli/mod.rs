@@ -229,6 +229,13 @@ pub enum SnapshotCmd {
     /// Delete a snapshot
     #[command(alias = "rm")]
     Delete { volume: String, name: String },
+    /// List the extents that changed between snapshot FROM and TO (a later
+    /// snapshot; the live volume if left out)
+    Diff {
+        volume: String,
+        from: String,
+        to: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -601,6 +608,12 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
             };
             reply(control, json, &req, |_| {
                 println!("deleted snapshot {name} of volume {volume}")
+            })
+        }
+        SnapshotCmd::Diff { volume, from, to } => {
+            let req = Request::SnapshotDiff { volume, from, to };
+            reply(control, json, &req, |r| {
+                print!("{}", output::snapshot_diff(r))
             })
         }
     }

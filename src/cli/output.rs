@@ -188,6 +188,35 @@ pub fn snapshot_list(volume: &str, result: &Value) -> String {
     table(&["NAME", "GENERATION", "CREATED", "EXCLUSIVE"], &rows)
 }
 
+/// `snapshot diff`: one row per changed extent, then the total.
+pub fn snapshot_diff(result: &Value) -> String {
+    let extents = result["extents"].as_array().cloned().unwrap_or_default();
+    let to = match result["to"].as_str() {
+        Some(s) => s.to_string(),
+        None => "the live volume".to_string(),
+    };
+    let rows: Vec<Vec<String>> = extents
+        .iter()
+        .map(|e| vec![str_of(e, "offset"), str_of(e, "length")])
+        .collect();
+    let changed = result["changed_bytes"].as_u64().unwrap_or(0);
+    let size = result["size"].as_u64().unwrap_or(0).max(1);
+    let mut out = if rows.is_empty() {
+        String::new()
+    } else {
+        table(&["OFFSET", "LENGTH"], &rows)
+    };
+    out.push_str(&format!(
+        "{} changed between {} and {to} ({:.1}% of {}) in {} extents\n",
+        format_size(changed),
+        str_of(result, "from"),
+        changed as f64 * 100.0 / size as f64,
+        size_of(result, "size"),
+        extents.len()
+    ));
+    out
+}
+
 /// `device list`: one row per device; devices that failed to start are
 /// listed with their error below the table.
 pub fn device_list(result: &Value) -> String {

@@ -23,6 +23,7 @@ pub const OPS: &[&str] = &[
     "snapshot.create",
     "snapshot.list",
     "snapshot.delete",
+    "snapshot.diff",
     "daemon.status",
     "device.start",
     "device.stop",
@@ -78,6 +79,15 @@ pub enum Request {
     SnapshotList { volume: String },
     #[serde(rename = "snapshot.delete")]
     SnapshotDelete { volume: String, name: String },
+    /// The extents that changed between snapshot `from` and `to` (a later
+    /// snapshot, or the live volume when absent).
+    #[serde(rename = "snapshot.diff")]
+    SnapshotDiff {
+        volume: String,
+        from: String,
+        #[serde(default)]
+        to: Option<String>,
+    },
     #[serde(rename = "daemon.status")]
     DaemonStatus {},
     /// Starts a ublk device (`/dev/ublkbN`) for the volume, or read-only for
@@ -155,6 +165,7 @@ impl Request {
             Request::SnapshotCreate { .. } => "snapshot.create",
             Request::SnapshotList { .. } => "snapshot.list",
             Request::SnapshotDelete { .. } => "snapshot.delete",
+            Request::SnapshotDiff { .. } => "snapshot.diff",
             Request::DaemonStatus {} => "daemon.status",
             Request::DeviceStart { .. } => "device.start",
             Request::DeviceStop { .. } => "device.stop",

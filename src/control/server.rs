@@ -406,6 +406,9 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             Ok(created)
         }
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
+        Request::SnapshotDiff { volume, from, to } => {
+            registry.diff_snapshots(&volume, &from, to.as_deref())
+        }
         Request::SnapshotDelete { volume, name } => {
             facts.jobs.unless_used(&volume, Some(&name), || {
                 facts

@@ -158,9 +158,11 @@ pub fn verify_chain(paths: &[PathBuf]) -> Result<Vec<Link>, String> {
         let h = r.header.clone();
         let base = h.base_image();
         match (links.last(), &base) {
-            (None, Some(base)) => return Err(format!(
+            (None, Some(base)) => {
+                return Err(format!(
                 "{shown} is an incremental stream onto {base}; a chain starts with a full stream"
-            )),
+            ))
+            }
             (Some(prev), None) => {
                 return Err(format!(
                     "{shown} is a full stream; after {} only incrementals follow (start a new \
