@@ -8,7 +8,7 @@
 use super::files::{template_files, MAP_SEGMENTS};
 use super::nbd::server_socket;
 use snapblk::control::protocol::{ControlError, Request, Response};
-use snapblk::copy::progress::{Format, JobRecord, JobState, Moved, Policy};
+use snapblk::copy::progress::{Format, JobRecord, JobState, Moved, Policy, Since};
 use snapblk::copy::stream::{footer, frame_head, frame_tail, zero_frame, Header};
 use snapblk::copy::CopyStart;
 use snapblk::frontend::nbd::proto::*;
@@ -218,6 +218,12 @@ fn job_record() -> Vec<u8> {
         hold_timeout_ms: 10_000,
         target_real: Some("/backup/vol.img".into()),
         target_id: Some((2049, 12)),
+        since: Some(Since {
+            snapshot: "s1".into(),
+            generation: 1,
+            stamp: 1_699_999_999_000,
+        }),
+        stamp: 1_700_000_000_000,
     };
     serde_json::to_vec_pretty(&record).expect("records serialize")
 }
