@@ -416,7 +416,7 @@ impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
             }
         };
         let selected = select_contexts(&req.queries, !set, &export.dirty_bitmaps());
-        for (id, context) in (1u32..).zip(&selected) {
+        for (id, context) in (META_BASE_ALLOCATION_ID..).zip(&selected) {
             let mut p = id.to_be_bytes().to_vec();
             p.extend_from_slice(context.name().as_bytes());
             self.reply(option, REP_META_CONTEXT, &p);

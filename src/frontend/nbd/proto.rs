@@ -66,6 +66,9 @@ pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// The only metadata context we serve, and the id we give it.
 pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// Context ids count from here in selection order, base:allocation first
+/// when selected, so its id is always this.
+pub const META_BASE_ALLOCATION_ID: u32 = 1;
 /// QEMU's name for the context of its dirty bitmap NAME is this + NAME.
 pub const META_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 /// A dirty bitmap context's flag: the extent changed.

@@ -511,7 +511,7 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
             let one = req.flags & CMD_FLAG_REQ_ONE != 0;
             let mut head = Vec::new();
             // One chunk per context, as QEMU sends them; the last is final.
-            for (id, context) in (1u32..).zip(&conn.contexts) {
+            for (i, context) in conn.contexts.iter().enumerate() {
                 let descs = match context {
                     MetaContext::BaseAllocation => view
                         .block_status(offset, len)
@@ -522,7 +522,8 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
                 };
                 match descs {
                     Ok(descs) => {
-                        let last = id as usize == conn.contexts.len();
+                        let id = META_BASE_ALLOCATION_ID + i as u32;
+                        let last = i + 1 == conn.contexts.len();
                         block_status_chunk(&mut head, cookie, id, &descs, last)
                     }
                     Err(e) => return conn.error_reply(cookie, nbd_error(&e), &e.to_string()),
