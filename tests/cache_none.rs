@@ -246,6 +246,12 @@ fn direct_volume_serves_nbd_clients_without_bouncing(test: &str, mode: &str, inf
 
     // Writes never leave pages behind; reads leave them exactly when the
     // mode caches reads.
+    let from_cache = |d: &Daemon| {
+        d.json(&["volume", "info", "vol"])["preserve_reads_from_cache"]
+            .as_u64()
+            .unwrap()
+    };
+    let preserved_from_cache = from_cache(&d);
     evict(&origin("vol"));
     assert_eq!(resident_pages(&origin("vol")), 0, "evicted before reading");
     qemu_io_ok(&uri, false, &["write -P 0x99 16M 4M", "flush"]);
@@ -257,13 +263,27 @@ fn direct_volume_serves_nbd_clients_without_bouncing(test: &str, mode: &str, inf
     model[(16 * MIB) as usize..(20 * MIB) as usize].fill(0x99);
     assert_same("volume", &dump(&d, "vol", &t.path().join("c.img")), &model);
     let cached = resident_pages(&origin("vol"));
+    assert_eq!(
+        from_cache(&d),
+        preserved_from_cache,
+        "nothing was cached when preserving"
+    );
+    // Content the cache holds is preserved from it in writearound.
+    d.ok(&["snapshot", "create", "vol", "s2"]);
+    write_patterns(&uri, &mut model, &[(0xaa, 24 * MIB, 256 * 1024, "")]);
     if mode == "writearound" {
         assert!(
             cached >= (16 * MIB / 4096) as usize,
             "{cached} pages cached"
         );
+        assert_eq!(
+            from_cache(&d),
+            preserved_from_cache + 4,
+            "4 chunks preserved from the cache"
+        );
     } else {
         assert_eq!(cached, 0, "cache none must not fill the page cache");
+        assert_eq!(from_cache(&d), 0, "cache none never reads the cache");
     }
 
     // The mode is the volume's: it survives a restart, data flushed before.

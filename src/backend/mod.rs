@@ -47,13 +47,11 @@ impl Backend {
         }
     }
 
-    /// Reads content about to be overwritten: where writes bypass the page
-    /// cache (cache mode writearound) so does this read, since caching the
-    /// old content (and the readahead around it) would only push out pages
-    /// that are read again.
-    pub async fn read_uncached_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// Reads content about to be overwritten (see
+    /// [`file::FileBackend::read_before_overwrite`]).
+    pub async fn read_before_overwrite(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self {
-            Backend::File(f) => f.read_uncached_at(buf, offset).await,
+            Backend::File(f) => f.read_before_overwrite(buf, offset).await,
             Backend::Memory(m) => m.read_at(buf, offset),
         }
     }
@@ -117,6 +115,14 @@ impl Backend {
                 len,
                 data: true,
             }]),
+        }
+    }
+
+    /// See [`file::FileBackend::overwrites_read_from_cache`].
+    pub fn overwrites_read_from_cache(&self) -> u64 {
+        match self {
+            Backend::File(f) => f.overwrites_read_from_cache(),
+            Backend::Memory(_) => 0,
         }
     }
 

@@ -46,6 +46,9 @@ pub struct VolumeInfo {
     /// Origin I/Os that O_DIRECT could not take as they were (cache mode
     /// none): copied through an aligned buffer or sent through the page cache.
     pub bounced_ios: u64,
+    /// Old content read for preservation from the page cache instead of the
+    /// disk (cache mode writearound: only when all of it was cached).
+    pub preserve_reads_from_cache: u64,
 }
 
 /// What `snapshot list` reports for one snapshot.
@@ -481,6 +484,7 @@ impl Volume {
             },
             cache: manifest.cache,
             bounced_ios: self.origin.bounced_ios(),
+            preserve_reads_from_cache: self.origin.overwrites_read_from_cache(),
         })
     }
 
