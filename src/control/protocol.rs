@@ -360,7 +360,8 @@ mod tests {
         let e = parse_request(br#"{"op":"volume.create","name":"v","size":1,"cache":"direct"}"#)
             .unwrap_err();
         assert!(
-            e.to_string().contains("expected `writeback` or `none`"),
+            e.to_string()
+                .contains("expected one of `writeback`, `none`, `writearound`"),
             "{e}"
         );
         let r = parse_request(br#"{"op":"volume.create","name":"v","size":1}"#).unwrap();
