@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod copy;
+pub mod group;
 pub mod output;
 pub mod paths;
 pub mod replicate;
@@ -70,6 +71,9 @@ pub enum Command {
     /// Replicate volumes to another daemon: start, stop, status, cp, promote
     #[command(subcommand)]
     Replicate(replicate::ReplicateCmd),
+    /// Consistency groups: volumes snapshotted at one instant (create, list, info, delete)
+    #[command(subcommand)]
+    Group(group::GroupCmd),
 }
 
 #[derive(Args, Debug)]
@@ -219,14 +223,59 @@ pub enum VolumeCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Take a snapshot of a volume
-    Create { volume: String, name: String },
-    /// List a volume's snapshots
+    /// Take a snapshot of a volume (VOL SNAP), or of every volume of a group at one instant (--group GROUP SNAP)
+    Create {
+        #[command(flatten)]
+        of: SnapshotOf,
+    },
+    /// List a volume's snapshots (VOL), or a group's (--group GROUP)
     #[command(alias = "ls")]
-    List { volume: String },
-    /// Delete a snapshot
+    List {
+        #[arg(long, value_name = "GROUP", conflicts_with = "volume", required_unless_present = "volume")]
+        group: Option<String>,
+        volume: Option<String>,
+    },
+    /// Delete a snapshot (VOL SNAP), or a group's snapshot on every volume (--group GROUP SNAP)
     #[command(alias = "rm")]
-    Delete { volume: String, name: String },
+    Delete {
+        #[command(flatten)]
+        of: SnapshotOf,
+    },
+}
+
+/// `VOL SNAP`, or `--group GROUP SNAP`.
+#[derive(Args, Debug)]
+pub struct SnapshotOf {
+    /// The snapshot is a group snapshot of this group's volumes
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+    /// VOL SNAP, or SNAP with --group
+    #[arg(value_name = "VOL SNAP", num_args = 1..=2, required = true)]
+    names: Vec<String>,
+}
+
+enum Snap {
+    /// (volume, snapshot)
+    Volume(String, String),
+    /// (group, snapshot)
+    Group(String, String),
+}
+
+impl SnapshotOf {
+    /// Which form was used; a wrong count of names is a usage error that
+    /// says which form to use.
+    fn parts(self) -> Result<Snap, CliError> {
+        match (self.group, <[String; 2]>::try_from(self.names)) {
+            (None, Ok([volume, snap])) => Ok(Snap::Volume(volume, snap)),
+            (Some(g), Err(mut one)) if one.len() == 1 => Ok(Snap::Group(g, one.remove(0))),
+            (Some(g), _) => Err(CliError::plain(format!(
+                "with --group {g}, name only the snapshot: `--group {g} SNAP`"
+            ))),
+            (None, _) => Err(CliError::plain(
+                "name the volume and the snapshot (`VOL SNAP`), or `--group GROUP SNAP`",
+            )),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -424,6 +473,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let control = paths::client_control_path(cli.control);
             replicate::run(&control, json, cmd)
         }
+        Command::Group(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            group::run(&control, json, cmd)
+        }
         Command::Features => {
             let control = paths::client_control_path(cli.control);
             reply(&control, json, &Request::Features {}, |r| {
@@ -569,7 +622,11 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
 
 fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError> {
     match cmd {
-        SnapshotCmd::Create { volume, name } => {
+        SnapshotCmd::Create { of } => {
+            let (volume, name) = match of.parts()? {
+                Snap::Volume(v, n) => (v, n),
+                Snap::Group(g, n) => return group::snapshot_create(control, json, &g, &n),
+            };
             name_arg("snapshot", &name)?;
             let req = Request::SnapshotCreate {
                 volume: volume.clone(),
@@ -583,7 +640,13 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
                 )
             })
         }
-        SnapshotCmd::List { volume } => {
+        SnapshotCmd::List {
+            group: Some(name), ..
+        } => reply(control, json, &Request::GroupInfo { name }, |r| {
+            print!("{}", group::info(r))
+        }),
+        SnapshotCmd::List { volume, .. } => {
+            let volume = volume.expect("clap requires a volume without --group");
             let req = Request::SnapshotList {
                 volume: volume.clone(),
             };
@@ -591,7 +654,11 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
                 print!("{}", output::snapshot_list(&volume, r))
             })
         }
-        SnapshotCmd::Delete { volume, name } => {
+        SnapshotCmd::Delete { of } => {
+            let (volume, name) = match of.parts()? {
+                Snap::Volume(v, n) => (v, n),
+                Snap::Group(g, n) => return group::snapshot_delete(control, json, &g, &n),
+            };
             let req = Request::SnapshotDelete {
                 volume: volume.clone(),
                 name: name.clone(),

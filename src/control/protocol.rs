@@ -40,6 +40,12 @@ pub const OPS: &[&str] = &[
     "replicate.status",
     "replicate.cp",
     "replicate.promote",
+    "group.create",
+    "group.list",
+    "group.info",
+    "group.delete",
+    "group.snapshot.create",
+    "group.snapshot.delete",
 ];
 
 /// The longest request line the daemon reads; longer lines are refused.
@@ -143,6 +149,20 @@ pub enum Request {
     /// On the destination: makes a replica a normal writable volume.
     #[serde(rename = "replicate.promote")]
     ReplicatePromote { volume: String },
+    /// A consistency group: volumes whose snapshots are taken at one instant.
+    #[serde(rename = "group.create")]
+    GroupCreate { name: String, volumes: Vec<String> },
+    #[serde(rename = "group.list")]
+    GroupList {},
+    #[serde(rename = "group.info")]
+    GroupInfo { name: String },
+    #[serde(rename = "group.delete")]
+    GroupDelete { name: String },
+    /// One snapshot `name` of every member of `group`, under one write barrier.
+    #[serde(rename = "group.snapshot.create")]
+    GroupSnapshotCreate { group: String, name: String },
+    #[serde(rename = "group.snapshot.delete")]
+    GroupSnapshotDelete { group: String, name: String },
 }
 
 impl Request {
@@ -172,6 +192,12 @@ impl Request {
             Request::ReplicateStatus { .. } => "replicate.status",
             Request::ReplicateCp { .. } => "replicate.cp",
             Request::ReplicatePromote { .. } => "replicate.promote",
+            Request::GroupCreate { .. } => "group.create",
+            Request::GroupList {} => "group.list",
+            Request::GroupInfo { .. } => "group.info",
+            Request::GroupDelete { .. } => "group.delete",
+            Request::GroupSnapshotCreate { .. } => "group.snapshot.create",
+            Request::GroupSnapshotDelete { .. } => "group.snapshot.delete",
         }
     }
 }

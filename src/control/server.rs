@@ -457,6 +457,23 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
         Request::ReplicateStatus { volume } => facts.replication.status(volume.as_deref()),
         Request::ReplicateCp { volume } => facts.replication.cp_now(&volume),
         Request::ReplicatePromote { volume } => facts.replication.promote(&volume),
+        Request::GroupCreate { name, volumes } => registry.create_group(&name, &volumes),
+        Request::GroupList {} => registry.list_groups(),
+        Request::GroupInfo { name } => registry.group_info(&name),
+        Request::GroupDelete { name } => registry.delete_group(&name),
+        Request::GroupSnapshotCreate { group, name } => {
+            let created = registry.create_group_snapshot(&group, &name)?;
+            for v in registry.groups().members(&group)? {
+                facts.replication.snapshot_taken(&v);
+            }
+            Ok(created)
+        }
+        Request::GroupSnapshotDelete { group, name } => {
+            let members = registry.groups().members(&group)?;
+            facts.jobs.unless_snapshot_used(&members, &name, || {
+                registry.delete_group_snapshot(&group, &name)
+            })
+        }
         Request::DaemonStatus {} => Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
