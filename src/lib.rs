@@ -4,6 +4,7 @@
 //! Layers, top to bottom (data flows down, never back up):
 //! - [`control`]: the daemon, the control socket and its protocol;
 //! - [`frontend`]: NBD (and, next, ublk) adapters that turn requests into engine calls;
+//! - [`schedule`]: snapshots on a schedule, with retention;
 //! - [`copy`] and [`replication`]: live copy jobs, and mirrors of volumes on
 //!   other daemons (links, replicas);
 //! - [`volumes`]: the registry of volumes and their devices, beneath
@@ -22,5 +23,6 @@ pub mod engine;
 pub mod frontend;
 pub mod replication;
 pub mod runtime;
+pub mod schedule;
 pub mod security;
 pub mod volumes;

@@ -53,7 +53,12 @@ pub fn run(control: &Path, json: bool, cmd: GroupCmd) -> Result<(), CliError> {
 }
 
 /// `snapshot create --group GROUP SNAP`.
-pub fn snapshot_create(control: &Path, json: bool, group: &str, name: &str) -> Result<(), CliError> {
+pub fn snapshot_create(
+    control: &Path,
+    json: bool,
+    group: &str,
+    name: &str,
+) -> Result<(), CliError> {
     name_arg("snapshot", name)?;
     let req = Request::GroupSnapshotCreate {
         group: group.to_string(),
@@ -69,7 +74,12 @@ pub fn snapshot_create(control: &Path, json: bool, group: &str, name: &str) -> R
 }
 
 /// `snapshot delete --group GROUP SNAP`.
-pub fn snapshot_delete(control: &Path, json: bool, group: &str, name: &str) -> Result<(), CliError> {
+pub fn snapshot_delete(
+    control: &Path,
+    json: bool,
+    group: &str,
+    name: &str,
+) -> Result<(), CliError> {
     let req = Request::GroupSnapshotDelete {
         group: group.to_string(),
         name: name.to_string(),
@@ -86,7 +96,12 @@ fn list(r: &Value) -> String {
     }
     let joined = |v: &Value| {
         v.as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .unwrap_or_default()
     };
     let rows: Vec<Vec<String>> = groups
@@ -113,9 +128,8 @@ pub fn info(r: &Value) -> String {
     let mut out = format!("group {name}: volumes {}\n", volumes.join(", "));
     let snaps = r["snapshots"].as_array().cloned().unwrap_or_default();
     if snaps.is_empty() {
-        out += &format!(
-            "no snapshots; take one with `snapblk snapshot create --group {name} SNAP`\n"
-        );
+        out +=
+            &format!("no snapshots; take one with `snapblk snapshot create --group {name} SNAP`\n");
         return out;
     }
     let rows: Vec<Vec<String>> = snaps

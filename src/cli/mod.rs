@@ -11,6 +11,7 @@ pub mod group;
 pub mod output;
 pub mod paths;
 pub mod replicate;
+pub mod schedule;
 pub mod size;
 
 use crate::control::daemon::{self, DaemonConfig, NbdAccess};
@@ -74,6 +75,9 @@ pub enum Command {
     /// Consistency groups: volumes snapshotted at one instant (create, list, info, delete)
     #[command(subcommand)]
     Group(group::GroupCmd),
+    /// Snapshots on a schedule with retention: add, list, remove, pause, resume
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCmd),
 }
 
 #[derive(Args, Debug)]
@@ -231,7 +235,12 @@ pub enum SnapshotCmd {
     /// List a volume's snapshots (VOL), or a group's (--group GROUP)
     #[command(alias = "ls")]
     List {
-        #[arg(long, value_name = "GROUP", conflicts_with = "volume", required_unless_present = "volume")]
+        #[arg(
+            long,
+            value_name = "GROUP",
+            conflicts_with = "volume",
+            required_unless_present = "volume"
+        )]
         group: Option<String>,
         volume: Option<String>,
     },
@@ -476,6 +485,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Group(cmd) => {
             let control = paths::client_control_path(cli.control);
             group::run(&control, json, cmd)
+        }
+        Command::Schedule(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            schedule::run(&control, json, cmd)
         }
         Command::Features => {
             let control = paths::client_control_path(cli.control);

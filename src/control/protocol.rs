@@ -46,6 +46,11 @@ pub const OPS: &[&str] = &[
     "group.delete",
     "group.snapshot.create",
     "group.snapshot.delete",
+    "schedule.add",
+    "schedule.list",
+    "schedule.remove",
+    "schedule.pause",
+    "schedule.resume",
 ];
 
 /// The longest request line the daemon reads; longer lines are refused.
@@ -163,6 +168,17 @@ pub enum Request {
     GroupSnapshotCreate { group: String, name: String },
     #[serde(rename = "group.snapshot.delete")]
     GroupSnapshotDelete { group: String, name: String },
+    /// Snapshots on a schedule, with retention; see [`crate::schedule`].
+    #[serde(rename = "schedule.add")]
+    ScheduleAdd(crate::schedule::ScheduleAdd),
+    #[serde(rename = "schedule.list")]
+    ScheduleList {},
+    #[serde(rename = "schedule.remove")]
+    ScheduleRemove { id: u64 },
+    #[serde(rename = "schedule.pause")]
+    SchedulePause { id: u64 },
+    #[serde(rename = "schedule.resume")]
+    ScheduleResume { id: u64 },
 }
 
 impl Request {
@@ -198,6 +214,11 @@ impl Request {
             Request::GroupDelete { .. } => "group.delete",
             Request::GroupSnapshotCreate { .. } => "group.snapshot.create",
             Request::GroupSnapshotDelete { .. } => "group.snapshot.delete",
+            Request::ScheduleAdd(_) => "schedule.add",
+            Request::ScheduleList {} => "schedule.list",
+            Request::ScheduleRemove { .. } => "schedule.remove",
+            Request::SchedulePause { .. } => "schedule.pause",
+            Request::ScheduleResume { .. } => "schedule.resume",
         }
     }
 }

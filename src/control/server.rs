@@ -69,6 +69,7 @@ pub struct DaemonFacts {
     pub started: Instant,
     pub jobs: Arc<crate::copy::Jobs>,
     pub replication: Arc<crate::replication::Replication>,
+    pub schedules: Arc<crate::schedule::Schedules>,
 }
 
 pub struct ControlServer {
@@ -398,6 +399,7 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
         Request::VolumeInfo { name } => registry.volume_info(&name),
         Request::VolumeDelete { name } => facts.jobs.unless_used(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
+            facts.schedules.check_unscheduled(Some(&name), None)?;
             registry.delete_volume(&name)
         }),
         Request::SnapshotCreate { volume, name } => {
@@ -460,7 +462,10 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
         Request::GroupCreate { name, volumes } => registry.create_group(&name, &volumes),
         Request::GroupList {} => registry.list_groups(),
         Request::GroupInfo { name } => registry.group_info(&name),
-        Request::GroupDelete { name } => registry.delete_group(&name),
+        Request::GroupDelete { name } => {
+            facts.schedules.check_unscheduled(None, Some(&name))?;
+            registry.delete_group(&name)
+        }
         Request::GroupSnapshotCreate { group, name } => {
             let created = registry.create_group_snapshot(&group, &name)?;
             for v in registry.groups().members(&group)? {
@@ -474,6 +479,11 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
                 registry.delete_group_snapshot(&group, &name)
             })
         }
+        Request::ScheduleAdd(add) => facts.schedules.add(add),
+        Request::ScheduleList {} => Ok(facts.schedules.list()),
+        Request::ScheduleRemove { id } => facts.schedules.remove(id),
+        Request::SchedulePause { id } => facts.schedules.set_paused(id, true),
+        Request::ScheduleResume { id } => facts.schedules.set_paused(id, false),
         Request::DaemonStatus {} => Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),

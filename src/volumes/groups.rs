@@ -287,7 +287,12 @@ impl Registry {
         let member_snapshots: Vec<(String, Option<Vec<crate::engine::SnapshotInfo>>)> = record
             .volumes
             .iter()
-            .map(|v| (v.clone(), self.volume(v).ok().map(|vol| vol.list_snapshots())))
+            .map(|v| {
+                (
+                    v.clone(),
+                    self.volume(v).ok().map(|vol| vol.list_snapshots()),
+                )
+            })
             .collect();
         let snapshots: Vec<Value> = record
             .snapshots

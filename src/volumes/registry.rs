@@ -674,7 +674,11 @@ impl Registry {
     }
 
     /// `busy` while a device serves snapshot `volume@name`.
-    pub(super) fn check_snapshot_unused(&self, volume: &str, name: &str) -> Result<(), VolumeError> {
+    pub(super) fn check_snapshot_unused(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<(), VolumeError> {
         let key = format!("{volume}@{name}");
         if let Some(what) = self.lock_devices().get(&key).and_then(DeviceEntry::in_use) {
             return Err(VolumeError::new(
