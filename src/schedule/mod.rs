@@ -27,7 +27,7 @@
 use crate::copy::Jobs;
 use crate::engine::now_unix_ms;
 use crate::replication::Replication;
-use crate::volumes::{validate_name, ErrorKind, Registry, VolumeError};
+use crate::volumes::{json_file, validate_name, ErrorKind, Registry, VolumeError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -203,20 +203,7 @@ impl Schedules {
         replication: Arc<Replication>,
     ) -> io::Result<Arc<Schedules>> {
         let path = data_dir.join(SCHEDULES_FILE);
-        let map: BTreeMap<u64, Record> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{} is not a valid list of schedules ({e}); restore it from a backup or \
-                         remove it to forget every schedule",
-                        path.display()
-                    ),
-                )
-            })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e),
-        };
+        let map: BTreeMap<u64, Record> = json_file::load(&path, "schedules")?;
         let s = Arc::new(Schedules {
             path,
             registry,
@@ -238,18 +225,6 @@ impl Schedules {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes `map` to `schedules.json` (under the state lock, so writes
-    /// never cross).
-    fn save(&self, map: &BTreeMap<u64, Record>) -> Result<(), VolumeError> {
-        let bytes = serde_json::to_vec_pretty(map).expect("schedules serialize");
-        crate::backend::file::replace_atomically(&self.path, &bytes).map_err(|e| {
-            VolumeError::new(
-                ErrorKind::IoError,
-                format!("cannot save {}: {e}", self.path.display()),
-            )
-        })
-    }
-
     /// Changes a copy of the schedules with `f`, saves it, keeps it and
     /// wakes the runner.
     fn update<T>(
@@ -259,7 +234,8 @@ impl Schedules {
         let mut state = self.lock();
         let mut map = state.map.clone();
         let out = f(&mut map)?;
-        self.save(&map)?;
+        // Under the state lock, so writes never cross.
+        json_file::save(&self.path, &map)?;
         state.map = map;
         self.changed.notify_all();
         Ok(out)

@@ -63,20 +63,7 @@ impl Groups {
     /// Reads `DATA_DIR/groups.json` (none yet: no groups).
     pub fn load(data_dir: &Path) -> io::Result<Groups> {
         let path = data_dir.join(GROUPS_FILE);
-        let map = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{} is not a valid list of groups ({e}); restore it from a backup or \
-                         remove it to forget every group",
-                        path.display()
-                    ),
-                )
-            })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e),
-        };
+        let map = super::json_file::load(&path, "groups")?;
         Ok(Groups {
             path,
             map: Mutex::new(map),
@@ -93,13 +80,7 @@ impl Groups {
         current: &mut MutexGuard<'_, BTreeMap<String, GroupRecord>>,
         map: BTreeMap<String, GroupRecord>,
     ) -> Result<(), VolumeError> {
-        let bytes = serde_json::to_vec_pretty(&map).expect("groups serialize");
-        crate::backend::file::replace_atomically(&self.path, &bytes).map_err(|e| {
-            VolumeError::new(
-                ErrorKind::IoError,
-                format!("cannot save {}: {e}", self.path.display()),
-            )
-        })?;
+        super::json_file::save(&self.path, &map)?;
         **current = map;
         Ok(())
     }

@@ -17,6 +17,7 @@
 pub mod devices;
 pub mod error;
 pub mod groups;
+pub mod json_file;
 pub mod registry;
 
 pub use error::{ErrorKind, VolumeError};
