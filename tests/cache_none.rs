@@ -1,4 +1,5 @@
-//! Volumes with `--cache none`: the origin is opened with O_DIRECT, real NBD
+//! Volumes with `--cache none` and `--cache writearound`: the origin is
+//! opened with O_DIRECT (writearound reads through the page cache), real NBD
 //! clients (qemu-img, qemu-io, nbdcopy) read and write it, snapshots read
 //! their point-in-time image, the mode survives a restart, and the hot paths
 //! (NBD payloads, copy-on-write preservation) hand the kernel aligned memory,
@@ -73,11 +74,62 @@ fn write_patterns(uri: &str, model: &mut [u8], writes: &[(u8, u64, u64, &str)]) 
     }
 }
 
-/// A container volume with `--cache none` next to a writeback one, through
-/// qemu-img, qemu-io and nbdcopy, across a snapshot and a restart.
+/// How many of `path`'s pages are in the page cache (mincore).
+fn resident_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let page = 4096;
+    // SAFETY: a shared read-only mapping of a file we hold open, only
+    // handed to mincore and unmapped before returning.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+}
+
+/// Drops `path`'s clean pages from the page cache.
+fn evict(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: an advice call on a descriptor we hold.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+}
+
 #[test]
 fn cache_none_volume_serves_nbd_clients_without_bouncing() {
-    let test = "cache_none_volume_serves_nbd_clients_without_bouncing";
+    direct_volume_serves_nbd_clients_without_bouncing(
+        "cache_none_volume_serves_nbd_clients_without_bouncing",
+        "none",
+        "none (O_DIRECT; 0 unaligned requests bounced)",
+    );
+}
+
+#[test]
+fn cache_writearound_volume_serves_nbd_clients_without_bouncing() {
+    direct_volume_serves_nbd_clients_without_bouncing(
+        "cache_writearound_volume_serves_nbd_clients_without_bouncing",
+        "writearound",
+        "writearound (O_DIRECT writes, cached reads; 0 unaligned requests bounced)",
+    );
+}
+
+/// A container volume with an O_DIRECT cache `mode` next to a writeback
+/// one, through qemu-img, qemu-io and nbdcopy, across a snapshot and a
+/// restart; reads fill the page cache exactly when the mode caches reads.
+fn direct_volume_serves_nbd_clients_without_bouncing(test: &str, mode: &str, info_text: &str) {
     if skip_without(test, &["qemu-img", "qemu-io", "nbdcopy"]) {
         return;
     }
@@ -93,18 +145,15 @@ fn cache_none_volume_serves_nbd_clients_without_bouncing() {
         "--partitions",
         "2",
         "--cache",
-        "none",
+        mode,
     ]);
-    assert!(created.contains("cache none"), "{created}");
+    assert!(created.contains(&format!("cache {mode}")), "{created}");
     d.ok(&["volume", "create", "wb", "--size", "4M"]);
 
     let info = d.ok(&["volume", "info", "vol"]);
-    assert!(
-        info.contains("none (O_DIRECT; 0 unaligned requests bounced)"),
-        "{info}"
-    );
+    assert!(info.contains(info_text), "{info}");
     assert!(d.ok(&["volume", "info", "wb"]).contains("writeback"));
-    assert_eq!(d.json(&["volume", "info", "vol"])["cache"], "none");
+    assert_eq!(d.json(&["volume", "info", "vol"])["cache"], mode);
     assert_eq!(d.json(&["volume", "info", "wb"])["cache"], "writeback");
     let list = d.json(&["volume", "list"]);
     let modes: Vec<&Value> = list
@@ -113,7 +162,7 @@ fn cache_none_volume_serves_nbd_clients_without_bouncing() {
         .iter()
         .map(|v| &v["cache"])
         .collect();
-    assert_eq!(modes, [&Value::from("none"), &Value::from("writeback")]);
+    assert_eq!(modes, [&Value::from(mode), &Value::from("writeback")]);
 
     let origin = |v: &str| dir.join("volumes").join(v).join("origin.img");
     assert_direct(&d, &origin("vol"), true);
@@ -195,10 +244,52 @@ fn cache_none_volume_serves_nbd_clients_without_bouncing() {
         &["read -P 0x66 512 1024", "read -P 0x77 8390144 3584"],
     );
 
+    // Writes never leave pages behind; reads leave them exactly when the
+    // mode caches reads.
+    let from_cache = |d: &Daemon| {
+        d.json(&["volume", "info", "vol"])["preserve_reads_from_cache"]
+            .as_u64()
+            .unwrap()
+    };
+    let preserved_from_cache = from_cache(&d);
+    evict(&origin("vol"));
+    assert_eq!(resident_pages(&origin("vol")), 0, "evicted before reading");
+    qemu_io_ok(&uri, false, &["write -P 0x99 16M 4M", "flush"]);
+    assert_eq!(
+        resident_pages(&origin("vol")),
+        0,
+        "O_DIRECT writes are not cached"
+    );
+    model[(16 * MIB) as usize..(20 * MIB) as usize].fill(0x99);
+    assert_same("volume", &dump(&d, "vol", &t.path().join("c.img")), &model);
+    let cached = resident_pages(&origin("vol"));
+    assert_eq!(
+        from_cache(&d),
+        preserved_from_cache,
+        "nothing was cached when preserving"
+    );
+    // Content the cache holds is preserved from it in writearound.
+    d.ok(&["snapshot", "create", "vol", "s2"]);
+    write_patterns(&uri, &mut model, &[(0xaa, 24 * MIB, 256 * 1024, "")]);
+    if mode == "writearound" {
+        assert!(
+            cached >= (16 * MIB / 4096) as usize,
+            "{cached} pages cached"
+        );
+        assert_eq!(
+            from_cache(&d),
+            preserved_from_cache + 4,
+            "4 chunks preserved from the cache"
+        );
+    } else {
+        assert_eq!(cached, 0, "cache none must not fill the page cache");
+        assert_eq!(from_cache(&d), 0, "cache none never reads the cache");
+    }
+
     // The mode is the volume's: it survives a restart, data flushed before.
     d.signal(libc::SIGTERM);
     d.restart();
-    assert_eq!(d.json(&["volume", "info", "vol"])["cache"], "none");
+    assert_eq!(d.json(&["volume", "info", "vol"])["cache"], mode);
     assert_direct(&d, &origin("vol"), true);
     assert_direct(&d, &origin("wb"), false);
     assert_same(

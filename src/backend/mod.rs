@@ -47,6 +47,15 @@ impl Backend {
         }
     }
 
+    /// Reads content about to be overwritten (see
+    /// [`file::FileBackend::read_before_overwrite`]).
+    pub async fn read_before_overwrite(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.read_before_overwrite(buf, offset).await,
+            Backend::Memory(m) => m.read_at(buf, offset),
+        }
+    }
+
     /// `durable`: the write is on stable storage when this returns (FUA).
     pub async fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         match self {
@@ -109,6 +118,14 @@ impl Backend {
         }
     }
 
+    /// See [`file::FileBackend::overwrites_read_from_cache`].
+    pub fn overwrites_read_from_cache(&self) -> u64 {
+        match self {
+            Backend::File(f) => f.overwrites_read_from_cache(),
+            Backend::Memory(_) => 0,
+        }
+    }
+
     /// Requests that direct I/O could not take as they were (see
     /// [`file::FileBackend::bounced_ios`]); 0 for anything not direct.
     pub fn bounced_ios(&self) -> u64 {
@@ -127,6 +144,21 @@ impl Backend {
     }
 }
 
+/// How a file's I/O meets the kernel's page cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageCache {
+    /// Buffered reads and writes.
+    Use,
+    /// O_DIRECT reads and writes.
+    Bypass,
+    /// O_DIRECT writes, buffered reads. The kernel keeps the two coherent
+    /// for a file nobody maps: a direct write writes back and drops the
+    /// cached pages of its range before it is issued and drops them again
+    /// when it completes, and a read racing it holds its page locked while
+    /// it fills, so that second drop waits for it and discards it.
+    BypassForWrites,
+}
+
 /// The directory of one volume: named files plus atomically replaced manifests.
 #[derive(Clone)]
 pub enum Storage {
@@ -137,17 +169,17 @@ pub enum Storage {
 impl Storage {
     /// Opens (and with `create`, creates empty) the named file.
     pub fn open(&self, name: &str, create: bool) -> io::Result<Backend> {
-        self.open_with(name, create, false)
+        self.open_with(name, create, PageCache::Use)
     }
 
-    /// As [`Storage::open`]; `direct`: bypass the page cache (O_DIRECT).
+    /// As [`Storage::open`], meeting the page cache as `cache` says.
     /// The in-memory disk has no page cache and ignores it.
-    pub fn open_with(&self, name: &str, create: bool, direct: bool) -> io::Result<Backend> {
+    pub fn open_with(&self, name: &str, create: bool, cache: PageCache) -> io::Result<Backend> {
         match self {
             Storage::Dir(dir) => Ok(Backend::File(Arc::new(file::FileBackend::open_with(
                 &dir.join(name),
                 create,
-                direct,
+                cache,
             )?))),
             Storage::Memory(disk) => Ok(Backend::Memory(disk.open(name, create)?)),
         }
@@ -160,7 +192,7 @@ impl Storage {
     /// hands every buffered write to a worker thread); a store where
     /// O_DIRECT is refused stays buffered.
     pub fn open_store(&self, name: &str) -> io::Result<Backend> {
-        match self.open_with(name, false, true) {
+        match self.open_with(name, false, PageCache::Bypass) {
             Err(e) if e.kind() == io::ErrorKind::Unsupported => self.open(name, false),
             other => other,
         }

@@ -192,6 +192,8 @@ pub enum CacheArg {
     Writeback,
     /// O_DIRECT: the page cache is bypassed (FLUSH still syncs the disk)
     None,
+    /// O_DIRECT writes, reads through the page cache
+    Writearound,
 }
 
 #[derive(Subcommand, Debug)]
@@ -608,6 +610,7 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
                 cache: cache.map(|c| match c {
                     CacheArg::Writeback => CacheMode::Writeback,
                     CacheArg::None => CacheMode::None,
+                    CacheArg::Writearound => CacheMode::Writearound,
                 }),
             };
             reply(control, json, &req, |r| {

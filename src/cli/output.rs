@@ -130,6 +130,9 @@ fn cache_of(v: &Value) -> String {
         Some(n) if mode == "none" => {
             format!("none (O_DIRECT; {n} unaligned requests bounced)")
         }
+        Some(n) if mode == "writearound" => {
+            format!("writearound (O_DIRECT writes, cached reads; {n} unaligned requests bounced)")
+        }
         _ => mode,
     }
 }

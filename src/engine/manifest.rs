@@ -4,6 +4,7 @@
 
 use super::error::{EngineError, Result};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
+use crate::backend::PageCache;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -37,6 +38,9 @@ pub enum CacheMode {
     Writeback,
     /// O_DIRECT: no page cache; a FLUSH still syncs the disk's cache.
     None,
+    /// O_DIRECT writes, reads through the page cache: writes as in `none`,
+    /// reads of cached data as in `writeback`, and never a dirty page.
+    Writearound,
 }
 
 impl CacheMode {
@@ -44,6 +48,15 @@ impl CacheMode {
         match self {
             CacheMode::Writeback => "writeback",
             CacheMode::None => "none",
+            CacheMode::Writearound => "writearound",
+        }
+    }
+
+    pub fn page_cache(self) -> PageCache {
+        match self {
+            CacheMode::Writeback => PageCache::Use,
+            CacheMode::None => PageCache::Bypass,
+            CacheMode::Writearound => PageCache::BypassForWrites,
         }
     }
 }

@@ -274,7 +274,9 @@ impl Partition {
             // is the crc of what the slot holds; page-aligned, so the store
             // write can bypass the page cache.
             let mut data = AlignedBuf::zeroed(self.chunk_size as usize);
-            origin.read_at(&mut data[..len], offset).await?;
+            origin
+                .read_before_overwrite(&mut data[..len], offset)
+                .await?;
             held.iter()
                 .for_each(|h| h.overlay(offset, &mut data[..len]));
             if is_zero(&data) {

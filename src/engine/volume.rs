@@ -45,6 +45,9 @@ pub struct VolumeInfo {
     /// Origin I/Os that O_DIRECT could not take as they were (cache mode
     /// none): copied through an aligned buffer or sent through the page cache.
     pub bounced_ios: u64,
+    /// Old content read for preservation from the page cache instead of the
+    /// disk (cache mode writearound: only when all of it was cached).
+    pub preserve_reads_from_cache: u64,
 }
 
 /// What `snapshot list` reports for one snapshot.
@@ -198,10 +201,10 @@ impl Volume {
         }
         // Opened as the volume will open it, so a file system that refuses
         // O_DIRECT fails the create, not every later open.
-        let direct = config.cache == CacheMode::None;
+        let cache = config.cache.page_cache();
         let origin = match &config.backing {
             Some(path) => {
-                let backing = Backend::File(Arc::new(FileBackend::open_with(path, false, direct)?));
+                let backing = Backend::File(Arc::new(FileBackend::open_with(path, false, cache)?));
                 let available = backing.size()?;
                 if available < config.size {
                     return Err(EngineError::InvalidArgument(format!(
@@ -213,7 +216,7 @@ impl Volume {
                 Origin::Backing(path.clone())
             }
             None => {
-                let container = storage.open_with(manifest::CONTAINER, true, direct)?;
+                let container = storage.open_with(manifest::CONTAINER, true, cache)?;
                 container.truncate(config.size).await?;
                 Origin::Container
             }
@@ -253,11 +256,11 @@ impl Volume {
             .read_manifest(manifest::MANIFEST)?
             .ok_or_else(|| EngineError::NotFound(format!("{what} (not a volume directory)")))?;
         let manifest = Manifest::parse(&bytes, &what)?;
-        let direct = manifest.cache == CacheMode::None;
+        let cache = manifest.cache.page_cache();
         let origin = match &manifest.origin {
-            Origin::Container => storage.open_with(manifest::CONTAINER, false, direct)?,
+            Origin::Container => storage.open_with(manifest::CONTAINER, false, cache)?,
             Origin::Backing(path) => {
-                Backend::File(Arc::new(FileBackend::open_with(path, false, direct)?))
+                Backend::File(Arc::new(FileBackend::open_with(path, false, cache)?))
             }
         };
         if origin.size()? < manifest.size {
@@ -480,6 +483,7 @@ impl Volume {
             },
             cache: manifest.cache,
             bounced_ios: self.origin.bounced_ios(),
+            preserve_reads_from_cache: self.origin.overwrites_read_from_cache(),
         })
     }
 
