@@ -11,36 +11,45 @@ use serde_json::Value;
 /// global sequence: write n+1 is issued only after write n was
 /// acknowledged, odd numbers on `a`, even on `b`, each number in a block of
 /// its own. While they write, a third thread takes group snapshots with the
-/// CLI, noting the highest number acknowledged before each request and the
-/// highest issued after its answer. Prints one JSON line per snapshot.
+/// CLI (one every `step` writes), noting the highest number acknowledged
+/// before each request and the highest issued after its answer. The
+/// writers stop `step` writes after the last answer. Prints one JSON line
+/// per snapshot, then the number of writes.
 const WRITERS: &str = r#"
 import nbd, sys, threading, subprocess, json, struct
-sock, cli, total, snaps = sys.argv[1], sys.argv[2:-2], int(sys.argv[-2]), sys.argv[-1].split(",")
+sock, cli, capacity, step, snaps = (sys.argv[1], sys.argv[2:-3], int(sys.argv[-3]),
+                                    int(sys.argv[-2]), sys.argv[-1].split(","))
 BLOCK = 4096
 cond = threading.Condition()
-state = {"acked": 0, "issued": 0, "stop": False}
+state = {"acked": 0, "issued": 0, "stop": None}
 
 def writer(export, parity):
     h = nbd.NBD()
     h.connect_uri("nbd+unix:///%s?socket=%s" % (export, sock))
-    for n in range(1, total + 1):
-        if n % 2 != parity:
-            continue
+    n = parity or 2
+    while True:
         with cond:
-            cond.wait_for(lambda: state["acked"] == n - 1)
+            cond.wait_for(lambda: state["acked"] == n - 1 or state["stop"] is not None)
+            if state["stop"] is not None and n > state["stop"]:
+                break
+            if n > capacity:
+                print("the writers outran the snapshots: no block left", file=sys.stderr)
+                sys.exit(1)
             state["issued"] = n
         h.pwrite(struct.pack("<Q", n) + b"\xab" * (BLOCK - 8), (n // 2) * BLOCK)
         with cond:
             state["acked"] = n
             cond.notify_all()
+        n += 2
     h.shutdown()
 
 threads = [threading.Thread(target=writer, args=(e, p)) for e, p in (("a", 1), ("b", 0))]
 for t in threads:
     t.start()
+after = 0
 for i, snap in enumerate(snaps):
     with cond:
-        cond.wait_for(lambda: state["acked"] >= total * (i + 1) // (len(snaps) + 1))
+        cond.wait_for(lambda: state["acked"] >= after + step)
         before = state["acked"]
     r = subprocess.run(cli + ["--json", "snapshot", "create", "--group", "g", snap],
                        capture_output=True, text=True)
@@ -52,8 +61,13 @@ for i, snap in enumerate(snaps):
     print(json.dumps({"snap": snap, "acked_before": before, "issued_after": after,
                       "created": json.loads(r.stdout)}))
     sys.stdout.flush()
+with cond:
+    cond.wait_for(lambda: state["acked"] >= after + step)
+    state["stop"] = state["acked"]
+    cond.notify_all()
 for t in threads:
     t.join()
+print(json.dumps({"total": state["stop"]}))
 print("PASS")
 "#;
 
@@ -63,12 +77,14 @@ import nbd, sys, struct, json
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 size = h.get_size()
-data = h.pread(size, 0)
 seqs = []
-for off in range(0, size, 4096):
-    (n,) = struct.unpack_from("<Q", data, off)
-    if n:
-        seqs.append(n)
+CHUNK = 4 << 20
+for base in range(0, size, CHUNK):
+    data = h.pread(min(CHUNK, size - base), base)
+    for off in range(0, len(data), 4096):
+        (n,) = struct.unpack_from("<Q", data, off)
+        if n:
+            seqs.append(n)
 print(json.dumps(seqs))
 print("PASS")
 "#;
@@ -86,22 +102,24 @@ fn group_snapshots_hold_exactly_the_writes_acknowledged_before_the_barrier() {
     let (_t, dir) = tempdir();
     let d = Daemon::start(&dir);
     for v in ["a", "b"] {
-        d.ok(&["volume", "create", v, "--size", "16M"]);
+        d.ok(&["volume", "create", v, "--size", "64M"]);
     }
     d.ok(&["group", "create", "g", "a", "b"]);
-    // 4096 blocks a volume, so every number has a block of its own.
-    let total = 6000u64;
+    // 16384 blocks a volume, so every number has a block of its own.
+    let capacity = 2 * 16384 - 1;
     let snaps = ["s1", "s2", "s3"];
     let mut args: Vec<String> = vec![d.nbd_sock().display().to_string()];
     args.extend(d.cli_prefix());
-    args.push(total.to_string());
+    args.push(capacity.to_string());
+    args.push("500".to_string());
     args.push(snaps.join(","));
     let out = py_ok(WRITERS, &args);
-    let runs: Vec<Value> = out
+    let mut runs: Vec<Value> = out
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    let total = runs.pop().unwrap()["total"].as_u64().unwrap();
     assert_eq!(runs.len(), snaps.len(), "{out}");
     for run in &runs {
         let snap = run["snap"].as_str().unwrap();
@@ -137,7 +155,7 @@ fn group_snapshots_hold_exactly_the_writes_acknowledged_before_the_barrier() {
             "{snap}: holds 1..={k}, but {before} were acknowledged before the request and \
              at most {after} issued by its answer"
         );
-        assert!(k < total, "{snap} was taken while the writers still wrote");
+        assert!(k < total, "{snap} lacks the writes issued after it");
         eprintln!("{snap}: holds writes 1..={k} (acknowledged before: {before}, issued by the answer: {after})");
     }
     // The live volumes hold every write.

@@ -5,6 +5,7 @@ use super::client::CliError;
 use super::output::{format_unix_ms, str_of, table};
 use super::{name_arg, reply};
 use crate::control::protocol::Request;
+use crate::quiesce::Quiesce;
 use clap::Subcommand;
 use serde_json::Value;
 use std::path::Path;
@@ -58,11 +59,13 @@ pub fn snapshot_create(
     json: bool,
     group: &str,
     name: &str,
+    quiesce: Option<Quiesce>,
 ) -> Result<(), CliError> {
     name_arg("snapshot", name)?;
     let req = Request::GroupSnapshotCreate {
         group: group.to_string(),
         name: name.to_string(),
+        quiesce,
     };
     reply(control, json, &req, |r| {
         println!(

@@ -19,6 +19,7 @@ use crate::control::protocol::Request;
 use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;
 use crate::frontend::nbd::{Limits, TlsFiles, TlsMode};
+use crate::quiesce::{OnTimeout, Quiesce};
 use crate::replication::ReplicationConfig;
 use crate::volumes::validate_name;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -233,6 +234,8 @@ pub enum SnapshotCmd {
     Create {
         #[command(flatten)]
         of: SnapshotOf,
+        #[command(flatten)]
+        hooks: HookArgs,
     },
     /// List a volume's snapshots (VOL), or a group's (--group GROUP)
     #[command(alias = "ls")]
@@ -252,6 +255,57 @@ pub enum SnapshotCmd {
         #[command(flatten)]
         of: SnapshotOf,
     },
+}
+
+/// Application hooks around a snapshot (see `src/quiesce`).
+#[derive(Args, Debug)]
+pub struct HookArgs {
+    /// Run `sh -c CMD` before the snapshot (as the data directory's owner), e.g. a database's backup mode
+    #[arg(long, value_name = "CMD")]
+    pre_hook: Option<String>,
+    /// Run `sh -c CMD` after it; always runs once the pre-hook started
+    #[arg(long, value_name = "CMD")]
+    post_hook: Option<String>,
+    /// How long the pre-hook may take before it is killed [default: 10s]
+    #[arg(long, value_name = "DUR")]
+    quiesce_timeout: Option<String>,
+    /// When the pre-hook fails or times out: no snapshot, or one without quiesce [default: fail]
+    #[arg(long, value_enum, value_name = "WHAT")]
+    on_timeout: Option<OnTimeoutArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnTimeoutArg {
+    Fail,
+    CrashConsistent,
+}
+
+impl HookArgs {
+    fn quiesce(self) -> Result<Option<Quiesce>, CliError> {
+        if self.pre_hook.is_none() && self.post_hook.is_none() {
+            if self.quiesce_timeout.is_some() || self.on_timeout.is_some() {
+                return Err(CliError::plain(
+                    "--quiesce-timeout and --on-timeout bound hooks: add --pre-hook CMD \
+                     (and --post-hook CMD)",
+                ));
+            }
+            return Ok(None);
+        }
+        let timeout_ms = self
+            .quiesce_timeout
+            .map(|t| replicate::parse_duration_ms(&t))
+            .transpose()
+            .map_err(CliError::plain)?;
+        Ok(Some(Quiesce {
+            pre_hook: self.pre_hook,
+            post_hook: self.post_hook,
+            timeout_ms,
+            on_timeout: self.on_timeout.map(|o| match o {
+                OnTimeoutArg::Fail => OnTimeout::Fail,
+                OnTimeoutArg::CrashConsistent => OnTimeout::CrashConsistent,
+            }),
+        }))
+    }
 }
 
 /// `VOL SNAP`, or `--group GROUP SNAP`.
@@ -638,15 +692,17 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
 
 fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError> {
     match cmd {
-        SnapshotCmd::Create { of } => {
+        SnapshotCmd::Create { of, hooks } => {
+            let quiesce = hooks.quiesce()?;
             let (volume, name) = match of.parts()? {
                 Snap::Volume(v, n) => (v, n),
-                Snap::Group(g, n) => return group::snapshot_create(control, json, &g, &n),
+                Snap::Group(g, n) => return group::snapshot_create(control, json, &g, &n, quiesce),
             };
             name_arg("snapshot", &name)?;
             let req = Request::SnapshotCreate {
                 volume: volume.clone(),
                 name: name.clone(),
+                quiesce,
             };
             reply(control, json, &req, |r| {
                 println!(

@@ -32,6 +32,8 @@ pub enum ScheduleCmd {
         /// Snapshot names are PREFIX plus the run number [default: auto<ID>-]
         #[arg(long, value_name = "P")]
         prefix: Option<String>,
+        #[command(flatten)]
+        hooks: super::HookArgs,
     },
     /// List the schedules with their next run and last result
     #[command(alias = "ls")]
@@ -54,6 +56,7 @@ pub fn run(control: &Path, json: bool, cmd: ScheduleCmd) -> Result<(), CliError>
             at,
             keep,
             prefix,
+            hooks,
         } => {
             if let Some(g) = &group {
                 name_arg("group", g)?;
@@ -66,6 +69,7 @@ pub fn run(control: &Path, json: bool, cmd: ScheduleCmd) -> Result<(), CliError>
                 at,
                 keep,
                 prefix,
+                quiesce: hooks.quiesce()?,
             });
             reply(control, json, &req, |r| {
                 println!(

@@ -84,7 +84,13 @@ pub enum Request {
     #[serde(rename = "volume.delete")]
     VolumeDelete { name: String },
     #[serde(rename = "snapshot.create")]
-    SnapshotCreate { volume: String, name: String },
+    SnapshotCreate {
+        volume: String,
+        name: String,
+        /// Hooks and a timer around the snapshot; see [`crate::quiesce`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quiesce: Option<crate::quiesce::Quiesce>,
+    },
     #[serde(rename = "snapshot.list")]
     SnapshotList { volume: String },
     #[serde(rename = "snapshot.delete")]
@@ -165,7 +171,12 @@ pub enum Request {
     GroupDelete { name: String },
     /// One snapshot `name` of every member of `group`, under one write barrier.
     #[serde(rename = "group.snapshot.create")]
-    GroupSnapshotCreate { group: String, name: String },
+    GroupSnapshotCreate {
+        group: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quiesce: Option<crate::quiesce::Quiesce>,
+    },
     #[serde(rename = "group.snapshot.delete")]
     GroupSnapshotDelete { group: String, name: String },
     /// Snapshots on a schedule, with retention; see [`crate::schedule`].
@@ -396,7 +407,8 @@ mod tests {
         let e = parse_request(br#"{"op":"volume.create","name":"v","size":1,"cache":"direct"}"#)
             .unwrap_err();
         assert!(
-            e.to_string().contains("expected `writeback` or `none`"),
+            e.to_string()
+                .contains("expected one of `writeback`, `none`, `writearound`"),
             "{e}"
         );
         let r = parse_request(br#"{"op":"volume.create","name":"v","size":1}"#).unwrap();

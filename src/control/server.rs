@@ -375,6 +375,20 @@ impl Read for PassingReader {
     }
 }
 
+/// Takes a snapshot with `take`, between the hooks of `quiesce` if any.
+fn quiesced(
+    quiesce: Option<crate::quiesce::Quiesce>,
+    facts: &DaemonFacts,
+    target: &str,
+    snapshot: &str,
+    take: impl FnOnce() -> Result<Value, VolumeError>,
+) -> Result<Value, VolumeError> {
+    match quiesce {
+        Some(q) => crate::quiesce::around(&q, &facts.data_dir, target, snapshot, take),
+        None => take(),
+    }
+}
+
 /// Executes one parsed request; the layer that does it answers in its own
 /// error type, which becomes the protocol's here.
 pub fn handle(
@@ -402,11 +416,15 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             facts.schedules.check_unscheduled(Some(&name), None)?;
             registry.delete_volume(&name)
         }),
-        Request::SnapshotCreate { volume, name } => {
+        Request::SnapshotCreate {
+            volume,
+            name,
+            quiesce,
+        } => quiesced(quiesce, facts, &format!("volume {volume}"), &name, || {
             let created = registry.create_snapshot(&volume, &name)?;
             facts.replication.snapshot_taken(&volume);
             Ok(created)
-        }
+        }),
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDelete { volume, name } => {
             facts.jobs.unless_used(&volume, Some(&name), || {
@@ -466,13 +484,17 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             facts.schedules.check_unscheduled(None, Some(&name))?;
             registry.delete_group(&name)
         }
-        Request::GroupSnapshotCreate { group, name } => {
+        Request::GroupSnapshotCreate {
+            group,
+            name,
+            quiesce,
+        } => quiesced(quiesce, facts, &format!("group {group}"), &name, || {
             let created = registry.create_group_snapshot(&group, &name)?;
             for v in registry.groups().members(&group)? {
                 facts.replication.snapshot_taken(&v);
             }
             Ok(created)
-        }
+        }),
         Request::GroupSnapshotDelete { group, name } => {
             let members = registry.groups().members(&group)?;
             facts.jobs.unless_snapshot_used(&members, &name, || {

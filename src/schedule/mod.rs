@@ -26,6 +26,7 @@
 
 use crate::copy::Jobs;
 use crate::engine::now_unix_ms;
+use crate::quiesce::Quiesce;
 use crate::replication::Replication;
 use crate::volumes::{json_file, validate_name, ErrorKind, Registry, VolumeError};
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,9 @@ pub struct ScheduleAdd {
     /// Snapshot names are this plus the run number; default `auto<ID>-`.
     #[serde(default)]
     pub prefix: Option<String>,
+    /// Hooks and a timer around every run's snapshot.
+    #[serde(default)]
+    pub quiesce: Option<Quiesce>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -94,6 +98,8 @@ struct Record {
     /// The snapshots this schedule took and has not pruned, oldest first.
     #[serde(default)]
     snapshots: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quiesce: Option<Quiesce>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -288,6 +294,7 @@ impl Schedules {
                 last_run_unix_ms: None,
                 last_result: None,
                 snapshots: Vec::new(),
+                quiesce: req.quiesce.clone(),
             };
             map.insert(id, rec.clone());
             Ok(rec)
@@ -403,20 +410,34 @@ impl Schedules {
             run += 1;
         }
         let name = format!("{}{run:06}", rec.prefix);
-        let taken = match (&rec.volume, &rec.group) {
-            (Some(v), _) => self.registry.create_snapshot(v, &name).map(|_| {
+        let take = || match (&rec.volume, &rec.group) {
+            (Some(v), _) => self.registry.create_snapshot(v, &name).inspect(|_| {
                 self.replication.snapshot_taken(v);
             }),
-            (_, Some(g)) => self.registry.create_group_snapshot(g, &name).and_then(|_| {
+            (_, Some(g)) => self.registry.create_group_snapshot(g, &name).and_then(|r| {
                 for v in self.registry.groups().members(g)? {
                     self.replication.snapshot_taken(&v);
                 }
-                Ok(())
+                Ok(r)
             }),
             _ => Err(VolumeError::invalid(
                 "the schedule names no volume or group",
             )),
         };
+        let data_dir = self.path.parent().unwrap_or(Path::new("/"));
+        let taken = match &rec.quiesce {
+            Some(q) => crate::quiesce::around(q, data_dir, &rec.target(), &name, take),
+            None => take(),
+        };
+        // Quiesce trouble around a snapshot taken anyway (crash-consistent,
+        // or a failed post-hook) is this run's error.
+        let quiesce_error = taken.as_ref().ok().and_then(|r| {
+            let q = &r["quiesce"];
+            q["error"]
+                .as_str()
+                .or(q["post_hook_error"].as_str())
+                .map(str::to_string)
+        });
         let mut result = RunResult {
             at_unix_ms: started,
             snapshot: None,
@@ -425,7 +446,8 @@ impl Schedules {
         };
         let mut kept = rec.snapshots.clone();
         match taken {
-            Ok(()) => {
+            Ok(_) => {
+                result.error = quiesce_error;
                 log::info!(
                     "schedule {}: took snapshot {name} of {}",
                     rec.id,
@@ -542,6 +564,7 @@ mod tests {
             last_run_unix_ms: last,
             last_result: None,
             snapshots: Vec::new(),
+            quiesce: None,
         }
     }
 

@@ -332,11 +332,6 @@ impl Registry {
         let _g = self.gate()?;
         let _m = self.lock_mutate();
         validate_name("snapshot", snap)?;
-        if snap.starts_with('.') {
-            return Err(VolumeError::invalid(format!(
-                "snapshot names starting with '.' are the daemon's own; choose another than {snap}"
-            )));
-        }
         let members = self.groups().members(group)?;
         let volumes: Vec<Arc<Volume>> = members
             .iter()
