@@ -148,7 +148,22 @@ fn direct_volume_serves_nbd_clients_without_bouncing(test: &str, mode: &str, inf
         mode,
     ]);
     assert!(created.contains(&format!("cache {mode}")), "{created}");
-    d.ok(&["volume", "create", "wb", "--size", "4M"]);
+    d.ok(&[
+        "volume",
+        "create",
+        "wb",
+        "--size",
+        "4M",
+        "--cache",
+        "writeback",
+    ]);
+    d.ok(&["volume", "create", "default", "--size", "4M"]);
+    assert_eq!(
+        d.json(&["volume", "info", "default"])["cache"],
+        "writearound",
+        "the default for new volumes"
+    );
+    d.ok(&["volume", "delete", "default"]);
 
     let info = d.ok(&["volume", "info", "vol"]);
     assert!(info.contains(info_text), "{info}");
@@ -343,4 +358,35 @@ fn cache_none_backing_file_round_trips() {
     want[(7 * MIB) as usize..(7 * MIB + 65536) as usize].fill(0xa2);
     assert_same("backing file", &file, &want);
     assert_eq!(bounced(&d, "vol"), 0);
+}
+
+/// Where the file system refuses O_DIRECT, a volume created without a mode
+/// is buffered (and says so), and asking for an O_DIRECT mode is refused
+/// with the way out.
+#[test]
+fn default_cache_mode_falls_back_where_o_direct_is_refused() {
+    let test = "default_cache_mode_falls_back_where_o_direct_is_refused";
+    if skip_without(test, &["qemu-io"]) {
+        return;
+    }
+    let (t, _) = tempdir();
+    let dir = t.path().join("ramfs");
+    std::fs::create_dir(&dir).unwrap();
+    let Some(_mount) = mount_ramfs(
+        "default_cache_mode_falls_back_where_o_direct_is_refused",
+        &dir,
+    ) else {
+        return;
+    };
+    let d = Daemon::start(&dir);
+    d.ok(&["volume", "create", "vol", "--size", "4M"]);
+    assert_eq!(d.json(&["volume", "info", "vol"])["cache"], "writeback");
+    for mode in ["none", "writearound"] {
+        let err = d.fails(&["volume", "create", mode, "--size", "4M", "--cache", mode]);
+        assert!(err.contains("refuses O_DIRECT"), "{err}");
+        assert!(err.contains("use cache mode writeback"), "{err}");
+    }
+    let uri = d.uri("vol");
+    qemu_io_ok(&uri, false, &["write -P 0x5a 64K 64K", "flush"]);
+    qemu_io_ok(&uri, true, &["read -P 0x5a 64K 64K"]);
 }

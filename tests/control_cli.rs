@@ -26,7 +26,7 @@ fn volume_lifecycle_human_and_json() {
     let out = d.ok(&["volume", "create", "alpha", "--size", "1G"]);
     assert_eq!(
         out.trim(),
-        "created volume alpha: 1 GiB, chunk size 64 KiB, 4 partitions, cache writeback"
+        "created volume alpha: 1 GiB, chunk size 64 KiB, 4 partitions, cache writearound"
     );
 
     let v = d.json(&[

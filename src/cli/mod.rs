@@ -214,7 +214,7 @@ pub enum VolumeCmd {
         /// Use this existing file or block device as the volume's data
         #[arg(long, value_name = "PATH")]
         backing: Option<PathBuf>,
-        /// How the volume's data is opened [default: writeback]
+        /// How the volume's data is opened [default: writearound, or writeback where the file system refuses O_DIRECT]
         #[arg(long, value_enum)]
         cache: Option<CacheArg>,
     },

@@ -508,7 +508,7 @@ impl Registry {
             chunk_size: chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             partitions: partitions.unwrap_or(DEFAULT_PARTITIONS),
             backing,
-            cache: cache.unwrap_or_default(),
+            cache: cache.unwrap_or(CacheMode::FOR_NEW_VOLUMES),
         };
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         let final_dir = self.volumes_dir.join(name);
@@ -524,7 +524,22 @@ impl Registry {
         }
         fs::create_dir(&tmp_dir)?;
         let built = block_on(async {
-            let vol = Volume::create(name, Storage::Dir(tmp_dir.clone()), &config).await?;
+            let storage = Storage::Dir(tmp_dir.clone());
+            let vol = match Volume::create(name, storage.clone(), &config).await {
+                // The default asks for O_DIRECT; where the file system
+                // refuses it the volume is made buffered instead, and says so.
+                Err(EngineError::Io(e))
+                    if cache.is_none() && e.kind() == std::io::ErrorKind::Unsupported =>
+                {
+                    log::info!("volume {name}: {e}; it is created with cache mode writeback");
+                    let buffered = VolumeConfig {
+                        cache: CacheMode::Writeback,
+                        ..config.clone()
+                    };
+                    Volume::create(name, storage, &buffered).await?
+                }
+                other => other?,
+            };
             vol.shutdown().await?;
             drop(vol);
             Ok::<(), EngineError>(())

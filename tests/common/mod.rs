@@ -531,6 +531,11 @@ pub fn mount_tmpfs(test: &str, dir: &Path, size: &str) -> Option<Mount> {
     mount(test, "a tmpfs", dir, &["-t", "tmpfs", "-o", &size, "tmpfs"])
 }
 
+/// Mounts a ramfs (a file system that refuses O_DIRECT) on `dir`.
+pub fn mount_ramfs(test: &str, dir: &Path) -> Option<Mount> {
+    mount(test, "a ramfs", dir, &["-t", "ramfs", "ramfs"])
+}
+
 /// Runs the shell command `cmd` on a terminal (a pty from util-linux
 /// `script`); whether it succeeded, and what it drew.
 pub fn on_terminal(cmd: &str) -> (bool, String) {
