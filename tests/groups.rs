@@ -13,35 +13,44 @@ use serde_json::Value;
 /// its own. While they write, a third thread takes group snapshots with the
 /// CLI (one every `step` writes), noting the highest number acknowledged
 /// before each request and the highest issued after its answer. The
-/// writers stop `step` writes after the last answer. Prints one JSON line
-/// per snapshot, then the number of writes.
+/// writers stop `step` writes after the last answer, and never run more
+/// than `window` writes past a request before its answer (so a slow answer
+/// cannot use up the blocks). Prints one JSON line per snapshot, then the
+/// number of writes.
 const WRITERS: &str = r#"
-import nbd, sys, threading, subprocess, json, struct
+import nbd, os, sys, threading, subprocess, json, struct, traceback
 sock, cli, capacity, step, snaps = (sys.argv[1], sys.argv[2:-3], int(sys.argv[-3]),
                                     int(sys.argv[-2]), sys.argv[-1].split(","))
 BLOCK = 4096
+WINDOW = 3000
 cond = threading.Condition()
-state = {"acked": 0, "issued": 0, "stop": None}
+state = {"acked": 0, "issued": 0, "stop": None, "limit": None}
+
+def my_turn(n):
+    limit = state["limit"]
+    return state["acked"] == n - 1 and (limit is None or n <= limit)
 
 def writer(export, parity):
-    h = nbd.NBD()
-    h.connect_uri("nbd+unix:///%s?socket=%s" % (export, sock))
-    n = parity or 2
-    while True:
-        with cond:
-            cond.wait_for(lambda: state["acked"] == n - 1 or state["stop"] is not None)
-            if state["stop"] is not None and n > state["stop"]:
-                break
-            if n > capacity:
-                print("the writers outran the snapshots: no block left", file=sys.stderr)
-                sys.exit(1)
-            state["issued"] = n
-        h.pwrite(struct.pack("<Q", n) + b"\xab" * (BLOCK - 8), (n // 2) * BLOCK)
-        with cond:
-            state["acked"] = n
-            cond.notify_all()
-        n += 2
-    h.shutdown()
+    try:
+        h = nbd.NBD()
+        h.connect_uri("nbd+unix:///%s?socket=%s" % (export, sock))
+        n = parity or 2
+        while True:
+            with cond:
+                cond.wait_for(lambda: my_turn(n) or state["stop"] is not None)
+                if state["stop"] is not None and n > state["stop"]:
+                    break
+                assert n <= capacity, "no block left"
+                state["issued"] = n
+            h.pwrite(struct.pack("<Q", n) + b"\xab" * (BLOCK - 8), (n // 2) * BLOCK)
+            with cond:
+                state["acked"] = n
+                cond.notify_all()
+            n += 2
+        h.shutdown()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
 
 threads = [threading.Thread(target=writer, args=(e, p)) for e, p in (("a", 1), ("b", 0))]
 for t in threads:
@@ -51,10 +60,13 @@ for i, snap in enumerate(snaps):
     with cond:
         cond.wait_for(lambda: state["acked"] >= after + step)
         before = state["acked"]
+        state["limit"] = before + WINDOW
     r = subprocess.run(cli + ["--json", "snapshot", "create", "--group", "g", snap],
                        capture_output=True, text=True)
     with cond:
         after = state["issued"]
+        state["limit"] = None
+        cond.notify_all()
     if r.returncode != 0:
         print("snapshot failed:", r.stderr, file=sys.stderr)
         sys.exit(1)
@@ -63,7 +75,8 @@ for i, snap in enumerate(snaps):
     sys.stdout.flush()
 with cond:
     cond.wait_for(lambda: state["acked"] >= after + step)
-    state["stop"] = state["acked"]
+    # The write in flight, if any, is the last.
+    state["stop"] = state["issued"]
     cond.notify_all()
 for t in threads:
     t.join()
