@@ -4,6 +4,8 @@
 //! Layers, top to bottom (data flows down, never back up):
 //! - [`control`]: the daemon, the control socket and its protocol;
 //! - [`frontend`]: NBD (and, next, ublk) adapters that turn requests into engine calls;
+//! - [`schedule`] and [`quiesce`]: snapshots on a schedule, with retention,
+//!   and application hooks with a timer around a snapshot;
 //! - [`copy`] and [`replication`]: live copy jobs, and mirrors of volumes on
 //!   other daemons (links, replicas);
 //! - [`volumes`]: the registry of volumes and their devices, beneath
@@ -20,7 +22,9 @@ pub mod control;
 pub mod copy;
 pub mod engine;
 pub mod frontend;
+pub mod quiesce;
 pub mod replication;
 pub mod runtime;
+pub mod schedule;
 pub mod security;
 pub mod volumes;

@@ -59,6 +59,7 @@ fn control() -> Vec<Seed> {
             cache: None,
         },
         Request::SnapshotCreate {
+            quiesce: None,
             volume: "vol".into(),
             name: "s1".into(),
         },

@@ -7,9 +7,11 @@
 
 pub mod client;
 pub mod copy;
+pub mod group;
 pub mod output;
 pub mod paths;
 pub mod replicate;
+pub mod schedule;
 pub mod size;
 
 use crate::control::daemon::{self, DaemonConfig, NbdAccess};
@@ -17,6 +19,7 @@ use crate::control::protocol::Request;
 use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;
 use crate::frontend::nbd::{Limits, TlsFiles, TlsMode};
+use crate::quiesce::{OnTimeout, Quiesce};
 use crate::replication::ReplicationConfig;
 use crate::volumes::validate_name;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -70,6 +73,12 @@ pub enum Command {
     /// Replicate volumes to another daemon: start, stop, status, cp, promote
     #[command(subcommand)]
     Replicate(replicate::ReplicateCmd),
+    /// Consistency groups: volumes snapshotted at one instant (create, list, info, delete)
+    #[command(subcommand)]
+    Group(group::GroupCmd),
+    /// Snapshots on a schedule with retention: add, list, remove, pause, resume
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCmd),
 }
 
 #[derive(Args, Debug)]
@@ -221,14 +230,31 @@ pub enum VolumeCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Take a snapshot of a volume
-    Create { volume: String, name: String },
-    /// List a volume's snapshots
+    /// Take a snapshot of a volume (VOL SNAP), or of every volume of a group at one instant (--group GROUP SNAP)
+    Create {
+        #[command(flatten)]
+        of: SnapshotOf,
+        #[command(flatten)]
+        hooks: HookArgs,
+    },
+    /// List a volume's snapshots (VOL), or a group's (--group GROUP)
     #[command(alias = "ls")]
-    List { volume: String },
-    /// Delete a snapshot
+    List {
+        #[arg(
+            long,
+            value_name = "GROUP",
+            conflicts_with = "volume",
+            required_unless_present = "volume"
+        )]
+        group: Option<String>,
+        volume: Option<String>,
+    },
+    /// Delete a snapshot (VOL SNAP), or a group's snapshot on every volume (--group GROUP SNAP)
     #[command(alias = "rm")]
-    Delete { volume: String, name: String },
+    Delete {
+        #[command(flatten)]
+        of: SnapshotOf,
+    },
     /// List the extents that changed between snapshot FROM and TO (a later
     /// snapshot; the live volume if left out)
     Diff {
@@ -236,6 +262,92 @@ pub enum SnapshotCmd {
         from: String,
         to: Option<String>,
     },
+}
+
+/// Application hooks around a snapshot (see `src/quiesce`).
+#[derive(Args, Debug)]
+pub struct HookArgs {
+    /// Run `sh -c CMD` before the snapshot (as the data directory's owner), e.g. a database's backup mode
+    #[arg(long, value_name = "CMD")]
+    pre_hook: Option<String>,
+    /// Run `sh -c CMD` after it; always runs once the pre-hook started
+    #[arg(long, value_name = "CMD")]
+    post_hook: Option<String>,
+    /// How long the pre-hook may take before it is killed [default: 10s]
+    #[arg(long, value_name = "DUR")]
+    quiesce_timeout: Option<String>,
+    /// When the pre-hook fails or times out: no snapshot, or one without quiesce [default: fail]
+    #[arg(long, value_enum, value_name = "WHAT")]
+    on_timeout: Option<OnTimeoutArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnTimeoutArg {
+    Fail,
+    CrashConsistent,
+}
+
+impl HookArgs {
+    fn quiesce(self) -> Result<Option<Quiesce>, CliError> {
+        if self.pre_hook.is_none() && self.post_hook.is_none() {
+            if self.quiesce_timeout.is_some() || self.on_timeout.is_some() {
+                return Err(CliError::plain(
+                    "--quiesce-timeout and --on-timeout bound hooks: add --pre-hook CMD \
+                     (and --post-hook CMD)",
+                ));
+            }
+            return Ok(None);
+        }
+        let timeout_ms = self
+            .quiesce_timeout
+            .map(|t| replicate::parse_duration_ms(&t))
+            .transpose()
+            .map_err(CliError::plain)?;
+        Ok(Some(Quiesce {
+            pre_hook: self.pre_hook,
+            post_hook: self.post_hook,
+            timeout_ms,
+            on_timeout: self.on_timeout.map(|o| match o {
+                OnTimeoutArg::Fail => OnTimeout::Fail,
+                OnTimeoutArg::CrashConsistent => OnTimeout::CrashConsistent,
+            }),
+        }))
+    }
+}
+
+/// `VOL SNAP`, or `--group GROUP SNAP`.
+#[derive(Args, Debug)]
+pub struct SnapshotOf {
+    /// The snapshot is a group snapshot of this group's volumes
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+    /// VOL SNAP, or SNAP with --group
+    #[arg(value_name = "VOL SNAP", num_args = 1..=2, required = true)]
+    names: Vec<String>,
+}
+
+enum Snap {
+    /// (volume, snapshot)
+    Volume(String, String),
+    /// (group, snapshot)
+    Group(String, String),
+}
+
+impl SnapshotOf {
+    /// Which form was used; a wrong count of names is a usage error that
+    /// says which form to use.
+    fn parts(self) -> Result<Snap, CliError> {
+        match (self.group, <[String; 2]>::try_from(self.names)) {
+            (None, Ok([volume, snap])) => Ok(Snap::Volume(volume, snap)),
+            (Some(g), Err(mut one)) if one.len() == 1 => Ok(Snap::Group(g, one.remove(0))),
+            (Some(g), _) => Err(CliError::plain(format!(
+                "with --group {g}, name only the snapshot: `--group {g} SNAP`"
+            ))),
+            (None, _) => Err(CliError::plain(
+                "name the volume and the snapshot (`VOL SNAP`), or `--group GROUP SNAP`",
+            )),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -433,6 +545,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let control = paths::client_control_path(cli.control);
             replicate::run(&control, json, cmd)
         }
+        Command::Group(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            group::run(&control, json, cmd)
+        }
+        Command::Schedule(cmd) => {
+            let control = paths::client_control_path(cli.control);
+            schedule::run(&control, json, cmd)
+        }
         Command::Features => {
             let control = paths::client_control_path(cli.control);
             reply(&control, json, &Request::Features {}, |r| {
@@ -579,11 +699,17 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
 
 fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError> {
     match cmd {
-        SnapshotCmd::Create { volume, name } => {
+        SnapshotCmd::Create { of, hooks } => {
+            let quiesce = hooks.quiesce()?;
+            let (volume, name) = match of.parts()? {
+                Snap::Volume(v, n) => (v, n),
+                Snap::Group(g, n) => return group::snapshot_create(control, json, &g, &n, quiesce),
+            };
             name_arg("snapshot", &name)?;
             let req = Request::SnapshotCreate {
                 volume: volume.clone(),
                 name: name.clone(),
+                quiesce,
             };
             reply(control, json, &req, |r| {
                 println!(
@@ -593,7 +719,13 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
                 )
             })
         }
-        SnapshotCmd::List { volume } => {
+        SnapshotCmd::List {
+            group: Some(name), ..
+        } => reply(control, json, &Request::GroupInfo { name }, |r| {
+            print!("{}", group::info(r))
+        }),
+        SnapshotCmd::List { volume, .. } => {
+            let volume = volume.expect("clap requires a volume without --group");
             let req = Request::SnapshotList {
                 volume: volume.clone(),
             };
@@ -601,7 +733,11 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
                 print!("{}", output::snapshot_list(&volume, r))
             })
         }
-        SnapshotCmd::Delete { volume, name } => {
+        SnapshotCmd::Delete { of } => {
+            let (volume, name) = match of.parts()? {
+                Snap::Volume(v, n) => (v, n),
+                Snap::Group(g, n) => return group::snapshot_delete(control, json, &g, &n),
+            };
             let req = Request::SnapshotDelete {
                 volume: volume.clone(),
                 name: name.clone(),

@@ -44,7 +44,7 @@ pub enum ReplicateCmd {
     Promote { volume: String },
 }
 
-/// `500ms`, `10s`, `5m`, `1h` or plain seconds -> milliseconds.
+/// `500ms`, `10s`, `5m`, `1h`, `1d` or plain seconds -> milliseconds.
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -54,6 +54,7 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
         "" | "s" => 1000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => 0,
     };
     match num.parse::<u64>() {
@@ -61,7 +62,7 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
             .checked_mul(factor)
             .ok_or_else(|| format!("invalid duration {text:?}: too large")),
         _ => Err(format!(
-            "invalid duration {text:?}; use a number with ms, s, m or h, e.g. 10s"
+            "invalid duration {text:?}; use a number with ms, s, m, h or d, e.g. 10s"
         )),
     }
 }

@@ -8,7 +8,8 @@
 //! and kept as errors), start replication (links go into their volumes'
 //! write paths before anything can write; replicas finish interrupted CP
 //! applies), start the ublk devices listed in `devices.json`
-//! (failures are logged, never fatal), start the NBD listeners, and bind the
+//! (failures are logged, never fatal), start the schedules (a run missed
+//! while the daemon was down is taken now), start the NBD listeners, and bind the
 //! control socket *last*: once the socket exists, everything is being
 //! served. The main thread then waits in `sigwait`. Before all that, the NBD
 //! access settings are checked ([`check_nbd_exposure`]): a wrong TLS file or
@@ -19,7 +20,8 @@
 //! the addresses `--nbd-listen` names.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting control clients, shut the NBD
-//! server down (it drains in-flight requests), stop replication's threads
+//! server down (it drains in-flight requests), stop the schedules (a run in
+//! progress finishes), stop copy jobs and replication's threads
 //! (links resume at next start), stop every ublk device, flush
 //! and close every volume, remove the sockets, exit 0. No async runtime crate: one thread per control
 //! client and the engine's per-thread io_uring runtime.
@@ -120,6 +122,7 @@ pub struct Daemon {
     nbd: NbdServer,
     control: Option<ControlServer>,
     jobs: Arc<crate::copy::Jobs>,
+    schedules: Arc<crate::schedule::Schedules>,
     _lock: std::fs::File,
 }
 
@@ -385,6 +388,20 @@ impl Daemon {
             );
         }
         before_control(&registry)?;
+        // After the devices: a run missed while the daemon was down is
+        // taken now, and may be read from them at once.
+        let schedules = crate::schedule::Schedules::start(
+            &data_dir,
+            registry.clone(),
+            jobs.clone(),
+            replication.clone(),
+        )
+        .with_context(|| {
+            format!(
+                "cannot read the schedules in {}",
+                data_dir.join(crate::schedule::SCHEDULES_FILE).display()
+            )
+        })?;
 
         let facts_tls = (tls.mode(), tls.client_certs());
         let nbd = NbdServer::with_access(
@@ -421,6 +438,7 @@ impl Daemon {
             started: Instant::now(),
             jobs: jobs.clone(),
             replication: replication.clone(),
+            schedules: schedules.clone(),
         };
         let control =
             ControlServer::start(&control_path, registry.clone(), facts).map_err(|e| {
@@ -439,6 +457,7 @@ impl Daemon {
             nbd,
             control: Some(control),
             jobs,
+            schedules,
             _lock: lock,
         })
     }
@@ -450,6 +469,7 @@ impl Daemon {
         }
         log::info!("stopping the NBD server (draining in-flight requests)");
         self.nbd.shutdown();
+        self.schedules.shutdown();
         log::info!("stopping copy jobs (they resume at next start)");
         self.jobs.shutdown();
         self.replication.shutdown();

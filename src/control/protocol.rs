@@ -41,6 +41,17 @@ pub const OPS: &[&str] = &[
     "replicate.status",
     "replicate.cp",
     "replicate.promote",
+    "group.create",
+    "group.list",
+    "group.info",
+    "group.delete",
+    "group.snapshot.create",
+    "group.snapshot.delete",
+    "schedule.add",
+    "schedule.list",
+    "schedule.remove",
+    "schedule.pause",
+    "schedule.resume",
 ];
 
 /// The longest request line the daemon reads; longer lines are refused.
@@ -74,7 +85,13 @@ pub enum Request {
     #[serde(rename = "volume.delete")]
     VolumeDelete { name: String },
     #[serde(rename = "snapshot.create")]
-    SnapshotCreate { volume: String, name: String },
+    SnapshotCreate {
+        volume: String,
+        name: String,
+        /// Hooks and a timer around the snapshot; see [`crate::quiesce`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quiesce: Option<crate::quiesce::Quiesce>,
+    },
     #[serde(rename = "snapshot.list")]
     SnapshotList { volume: String },
     #[serde(rename = "snapshot.delete")]
@@ -153,6 +170,36 @@ pub enum Request {
     /// On the destination: makes a replica a normal writable volume.
     #[serde(rename = "replicate.promote")]
     ReplicatePromote { volume: String },
+    /// A consistency group: volumes whose snapshots are taken at one instant.
+    #[serde(rename = "group.create")]
+    GroupCreate { name: String, volumes: Vec<String> },
+    #[serde(rename = "group.list")]
+    GroupList {},
+    #[serde(rename = "group.info")]
+    GroupInfo { name: String },
+    #[serde(rename = "group.delete")]
+    GroupDelete { name: String },
+    /// One snapshot `name` of every member of `group`, under one write barrier.
+    #[serde(rename = "group.snapshot.create")]
+    GroupSnapshotCreate {
+        group: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quiesce: Option<crate::quiesce::Quiesce>,
+    },
+    #[serde(rename = "group.snapshot.delete")]
+    GroupSnapshotDelete { group: String, name: String },
+    /// Snapshots on a schedule, with retention; see [`crate::schedule`].
+    #[serde(rename = "schedule.add")]
+    ScheduleAdd(crate::schedule::ScheduleAdd),
+    #[serde(rename = "schedule.list")]
+    ScheduleList {},
+    #[serde(rename = "schedule.remove")]
+    ScheduleRemove { id: u64 },
+    #[serde(rename = "schedule.pause")]
+    SchedulePause { id: u64 },
+    #[serde(rename = "schedule.resume")]
+    ScheduleResume { id: u64 },
 }
 
 impl Request {
@@ -183,6 +230,17 @@ impl Request {
             Request::ReplicateStatus { .. } => "replicate.status",
             Request::ReplicateCp { .. } => "replicate.cp",
             Request::ReplicatePromote { .. } => "replicate.promote",
+            Request::GroupCreate { .. } => "group.create",
+            Request::GroupList {} => "group.list",
+            Request::GroupInfo { .. } => "group.info",
+            Request::GroupDelete { .. } => "group.delete",
+            Request::GroupSnapshotCreate { .. } => "group.snapshot.create",
+            Request::GroupSnapshotDelete { .. } => "group.snapshot.delete",
+            Request::ScheduleAdd(_) => "schedule.add",
+            Request::ScheduleList {} => "schedule.list",
+            Request::ScheduleRemove { .. } => "schedule.remove",
+            Request::SchedulePause { .. } => "schedule.pause",
+            Request::ScheduleResume { .. } => "schedule.resume",
         }
     }
 }

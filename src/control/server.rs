@@ -69,6 +69,7 @@ pub struct DaemonFacts {
     pub started: Instant,
     pub jobs: Arc<crate::copy::Jobs>,
     pub replication: Arc<crate::replication::Replication>,
+    pub schedules: Arc<crate::schedule::Schedules>,
 }
 
 pub struct ControlServer {
@@ -374,6 +375,20 @@ impl Read for PassingReader {
     }
 }
 
+/// Takes a snapshot with `take`, between the hooks of `quiesce` if any.
+fn quiesced(
+    quiesce: Option<crate::quiesce::Quiesce>,
+    facts: &DaemonFacts,
+    target: &str,
+    snapshot: &str,
+    take: impl FnOnce() -> Result<Value, VolumeError>,
+) -> Result<Value, VolumeError> {
+    match quiesce {
+        Some(q) => crate::quiesce::around(&q, &facts.data_dir, target, snapshot, take),
+        None => take(),
+    }
+}
+
 /// Executes one parsed request; the layer that does it answers in its own
 /// error type, which becomes the protocol's here.
 pub fn handle(
@@ -398,13 +413,18 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
         Request::VolumeInfo { name } => registry.volume_info(&name),
         Request::VolumeDelete { name } => facts.jobs.unless_used(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
+            facts.schedules.check_unscheduled(Some(&name), None)?;
             registry.delete_volume(&name)
         }),
-        Request::SnapshotCreate { volume, name } => {
+        Request::SnapshotCreate {
+            volume,
+            name,
+            quiesce,
+        } => quiesced(quiesce, facts, &format!("volume {volume}"), &name, || {
             let created = registry.create_snapshot(&volume, &name)?;
             facts.replication.snapshot_taken(&volume);
             Ok(created)
-        }
+        }),
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDiff { volume, from, to } => {
             registry.diff_snapshots(&volume, &from, to.as_deref())
@@ -460,6 +480,35 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
         Request::ReplicateStatus { volume } => facts.replication.status(volume.as_deref()),
         Request::ReplicateCp { volume } => facts.replication.cp_now(&volume),
         Request::ReplicatePromote { volume } => facts.replication.promote(&volume),
+        Request::GroupCreate { name, volumes } => registry.create_group(&name, &volumes),
+        Request::GroupList {} => registry.list_groups(),
+        Request::GroupInfo { name } => registry.group_info(&name),
+        Request::GroupDelete { name } => {
+            facts.schedules.check_unscheduled(None, Some(&name))?;
+            registry.delete_group(&name)
+        }
+        Request::GroupSnapshotCreate {
+            group,
+            name,
+            quiesce,
+        } => quiesced(quiesce, facts, &format!("group {group}"), &name, || {
+            let created = registry.create_group_snapshot(&group, &name)?;
+            for v in registry.groups().members(&group)? {
+                facts.replication.snapshot_taken(&v);
+            }
+            Ok(created)
+        }),
+        Request::GroupSnapshotDelete { group, name } => {
+            let members = registry.groups().members(&group)?;
+            facts.jobs.unless_snapshot_used(&members, &name, || {
+                registry.delete_group_snapshot(&group, &name)
+            })
+        }
+        Request::ScheduleAdd(add) => facts.schedules.add(add),
+        Request::ScheduleList {} => Ok(facts.schedules.list()),
+        Request::ScheduleRemove { id } => facts.schedules.remove(id),
+        Request::SchedulePause { id } => facts.schedules.set_paused(id, true),
+        Request::ScheduleResume { id } => facts.schedules.set_paused(id, false),
         Request::DaemonStatus {} => Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),

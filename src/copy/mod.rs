@@ -786,6 +786,21 @@ impl Jobs {
         then()
     }
 
+    /// [`Jobs::unless_used`] for snapshot `snapshot` of each of `volumes`
+    /// (a group snapshot).
+    pub fn unless_snapshot_used<T>(
+        &self,
+        volumes: &[String],
+        snapshot: &str,
+        then: impl FnOnce() -> Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        for v in volumes {
+            self.check_snapshot_unused(v, snapshot)?;
+        }
+        then()
+    }
+
     /// Refuses (`busy`) while a running job reads or writes volume `name`.
     pub fn check_unused(&self, name: &str) -> Result<(), VolumeError> {
         let target = format!("vol:{name}");

@@ -1,7 +1,7 @@
 //! Volumes and their views: the engine's public face.
 
 use super::error::{EngineError, Result};
-use super::gate::{Epoch, Gate, Ticket};
+use super::gate::{Epoch, Gate, Paused, Ticket};
 use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::Journal;
 use super::manifest::{self, CacheMode, Manifest, Origin, SnapshotRecord};
@@ -509,6 +509,87 @@ impl Volume {
     /// the manifest, which is the commit point.
     pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotCreated> {
         let _admin = self.admin.lock().await;
+        self.ready_for_snapshot(name).await?;
+        let (generation, stall) = {
+            let paused = self.gate.pause().await;
+            (Self::close_generation(&paused), paused.elapsed())
+        };
+        self.commit_snapshot(name, generation, stall).await
+    }
+
+    /// Takes snapshot `name` of each of `members` at one instant (a
+    /// consistency group's): every member's gate is shut and drained before
+    /// any generation closes, and none reopens before all have closed. So a
+    /// write acknowledged on any member before the last gate shut is in its
+    /// snapshot, and one that waited at a gate is in none; a write issued
+    /// after another member's write was acknowledged cannot be in a
+    /// snapshot that lacks that one. All or nothing: if one member cannot
+    /// commit, those that did lose the snapshot again.
+    pub async fn create_snapshots_together(
+        members: &[(&Volume, &str)],
+    ) -> Result<Vec<SnapshotCreated>> {
+        // Admin locks in name order, so two callers never wait on each other.
+        let mut order: Vec<usize> = (0..members.len()).collect();
+        order.sort_by_key(|&i| members[i].0.name.as_str());
+        if order
+            .windows(2)
+            .any(|w| members[w[0]].0.name == members[w[1]].0.name)
+        {
+            return Err(EngineError::InvalidArgument(
+                "a volume is named twice in one group snapshot".to_string(),
+            ));
+        }
+        let mut admins = Vec::with_capacity(members.len());
+        for &i in &order {
+            admins.push(members[i].0.admin.lock().await);
+        }
+        try_join_all(members.iter().map(|(v, name)| v.ready_for_snapshot(name))).await?;
+        let (generations, stall) = {
+            let mut paused = Vec::with_capacity(members.len());
+            for (v, _) in members {
+                paused.push(v.gate.pause().await);
+            }
+            let generations: Vec<u64> = paused.iter().map(Self::close_generation).collect();
+            // The first gate shut is the one held longest.
+            (generations, paused[0].elapsed())
+        };
+        let results = join_all(
+            members
+                .iter()
+                .zip(&generations)
+                .map(|((v, name), &g)| v.commit_snapshot(name, g, stall)),
+        )
+        .await;
+        let mut failed = None;
+        let mut committed = Vec::with_capacity(results.len());
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(c) => committed.push((i, c)),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        let Some(e) = failed else {
+            return Ok(committed.into_iter().map(|(_, c)| c).collect());
+        };
+        for (i, _) in committed {
+            let (v, name) = members[i];
+            if let Err(undo) = v.delete_snapshot_locked(name).await {
+                log::error!(
+                    "volume {}: cannot remove snapshot {name} of a failed group snapshot: {undo}",
+                    v.name
+                );
+            }
+        }
+        Err(e)
+    }
+
+    /// Refuses a name in use, then sends most dirty and held data out
+    /// before the pause, so little is left inside it: the origin flush
+    /// first (it may take long, and writes keep being held meanwhile), then
+    /// the buffer, last thing before the pause. Under `admin`.
+    async fn ready_for_snapshot(&self, name: &str) -> Result<()> {
         if self
             .manifest
             .lock()
@@ -522,25 +603,32 @@ impl Volume {
                 self.name
             )));
         }
-        // Most dirty and held data goes out before the pause, so little is
-        // left inside it: the origin flush first (it may take long, and
-        // writes keep being held meanwhile), then the buffer, last thing
-        // before the pause.
         self.origin.flush().await?;
-        self.drive().await?;
-        let (generation, stall) = {
-            // Held writes stay held across the pause (committing them
-            // inside it cost a journal flush of stall under load): the
-            // snapshot's reads of the origin and the next generation's
-            // preservations lay them over what they read until they land.
-            let paused = self.gate.pause().await;
-            let epoch = paused.epoch();
-            let generation = epoch.generation;
-            let mut live = epoch.live.to_vec();
-            live.push(generation);
-            paused.set(generation + 1, live);
-            (generation, paused.elapsed())
-        };
+        self.drive().await
+    }
+
+    /// Closes the current generation while the gate is shut; returns it.
+    fn close_generation(paused: &Paused<'_>) -> u64 {
+        // Held writes stay held across the pause (committing them
+        // inside it cost a journal flush of stall under load): the
+        // snapshot's reads of the origin and the next generation's
+        // preservations lay them over what they read until they land.
+        let epoch = paused.epoch();
+        let generation = epoch.generation;
+        let mut live = epoch.live.to_vec();
+        live.push(generation);
+        paused.set(generation + 1, live);
+        generation
+    }
+
+    /// Makes the snapshot of the closed `generation` durable and records
+    /// it; on failure the generation is forgotten again. Under `admin`.
+    async fn commit_snapshot(
+        &self,
+        name: &str,
+        generation: u64,
+        stall: std::time::Duration,
+    ) -> Result<SnapshotCreated> {
         let committed = async {
             // Every write acknowledged before the pause is in generation
             // `generation` or earlier; those not preserved since live in
@@ -629,6 +717,11 @@ impl Volume {
     /// space punched out of the change logs.
     pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
         let _admin = self.admin.lock().await;
+        self.delete_snapshot_locked(name).await
+    }
+
+    /// [`Volume::delete_snapshot`] for a caller that holds `admin`.
+    async fn delete_snapshot_locked(&self, name: &str) -> Result<()> {
         let mut manifest = self.manifest.lock().unwrap().clone();
         let index = manifest
             .snapshots

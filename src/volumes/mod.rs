@@ -1,10 +1,11 @@
 //! The registry of volumes: which volumes exist and where they live
 //! ([`registry`]), which kernel devices run for them and come back at
-//! restart ([`devices`]), restore claims, and the JSON that describes them.
+//! restart ([`devices`]), consistency groups and their snapshots
+//! ([`groups`]), restore claims, and the JSON that describes them.
 //! Seed 002's "registry rebuilt on restart" is what it implements.
 //!
 //! It sits beneath everything that works on whole volumes (copy jobs,
-//! replication, and next groups and schedules) and above the engine; its
+//! replication, schedules) and above the engine; its
 //! errors are its own ([`VolumeError`]), which `control` turns into the
 //! control protocol's.
 //!
@@ -15,6 +16,8 @@
 
 pub mod devices;
 pub mod error;
+pub mod groups;
+pub mod json_file;
 pub mod registry;
 
 pub use error::{ErrorKind, VolumeError};

@@ -41,6 +41,7 @@
 
 use super::devices::{self, DeviceSpec, Driver, RunningDevice};
 use super::error::{ErrorKind, VolumeError};
+use super::groups::Groups;
 use crate::backend::Storage;
 use crate::engine::{CacheMode, EngineError, View, Volume, VolumeConfig};
 use crate::engine::{DEFAULT_CHUNK_SIZE, DEFAULT_PARTITIONS};
@@ -218,6 +219,8 @@ pub struct Registry {
     /// Volumes a `restore` writes: nothing else may take them (see
     /// [`Registry::claim_for_restore`]). Changed under the `map` lock.
     restoring: Mutex<BTreeSet<String>>,
+    /// Consistency groups (see [`super::groups`]); changed under `mutate`.
+    groups: Groups,
     driver: Box<dyn Driver>,
 }
 
@@ -339,7 +342,7 @@ impl Registry {
                 }
             }
         }
-        Ok(Registry {
+        let registry = Registry {
             data_dir: data_dir.to_path_buf(),
             volumes_dir,
             map: Mutex::new(map),
@@ -348,15 +351,27 @@ impl Registry {
             devices: Mutex::new(BTreeMap::new()),
             save_lock: Mutex::new(()),
             restoring: Mutex::new(BTreeSet::new()),
+            groups: Groups::load(data_dir)?,
             driver,
-        })
+        };
+        registry.finish_group_snapshots();
+        Ok(registry)
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
-    fn gate(&self) -> Result<std::sync::RwLockReadGuard<'_, bool>, VolumeError> {
+    pub fn groups(&self) -> &Groups {
+        &self.groups
+    }
+
+    /// Serializes changes of what exists: volumes, groups, group snapshots.
+    pub(super) fn lock_mutate(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.mutate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn gate(&self) -> Result<std::sync::RwLockReadGuard<'_, bool>, VolumeError> {
         let g = self.closing.read().unwrap_or_else(|e| e.into_inner());
         if *g {
             return Err(VolumeError::new(
@@ -590,6 +605,7 @@ impl Registry {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         self.check_no_device(name)?;
+        self.check_not_grouped(name)?;
         let slot = {
             let mut map = self.lock_map();
             match map.get(name) {
@@ -691,6 +707,26 @@ impl Registry {
                 "snapshot {name} of volume {volume} not found"
             )));
         }
+        self.check_not_group_snapshot(volume, name)?;
+        self.check_snapshot_unused(volume, name)?;
+        let vol = self.volume(volume)?;
+        block_on(vol.delete_snapshot(name)).map_err(|e| match e {
+            EngineError::NotFound(_) => {
+                VolumeError::not_found(format!("snapshot {name} of volume {volume} not found"))
+            }
+            e => e.into(),
+        })?;
+        log::info!("volume {volume}: deleted snapshot {name}");
+        self.forget_snapshot_devices(volume, name);
+        Ok(json!({ "volume": volume, "name": name, "deleted": true }))
+    }
+
+    /// `busy` while a device serves snapshot `volume@name`.
+    pub(super) fn check_snapshot_unused(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<(), VolumeError> {
         let key = format!("{volume}@{name}");
         if let Some(what) = self.lock_devices().get(&key).and_then(DeviceEntry::in_use) {
             return Err(VolumeError::new(
@@ -701,16 +737,13 @@ impl Registry {
                 ),
             ));
         }
-        let vol = self.volume(volume)?;
-        block_on(vol.delete_snapshot(name)).map_err(|e| match e {
-            EngineError::NotFound(_) => {
-                VolumeError::not_found(format!("snapshot {name} of volume {volume} not found"))
-            }
-            e => e.into(),
-        })?;
-        log::info!("volume {volume}: deleted snapshot {name}");
+        Ok(())
+    }
+
+    /// Drops the (not running) device entries of a deleted snapshot.
+    pub(super) fn forget_snapshot_devices(&self, volume: &str, name: &str) {
+        let key = format!("{volume}@{name}");
         self.forget_devices(|s| s.key() == key);
-        Ok(json!({ "volume": volume, "name": name, "deleted": true }))
     }
 
     /// Waits for in-flight requests, refuses new ones, stops every device

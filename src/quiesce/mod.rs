@@ -1,0 +1,204 @@
+//! Application quiesce around a snapshot, bounded by a timer (seed 002:
+//! sync and suspend the applications before a snapshot, an error logged
+//! when they do not answer in time, resume always).
+//!
+//! What is built: user hooks. `pre_hook` (say, a database's "begin backup"
+//! or an `fsfreeze -f` the operator runs where the filesystem is mounted)
+//! runs before the snapshot, `post_hook` after it, each as `sh -c CMD` with
+//! `SNAPBLK_SNAPSHOT` and `SNAPBLK_TARGET` (`volume NAME` / `group NAME`)
+//! in its environment, in a process group of its own, as the owner of the
+//! data directory (the only non-root user the control socket admits, so a
+//! hook never runs with more rights than the one who asked for it).
+//!
+//! The timer (`timeout_ms`, default [`DEFAULT_TIMEOUT_MS`]) bounds the
+//! pre-hook: one that has not finished by then is killed (its whole process
+//! group), the error is logged and reported, and the post-hook runs: the
+//! post-hook runs whenever the pre-hook was started, whatever happened, so
+//! the application is always resumed. A pre-hook that fails or times out
+//! means no snapshot (`on_timeout: fail`, the default) or a crash-consistent
+//! one taken after the post-hook (`crash-consistent`); the result says which.
+//! The post-hook has its own timer of the same length; its failure is
+//! logged and reported, and the snapshot stays.
+//!
+//! Not built yet (issue 13 part 2): freezing the filesystems mounted on the
+//! volumes' ublk devices (FIFREEZE/FITHAW, found from the host's mount
+//! table) and the durable freeze record that thaws them after a crash.
+//!
+//! Must never: leave a pre-hook running past its timer, skip the post-hook
+//! of a pre-hook that started, or run a hook as a more privileged user
+//! than the data directory's owner.
+
+use crate::volumes::{ErrorKind, VolumeError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the pre-hook (and, separately, the post-hook) may take.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// The most of a failed hook's stderr quoted in the error.
+const STDERR_TAIL: usize = 500;
+
+/// What to do when the pre-hook fails or outlives its timer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnTimeout {
+    /// No snapshot; the request fails with the hook's error.
+    #[default]
+    Fail,
+    /// A snapshot anyway, crash-consistent, after the post-hook resumed
+    /// the application.
+    CrashConsistent,
+}
+
+/// The `quiesce` member of `snapshot.create` and `group.snapshot.create`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quiesce {
+    #[serde(default)]
+    pub pre_hook: Option<String>,
+    #[serde(default)]
+    pub post_hook: Option<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub on_timeout: Option<OnTimeout>,
+}
+
+/// Runs `take` (the snapshot) between the hooks of `q`. `target` and
+/// `snapshot` name what is taken, for the hooks and the messages;
+/// `data_dir`'s owner runs the hooks. Returns `take`'s result with a
+/// `quiesce` report: `{"quiesced": bool, "error": ..., "post_hook_error": ...}`.
+pub fn around(
+    q: &Quiesce,
+    data_dir: &Path,
+    target: &str,
+    snapshot: &str,
+    take: impl FnOnce() -> Result<Value, VolumeError>,
+) -> Result<Value, VolumeError> {
+    let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS));
+    let owner = std::fs::metadata(data_dir)
+        .map(|m| (m.uid(), m.gid()))
+        .map_err(|e| {
+            VolumeError::new(
+                ErrorKind::IoError,
+                format!("cannot read the owner of {}: {e}", data_dir.display()),
+            )
+        })?;
+    let hook = |which: &str, cmd: &Option<String>| -> Result<(), String> {
+        match cmd {
+            Some(cmd) => run_hook(which, cmd, owner, target, snapshot, timeout),
+            None => Ok(()),
+        }
+    };
+    let pre = hook("pre-hook", &q.pre_hook);
+    if let Err(e) = &pre {
+        log::error!("{target}: snapshot {snapshot}: {e}; resuming with the post-hook");
+    }
+    let (taken, post) = match (&pre, q.on_timeout.unwrap_or_default()) {
+        (Ok(()), _) => {
+            let taken = take();
+            (taken, hook("post-hook", &q.post_hook))
+        }
+        (Err(e), OnTimeout::Fail) => {
+            let post = hook("post-hook", &q.post_hook);
+            let mut message =
+                format!("snapshot {snapshot} of {target} was not taken: {e}; the post-hook ");
+            message += &match &post {
+                Ok(()) => "ran".to_string(),
+                Err(p) => format!("failed too: {p}"),
+            };
+            return Err(VolumeError::new(ErrorKind::Busy, message));
+        }
+        (Err(_), OnTimeout::CrashConsistent) => {
+            let post = hook("post-hook", &q.post_hook);
+            (take(), post)
+        }
+    };
+    if let Err(e) = &post {
+        log::error!("{target}: snapshot {snapshot}: {e}");
+    }
+    let mut result = taken?;
+    result["quiesce"] = json!({
+        "quiesced": pre.is_ok(),
+        "error": pre.err(),
+        "post_hook_error": post.err(),
+    });
+    Ok(result)
+}
+
+/// Runs one hook to its end or its timer; `Err` says what went wrong.
+fn run_hook(
+    which: &str,
+    cmd: &str,
+    (uid, gid): (u32, u32),
+    target: &str,
+    snapshot: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut c = Command::new("/bin/sh");
+    c.arg("-c")
+        .arg(cmd)
+        .env("SNAPBLK_SNAPSHOT", snapshot)
+        .env("SNAPBLK_TARGET", target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != uid {
+        c.uid(uid).gid(gid);
+    }
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("{which} `{cmd}` could not start: {e}"))?;
+    // Read on the side, so a chatty hook never blocks on a full pipe.
+    let (tx, stderr) = std::sync::mpsc::channel();
+    if let Some(mut pipe) = child.stderr.take() {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+    }
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() >= timeout => {
+                // The whole group: a shell's children must not outlive it.
+                // SAFETY: signalling a process group we created.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                return Err(format!(
+                    "{which} `{cmd}` did not finish within {} ms and was killed; raise \
+                     --quiesce-timeout or fix the hook",
+                    timeout.as_millis()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("{which} `{cmd}`: {e}")),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    // A child the hook left behind may hold the pipe open: wait only a little.
+    let stderr = stderr
+        .recv_timeout(Duration::from_millis(200))
+        .unwrap_or_default();
+    let tail: String = stderr
+        .trim()
+        .chars()
+        .rev()
+        .take(STDERR_TAIL)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    Err(format!("{which} `{cmd}` failed ({status}): {tail}"))
+}
