@@ -119,7 +119,10 @@ impl MemDisk {
     pub fn power_cut(&self, rng: &mut SplitMix) -> Arc<MemDisk> {
         let state = self.state.lock().unwrap();
         let mut files = HashMap::new();
-        for (name, file) in &state.files {
+        // In name order, so a seed cuts the same writes on every run.
+        let mut names: Vec<&String> = state.files.keys().collect();
+        names.sort();
+        for (name, file) in names.into_iter().map(|n| (n, &state.files[n])) {
             let mut image = file.durable.clone();
             for op in &file.pending {
                 match rng.below(3) {
