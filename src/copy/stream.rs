@@ -294,6 +294,37 @@ impl<R: Read> StreamReader<R> {
         self.crc
     }
 
+    /// Reads the rest of a frame's head (its magic already read at
+    /// `start`): the head, and the sector-aligned range it names, which must
+    /// lie inside the volume and be at most `max_len` long.
+    fn frame_head(
+        &mut self,
+        magic: [u8; 4],
+        start: u64,
+        max_len: u32,
+        what: &str,
+    ) -> Result<([u8; FRAME_HEAD], u64, u32), StreamError> {
+        let mut head = [0u8; FRAME_HEAD];
+        head[..4].copy_from_slice(&magic);
+        self.fill(&mut head[4..], None)?;
+        let offset = u64::from_le_bytes(head[4..12].try_into().unwrap());
+        let len = u32::from_le_bytes(head[12..16].try_into().unwrap());
+        let fits = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= self.header.volume_size);
+        if len == 0 || len > max_len || !fits || offset % 512 != 0 || len % 512 != 0 {
+            return Err(self.bad(
+                start + 4,
+                None,
+                &format!(
+                    "{what} at offset {offset} of length {len} does not fit a volume of {} bytes",
+                    self.header.volume_size
+                ),
+            ));
+        }
+        Ok((head, offset, len))
+    }
+
     fn bad(&self, at: u64, volume_offset: Option<u64>, what: &str) -> StreamError {
         StreamError {
             at,
@@ -340,24 +371,7 @@ impl<R: Read> StreamReader<R> {
         self.fill(&mut magic, None)?;
         match u32::from_le_bytes(magic) {
             FRAME_MAGIC => {
-                let mut head = [0u8; FRAME_HEAD];
-                head[..4].copy_from_slice(&magic);
-                self.fill(&mut head[4..], None)?;
-                let offset = u64::from_le_bytes(head[4..12].try_into().unwrap());
-                let len = u32::from_le_bytes(head[12..16].try_into().unwrap());
-                let fits = offset
-                    .checked_add(len as u64)
-                    .is_some_and(|end| end <= self.header.volume_size);
-                if len == 0 || len > MAX_BLOCK || !fits || offset % 512 != 0 || len % 512 != 0 {
-                    return Err(self.bad(
-                        start + 4,
-                        None,
-                        &format!(
-                            "a block at offset {offset} of length {len} does not fit a volume of {} bytes",
-                            self.header.volume_size
-                        ),
-                    ));
-                }
+                let (head, offset, len) = self.frame_head(magic, start, MAX_BLOCK, "a block")?;
                 data.resize(len as usize, 0);
                 self.fill(data, Some(offset))?;
                 let mut tail = [0u8; FRAME_TAIL];
@@ -373,25 +387,8 @@ impl<R: Read> StreamReader<R> {
                 Ok(Item::Block { offset })
             }
             ZERO_MAGIC => {
-                let mut head = [0u8; FRAME_HEAD];
-                head[..4].copy_from_slice(&magic);
-                self.fill(&mut head[4..], None)?;
-                let offset = u64::from_le_bytes(head[4..12].try_into().unwrap());
-                let len = u32::from_le_bytes(head[12..16].try_into().unwrap());
-                let fits = offset
-                    .checked_add(len as u64)
-                    .is_some_and(|end| end <= self.header.volume_size);
-                if len == 0 || !fits || offset % 512 != 0 || len % 512 != 0 {
-                    return Err(self.bad(
-                        start + 4,
-                        None,
-                        &format!(
-                            "a zeroed range at offset {offset} of length {len} does not fit a \
-                             volume of {} bytes",
-                            self.header.volume_size
-                        ),
-                    ));
-                }
+                let (head, offset, len) =
+                    self.frame_head(magic, start, u32::MAX, "a zeroed range")?;
                 let mut tail = [0u8; FRAME_TAIL];
                 self.fill(&mut tail, Some(offset))?;
                 if crc32c::crc32c(&head).to_le_bytes() != tail {
