@@ -455,7 +455,8 @@ fn fully_cached(fd: RawFd, offset: u64, len: u64) -> bool {
     }
     // Every architecture numbers it from the unified syscall table.
     const SYS_CACHESTAT: libc::c_long = 451;
-    let page = 4096;
+    // SAFETY: sysconf reads a constant (glibc answers from the aux vector).
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     let first = offset / page;
     let pages = (offset + len).div_ceil(page) - first;
     let range = CachestatRange {
