@@ -58,6 +58,25 @@ fn equals_file(d: &Daemon, export: &str, path: &Path) -> bool {
     ok
 }
 
+/// A daemon with volume `v` of `size` (64 KiB chunks), written by the
+/// qemu-io command `fill`, and snapshot `snap` of that.
+fn snapshotted(size: &str, fill: &str, snap: &str) -> (tempfile::TempDir, Daemon) {
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    d.ok(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        size,
+        "--chunk-size",
+        "64K",
+    ]);
+    qemu_io_ok(&d.uri("v"), false, &[fill]);
+    d.ok(&["snapshot", "create", "v", snap]);
+    (t, d)
+}
+
 fn wait_flattened(d: &Daemon, clone: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -77,19 +96,7 @@ fn revert_refuses_writers_rewrites_only_changes_and_keeps_newer_snapshots() {
     if skip_without("revert", &["qemu-img", "qemu-io"]) {
         return;
     }
-    let (t, dir) = tempdir();
-    let d = Daemon::start(&dir);
-    d.ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "16M",
-        "--chunk-size",
-        "64K",
-    ]);
-    qemu_io_ok(&d.uri("v"), false, &["write -P 0x11 0 16M"]);
-    d.ok(&["snapshot", "create", "v", "s1"]);
+    let (t, d) = snapshotted("16M", "write -P 0x11 0 16M", "s1");
     qemu_io_ok(
         &d.uri("v"),
         false,
@@ -169,19 +176,7 @@ fn clones_read_the_snapshot_write_alone_pin_the_parent_until_flattened() {
     if skip_without("clones", &["qemu-img", "qemu-io"]) {
         return;
     }
-    let (t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
-    d.ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "8M",
-        "--chunk-size",
-        "64K",
-    ]);
-    qemu_io_ok(&d.uri("v"), false, &["write -P 0x11 0 6M"]);
-    d.ok(&["snapshot", "create", "v", "base"]);
+    let (t, mut d) = snapshotted("8M", "write -P 0x11 0 6M", "base");
     qemu_io_ok(&d.uri("v"), false, &["write -P 0x99 0 1M"]);
 
     let e = d.fails(&["volume", "clone", "v", "c"]);
@@ -310,19 +305,7 @@ fn flatten_resumes_after_kill9() {
     if skip_without("flatten_resume", &["qemu-img", "qemu-io"]) {
         return;
     }
-    let (t, dir) = tempdir();
-    let mut d = Daemon::start(&dir);
-    d.ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "256M",
-        "--chunk-size",
-        "64K",
-    ]);
-    qemu_io_ok(&d.uri("v"), false, &["write -P 0x3c 0 256M"]);
-    d.ok(&["snapshot", "create", "v", "base"]);
+    let (t, mut d) = snapshotted("256M", "write -P 0x3c 0 256M", "base");
     d.ok(&["volume", "clone", "v@base", "c"]);
     qemu_io_ok(&d.uri("c"), false, &["write -P 0x5a 100M 1M"]);
     let img = t.path().join("c.img");
