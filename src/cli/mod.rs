@@ -226,6 +226,21 @@ pub enum VolumeCmd {
     /// Delete a volume and all its snapshots
     #[command(alias = "rm")]
     Delete { name: String },
+    /// Create NEW, a writable clone of snapshot VOL@SNAP: instant for any size; its unwritten chunks read from the snapshot
+    Clone {
+        /// The parent snapshot, VOL@SNAP
+        #[arg(value_name = "VOL@SNAP")]
+        source: String,
+        #[arg(value_name = "NEW")]
+        name: String,
+    },
+    /// Copy every chunk a clone still reads from its parent snapshot into it, in the background, so the parent can go
+    Flatten {
+        name: String,
+        /// Show progress and return when the flatten is done
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -261,6 +276,14 @@ pub enum SnapshotCmd {
         volume: String,
         from: String,
         to: Option<String>,
+    },
+    /// Make the live volume's content equal to snapshot SNAP's (newer snapshots stay); refused while anything writes the volume
+    Revert {
+        volume: String,
+        snapshot: String,
+        /// Stop the volume's device, copy jobs and replication link first (NBD clients must still disconnect)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -694,6 +717,59 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
             let req = Request::VolumeDelete { name: name.clone() };
             reply(control, json, &req, |_| println!("deleted volume {name}"))
         }
+        VolumeCmd::Clone { source, name } => {
+            let Some((volume, snapshot)) = source.split_once('@') else {
+                return Err(CliError::plain(format!(
+                    "{source:?} names no snapshot: give the parent as VOL@SNAP, e.g. \
+                     `snapblk volume clone db@before-upgrade db-test`"
+                )));
+            };
+            name_arg("volume", &name)?;
+            let req = Request::VolumeClone {
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+                name: name.clone(),
+            };
+            reply(control, json, &req, |r| {
+                println!(
+                    "created volume {name}, a clone of {source} ({}), in {} µs",
+                    output::size_of(r, "capacity"),
+                    output::str_of(r, "create_us"),
+                )
+            })
+        }
+        VolumeCmd::Flatten { name, wait } => {
+            let req = Request::VolumeFlatten { name: name.clone() };
+            if !wait {
+                return reply(control, json, &req, |r| {
+                    println!(
+                        "flattening {name}: {}; follow it with `snapblk volume info {name}`",
+                        output::flatten_of(&r["flatten"])
+                    )
+                });
+            }
+            client::request(control, &req)?;
+            let info = Request::VolumeInfo { name: name.clone() };
+            loop {
+                let r = client::request(control, &info)?;
+                let state = output::str_of(&r["flatten"], "state");
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&r["flatten"]).unwrap_or_default()
+                    );
+                } else {
+                    println!("{name}: {}", output::flatten_of(&r["flatten"]));
+                }
+                if state.starts_with("failed") {
+                    return Err(CliError::plain(format!("flatten of {name} {state}")));
+                }
+                if r.get("parent").is_none() {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
     }
 }
 
@@ -744,6 +820,24 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
             };
             reply(control, json, &req, |_| {
                 println!("deleted snapshot {name} of volume {volume}")
+            })
+        }
+        SnapshotCmd::Revert {
+            volume,
+            snapshot,
+            force,
+        } => {
+            let req = Request::SnapshotRevert {
+                volume: volume.clone(),
+                name: snapshot.clone(),
+                force,
+            };
+            reply(control, json, &req, |r| {
+                println!(
+                    "reverted volume {volume} to snapshot {snapshot}: rewrote {} in {} ms",
+                    output::size_of(r, "changed_bytes"),
+                    r["elapsed_us"].as_u64().unwrap_or(0) / 1000,
+                )
             })
         }
         SnapshotCmd::Diff { volume, from, to } => {

@@ -155,6 +155,21 @@ pub fn volume_info(v: &Value) -> String {
         ("origin", str_of(v, "origin")),
         ("cache", cache_of(v)),
     ];
+    if v.get("parent").is_some() {
+        pairs.push(("parent", str_of(v, "parent")));
+        pairs.push(("own data", size_with_bytes(v, "owned_bytes")));
+    }
+    if let Some(flatten) = v.get("flatten") {
+        pairs.push(("flatten", flatten_of(flatten)));
+    }
+    if let Some(clones) = v.get("clones").and_then(Value::as_array) {
+        let names: Vec<String> = clones
+            .iter()
+            .filter_map(|c| c.as_str())
+            .map(String::from)
+            .collect();
+        pairs.push(("clones", names.join(", ")));
+    }
     if let Some(list) = v.get("snapshot_list").and_then(Value::as_array) {
         if !list.is_empty() {
             let names: Vec<String> = list.iter().map(|s| str_of(s, "name")).collect();
@@ -162,6 +177,16 @@ pub fn volume_info(v: &Value) -> String {
         }
     }
     key_values(&pairs)
+}
+
+/// A flatten's state and progress, e.g. `running, 1200 of 16384 chunks copied`.
+pub fn flatten_of(f: &Value) -> String {
+    format!(
+        "{}, {} of {} chunks copied",
+        str_of(f, "state"),
+        str_of(f, "copied_chunks"),
+        str_of(f, "total_chunks")
+    )
 }
 
 pub fn snapshot_list(volume: &str, result: &Value) -> String {

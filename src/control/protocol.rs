@@ -20,10 +20,13 @@ pub const OPS: &[&str] = &[
     "volume.list",
     "volume.info",
     "volume.delete",
+    "volume.clone",
+    "volume.flatten",
     "snapshot.create",
     "snapshot.list",
     "snapshot.delete",
     "snapshot.diff",
+    "snapshot.revert",
     "daemon.status",
     "device.start",
     "device.stop",
@@ -84,6 +87,19 @@ pub enum Request {
     VolumeInfo { name: String },
     #[serde(rename = "volume.delete")]
     VolumeDelete { name: String },
+    /// A writable volume `name` whose unwritten chunks read from
+    /// `volume@snapshot`.
+    #[serde(rename = "volume.clone")]
+    VolumeClone {
+        volume: String,
+        snapshot: String,
+        name: String,
+    },
+    /// Starts copying every chunk a clone does not own into it, in the
+    /// background (progress in `volume.info`); then it no longer needs
+    /// its parent snapshot.
+    #[serde(rename = "volume.flatten")]
+    VolumeFlatten { name: String },
     #[serde(rename = "snapshot.create")]
     SnapshotCreate {
         volume: String,
@@ -104,6 +120,15 @@ pub enum Request {
         from: String,
         #[serde(default)]
         to: Option<String>,
+    },
+    /// Makes the live volume's content equal to snapshot `name`'s.
+    /// Refused while anything writes the volume unless `force` stops it.
+    #[serde(rename = "snapshot.revert")]
+    SnapshotRevert {
+        volume: String,
+        name: String,
+        #[serde(default)]
+        force: bool,
     },
     #[serde(rename = "daemon.status")]
     DaemonStatus {},
@@ -209,10 +234,13 @@ impl Request {
             Request::VolumeList {} => "volume.list",
             Request::VolumeInfo { .. } => "volume.info",
             Request::VolumeDelete { .. } => "volume.delete",
+            Request::VolumeClone { .. } => "volume.clone",
+            Request::VolumeFlatten { .. } => "volume.flatten",
             Request::SnapshotCreate { .. } => "snapshot.create",
             Request::SnapshotList { .. } => "snapshot.list",
             Request::SnapshotDelete { .. } => "snapshot.delete",
             Request::SnapshotDiff { .. } => "snapshot.diff",
+            Request::SnapshotRevert { .. } => "snapshot.revert",
             Request::DaemonStatus {} => "daemon.status",
             Request::DeviceStart { .. } => "device.start",
             Request::DeviceStop { .. } => "device.stop",

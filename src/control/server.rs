@@ -425,6 +425,31 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             facts.replication.snapshot_taken(&volume);
             Ok(created)
         }),
+        Request::VolumeClone {
+            volume,
+            snapshot,
+            name,
+        } => registry.clone_volume(&volume, &snapshot, &name),
+        Request::VolumeFlatten { name } => registry.flatten_volume(&name),
+        Request::SnapshotRevert {
+            volume,
+            name,
+            force,
+        } => {
+            // Forced: what writes the volume is stopped first (its device
+            // in `revert`); NBD clients are not disconnected.
+            if force {
+                facts.jobs.cancel_using(&volume);
+                if facts.replication.check_volume_delete(&volume).is_err() {
+                    facts.replication.stop_link(&volume)?;
+                }
+            }
+            facts.jobs.unless_used(&volume, None, || {
+                facts.replication.check_volume_delete(&volume)?;
+                facts.replication.check_replica_use(&volume, None, false)?;
+                registry.revert(&volume, &name, force)
+            })
+        }
         Request::SnapshotList { volume } => registry.list_snapshots(&volume),
         Request::SnapshotDiff { volume, from, to } => {
             registry.diff_snapshots(&volume, &from, to.as_deref())

@@ -802,23 +802,42 @@ impl Jobs {
     }
 
     /// Refuses (`busy`) while a running job reads or writes volume `name`.
-    pub fn check_unused(&self, name: &str) -> Result<(), VolumeError> {
+    /// Unfinished jobs that read volume `name` (live or a snapshot) or
+    /// write it (`vol:NAME`).
+    fn using(&self, name: &str) -> Vec<JobRecord> {
         let target = format!("vol:{name}");
-        for slot in self.lock().values() {
-            let Slot::Live(j) = slot else { continue };
-            let r = j.record();
-            if !r.state.finished() && (r.volume == name || r.target == target) {
-                return Err(VolumeError::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "volume {name} is in use by copy job {}; wait for it or cancel it with \
-                         `snapblk copy cancel {}`",
-                        r.id, r.id
-                    ),
-                ));
+        self.lock()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Live(j) => Some(j.record()),
+                _ => None,
+            })
+            .filter(|r| !r.state.finished() && (r.volume == name || r.target == target))
+            .collect()
+    }
+
+    /// Cancels every job [`Jobs::using`] volume `name`, as a forced
+    /// revert must.
+    pub fn cancel_using(&self, name: &str) {
+        for r in self.using(name) {
+            if let Err(e) = self.cancel(r.id) {
+                log::warn!("cannot cancel copy job {}: {}", r.id, e.message);
             }
         }
-        Ok(())
+    }
+
+    pub fn check_unused(&self, name: &str) -> Result<(), VolumeError> {
+        match self.using(name).first() {
+            Some(r) => Err(VolumeError::new(
+                ErrorKind::Busy,
+                format!(
+                    "volume {name} is in use by copy job {}; wait for it or cancel it with \
+                     `snapblk copy cancel {}`",
+                    r.id, r.id
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Refuses (`busy`) while a running job reads snapshot `volume@name`.

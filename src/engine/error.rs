@@ -21,6 +21,9 @@ pub enum EngineError {
     InvalidArgument(String),
     #[error("metadata is corrupt: {0}")]
     Corrupt(String),
+    /// Something else depends on it (a clone on its parent snapshot).
+    #[error("{0}")]
+    InUse(String),
     #[error("snapshot {0} was deleted while this view was open")]
     SnapshotGone(String),
     #[error("{0}")]
@@ -49,6 +52,7 @@ impl EngineError {
             EngineError::AlreadyExists(_) => libc::EEXIST,
             EngineError::Corrupt(_) => libc::EIO,
             EngineError::SnapshotGone(_) => libc::ESTALE,
+            EngineError::InUse(_) => libc::EBUSY,
             EngineError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }

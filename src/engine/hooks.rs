@@ -75,6 +75,13 @@ impl ChunkSet {
         }
     }
 
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire).count_ones() as u64)
+            .sum()
+    }
+
     pub fn contains(&self, chunk: u64) -> bool {
         self.words
             .get((chunk / 64) as usize)

@@ -77,6 +77,13 @@ pub struct SnapshotRecord {
     pub created_unix_ms: u64,
 }
 
+/// The snapshot a clone reads the chunks it does not own from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentRecord {
+    pub volume: String,
+    pub snapshot: String,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
@@ -92,6 +99,16 @@ pub struct Manifest {
     pub next_generation: u64,
     /// Overall snapshots, oldest first.
     pub snapshots: Vec<SnapshotRecord>,
+    /// Set for a clone until a flatten has copied every chunk into it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRecord>,
+    /// A flatten was asked for and has not finished: it resumes at open.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flattening: bool,
+    /// A revert to this snapshot began and has not finished: open
+    /// completes it before anything else reads or writes the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverting: Option<String>,
 }
 
 impl Manifest {
@@ -106,6 +123,9 @@ impl Manifest {
             cache: CacheMode::Writeback,
             next_generation: 1,
             snapshots: Vec::new(),
+            parent: None,
+            flattening: false,
+            reverting: None,
         }
     }
 

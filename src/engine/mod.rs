@@ -18,6 +18,7 @@ mod error;
 mod gate;
 mod hooks;
 mod journal;
+mod layer;
 mod manifest;
 mod partition;
 mod volume;
@@ -27,8 +28,8 @@ pub use error::{EngineError, Result};
 pub use hooks::{Change, WriteGuard, WriteHook};
 pub use manifest::CacheMode;
 pub use volume::{
-    now_unix_ms, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View, Volume, VolumeConfig,
-    VolumeInfo,
+    now_unix_ms, FlattenProgress, Reverted, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View,
+    Volume, VolumeConfig, VolumeInfo,
 };
 pub use writeback::WriteBackConfig;
 

@@ -4,7 +4,8 @@ use super::error::{EngineError, Result};
 use super::gate::{Epoch, Gate, Paused, Ticket};
 use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::Journal;
-use super::manifest::{self, CacheMode, Manifest, Origin, SnapshotRecord};
+use super::layer::{self, Layer};
+use super::manifest::{self, CacheMode, Manifest, Origin, ParentRecord, SnapshotRecord};
 use super::partition::{Partition, Source};
 use super::writeback::{Held, HeldOp, Holding, WriteBack, WriteBackConfig};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
@@ -49,6 +50,34 @@ pub struct VolumeInfo {
     /// Old content read for preservation from the page cache instead of the
     /// disk (cache mode writearound: only when all of it was cached).
     pub preserve_reads_from_cache: u64,
+    /// A clone's parent snapshot, `VOL@SNAP` (absent once flattened).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// A clone's chunks that its own origin holds (the rest read from the
+    /// parent); with `used_bytes`, what the clone costs by itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owned_bytes: Option<u64>,
+    /// A flatten was asked for and has not finished.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub flattening: bool,
+    /// Clones whose parent is a snapshot of this volume.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clones: Vec<String>,
+}
+
+/// What a revert did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Reverted {
+    pub snapshot: String,
+    /// Bytes rewritten: the chunks that changed since the snapshot.
+    pub changed_bytes: u64,
+}
+
+/// How far a flatten got.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct FlattenProgress {
+    pub owned_chunks: u64,
+    pub total_chunks: u64,
 }
 
 /// What `snapshot list` reports for one snapshot.
@@ -85,6 +114,11 @@ pub struct Volume {
     admin: futures::lock::Mutex<()>,
     /// Writes acknowledged before the preservations they overwrite are durable.
     writeback: Arc<WriteBack>,
+    /// A clone's parent snapshot and ownership map; `None` for a volume
+    /// that is not a clone (or no longer: flattened).
+    layer: Mutex<Option<Arc<Layer>>>,
+    /// Clones that read from a snapshot of this volume: (clone, generation).
+    clones: Mutex<Vec<(String, u64)>>,
 }
 
 impl Drop for Volume {
@@ -128,6 +162,8 @@ struct Admitted<'a> {
     _guards: Vec<WriteGuard>,
     /// Every preservation the range needed is durable already.
     settled: bool,
+    /// A clone's ownership of some chunk of the range is not durable yet.
+    newly_owned: bool,
 }
 
 impl Admitted<'_> {
@@ -147,6 +183,8 @@ const PRESERVE_WINDOW: usize = 16;
 const ZEROING_STEP_CHUNKS: u64 = 256;
 /// Held writes one wave sends to the origin at once.
 const APPLY_CONCURRENCY: usize = 64;
+/// Bytes a revert reads from the snapshot and writes back at once.
+const REVERT_STEP: u64 = 1 << 20;
 
 /// Wall-clock milliseconds since the epoch, for timestamps people read.
 pub fn now_unix_ms() -> u64 {
@@ -252,11 +290,53 @@ impl Volume {
         storage: Storage,
         writeback: WriteBackConfig,
     ) -> Result<Arc<Volume>> {
+        Volume::open_layered(name, storage, writeback, None).await
+    }
+
+    /// The parent volume a clone's manifest names (`None`: not a clone, or
+    /// flattened), so a caller can open parents before their clones.
+    pub fn parent_of(storage: &Storage) -> Result<Option<String>> {
+        let Some(bytes) = storage.read_manifest(manifest::MANIFEST)? else {
+            return Ok(None);
+        };
+        let manifest = Manifest::parse(&bytes, manifest::MANIFEST)?;
+        Ok(manifest.parent.map(|p| p.volume))
+    }
+
+    /// Opens a volume that may be a clone: `parent` is the open volume its
+    /// manifest names (see [`Volume::parent_of`]). Completes a revert a
+    /// crash interrupted before it returns.
+    pub async fn open_layered(
+        name: &str,
+        storage: Storage,
+        writeback: WriteBackConfig,
+        parent: Option<Arc<Volume>>,
+    ) -> Result<Arc<Volume>> {
         let what = format!("volume {name}: {}", manifest::MANIFEST);
         let bytes = storage
             .read_manifest(manifest::MANIFEST)?
             .ok_or_else(|| EngineError::NotFound(format!("{what} (not a volume directory)")))?;
         let manifest = Manifest::parse(&bytes, &what)?;
+        let layer = match (&manifest.parent, parent) {
+            (None, _) => None,
+            (Some(p), Some(parent)) if parent.name == p.volume => {
+                let view = parent.snapshot_view(&p.snapshot).map_err(|e| {
+                    EngineError::Corrupt(format!(
+                        "volume {name} is a clone of {}@{}, which cannot be read: {e}",
+                        p.volume, p.snapshot
+                    ))
+                })?;
+                Some(Arc::new(
+                    Layer::open(name, &storage, view, manifest.chunk_size, manifest.size).await?,
+                ))
+            }
+            (Some(p), _) => {
+                return Err(EngineError::NotFound(format!(
+                    "volume {} (the parent of clone {name}, which reads from its snapshot {})",
+                    p.volume, p.snapshot
+                )))
+            }
+        };
         let cache = manifest.cache.page_cache();
         let origin = match &manifest.origin {
             Origin::Container => storage.open_with(manifest::CONTAINER, false, cache)?,
@@ -332,11 +412,114 @@ impl Volume {
             gate: Gate::new(generation, live),
             manifest: Mutex::new(manifest),
             admin: futures::lock::Mutex::new(()),
+            layer: Mutex::new(layer),
+            clones: Mutex::new(Vec::new()),
         });
         if background {
             volume.start_committer()?;
         }
+        let reverting = volume.manifest.lock().unwrap().reverting.clone();
+        if let Some(snapshot) = reverting {
+            log::info!(
+                "volume {name}: completing the revert to snapshot {snapshot} a crash cut short"
+            );
+            let _admin = volume.admin.lock().await;
+            volume.finish_revert(&snapshot).await?;
+        }
         Ok(volume)
+    }
+
+    /// Creates clone `name` of `parent@snapshot` in `storage` (an existing,
+    /// empty directory): an empty sparse origin, empty journals and an
+    /// empty ownership map, so it takes the same time for any size. Its
+    /// manifest, committed last, names the parent snapshot.
+    pub async fn create_clone(
+        name: &str,
+        storage: Storage,
+        parent: &Arc<Volume>,
+        snapshot: &str,
+        writeback: WriteBackConfig,
+    ) -> Result<Arc<Volume>> {
+        parent.snapshot_generation_of(snapshot)?;
+        if storage.read_manifest(manifest::MANIFEST)?.is_some() {
+            return Err(EngineError::AlreadyExists(format!("volume {name}")));
+        }
+        let (cache, partitions) = {
+            let m = parent.manifest.lock().unwrap();
+            (m.cache, m.partitions)
+        };
+        let container = storage.open_with(manifest::CONTAINER, true, cache.page_cache())?;
+        container.truncate(parent.size).await?;
+        let chunks = parent.size.div_ceil(parent.chunk_size as u64);
+        storage
+            .open(layer::OWNED_MAP, true)?
+            .truncate(layer::map_len(chunks))
+            .await?;
+        for p in 0..partitions {
+            storage.open(&manifest::journal_name(p), true)?;
+            storage.open(&manifest::store_name(p), true)?;
+        }
+        let manifest = Manifest {
+            cache,
+            parent: Some(ParentRecord {
+                volume: parent.name.clone(),
+                snapshot: snapshot.to_string(),
+            }),
+            ..Manifest::new(
+                name,
+                parent.size,
+                parent.chunk_size,
+                partitions,
+                Origin::Container,
+            )
+        };
+        storage.replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
+        Volume::open_layered(name, storage, writeback, Some(parent.clone())).await
+    }
+
+    fn layer(&self) -> Option<Arc<Layer>> {
+        self.layer.lock().unwrap().clone()
+    }
+
+    pub(super) fn pin_clone(&self, clone: &str, generation: u64) {
+        self.clones
+            .lock()
+            .unwrap()
+            .push((clone.to_string(), generation));
+    }
+
+    pub(super) fn unpin_clone(&self, clone: &str) {
+        self.clones.lock().unwrap().retain(|(c, _)| c != clone);
+    }
+
+    /// Clones that read from a snapshot of this volume, by name.
+    pub fn clones(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .clones
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(c, _)| c.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Reads the base image: the origin, and for a clone the parent
+    /// snapshot where the clone owns no chunk yet.
+    async fn read_base(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self.layer() {
+            Some(layer) => layer.read(&self.origin, buf, offset).await,
+            None => Ok(self.origin.read_at(buf, offset).await?),
+        }
+    }
+
+    /// The base image's allocation map (see [`Volume::read_base`]).
+    fn base_extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        match self.layer() {
+            Some(layer) => layer.extents(&self.origin, offset, len),
+            None => Ok(self.origin.extents(offset, len)?),
+        }
     }
 
     /// The thread that drains the write-back buffer in the background, on
@@ -411,12 +594,41 @@ impl Volume {
     /// FLUSH: every write acknowledged so far is durable, or the error
     /// that lost one since the last FLUSH.
     async fn flush_all(&self) -> Result<()> {
-        let driven = self.drive().await;
-        if let Some(lost) = self.writeback.take_lost() {
-            return Err(lost);
+        self.make_durable(true).await
+    }
+
+    /// Commits, applies the held writes and flushes the origin; then
+    /// records, for a clone, the chunks owned before it began (their
+    /// copy-ups are durable now). `report_lost`: a FLUSH's answer, the
+    /// error that lost a held write since the last one.
+    async fn make_durable(&self, report_lost: bool) -> Result<()> {
+        let layer = self.layer();
+        let mut map = match &layer {
+            Some(l) => Some(l.lock_map().await),
+            None => None,
+        };
+        let owned = layer.as_ref().map(|l| l.take_pending());
+        let flushed = async {
+            let driven = self.drive().await;
+            if report_lost {
+                if let Some(lost) = self.writeback.take_lost() {
+                    return Err(lost);
+                }
+            }
+            driven?;
+            Ok(self.origin.flush().await?)
         }
-        driven?;
-        Ok(self.origin.flush().await?)
+        .await;
+        match (&layer, owned, map.as_mut()) {
+            (Some(layer), Some(owned), Some(map)) if flushed.is_ok() => {
+                layer.record(map, owned).await
+            }
+            (Some(layer), Some(owned), _) => {
+                layer.requeue(owned);
+                flushed
+            }
+            _ => flushed,
+        }
     }
 
     async fn apply_held(&self, held: &Held) -> Result<()> {
@@ -462,6 +674,7 @@ impl Volume {
 
     pub fn info(&self) -> Result<VolumeInfo> {
         let manifest = self.manifest.lock().unwrap().clone();
+        let layer = self.layer();
         let origin_bytes = self.origin.allocated_bytes()?;
         let used = origin_bytes
             + self
@@ -485,6 +698,13 @@ impl Volume {
             cache: manifest.cache,
             bounced_ios: self.origin.bounced_ios(),
             preserve_reads_from_cache: self.origin.overwrites_read_from_cache(),
+            parent: manifest
+                .parent
+                .as_ref()
+                .map(|p| format!("{}@{}", p.volume, p.snapshot)),
+            owned_bytes: layer.map(|l| (l.owned_chunks() * self.chunk_size as u64).min(self.size)),
+            flattening: manifest.flattening,
+            clones: self.clones(),
         })
     }
 
@@ -633,9 +853,9 @@ impl Volume {
             // Every write acknowledged before the pause is in generation
             // `generation` or earlier; those not preserved since live in
             // the origin, or are held: applied now and flushed, the
-            // snapshot's image is durable before its commit point.
-            self.drive().await?;
-            self.origin.flush().await?;
+            // snapshot's image is durable before its commit point (a
+            // clone's ownership of the chunks it copied up included).
+            self.make_durable(false).await?;
             try_join_all(
                 self.partitions
                     .iter()
@@ -671,6 +891,152 @@ impl Volume {
                 Err(e)
             }
         }
+    }
+
+    /// Replaces the manifest with `change` applied. Under `admin`.
+    fn update_manifest(&self, change: impl FnOnce(&mut Manifest)) -> Result<()> {
+        let mut manifest = self.manifest.lock().unwrap().clone();
+        change(&mut manifest);
+        self.storage
+            .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
+        *self.manifest.lock().unwrap() = manifest;
+        Ok(())
+    }
+
+    /// Makes the live volume's content equal to snapshot `name`'s by
+    /// writing back, through the normal write path, only the chunks that
+    /// changed since it (so newer snapshots keep their images and a later
+    /// diff counts the rewritten chunks as changed). The caller makes sure
+    /// nothing else writes meanwhile.
+    ///
+    /// Crash safety: everything acknowledged before is made durable, then
+    /// the manifest marks the revert as begun (the commit point); a crash
+    /// after it leaves a volume that [`Volume::open`] reverts again before
+    /// anyone reads it (rewriting a chunk twice writes the same content),
+    /// a crash before it leaves the pre-revert content.
+    pub async fn revert(self: &Arc<Self>, name: &str) -> Result<Reverted> {
+        let _admin = self.admin.lock().await;
+        self.snapshot_generation_of(name)?;
+        self.flush_all().await?;
+        self.update_manifest(|m| m.reverting = Some(name.to_string()))?;
+        self.finish_revert(name).await
+    }
+
+    /// The rewrite and commit of a revert whose begin is committed. Under `admin`.
+    async fn finish_revert(self: &Arc<Self>, name: &str) -> Result<Reverted> {
+        let generation = self.snapshot_generation_of(name).map_err(|_| {
+            EngineError::Corrupt(format!(
+                "volume {}: a revert to snapshot {name} was begun but the snapshot is gone",
+                self.name
+            ))
+        })?;
+        let changed = self.changed_between(generation, u64::MAX, 0, self.size)?;
+        let live = self.live();
+        let image = self.snapshot_view(name)?;
+        let mut buf = AlignedBuf::zeroed(REVERT_STEP as usize);
+        for range in &changed {
+            let mut at = range.start;
+            while at < range.end {
+                let n = REVERT_STEP.min(range.end - at);
+                for e in image.block_status(at, n)? {
+                    if e.data {
+                        let piece = &mut buf[..e.len as usize];
+                        image.read(e.offset, piece).await?;
+                        live.write(e.offset, piece, false).await?;
+                    } else {
+                        live.write_zeroes(e.offset, e.len, false).await?;
+                    }
+                }
+                at += n;
+            }
+        }
+        self.flush_all().await?;
+        self.update_manifest(|m| m.reverting = None)?;
+        log::info!("volume {}: reverted to snapshot {name}", self.name);
+        Ok(Reverted {
+            snapshot: name.to_string(),
+            changed_bytes: changed.iter().map(|r| r.end - r.start).sum(),
+        })
+    }
+
+    /// A clone's flatten progress (`None`: not a clone, or flattened).
+    pub fn flatten_progress(&self) -> Option<FlattenProgress> {
+        self.layer().map(|l| FlattenProgress {
+            owned_chunks: l.owned_chunks(),
+            total_chunks: l.chunks(),
+        })
+    }
+
+    /// Whether a flatten was asked for and has not finished (it resumes
+    /// after a restart: the caller starts it again).
+    pub fn flattening(&self) -> bool {
+        self.manifest.lock().unwrap().flattening
+    }
+
+    /// Records that a flatten of this clone was asked for.
+    pub async fn begin_flatten(&self) -> Result<()> {
+        let _admin = self.admin.lock().await;
+        if self.layer().is_none() {
+            return Err(EngineError::InvalidArgument(format!(
+                "volume {} is not a clone (or is flattened already): it has no parent to copy from",
+                self.name
+            )));
+        }
+        self.update_manifest(|m| m.flattening = true)
+    }
+
+    /// Copies up to `count` chunks the clone does not own yet, from chunk
+    /// `from` on, into its origin (as a first write would, so a concurrent
+    /// write waits for it). Returns the chunk to go on from, or `None` once
+    /// every chunk is owned.
+    pub async fn flatten_step(&self, from: u64, count: u64) -> Result<Option<u64>> {
+        let Some(layer) = self.layer() else {
+            return Ok(None);
+        };
+        let mut chunks = Vec::new();
+        let mut at = from;
+        while chunks.len() < count as usize {
+            match layer.next_unowned(at) {
+                Some(c) => {
+                    chunks.push(c);
+                    at = c + 1;
+                }
+                None => break,
+            }
+        }
+        let cs = self.chunk_size as u64;
+        for window in chunks.chunks(PRESERVE_WINDOW) {
+            try_join_all(window.iter().map(|&c| {
+                let len = cs.min(self.size - c * cs);
+                layer.own(&self.origin, c * cs, len)
+            }))
+            .await?;
+        }
+        Ok(if chunks.is_empty() { None } else { Some(at) })
+    }
+
+    /// Ends a flatten whose steps copied every chunk: makes the copies and
+    /// their ownership durable, then drops the parent from the manifest
+    /// (the commit point) and lets go of the parent snapshot.
+    pub async fn finish_flatten(&self) -> Result<()> {
+        let _admin = self.admin.lock().await;
+        let Some(layer) = self.layer() else {
+            return Ok(());
+        };
+        if let Some(c) = layer.next_unowned(0) {
+            return Err(EngineError::InvalidArgument(format!(
+                "volume {}: chunk {c} is not copied yet; the flatten is not done",
+                self.name
+            )));
+        }
+        self.make_durable(false).await?;
+        self.update_manifest(|m| {
+            m.parent = None;
+            m.flattening = false;
+        })?;
+        *self.layer.lock().unwrap() = None;
+        log::info!("volume {}: flattened, independent of its parent", self.name);
+        Ok(())
     }
 
     /// Drops `generation` from the live set and frees what only it needed.
@@ -728,7 +1094,24 @@ impl Volume {
             .iter()
             .position(|s| s.name == name)
             .ok_or_else(|| EngineError::NotFound(format!("snapshot {}@{name}", self.name)))?;
-        let generation = manifest.snapshots.remove(index).generation;
+        let generation = manifest.snapshots[index].generation;
+        let clones: Vec<String> = self
+            .clones
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, g)| *g == generation)
+            .map(|(c, _)| c.clone())
+            .collect();
+        if !clones.is_empty() {
+            return Err(EngineError::InUse(format!(
+                "snapshot {}@{name} is the parent of clone(s) {}; delete them, or make them \
+                 independent first with `snapblk volume flatten CLONE`",
+                self.name,
+                clones.join(", ")
+            )));
+        }
+        manifest.snapshots.remove(index);
         self.storage
             .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
         *self.manifest.lock().unwrap() = manifest;
@@ -757,8 +1140,7 @@ impl Volume {
     pub async fn shutdown(&self) -> Result<()> {
         let _admin = self.admin.lock().await;
         let _paused = self.gate.pause().await;
-        self.drive().await?;
-        self.origin.flush().await?;
+        self.make_durable(false).await?;
         try_join_all(self.partitions.iter().map(Partition::flush_store)).await?;
         self.writeback.stop();
         Ok(())
@@ -767,8 +1149,13 @@ impl Volume {
     /// What a held write owes after it was acknowledged to the buffer: a
     /// FUA write is made durable at once; a write that took the buffer past
     /// its budget drives the commit itself (back-pressure).
-    async fn after_holding(&self, holding: Holding, fua: bool) -> Result<()> {
+    ///
+    /// A FUA write to a chunk a clone owns without its bit durable yet makes
+    /// that ownership durable: without it the chunk would read from the
+    /// parent again after a power cut, and the write would be lost.
+    async fn after_holding(&self, holding: Holding, fua: bool, newly_owned: bool) -> Result<()> {
         match holding {
+            Holding::Direct if fua && newly_owned => self.make_durable(false).await,
             Holding::Direct => Ok(()),
             Holding::Held { .. } if fua => self.flush_all().await,
             Holding::Held { over_budget: true } => self.drive().await,
@@ -834,6 +1221,12 @@ impl Volume {
     /// waits for them; if the epoch changed meanwhile, they run again for the
     /// new one.
     async fn ready_to_overwrite(&self, offset: u64, len: u64) -> Result<Admitted<'_>> {
+        // A clone copies up what it does not own first, so the origin holds
+        // the whole chunk before a preservation reads it or a write lands.
+        let newly_owned = match self.layer() {
+            Some(layer) => layer.own(&self.origin, offset, len).await?,
+            None => false,
+        };
         loop {
             let epoch = self.gate.epoch();
             let mut guards = Vec::with_capacity(epoch.hooks.len());
@@ -848,6 +1241,7 @@ impl Volume {
                     epoch,
                     _guards: guards,
                     settled,
+                    newly_owned,
                 });
             }
         }
@@ -1005,7 +1399,7 @@ impl Volume {
                         // Writes of this snapshot's generation may still be
                         // held (a snapshot does not wait for them to land).
                         let held = self.writeback.overlapping(pos, n as u64);
-                        self.origin.read_at(piece, pos).await?;
+                        self.read_base(piece, pos).await?;
                         if !part.origin_still_valid(chunk, generation) {
                             continue;
                         }
@@ -1046,8 +1440,7 @@ impl Volume {
                     })
                 }
                 Source::Origin => self
-                    .origin
-                    .extents(pos, end - pos)?
+                    .base_extents(pos, end - pos)?
                     .into_iter()
                     .for_each(&mut push),
                 Source::Zero => push(Extent {
@@ -1075,6 +1468,11 @@ impl View {
 
     pub fn snapshot_name(&self) -> Option<&str> {
         self.snapshot.as_ref().map(|(name, _)| name.as_str())
+    }
+
+    /// The generation of the snapshot this view reads (`None`: live).
+    pub fn generation(&self) -> Option<u64> {
+        self.snapshot.as_ref().map(|(_, g)| *g)
     }
 
     pub fn size(&self) -> u64 {
@@ -1124,7 +1522,7 @@ impl View {
                 // Held writes are taken before the origin is read and laid
                 // over it: one applied meanwhile is laid again, unchanged.
                 let held = volume.writeback.overlapping(offset, buf.len() as u64);
-                volume.origin.read_at(buf, offset).await?;
+                volume.read_base(buf, offset).await?;
                 held.iter().for_each(|h| h.overlay(offset, buf));
                 Ok(())
             }
@@ -1146,8 +1544,9 @@ impl View {
             volume.origin.write_at(data, offset, fua).await?;
         }
         admitted.applied(offset, Change::Data(data));
+        let newly_owned = admitted.newly_owned;
         drop(admitted);
-        volume.after_holding(holding, fua).await
+        volume.after_holding(holding, fua, newly_owned).await
     }
 
     /// Makes every write completed so far durable, from any connection:
@@ -1183,7 +1582,7 @@ impl View {
             }
             admitted.applied(at, Change::Zeroes(n));
             drop(admitted);
-            volume.after_holding(holding, false).await?;
+            volume.after_holding(holding, false, false).await?;
             at = end;
         }
         Ok(())
@@ -1196,6 +1595,10 @@ impl View {
     pub fn reads_origin(&self, offset: u64, len: u64) -> Result<bool> {
         let volume = &self.volume;
         volume.check_range(offset, len)?;
+        // A clone's chunks it does not own are not in its origin.
+        if volume.layer().is_some_and(|l| !l.owns_range(offset, len)) {
+            return Ok(false);
+        }
         let Some(generation) = self.snapshot_generation()? else {
             return Ok(volume.writeback.overlapping(offset, len).is_empty());
         };
@@ -1239,7 +1642,7 @@ impl View {
         volume.check_range(offset, len)?;
         match self.snapshot_generation()? {
             None if volume.writeback.overlapping(offset, len).is_empty() => {
-                Ok(volume.origin.extents(offset, len)?)
+                volume.base_extents(offset, len)
             }
             // Held writes are not in the origin's map yet: report the range
             // as data rather than guess (data is always a safe answer).

@@ -60,6 +60,7 @@ impl From<crate::engine::EngineError> for VolumeError {
             }
             E::NoSpace => ErrorKind::NoSpace,
             E::SnapshotGone(_) => ErrorKind::NotFound,
+            E::InUse(_) => ErrorKind::Busy,
             E::Corrupt(_) | E::Io(_) => ErrorKind::IoError,
         };
         VolumeError::new(kind, e.to_string())

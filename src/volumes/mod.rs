@@ -16,6 +16,7 @@
 
 pub mod devices;
 pub mod error;
+pub mod flatten;
 pub mod groups;
 pub mod json_file;
 pub mod registry;

@@ -41,13 +41,14 @@
 
 use super::devices::{self, DeviceSpec, Driver, RunningDevice};
 use super::error::{ErrorKind, VolumeError};
+use super::flatten::Flattens;
 use super::groups::Groups;
 use crate::backend::Storage;
-use crate::engine::{CacheMode, EngineError, View, Volume, VolumeConfig};
+use crate::engine::{CacheMode, EngineError, View, Volume, VolumeConfig, WriteBackConfig};
 use crate::engine::{DEFAULT_CHUNK_SIZE, DEFAULT_PARTITIONS};
 use crate::runtime::block_on;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -218,7 +219,9 @@ pub struct Registry {
     save_lock: Mutex<()>,
     /// Volumes a `restore` writes: nothing else may take them (see
     /// [`Registry::claim_for_restore`]). Changed under the `map` lock.
-    restoring: Mutex<BTreeSet<String>>,
+    restoring: Mutex<BTreeMap<String, Claim>>,
+    /// Flatten jobs of clones (see [`super::flatten`]).
+    flattens: Flattens,
     /// Consistency groups (see [`super::groups`]); changed under `mutate`.
     groups: Groups,
     driver: Box<dyn Driver>,
@@ -267,14 +270,25 @@ fn not_found(name: &str) -> VolumeError {
     VolumeError::not_found(format!("volume {name} not found"))
 }
 
-fn restoring(name: &str) -> VolumeError {
-    VolumeError::new(
-        ErrorKind::Busy,
-        format!(
-            "volume {name} is being restored from a backup stream; wait for `snapblk restore` \
-             to finish"
-        ),
-    )
+/// What holds a volume claimed (see [`Registry::claim_for_restore`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    Restore,
+    Revert,
+}
+
+fn restoring(name: &str, claim: Claim) -> VolumeError {
+    let what = match claim {
+        Claim::Restore => {
+            "is being restored from a backup stream; wait for `snapblk restore` \
+                           to finish"
+        }
+        Claim::Revert => {
+            "is being reverted to a snapshot; wait for `snapblk snapshot revert` \
+                          to finish"
+        }
+    };
+    VolumeError::new(ErrorKind::Busy, format!("volume {name} {what}"))
 }
 
 fn volume_json(vol: &Volume) -> Result<Value, VolumeError> {
@@ -325,22 +339,67 @@ impl Registry {
             names.push(name);
         }
         names.sort();
-        for name in names {
-            let storage = Storage::Dir(volumes_dir.join(&name));
-            match block_on(Volume::open(&name, storage)) {
-                Ok(vol) => {
-                    log::info!("opened volume {name} ({} bytes)", vol.size());
-                    map.insert(name, Slot::Ready(vol));
-                }
-                Err(e) => {
-                    log::error!(
-                        "volume {name} cannot be opened and will not be served: {e} \
-                         (directory {}); fix or delete it with `snapblk volume delete {name}`",
-                        volumes_dir.join(&name).display()
+        // Parents before their clones: each round opens the volumes whose
+        // parent is open (or broken: then the clone is too, saying why).
+        let mut waiting: Vec<(String, Option<String>)> = names
+            .into_iter()
+            .map(|name| {
+                let parent = Volume::parent_of(&Storage::Dir(volumes_dir.join(&name)))
+                    .ok()
+                    .flatten();
+                (name, parent)
+            })
+            .collect();
+        while !waiting.is_empty() {
+            let (ready, later): (Vec<_>, Vec<_>) = waiting
+                .into_iter()
+                .partition(|(_, p)| p.as_ref().is_none_or(|p| map.contains_key(p)));
+            if ready.is_empty() {
+                for (name, parent) in later {
+                    let why = format!(
+                        "its parent volume {} is missing (or its clones form a cycle)",
+                        parent.unwrap_or_default()
                     );
-                    map.insert(name, Slot::Broken(e.to_string()));
+                    log::error!("volume {name} cannot be opened: {why}");
+                    map.insert(name, Slot::Broken(why));
+                }
+                break;
+            }
+            for (name, parent) in ready {
+                let parent = match parent.map(|p| map.get(&p).cloned()) {
+                    Some(Some(Slot::Ready(v))) => Some(v),
+                    Some(_) => {
+                        map.insert(
+                            name,
+                            Slot::Broken("its parent volume cannot be opened".to_string()),
+                        );
+                        continue;
+                    }
+                    None => None,
+                };
+                let storage = Storage::Dir(volumes_dir.join(&name));
+                let opened = block_on(Volume::open_layered(
+                    &name,
+                    storage,
+                    WriteBackConfig::daemon_default(),
+                    parent,
+                ));
+                match opened {
+                    Ok(vol) => {
+                        log::info!("opened volume {name} ({} bytes)", vol.size());
+                        map.insert(name, Slot::Ready(vol));
+                    }
+                    Err(e) => {
+                        log::error!(
+                            "volume {name} cannot be opened and will not be served: {e} \
+                             (directory {}); fix or delete it with `snapblk volume delete {name}`",
+                            volumes_dir.join(&name).display()
+                        );
+                        map.insert(name, Slot::Broken(e.to_string()));
+                    }
                 }
             }
+            waiting = later;
         }
         let registry = Registry {
             data_dir: data_dir.to_path_buf(),
@@ -350,11 +409,22 @@ impl Registry {
             closing: RwLock::new(false),
             devices: Mutex::new(BTreeMap::new()),
             save_lock: Mutex::new(()),
-            restoring: Mutex::new(BTreeSet::new()),
+            restoring: Mutex::new(BTreeMap::new()),
+            flattens: Flattens::default(),
             groups: Groups::load(data_dir)?,
             driver,
         };
         registry.finish_group_snapshots();
+        for (name, slot) in registry.entries() {
+            match slot {
+                Slot::Ready(vol) if vol.flattening() => {
+                    if let Err(e) = registry.flattens.start(&vol) {
+                        log::error!("cannot resume the flatten of {name}: {}", e.message);
+                    }
+                }
+                _ => {}
+            }
+        }
         Ok(registry)
     }
 
@@ -394,20 +464,30 @@ impl Registry {
             .collect()
     }
 
-    fn lock_restoring(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    fn lock_restoring(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Claim>> {
         self.restoring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn is_restoring(&self, name: &str) -> bool {
-        self.lock_restoring().contains(name)
+    /// The claim a restore or revert holds on volume `name`, if any.
+    fn claimed(&self, name: &str) -> Option<Claim> {
+        self.lock_restoring().get(name).copied()
     }
 
     /// `busy` while a device serves volume `name` or one of its snapshots.
     fn check_no_device(&self, name: &str) -> Result<(), VolumeError> {
+        self.check_devices(name, false)
+    }
+
+    /// `busy` while a device serves volume `name` itself (its writer).
+    fn check_live_device_stopped(&self, name: &str) -> Result<(), VolumeError> {
+        self.check_devices(name, true)
+    }
+
+    fn check_devices(&self, name: &str, live_only: bool) -> Result<(), VolumeError> {
         if let Some((key, what)) = self
             .lock_devices()
             .values()
-            .filter(|e| e.spec.volume == name)
+            .filter(|e| e.spec.volume == name && !(live_only && e.spec.snapshot.is_some()))
             .find_map(|e| e.in_use().map(|w| (e.spec.key(), w)))
         {
             return Err(VolumeError::new(
@@ -427,12 +507,23 @@ impl Registry {
     /// device, export, copy job or delete can take the volume. The caller
     /// checks copy jobs and replication first, for their clearer messages.
     pub fn claim_for_restore(&self, name: &str) -> Result<RestoreClaim<'_>, VolumeError> {
+        self.claim(name, Claim::Restore)
+    }
+
+    /// [`Registry::claim_for_restore`] for `claim`; a revert leaves the
+    /// volume's snapshots served (it does not change them).
+    fn claim(&self, name: &str, claim: Claim) -> Result<RestoreClaim<'_>, VolumeError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
-        self.check_no_device(name)?;
+        match claim {
+            Claim::Restore => self.check_no_device(name)?,
+            Claim::Revert => self.check_live_device_stopped(name)?,
+        }
         let map = self.lock_map();
         let vol = match map.get(name) {
-            Some(Slot::Ready(_)) if self.is_restoring(name) => return Err(restoring(name)),
+            Some(Slot::Ready(_)) if self.claimed(name).is_some() => {
+                return Err(restoring(name, self.claimed(name).unwrap()))
+            }
             Some(Slot::Ready(v)) => v.clone(),
             Some(Slot::Broken(msg)) => {
                 return Err(VolumeError::new(
@@ -442,8 +533,8 @@ impl Registry {
             }
             None => return Err(not_found(name)),
         };
-        // The map's reference and `vol`; anything more is a user.
-        if Arc::strong_count(&vol) > 2 {
+        // The map's reference, `vol` and each clone's; anything more is a user.
+        if Arc::strong_count(&vol) > 2 + vol.clones().len() {
             return Err(VolumeError::new(
                 ErrorKind::Busy,
                 format!(
@@ -453,7 +544,7 @@ impl Registry {
                 ),
             ));
         }
-        self.lock_restoring().insert(name.to_string());
+        self.lock_restoring().insert(name.to_string(), claim);
         Ok(RestoreClaim {
             registry: self,
             volume: vol,
@@ -463,7 +554,9 @@ impl Registry {
     /// The healthy volume `name` (`busy` while a restore writes it).
     pub fn volume(&self, name: &str) -> Result<Arc<Volume>, VolumeError> {
         match self.lock_map().get(name) {
-            Some(Slot::Ready(_)) if self.is_restoring(name) => Err(restoring(name)),
+            Some(Slot::Ready(_)) if self.claimed(name).is_some() => {
+                Err(restoring(name, self.claimed(name).unwrap()))
+            }
             Some(Slot::Ready(v)) => Ok(v.clone()),
             Some(Slot::Broken(msg)) => Err(VolumeError::new(
                 ErrorKind::IoError,
@@ -511,20 +604,7 @@ impl Registry {
             cache: cache.unwrap_or(CacheMode::FOR_NEW_VOLUMES),
         };
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
-        let final_dir = self.volumes_dir.join(name);
-        if self.lock_map().contains_key(name) || final_dir.exists() {
-            return Err(VolumeError::new(
-                ErrorKind::AlreadyExists,
-                format!("volume {name} already exists"),
-            ));
-        }
-        let tmp_dir = self.volumes_dir.join(format!("{CREATING}{name}"));
-        if tmp_dir.exists() {
-            fs::remove_dir_all(&tmp_dir)?;
-        }
-        fs::create_dir(&tmp_dir)?;
-        let built = block_on(async {
-            let storage = Storage::Dir(tmp_dir.clone());
+        let out = self.install(name, None, |storage| async move {
             let vol = match Volume::create(name, storage.clone(), &config).await {
                 // The default asks for O_DIRECT; where the file system
                 // refuses it the volume is made buffered instead, and says so.
@@ -540,10 +620,62 @@ impl Registry {
                 }
                 other => other?,
             };
-            vol.shutdown().await?;
-            drop(vol);
-            Ok::<(), EngineError>(())
-        });
+            vol.shutdown().await
+        })?;
+        log::info!("created volume {name} ({size} bytes)");
+        Ok(out)
+    }
+
+    /// `volume.clone`: a writable volume `name` whose unwritten chunks read
+    /// from `volume@snapshot`; it costs the same for any size.
+    pub fn clone_volume(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        name: &str,
+    ) -> Result<Value, VolumeError> {
+        let _g = self.gate()?;
+        validate_name("volume", name)?;
+        if snapshot.starts_with('.') {
+            return Err(VolumeError::not_found(format!(
+                "snapshot {snapshot} of volume {volume} not found"
+            )));
+        }
+        let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+        let parent = self.volume(volume)?;
+        let started = std::time::Instant::now();
+        let mut out = self.install(name, Some(parent.clone()), |storage| async move {
+            let writeback = WriteBackConfig::daemon_default();
+            let clone = Volume::create_clone(name, storage, &parent, snapshot, writeback).await?;
+            clone.shutdown().await
+        })?;
+        out["create_us"] = json!(started.elapsed().as_micros() as u64);
+        log::info!("created volume {name}, a clone of {volume}@{snapshot}");
+        Ok(out)
+    }
+
+    /// Builds volume `name` with `build` in a directory of its own that is
+    /// renamed into place once built (so a crash leaves no half volume),
+    /// then opens it (over `parent` for a clone) and lists it. Under `mutate`.
+    fn install<F: std::future::Future<Output = Result<(), EngineError>>>(
+        &self,
+        name: &str,
+        parent: Option<Arc<Volume>>,
+        build: impl FnOnce(Storage) -> F,
+    ) -> Result<Value, VolumeError> {
+        let final_dir = self.volumes_dir.join(name);
+        if self.lock_map().contains_key(name) || final_dir.exists() {
+            return Err(VolumeError::new(
+                ErrorKind::AlreadyExists,
+                format!("volume {name} already exists"),
+            ));
+        }
+        let tmp_dir = self.volumes_dir.join(format!("{CREATING}{name}"));
+        if tmp_dir.exists() {
+            fs::remove_dir_all(&tmp_dir)?;
+        }
+        fs::create_dir(&tmp_dir)?;
+        let built = block_on(build(Storage::Dir(tmp_dir.clone())));
         if let Err(e) = built {
             let _ = fs::remove_dir_all(&tmp_dir);
             return Err(e.into());
@@ -552,7 +684,13 @@ impl Registry {
             let _ = fs::remove_dir_all(&tmp_dir);
             return Err(e.into());
         }
-        let vol = match block_on(Volume::open(name, Storage::Dir(final_dir.clone()))) {
+        let opened = block_on(Volume::open_layered(
+            name,
+            Storage::Dir(final_dir.clone()),
+            WriteBackConfig::daemon_default(),
+            parent,
+        ));
+        let vol = match opened {
             Ok(v) => v,
             Err(e) => {
                 // Keep what is on disk (the operator may want it) but show it.
@@ -565,7 +703,6 @@ impl Registry {
                 ));
             }
         };
-        log::info!("created volume {name} ({size} bytes)");
         let out = volume_json(&vol);
         self.lock_map().insert(name.to_string(), Slot::Ready(vol));
         out
@@ -592,6 +729,9 @@ impl Registry {
         match slot {
             Some(Slot::Ready(v)) => {
                 let mut j = volume_json(&v)?;
+                if let Some(flatten) = self.flattens.status(&v) {
+                    j["flatten"] = flatten;
+                }
                 j["snapshot_list"] = serde_json::to_value(user_snapshots(&v))
                     .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))?;
                 Ok(j)
@@ -606,11 +746,26 @@ impl Registry {
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         self.check_no_device(name)?;
         self.check_not_grouped(name)?;
+        if let Ok(vol) = self.volume(name) {
+            let clones = vol.clones();
+            if !clones.is_empty() {
+                return Err(VolumeError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "volume {name} has clones that read from its snapshots: {}; delete them, \
+                         or make them independent first with `snapblk volume flatten CLONE`",
+                        clones.join(", ")
+                    ),
+                ));
+            }
+        }
         let slot = {
             let mut map = self.lock_map();
             match map.get(name) {
                 None => return Err(not_found(name)),
-                Some(_) if self.is_restoring(name) => return Err(restoring(name)),
+                Some(_) if self.claimed(name).is_some() => {
+                    return Err(restoring(name, self.claimed(name).unwrap()))
+                }
                 // The registry holds one reference; every NBD connection's
                 // view (and any request in progress) holds another. Exports
                 // are resolved under this lock, so none can appear between
@@ -628,6 +783,7 @@ impl Registry {
                 Some(_) => map.remove(name).expect("present"),
             }
         };
+        self.flattens.stop(name);
         if let Slot::Ready(vol) = slot {
             if let Err(e) = block_on(vol.shutdown()) {
                 log::warn!("volume {name}: flush before delete failed: {e}");
@@ -644,6 +800,47 @@ impl Registry {
         log::info!("deleted volume {name}");
         self.forget_devices(|s| s.volume == name);
         Ok(json!({ "name": name, "deleted": true }))
+    }
+
+    /// `volume.flatten`: starts copying into clone `name` every chunk it
+    /// still reads from its parent (progress in `volume.info`).
+    pub fn flatten_volume(&self, name: &str) -> Result<Value, VolumeError> {
+        let _g = self.gate()?;
+        let vol = self.volume(name)?;
+        self.flattens.start(&vol)?;
+        let mut j = json!({ "name": name });
+        if let Some(flatten) = self.flattens.status(&vol) {
+            j["flatten"] = flatten;
+        }
+        Ok(j)
+    }
+
+    /// `snapshot.revert`: the live volume's content becomes snapshot
+    /// `name`'s. Refused while a device serves the live volume (or anything
+    /// else holds it: an NBD connection, a request); `force` stops its
+    /// device first. The caller checks (or, forced, stops) copy jobs and
+    /// replication. The volume stays claimed while the revert runs.
+    pub fn revert(&self, volume: &str, name: &str, force: bool) -> Result<Value, VolumeError> {
+        if name.starts_with('.') {
+            return Err(VolumeError::not_found(format!(
+                "snapshot {name} of volume {volume} not found"
+            )));
+        }
+        if force {
+            let live = self.lock_devices().contains_key(volume);
+            if live {
+                self.stop_device(volume)?;
+            }
+        }
+        let claim = self.claim(volume, Claim::Revert)?;
+        let _g = self.gate()?;
+        let started = std::time::Instant::now();
+        let reverted = block_on(claim.volume.revert(name))?;
+        let mut j = serde_json::to_value(&reverted)
+            .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))?;
+        j["volume"] = json!(volume);
+        j["elapsed_us"] = json!(started.elapsed().as_micros() as u64);
+        Ok(j)
     }
 
     pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<Value, VolumeError> {
@@ -753,6 +950,7 @@ impl Registry {
     pub fn shutdown(&self) -> usize {
         let mut closing = self.closing.write().unwrap_or_else(|e| e.into_inner());
         *closing = true;
+        self.flattens.shutdown();
         let running = std::mem::take(&mut *self.lock_devices());
         for (key, entry) in running {
             if let DeviceState::Running(mut dev) | DeviceState::StopFailed(mut dev, _) = entry.state
@@ -1206,8 +1404,10 @@ impl Registry {
         };
         let slot = self.lock_map().get(vol).cloned();
         let vol = match slot {
-            Some(Slot::Ready(_)) if self.is_restoring(vol) => {
-                return Err(EngineError::InvalidArgument(restoring(vol).message))
+            Some(Slot::Ready(_)) if self.claimed(vol).is_some() => {
+                return Err(EngineError::InvalidArgument(
+                    restoring(vol, self.claimed(vol).unwrap()).message,
+                ))
             }
             Some(Slot::Ready(v)) => v,
             Some(Slot::Broken(msg)) => {
