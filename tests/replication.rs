@@ -482,7 +482,7 @@ fn a_wrong_key_is_refused_and_writes_nothing() {
     p.src.ok(&["replicate", "stop", "v"]);
     for _ in 0..3 {
         let mut s = TcpStream::connect(&p.addr).unwrap();
-        assert!(wire::authenticate_to_destination(&mut s, b"still wrong").is_err());
+        assert!(wire::authenticate_to_destination(&mut s, b"still wrong", wire::VERSION).is_err());
         drop(s);
     }
     let refusals = p.dst.log().matches("refused the connection").count();
@@ -503,7 +503,7 @@ impl RawSource {
     /// Authenticates with `key` and opens replica `dest` like a source would.
     fn open(addr: &str, key: &[u8], dest: &str) -> RawSource {
         let mut s = TcpStream::connect(addr).unwrap();
-        let (sealed, _) = wire::authenticate_to_destination(&mut s, key).unwrap();
+        let (sealed, _) = wire::authenticate_to_destination(&mut s, key, wire::VERSION).unwrap();
         let mut raw = RawSource { s, sealed };
         let open = wire::Open {
             source_id: "raw-test".into(),
@@ -513,6 +513,7 @@ impl RawSource {
             chunk_size: BLOCK as u32,
             block_size: BLOCK as u32,
             keep_cps: 1,
+            resync: None,
         };
         raw.send(Kind::Open, &wire::to_json(&open));
         let opened: wire::Opened = wire::from_json(&raw.expect(Kind::Opened)).unwrap();

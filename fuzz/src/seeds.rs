@@ -149,10 +149,18 @@ fn replication() -> Vec<Seed> {
         chunk_size: 65536,
         block_size: 4096,
         keep_cps: 1,
+        resync: Some(wire::ResyncBase {
+            cp: 3,
+            source_id: "host-b".into(),
+            source_volume: "vol-replica".into(),
+            replica_id: "r-1".into(),
+        }),
     };
     let opened = wire::Opened {
         last_applied_cp: Some(3),
         next_tid: 9,
+        replica_id: "r-1".into(),
+        resync_changed: vec![(0, 65536)],
     };
     // Small: the frames are read as plain frames, at most wire::PRE_AUTH_MAX bytes.
     let data = vec![5u8; 512];
