@@ -221,10 +221,7 @@ fn status(r: &Value) -> String {
                     format!("{} at {when}", output::str_of(l, "last_cp")),
                 ),
                 ("since last cp", lag),
-                (
-                    "failback snapshot",
-                    output::str_of(l, "failback_snapshot"),
-                ),
+                ("failback snapshot", output::str_of(l, "failback_snapshot")),
                 (
                     "bytes received",
                     output::size_with_bytes(l, "bytes_received"),

@@ -45,8 +45,8 @@ mod dirty;
 pub mod source;
 pub mod wire;
 
-use crate::runtime::block_on;
 use crate::engine::WriteHook;
+use crate::runtime::block_on;
 use crate::volumes::{validate_name, ErrorKind, Registry, VolumeError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -559,10 +559,20 @@ fn failback_snapshot_name(volume: &crate::engine::Volume) -> String {
             c => Some(c),
         })
         .collect();
-    let taken: Vec<String> = volume.list_snapshots().into_iter().map(|s| s.name).collect();
+    let taken: Vec<String> = volume
+        .list_snapshots()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     let base = format!("failback-{stamp}");
     (1..)
-        .map(|n| if n == 1 { base.clone() } else { format!("{base}-{n}") })
+        .map(|n| {
+            if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            }
+        })
         .find(|n| !taken.contains(n))
         .expect("a free name")
 }

@@ -481,7 +481,8 @@ impl Link {
         let block_size = record.block_size.unwrap_or(chunk_size);
         let blocks = volume.size().div_ceil(block_size);
         let dirty_path = dir.join(format!("{}.dirty", record.volume));
-        if !dirty_path.exists() && record.last_acked_cp.is_some() {
+        // A failback starts from a fresh map: its base is a snapshot.
+        if !dirty_path.exists() && record.last_acked_cp.is_some() && record.resync.is_none() {
             log::warn!(
                 "replication of {}: {} is missing; the next consistency point is a full copy",
                 record.volume,
@@ -613,7 +614,11 @@ impl Link {
     /// (this daemon's identity and volume, the replica this link sent to)
     /// that the dirty map still covers: the last acknowledged CP, or the
     /// next one if its acknowledgement was lost (its blocks are still dirty).
-    pub fn check_failback_base(&self, source_id: &str, base: &wire::ResyncBase) -> Result<(), String> {
+    pub fn check_failback_base(
+        &self,
+        source_id: &str,
+        base: &wire::ResyncBase,
+    ) -> Result<(), String> {
         let s = self.lock();
         let r = &s.record;
         if base.source_id != source_id || base.source_volume != r.volume {
@@ -1003,7 +1008,11 @@ impl Link {
             .map_err(|e| e.to_string())?;
         let bs = self.block_size;
         let mut blocks = Vec::new();
-        for (a, b) in ours.into_iter().map(|r| (r.start, r.end)).chain(theirs.iter().copied()) {
+        for (a, b) in ours
+            .into_iter()
+            .map(|r| (r.start, r.end))
+            .chain(theirs.iter().copied())
+        {
             if a >= b || b > size {
                 return Err(format!(
                     "the destination reported changed bytes {a}..{b} outside volume {name} \
