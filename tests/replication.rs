@@ -128,17 +128,6 @@ impl Pair {
     }
 }
 
-/// `qemu-img compare` of two exports; true if identical.
-fn same_image(a: &str, b: &str) -> bool {
-    let (ok, o, e) =
-        run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
-    assert!(
-        ok || o.contains("differ"),
-        "qemu-img compare failed: {o}{e}"
-    );
-    ok
-}
-
 /// Each replica snapshot `r@cp-N` in `cps` equals the source's `v@repl-cp-N`
 /// (kept by `SNAPBLK_TEST_KEEP_SOURCE_CPS`).
 fn assert_cps_equal_the_source(p: &Pair, cps: &[String]) {

@@ -90,6 +90,7 @@ fn control() -> Vec<Seed> {
             keep_cps: Some(2),
             max_log_bytes: None,
             block_size: Some(4096),
+            resync: true,
         }),
         Request::CopyStatus { id: None },
     ];

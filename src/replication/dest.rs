@@ -23,6 +23,12 @@
 //! it again from the start (each block is simply rewritten), before any
 //! export is served.
 //!
+//! Failback ([`Receiver::failback`]): a resync `Open` for a volume here
+//! that is not an unpromoted replica makes it one, at the base CP, once
+//! this daemon's link of it ([`OldSource`]) proved the base and kept the
+//! volume's image as a snapshot; its changed ranges travel in `Opened` and
+//! the record until the first CP is applied.
+//!
 //! Test hooks (never set them outside tests): with
 //! `SNAPBLK_TEST_PAUSE_APPLY=N` in its environment the daemon stops halfway
 //! through applying CP N (it logs "pausing in the middle of applying") and

@@ -31,14 +31,22 @@
 //!   point-in-time snapshot; a persistent write-intent dirty map (set before
 //!   the first write to a clean block, cleared when a CP covering it is
 //!   acknowledged) makes resync after a broken link, a full log or a kill -9
-//!   of the source send only the changed blocks.
+//!   of the source send only the changed blocks;
+//! - failback (`replicate start --resync`, issue 13 part 6): a promoted
+//!   replica replicates back to its old source, sending only what either
+//!   side changed since the last CP both hold, agreed by identity and
+//!   generation ([`Replication::failback_base`] on the new primary,
+//!   [`dest::OldSource`] on the old source, which keeps its own image as a
+//!   `failback-<time>` snapshot and becomes the replica).
 //!
 //! Must never: let a client write wait on the network (the log is bounded;
 //! a write it cannot take goes whole at the next CP and `status` says
 //! `log-overflow`); let a due CP wait for writes logged after it fell due; write anything on the destination before the peer proved
 //! the shared key, or anything a frame that fails authentication carries;
 //! write into a replica from a source it is not paired with;
-//! let a reader of a replica see a mix of two CPs; log or show the key.
+//! let a reader of a replica see a mix of two CPs; log or show the key;
+//! resync from a base either side cannot prove, or overwrite an old
+//! source's changes before they are kept in a snapshot.
 
 pub mod dest;
 mod dirty;
