@@ -972,4 +972,25 @@ mod tests {
         assert!(e.to_string().contains("version 2 is not supported"), "{e}");
         assert!(t.join().unwrap().is_err());
     }
+
+    #[test]
+    fn a_destination_accepts_the_resync_version_and_tells_it() {
+        for version in [VERSION, RESYNC_VERSION] {
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            let t = std::thread::spawn(move || authenticate_source(&mut b, b"0123456789abcdef"));
+            let (src, _) =
+                authenticate_to_destination(&mut a, b"0123456789abcdef", version).unwrap();
+            assert_eq!(src.version(), version);
+            assert_eq!(t.join().unwrap().unwrap().version(), version);
+        }
+        // What an older peer says to a resync is covered above (version 2);
+        // a newer one than this daemon names both versions it speaks.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || authenticate_source(&mut b, b"0123456789abcdef"));
+        let e = authenticate_to_destination(&mut a, b"0123456789abcdef", 5)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("versions 3 and 4"), "{e}");
+        assert!(t.join().unwrap().is_err());
+    }
 }
