@@ -78,15 +78,14 @@ fn sites(test: &str) -> Option<Sites> {
     })
 }
 
-/// `replicate start VOL --to PEER/DEST --key-file KEY EXTRA...` on `from`.
-fn start(s: &Sites, from: &Site, to: &Site, extra: &[&str]) -> String {
-    let to = format!("{}/v", to.addr);
+/// `replicate start v --to TO --key-file KEY --cp-interval 1h EXTRA...`.
+fn start_args<'a>(s: &'a Sites, to: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "replicate",
         "start",
         "v",
         "--to",
-        &to,
+        to,
         "--key-file",
         s.key.to_str().unwrap(),
         // CPs only when asked: writes on the old source after the failover
@@ -95,7 +94,13 @@ fn start(s: &Sites, from: &Site, to: &Site, extra: &[&str]) -> String {
         "1h",
     ];
     args.extend_from_slice(extra);
-    from.d.ok(&args)
+    args
+}
+
+/// `replicate start` of `v` on `from` to `v` on `to`.
+fn start(s: &Sites, from: &Site, to: &Site, extra: &[&str]) -> String {
+    let to = format!("{}/v", to.addr);
+    from.d.ok(&start_args(s, &to, extra))
 }
 
 fn link(d: &Daemon) -> Value {
@@ -275,16 +280,7 @@ fn a_resync_without_a_common_base_is_refused() {
     // Never a replica: nothing to start from.
     b.ok(&["volume", "create", "v", "--size", "64M"]);
     let to = format!("{}/v", s.a.addr);
-    let args = [
-        "replicate",
-        "start",
-        "v",
-        "--to",
-        &to,
-        "--key-file",
-        s.key.to_str().unwrap(),
-        "--resync",
-    ];
+    let args = start_args(&s, &to, &["--resync"]);
     let e = b.fails(&args);
     assert!(
         e.contains("never a replica") && e.contains("full sync"),
