@@ -128,17 +128,6 @@ impl Pair {
     }
 }
 
-/// `qemu-img compare` of two exports; true if identical.
-fn same_image(a: &str, b: &str) -> bool {
-    let (ok, o, e) =
-        run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
-    assert!(
-        ok || o.contains("differ"),
-        "qemu-img compare failed: {o}{e}"
-    );
-    ok
-}
-
 /// Each replica snapshot `r@cp-N` in `cps` equals the source's `v@repl-cp-N`
 /// (kept by `SNAPBLK_TEST_KEEP_SOURCE_CPS`).
 fn assert_cps_equal_the_source(p: &Pair, cps: &[String]) {
@@ -482,7 +471,7 @@ fn a_wrong_key_is_refused_and_writes_nothing() {
     p.src.ok(&["replicate", "stop", "v"]);
     for _ in 0..3 {
         let mut s = TcpStream::connect(&p.addr).unwrap();
-        assert!(wire::authenticate_to_destination(&mut s, b"still wrong").is_err());
+        assert!(wire::authenticate_to_destination(&mut s, b"still wrong", wire::VERSION).is_err());
         drop(s);
     }
     let refusals = p.dst.log().matches("refused the connection").count();
@@ -503,7 +492,7 @@ impl RawSource {
     /// Authenticates with `key` and opens replica `dest` like a source would.
     fn open(addr: &str, key: &[u8], dest: &str) -> RawSource {
         let mut s = TcpStream::connect(addr).unwrap();
-        let (sealed, _) = wire::authenticate_to_destination(&mut s, key).unwrap();
+        let (sealed, _) = wire::authenticate_to_destination(&mut s, key, wire::VERSION).unwrap();
         let mut raw = RawSource { s, sealed };
         let open = wire::Open {
             source_id: "raw-test".into(),
@@ -513,6 +502,7 @@ impl RawSource {
             chunk_size: BLOCK as u32,
             block_size: BLOCK as u32,
             keep_cps: 1,
+            resync: None,
         };
         raw.send(Kind::Open, &wire::to_json(&open));
         let opened: wire::Opened = wire::from_json(&raw.expect(Kind::Opened)).unwrap();

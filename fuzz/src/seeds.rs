@@ -90,6 +90,7 @@ fn control() -> Vec<Seed> {
             keep_cps: Some(2),
             max_log_bytes: None,
             block_size: Some(4096),
+            resync: true,
         }),
         Request::CopyStatus { id: None },
     ];
@@ -149,10 +150,18 @@ fn replication() -> Vec<Seed> {
         chunk_size: 65536,
         block_size: 4096,
         keep_cps: 1,
+        resync: Some(wire::ResyncBase {
+            cp: 3,
+            source_id: "host-b".into(),
+            source_volume: "vol-replica".into(),
+            replica_id: "r-1".into(),
+        }),
     };
     let opened = wire::Opened {
         last_applied_cp: Some(3),
         next_tid: 9,
+        replica_id: "r-1".into(),
+        resync_changed: vec![(0, 65536)],
     };
     // Small: the frames are read as plain frames, at most wire::PRE_AUTH_MAX bytes.
     let data = vec![5u8; 512];

@@ -33,6 +33,12 @@ pub enum ReplicateCmd {
         /// The unit writes are tracked and shipped in, a power of two from 4K to the volume's chunk size [default: 4K]
         #[arg(long, value_name = "SIZE")]
         block_size: Option<String>,
+        /// Failback: VOLUME is a promoted replica and DESTVOL its old source;
+        /// send only what either side changed since the last consistency
+        /// point both hold (DESTVOL's own changes are kept in a snapshot
+        /// `failback-<time>` there, then overwritten)
+        #[arg(long)]
+        resync: bool,
     },
     /// Stop replicating a volume (the replica stays at its last consistency point)
     Stop { volume: String },
@@ -77,6 +83,7 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
             keep_cps,
             max_log,
             block_size,
+            resync,
         } => {
             name_arg("volume", &volume)?;
             let cp_interval_ms = cp_interval
@@ -108,10 +115,16 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
                 keep_cps,
                 max_log_bytes,
                 block_size,
+                resync,
             });
             reply(control, json, &req, |_| {
+                let how = if resync {
+                    " (failback: resyncing what changed on either side)"
+                } else {
+                    ""
+                };
                 println!(
-                    "replicating volume {volume} to {to}; see `snapblk replicate status {volume}`"
+                    "replicating volume {volume} to {to}{how}; see `snapblk replicate status {volume}`"
                 )
             })
         }
@@ -196,6 +209,8 @@ fn status(r: &Value) -> String {
                 ),
                 ("dirty blocks", output::str_of(l, "dirty_blocks")),
                 ("resync blocks", output::str_of(l, "resync_blocks")),
+                ("sync progress", sync_progress(l)),
+                ("failback base cp", output::str_of(l, "failback_base_cp")),
                 ("error", output::str_of(l, "error")),
             ]);
         } else {
@@ -206,6 +221,7 @@ fn status(r: &Value) -> String {
                     format!("{} at {when}", output::str_of(l, "last_cp")),
                 ),
                 ("since last cp", lag),
+                ("failback snapshot", output::str_of(l, "failback_snapshot")),
                 (
                     "bytes received",
                     output::size_with_bytes(l, "bytes_received"),
@@ -215,6 +231,23 @@ fn status(r: &Value) -> String {
         out.push_str(&output::key_values(&pairs));
     }
     out
+}
+
+/// A running (or the last) full copy or resync: `done of total (P%)`.
+fn sync_progress(l: &Value) -> String {
+    let get = |k: &str| l.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let (done, total) = (get("sync_done_bytes"), get("sync_total_bytes"));
+    if total == 0 {
+        return "-".into();
+    }
+    format!(
+        "{} of {} ({} of {} blocks, {:.0}%)",
+        super::size::format_size(done),
+        super::size::format_size(total),
+        get("sync_done_blocks"),
+        get("sync_total_blocks"),
+        done as f64 * 100.0 / total as f64
+    )
 }
 
 #[cfg(test)]

@@ -23,6 +23,12 @@
 //! it again from the start (each block is simply rewritten), before any
 //! export is served.
 //!
+//! Failback ([`Receiver::failback`]): a resync `Open` for a volume here
+//! that is not an unpromoted replica makes it one, at the base CP, once
+//! this daemon's link of it ([`OldSource`]) proved the base and kept the
+//! volume's image as a snapshot; its changed ranges travel in `Opened` and
+//! the record until the first CP is applied.
+//!
 //! Test hooks (never set them outside tests): with
 //! `SNAPBLK_TEST_PAUSE_APPLY=N` in its environment the daemon stops halfway
 //! through applying CP N (it logs "pausing in the middle of applying") and
@@ -43,7 +49,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -81,6 +87,52 @@ pub struct ReplicaRecord {
     /// Transfers below this id were dropped after the last apply.
     pub keep_from_tid: u64,
     pub promoted: bool,
+    /// This replica's identity, random, made when it is created (empty in
+    /// records from before failback): a failback names its base by it.
+    #[serde(default)]
+    pub replica_id: String,
+    /// The engine generation of snapshot `cp-{last_applied_cp}`: a failback
+    /// from here finds its base by it, never by the snapshot's name alone.
+    #[serde(default)]
+    pub cp_generation: Option<u64>,
+    /// A failback resync being received: until its first CP is applied.
+    #[serde(default)]
+    pub resync: Option<PendingResync>,
+}
+
+/// What a failback resync needs to survive a restart of either side, kept
+/// until its first CP is applied.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PendingResync {
+    pub base_cp: u64,
+    /// The byte ranges this volume changed since the base (sent to the
+    /// source at every session start, as `Opened::resync_changed`).
+    pub changed: Vec<(u64, u64)>,
+    /// The snapshot that keeps this volume's divergent image.
+    pub snapshot: String,
+}
+
+/// The old source's side of a failback, implemented by
+/// [`super::Replication`], which owns the links.
+pub trait OldSource: Send + Sync {
+    /// Checks `base` against this daemon's link of `volume` and that nothing
+    /// writes the volume, keeps its image as a snapshot and stops the link.
+    /// Returns the byte ranges it changed since the base and the snapshot.
+    fn failback_prepare(
+        &self,
+        volume: &str,
+        base: &wire::ResyncBase,
+    ) -> Result<(Vec<(u64, u64)>, String), String>;
+    /// `volume` is a replica now (its record is durable): drop its link.
+    fn failback_done(&self, volume: &str);
+}
+
+/// A fresh replica identity.
+fn new_replica_id() -> String {
+    wire::nonce()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub struct Replica {
@@ -129,6 +181,8 @@ pub struct Receiver {
     /// The last refusal logged per source address: a source retries every
     /// second, and one line per outage is enough.
     refusals: Mutex<HashMap<IpAddr, String>>,
+    /// Set once the links are loaded ([`Receiver::set_old_source`]).
+    old_source: OnceLock<Weak<dyn OldSource>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -238,6 +292,9 @@ impl Replica {
                     applied_unix_ms: 0,
                     keep_from_tid: 0,
                     promoted: false,
+                    replica_id: String::new(),
+                    cp_generation: None,
+                    resync: None,
                 };
                 let r = Replica::new(dir, path.to_path_buf(), placeholder);
                 r.mark_broken(format!(
@@ -513,9 +570,18 @@ impl Replica {
         drop(files);
         block_on(view.flush()).map_err(engine)?;
         let name = cp_snapshot(cp.cp);
-        if !volume.list_snapshots().iter().any(|s| s.name == name) {
-            block_on(volume.create_snapshot(&name)).map_err(engine)?;
-        }
+        let generation = match volume.list_snapshots().into_iter().find(|s| s.name == name) {
+            Some(s) => s.generation,
+            None => {
+                block_on(volume.create_snapshot(&name))
+                    .map_err(engine)?
+                    .snapshot
+                    .generation
+            }
+        };
+        record.cp_generation = Some(generation);
+        // A failback's first CP overwrote every divergent block: done.
+        record.resync = None;
         record.last_applied_cp = Some(cp.cp);
         record.applied_unix_ms = crate::engine::now_unix_ms();
         record.keep_from_tid = record.keep_from_tid.max(cp.keep_from_tid);
@@ -558,6 +624,8 @@ impl Replica {
             "broken"
         } else if r.promoted {
             "promoted"
+        } else if r.resync.is_some() {
+            "resyncing"
         } else if session.is_some() {
             "receiving"
         } else {
@@ -577,6 +645,8 @@ impl Replica {
             "block_size": r.block_size,
             "staged_transfers": lock(&self.index).len(),
             "bytes_received": self.bytes_received.load(Ordering::Relaxed),
+            "failback_base_cp": r.resync.as_ref().map(|f| f.base_cp),
+            "failback_snapshot": r.resync.as_ref().map(|f| f.snapshot.clone()),
         })
     }
 }
@@ -635,6 +705,7 @@ impl Receiver {
             next_conn_id: AtomicU64::new(0),
             unpaired: Mutex::new(HashMap::new()),
             refusals: Mutex::new(HashMap::new()),
+            old_source: OnceLock::new(),
         });
         if let Some(l) = &receiver.listener {
             let l = l.try_clone()?;
@@ -649,6 +720,16 @@ impl Receiver {
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// Lets failbacks reach this daemon's links (before this, one is refused).
+    pub fn set_old_source(&self, old: Weak<dyn OldSource>) {
+        let _ = self.old_source.set(old);
+    }
+
+    /// Replica `volume`'s record (also once promoted).
+    pub fn record(&self, volume: &str) -> Option<ReplicaRecord> {
+        Some(lock(&self.replicas).get(volume)?.record())
     }
 
     fn accept(self: Arc<Self>, listener: TcpListener) {
@@ -750,7 +831,16 @@ impl Receiver {
         let open: wire::Open = match sealed
             .expect(&mut hs, Kind::Open)
             .and_then(|p| wire::from_json(&p))
-        {
+            .and_then(|o: wire::Open| {
+                if o.resync.is_some() && sealed.version() < wire::RESYNC_VERSION {
+                    return Err(invalid(format!(
+                        "a failback resync needs protocol version {}, the source spoke {}",
+                        wire::RESYNC_VERSION,
+                        sealed.version()
+                    )));
+                }
+                Ok(o)
+            }) {
             Ok(o) => o,
             Err(e) => return self.refused(ip, &peer, e.to_string()),
         };
@@ -810,6 +900,12 @@ impl Receiver {
         let opened = wire::Opened {
             last_applied_cp: record.last_applied_cp,
             next_tid: replica.next_tid(),
+            replica_id: record.replica_id.clone(),
+            resync_changed: record
+                .resync
+                .as_ref()
+                .map(|f| f.changed.clone())
+                .unwrap_or_default(),
         };
         stream.set_write_timeout(None)?;
         sealed.send(&mut stream, Kind::Opened, &wire::to_json(&opened))?;
@@ -922,9 +1018,15 @@ impl Receiver {
         *current = Some(attached);
         drop(current);
         let mut rec = replica.record();
-        if rec.keep_cps != open.keep_cps || rec.block_size != open.block_size {
+        if rec.keep_cps != open.keep_cps
+            || rec.block_size != open.block_size
+            || rec.replica_id.is_empty()
+        {
             rec.keep_cps = open.keep_cps;
             rec.block_size = open.block_size;
+            if rec.replica_id.is_empty() {
+                rec.replica_id = new_replica_id();
+            }
             replica.save(rec).map_err(|e| e.to_string())?;
         }
         Ok(replica)
@@ -934,6 +1036,13 @@ impl Receiver {
         let name = &open.dest_volume;
         validate_name("volume", name).map_err(|e| e.message)?;
         let mut replicas = lock(&self.replicas);
+        if let Some(base) = &open.resync {
+            // A replica of this source already (a failback cut short, or
+            // done and its acknowledgement lost) carries on as any replica.
+            if replicas.get(name).is_none_or(|r| r.record().promoted) {
+                return self.failback(&mut replicas, open, base);
+            }
+        }
         let replica = match replicas.get(name) {
             Some(r) => {
                 if let Some(why) = r.broken() {
@@ -980,6 +1089,9 @@ impl Receiver {
                     applied_unix_ms: 0,
                     keep_from_tid: 0,
                     promoted: false,
+                    replica_id: new_replica_id(),
+                    cp_generation: None,
+                    resync: None,
                 };
                 let replica = Arc::new(Replica::new(
                     &self.dir,
@@ -1011,6 +1123,76 @@ impl Receiver {
         Ok(replica)
     }
 
+    /// Failback onto this daemon's volume `name`, the old source of the
+    /// replica now sending: this daemon's link checks the base and keeps the
+    /// volume's divergent image as a snapshot, then the volume becomes a
+    /// replica of the new source at the base CP, its own changes since the
+    /// base recorded for the first CP to overwrite. The replica record is the
+    /// commit point: written before the link is dropped (a restart between
+    /// the two drops the link, see [`super::Replication::start`]).
+    fn failback(
+        &self,
+        replicas: &mut BTreeMap<String, Arc<Replica>>,
+        open: &wire::Open,
+        base: &wire::ResyncBase,
+    ) -> Result<Arc<Replica>, String> {
+        let name = &open.dest_volume;
+        let old = self
+            .old_source
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or("the daemon is starting or stopping; retry")?;
+        let size = self.registry.volume(name).map_err(|e| e.message)?.size();
+        if size != open.size {
+            return Err(format!(
+                "volume {name} has {size} bytes, the source {}; they share no base",
+                open.size
+            ));
+        }
+        let (changed, snapshot) = old.failback_prepare(name, base)?;
+        let record = ReplicaRecord {
+            volume: name.clone(),
+            source_id: open.source_id.clone(),
+            source_volume: open.source_volume.clone(),
+            size,
+            block_size: open.block_size,
+            keep_cps: open.keep_cps,
+            last_applied_cp: Some(base.cp),
+            applied_unix_ms: crate::engine::now_unix_ms(),
+            keep_from_tid: 0,
+            promoted: false,
+            replica_id: new_replica_id(),
+            cp_generation: None,
+            resync: Some(PendingResync {
+                base_cp: base.cp,
+                changed,
+                snapshot: snapshot.clone(),
+            }),
+        };
+        let replica = Arc::new(Replica::new(
+            &self.dir,
+            self.dir.join(format!("{name}.json")),
+            record.clone(),
+        ));
+        // Staging of an earlier life as a replica is stale.
+        match fs::remove_dir_all(&replica.staging) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.to_string()),
+            _ => {}
+        }
+        fs::create_dir_all(&replica.staging).map_err(|e| e.to_string())?;
+        replica.save(record).map_err(|e| e.to_string())?;
+        replicas.insert(name.clone(), replica.clone());
+        old.failback_done(name);
+        log::info!(
+            "volume {name}: failback from {} of {}: a replica again from consistency point {}; \
+             its own changes since then are kept in snapshot {snapshot}",
+            open.source_volume,
+            open.source_id,
+            base.cp
+        );
+        Ok(replica)
+    }
+
     /// The snapshot NBD clients read for `volume` if it is an unpromoted
     /// replica: `Some(Ok(cp-N))`, or `Some(Err)` before its first CP.
     pub fn export_snapshot(&self, volume: &str) -> Option<Result<String, String>> {
@@ -1021,6 +1203,13 @@ impl Receiver {
         let r = replica.record();
         if r.promoted {
             return None;
+        }
+        if r.resync.is_some() {
+            return Some(Err(format!(
+                "replica {volume} is receiving a failback resync and has no consistency point \
+                 yet; its own image is kept in snapshot {}",
+                r.resync.map(|f| f.snapshot).unwrap_or_default()
+            )));
         }
         Some(
             r.last_applied_cp

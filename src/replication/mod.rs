@@ -31,14 +31,22 @@
 //!   point-in-time snapshot; a persistent write-intent dirty map (set before
 //!   the first write to a clean block, cleared when a CP covering it is
 //!   acknowledged) makes resync after a broken link, a full log or a kill -9
-//!   of the source send only the changed blocks.
+//!   of the source send only the changed blocks;
+//! - failback (`replicate start --resync`, issue 13 part 6): a promoted
+//!   replica replicates back to its old source, sending only what either
+//!   side changed since the last CP both hold, agreed by identity and
+//!   generation ([`Replication::failback_base`] on the new primary,
+//!   [`dest::OldSource`] on the old source, which keeps its own image as a
+//!   `failback-<time>` snapshot and becomes the replica).
 //!
 //! Must never: let a client write wait on the network (the log is bounded;
 //! a write it cannot take goes whole at the next CP and `status` says
 //! `log-overflow`); let a due CP wait for writes logged after it fell due; write anything on the destination before the peer proved
 //! the shared key, or anything a frame that fails authentication carries;
 //! write into a replica from a source it is not paired with;
-//! let a reader of a replica see a mix of two CPs; log or show the key.
+//! let a reader of a replica see a mix of two CPs; log or show the key;
+//! resync from a base either side cannot prove, or overwrite an old
+//! source's changes before they are kept in a snapshot.
 
 pub mod dest;
 mod dirty;
@@ -46,13 +54,14 @@ pub mod source;
 pub mod wire;
 
 use crate::engine::WriteHook;
+use crate::runtime::block_on;
 use crate::volumes::{validate_name, ErrorKind, Registry, VolumeError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use source::{Link, LinkRecord};
+use source::{FailbackBase, Link, LinkRecord};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// `replicate.start`'s fields.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +85,11 @@ pub struct ReplicateStart {
     /// 4 KiB, at most the volume's chunk.
     #[serde(default)]
     pub block_size: Option<u64>,
+    /// Failback: `volume` is a promoted replica and the target its old
+    /// source; send only what either side changed since the last CP both
+    /// hold (see [`Replication::failback_base`]).
+    #[serde(default)]
+    pub resync: bool,
 }
 
 pub const DEFAULT_CP_INTERVAL_MS: u64 = 10_000;
@@ -160,10 +174,24 @@ impl Replication {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let resumed = std::fs::read(&path)
+            let record = std::fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<LinkRecord>(&b).map_err(|e| e.to_string()))
-                .and_then(|r| repl.open_link(r).map_err(|e| e.message));
+                .and_then(|b| serde_json::from_slice::<LinkRecord>(&b).map_err(|e| e.to_string()));
+            if let Ok(r) = &record {
+                if repl.receiver.export_snapshot(&r.volume).is_some() {
+                    // A failback made the volume a replica and stopped
+                    // before dropping its old link.
+                    log::info!(
+                        "volume {} is a replica after a failback; dropping its old link",
+                        r.volume
+                    );
+                    for p in [path.clone(), path.with_extension("dirty")] {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    continue;
+                }
+            }
+            let resumed = record.and_then(|r| repl.open_link(r).map_err(|e| e.message));
             match resumed {
                 Ok(v) => log::info!("replication of {v} resumed"),
                 Err(e) => log::error!(
@@ -173,6 +201,8 @@ impl Replication {
                 ),
             }
         }
+        let old: Weak<dyn dest::OldSource> = Arc::downgrade(&repl) as _;
+        repl.receiver.set_old_source(old);
         Ok(repl)
     }
 
@@ -211,6 +241,7 @@ impl Replication {
             keep_cps,
             max_log_bytes,
             block_size,
+            resync,
         } = req;
         let (host, dest_volume) = parse_target(&to)?;
         if self.links().contains_key(&volume) {
@@ -252,6 +283,11 @@ impl Replication {
             )));
         }
         wire::read_key(&key_file).map_err(VolumeError::invalid)?;
+        let resync = if resync {
+            Some(self.failback_base(&volume, &dest_volume)?)
+        } else {
+            None
+        };
         let record = LinkRecord {
             volume: volume.clone(),
             host,
@@ -261,8 +297,11 @@ impl Replication {
             keep_cps: keep_cps.unwrap_or(DEFAULT_KEEP_CPS).max(1),
             max_log_bytes: max_log_bytes.unwrap_or(DEFAULT_MAX_LOG_BYTES),
             block_size: Some(block_size),
-            last_acked_cp: None,
+            // A failback resumes the CP numbers at its base.
+            last_acked_cp: resync.as_ref().map(|f| f.base.cp),
             last_acked_unix_ms: 0,
+            dest_replica_id: None,
+            resync,
         };
         // A previous pair's dirty map would hide nothing (a full copy
         // follows), but start from a clean one.
@@ -270,6 +309,66 @@ impl Replication {
         self.open_link(record)?;
         log::info!("replication of {volume} to {to} started");
         Ok(self.link(&volume)?.status())
+    }
+
+    /// The base of a failback from promoted replica `volume` to its old
+    /// source `dest_volume`: the last CP it applied, by its snapshot's name
+    /// and engine generation, with the identities the old source checks.
+    /// Anything else has no common base: refused, saying to sync in full.
+    fn failback_base(&self, volume: &str, dest_volume: &str) -> Result<FailbackBase, VolumeError> {
+        let no_base = |why: String| {
+            VolumeError::invalid(format!(
+                "cannot resync volume {volume} with {dest_volume}: {why}, so the two share no \
+                 consistency point; run a full sync instead: `snapblk replicate start {volume} \
+                 --to HOST:PORT/NEWVOL` without --resync (it copies the whole volume)"
+            ))
+        };
+        let rec = self
+            .receiver
+            .record(volume)
+            .ok_or_else(|| no_base(format!("{volume} was never a replica on this daemon")))?;
+        if rec.source_volume != dest_volume {
+            return Err(no_base(format!(
+                "{volume} was the replica of volume {} of source {}, not of {dest_volume}",
+                rec.source_volume, rec.source_id
+            )));
+        }
+        let cp = rec
+            .last_applied_cp
+            .ok_or_else(|| no_base(format!("{volume} never applied a consistency point")))?;
+        let snapshot = dest::cp_snapshot(cp);
+        let held = self
+            .registry
+            .volume(volume)?
+            .list_snapshots()
+            .into_iter()
+            .find(|s| s.name == snapshot)
+            .map(|s| s.generation);
+        let generation = match (held, rec.cp_generation) {
+            (Some(g), Some(applied)) if g == applied && !rec.replica_id.is_empty() => g,
+            (None, _) => {
+                return Err(no_base(format!(
+                    "snapshot {volume}@{snapshot}, the last consistency point it applied, was \
+                     deleted"
+                )))
+            }
+            _ => {
+                return Err(no_base(format!(
+                    "snapshot {volume}@{snapshot} is not the consistency point it applied \
+                     (taken again under that name, or applied by a snapblk without failback)"
+                )))
+            }
+        };
+        Ok(FailbackBase {
+            base: wire::ResyncBase {
+                cp,
+                source_id: rec.source_id,
+                source_volume: rec.source_volume,
+                replica_id: rec.replica_id,
+            },
+            snapshot,
+            generation,
+        })
     }
 
     /// `replicate.stop`.
@@ -409,4 +508,79 @@ fn parse_target(to: &str) -> Result<(String, String), VolumeError> {
     }
     validate_name("volume", vol)?;
     Ok((host.to_string(), vol.to_string()))
+}
+
+impl dest::OldSource for Replication {
+    fn failback_prepare(
+        &self,
+        volume: &str,
+        base: &wire::ResyncBase,
+    ) -> Result<(Vec<(u64, u64)>, String), String> {
+        let no_base = |why: String| {
+            format!(
+                "no common base for a failback resync onto volume {volume}: {why}; run a full \
+                 sync instead (`snapblk replicate start` without --resync, to a new volume)"
+            )
+        };
+        let link = self.link(volume).map_err(|_| {
+            no_base(format!(
+                "this daemon has no replication link of {volume} (stopped, or never started), \
+                 so it cannot tell what changed here since consistency point {}",
+                base.cp
+            ))
+        })?;
+        link.check_failback_base(&self.source_id, base)
+            .map_err(no_base)?;
+        // The link holds the volume too.
+        self.registry
+            .check_no_users(volume, 1)
+            .map_err(|e| format!("{}; it becomes a replica in a failback", e.message))?;
+        let vol = link.volume().clone();
+        let snapshot = failback_snapshot_name(&vol);
+        block_on(vol.create_snapshot(&snapshot))
+            .map_err(|e| format!("cannot keep volume {volume}'s image as {snapshot}: {e}"))?;
+        let changed = link.stop_for_failback();
+        log::info!(
+            "volume {volume}: failback from consistency point {}: its image is kept in \
+             snapshot {snapshot}; {} changed range(s) since then will be overwritten",
+            base.cp,
+            changed.len()
+        );
+        Ok((changed, snapshot))
+    }
+
+    fn failback_done(&self, volume: &str) {
+        if let Some((link, hook)) = self.links().remove(volume) {
+            link.remove(&hook);
+        }
+    }
+}
+
+/// `failback-YYYYMMDD-HHMMSS` (UTC), with `-N` added if taken.
+fn failback_snapshot_name(volume: &crate::engine::Volume) -> String {
+    let stamp: String = crate::cli::output::format_unix_ms(crate::engine::now_unix_ms())
+        .trim_end_matches(" UTC")
+        .chars()
+        .filter_map(|c| match c {
+            '-' | ':' => None,
+            ' ' => Some('-'),
+            c => Some(c),
+        })
+        .collect();
+    let taken: Vec<String> = volume
+        .list_snapshots()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    let base = format!("failback-{stamp}");
+    (1..)
+        .map(|n| {
+            if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            }
+        })
+        .find(|n| !taken.contains(n))
+        .expect("a free name")
 }

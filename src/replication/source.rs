@@ -98,6 +98,23 @@ pub struct LinkRecord {
     pub last_acked_cp: Option<u64>,
     #[serde(default)]
     pub last_acked_unix_ms: u64,
+    /// The replica's identity from its `Opened` (`None` from daemons before
+    /// failback): a failback of this pair must name it.
+    #[serde(default)]
+    pub dest_replica_id: Option<String>,
+    /// A failback resync not acknowledged yet (`replicate start --resync`).
+    #[serde(default)]
+    pub resync: Option<FailbackBase>,
+}
+
+/// Where a failback resync from this volume starts: the base as the wire
+/// names it, and this volume's snapshot holding it, by name and engine
+/// generation (a snapshot deleted and taken again under the name is not it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailbackBase {
+    pub base: wire::ResyncBase,
+    pub snapshot: String,
+    pub generation: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +161,12 @@ struct Stats {
     /// The largest such delay among CPs taken while replicating (a session's
     /// first CP, a full copy or a resync, is bounded by the volume instead).
     max_cp_delay_ms: u64,
+    /// Progress of the running full copy or resync (its blocks sent whole):
+    /// bytes and blocks read and sent (or found zero) of the total.
+    sync_done_bytes: u64,
+    sync_total_bytes: u64,
+    sync_done_blocks: u64,
+    sync_total_blocks: u64,
 }
 
 /// The CP being sent: its snapshot, where its writes end, its block set.
@@ -458,7 +481,8 @@ impl Link {
         let block_size = record.block_size.unwrap_or(chunk_size);
         let blocks = volume.size().div_ceil(block_size);
         let dirty_path = dir.join(format!("{}.dirty", record.volume));
-        if !dirty_path.exists() && record.last_acked_cp.is_some() {
+        // A failback starts from a fresh map: its base is a snapshot.
+        if !dirty_path.exists() && record.last_acked_cp.is_some() && record.resync.is_none() {
             log::warn!(
                 "replication of {}: {} is missing; the next consistency point is a full copy",
                 record.volume,
@@ -586,6 +610,54 @@ impl Link {
         }
     }
 
+    /// Failback onto this volume: `Ok` if `base` is a CP of this link
+    /// (this daemon's identity and volume, the replica this link sent to)
+    /// that the dirty map still covers: the last acknowledged CP, or the
+    /// next one if its acknowledgement was lost (its blocks are still dirty).
+    pub fn check_failback_base(
+        &self,
+        source_id: &str,
+        base: &wire::ResyncBase,
+    ) -> Result<(), String> {
+        let s = self.lock();
+        let r = &s.record;
+        if base.source_id != source_id || base.source_volume != r.volume {
+            return Err(format!(
+                "the replica's base is a consistency point of volume {} of source {}, not of \
+                 volume {} of this daemon (source {source_id})",
+                base.source_volume, base.source_id, r.volume
+            ));
+        }
+        if r.dest_replica_id.as_deref() != Some(base.replica_id.as_str()) {
+            return Err(format!(
+                "volume {} was replicated to another replica than the one asking (or before \
+                 this snapblk recorded replica identities)",
+                r.volume
+            ));
+        }
+        match r.last_acked_cp {
+            Some(a) if base.cp == a || base.cp == a + 1 => Ok(()),
+            acked => Err(format!(
+                "the replica's base is consistency point {}, and the last one this daemon saw \
+                 acknowledged is {}",
+                base.cp,
+                acked.map_or("none".to_string(), |a| a.to_string())
+            )),
+        }
+    }
+
+    /// Stops the sender for a failback and returns the byte ranges the
+    /// dirty map says changed since the last acknowledged CP, merged.
+    pub fn stop_for_failback(&self) -> Vec<(u64, u64)> {
+        self.stop();
+        let bs = self.block_size;
+        let runs = to_runs(&self.dirty_blocks())
+            .into_iter()
+            .map(|(a, b)| (a * bs, (b * bs).min(self.volume.size())))
+            .collect();
+        coarsen(runs, MAX_FAILBACK_RANGES)
+    }
+
     /// Asks for a CP now; returns a ticket for [`Link::wait_cp`].
     pub fn request_cp(&self) -> u64 {
         let mut s = self.lock();
@@ -645,6 +717,7 @@ impl Link {
             "chunk_size": self.chunk_size,
             "log_bytes": s.log_bytes,
             "max_log_bytes": r.max_log_bytes,
+            "failback_base_cp": r.resync.as_ref().map(|f| f.base.cp),
         });
         let stats = serde_json::to_value(&s.stats).expect("stats serialize");
         for (k, x) in stats.as_object().expect("an object") {
@@ -714,9 +787,14 @@ impl Link {
     /// Connects and authenticates; the connection is registered first, so
     /// that [`Link::stop`] can end it at any moment.
     fn connect(&self, until: Instant) -> Result<Conn<'_>, String> {
-        let (host, key_file) = {
+        let (host, key_file, version) = {
             let s = self.lock();
-            (s.record.host.clone(), s.record.key_file.clone())
+            let version = if s.record.resync.is_some() {
+                wire::RESYNC_VERSION
+            } else {
+                wire::VERSION
+            };
+            (s.record.host.clone(), s.record.key_file.clone(), version)
         };
         let key = wire::read_key(&key_file)?;
         let addrs: Vec<_> = host
@@ -745,7 +823,7 @@ impl Link {
                 stream: &stream,
                 until,
             };
-            let (sealed, sent) = wire::authenticate_to_destination(&mut hs, &key)
+            let (sealed, sent) = wire::authenticate_to_destination(&mut hs, &key, version)
                 .map_err(|e| format!("{host}: {e}"))?;
             self.lock().stats.bytes_sent += sent as u64;
             return Ok(Conn {
@@ -771,6 +849,7 @@ impl Link {
                 chunk_size: self.chunk_size as u32,
                 block_size: self.block_size as u32,
                 keep_cps: s.record.keep_cps,
+                resync: s.record.resync.as_ref().map(|f| f.base.clone()),
             }
         };
         let io = |e: io::Error| e.to_string();
@@ -790,17 +869,24 @@ impl Link {
         conn.stream.set_read_timeout(None).map_err(io)?;
         conn.stream.set_write_timeout(None).map_err(io)?;
         let mut next_tid = opened.next_tid;
+        self.remember_replica(&opened.replica_id)?;
         let (full, mut next_cp) = {
-            let mut s = self.lock();
-            let acked = s.record.last_acked_cp;
+            let acked = self.lock().record.last_acked_cp;
             let full = match (opened.last_applied_cp, acked) {
                 (Some(d), Some(a)) => d != a && d != a + 1,
                 _ => true,
             };
+            // A failback resync also sends what either side changed since
+            // the base (a full copy sends everything anyway).
+            let failback = match self.lock().record.resync.clone() {
+                Some(f) if !full => self.failback_blocks(&f, &opened.resync_changed)?,
+                _ => Vec::new(),
+            };
+            let mut s = self.lock();
             let next_cp = opened.last_applied_cp.map_or(0, |d| d + 1);
             // The destination keeps staging across sessions, but references
             // are only trusted within one: resync from the dirty map.
-            for b in self.dirty_blocks() {
+            for b in self.dirty_blocks().into_iter().chain(failback) {
                 s.epoch.insert(b, BlockState::Partial);
             }
             for st in s.epoch.values_mut() {
@@ -881,6 +967,70 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Records the replica's identity from its `Opened`, for a failback.
+    fn remember_replica(&self, replica_id: &str) -> SessionResult {
+        let record = {
+            let mut s = self.lock();
+            if replica_id.is_empty() || s.record.dest_replica_id.as_deref() == Some(replica_id) {
+                return Ok(());
+            }
+            s.record.dest_replica_id = Some(replica_id.to_string());
+            s.record.clone()
+        };
+        save_record(&self.record_path, &record).map_err(|e| e.to_string())
+    }
+
+    /// The blocks a failback resync must send besides the dirty ones: what
+    /// this volume changed since its base snapshot (which must still be the
+    /// base, by generation) and what the destination changed since (`theirs`,
+    /// byte ranges from its `Opened`).
+    fn failback_blocks(&self, f: &FailbackBase, theirs: &[(u64, u64)]) -> Result<Vec<u64>, String> {
+        let name = self.volume.name();
+        let size = self.volume.size();
+        let held = self
+            .volume
+            .list_snapshots()
+            .into_iter()
+            .any(|s| s.name == f.snapshot && s.generation == f.generation);
+        if !held {
+            return Err(format!(
+                "the failback base, snapshot {name}@{}, was deleted or replaced: no common base \
+                 is left; run a full sync instead: `snapblk replicate stop {name}`, then \
+                 `snapblk replicate start` without --resync to a new destination volume",
+                f.snapshot
+            ));
+        }
+        let ours = self
+            .volume
+            .changed_extents(&f.snapshot, None, 0, size)
+            .map_err(|e| e.to_string())?;
+        let bs = self.block_size;
+        let mut blocks = Vec::new();
+        for (a, b) in ours
+            .into_iter()
+            .map(|r| (r.start, r.end))
+            .chain(theirs.iter().copied())
+        {
+            if a >= b || b > size {
+                return Err(format!(
+                    "the destination reported changed bytes {a}..{b} outside volume {name} \
+                     ({size} bytes)"
+                ));
+            }
+            blocks.extend(a / bs..b.div_ceil(bs));
+        }
+        blocks.sort_unstable();
+        blocks.dedup();
+        log::info!(
+            "replication of {name}: failback resync from consistency point {}: {} block(s) \
+             changed on either side ({} reported by the destination)",
+            f.base.cp,
+            blocks.len(),
+            theirs.len()
+        );
+        Ok(blocks)
     }
 
     /// Ships one transfer of logged writes with sequence numbers below
@@ -1006,6 +1156,15 @@ impl Link {
             };
             (cp.boundary, whole)
         };
+        {
+            let mut s = self.lock();
+            if s.phase != Phase::Replicating {
+                s.stats.sync_total_blocks = whole.iter().map(|(a, b)| b - a).sum();
+                s.stats.sync_total_bytes = whole.iter().map(|&(a, b)| self.run_len(a, b)).sum();
+                s.stats.sync_done_blocks = 0;
+                s.stats.sync_done_bytes = 0;
+            }
+        }
         let err = |e: EngineError| e.to_string();
         let view = self.volume.snapshot_view(&name).map_err(err)?;
         // Chunks released stop being preserved for this snapshot (unless a
@@ -1176,6 +1335,7 @@ impl Link {
                     push_zero(entries, a, b - a);
                     zero += b - a;
                     release.progress(b);
+                    self.sync_progress(a, b);
                     continue;
                 }
                 let mut at = a;
@@ -1187,6 +1347,7 @@ impl Link {
                     let mut data = AlignedBuf::zeroed(len);
                     block_on(view.read(offset, &mut data)).map_err(err)?;
                     release.progress(at + n);
+                    self.sync_progress(at, at + n);
                     // Long runs of zeros send nothing for a while.
                     conn.keep_alive().map_err(|e| e.to_string())?;
                     let block_of = |k: u64| {
@@ -1222,6 +1383,20 @@ impl Link {
         Ok((sent, zero))
     }
 
+    /// Bytes of blocks `a..b` (the volume's last block may be short).
+    fn run_len(&self, a: u64, b: u64) -> u64 {
+        (b * self.block_size).min(self.volume.size()) - a * self.block_size
+    }
+
+    /// Blocks `a..b` of a full copy or resync were read (or are zero).
+    fn sync_progress(&self, a: u64, b: u64) {
+        let mut s = self.lock();
+        if s.phase != Phase::Replicating {
+            s.stats.sync_done_blocks += b - a;
+            s.stats.sync_done_bytes += self.run_len(a, b);
+        }
+    }
+
     /// The destination applied CP `number`: record it, clear the dirty bits
     /// of blocks it covered that were not written since, count.
     fn acknowledged(
@@ -1235,6 +1410,8 @@ impl Link {
         let (record, generation) = {
             let mut s = self.lock();
             let cp = s.cp.take().expect("taken");
+            // A session's first CP carries the failback's blocks: done.
+            s.record.resync = None;
             s.record.last_acked_cp = Some(number);
             s.record.last_acked_unix_ms = cp.unix_ms;
             s.written_at_last_cp = cp.written;
@@ -1302,6 +1479,29 @@ fn push_zero(entries: &mut Vec<CpEntry>, b: u64, n: u64) {
         }
     }
     entries.push(CpEntry::Zero { block: b, count: n });
+}
+
+/// At most this many changed ranges travel in a failback's `Opened` (about
+/// 30 MiB as JSON, under the frame limit): more are merged across their
+/// smallest gaps, which only sends more.
+const MAX_FAILBACK_RANGES: usize = 1 << 20;
+
+/// Sorted, disjoint `runs` merged across gaps (doubling from 64 KiB) until
+/// at most `max` are left.
+fn coarsen(mut runs: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
+    let mut gap = DIRTY_REGION;
+    while runs.len() > max {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for r in runs {
+            match out.last_mut() {
+                Some(last) if r.0 - last.1 <= gap => last.1 = r.1,
+                _ => out.push(r),
+            }
+        }
+        runs = out;
+        gap *= 2;
+    }
+    runs
 }
 
 /// Sorted block numbers -> runs `(first, end)`.
@@ -1435,6 +1635,12 @@ mod tests {
             vec![(3, 4, true), (4, 6, false), (6, 7, true)]
         );
         assert_eq!(split_by_allocation(None, 3, 7), vec![(3, 7, true)]);
+        let runs = vec![(0, 4096), (65536, 69632), (1 << 20, (1 << 20) + 4096)];
+        assert_eq!(coarsen(runs.clone(), 3), runs);
+        assert_eq!(
+            coarsen(runs, 2),
+            vec![(0, 69632), (1 << 20, (1 << 20) + 4096)]
+        );
         let mut zeros = Vec::new();
         push_zero(&mut zeros, 4, 2);
         push_zero(&mut zeros, 6, 1);

@@ -52,6 +52,15 @@
 //! link, at most the volume's chunk), and a reference sets a run of blocks
 //! from part of one piece, so a multi-block write or a run of blocks sent
 //! whole costs one entry. Version 3: the sealed session and `Ping`.
+//! Version 4 ([`RESYNC_VERSION`]): a failback resync. `Open` names the common
+//! base ([`ResyncBase`]: the old source's identity and volume, the replica's
+//! identity, the CP number) and `Opened` answers with the destination's own
+//! changes since that base, so the first CP sends the union of both sides'
+//! changes. A source speaks version 4 only for a resync and 3 otherwise, so
+//! plain replication to an older daemon keeps working, and an older daemon
+//! asked for a resync refuses it at `Hello` with a message naming both
+//! versions. A destination accepts both; `Open` may carry a base only in a
+//! version 4 session.
 
 use hmac::{Hmac, Mac};
 use ring::aead::{Aad, LessSafeKey, Nonce, AES_256_GCM};
@@ -64,6 +73,8 @@ use std::time::{Duration, Instant};
 
 pub const MAGIC: u32 = 0x5342_5250; // "SBRP"
 pub const VERSION: u32 = 3;
+/// The version a source speaks for a failback resync (module doc).
+pub const RESYNC_VERSION: u32 = 4;
 pub const HEADER: usize = 16;
 /// The largest payload either side accepts in a sealed frame.
 pub const MAX_PAYLOAD: usize = 64 << 20;
@@ -240,26 +251,34 @@ impl Direction {
 pub struct Session {
     tx: Direction,
     rx: Direction,
+    /// The protocol version the source spoke at `Hello`.
+    version: u32,
 }
 
 impl Session {
     /// The session keys of one end (`source`: the source's) from the shared
     /// key and both handshake nonces.
-    fn derive(key: &[u8], source_nonce: &[u8], dest_nonce: &[u8], source: bool) -> Session {
+    fn derive(
+        key: &[u8],
+        source_nonce: &[u8],
+        dest_nonce: &[u8],
+        source: bool,
+        version: u32,
+    ) -> Session {
         let salt = [source_nonce, dest_nonce].concat();
         let to_dest = Direction::new(key, &salt, b"snapblk-repl v3 source->dest");
         let to_source = Direction::new(key, &salt, b"snapblk-repl v3 dest->source");
-        if source {
-            Session {
-                tx: to_dest,
-                rx: to_source,
-            }
+        let (tx, rx) = if source {
+            (to_dest, to_source)
         } else {
-            Session {
-                tx: to_source,
-                rx: to_dest,
-            }
-        }
+            (to_source, to_dest)
+        };
+        Session { tx, rx, version }
+    }
+
+    /// The protocol version of this session ([`VERSION`] or [`RESYNC_VERSION`]).
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     /// Seals and writes one frame; returns the bytes written.
@@ -417,6 +436,24 @@ pub struct Open {
     /// The link's replication block size (also in every CP).
     pub block_size: u32,
     pub keep_cps: u32,
+    /// A failback resync (version 4 only): the base both sides hold.
+    #[serde(default)]
+    pub resync: Option<ResyncBase>,
+}
+
+/// The consistency point a failback resync starts from, by identity: CP
+/// `cp` of the link from volume `source_volume` of the daemon whose source
+/// identity is `source_id`, applied to the replica whose identity is
+/// `replica_id` (the side now sending). The old source accepts it only if
+/// its own link of that volume went to that replica and its last
+/// acknowledged CP is `cp` or the one before (an acknowledgement lost in
+/// the failover); its dirty map then holds every block it changed since.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncBase {
+    pub cp: u64,
+    pub source_id: String,
+    pub source_volume: String,
+    pub replica_id: String,
 }
 
 /// `Opened`: where the replica stands.
@@ -425,6 +462,14 @@ pub struct Opened {
     pub last_applied_cp: Option<u64>,
     /// Transfer ids from here on are unused on the replica.
     pub next_tid: u64,
+    /// The replica's identity (empty from daemons before version 4): a
+    /// source records it so a later failback can prove the pairing.
+    #[serde(default)]
+    pub replica_id: String,
+    /// During a failback resync: the byte ranges the destination changed
+    /// since the base (sorted, disjoint), which the first CP must overwrite.
+    #[serde(default)]
+    pub resync_changed: Vec<(u64, u64)>,
 }
 
 // ---- the key handshake ----
@@ -496,9 +541,10 @@ pub fn nonce() -> [u8; NONCE] {
 pub fn authenticate_to_destination<S: Read + Write>(
     s: &mut S,
     key: &[u8],
+    version: u32,
 ) -> io::Result<(Session, usize)> {
     let ours = nonce();
-    let mut hello = VERSION.to_le_bytes().to_vec();
+    let mut hello = version.to_le_bytes().to_vec();
     hello.extend_from_slice(&ours);
     let mut sent = write_frame(s, Kind::Hello, &hello)?;
     let challenge = expect(s, Kind::Challenge)?;
@@ -514,7 +560,7 @@ pub fn authenticate_to_destination<S: Read + Write>(
     }
     sent += write_frame(s, Kind::Proof, &proof(key, b"source", theirs, &ours))?;
     expect(s, Kind::Welcome)?;
-    Ok((Session::derive(key, &ours, theirs, true), sent))
+    Ok((Session::derive(key, &ours, theirs, true, version), sent))
 }
 
 /// Destination side of the handshake: the sealed session once the peer
@@ -526,10 +572,11 @@ pub fn authenticate_source<S: Read + Write>(s: &mut S, key: &[u8]) -> io::Result
         return Err(bad("malformed hello"));
     }
     let version = u32::from_le_bytes(hello[..4].try_into().unwrap());
-    if version != VERSION {
+    if version != VERSION && version != RESYNC_VERSION {
         let msg = format!(
-            "replication protocol version {version} is not supported: this daemon speaks version \
-             {VERSION} (every frame sealed); run the same snapblk release on both sides"
+            "replication protocol version {version} is not supported: this daemon speaks versions \
+             {VERSION} and {RESYNC_VERSION} (every frame sealed; 4 adds failback resync); run the \
+             same snapblk release on both sides"
         );
         write_frame(s, Kind::Refused, msg.as_bytes())?;
         return Err(bad(msg));
@@ -564,7 +611,7 @@ pub fn authenticate_source<S: Read + Write>(s: &mut S, key: &[u8]) -> io::Result
         ));
     }
     write_frame(s, Kind::Welcome, &[])?;
-    Ok(Session::derive(key, theirs, &ours, false))
+    Ok(Session::derive(key, theirs, &ours, false, version))
 }
 
 // ---- transfers and consistency points ----
@@ -828,7 +875,7 @@ mod tests {
             let (mut a, mut b) = UnixStream::pair().unwrap();
             let dst_key = dst_key.to_vec();
             let t = std::thread::spawn(move || authenticate_source(&mut b, &dst_key).is_ok());
-            let src = authenticate_to_destination(&mut a, src_key);
+            let src = authenticate_to_destination(&mut a, src_key, VERSION);
             assert_eq!(src.is_ok(), ok);
             drop(a);
             assert_eq!(t.join().unwrap(), ok);
@@ -839,7 +886,7 @@ mod tests {
     fn sessions() -> (Session, Session) {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || authenticate_source(&mut b, b"0123456789abcdef"));
-        let (src, _) = authenticate_to_destination(&mut a, b"0123456789abcdef").unwrap();
+        let (src, _) = authenticate_to_destination(&mut a, b"0123456789abcdef", VERSION).unwrap();
         (src, t.join().unwrap().unwrap())
     }
 
@@ -923,6 +970,27 @@ mod tests {
         write_frame(&mut a, Kind::Hello, &hello).unwrap();
         let e = expect(&mut a, Kind::Challenge).unwrap_err();
         assert!(e.to_string().contains("version 2 is not supported"), "{e}");
+        assert!(t.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_destination_accepts_the_resync_version_and_tells_it() {
+        for version in [VERSION, RESYNC_VERSION] {
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            let t = std::thread::spawn(move || authenticate_source(&mut b, b"0123456789abcdef"));
+            let (src, _) =
+                authenticate_to_destination(&mut a, b"0123456789abcdef", version).unwrap();
+            assert_eq!(src.version(), version);
+            assert_eq!(t.join().unwrap().unwrap().version(), version);
+        }
+        // What an older peer says to a resync is covered above (version 2);
+        // a newer one than this daemon names both versions it speaks.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || authenticate_source(&mut b, b"0123456789abcdef"));
+        let e = authenticate_to_destination(&mut a, b"0123456789abcdef", 5)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("versions 3 and 4"), "{e}");
         assert!(t.join().unwrap().is_err());
     }
 }

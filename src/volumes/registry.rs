@@ -240,6 +240,22 @@ impl Drop for RestoreClaim<'_> {
     }
 }
 
+/// `busy` if anything but the registry's map, `vol`, its clones (each holds
+/// its parent) and `holders` more references holds volume `name`.
+fn check_no_holders(name: &str, vol: &Arc<Volume>, holders: usize) -> Result<(), VolumeError> {
+    let users = Arc::strong_count(vol).saturating_sub(2 + vol.clones().len() + holders);
+    if users > 0 {
+        return Err(VolumeError::new(
+            ErrorKind::Busy,
+            format!(
+                "volume {name} is in use by {users} open NBD connection(s) or requests; \
+                 disconnect its NBD clients first"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a volume or snapshot name: `[A-Za-z0-9._-]{1,64}`, not starting with '.'.
 pub fn validate_name(kind: &str, name: &str) -> Result<(), VolumeError> {
     let bad = |why: &str| {
@@ -533,22 +549,21 @@ impl Registry {
             }
             None => return Err(not_found(name)),
         };
-        // The map's reference, `vol` and each clone's; anything more is a user.
-        if Arc::strong_count(&vol) > 2 + vol.clones().len() {
-            return Err(VolumeError::new(
-                ErrorKind::Busy,
-                format!(
-                    "volume {name} is in use by {} open NBD connection(s) or requests; \
-                     disconnect its NBD clients first",
-                    Arc::strong_count(&vol) - 2
-                ),
-            ));
-        }
+        check_no_holders(name, &vol, 0)?;
         self.lock_restoring().insert(name.to_string(), claim);
         Ok(RestoreClaim {
             registry: self,
             volume: vol,
         })
+    }
+
+    /// `busy` while a device serves volume `name` (or one of its snapshots)
+    /// or anything but the caller's `holders` references (an NBD connection,
+    /// a request) holds it.
+    pub fn check_no_users(&self, name: &str, holders: usize) -> Result<(), VolumeError> {
+        self.check_no_device(name)?;
+        let vol = self.volume(name)?;
+        check_no_holders(name, &vol, holders)
     }
 
     /// The healthy volume `name` (`busy` while a restore writes it).

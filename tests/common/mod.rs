@@ -582,3 +582,14 @@ fn mount(test: &str, what: &str, dir: &Path, args: &[&str]) -> Option<Mount> {
     }
     Some(Mount(dir.to_path_buf()))
 }
+
+/// `qemu-img compare` of two raw images (exports or files); true if identical.
+pub fn same_image(a: &str, b: &str) -> bool {
+    let (ok, o, e) =
+        run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
+    assert!(
+        ok || o.contains("differ"),
+        "qemu-img compare failed: {o}{e}"
+    );
+    ok
+}
