@@ -5,7 +5,8 @@
 //! hook, the bounded write log, the persistent dirty map in [`dirty`], the
 //! sender thread), replicas on this daemon ([`dest`]: the listener, staging,
 //! CP application, promotion), the wire protocol, key handshake and sealed
-//! session ([`wire`]), and `DATA_DIR/replication/`.
+//! session ([`wire`]), the shared CPs of a replicated consistency group
+//! ([`group`]), and `DATA_DIR/replication/`.
 //!
 //! Seed 003, as built:
 //! - every write to a source volume is appended, after it reached the
