@@ -293,7 +293,8 @@ fn a_half_taken_group_snapshot_is_rolled_back_at_start() {
 /// `replicate cp --group` while two clients write, hold exactly the writes
 /// acknowledged before the shared barrier (as group snapshots do), with one
 /// number for both; `replicate status --group` lists both links; a member's
-/// link cannot be stopped alone; `replicate stop --group` stops both.
+/// link cannot be stopped alone, nor the group deleted; `replicate stop
+/// --group` stops both.
 #[test]
 fn a_replicated_group_has_shared_consistency_points() {
     if skip_without("group replication", &["python3-nbd"]) {
@@ -355,8 +356,10 @@ fn a_replicated_group_has_shared_consistency_points() {
         .map(|l| l["volume"].as_str().unwrap())
         .collect();
     assert_eq!(linked, ["a", "b"], "{status}");
-    let e = src.fails(&["replicate", "stop", "a"]);
-    assert!(e.contains("replicate stop --group g"), "{e}");
+    for refused in [&["replicate", "stop", "a"][..], &["group", "delete", "g"]] {
+        let e = src.fails(refused);
+        assert!(e.contains("replicate stop --group g"), "{refused:?}: {e}");
+    }
 
     let cps = ["c1", "c2", "c3"];
     let (runs, total) = write_while(&src, &cps, "cp");

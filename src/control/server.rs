@@ -499,6 +499,7 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
         Request::GroupInfo { name } => registry.group_info(&name),
         Request::GroupDelete { name } => {
             facts.schedules.check_unscheduled(None, Some(&name))?;
+            facts.replication.check_group_delete(&name)?;
             registry.delete_group(&name)
         }
         Request::GroupSnapshotCreate {

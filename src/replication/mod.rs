@@ -470,6 +470,21 @@ impl Replication {
         }
     }
 
+    /// Refuses deleting a group replicated from here: its links share CPs
+    /// by its membership.
+    pub fn check_group_delete(&self, group: &str) -> Result<(), VolumeError> {
+        if self.groups().contains_key(group) {
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
+                format!(
+                    "group {group} is being replicated; stop that first with \
+                     `snapblk replicate stop --group {group}`"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses deleting a volume replicated from here: the link would keep
     /// writing a dirty map and sending for a volume that is gone.
     pub fn check_volume_delete(&self, volume: &str) -> Result<(), VolumeError> {
