@@ -5,7 +5,7 @@
 //! - [`control`]: the daemon, the control socket and its protocol;
 //! - [`frontend`]: NBD (and, next, ublk) adapters that turn requests into engine calls;
 //! - [`schedule`] and [`quiesce`]: snapshots on a schedule, with retention,
-//!   and application hooks with a timer around a snapshot;
+//!   and application hooks and filesystem freeze with a timer around a snapshot;
 //! - [`copy`] and [`replication`]: live copy jobs, and mirrors of volumes on
 //!   other daemons (links, replicas);
 //! - [`volumes`]: the registry of volumes and their devices, beneath

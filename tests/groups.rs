@@ -61,8 +61,10 @@ for i, snap in enumerate(snaps):
         cond.wait_for(lambda: state["acked"] >= after + step)
         before = state["acked"]
         state["limit"] = before + WINDOW
-    r = subprocess.run(cli + ["--json", "snapshot", "create", "--group", "g", snap],
-                       capture_output=True, text=True)
+    # @ACTION@ is cp: a shared replication CP of the group instead of a snapshot.
+    action = (["replicate", "cp", "--group", "g"] if "@ACTION@" == "cp"
+              else ["snapshot", "create", "--group", "g", snap])
+    r = subprocess.run(cli + ["--json"] + action, capture_output=True, text=True)
     with cond:
         after = state["issued"]
         state["limit"] = None
@@ -107,6 +109,58 @@ fn seqs(d: &Daemon, export: &str) -> Vec<u64> {
     serde_json::from_str(out.lines().next().unwrap()).unwrap()
 }
 
+/// Runs [`WRITERS`] against `d`'s volumes `a` and `b` (group `g`), one
+/// group action (`snapshot` or `cp`) per name in `snaps`; returns each action's line and the
+/// number of writes.
+fn write_while(d: &Daemon, snaps: &[&str], action: &str) -> (Vec<Value>, u64) {
+    // 16384 blocks a volume, so every number has a block of its own.
+    let capacity = 2 * 16384 - 1;
+    let mut args: Vec<String> = vec![d.nbd_sock().display().to_string()];
+    args.extend(d.cli_prefix());
+    args.push(capacity.to_string());
+    args.push("500".to_string());
+    args.push(snaps.join(","));
+    let out = py_ok(&WRITERS.replace("@ACTION@", action), &args);
+    let mut runs: Vec<Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let total = runs.pop().unwrap()["total"].as_u64().unwrap();
+    assert_eq!(runs.len(), snaps.len(), "{out}");
+    (runs, total)
+}
+
+/// `in_a` and `in_b` (the writes two images of `a` and `b` hold) are one
+/// instant between `run`'s request and its answer.
+fn assert_one_instant(what: &str, run: &Value, in_a: &[u64], in_b: &[u64], total: u64) {
+    let (before, after) = (
+        run["acked_before"].as_u64().unwrap(),
+        run["issued_after"].as_u64().unwrap(),
+    );
+    assert!(in_a.iter().all(|n| n % 2 == 1) && in_b.iter().all(|n| n % 2 == 0));
+    let mut all: Vec<u64> = in_a.iter().chain(in_b).copied().collect();
+    all.sort_unstable();
+    // One instant across both volumes: the union is the numbers 1..=k
+    // with no gap, as each was issued only after the one before it was
+    // acknowledged (on the other volume).
+    let k = all.len() as u64;
+    if let Some(gap) = (1..=k).find(|n| all.binary_search(n).is_err()) {
+        panic!(
+            "{what}: not one instant: holds {k} writes up to {}, but not write {gap} \
+             (acknowledged before a write it holds was issued)",
+            all.last().unwrap()
+        );
+    }
+    assert!(
+        before <= k && k <= after,
+        "{what}: holds 1..={k}, but {before} were acknowledged before the request and \
+         at most {after} issued by its answer"
+    );
+    assert!(k < total, "{what} lacks the writes issued after it");
+    eprintln!("{what}: holds writes 1..={k} (acknowledged before: {before}, issued by the answer: {after})");
+}
+
 #[test]
 fn group_snapshots_hold_exactly_the_writes_acknowledged_before_the_barrier() {
     if skip_without("group snapshots", &["python3-nbd"]) {
@@ -118,28 +172,10 @@ fn group_snapshots_hold_exactly_the_writes_acknowledged_before_the_barrier() {
         d.ok(&["volume", "create", v, "--size", "64M"]);
     }
     d.ok(&["group", "create", "g", "a", "b"]);
-    // 16384 blocks a volume, so every number has a block of its own.
-    let capacity = 2 * 16384 - 1;
     let snaps = ["s1", "s2", "s3"];
-    let mut args: Vec<String> = vec![d.nbd_sock().display().to_string()];
-    args.extend(d.cli_prefix());
-    args.push(capacity.to_string());
-    args.push("500".to_string());
-    args.push(snaps.join(","));
-    let out = py_ok(WRITERS, &args);
-    let mut runs: Vec<Value> = out
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let total = runs.pop().unwrap()["total"].as_u64().unwrap();
-    assert_eq!(runs.len(), snaps.len(), "{out}");
+    let (runs, total) = write_while(&d, &snaps, "snapshot");
     for run in &runs {
         let snap = run["snap"].as_str().unwrap();
-        let (before, after) = (
-            run["acked_before"].as_u64().unwrap(),
-            run["issued_after"].as_u64().unwrap(),
-        );
         let members: Vec<&str> = run["created"]["members"]
             .as_array()
             .unwrap()
@@ -147,29 +183,11 @@ fn group_snapshots_hold_exactly_the_writes_acknowledged_before_the_barrier() {
             .map(|m| m["volume"].as_str().unwrap())
             .collect();
         assert_eq!(members, ["a", "b"]);
-        let in_a = seqs(&d, &format!("a@{snap}"));
-        let in_b = seqs(&d, &format!("b@{snap}"));
-        assert!(in_a.iter().all(|n| n % 2 == 1) && in_b.iter().all(|n| n % 2 == 0));
-        let mut all: Vec<u64> = in_a.iter().chain(&in_b).copied().collect();
-        all.sort_unstable();
-        // One instant across both volumes: the union is the numbers 1..=k
-        // with no gap, as each was issued only after the one before it was
-        // acknowledged (on the other volume).
-        let k = all.len() as u64;
-        if let Some(gap) = (1..=k).find(|n| all.binary_search(n).is_err()) {
-            panic!(
-                "{snap}: not one instant: holds {k} writes up to {}, but not write {gap} \
-                 (acknowledged before a write it holds was issued)",
-                all.last().unwrap()
-            );
-        }
-        assert!(
-            before <= k && k <= after,
-            "{snap}: holds 1..={k}, but {before} were acknowledged before the request and \
-             at most {after} issued by its answer"
+        let (in_a, in_b) = (
+            seqs(&d, &format!("a@{snap}")),
+            seqs(&d, &format!("b@{snap}")),
         );
-        assert!(k < total, "{snap} lacks the writes issued after it");
-        eprintln!("{snap}: holds writes 1..={k} (acknowledged before: {before}, issued by the answer: {after})");
+        assert_one_instant(snap, run, &in_a, &in_b, total);
     }
     // The live volumes hold every write.
     assert_eq!(seqs(&d, "a").len() + seqs(&d, "b").len(), total as usize);
@@ -269,4 +287,110 @@ fn a_half_taken_group_snapshot_is_rolled_back_at_start() {
         serde_json::json!([])
     );
     assert!(d.log().contains("was being taken when the daemon stopped"));
+}
+
+/// `replicate start --group`: the replica's cp-N of both members, taken by
+/// `replicate cp --group` while two clients write, hold exactly the writes
+/// acknowledged before the shared barrier (as group snapshots do), with one
+/// number for both; `replicate status --group` lists both links; a member's
+/// link cannot be stopped alone, nor the group deleted; `replicate stop
+/// --group` stops both.
+#[test]
+fn a_replicated_group_has_shared_consistency_points() {
+    if skip_without("group replication", &["python3-nbd"]) {
+        return;
+    }
+    let (_t, dir) = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("key");
+    std::fs::write(&key, "correct horse battery staple\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let src = Daemon::start_with(&dir.join("src"), &dir.join("src"), &[], &[]);
+    let dst = Daemon::start_with(
+        &dir.join("dst"),
+        &dir.join("dst"),
+        &[
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--replication-key-file",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let addr = dst.json(&["replicate", "status"])["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for v in ["a", "b"] {
+        src.ok(&["volume", "create", v, "--size", "64M"]);
+    }
+    src.ok(&["group", "create", "g", "a", "b"]);
+    let e = src.fails(&[
+        "replicate",
+        "start",
+        "--group",
+        "g",
+        "--to",
+        &format!("{addr}/x"),
+    ]);
+    assert!(e.contains("HOST:PORT for a group"), "{e}");
+    src.ok(&[
+        "replicate",
+        "start",
+        "--group",
+        "g",
+        "--to",
+        &addr,
+        "--key-file",
+        key.to_str().unwrap(),
+        "--cp-interval",
+        "1h",
+        "--keep-cps",
+        "50",
+    ]);
+    let status = src.json(&["replicate", "status", "--group", "g"]);
+    let linked: Vec<&str> = status["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["volume"].as_str().unwrap())
+        .collect();
+    assert_eq!(linked, ["a", "b"], "{status}");
+    for refused in [&["replicate", "stop", "a"][..], &["group", "delete", "g"]] {
+        let e = src.fails(refused);
+        assert!(e.contains("replicate stop --group g"), "{refused:?}: {e}");
+    }
+
+    let cps = ["c1", "c2", "c3"];
+    let (runs, total) = write_while(&src, &cps, "cp");
+    let mut numbers = Vec::new();
+    for run in &runs {
+        let members = run["created"]["members"].as_array().unwrap();
+        let got: Vec<(&str, u64)> = members
+            .iter()
+            .map(|m| (m["volume"].as_str().unwrap(), m["cp"].as_u64().unwrap()))
+            .collect();
+        let n = got[0].1;
+        assert_eq!(got, [("a", n), ("b", n)], "one number for both members");
+        numbers.push(n);
+        let (in_a, in_b) = (
+            seqs(&dst, &format!("a@cp-{n}")),
+            seqs(&dst, &format!("b@cp-{n}")),
+        );
+        assert_one_instant(&format!("cp-{n}"), run, &in_a, &in_b, total);
+    }
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+    // Every cp-N the replica holds is one instant, and each member has it.
+    let held = |v: &str| -> Vec<String> {
+        dst.names(&["snapshot", "list", v])
+            .into_iter()
+            .filter(|s| s.starts_with("cp-"))
+            .collect()
+    };
+    assert_eq!(held("a"), held("b"));
+    src.ok(&["replicate", "stop", "--group", "g"]);
+    assert!(src.json(&["replicate", "status"])["links"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }

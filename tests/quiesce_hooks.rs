@@ -1,7 +1,8 @@
 //! Quiesce hooks around snapshots: `snapshot create ... --pre-hook CMD
 //! --post-hook CMD --quiesce-timeout DUR --on-timeout fail|crash-consistent`,
-//! against the real daemon. (Freezing filesystems on ublk devices needs the
-//! guest VM and is not built yet.)
+//! against the real daemon, and `--quiesce` where nothing is mounted.
+//! (Freezing filesystems on ublk devices needs the guest VM:
+//! scripts/vm/guest/80-ublk-quiesce.sh.)
 
 mod common;
 
@@ -137,4 +138,35 @@ fn a_pre_hook_past_its_timer_is_killed_the_post_hook_still_runs() {
         "{r}"
     );
     assert_eq!(d.names(&["snapshot", "list", "v"]), ["s2", "s3"]);
+}
+
+/// `--quiesce` on a volume without a ublk device (this host has none):
+/// nothing to freeze, the snapshot is taken between the hooks and says so;
+/// `--quiesce-timeout` alone is refused.
+#[test]
+fn quiesce_with_nothing_mounted_freezes_nothing_and_takes_the_snapshot() {
+    let (_t, d, log) = with_volume_v();
+    let post = post_hook(&log);
+    let r = d.json(&[
+        "snapshot",
+        "create",
+        "v",
+        "q1",
+        "--quiesce",
+        "--post-hook",
+        &post,
+    ]);
+    assert_eq!(r["quiesce"]["quiesced"], true, "{r}");
+    assert_eq!(r["quiesce"]["frozen"], serde_json::json!([]), "{r}");
+    assert_eq!(events(&log), ["post"]);
+    let out = d.ok(&["snapshot", "create", "v", "q2", "--quiesce"]);
+    assert!(out.contains("nothing frozen"), "{out}");
+    assert_eq!(d.names(&["snapshot", "list", "v"]), ["q1", "q2"]);
+    let e = d.fails(&["snapshot", "create", "v", "q3", "--quiesce-timeout", "1s"]);
+    assert!(e.contains("add --quiesce"), "{e}");
+    // No freeze record is left in the data directory.
+    let dir = std::fs::read_dir(d.control().parent().unwrap()).unwrap();
+    assert!(!dir
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("freeze-")));
 }

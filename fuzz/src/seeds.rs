@@ -84,6 +84,7 @@ fn control() -> Vec<Seed> {
         }),
         Request::ReplicateStart(ReplicateStart {
             volume: "vol".into(),
+            group: None,
             to: "127.0.0.1:10810/vol".into(),
             cp_interval_ms: Some(1000),
             key_file: None,

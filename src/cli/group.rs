@@ -72,7 +72,8 @@ pub fn snapshot_create(
             "created snapshot {name} of group {group} ({} volumes, writes paused {} µs)",
             r["members"].as_array().map_or(0, Vec::len),
             str_of(r, "stall_us"),
-        )
+        );
+        print!("{}", super::output::quiesce_report(r));
     })
 }
 

@@ -287,19 +287,22 @@ pub enum SnapshotCmd {
     },
 }
 
-/// Application hooks around a snapshot (see `src/quiesce`).
+/// Application hooks and filesystem freeze around a snapshot (see `src/quiesce`).
 #[derive(Args, Debug)]
 pub struct HookArgs {
+    /// Freeze the filesystems mounted on the volume's ublk devices (FIFREEZE) during the snapshot
+    #[arg(long)]
+    quiesce: bool,
     /// Run `sh -c CMD` before the snapshot (as the data directory's owner), e.g. a database's backup mode
     #[arg(long, value_name = "CMD")]
     pre_hook: Option<String>,
     /// Run `sh -c CMD` after it; always runs once the pre-hook started
     #[arg(long, value_name = "CMD")]
     post_hook: Option<String>,
-    /// How long the pre-hook may take before it is killed [default: 10s]
+    /// How long the pre-hook, and then the freeze, may take [default: 10s]
     #[arg(long, value_name = "DUR")]
     quiesce_timeout: Option<String>,
-    /// When the pre-hook fails or times out: no snapshot, or one without quiesce [default: fail]
+    /// When the pre-hook or the freeze fails or times out: no snapshot, or one without quiesce [default: fail]
     #[arg(long, value_enum, value_name = "WHAT")]
     on_timeout: Option<OnTimeoutArg>,
 }
@@ -312,11 +315,11 @@ enum OnTimeoutArg {
 
 impl HookArgs {
     fn quiesce(self) -> Result<Option<Quiesce>, CliError> {
-        if self.pre_hook.is_none() && self.post_hook.is_none() {
+        if !self.quiesce && self.pre_hook.is_none() && self.post_hook.is_none() {
             if self.quiesce_timeout.is_some() || self.on_timeout.is_some() {
                 return Err(CliError::plain(
-                    "--quiesce-timeout and --on-timeout bound hooks: add --pre-hook CMD \
-                     (and --post-hook CMD)",
+                    "--quiesce-timeout and --on-timeout bound a quiesce: add --quiesce \
+                     and/or --pre-hook CMD (and --post-hook CMD)",
                 ));
             }
             return Ok(None);
@@ -327,6 +330,7 @@ impl HookArgs {
             .transpose()
             .map_err(CliError::plain)?;
         Ok(Some(Quiesce {
+            freeze: self.quiesce,
             pre_hook: self.pre_hook,
             post_hook: self.post_hook,
             timeout_ms,
@@ -792,7 +796,8 @@ fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError
                     "created snapshot {name} of volume {volume} (generation {}, writes paused {} µs)",
                     output::str_of(r, "generation"),
                     output::str_of(r, "stall_us"),
-                )
+                );
+                print!("{}", output::quiesce_report(r));
             })
         }
         SnapshotCmd::List {

@@ -52,6 +52,31 @@ pub fn str_of(v: &Value, key: &str) -> String {
     }
 }
 
+/// What a quiesced `snapshot create` did besides the snapshot: the
+/// filesystems it froze and what went wrong (one line each; none without
+/// a quiesce).
+pub fn quiesce_report(r: &Value) -> String {
+    let q = &r["quiesce"];
+    let mut out = String::new();
+    if let Some(frozen) = q["frozen"].as_array() {
+        let points: Vec<&str> = frozen.iter().filter_map(Value::as_str).collect();
+        out += &match points.len() {
+            0 => "no filesystem was mounted on its devices: nothing frozen\n".to_string(),
+            _ => format!("froze and thawed {}\n", points.join(", ")),
+        };
+    }
+    for (key, what) in [
+        ("error", "not quiesced (crash-consistent)"),
+        ("thaw_error", "thaw"),
+        ("post_hook_error", "post-hook"),
+    ] {
+        if let Some(e) = q[key].as_str() {
+            out += &format!("warning: {what}: {e}\n");
+        }
+    }
+    out
+}
+
 pub fn size_of(v: &Value, key: &str) -> String {
     v.get(key)
         .and_then(Value::as_u64)

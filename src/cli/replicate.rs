@@ -11,10 +11,14 @@ use std::path::{Path, PathBuf};
 
 #[derive(Subcommand, Debug)]
 pub enum ReplicateCmd {
-    /// Replicate a volume to another daemon (the destination volume is created there if absent)
+    /// Replicate a volume, or every member of a group with shared consistency points, to another daemon (destination volumes are created there if absent)
     Start {
-        volume: String,
-        /// Destination daemon's --replication-listen address and volume
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        volume: Option<String>,
+        /// Replicate every volume of this consistency group; each goes to a destination volume of its own name
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        /// Destination daemon's --replication-listen address and volume (HOST:PORT with --group)
         #[arg(long, value_name = "HOST:PORT/DESTVOL")]
         to: String,
         /// Time between consistency points, e.g. 500ms, 10s, 5m [default: 10s]
@@ -40,14 +44,50 @@ pub enum ReplicateCmd {
         #[arg(long)]
         resync: bool,
     },
-    /// Stop replicating a volume (the replica stays at its last consistency point)
-    Stop { volume: String },
-    /// Show links from this daemon and replicas on it
-    Status { volume: Option<String> },
-    /// Take a consistency point now and wait until the destination applied it
-    Cp { volume: String },
+    /// Stop replicating a volume or a group (the replicas stay at their last consistency point)
+    Stop {
+        #[command(flatten)]
+        of: VolumeOrGroup,
+    },
+    /// Show links from this daemon and replicas on it (a group's links with --group)
+    Status {
+        #[arg(conflicts_with = "group")]
+        volume: Option<String>,
+        /// The links of this group's members, and which members a shared consistency point waits for
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+    },
+    /// Take a consistency point now (one shared by a group's members with --group) and wait until the destination applied it
+    Cp {
+        #[command(flatten)]
+        of: VolumeOrGroup,
+    },
     /// On the destination: turn a replica into a normal writable volume (failover)
     Promote { volume: String },
+}
+
+/// `VOL` or `--group GROUP`.
+#[derive(clap::Args, Debug)]
+pub struct VolumeOrGroup {
+    #[arg(required_unless_present = "group", conflicts_with = "group")]
+    volume: Option<String>,
+    /// Every member of this replicated consistency group
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+}
+
+impl VolumeOrGroup {
+    /// The request's `volume` (empty with a group) and `group`, and what
+    /// the human output calls it.
+    fn parts(self) -> (String, Option<String>, String) {
+        match self.group {
+            Some(g) => (String::new(), Some(g.clone()), format!("group {g}")),
+            None => {
+                let v = self.volume.expect("clap requires a volume without --group");
+                (v.clone(), None, format!("volume {v}"))
+            }
+        }
+    }
 }
 
 /// `500ms`, `10s`, `5m`, `1h`, `1d` or plain seconds -> milliseconds.
@@ -77,6 +117,7 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
     match cmd {
         ReplicateCmd::Start {
             volume,
+            group,
             to,
             cp_interval,
             key_file,
@@ -85,7 +126,17 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
             block_size,
             resync,
         } => {
-            name_arg("volume", &volume)?;
+            let what = match (&volume, &group) {
+                (Some(v), _) => {
+                    name_arg("volume", v)?;
+                    format!("volume {v}")
+                }
+                (_, Some(g)) => {
+                    name_arg("group", g)?;
+                    format!("group {g}")
+                }
+                _ => unreachable!("clap requires a volume or --group"),
+            };
             let cp_interval_ms = cp_interval
                 .map(|d| parse_duration_ms(&d).map_err(CliError::plain))
                 .transpose()?;
@@ -108,7 +159,8 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
             let max_log_bytes = max_log.map(|s| size_arg(&s)).transpose()?;
             let block_size = block_size.map(|s| size_arg(&s)).transpose()?;
             let req = Request::ReplicateStart(ReplicateStart {
-                volume: volume.clone(),
+                volume: volume.unwrap_or_default(),
+                group: group.clone(),
                 to: to.clone(),
                 cp_interval_ms,
                 key_file,
@@ -117,39 +169,49 @@ pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError
                 block_size,
                 resync,
             });
-            reply(control, json, &req, |_| {
-                let how = if resync {
-                    " (failback: resyncing what changed on either side)"
-                } else {
-                    ""
-                };
-                println!(
-                    "replicating volume {volume} to {to}{how}; see `snapblk replicate status {volume}`"
-                )
-            })
-        }
-        ReplicateCmd::Stop { volume } => {
-            let req = Request::ReplicateStop {
-                volume: volume.clone(),
+            let see = match &group {
+                Some(g) => format!("--group {g}"),
+                None => what.trim_start_matches("volume ").to_string(),
+            };
+            let how = if resync {
+                " (failback: resyncing what changed on either side)"
+            } else {
+                ""
             };
             reply(control, json, &req, |_| {
-                println!("stopped replicating volume {volume}")
+                println!("replicating {what} to {to}{how}; see `snapblk replicate status {see}`")
             })
         }
-        ReplicateCmd::Status { volume } => {
-            reply(control, json, &Request::ReplicateStatus { volume }, |r| {
+        ReplicateCmd::Stop { of } => {
+            let (volume, group, what) = of.parts();
+            let req = Request::ReplicateStop { volume, group };
+            reply(control, json, &req, |_| {
+                println!("stopped replicating {what}")
+            })
+        }
+        ReplicateCmd::Status { volume, group } => {
+            let req = Request::ReplicateStatus { volume, group };
+            reply(control, json, &req, |r| {
+                if let Some(waiting) = r["waiting_for"].as_array().filter(|w| !w.is_empty()) {
+                    let names: Vec<&str> = waiting.iter().filter_map(Value::as_str).collect();
+                    println!(
+                        "group {}: the next shared consistency point waits for {}",
+                        output::str_of(r, "group"),
+                        names.join(", ")
+                    );
+                }
                 print!("{}", status(r))
             })
         }
-        ReplicateCmd::Cp { volume } => {
-            let req = Request::ReplicateCp {
-                volume: volume.clone(),
-            };
+        ReplicateCmd::Cp { of } => {
+            let (volume, group, what) = of.parts();
+            let req = Request::ReplicateCp { volume, group };
             reply(control, json, &req, |r| {
-                println!(
-                    "consistency point {} of volume {volume} applied on the destination",
-                    output::str_of(r, "cp")
-                )
+                let cp = match r["members"].as_array() {
+                    Some(m) => m.first().map_or("-".into(), |m| output::str_of(m, "cp")),
+                    None => output::str_of(r, "cp"),
+                };
+                println!("consistency point {cp} of {what} applied on the destination")
             })
         }
         ReplicateCmd::Promote { volume } => {

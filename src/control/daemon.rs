@@ -212,12 +212,7 @@ fn detach_ublk_mounts() {
         if !source.starts_with("/dev/ublkb") {
             continue;
         }
-        // /proc/self/mounts escapes space, tab, newline and backslash in octal.
-        let target = target
-            .replace("\\040", " ")
-            .replace("\\011", "\t")
-            .replace("\\012", "\n")
-            .replace("\\134", "\\");
+        let target = crate::quiesce::freeze::unescape_mount_field(target);
         let Ok(c_target) = std::ffi::CString::new(target.clone()) else {
             continue;
         };
@@ -225,6 +220,31 @@ fn detach_ublk_mounts() {
         if unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) } == 0 {
             log::info!("detached this namespace's copy of {source} on {target}");
         }
+    }
+}
+
+/// Thaws the filesystems a previous daemon left frozen (see
+/// [`crate::quiesce::freeze`]); after the devices are back, so the thaw's
+/// superblock write is served. A thaw that hangs (a device that does not
+/// come back) holds up the start no longer than a quiesce's timer.
+fn thaw_leftovers(data_dir: &Path) {
+    let dir = data_dir.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("thaw".into())
+        .spawn(move || {
+            let _ = tx.send(crate::quiesce::freeze::thaw_leftovers(&dir));
+        });
+    let wait = std::time::Duration::from_millis(crate::quiesce::DEFAULT_TIMEOUT_MS);
+    match spawned.map(|_| rx.recv_timeout(wait)) {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => log::error!("{e}"),
+        Ok(Err(_)) => log::error!(
+            "thawing the filesystems a previous daemon left frozen takes more than {} ms; it \
+             goes on in the background",
+            wait.as_millis()
+        ),
+        Err(e) => log::error!("cannot start the thaw of left-frozen filesystems: {e}"),
     }
 }
 
@@ -387,6 +407,7 @@ impl Daemon {
                 data_dir.join(crate::volumes::devices::DEVICES_FILE).display()
             );
         }
+        thaw_leftovers(&data_dir);
         before_control(&registry)?;
         // After the devices: a run missed while the daemon was down is
         // taken now, and may be read from them at once.

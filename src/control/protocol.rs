@@ -182,16 +182,29 @@ pub enum Request {
     /// Replicates a volume to a destination daemon (see `src/replication`).
     #[serde(rename = "replicate.start")]
     ReplicateStart(crate::replication::ReplicateStart),
+    /// `group` (with `volume` empty): every member of the group.
     #[serde(rename = "replicate.stop")]
-    ReplicateStop { volume: String },
+    ReplicateStop {
+        #[serde(default)]
+        volume: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+    },
     #[serde(rename = "replicate.status")]
     ReplicateStatus {
         #[serde(default)]
         volume: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
     },
     /// Takes a consistency point now and waits until the destination applied it.
     #[serde(rename = "replicate.cp")]
-    ReplicateCp { volume: String },
+    ReplicateCp {
+        #[serde(default)]
+        volume: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+    },
     /// On the destination: makes a replica a normal writable volume.
     #[serde(rename = "replicate.promote")]
     ReplicatePromote { volume: String },

@@ -375,16 +375,17 @@ impl Read for PassingReader {
     }
 }
 
-/// Takes a snapshot with `take`, between the hooks of `quiesce` if any.
+/// Takes a snapshot of `volumes` with `take`, quiesced as `quiesce` says.
 fn quiesced(
     quiesce: Option<crate::quiesce::Quiesce>,
-    facts: &DaemonFacts,
+    registry: &Registry,
     target: &str,
+    volumes: &[String],
     snapshot: &str,
     take: impl FnOnce() -> Result<Value, VolumeError>,
 ) -> Result<Value, VolumeError> {
     match quiesce {
-        Some(q) => crate::quiesce::around(&q, &facts.data_dir, target, snapshot, take),
+        Some(q) => crate::quiesce::around(&q, registry, target, volumes, snapshot, take),
         None => take(),
     }
 }
@@ -420,11 +421,18 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             volume,
             name,
             quiesce,
-        } => quiesced(quiesce, facts, &format!("volume {volume}"), &name, || {
-            let created = registry.create_snapshot(&volume, &name)?;
-            facts.replication.snapshot_taken(&volume);
-            Ok(created)
-        }),
+        } => quiesced(
+            quiesce,
+            registry,
+            &format!("volume {volume}"),
+            std::slice::from_ref(&volume),
+            &name,
+            || {
+                let created = registry.create_snapshot(&volume, &name)?;
+                facts.replication.snapshot_taken(&volume);
+                Ok(created)
+            },
+        ),
         Request::VolumeClone {
             volume,
             snapshot,
@@ -441,7 +449,7 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             if force {
                 facts.jobs.cancel_using(&volume);
                 if facts.replication.check_volume_delete(&volume).is_err() {
-                    facts.replication.stop_link(&volume)?;
+                    facts.replication.stop_link(&volume, None)?;
                 }
             }
             facts.jobs.unless_used(&volume, None, || {
@@ -501,28 +509,42 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             },
         ),
         Request::ReplicateStart(start) => facts.replication.start_link(start),
-        Request::ReplicateStop { volume } => facts.replication.stop_link(&volume),
-        Request::ReplicateStatus { volume } => facts.replication.status(volume.as_deref()),
-        Request::ReplicateCp { volume } => facts.replication.cp_now(&volume),
+        Request::ReplicateStop { volume, group } => {
+            facts.replication.stop_link(&volume, group.as_deref())
+        }
+        Request::ReplicateStatus { volume, group } => facts
+            .replication
+            .status(volume.as_deref(), group.as_deref()),
+        Request::ReplicateCp { volume, group } => {
+            facts.replication.cp_now(&volume, group.as_deref())
+        }
         Request::ReplicatePromote { volume } => facts.replication.promote(&volume),
         Request::GroupCreate { name, volumes } => registry.create_group(&name, &volumes),
         Request::GroupList {} => registry.list_groups(),
         Request::GroupInfo { name } => registry.group_info(&name),
         Request::GroupDelete { name } => {
             facts.schedules.check_unscheduled(None, Some(&name))?;
+            facts.replication.check_group_delete(&name)?;
             registry.delete_group(&name)
         }
         Request::GroupSnapshotCreate {
             group,
             name,
             quiesce,
-        } => quiesced(quiesce, facts, &format!("group {group}"), &name, || {
-            let created = registry.create_group_snapshot(&group, &name)?;
-            for v in registry.groups().members(&group)? {
-                facts.replication.snapshot_taken(&v);
-            }
-            Ok(created)
-        }),
+        } => quiesced(
+            quiesce,
+            registry,
+            &format!("group {group}"),
+            &registry.groups().members(&group)?,
+            &name,
+            || {
+                let created = registry.create_group_snapshot(&group, &name)?;
+                for v in registry.groups().members(&group)? {
+                    facts.replication.snapshot_taken(&v);
+                }
+                Ok(created)
+            },
+        ),
         Request::GroupSnapshotDelete { group, name } => {
             let members = registry.groups().members(&group)?;
             facts.jobs.unless_snapshot_used(&members, &name, || {

@@ -20,21 +20,28 @@
 //! The post-hook has its own timer of the same length; its failure is
 //! logged and reported, and the snapshot stays.
 //!
-//! Not built yet (issue 13 part 2): freezing the filesystems mounted on the
-//! volumes' ublk devices (FIFREEZE/FITHAW, found from the host's mount
-//! table) and the durable freeze record that thaws them after a crash.
+//! `freeze` (`--quiesce`) freezes the filesystems mounted on the volumes'
+//! ublk devices between the hooks ([`freeze`]): pre-hook, freeze, snapshot,
+//! thaw, post-hook, so a database's own backup mode is on while its
+//! filesystem freezes. The freeze has its own timer of the same length; a
+//! freeze that fails or outlives it is thawed, logged and reported like a
+//! pre-hook's failure, and `on_timeout` decides in the same way. A freeze is
+//! recorded durably before it happens, so a daemon killed while a
+//! filesystem is frozen thaws it at its next start.
 //!
 //! Must never: leave a pre-hook running past its timer, skip the post-hook
-//! of a pre-hook that started, or run a hook as a more privileged user
+//! of a pre-hook that started, take the snapshot while a freeze it waited
+//! for is unfinished, leave a filesystem frozen without saying so, or run a hook as a more privileged user
 //! than the data directory's owner.
 
-use crate::volumes::{ErrorKind, VolumeError};
+pub mod freeze;
+
+use crate::volumes::{ErrorKind, Registry, VolumeError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -59,6 +66,9 @@ pub enum OnTimeout {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Quiesce {
+    /// Freeze the filesystems mounted on the volumes' ublk devices.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze: bool,
     #[serde(default)]
     pub pre_hook: Option<String>,
     #[serde(default)]
@@ -69,17 +79,21 @@ pub struct Quiesce {
     pub on_timeout: Option<OnTimeout>,
 }
 
-/// Runs `take` (the snapshot) between the hooks of `q`. `target` and
-/// `snapshot` name what is taken, for the hooks and the messages;
-/// `data_dir`'s owner runs the hooks. Returns `take`'s result with a
-/// `quiesce` report: `{"quiesced": bool, "error": ..., "post_hook_error": ...}`.
+/// Runs `take` (the snapshot) between the hooks of `q`, with the
+/// filesystems on `volumes`' devices frozen if `q.freeze`. `target` and
+/// `snapshot` name what is taken, for the hooks and the messages; the data
+/// directory's owner runs the hooks. Returns `take`'s result with a
+/// `quiesce` report: `{"quiesced": bool, "error": ..., "frozen": [mount
+/// points], "thaw_error": ..., "post_hook_error": ...}`.
 pub fn around(
     q: &Quiesce,
-    data_dir: &Path,
+    registry: &Registry,
     target: &str,
+    volumes: &[String],
     snapshot: &str,
     take: impl FnOnce() -> Result<Value, VolumeError>,
 ) -> Result<Value, VolumeError> {
+    let data_dir = registry.data_dir();
     let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS));
     let owner = std::fs::metadata(data_dir)
         .map(|m| (m.uid(), m.gid()))
@@ -95,14 +109,23 @@ pub fn around(
             None => Ok(()),
         }
     };
-    let pre = hook("pre-hook", &q.pre_hook);
-    if let Err(e) = &pre {
+    // The filesystems freeze once the application is quiet, so what it
+    // flushed for its backup mode is in them.
+    let frozen = hook("pre-hook", &q.pre_hook).and_then(|()| {
+        q.freeze
+            .then(|| freeze::freeze(registry, volumes, target, snapshot, timeout))
+            .transpose()
+    });
+    let quiet = frozen.as_ref().map(|_| ()).map_err(Clone::clone);
+    if let Err(e) = &quiet {
         log::error!("{target}: snapshot {snapshot}: {e}; resuming with the post-hook");
     }
-    let (taken, post) = match (&pre, q.on_timeout.unwrap_or_default()) {
-        (Ok(()), _) => {
+    let (taken, mount_points, thawed, post) = match (frozen, q.on_timeout.unwrap_or_default()) {
+        (Ok(frozen), _) => {
             let taken = take();
-            (taken, hook("post-hook", &q.post_hook))
+            let mount_points = frozen.as_ref().map(|f| f.mount_points().to_vec());
+            let thawed = frozen.map_or(Ok(()), freeze::Frozen::thaw);
+            (taken, mount_points, thawed, hook("post-hook", &q.post_hook))
         }
         (Err(e), OnTimeout::Fail) => {
             let post = hook("post-hook", &q.post_hook);
@@ -116,16 +139,21 @@ pub fn around(
         }
         (Err(_), OnTimeout::CrashConsistent) => {
             let post = hook("post-hook", &q.post_hook);
-            (take(), post)
+            (take(), None, Ok(()), post)
         }
     };
-    if let Err(e) = &post {
+    for e in [&thawed, &post]
+        .into_iter()
+        .filter_map(|r| r.as_ref().err())
+    {
         log::error!("{target}: snapshot {snapshot}: {e}");
     }
     let mut result = taken?;
     result["quiesce"] = json!({
-        "quiesced": pre.is_ok(),
-        "error": pre.err(),
+        "quiesced": quiet.is_ok(),
+        "error": quiet.err(),
+        "frozen": mount_points,
+        "thaw_error": thawed.err(),
         "post_hook_error": post.err(),
     });
     Ok(result)

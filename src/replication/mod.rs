@@ -5,7 +5,8 @@
 //! hook, the bounded write log, the persistent dirty map in [`dirty`], the
 //! sender thread), replicas on this daemon ([`dest`]: the listener, staging,
 //! CP application, promotion), the wire protocol, key handshake and sealed
-//! session ([`wire`]), and `DATA_DIR/replication/`.
+//! session ([`wire`]), the shared CPs of a replicated consistency group
+//! ([`group`]), and `DATA_DIR/replication/`.
 //!
 //! Seed 003, as built:
 //! - every write to a source volume is appended, after it reached the
@@ -50,12 +51,14 @@
 
 pub mod dest;
 mod dirty;
+mod group;
 pub mod source;
 pub mod wire;
 
 use crate::engine::WriteHook;
 use crate::runtime::block_on;
 use crate::volumes::{validate_name, ErrorKind, Registry, VolumeError};
+use group::GroupCps;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use source::{FailbackBase, Link, LinkRecord};
@@ -67,8 +70,15 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicateStart {
+    /// Empty with `group`.
+    #[serde(default)]
     pub volume: String,
-    /// `HOST:PORT/DESTVOL`
+    /// Replicate every member of this consistency group with shared CPs;
+    /// `to` is then `HOST:PORT` and each member goes to a destination
+    /// volume of its own name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// `HOST:PORT/DESTVOL` (`HOST:PORT` with `group`)
     pub to: String,
     #[serde(default)]
     pub cp_interval_ms: Option<u64>,
@@ -121,6 +131,8 @@ pub struct Replication {
     data_dir: PathBuf,
     source_id: String,
     links: Mutex<Links>,
+    /// The rendezvous of each group replicated from here.
+    groups: Mutex<BTreeMap<String, Arc<GroupCps>>>,
     receiver: Arc<dest::Receiver>,
 }
 
@@ -167,6 +179,7 @@ impl Replication {
             data_dir,
             source_id,
             links: Mutex::new(BTreeMap::new()),
+            groups: Mutex::new(BTreeMap::new()),
             receiver,
         });
         for entry in std::fs::read_dir(&repl.dir)? {
@@ -213,7 +226,18 @@ impl Replication {
     fn open_link(&self, record: LinkRecord) -> Result<String, VolumeError> {
         let name = record.volume.clone();
         let volume = self.registry.volume(&name)?;
-        let (link, hook) = Link::open(volume, record, &self.dir, &self.source_id)?;
+        let group = record.group.as_ref().map(|g| {
+            self.groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(g.clone())
+                .or_insert_with(|| GroupCps::new(g, &record.group_members))
+                .clone()
+        });
+        let (link, hook) = Link::open(volume, record, &self.dir, &self.source_id, group.clone())?;
+        if let Some(g) = group {
+            g.register(&name, &link);
+        }
         link.start()?;
         self.links().insert(name.clone(), (link, hook));
         Ok(name)
@@ -231,27 +255,73 @@ impl Replication {
             })
     }
 
-    /// `replicate.start`: a new link from this daemon's volume.
+    /// `replicate.start`: a new link from this daemon's volume, or one per
+    /// member of a group, sharing their CPs.
     pub fn start_link(&self, req: ReplicateStart) -> Result<Value, VolumeError> {
-        let ReplicateStart {
-            volume,
-            to,
-            cp_interval_ms,
-            key_file,
-            keep_cps,
-            max_log_bytes,
-            block_size,
-            resync,
-        } = req;
-        let (host, dest_volume) = parse_target(&to)?;
-        if self.links().contains_key(&volume) {
+        let Some(group) = req.group.clone() else {
+            let (host, dest_volume) = parse_target(&req.to)?;
+            let record = self.new_record(&req, &req.volume, host, dest_volume)?;
+            self.open_link(record)?;
+            log::info!("replication of {} to {} started", req.volume, req.to);
+            return Ok(self.link(&req.volume)?.status());
+        };
+        if !req.volume.is_empty() {
+            return Err(VolumeError::invalid(
+                "give a volume or --group GROUP, not both",
+            ));
+        }
+        if req.resync {
+            return Err(VolumeError::invalid(
+                "--resync fails back one volume; start a group's replication without it",
+            ));
+        }
+        let host = parse_host(&req.to)?;
+        let members = self.registry.groups().members(&group)?;
+        let mut records = Vec::new();
+        for m in &members {
+            let mut record = self.new_record(&req, m, host.clone(), m.clone())?;
+            record.group = Some(group.clone());
+            record.group_members = members.clone();
+            records.push(record);
+        }
+        self.groups().remove(&group);
+        for (i, record) in records.into_iter().enumerate() {
+            if let Err(e) = self.open_link(record) {
+                for m in &members[..i] {
+                    let _ = self.stop_one(m);
+                }
+                self.groups().remove(&group);
+                return Err(e);
+            }
+        }
+        log::info!(
+            "replication of group {group} ({}) to {} started",
+            members.join(", "),
+            req.to
+        );
+        self.status_of(|l| l.group().as_deref() == Some(&group), None)
+    }
+
+    fn groups(&self) -> MutexGuard<'_, BTreeMap<String, Arc<GroupCps>>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks `req`'s settings for `volume` and makes its link's record.
+    fn new_record(
+        &self,
+        req: &ReplicateStart,
+        volume: &str,
+        host: String,
+        dest_volume: String,
+    ) -> Result<LinkRecord, VolumeError> {
+        if self.links().contains_key(volume) {
             return Err(VolumeError::new(
                 ErrorKind::AlreadyExists,
                 format!("volume {volume} is already replicated; `snapblk replicate stop {volume}` first"),
             ));
         }
-        let chunk_size = self.registry.volume(&volume)?.chunk_size() as u64;
-        let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE.min(chunk_size));
+        let chunk_size = self.registry.volume(volume)?.chunk_size() as u64;
+        let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE.min(chunk_size));
         if !block_size.is_power_of_two()
             || block_size < source::MIN_BLOCK
             || block_size > chunk_size
@@ -262,18 +332,20 @@ impl Replication {
                 source::MIN_BLOCK
             )));
         }
-        if self.receiver.export_snapshot(&volume).is_some() {
+        if self.receiver.export_snapshot(volume).is_some() {
             return Err(VolumeError::invalid(format!(
                 "volume {volume} is a replica; promote it first with `snapblk replicate promote {volume}`"
             )));
         }
-        let cp_interval_ms = cp_interval_ms.unwrap_or(DEFAULT_CP_INTERVAL_MS);
+        let cp_interval_ms = req.cp_interval_ms.unwrap_or(DEFAULT_CP_INTERVAL_MS);
         if cp_interval_ms < 100 {
             return Err(VolumeError::invalid(format!(
                 "cp interval {cp_interval_ms} ms is too short; use at least 100 ms"
             )));
         }
-        let key_file = key_file
+        let key_file = req
+            .key_file
+            .clone()
             .map(PathBuf::from)
             .unwrap_or_else(|| self.data_dir.join(DEFAULT_KEY_FILE));
         if !key_file.is_absolute() {
@@ -283,32 +355,31 @@ impl Replication {
             )));
         }
         wire::read_key(&key_file).map_err(VolumeError::invalid)?;
-        let resync = if resync {
-            Some(self.failback_base(&volume, &dest_volume)?)
+        let resync = if req.resync {
+            Some(self.failback_base(volume, &dest_volume)?)
         } else {
             None
         };
-        let record = LinkRecord {
-            volume: volume.clone(),
+        // A previous pair's dirty map would hide nothing (a full copy
+        // follows), but start from a clean one.
+        let _ = std::fs::remove_file(self.dir.join(format!("{volume}.dirty")));
+        Ok(LinkRecord {
+            volume: volume.to_string(),
             host,
             dest_volume,
             cp_interval_ms,
             key_file,
-            keep_cps: keep_cps.unwrap_or(DEFAULT_KEEP_CPS).max(1),
-            max_log_bytes: max_log_bytes.unwrap_or(DEFAULT_MAX_LOG_BYTES),
+            keep_cps: req.keep_cps.unwrap_or(DEFAULT_KEEP_CPS).max(1),
+            max_log_bytes: req.max_log_bytes.unwrap_or(DEFAULT_MAX_LOG_BYTES),
             block_size: Some(block_size),
             // A failback resumes the CP numbers at its base.
             last_acked_cp: resync.as_ref().map(|f| f.base.cp),
             last_acked_unix_ms: 0,
             dest_replica_id: None,
             resync,
-        };
-        // A previous pair's dirty map would hide nothing (a full copy
-        // follows), but start from a clean one.
-        let _ = std::fs::remove_file(self.dir.join(format!("{volume}.dirty")));
-        self.open_link(record)?;
-        log::info!("replication of {volume} to {to} started");
-        Ok(self.link(&volume)?.status())
+            group: None,
+            group_members: Vec::new(),
+        })
     }
 
     /// The base of a failback from promoted replica `volume` to its old
@@ -371,23 +442,80 @@ impl Replication {
         })
     }
 
-    /// `replicate.stop`.
-    pub fn stop_link(&self, volume: &str) -> Result<Value, VolumeError> {
+    /// `replicate.stop` of a volume, or of every member of `group`.
+    pub fn stop_link(&self, volume: &str, group: Option<&str>) -> Result<Value, VolumeError> {
+        if let Some(group) = group {
+            let members: Vec<String> = self
+                .links()
+                .iter()
+                .filter(|(_, (l, _))| l.group().as_deref() == Some(group))
+                .map(|(n, _)| n.clone())
+                .collect();
+            if members.is_empty() {
+                return Err(VolumeError::not_found(format!(
+                    "group {group} is not replicated from here"
+                )));
+            }
+            for m in &members {
+                self.stop_one(m)?;
+            }
+            self.groups().remove(group);
+            log::info!("replication of group {group} stopped");
+            return Ok(json!({ "group": group, "volumes": members, "stopped": true }));
+        }
+        if let Some(g) = self.link(volume).ok().and_then(|l| l.group()) {
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
+                format!(
+                    "volume {volume} is replicated with its group {g} (shared consistency \
+                     points); stop the group's with `snapblk replicate stop --group {g}`"
+                ),
+            ));
+        }
+        self.stop_one(volume)?;
+        Ok(json!({ "volume": volume, "stopped": true }))
+    }
+
+    fn stop_one(&self, volume: &str) -> Result<(), VolumeError> {
         let (link, hook) = self.links().remove(volume).ok_or_else(|| {
             VolumeError::not_found(format!("volume {volume} is not replicated from here"))
         })?;
         link.remove(&hook);
         log::info!("replication of {volume} stopped");
-        Ok(json!({ "volume": volume, "stopped": true }))
+        Ok(())
     }
 
-    /// `replicate.status`: every link and replica here, or `volume`'s.
-    pub fn status(&self, volume: Option<&str>) -> Result<Value, VolumeError> {
+    /// `replicate.status`: every link and replica here, `volume`'s, or the
+    /// links of `group`'s members.
+    pub fn status(&self, volume: Option<&str>, group: Option<&str>) -> Result<Value, VolumeError> {
+        if let Some(g) = group {
+            let waiting = self.groups().get(g).map(|c| c.waiting_for());
+            let Some(waiting) = waiting else {
+                return Err(VolumeError::not_found(format!(
+                    "group {g} is not replicated from here; start with `snapblk replicate \
+                     start --group {g} --to HOST:PORT`"
+                )));
+            };
+            let mut v = self.status_of(|l| l.group().as_deref() == Some(g), None)?;
+            v["group"] = json!(g);
+            v["waiting_for"] = json!(waiting);
+            return Ok(v);
+        }
+        self.status_of(|l| volume.is_none_or(|v| v == l.volume().name()), volume)
+    }
+
+    /// The links `which` picks and, for `replica` (or every one if none),
+    /// the replicas here.
+    fn status_of(
+        &self,
+        which: impl Fn(&Link) -> bool,
+        volume: Option<&str>,
+    ) -> Result<Value, VolumeError> {
         let mut list: Vec<Value> = self
             .links()
-            .iter()
-            .filter(|(n, _)| volume.is_none_or(|v| v == n.as_str()))
-            .map(|(_, (l, _))| l.status())
+            .values()
+            .filter(|(l, _)| which(l))
+            .map(|(l, _)| l.status())
             .collect();
         list.extend(self.receiver.status(volume));
         if let (Some(v), true) = (volume, list.is_empty()) {
@@ -401,14 +529,36 @@ impl Replication {
         }))
     }
 
-    /// `replicate.cp`: takes a CP now and waits until the destination applied it.
-    pub fn cp_now(&self, volume: &str) -> Result<Value, VolumeError> {
-        let link = self.link(volume)?;
-        let ticket = link.request_cp();
-        let cp = link
-            .wait_cp(ticket)
-            .map_err(|m| VolumeError::new(ErrorKind::IoError, m))?;
-        Ok(json!({ "volume": volume, "cp": cp }))
+    /// `replicate.cp`: takes a CP now (on every member of `group`: one
+    /// shared CP) and waits until the destination applied it.
+    pub fn cp_now(&self, volume: &str, group: Option<&str>) -> Result<Value, VolumeError> {
+        let links: Vec<Arc<Link>> = match group {
+            Some(g) => self
+                .links()
+                .values()
+                .filter(|(l, _)| l.group().as_deref() == Some(g))
+                .map(|(l, _)| l.clone())
+                .collect(),
+            None => vec![self.link(volume)?],
+        };
+        if links.is_empty() {
+            return Err(VolumeError::not_found(format!(
+                "group {} is not replicated from here",
+                group.unwrap_or_default()
+            )));
+        }
+        let tickets: Vec<u64> = links.iter().map(|l| l.request_cp()).collect();
+        let mut cps = Vec::new();
+        for (l, t) in links.iter().zip(tickets) {
+            let cp = l
+                .wait_cp(t)
+                .map_err(|m| VolumeError::new(ErrorKind::IoError, m))?;
+            cps.push(json!({ "volume": l.volume().name(), "cp": cp }));
+        }
+        match group {
+            Some(g) => Ok(json!({ "group": g, "members": cps })),
+            None => Ok(cps.swap_remove(0)),
+        }
     }
 
     /// `replicate.promote`: makes a replica here a normal writable volume.
@@ -421,6 +571,21 @@ impl Replication {
         if let Ok(link) = self.link(volume) {
             link.request_cp();
         }
+    }
+
+    /// Refuses deleting a group replicated from here: its links share CPs
+    /// by its membership.
+    pub fn check_group_delete(&self, group: &str) -> Result<(), VolumeError> {
+        if self.groups().contains_key(group) {
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
+                format!(
+                    "group {group} is being replicated; stop that first with \
+                     `snapblk replicate stop --group {group}`"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses deleting a volume replicated from here: the link would keep
@@ -494,20 +659,38 @@ impl Replication {
 
 /// `HOST:PORT/DESTVOL` -> (`HOST:PORT`, `DESTVOL`).
 fn parse_target(to: &str) -> Result<(String, String), VolumeError> {
-    let bad = |why: &str| {
-        Err(VolumeError::invalid(format!(
-            "invalid target {to:?}: {why}; use HOST:PORT/DESTVOL, e.g. 127.0.0.1:10810/disk0"
-        )))
-    };
     let Some((host, vol)) = to.rsplit_once('/') else {
-        return bad("no /DESTVOL");
+        return Err(bad_target(
+            to,
+            "no /DESTVOL",
+            "HOST:PORT/DESTVOL, e.g. 127.0.0.1:10810/disk0",
+        ));
     };
-    match host.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {}
-        _ => return bad("no HOST:PORT"),
-    }
+    let host = parse_host(host).map_err(|_| {
+        bad_target(
+            to,
+            "no HOST:PORT",
+            "HOST:PORT/DESTVOL, e.g. 127.0.0.1:10810/disk0",
+        )
+    })?;
     validate_name("volume", vol)?;
-    Ok((host.to_string(), vol.to_string()))
+    Ok((host, vol.to_string()))
+}
+
+/// `HOST:PORT` (a group's target: each member keeps its name there).
+fn parse_host(to: &str) -> Result<String, VolumeError> {
+    match to.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(to.to_string()),
+        _ => Err(bad_target(
+            to,
+            "not HOST:PORT",
+            "HOST:PORT for a group (each member goes to a volume of its own name), e.g. 127.0.0.1:10810",
+        )),
+    }
+}
+
+fn bad_target(to: &str, why: &str, want: &str) -> VolumeError {
+    VolumeError::invalid(format!("invalid target {to:?}: {why}; use {want}"))
 }
 
 impl dest::OldSource for Replication {

@@ -37,6 +37,7 @@
 //! CP do not preserve chunks the CP never reads.
 
 use super::dirty::DirtyMap;
+use super::group::GroupCps;
 use super::wire::{self, CpCommit, CpEntry, Kind};
 use crate::engine::{Change, EngineError, Volume, WriteGuard, WriteHook};
 use crate::runtime::{block_on, AlignedBuf};
@@ -105,6 +106,12 @@ pub struct LinkRecord {
     /// A failback resync not acknowledged yet (`replicate start --resync`).
     #[serde(default)]
     pub resync: Option<FailbackBase>,
+    /// The consistency group replicated together (shared CPs, see
+    /// [`super::group`]) and its members when the replication started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_members: Vec<String>,
 }
 
 /// Where a failback resync from this volume starts: the base as the wire
@@ -222,6 +229,8 @@ pub struct Link {
     cond: Condvar,
     stream: Mutex<Option<TcpStream>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The group whose members take their CPs together, if any.
+    group: Option<Arc<GroupCps>>,
 }
 
 /// Test hook: with this set in the source daemon's environment, CP
@@ -476,6 +485,7 @@ impl Link {
         mut record: LinkRecord,
         dir: &Path,
         source_id: &str,
+        group: Option<Arc<GroupCps>>,
     ) -> io::Result<(Arc<Link>, Arc<dyn WriteHook>)> {
         let chunk_size = volume.chunk_size() as u64;
         let block_size = record.block_size.unwrap_or(chunk_size);
@@ -526,6 +536,7 @@ impl Link {
             cond: Condvar::new(),
             stream: Mutex::new(None),
             thread: Mutex::new(None),
+            group,
             volume,
         });
         save_record(&link.record_path, &link.lock().record)?;
@@ -912,8 +923,8 @@ impl Link {
                 format!("resync of {} changed block(s)", self.dirty_blocks().len())
             }
         );
-        self.consistency_point(&mut conn, next_cp, &mut next_tid, full, Instant::now())?;
-        next_cp += 1;
+        next_cp =
+            self.consistency_point(&mut conn, next_cp, &mut next_tid, full, Instant::now())? + 1;
         let interval = Duration::from_millis(self.lock().record.cp_interval_ms.max(1));
         let mut due = Instant::now() + interval;
         loop {
@@ -961,8 +972,9 @@ impl Link {
                     self.ship_transfer(&mut conn, u64::MAX, &mut next_tid)?;
                 }
                 Some(fell_due) => {
-                    self.consistency_point(&mut conn, next_cp, &mut next_tid, false, fell_due)?;
-                    next_cp += 1;
+                    next_cp =
+                        self.consistency_point(&mut conn, next_cp, &mut next_tid, false, fell_due)?
+                            + 1;
                     due = Instant::now() + interval;
                 }
             }
@@ -1087,9 +1099,25 @@ impl Link {
     }
 
     /// Takes snapshot `.repl-cp-N` with no hooked write in flight and starts
-    /// a new epoch; `due` is when the CP fell due.
-    fn take_cp_snapshot(&self, number: u64, due: Instant) -> SessionResult {
+    /// a new epoch; `due` is when the CP fell due. A group member takes it
+    /// with every other member, under a number they share: returns the
+    /// number taken (at least `number`).
+    fn take_cp_snapshot(&self, number: u64, due: Instant) -> Result<u64, String> {
+        if let Some(group) = &self.group {
+            return group.rendezvous(self, number, due);
+        }
+        self.raise_barrier()?;
         let name = cp_snapshot_name(number);
+        let taken = block_on(self.volume.create_snapshot(&name));
+        self.split_epoch(number, due, taken.is_ok());
+        taken
+            .map(|_| number)
+            .map_err(|e| format!("cannot take snapshot {name}: {e}"))
+    }
+
+    /// Holds new hooked writes at the barrier and waits for those in
+    /// flight; [`Link::split_epoch`] lowers it.
+    pub(super) fn raise_barrier(&self) -> SessionResult {
         // Most dirty data goes out before writes wait at the barrier.
         block_on(self.volume.live().flush()).map_err(|e| e.to_string())?;
         let mut s = self.lock();
@@ -1097,11 +1125,16 @@ impl Link {
         while s.inflight > 0 {
             s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        drop(s);
-        let taken = block_on(self.volume.create_snapshot(&name));
+        Ok(())
+    }
+
+    /// After CP `number`'s snapshot was `taken` (or not): every write
+    /// before it is in the CP's block set, later ones in the next epoch;
+    /// the barrier goes down.
+    pub(super) fn split_epoch(&self, number: u64, due: Instant, taken: bool) {
         let mut s = self.lock();
         s.cp_pending = false;
-        if taken.is_ok() {
+        if taken {
             let map = std::mem::take(&mut s.epoch);
             s.cp = Some(CpInFlight {
                 number,
@@ -1117,9 +1150,16 @@ impl Link {
         let waiters = std::mem::take(&mut s.waiters);
         drop(s);
         waiters.into_iter().for_each(Waker::wake);
-        taken
-            .map(|_| ())
-            .map_err(|e| format!("cannot take snapshot {name}: {e}"))
+    }
+
+    /// True once [`Link::stop`] was asked.
+    pub(super) fn stopping(&self) -> bool {
+        self.lock().stop
+    }
+
+    /// The record's group, if the link replicates one.
+    pub fn group(&self) -> Option<String> {
+        self.lock().record.group.clone()
     }
 
     /// One consistency point: snapshot, release the chunks it will not read,
@@ -1132,8 +1172,8 @@ impl Link {
         next_tid: &mut u64,
         full: bool,
         due: Instant,
-    ) -> SessionResult {
-        self.take_cp_snapshot(number, due)?;
+    ) -> Result<u64, String> {
+        let number = self.take_cp_snapshot(number, due)?;
         let name = cp_snapshot_name(number);
         // The log up to the snapshot ships before the commit (it is never
         // dropped while the session lasts), so the blocks read whole are
@@ -1219,12 +1259,12 @@ impl Link {
         }
         self.acknowledged(number, full, refs, sent_whole, zero)?;
         if keep_cp_snapshots() {
-            return Ok(());
+            return Ok(number);
         }
         if let Err(e) = block_on(self.volume.delete_snapshot(&name)) {
             log::warn!("volume {}: cannot delete {name}: {e}", self.volume.name());
         }
-        Ok(())
+        Ok(number)
     }
 
     /// The in-flight CP's shipped blocks as references, runs of blocks of

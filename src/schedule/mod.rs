@@ -424,9 +424,17 @@ impl Schedules {
                 "the schedule names no volume or group",
             )),
         };
-        let data_dir = self.path.parent().unwrap_or(Path::new("/"));
         let taken = match &rec.quiesce {
-            Some(q) => crate::quiesce::around(q, data_dir, &rec.target(), &name, take),
+            Some(q) => {
+                let volumes = match (&rec.volume, &rec.group) {
+                    (Some(v), _) => Ok(vec![v.clone()]),
+                    (_, Some(g)) => self.registry.groups().members(g),
+                    _ => Ok(Vec::new()),
+                };
+                volumes.and_then(|volumes| {
+                    crate::quiesce::around(q, &self.registry, &rec.target(), &volumes, &name, take)
+                })
+            }
             None => take(),
         };
         // Quiesce trouble around a snapshot taken anyway (crash-consistent,
@@ -435,6 +443,7 @@ impl Schedules {
             let q = &r["quiesce"];
             q["error"]
                 .as_str()
+                .or(q["thaw_error"].as_str())
                 .or(q["post_hook_error"].as_str())
                 .map(str::to_string)
         });

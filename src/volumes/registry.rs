@@ -1376,9 +1376,19 @@ impl Registry {
 
     /// Paths of the kernel devices serving `volume` or one of its snapshots.
     pub fn device_paths_of(&self, volume: &str) -> Vec<PathBuf> {
+        self.paths_of_devices(|s| s.volume == volume)
+    }
+
+    /// Paths of the kernel devices serving `volume` itself (writable; a
+    /// filesystem on them is what a quiesce freezes).
+    pub fn live_device_paths_of(&self, volume: &str) -> Vec<PathBuf> {
+        self.paths_of_devices(|s| s.volume == volume && s.snapshot.is_none())
+    }
+
+    fn paths_of_devices(&self, which: impl Fn(&DeviceSpec) -> bool) -> Vec<PathBuf> {
         self.lock_devices()
             .values()
-            .filter(|d| d.spec.volume == volume)
+            .filter(|d| which(&d.spec))
             .filter_map(|d| d.path().map(PathBuf::from))
             .collect()
     }
