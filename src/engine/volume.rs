@@ -6,6 +6,7 @@ use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::Journal;
 use super::manifest::{self, CacheMode, Manifest, Origin, SnapshotRecord};
 use super::partition::{Partition, Source};
+use super::stats::{IoKind, IoStats, IoStatsSnapshot};
 use super::writeback::{Held, HeldOp, Holding, WriteBack, WriteBackConfig};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
@@ -17,6 +18,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Parameters of `volume create`.
 #[derive(Clone, Debug)]
@@ -49,6 +51,10 @@ pub struct VolumeInfo {
     /// Old content read for preservation from the page cache instead of the
     /// disk (cache mode writearound: only when all of it was cached).
     pub preserve_reads_from_cache: u64,
+    /// Chunks copied out for snapshots since the volume opened.
+    pub preserved_chunks: u64,
+    /// Requests served through any view since the volume opened.
+    pub io: IoStatsSnapshot,
 }
 
 /// What `snapshot list` reports for one snapshot.
@@ -85,6 +91,7 @@ pub struct Volume {
     admin: futures::lock::Mutex<()>,
     /// Writes acknowledged before the preservations they overwrite are durable.
     writeback: Arc<WriteBack>,
+    io_stats: IoStats,
 }
 
 impl Drop for Volume {
@@ -332,6 +339,7 @@ impl Volume {
             gate: Gate::new(generation, live),
             manifest: Mutex::new(manifest),
             admin: futures::lock::Mutex::new(()),
+            io_stats: IoStats::default(),
         });
         if background {
             volume.start_committer()?;
@@ -485,6 +493,12 @@ impl Volume {
             cache: manifest.cache,
             bounced_ios: self.origin.bounced_ios(),
             preserve_reads_from_cache: self.origin.overwrites_read_from_cache(),
+            preserved_chunks: self
+                .partitions
+                .iter()
+                .map(Partition::preserved_chunks)
+                .sum(),
+            io: self.io_stats.snapshot(),
         })
     }
 
@@ -1117,6 +1131,15 @@ impl View {
     }
 
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (started, len) = (Instant::now(), buf.len() as u64);
+        let result = self.read_untimed(offset, buf).await;
+        self.volume
+            .io_stats
+            .record(IoKind::Read, len, started, &result);
+        result
+    }
+
+    async fn read_untimed(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let volume = &self.volume;
         volume.check_range(offset, buf.len() as u64)?;
         match self.snapshot_generation()? {
@@ -1133,6 +1156,16 @@ impl View {
     }
 
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let started = Instant::now();
+        let result = self.write_untimed(offset, data, fua).await;
+        let len = data.len() as u64;
+        self.volume
+            .io_stats
+            .record(IoKind::Write, len, started, &result);
+        result
+    }
+
+    async fn write_untimed(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable(offset, data.len() as u64)?;
         let volume = &self.volume;
         let len = data.len() as u64;
@@ -1154,7 +1187,12 @@ impl View {
     /// commits the queued preservations, applies the held writes, then
     /// flushes the origin.
     pub async fn flush(&self) -> Result<()> {
-        self.volume.flush_all().await
+        let started = Instant::now();
+        let result = self.volume.flush_all().await;
+        self.volume
+            .io_stats
+            .record(IoKind::Flush, 0, started, &result);
+        result
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -1164,6 +1202,15 @@ impl View {
     /// Zeroes a range; `keep_allocated` (NBD's NO_HOLE) keeps it allocated,
     /// otherwise the space goes back to the filesystem.
     pub async fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
+        let started = Instant::now();
+        let result = self.zero_untimed(offset, len, keep_allocated).await;
+        self.volume
+            .io_stats
+            .record(IoKind::Zero, len, started, &result);
+        result
+    }
+
+    async fn zero_untimed(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
         self.writable(offset, len)?;
         let volume = &self.volume;
         let step = ZEROING_STEP_CHUNKS << volume.chunk_shift;
