@@ -13,8 +13,10 @@ pub mod paths;
 pub mod replicate;
 pub mod schedule;
 pub mod size;
+pub mod top;
 
-use crate::control::daemon::{self, DaemonConfig, NbdAccess};
+use crate::control::daemon::{self, DaemonConfig, MetricsConfig, NbdAccess};
+use crate::control::metrics::MetricsAddr;
 use crate::control::protocol::Request;
 use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;
@@ -79,6 +81,8 @@ pub enum Command {
     /// Snapshots on a schedule with retention: add, list, remove, pause, resume
     #[command(subcommand)]
     Schedule(schedule::ScheduleCmd),
+    /// A live per-volume view: IOPS, bandwidth, latency, copy-on-write rate, replication lag
+    Top(top::TopArgs),
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +117,14 @@ pub struct DaemonArgs {
     /// they depend on is committed (0: every such write waits for its commit)
     #[arg(long, value_name = "SIZE", default_value = "64M")]
     pub writeback_buffer: String,
+    /// Serve Prometheus metrics (GET /metrics) on HOST:PORT (needs
+    /// --metrics-token-file) or on a UNIX socket PATH
+    #[arg(long, value_name = "HOST:PORT|PATH")]
+    pub metrics_listen: Option<String>,
+    /// The bearer token metrics scrapers must send (first line of FILE,
+    /// mode 0600 or tighter)
+    #[arg(long, value_name = "FILE", requires = "metrics_listen")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -513,6 +525,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     listen: a.replication_listen,
                     key_file: a.replication_key_file,
                 },
+                metrics: a.metrics_listen.map(|l| MetricsConfig {
+                    listen: MetricsAddr::parse(&l),
+                    token_file: a.metrics_token_file,
+                }),
             };
             daemon::run(&config, |_| Ok(()), |_| {}).map_err(daemon_error)
         }
@@ -579,6 +595,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Schedule(cmd) => {
             let control = paths::client_control_path(cli.control);
             schedule::run(&control, json, cmd)
+        }
+        Command::Top(a) => {
+            let control = paths::client_control_path(cli.control);
+            top::run(&control, json, a)
         }
         Command::Features => {
             let control = paths::client_control_path(cli.control);
@@ -893,6 +913,7 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
         nbd_tcp: a.nbd.nbd_listen,
         nbd_limits: Default::default(),
         replication: ReplicationConfig::default(),
+        metrics: None,
     };
     const DISK: &str = "disk0";
     daemon::run(

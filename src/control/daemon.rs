@@ -26,6 +26,7 @@
 //! and close every volume, remove the sockets, exit 0. No async runtime crate: one thread per control
 //! client and the engine's per-thread io_uring runtime.
 
+use super::metrics::{MetricsAddr, MetricsServer};
 use super::server::{ControlServer, DaemonFacts};
 use super::ublk::UblkDriver;
 use crate::engine::{EngineError, View};
@@ -52,6 +53,16 @@ pub struct DaemonConfig {
     pub nbd_access: NbdAccess,
     pub nbd_limits: Limits,
     pub replication: ReplicationConfig,
+    /// `--metrics-listen`: none by default.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// Where and for whom the metrics endpoint answers.
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    pub listen: MetricsAddr,
+    /// Needed for a TCP address.
+    pub token_file: Option<PathBuf>,
 }
 
 /// NBD TLS and the override for plain text on network addresses.
@@ -121,6 +132,7 @@ pub struct Daemon {
     pub control_path: PathBuf,
     nbd: NbdServer,
     control: Option<ControlServer>,
+    metrics: Option<MetricsServer>,
     jobs: Arc<crate::copy::Jobs>,
     schedules: Arc<crate::schedule::Schedules>,
     _lock: std::fs::File,
@@ -448,6 +460,20 @@ impl Daemon {
             log::info!("NBD listening on {}", path.display());
         }
 
+        let metrics = match &config.metrics {
+            None => None,
+            Some(m) => {
+                let (registry, jobs, replication) =
+                    (registry.clone(), jobs.clone(), replication.clone());
+                Some(MetricsServer::start(
+                    &m.listen,
+                    m.token_file.as_deref(),
+                    LocalPeers::of_data_dir(&data_dir)?,
+                    move || super::metrics::gather(&registry, &jobs, &replication),
+                )?)
+            }
+        };
+
         let control_path = config.control_path();
         let facts = DaemonFacts {
             data_dir: data_dir.clone(),
@@ -477,6 +503,7 @@ impl Daemon {
             control_path,
             nbd,
             control: Some(control),
+            metrics,
             jobs,
             schedules,
             _lock: lock,
@@ -487,6 +514,9 @@ impl Daemon {
     pub fn shutdown(mut self) -> usize {
         if let Some(mut c) = self.control.take() {
             c.stop();
+        }
+        if let Some(mut m) = self.metrics.take() {
+            m.stop();
         }
         log::info!("stopping the NBD server (draining in-flight requests)");
         self.nbd.shutdown();

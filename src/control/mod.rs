@@ -4,7 +4,8 @@
 //! read `docs/control-protocol.md`), the socket, its access check and the
 //! dispatch of each request to the layer that does it ([`server`]), the ublk
 //! driver the registry's devices run on ([`ublk`]), and the daemon's life
-//! cycle: startup, NBD listeners, signals, shutdown ([`daemon`]). Seed 002's
+//! cycle: startup, NBD listeners, signals, shutdown ([`daemon`]), and its
+//! numbers for `snapblk top` and Prometheus ([`metrics`]). Seed 002's
 //! out-of-band control connection is what it implements; the registry of
 //! volumes it serves is [`crate::volumes`], beneath it.
 //!
@@ -14,6 +15,7 @@
 //! one client's bad request disturb another client or the daemon.
 
 pub mod daemon;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod ublk;

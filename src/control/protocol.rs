@@ -32,6 +32,7 @@ pub const OPS: &[&str] = &[
     "device.stop",
     "device.list",
     "features",
+    "stats",
     "copy.start",
     "copy.status",
     "copy.pause",
@@ -132,6 +133,10 @@ pub enum Request {
     },
     #[serde(rename = "daemon.status")]
     DaemonStatus {},
+    /// Every volume's counters, devices, copy jobs and replication links at
+    /// one moment (what `snapblk top` polls and `--metrics-listen` serves).
+    #[serde(rename = "stats")]
+    Stats {},
     /// Starts a ublk device (`/dev/ublkbN`) for the volume, or read-only for
     /// one of its snapshots.
     #[serde(rename = "device.start")]
@@ -255,6 +260,7 @@ impl Request {
             Request::SnapshotDiff { .. } => "snapshot.diff",
             Request::SnapshotRevert { .. } => "snapshot.revert",
             Request::DaemonStatus {} => "daemon.status",
+            Request::Stats {} => "stats",
             Request::DeviceStart { .. } => "device.start",
             Request::DeviceStop { .. } => "device.stop",
             Request::DeviceList {} => "device.list",

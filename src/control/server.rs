@@ -556,6 +556,11 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
         Request::ScheduleRemove { id } => facts.schedules.remove(id),
         Request::SchedulePause { id } => facts.schedules.set_paused(id, true),
         Request::ScheduleResume { id } => facts.schedules.set_paused(id, false),
+        Request::Stats {} => Ok(super::metrics::gather(
+            registry,
+            &facts.jobs,
+            &facts.replication,
+        )),
         Request::DaemonStatus {} => Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),

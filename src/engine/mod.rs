@@ -21,12 +21,14 @@ mod journal;
 mod layer;
 mod manifest;
 mod partition;
+mod stats;
 mod volume;
 mod writeback;
 
 pub use error::{EngineError, Result};
 pub use hooks::{Change, WriteGuard, WriteHook};
 pub use manifest::CacheMode;
+pub use stats::{IoStatsSnapshot, KindSnapshot, LATENCY_BOUNDS_US};
 pub use volume::{
     now_unix_ms, FlattenProgress, Reverted, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View,
     Volume, VolumeConfig, VolumeInfo,

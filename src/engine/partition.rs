@@ -15,6 +15,7 @@ use crate::backend::Backend;
 use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Old content of one chunk, valid for snapshots of generation `[start, end)`.
@@ -74,6 +75,8 @@ pub struct Partition {
     journal: Journal,
     store: Backend,
     state: Mutex<State>,
+    /// Chunks copied out since the partition opened (metrics).
+    preserved: AtomicU64,
 }
 
 impl Partition {
@@ -139,6 +142,7 @@ impl Partition {
             journal,
             store,
             state: Mutex::new(state),
+            preserved: AtomicU64::new(0),
         }
     }
 
@@ -212,6 +216,7 @@ impl Partition {
                     c.versions.push(*version);
                     c.birth = epoch.generation;
                     state.unsettled.insert(chunk, *batch);
+                    self.preserved.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(_) => state.free_slots.push(slot),
             }
@@ -481,6 +486,11 @@ impl Partition {
                 *out.entry(live[first]).or_default() += self.chunk_size;
             }
         }
+    }
+
+    /// Chunks preserved since the partition opened.
+    pub fn preserved_chunks(&self) -> u64 {
+        self.preserved.load(Ordering::Relaxed)
     }
 
     pub fn allocated_bytes(&self) -> u64 {

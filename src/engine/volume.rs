@@ -7,6 +7,7 @@ use super::journal::Journal;
 use super::layer::{self, Layer};
 use super::manifest::{self, CacheMode, Manifest, Origin, ParentRecord, SnapshotRecord};
 use super::partition::{Partition, Source};
+use super::stats::{IoKind, IoStats, IoStatsSnapshot};
 use super::writeback::{Held, HeldOp, Holding, WriteBack, WriteBackConfig};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
@@ -18,6 +19,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Parameters of `volume create`.
 #[derive(Clone, Debug)]
@@ -63,6 +65,10 @@ pub struct VolumeInfo {
     /// Clones whose parent is a snapshot of this volume.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub clones: Vec<String>,
+    /// Chunks copied out for snapshots since the volume opened.
+    pub preserved_chunks: u64,
+    /// Requests served through any view since the volume opened.
+    pub io: IoStatsSnapshot,
 }
 
 /// What a revert did.
@@ -119,6 +125,7 @@ pub struct Volume {
     layer: Mutex<Option<Arc<Layer>>>,
     /// Clones that read from a snapshot of this volume: (clone, generation).
     clones: Mutex<Vec<(String, u64)>>,
+    io_stats: IoStats,
 }
 
 impl Drop for Volume {
@@ -414,6 +421,7 @@ impl Volume {
             admin: futures::lock::Mutex::new(()),
             layer: Mutex::new(layer),
             clones: Mutex::new(Vec::new()),
+            io_stats: IoStats::default(),
         });
         if background {
             volume.start_committer()?;
@@ -705,6 +713,12 @@ impl Volume {
             owned_bytes: layer.map(|l| (l.owned_chunks() * self.chunk_size as u64).min(self.size)),
             flattening: manifest.flattening,
             clones: self.clones(),
+            preserved_chunks: self
+                .partitions
+                .iter()
+                .map(Partition::preserved_chunks)
+                .sum(),
+            io: self.io_stats.snapshot(),
         })
     }
 
@@ -1515,6 +1529,15 @@ impl View {
     }
 
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (started, len) = (Instant::now(), buf.len() as u64);
+        let result = self.read_untimed(offset, buf).await;
+        self.volume
+            .io_stats
+            .record(IoKind::Read, len, started, &result);
+        result
+    }
+
+    async fn read_untimed(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let volume = &self.volume;
         volume.check_range(offset, buf.len() as u64)?;
         match self.snapshot_generation()? {
@@ -1531,6 +1554,16 @@ impl View {
     }
 
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let started = Instant::now();
+        let result = self.write_untimed(offset, data, fua).await;
+        let len = data.len() as u64;
+        self.volume
+            .io_stats
+            .record(IoKind::Write, len, started, &result);
+        result
+    }
+
+    async fn write_untimed(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable(offset, data.len() as u64)?;
         let volume = &self.volume;
         let len = data.len() as u64;
@@ -1553,7 +1586,12 @@ impl View {
     /// commits the queued preservations, applies the held writes, then
     /// flushes the origin.
     pub async fn flush(&self) -> Result<()> {
-        self.volume.flush_all().await
+        let started = Instant::now();
+        let result = self.volume.flush_all().await;
+        self.volume
+            .io_stats
+            .record(IoKind::Flush, 0, started, &result);
+        result
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -1563,6 +1601,15 @@ impl View {
     /// Zeroes a range; `keep_allocated` (NBD's NO_HOLE) keeps it allocated,
     /// otherwise the space goes back to the filesystem.
     pub async fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
+        let started = Instant::now();
+        let result = self.zero_untimed(offset, len, keep_allocated).await;
+        self.volume
+            .io_stats
+            .record(IoKind::Zero, len, started, &result);
+        result
+    }
+
+    async fn zero_untimed(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
         self.writable(offset, len)?;
         let volume = &self.volume;
         let step = ZEROING_STEP_CHUNKS << volume.chunk_shift;
