@@ -25,7 +25,7 @@ mod writeback;
 
 pub use error::{EngineError, Result};
 pub use hooks::{Change, WriteGuard, WriteHook};
-pub use manifest::CacheMode;
+pub use manifest::{CacheMode, CONTAINER};
 pub use volume::{
     now_unix_ms, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View, Volume, VolumeConfig,
     VolumeInfo,
