@@ -16,9 +16,9 @@ pub mod memory;
 #[cfg(feature = "ceph")]
 pub mod rbd;
 
+use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::{Path, PathBuf};
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// One file-like object addressed by byte offset.
@@ -315,7 +315,6 @@ pub enum Claim {
     /// Open the existing image, breaking (and blocklisting) any holder.
     BreakLock,
 }
-
 
 impl Storage {
     /// A Ceph volume's storage, its lock taken as `claim` says.

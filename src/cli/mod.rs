@@ -14,8 +14,8 @@ pub mod replicate;
 pub mod schedule;
 pub mod size;
 
-use crate::control::daemon::{self, DaemonConfig, NbdAccess};
 use crate::backend::CephSpec;
+use crate::control::daemon::{self, DaemonConfig, NbdAccess};
 use crate::control::protocol::Request;
 use crate::engine::CacheMode;
 use crate::engine::WriteBackConfig;

@@ -432,7 +432,9 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             ceph,
             chunk_size,
             partitions,
-        } => registry.create_ceph_volume(&name, ceph, CephPlacement::Import, chunk_size, partitions),
+        } => {
+            registry.create_ceph_volume(&name, ceph, CephPlacement::Import, chunk_size, partitions)
+        }
         Request::VolumeAttach {
             name,
             ceph,

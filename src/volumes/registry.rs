@@ -596,7 +596,9 @@ impl Registry {
         let _g = self.gate()?;
         validate_name("volume", name)?;
         if spec.pool.is_empty() || spec.image.is_empty() {
-            return Err(VolumeError::invalid("a Ceph volume needs a pool and an image name"));
+            return Err(VolumeError::invalid(
+                "a Ceph volume needs a pool and an image name",
+            ));
         }
         self.install(name, |tmp_dir| {
             json_file::save(&tmp_dir.join(CEPH_POINTER), &spec)?;

@@ -44,12 +44,16 @@ extern "C" {
     pub fn rados_ioctx_create(cluster: RadosT, pool: *const c_char, io: *mut IoCtx) -> c_int;
     pub fn rados_ioctx_destroy(io: IoCtx);
     pub fn rados_stat(io: IoCtx, oid: *const c_char, size: *mut u64, mtime: *mut i64) -> c_int;
-    pub fn rados_read(io: IoCtx, oid: *const c_char, buf: *mut c_char, len: usize, off: u64)
-        -> c_int;
+    pub fn rados_read(
+        io: IoCtx,
+        oid: *const c_char,
+        buf: *mut c_char,
+        len: usize,
+        off: u64,
+    ) -> c_int;
     pub fn rados_write_full(io: IoCtx, oid: *const c_char, buf: *const c_char, len: usize)
         -> c_int;
     pub fn rados_trunc(io: IoCtx, oid: *const c_char, size: u64) -> c_int;
-    pub fn rados_remove(io: IoCtx, oid: *const c_char) -> c_int;
     pub fn rados_aio_create_completion2(
         arg: *mut c_void,
         complete: Callback,
@@ -78,9 +82,12 @@ extern "C" {
 #[link(name = "rbd")]
 extern "C" {
     pub fn rbd_create(io: IoCtx, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
-    pub fn rbd_remove(io: IoCtx, name: *const c_char) -> c_int;
-    pub fn rbd_open(io: IoCtx, name: *const c_char, image: *mut Image, snap: *const c_char)
-        -> c_int;
+    pub fn rbd_open(
+        io: IoCtx,
+        name: *const c_char,
+        image: *mut Image,
+        snap: *const c_char,
+    ) -> c_int;
     pub fn rbd_close(image: Image) -> c_int;
     pub fn rbd_get_size(image: Image, size: *mut u64) -> c_int;
     pub fn rbd_resize(image: Image, size: u64) -> c_int;
@@ -96,8 +103,13 @@ extern "C" {
     pub fn rbd_aio_create_completion(arg: *mut c_void, cb: Callback, c: *mut Completion) -> c_int;
     pub fn rbd_aio_get_return_value(c: Completion) -> isize;
     pub fn rbd_aio_release(c: Completion);
-    pub fn rbd_aio_read(image: Image, off: u64, len: usize, buf: *mut c_char, c: Completion)
-        -> c_int;
+    pub fn rbd_aio_read(
+        image: Image,
+        off: u64,
+        len: usize,
+        buf: *mut c_char,
+        c: Completion,
+    ) -> c_int;
     pub fn rbd_aio_write(
         image: Image,
         off: u64,

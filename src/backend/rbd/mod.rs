@@ -89,7 +89,11 @@ impl Cluster {
                 label,
                 fenced: AtomicBool::new(false),
             };
-            let conf = spec.conf.as_ref().map(|p| cstr(&p.to_string_lossy())).transpose()?;
+            let conf = spec
+                .conf
+                .as_ref()
+                .map(|p| cstr(&p.to_string_lossy()))
+                .transpose()?;
             let rc = ffi::rados_conf_read_file(
                 rados,
                 conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
@@ -378,7 +382,14 @@ impl Object {
     async fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.call(|c| unsafe {
             let oid = self.oid.as_ptr();
-            ffi::rados_aio_write(self.cluster.io, oid, c, buf.as_ptr().cast(), buf.len(), offset)
+            ffi::rados_aio_write(
+                self.cluster.io,
+                oid,
+                c,
+                buf.as_ptr().cast(),
+                buf.len(),
+                offset,
+            )
         })?
         .await
         .map(drop)
@@ -453,11 +464,10 @@ impl CephFile {
 
     pub async fn flush(&self) -> io::Result<()> {
         match self {
-            CephFile::Image(i) => {
-                i.call(|c| unsafe { ffi::rbd_aio_flush(i.handle, c) })?
-                    .await
-                    .map(drop)
-            }
+            CephFile::Image(i) => i
+                .call(|c| unsafe { ffi::rbd_aio_flush(i.handle, c) })?
+                .await
+                .map(drop),
             // An acknowledged RADOS write is already committed on every replica.
             CephFile::Object(o) => o.cluster.check_fenced(),
         }
@@ -465,24 +475,22 @@ impl CephFile {
 
     pub async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {
-            CephFile::Image(i) => {
-                i.call(|c| unsafe { ffi::rbd_aio_discard(i.handle, offset, len, c) })?
-                    .await
-                    .map(drop)
-            }
+            CephFile::Image(i) => i
+                .call(|c| unsafe { ffi::rbd_aio_discard(i.handle, offset, len, c) })?
+                .await
+                .map(drop),
             CephFile::Object(_) => self.zero_range(offset, len).await,
         }
     }
 
     pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {
-            CephFile::Image(i) => {
-                i.call(|c| unsafe {
+            CephFile::Image(i) => i
+                .call(|c| unsafe {
                     ffi::rbd_aio_write_zeroes(i.handle, offset, len as usize, c, 0, 0)
                 })?
                 .await
-                .map(drop)
-            }
+                .map(drop),
             CephFile::Object(o) => o.write(&vec![0; len as usize], offset).await,
         }
     }
@@ -631,7 +639,10 @@ impl Pool {
                     self.cluster.result(rc as i64)?;
                 }
             }
-            return Ok(CephFile::Image(Arc::new(Image::open(&self.cluster, &image)?)));
+            return Ok(CephFile::Image(Arc::new(Image::open(
+                &self.cluster,
+                &image,
+            )?)));
         }
         let oid = self.object_id(name)?;
         if stat(&self.cluster, &oid)?.is_none() {
@@ -657,7 +668,12 @@ impl Pool {
         self.cluster.check_fenced()?;
         // SAFETY: plain call; `bytes` outlives it.
         let rc = unsafe {
-            ffi::rados_write_full(self.cluster.io, oid.as_ptr(), bytes.as_ptr().cast(), bytes.len())
+            ffi::rados_write_full(
+                self.cluster.io,
+                oid.as_ptr(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+            )
         };
         self.cluster.result(rc as i64).map(drop)
     }
@@ -670,7 +686,13 @@ impl Pool {
         let mut bytes = vec![0u8; size as usize];
         // SAFETY: `bytes` is `size` long.
         let rc = unsafe {
-            ffi::rados_read(self.cluster.io, oid.as_ptr(), bytes.as_mut_ptr().cast(), bytes.len(), 0)
+            ffi::rados_read(
+                self.cluster.io,
+                oid.as_ptr(),
+                bytes.as_mut_ptr().cast(),
+                bytes.len(),
+                0,
+            )
         };
         let n = self.cluster.result(rc as i64)?;
         bytes.truncate(n as usize);
