@@ -3,7 +3,8 @@
 //! binary and stops at exit:
 //! - the engine against a model on the Ceph backend, with crashes (the
 //!   volume abandoned without a flush and taken over with --break-lock);
-//! - real clients (qemu-img, nbdcopy, fio verify) on a Ceph volume's export;
+//! - real clients (qemu-img, nbdcopy, fio verify) on a Ceph volume's export,
+//!   and an image rbd wrote, imported with its data;
 //! - failover: kill -9 of the serving daemon, another daemon attaches with
 //!   --break-lock and finds every flushed write and every snapshot, the old
 //!   one restarted is fenced and says so; a live daemon whose lock is broken
@@ -269,6 +270,31 @@ fn real_clients_on_a_ceph_volume() {
             .arg(&exported),
     );
     assert_same("rbd export", &std::fs::read(&exported).unwrap(), &data);
+    // An RBD image written by rbd itself, imported with its data.
+    run_ok(
+        Command::new("rbd")
+            .arg("-c")
+            .arg(conf)
+            .arg("import")
+            .arg(&src)
+            .arg("rbd/imported"),
+    );
+    d.ok(&[
+        "volume",
+        "import",
+        "imp",
+        "--ceph",
+        "rbd/imported",
+        "--ceph-conf",
+        conf.to_str().unwrap(),
+    ]);
+    assert_eq!(d.json(&["volume", "info", "imp"])["capacity"], 16 << 20);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(d.uri("imp")),
+    );
     let fio = run_ok(Command::new("fio").args([
         "--name=verify",
         "--ioengine=nbd",

@@ -12,6 +12,7 @@
 //!   which is exactly what manifests and journal compaction need. A journal
 //!   object is bounded by the OSDs' `osd max object size` (128 MiB by
 //!   default, about 2 million preserved chunks between compactions).
+//!
 //! So everything needed to open a volume lives in the pool; a daemon keeps
 //! only a pointer to it.
 //!
