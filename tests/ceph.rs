@@ -339,30 +339,13 @@ fn failover_with_kill9_and_break_lock() {
 
     let b = Daemon::start(&t.path().join("b"));
     let conf_s = conf.to_str().unwrap();
-    let e = b.fails(&[
-        "volume",
-        "attach",
-        "fo",
-        "--ceph",
-        "rbd/fo",
-        "--ceph-conf",
-        conf_s,
-    ]);
+    let e = b.fails(&attach_args(conf_s, false));
     assert!(
         e.contains("is locked by") && e.contains("--break-lock"),
         "{e}"
     );
     let started = Instant::now();
-    b.ok(&[
-        "volume",
-        "attach",
-        "fo",
-        "--ceph",
-        "rbd/fo",
-        "--ceph-conf",
-        conf_s,
-        "--break-lock",
-    ]);
+    b.ok(&attach_args(conf_s, true));
     qemu_io_ok(&b.uri("fo"), false, &["write -P 5 6M 4k", "flush"]);
     eprintln!(
         "failover: attach to first flushed write {:?}",
@@ -402,16 +385,7 @@ fn failover_with_kill9_and_break_lock() {
 
     // A live holder whose lock is broken stops serving the volume at once.
     let c = Daemon::start(&t.path().join("c"));
-    c.ok(&[
-        "volume",
-        "attach",
-        "fo",
-        "--ceph",
-        "rbd/fo",
-        "--ceph-conf",
-        conf_s,
-        "--break-lock",
-    ]);
+    c.ok(&attach_args(conf_s, true));
     assert_ne!(
         c.json(&["volume", "info", "fo"])["ceph"]["lock_holder"],
         holder.as_str()
@@ -430,16 +404,21 @@ fn failover_with_kill9_and_break_lock() {
     qemu_io_ok(&c.uri("fo"), true, &["read -P 3 0 64k", "read -P 5 6M 4k"]);
 }
 
-fn wait_job(d: &Daemon, id: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let v = d.json(&["copy", "status", id]);
-        if matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled")) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "job {id} never ended: {v}");
-        std::thread::sleep(Duration::from_millis(50));
+/// `volume attach fo --ceph rbd/fo ...`.
+fn attach_args(conf: &str, break_lock: bool) -> Vec<&str> {
+    let mut args = vec![
+        "volume",
+        "attach",
+        "fo",
+        "--ceph",
+        "rbd/fo",
+        "--ceph-conf",
+        conf,
+    ];
+    if break_lock {
+        args.push("--break-lock");
     }
+    args
 }
 
 /// Snapshots, a live copy job and a replication link on a Ceph volume,
@@ -478,7 +457,7 @@ fn snapshots_copy_and_replication_on_a_ceph_volume() {
     // A copy job of the live volume while it stays writable.
     let target = t.path().join("copy.img");
     let id = d.ok(&["copy", "start", "snaps", "--to", target.to_str().unwrap()]);
-    let job = wait_job(&d, id.trim());
+    let job = wait_job_ended(&d, id.trim());
     assert_eq!(job["state"], "done", "{job}");
     let live = t.path().join("live.img");
     run_ok(Command::new("nbdcopy").arg(d.uri("snaps")).arg(&live));
@@ -488,23 +467,7 @@ fn snapshots_copy_and_replication_on_a_ceph_volume() {
         &std::fs::read(&live).unwrap(),
     );
     // Replication to a local volume on another daemon.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let dst = Daemon::start_with(
-        &t.path().join("dst"),
-        &t.path().join("dst"),
-        &[
-            "--replication-listen",
-            &listen,
-            "--replication-key-file",
-            key.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (dst, listen) = replication_destination(&t.path().join("dst"), &key, &[]);
     d.ok(&[
         "replicate",
         "start",

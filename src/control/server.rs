@@ -408,25 +408,17 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             partitions,
             backing,
             cache,
-            ceph: None,
-        } => registry.create_volume(&name, size, chunk_size, partitions, backing, cache),
-        Request::VolumeCreate {
-            name,
-            size,
-            chunk_size,
-            partitions,
-            backing,
-            cache,
-            ceph: Some(spec),
-        } => {
-            if backing.is_some() || cache.is_some() {
-                return Err(VolumeError::invalid(
-                    "a Ceph volume takes neither --backing nor --cache (its data is the RBD image)",
-                ));
+            ceph,
+        } => match ceph {
+            None => registry.create_volume(&name, size, chunk_size, partitions, backing, cache),
+            Some(_) if backing.is_some() || cache.is_some() => Err(VolumeError::invalid(
+                "a Ceph volume takes neither --backing nor --cache (its data is the RBD image)",
+            )),
+            Some(spec) => {
+                let placement = CephPlacement::Create { size };
+                registry.create_ceph_volume(&name, spec, placement, chunk_size, partitions)
             }
-            let placement = CephPlacement::Create { size };
-            registry.create_ceph_volume(&name, spec, placement, chunk_size, partitions)
-        }
+        },
         Request::VolumeImport {
             name,
             ceph,
