@@ -7,7 +7,7 @@ mod common;
 
 use common::{
     assert_error, assert_same, first_diff, mount_tmpfs, mount_xfs, py_spawn, qemu_io_ok,
-    random_bytes, read_stderr, run_ok, skip_without, tempdir, Daemon, Raw,
+    random_bytes, read_stderr, run_ok, skip_without, tempdir, wait_job_ended, Daemon, Raw,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -112,18 +112,6 @@ impl Drop for Writer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn wait_ended(d: &Daemon, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let v = d.json(&["copy", "status", id]);
-        if matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled")) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "job {id} never ended: {v}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -252,7 +240,7 @@ fn copy_under_writes(policy: &str) {
     let Some(mut p) = start_copy_under_writes(&test, policy, "8M") else {
         return;
     };
-    let end = wait_ended(&p.d, &p.id);
+    let end = wait_job_ended(&p.d, &p.id);
     assert_eq!(end["state"], "done", "{end}");
     let wrote = p.w.stop();
     assert!(wrote > 0, "the writer wrote nothing during the job");
@@ -340,7 +328,7 @@ fn kill9_mid_job(policy: &str) {
         "{v}"
     );
     p.w = Writer::start(&p.d, "v", 4096);
-    let end = wait_ended(&p.d, &p.id);
+    let end = wait_job_ended(&p.d, &p.id);
     assert_eq!(end["state"], "done", "{end}");
     p.w.stop();
     assert_target_is_snapshot(&p, &format!("{policy} copy across kill -9"));
@@ -387,7 +375,7 @@ fn stream_round_trip_and_corruption() {
         "512K",
         "--verify",
     ]);
-    assert_eq!(wait_ended(&d, id.trim())["state"], "done");
+    assert_eq!(wait_job_ended(&d, id.trim())["state"], "done");
     let restored = t.path().join("restored.img");
     let out = d.ok(&[
         "restore",
@@ -471,7 +459,7 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
         "--block-size",
         "100K",
     ]);
-    let end = wait_ended(&d, id.trim());
+    let end = wait_job_ended(&d, id.trim());
     assert_eq!(end["state"], "done", "{end}");
     assert_eq!(end["block_size"], 128 << 10, "rounded to the chunk size");
     qemu_io_ok(
@@ -564,7 +552,7 @@ fn full_target_fails_the_job_not_the_volume() {
             "--policy",
             policy,
         ]);
-        let end = wait_ended(&d, id.trim());
+        let end = wait_job_ended(&d, id.trim());
         assert_eq!(end["state"], "failed", "{end}");
         let msg = end["error"].as_str().unwrap();
         assert!(
@@ -605,7 +593,7 @@ fn stream_job_survives_kill9() {
     }
     d.kill9_and_restart();
     qemu_io_ok(&d.uri("v"), false, &["write -P 0x77 0 8M"]);
-    assert_eq!(wait_ended(&d, id)["state"], "done");
+    assert_eq!(wait_job_ended(&d, id)["state"], "done");
     let restored = t.path().join("restored.img");
     d.ok(&["restore", target, "--to", restored.to_str().unwrap()]);
     let want = image(&d, "v@s", &t.path().join("snap.img"));
@@ -692,7 +680,7 @@ fn copy_start_and_delete_race_one_wins() {
     }
     eprintln!("{} of 48 starts won their race", started.len());
     for (id, source, target) in &started {
-        let end = wait_ended(&d, id);
+        let end = wait_job_ended(&d, id);
         assert_eq!(end["state"], "done", "{end}");
         let want = image(&d, source, &t.path().join("want.img"));
         assert_same(source, &std::fs::read(target).unwrap(), &want);
@@ -828,7 +816,7 @@ fn block_device_target() {
     let mut w = paused_writer_and_snapshot(&d);
     let id = start_job(&d, Path::new(&dev.0), "cow", "256K", "8M", false);
     w.send("go");
-    let end = wait_ended(&d, &id);
+    let end = wait_job_ended(&d, &id);
     assert_eq!(end["state"], "done", "{end}");
     assert!(w.stop() > 0, "the writer wrote nothing during the job");
     let want = image(&d, "v@s", &t.path().join("snap.img"));
@@ -901,7 +889,7 @@ fn verify_catches_a_changed_target() {
         .unwrap();
     f.write_all_at(&[0xee; 4096], 256 << 10).unwrap();
     f.sync_all().unwrap();
-    let end = wait_ended(&d, &id);
+    let end = wait_job_ended(&d, &id);
     assert_eq!(end["state"], "failed", "{end}");
     let msg = end["error"].as_str().unwrap();
     assert!(
@@ -925,7 +913,7 @@ fn data_paths_are_reported_and_give_the_same_image() {
     let data = 6u64 << 20; // `fill` leaves 2 of 8 MiB unwritten
     let check = |d: &Daemon, t: &Path, target: &str, want: [(&str, u64); 2]| {
         let id = d.ok(&["copy", "start", "v", "--to", target]);
-        let end = wait_ended(d, id.trim());
+        let end = wait_job_ended(d, id.trim());
         assert_eq!(end["state"], "done", "{end}");
         assert_eq!(end["bytes_copied"], data, "{end}");
         for (field, n) in want {

@@ -43,24 +43,7 @@ fn pair(src_env: &[(&str, &str)], dst_env: &[(&str, &str)]) -> Pair {
     let t = tempfile::tempdir().unwrap();
     let key = write_key(t.path(), "key", "correct horse battery staple\n");
     let src = Daemon::start_with(&t.path().join("src"), &t.path().join("src"), &[], src_env);
-    // A fixed port (found free just now) so that restarts keep it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let dst = Daemon::start_with(
-        &t.path().join("dst"),
-        &t.path().join("dst"),
-        &[
-            "--replication-listen",
-            &listen,
-            "--replication-key-file",
-            key.to_str().unwrap(),
-        ],
-        dst_env,
-    );
+    let (dst, _) = replication_destination(&t.path().join("dst"), &key, dst_env);
     let addr = dst.json(&["replicate", "status"])["listen"]
         .as_str()
         .unwrap()

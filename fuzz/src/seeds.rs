@@ -57,6 +57,7 @@ fn control() -> Vec<Seed> {
             partitions: Some(4),
             backing: None,
             cache: None,
+            ceph: None,
         },
         Request::SnapshotCreate {
             quiesce: None,

@@ -5,14 +5,18 @@
 //! primitives the engine builds on: flush, atomic manifest replacement, hole
 //! punching. Two kinds exist: real files or block devices driven through the
 //! thread's io_uring ([`file`]), and an in-memory disk that can simulate a
-//! power cut by dropping unflushed writes ([`memory`]), used by the crash tests.
+//! power cut by dropping unflushed writes ([`memory`]), used by the crash tests,
+//! and with cargo feature `ceph` a volume's files in a Ceph pool ([`rbd`]).
 //!
 //! Must never: interpret the bytes it stores (that is the engine's job), or
 //! report a write as durable before it is.
 
 pub mod file;
 pub mod memory;
+#[cfg(feature = "ceph")]
+pub mod rbd;
 
+use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +26,8 @@ use std::sync::Arc;
 pub enum Backend {
     File(Arc<file::FileBackend>),
     Memory(memory::MemFile),
+    #[cfg(feature = "ceph")]
+    Ceph(rbd::CephFile),
 }
 
 /// A byte range and whether it holds data (false: a hole that reads as zeros).
@@ -37,6 +43,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.size(),
             Backend::Memory(m) => m.size(),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.size(),
         }
     }
 
@@ -44,6 +52,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.read_at(buf, offset).await,
             Backend::Memory(m) => m.read_at(buf, offset),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.read_at(buf, offset).await,
         }
     }
 
@@ -53,6 +63,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.read_before_overwrite(buf, offset).await,
             Backend::Memory(m) => m.read_at(buf, offset),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.read_at(buf, offset).await,
         }
     }
 
@@ -61,6 +73,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.write_at(buf, offset, durable).await,
             Backend::Memory(m) => m.write_at(buf, offset, durable),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.write_at(buf, offset, durable).await,
         }
     }
 
@@ -69,6 +83,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.flush().await,
             Backend::Memory(m) => m.flush(),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.flush().await,
         }
     }
 
@@ -77,6 +93,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.punch_hole(offset, len).await,
             Backend::Memory(m) => m.punch_hole(offset, len),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.punch_hole(offset, len).await,
         }
     }
 
@@ -87,6 +105,9 @@ impl Backend {
         match self {
             Backend::File(f) => f.reserve(offset, len).await,
             Backend::Memory(_) => Ok(()),
+            // Ceph allocates as it writes; a full cluster fails the write.
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(_) => Ok(()),
         }
     }
 
@@ -95,6 +116,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.zero_range(offset, len).await,
             Backend::Memory(m) => m.zero_range(offset, len),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.zero_range(offset, len).await,
         }
     }
 
@@ -103,6 +126,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.allocated_bytes(),
             Backend::Memory(m) => m.allocated_bytes(),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.allocated_bytes(),
         }
     }
 
@@ -115,6 +140,8 @@ impl Backend {
                 len,
                 data: true,
             }]),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => Ok(c.extents(offset, len)),
         }
     }
 
@@ -123,6 +150,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.overwrites_read_from_cache(),
             Backend::Memory(_) => 0,
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(_) => 0,
         }
     }
 
@@ -132,6 +161,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.bounced_ios(),
             Backend::Memory(_) => 0,
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(_) => 0,
         }
     }
 
@@ -140,6 +171,8 @@ impl Backend {
         match self {
             Backend::File(f) => f.truncate(len).await,
             Backend::Memory(m) => m.truncate(len),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.truncate(len).await,
         }
     }
 }
@@ -164,6 +197,9 @@ pub enum PageCache {
 pub enum Storage {
     Dir(PathBuf),
     Memory(Arc<memory::MemDisk>),
+    /// A volume in a Ceph pool, its lock held (see [`rbd`]).
+    #[cfg(feature = "ceph")]
+    Ceph(Arc<rbd::Pool>),
 }
 
 impl Storage {
@@ -182,6 +218,8 @@ impl Storage {
                 cache,
             )?))),
             Storage::Memory(disk) => Ok(Backend::Memory(disk.open(name, create)?)),
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => Ok(Backend::Ceph(pool.open(name, create)?)),
         }
     }
 
@@ -207,6 +245,8 @@ impl Storage {
                 Err(e) => Err(e),
             },
             Storage::Memory(disk) => disk.read_manifest(name),
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.read_manifest(name),
         }
     }
 
@@ -216,6 +256,8 @@ impl Storage {
         match self {
             Storage::Dir(dir) => file::replace_with_spare(&dir.join(name), bytes),
             Storage::Memory(disk) => disk.replace_manifest(name, bytes),
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.replace(name, bytes),
         }
     }
 
@@ -225,6 +267,8 @@ impl Storage {
         match self {
             Storage::Dir(dir) => file::replace_atomically(&dir.join(name), bytes),
             Storage::Memory(disk) => disk.replace_file(name, bytes),
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.replace(name, bytes),
         }
     }
 
@@ -233,6 +277,8 @@ impl Storage {
         match self {
             Storage::Dir(dir) => file::free_bytes(dir),
             Storage::Memory(_) => Ok(u64::MAX),
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.free_bytes(),
         }
     }
 
@@ -240,6 +286,63 @@ impl Storage {
         match self {
             Storage::Dir(dir) => Some(dir),
             Storage::Memory(_) => None,
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(_) => None,
+        }
+    }
+}
+
+/// Where a Ceph volume lives and how to reach it; all a daemon keeps.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CephSpec {
+    pub pool: String,
+    pub image: String,
+    /// ceph.conf; librados' default search when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conf: Option<PathBuf>,
+    /// The cephx user without `client.` (librados' default, admin, when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// How [`Storage::connect_ceph`] treats the origin image and its lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Create the image with this many bytes; it must not exist.
+    Create(u64),
+    /// Open the existing image; refuse if another client holds its lock.
+    Open,
+    /// Open the existing image, breaking (and blocklisting) any holder.
+    BreakLock,
+}
+
+impl Storage {
+    /// A Ceph volume's storage, its lock taken as `claim` says.
+    pub fn connect_ceph(spec: &CephSpec, claim: Claim) -> io::Result<Storage> {
+        #[cfg(feature = "ceph")]
+        return Ok(Storage::Ceph(Arc::new(rbd::Pool::connect(spec, claim)?)));
+        #[cfg(not(feature = "ceph"))]
+        {
+            let _ = (spec, claim);
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this snapblk was built without Ceph support; build it with \
+                 `cargo build --release --features ceph` (needs librbd-dev and librados-dev)",
+            ))
+        }
+    }
+
+    /// Where a Ceph volume lives and who holds it; `None` for other storage.
+    pub fn ceph_status(&self) -> Option<serde_json::Value> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => Some(serde_json::json!({
+                "pool": pool.spec().pool,
+                "image": pool.spec().image,
+                "lock_holder": pool.holder(),
+                "fenced": pool.fenced(),
+            })),
+            _ => None,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod schedule;
 pub mod size;
 pub mod top;
 
+use crate::backend::CephSpec;
 use crate::control::daemon::{self, DaemonConfig, MetricsConfig, NbdAccess};
 use crate::control::metrics::MetricsAddr;
 use crate::control::protocol::Request;
@@ -229,6 +230,38 @@ pub enum VolumeCmd {
         /// How the volume's data is opened [default: writearound, or writeback where the file system refuses O_DIRECT]
         #[arg(long, value_enum)]
         cache: Option<CacheArg>,
+        /// Create the volume as a new RBD image POOL/IMAGE (IMAGE defaults to NAME) in a Ceph cluster
+        #[arg(long, value_name = "POOL[/IMAGE]", conflicts_with_all = ["backing", "cache"])]
+        ceph: Option<String>,
+        #[command(flatten)]
+        cluster: CephClusterArgs,
+    },
+    /// Make an existing RBD image (and its data) a volume
+    Import {
+        name: String,
+        /// The image, POOL/IMAGE
+        #[arg(long, value_name = "POOL/IMAGE")]
+        ceph: String,
+        #[command(flatten)]
+        cluster: CephClusterArgs,
+        /// Copy-on-write chunk size, a power of two from 4K to 1M [default: 64K]
+        #[arg(long, allow_hyphen_values = true)]
+        chunk_size: Option<String>,
+        /// Number of partitions (parallel metadata journals) [default: 4]
+        #[arg(long)]
+        partitions: Option<u32>,
+    },
+    /// Serve a Ceph volume another daemon served (failover)
+    Attach {
+        name: String,
+        /// The volume's image, POOL/IMAGE
+        #[arg(long, value_name = "POOL/IMAGE")]
+        ceph: String,
+        #[command(flatten)]
+        cluster: CephClusterArgs,
+        /// Take the image's lock from its holder and blocklist that client (it is dead, or must be fenced)
+        #[arg(long)]
+        break_lock: bool,
     },
     /// List volumes
     #[command(alias = "ls")]
@@ -253,6 +286,53 @@ pub enum VolumeCmd {
         #[arg(long)]
         wait: bool,
     },
+}
+
+/// How to reach a Ceph cluster.
+#[derive(Args, Debug)]
+pub struct CephClusterArgs {
+    /// The cluster's ceph.conf [default: librados' search, /etc/ceph/ceph.conf]
+    #[arg(long, value_name = "PATH")]
+    ceph_conf: Option<PathBuf>,
+    /// The cephx user, without "client." [default: admin]
+    #[arg(long, value_name = "USER")]
+    ceph_id: Option<String>,
+}
+
+/// The Ceph spec of `POOL[/IMAGE]` (`default_image` when no image is named).
+fn ceph_arg(
+    target: &str,
+    default_image: Option<&str>,
+    cluster: CephClusterArgs,
+) -> Result<CephSpec, CliError> {
+    let (pool, image) = match target.split_once('/') {
+        Some((p, i)) => (p, i),
+        None => (target, default_image.unwrap_or("")),
+    };
+    if pool.is_empty() || image.is_empty() || image.contains('/') {
+        return Err(CliError::plain(format!(
+            "invalid Ceph image {target:?}: give POOL/IMAGE, e.g. --ceph rbd/vol1"
+        )));
+    }
+    let conf = match cluster.ceph_conf {
+        Some(p) => Some(p.canonicalize().map_err(|e| {
+            CliError::new(
+                format!(
+                    "cannot use {} as the Ceph configuration: {}",
+                    p.display(),
+                    strip_os_error(&e.to_string())
+                ),
+                "give the path of the cluster's ceph.conf",
+            )
+        })?),
+        None => None,
+    };
+    Ok(CephSpec {
+        pool: pool.to_string(),
+        image: image.to_string(),
+        conf,
+        id: cluster.ceph_id,
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -672,25 +752,20 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
             partitions,
             backing,
             cache,
+            ceph,
+            cluster,
         } => {
             name_arg("volume", &name)?;
+            let ceph = ceph
+                .map(|c| ceph_arg(&c, Some(&name), cluster))
+                .transpose()?;
             let size = size_arg(&size)?;
             if size == 0 {
                 return Err(CliError::plain(
                     "invalid size \"0\": a volume needs at least one byte; e.g. --size 10G",
                 ));
             }
-            let chunk_size = match chunk_size {
-                Some(c) => {
-                    let b = size_arg(&c)?;
-                    Some(u32::try_from(b).map_err(|_| {
-                        CliError::plain(format!(
-                            "invalid chunk size {c:?}: too large; use a power of two from 4K to 1M"
-                        ))
-                    })?)
-                }
-                None => None,
-            };
+            let chunk_size = chunk_size_arg(chunk_size)?;
             let backing = match backing {
                 Some(p) => Some(
                     p.canonicalize()
@@ -720,6 +795,7 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
                     CacheArg::None => CacheMode::None,
                     CacheArg::Writearound => CacheMode::Writearound,
                 }),
+                ceph,
             };
             reply(control, json, &req, |r| {
                 println!(
@@ -794,7 +870,59 @@ fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
         }
+        VolumeCmd::Import {
+            name,
+            ceph,
+            cluster,
+            chunk_size,
+            partitions,
+        } => {
+            name_arg("volume", &name)?;
+            let req = Request::VolumeImport {
+                name: name.clone(),
+                ceph: ceph_arg(&ceph, None, cluster)?,
+                chunk_size: chunk_size_arg(chunk_size)?,
+                partitions,
+            };
+            reply(control, json, &req, |r| {
+                println!(
+                    "imported {ceph} as volume {name}: {}",
+                    output::size_of(r, "capacity")
+                )
+            })
+        }
+        VolumeCmd::Attach {
+            name,
+            ceph,
+            cluster,
+            break_lock,
+        } => {
+            name_arg("volume", &name)?;
+            let req = Request::VolumeAttach {
+                name: name.clone(),
+                ceph: ceph_arg(&ceph, None, cluster)?,
+                break_lock,
+            };
+            reply(control, json, &req, |r| {
+                println!(
+                    "attached volume {name} ({ceph}), lock held by {}",
+                    output::str_of(&r["ceph"], "lock_holder")
+                )
+            })
+        }
     }
+}
+
+fn chunk_size_arg(chunk_size: Option<String>) -> Result<Option<u32>, CliError> {
+    let Some(c) = chunk_size else {
+        return Ok(None);
+    };
+    let b = size_arg(&c)?;
+    u32::try_from(b).map(Some).map_err(|_| {
+        CliError::plain(format!(
+            "invalid chunk size {c:?}: too large; use a power of two from 4K to 1M"
+        ))
+    })
 }
 
 fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError> {

@@ -129,6 +129,7 @@ pub fn volume_list(result: &Value) -> String {
                 size_of(v, "chunk_size"),
                 str_of(v, "partitions"),
                 str_of(v, "snapshots"),
+                backend_of(v),
                 str_of(v, "state"),
             ]
         })
@@ -141,6 +142,7 @@ pub fn volume_list(result: &Value) -> String {
             "CHUNK",
             "PARTITIONS",
             "SNAPSHOTS",
+            "BACKEND",
             "STATE",
         ],
         &rows,
@@ -162,6 +164,14 @@ fn cache_of(v: &Value) -> String {
     }
 }
 
+/// `local`, or `ceph POOL/IMAGE` for a volume in a Ceph pool.
+fn backend_of(v: &Value) -> String {
+    match v.get("ceph") {
+        Some(c) => format!("ceph {}/{}", str_of(c, "pool"), str_of(c, "image")),
+        None => "local".into(),
+    }
+}
+
 pub fn volume_info(v: &Value) -> String {
     let state = str_of(v, "state");
     if state != "ok" {
@@ -179,6 +189,7 @@ pub fn volume_info(v: &Value) -> String {
         ("snapshots", str_of(v, "snapshots")),
         ("origin", str_of(v, "origin")),
         ("cache", cache_of(v)),
+        ("backend", backend_of(v)),
     ];
     if v.get("parent").is_some() {
         pairs.push(("parent", str_of(v, "parent")));
@@ -194,6 +205,9 @@ pub fn volume_info(v: &Value) -> String {
             .map(String::from)
             .collect();
         pairs.push(("clones", names.join(", ")));
+    }
+    if let Some(ceph) = v.get("ceph") {
+        pairs.push(("lock holder", str_of(ceph, "lock_holder")));
     }
     if let Some(list) = v.get("snapshot_list").and_then(Value::as_array) {
         if !list.is_empty() {

@@ -9,6 +9,7 @@
 //! object" / "no op"), then the op's own fields (missing field, wrong type,
 //! unknown field).
 
+use crate::backend::CephSpec;
 use crate::engine::CacheMode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -22,6 +23,8 @@ pub const OPS: &[&str] = &[
     "volume.delete",
     "volume.clone",
     "volume.flatten",
+    "volume.import",
+    "volume.attach",
     "snapshot.create",
     "snapshot.list",
     "snapshot.delete",
@@ -81,6 +84,28 @@ pub enum Request {
         /// How the origin is opened; `null` or absent: writeback.
         #[serde(default)]
         cache: Option<CacheMode>,
+        /// Create the volume as a new RBD image in a Ceph pool instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ceph: Option<CephSpec>,
+    },
+    /// An existing RBD image (with data) made a volume.
+    #[serde(rename = "volume.import")]
+    VolumeImport {
+        name: String,
+        ceph: CephSpec,
+        #[serde(default)]
+        chunk_size: Option<u32>,
+        #[serde(default)]
+        partitions: Option<u32>,
+    },
+    /// A Ceph volume another daemon served, taken over.
+    #[serde(rename = "volume.attach")]
+    VolumeAttach {
+        name: String,
+        ceph: CephSpec,
+        /// Break (and blocklist) the current holder of the image's lock.
+        #[serde(default)]
+        break_lock: bool,
     },
     #[serde(rename = "volume.list")]
     VolumeList {},
@@ -254,6 +279,8 @@ impl Request {
             Request::VolumeDelete { .. } => "volume.delete",
             Request::VolumeClone { .. } => "volume.clone",
             Request::VolumeFlatten { .. } => "volume.flatten",
+            Request::VolumeImport { .. } => "volume.import",
+            Request::VolumeAttach { .. } => "volume.attach",
             Request::SnapshotCreate { .. } => "snapshot.create",
             Request::SnapshotList { .. } => "snapshot.list",
             Request::SnapshotDelete { .. } => "snapshot.delete",
@@ -460,6 +487,7 @@ mod tests {
                 partitions: Some(4),
                 backing: None,
                 cache: Some(CacheMode::None),
+                ceph: None,
             }
         );
         let e = parse_request(br#"{"op":"volume.create","name":"v","size":1,"cache":"direct"}"#)

@@ -19,7 +19,7 @@
 
 use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
 use crate::security::LocalPeers;
-use crate::volumes::{Registry, VolumeError};
+use crate::volumes::{CephPlacement, Registry, VolumeError};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -409,7 +409,33 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             partitions,
             backing,
             cache,
-        } => registry.create_volume(&name, size, chunk_size, partitions, backing, cache),
+            ceph,
+        } => match ceph {
+            None => registry.create_volume(&name, size, chunk_size, partitions, backing, cache),
+            Some(_) if backing.is_some() || cache.is_some() => Err(VolumeError::invalid(
+                "a Ceph volume takes neither --backing nor --cache (its data is the RBD image)",
+            )),
+            Some(spec) => {
+                let placement = CephPlacement::Create { size };
+                registry.create_ceph_volume(&name, spec, placement, chunk_size, partitions)
+            }
+        },
+        Request::VolumeImport {
+            name,
+            ceph,
+            chunk_size,
+            partitions,
+        } => {
+            registry.create_ceph_volume(&name, ceph, CephPlacement::Import, chunk_size, partitions)
+        }
+        Request::VolumeAttach {
+            name,
+            ceph,
+            break_lock,
+        } => {
+            let placement = CephPlacement::Attach { break_lock };
+            registry.create_ceph_volume(&name, ceph, placement, None, None)
+        }
         Request::VolumeList {} => registry.list_volumes(),
         Request::VolumeInfo { name } => registry.volume_info(&name),
         Request::VolumeDelete { name } => facts.jobs.unless_used(&name, None, || {

@@ -285,6 +285,11 @@ impl Volume {
         Volume::open_with(name, storage, writeback).await
     }
 
+    /// Where the volume's files live.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
     /// Opens a volume and recovers it: replays each partition's journal,
     /// cuts torn tails, drops preserved versions no committed snapshot needs.
     pub async fn open(name: &str, storage: Storage) -> Result<Arc<Volume>> {

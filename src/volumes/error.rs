@@ -73,6 +73,8 @@ impl From<std::io::Error> for VolumeError {
             std::io::ErrorKind::NotFound => ErrorKind::NotFound,
             std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
             std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+            // A Ceph image locked by another daemon.
+            std::io::ErrorKind::WouldBlock => ErrorKind::Busy,
             _ if e.raw_os_error() == Some(libc::ENOSPC) => ErrorKind::NoSpace,
             _ => ErrorKind::IoError,
         };

@@ -22,4 +22,4 @@ pub mod json_file;
 pub mod registry;
 
 pub use error::{ErrorKind, VolumeError};
-pub use registry::{validate_name, Registry, RestoreClaim, Slot};
+pub use registry::{validate_name, CephPlacement, Registry, RestoreClaim, Slot};

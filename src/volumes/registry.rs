@@ -43,9 +43,10 @@ use super::devices::{self, DeviceSpec, Driver, RunningDevice};
 use super::error::{ErrorKind, VolumeError};
 use super::flatten::Flattens;
 use super::groups::Groups;
-use crate::backend::Storage;
+use super::json_file;
+use crate::backend::{CephSpec, Claim as CephClaim, Storage};
 use crate::engine::{CacheMode, EngineError, View, Volume, VolumeConfig, WriteBackConfig};
-use crate::engine::{DEFAULT_CHUNK_SIZE, DEFAULT_PARTITIONS};
+use crate::engine::{CONTAINER, DEFAULT_CHUNK_SIZE, DEFAULT_PARTITIONS};
 use crate::runtime::block_on;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -55,6 +56,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 const CREATING: &str = ".creating-";
+/// In a Ceph volume's directory: where the volume lives ([`CephSpec`]);
+/// everything else about it is in the pool.
+const CEPH_POINTER: &str = "ceph.json";
 const DELETING: &str = ".deleting-";
 
 /// A device the operator asked for, in one of its states. Slow kernel
@@ -314,7 +318,49 @@ fn volume_json(vol: &Volume) -> Result<Value, VolumeError> {
     // Engine-internal snapshots (a copy job's) are not the user's to count.
     v["snapshots"] = json!(user_snapshots(vol).len());
     v["state"] = json!("ok");
+    match vol.storage().ceph_status() {
+        Some(ceph) => {
+            if ceph["fenced"] == json!(true) {
+                v["state"] = json!(
+                    "fenced: another daemon broke this daemon's lock and serves the volume; \
+                     delete it here"
+                );
+            }
+            v["backend"] = json!("ceph");
+            v["ceph"] = ceph;
+        }
+        None => v["backend"] = json!("local"),
+    }
     Ok(v)
+}
+
+/// What a Ceph volume's directory asks for.
+pub enum CephPlacement {
+    /// A new RBD image of `size` bytes.
+    Create { size: u64 },
+    /// An existing RBD image with data, made a volume.
+    Import,
+    /// A volume another daemon served, taken over (`--break-lock`: even
+    /// from a holder that is alive or dead without releasing the lock).
+    Attach { break_lock: bool },
+}
+
+/// The storage of the volume in directory `dir`: the directory itself, or
+/// the Ceph pool its pointer names (locked for this daemon).
+fn storage_of(dir: &Path) -> io::Result<Storage> {
+    match fs::read(dir.join(CEPH_POINTER)) {
+        Ok(bytes) => {
+            let spec: CephSpec = serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is not valid: {e}", dir.join(CEPH_POINTER).display()),
+                )
+            })?;
+            Storage::connect_ceph(&spec, CephClaim::Open)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Storage::Dir(dir.to_path_buf())),
+        Err(e) => Err(e),
+    }
 }
 
 fn broken_json(name: &str, message: &str) -> Value {
@@ -393,13 +439,16 @@ impl Registry {
                     }
                     None => None,
                 };
-                let storage = Storage::Dir(volumes_dir.join(&name));
-                let opened = block_on(Volume::open_layered(
-                    &name,
-                    storage,
-                    WriteBackConfig::daemon_default(),
-                    parent,
-                ));
+                let opened = storage_of(&volumes_dir.join(&name))
+                    .map_err(EngineError::from)
+                    .and_then(|storage| {
+                        block_on(Volume::open_layered(
+                            &name,
+                            storage,
+                            WriteBackConfig::daemon_default(),
+                            parent,
+                        ))
+                    });
                 match opened {
                     Ok(vol) => {
                         log::info!("opened volume {name} ({} bytes)", vol.size());
@@ -619,26 +668,28 @@ impl Registry {
             cache: cache.unwrap_or(CacheMode::FOR_NEW_VOLUMES),
         };
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
-        let out = self.install(name, None, |storage| async move {
-            let vol = match Volume::create(name, storage.clone(), &config).await {
-                // The default asks for O_DIRECT; where the file system
-                // refuses it the volume is made buffered instead, and says so.
-                Err(EngineError::Io(e))
-                    if cache.is_none() && e.kind() == std::io::ErrorKind::Unsupported =>
-                {
-                    log::info!("volume {name}: {e}; it is created with cache mode writeback");
-                    let buffered = VolumeConfig {
-                        cache: CacheMode::Writeback,
-                        ..config.clone()
-                    };
-                    Volume::create(name, storage, &buffered).await?
-                }
-                other => other?,
-            };
-            vol.shutdown().await
-        })?;
-        log::info!("created volume {name} ({size} bytes)");
-        Ok(out)
+        self.install(name, None, |tmp_dir| {
+            block_on(async {
+                let storage = Storage::Dir(tmp_dir.to_path_buf());
+                let vol = match Volume::create(name, storage.clone(), &config).await {
+                    // The default asks for O_DIRECT; where the file system
+                    // refuses it the volume is made buffered instead, and says so.
+                    Err(EngineError::Io(e))
+                        if cache.is_none() && e.kind() == std::io::ErrorKind::Unsupported =>
+                    {
+                        log::info!("volume {name}: {e}; it is created with cache mode writeback");
+                        let buffered = VolumeConfig {
+                            cache: CacheMode::Writeback,
+                            ..config.clone()
+                        };
+                        Volume::create(name, storage, &buffered).await?
+                    }
+                    other => other?,
+                };
+                vol.shutdown().await?;
+                Ok(None)
+            })
+        })
     }
 
     /// `volume.clone`: a writable volume `name` whose unwritten chunks read
@@ -659,24 +710,81 @@ impl Registry {
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
         let parent = self.volume(volume)?;
         let started = std::time::Instant::now();
-        let mut out = self.install(name, Some(parent.clone()), |storage| async move {
-            let writeback = WriteBackConfig::daemon_default();
-            let clone = Volume::create_clone(name, storage, &parent, snapshot, writeback).await?;
-            clone.shutdown().await
+        let mut out = self.install(name, Some(parent.clone()), |tmp_dir| {
+            block_on(async {
+                let storage = Storage::Dir(tmp_dir.to_path_buf());
+                let writeback = WriteBackConfig::daemon_default();
+                let clone =
+                    Volume::create_clone(name, storage, &parent, snapshot, writeback).await?;
+                clone.shutdown().await?;
+                Ok(None)
+            })
         })?;
         out["create_us"] = json!(started.elapsed().as_micros() as u64);
         log::info!("created volume {name}, a clone of {volume}@{snapshot}");
         Ok(out)
     }
 
-    /// Builds volume `name` with `build` in a directory of its own that is
-    /// renamed into place once built (so a crash leaves no half volume),
-    /// then opens it (over `parent` for a clone) and lists it. Under `mutate`.
-    fn install<F: std::future::Future<Output = Result<(), EngineError>>>(
+    /// A volume whose data lives in a Ceph pool (see [`CephPlacement`]);
+    /// its directory here holds only the pointer to it.
+    pub fn create_ceph_volume(
+        &self,
+        name: &str,
+        spec: CephSpec,
+        placement: CephPlacement,
+        chunk_size: Option<u32>,
+        partitions: Option<u32>,
+    ) -> Result<Value, VolumeError> {
+        let _g = self.gate()?;
+        validate_name("volume", name)?;
+        if spec.pool.is_empty() || spec.image.is_empty() {
+            return Err(VolumeError::invalid(
+                "a Ceph volume needs a pool and an image name",
+            ));
+        }
+        let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+        self.install(name, None, |tmp_dir| {
+            json_file::save(&tmp_dir.join(CEPH_POINTER), &spec)?;
+            let claim = match placement {
+                CephPlacement::Create { size: 0 } => {
+                    return Err(VolumeError::invalid("size must be greater than 0"))
+                }
+                CephPlacement::Create { size } => CephClaim::Create(size),
+                CephPlacement::Import | CephPlacement::Attach { break_lock: false } => {
+                    CephClaim::Open
+                }
+                CephPlacement::Attach { break_lock: true } => CephClaim::BreakLock,
+            };
+            let storage = Storage::connect_ceph(&spec, claim)?;
+            let vol = block_on(async {
+                if let CephPlacement::Attach { .. } = placement {
+                    return Volume::open(name, storage).await;
+                }
+                let size = storage.open(CONTAINER, false)?.size()?;
+                let config = VolumeConfig {
+                    size,
+                    chunk_size: chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+                    partitions: partitions.unwrap_or(DEFAULT_PARTITIONS),
+                    backing: None,
+                    // RBD has no page cache here; librbd's cache is off.
+                    cache: CacheMode::Writeback,
+                };
+                Volume::create(name, storage, &config).await
+            })?;
+            Ok(Some(vol))
+        })
+    }
+
+    /// Builds a volume in `volumes/.creating-NAME/` with `build` and moves
+    /// it to `volumes/NAME/` (atomic: a crash leaves no half volume).
+    /// `build` returns the volume to serve, or `None` when it closed it and
+    /// it must be opened at its final place (over `parent` for a clone).
+    /// Under `mutate`.
+    fn install(
         &self,
         name: &str,
         parent: Option<Arc<Volume>>,
-        build: impl FnOnce(Storage) -> F,
+        build: impl FnOnce(&Path) -> Result<Option<Arc<Volume>>, VolumeError>,
     ) -> Result<Value, VolumeError> {
         let final_dir = self.volumes_dir.join(name);
         if self.lock_map().contains_key(name) || final_dir.exists() {
@@ -690,34 +798,39 @@ impl Registry {
             fs::remove_dir_all(&tmp_dir)?;
         }
         fs::create_dir(&tmp_dir)?;
-        let built = block_on(build(Storage::Dir(tmp_dir.clone())));
-        if let Err(e) = built {
-            let _ = fs::remove_dir_all(&tmp_dir);
-            return Err(e.into());
-        }
+        let built = match build(&tmp_dir) {
+            Ok(built) => built,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp_dir);
+                return Err(e);
+            }
+        };
         if let Err(e) = fs::rename(&tmp_dir, &final_dir).and_then(|_| sync_dir(&self.volumes_dir)) {
             let _ = fs::remove_dir_all(&tmp_dir);
             return Err(e.into());
         }
-        let opened = block_on(Volume::open_layered(
-            name,
-            Storage::Dir(final_dir.clone()),
-            WriteBackConfig::daemon_default(),
-            parent,
-        ));
-        let vol = match opened {
-            Ok(v) => v,
-            Err(e) => {
-                // Keep what is on disk (the operator may want it) but show it.
-                let msg = e.to_string();
-                self.lock_map()
-                    .insert(name.to_string(), Slot::Broken(msg.clone()));
-                return Err(VolumeError::new(
-                    ErrorKind::IoError,
-                    format!("volume {name} was created but cannot be opened: {msg}"),
-                ));
-            }
+        let vol = match built {
+            Some(vol) => vol,
+            None => match block_on(Volume::open_layered(
+                name,
+                Storage::Dir(final_dir.clone()),
+                WriteBackConfig::daemon_default(),
+                parent,
+            )) {
+                Ok(v) => v,
+                Err(e) => {
+                    // Keep what is on disk (the operator may want it) but show it.
+                    let msg = e.to_string();
+                    self.lock_map()
+                        .insert(name.to_string(), Slot::Broken(msg.clone()));
+                    return Err(VolumeError::new(
+                        ErrorKind::IoError,
+                        format!("volume {name} was created but cannot be opened: {msg}"),
+                    ));
+                }
+            },
         };
+        log::info!("volume {name} ({} bytes) is served", vol.size());
         let out = volume_json(&vol);
         self.lock_map().insert(name.to_string(), Slot::Ready(vol));
         out

@@ -287,6 +287,38 @@ impl Drop for Daemon {
     }
 }
 
+/// A daemon at `dir` accepting replication sources that prove `key` on a
+/// free loopback port (fixed, so that restarts keep it); `env` as in
+/// [`Daemon::start_with`]. Returns it and its `HOST:PORT`.
+pub fn replication_destination(dir: &Path, key: &Path, env: &[(&str, &str)]) -> (Daemon, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--replication-listen",
+        &listen,
+        "--replication-key-file",
+        key.to_str().unwrap(),
+    ];
+    (Daemon::start_with(dir, dir, &args, env), listen)
+}
+
+/// Waits until copy job `id` is done, failed or cancelled; its status.
+pub fn wait_job_ended(d: &Daemon, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = d.json(&["copy", "status", id]);
+        if matches!(v["state"].as_str(), Some("done" | "failed" | "cancelled")) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "job {id} never ended: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A temporary directory and the data directory inside it.
 pub fn tempdir() -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().unwrap();

@@ -1,0 +1,130 @@
+//! The part of librados' and librbd's C APIs snapblk calls, declared by hand.
+//!
+//! Why not a crate (issue 14, checked on crates.io): `ceph-rbd` 0.3.2 does
+//! not build on current Rust and is a stub; `librbd-sys` dates from 2016;
+//! `rbd-sys` 0.1.0 is a first bindgen release; `ceph` and `librados` cover
+//! RADOS only. Both C APIs are stable across Ceph releases and the handful
+//! of calls below is easier to audit here than a generated binding.
+
+use std::os::raw::{c_char, c_int, c_void};
+
+pub type RadosT = *mut c_void;
+pub type IoCtx = *mut c_void;
+pub type Image = *mut c_void;
+pub type Completion = *mut c_void;
+pub type Callback = extern "C" fn(Completion, *mut c_void);
+
+pub const LOCK_MODE_EXCLUSIVE: c_int = 0;
+
+#[repr(C)]
+#[derive(Default)]
+pub struct ClusterStat {
+    pub kb: u64,
+    pub kb_used: u64,
+    pub kb_avail: u64,
+    pub num_objects: u64,
+}
+
+#[link(name = "rados")]
+extern "C" {
+    pub fn rados_create2(
+        cluster: *mut RadosT,
+        cluster_name: *const c_char,
+        user_name: *const c_char,
+        flags: u64,
+    ) -> c_int;
+    pub fn rados_conf_read_file(cluster: RadosT, path: *const c_char) -> c_int;
+    pub fn rados_conf_set(cluster: RadosT, option: *const c_char, value: *const c_char) -> c_int;
+    pub fn rados_connect(cluster: RadosT) -> c_int;
+    pub fn rados_shutdown(cluster: RadosT);
+    pub fn rados_get_instance_id(cluster: RadosT) -> u64;
+    pub fn rados_getaddrs(cluster: RadosT, addrs: *mut *mut c_char) -> c_int;
+    pub fn rados_buffer_free(buf: *mut c_char);
+    pub fn rados_cluster_stat(cluster: RadosT, result: *mut ClusterStat) -> c_int;
+    pub fn rados_ioctx_create(cluster: RadosT, pool: *const c_char, io: *mut IoCtx) -> c_int;
+    pub fn rados_ioctx_destroy(io: IoCtx);
+    pub fn rados_stat(io: IoCtx, oid: *const c_char, size: *mut u64, mtime: *mut i64) -> c_int;
+    pub fn rados_read(
+        io: IoCtx,
+        oid: *const c_char,
+        buf: *mut c_char,
+        len: usize,
+        off: u64,
+    ) -> c_int;
+    pub fn rados_write_full(io: IoCtx, oid: *const c_char, buf: *const c_char, len: usize)
+        -> c_int;
+    pub fn rados_trunc(io: IoCtx, oid: *const c_char, size: u64) -> c_int;
+    pub fn rados_aio_create_completion2(
+        arg: *mut c_void,
+        complete: Callback,
+        c: *mut Completion,
+    ) -> c_int;
+    pub fn rados_aio_get_return_value(c: Completion) -> c_int;
+    pub fn rados_aio_release(c: Completion);
+    pub fn rados_aio_write(
+        io: IoCtx,
+        oid: *const c_char,
+        c: Completion,
+        buf: *const c_char,
+        len: usize,
+        off: u64,
+    ) -> c_int;
+    pub fn rados_aio_read(
+        io: IoCtx,
+        oid: *const c_char,
+        c: Completion,
+        buf: *mut c_char,
+        len: usize,
+        off: u64,
+    ) -> c_int;
+}
+
+#[link(name = "rbd")]
+extern "C" {
+    pub fn rbd_create(io: IoCtx, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
+    pub fn rbd_open(
+        io: IoCtx,
+        name: *const c_char,
+        image: *mut Image,
+        snap: *const c_char,
+    ) -> c_int;
+    pub fn rbd_close(image: Image) -> c_int;
+    pub fn rbd_get_size(image: Image, size: *mut u64) -> c_int;
+    pub fn rbd_resize(image: Image, size: u64) -> c_int;
+    pub fn rbd_lock_acquire(image: Image, mode: c_int) -> c_int;
+    pub fn rbd_lock_get_owners(
+        image: Image,
+        mode: *mut c_int,
+        owners: *mut *mut c_char,
+        max: *mut usize,
+    ) -> c_int;
+    pub fn rbd_lock_get_owners_cleanup(owners: *mut *mut c_char, count: usize);
+    pub fn rbd_lock_break(image: Image, mode: c_int, owner: *const c_char) -> c_int;
+    pub fn rbd_aio_create_completion(arg: *mut c_void, cb: Callback, c: *mut Completion) -> c_int;
+    pub fn rbd_aio_get_return_value(c: Completion) -> isize;
+    pub fn rbd_aio_release(c: Completion);
+    pub fn rbd_aio_read(
+        image: Image,
+        off: u64,
+        len: usize,
+        buf: *mut c_char,
+        c: Completion,
+    ) -> c_int;
+    pub fn rbd_aio_write(
+        image: Image,
+        off: u64,
+        len: usize,
+        buf: *const c_char,
+        c: Completion,
+    ) -> c_int;
+    pub fn rbd_aio_discard(image: Image, off: u64, len: u64, c: Completion) -> c_int;
+    pub fn rbd_aio_write_zeroes(
+        image: Image,
+        off: u64,
+        len: usize,
+        c: Completion,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> c_int;
+    pub fn rbd_aio_flush(image: Image, c: Completion) -> c_int;
+}

@@ -1,0 +1,736 @@
+//! Volumes in a Ceph pool: the engine's files as RBD images and RADOS objects.
+//!
+//! Owns: the connection to a cluster (one RADOS client per volume, so that
+//! blocklisting it fences exactly that volume), the volume's exclusive lock
+//! on its origin image, and the mapping of the engine's named files:
+//! - the origin is the RBD image `IMAGE` itself (any RBD client can read it);
+//! - each partition's change-log store is the RBD image `IMAGE.snapblk.NAME`
+//!   (thin; grown in steps as slots are used);
+//! - each partition's journal and the manifest are RADOS objects
+//!   `snapblk.IMAGE.NAME`: an acknowledged RADOS write is on every replica's
+//!   stable storage, and `rados_write_full` replaces an object atomically,
+//!   which is exactly what manifests and journal compaction need. A journal
+//!   object is bounded by the OSDs' `osd max object size` (128 MiB by
+//!   default, about 2 million preserved chunks between compactions).
+//!
+//! So everything needed to open a volume lives in the pool; a daemon keeps
+//! only a pointer to it.
+//!
+//! Durability: every image is opened with the RBD cache off, so a write is
+//! durable when librbd acknowledges it; FLUSH still goes through
+//! `rbd_aio_flush`. Fencing: a write refused with ESHUTDOWN means another
+//! daemon broke our lock and had us blocklisted; from then on every request
+//! fails at once with ESHUTDOWN and the loss is logged once.
+//!
+//! Must never: serve a volume whose lock it does not hold, or report a write
+//! before librbd/librados acknowledged it.
+
+mod ffi;
+
+use super::{CephSpec, Claim, Extent};
+use crate::engine::CONTAINER;
+use std::ffi::{CStr, CString};
+use std::future::Future;
+use std::io;
+use std::os::raw::{c_char, c_int, c_void};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
+
+/// Store images grow in steps this large: a resize is a metadata round trip.
+const STORE_GROWTH: u64 = 64 << 20;
+
+fn err(rc: impl Into<i64>) -> io::Error {
+    io::Error::from_raw_os_error(-(rc.into() as i32))
+}
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a Ceph name"))
+}
+
+/// One RADOS client and its I/O context in the volume's pool.
+struct Cluster {
+    rados: ffi::RadosT,
+    io: ffi::IoCtx,
+    /// `POOL/IMAGE`, for messages.
+    label: String,
+    fenced: AtomicBool,
+}
+
+// SAFETY: librados handles are thread-safe (the C API documents concurrent
+// use of a rados_t and of an ioctx from many threads).
+unsafe impl Send for Cluster {}
+unsafe impl Sync for Cluster {}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: created in `connect`; every image and object holds an Arc.
+        unsafe {
+            ffi::rados_ioctx_destroy(self.io);
+            ffi::rados_shutdown(self.rados);
+        }
+    }
+}
+
+impl Cluster {
+    fn connect(spec: &CephSpec) -> io::Result<Cluster> {
+        let label = format!("{}/{}", spec.pool, spec.image);
+        let user = cstr(&format!("client.{}", spec.id.as_deref().unwrap_or("admin")))?;
+        let mut rados: ffi::RadosT = std::ptr::null_mut();
+        // SAFETY: plain C calls on a handle we own; strings outlive them.
+        unsafe {
+            let rc = ffi::rados_create2(&mut rados, c"ceph".as_ptr(), user.as_ptr(), 0);
+            if rc < 0 {
+                return Err(err(rc));
+            }
+            let cluster = Cluster {
+                rados,
+                io: std::ptr::null_mut(),
+                label,
+                fenced: AtomicBool::new(false),
+            };
+            let conf = spec
+                .conf
+                .as_ref()
+                .map(|p| cstr(&p.to_string_lossy()))
+                .transpose()?;
+            let rc = ffi::rados_conf_read_file(
+                rados,
+                conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            );
+            if rc < 0 {
+                return Err(io::Error::new(
+                    err(rc).kind(),
+                    format!("cannot read the Ceph configuration: {}", err(rc)),
+                ));
+            }
+            // Writes durable when acknowledged; FLUSH stays cheap and exact.
+            ffi::rados_conf_set(rados, c"rbd_cache".as_ptr(), c"false".as_ptr());
+            let rc = ffi::rados_connect(rados);
+            if rc < 0 {
+                return Err(io::Error::new(
+                    err(rc).kind(),
+                    format!(
+                        "cannot connect to the Ceph cluster as {}: {}",
+                        user.to_string_lossy(),
+                        err(rc)
+                    ),
+                ));
+            }
+            let pool = cstr(&spec.pool)?;
+            let mut io_ctx: ffi::IoCtx = std::ptr::null_mut();
+            let rc = ffi::rados_ioctx_create(rados, pool.as_ptr(), &mut io_ctx);
+            if rc < 0 {
+                return Err(io::Error::new(
+                    err(rc).kind(),
+                    format!("Ceph pool {}: {}", spec.pool, err(rc)),
+                ));
+            }
+            let mut cluster = cluster;
+            cluster.io = io_ctx;
+            Ok(cluster)
+        }
+    }
+
+    /// Fails at once once fenced: nothing more reaches the cluster.
+    fn check_fenced(&self) -> io::Result<()> {
+        if self.fenced.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        Ok(())
+    }
+
+    /// Turns a librados/librbd return code into a result, noticing fencing.
+    fn result(&self, rc: i64) -> io::Result<i64> {
+        if rc >= 0 {
+            return Ok(rc);
+        }
+        if rc == -(libc::ESHUTDOWN as i64) && !self.fenced.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "Ceph volume {}: this daemon lost its lock (another daemon took the volume \
+                 over with --break-lock and blocklisted us); it is no longer served here and \
+                 every request on it fails",
+                self.label
+            );
+        }
+        Err(err(rc))
+    }
+
+    /// `client.ID at ADDR`, as `rbd status` shows this client.
+    fn whoami(&self) -> String {
+        // SAFETY: the returned buffer is freed with rados_buffer_free.
+        unsafe {
+            let id = ffi::rados_get_instance_id(self.rados);
+            let mut addrs: *mut c_char = std::ptr::null_mut();
+            if ffi::rados_getaddrs(self.rados, &mut addrs) < 0 || addrs.is_null() {
+                return format!("client.{id}");
+            }
+            let a = CStr::from_ptr(addrs).to_string_lossy().into_owned();
+            ffi::rados_buffer_free(addrs);
+            format!("client.{id} at {a}")
+        }
+    }
+}
+
+/// The state an asynchronous librbd/librados call completes into.
+struct Done {
+    state: Mutex<(Option<i64>, Option<Waker>)>,
+    cv: Condvar,
+}
+
+impl Done {
+    fn finish(&self, rc: i64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = Some(rc);
+        if let Some(w) = s.1.take() {
+            w.wake();
+        }
+        self.cv.notify_all();
+    }
+}
+
+extern "C" fn rbd_done(c: ffi::Completion, arg: *mut c_void) {
+    // SAFETY: `arg` is the Arc leaked by `Pending::start`; librbd calls this once.
+    let done = unsafe { Arc::from_raw(arg as *const Done) };
+    let rc = unsafe { ffi::rbd_aio_get_return_value(c) } as i64;
+    unsafe { ffi::rbd_aio_release(c) };
+    done.finish(rc);
+}
+
+extern "C" fn rados_done(c: ffi::Completion, arg: *mut c_void) {
+    // SAFETY: as in `rbd_done`.
+    let done = unsafe { Arc::from_raw(arg as *const Done) };
+    let rc = unsafe { ffi::rados_aio_get_return_value(c) } as i64;
+    unsafe { ffi::rados_aio_release(c) };
+    done.finish(rc);
+}
+
+#[derive(Clone, Copy)]
+enum Api {
+    Rbd,
+    Rados,
+}
+
+/// One call in flight. Its buffer is borrowed for as long as it lives, and
+/// dropping it before completion waits for librbd to finish with the buffer.
+struct Pending<'a> {
+    done: Arc<Done>,
+    cluster: &'a Cluster,
+}
+
+impl<'a> Pending<'a> {
+    /// `issue` submits the call with the completion; the buffer it uses
+    /// must live for `'a`.
+    fn start(
+        cluster: &'a Cluster,
+        api: Api,
+        issue: impl FnOnce(ffi::Completion) -> c_int,
+    ) -> io::Result<Pending<'a>> {
+        cluster.check_fenced()?;
+        let done = Arc::new(Done {
+            state: Mutex::new((None, None)),
+            cv: Condvar::new(),
+        });
+        let arg = Arc::into_raw(done.clone()) as *mut c_void;
+        let mut c: ffi::Completion = std::ptr::null_mut();
+        // SAFETY: the completion gets our leaked Arc; on any failure to
+        // submit, the callback never runs and we take the Arc back.
+        unsafe {
+            let rc = match api {
+                Api::Rbd => ffi::rbd_aio_create_completion(arg, rbd_done, &mut c),
+                Api::Rados => ffi::rados_aio_create_completion2(arg, rados_done, &mut c),
+            };
+            if rc < 0 {
+                drop(Arc::from_raw(arg as *const Done));
+                return Err(err(rc));
+            }
+            let rc = issue(c);
+            if rc < 0 {
+                match api {
+                    Api::Rbd => ffi::rbd_aio_release(c),
+                    Api::Rados => ffi::rados_aio_release(c),
+                }
+                drop(Arc::from_raw(arg as *const Done));
+                return Err(err(rc));
+            }
+        }
+        Ok(Pending { done, cluster })
+    }
+}
+
+impl Future for Pending<'_> {
+    type Output = io::Result<i64>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<i64>> {
+        let mut s = self.done.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.0 {
+            Some(rc) => Poll::Ready(self.cluster.result(rc)),
+            None => {
+                s.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut s = self.done.state.lock().unwrap_or_else(|e| e.into_inner());
+        while s.0.is_none() {
+            s = self.done.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// An open RBD image.
+pub struct Image {
+    cluster: Arc<Cluster>,
+    handle: ffi::Image,
+    size: AtomicU64,
+    /// Serializes growth, so concurrent writes past the end resize once.
+    grow: Mutex<()>,
+}
+
+// SAFETY: librbd image handles may be used from many threads at once.
+unsafe impl Send for Image {}
+unsafe impl Sync for Image {}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: opened in `Image::open`; closing also releases our lock.
+        unsafe { ffi::rbd_close(self.handle) };
+    }
+}
+
+impl Image {
+    fn open(cluster: &Arc<Cluster>, name: &str) -> io::Result<Image> {
+        let n = cstr(name)?;
+        let mut handle: ffi::Image = std::ptr::null_mut();
+        // SAFETY: plain calls; `handle` is ours once rbd_open succeeds.
+        let rc = unsafe { ffi::rbd_open(cluster.io, n.as_ptr(), &mut handle, std::ptr::null()) };
+        if rc < 0 {
+            return Err(io::Error::new(
+                err(rc).kind(),
+                format!("RBD image {}/{name}: {}", cluster_pool(cluster), err(rc)),
+            ));
+        }
+        let mut size = 0u64;
+        // SAFETY: `handle` is open.
+        let rc = unsafe { ffi::rbd_get_size(handle, &mut size) };
+        let image = Image {
+            cluster: cluster.clone(),
+            handle,
+            size: AtomicU64::new(size),
+            grow: Mutex::new(()),
+        };
+        cluster.result(rc as i64)?;
+        Ok(image)
+    }
+
+    /// Starts a librbd call; the buffer `issue` passes must outlive the result.
+    fn call<'a>(&'a self, issue: impl FnOnce(ffi::Completion) -> c_int) -> io::Result<Pending<'a>> {
+        Pending::start(&self.cluster, Api::Rbd, issue)
+    }
+
+    fn resize(&self, size: u64) -> io::Result<()> {
+        self.cluster.check_fenced()?;
+        // SAFETY: `handle` is open.
+        self.cluster
+            .result(unsafe { ffi::rbd_resize(self.handle, size) } as i64)?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes the image at least `end` bytes long. A blocking metadata call,
+    /// taken once per [`STORE_GROWTH`] of preserved data.
+    fn grow_to(&self, end: u64) -> io::Result<()> {
+        if end <= self.size.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let _g = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        if end <= self.size.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.resize(end.div_ceil(STORE_GROWTH) * STORE_GROWTH)
+    }
+}
+
+fn cluster_pool(c: &Cluster) -> &str {
+    c.label.split('/').next().unwrap_or("")
+}
+
+/// A RADOS object (journals; manifests are read and replaced whole).
+pub struct Object {
+    cluster: Arc<Cluster>,
+    oid: CString,
+}
+
+impl Object {
+    /// Starts a librados call, as [`Image::call`].
+    fn call<'a>(&'a self, issue: impl FnOnce(ffi::Completion) -> c_int) -> io::Result<Pending<'a>> {
+        Pending::start(&self.cluster, Api::Rados, issue)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        stat(&self.cluster, &self.oid)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("RADOS object {} is gone", self.oid.to_string_lossy()),
+            )
+        })
+    }
+
+    async fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.call(|c| unsafe {
+            let oid = self.oid.as_ptr();
+            ffi::rados_aio_write(
+                self.cluster.io,
+                oid,
+                c,
+                buf.as_ptr().cast(),
+                buf.len(),
+                offset,
+            )
+        })?
+        .await
+        .map(drop)
+    }
+}
+
+fn stat(cluster: &Cluster, oid: &CStr) -> io::Result<Option<u64>> {
+    cluster.check_fenced()?;
+    let (mut size, mut mtime) = (0u64, 0i64);
+    // SAFETY: plain call with out-pointers we own.
+    let rc = unsafe { ffi::rados_stat(cluster.io, oid.as_ptr(), &mut size, &mut mtime) };
+    if rc == -libc::ENOENT {
+        return Ok(None);
+    }
+    cluster.result(rc as i64)?;
+    Ok(Some(size))
+}
+
+/// One of a Ceph volume's files (see the module doc).
+#[derive(Clone)]
+pub enum CephFile {
+    Image(Arc<Image>),
+    Object(Arc<Object>),
+}
+
+impl CephFile {
+    pub fn size(&self) -> io::Result<u64> {
+        match self {
+            CephFile::Image(i) => Ok(i.size.load(Ordering::Relaxed)),
+            CephFile::Object(o) => o.size(),
+        }
+    }
+
+    pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let len = buf.len();
+        let n = match self {
+            CephFile::Image(i) => {
+                i.call(|c| unsafe {
+                    ffi::rbd_aio_read(i.handle, offset, len, buf.as_mut_ptr().cast(), c)
+                })?
+                .await?
+            }
+            CephFile::Object(o) => {
+                o.call(|c| unsafe {
+                    let oid = o.oid.as_ptr();
+                    ffi::rados_aio_read(o.cluster.io, oid, c, buf.as_mut_ptr().cast(), len, offset)
+                })?
+                .await?
+            }
+        };
+        // Past an object's end reads as zeros, as past a file's end would.
+        buf[(n as usize).min(len)..].fill(0);
+        Ok(())
+    }
+
+    pub async fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        match self {
+            CephFile::Image(i) => {
+                i.grow_to(offset + buf.len() as u64)?;
+                i.call(|c| unsafe {
+                    ffi::rbd_aio_write(i.handle, offset, buf.len(), buf.as_ptr().cast(), c)
+                })?
+                .await?;
+                if durable {
+                    self.flush().await?;
+                }
+                Ok(())
+            }
+            CephFile::Object(o) => o.write(buf, offset).await,
+        }
+    }
+
+    pub async fn flush(&self) -> io::Result<()> {
+        match self {
+            CephFile::Image(i) => i
+                .call(|c| unsafe { ffi::rbd_aio_flush(i.handle, c) })?
+                .await
+                .map(drop),
+            // An acknowledged RADOS write is already committed on every replica.
+            CephFile::Object(o) => o.cluster.check_fenced(),
+        }
+    }
+
+    pub async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            CephFile::Image(i) => i
+                .call(|c| unsafe { ffi::rbd_aio_discard(i.handle, offset, len, c) })?
+                .await
+                .map(drop),
+            CephFile::Object(_) => self.zero_range(offset, len).await,
+        }
+    }
+
+    pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            CephFile::Image(i) => i
+                .call(|c| unsafe {
+                    ffi::rbd_aio_write_zeroes(i.handle, offset, len as usize, c, 0, 0)
+                })?
+                .await
+                .map(drop),
+            CephFile::Object(o) => o.write(&vec![0; len as usize], offset).await,
+        }
+    }
+
+    /// Bytes the file addresses (RBD images are thin; Ceph's own accounting
+    /// is `rbd du`, which would cost a scan per call).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        self.size()
+    }
+
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        vec![Extent {
+            offset,
+            len,
+            data: true,
+        }]
+    }
+
+    pub async fn truncate(&self, len: u64) -> io::Result<()> {
+        match self {
+            CephFile::Image(i) => i.resize(len),
+            CephFile::Object(o) => {
+                o.cluster.check_fenced()?;
+                // SAFETY: plain call on our ioctx.
+                let rc = unsafe { ffi::rados_trunc(o.cluster.io, o.oid.as_ptr(), len) };
+                o.cluster.result(rc as i64).map(drop)
+            }
+        }
+    }
+}
+
+/// A Ceph volume's "directory": its pool, its image and the lock on it.
+pub struct Pool {
+    cluster: Arc<Cluster>,
+    spec: CephSpec,
+    origin: Arc<Image>,
+    /// Who we are, as the lock's holder.
+    holder: String,
+}
+
+impl Pool {
+    /// Connects, opens (or creates) the origin image and takes its exclusive
+    /// lock explicitly, so that librbd never hands it to another client on
+    /// request: only `--break-lock` (which blocklists us) takes it away.
+    pub fn connect(spec: &CephSpec, claim: Claim) -> io::Result<Pool> {
+        let cluster = Arc::new(Cluster::connect(spec)?);
+        let name = cstr(&spec.image)?;
+        if let Claim::Create(size) = claim {
+            let mut order: c_int = 0;
+            // SAFETY: plain call.
+            let rc = unsafe { ffi::rbd_create(cluster.io, name.as_ptr(), size, &mut order) };
+            if rc == -libc::EEXIST {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "RBD image {} already exists; serve it with `snapblk volume import \
+                         NAME --ceph {}` (or attach it if another daemon made it a volume)",
+                        cluster.label, cluster.label
+                    ),
+                ));
+            }
+            cluster.result(rc as i64)?;
+        }
+        let origin = Arc::new(Image::open(&cluster, &spec.image)?);
+        let owners = lock_owners(&origin)?;
+        if !owners.is_empty() {
+            if claim != Claim::BreakLock {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "RBD image {} is locked by {} (another snapblk daemon, or a dead one); \
+                         if that daemon is dead or must give it up, take it over with \
+                         `snapblk volume attach NAME --ceph {} --break-lock`",
+                        cluster.label,
+                        owners.join(", "),
+                        cluster.label
+                    ),
+                ));
+            }
+            for owner in &owners {
+                log::warn!(
+                    "Ceph volume {}: breaking the lock of {owner} and blocklisting it",
+                    cluster.label
+                );
+                let o = cstr(owner)?;
+                // SAFETY: plain call on our open image.
+                let rc = unsafe {
+                    ffi::rbd_lock_break(origin.handle, ffi::LOCK_MODE_EXCLUSIVE, o.as_ptr())
+                };
+                cluster.result(rc as i64)?;
+            }
+        }
+        // SAFETY: plain call on our open image.
+        let rc = unsafe { ffi::rbd_lock_acquire(origin.handle, ffi::LOCK_MODE_EXCLUSIVE) };
+        if rc < 0 {
+            return Err(io::Error::new(
+                err(rc).kind(),
+                format!(
+                    "cannot take the exclusive lock of RBD image {}: {} (is the \
+                     exclusive-lock feature on? another daemon holding it?)",
+                    cluster.label,
+                    err(rc)
+                ),
+            ));
+        }
+        let holder = cluster.whoami();
+        Ok(Pool {
+            cluster,
+            spec: spec.clone(),
+            origin,
+            holder,
+        })
+    }
+
+    pub fn spec(&self) -> &CephSpec {
+        &self.spec
+    }
+
+    /// This daemon's RADOS client, which holds the lock.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Whether another daemon took the volume away (see the module doc).
+    pub fn fenced(&self) -> bool {
+        self.cluster.fenced.load(Ordering::Relaxed)
+    }
+
+    fn object_id(&self, name: &str) -> io::Result<CString> {
+        cstr(&format!("snapblk.{}.{name}", self.spec.image))
+    }
+
+    /// The engine's file `name` (see the module doc for what maps where).
+    pub fn open(&self, name: &str, create: bool) -> io::Result<CephFile> {
+        if name == CONTAINER {
+            return Ok(CephFile::Image(self.origin.clone()));
+        }
+        if name.ends_with(".store") {
+            let image = format!("{}.snapblk.{name}", self.spec.image);
+            if create {
+                let n = cstr(&image)?;
+                let mut order: c_int = 0;
+                // SAFETY: plain call.
+                let rc = unsafe { ffi::rbd_create(self.cluster.io, n.as_ptr(), 0, &mut order) };
+                if rc != -libc::EEXIST {
+                    self.cluster.result(rc as i64)?;
+                }
+            }
+            return Ok(CephFile::Image(Arc::new(Image::open(
+                &self.cluster,
+                &image,
+            )?)));
+        }
+        let oid = self.object_id(name)?;
+        if stat(&self.cluster, &oid)?.is_none() {
+            if !create {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "RADOS object {} is missing from pool {}",
+                        oid.to_string_lossy(),
+                        self.spec.pool
+                    ),
+                ));
+            }
+            self.write_full(&oid, &[])?;
+        }
+        Ok(CephFile::Object(Arc::new(Object {
+            cluster: self.cluster.clone(),
+            oid,
+        })))
+    }
+
+    fn write_full(&self, oid: &CStr, bytes: &[u8]) -> io::Result<()> {
+        self.cluster.check_fenced()?;
+        // SAFETY: plain call; `bytes` outlives it.
+        let rc = unsafe {
+            ffi::rados_write_full(
+                self.cluster.io,
+                oid.as_ptr(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+            )
+        };
+        self.cluster.result(rc as i64).map(drop)
+    }
+
+    pub fn read_manifest(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        let oid = self.object_id(name)?;
+        let Some(size) = stat(&self.cluster, &oid)? else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0u8; size as usize];
+        // SAFETY: `bytes` is `size` long.
+        let rc = unsafe {
+            ffi::rados_read(
+                self.cluster.io,
+                oid.as_ptr(),
+                bytes.as_mut_ptr().cast(),
+                bytes.len(),
+                0,
+            )
+        };
+        let n = self.cluster.result(rc as i64)?;
+        bytes.truncate(n as usize);
+        Ok(Some(bytes))
+    }
+
+    /// Atomic: RADOS applies a whole-object write all or nothing.
+    pub fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        self.write_full(&self.object_id(name)?, bytes)
+    }
+
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let mut st = ffi::ClusterStat::default();
+        // SAFETY: plain call with an out-pointer we own.
+        let rc = unsafe { ffi::rados_cluster_stat(self.cluster.rados, &mut st) };
+        self.cluster.result(rc as i64)?;
+        Ok(st.kb_avail * 1024)
+    }
+}
+
+fn lock_owners(image: &Image) -> io::Result<Vec<String>> {
+    let mut owners: [*mut c_char; 8] = [std::ptr::null_mut(); 8];
+    let mut max = owners.len();
+    let mut mode: c_int = 0;
+    // SAFETY: `owners` holds `max` pointers; librbd fills `max` of them,
+    // which the cleanup call frees.
+    unsafe {
+        let rc = ffi::rbd_lock_get_owners(image.handle, &mut mode, owners.as_mut_ptr(), &mut max);
+        if rc == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        image.cluster.result(rc as i64)?;
+        let out = owners[..max]
+            .iter()
+            .map(|&p| CStr::from_ptr(p).to_string_lossy().into_owned())
+            .collect();
+        ffi::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), max);
+        Ok(out)
+    }
+}

@@ -1,0 +1,490 @@
+//! Volumes in a Ceph pool (cargo feature `ceph`), against a throwaway
+//! one-node cluster that `scripts/ceph-cluster` starts once for this test
+//! binary and stops at exit:
+//! - the engine against a model on the Ceph backend, with crashes (the
+//!   volume abandoned without a flush and taken over with --break-lock);
+//! - real clients (qemu-img, nbdcopy, fio verify) on a Ceph volume's export,
+//!   and an image rbd wrote, imported with its data;
+//! - failover: kill -9 of the serving daemon, another daemon attaches with
+//!   --break-lock and finds every flushed write and every snapshot, the old
+//!   one restarted is fenced and says so; a live daemon whose lock is broken
+//!   stops serving the volume;
+//! - snapshots, a copy job and a replication link on a Ceph volume, exact.
+#![cfg(feature = "ceph")]
+
+mod common;
+
+use common::*;
+use snapblk::backend::memory::SplitMix;
+use snapblk::backend::{CephSpec, Claim, Storage};
+use snapblk::engine::{CacheMode, Volume, VolumeConfig, WriteBackConfig};
+use snapblk::runtime::block_on;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+static DIR: OnceLock<PathBuf> = OnceLock::new();
+static CONF: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+extern "C" fn stop_cluster() {
+    if let Some(dir) = DIR.get() {
+        let _ = Command::new(script()).arg("stop").arg(dir).status();
+    }
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph-cluster")
+}
+
+/// The cluster's ceph.conf; `None` (and a loud SKIP) without the Ceph
+/// binaries, which `scripts/test` installs so that CI never skips.
+fn cluster(test: &str) -> Option<&'static Path> {
+    let conf = CONF.get_or_init(|| {
+        if !have_bin("ceph-mon") || !have_bin("ceph-osd") {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("snapblk-ceph-{}", std::process::id()));
+        DIR.set(dir.clone()).unwrap();
+        // SAFETY: registers a plain function to run at exit.
+        unsafe { libc::atexit(stop_cluster) };
+        run_ok(Command::new(script()).arg("start").arg(&dir));
+        Some(dir.join("ceph.conf"))
+    });
+    if conf.is_none() {
+        eprintln!(
+            "SKIP {test}: the Ceph binaries (ceph-mon, ceph-osd) are not installed; \
+             scripts/test installs them"
+        );
+    }
+    conf.as_deref()
+}
+
+fn have_bin(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false)
+}
+
+fn spec(conf: &Path, image: &str) -> CephSpec {
+    CephSpec {
+        pool: "rbd".into(),
+        image: image.into(),
+        conf: Some(conf.to_path_buf()),
+        id: None,
+    }
+}
+
+const BLOCK: usize = 4096;
+const BLOCKS: usize = 48;
+
+fn block_bytes(tag: u64, block: usize) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    if tag != 0 {
+        let mut rng = SplitMix(tag * 1000 + block as u64);
+        for w in b.chunks_mut(8) {
+            w.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+    }
+    b
+}
+
+async fn read_block(view: &snapblk::engine::View, block: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; BLOCK];
+    view.read((block * BLOCK) as u64, &mut buf).await.unwrap();
+    buf
+}
+
+/// Random writes, flushes, snapshot creates and deletes and crashes on a
+/// Ceph volume, checked against a model after every crash: each snapshot
+/// reads exactly its image; each block holds its value at the last flush
+/// or a value written after it.
+#[test]
+fn engine_model_with_crashes_on_the_ceph_backend() {
+    let Some(conf) = cluster("engine_model_with_crashes_on_the_ceph_backend") else {
+        return;
+    };
+    let writeback = || WriteBackConfig {
+        limit_bytes: 16 * 1024,
+        commit_delay: Duration::ZERO,
+        background: false,
+    };
+    for seed in 1..=3u64 {
+        let image = format!("model{seed}");
+        let config = VolumeConfig {
+            size: (BLOCKS * BLOCK) as u64,
+            chunk_size: BLOCK as u32,
+            partitions: 2,
+            backing: None,
+            cache: CacheMode::Writeback,
+        };
+        let storage =
+            Storage::connect_ceph(&spec(conf, &image), Claim::Create(config.size)).unwrap();
+        let mut vol = block_on(Volume::create_with("v", storage, &config, writeback())).unwrap();
+        let mut rng = SplitMix(seed);
+        let mut next_tag = 1u64;
+        // Per block: the value at the last flush, and values written since.
+        let mut flushed = vec![0u64; BLOCKS];
+        let mut since: Vec<Vec<u64>> = vec![Vec::new(); BLOCKS];
+        let mut current = vec![0u64; BLOCKS];
+        let mut snaps: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for step in 0..120 {
+            match rng.next_u64() % 20 {
+                0..=11 => {
+                    let first = (rng.next_u64() % BLOCKS as u64) as usize;
+                    let n = 1 + (rng.next_u64() % 4) as usize;
+                    let n = n.min(BLOCKS - first);
+                    let mut data = Vec::new();
+                    for b in first..first + n {
+                        data.extend(block_bytes(next_tag, b));
+                        current[b] = next_tag;
+                        since[b].push(next_tag);
+                    }
+                    next_tag += 1;
+                    block_on(vol.live().write((first * BLOCK) as u64, &data, false)).unwrap();
+                }
+                12..=13 => {
+                    block_on(vol.live().flush()).unwrap();
+                    flushed.clone_from(&current);
+                    since.iter_mut().for_each(Vec::clear);
+                }
+                14..=15 => {
+                    let name = format!("s{step}");
+                    block_on(vol.create_snapshot(&name)).unwrap();
+                    // Taking a snapshot makes every acknowledged write durable.
+                    flushed.clone_from(&current);
+                    since.iter_mut().for_each(Vec::clear);
+                    snaps.insert(name, current.clone());
+                }
+                16 => {
+                    if let Some(name) = snaps.keys().next().cloned() {
+                        block_on(vol.delete_snapshot(&name)).unwrap();
+                        snaps.remove(&name);
+                    }
+                }
+                _ => {
+                    // The daemon dies: nothing is shut down or flushed, and
+                    // the next one breaks its lock.
+                    drop(vol);
+                    let storage =
+                        Storage::connect_ceph(&spec(conf, &image), Claim::BreakLock).unwrap();
+                    vol = block_on(Volume::open_with("v", storage, writeback())).unwrap();
+                    let live = vol.live();
+                    for b in 0..BLOCKS {
+                        let got = block_on(read_block(&live, b));
+                        let tag = std::iter::once(flushed[b])
+                            .chain(since[b].iter().copied())
+                            .find(|&t| got == block_bytes(t, b))
+                            .unwrap_or_else(|| {
+                                panic!(
+                                    "seed {seed} step {step}: block {b} holds data never written"
+                                )
+                            });
+                        current[b] = tag;
+                    }
+                    flushed.clone_from(&current);
+                    since.iter_mut().for_each(Vec::clear);
+                }
+            }
+            for (name, image) in &snaps {
+                let view = vol.snapshot_view(name).unwrap();
+                for (b, &tag) in image.iter().enumerate() {
+                    assert!(
+                        block_on(read_block(&view, b)) == block_bytes(tag, b),
+                        "seed {seed} step {step}: snapshot {name} block {b} changed"
+                    );
+                }
+            }
+        }
+        block_on(vol.shutdown()).unwrap();
+    }
+}
+
+fn create(d: &Daemon, conf: &Path, name: &str, size: &str) {
+    d.ok(&[
+        "volume",
+        "create",
+        name,
+        "--size",
+        size,
+        "--ceph",
+        &format!("rbd/{name}"),
+        "--ceph-conf",
+        conf.to_str().unwrap(),
+    ]);
+}
+
+fn file_with(dir: &Path, name: &str, seed: u64, len: usize) -> (PathBuf, Vec<u8>) {
+    let p = dir.join(name);
+    let data = random_bytes(seed, len);
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
+}
+
+/// qemu-img, nbdcopy and fio's verify against a Ceph volume's export.
+#[test]
+fn real_clients_on_a_ceph_volume() {
+    let Some(conf) = cluster("real_clients_on_a_ceph_volume") else {
+        return;
+    };
+    if skip_without(
+        "real_clients_on_a_ceph_volume",
+        &["qemu-img", "nbdcopy", "fio"],
+    ) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    create(&d, conf, "clients", "16M");
+    let info = d.json(&["volume", "info", "clients"]);
+    assert_eq!(info["backend"], "ceph");
+    assert_eq!(info["ceph"]["image"], "clients");
+    let (src, data) = file_with(t.path(), "src.img", 7, 16 << 20);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(d.uri("clients")),
+    );
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(d.uri("clients")),
+    );
+    let out = t.path().join("out.img");
+    run_ok(Command::new("nbdcopy").arg(d.uri("clients")).arg(&out));
+    assert_same(
+        "nbdcopy of the Ceph volume",
+        &std::fs::read(&out).unwrap(),
+        &data,
+    );
+    // The RBD image itself holds the data (any RBD client can read it).
+    let exported = t.path().join("rbd-export.img");
+    run_ok(
+        Command::new("rbd")
+            .arg("-c")
+            .arg(conf)
+            .args(["export", "rbd/clients"])
+            .arg(&exported),
+    );
+    assert_same("rbd export", &std::fs::read(&exported).unwrap(), &data);
+    // An RBD image written by rbd itself, imported with its data.
+    run_ok(
+        Command::new("rbd")
+            .arg("-c")
+            .arg(conf)
+            .arg("import")
+            .arg(&src)
+            .arg("rbd/imported"),
+    );
+    d.ok(&[
+        "volume",
+        "import",
+        "imp",
+        "--ceph",
+        "rbd/imported",
+        "--ceph-conf",
+        conf.to_str().unwrap(),
+    ]);
+    assert_eq!(d.json(&["volume", "info", "imp"])["capacity"], 16 << 20);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(d.uri("imp")),
+    );
+    let fio = run_ok(Command::new("fio").args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={}", d.uri("clients")),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=8M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+    ]));
+    assert!(fio.contains("verify"), "{fio}");
+}
+
+/// A writer that acknowledges flushed writes, then the daemon is killed;
+/// another daemon takes the volume over with --break-lock.
+#[test]
+fn failover_with_kill9_and_break_lock() {
+    let Some(conf) = cluster("failover_with_kill9_and_break_lock") else {
+        return;
+    };
+    if skip_without("failover_with_kill9_and_break_lock", &["qemu-io"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let mut a = Daemon::start(&dir);
+    create(&a, conf, "fo", "8M");
+    // Flushed writes, a snapshot between them.
+    qemu_io_ok(
+        &a.uri("fo"),
+        false,
+        &["write -P 1 0 1M", "write -P 2 4M 64k", "flush"],
+    );
+    a.ok(&["snapshot", "create", "fo", "before"]);
+    qemu_io_ok(
+        &a.uri("fo"),
+        false,
+        &["write -P 3 0 64k", "write -P 4 7M 1M", "flush"],
+    );
+    let _ = a.signal(libc::SIGKILL);
+
+    let b = Daemon::start(&t.path().join("b"));
+    let conf_s = conf.to_str().unwrap();
+    let e = b.fails(&attach_args(conf_s, false));
+    assert!(
+        e.contains("is locked by") && e.contains("--break-lock"),
+        "{e}"
+    );
+    let started = Instant::now();
+    b.ok(&attach_args(conf_s, true));
+    qemu_io_ok(&b.uri("fo"), false, &["write -P 5 6M 4k", "flush"]);
+    eprintln!(
+        "failover: attach to first flushed write {:?}",
+        started.elapsed()
+    );
+    qemu_io_ok(
+        &b.uri("fo"),
+        true,
+        &[
+            "read -P 3 0 64k",
+            "read -P 1 64k 960k",
+            "read -P 2 4M 64k",
+            "read -P 4 7M 1M",
+            "read -P 5 6M 4k",
+        ],
+    );
+    qemu_io_ok(
+        &b.uri("fo@before"),
+        true,
+        &["read -P 1 0 1M", "read -P 2 4M 64k", "read -P 0 7M 1M"],
+    );
+    let info = b.json(&["volume", "info", "fo"]);
+    assert_eq!(info["snapshot_list"][0]["name"], "before");
+    let holder = info["ceph"]["lock_holder"].as_str().unwrap().to_string();
+
+    // A comes back: fenced, and it says who holds the volume.
+    a.restart();
+    let list = a.json(&["volume", "list"]);
+    let state = list[0]["state"].as_str().unwrap();
+    assert!(
+        state.contains("is locked by") && state.contains("--break-lock"),
+        "{state}"
+    );
+    let (ok, text) = qemu_io(&a.uri("fo"), false, &["write -P 9 0 4k"]);
+    assert!(!ok || text.contains("failed"), "{text}");
+    qemu_io_ok(&b.uri("fo"), true, &["read -P 3 0 64k"]);
+
+    // A live holder whose lock is broken stops serving the volume at once.
+    let c = Daemon::start(&t.path().join("c"));
+    c.ok(&attach_args(conf_s, true));
+    assert_ne!(
+        c.json(&["volume", "info", "fo"])["ceph"]["lock_holder"],
+        holder.as_str()
+    );
+    let (ok, text) = qemu_io(&b.uri("fo"), false, &["write -P 8 0 4k", "flush"]);
+    assert!(
+        !ok || text.contains("failed"),
+        "the fenced daemon still wrote: {text}"
+    );
+    assert!(b.log().contains("lost its lock"), "{}", b.log());
+    let state = b.json(&["volume", "info", "fo"])["state"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(state.starts_with("fenced"), "{state}");
+    qemu_io_ok(&c.uri("fo"), true, &["read -P 3 0 64k", "read -P 5 6M 4k"]);
+}
+
+/// `volume attach fo --ceph rbd/fo ...`.
+fn attach_args(conf: &str, break_lock: bool) -> Vec<&str> {
+    let mut args = vec![
+        "volume",
+        "attach",
+        "fo",
+        "--ceph",
+        "rbd/fo",
+        "--ceph-conf",
+        conf,
+    ];
+    if break_lock {
+        args.push("--break-lock");
+    }
+    args
+}
+
+/// Snapshots, a live copy job and a replication link on a Ceph volume,
+/// each compared byte for byte.
+#[test]
+fn snapshots_copy_and_replication_on_a_ceph_volume() {
+    let Some(conf) = cluster("snapshots_copy_and_replication_on_a_ceph_volume") else {
+        return;
+    };
+    if skip_without("snapshots_copy_and_replication", &["qemu-img", "nbdcopy"]) {
+        return;
+    }
+    let (t, dir) = tempdir();
+    let key = t.path().join("key");
+    std::fs::write(&key, "a replication key for the ceph test\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let d = Daemon::start(&dir);
+    create(&d, conf, "snaps", "8M");
+    let (first, first_data) = file_with(t.path(), "first.img", 11, 8 << 20);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&first)
+            .arg(d.uri("snaps")),
+    );
+    d.ok(&["snapshot", "create", "snaps", "s1"]);
+    qemu_io_ok(
+        &d.uri("snaps"),
+        false,
+        &["write -P 0xaa 1M 2M", "write -P 0xbb 7M 64k"],
+    );
+    // The snapshot reads its image.
+    let s1 = t.path().join("s1.img");
+    run_ok(Command::new("nbdcopy").arg(d.uri("snaps@s1")).arg(&s1));
+    assert_same("snapshot s1", &std::fs::read(&s1).unwrap(), &first_data);
+    // A copy job of the live volume while it stays writable.
+    let target = t.path().join("copy.img");
+    let id = d.ok(&["copy", "start", "snaps", "--to", target.to_str().unwrap()]);
+    let job = wait_job_ended(&d, id.trim());
+    assert_eq!(job["state"], "done", "{job}");
+    let live = t.path().join("live.img");
+    run_ok(Command::new("nbdcopy").arg(d.uri("snaps")).arg(&live));
+    assert_same(
+        "copy job",
+        &std::fs::read(&target).unwrap(),
+        &std::fs::read(&live).unwrap(),
+    );
+    // Replication to a local volume on another daemon.
+    let (dst, listen) = replication_destination(&t.path().join("dst"), &key, &[]);
+    d.ok(&[
+        "replicate",
+        "start",
+        "snaps",
+        "--to",
+        &format!("{listen}/r"),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--cp-interval",
+        "1h",
+    ]);
+    qemu_io_ok(&d.uri("snaps"), false, &["write -P 0xcc 5M 128k", "flush"]);
+    d.json(&["replicate", "cp", "snaps"]);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(d.uri("snaps"))
+            .arg(dst.uri("r")),
+    );
+}
