@@ -1195,6 +1195,11 @@ mod clones {
         })
     }
 
+    /// Whether a clone's ownership map is on its (memory) disk.
+    fn has_owned_map(storage: &Storage) -> bool {
+        matches!(storage, Storage::Memory(d) if d.file_len("owned.map").is_some())
+    }
+
     async fn step(world: &mut World, op: &WorldOp) -> Result<(), EngineError> {
         match op {
             WorldOp::Parent(Op::DeleteSnapshot { pick })
@@ -1223,6 +1228,10 @@ mod clones {
                     None => {
                         clone.finish_flatten().await?;
                         assert!(clone.info().unwrap().parent.is_none());
+                        assert!(
+                            !has_owned_map(&world.clone.storage),
+                            "a flattened clone kept its ownership map"
+                        );
                         world.flatten_at = None;
                     }
                 }
@@ -1347,6 +1356,51 @@ mod clones {
         });
     }
 
+    /// A power cut at every point of a flatten's end: the clone either
+    /// still has its parent (the flatten can run again) or is independent
+    /// and, once opened, has no ownership map left.
+    #[test]
+    fn power_cuts_at_the_end_of_a_flatten_leave_no_ownership_map() {
+        block_on(async {
+            let (_, _, parent) = new_volume().await;
+            parent
+                .live()
+                .write(0, &vec![5u8; SIZE as usize], false)
+                .await
+                .unwrap();
+            parent.create_snapshot(BASE).await.unwrap();
+            let mut cut = 0;
+            loop {
+                let disk = MemDisk::new();
+                let storage = Storage::Memory(disk.clone());
+                let clone = Volume::create_clone("c", storage, &parent, BASE, writeback())
+                    .await
+                    .unwrap();
+                clone.live().write(0, &[7u8; 512], true).await.unwrap();
+                clone.begin_flatten().await.unwrap();
+                while clone.flatten_step(0, 1 << 20).await.unwrap().is_some() {}
+                disk.crash_after(disk.operations() + cut);
+                let finished = clone.finish_flatten().await;
+                let after = Storage::Memory(disk.power_cut(&mut SplitMix(cut)));
+                let clone = open_clone(&after, &parent).await.unwrap();
+                let independent = clone.info().unwrap().parent.is_none();
+                assert!(
+                    !(independent && has_owned_map(&after)),
+                    "cut at op {cut}: a flattened clone kept its ownership map"
+                );
+                let mut buf = vec![0u8; SIZE as usize];
+                clone.live().read(0, &mut buf).await.unwrap();
+                assert_eq!(buf[..512], [7u8; 512], "cut at op {cut}");
+                assert!(buf[512..].iter().all(|&b| b == 5), "cut at op {cut}");
+                if finished.is_ok() {
+                    assert!(independent);
+                    break;
+                }
+                cut += 1;
+            }
+        });
+    }
+
     mod crash {
         use super::*;
 
@@ -1437,6 +1491,10 @@ mod clones {
             // A flatten resumes where the ownership map says; a finished
             // one left the clone independent.
             let flatten_at = clone.info().unwrap().parent.is_some().then_some(0);
+            assert!(
+                flatten_at.is_some() || !has_owned_map(&clone_storage),
+                "{ctx}: the flattened clone's ownership map survived its open"
+            );
             let base_deleted = !parent_model.snapshots.contains_key(BASE);
             let mut world = World {
                 parent: Side {

@@ -1,7 +1,8 @@
 //! Rollback and clones end to end (issue 12 parts 1-2), against the real
 //! daemon and real clients (qemu-io writes, qemu-img compare checks):
-//! `snapshot revert` refused while a copy job uses the volume and allowed
-//! with --force, the live image equal to the snapshot afterwards and newer
+//! `snapshot revert` refused while a copy job or a read-write NBD client
+//! (libnbd) uses the volume and allowed with --force, which disconnects the
+//! NBD writer but not a reader of the snapshot, the live image equal to the snapshot afterwards and newer
 //! snapshots intact; `volume clone` reading the snapshot, writing
 //! independently of its parent, cloned again, surviving restarts, pinning
 //! the parent snapshot until `volume flatten` (which resumes after a
@@ -171,6 +172,106 @@ fn revert_refuses_writers_rewrites_only_changes_and_keeps_newer_snapshots() {
     assert!(same(&d, "v", "v@s1"));
 }
 
+/// A libnbd client holding export `sys.argv[1]` open: it reads once (so
+/// the server is past negotiation), prints `connected`, then per stdin line
+/// `w` writes 64 KiB of 0x55 at 0, `r` reads the first byte, and prints
+/// `ok BYTE` or `err`.
+const HOLD: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pread(512, 0)
+print("connected", flush=True)
+for line in sys.stdin:
+    try:
+        if line.strip() == "w":
+            h.pwrite(b"\x55" * 65536, 0)
+            h.flush()
+            print("ok", flush=True)
+        else:
+            print("ok %02x" % h.pread(512, 0)[0], flush=True)
+    except Exception as e:
+        print("err", e, flush=True)
+"#;
+
+/// Starts [`HOLD`] on `uri` and waits until it is connected.
+fn hold(
+    uri: String,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    use std::io::BufRead;
+    let mut c = common::py_spawn(HOLD, &[uri], true);
+    let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected", "{}", common::read_stderr(&mut c));
+    (c, out)
+}
+
+/// Sends one command to a [`hold`] client; returns its answer.
+fn ask(
+    c: &mut (
+        std::process::Child,
+        std::io::BufReader<std::process::ChildStdout>,
+    ),
+    cmd: &str,
+) -> String {
+    use std::io::{BufRead, Write};
+    writeln!(c.0.stdin.as_mut().unwrap(), "{cmd}").unwrap();
+    let mut line = String::new();
+    c.1.read_line(&mut line).unwrap();
+    line.trim().to_string()
+}
+
+#[test]
+fn forced_revert_disconnects_nbd_writers_and_keeps_snapshot_readers() {
+    if skip_without("revert_nbd", &["qemu-img", "qemu-io"]) || common::python().is_none() {
+        return;
+    }
+    let (_t, d) = snapshotted("16M", "write -P 0x11 0 16M", "s1");
+    let mut writer = hold(d.uri("v"));
+    let mut reader = hold(d.uri("v@s1"));
+    assert_eq!(ask(&mut writer, "w"), "ok");
+    qemu_io_ok(&d.uri("v"), true, &["read -P 0x55 0 64K"]);
+
+    // Refused, naming the client and the way out; nothing changes.
+    let e = d.fails(&["snapshot", "revert", "v", "s1"]);
+    assert!(
+        e.contains("written by NBD client(s): connection")
+            && e.contains("disconnect them")
+            && e.contains("--force"),
+        "{e}"
+    );
+    assert_eq!(
+        ask(&mut writer, "r"),
+        "ok 55",
+        "a refused revert cut the writer"
+    );
+
+    // Forced: the writer is disconnected, the volume reverted, the reader
+    // of s1 stays connected and reads on.
+    let r = d.json(&["snapshot", "revert", "v", "s1", "--force"]);
+    assert_eq!(r["changed_bytes"], 65536, "{r}");
+    assert!(
+        ask(&mut writer, "w").starts_with("err"),
+        "the NBD writer still writes after a forced revert"
+    );
+    assert!(
+        same(&d, "v", "v@s1"),
+        "the live volume differs from s1 after a forced revert"
+    );
+    assert_eq!(ask(&mut reader, "r"), "ok 11", "the reader of v@s1 was cut");
+    // The volume takes writers again.
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x66 0 64K"]);
+    assert_eq!(ask(&mut reader, "r"), "ok 11");
+    for mut c in [writer, reader] {
+        drop(c.0.stdin.take());
+        c.0.wait().unwrap();
+    }
+}
+
 #[test]
 fn clones_read_the_snapshot_write_alone_pin_the_parent_until_flattened() {
     if skip_without("clones", &["qemu-img", "qemu-io"]) {
@@ -322,6 +423,10 @@ fn flatten_resumes_after_kill9() {
         done.get("flatten").is_none_or(|f| f["state"] == "done"),
         "{done}"
     );
+    assert!(
+        !t.path().join("data/volumes/c/owned.map").exists(),
+        "the flattened clone kept its ownership map"
+    );
     d.ok(&["snapshot", "delete", "v", "base"]);
     d.ok(&["volume", "delete", "v"]);
     assert!(equals_file(&d, "c", &img), "the flattened clone differs");
@@ -399,4 +504,88 @@ fn a_hundred_clones_of_a_filled_1g_volume() {
 fn du(dir: &Path) -> u64 {
     let out = run_ok(Command::new("du").args(["-s", "-B1"]).arg(dir));
     out.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Issue 12 part 2, "a clone can be ... copied, replicated ... and cloned
+/// again": a clone's replica holds the chunks it never wrote (read from its
+/// parent snapshot) too; a copy of a clone's snapshot, and a clone of that
+/// snapshot, read as it.
+#[test]
+fn a_clone_is_replicated_copied_from_its_snapshot_and_cloned_again() {
+    if skip_without("clone_uses", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let (t, d) = snapshotted("8M", "write -P 0x11 0 8M", "s1");
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x99 0 8M"]);
+    d.ok(&["volume", "clone", "v@s1", "c"]);
+    qemu_io_ok(
+        &d.uri("c"),
+        false,
+        &["write -P 0x22 1M 64K", "write -z 5M 128K"],
+    );
+
+    // Replicated to a second daemon: the replica's CP is the clone's image,
+    // parent chunks included (0x11 where the clone never wrote).
+    let key = t.path().join("key");
+    std::fs::write(&key, "clone replication key\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (dst, addr) = common::replication_destination(&t.path().join("dst"), &key, &[]);
+    d.ok(&[
+        "replicate",
+        "start",
+        "c",
+        "--to",
+        &format!("{addr}/r"),
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    let cp = d.json(&["replicate", "cp", "c"])["cp"].as_u64().unwrap();
+    let replica = dst.uri(&format!("r@cp-{cp}"));
+    assert!(
+        common::same_image(&d.uri("c"), &replica),
+        "the replica's cp-{cp} differs from the clone"
+    );
+    qemu_io_ok(
+        &replica,
+        true,
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x22 1M 64K",
+            "read -P 0 5M 128K",
+        ],
+    );
+    // Later writes follow, on top of the parent's chunks.
+    qemu_io_ok(&d.uri("c"), false, &["write -P 0x33 6M 4K"]);
+    let cp = d.json(&["replicate", "cp", "c"])["cp"].as_u64().unwrap();
+    assert!(
+        common::same_image(&d.uri("c"), &dst.uri(&format!("r@cp-{cp}"))),
+        "the replica's cp-{cp} differs from the clone after more writes"
+    );
+    d.ok(&["replicate", "stop", "c"]);
+
+    // A copy job of the clone's snapshot equals it; so does a clone of it.
+    d.ok(&["snapshot", "create", "c", "cs"]);
+    qemu_io_ok(&d.uri("c"), false, &["write -P 0x44 0 8M"]);
+    let copy = t.path().join("cs.img");
+    let id = d
+        .ok(&["copy", "start", "c@cs", "--to", copy.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let job = common::wait_job_ended(&d, &id);
+    assert_eq!(job["state"], "done", "{job}");
+    assert!(
+        equals_file(&d, "c@cs", &copy),
+        "the copy of the clone's snapshot differs from it"
+    );
+    d.ok(&["volume", "clone", "c@cs", "cc"]);
+    assert!(same(&d, "cc", "c@cs"), "a clone of a clone reads wrong");
+    qemu_io_ok(
+        &d.uri("cc"),
+        true,
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x22 1M 64K",
+            "read -P 0x33 6M 4K",
+        ],
+    );
 }

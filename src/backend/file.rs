@@ -404,6 +404,16 @@ fn rename_over(staged: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
+/// Unlinks `path` and makes that durable (its directory synced); a file
+/// that is not there is fine.
+pub fn remove_durably(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// [`replace_atomically`] for a file that must stay replaceable on a full
 /// disk (a volume's manifest: deleting a snapshot, the way to free space,
 /// replaces it). The new content goes into a spare file whose blocks were

@@ -231,6 +231,14 @@ impl MemDisk {
         Ok(())
     }
 
+    /// Durable at once, as an unlink followed by a sync of the directory.
+    pub(super) fn remove(&self, name: &str) -> io::Result<()> {
+        let mut state = self.state.lock().unwrap();
+        state.tick()?;
+        state.files.remove(name);
+        Ok(())
+    }
+
     pub(super) fn replace_manifest(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let mut state = self.state.lock().unwrap();
         state.tick()?;

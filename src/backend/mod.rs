@@ -272,6 +272,16 @@ impl Storage {
         }
     }
 
+    /// Removes the named file durably; one that is not there is fine.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match self {
+            Storage::Dir(dir) => file::remove_durably(&dir.join(name)),
+            Storage::Memory(disk) => disk.remove(name),
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.remove(name),
+        }
+    }
+
     /// Bytes free for new data where this storage lives.
     pub fn free_bytes(&self) -> io::Result<u64> {
         match self {

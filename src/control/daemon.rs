@@ -130,7 +130,7 @@ pub struct Daemon {
     pub facts_nbd_unix: Vec<PathBuf>,
     pub facts_nbd_tls: TlsMode,
     pub control_path: PathBuf,
-    nbd: NbdServer,
+    nbd: Arc<NbdServer>,
     control: Option<ControlServer>,
     metrics: Option<MetricsServer>,
     jobs: Arc<crate::copy::Jobs>,
@@ -437,12 +437,12 @@ impl Daemon {
         })?;
 
         let facts_tls = (tls.mode(), tls.client_certs());
-        let nbd = NbdServer::with_access(
+        let nbd = Arc::new(NbdServer::with_access(
             Arc::new(Resolver(registry.clone(), replication.clone())),
             tls,
             Some(LocalPeers::of_data_dir(&data_dir)?),
             config.nbd_limits,
-        );
+        ));
         let mut nbd_tcp = Vec::new();
         for addr in &config.nbd_tcp {
             let bound = nbd.listen_tcp(addr).map_err(|e| {
@@ -486,6 +486,7 @@ impl Daemon {
             jobs: jobs.clone(),
             replication: replication.clone(),
             schedules: schedules.clone(),
+            nbd: nbd.clone(),
         };
         let control =
             ControlServer::start(&control_path, registry.clone(), facts).map_err(|e| {

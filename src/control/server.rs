@@ -19,7 +19,7 @@
 
 use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
 use crate::security::LocalPeers;
-use crate::volumes::{CephPlacement, Registry, VolumeError};
+use crate::volumes::{CephPlacement, ErrorKind, Registry, VolumeError};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -70,6 +70,8 @@ pub struct DaemonFacts {
     pub jobs: Arc<crate::copy::Jobs>,
     pub replication: Arc<crate::replication::Replication>,
     pub schedules: Arc<crate::schedule::Schedules>,
+    /// A forced revert closes the connections writing the volume.
+    pub nbd: Arc<crate::frontend::nbd::NbdServer>,
 }
 
 pub struct ControlServer {
@@ -471,11 +473,28 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             force,
         } => {
             // Forced: what writes the volume is stopped first (its device
-            // in `revert`); NBD clients are not disconnected.
+            // in `revert`); its read-only snapshot exports stay connected.
             if force {
                 facts.jobs.cancel_using(&volume);
                 if facts.replication.check_volume_delete(&volume).is_err() {
                     facts.replication.stop_link(&volume, None)?;
+                }
+                facts
+                    .nbd
+                    .disconnect_writers(&volume)
+                    .map_err(|e| VolumeError::new(ErrorKind::Busy, e))?;
+            } else {
+                let writers = facts.nbd.writers(&volume);
+                if !writers.is_empty() {
+                    return Err(VolumeError::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "volume {volume} is written by NBD client(s): {}; disconnect them, \
+                             or use `snapblk snapshot revert {volume} {name} --force` to close \
+                             their connections",
+                            writers.join(", ")
+                        ),
+                    ));
                 }
             }
             facts.jobs.unless_used(&volume, None, || {

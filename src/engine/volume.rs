@@ -126,6 +126,9 @@ pub struct Volume {
     /// Clones that read from a snapshot of this volume: (clone, generation).
     clones: Mutex<Vec<(String, u64)>>,
     io_stats: IoStats,
+    /// One reference per [`View`] of a snapshot (plus this one): a revert
+    /// leaves snapshots alone, so their readers do not stop it.
+    snapshot_readers: Arc<()>,
 }
 
 impl Drop for Volume {
@@ -140,6 +143,8 @@ impl Drop for Volume {
 pub struct View {
     volume: Arc<Volume>,
     snapshot: Option<(String, u64)>,
+    /// A snapshot view's share of `Volume::snapshot_readers`.
+    _reader: Option<Arc<()>>,
 }
 
 /// The reader of a snapshot that nobody else reads (a copy job's private
@@ -330,7 +335,12 @@ impl Volume {
             .ok_or_else(|| EngineError::NotFound(format!("{what} (not a volume directory)")))?;
         let manifest = Manifest::parse(&bytes, &what)?;
         let layer = match (&manifest.parent, parent) {
-            (None, _) => None,
+            (None, _) => {
+                // A flatten commits before it removes the map; a crash
+                // between leaves it behind.
+                storage.remove(layer::OWNED_MAP)?;
+                None
+            }
             (Some(p), Some(parent)) if parent.name == p.volume => {
                 let view = parent.snapshot_view(&p.snapshot).map_err(|e| {
                     EngineError::Corrupt(format!(
@@ -427,6 +437,7 @@ impl Volume {
             layer: Mutex::new(layer),
             clones: Mutex::new(Vec::new()),
             io_stats: IoStats::default(),
+            snapshot_readers: Arc::new(()),
         });
         if background {
             volume.start_committer()?;
@@ -731,6 +742,7 @@ impl Volume {
         View {
             volume: self.clone(),
             snapshot: None,
+            _reader: None,
         }
     }
 
@@ -739,7 +751,14 @@ impl Volume {
         Ok(View {
             volume: self.clone(),
             snapshot: Some((snapshot.to_string(), generation)),
+            _reader: Some(self.snapshot_readers.clone()),
         })
+    }
+
+    /// How many [`View`]s of this volume's snapshots exist (each holds one
+    /// reference to the volume).
+    pub fn snapshot_views(&self) -> usize {
+        Arc::strong_count(&self.snapshot_readers) - 1
     }
 
     /// Takes a snapshot: pauses writes only to close the generation (the
@@ -1054,6 +1073,17 @@ impl Volume {
             m.flattening = false;
         })?;
         *self.layer.lock().unwrap() = None;
+        self.storage.remove(layer::OWNED_MAP).map_err(|e| {
+            EngineError::Io(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "volume {} is flattened (independent of its parent) but its {} could \
+                     not be removed: {e}; the next open of the volume removes it",
+                    self.name,
+                    layer::OWNED_MAP
+                ),
+            ))
+        })?;
         log::info!("volume {}: flattened, independent of its parent", self.name);
         Ok(())
     }

@@ -598,7 +598,13 @@ impl Registry {
             }
             None => return Err(not_found(name)),
         };
-        check_no_holders(name, &vol, 0)?;
+        // A revert leaves snapshots alone: their readers may stay (a
+        // clone's view of its snapshot is counted with the clones).
+        let readers = match claim {
+            Claim::Restore => 0,
+            Claim::Revert => vol.snapshot_views().saturating_sub(vol.clones().len()),
+        };
+        check_no_holders(name, &vol, readers)?;
         self.lock_restoring().insert(name.to_string(), claim);
         Ok(RestoreClaim {
             registry: self,
@@ -1542,7 +1548,12 @@ impl Registry {
         };
         let slot = self.lock_map().get(vol).cloned();
         let vol = match slot {
-            Some(Slot::Ready(_)) if self.claimed(vol).is_some() => {
+            // A revert leaves snapshots served (they do not change).
+            Some(Slot::Ready(_))
+                if self
+                    .claimed(vol)
+                    .is_some_and(|c| c == Claim::Restore || snap.is_none()) =>
+            {
                 return Err(EngineError::InvalidArgument(
                     restoring(vol, self.claimed(vol).unwrap()).message,
                 ))

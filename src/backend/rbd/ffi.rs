@@ -54,6 +54,7 @@ extern "C" {
     pub fn rados_write_full(io: IoCtx, oid: *const c_char, buf: *const c_char, len: usize)
         -> c_int;
     pub fn rados_trunc(io: IoCtx, oid: *const c_char, size: u64) -> c_int;
+    pub fn rados_remove(io: IoCtx, oid: *const c_char) -> c_int;
     pub fn rados_aio_create_completion2(
         arg: *mut c_void,
         complete: Callback,

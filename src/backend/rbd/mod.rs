@@ -705,6 +705,19 @@ impl Pool {
         self.write_full(&self.object_id(name)?, bytes)
     }
 
+    /// Removes the RADOS object behind `name` (one that is not there is
+    /// fine). Only for files kept as objects, not `.store` images.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        self.cluster.check_fenced()?;
+        let oid = self.object_id(name)?;
+        // SAFETY: plain call; `oid` outlives it.
+        let rc = unsafe { ffi::rados_remove(self.cluster.io, oid.as_ptr()) };
+        if rc == -libc::ENOENT {
+            return Ok(());
+        }
+        self.cluster.result(rc as i64).map(drop)
+    }
+
     pub fn free_bytes(&self) -> io::Result<u64> {
         let mut st = ffi::ClusterStat::default();
         // SAFETY: plain call with an out-pointer we own.

@@ -19,6 +19,10 @@
 //! connection forever, so after [`DRAIN_TIMEOUT`] the sockets are shut down
 //! completely.
 //!
+//! Disconnecting a volume's writers ([`NbdServer::disconnect_writers`],
+//! for a forced revert): the same drain, for the connections serving that
+//! volume read-write only; its read-only snapshot exports stay connected.
+//!
 //! Bounds ([`Limits`]): a watchdog thread closes a connection whose whole
 //! negotiation takes longer than the handshake limit (a client trickling one
 //! byte at a time cannot pin a thread) and, when an idle timeout is set, one
@@ -29,6 +33,7 @@
 //! FIN is noticed.
 
 use super::handshake::{self, Outcome, Policy};
+use super::proto::TFLAG_READ_ONLY;
 use super::tls::{NbdTls, TlsIo};
 use super::transmission::{self, Activity};
 use super::ExportResolver;
@@ -128,9 +133,27 @@ struct Conn {
     client: Client,
     accepted: Instant,
     /// Some once negotiation is over (the transmission phase runs).
-    activity: Arc<Mutex<Option<Arc<Activity>>>>,
+    serving: Arc<Mutex<Option<Serving>>>,
     /// The watchdog already closed it.
     cut: bool,
+}
+
+/// What a connection in its transmission phase serves.
+struct Serving {
+    activity: Arc<Activity>,
+    /// The volume behind the export (`VOL` of `VOL` or `VOL@SNAP`).
+    volume: String,
+    writable: bool,
+}
+
+impl Conn {
+    fn writes(&self, volume: &str) -> bool {
+        self.serving
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|s| s.writable && s.volume == volume)
+    }
 }
 
 /// Blocking `Read`/`Write` over a socket fd, without SIGPIPE.
@@ -275,6 +298,73 @@ impl NbdServer {
         });
     }
 
+    /// The connections serving `volume` read-write, named for a person
+    /// ("connection 3 from uid 1000").
+    pub fn writers(&self, volume: &str) -> Vec<String> {
+        let conns = self.shared.conns.lock().unwrap();
+        let mut named: Vec<(u64, String)> = conns
+            .iter()
+            .filter(|(_, c)| c.writes(volume))
+            .map(|(id, c)| (*id, format!("connection {id} from {}", c.client)))
+            .collect();
+        named.sort();
+        named.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Closes the connections serving `volume` read-write: their requests
+    /// in flight finish and get their replies, then each connection ends and
+    /// drops its reference to the volume. Returns how many were closed; an
+    /// error if one is still open after twice [`DRAIN_TIMEOUT`] (a request
+    /// stuck in the engine).
+    pub fn disconnect_writers(&self, volume: &str) -> Result<usize, String> {
+        let ids: Vec<u64> = {
+            let mut conns = self.shared.conns.lock().unwrap();
+            conns
+                .iter_mut()
+                .filter(|(_, c)| c.writes(volume))
+                .map(|(id, c)| {
+                    log::info!("nbd: connection {id} from {}: closing it (its volume {volume} is reverted)", c.client);
+                    shutdown_fd(c.sock.as_raw_fd(), libc::SHUT_RD);
+                    c.cut = true;
+                    *id
+                })
+                .collect()
+        };
+        // A connection leaves the map only after its thread dropped the
+        // export (and with it the volume).
+        let open = |ids: &[u64]| -> Vec<u64> {
+            let conns = self.shared.conns.lock().unwrap();
+            ids.iter()
+                .copied()
+                .filter(|id| conns.contains_key(id))
+                .collect()
+        };
+        let wait = |ids: &[u64]| {
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            while !open(ids).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        wait(&ids);
+        // A client that stops reading its replies would keep its connection.
+        for id in open(&ids) {
+            if let Some(c) = self.shared.conns.lock().unwrap().get(&id) {
+                shutdown_fd(c.sock.as_raw_fd(), libc::SHUT_RDWR);
+            }
+        }
+        wait(&ids);
+        let stuck = open(&ids);
+        if !stuck.is_empty() {
+            return Err(format!(
+                "NBD connection(s) {stuck:?} serving volume {volume} did not close within {} s \
+                 (a request is stuck in the engine); nothing was changed; retry, or restart \
+                 the daemon",
+                2 * DRAIN_TIMEOUT.as_secs()
+            ));
+        }
+        Ok(ids.len())
+    }
+
     /// Stops accepting, lets requests in flight finish and get their replies,
     /// closes every connection and joins every thread. Idempotent.
     pub fn shutdown(&self) {
@@ -379,11 +469,11 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, tcp: bool) {
         }
         let s = shared.clone();
         let csock = sock.clone();
-        let activity = Arc::new(Mutex::new(None));
-        let cactivity = activity.clone();
+        let serving = Arc::new(Mutex::new(None));
+        let cserving = serving.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
-            .spawn(move || connection_thread(s, id, csock, !tcp, cactivity));
+            .spawn(move || connection_thread(s, id, csock, !tcp, cserving));
         match spawned {
             Ok(thread) => {
                 conns.insert(
@@ -393,7 +483,7 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>, tcp: bool) {
                         thread: Some(thread),
                         client,
                         accepted: Instant::now(),
-                        activity,
+                        serving,
                         cut: false,
                     },
                 );
@@ -500,7 +590,12 @@ fn watchdog(shared: Arc<Shared>) {
         stopped = wake.wait_timeout(stopped, tick).unwrap().0;
         let mut conns = shared.conns.lock().unwrap();
         for (id, c) in conns.iter_mut().filter(|(_, c)| !c.cut) {
-            let activity = c.activity.lock().unwrap().clone();
+            let activity = c
+                .serving
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|s| s.activity.clone());
             let why = match activity {
                 None if c.accepted.elapsed() > limits.handshake => format!(
                     "did not finish negotiating within {} s (--nbd-handshake-limit)",
@@ -524,11 +619,11 @@ fn connection_thread(
     id: u64,
     sock: Arc<OwnedFd>,
     unix: bool,
-    activity: Arc<Mutex<Option<Arc<Activity>>>>,
+    serving: Arc<Mutex<Option<Serving>>>,
 ) {
     let fd = sock.as_raw_fd();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        serve(fd, id, &shared, unix, &activity)
+        serve(fd, id, &shared, unix, &serving)
     }));
     match result {
         Ok(Ok(())) => log::debug!("nbd: connection {id} closed"),
@@ -554,7 +649,7 @@ fn serve(
     id: u64,
     shared: &Shared,
     unix: bool,
-    activity: &Mutex<Option<Arc<Activity>>>,
+    serving: &Mutex<Option<Serving>>,
 ) -> io::Result<()> {
     let resolver = &*shared.resolver;
     let refused = match (&shared.local_peers, unix) {
@@ -595,6 +690,11 @@ fn serve(
     );
     let a = Arc::new(Activity::default());
     a.touch();
-    *activity.lock().unwrap() = Some(a.clone());
+    let volume = negotiated.name.split('@').next().unwrap_or_default();
+    *serving.lock().unwrap() = Some(Serving {
+        activity: a.clone(),
+        volume: volume.to_string(),
+        writable: negotiated.flags & TFLAG_READ_ONLY == 0,
+    });
     runtime::block_on(transmission::serve(fd, tls.map(TlsIo::new), negotiated, a))
 }
