@@ -1310,26 +1310,32 @@ mod clones {
         }
     }
 
+    /// A parent volume of 5s throughout with snapshot [`BASE`] of that.
+    async fn snapshotted_fives() -> Arc<Volume> {
+        let (_, _, parent) = new_volume().await;
+        parent
+            .live()
+            .write(0, &vec![5u8; SIZE as usize], false)
+            .await
+            .unwrap();
+        parent.create_snapshot(BASE).await.unwrap();
+        parent
+    }
+
     /// A clone's unwritten chunks read from the parent snapshot, its own
     /// space grows only with what it writes, and FUA on a chunk it did not
     /// own survives a power cut right after (its ownership is durable too).
     #[test]
     fn clone_reads_parent_costs_only_its_writes_and_fua_owns_durably() {
         block_on(async {
-            let (_, _, parent) = new_volume().await;
-            parent
-                .live()
-                .write(0, &vec![5u8; SIZE as usize], false)
-                .await
-                .unwrap();
-            parent.create_snapshot("base").await.unwrap();
+            let parent = snapshotted_fives().await;
             parent.live().write(0, &[6u8; 4096], false).await.unwrap();
             let disk = MemDisk::new();
             let clone = Volume::create_clone(
                 "c",
                 Storage::Memory(disk.clone()),
                 &parent,
-                "base",
+                BASE,
                 writeback(),
             )
             .await
@@ -1349,7 +1355,10 @@ mod clones {
                 "a FUA write to a new chunk was lost"
             );
             assert!(buf[..8192].iter().chain(&buf[8704..]).all(|&b| b == 5));
-            assert_eq!(clone.info().unwrap().parent.as_deref(), Some("v@base"));
+            assert_eq!(
+                clone.info().unwrap().parent.as_deref(),
+                Some(format!("v@{BASE}").as_str())
+            );
             // The parent's own writes after the snapshot stay out of the clone.
             parent.live().read(0, &mut buf[..4096]).await.unwrap();
             assert_eq!(buf[..4096], [6u8; 4096]);
@@ -1362,13 +1371,7 @@ mod clones {
     #[test]
     fn power_cuts_at_the_end_of_a_flatten_leave_no_ownership_map() {
         block_on(async {
-            let (_, _, parent) = new_volume().await;
-            parent
-                .live()
-                .write(0, &vec![5u8; SIZE as usize], false)
-                .await
-                .unwrap();
-            parent.create_snapshot(BASE).await.unwrap();
+            let parent = snapshotted_fives().await;
             let mut cut = 0;
             loop {
                 let disk = MemDisk::new();
