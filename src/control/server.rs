@@ -70,6 +70,7 @@ pub struct DaemonFacts {
     pub jobs: Arc<crate::copy::Jobs>,
     pub replication: Arc<crate::replication::Replication>,
     pub schedules: Arc<crate::schedule::Schedules>,
+    pub space_guard: Arc<crate::schedule::SpaceGuard>,
 }
 
 pub struct ControlServer {
@@ -437,7 +438,10 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             registry.create_ceph_volume(&name, ceph, placement, None, None)
         }
         Request::VolumeList {} => registry.list_volumes(),
-        Request::VolumeInfo { name } => registry.volume_info(&name),
+        Request::VolumeInfo { name } => registry.volume_info(&name).map(|mut v| {
+            v["space_guard"] = facts.space_guard.volume_status(&name);
+            v
+        }),
         Request::VolumeDelete { name } => facts.jobs.unless_used(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
             facts.schedules.check_unscheduled(Some(&name), None)?;
@@ -599,6 +603,7 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             "volumes": registry.len(),
             "devices": registry.device_count(),
             "uptime_s": facts.started.elapsed().as_secs(),
+            "space_guard": facts.space_guard.status(),
         })),
     }
 }
