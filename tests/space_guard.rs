@@ -101,6 +101,7 @@ fn a_filling_filesystem_prunes_the_oldest_scheduled_snapshots_and_keeps_manual_o
     check_all(&d.uri("v@manual"), 0xaa, size);
 
     let pruned = prunes(&d.log());
+    eprintln!("{round} write rounds; pruned (snapshot, volume, bytes freed): {pruned:?}");
     for (i, (snap, vol, freed)) in pruned.iter().enumerate() {
         // Oldest first: the schedule's snapshots in the order it took them.
         assert_eq!(snap, &format!("s-{:06}", i + 1), "{pruned:?}");
