@@ -488,6 +488,12 @@ fn fully_cached(fd: RawFd, offset: u64, len: u64) -> bool {
 }
 
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let st = statvfs(dir)?;
+    Ok(st.f_bavail * st.f_frsize)
+}
+
+/// statvfs(3) of the filesystem that holds `dir`.
+pub fn statvfs(dir: &Path) -> io::Result<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has NUL"))?;
@@ -496,7 +502,7 @@ pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(st.f_bavail * st.f_frsize)
+    Ok(st)
 }
 
 #[cfg(test)]

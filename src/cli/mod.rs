@@ -126,6 +126,26 @@ pub struct DaemonArgs {
     /// mode 0600 or tighter)
     #[arg(long, value_name = "FILE", requires = "metrics_listen")]
     pub metrics_token_file: Option<PathBuf>,
+    /// When the filesystem of a local volume's data passes PERCENT used,
+    /// delete the oldest snapshots schedules took (never manual ones) until
+    /// it is below again; 0 or `off` disables
+    #[arg(long, value_name = "PERCENT", default_value_t = crate::schedule::guard::DEFAULT_PERCENT, value_parser = space_guard_arg)]
+    pub space_guard: u8,
+}
+
+/// `--space-guard`: 1 to 99, or 0/`off`.
+fn space_guard_arg(text: &str) -> Result<u8, String> {
+    if text == "off" {
+        return Ok(0);
+    }
+    let pct = text.trim_end_matches('%');
+    match pct.parse::<u8>() {
+        Ok(p) if p < 100 => Ok(p),
+        _ => Err(format!(
+            "{text:?} is not a threshold; give a percent of the filesystem used, 1 to 99 \
+             (e.g. 90), or `off`"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -609,6 +629,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     listen: MetricsAddr::parse(&l),
                     token_file: a.metrics_token_file,
                 }),
+                space_guard_percent: a.space_guard,
             };
             daemon::run(&config, |_| Ok(()), |_| {}).map_err(daemon_error)
         }
@@ -639,6 +660,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         ("nbd unix", list("nbd_unix")),
                         ("nbd tls", nbd_tls_fact(r)),
                         ("volumes", output::str_of(r, "volumes")),
+                        ("space guard", output::space_guard_of(&r["space_guard"])),
                         ("uptime", format!("{} s", output::str_of(r, "uptime_s"))),
                     ])
                 );
@@ -1042,6 +1064,7 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
         nbd_limits: Default::default(),
         replication: ReplicationConfig::default(),
         metrics: None,
+        space_guard_percent: crate::schedule::guard::DEFAULT_PERCENT,
     };
     const DISK: &str = "disk0";
     daemon::run(

@@ -209,6 +209,9 @@ pub fn volume_info(v: &Value) -> String {
     if let Some(ceph) = v.get("ceph") {
         pairs.push(("lock holder", str_of(ceph, "lock_holder")));
     }
+    if let Some(guard) = v.get("space_guard") {
+        pairs.push(("space guard", space_guard_of(guard)));
+    }
     if let Some(list) = v.get("snapshot_list").and_then(Value::as_array) {
         if !list.is_empty() {
             let names: Vec<String> = list.iter().map(|s| str_of(s, "name")).collect();
@@ -216,6 +219,37 @@ pub fn volume_info(v: &Value) -> String {
         }
     }
     key_values(&pairs)
+}
+
+/// The space guard's threshold and last prune, e.g. `at 90% used (filesystem
+/// 42.5% used); last prune: auto1-000003 of db, 8.0 MiB freed, 91.2% -> 83.0%`.
+pub fn space_guard_of(g: &Value) -> String {
+    if g["enabled"] != Value::Bool(true) {
+        return if g["threshold_percent"].is_null() {
+            "off".into()
+        } else {
+            "not for this volume (its space is not on a local filesystem)".into()
+        };
+    }
+    let mut out = format!("at {}% used", str_of(g, "threshold_percent"));
+    if let Some(used) = g["filesystem_used_percent"].as_f64() {
+        out += &format!(" (filesystem {used}% used)");
+    }
+    match g["last_prune"].as_object() {
+        None => out += "; nothing pruned",
+        Some(_) => {
+            let p = &g["last_prune"];
+            out += &format!(
+                "; last prune: {} of {}, {} freed, {}% -> {}%",
+                str_of(p, "snapshot"),
+                str_of(p, "volume"),
+                size_of(p, "bytes_freed"),
+                str_of(p, "used_percent_before"),
+                str_of(p, "used_percent_after"),
+            );
+        }
+    }
+    out
 }
 
 /// A flatten's state and progress, e.g. `running, 1200 of 16384 chunks copied`.

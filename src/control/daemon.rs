@@ -9,7 +9,8 @@
 //! write paths before anything can write; replicas finish interrupted CP
 //! applies), start the ublk devices listed in `devices.json`
 //! (failures are logged, never fatal), start the schedules (a run missed
-//! while the daemon was down is taken now), start the NBD listeners, and bind the
+//! while the daemon was down is taken now) and the space guard after them,
+//! start the NBD listeners, and bind the
 //! control socket *last*: once the socket exists, everything is being
 //! served. The main thread then waits in `sigwait`. Before all that, the NBD
 //! access settings are checked ([`check_nbd_exposure`]): a wrong TLS file or
@@ -20,7 +21,7 @@
 //! the addresses `--nbd-listen` names.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting control clients, shut the NBD
-//! server down (it drains in-flight requests), stop the schedules (a run in
+//! server down (it drains in-flight requests), stop the space guard and the schedules (a run in
 //! progress finishes), stop copy jobs and replication's threads
 //! (links resume at next start), stop every ublk device, flush
 //! and close every volume, remove the sockets, exit 0. No async runtime crate: one thread per control
@@ -55,6 +56,9 @@ pub struct DaemonConfig {
     pub replication: ReplicationConfig,
     /// `--metrics-listen`: none by default.
     pub metrics: Option<MetricsConfig>,
+    /// `--space-guard`: percent of a volume's filesystem used past which
+    /// scheduled snapshots are pruned; 0: off.
+    pub space_guard_percent: u8,
 }
 
 /// Where and for whom the metrics endpoint answers.
@@ -135,6 +139,7 @@ pub struct Daemon {
     metrics: Option<MetricsServer>,
     jobs: Arc<crate::copy::Jobs>,
     schedules: Arc<crate::schedule::Schedules>,
+    space_guard: Arc<crate::schedule::SpaceGuard>,
     _lock: std::fs::File,
 }
 
@@ -435,6 +440,12 @@ impl Daemon {
                 data_dir.join(crate::schedule::SCHEDULES_FILE).display()
             )
         })?;
+        let space_guard = crate::schedule::SpaceGuard::start(
+            config.space_guard_percent,
+            registry.clone(),
+            schedules.clone(),
+        )
+        .context("cannot start the space guard")?;
 
         let facts_tls = (tls.mode(), tls.client_certs());
         let nbd = Arc::new(NbdServer::with_access(
@@ -487,6 +498,7 @@ impl Daemon {
             replication: replication.clone(),
             schedules: schedules.clone(),
             nbd: nbd.clone(),
+            space_guard: space_guard.clone(),
         };
         let control =
             ControlServer::start(&control_path, registry.clone(), facts).map_err(|e| {
@@ -507,6 +519,7 @@ impl Daemon {
             metrics,
             jobs,
             schedules,
+            space_guard,
             _lock: lock,
         })
     }
@@ -521,6 +534,7 @@ impl Daemon {
         }
         log::info!("stopping the NBD server (draining in-flight requests)");
         self.nbd.shutdown();
+        self.space_guard.shutdown();
         self.schedules.shutdown();
         log::info!("stopping copy jobs (they resume at next start)");
         self.jobs.shutdown();

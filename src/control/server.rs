@@ -72,6 +72,7 @@ pub struct DaemonFacts {
     pub schedules: Arc<crate::schedule::Schedules>,
     /// A forced revert closes the connections writing the volume.
     pub nbd: Arc<crate::frontend::nbd::NbdServer>,
+    pub space_guard: Arc<crate::schedule::SpaceGuard>,
 }
 
 pub struct ControlServer {
@@ -439,7 +440,10 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             registry.create_ceph_volume(&name, ceph, placement, None, None)
         }
         Request::VolumeList {} => registry.list_volumes(),
-        Request::VolumeInfo { name } => registry.volume_info(&name),
+        Request::VolumeInfo { name } => registry.volume_info(&name).map(|mut v| {
+            v["space_guard"] = facts.space_guard.volume_status(&name);
+            v
+        }),
         Request::VolumeDelete { name } => facts.jobs.unless_used(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
             facts.schedules.check_unscheduled(Some(&name), None)?;
@@ -618,6 +622,7 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             "volumes": registry.len(),
             "devices": registry.device_count(),
             "uptime_s": facts.started.elapsed().as_secs(),
+            "space_guard": facts.space_guard.status(),
         })),
     }
 }

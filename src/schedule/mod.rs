@@ -20,9 +20,15 @@
 //! a client's), then prunes. A failed run is recorded with its error in
 //! `schedule list` and retried at the next due instant.
 //!
+//! The space guard ([`guard`]) prunes the oldest of these snapshots when a
+//! volume's filesystem fills, through [`Schedules::prune`].
+//!
 //! Must never: delete a snapshot it did not take, delete one a copy job
 //! reads (it asks the copy jobs, as `snapshot delete` does), or stop the
 //! daemon over a failed run.
+
+pub mod guard;
+pub use guard::SpaceGuard;
 
 use crate::copy::Jobs;
 use crate::engine::now_unix_ms;
@@ -181,6 +187,14 @@ fn parse_at(text: &str) -> Result<u32, VolumeError> {
             "invalid time {text:?}; use HH:MM (24-hour, UTC), e.g. 02:30"
         ))
     })
+}
+
+/// A snapshot a schedule took and keeps.
+pub struct Kept {
+    pub schedule: u64,
+    /// Its volume, or every member of its group.
+    pub volumes: Vec<String>,
+    pub snapshot: String,
 }
 
 struct State {
@@ -504,7 +518,12 @@ impl Schedules {
                     r.runs = run;
                 }
                 r.last_run_unix_ms = Some(now_unix_ms());
-                r.snapshots = kept;
+                // Those the space guard pruned while this run went on stay gone.
+                let new = result.snapshot.as_ref();
+                r.snapshots = kept
+                    .into_iter()
+                    .filter(|n| r.snapshots.contains(n) || Some(n) == new)
+                    .collect();
                 r.last_result = Some(result);
             }
             Ok(())
@@ -514,15 +533,57 @@ impl Schedules {
         }
     }
 
-    /// Whether `name` is already a snapshot of the schedule's volume (of
-    /// any member of its group).
-    fn taken(&self, rec: &Record, name: &str) -> bool {
-        let volumes = match (&rec.volume, &rec.group) {
+    /// Every snapshot the schedules took and keep.
+    pub fn kept_snapshots(&self) -> Vec<Kept> {
+        let records: Vec<Record> = self.lock().map.values().cloned().collect();
+        records
+            .into_iter()
+            .flat_map(|r| {
+                let volumes = self.volumes_of(&r);
+                r.snapshots.into_iter().map(move |snapshot| Kept {
+                    schedule: r.id,
+                    volumes: volumes.clone(),
+                    snapshot,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes snapshot `name` that schedule `id` took and forgets it, as
+    /// its retention would (for the space guard).
+    pub fn prune(&self, id: u64, name: &str) -> Result<(), VolumeError> {
+        let rec = self
+            .lock()
+            .map
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| not_found(id))?;
+        match self.delete(&rec, name) {
+            // Deleted by hand meanwhile: forget it all the same.
+            Err(e) if e.kind != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        self.update(|map| {
+            if let Some(r) = map.get_mut(&id) {
+                r.snapshots.retain(|n| n != name);
+            }
+            Ok(())
+        })
+    }
+
+    /// The volume a schedule snapshots, or its group's members.
+    fn volumes_of(&self, rec: &Record) -> Vec<String> {
+        match (&rec.volume, &rec.group) {
             (Some(v), _) => vec![v.clone()],
             (_, Some(g)) => self.registry.groups().members(g).unwrap_or_default(),
             _ => Vec::new(),
-        };
-        volumes.iter().any(|v| {
+        }
+    }
+
+    /// Whether `name` is already a snapshot of the schedule's volume (of
+    /// any member of its group).
+    fn taken(&self, rec: &Record, name: &str) -> bool {
+        self.volumes_of(rec).iter().any(|v| {
             self.registry
                 .volume(v)
                 .is_ok_and(|vol| vol.list_snapshots().iter().any(|s| s.name == name))
