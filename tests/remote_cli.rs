@@ -342,7 +342,10 @@ fn strangers_are_refused_in_the_handshake_and_garbage_gets_an_error() {
         .output()
         .unwrap();
     let err = failure(&out);
-    assert!(err.contains("--tls-cert FILE --tls-key FILE --tls-ca FILE"), "{err}");
+    assert!(
+        err.contains("--tls-cert FILE --tls-key FILE --tls-ca FILE"),
+        "{err}"
+    );
 
     // Not TLS at all: the connection is closed; the daemon goes on.
     {

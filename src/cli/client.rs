@@ -253,30 +253,39 @@ fn request_passing(
 ) -> Result<Value, CliError> {
     let op = request.op();
     let line = serde_json::to_string(request).expect("requests serialize");
-    exchange(control, &line, fd, limit)?.into_result().map_err(|e| {
-        use crate::control::ErrorCode::*;
-        let hint = if e.message.contains("; ") {
-            None
-        } else {
-            Some(match e.code {
-                NotFound if e.message.starts_with("snapshot") => {
-                    "list the volume's snapshots with `snapblk snapshot list VOLUME`".to_string()
-                }
-                NotFound => "list volumes with `snapblk volume list`".to_string(),
-                AlreadyExists => "pick another name, or delete the existing one first".to_string(),
-                InvalidArgument => format!("see `snapblk {} --help`", op.replace('.', " ")),
-                Busy => "try again in a moment".to_string(),
-                NoSpace => "free space on the filesystem that holds the data directory".to_string(),
-                PermissionDenied => {
-                    "run as root or as the owner of the daemon's data directory".to_string()
-                }
-                BadRequest => "check that the CLI and the daemon are the same version".to_string(),
-                IoError | Unknown => "see the daemon's log for details".to_string(),
-            })
-        };
-        CliError {
-            message: super::strip_os_error(&e.message),
-            hint,
-        }
-    })
+    exchange(control, &line, fd, limit)?
+        .into_result()
+        .map_err(|e| {
+            use crate::control::ErrorCode::*;
+            let hint = if e.message.contains("; ") {
+                None
+            } else {
+                Some(match e.code {
+                    NotFound if e.message.starts_with("snapshot") => {
+                        "list the volume's snapshots with `snapblk snapshot list VOLUME`"
+                            .to_string()
+                    }
+                    NotFound => "list volumes with `snapblk volume list`".to_string(),
+                    AlreadyExists => {
+                        "pick another name, or delete the existing one first".to_string()
+                    }
+                    InvalidArgument => format!("see `snapblk {} --help`", op.replace('.', " ")),
+                    Busy => "try again in a moment".to_string(),
+                    NoSpace => {
+                        "free space on the filesystem that holds the data directory".to_string()
+                    }
+                    PermissionDenied => {
+                        "run as root or as the owner of the daemon's data directory".to_string()
+                    }
+                    BadRequest => {
+                        "check that the CLI and the daemon are the same version".to_string()
+                    }
+                    IoError | Unknown => "see the daemon's log for details".to_string(),
+                })
+            };
+            CliError {
+                message: super::strip_os_error(&e.message),
+                hint,
+            }
+        })
 }

@@ -9,7 +9,6 @@ use crate::quiesce::Quiesce;
 use clap::Subcommand;
 use serde_json::Value;
 
-
 #[derive(Subcommand, Debug)]
 pub enum GroupCmd {
     /// Make volumes a consistency group: their snapshots are taken at one instant

@@ -836,9 +836,7 @@ fn status_all(daemons: &[Endpoint], json: bool) -> Result<(), CliError> {
         print!(
             "{}",
             output::table(
-                &[
-                    "DAEMON", "VERSION", "UPTIME_S", "VOLUMES", "DEVICES", "LINKS", "JOBS"
-                ],
+                &["DAEMON", "VERSION", "UPTIME_S", "VOLUMES", "DEVICES", "LINKS", "JOBS"],
                 &rows
             )
         );

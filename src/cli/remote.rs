@@ -61,7 +61,10 @@ pub fn client_config(files: ClientFiles) -> Result<Arc<ClientConfig>, CliError> 
     for c in load_certs(&ca, "TLS CA file").map_err(plain)? {
         roots.add(c).map_err(|e| {
             CliError::new(
-                format!("the TLS CA file {} is not a usable CA certificate ({e})", ca.display()),
+                format!(
+                    "the TLS CA file {} is not a usable CA certificate ({e})",
+                    ca.display()
+                ),
                 "give the PEM certificate of the CA that signed the daemon's certificate",
             )
         })?;
@@ -124,7 +127,10 @@ pub fn explain(addr: &str, e: &io::Error) -> CliError {
                      this machine can reach that address"
                 }
             };
-            CliError::new(format!("cannot talk to the daemon at {addr}: {reason}"), hint)
+            CliError::new(
+                format!("cannot talk to the daemon at {addr}: {reason}"),
+                hint,
+            )
         }
     }
 }

@@ -10,7 +10,6 @@ use crate::schedule::ScheduleAdd;
 use clap::Subcommand;
 use serde_json::Value;
 
-
 #[derive(Subcommand, Debug)]
 pub enum ScheduleCmd {
     /// Snapshot a volume (VOL) or a group (--group GROUP) every DUR, keeping the newest N

@@ -503,8 +503,8 @@ impl Daemon {
             replication: replication.clone(),
             schedules: schedules.clone(),
         };
-        let control =
-            ControlServer::start(&control_path, registry.clone(), facts, remote).map_err(|e| {
+        let control = ControlServer::start(&control_path, registry.clone(), facts, remote)
+            .map_err(|e| {
                 anyhow::anyhow!(
                     "cannot open the control socket {}: {e}",
                     control_path.display()

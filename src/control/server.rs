@@ -23,9 +23,9 @@ use crate::security::LocalPeers;
 use crate::volumes::{CephPlacement, Registry, VolumeError};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
-use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -324,7 +324,11 @@ pub(super) fn serve_lines<S: Read + Write>(
         let mut out = response.to_line();
         out.push('\n');
         let writer = reader.get_mut();
-        if writer.write_all(out.as_bytes()).and_then(|_| writer.flush()).is_err() {
+        if writer
+            .write_all(out.as_bytes())
+            .and_then(|_| writer.flush())
+            .is_err()
+        {
             return;
         }
     }
