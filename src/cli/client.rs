@@ -1,4 +1,6 @@
-//! The CLI's side of the control socket: one request line, one response line.
+//! The CLI's side of the control protocol: one request line, one response
+//! line, to the local daemon's UNIX socket or to a remote daemon
+//! ([`super::remote`]).
 
 use crate::control::protocol::{Request, Response};
 use serde_json::Value;
@@ -6,6 +8,25 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where requests go.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// The control socket of a daemon on this machine.
+    Local(PathBuf),
+    /// A daemon's `--control-listen`, over mutual TLS.
+    Remote(super::remote::Remote),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Local(p) => write!(f, "{}", p.display()),
+            Endpoint::Remote(r) => f.write_str(&r.addr),
+        }
+    }
+}
 
 /// What went wrong talking to the daemon, ready to print.
 #[derive(Debug)]
@@ -65,14 +86,25 @@ fn os_reason(e: &io::Error) -> String {
 }
 
 /// Sends one request and returns the daemon's response.
-pub fn call(control: &Path, request: &Request) -> Result<Response, CliError> {
+pub fn call(control: &Endpoint, request: &Request) -> Result<Response, CliError> {
     let line = serde_json::to_string(request).expect("requests serialize");
-    exchange(control, &line, None)
+    exchange(control, &line, None, None)
+}
+
+/// [`request`] giving up when connecting, sending or the answer takes
+/// longer than `limit` (`status --all`: one silent daemon must not hold up
+/// the others' lines).
+pub fn request_within(
+    control: &Endpoint,
+    request: &Request,
+    limit: Duration,
+) -> Result<Value, CliError> {
+    request_passing(control, request, None, Some(limit))
 }
 
 /// Sends one raw line (no newline) and returns the daemon's response.
-pub fn call_line(control: &Path, line: &str) -> Result<Response, CliError> {
-    exchange(control, line, None)
+pub fn call_line(control: &Endpoint, line: &str) -> Result<Response, CliError> {
+    exchange(control, line, None, None)
 }
 
 /// Sends `bytes` with a copy of descriptor `fd` attached (SCM_RIGHTS).
@@ -106,8 +138,60 @@ fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> io::Result<()> 
     w.write_all(&bytes[sent as usize..])
 }
 
-fn exchange(control: &Path, line: &str, fd: Option<RawFd>) -> Result<Response, CliError> {
-    let stream = UnixStream::connect(control).map_err(|e| {
+fn exchange(
+    to: &Endpoint,
+    line: &str,
+    fd: Option<RawFd>,
+    limit: Option<Duration>,
+) -> Result<Response, CliError> {
+    let bytes = format!("{line}\n");
+    match to {
+        Endpoint::Local(control) => {
+            let stream = connect_local(control)?;
+            let lost = |e: io::Error| {
+                CliError::new(
+                    format!(
+                        "lost the connection to the daemon at {}: {}",
+                        control.display(),
+                        os_reason(&e)
+                    ),
+                    "see the daemon's log; it may have stopped",
+                )
+            };
+            stream
+                .set_read_timeout(limit)
+                .and_then(|_| stream.set_write_timeout(limit))
+                .map_err(lost)?;
+            match fd {
+                Some(fd) => send_with_fd(&stream, bytes.as_bytes(), fd).map_err(lost)?,
+                None => (&stream).write_all(bytes.as_bytes()).map_err(lost)?,
+            }
+            read_answer(BufReader::new(&stream), to, lost)
+        }
+        Endpoint::Remote(remote) => {
+            if fd.is_some() {
+                return Err(CliError::new(
+                    format!(
+                        "this command hands a file of this machine to the daemon, which the \
+                         daemon at {} cannot receive over the network",
+                        remote.addr
+                    ),
+                    "run it on the daemon's machine without --remote (or give a path there, \
+                     e.g. `copy start ... --to PATH`)",
+                ));
+            }
+            let mut tls = remote.connect(limit)?;
+            let lost = |e: io::Error| super::remote::explain(&remote.addr, &e);
+            tls.write_all(bytes.as_bytes())
+                .and_then(|_| tls.flush())
+                .map_err(lost)?;
+            read_answer(BufReader::new(tls), to, lost)
+        }
+    }
+}
+
+fn connect_local(control: &Path) -> Result<UnixStream, CliError> {
+    UnixStream::connect(control).map_err(|e| {
         let reason = os_reason(&e);
         let hint = match e.raw_os_error() {
             Some(libc::EACCES) | Some(libc::EPERM) => {
@@ -122,31 +206,20 @@ fn exchange(control: &Path, line: &str, fd: Option<RawFd>) -> Result<Response, C
             format!("cannot reach the daemon at {}: {reason}", control.display()),
             hint,
         )
-    })?;
-    let lost = |e: io::Error| {
-        CliError::new(
-            format!(
-                "lost the connection to the daemon at {}: {}",
-                control.display(),
-                os_reason(&e)
-            ),
-            "see the daemon's log; it may have stopped",
-        )
-    };
-    let bytes = format!("{line}\n");
-    match fd {
-        Some(fd) => send_with_fd(&stream, bytes.as_bytes(), fd).map_err(lost)?,
-        None => (&stream).write_all(bytes.as_bytes()).map_err(lost)?,
-    }
-    let mut reader = BufReader::new(&stream);
+    })
+}
+
+/// Reads the one response line.
+fn read_answer(
+    mut reader: impl BufRead,
+    from: &Endpoint,
+    lost: impl Fn(io::Error) -> CliError,
+) -> Result<Response, CliError> {
     let mut resp = String::new();
     let n = reader.read_line(&mut resp).map_err(lost)?;
     if n == 0 {
         return Err(CliError::new(
-            format!(
-                "the daemon at {} closed the connection without answering",
-                control.display()
-            ),
+            format!("the daemon at {from} closed the connection without answering"),
             "see the daemon's log; it may have stopped",
         ));
     }
@@ -159,46 +232,60 @@ fn exchange(control: &Path, line: &str, fd: Option<RawFd>) -> Result<Response, C
 }
 
 /// Calls and turns a failed response into a [`CliError`] with a hint.
-pub fn request(control: &Path, request: &Request) -> Result<Value, CliError> {
-    request_passing(control, request, None)
+pub fn request(control: &Endpoint, request: &Request) -> Result<Value, CliError> {
+    request_passing(control, request, None, None)
 }
 
 /// [`request`] with a copy of descriptor `fd` handed to the daemon.
-pub fn request_with_fd(control: &Path, request: &Request, fd: RawFd) -> Result<Value, CliError> {
-    request_passing(control, request, Some(fd))
+pub fn request_with_fd(
+    control: &Endpoint,
+    request: &Request,
+    fd: RawFd,
+) -> Result<Value, CliError> {
+    request_passing(control, request, Some(fd), None)
 }
 
 fn request_passing(
-    control: &Path,
+    control: &Endpoint,
     request: &Request,
     fd: Option<RawFd>,
+    limit: Option<Duration>,
 ) -> Result<Value, CliError> {
     let op = request.op();
     let line = serde_json::to_string(request).expect("requests serialize");
-    exchange(control, &line, fd)?.into_result().map_err(|e| {
-        use crate::control::ErrorCode::*;
-        let hint = if e.message.contains("; ") {
-            None
-        } else {
-            Some(match e.code {
-                NotFound if e.message.starts_with("snapshot") => {
-                    "list the volume's snapshots with `snapblk snapshot list VOLUME`".to_string()
-                }
-                NotFound => "list volumes with `snapblk volume list`".to_string(),
-                AlreadyExists => "pick another name, or delete the existing one first".to_string(),
-                InvalidArgument => format!("see `snapblk {} --help`", op.replace('.', " ")),
-                Busy => "try again in a moment".to_string(),
-                NoSpace => "free space on the filesystem that holds the data directory".to_string(),
-                PermissionDenied => {
-                    "run as root or as the owner of the daemon's data directory".to_string()
-                }
-                BadRequest => "check that the CLI and the daemon are the same version".to_string(),
-                IoError | Unknown => "see the daemon's log for details".to_string(),
-            })
-        };
-        CliError {
-            message: super::strip_os_error(&e.message),
-            hint,
-        }
-    })
+    exchange(control, &line, fd, limit)?
+        .into_result()
+        .map_err(|e| {
+            use crate::control::ErrorCode::*;
+            let hint = if e.message.contains("; ") {
+                None
+            } else {
+                Some(match e.code {
+                    NotFound if e.message.starts_with("snapshot") => {
+                        "list the volume's snapshots with `snapblk snapshot list VOLUME`"
+                            .to_string()
+                    }
+                    NotFound => "list volumes with `snapblk volume list`".to_string(),
+                    AlreadyExists => {
+                        "pick another name, or delete the existing one first".to_string()
+                    }
+                    InvalidArgument => format!("see `snapblk {} --help`", op.replace('.', " ")),
+                    Busy => "try again in a moment".to_string(),
+                    NoSpace => {
+                        "free space on the filesystem that holds the data directory".to_string()
+                    }
+                    PermissionDenied => {
+                        "run as root or as the owner of the daemon's data directory".to_string()
+                    }
+                    BadRequest => {
+                        "check that the CLI and the daemon are the same version".to_string()
+                    }
+                    IoError | Unknown => "see the daemon's log for details".to_string(),
+                })
+            };
+            CliError {
+                message: super::strip_os_error(&e.message),
+                hint,
+            }
+        })
 }

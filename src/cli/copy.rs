@@ -4,7 +4,7 @@
 //! through the JSON connection, then waits for the job to end; `restore
 //! ... --to vol:NAME` hands over the stream's descriptor the same way.
 
-use super::client::{self, CliError};
+use super::client::{self, CliError, Endpoint};
 use super::output::{self, key_values, str_of, table};
 use super::size::{format_size, parse_size};
 use super::{name_arg, print_json, reply};
@@ -113,7 +113,7 @@ fn absolute(path: &str) -> Result<String, CliError> {
     Ok(cwd.join(p).display().to_string())
 }
 
-pub fn run(control: &Path, json: bool, cmd: CopyCmd) -> Result<(), CliError> {
+pub fn run(control: &Endpoint, json: bool, cmd: CopyCmd) -> Result<(), CliError> {
     match cmd {
         CopyCmd::Start {
             source,
@@ -312,7 +312,7 @@ fn outcome(v: &Value) -> Result<(), CliError> {
 /// indicatif bar (bytes done/total, throughput, ETA); otherwise a plain line
 /// a second and the final one; with `--json` one object a line. A job that
 /// failed or was cancelled is an error (non-zero exit).
-fn watch_job(control: &Path, json: bool, job: Option<u64>) -> Result<(), CliError> {
+fn watch_job(control: &Endpoint, json: bool, job: Option<u64>) -> Result<(), CliError> {
     let Some(id) = job else {
         return Err(CliError::plain(
             "--watch follows one job; give its id (see `snapblk copy list`)",
@@ -431,7 +431,7 @@ impl ReadProgress {
 
 /// `copy start ... --to -`: passes fd 1 to the daemon, then waits for the
 /// job; messages go to stderr since stdout carries the stream.
-fn stream_to_stdout(control: &Path, req: &Request) -> Result<(), CliError> {
+fn stream_to_stdout(control: &Endpoint, req: &Request) -> Result<(), CliError> {
     let v = client::request_with_fd(control, req, libc::STDOUT_FILENO)?;
     let id = v["id"].as_u64().unwrap_or(0);
     eprintln!("snapblk: copy job {id} is streaming to standard output");
@@ -447,7 +447,18 @@ fn stream_to_stdout(control: &Path, req: &Request) -> Result<(), CliError> {
 /// `snapblk restore`: each stream in turn into a file or device here, or
 /// into a volume by the daemon, which reads the stream from the descriptor
 /// passed with the request; or `--verify-chain`.
-pub fn restore(control: &Path, json: bool, a: RestoreArgs) -> Result<(), CliError> {
+pub fn restore(control: &Endpoint, json: bool, a: RestoreArgs) -> Result<(), CliError> {
+    if let Endpoint::Remote(r) = control {
+        return Err(CliError::new(
+            format!(
+                "restore reads its streams on this machine and writes here or hands them to \
+                 the local daemon; the daemon at {} cannot receive them",
+                r.addr
+            ),
+            "copy the stream to the daemon's machine and run `snapblk restore` there, \
+             without --remote",
+        ));
+    }
     let Some(to) = a.to else {
         return verify_chain(json, &a.streams);
     };
@@ -498,7 +509,7 @@ fn verify_chain(json: bool, streams: &[PathBuf]) -> Result<(), CliError> {
     Ok(())
 }
 
-fn restore_one(control: &Path, json: bool, stream: &Path, to: &Path) -> Result<(), CliError> {
+fn restore_one(control: &Endpoint, json: bool, stream: &Path, to: &Path) -> Result<(), CliError> {
     let opened = if stream == Path::new("-") {
         None
     } else {

@@ -1,14 +1,13 @@
 //! `snapblk group ...` and `snapblk snapshot ... --group`: consistency
 //! groups (see `src/volumes/groups.rs`), and their human output.
 
-use super::client::CliError;
+use super::client::{CliError, Endpoint};
 use super::output::{format_unix_ms, str_of, table};
 use super::{name_arg, reply};
 use crate::control::protocol::Request;
 use crate::quiesce::Quiesce;
 use clap::Subcommand;
 use serde_json::Value;
-use std::path::Path;
 
 #[derive(Subcommand, Debug)]
 pub enum GroupCmd {
@@ -28,7 +27,7 @@ pub enum GroupCmd {
     Delete { name: String },
 }
 
-pub fn run(control: &Path, json: bool, cmd: GroupCmd) -> Result<(), CliError> {
+pub fn run(control: &Endpoint, json: bool, cmd: GroupCmd) -> Result<(), CliError> {
     match cmd {
         GroupCmd::Create { name, volumes } => {
             name_arg("group", &name)?;
@@ -55,7 +54,7 @@ pub fn run(control: &Path, json: bool, cmd: GroupCmd) -> Result<(), CliError> {
 
 /// `snapshot create --group GROUP SNAP`.
 pub fn snapshot_create(
-    control: &Path,
+    control: &Endpoint,
     json: bool,
     group: &str,
     name: &str,
@@ -79,7 +78,7 @@ pub fn snapshot_create(
 
 /// `snapshot delete --group GROUP SNAP`.
 pub fn snapshot_delete(
-    control: &Path,
+    control: &Endpoint,
     json: bool,
     group: &str,
     name: &str,

@@ -10,6 +10,7 @@ pub mod copy;
 pub mod group;
 pub mod output;
 pub mod paths;
+pub mod remote;
 pub mod replicate;
 pub mod schedule;
 pub mod size;
@@ -26,9 +27,9 @@ use crate::quiesce::{OnTimeout, Quiesce};
 use crate::replication::ReplicationConfig;
 use crate::volumes::validate_name;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use client::CliError;
+use client::{CliError, Endpoint};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -45,6 +46,22 @@ pub struct Cli {
     /// Print the daemon's JSON result instead of a table
     #[arg(long, global = true)]
     pub json: bool,
+    /// Send the command to the daemon whose --control-listen is HOST:PORT,
+    /// over TLS [default: $SNAPBLK_REMOTE, else the local control socket]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub remote: Option<String>,
+    /// For --remote and `status --all`: this CLI's certificate (PEM)
+    /// [default: $SNAPBLK_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// For --remote and `status --all`: its private key (PEM, mode 0600 or
+    /// tighter) [default: $SNAPBLK_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// For --remote and `status --all`: the CA that signed the daemons'
+    /// certificates (PEM) [default: $SNAPBLK_TLS_CA]
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,8 +78,8 @@ pub enum Command {
     /// Create, list and delete snapshots
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
-    /// Show the running daemon's status
-    Status,
+    /// Show the running daemon's status (with --all: one line per daemon)
+    Status(StatusArgs),
     /// Start, stop and list ublk block devices (/dev/ublkbN)
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -87,6 +104,14 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One line for this CLI's daemon (local, or --remote) and one for each
+    /// HOST:PORT (a daemon's --control-listen) after it
+    #[arg(long, value_name = "HOST:PORT", num_args = 0..)]
+    pub all: Option<Vec<String>>,
+}
+
+#[derive(Args, Debug)]
 pub struct DaemonArgs {
     /// Where volumes and sockets live [default: $SNAPBLK_DATA_DIR, /var/lib/snapblk for root, else ~/.local/share/snapblk]
     #[arg(long, value_name = "DIR")]
@@ -108,6 +133,11 @@ pub struct DaemonArgs {
     /// address, or a uid on a UNIX socket)
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub nbd_client_connections: usize,
+    /// Also serve the control protocol on this TCP address, over TLS with
+    /// client certificates only (needs --tls-cert, --tls-key and --tls-ca;
+    /// for `snapblk --remote`)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub control_listen: Option<String>,
     /// Accept replication sources on this TCP address
     #[arg(long, value_name = "HOST:PORT")]
     pub replication_listen: Option<String>,
@@ -538,7 +568,7 @@ fn print_json(v: &Value) {
 /// Sends `req` to the daemon; prints the result as JSON with `--json`, else
 /// for people with `human`.
 fn reply(
-    control: &Path,
+    control: &Endpoint,
     json: bool,
     req: &Request,
     human: impl FnOnce(&Value),
@@ -604,15 +634,59 @@ fn nbd_limits(handshake: u64, idle: u64, per_client: usize) -> Result<Limits, Cl
     })
 }
 
-pub fn run(cli: Cli) -> Result<(), CliError> {
+/// Where commands go: `--remote` (else `$SNAPBLK_REMOTE`) with its TLS
+/// files, else the local control socket.
+struct Targets {
+    control: Option<PathBuf>,
+    remote: Option<String>,
+    files: remote::ClientFiles,
+}
+
+impl Targets {
+    fn of(cli: &mut Cli) -> Targets {
+        Targets {
+            control: cli.control.take(),
+            remote: cli.remote.take().or_else(|| {
+                std::env::var("SNAPBLK_REMOTE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            }),
+            files: remote::ClientFiles {
+                cert: cli.tls_cert.take(),
+                key: cli.tls_key.take(),
+                ca: cli.tls_ca.take(),
+            },
+        }
+    }
+
+    fn endpoint(self) -> Result<Endpoint, CliError> {
+        Ok(match self.remote {
+            Some(addr) => Endpoint::Remote(remote::Remote::new(
+                addr,
+                remote::client_config(self.files)?,
+            )),
+            None => Endpoint::Local(paths::client_control_path(self.control)),
+        })
+    }
+}
+
+pub fn run(mut cli: Cli) -> Result<(), CliError> {
     let json = cli.json;
+    if cli.remote.is_some() && matches!(cli.command, Command::Daemon(_) | Command::Serve(_)) {
+        return Err(CliError::new(
+            "--remote sends a command to a daemon elsewhere; it cannot run one",
+            "drop --remote (a daemon serves remote CLIs with --control-listen HOST:PORT)",
+        ));
+    }
+    let targets = Targets::of(&mut cli);
     match cli.command {
         Command::Daemon(a) => {
             set_writeback_buffer(&a.writeback_buffer)?;
             init_logging();
             let config = DaemonConfig {
                 data_dir: a.data_dir.unwrap_or_else(paths::default_data_dir),
-                control: cli.control,
+                control: targets.control,
+                control_listen: a.control_listen,
                 nbd_unix: a.nbd_socket,
                 nbd_access: a.nbd.access(),
                 nbd_tcp: a.nbd.nbd_listen,
@@ -633,9 +707,25 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             };
             daemon::run(&config, |_| Ok(()), |_| {}).map_err(daemon_error)
         }
-        Command::Serve(a) => serve(cli.control, a),
-        Command::Status => {
-            let control = paths::client_control_path(cli.control);
+        Command::Serve(a) => serve(targets.control, a),
+        Command::Status(StatusArgs { all: Some(others) }) => {
+            let config = match others.is_empty() {
+                true => None,
+                false => Some(remote::client_config(remote::ClientFiles {
+                    cert: targets.files.cert.clone(),
+                    key: targets.files.key.clone(),
+                    ca: targets.files.ca.clone(),
+                })?),
+            };
+            let mut daemons = vec![targets.endpoint()?];
+            for addr in others {
+                let config = config.clone().expect("made for the addresses");
+                daemons.push(Endpoint::Remote(remote::Remote::new(addr, config)));
+            }
+            status_all(&daemons, json)
+        }
+        Command::Status(StatusArgs { all: None }) => {
+            let control = targets.endpoint()?;
             reply(&control, json, &Request::DaemonStatus {}, |r| {
                 let list = |k: &str| {
                     r.get(k)
@@ -656,6 +746,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         ("pid", output::str_of(r, "pid")),
                         ("data dir", output::str_of(r, "data_dir")),
                         ("control socket", output::str_of(r, "control_socket")),
+                        ("control tcp", output::str_of(r, "control_tcp")),
                         ("nbd tcp", list("nbd_tcp")),
                         ("nbd unix", list("nbd_unix")),
                         ("nbd tls", nbd_tls_fact(r)),
@@ -667,43 +758,43 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             })
         }
         Command::Volume(cmd) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             volume(&control, json, cmd)
         }
         Command::Snapshot(cmd) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             snapshot(&control, json, cmd)
         }
         Command::Device(cmd) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             device(&control, json, cmd)
         }
         Command::Copy(cmd) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             copy::run(&control, json, cmd)
         }
         Command::Restore(a) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             copy::restore(&control, json, a)
         }
         Command::Replicate(cmd) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             replicate::run(&control, json, cmd)
         }
         Command::Group(cmd) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             group::run(&control, json, cmd)
         }
         Command::Schedule(cmd) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             schedule::run(&control, json, cmd)
         }
         Command::Top(a) => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             top::run(&control, json, a)
         }
         Command::Features => {
-            let control = paths::client_control_path(cli.control);
+            let control = targets.endpoint()?;
             reply(&control, json, &Request::Features {}, |r| {
                 print!("{}", output::features(r))
             })
@@ -711,7 +802,77 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-fn device(control: &Path, json: bool, cmd: DeviceCmd) -> Result<(), CliError> {
+/// How long `status --all` waits for each daemon.
+const STATUS_ALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// `status --all`: asks every daemon at once; one line (or JSON object)
+/// each, an error for one that does not answer; fails if any did not.
+fn status_all(daemons: &[Endpoint], json: bool) -> Result<(), CliError> {
+    let answers: Vec<Result<Value, CliError>> = std::thread::scope(|s| {
+        let asks: Vec<_> = daemons
+            .iter()
+            .map(|d| {
+                s.spawn(move || {
+                    client::request_within(d, &Request::DaemonStatus {}, STATUS_ALL_LIMIT)
+                })
+            })
+            .collect();
+        asks.into_iter()
+            .map(|a| a.join().expect("a status thread panicked"))
+            .collect()
+    });
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    if json {
+        let list: Vec<Value> = daemons
+            .iter()
+            .zip(&answers)
+            .map(|(d, a)| match a {
+                Ok(st) => serde_json::json!({"address": d.to_string(), "status": st}),
+                Err(e) => serde_json::json!({"address": d.to_string(), "error": e.line()}),
+            })
+            .collect();
+        print_json(&Value::Array(list));
+    } else {
+        let rows: Vec<Vec<String>> = daemons
+            .iter()
+            .zip(&answers)
+            .map(|(d, a)| {
+                let mut row = vec![d.to_string()];
+                match a {
+                    Ok(st) => row.extend(
+                        [
+                            "version",
+                            "uptime_s",
+                            "volumes",
+                            "devices",
+                            "replication_links",
+                            "copy_jobs",
+                        ]
+                        .map(|k| output::str_of(st, k)),
+                    ),
+                    Err(e) => row.push(e.line().replacen("snapblk: ", "", 1)),
+                }
+                row
+            })
+            .collect();
+        print!(
+            "{}",
+            output::table(
+                &["DAEMON", "VERSION", "UPTIME_S", "VOLUMES", "DEVICES", "LINKS", "JOBS"],
+                &rows
+            )
+        );
+    }
+    match failed {
+        0 => Ok(()),
+        n => Err(CliError::new(
+            format!("{n} of {} daemons did not answer", daemons.len()),
+            "see their lines above",
+        )),
+    }
+}
+
+fn device(control: &Endpoint, json: bool, cmd: DeviceCmd) -> Result<(), CliError> {
     match cmd {
         DeviceCmd::Start {
             volume,
@@ -765,7 +926,7 @@ fn device(control: &Path, json: bool, cmd: DeviceCmd) -> Result<(), CliError> {
     }
 }
 
-fn volume(control: &Path, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
+fn volume(control: &Endpoint, json: bool, cmd: VolumeCmd) -> Result<(), CliError> {
     match cmd {
         VolumeCmd::Create {
             name,
@@ -947,7 +1108,7 @@ fn chunk_size_arg(chunk_size: Option<String>) -> Result<Option<u32>, CliError> {
     })
 }
 
-fn snapshot(control: &Path, json: bool, cmd: SnapshotCmd) -> Result<(), CliError> {
+fn snapshot(control: &Endpoint, json: bool, cmd: SnapshotCmd) -> Result<(), CliError> {
     match cmd {
         SnapshotCmd::Create { of, hooks } => {
             let quiesce = hooks.quiesce()?;
@@ -1058,6 +1219,7 @@ fn serve(control: Option<PathBuf>, a: ServeArgs) -> Result<(), CliError> {
     let config = DaemonConfig {
         data_dir: data_dir.clone(),
         control,
+        control_listen: None,
         nbd_unix: vec![data_dir.join("nbd.sock")],
         nbd_access: a.nbd.access(),
         nbd_tcp: a.nbd.nbd_listen,

@@ -4,11 +4,14 @@
 use super::size::format_size;
 use serde_json::Value;
 
-/// Left-aligned columns separated by two spaces; no trailing blanks.
+/// Left-aligned columns separated by two spaces; no trailing blanks. A row
+/// may be shorter than the header: its last cell runs on unaligned (an
+/// error in place of the figures) and widens no column.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
-        for (i, cell) in row.iter().enumerate() {
+        // A row's last cell is never padded, so it sets no width.
+        for (i, cell) in row.iter().enumerate().take(row.len().saturating_sub(1)) {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }

@@ -1,13 +1,13 @@
 //! `snapblk replicate ...`: replication links and replicas (see
 //! `src/replication`), and its human output.
 
-use super::client::CliError;
+use super::client::{CliError, Endpoint};
 use super::{name_arg, output, reply, size_arg, strip_os_error};
 use crate::control::protocol::Request;
 use crate::replication::ReplicateStart;
 use clap::Subcommand;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
 pub enum ReplicateCmd {
@@ -113,7 +113,7 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     }
 }
 
-pub fn run(control: &Path, json: bool, cmd: ReplicateCmd) -> Result<(), CliError> {
+pub fn run(control: &Endpoint, json: bool, cmd: ReplicateCmd) -> Result<(), CliError> {
     match cmd {
         ReplicateCmd::Start {
             volume,

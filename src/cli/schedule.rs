@@ -1,7 +1,7 @@
 //! `snapblk schedule ...`: snapshots on a schedule with retention (see
 //! `src/schedule`), and its human output.
 
-use super::client::CliError;
+use super::client::{CliError, Endpoint};
 use super::output::{format_unix_ms, str_of, table};
 use super::replicate::parse_duration_ms;
 use super::{name_arg, reply};
@@ -9,7 +9,6 @@ use crate::control::protocol::Request;
 use crate::schedule::ScheduleAdd;
 use clap::Subcommand;
 use serde_json::Value;
-use std::path::Path;
 
 #[derive(Subcommand, Debug)]
 pub enum ScheduleCmd {
@@ -47,7 +46,7 @@ pub enum ScheduleCmd {
     Resume { id: u64 },
 }
 
-pub fn run(control: &Path, json: bool, cmd: ScheduleCmd) -> Result<(), CliError> {
+pub fn run(control: &Endpoint, json: bool, cmd: ScheduleCmd) -> Result<(), CliError> {
     match cmd {
         ScheduleCmd::Add {
             volume,

@@ -3,13 +3,13 @@
 //! chunks preserved per second (the copy-on-write rate), snapshots held and
 //! replication lag. `--json` prints one object per interval, for scripts.
 
-use super::client::{self, CliError};
+use super::client::{self, CliError, Endpoint};
 use super::replicate::parse_duration_ms;
 use crate::control::protocol::Request;
 use clap::Args;
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
@@ -107,7 +107,7 @@ fn human(view: &Value) -> String {
     )
 }
 
-pub fn run(control: &Path, json: bool, a: TopArgs) -> Result<(), CliError> {
+pub fn run(control: &Endpoint, json: bool, a: TopArgs) -> Result<(), CliError> {
     let interval = parse_duration_ms(&a.interval)
         .ok()
         .filter(|&ms| ms > 0)

@@ -47,6 +47,9 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     /// Default: `data_dir/control.sock`.
     pub control: Option<PathBuf>,
+    /// `--control-listen`: the control protocol over mutual TLS on TCP
+    /// (`nbd_access.tls_files` are its certificate, key and CA).
+    pub control_listen: Option<String>,
     /// Default: `data_dir/nbd.sock`.
     pub nbd_unix: Vec<PathBuf>,
     /// TCP listeners; none by default.
@@ -381,6 +384,10 @@ impl Daemon {
         let tls = NbdTls::load(config.nbd_access.tls_mode(), &config.nbd_access.tls_files)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         check_nbd_exposure(&config.nbd_tcp, tls.mode(), config.nbd_access.insecure)?;
+        let control_tls = match &config.control_listen {
+            Some(_) => Some(super::remote::load_tls(&config.nbd_access.tls_files)?),
+            None => None,
+        };
         make_data_dir(&config.data_dir).with_context(|| {
             format!(
                 "cannot create the data directory {}",
@@ -486,9 +493,18 @@ impl Daemon {
         };
 
         let control_path = config.control_path();
+        let remote = match (&config.control_listen, control_tls) {
+            (Some(addr), Some(tls)) => Some((super::remote::RemoteControl::bind(addr)?, tls)),
+            _ => None,
+        };
+        let control_tcp = match &remote {
+            Some((l, _)) => Some(l.local_addr()?.to_string()),
+            None => None,
+        };
         let facts = DaemonFacts {
             data_dir: data_dir.clone(),
             control_socket: control_path.clone(),
+            control_tcp,
             nbd_unix: config.nbd_unix.clone(),
             nbd_tcp: nbd_tcp.clone(),
             nbd_tls: facts_tls.0.as_str(),
@@ -500,8 +516,8 @@ impl Daemon {
             nbd: nbd.clone(),
             space_guard: space_guard.clone(),
         };
-        let control =
-            ControlServer::start(&control_path, registry.clone(), facts).map_err(|e| {
+        let control = ControlServer::start(&control_path, registry.clone(), facts, remote)
+            .map_err(|e| {
                 anyhow::anyhow!(
                     "cannot open the control socket {}: {e}",
                     control_path.display()

@@ -3,7 +3,8 @@
 //! Owns: the control protocol's wire types ([`protocol`], JSON lines; people
 //! read `docs/control-protocol.md`), the socket, its access check and the
 //! dispatch of each request to the layer that does it ([`server`]), the ublk
-//! driver the registry's devices run on ([`ublk`]), and the daemon's life
+//! driver the registry's devices run on ([`ublk`]), the same protocol over
+//! mutual TLS for other machines ([`remote`]), and the daemon's life
 //! cycle: startup, NBD listeners, signals, shutdown ([`daemon`]), and its
 //! numbers for `snapblk top` and Prometheus ([`metrics`]). Seed 002's
 //! out-of-band control connection is what it implements; the registry of
@@ -17,6 +18,7 @@
 pub mod daemon;
 pub mod metrics;
 pub mod protocol;
+pub mod remote;
 pub mod server;
 pub mod ublk;
 

@@ -18,10 +18,12 @@
 //! once; a permitted one keeps only its latest [`MAX_PASSED`].
 
 use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
+use crate::frontend::nbd::NbdTls;
 use crate::security::LocalPeers;
 use crate::volumes::{CephPlacement, ErrorKind, Registry, VolumeError};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -39,10 +41,10 @@ pub const MAX_REFUSED: usize = 8;
 pub const MAX_PASSED: usize = 4;
 
 /// Counts a client thread in its pool while it lives.
-struct PoolSlot(Arc<AtomicUsize>);
+pub(super) struct PoolSlot(Arc<AtomicUsize>);
 
 impl PoolSlot {
-    fn take(pool: &Arc<AtomicUsize>, max: usize) -> Option<PoolSlot> {
+    pub(super) fn take(pool: &Arc<AtomicUsize>, max: usize) -> Option<PoolSlot> {
         pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (n < max).then_some(n + 1)
         })
@@ -61,6 +63,8 @@ impl Drop for PoolSlot {
 pub struct DaemonFacts {
     pub data_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// `--control-listen`'s bound address.
+    pub control_tcp: Option<String>,
     pub nbd_unix: Vec<PathBuf>,
     pub nbd_tcp: Vec<String>,
     /// NBD TLS mode: "off", "on" or "require".
@@ -80,16 +84,18 @@ pub struct ControlServer {
     listener: UnixListener,
     stopping: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
+    remote: Option<super::remote::RemoteControl>,
 }
 
 impl ControlServer {
     /// Binds the socket at `path` (a stale socket file is replaced; the caller
     /// holds the data directory's lock, so no other daemon owns it) and starts
-    /// accepting.
+    /// accepting; with `remote`, on that TCP listener too (mutual TLS).
     pub fn start(
         path: &Path,
         registry: Arc<Registry>,
         facts: DaemonFacts,
+        remote: Option<(TcpListener, NbdTls)>,
     ) -> io::Result<ControlServer> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
@@ -118,6 +124,16 @@ impl ControlServer {
         let peers = LocalPeers::of_data_dir(registry.data_dir())?;
         let stopping = Arc::new(AtomicBool::new(false));
         let facts = Arc::new(facts);
+        let remote = match remote {
+            Some((tcp, tls)) => Some(super::remote::RemoteControl::serve(
+                tcp,
+                tls,
+                registry.clone(),
+                facts.clone(),
+                stopping.clone(),
+            )?),
+            None => None,
+        };
         let accept_listener = listener.try_clone()?;
         let stop = stopping.clone();
         let (permitted, turned) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -170,6 +186,7 @@ impl ControlServer {
             listener,
             stopping,
             accept_thread: Some(accept_thread),
+            remote,
         })
     }
 
@@ -182,6 +199,9 @@ impl ControlServer {
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
+        }
+        if let Some(r) = &mut self.remote {
+            r.stop();
         }
         if let Err(e) = std::fs::remove_file(&self.path) {
             if e.kind() != io::ErrorKind::NotFound {
@@ -226,17 +246,25 @@ fn serve_client(
     facts: &DaemonFacts,
     stop: &AtomicBool,
 ) {
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
-            log::warn!("control socket: {e}");
-            return;
-        }
-    };
-    let mut reader = BufReader::new(PassingReader {
-        stream,
-        keep: refused.is_none(),
-    });
+    let keep = refused.is_none();
+    serve_lines(
+        BufReader::new(PassingReader { stream, keep }),
+        refused,
+        registry,
+        facts,
+        stop,
+    );
+}
+
+/// Answers request lines on `conn` until it ends or fails: the protocol
+/// loop both listeners share (the UNIX socket and `--control-listen`).
+pub(super) fn serve_lines<S: Read + Write>(
+    mut reader: BufReader<S>,
+    refused: Option<String>,
+    registry: &Registry,
+    facts: &DaemonFacts,
+    stop: &AtomicBool,
+) {
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -298,7 +326,12 @@ fn serve_client(
         };
         let mut out = response.to_line();
         out.push('\n');
-        if writer.write_all(out.as_bytes()).is_err() {
+        let writer = reader.get_mut();
+        if writer
+            .write_all(out.as_bytes())
+            .and_then(|_| writer.flush())
+            .is_err()
+        {
             return;
         }
     }
@@ -334,6 +367,16 @@ fn received_fd(fd: OwnedFd, keep: bool) {
         }
         p.push(fd);
     });
+}
+
+/// Answers go straight to the socket.
+impl Write for PassingReader {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&self.stream).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Read for PassingReader {
@@ -615,12 +658,15 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             "pid": std::process::id(),
             "data_dir": facts.data_dir,
             "control_socket": facts.control_socket,
+            "control_tcp": facts.control_tcp,
             "nbd_unix": facts.nbd_unix,
             "nbd_tcp": facts.nbd_tcp,
             "nbd_tls": facts.nbd_tls,
             "nbd_tls_client_certs": facts.nbd_tls_client_certs,
             "volumes": registry.len(),
             "devices": registry.device_count(),
+            "copy_jobs": facts.jobs.list().as_array().map_or(0, Vec::len),
+            "replication_links": facts.replication.link_count(),
             "uptime_s": facts.started.elapsed().as_secs(),
             "space_guard": facts.space_guard.status(),
         })),

@@ -529,6 +529,11 @@ impl Replication {
         }))
     }
 
+    /// Links from here and replicas here: what `replicate.status` lists.
+    pub fn link_count(&self) -> usize {
+        self.links().len() + self.receiver.status(None).len()
+    }
+
     /// `replicate.cp`: takes a CP now (on every member of `group`: one
     /// shared CP) and waits until the destination applied it.
     pub fn cp_now(&self, volume: &str, group: Option<&str>) -> Result<Value, VolumeError> {

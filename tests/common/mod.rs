@@ -9,6 +9,7 @@
 use serde_json::Value;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -624,4 +625,86 @@ pub fn same_image(a: &str, b: &str) -> bool {
         "qemu-img compare failed: {o}{e}"
     );
     ok
+}
+
+pub fn openssl(args: &[&str]) {
+    let (ok, out, err) = run(Command::new("openssl").args(args));
+    assert!(ok, "openssl {args:?} failed:\n{out}{err}");
+}
+
+/// Makes a CA in `dir` (ca-cert.pem, ca-key.pem) and certificates it signs:
+/// a server certificate for 127.0.0.1 and localhost, a client certificate.
+pub fn make_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    let (ca_key, ca_cert) = (p("ca-key.pem"), p("ca-cert.pem"));
+    ca.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_cert,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&ca);
+    for (who, usage) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (key, csr, cert, ext) = (
+            p(&format!("{who}-key.pem")),
+            p(&format!("{who}.csr")),
+            p(&format!("{who}-cert.pem")),
+            p(&format!("{who}.ext")),
+        );
+        let mut req = vec!["req"];
+        req.extend(ec);
+        let subj = format!("/CN={who}");
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(&req);
+        // qemu (gnutls) insists on keyEncipherment in a certificate's usage.
+        std::fs::write(
+            &ext,
+            format!(
+                "{usage}keyUsage=critical,digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n"
+            ),
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_cert,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &cert,
+            "-extfile",
+            &ext,
+        ]);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
 }

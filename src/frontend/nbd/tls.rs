@@ -100,7 +100,7 @@ fn config_error(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
-fn load_certs(path: &Path, what: &str) -> io::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn load_certs(path: &Path, what: &str) -> io::Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
@@ -118,7 +118,7 @@ fn load_certs(path: &Path, what: &str) -> io::Result<Vec<CertificateDer<'static>
     Ok(certs)
 }
 
-fn load_key(path: &Path) -> io::Result<PrivateKeyDer<'static>> {
+pub(crate) fn load_key(path: &Path) -> io::Result<PrivateKeyDer<'static>> {
     crate::security::check_private_file_mode(path, "the TLS private key")?;
     PrivateKeyDer::from_pem_file(path).map_err(|e| {
         config_error(format!(
