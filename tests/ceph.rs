@@ -306,6 +306,9 @@ fn real_clients_on_a_ceph_volume() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        // fio would otherwise leave its verify state file in the working directory
+        // (the repository, under cargo test).
+        "--verify_state_save=0",
     ]));
     assert!(fio.contains("verify"), "{fio}");
 }
