@@ -36,25 +36,8 @@ struct Sites {
 }
 
 fn site(t: &Path, name: &str, key: &Path) -> Site {
-    // A fixed port (found free just now) so that restarts keep it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let d = Daemon::start_with(
-        &t.join(name),
-        &t.join(name),
-        &[
-            "--replication-listen",
-            &listen,
-            "--replication-key-file",
-            key.to_str().unwrap(),
-        ],
-        &[],
-    );
-    Site { d, addr: listen }
+    let (d, addr) = replication_destination(&t.join(name), key, &[]);
+    Site { d, addr }
 }
 
 /// Two daemons sharing a key, or `None` (the test is skipped) without
