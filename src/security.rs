@@ -172,7 +172,13 @@ pub fn user_by_name(name: &str) -> Option<u32> {
         unsafe {
             let mut pw: libc::passwd = std::mem::zeroed();
             let mut found = std::ptr::null_mut();
-            let rc = libc::getpwnam_r(cname.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found);
+            let rc = libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            );
             (rc, (!found.is_null()).then_some(pw.pw_uid))
         }
     })
@@ -187,7 +193,13 @@ pub fn group_by_name(name: &str) -> Option<u32> {
         unsafe {
             let mut gr: libc::group = std::mem::zeroed();
             let mut found = std::ptr::null_mut();
-            let rc = libc::getgrnam_r(cname.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut found);
+            let rc = libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut gr,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            );
             (rc, (!found.is_null()).then_some(gr.gr_gid))
         }
     })
@@ -202,7 +214,14 @@ pub fn user_name(uid: u32) -> String {
             let mut pw: libc::passwd = std::mem::zeroed();
             let mut found = std::ptr::null_mut();
             let rc = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found);
-            (rc, if found.is_null() { None } else { c_string(pw.pw_name) })
+            (
+                rc,
+                if found.is_null() {
+                    None
+                } else {
+                    c_string(pw.pw_name)
+                },
+            )
         }
     })
     .unwrap_or_else(|| uid.to_string())
@@ -216,7 +235,14 @@ pub fn group_name(gid: u32) -> String {
             let mut gr: libc::group = std::mem::zeroed();
             let mut found = std::ptr::null_mut();
             let rc = libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut found);
-            (rc, if found.is_null() { None } else { c_string(gr.gr_name) })
+            (
+                rc,
+                if found.is_null() {
+                    None
+                } else {
+                    c_string(gr.gr_name)
+                },
+            )
         }
     })
     .unwrap_or_else(|| gid.to_string())
@@ -227,7 +253,10 @@ pub fn group_name(gid: u32) -> String {
 pub fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
     let mut gids = vec![gid];
     let name = user_name(uid);
-    if let (Ok(cname), false) = (std::ffi::CString::new(name.clone()), name == uid.to_string()) {
+    if let (Ok(cname), false) = (
+        std::ffi::CString::new(name.clone()),
+        name == uid.to_string(),
+    ) {
         let mut n: libc::c_int = 64;
         loop {
             let mut list = vec![0 as libc::gid_t; n as usize];

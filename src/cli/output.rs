@@ -261,7 +261,11 @@ fn quota_of(q: &Value) -> String {
 
 /// `volume access` / `volume chown`: owner, then one line per entry.
 pub fn access(v: &Value) -> String {
-    let mut out = format!("volume {} is owned by {}\n", str_of(v, "volume"), str_of(v, "owner"));
+    let mut out = format!(
+        "volume {} is owned by {}\n",
+        str_of(v, "volume"),
+        str_of(v, "owner")
+    );
     match v["acl"].as_array() {
         Some(a) if !a.is_empty() => {
             for e in a {
@@ -281,7 +285,12 @@ pub fn quotas(result: &Value) -> String {
         .map(|u| {
             let names: Vec<String> = u["volumes"]
                 .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default();
             vec![
                 str_of(u, "user"),

@@ -48,9 +48,12 @@ fn need(req: &Request) -> Need<'_> {
         | Request::DaemonStatus {}
         | Request::Features {}
         | Request::QuotaShow { user: None } => Anyone,
-        Request::VolumeInfo { name } | Request::VolumeAccess { name, grant: None, revoke: None } => {
-            Volume(name, Level::Read)
-        }
+        Request::VolumeInfo { name }
+        | Request::VolumeAccess {
+            name,
+            grant: None,
+            revoke: None,
+        } => Volume(name, Level::Read),
         Request::SnapshotList { volume } | Request::SnapshotDiff { volume, .. } => {
             Volume(volume, Level::Read)
         }

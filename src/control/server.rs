@@ -311,21 +311,21 @@ pub(super) fn serve_lines<S: Read + Write>(
                     why.clone(),
                 ))),
                 Ok(caller) => {
-                let result = parse_request(trimmed).and_then(|req| {
-                    if stop.load(Ordering::Acquire) {
-                        return Err(ControlError::new(
-                            ErrorCode::Busy,
-                            "the daemon is shutting down",
-                        ));
-                    }
-                    let op = req.op();
-                    let r = handle(req, caller, registry, facts);
-                    if let Err(e) = &r {
-                        log::debug!("{op}: {} ({})", e.message, e.code);
-                    }
-                    r
-                });
-                Response::from_result(result)
+                    let result = parse_request(trimmed).and_then(|req| {
+                        if stop.load(Ordering::Acquire) {
+                            return Err(ControlError::new(
+                                ErrorCode::Busy,
+                                "the daemon is shutting down",
+                            ));
+                        }
+                        let op = req.op();
+                        let r = handle(req, caller, registry, facts);
+                        if let Err(e) = &r {
+                            log::debug!("{op}: {} ({})", e.message, e.code);
+                        }
+                        r
+                    });
+                    Response::from_result(result)
                 }
             }
         };
@@ -495,7 +495,10 @@ fn volume_access(
     }
     if changed {
         registry.set_access(name, record.clone())?;
-        log::info!("volume {name}: access list is now {}", access::to_json(&record));
+        log::info!(
+            "volume {name}: access list is now {}",
+            access::to_json(&record)
+        );
     }
     let mut out = access::to_json(&record);
     out["volume"] = json!(name);
@@ -615,7 +618,10 @@ fn dispatch(
             let mut record = registry.access_of(&name)?;
             record.owner = uid;
             registry.set_access(&name, record.clone())?;
-            log::info!("volume {name}: owner is now {}", crate::security::user_name(uid));
+            log::info!(
+                "volume {name}: owner is now {}",
+                crate::security::user_name(uid)
+            );
             let mut out = crate::volumes::access::to_json(&record);
             out["volume"] = json!(name);
             Ok(out)

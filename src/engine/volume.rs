@@ -1002,7 +1002,8 @@ impl Volume {
         };
         let mut bytes = if allocates { len } else { 0 };
         if len > 0 && (!self.gate.epoch().live.is_empty() || self.layer().is_some()) {
-            let chunks = ((offset + len - 1) >> self.chunk_shift) - (offset >> self.chunk_shift) + 1;
+            let chunks =
+                ((offset + len - 1) >> self.chunk_shift) - (offset >> self.chunk_shift) + 1;
             bytes += chunks << self.chunk_shift;
         }
         budget.admit(bytes).map_err(EngineError::QuotaExceeded)

@@ -192,14 +192,26 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(level_of(&access, &caller(1000, &[1000])), Some(Level::Admin));
+        assert_eq!(
+            level_of(&access, &caller(1000, &[1000])),
+            Some(Level::Admin)
+        );
         assert_eq!(level_of(&access, &caller(1001, &[1001])), Some(Level::Read));
         // The highest of the user's and the group's entries.
-        assert_eq!(level_of(&access, &caller(1001, &[1001, 50])), Some(Level::Write));
+        assert_eq!(
+            level_of(&access, &caller(1001, &[1001, 50])),
+            Some(Level::Write)
+        );
         assert_eq!(level_of(&access, &caller(1002, &[1002])), None);
         assert_eq!(level_of(&access, &Caller::superuser()), Some(Level::Admin));
-        let e = require(&access, &caller(1001, &[1001]), "db", Level::Write, "snapshot create")
-            .unwrap_err();
+        let e = require(
+            &access,
+            &caller(1001, &[1001]),
+            "db",
+            Level::Write,
+            "snapshot create",
+        )
+        .unwrap_err();
         assert_eq!(e.kind, ErrorKind::PermissionDenied);
         assert!(e.message.contains("only read access to volume db"), "{e}");
         assert!(e.message.contains("needs write access"), "{e}");
