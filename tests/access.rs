@@ -450,3 +450,70 @@ fn an_old_manifest_without_an_owner_opens_as_roots() {
         v.shutdown().await.unwrap();
     });
 }
+
+/// The engine asks a volume's budget before a write does anything: a
+/// refused write is ENOSPC and changes nothing; a trim is always admitted;
+/// under a snapshot a write costs a chunk per chunk on top.
+#[test]
+fn the_engine_asks_the_budget_before_writing() {
+    use snapblk::backend::Storage;
+    use snapblk::engine::{SpaceBudget, Volume, VolumeConfig};
+    use snapblk::runtime::block_on;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// Admits up to `left` bytes, counting what it admitted.
+    struct Left(AtomicU64);
+    impl SpaceBudget for Left {
+        fn admit(&self, bytes: u64) -> Result<(), String> {
+            self.0
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    l.checked_sub(bytes)
+                })
+                .map(|_| ())
+                .map_err(|l| format!("only {l} left"))
+        }
+        fn unlimited(&self) -> bool {
+            false
+        }
+    }
+
+    let t = tempfile::tempdir().unwrap();
+    let config = VolumeConfig {
+        size: 1 << 20,
+        chunk_size: 64 << 10,
+        partitions: 1,
+        backing: None,
+        cache: snapblk::engine::CacheMode::Writeback,
+    };
+    block_on(async {
+        let v = Volume::create("v", Storage::Dir(t.path().to_path_buf()), &config)
+            .await
+            .unwrap();
+        let budget = Arc::new(Left(AtomicU64::new(100 << 10)));
+        v.set_budget(Some(budget.clone()));
+        let live = v.live();
+        live.write(0, &[1u8; 64 << 10], false).await.unwrap();
+        let e = live
+            .write(64 << 10, &[2u8; 64 << 10], false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+        assert!(e.to_string().contains("only 36864 left"), "{e}");
+        let mut back = vec![0u8; 128 << 10];
+        live.read(0, &mut back).await.unwrap();
+        assert!(back[..64 << 10].iter().all(|&b| b == 1));
+        assert!(
+            back[64 << 10..].iter().all(|&b| b == 0),
+            "a refused write wrote"
+        );
+        live.discard(0, 64 << 10).await.unwrap();
+        // With a snapshot, 4 KiB costs 4 KiB plus the chunk it may preserve.
+        v.create_snapshot("s").await.unwrap();
+        budget.0.store(64 << 10, Ordering::Release);
+        assert!(live.write(0, &[3u8; 4096], false).await.is_err());
+        budget.0.store(68 << 10, Ordering::Release);
+        live.write(0, &[3u8; 4096], false).await.unwrap();
+        v.shutdown().await.unwrap();
+    });
+}

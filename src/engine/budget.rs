@@ -12,4 +12,8 @@ pub trait SpaceBudget: Send + Sync {
     /// A request that cannot allocate (`bytes == 0`) must be admitted, so
     /// an owner over quota can still free space.
     fn admit(&self, bytes: u64) -> Result<(), String>;
+
+    /// True while every request would be admitted (no limit): the engine
+    /// then skips working out the worst case.
+    fn unlimited(&self) -> bool;
 }

@@ -101,6 +101,10 @@ impl SpaceBudget for Budget {
                 )
             })
     }
+
+    fn unlimited(&self) -> bool {
+        self.limit.load(Ordering::Acquire) == NO_LIMIT
+    }
 }
 
 /// Every owner's budget and the persisted limits.
