@@ -3,10 +3,16 @@
 //! Shared by every door into the daemon, so that each applies the same rule:
 //! - [`LocalPeers`]: the rule for UNIX sockets (the control socket and NBD's
 //!   UNIX sockets). The kernel tells us the connecting process's uid
-//!   (`SO_PEERCRED`); only root and the owner of the data directory are let
-//!   in. Socket file modes are a second fence, not the rule: a socket
-//!   directory that others can traverse, or a socket passed on to another
-//!   process, must not open the volumes to everyone.
+//!   (`SO_PEERCRED`); root, the owner of the data directory and the members
+//!   of its group (the daemon's group) are let in, each as a [`Caller`]
+//!   whose groups come from the uid's group list. Only root and the owner
+//!   are superusers; what the others may do with each volume is its
+//!   access list's to say (`crate::volumes::access`). Socket file modes are
+//!   a second fence, not the rule: a socket directory that others can
+//!   traverse, or a socket passed on to another process, must not open the
+//!   volumes to everyone.
+//! - User and group names: looked up through the system's databases
+//!   (NSS) by name, uid or gid, for access lists and quotas.
 //! - [`check_private_file_mode`]: a private key (NBD TLS, replication) that
 //!   group or others can read is refused before it is used, as ssh refuses
 //!   an unprotected identity file. A key others may have read is a key
@@ -41,41 +47,235 @@ pub fn peer_credentials(fd: RawFd) -> io::Result<libc::ucred> {
     Ok(cred)
 }
 
-/// The rule for local (UNIX socket) peers: root and the data directory's
-/// owner may connect, nobody else.
+/// Who sent a request, as far as access lists care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    /// Its primary group and the groups of the uid's group list.
+    pub gids: Vec<u32>,
+    /// Root, the data directory's owner, or a TLS peer with a certificate
+    /// the CA signed: may do everything.
+    pub superuser: bool,
+}
+
+impl Caller {
+    /// A caller trusted with everything (root, a TLS peer, the daemon itself).
+    pub fn superuser() -> Caller {
+        Caller {
+            uid: 0,
+            gids: vec![0],
+            superuser: true,
+        }
+    }
+
+    /// "uid 1001 (alice)", for errors and the log.
+    pub fn describe(&self) -> String {
+        format!("uid {} ({})", self.uid, user_name(self.uid))
+    }
+}
+
+/// The rule for local (UNIX socket) peers: root, the data directory's owner
+/// and the members of its group may connect, nobody else.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalPeers {
     pub owner_uid: u32,
+    /// The data directory's group: the daemon's group.
+    pub group_gid: u32,
 }
 
 impl LocalPeers {
     /// The rule for a daemon whose data directory is `data_dir`.
     pub fn of_data_dir(data_dir: &Path) -> io::Result<LocalPeers> {
+        let meta = std::fs::metadata(data_dir)?;
         Ok(LocalPeers {
-            owner_uid: std::fs::metadata(data_dir)?.uid(),
+            owner_uid: meta.uid(),
+            group_gid: meta.gid(),
         })
     }
 
-    pub fn admits_uid(&self, uid: u32) -> bool {
-        uid == 0 || uid == self.owner_uid
+    /// The caller with credentials `cred`, if it may connect.
+    pub fn admit(&self, cred: &libc::ucred) -> Option<Caller> {
+        let superuser = cred.uid == 0 || cred.uid == self.owner_uid;
+        let gids = groups_of(cred.uid, cred.gid);
+        (superuser || gids.contains(&self.group_gid)).then_some(Caller {
+            uid: cred.uid,
+            gids,
+            superuser,
+        })
+    }
+
+    /// Puts the socket file at `path` in the daemon's group, so that its
+    /// members can connect through mode 0660 (a daemon that may not, e.g.
+    /// not root and not in that group, logs why and serves on).
+    pub fn give_socket_to_group(&self, path: &Path) {
+        if let Err(e) = std::os::unix::fs::chown(path, None, Some(self.group_gid)) {
+            log::warn!(
+                "cannot give {} to group {}: {e}; only root and the data directory's owner \
+                 can connect to it",
+                path.display(),
+                group_name(self.group_gid)
+            );
+        }
     }
 
     /// Checks the peer of the connected UNIX socket `fd`. `Err` says, for
     /// the peer and for the log, why it is refused; `door` names the socket
     /// ("control socket", "NBD socket").
-    pub fn check(&self, fd: RawFd, door: &str) -> Result<libc::ucred, String> {
+    pub fn check(&self, fd: RawFd, door: &str) -> Result<Caller, String> {
         match peer_credentials(fd) {
-            Ok(c) if self.admits_uid(c.uid) => Ok(c),
-            Ok(c) => Err(format!(
-                "permission denied: uid {} may not use the {door} (only root and uid {}, \
-                 the owner of the data directory, may)",
-                c.uid, self.owner_uid
-            )),
+            Ok(c) => self.admit(&c).ok_or_else(|| {
+                format!(
+                    "permission denied: uid {} ({}) may not use the {door} (only root, uid {} \
+                     (the owner of the data directory) and members of its group {} may; \
+                     ask an administrator to add you to that group)",
+                    c.uid,
+                    user_name(c.uid),
+                    self.owner_uid,
+                    group_name(self.group_gid)
+                )
+            }),
             Err(e) => Err(format!(
                 "permission denied: cannot read the peer's credentials on the {door}: {e}"
             )),
         }
     }
+}
+
+/// Runs a reentrant NSS lookup `call(buffer)`, which answers its return
+/// code and what it found, growing the buffer while it is too small.
+fn nss<R>(mut call: impl FnMut(&mut Vec<libc::c_char>) -> (libc::c_int, Option<R>)) -> Option<R> {
+    let mut buf = vec![0 as libc::c_char; 1024];
+    loop {
+        let (rc, found) = call(&mut buf);
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        return if rc == 0 { found } else { None };
+    }
+}
+
+fn c_string(p: *const libc::c_char) -> Option<String> {
+    // SAFETY: NSS fills name fields with NUL-terminated strings.
+    (!p.is_null()).then(|| {
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// The uid of user `name` (or a number given as such).
+pub fn user_by_name(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    nss(|buf| {
+        // SAFETY: every pointer is valid for the call; `buf` holds `buf.len()`.
+        unsafe {
+            let mut pw: libc::passwd = std::mem::zeroed();
+            let mut found = std::ptr::null_mut();
+            let rc = libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            );
+            (rc, (!found.is_null()).then_some(pw.pw_uid))
+        }
+    })
+    .or_else(|| name.parse().ok())
+}
+
+/// The gid of group `name` (or a number given as such).
+pub fn group_by_name(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    nss(|buf| {
+        // SAFETY: as in `user_by_name`.
+        unsafe {
+            let mut gr: libc::group = std::mem::zeroed();
+            let mut found = std::ptr::null_mut();
+            let rc = libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut gr,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            );
+            (rc, (!found.is_null()).then_some(gr.gr_gid))
+        }
+    })
+    .or_else(|| name.parse().ok())
+}
+
+/// User `uid`'s name, or the number when it has none.
+pub fn user_name(uid: u32) -> String {
+    nss(|buf| {
+        // SAFETY: as in `user_by_name`; the name is copied out before `buf` changes.
+        unsafe {
+            let mut pw: libc::passwd = std::mem::zeroed();
+            let mut found = std::ptr::null_mut();
+            let rc = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found);
+            (
+                rc,
+                if found.is_null() {
+                    None
+                } else {
+                    c_string(pw.pw_name)
+                },
+            )
+        }
+    })
+    .unwrap_or_else(|| uid.to_string())
+}
+
+/// Group `gid`'s name, or the number when it has none.
+pub fn group_name(gid: u32) -> String {
+    nss(|buf| {
+        // SAFETY: as in `user_name`.
+        unsafe {
+            let mut gr: libc::group = std::mem::zeroed();
+            let mut found = std::ptr::null_mut();
+            let rc = libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut found);
+            (
+                rc,
+                if found.is_null() {
+                    None
+                } else {
+                    c_string(gr.gr_name)
+                },
+            )
+        }
+    })
+    .unwrap_or_else(|| gid.to_string())
+}
+
+/// `gid` and the groups of user `uid`'s group list (just `gid` for a uid
+/// without a name).
+pub fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
+    let mut gids = vec![gid];
+    let name = user_name(uid);
+    if let (Ok(cname), false) = (
+        std::ffi::CString::new(name.clone()),
+        name == uid.to_string(),
+    ) {
+        let mut n: libc::c_int = 64;
+        loop {
+            let mut list = vec![0 as libc::gid_t; n as usize];
+            let asked = n;
+            // SAFETY: `list` holds `n` entries; getgrouplist writes at most that.
+            let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, list.as_mut_ptr(), &mut n) };
+            if rc >= 0 {
+                list.truncate(n as usize);
+                gids.extend(list);
+                break;
+            }
+            if n <= asked || n > 65536 {
+                break;
+            }
+        }
+    }
+    gids.sort_unstable();
+    gids.dedup();
+    gids
 }
 
 /// Refuses a secret file (a TLS private key, the replication key) that
@@ -153,19 +353,45 @@ mod tests {
 
     #[test]
     fn local_peers_rule() {
-        let rule = LocalPeers { owner_uid: 1000 };
-        assert!(rule.admits_uid(0));
-        assert!(rule.admits_uid(1000));
-        assert!(!rule.admits_uid(65534));
+        let rule = LocalPeers {
+            owner_uid: 1000,
+            group_gid: 4242,
+        };
+        let cred = |uid, gid| libc::ucred { pid: 1, uid, gid };
+        assert!(rule.admit(&cred(0, 0)).unwrap().superuser);
+        assert!(rule.admit(&cred(1000, 1000)).unwrap().superuser);
+        assert!(rule.admit(&cred(65534, 65534)).is_none());
+        // A member of the daemon's group (here by its primary gid) gets in,
+        // but is no superuser.
+        let member = rule.admit(&cred(65534, 4242)).unwrap();
+        assert!(!member.superuser && member.gids.contains(&4242));
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         use std::os::fd::AsRawFd;
         let me = unsafe { libc::getuid() };
-        let mine = LocalPeers { owner_uid: me };
+        let mine = LocalPeers {
+            owner_uid: me,
+            group_gid: u32::MAX - 1,
+        };
         assert_eq!(mine.check(a.as_raw_fd(), "test socket").unwrap().uid, me);
         if me != 0 {
-            let other = LocalPeers { owner_uid: me + 1 };
+            let other = LocalPeers {
+                owner_uid: me + 1,
+                group_gid: u32::MAX - 1,
+            };
             let msg = other.check(a.as_raw_fd(), "test socket").unwrap_err();
             assert!(msg.contains("may not use the test socket"), "{msg}");
         }
+    }
+
+    #[test]
+    fn names_resolve_both_ways() {
+        assert_eq!(user_by_name("root"), Some(0));
+        assert_eq!(user_name(0), "root");
+        assert_eq!(group_by_name("root"), Some(0));
+        assert_eq!(group_name(0), "root");
+        assert_eq!(user_by_name("1234"), Some(1234));
+        assert_eq!(user_by_name("no-such-user-here"), None);
+        assert_eq!(user_name(4_000_000_000), "4000000000");
+        assert!(groups_of(0, 0).contains(&0));
     }
 }

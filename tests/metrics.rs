@@ -272,7 +272,7 @@ fn a_unix_metrics_socket_admits_the_control_sockets_peers_only() {
     );
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     assert!(
-        out.contains("uid 65534 may not use the metrics socket"),
+        out.contains("uid 65534 (") && out.contains("may not use the metrics socket"),
         "{out}"
     );
     assert_eq!(

@@ -420,7 +420,7 @@ fn unix_socket_peers_are_checked_like_the_control_sockets() {
     );
     assert!(
         d.log()
-            .contains("may not use the NBD socket (only root and uid 0"),
+            .contains("may not use the NBD socket (only root, uid 0"),
         "{}",
         d.log()
     );

@@ -195,7 +195,9 @@ fn connect_local(control: &Path) -> Result<UnixStream, CliError> {
         let reason = os_reason(&e);
         let hint = match e.raw_os_error() {
             Some(libc::EACCES) | Some(libc::EPERM) => {
-                "run as root or as the owner of the daemon's data directory".to_string()
+                "run as root, as the owner of the daemon's data directory or as a member of its \
+                 group"
+                    .to_string()
             }
             _ => format!(
                 "start it with `snapblk daemon --data-dir {}` (or point at it with --control PATH or $SNAPBLK_CONTROL)",
@@ -275,7 +277,7 @@ fn request_passing(
                         "free space on the filesystem that holds the data directory".to_string()
                     }
                     PermissionDenied => {
-                        "run as root or as the owner of the daemon's data directory".to_string()
+                        "run as root, or ask for access (`snapblk volume access VOL`)".to_string()
                     }
                     BadRequest => {
                         "check that the CLI and the daemon are the same version".to_string()

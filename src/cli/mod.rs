@@ -101,6 +101,28 @@ pub enum Command {
     Schedule(schedule::ScheduleCmd),
     /// A live per-volume view: IOPS, bandwidth, latency, copy-on-write rate, replication lag
     Top(top::TopArgs),
+    /// Space quotas per user: show limit, use and volumes (`quota [USER]`), or `quota set USER SIZE|none`
+    Quota(QuotaArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct QuotaArgs {
+    #[command(subcommand)]
+    pub set: Option<QuotaCmd>,
+    /// Show this user only [default: every user (root) or yourself]
+    pub user: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuotaCmd {
+    /// Set USER's quota: the most their volumes' data and change logs may hold (root only)
+    Set {
+        user: String,
+        /// Bytes or K/M/G/T (powers of 1024), or `none`
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -329,6 +351,18 @@ pub enum VolumeCmd {
         #[arg(value_name = "NEW")]
         name: String,
     },
+    /// Show a volume's owner and access list, or change it with --grant / --revoke (admin access needed)
+    Access {
+        name: String,
+        /// Give a user or group a level: user:NAME=read|write|admin or group:NAME=LEVEL
+        #[arg(long, value_name = "user:NAME=LEVEL", conflicts_with = "revoke")]
+        grant: Option<String>,
+        /// Take a user's or group's entry away: user:NAME or group:NAME
+        #[arg(long, value_name = "user:NAME")]
+        revoke: Option<String>,
+    },
+    /// Give a volume to another owner (root only); its space then counts against their quota
+    Chown { name: String, user: String },
     /// Copy every chunk a clone still reads from its parent snapshot into it, in the background, so the parent can go
     Flatten {
         name: String,
@@ -793,6 +827,20 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
             let control = targets.endpoint()?;
             top::run(&control, json, a)
         }
+        Command::Quota(a) => {
+            let control = targets.endpoint()?;
+            let req = match a.set {
+                Some(QuotaCmd::Set { user, size }) => Request::QuotaSet {
+                    user,
+                    limit: match size.as_str() {
+                        "none" => None,
+                        s => Some(size_arg(s)?),
+                    },
+                },
+                None => Request::QuotaShow { user: a.user },
+            };
+            reply(&control, json, &req, |r| print!("{}", output::quotas(r)))
+        }
         Command::Features => {
             let control = targets.endpoint()?;
             reply(&control, json, &Request::Features {}, |r| {
@@ -996,6 +1044,22 @@ fn volume(control: &Endpoint, json: bool, cmd: VolumeCmd) -> Result<(), CliError
         VolumeCmd::Info { name } => reply(control, json, &Request::VolumeInfo { name }, |r| {
             print!("{}", output::volume_info(r))
         }),
+        VolumeCmd::Access {
+            name,
+            grant,
+            revoke,
+        } => {
+            let req = Request::VolumeAccess {
+                name,
+                grant,
+                revoke,
+            };
+            reply(control, json, &req, |r| print!("{}", output::access(r)))
+        }
+        VolumeCmd::Chown { name, user } => {
+            let req = Request::VolumeChown { name, user };
+            reply(control, json, &req, |r| print!("{}", output::access(r)))
+        }
         VolumeCmd::Delete { name } => {
             let req = Request::VolumeDelete { name: name.clone() };
             reply(control, json, &req, |_| println!("deleted volume {name}"))

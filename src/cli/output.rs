@@ -133,6 +133,7 @@ pub fn volume_list(result: &Value) -> String {
                 str_of(v, "partitions"),
                 str_of(v, "snapshots"),
                 backend_of(v),
+                str_of(v, "owner"),
                 str_of(v, "state"),
             ]
         })
@@ -146,6 +147,7 @@ pub fn volume_list(result: &Value) -> String {
             "PARTITIONS",
             "SNAPSHOTS",
             "BACKEND",
+            "OWNER",
             "STATE",
         ],
         &rows,
@@ -215,6 +217,14 @@ pub fn volume_info(v: &Value) -> String {
     if let Some(guard) = v.get("space_guard") {
         pairs.push(("space guard", space_guard_of(guard)));
     }
+    pairs.push(("held by snapshots", size_with_bytes(v, "snapshot_bytes")));
+    if let Some(access) = v.get("access") {
+        pairs.push(("owner", str_of(access, "owner")));
+        pairs.push(("access", acl_of(access)));
+    }
+    if let Some(q) = v.get("quota") {
+        pairs.push(("owner's quota", quota_of(q)));
+    }
     if let Some(list) = v.get("snapshot_list").and_then(Value::as_array) {
         if !list.is_empty() {
             let names: Vec<String> = list.iter().map(|s| str_of(s, "name")).collect();
@@ -222,6 +232,83 @@ pub fn volume_info(v: &Value) -> String {
         }
     }
     key_values(&pairs)
+}
+
+/// An access list on one line: `user:bob=read, group:staff=write`.
+fn acl_of(access: &Value) -> String {
+    let entries: Vec<String> = access["acl"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| format!("{}={}", str_of(e, "principal"), str_of(e, "level")))
+                .collect()
+        })
+        .unwrap_or_default();
+    if entries.is_empty() {
+        "owner only".into()
+    } else {
+        entries.join(", ")
+    }
+}
+
+/// `8.0 MiB used of 16.0 MiB`, or `8.0 MiB used, no limit`.
+fn quota_of(q: &Value) -> String {
+    match q.get("limit").and_then(Value::as_u64) {
+        Some(_) => format!("{} used of {}", size_of(q, "used"), size_of(q, "limit")),
+        None => format!("{} used, no limit", size_of(q, "used")),
+    }
+}
+
+/// `volume access` / `volume chown`: owner, then one line per entry.
+pub fn access(v: &Value) -> String {
+    let mut out = format!(
+        "volume {} is owned by {}\n",
+        str_of(v, "volume"),
+        str_of(v, "owner")
+    );
+    match v["acl"].as_array() {
+        Some(a) if !a.is_empty() => {
+            for e in a {
+                out += &format!("  {} {}\n", str_of(e, "principal"), str_of(e, "level"));
+            }
+        }
+        _ => out += "  no other user or group has access (root always has)\n",
+    }
+    out
+}
+
+/// `snapblk quota`: a row per user.
+pub fn quotas(result: &Value) -> String {
+    let users = result.as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = users
+        .iter()
+        .map(|u| {
+            let names: Vec<String> = u["volumes"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            vec![
+                str_of(u, "user"),
+                if u["limit"].is_null() {
+                    "none".into()
+                } else {
+                    size_of(u, "limit")
+                },
+                size_of(u, "used"),
+                if names.is_empty() {
+                    "-".into()
+                } else {
+                    names.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(&["USER", "LIMIT", "USED", "VOLUMES"], &rows)
 }
 
 /// The space guard's threshold and last prune, e.g. `at 90% used (filesystem

@@ -127,6 +127,22 @@ impl ExportResolver for Resolver {
     fn default_export(&self) -> Option<String> {
         self.0.default_export_name()
     }
+    /// The volume's access list decides: `read` reads (a snapshot, or the
+    /// live volume read-only), `write` or more writes.
+    fn permits(&self, export_name: &str, caller: &crate::security::Caller) -> Result<bool, String> {
+        let volume = export_name.split('@').next().unwrap_or_default();
+        let access = self.0.access_of(volume).map_err(|e| e.message)?;
+        match crate::volumes::access::level_of(&access, caller) {
+            Some(level) => Ok(level >= crate::engine::Level::Write),
+            None => Err(format!(
+                "permission denied: {} has no access to volume {volume}; ask its owner ({}) \
+                 or root to run `snapblk volume access {volume} --grant user:{}=read` (or =write)",
+                caller.describe(),
+                crate::security::user_name(access.owner),
+                crate::security::user_name(caller.uid)
+            )),
+        }
+    }
 }
 
 /// A started daemon; [`Daemon::wait_for_signal`] then [`Daemon::shutdown`].
@@ -414,6 +430,9 @@ impl Daemon {
                 )
             })?,
         );
+        registry
+            .start_quota_refresher()
+            .context("cannot start the quota refresher")?;
         // Copy jobs resume (their write hooks in place) before any device
         // or export serves a write.
         let jobs = crate::copy::Jobs::open(&data_dir, registry.clone()).with_context(|| {

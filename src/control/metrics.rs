@@ -404,6 +404,7 @@ impl MetricsServer {
                 // (the peer check then decides).
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660))?;
+                peers.give_socket_to_group(p);
                 (Listener::Unix(l, p.clone()), p.display().to_string())
             }
         };
@@ -526,7 +527,17 @@ fn scrape(
     // on unread bytes would reset the connection before it reads why.
     let head = request_head(&mut stream)?;
     if let (Admission::Peers(peers), Some(fd)) = (admission, unix_fd) {
-        if let Err(why) = peers.check(fd, "metrics socket") {
+        // Every volume's numbers: for superusers, as the `stats` request.
+        let refused = match peers.check(fd, "metrics socket") {
+            Ok(c) if c.superuser => None,
+            Ok(c) => Some(format!(
+                "permission denied: {} may not read every volume's metrics (only root and \
+                 the data directory's owner may)",
+                c.describe()
+            )),
+            Err(why) => Some(why),
+        };
+        if let Some(why) = refused {
             return respond(&mut stream, "403 Forbidden", TEXT, &format!("{why}\n"));
         }
     }

@@ -15,6 +15,7 @@
 //! speak NBD (the frontend's), be imported by any layer beneath it, or let
 //! one client's bad request disturb another client or the daemon.
 
+pub mod access;
 pub mod daemon;
 pub mod metrics;
 pub mod protocol;

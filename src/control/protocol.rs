@@ -25,6 +25,8 @@ pub const OPS: &[&str] = &[
     "volume.flatten",
     "volume.import",
     "volume.attach",
+    "volume.access",
+    "volume.chown",
     "snapshot.create",
     "snapshot.list",
     "snapshot.delete",
@@ -59,6 +61,8 @@ pub const OPS: &[&str] = &[
     "schedule.remove",
     "schedule.pause",
     "schedule.resume",
+    "quota.set",
+    "quota.show",
 ];
 
 /// The longest request line the daemon reads; longer lines are refused.
@@ -109,6 +113,20 @@ pub enum Request {
     },
     #[serde(rename = "volume.list")]
     VolumeList {},
+    /// Shows a volume's owner and access list; with `grant`
+    /// (`user:NAME=LEVEL`, `group:NAME=LEVEL`) or `revoke` (`user:NAME`,
+    /// `group:NAME`), changes it first.
+    #[serde(rename = "volume.access")]
+    VolumeAccess {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grant: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revoke: Option<String>,
+    },
+    /// Gives a volume to another owner (a user name or uid).
+    #[serde(rename = "volume.chown")]
+    VolumeChown { name: String, user: String },
     #[serde(rename = "volume.info")]
     VolumeInfo { name: String },
     #[serde(rename = "volume.delete")]
@@ -268,6 +286,20 @@ pub enum Request {
     SchedulePause { id: u64 },
     #[serde(rename = "schedule.resume")]
     ScheduleResume { id: u64 },
+    /// Sets a user's space quota in bytes; `null`: no quota.
+    #[serde(rename = "quota.set")]
+    QuotaSet {
+        user: String,
+        #[serde(default)]
+        limit: Option<u64>,
+    },
+    /// Limit, use and volumes per user (`user` absent: every user the
+    /// caller may see).
+    #[serde(rename = "quota.show")]
+    QuotaShow {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
 }
 
 impl Request {
@@ -281,6 +313,8 @@ impl Request {
             Request::VolumeFlatten { .. } => "volume.flatten",
             Request::VolumeImport { .. } => "volume.import",
             Request::VolumeAttach { .. } => "volume.attach",
+            Request::VolumeAccess { .. } => "volume.access",
+            Request::VolumeChown { .. } => "volume.chown",
             Request::SnapshotCreate { .. } => "snapshot.create",
             Request::SnapshotList { .. } => "snapshot.list",
             Request::SnapshotDelete { .. } => "snapshot.delete",
@@ -315,6 +349,8 @@ impl Request {
             Request::ScheduleRemove { .. } => "schedule.remove",
             Request::SchedulePause { .. } => "schedule.pause",
             Request::ScheduleResume { .. } => "schedule.resume",
+            Request::QuotaSet { .. } => "quota.set",
+            Request::QuotaShow { .. } => "quota.show",
         }
     }
 }

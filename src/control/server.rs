@@ -2,10 +2,13 @@
 //!
 //! One thread accepts; each client gets a thread of its own (control traffic
 //! is rare and small, and a thread can block in [`crate::runtime::block_on`]
-//! for engine work without stalling anyone else). The socket is mode 0660 and
-//! each connection's peer credentials (`SO_PEERCRED`) are checked: only root
-//! and the owner of the data directory may use it; everyone else gets a
-//! `permission_denied` answer to every request.
+//! for engine work without stalling anyone else). The socket is mode 0660,
+//! in the data directory's group, and each connection's peer credentials
+//! (`SO_PEERCRED`) are checked ([`LocalPeers`]): root, the owner of the data
+//! directory and members of its group may use it; everyone else gets a
+//! `permission_denied` answer to every request. Each request of a caller
+//! who is not a superuser is then checked against the access list of the
+//! volume it names ([`super::access`]).
 //!
 //! A bad line (not JSON, unknown op, missing or mistyped field, too long) gets
 //! a JSON error on that connection, which then goes on; nothing a client
@@ -19,7 +22,7 @@
 
 use super::protocol::{parse_request, ControlError, ErrorCode, Request, Response, MAX_LINE};
 use crate::frontend::nbd::NbdTls;
-use crate::security::LocalPeers;
+use crate::security::{Caller, LocalPeers};
 use crate::volumes::{CephPlacement, ErrorKind, Registry, VolumeError};
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -122,6 +125,7 @@ impl ControlServer {
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         let peers = LocalPeers::of_data_dir(registry.data_dir())?;
+        peers.give_socket_to_group(path);
         let stopping = Arc::new(AtomicBool::new(false));
         let facts = Arc::new(facts);
         let remote = match remote {
@@ -152,11 +156,11 @@ impl ControlServer {
                             continue;
                         }
                     };
-                    let refused = peers.check(stream.as_raw_fd(), "control socket").err();
-                    if let Some(why) = &refused {
+                    let caller = peers.check(stream.as_raw_fd(), "control socket");
+                    if let Err(why) = &caller {
                         log::warn!("control socket: refusing a client: {why}");
                     }
-                    let allowed = refused.is_none();
+                    let allowed = caller.is_ok();
                     let (pool, max) = if allowed {
                         (&permitted, MAX_CLIENTS)
                     } else {
@@ -173,7 +177,7 @@ impl ControlServer {
                         .name("control-client".into())
                         .spawn(move || {
                             let _slot = slot;
-                            serve_client(stream, refused, &registry, &facts, &stop)
+                            serve_client(stream, caller, &registry, &facts, &stop)
                         });
                     if let Err(e) = spawned {
                         log::error!("control socket: cannot start a client thread: {e}");
@@ -237,19 +241,19 @@ fn turn_away(mut stream: UnixStream, allowed: bool) {
     let _ = stream.write_all(line.as_bytes());
 }
 
-/// Serves one connection; `refused`: why its peer may not use the socket
-/// (every request gets that as a `permission_denied` answer).
+/// Serves one connection; `caller` is its peer, or why it may not use the
+/// socket (every request gets that as a `permission_denied` answer).
 fn serve_client(
     stream: UnixStream,
-    refused: Option<String>,
+    caller: Result<Caller, String>,
     registry: &Registry,
     facts: &DaemonFacts,
     stop: &AtomicBool,
 ) {
-    let keep = refused.is_none();
+    let keep = caller.is_ok();
     serve_lines(
         BufReader::new(PassingReader { stream, keep }),
-        refused,
+        caller,
         registry,
         facts,
         stop,
@@ -260,7 +264,7 @@ fn serve_client(
 /// loop both listeners share (the UNIX socket and `--control-listen`).
 pub(super) fn serve_lines<S: Read + Write>(
     mut reader: BufReader<S>,
-    refused: Option<String>,
+    caller: Result<Caller, String>,
     registry: &Registry,
     facts: &DaemonFacts,
     stop: &AtomicBool,
@@ -301,27 +305,28 @@ pub(super) fn serve_lines<S: Read + Write>(
             if trimmed.is_empty() {
                 continue;
             }
-            if let Some(why) = &refused {
-                Response::from_result(Err(ControlError::new(
+            match &caller {
+                Err(why) => Response::from_result(Err(ControlError::new(
                     ErrorCode::PermissionDenied,
                     why.clone(),
-                )))
-            } else {
-                let result = parse_request(trimmed).and_then(|req| {
-                    if stop.load(Ordering::Acquire) {
-                        return Err(ControlError::new(
-                            ErrorCode::Busy,
-                            "the daemon is shutting down",
-                        ));
-                    }
-                    let op = req.op();
-                    let r = handle(req, registry, facts);
-                    if let Err(e) = &r {
-                        log::debug!("{op}: {} ({})", e.message, e.code);
-                    }
-                    r
-                });
-                Response::from_result(result)
+                ))),
+                Ok(caller) => {
+                    let result = parse_request(trimmed).and_then(|req| {
+                        if stop.load(Ordering::Acquire) {
+                            return Err(ControlError::new(
+                                ErrorCode::Busy,
+                                "the daemon is shutting down",
+                            ));
+                        }
+                        let op = req.op();
+                        let r = handle(req, caller, registry, facts);
+                        if let Err(e) = &r {
+                            log::debug!("{op}: {} ({})", e.message, e.code);
+                        }
+                        r
+                    });
+                    Response::from_result(result)
+                }
             }
         };
         let mut out = response.to_line();
@@ -436,17 +441,117 @@ fn quiesced(
     }
 }
 
-/// Executes one parsed request; the layer that does it answers in its own
-/// error type, which becomes the protocol's here.
+/// Executes one parsed request if `caller` may send it; the layer that
+/// does it answers in its own error type, which becomes the protocol's here.
 pub fn handle(
     req: Request,
+    caller: &Caller,
     registry: &Registry,
     facts: &DaemonFacts,
 ) -> Result<Value, ControlError> {
-    dispatch(req, registry, facts).map_err(ControlError::from)
+    if let Err(e) = super::access::authorize(&req, caller, registry) {
+        log::warn!("control socket: refused {}: {}", req.op(), e.message);
+        return Err(e.into());
+    }
+    dispatch(req, caller, registry, facts).map_err(ControlError::from)
 }
 
-fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Value, VolumeError> {
+/// A new volume of a caller who is not a superuser becomes theirs. Made
+/// right after the create: a crash in between leaves it root's, never
+/// someone else's.
+fn owned_by(
+    caller: &Caller,
+    registry: &Registry,
+    name: &str,
+    created: Result<Value, VolumeError>,
+) -> Result<Value, VolumeError> {
+    let mut created = created?;
+    if !caller.superuser {
+        let access = crate::engine::AccessRecord {
+            owner: caller.uid,
+            acl: Vec::new(),
+        };
+        registry.set_access(name, access)?;
+        created["owner"] = json!(crate::security::user_name(caller.uid));
+    }
+    Ok(created)
+}
+
+/// `volume.access`: shows the list after applying a grant or revoke.
+fn volume_access(
+    registry: &Registry,
+    name: &str,
+    grant: Option<String>,
+    revoke: Option<String>,
+) -> Result<Value, VolumeError> {
+    use crate::volumes::access;
+    let mut record = registry.access_of(name)?;
+    let changed = grant.is_some() || revoke.is_some();
+    if let Some(g) = grant {
+        record = access::granted(record, access::parse_grant(&g)?);
+    }
+    if let Some(r) = revoke {
+        record = access::revoked(record, access::parse_principal(&r)?, name)?;
+    }
+    if changed {
+        registry.set_access(name, record.clone())?;
+        log::info!(
+            "volume {name}: access list is now {}",
+            access::to_json(&record)
+        );
+    }
+    let mut out = access::to_json(&record);
+    out["volume"] = json!(name);
+    Ok(out)
+}
+
+/// A user named by name or uid.
+fn user_id(user: &str) -> Result<u32, VolumeError> {
+    crate::security::user_by_name(user).ok_or_else(|| {
+        VolumeError::not_found(format!(
+            "no user named {user:?} on the daemon's machine; check the name (`getent passwd`)"
+        ))
+    })
+}
+
+/// `quota.show`: every user's (a superuser) or the caller's own line.
+fn quota_show(
+    registry: &Registry,
+    caller: &Caller,
+    user: Option<String>,
+) -> Result<Value, VolumeError> {
+    let owners: Vec<(String, u32)> = registry
+        .ready_volumes()
+        .iter()
+        .map(|v| (v.name().to_string(), v.access().owner))
+        .collect();
+    let only = match user {
+        Some(u) => Some(user_id(&u)?),
+        None if !caller.superuser => Some(caller.uid),
+        None => None,
+    };
+    let mut usage = registry.quotas().usage(&owners);
+    if let Some(uid) = only {
+        usage.retain(|u| u.uid == uid);
+        if usage.is_empty() {
+            usage.push(crate::volumes::quota::Usage {
+                user: crate::security::user_name(uid),
+                uid,
+                limit: None,
+                used: 0,
+                volumes: Vec::new(),
+            });
+        }
+    }
+    serde_json::to_value(usage).map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))
+}
+
+fn dispatch(
+    req: Request,
+    caller: &Caller,
+    registry: &Registry,
+    facts: &DaemonFacts,
+) -> Result<Value, VolumeError> {
     match req {
         Request::VolumeCreate {
             name,
@@ -457,7 +562,12 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             cache,
             ceph,
         } => match ceph {
-            None => registry.create_volume(&name, size, chunk_size, partitions, backing, cache),
+            None => owned_by(
+                caller,
+                registry,
+                &name,
+                registry.create_volume(&name, size, chunk_size, partitions, backing, cache),
+            ),
             Some(_) if backing.is_some() || cache.is_some() => Err(VolumeError::invalid(
                 "a Ceph volume takes neither --backing nor --cache (its data is the RBD image)",
             )),
@@ -482,7 +592,51 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             let placement = CephPlacement::Attach { break_lock };
             registry.create_ceph_volume(&name, ceph, placement, None, None)
         }
-        Request::VolumeList {} => registry.list_volumes(),
+        Request::VolumeList {} => registry.list_volumes().map(|all| {
+            // Only the volumes the caller may read.
+            match all {
+                Value::Array(list) if !caller.superuser => Value::Array(
+                    list.into_iter()
+                        .filter(|v| {
+                            let name = v["name"].as_str().unwrap_or_default();
+                            registry.access_of(name).is_ok_and(|a| {
+                                crate::volumes::access::level_of(&a, caller).is_some()
+                            })
+                        })
+                        .collect(),
+                ),
+                other => other,
+            }
+        }),
+        Request::VolumeAccess {
+            name,
+            grant,
+            revoke,
+        } => volume_access(registry, &name, grant, revoke),
+        Request::VolumeChown { name, user } => {
+            let uid = user_id(&user)?;
+            let mut record = registry.access_of(&name)?;
+            record.owner = uid;
+            registry.set_access(&name, record.clone())?;
+            log::info!(
+                "volume {name}: owner is now {}",
+                crate::security::user_name(uid)
+            );
+            let mut out = crate::volumes::access::to_json(&record);
+            out["volume"] = json!(name);
+            Ok(out)
+        }
+        Request::QuotaSet { user, limit } => {
+            let uid = user_id(&user)?;
+            registry.quotas().set(uid, limit)?;
+            log::info!(
+                "quota of user {}: {}",
+                crate::security::user_name(uid),
+                limit.map_or("none".to_string(), |l| format!("{l} bytes"))
+            );
+            quota_show(registry, caller, Some(user))
+        }
+        Request::QuotaShow { user } => quota_show(registry, caller, user),
         Request::VolumeInfo { name } => registry.volume_info(&name).map(|mut v| {
             v["space_guard"] = facts.space_guard.volume_status(&name);
             v
@@ -512,7 +666,12 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             volume,
             snapshot,
             name,
-        } => registry.clone_volume(&volume, &snapshot, &name),
+        } => owned_by(
+            caller,
+            registry,
+            &name,
+            registry.clone_volume(&volume, &snapshot, &name),
+        ),
         Request::VolumeFlatten { name } => registry.flatten_volume(&name),
         Request::SnapshotRevert {
             volume,

@@ -13,6 +13,9 @@ pub enum EngineError {
     ReadOnly,
     #[error("no space left on the device that holds the volume's data")]
     NoSpace,
+    /// The volume's owner is at its space quota (the message says which).
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]
@@ -47,7 +50,7 @@ impl EngineError {
             EngineError::OutOfRange { .. } | EngineError::Misaligned { .. } => libc::EINVAL,
             EngineError::InvalidArgument(_) => libc::EINVAL,
             EngineError::ReadOnly => libc::EPERM,
-            EngineError::NoSpace => libc::ENOSPC,
+            EngineError::NoSpace | EngineError::QuotaExceeded(_) => libc::ENOSPC,
             EngineError::NotFound(_) => libc::ENOENT,
             EngineError::AlreadyExists(_) => libc::EEXIST,
             EngineError::Corrupt(_) => libc::EIO,

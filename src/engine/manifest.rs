@@ -84,6 +84,52 @@ pub struct ParentRecord {
     pub snapshot: String,
 }
 
+/// How much a user or group may do with a volume; each level includes the
+/// ones below it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Read => "read",
+            Level::Write => "write",
+            Level::Admin => "admin",
+        }
+    }
+}
+
+/// Whom an access list entry names.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Principal {
+    User,
+    Group,
+}
+
+/// One access list entry: a uid or gid and its level.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AclEntry {
+    pub kind: Principal,
+    pub id: u32,
+    pub level: Level,
+}
+
+/// A volume's owner (uid) and access list. The engine keeps it in the
+/// manifest, so it travels with the volume (a Ceph volume's manifest is in
+/// the pool), and never reads it: `crate::volumes::access` decides.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessRecord {
+    pub owner: u32,
+    #[serde(default)]
+    pub acl: Vec<AclEntry>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
@@ -109,6 +155,10 @@ pub struct Manifest {
     /// completes it before anything else reads or writes the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverting: Option<String>,
+    /// Owner and access list; manifests written before owners existed
+    /// read as owned by root (uid 0) with an empty list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessRecord>,
 }
 
 impl Manifest {
@@ -126,6 +176,7 @@ impl Manifest {
             parent: None,
             flattening: false,
             reverting: None,
+            access: None,
         }
     }
 

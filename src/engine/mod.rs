@@ -14,6 +14,7 @@
 //! are durable; let an origin overwrite reach storage before the preserved
 //! copy it depends on and its journal record are durable.
 
+mod budget;
 mod error;
 mod gate;
 mod hooks;
@@ -25,9 +26,10 @@ mod stats;
 mod volume;
 mod writeback;
 
+pub use budget::SpaceBudget;
 pub use error::{EngineError, Result};
 pub use hooks::{Change, WriteGuard, WriteHook};
-pub use manifest::{CacheMode, CONTAINER};
+pub use manifest::{AccessRecord, AclEntry, CacheMode, Level, Principal, CONTAINER};
 pub use stats::{IoStatsSnapshot, KindSnapshot, LATENCY_BOUNDS_US};
 pub use volume::{
     now_unix_ms, FlattenProgress, Reverted, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View,

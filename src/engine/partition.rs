@@ -493,6 +493,11 @@ impl Partition {
         self.preserved.load(Ordering::Relaxed)
     }
 
+    /// The change log's allocated bytes (without the journal).
+    pub fn store_bytes(&self) -> u64 {
+        self.store.allocated_bytes().unwrap_or(0)
+    }
+
     pub fn allocated_bytes(&self) -> u64 {
         self.store.allocated_bytes().unwrap_or(0) + self.journal.allocated_bytes()
     }

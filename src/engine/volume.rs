@@ -1,11 +1,14 @@
 //! Volumes and their views: the engine's public face.
 
+use super::budget::SpaceBudget;
 use super::error::{EngineError, Result};
 use super::gate::{Epoch, Gate, Paused, Ticket};
 use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::Journal;
 use super::layer::{self, Layer};
-use super::manifest::{self, CacheMode, Manifest, Origin, ParentRecord, SnapshotRecord};
+use super::manifest::{
+    self, AccessRecord, CacheMode, Manifest, Origin, ParentRecord, SnapshotRecord,
+};
 use super::partition::{Partition, Source};
 use super::stats::{IoKind, IoStats, IoStatsSnapshot};
 use super::writeback::{Held, HeldOp, Holding, WriteBack, WriteBackConfig};
@@ -18,7 +21,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 /// Parameters of `volume create`.
@@ -129,6 +132,8 @@ pub struct Volume {
     /// One reference per [`View`] of a snapshot (plus this one): a revert
     /// leaves snapshots alone, so their readers do not stop it.
     snapshot_readers: Arc<()>,
+    /// Asked before each write that may allocate (the owner's quota).
+    budget: RwLock<Option<Arc<dyn SpaceBudget>>>,
 }
 
 impl Drop for Volume {
@@ -438,6 +443,7 @@ impl Volume {
             clones: Mutex::new(Vec::new()),
             io_stats: IoStats::default(),
             snapshot_readers: Arc::new(()),
+            budget: RwLock::new(None),
         });
         if background {
             volume.start_committer()?;
@@ -939,6 +945,68 @@ impl Volume {
             .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
         *self.manifest.lock().unwrap() = manifest;
         Ok(())
+    }
+
+    /// The volume's owner and access list (root and none for a manifest
+    /// written before owners existed).
+    pub fn access(&self) -> AccessRecord {
+        self.manifest
+            .lock()
+            .unwrap()
+            .access
+            .clone()
+            .unwrap_or_default()
+    }
+
+    /// Replaces the owner and access list; durable (the manifest) on return.
+    pub async fn set_access(&self, access: AccessRecord) -> Result<()> {
+        let _admin = self.admin.lock().await;
+        self.update_manifest(|m| m.access = Some(access))
+    }
+
+    /// Sets (or, `None`, removes) the budget every write is admitted by.
+    pub fn set_budget(&self, budget: Option<Arc<dyn SpaceBudget>>) {
+        *self.budget.write().unwrap() = budget;
+    }
+
+    /// Whether `budget` is the one this volume's writes are admitted by.
+    pub fn has_budget(&self, budget: &Arc<dyn SpaceBudget>) -> bool {
+        self.budget
+            .read()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|b| std::ptr::addr_eq(Arc::as_ptr(b), Arc::as_ptr(budget)))
+    }
+
+    /// Bytes the volume holds on its storage against a quota: the origin's
+    /// and the change logs' allocated blocks (journals are metadata, not
+    /// counted).
+    pub fn quota_bytes(&self) -> u64 {
+        self.origin.allocated_bytes().unwrap_or(0) + self.snapshot_bytes()
+    }
+
+    /// The change logs' allocated bytes: old data kept only for snapshots
+    /// (a copy job's included).
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.partitions.iter().map(Partition::store_bytes).sum()
+    }
+
+    /// Asks the budget, if any, to admit a request on `[offset, +len)` that
+    /// allocates its length when `allocates`: at worst that plus, while a
+    /// snapshot (or a copy job's) may need the old content or a clone must
+    /// copy its parent's chunk up, one chunk per chunk touched.
+    fn admit_growth(&self, offset: u64, len: u64, allocates: bool) -> Result<()> {
+        let budget = self.budget.read().unwrap();
+        let Some(budget) = budget.as_ref().filter(|b| !b.unlimited()) else {
+            return Ok(());
+        };
+        let mut bytes = if allocates { len } else { 0 };
+        if len > 0 && (!self.gate.epoch().live.is_empty() || self.layer().is_some()) {
+            let chunks =
+                ((offset + len - 1) >> self.chunk_shift) - (offset >> self.chunk_shift) + 1;
+            bytes += chunks << self.chunk_shift;
+        }
+        budget.admit(bytes).map_err(EngineError::QuotaExceeded)
     }
 
     /// Makes the live volume's content equal to snapshot `name`'s by
@@ -1602,6 +1670,7 @@ impl View {
         self.writable(offset, data.len() as u64)?;
         let volume = &self.volume;
         let len = data.len() as u64;
+        volume.admit_growth(offset, len, true)?;
         let admitted = volume.ready_to_overwrite(offset, len).await?;
         let holding = volume.writeback.hold(offset, len, admitted.settled, || {
             let mut copy = AlignedBuf::zeroed(data.len());
@@ -1647,6 +1716,7 @@ impl View {
     async fn zero_untimed(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
         self.writable(offset, len)?;
         let volume = &self.volume;
+        volume.admit_growth(offset, len, keep_allocated)?;
         let step = ZEROING_STEP_CHUNKS << volume.chunk_shift;
         let mut at = offset;
         while at < offset + len {

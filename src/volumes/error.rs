@@ -58,7 +58,7 @@ impl From<crate::engine::EngineError> for VolumeError {
             E::InvalidArgument(_) | E::OutOfRange { .. } | E::Misaligned { .. } | E::ReadOnly => {
                 ErrorKind::InvalidArgument
             }
-            E::NoSpace => ErrorKind::NoSpace,
+            E::NoSpace | E::QuotaExceeded(_) => ErrorKind::NoSpace,
             E::SnapshotGone(_) => ErrorKind::NotFound,
             E::InUse(_) => ErrorKind::Busy,
             E::Corrupt(_) | E::Io(_) => ErrorKind::IoError,

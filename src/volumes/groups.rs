@@ -337,6 +337,9 @@ impl Registry {
             .iter()
             .map(|v| self.volume(v))
             .collect::<Result<_, _>>()?;
+        for v in &volumes {
+            self.quotas().check_snapshot(v.access().owner, v.name())?;
+        }
         if let Some(v) = volumes
             .iter()
             .find(|v| v.list_snapshots().iter().any(|s| s.name == snap))

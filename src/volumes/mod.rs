@@ -1,7 +1,8 @@
 //! The registry of volumes: which volumes exist and where they live
 //! ([`registry`]), which kernel devices run for them and come back at
 //! restart ([`devices`]), consistency groups and their snapshots
-//! ([`groups`]), restore claims, and the JSON that describes them.
+//! ([`groups`]), owners and access lists ([`access`]), space quotas
+//! ([`quota`]), restore claims, and the JSON that describes them.
 //! Seed 002's "registry rebuilt on restart" is what it implements.
 //!
 //! It sits beneath everything that works on whole volumes (copy jobs,
@@ -14,11 +15,13 @@
 //! anything about snapshots (that is the engine's), or speak NBD or ublk
 //! itself (devices run through the [`devices::Driver`] the daemon hands in).
 
+pub mod access;
 pub mod devices;
 pub mod error;
 pub mod flatten;
 pub mod groups;
 pub mod json_file;
+pub mod quota;
 pub mod registry;
 
 pub use error::{ErrorKind, VolumeError};

@@ -44,8 +44,10 @@ use super::error::{ErrorKind, VolumeError};
 use super::flatten::Flattens;
 use super::groups::Groups;
 use super::json_file;
+use super::quota::Quotas;
 use crate::backend::{CephSpec, Claim as CephClaim, Storage};
-use crate::engine::{CacheMode, EngineError, View, Volume, VolumeConfig, WriteBackConfig};
+use crate::engine::WriteBackConfig;
+use crate::engine::{AccessRecord, CacheMode, EngineError, View, Volume, VolumeConfig};
 use crate::engine::{CONTAINER, DEFAULT_CHUNK_SIZE, DEFAULT_PARTITIONS};
 use crate::runtime::block_on;
 use serde_json::{json, Value};
@@ -228,6 +230,8 @@ pub struct Registry {
     flattens: Flattens,
     /// Consistency groups (see [`super::groups`]); changed under `mutate`.
     groups: Groups,
+    /// Owners' space budgets (see [`super::quota`]).
+    quotas: Quotas,
     driver: Box<dyn Driver>,
 }
 
@@ -317,6 +321,7 @@ fn volume_json(vol: &Volume) -> Result<Value, VolumeError> {
         .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))?;
     // Engine-internal snapshots (a copy job's) are not the user's to count.
     v["snapshots"] = json!(user_snapshots(vol).len());
+    v["owner"] = json!(crate::security::user_name(vol.access().owner));
     v["state"] = json!("ok");
     match vol.storage().ceph_status() {
         Some(ceph) => {
@@ -477,8 +482,12 @@ impl Registry {
             restoring: Mutex::new(BTreeMap::new()),
             flattens: Flattens::default(),
             groups: Groups::load(data_dir)?,
+            quotas: Quotas::load(data_dir)?,
             driver,
         };
+        // Every volume's writes count against its owner's quota before
+        // anything can write it.
+        registry.quotas.refresh(&registry.ready_volumes());
         registry.finish_group_snapshots();
         for (name, slot) in registry.entries() {
             match slot {
@@ -495,6 +504,61 @@ impl Registry {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
+    }
+
+    /// Measures every volume's allocation for its owner's quota every
+    /// [`super::quota::REFRESH`], on a thread of its own, until the
+    /// registry is gone or shutting down.
+    pub fn start_quota_refresher(self: &Arc<Self>) -> io::Result<()> {
+        let registry = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("quota-refresh".into())
+            .spawn(move || loop {
+                std::thread::sleep(super::quota::REFRESH);
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                let Ok(_g) = registry.gate() else {
+                    return;
+                };
+                registry.quotas.refresh(&registry.ready_volumes());
+            })?;
+        Ok(())
+    }
+
+    /// Every volume that is open (not broken).
+    pub fn ready_volumes(&self) -> Vec<Arc<Volume>> {
+        self.lock_map()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(v) => Some(v.clone()),
+                Slot::Broken(_) => None,
+            })
+            .collect()
+    }
+
+    /// Volume `name`'s owner and access list. A broken volume's cannot be
+    /// read: it counts as root's (only superusers may act on it).
+    pub fn access_of(&self, name: &str) -> Result<AccessRecord, VolumeError> {
+        match self.lock_map().get(name) {
+            Some(Slot::Ready(v)) => Ok(v.access()),
+            Some(Slot::Broken(_)) => Ok(AccessRecord::default()),
+            None => Err(not_found(name)),
+        }
+    }
+
+    /// Replaces volume `name`'s owner and access list (durable on return);
+    /// its writes then count against the new owner's quota.
+    pub fn set_access(&self, name: &str, access: AccessRecord) -> Result<(), VolumeError> {
+        let _g = self.gate()?;
+        let vol = self.volume(name)?;
+        block_on(vol.set_access(access))?;
+        self.quotas.attach(&vol);
+        Ok(())
     }
 
     pub fn groups(&self) -> &Groups {
@@ -837,6 +901,7 @@ impl Registry {
             },
         };
         log::info!("volume {name} ({} bytes) is served", vol.size());
+        self.quotas.attach(&vol);
         let out = volume_json(&vol);
         self.lock_map().insert(name.to_string(), Slot::Ready(vol));
         out
@@ -868,11 +933,31 @@ impl Registry {
                 }
                 j["snapshot_list"] = serde_json::to_value(user_snapshots(&v))
                     .map_err(|e| VolumeError::new(ErrorKind::IoError, e.to_string()))?;
+                self.attributes(&v, &mut j);
                 Ok(j)
             }
             Some(Slot::Broken(msg)) => Ok(broken_json(name, &msg)),
             None => Err(not_found(name)),
         }
+    }
+
+    /// Seed 002's attributes in `volume info`: owner, access list, quota
+    /// use, free space within the quota, bytes only snapshots hold.
+    fn attributes(&self, vol: &Volume, j: &mut Value) {
+        let access = vol.access();
+        let budget = self.quotas.budget(access.owner);
+        j["access"] = super::access::to_json(&access);
+        j["snapshot_bytes"] = json!(vol.snapshot_bytes());
+        j["quota"] = match budget.limit() {
+            Some(limit) => {
+                let room = limit.saturating_sub(budget.used());
+                if let Some(free) = j["free_bytes"].as_u64() {
+                    j["free_bytes"] = json!(free.min(room));
+                }
+                json!({ "limit": limit, "used": budget.used(), "room": room })
+            }
+            None => json!({ "limit": null, "used": budget.used() }),
+        };
     }
 
     pub fn delete_volume(&self, name: &str) -> Result<Value, VolumeError> {
@@ -981,6 +1066,7 @@ impl Registry {
         let _g = self.gate()?;
         validate_name("snapshot", name)?;
         let vol = self.volume(volume)?;
+        self.quotas.check_snapshot(vol.access().owner, volume)?;
         let created = block_on(vol.create_snapshot(name))?;
         log::info!("volume {volume}: created snapshot {name}");
         let mut j = serde_json::to_value(&created)

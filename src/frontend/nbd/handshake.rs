@@ -21,6 +21,7 @@ use super::proto::*;
 use super::tls::TlsMode;
 use super::ExportResolver;
 use crate::engine::{EngineError, View};
+use crate::security::Caller;
 use std::io::{self, Read, Write};
 
 /// What the handshake needs to know about an export.
@@ -78,6 +79,11 @@ pub(crate) trait Catalog {
     fn resolve(&self, name: &str) -> Result<Self::Export, EngineError>;
     fn list(&self) -> Vec<String>;
     fn default_export(&self) -> Option<String>;
+    /// Whether `caller` may write export `name` (`Ok(false)`: read it
+    /// only); `Err` says why it may not use it at all.
+    fn permits(&self, _name: &str, _caller: &Caller) -> Result<bool, String> {
+        Ok(true)
+    }
 }
 
 impl Catalog for dyn ExportResolver {
@@ -90,6 +96,9 @@ impl Catalog for dyn ExportResolver {
     }
     fn default_export(&self) -> Option<String> {
         ExportResolver::default_export(self)
+    }
+    fn permits(&self, name: &str, caller: &Caller) -> Result<bool, String> {
+        ExportResolver::permits(self, name, caller)
     }
 }
 
@@ -146,6 +155,9 @@ pub(crate) struct Policy {
     /// This peer may not use the server: every option is refused with this
     /// reason.
     pub refused: Option<String>,
+    /// The UNIX-socket peer whose access each export is checked against
+    /// (`None`: a TCP peer, trusted through TLS, or a test).
+    pub caller: Option<Caller>,
 }
 
 impl Policy {
@@ -154,6 +166,7 @@ impl Policy {
         Policy {
             tls: TlsMode::Off,
             refused: None,
+            caller: None,
         }
     }
 }
@@ -295,6 +308,7 @@ fn select_contexts(queries: &[&str], list: bool, bitmaps: &[String]) -> Vec<Meta
 struct Session<'c, S, C: ?Sized> {
     stream: &'c mut S,
     catalog: &'c C,
+    caller: Option<&'c Caller>,
     out: Vec<u8>,
     structured: bool,
     /// The export name contexts were selected for, and those contexts.
@@ -320,18 +334,32 @@ impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
         Ok(())
     }
 
-    fn resolve(&self, name: &str) -> Result<(String, C::Export), String> {
+    /// The export `name` names, and whether the caller may write it; `Err`
+    /// is the option's error reply (unknown, or the caller may not use it).
+    fn resolve(&self, name: &str) -> Result<(String, C::Export, bool), (u32, String)> {
         let canonical = if name.is_empty() {
             match self.catalog.default_export() {
                 Some(d) => d,
-                None => return Err("no default export: name one".to_owned()),
+                None => return Err((REP_ERR_UNKNOWN, "no default export: name one".to_owned())),
             }
         } else {
             name.to_owned()
         };
+        let writable = match self.caller {
+            Some(caller) if !caller.superuser => {
+                self.catalog.permits(&canonical, caller).map_err(|why| {
+                    log::warn!(
+                        "nbd: refused export '{canonical}' to {}: {why}",
+                        caller.describe()
+                    );
+                    (REP_ERR_POLICY, why)
+                })?
+            }
+            _ => true,
+        };
         match self.catalog.resolve(&canonical) {
-            Ok(e) => Ok((canonical, e)),
-            Err(e) => Err(format!("export '{canonical}': {e}")),
+            Ok(e) => Ok((canonical, e, writable)),
+            Err(e) => Err((REP_ERR_UNKNOWN, format!("export '{canonical}': {e}"))),
         }
     }
 
@@ -340,14 +368,14 @@ impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
             self.error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO payload");
             return None;
         };
-        let (canonical, export) = match self.resolve(req.name) {
+        let (canonical, export, writable) = match self.resolve(req.name) {
             Ok(v) => v,
-            Err(msg) => {
-                self.error(option, REP_ERR_UNKNOWN, &msg);
+            Err((kind, msg)) => {
+                self.error(option, kind, &msg);
                 return None;
             }
         };
-        let flags = transmission_flags(export.read_only(), self.structured);
+        let flags = transmission_flags(export.read_only() || !writable, self.structured);
 
         let mut p = Vec::with_capacity(12);
         p.extend_from_slice(&INFO_EXPORT.to_be_bytes());
@@ -409,9 +437,9 @@ impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
             return;
         };
         let export = match self.resolve(req.name) {
-            Ok((_, export)) => export,
-            Err(msg) => {
-                self.error(option, REP_ERR_UNKNOWN, &msg);
+            Ok((_, export, _)) => export,
+            Err((kind, msg)) => {
+                self.error(option, kind, &msg);
                 return;
             }
         };
@@ -481,6 +509,7 @@ fn options<S: Read + Write, C: Catalog + ?Sized>(
     let mut s = Session {
         stream,
         catalog,
+        caller: policy.caller.as_ref(),
         out: Vec::new(),
         structured: false,
         meta_for: None,
@@ -531,8 +560,9 @@ fn options<S: Read + Write, C: Catalog + ?Sized>(
             OPT_EXPORT_NAME => {
                 let name = std::str::from_utf8(&data)
                     .map_err(|_| protocol_error("export name is not UTF-8"))?;
-                let (canonical, export) = s.resolve(name).map_err(protocol_error)?;
-                let flags = transmission_flags(export.read_only(), s.structured);
+                let (canonical, export, writable) =
+                    s.resolve(name).map_err(|(_, why)| protocol_error(why))?;
+                let flags = transmission_flags(export.read_only() || !writable, s.structured);
                 s.out.extend_from_slice(&export.size().to_be_bytes());
                 s.out.extend_from_slice(&flags.to_be_bytes());
                 if !no_zeroes {
@@ -744,6 +774,7 @@ mod tests {
         Policy {
             tls: mode,
             refused: None,
+            caller: None,
         }
     }
 
@@ -1136,6 +1167,7 @@ mod tests {
         let policy = Policy {
             tls: TlsMode::On,
             refused: Some("permission denied: uid 7 may not".into()),
+            caller: None,
         };
         let c = client(&[
             (OPT_LIST, &[]),

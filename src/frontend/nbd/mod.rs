@@ -54,4 +54,14 @@ pub trait ExportResolver: Send + Sync + 'static {
     fn list(&self) -> Vec<String>;
     /// Export used when a client asks for the empty name "" (None: refuse).
     fn default_export(&self) -> Option<String>;
+    /// Whether `caller` (a UNIX-socket peer that is not a superuser) may
+    /// write export `export_name` (`Ok(false)`: only read it); `Err` says
+    /// why it may not use it at all. The default lets everyone write.
+    fn permits(
+        &self,
+        _export_name: &str,
+        _caller: &crate::security::Caller,
+    ) -> Result<bool, String> {
+        Ok(true)
+    }
 }

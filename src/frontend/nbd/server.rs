@@ -259,6 +259,9 @@ impl NbdServer {
         // Like the control socket: owner and group may connect; whether a
         // connecting process may use it is decided by its credentials.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        if let Some(peers) = &self.shared.local_peers {
+            peers.give_socket_to_group(path);
+        }
         let fd: OwnedFd = listener.into();
         self.start_listener(fd, Some(path.to_owned()), false);
         log::info!(
@@ -652,9 +655,12 @@ fn serve(
     serving: &Mutex<Option<Serving>>,
 ) -> io::Result<()> {
     let resolver = &*shared.resolver;
-    let refused = match (&shared.local_peers, unix) {
-        (Some(peers), true) => peers.check(fd, "NBD socket").err(),
-        _ => None,
+    let (caller, refused) = match (&shared.local_peers, unix) {
+        (Some(peers), true) => match peers.check(fd, "NBD socket") {
+            Ok(caller) => (Some(caller), None),
+            Err(why) => (None, Some(why)),
+        },
+        _ => (None, None),
     };
     if let Some(why) = &refused {
         log::warn!("nbd: connection {id} refused: {why}");
@@ -662,6 +668,7 @@ fn serve(
     let policy = Policy {
         tls: shared.tls.mode(),
         refused,
+        caller,
     };
     let mut stream = SockStream(fd);
     let (negotiated, tls) = match handshake::negotiate(&mut stream, resolver, &policy)? {

@@ -295,7 +295,8 @@ pub(crate) async fn serve(
     let conn = Rc::new(Conn {
         fd,
         tls,
-        read_only: n.export.read_only(),
+        // Read-only by the export, or because the caller may only read it.
+        read_only: n.flags & TFLAG_READ_ONLY != 0,
         view: n.export,
         structured: n.structured,
         contexts: n.contexts,
