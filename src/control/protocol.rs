@@ -25,6 +25,7 @@ pub const OPS: &[&str] = &[
     "volume.flatten",
     "volume.import",
     "volume.attach",
+    "volume.detach",
     "snapshot.create",
     "snapshot.list",
     "snapshot.delete",
@@ -107,6 +108,10 @@ pub enum Request {
         #[serde(default)]
         break_lock: bool,
     },
+    /// A Ceph volume forgotten here, its pool data and lock left for
+    /// `volume.attach`.
+    #[serde(rename = "volume.detach")]
+    VolumeDetach { name: String },
     #[serde(rename = "volume.list")]
     VolumeList {},
     #[serde(rename = "volume.info")]
@@ -281,6 +286,7 @@ impl Request {
             Request::VolumeFlatten { .. } => "volume.flatten",
             Request::VolumeImport { .. } => "volume.import",
             Request::VolumeAttach { .. } => "volume.attach",
+            Request::VolumeDetach { .. } => "volume.detach",
             Request::SnapshotCreate { .. } => "snapshot.create",
             Request::SnapshotList { .. } => "snapshot.list",
             Request::SnapshotDelete { .. } => "snapshot.delete",

@@ -492,6 +492,11 @@ fn dispatch(req: Request, registry: &Registry, facts: &DaemonFacts) -> Result<Va
             facts.schedules.check_unscheduled(Some(&name), None)?;
             registry.delete_volume(&name)
         }),
+        Request::VolumeDetach { name } => facts.jobs.unless_used(&name, None, || {
+            facts.replication.check_volume_delete(&name)?;
+            facts.schedules.check_unscheduled(Some(&name), None)?;
+            registry.detach_volume(&name)
+        }),
         Request::SnapshotCreate {
             volume,
             name,

@@ -109,6 +109,13 @@ pub struct Manifest {
     /// completes it before anything else reads or writes the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverting: Option<String>,
+    /// Every snapshot's image is kept by the storage as a native snapshot
+    /// of the origin (an RBD snapshot named `snapblk.gGENERATION`), and a
+    /// preservation records only that (see `journal::NATIVE_SLOT`). Set at
+    /// create where the storage has them (Ceph); volumes made before keep
+    /// copying into their change logs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub native_snapshots: bool,
 }
 
 impl Manifest {
@@ -126,6 +133,7 @@ impl Manifest {
             parent: None,
             flattening: false,
             reverting: None,
+            native_snapshots: false,
         }
     }
 

@@ -27,7 +27,7 @@ mod writeback;
 
 pub use error::{EngineError, Result};
 pub use hooks::{Change, WriteGuard, WriteHook};
-pub use manifest::{CacheMode, CONTAINER};
+pub use manifest::{CacheMode, CONTAINER, MANIFEST};
 pub use stats::{IoStatsSnapshot, KindSnapshot, LATENCY_BOUNDS_US};
 pub use volume::{
     now_unix_ms, FlattenProgress, Reverted, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View,
