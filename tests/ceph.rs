@@ -691,6 +691,10 @@ fn native_snapshots_serve_diff_revert_and_clones() {
     assert_eq!(diff["changed_bytes"], 128 << 10, "{diff}");
     let diff = d.json(&["snapshot", "diff", "nat", "s2"]);
     assert_eq!(diff["changed_bytes"], 128 << 10, "{diff}");
+    // Revert to s1 rewrites the changed chunks; s2 keeps its image.
+    d.ok(&["snapshot", "revert", "nat", "s1"]);
+    qemu_io_ok(&d.uri("nat"), true, &["read -P 1 0 8M"]);
+    qemu_io_ok(&d.uri("nat@s2"), true, &["read -P 2 1M 128k"]);
     // A clone of s2 reads it; its writes stay its own.
     d.ok(&["volume", "clone", "nat@s2", "natc"]);
     qemu_io_ok(&d.uri("natc"), false, &["write -P 5 0 64k", "flush"]);
@@ -699,10 +703,6 @@ fn native_snapshots_serve_diff_revert_and_clones() {
         true,
         &["read -P 5 0 64k", "read -P 1 64k 960k", "read -P 2 1M 128k"],
     );
-    // Revert to s1 rewrites the changed chunks; s2 keeps its image.
-    d.ok(&["snapshot", "revert", "nat", "s1"]);
-    qemu_io_ok(&d.uri("nat"), true, &["read -P 1 0 8M"]);
-    qemu_io_ok(&d.uri("nat@s2"), true, &["read -P 2 1M 128k"]);
     // Deleting a snapshot removes its RBD snapshot (s2 stays: the clone).
     d.ok(&["volume", "delete", "natc"]);
     d.ok(&["snapshot", "delete", "nat", "s1"]);
