@@ -567,7 +567,14 @@ fn delete_removes_pool_data_and_detach_keeps_it() {
     // Another daemon takes it over: A may not delete what B serves.
     let b = Daemon::start(&t.path().join("b"));
     b.ok(&[
-        "volume", "attach", "del", "--ceph", "rbd/del", "--ceph-conf", conf_s, "--break-lock",
+        "volume",
+        "attach",
+        "del",
+        "--ceph",
+        "rbd/del",
+        "--ceph-conf",
+        conf_s,
+        "--break-lock",
     ]);
     // A notices at its next write that its lock is gone.
     let _ = qemu_io(&a.uri("del"), false, &["write -P 9 0 4k", "flush"]);
@@ -603,12 +610,28 @@ fn delete_removes_pool_data_and_detach_keeps_it() {
             .arg(conf)
             .args(["create", "--size", "4M", "rbd/adopted"]),
     );
-    a.ok(&["volume", "import", "adopted", "--ceph", "rbd/adopted", "--ceph-conf", conf_s]);
+    a.ok(&[
+        "volume",
+        "import",
+        "adopted",
+        "--ceph",
+        "rbd/adopted",
+        "--ceph-conf",
+        conf_s,
+    ]);
     qemu_io_ok(&a.uri("adopted"), false, &["write -P 3 0 64k", "flush"]);
     a.ok(&["volume", "detach", "adopted"]);
     let kept = pool_data(conf, "adopted");
     assert!(kept.contains(&"adopted".to_string()), "{kept:?}");
-    b.ok(&["volume", "attach", "adopted", "--ceph", "rbd/adopted", "--ceph-conf", conf_s]);
+    b.ok(&[
+        "volume",
+        "attach",
+        "adopted",
+        "--ceph",
+        "rbd/adopted",
+        "--ceph-conf",
+        conf_s,
+    ]);
     qemu_io_ok(&b.uri("adopted"), true, &["read -P 3 0 64k"]);
     // Deleting an imported volume removes the image too.
     b.ok(&["volume", "delete", "adopted"]);
@@ -616,17 +639,21 @@ fn delete_removes_pool_data_and_detach_keeps_it() {
     // Detach is for Ceph volumes only.
     b.ok(&["volume", "create", "local", "--size", "1M"]);
     let e = b.fails(&["volume", "detach", "local"]);
-    assert!(e.contains("not in Ceph") && e.contains("volume delete local"), "{e}");
+    assert!(
+        e.contains("not in Ceph") && e.contains("volume delete local"),
+        "{e}"
+    );
 }
 
 /// The origin's RBD snapshots, by name.
 fn rbd_snaps(conf: &Path, image: &str) -> Vec<String> {
-    let out = run_ok(
-        Command::new("rbd")
-            .arg("-c")
-            .arg(conf)
-            .args(["snap", "ls", "--format", "json", &format!("rbd/{image}")]),
-    );
+    let out = run_ok(Command::new("rbd").arg("-c").arg(conf).args([
+        "snap",
+        "ls",
+        "--format",
+        "json",
+        &format!("rbd/{image}"),
+    ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mut names: Vec<String> = v
         .as_array()
@@ -671,12 +698,12 @@ fn native_snapshots_serve_diff_revert_and_clones() {
     // The change-log images never grew (they grow as slots are written).
     for p in 0..4 {
         let image = format!("rbd/nat.snapblk.part-{p:03}.store");
-        let info = run_ok(Command::new("rbd").arg("-c").arg(conf).args([
-            "info",
-            "--format",
-            "json",
-            &image,
-        ]));
+        let info = run_ok(
+            Command::new("rbd")
+                .arg("-c")
+                .arg(conf)
+                .args(["info", "--format", "json", &image]),
+        );
         let info: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(info["size"], 0, "{image}: {info}");
     }
@@ -684,7 +711,11 @@ fn native_snapshots_serve_diff_revert_and_clones() {
     qemu_io_ok(
         &d.uri("nat@s2"),
         true,
-        &["read -P 1 0 1M", "read -P 2 1M 128k", "read -P 1 1152k 6976k"],
+        &[
+            "read -P 1 0 1M",
+            "read -P 2 1M 128k",
+            "read -P 1 1152k 6976k",
+        ],
     );
     // Diffs from the preservation records, as on a local volume (64k chunks).
     let diff = d.json(&["snapshot", "diff", "nat", "s1", "s2"]);

@@ -464,12 +464,9 @@ impl Partition {
             }
         }
         let mut state = self.state.lock().unwrap();
-        state.free_slots.extend(
-            freed
-                .iter()
-                .map(|(_, v)| v.slot)
-                .filter(|&s| in_store(s)),
-        );
+        state
+            .free_slots
+            .extend(freed.iter().map(|(_, v)| v.slot).filter(|&s| in_store(s)));
         Ok(bytes)
     }
 

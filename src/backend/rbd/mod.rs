@@ -327,7 +327,11 @@ impl Image {
             let at = snap.map(|s| format!("@{s}")).unwrap_or_default();
             return Err(io::Error::new(
                 err(rc).kind(),
-                format!("RBD image {}/{name}{at}: {}", cluster_pool(cluster), err(rc)),
+                format!(
+                    "RBD image {}/{name}{at}: {}",
+                    cluster_pool(cluster),
+                    err(rc)
+                ),
             ));
         }
         let mut size = 0u64;
@@ -663,7 +667,10 @@ impl Pool {
         self.cluster.result(rc as i64).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("cannot take RBD snapshot {}@{name}: {e}", self.cluster.label),
+                format!(
+                    "cannot take RBD snapshot {}@{name}: {e}",
+                    self.cluster.label
+                ),
             )
         })?;
         self.open_snapshot(generation)
@@ -671,7 +678,11 @@ impl Pool {
 
     /// Opens the RBD snapshot of `generation` for reads (at volume open).
     pub fn open_snapshot(&self, generation: u64) -> io::Result<()> {
-        let image = Image::open_at(&self.cluster, &self.spec.image, Some(&snap_name(generation)))?;
+        let image = Image::open_at(
+            &self.cluster,
+            &self.spec.image,
+            Some(&snap_name(generation)),
+        )?;
         self.lock_snapshots().insert(generation, Arc::new(image));
         Ok(())
     }
@@ -934,7 +945,10 @@ impl Pool {
             rc => cluster.result(rc as i64).map(drop).map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("cannot remove RBD image {}/{name}: {e}", cluster_pool(cluster)),
+                    format!(
+                        "cannot remove RBD image {}/{name}: {e}",
+                        cluster_pool(cluster)
+                    ),
                 )
             }),
         }
