@@ -26,7 +26,6 @@ use snapblk::backend::{CephSpec, Claim, Storage};
 use snapblk::engine::{CacheMode, Volume, VolumeConfig, WriteBackConfig};
 use snapblk::runtime::block_on;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -548,16 +547,7 @@ fn delete_removes_pool_data_and_detach_keeps_it() {
     }
 
     // In use by an NBD client: refused, the pool untouched.
-    let mut client = py_spawn(
-        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\nprint('READY', flush=True)\nsys.stdin.readline()\n",
-        &[a.uri("del")],
-        true,
-    );
-    let mut line = String::new();
-    BufReader::new(client.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "READY");
+    let mut client = nbd_client_connected(&a.uri("del"));
     let e = a.fails(&["volume", "delete", "del"]);
     assert!(e.contains("in use by 1 open export connection"), "{e}");
     drop(client.stdin.take());
