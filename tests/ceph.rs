@@ -613,6 +613,13 @@ fn delete_removes_pool_data_and_detach_keeps_it() {
     a.ok(&["volume", "detach", "adopted"]);
     let kept = pool_data(conf, "adopted");
     assert!(kept.contains(&"adopted".to_string()), "{kept:?}");
+    // An RBD snapshot that is not snapblk's keeps delete from removing anything.
+    run_ok(
+        Command::new("rbd")
+            .arg("-c")
+            .arg(conf)
+            .args(["snap", "create", "rbd/adopted@mine"]),
+    );
     b.ok(&[
         "volume",
         "attach",
@@ -623,7 +630,19 @@ fn delete_removes_pool_data_and_detach_keeps_it() {
         conf_s,
     ]);
     qemu_io_ok(&b.uri("adopted"), true, &["read -P 3 0 64k"]);
-    // Deleting an imported volume removes the image too.
+    let e = b.fails(&["volume", "delete", "adopted"]);
+    assert!(
+        e.contains("did not take (mine)") && e.contains("rbd snap purge rbd/adopted"),
+        "{e}"
+    );
+    assert_eq!(pool_data(conf, "adopted"), kept);
+    run_ok(
+        Command::new("rbd")
+            .arg("-c")
+            .arg(conf)
+            .args(["snap", "purge", "rbd/adopted"]),
+    );
+    // Run again, the delete finishes; an imported image is removed too.
     b.ok(&["volume", "delete", "adopted"]);
     assert_eq!(pool_data(conf, "adopted"), Vec::<String>::new());
     // Detach is for Ceph volumes only.

@@ -900,6 +900,25 @@ impl Pool {
             )
         })?;
         pool.cluster.check_fenced()?;
+        // Refused before anything is removed: librbd would refuse the
+        // origin last, with the rest gone.
+        let foreign: Vec<String> = pool
+            .snapshot_names()?
+            .into_iter()
+            .filter(|n| !n.starts_with(SNAP_PREFIX))
+            .collect();
+        if !foreign.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::DirectoryNotEmpty,
+                format!(
+                    "RBD image {} has RBD snapshots snapblk did not take ({}); remove them \
+                     with `rbd snap purge {}`, or keep the image: `snapblk volume detach`",
+                    pool.cluster.label,
+                    foreign.join(", "),
+                    pool.cluster.label
+                ),
+            ));
+        }
         let prefix = format!("{}.snapblk.", pool.spec.image);
         for image in pool.list_images()? {
             let Some(name) = image.strip_prefix(&prefix) else {
@@ -933,15 +952,6 @@ impl Pool {
         match rc {
             0 => Ok(()),
             rc if rc == -libc::ENOENT => Ok(()),
-            rc if rc == -libc::ENOTEMPTY => Err(io::Error::new(
-                io::ErrorKind::DirectoryNotEmpty,
-                format!(
-                    "RBD image {}/{name} has RBD snapshots (not snapblk's); remove them with \
-                     `rbd snap purge {}/{name}` (or keep the image: `snapblk volume detach`)",
-                    cluster_pool(cluster),
-                    cluster_pool(cluster)
-                ),
-            )),
             rc => cluster.result(rc as i64).map(drop).map_err(|e| {
                 io::Error::new(
                     e.kind(),
