@@ -301,7 +301,8 @@ fn real_clients_on_a_ceph_volume() {
             .arg(&src)
             .arg(d.uri("imp")),
     );
-    let fio = run_ok(Command::new("fio").args([
+    // In the temporary directory: fio leaves its verify state file there.
+    let fio = run_ok(Command::new("fio").current_dir(t.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", d.uri("clients")),
