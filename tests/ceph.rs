@@ -9,7 +9,13 @@
 //!   --break-lock and finds every flushed write and every snapshot, the old
 //!   one restarted is fenced and says so; a live daemon whose lock is broken
 //!   stops serving the volume;
-//! - snapshots, a copy job and a replication link on a Ceph volume, exact.
+//! - snapshots, a copy job and a replication link on a Ceph volume, exact;
+//! - snapshots are RBD snapshots of the origin (nothing copied into the
+//!   change logs), and diffs, revert and clones work on them as on local
+//!   volumes, a snapshot delete removing its RBD snapshot;
+//! - `volume delete` removes a volume's images and objects from the pool
+//!   (an imported image too), only while this daemon holds its lock and no
+//!   client uses it; `volume detach` forgets it and leaves the pool as is.
 #![cfg(feature = "ceph")]
 
 mod common;
@@ -295,7 +301,8 @@ fn real_clients_on_a_ceph_volume() {
             .arg(&src)
             .arg(d.uri("imp")),
     );
-    let fio = run_ok(Command::new("fio").args([
+    // In the temporary directory: fio leaves its verify state file there.
+    let fio = run_ok(Command::new("fio").current_dir(t.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", d.uri("clients")),
@@ -490,4 +497,259 @@ fn snapshots_copy_and_replication_on_a_ceph_volume() {
             .arg(d.uri("snaps"))
             .arg(dst.uri("r")),
     );
+}
+
+/// What the pool holds of volume `image`: its images (`rbd ls`) and its
+/// RADOS objects other than RBD's own (`rados ls`), sorted.
+fn pool_data(conf: &Path, image: &str) -> Vec<String> {
+    let rbd = run_ok(Command::new("rbd").arg("-c").arg(conf).args(["ls", "rbd"]));
+    let rados = run_ok(
+        Command::new("rados")
+            .arg("-c")
+            .arg(conf)
+            .args(["-p", "rbd", "ls"]),
+    );
+    let ours = format!("snapblk.{image}.");
+    let mut out: Vec<String> = rbd
+        .lines()
+        .filter(|l| *l == image || l.starts_with(&format!("{image}.snapblk.")))
+        .chain(rados.lines().filter(|l| l.starts_with(&ours)))
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out
+}
+
+/// Delete removes a volume's images and objects; it refuses while an NBD
+/// client uses the volume and while another daemon holds its lock (live or
+/// after a restart), pointing at `volume detach`, which forgets the volume
+/// and leaves the pool to the daemon that serves it. An imported image is
+/// removed by delete and kept by detach.
+#[test]
+fn delete_removes_pool_data_and_detach_keeps_it() {
+    let Some(conf) = cluster("delete_removes_pool_data_and_detach_keeps_it") else {
+        return;
+    };
+    if skip_without("delete_removes_pool_data", &["qemu-io", "rados"]) || python().is_none() {
+        return;
+    }
+    let conf_s = conf.to_str().unwrap();
+    let (t, dir) = tempdir();
+    let mut a = Daemon::start(&dir);
+    create(&a, conf, "del", "8M");
+    qemu_io_ok(&a.uri("del"), false, &["write -P 1 0 1M", "flush"]);
+    a.ok(&["snapshot", "create", "del", "s"]);
+    qemu_io_ok(&a.uri("del"), false, &["write -P 2 0 1M", "flush"]);
+    let before = pool_data(conf, "del");
+    for name in [
+        "del",
+        "del.snapblk.part-000.store",
+        "snapblk.del.part-000.journal",
+        "snapblk.del.volume.json",
+    ] {
+        assert!(before.contains(&name.to_string()), "{name}: {before:?}");
+    }
+
+    // In use by an NBD client: refused, the pool untouched.
+    let mut client = nbd_client_connected(&a.uri("del"));
+    let e = a.fails(&["volume", "delete", "del"]);
+    assert!(e.contains("in use by 1 open export connection"), "{e}");
+    drop(client.stdin.take());
+    assert!(client.wait().unwrap().success());
+    assert_eq!(pool_data(conf, "del"), before);
+
+    // Another daemon takes it over: A may not delete what B serves.
+    let b = Daemon::start(&t.path().join("b"));
+    b.ok(&[
+        "volume",
+        "attach",
+        "del",
+        "--ceph",
+        "rbd/del",
+        "--ceph-conf",
+        conf_s,
+        "--break-lock",
+    ]);
+    // A notices at its next write that its lock is gone.
+    let _ = qemu_io(&a.uri("del"), false, &["write -P 9 0 4k", "flush"]);
+    let e = a.fails(&["volume", "delete", "del"]);
+    assert!(
+        e.contains("not this daemon's to delete") && e.contains("snapblk volume detach del"),
+        "{e}"
+    );
+    // Restarted, A cannot take the lock: still refused, the same way out.
+    a.kill9_and_restart();
+    let e = a.fails(&["volume", "delete", "del"]);
+    assert!(
+        e.contains("cannot delete the pool data") && e.contains("snapblk volume detach del"),
+        "{e}"
+    );
+    assert_eq!(pool_data(conf, "del"), before);
+    let out = a.json(&["volume", "detach", "del"]);
+    assert_eq!(out["detached"], true);
+    assert!(a.json(&["volume", "list"]).as_array().unwrap().is_empty());
+    assert_eq!(pool_data(conf, "del"), before);
+    qemu_io_ok(&b.uri("del"), true, &["read -P 2 0 1M"]);
+    qemu_io_ok(&b.uri("del@s"), true, &["read -P 1 0 1M"]);
+
+    // The holder deletes: nothing of the volume is left in the pool.
+    let out = b.json(&["volume", "delete", "del"]);
+    assert_eq!(out["deleted"], true);
+    assert_eq!(pool_data(conf, "del"), Vec::<String>::new());
+
+    // Detach releases the lock: another daemon attaches without breaking it.
+    run_ok(
+        Command::new("rbd")
+            .arg("-c")
+            .arg(conf)
+            .args(["create", "--size", "4M", "rbd/adopted"]),
+    );
+    a.ok(&[
+        "volume",
+        "import",
+        "adopted",
+        "--ceph",
+        "rbd/adopted",
+        "--ceph-conf",
+        conf_s,
+    ]);
+    qemu_io_ok(&a.uri("adopted"), false, &["write -P 3 0 64k", "flush"]);
+    a.ok(&["volume", "detach", "adopted"]);
+    let kept = pool_data(conf, "adopted");
+    assert!(kept.contains(&"adopted".to_string()), "{kept:?}");
+    // An RBD snapshot that is not snapblk's keeps delete from removing anything.
+    run_ok(
+        Command::new("rbd")
+            .arg("-c")
+            .arg(conf)
+            .args(["snap", "create", "rbd/adopted@mine"]),
+    );
+    b.ok(&[
+        "volume",
+        "attach",
+        "adopted",
+        "--ceph",
+        "rbd/adopted",
+        "--ceph-conf",
+        conf_s,
+    ]);
+    qemu_io_ok(&b.uri("adopted"), true, &["read -P 3 0 64k"]);
+    let e = b.fails(&["volume", "delete", "adopted"]);
+    assert!(
+        e.contains("did not take (mine)") && e.contains("rbd snap purge rbd/adopted"),
+        "{e}"
+    );
+    assert_eq!(pool_data(conf, "adopted"), kept);
+    run_ok(
+        Command::new("rbd")
+            .arg("-c")
+            .arg(conf)
+            .args(["snap", "purge", "rbd/adopted"]),
+    );
+    // Run again, the delete finishes; an imported image is removed too.
+    b.ok(&["volume", "delete", "adopted"]);
+    assert_eq!(pool_data(conf, "adopted"), Vec::<String>::new());
+    // Detach is for Ceph volumes only.
+    b.ok(&["volume", "create", "local", "--size", "1M"]);
+    let e = b.fails(&["volume", "detach", "local"]);
+    assert!(
+        e.contains("not in Ceph") && e.contains("volume delete local"),
+        "{e}"
+    );
+}
+
+/// The origin's RBD snapshots, by name.
+fn rbd_snaps(conf: &Path, image: &str) -> Vec<String> {
+    let out = run_ok(Command::new("rbd").arg("-c").arg(conf).args([
+        "snap",
+        "ls",
+        "--format",
+        "json",
+        &format!("rbd/{image}"),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut names: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A Ceph volume's snapshots are RBD snapshots of its origin: a first
+/// overwrite copies nothing into the change logs, each snapshot reads its
+/// image from its RBD snapshot, and diff, revert and a clone of a snapshot
+/// work on them; deleting a snapshot removes its RBD snapshot.
+#[test]
+fn native_snapshots_serve_diff_revert_and_clones() {
+    let Some(conf) = cluster("native_snapshots_serve_diff_revert_and_clones") else {
+        return;
+    };
+    if skip_without("native_snapshots", &["qemu-io", "qemu-img"]) {
+        return;
+    }
+    let (_t, dir) = tempdir();
+    let d = Daemon::start(&dir);
+    create(&d, conf, "nat", "8M");
+    qemu_io_ok(&d.uri("nat"), false, &["write -P 1 0 8M", "flush"]);
+    d.ok(&["snapshot", "create", "nat", "s1"]);
+    qemu_io_ok(&d.uri("nat"), false, &["write -P 2 1M 128k", "flush"]);
+    d.ok(&["snapshot", "create", "nat", "s2"]);
+    qemu_io_ok(
+        &d.uri("nat"),
+        false,
+        &["write -P 3 1M 64k", "write -P 4 6M 64k", "flush"],
+    );
+    assert_eq!(rbd_snaps(conf, "nat"), vec!["snapblk.g1", "snapblk.g2"]);
+    // Nothing was copied: every preserved version lives in an RBD snapshot.
+    let info = d.json(&["volume", "info", "nat"]);
+    for s in info["snapshot_list"].as_array().unwrap() {
+        assert_eq!(s["exclusive_bytes"], 0, "{info}");
+    }
+    // The change-log images never grew (they grow as slots are written).
+    for p in 0..4 {
+        let image = format!("rbd/nat.snapblk.part-{p:03}.store");
+        let info = run_ok(
+            Command::new("rbd")
+                .arg("-c")
+                .arg(conf)
+                .args(["info", "--format", "json", &image]),
+        );
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["size"], 0, "{image}: {info}");
+    }
+    qemu_io_ok(&d.uri("nat@s1"), true, &["read -P 1 0 8M"]);
+    qemu_io_ok(
+        &d.uri("nat@s2"),
+        true,
+        &[
+            "read -P 1 0 1M",
+            "read -P 2 1M 128k",
+            "read -P 1 1152k 6976k",
+        ],
+    );
+    // Diffs from the preservation records, as on a local volume (64k chunks).
+    let diff = d.json(&["snapshot", "diff", "nat", "s1", "s2"]);
+    assert_eq!(diff["changed_bytes"], 128 << 10, "{diff}");
+    let diff = d.json(&["snapshot", "diff", "nat", "s2"]);
+    assert_eq!(diff["changed_bytes"], 128 << 10, "{diff}");
+    // Revert to s1 rewrites the changed chunks; s2 keeps its image.
+    d.ok(&["snapshot", "revert", "nat", "s1"]);
+    qemu_io_ok(&d.uri("nat"), true, &["read -P 1 0 8M"]);
+    qemu_io_ok(&d.uri("nat@s2"), true, &["read -P 2 1M 128k"]);
+    // A clone of s2 reads it; its writes stay its own.
+    d.ok(&["volume", "clone", "nat@s2", "natc"]);
+    qemu_io_ok(&d.uri("natc"), false, &["write -P 5 0 64k", "flush"]);
+    qemu_io_ok(
+        &d.uri("natc"),
+        true,
+        &["read -P 5 0 64k", "read -P 1 64k 960k", "read -P 2 1M 128k"],
+    );
+    // Deleting a snapshot removes its RBD snapshot (s2 stays: the clone).
+    d.ok(&["volume", "delete", "natc"]);
+    d.ok(&["snapshot", "delete", "nat", "s1"]);
+    assert_eq!(rbd_snaps(conf, "nat"), vec!["snapblk.g2"]);
+    qemu_io_ok(&d.uri("nat@s2"), true, &["read -P 2 1M 128k"]);
 }

@@ -6,8 +6,9 @@
 
 mod common;
 
-use common::{assert_error, py_spawn, qemu_io_ok, run_ok, skip_without, tempdir, Daemon, Raw};
-use std::io::{BufRead, BufReader};
+use common::{
+    assert_error, nbd_client_connected, qemu_io_ok, run_ok, skip_without, tempdir, Daemon, Raw,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -177,16 +178,7 @@ fn restore_into_volume_refuses_bad_streams_and_volumes_in_use() {
     );
 
     // A live NBD client.
-    let mut client = py_spawn(
-        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\nprint('READY', flush=True)\nsys.stdin.readline()\n",
-        &[d.uri("r")],
-        true,
-    );
-    let mut line = String::new();
-    BufReader::new(client.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "READY");
+    let mut client = nbd_client_connected(&d.uri("r"));
     let e = d.fails(&args(&restore_to(&stream, "r")));
     assert!(
         e.contains("volume r is in use by 1 open NBD connection(s)")

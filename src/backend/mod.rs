@@ -302,6 +302,16 @@ impl Storage {
     }
 }
 
+fn no_native_snapshots(generation: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "snapshot generation {generation} is kept as a native (RBD) snapshot, which this \
+             storage does not have; is this a Ceph volume opened without Ceph support?"
+        ),
+    )
+}
+
 /// Where a Ceph volume lives and how to reach it; all a daemon keeps.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CephSpec {
@@ -339,6 +349,90 @@ impl Storage {
                 "this snapblk was built without Ceph support; build it with \
                  `cargo build --release --features ceph` (needs librbd-dev and librados-dev)",
             ))
+        }
+    }
+
+    /// Whether the storage keeps point-in-time images of the origin itself
+    /// (a Ceph volume: RBD snapshots, which the OSDs keep copy-on-write per
+    /// object), so that preserving a chunk for a snapshot copies no data.
+    pub fn native_snapshots(&self) -> bool {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Takes the native snapshot of the origin for the engine's snapshot of
+    /// `generation`: what the origin holds now. Storage without native
+    /// snapshots refuses.
+    pub fn take_native_snapshot(&self, generation: u64) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.take_snapshot(generation),
+            _ => Err(no_native_snapshots(generation)),
+        }
+    }
+
+    /// At open: opens the native snapshots of `generations` for reads and
+    /// removes any other that snapblk took (left by a crash).
+    pub fn open_native_snapshots(&self, generations: &[u64]) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => {
+                pool.prune_snapshots(generations)?;
+                generations.iter().try_for_each(|&g| pool.open_snapshot(g))
+            }
+            _ => match generations.first() {
+                Some(&g) => Err(no_native_snapshots(g)),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Removes the native snapshot of `generation`.
+    pub fn drop_native_snapshot(&self, generation: u64) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.drop_snapshot(generation),
+            _ => Err(no_native_snapshots(generation)),
+        }
+    }
+
+    /// Reads the origin as the native snapshot of `generation` holds it.
+    pub async fn read_native_snapshot(
+        &self,
+        generation: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.read_snapshot(generation, buf, offset).await,
+            _ => {
+                let _ = (buf, offset);
+                Err(no_native_snapshots(generation))
+            }
+        }
+    }
+
+    /// Whether this is a Ceph volume whose lock another daemon broke.
+    pub fn ceph_fenced(&self) -> bool {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.fenced(),
+            _ => false,
+        }
+    }
+
+    /// Removes what a Ceph volume keeps in its pool (see
+    /// [`rbd::Pool::destroy`]); the last handle on the volume's storage.
+    /// Other storage is removed with its directory, by the registry.
+    pub fn destroy_pool_data(self) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => rbd::Pool::destroy(pool),
+            _ => Ok(()),
         }
     }
 

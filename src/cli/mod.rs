@@ -335,12 +335,14 @@ pub enum VolumeCmd {
         #[arg(long)]
         break_lock: bool,
     },
+    /// Forget a Ceph volume on this daemon and release its lock; its image, snapshots and metadata stay in the pool for `volume attach`
+    Detach { name: String },
     /// List volumes
     #[command(alias = "ls")]
     List,
     /// Show one volume
     Info { name: String },
-    /// Delete a volume and all its snapshots
+    /// Delete a volume and all its snapshots (a Ceph volume's image and metadata in the pool too)
     #[command(alias = "rm")]
     Delete { name: String },
     /// Create NEW, a writable clone of snapshot VOL@SNAP: instant for any size; its unwritten chunks read from the snapshot
@@ -1063,6 +1065,12 @@ fn volume(control: &Endpoint, json: bool, cmd: VolumeCmd) -> Result<(), CliError
         VolumeCmd::Delete { name } => {
             let req = Request::VolumeDelete { name: name.clone() };
             reply(control, json, &req, |_| println!("deleted volume {name}"))
+        }
+        VolumeCmd::Detach { name } => {
+            let req = Request::VolumeDetach { name: name.clone() };
+            reply(control, json, &req, |_| {
+                println!("detached volume {name}; its data stays in the Ceph pool")
+            })
         }
         VolumeCmd::Clone { source, name } => {
             let Some((volume, snapshot)) = source.split_once('@') else {

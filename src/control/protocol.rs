@@ -27,6 +27,7 @@ pub const OPS: &[&str] = &[
     "volume.attach",
     "volume.access",
     "volume.chown",
+    "volume.detach",
     "snapshot.create",
     "snapshot.list",
     "snapshot.delete",
@@ -111,6 +112,10 @@ pub enum Request {
         #[serde(default)]
         break_lock: bool,
     },
+    /// A Ceph volume forgotten here, its pool data and lock left for
+    /// `volume.attach`.
+    #[serde(rename = "volume.detach")]
+    VolumeDetach { name: String },
     #[serde(rename = "volume.list")]
     VolumeList {},
     /// Shows a volume's owner and access list; with `grant`
@@ -315,6 +320,7 @@ impl Request {
             Request::VolumeAttach { .. } => "volume.attach",
             Request::VolumeAccess { .. } => "volume.access",
             Request::VolumeChown { .. } => "volume.chown",
+            Request::VolumeDetach { .. } => "volume.detach",
             Request::SnapshotCreate { .. } => "snapshot.create",
             Request::SnapshotList { .. } => "snapshot.list",
             Request::SnapshotDelete { .. } => "snapshot.delete",

@@ -646,6 +646,11 @@ fn dispatch(
             facts.schedules.check_unscheduled(Some(&name), None)?;
             registry.delete_volume(&name)
         }),
+        Request::VolumeDetach { name } => facts.jobs.unless_used(&name, None, || {
+            facts.replication.check_volume_delete(&name)?;
+            facts.schedules.check_unscheduled(Some(&name), None)?;
+            registry.detach_volume(&name)
+        }),
         Request::SnapshotCreate {
             volume,
             name,

@@ -91,17 +91,27 @@ fn compaction_due(bytes: u64, live_bytes: u64) -> bool {
 
 /// Marks a version whose data was all zeros: no store slot holds it.
 pub const ZERO_SLOT: u64 = u64::MAX;
+/// Marks a version kept by the storage's native snapshots (RBD snapshots
+/// of a Ceph volume's origin): each snapshot the version serves reads the
+/// chunk from its own native snapshot, and no store slot holds it.
+pub const NATIVE_SLOT: u64 = u64::MAX - 1;
+
+/// Whether `slot` names a slot of the change-log store.
+pub fn in_store(slot: u64) -> bool {
+    slot != ZERO_SLOT && slot != NATIVE_SLOT
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record {
     /// Chunk content valid for generations `[start, end)` is preserved in
-    /// `slot` of the change-log store (or is all zeros: `ZERO_SLOT`).
+    /// `slot` of the change-log store (or is all zeros: `ZERO_SLOT`; or
+    /// is in the native snapshots: `NATIVE_SLOT`).
     Preserve {
         chunk: u64,
         slot: u64,
         start: u64,
         end: u64,
-        /// crc32c of the whole slot as written (0 for `ZERO_SLOT`).
+        /// crc32c of the whole slot as written (0 without a slot).
         data_crc: u32,
     },
     /// The version of `chunk` starting at `start` is no longer needed.
@@ -242,7 +252,7 @@ fn compact(records: &[Record], live: &[u64]) -> Compacted {
         let i = live.partition_point(|&g| g < start);
         if live.get(i).is_some_and(|&g| g < end) {
             out.push(record);
-        } else if slot != ZERO_SLOT {
+        } else if in_store(slot) {
             dropped_slots.push(slot);
         }
     }
@@ -377,7 +387,7 @@ impl Journal {
         // the highest, which must not be a number a damaged record made up.
         for (i, (record, _)) in parsed[..keep].iter().enumerate() {
             if let Record::Preserve { slot, .. } = *record {
-                if slot != ZERO_SLOT && slot >= store_slots {
+                if in_store(slot) && slot >= store_slots {
                     let at = i.checked_sub(1).map_or(0, |p| parsed[p].1);
                     return Err(EngineError::Corrupt(format!(
                         "{label}: record at byte {at} puts a preserved chunk in slot {slot}, \
@@ -824,7 +834,7 @@ async fn data_is_durable(
             ..
         } = *record
         {
-            if slot == ZERO_SLOT || freed.contains(&(chunk, start)) {
+            if !in_store(slot) || freed.contains(&(chunk, start)) {
                 continue;
             }
             if slot >= store_slots {

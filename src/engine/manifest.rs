@@ -159,6 +159,13 @@ pub struct Manifest {
     /// read as owned by root (uid 0) with an empty list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<AccessRecord>,
+    /// Every snapshot's image is kept by the storage as a native snapshot
+    /// of the origin (an RBD snapshot named `snapblk.gGENERATION`), and a
+    /// preservation records only that (see `journal::NATIVE_SLOT`). Set at
+    /// create where the storage has them (Ceph); volumes made before keep
+    /// copying into their change logs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub native_snapshots: bool,
 }
 
 impl Manifest {
@@ -177,6 +184,7 @@ impl Manifest {
             flattening: false,
             reverting: None,
             access: None,
+            native_snapshots: false,
         }
     }
 

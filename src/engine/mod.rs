@@ -29,7 +29,7 @@ mod writeback;
 pub use budget::SpaceBudget;
 pub use error::{EngineError, Result};
 pub use hooks::{Change, WriteGuard, WriteHook};
-pub use manifest::{AccessRecord, AclEntry, CacheMode, Level, Principal, CONTAINER};
+pub use manifest::{AccessRecord, AclEntry, CacheMode, Level, Principal, CONTAINER, MANIFEST};
 pub use stats::{IoStatsSnapshot, KindSnapshot, LATENCY_BOUNDS_US};
 pub use volume::{
     now_unix_ms, FlattenProgress, Reverted, SnapshotConsumer, SnapshotCreated, SnapshotInfo, View,

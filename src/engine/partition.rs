@@ -9,7 +9,7 @@
 
 use super::error::Result;
 use super::gate::Epoch;
-use super::journal::{slot_crc, Journal, Record, ZERO_SLOT};
+use super::journal::{in_store, slot_crc, Journal, Record, NATIVE_SLOT, ZERO_SLOT};
 use super::writeback::WriteBack;
 use crate::backend::Backend;
 use crate::runtime::AlignedBuf;
@@ -65,6 +65,8 @@ pub enum Source {
     Origin,
     Zero,
     Store(u64),
+    /// The storage's native snapshot of the generation read holds it.
+    Native,
     /// No version covers the generation: the snapshot was deleted.
     Gone,
 }
@@ -72,6 +74,9 @@ pub enum Source {
 pub struct Partition {
     pub index: u32,
     chunk_size: u64,
+    /// The volume's snapshots are native ones (see `NATIVE_SLOT`): a
+    /// preservation records where the old content is and copies nothing.
+    native: bool,
     journal: Journal,
     store: Backend,
     state: Mutex<State>,
@@ -84,6 +89,7 @@ impl Partition {
     pub fn recover(
         index: u32,
         chunk_size: u32,
+        native: bool,
         journal: Journal,
         store: Backend,
         records: &[Record],
@@ -119,12 +125,7 @@ impl Partition {
         let mut used: Vec<u64> = Vec::new();
         for c in state.chunks.values_mut() {
             c.versions.sort_by_key(|v| v.start);
-            used.extend(
-                c.versions
-                    .iter()
-                    .map(|v| v.slot)
-                    .filter(|&s| s != ZERO_SLOT),
-            );
+            used.extend(c.versions.iter().map(|v| v.slot).filter(|&s| in_store(s)));
         }
         used.sort_unstable();
         state.next_slot = used.last().map_or(0, |&s| s + 1);
@@ -139,6 +140,7 @@ impl Partition {
         Partition {
             index,
             chunk_size: chunk_size as u64,
+            native,
             journal,
             store,
             state: Mutex::new(state),
@@ -209,7 +211,7 @@ impl Partition {
             let mut state = self.state.lock().unwrap();
             match &result {
                 Ok((version, batch)) => {
-                    if version.slot == ZERO_SLOT {
+                    if version.slot != slot {
                         state.free_slots.push(slot);
                     }
                     let c = state.chunks.entry(chunk).or_default();
@@ -267,12 +269,21 @@ impl Partition {
         // The chunk's content is the origin with the writes still held
         // over it (all of earlier generations: this generation's writes
         // to the chunk wait for this preservation).
-        let held = held.overlapping(offset, len as u64);
+        let held = match self.native {
+            false => held.overlapping(offset, len as u64),
+            true => Vec::new(),
+        };
         let mut data_crc = 0;
-        // A chunk the origin never allocated is preserved as zeros without
-        // reading it: a discard of a large sparse volume under a snapshot
-        // would otherwise read (and zero-check) every byte of its holes.
-        if held.is_empty() && origin.extents(offset, len as u64)?.iter().all(|e| !e.data) {
+        if self.native {
+            // Every snapshot in the version's range took its native
+            // snapshot with every write of its generation in the origin
+            // (see `Volume::take_native_snapshot`): nothing to copy.
+            version.slot = NATIVE_SLOT;
+        } else if held.is_empty() && origin.extents(offset, len as u64)?.iter().all(|e| !e.data) {
+            // A chunk the origin never allocated is preserved as zeros
+            // without reading it: a discard of a large sparse volume under
+            // a snapshot would otherwise read (and zero-check) every byte
+            // of its holes.
             version.slot = ZERO_SLOT;
         } else {
             // A whole slot (zero-padded past the volume's end), so its crc
@@ -321,6 +332,7 @@ impl Partition {
             .find(|v| v.start <= generation && generation < v.end)
         {
             Some(v) if v.slot == ZERO_SLOT => Source::Zero,
+            Some(v) if v.slot == NATIVE_SLOT => Source::Native,
             Some(v) => Source::Store(v.slot),
             // Versions tile [0, birth) for every live snapshot, so only a
             // snapshot deleted under this read gets here.
@@ -444,7 +456,7 @@ impl Partition {
         self.journal.commit(&records).await?;
         let mut bytes = 0;
         for (_, v) in &freed {
-            if v.slot != ZERO_SLOT {
+            if in_store(v.slot) {
                 self.store
                     .punch_hole(v.slot * self.chunk_size, self.chunk_size)
                     .await?;
@@ -452,12 +464,9 @@ impl Partition {
             }
         }
         let mut state = self.state.lock().unwrap();
-        state.free_slots.extend(
-            freed
-                .iter()
-                .map(|(_, v)| v.slot)
-                .filter(|&s| s != ZERO_SLOT),
-        );
+        state
+            .free_slots
+            .extend(freed.iter().map(|(_, v)| v.slot).filter(|&s| in_store(s)));
         Ok(bytes)
     }
 
@@ -477,7 +486,7 @@ impl Partition {
     pub fn exclusive_bytes(&self, live: &[u64], out: &mut HashMap<u64, u64>) {
         let state = self.state.lock().unwrap();
         for v in state.chunks.values().flat_map(|c| &c.versions) {
-            if v.slot == ZERO_SLOT {
+            if !in_store(v.slot) {
                 continue;
             }
             let first = live.partition_point(|&g| g < v.start);
@@ -535,7 +544,7 @@ mod tests {
             let (journal, _) = Journal::open(&storage, "j", store.clone(), 4096, "j")
                 .await
                 .unwrap();
-            let partition = Partition::recover(0, 4096, journal, store, &[]);
+            let partition = Partition::recover(0, 4096, false, journal, store, &[]);
             for generation in 0..1000 {
                 partition.record_snapshot(generation).await.unwrap();
                 partition.collect_garbage(&[0]).await.unwrap();

@@ -283,6 +283,7 @@ impl Volume {
         }
         let manifest = Manifest {
             cache: config.cache,
+            native_snapshots: storage.native_snapshots() && config.backing.is_none(),
             ..Manifest::new(
                 name,
                 config.size,
@@ -394,6 +395,7 @@ impl Volume {
             partitions.push(Partition::recover(
                 p,
                 manifest.chunk_size,
+                manifest.native_snapshots,
                 journal,
                 store,
                 &replayed.records,
@@ -425,6 +427,9 @@ impl Volume {
         // Versions made for a snapshot whose create never committed, or left
         // by a delete cut short, are garbage now.
         try_join_all(partitions.iter().map(|p| p.collect_garbage(&live))).await?;
+        if manifest.native_snapshots {
+            storage.open_native_snapshots(&live)?;
+        }
         let background = writeback.background;
         let volume = Arc::new(Volume {
             writeback: Arc::new(WriteBack::new(chunk_shift, writeback)),
@@ -776,6 +781,7 @@ impl Volume {
         self.ready_for_snapshot(name).await?;
         let (generation, stall) = {
             let paused = self.gate.pause().await;
+            self.take_native_snapshot(&paused).await?;
             (Self::close_generation(&paused), paused.elapsed())
         };
         self.commit_snapshot(name, generation, stall).await
@@ -812,6 +818,9 @@ impl Volume {
             let mut paused = Vec::with_capacity(members.len());
             for (v, _) in members {
                 paused.push(v.gate.pause().await);
+            }
+            for ((v, _), p) in members.iter().zip(&paused) {
+                v.take_native_snapshot(p).await?;
             }
             let generations: Vec<u64> = paused.iter().map(Self::close_generation).collect();
             // The first gate shut is the one held longest.
@@ -869,6 +878,26 @@ impl Volume {
         }
         self.origin.flush().await?;
         self.drive().await
+    }
+
+    /// For a volume with native snapshots, while its gate is shut: lands
+    /// every held write and takes the storage's snapshot of the origin for
+    /// the generation about to close, which then holds that generation's
+    /// image whole. Inside the pause, because a write of the next
+    /// generation must not reach the origin before it; that costs the
+    /// stall a drain of the buffer (mostly drained just before the pause)
+    /// and one snapshot create (an RBD header update: the OSDs then copy
+    /// each object at its first overwrite, inside the cluster, instead of
+    /// this daemon reading and writing every preserved chunk).
+    async fn take_native_snapshot(&self, paused: &Paused<'_>) -> Result<()> {
+        if !self.manifest.lock().unwrap().native_snapshots {
+            return Ok(());
+        }
+        self.drive().await?;
+        self.origin.flush().await?;
+        Ok(self
+            .storage
+            .take_native_snapshot(paused.epoch().generation)?)
     }
 
     /// Closes the current generation while the gate is shut; returns it.
@@ -1174,6 +1203,15 @@ impl Volume {
         {
             // Recovery collects it at the next open.
             log::warn!("volume {}: freeing snapshot data failed: {e}", self.name);
+        }
+        if self.manifest.lock().unwrap().native_snapshots {
+            if let Err(e) = self.storage.drop_native_snapshot(generation) {
+                log::warn!(
+                    "volume {}: removing the native snapshot of generation {generation} \
+                     failed: {e}; the next open removes it",
+                    self.name
+                );
+            }
         }
     }
 
@@ -1511,6 +1549,11 @@ impl Volume {
                 match part.source(chunk, generation) {
                     Source::Zero => piece.fill(0),
                     Source::Store(slot) => part.read_store(slot, in_chunk, piece).await?,
+                    Source::Native => {
+                        self.storage
+                            .read_native_snapshot(generation, piece, pos)
+                            .await?
+                    }
                     Source::Gone => return Err(self.snapshot_gone(generation)),
                     Source::Origin => {
                         // Writes of this snapshot's generation may still be
@@ -1565,7 +1608,7 @@ impl Volume {
                     len: end - pos,
                     data: false,
                 }),
-                Source::Store(_) => push(Extent {
+                Source::Store(_) | Source::Native => push(Extent {
                     offset: pos,
                     len: end - pos,
                     data: true,

@@ -339,6 +339,15 @@ fn volume_json(vol: &Volume) -> Result<Value, VolumeError> {
     Ok(v)
 }
 
+/// What removing a volume does to a Ceph volume's pool data.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// Removes it (the origin image included, an imported one too).
+    Delete,
+    /// Leaves it; only this daemon forgets the volume.
+    Detach,
+}
+
 /// What a Ceph volume's directory asks for.
 pub enum CephPlacement {
     /// A new RBD image of `size` bytes.
@@ -960,9 +969,37 @@ impl Registry {
         };
     }
 
+    /// Deletes a volume and its snapshots; for a Ceph volume, also its
+    /// images and objects in the pool (see [`Registry::remove_volume`]).
     pub fn delete_volume(&self, name: &str) -> Result<Value, VolumeError> {
+        self.remove_volume(name, Removal::Delete)
+    }
+
+    /// Forgets a Ceph volume here and releases its lock, leaving everything
+    /// in the pool for `volume attach` (here or on another daemon).
+    pub fn detach_volume(&self, name: &str) -> Result<Value, VolumeError> {
+        self.remove_volume(name, Removal::Detach)
+    }
+
+    /// A Ceph volume's pool data is removed only by the daemon that holds
+    /// its lock: one whose lock was broken (fenced) or cannot be taken
+    /// (another daemon serves it) is refused before anything changes, and
+    /// an interrupted removal keeps the volume listed (broken) so that
+    /// `delete` can run again.
+    fn remove_volume(&self, name: &str, removal: Removal) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = self.volumes_dir.join(name);
+        let in_ceph = dir.join(CEPH_POINTER).exists();
+        if removal == Removal::Detach && !in_ceph {
+            if !self.lock_map().contains_key(name) {
+                return Err(not_found(name));
+            }
+            return Err(VolumeError::invalid(format!(
+                "volume {name} is not in Ceph: detach forgets a Ceph volume and leaves its \
+                 data in the pool; `snapblk volume delete {name}` deletes a local volume"
+            )));
+        }
         self.check_no_device(name)?;
         self.check_not_grouped(name)?;
         if let Ok(vol) = self.volume(name) {
@@ -999,16 +1036,46 @@ impl Registry {
                         ),
                     ));
                 }
+                Some(Slot::Ready(v)) if v.storage().ceph_fenced() && removal == Removal::Delete => {
+                    return Err(VolumeError::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "volume {name}: another daemon broke this daemon's lock on its RBD \
+                             image and serves it now, so its pool data is not this daemon's to \
+                             delete; delete it on that daemon, or forget it here with \
+                             `snapblk volume detach {name}`"
+                        ),
+                    ));
+                }
                 Some(_) => map.remove(name).expect("present"),
             }
         };
         self.flattens.stop(name);
-        if let Slot::Ready(vol) = slot {
-            if let Err(e) = block_on(vol.shutdown()) {
-                log::warn!("volume {name}: flush before delete failed: {e}");
+        let storage = match slot {
+            Slot::Ready(vol) => {
+                if let Err(e) = block_on(vol.shutdown()) {
+                    log::warn!("volume {name}: flush before delete failed: {e}");
+                }
+                Some(vol.storage().clone())
+            }
+            Slot::Broken(_) => None,
+        };
+        if in_ceph && removal == Removal::Delete {
+            // A broken volume's lock is taken again, or the delete refused.
+            let destroyed = storage
+                .map_or_else(|| storage_of(&dir), Ok)
+                .and_then(Storage::destroy_pool_data);
+            if let Err(e) = destroyed {
+                let message = format!(
+                    "cannot delete the pool data of Ceph volume {name}: {e}; if another \
+                     daemon serves it, delete it there, or forget it here and leave the pool \
+                     as it is with `snapblk volume detach {name}`"
+                );
+                self.lock_map()
+                    .insert(name.to_string(), Slot::Broken(message.clone()));
+                return Err(VolumeError::new(ErrorKind::Busy, message));
             }
         }
-        let dir = self.volumes_dir.join(name);
         let doomed = self.volumes_dir.join(format!("{DELETING}{name}"));
         if doomed.exists() {
             fs::remove_dir_all(&doomed)?;
@@ -1016,9 +1083,17 @@ impl Registry {
         fs::rename(&dir, &doomed)?;
         sync_dir(&self.volumes_dir)?;
         fs::remove_dir_all(&doomed)?;
-        log::info!("deleted volume {name}");
         self.forget_devices(|s| s.volume == name);
-        Ok(json!({ "name": name, "deleted": true }))
+        match removal {
+            Removal::Delete => {
+                log::info!("deleted volume {name}");
+                Ok(json!({ "name": name, "deleted": true }))
+            }
+            Removal::Detach => {
+                log::info!("detached volume {name}; its data stays in the Ceph pool");
+                Ok(json!({ "name": name, "detached": true }))
+            }
+        }
     }
 
     /// `volume.flatten`: starts copying into clone `name` every chunk it

@@ -451,6 +451,22 @@ pub fn py_spawn(script: &str, args: &[String], stdin: bool) -> Child {
         .unwrap()
 }
 
+/// An NBD client (libnbd in Python) connected to `uri`, returned once the
+/// connection is up; it disconnects when its stdin is closed.
+pub fn nbd_client_connected(uri: &str) -> Child {
+    let mut client = py_spawn(
+        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\nprint('READY', flush=True)\nsys.stdin.readline()\n",
+        &[uri.to_string()],
+        true,
+    );
+    let mut line = String::new();
+    BufReader::new(client.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "READY");
+    client
+}
+
 /// Reads all of a child's piped stderr.
 pub fn read_stderr(child: &mut Child) -> String {
     let mut err = String::new();

@@ -15,6 +15,8 @@ pub type Completion = *mut c_void;
 pub type Callback = extern "C" fn(Completion, *mut c_void);
 
 pub const LOCK_MODE_EXCLUSIVE: c_int = 0;
+/// `rbd_snap_create2`: do not ask the image's watchers to quiesce.
+pub const SNAP_CREATE_SKIP_QUIESCE: u32 = 1;
 
 #[repr(C)]
 #[derive(Default)]
@@ -23,6 +25,13 @@ pub struct ClusterStat {
     pub kb_used: u64,
     pub kb_avail: u64,
     pub num_objects: u64,
+}
+
+#[repr(C)]
+pub struct SnapInfo {
+    pub id: u64,
+    pub size: u64,
+    pub name: *const c_char,
 }
 
 #[link(name = "rados")]
@@ -83,13 +92,31 @@ extern "C" {
 #[link(name = "rbd")]
 extern "C" {
     pub fn rbd_create(io: IoCtx, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
+    pub fn rbd_remove(io: IoCtx, name: *const c_char) -> c_int;
+    pub fn rbd_list(io: IoCtx, names: *mut c_char, size: *mut usize) -> c_int;
     pub fn rbd_open(
         io: IoCtx,
         name: *const c_char,
         image: *mut Image,
         snap: *const c_char,
     ) -> c_int;
+    pub fn rbd_open_read_only(
+        io: IoCtx,
+        name: *const c_char,
+        image: *mut Image,
+        snap: *const c_char,
+    ) -> c_int;
     pub fn rbd_close(image: Image) -> c_int;
+    pub fn rbd_snap_create2(
+        image: Image,
+        name: *const c_char,
+        flags: u32,
+        progress: Option<extern "C" fn(u64, u64, *mut c_void) -> c_int>,
+        progress_arg: *mut c_void,
+    ) -> c_int;
+    pub fn rbd_snap_remove(image: Image, name: *const c_char) -> c_int;
+    pub fn rbd_snap_list(image: Image, snaps: *mut SnapInfo, max: *mut c_int) -> c_int;
+    pub fn rbd_snap_list_end(snaps: *mut SnapInfo);
     pub fn rbd_get_size(image: Image, size: *mut u64) -> c_int;
     pub fn rbd_resize(image: Image, size: u64) -> c_int;
     pub fn rbd_lock_acquire(image: Image, mode: c_int) -> c_int;

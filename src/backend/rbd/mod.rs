@@ -28,7 +28,8 @@
 mod ffi;
 
 use super::{CephSpec, Claim, Extent};
-use crate::engine::CONTAINER;
+use crate::engine::{CONTAINER, MANIFEST};
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::future::Future;
 use std::io;
@@ -304,14 +305,33 @@ impl Drop for Image {
 
 impl Image {
     fn open(cluster: &Arc<Cluster>, name: &str) -> io::Result<Image> {
+        Image::open_at(cluster, name, None)
+    }
+
+    /// With `snap`, the image as that RBD snapshot holds it, read-only
+    /// (no lock needed, none taken).
+    fn open_at(cluster: &Arc<Cluster>, name: &str, snap: Option<&str>) -> io::Result<Image> {
         let n = cstr(name)?;
         let mut handle: ffi::Image = std::ptr::null_mut();
         // SAFETY: plain calls; `handle` is ours once rbd_open succeeds.
-        let rc = unsafe { ffi::rbd_open(cluster.io, n.as_ptr(), &mut handle, std::ptr::null()) };
+        let rc = unsafe {
+            match snap {
+                None => ffi::rbd_open(cluster.io, n.as_ptr(), &mut handle, std::ptr::null()),
+                Some(snap) => {
+                    let s = cstr(snap)?;
+                    ffi::rbd_open_read_only(cluster.io, n.as_ptr(), &mut handle, s.as_ptr())
+                }
+            }
+        };
         if rc < 0 {
+            let at = snap.map(|s| format!("@{s}")).unwrap_or_default();
             return Err(io::Error::new(
                 err(rc).kind(),
-                format!("RBD image {}/{name}: {}", cluster_pool(cluster), err(rc)),
+                format!(
+                    "RBD image {}/{name}{at}: {}",
+                    cluster_pool(cluster),
+                    err(rc)
+                ),
             ));
         }
         let mut size = 0u64;
@@ -530,7 +550,18 @@ pub struct Pool {
     origin: Arc<Image>,
     /// Who we are, as the lock's holder.
     holder: String,
+    /// The origin's RBD snapshots that hold the engine's snapshots, by
+    /// generation, open read-only (see [`Pool::take_snapshot`]).
+    snapshots: Mutex<HashMap<u64, Arc<Image>>>,
 }
+
+/// The RBD snapshot of the origin that holds the engine's snapshot of
+/// `generation`.
+fn snap_name(generation: u64) -> String {
+    format!("{SNAP_PREFIX}{generation}")
+}
+
+const SNAP_PREFIX: &str = "snapblk.g";
 
 impl Pool {
     /// Connects, opens (or creates) the origin image and takes its exclusive
@@ -603,7 +634,144 @@ impl Pool {
             spec: spec.clone(),
             origin,
             holder,
+            snapshots: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Takes the RBD snapshot that keeps the origin's content as of now for
+    /// the engine's snapshot of `generation`, and opens it for reads. One
+    /// left by a snapshot that never committed (a crash) is replaced.
+    /// Blocking: a metadata round trip to the image's header object.
+    pub fn take_snapshot(&self, generation: u64) -> io::Result<()> {
+        self.cluster.check_fenced()?;
+        let name = snap_name(generation);
+        let n = cstr(&name)?;
+        // The engine has drained its writes, which is all quiescing would
+        // do (and a quiesce notify to the watchers costs a round trip).
+        // SAFETY: plain calls on our open origin; `n` outlives them.
+        let create = || unsafe {
+            ffi::rbd_snap_create2(
+                self.origin.handle,
+                n.as_ptr(),
+                ffi::SNAP_CREATE_SKIP_QUIESCE,
+                None,
+                std::ptr::null_mut(),
+            )
+        };
+        let mut rc = create();
+        if rc == -libc::EEXIST {
+            self.lock_snapshots().remove(&generation);
+            self.remove_snapshot_named(&name)?;
+            rc = create();
+        }
+        self.cluster.result(rc as i64).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot take RBD snapshot {}@{name}: {e}",
+                    self.cluster.label
+                ),
+            )
+        })?;
+        self.open_snapshot(generation)
+    }
+
+    /// Opens the RBD snapshot of `generation` for reads (at volume open).
+    pub fn open_snapshot(&self, generation: u64) -> io::Result<()> {
+        let image = Image::open_at(
+            &self.cluster,
+            &self.spec.image,
+            Some(&snap_name(generation)),
+        )?;
+        self.lock_snapshots().insert(generation, Arc::new(image));
+        Ok(())
+    }
+
+    /// Closes and removes the RBD snapshot of `generation` (one that is not
+    /// there is fine).
+    pub fn drop_snapshot(&self, generation: u64) -> io::Result<()> {
+        self.lock_snapshots().remove(&generation);
+        self.remove_snapshot_named(&snap_name(generation))
+    }
+
+    /// Removes every RBD snapshot snapblk took whose generation `keep`
+    /// does not name (those of snapshots deleted or never committed when
+    /// a daemon died).
+    pub fn prune_snapshots(&self, keep: &[u64]) -> io::Result<()> {
+        for name in self.snapshot_names()? {
+            let ours = name
+                .strip_prefix(SNAP_PREFIX)
+                .and_then(|g| g.parse::<u64>().ok());
+            if let Some(g) = ours.filter(|g| !keep.contains(g)) {
+                log::info!(
+                    "Ceph volume {}: removing RBD snapshot {name}, left by a snapshot that \
+                     is gone",
+                    self.cluster.label
+                );
+                self.drop_snapshot(g)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_snapshots(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Image>>> {
+        self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remove_snapshot_named(&self, name: &str) -> io::Result<()> {
+        self.cluster.check_fenced()?;
+        let n = cstr(name)?;
+        // SAFETY: plain call on our open origin.
+        let rc = unsafe { ffi::rbd_snap_remove(self.origin.handle, n.as_ptr()) };
+        if rc == -libc::ENOENT {
+            return Ok(());
+        }
+        self.cluster.result(rc as i64).map(drop)
+    }
+
+    /// The names of the origin's RBD snapshots.
+    fn snapshot_names(&self) -> io::Result<Vec<String>> {
+        let mut max: c_int = 16;
+        loop {
+            let mut snaps: Vec<ffi::SnapInfo> = Vec::with_capacity(max as usize);
+            // SAFETY: `snaps` has room for `max` entries; librbd fills
+            // `rc` of them (freed with rbd_snap_list_end) or asks for more.
+            unsafe {
+                let rc = ffi::rbd_snap_list(self.origin.handle, snaps.as_mut_ptr(), &mut max);
+                if rc == -libc::ERANGE {
+                    continue;
+                }
+                let n = self.cluster.result(rc as i64)? as usize;
+                snaps.set_len(n);
+                let names = snaps
+                    .iter()
+                    .map(|s| CStr::from_ptr(s.name).to_string_lossy().into_owned())
+                    .collect();
+                ffi::rbd_snap_list_end(snaps.as_mut_ptr());
+                return Ok(names);
+            }
+        }
+    }
+
+    /// Reads the origin as the RBD snapshot of `generation` holds it.
+    pub async fn read_snapshot(
+        &self,
+        generation: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<()> {
+        let image = self.lock_snapshots().get(&generation).cloned();
+        let image = image.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "RBD snapshot {}@{} is not open",
+                    self.cluster.label,
+                    snap_name(generation)
+                ),
+            )
+        })?;
+        CephFile::Image(image).read_at(buf, offset).await
     }
 
     pub fn spec(&self) -> &CephSpec {
@@ -716,6 +884,105 @@ impl Pool {
             return Ok(());
         }
         self.cluster.result(rc as i64).map(drop)
+    }
+
+    /// Removes the volume from the pool: each change-log image with its
+    /// journal object, the manifest, then the origin image, last, because
+    /// its lock keeps other daemons out until then. What is gone already is
+    /// skipped, so an interrupted delete can simply run again. Needs every
+    /// other handle on the volume's files closed (librbd refuses to remove
+    /// an open image), hence the sole reference.
+    pub fn destroy(pool: Arc<Pool>) -> io::Result<()> {
+        let pool = Arc::try_unwrap(pool).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "the volume's Ceph files are still open here; try again",
+            )
+        })?;
+        pool.cluster.check_fenced()?;
+        // Refused before anything is removed: librbd would refuse the
+        // origin last, with the rest gone.
+        let foreign: Vec<String> = pool
+            .snapshot_names()?
+            .into_iter()
+            .filter(|n| !n.starts_with(SNAP_PREFIX))
+            .collect();
+        if !foreign.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::DirectoryNotEmpty,
+                format!(
+                    "RBD image {} has RBD snapshots snapblk did not take ({}); remove them \
+                     with `rbd snap purge {}`, or keep the image: `snapblk volume detach`",
+                    pool.cluster.label,
+                    foreign.join(", "),
+                    pool.cluster.label
+                ),
+            ));
+        }
+        let prefix = format!("{}.snapblk.", pool.spec.image);
+        for image in pool.list_images()? {
+            let Some(name) = image.strip_prefix(&prefix) else {
+                continue;
+            };
+            if let Some(part) = name.strip_suffix(".store") {
+                pool.remove(&format!("{part}.journal"))?;
+            }
+            pool.remove_image(&image)?;
+        }
+        pool.remove(MANIFEST)?;
+        pool.prune_snapshots(&[])?;
+        let Pool {
+            cluster,
+            spec,
+            origin,
+            ..
+        } = pool;
+        drop(origin);
+        Pool::remove_image_of(&cluster, &spec.image)
+    }
+
+    fn remove_image(&self, name: &str) -> io::Result<()> {
+        Pool::remove_image_of(&self.cluster, name)
+    }
+
+    fn remove_image_of(cluster: &Cluster, name: &str) -> io::Result<()> {
+        let n = cstr(name)?;
+        // SAFETY: plain call; `n` outlives it.
+        let rc = unsafe { ffi::rbd_remove(cluster.io, n.as_ptr()) };
+        match rc {
+            0 => Ok(()),
+            rc if rc == -libc::ENOENT => Ok(()),
+            rc => cluster.result(rc as i64).map(drop).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot remove RBD image {}/{name}: {e}",
+                        cluster_pool(cluster)
+                    ),
+                )
+            }),
+        }
+    }
+
+    /// The names of the pool's images.
+    fn list_images(&self) -> io::Result<Vec<String>> {
+        let mut buf: Vec<u8> = vec![0; 4096];
+        loop {
+            let mut size = buf.len();
+            // SAFETY: `buf` holds `size` bytes; librbd writes at most that
+            // many, or says how many it needs with ERANGE.
+            let rc = unsafe { ffi::rbd_list(self.cluster.io, buf.as_mut_ptr().cast(), &mut size) };
+            if rc == -libc::ERANGE {
+                buf.resize(size.max(buf.len() * 2), 0);
+                continue;
+            }
+            let n = self.cluster.result(rc as i64)? as usize;
+            return Ok(buf[..n.min(buf.len())]
+                .split(|&b| b == 0)
+                .filter(|n| !n.is_empty())
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .collect());
+        }
     }
 
     pub fn free_bytes(&self) -> io::Result<u64> {
