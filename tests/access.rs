@@ -177,13 +177,22 @@ fn nbdsh_write_as(user: &str, uri: &str) -> (bool, String) {
     (ok, o + &e)
 }
 
+/// Accounts tagged `tag` and a daemon of their group, or `None` (after a
+/// SKIP line) where the test cannot run.
+fn setup(test: &str, tag: char) -> Option<(Accounts, tempfile::TempDir, Daemon)> {
+    if skip(test) {
+        return None;
+    }
+    let acc = Accounts::make(&format!("{tag}{}", std::process::id() % 100000));
+    let (t, d) = daemon_for(&acc);
+    Some((acc, t, d))
+}
+
 #[test]
 fn access_lists_gate_the_control_socket_and_nbd() {
-    if skip("access_lists_gate_the_control_socket_and_nbd") {
+    let Some((acc, _t, d)) = setup("access_lists_gate_the_control_socket_and_nbd", 'a') else {
         return;
-    }
-    let acc = Accounts::make(&format!("a{}", std::process::id() % 100000));
-    let (_t, d) = daemon_for(&acc);
+    };
     let (user, outsider) = (acc.member(), acc.outsider());
     d.ok(&["volume", "create", "rootvol", "--size", "16M"]);
     let root_uri = d.uri("rootvol");
@@ -339,11 +348,12 @@ fn access_lists_gate_the_control_socket_and_nbd() {
 
 #[test]
 fn quota_gives_enospc_to_the_writer_and_refuses_snapshots() {
-    if skip("quota_gives_enospc_to_the_writer_and_refuses_snapshots") {
+    let Some((acc, _t, d)) = setup(
+        "quota_gives_enospc_to_the_writer_and_refuses_snapshots",
+        'q',
+    ) else {
         return;
-    }
-    let acc = Accounts::make(&format!("q{}", std::process::id() % 100000));
-    let (_t, d) = daemon_for(&acc);
+    };
     let user = acc.member();
     d.ok(&["quota", "set", user, "8M"]);
     json_as(&d, user, &["volume", "create", "q", "--size", "32M"]);
@@ -399,20 +409,25 @@ fn quota_gives_enospc_to_the_writer_and_refuses_snapshots() {
     assert!(d.json(&["quota", user])[0]["limit"].is_null());
 }
 
-#[test]
-fn an_old_manifest_without_an_owner_opens_as_roots() {
-    use snapblk::backend::Storage;
-    use snapblk::engine::{AccessRecord, AclEntry, Level, Principal, Volume, VolumeConfig};
-    use snapblk::runtime::block_on;
-    let t = tempfile::tempdir().unwrap();
-    let storage = Storage::Dir(t.path().to_path_buf());
-    let config = VolumeConfig {
+/// A 1 MiB volume of 64 KiB chunks in one partition, buffered.
+fn small_volume() -> snapblk::engine::VolumeConfig {
+    snapblk::engine::VolumeConfig {
         size: 1 << 20,
         chunk_size: 64 << 10,
         partitions: 1,
         backing: None,
         cache: snapblk::engine::CacheMode::Writeback,
-    };
+    }
+}
+
+#[test]
+fn an_old_manifest_without_an_owner_opens_as_roots() {
+    use snapblk::backend::Storage;
+    use snapblk::engine::{AccessRecord, AclEntry, Level, Principal, Volume};
+    use snapblk::runtime::block_on;
+    let t = tempfile::tempdir().unwrap();
+    let storage = Storage::Dir(t.path().to_path_buf());
+    let config = small_volume();
     let access = AccessRecord {
         owner: 4242,
         acl: vec![AclEntry {
@@ -457,7 +472,7 @@ fn an_old_manifest_without_an_owner_opens_as_roots() {
 #[test]
 fn the_engine_asks_the_budget_before_writing() {
     use snapblk::backend::Storage;
-    use snapblk::engine::{SpaceBudget, Volume, VolumeConfig};
+    use snapblk::engine::{SpaceBudget, Volume};
     use snapblk::runtime::block_on;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
@@ -479,13 +494,7 @@ fn the_engine_asks_the_budget_before_writing() {
     }
 
     let t = tempfile::tempdir().unwrap();
-    let config = VolumeConfig {
-        size: 1 << 20,
-        chunk_size: 64 << 10,
-        partitions: 1,
-        backing: None,
-        cache: snapblk::engine::CacheMode::Writeback,
-    };
+    let config = small_volume();
     block_on(async {
         let v = Volume::create("v", Storage::Dir(t.path().to_path_buf()), &config)
             .await

@@ -5,12 +5,12 @@
 //! Volume requests need a level on the volume they name (see
 //! [`crate::volumes::access`] for how a caller's level is found): reading
 //! it (`volume info`, `snapshot list|diff`, a snapshot's device, cloning
-//! from it, copying from it) needs `read`; changing its content or taking
+//! from it) needs `read`; changing its content or taking
 //! snapshots needs `write`; what destroys or gives away (delete, snapshot
 //! delete, revert, restore over it, access list changes) needs `admin`.
 //! Anything daemon-wide, or that makes the daemon open a path, run a
 //! command or reach the network with its own rights (backing files and
-//! devices, copy targets other than volumes, hooks, Ceph, replication,
+//! devices, copy jobs, hooks, Ceph, replication,
 //! groups, schedules, other users' quotas, `chown`), needs a superuser.
 //!
 //! Must never: run the request (that is `server`'s), or trust anything
@@ -86,14 +86,13 @@ fn need(req: &Request) -> Need<'_> {
         | Request::Restore { volume: name }
         | Request::SnapshotDelete { volume: name, .. }
         | Request::SnapshotRevert { volume: name, .. } => Volume(name, Level::Admin),
-        Request::CopyStart(start) if start.target == "-" => Volume(&start.volume, Level::Read),
         Request::VolumeChown { .. } => Superuser("only root gives volumes away"),
         Request::QuotaSet { .. } => Superuser("only root sets quotas"),
         Request::QuotaShow { user: Some(_) } => Superuser("only root sees other users' quotas"),
         Request::DeviceStop { .. } => Superuser("name the device as VOL or VOL@SNAP instead"),
         Request::CopyStart(_) => Superuser(
-            "a copy target other than `-` is written with the daemon's rights (copy to `-` \
-             and redirect it instead)",
+            "copy jobs write their targets with the daemon's rights and are watched and \
+             controlled as the daemon's; read the volume over NBD instead (nbdcopy)",
         ),
         _ => Superuser("it acts on the whole daemon, not on one volume"),
     }
