@@ -364,12 +364,21 @@ impl Storage {
     }
 
     /// Takes the native snapshot of the origin for the engine's snapshot of
-    /// `generation`: what the origin holds now. Storage without native
-    /// snapshots refuses.
+    /// `generation`: what the origin holds now; [`Storage::open_native_snapshot`]
+    /// makes it readable. Storage without native snapshots refuses.
     pub fn take_native_snapshot(&self, generation: u64) -> io::Result<()> {
         match self {
             #[cfg(feature = "ceph")]
             Storage::Ceph(pool) => pool.take_snapshot(generation),
+            _ => Err(no_native_snapshots(generation)),
+        }
+    }
+
+    /// Opens the native snapshot of `generation` for reads.
+    pub fn open_native_snapshot(&self, generation: u64) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.open_snapshot(generation),
             _ => Err(no_native_snapshots(generation)),
         }
     }

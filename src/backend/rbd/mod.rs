@@ -639,9 +639,10 @@ impl Pool {
     }
 
     /// Takes the RBD snapshot that keeps the origin's content as of now for
-    /// the engine's snapshot of `generation`, and opens it for reads. One
-    /// left by a snapshot that never committed (a crash) is replaced.
-    /// Blocking: a metadata round trip to the image's header object.
+    /// the engine's snapshot of `generation` (opened for reads later, by
+    /// [`Pool::open_snapshot`], outside the snapshot's pause). One left by
+    /// a snapshot that never committed (a crash) is replaced. Blocking: a
+    /// metadata update of the image's header object.
     pub fn take_snapshot(&self, generation: u64) -> io::Result<()> {
         self.cluster.check_fenced()?;
         let name = snap_name(generation);
@@ -664,19 +665,21 @@ impl Pool {
             self.remove_snapshot_named(&name)?;
             rc = create();
         }
-        self.cluster.result(rc as i64).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot take RBD snapshot {}@{name}: {e}",
-                    self.cluster.label
-                ),
-            )
-        })?;
-        self.open_snapshot(generation)
+        self.cluster
+            .result(rc as i64)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot take RBD snapshot {}@{name}: {e}",
+                        self.cluster.label
+                    ),
+                )
+            })
+            .map(drop)
     }
 
-    /// Opens the RBD snapshot of `generation` for reads (at volume open).
+    /// Opens the RBD snapshot of `generation` for reads.
     pub fn open_snapshot(&self, generation: u64) -> io::Result<()> {
         let image = Image::open_at(
             &self.cluster,
