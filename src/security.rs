@@ -18,6 +18,8 @@
 //!   an unprotected identity file. A key others may have read is a key
 //!   others may hold.
 
+use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -141,135 +143,50 @@ impl LocalPeers {
     }
 }
 
-/// Runs a reentrant NSS lookup `call(buffer)`, which answers its return
-/// code and what it found, growing the buffer while it is too small.
-fn nss<R>(mut call: impl FnMut(&mut Vec<libc::c_char>) -> (libc::c_int, Option<R>)) -> Option<R> {
-    let mut buf = vec![0 as libc::c_char; 1024];
-    loop {
-        let (rc, found) = call(&mut buf);
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 4, 0);
-            continue;
-        }
-        return if rc == 0 { found } else { None };
-    }
-}
-
-fn c_string(p: *const libc::c_char) -> Option<String> {
-    // SAFETY: NSS fills name fields with NUL-terminated strings.
-    (!p.is_null()).then(|| {
-        unsafe { std::ffi::CStr::from_ptr(p) }
-            .to_string_lossy()
-            .into_owned()
-    })
-}
+// User and group lookups go through nix's wrappers of the reentrant NSS
+// calls (getpwnam_r and friends, getgrouplist): a failed lookup and an
+// unknown name both read as "none", and callers fall back to numbers.
 
 /// The uid of user `name` (or a number given as such).
 pub fn user_by_name(name: &str) -> Option<u32> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    nss(|buf| {
-        // SAFETY: every pointer is valid for the call; `buf` holds `buf.len()`.
-        unsafe {
-            let mut pw: libc::passwd = std::mem::zeroed();
-            let mut found = std::ptr::null_mut();
-            let rc = libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut pw,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            );
-            (rc, (!found.is_null()).then_some(pw.pw_uid))
-        }
-    })
-    .or_else(|| name.parse().ok())
+    match User::from_name(name) {
+        Ok(Some(user)) => Some(user.uid.as_raw()),
+        _ => name.parse().ok(),
+    }
 }
 
 /// The gid of group `name` (or a number given as such).
 pub fn group_by_name(name: &str) -> Option<u32> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    nss(|buf| {
-        // SAFETY: as in `user_by_name`.
-        unsafe {
-            let mut gr: libc::group = std::mem::zeroed();
-            let mut found = std::ptr::null_mut();
-            let rc = libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut gr,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            );
-            (rc, (!found.is_null()).then_some(gr.gr_gid))
-        }
-    })
-    .or_else(|| name.parse().ok())
+    match Group::from_name(name) {
+        Ok(Some(group)) => Some(group.gid.as_raw()),
+        _ => name.parse().ok(),
+    }
 }
 
 /// User `uid`'s name, or the number when it has none.
 pub fn user_name(uid: u32) -> String {
-    nss(|buf| {
-        // SAFETY: as in `user_by_name`; the name is copied out before `buf` changes.
-        unsafe {
-            let mut pw: libc::passwd = std::mem::zeroed();
-            let mut found = std::ptr::null_mut();
-            let rc = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found);
-            (
-                rc,
-                if found.is_null() {
-                    None
-                } else {
-                    c_string(pw.pw_name)
-                },
-            )
-        }
-    })
-    .unwrap_or_else(|| uid.to_string())
+    match User::from_uid(Uid::from_raw(uid)) {
+        Ok(Some(user)) => user.name,
+        _ => uid.to_string(),
+    }
 }
 
 /// Group `gid`'s name, or the number when it has none.
 pub fn group_name(gid: u32) -> String {
-    nss(|buf| {
-        // SAFETY: as in `user_name`.
-        unsafe {
-            let mut gr: libc::group = std::mem::zeroed();
-            let mut found = std::ptr::null_mut();
-            let rc = libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut found);
-            (
-                rc,
-                if found.is_null() {
-                    None
-                } else {
-                    c_string(gr.gr_name)
-                },
-            )
-        }
-    })
-    .unwrap_or_else(|| gid.to_string())
+    match Group::from_gid(Gid::from_raw(gid)) {
+        Ok(Some(group)) => group.name,
+        _ => gid.to_string(),
+    }
 }
 
 /// `gid` and the groups of user `uid`'s group list (just `gid` for a uid
 /// without a name).
 pub fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
     let mut gids = vec![gid];
-    let name = user_name(uid);
-    if let (Ok(cname), false) = (
-        std::ffi::CString::new(name.clone()),
-        name == uid.to_string(),
-    ) {
-        let mut n: libc::c_int = 64;
-        loop {
-            let mut list = vec![0 as libc::gid_t; n as usize];
-            let asked = n;
-            // SAFETY: `list` holds `n` entries; getgrouplist writes at most that.
-            let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, list.as_mut_ptr(), &mut n) };
-            if rc >= 0 {
-                list.truncate(n as usize);
-                gids.extend(list);
-                break;
-            }
-            if n <= asked || n > 65536 {
-                break;
+    if let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) {
+        if let Ok(name) = CString::new(user.name) {
+            if let Ok(list) = getgrouplist(&name, Gid::from_raw(gid)) {
+                gids.extend(list.iter().map(|g| g.as_raw()));
             }
         }
     }
