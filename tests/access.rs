@@ -240,6 +240,22 @@ fn access_lists_gate_the_control_socket_and_nbd() {
         "mine",
         "their own volume is listed"
     );
+    // NBD_OPT_LIST names only the exports they may open.
+    let socket = root_uri.split_once("socket=").unwrap().1;
+    let (ok, listed, e) = run(as_user(user, "nbdinfo").args([
+        "--list",
+        "--json",
+        &format!("nbd+unix:///?socket={socket}"),
+    ]));
+    assert!(ok, "{e}");
+    let names: Vec<String> = serde_json::from_str::<Value>(&listed).unwrap()["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["export-name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"mine".to_string()), "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("mine")), "{names:?}");
 
     // Shared with them for reading: NBD reads (read-only), writes refused.
     d.ok(&[

@@ -334,6 +334,14 @@ impl<'c, S: Read + Write, C: Catalog + ?Sized> Session<'c, S, C> {
         Ok(())
     }
 
+    /// Whether the caller may open export `name` at all (read or write).
+    fn may_open(&self, name: &str) -> bool {
+        match self.caller {
+            Some(caller) if !caller.superuser => self.catalog.permits(name, caller).is_ok(),
+            _ => true,
+        }
+    }
+
     /// The export `name` names, and whether the caller may write it; `Err`
     /// is the option's error reply (unknown, or the caller may not use it).
     fn resolve(&self, name: &str) -> Result<(String, C::Export, bool), (u32, String)> {
@@ -607,7 +615,12 @@ fn options<S: Read + Write, C: Catalog + ?Sized>(
                 if !data.is_empty() {
                     s.error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no payload");
                 } else {
+                    // Only what the caller may open: the names of other
+                    // users' volumes are theirs to know.
                     for name in s.catalog.list() {
+                        if !s.may_open(&name) {
+                            continue;
+                        }
                         let mut p = (name.len() as u32).to_be_bytes().to_vec();
                         p.extend_from_slice(name.as_bytes());
                         s.reply(option, REP_SERVER, &p);
