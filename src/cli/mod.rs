@@ -760,9 +760,21 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
             }
             status_all(&daemons, json)
         }
-        Command::Status(StatusArgs { all: None }) => {
+        command => {
             let control = targets.endpoint()?;
-            reply(&control, json, &Request::DaemonStatus {}, |r| {
+            request(&control, json, command)
+        }
+    }
+}
+
+/// The commands that are one or more requests to the daemon at `control`.
+fn request(control: &Endpoint, json: bool, command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Daemon(_) | Command::Serve(_) | Command::Status(StatusArgs { all: Some(_) }) => {
+            unreachable!("`run` handles the commands that are not a request")
+        }
+        Command::Status(StatusArgs { all: None }) => {
+            reply(control, json, &Request::DaemonStatus {}, |r| {
                 let list = |k: &str| {
                     r.get(k)
                         .and_then(Value::as_array)
@@ -793,44 +805,16 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
                 );
             })
         }
-        Command::Volume(cmd) => {
-            let control = targets.endpoint()?;
-            volume(&control, json, cmd)
-        }
-        Command::Snapshot(cmd) => {
-            let control = targets.endpoint()?;
-            snapshot(&control, json, cmd)
-        }
-        Command::Device(cmd) => {
-            let control = targets.endpoint()?;
-            device(&control, json, cmd)
-        }
-        Command::Copy(cmd) => {
-            let control = targets.endpoint()?;
-            copy::run(&control, json, cmd)
-        }
-        Command::Restore(a) => {
-            let control = targets.endpoint()?;
-            copy::restore(&control, json, a)
-        }
-        Command::Replicate(cmd) => {
-            let control = targets.endpoint()?;
-            replicate::run(&control, json, cmd)
-        }
-        Command::Group(cmd) => {
-            let control = targets.endpoint()?;
-            group::run(&control, json, cmd)
-        }
-        Command::Schedule(cmd) => {
-            let control = targets.endpoint()?;
-            schedule::run(&control, json, cmd)
-        }
-        Command::Top(a) => {
-            let control = targets.endpoint()?;
-            top::run(&control, json, a)
-        }
+        Command::Volume(cmd) => volume(control, json, cmd),
+        Command::Snapshot(cmd) => snapshot(control, json, cmd),
+        Command::Device(cmd) => device(control, json, cmd),
+        Command::Copy(cmd) => copy::run(control, json, cmd),
+        Command::Restore(a) => copy::restore(control, json, a),
+        Command::Replicate(cmd) => replicate::run(control, json, cmd),
+        Command::Group(cmd) => group::run(control, json, cmd),
+        Command::Schedule(cmd) => schedule::run(control, json, cmd),
+        Command::Top(a) => top::run(control, json, a),
         Command::Quota(a) => {
-            let control = targets.endpoint()?;
             let req = match a.set {
                 Some(QuotaCmd::Set { user, size }) => Request::QuotaSet {
                     user,
@@ -841,14 +825,11 @@ pub fn run(mut cli: Cli) -> Result<(), CliError> {
                 },
                 None => Request::QuotaShow { user: a.user },
             };
-            reply(&control, json, &req, |r| print!("{}", output::quotas(r)))
+            reply(control, json, &req, |r| print!("{}", output::quotas(r)))
         }
-        Command::Features => {
-            let control = targets.endpoint()?;
-            reply(&control, json, &Request::Features {}, |r| {
-                print!("{}", output::features(r))
-            })
-        }
+        Command::Features => reply(control, json, &Request::Features {}, |r| {
+            print!("{}", output::features(r))
+        }),
     }
 }
 
