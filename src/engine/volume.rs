@@ -52,8 +52,9 @@ pub struct VolumeInfo {
     /// Origin I/Os that O_DIRECT could not take as they were (cache mode
     /// none): copied through an aligned buffer or sent through the page cache.
     pub bounced_ios: u64,
-    /// Old content read for preservation from the page cache instead of the
-    /// disk (cache mode writearound: only when all of it was cached).
+    /// Reads of old content for preservation (one per run of chunks a write
+    /// preserves together) served from the page cache instead of the disk
+    /// (cache mode writearound: only when all of the run was cached).
     pub preserve_reads_from_cache: u64,
     /// A clone's parent snapshot, `VOL@SNAP` (absent once flattened).
     #[serde(skip_serializing_if = "Option::is_none")]
