@@ -385,9 +385,16 @@ impl Journal {
         // Every batch before the last finished its store flush, so its
         // slots lie inside the store; recovery reserves every slot up to
         // the highest, which must not be a number a damaged record made up.
+        // A version freed in the batch that preserved it (a snapshot
+        // deleted before the commit) is the exception: its data may never
+        // have reached the store, and nothing reserves its slot.
+        let freed = freed_versions(&parsed[..keep]);
         for (i, (record, _)) in parsed[..keep].iter().enumerate() {
-            if let Record::Preserve { slot, .. } = *record {
-                if in_store(slot) && slot >= store_slots {
+            if let Record::Preserve {
+                chunk, slot, start, ..
+            } = *record
+            {
+                if in_store(slot) && slot >= store_slots && !freed.contains(&(chunk, start)) {
                     let at = i.checked_sub(1).map_or(0, |p| parsed[p].1);
                     return Err(EngineError::Corrupt(format!(
                         "{label}: record at byte {at} puts a preserved chunk in slot {slot}, \
@@ -807,6 +814,17 @@ impl Journal {
     }
 }
 
+/// The versions (chunk, start) that `records` free.
+fn freed_versions(records: &[(Record, usize)]) -> std::collections::HashSet<(u64, u64)> {
+    records
+        .iter()
+        .filter_map(|(r, _)| match *r {
+            Record::Free { chunk, start } => Some((chunk, start)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Whether every `Preserve` in `batch` finds its data in the store. A
 /// version freed later in the same batch is skipped: one commit may carry a
 /// preservation and, after a snapshot delete, its `Free`, and the slot is
@@ -817,13 +835,7 @@ async fn data_is_durable(
     store_slots: u64,
     batch: &[(Record, usize)],
 ) -> Result<bool> {
-    let freed: std::collections::HashSet<(u64, u64)> = batch
-        .iter()
-        .filter_map(|(r, _)| match *r {
-            Record::Free { chunk, start } => Some((chunk, start)),
-            _ => None,
-        })
-        .collect();
+    let freed = freed_versions(batch);
     let mut buf = vec![0u8; slot_size as usize];
     for (record, _) in batch {
         if let Record::Preserve {
@@ -1026,6 +1038,35 @@ mod tests {
             let err = open(&disk, &store).await.err().expect("must refuse");
             assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
             assert!(err.to_string().contains("slot 1099511627776"), "{err}");
+        });
+    }
+
+    /// A power cut after the journal flush of a batch but before its store
+    /// flush, where the batch also frees a version it preserves (a
+    /// snapshot deleted before the commit): the freed version's slot may
+    /// lie past the store's end, then and after later batches, and that is
+    /// no damage.
+    #[test]
+    fn a_version_freed_in_the_last_batch_may_point_past_the_store() {
+        let disk = MemDisk::new();
+        block_on(async {
+            let (journal, store) = empty(&disk).await;
+            let preserved = Record::Preserve {
+                chunk: 1,
+                slot: 3,
+                start: 0,
+                end: 2,
+                data_crc: 7,
+            };
+            let freed = Record::Free { chunk: 1, start: 0 };
+            journal.commit(&[preserved, freed]).await.unwrap();
+            let (journal, replayed) = open(&disk, &store).await.unwrap();
+            assert_eq!(replayed.records, vec![preserved, freed]);
+            // Nor once a later batch follows it.
+            let snapshot = Record::PartitionSnapshot { generation: 3 };
+            journal.commit(&[snapshot]).await.unwrap();
+            let (_, replayed) = open(&disk, &store).await.unwrap();
+            assert_eq!(replayed.records, vec![preserved, freed, snapshot]);
         });
     }
 

@@ -14,7 +14,9 @@ use super::writeback::WriteBack;
 use crate::backend::Backend;
 use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
+use futures::future::try_join_all;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -163,71 +165,120 @@ impl Partition {
             .unwrap_or(0)
     }
 
-    /// Makes sure `chunk` may be overwritten by a write of `epoch`:
-    /// preserves its current origin content first if a live snapshot needs it,
-    /// or waits for a concurrent writer that is doing so. The preservation's
-    /// record is queued, not committed: returns whether it (or an earlier one
-    /// of this chunk) is durable yet. Within one epoch a chunk is preserved at
-    /// most once, so `true` stays true until the epoch changes.
+    /// Makes sure every chunk of `chunks` (all of this partition) may be
+    /// overwritten by a write of `epoch`: preserves the current origin
+    /// content of those a live snapshot needs, or waits for a concurrent
+    /// writer that is doing so. The preservations' records are queued, not
+    /// committed: returns whether they (or earlier ones of these chunks) are
+    /// all durable yet. Within one epoch a chunk is preserved at most once,
+    /// so `true` stays true until the epoch changes.
+    ///
+    /// The chunks this call claims are copied out together (see
+    /// [`Partition::copy_out`]): one write of many chunks costs one origin
+    /// read, one store write and one journal enqueue, not one of each per
+    /// chunk.
     pub async fn preserve(
         &self,
-        chunk: u64,
+        chunks: Range<u64>,
         epoch: &Epoch,
         origin: &Backend,
         held: &WriteBack,
         volume_size: u64,
     ) -> Result<bool> {
-        let (birth, slot) = loop {
-            let wait = {
+        let mut settled = true;
+        let mut pending: Vec<u64> = chunks.collect();
+        while !pending.is_empty() {
+            let mut claimed: Vec<(u64, Version)> = Vec::new();
+            let mut waits = Vec::new();
+            {
                 let mut state = self.state.lock().unwrap();
-                let birth = state.chunks.get(&chunk).map_or(0, |c| c.birth);
-                if !epoch.must_preserve(chunk, birth) {
-                    return Ok(self.settled(&mut state, chunk));
-                }
-                match state.preserving.get_mut(&chunk) {
-                    Some(waiters) => {
-                        let (tx, rx) = oneshot::channel();
-                        waiters.push(tx);
-                        rx
+                for &chunk in &pending {
+                    let birth = state.chunks.get(&chunk).map_or(0, |c| c.birth);
+                    if !epoch.must_preserve(chunk, birth) {
+                        settled &= self.settled(&mut state, chunk);
+                        continue;
                     }
-                    None => {
-                        state.preserving.insert(chunk, Vec::new());
-                        break (birth, state.alloc_slot());
+                    match state.preserving.get_mut(&chunk) {
+                        Some(waiters) => {
+                            let (tx, rx) = oneshot::channel();
+                            waiters.push(tx);
+                            waits.push((chunk, rx));
+                        }
+                        None => {
+                            state.preserving.insert(chunk, Vec::new());
+                            claimed.push((
+                                chunk,
+                                Version {
+                                    start: birth,
+                                    end: epoch.generation,
+                                    slot: 0,
+                                },
+                            ));
+                        }
                     }
                 }
-            };
-            // Either outcome (done or the preserver failed) means: look again.
-            let _ = wait.await;
-        };
-        let version = Version {
-            start: birth,
-            end: epoch.generation,
-            slot,
-        };
-        let result = self
-            .copy_out(chunk, version, origin, held, volume_size)
-            .await;
-        let waiters = {
-            let mut state = self.state.lock().unwrap();
-            match &result {
-                Ok((version, batch)) => {
-                    if version.slot != slot {
-                        state.free_slots.push(slot);
-                    }
-                    let c = state.chunks.entry(chunk).or_default();
-                    c.versions.push(*version);
-                    c.birth = epoch.generation;
-                    state.unsettled.insert(chunk, *batch);
-                    self.preserved.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => state.free_slots.push(slot),
+                // Ascending slots for ascending chunks: consecutive free
+                // slots then take one store write (see `copy_out`).
+                let mut slots: Vec<u64> = claimed.iter().map(|_| state.alloc_slot()).collect();
+                slots.sort_unstable();
+                claimed
+                    .iter_mut()
+                    .zip(slots)
+                    .for_each(|((_, v), slot)| v.slot = slot);
             }
-            state.preserving.remove(&chunk).unwrap_or_default()
+            if !claimed.is_empty() {
+                settled = false;
+                self.finish_claims(
+                    &claimed,
+                    self.copy_out(&claimed, origin, held, volume_size).await,
+                )?;
+            }
+            // Either outcome of a wait (done, or the preserver failed)
+            // means: look at that chunk again.
+            pending.clear();
+            for (chunk, wait) in waits {
+                let _ = wait.await;
+                pending.push(chunk);
+            }
+        }
+        Ok(settled)
+    }
+
+    /// Installs the versions `copied` made of the `claimed` chunks (or, on
+    /// failure, gives their slots back), then wakes the writers waiting for
+    /// those chunks.
+    fn finish_claims(
+        &self,
+        claimed: &[(u64, Version)],
+        copied: Result<(Vec<Version>, u64)>,
+    ) -> Result<()> {
+        let waiters: Vec<_> = {
+            let mut state = self.state.lock().unwrap();
+            match &copied {
+                Ok((versions, batch)) => {
+                    for ((chunk, planned), version) in claimed.iter().zip(versions) {
+                        if version.slot != planned.slot {
+                            state.free_slots.push(planned.slot);
+                        }
+                        let c = state.chunks.entry(*chunk).or_default();
+                        c.versions.push(*version);
+                        c.birth = version.end;
+                        state.unsettled.insert(*chunk, *batch);
+                    }
+                    self.preserved
+                        .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+                }
+                Err(_) => state.free_slots.extend(claimed.iter().map(|(_, v)| v.slot)),
+            }
+            claimed
+                .iter()
+                .flat_map(|(chunk, _)| state.preserving.remove(chunk).unwrap_or_default())
+                .collect()
         };
         for waiter in waiters {
             let _ = waiter.send(());
         }
-        result.map(|_| false)
+        copied.map(drop)
     }
 
     fn settled(&self, state: &mut State, chunk: u64) -> bool {
@@ -254,66 +305,138 @@ impl Partition {
         Ok(())
     }
 
-    /// Copies the chunk's origin content into the store and queues its
-    /// record; returns the version and the journal batch that will hold it.
+    /// Copies the `claimed` chunks' origin content (ascending, each with
+    /// its planned version) into the store and queues their records in one
+    /// batch; returns the versions as recorded and the journal batch that
+    /// will hold them.
     async fn copy_out(
         &self,
-        chunk: u64,
-        mut version: Version,
+        claimed: &[(u64, Version)],
         origin: &Backend,
         held: &WriteBack,
         volume_size: u64,
-    ) -> Result<(Version, u64)> {
-        let offset = chunk * self.chunk_size;
-        let len = self.chunk_size.min(volume_size - offset) as usize;
-        // The chunk's content is the origin with the writes still held
-        // over it (all of earlier generations: this generation's writes
-        // to the chunk wait for this preservation).
-        let held = match self.native {
-            false => held.overlapping(offset, len as u64),
-            true => Vec::new(),
-        };
-        let mut data_crc = 0;
+    ) -> Result<(Vec<Version>, u64)> {
+        let mut versions: Vec<Version> = claimed.iter().map(|&(_, v)| v).collect();
+        let mut crcs = vec![0; claimed.len()];
         if self.native {
-            // Every snapshot in the version's range took its native
+            // Every snapshot in the versions' ranges took its native
             // snapshot with every write of its generation in the origin
             // (see `Volume::take_native_snapshot`): nothing to copy.
-            version.slot = NATIVE_SLOT;
-        } else if held.is_empty() && origin.extents(offset, len as u64)?.iter().all(|e| !e.data) {
-            // A chunk the origin never allocated is preserved as zeros
-            // without reading it: a discard of a large sparse volume under
-            // a snapshot would otherwise read (and zero-check) every byte
-            // of its holes.
-            version.slot = ZERO_SLOT;
+            versions.iter_mut().for_each(|v| v.slot = NATIVE_SLOT);
         } else {
-            // A whole slot (zero-padded past the volume's end), so its crc
-            // is the crc of what the slot holds; page-aligned, so the store
-            // write can bypass the page cache.
-            let mut data = AlignedBuf::zeroed(self.chunk_size as usize);
-            origin
-                .read_before_overwrite(&mut data[..len], offset)
+            let mut first = 0;
+            while first < claimed.len() {
+                // A run of consecutive chunks: one read of the origin.
+                let mut end = first + 1;
+                while end < claimed.len() && claimed[end].0 == claimed[end - 1].0 + 1 {
+                    end += 1;
+                }
+                self.copy_run(
+                    claimed[first].0,
+                    &mut versions[first..end],
+                    &mut crcs[first..end],
+                    origin,
+                    held,
+                    volume_size,
+                )
                 .await?;
-            held.iter()
-                .for_each(|h| h.overlay(offset, &mut data[..len]));
-            if is_zero(&data) {
-                version.slot = ZERO_SLOT;
-            } else {
-                data_crc = slot_crc(&data);
-                self.store
-                    .write_at(&data, version.slot * self.chunk_size, false)
-                    .await?;
+                first = end;
             }
         }
-        let Version { start, end, slot } = version;
-        let record = Record::Preserve {
-            chunk,
-            slot,
-            start,
-            end,
-            data_crc,
+        let records: Vec<Record> = claimed
+            .iter()
+            .zip(&versions)
+            .zip(crcs)
+            .map(|((&(chunk, _), v), data_crc)| Record::Preserve {
+                chunk,
+                slot: v.slot,
+                start: v.start,
+                end: v.end,
+                data_crc,
+            })
+            .collect();
+        let batch = self.journal.enqueue(&records)?;
+        Ok((versions, batch))
+    }
+
+    /// Copies the consecutive chunks from `first_chunk` (one per version)
+    /// into their versions' slots: one origin read for the run, one store
+    /// write per run of consecutive slots. Sets a version's slot to
+    /// `ZERO_SLOT` (and its crc stays 0) where the chunk holds only zeros.
+    async fn copy_run(
+        &self,
+        first_chunk: u64,
+        versions: &mut [Version],
+        crcs: &mut [u32],
+        origin: &Backend,
+        held: &WriteBack,
+        volume_size: u64,
+    ) -> Result<()> {
+        let cs = self.chunk_size;
+        let offset = first_chunk * cs;
+        let len = (versions.len() as u64 * cs).min(volume_size - offset);
+        // The chunks' content is the origin with the writes still held
+        // over it (all of earlier generations: this generation's writes to
+        // these chunks wait for this preservation).
+        let held = held.overlapping(offset, len);
+        // A chunk the origin never allocated is preserved as zeros without
+        // reading it: a discard of a large sparse volume under a snapshot
+        // would otherwise read (and zero-check) every byte of its holes.
+        let extents = origin.extents(offset, len)?;
+        let needs_read: Vec<bool> = (0..versions.len() as u64)
+            .map(|i| {
+                let (lo, hi) = (offset + i * cs, offset + (i + 1) * cs);
+                let touches = |o: u64, l: u64| o < hi && lo < o + l;
+                held.iter().any(|h| touches(h.offset, h.len))
+                    || extents.iter().any(|e| e.data && touches(e.offset, e.len))
+            })
+            .collect();
+        let (Some(lo), Some(hi)) = (
+            needs_read.iter().position(|&r| r),
+            needs_read.iter().rposition(|&r| r),
+        ) else {
+            versions.iter_mut().for_each(|v| v.slot = ZERO_SLOT);
+            return Ok(());
         };
-        let batch = self.journal.enqueue(&[record])?;
-        Ok((version, batch))
+        // Whole slots (zero-padded past the volume's end), so a slot's crc
+        // is the crc of what it holds; page-aligned, so the store write can
+        // bypass the page cache.
+        let mut data = AlignedBuf::zeroed(versions.len() * cs as usize);
+        let read_from = lo as u64 * cs;
+        let read_to = ((hi as u64 + 1) * cs).min(len);
+        origin
+            .read_before_overwrite(
+                &mut data[read_from as usize..read_to as usize],
+                offset + read_from,
+            )
+            .await?;
+        held.iter()
+            .for_each(|h| h.overlay(offset, &mut data[..len as usize]));
+        for (i, version) in versions.iter_mut().enumerate() {
+            let slot_data = &data[i * cs as usize..(i + 1) * cs as usize];
+            if !needs_read[i] || is_zero(slot_data) {
+                version.slot = ZERO_SLOT;
+            } else {
+                crcs[i] = slot_crc(slot_data);
+            }
+        }
+        let mut writes = Vec::new();
+        let mut i = 0;
+        while i < versions.len() {
+            if !in_store(versions[i].slot) {
+                i += 1;
+                continue;
+            }
+            let mut end = i + 1;
+            while end < versions.len() && versions[end].slot == versions[end - 1].slot + 1 {
+                end += 1;
+            }
+            let bytes = &data[i * cs as usize..end * cs as usize];
+            writes.push(self.store.write_at(bytes, versions[i].slot * cs, false));
+            i = end;
+        }
+        try_join_all(writes).await?;
+        Ok(())
     }
 
     /// Where snapshot `generation` finds `chunk`, and a token to validate an

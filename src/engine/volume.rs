@@ -52,8 +52,9 @@ pub struct VolumeInfo {
     /// Origin I/Os that O_DIRECT could not take as they were (cache mode
     /// none): copied through an aligned buffer or sent through the page cache.
     pub bounced_ios: u64,
-    /// Old content read for preservation from the page cache instead of the
-    /// disk (cache mode writearound: only when all of it was cached).
+    /// Reads of old content for preservation (one per run of chunks a write
+    /// preserves together) served from the page cache instead of the disk
+    /// (cache mode writearound: only when all of the run was cached).
     pub preserve_reads_from_cache: u64,
     /// A clone's parent snapshot, `VOL@SNAP` (absent once flattened).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -193,7 +194,7 @@ impl Admitted<'_> {
 
 /// Chunks a write preserves at once: bounds the chunk buffers one request
 /// holds (a 4 GiB discard under a snapshot copies 16 chunks at a time).
-const PRESERVE_WINDOW: usize = 16;
+const PRESERVE_WINDOW: u64 = 16;
 /// The write-back budget of a volume with native snapshots: every held
 /// write lands inside a snapshot's pause, and a full 64 MiB buffer of 4k
 /// writes took seconds to land on the one-node test cluster (1 MiB: a
@@ -1157,7 +1158,7 @@ impl Volume {
             }
         }
         let cs = self.chunk_size as u64;
-        for window in chunks.chunks(PRESERVE_WINDOW) {
+        for window in chunks.chunks(PRESERVE_WINDOW as usize) {
             try_join_all(window.iter().map(|&c| {
                 let len = cs.min(self.size - c * cs);
                 layer.own(&self.origin, c * cs, len)
@@ -1358,31 +1359,35 @@ impl Volume {
     }
 
     /// Preserves, once, every chunk of the range that a live snapshot needs,
-    /// a window of chunks at a time; returns whether all those preservations
-    /// are durable already.
+    /// a window of chunks at a time, each partition's part of a window in
+    /// one batch; returns whether all those preservations are durable
+    /// already.
     async fn preserve_range(&self, offset: u64, len: u64, epoch: &Epoch) -> Result<bool> {
         if epoch.live.is_empty() || len == 0 {
             return Ok(true);
         }
         let chunks = self.chunks(offset, len);
-        if chunks.start() == chunks.end() {
-            let c = *chunks.start();
-            return self
-                .partition_of(c)
-                .preserve(c, epoch, &self.origin, &self.writeback, self.size)
-                .await;
-        }
         let mut all_settled = true;
         let mut first = *chunks.start();
         while first <= *chunks.end() {
-            let last = (first + PRESERVE_WINDOW as u64 - 1).min(*chunks.end());
-            let settled = try_join_all((first..=last).map(|c| {
-                self.partition_of(c)
-                    .preserve(c, epoch, &self.origin, &self.writeback, self.size)
-            }))
-            .await?;
+            let end = (first + PRESERVE_WINDOW).min(*chunks.end() + 1);
+            let mut parts = Vec::new();
+            let mut at = first;
+            while at < end {
+                let part_end =
+                    ((at / self.chunks_per_partition + 1) * self.chunks_per_partition).min(end);
+                parts.push(self.partition_of(at).preserve(
+                    at..part_end,
+                    epoch,
+                    &self.origin,
+                    &self.writeback,
+                    self.size,
+                ));
+                at = part_end;
+            }
+            let settled = try_join_all(parts).await?;
             all_settled &= settled.iter().all(|&s| s);
-            first = last + 1;
+            first = end;
         }
         Ok(all_settled)
     }
