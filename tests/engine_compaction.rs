@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod engine_load;
-use engine_load::{assert_between, block_bytes, start_writers, versions, Progress, BLOCKS};
+use engine_load::{assert_between, block_bytes, start_writers, versions, Progress, BLOCK, BLOCKS};
 
 const PARTITIONS: u32 = 3;
 const WRITER_THREADS: usize = 2;
