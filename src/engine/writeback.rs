@@ -18,8 +18,10 @@
 //! Owns: the held writes (data or zeroes) in arrival order, the overlay that
 //! reads of the live volume apply over the origin, the byte budget (a write
 //! that takes the buffer past it drives the commit itself before it is
-//! acknowledged: back-pressure, never unbounded memory), and the background
-//! committer thread that drains the buffer.
+//! acknowledged: back-pressure, never unbounded memory; a snapshot of a
+//! volume with native snapshots lowers it for a while, see
+//! [`WriteBack::tighten`]), and the background committer thread that drains
+//! the buffer.
 //!
 //! Must never: let a held write reach the origin before every journal record
 //! queued before it was held is durable (the volume's `drive` commits the
