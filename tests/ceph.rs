@@ -15,10 +15,13 @@
 //!   volumes, a snapshot delete removing its RBD snapshot;
 //! - `volume delete` removes a volume's images and objects from the pool
 //!   (an imported image too), only while this daemon holds its lock and no
-//!   client uses it; `volume detach` forgets it and leaves the pool as is.
+//!   client uses it; `volume detach` forgets it and leaves the pool as is;
+//! - snapshots taken under concurrent writes while the write-back buffer
+//!   holds more than a pause may land hold every acknowledged write.
 #![cfg(feature = "ceph")]
 
 mod common;
+mod engine_load;
 
 use common::*;
 use snapblk::backend::memory::SplitMix;
@@ -752,4 +755,84 @@ fn native_snapshots_serve_diff_revert_and_clones() {
     d.ok(&["snapshot", "delete", "nat", "s1"]);
     assert_eq!(rbd_snaps(conf, "nat"), vec!["snapblk.g2"]);
     qemu_io_ok(&d.uri("nat@s2"), true, &["read -P 2 1M 128k"]);
+}
+
+/// Snapshots of a Ceph volume under concurrent writes while its write-back
+/// buffer holds far more than a snapshot's pause may land: the drain before
+/// the pause runs with the budget lowered, and each snapshot must still
+/// hold, byte for byte, every write acknowledged before `create_snapshot`
+/// was called and none started after it returned (then the volume reopens
+/// and every snapshot reads the same).
+#[test]
+fn snapshots_under_load_hold_every_acknowledged_write() {
+    use engine_load::{assert_between, start_writers, versions, Progress};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(conf) = cluster("snapshots_under_load_hold_every_acknowledged_write") else {
+        return;
+    };
+    let config = VolumeConfig {
+        size: (engine_load::BLOCK * engine_load::BLOCKS) as u64,
+        chunk_size: 16 * 1024,
+        partitions: 2,
+        backing: None,
+        cache: CacheMode::Writeback,
+    };
+    // A long commit delay keeps the buffer full between commits: 8 MiB,
+    // more than the pause may land (and what the drain before each
+    // snapshot lands in a second or two on the test cluster).
+    let writeback = || WriteBackConfig {
+        limit_bytes: 8 << 20,
+        commit_delay: Duration::from_millis(500),
+        background: true,
+    };
+    let storage =
+        Storage::connect_ceph(&spec(conf, "underload"), Claim::Create(config.size)).unwrap();
+    let volume = block_on(Volume::create_with("v", storage, &config, writeback())).unwrap();
+    // Every first overwrite after a snapshot is held until its record commits.
+    block_on(volume.create_snapshot("s0")).unwrap();
+    let progress = Progress::starting_at(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&volume, &progress, &stop, 2, 16);
+    let mut bounds = Vec::new();
+    let mut most_held = 0;
+    for i in 1..=4 {
+        // Let the buffer fill up again.
+        std::thread::sleep(Duration::from_millis(400));
+        most_held = most_held.max(volume.held_bytes());
+        let low = Progress::snapshot(&progress.acked);
+        let name = format!("s{i}");
+        block_on(volume.create_snapshot(&name)).unwrap();
+        bounds.push((name, low, Progress::snapshot(&progress.started)));
+    }
+    stop.store(true, Ordering::SeqCst);
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    assert!(
+        most_held > 1 << 20,
+        "the buffer never held more than a pause lands ({most_held} bytes): the load proves nothing"
+    );
+    for (name, low, high) in &bounds {
+        assert_between(
+            &format!("snapshot {name}"),
+            &versions(&volume, Some(name)),
+            low,
+            high,
+        );
+    }
+    let taken: Vec<Vec<u64>> = bounds
+        .iter()
+        .map(|(n, _, _)| versions(&volume, Some(n)))
+        .collect();
+    block_on(volume.shutdown()).unwrap();
+    drop(volume);
+    let storage = Storage::connect_ceph(&spec(conf, "underload"), Claim::Open).unwrap();
+    let volume = block_on(Volume::open_with("v", storage, writeback())).unwrap();
+    for ((name, _, _), before) in bounds.iter().zip(&taken) {
+        assert_eq!(
+            &versions(&volume, Some(name)),
+            before,
+            "snapshot {name} changed on reopen"
+        );
+    }
+    block_on(volume.shutdown()).unwrap();
 }

@@ -15,27 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod engine_load;
-use engine_load::{
-    assert_between, block_bytes, start_writers, version_of, Progress, BLOCK, BLOCKS,
-};
+use engine_load::{assert_between, block_bytes, start_writers, versions, Progress, BLOCK, BLOCKS};
 
 const PARTITIONS: u32 = 3;
 const WRITER_THREADS: usize = 2;
 const TASKS_PER_THREAD: usize = 4;
 const CYCLES: usize = 60;
-
-fn versions(volume: &Arc<Volume>, snapshot: Option<&str>) -> Vec<u64> {
-    let view = match snapshot {
-        Some(name) => volume.snapshot_view(name).unwrap(),
-        None => volume.live(),
-    };
-    let mut buf = vec![0u8; BLOCK * BLOCKS];
-    block_on(view.read(0, &mut buf)).unwrap();
-    buf.chunks(BLOCK)
-        .enumerate()
-        .map(|(b, d)| version_of(b, d))
-        .collect()
-}
 
 /// Compares block versions, naming the first block that differs.
 fn same(got: &[u64], expected: &[u64], what: &str) {

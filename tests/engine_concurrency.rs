@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod engine_load;
-use engine_load::{assert_between, start_writers, version_of, Progress, BLOCK, BLOCKS};
+use engine_load::{assert_between, start_writers, version_of, versions, Progress, BLOCK, BLOCKS};
 
 const WRITER_THREADS: usize = 2;
 const TASKS_PER_THREAD: usize = 16;
@@ -24,16 +24,6 @@ const SNAPSHOTS: usize = 12;
 
 /// A snapshot's name and the block versions one read of it saw.
 type SnapshotRead = (String, Vec<u64>);
-
-fn snapshot_versions(volume: &Arc<Volume>, name: &str) -> Vec<u64> {
-    let view = volume.snapshot_view(name).unwrap();
-    let mut buf = vec![0u8; BLOCK * BLOCKS];
-    block_on(view.read(0, &mut buf)).unwrap();
-    buf.chunks(BLOCK)
-        .enumerate()
-        .map(|(b, d)| version_of(b, d))
-        .collect()
-}
 
 #[test]
 fn snapshots_are_point_in_time_under_concurrent_writes() {
@@ -63,7 +53,7 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 for s in volume.list_snapshots() {
-                    let versions = snapshot_versions(&volume, &s.name);
+                    let versions = versions(&volume, Some(&s.name));
                     reads.lock().unwrap().push((s.name, versions));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));
@@ -91,7 +81,7 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
         "the load was too light to prove anything ({total_writes} writes)"
     );
     for (name, low, high) in &bounds {
-        let versions = snapshot_versions(&volume, name);
+        let versions = versions(&volume, Some(name));
         assert_between(&format!("snapshot {name}"), &versions, low, high);
         for (_, during) in reads_during_load
             .lock()

@@ -11,7 +11,7 @@ use super::manifest::{
 };
 use super::partition::{Partition, Source};
 use super::stats::{IoKind, IoStats, IoStatsSnapshot};
-use super::writeback::{Held, HeldOp, Holding, WriteBack, WriteBackConfig};
+use super::writeback::{Held, HeldOp, Holding, Tightened, WriteBack, WriteBackConfig};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
 use crate::backend::{Backend, Extent, Storage};
@@ -195,11 +195,23 @@ impl Admitted<'_> {
 /// Chunks a write preserves at once: bounds the chunk buffers one request
 /// holds (a 4 GiB discard under a snapshot copies 16 chunks at a time).
 const PRESERVE_WINDOW: u64 = 16;
-/// The write-back budget of a volume with native snapshots: every held
-/// write lands inside a snapshot's pause, and a full 64 MiB buffer of 4k
-/// writes took seconds to land on the one-node test cluster (1 MiB: a
-/// few hundred requests).
-const NATIVE_WRITEBACK_LIMIT: usize = 1 << 20;
+/// The write-back budget of a volume with native snapshots from the drain
+/// before a snapshot's pause to the pause's end. The pause lands every
+/// held write (see `take_native_snapshot`); with the whole budget (64 MiB
+/// of 4k writes under load) that took up to 13 s on the one-node test
+/// cluster. Lowered while the drain before the pause runs, writes arriving
+/// meanwhile push back once this much is held, so the pause lands at most
+/// this (plus the requests in flight): a few hundred 4k writes.
+const NATIVE_PAUSE_WRITEBACK: usize = 1 << 20;
+/// The write-back budget of a volume with native snapshots at other times.
+/// The drain before a snapshot lands the whole buffer while new writes
+/// wait at [`NATIVE_PAUSE_WRITEBACK`], so the buffer's size is how long
+/// writers wait during a `snapshot create`: with 64 MiB of 4k writes that
+/// was 8-24 s on the one-node test cluster, with 16 MiB under 1 s (1M
+/// writes after a snapshot: 0.57x of librbd against 0.77x with 64 MiB and
+/// 0.17x with 1 MiB, measured in one sweep with scripts/bench-ceph
+/// --writeback-buffer).
+const NATIVE_WRITEBACK_LIMIT: usize = 16 << 20;
 /// Chunks one step of a long discard or write-zeroes covers: each step is
 /// admitted, preserved and applied on its own, so neither memory nor the
 /// held budget grows with the request.
@@ -435,8 +447,6 @@ impl Volume {
         try_join_all(partitions.iter().map(|p| p.collect_garbage(&live))).await?;
         let writeback = if manifest.native_snapshots {
             storage.open_native_snapshots(&live)?;
-            // A snapshot lands every held write inside its pause (see
-            // `take_native_snapshot`), so the buffer's size is stall.
             WriteBackConfig {
                 limit_bytes: writeback.limit_bytes.min(NATIVE_WRITEBACK_LIMIT),
                 ..writeback
@@ -792,12 +802,13 @@ impl Volume {
     /// the manifest, which is the commit point.
     pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotCreated> {
         let _admin = self.admin.lock().await;
-        self.ready_for_snapshot(name).await?;
+        let tightened = self.ready_for_snapshot(name).await?;
         let (generation, stall) = {
             let paused = self.gate.pause().await;
             self.take_native_snapshot(&paused).await?;
             (Self::close_generation(&paused), paused.elapsed())
         };
+        drop(tightened);
         self.commit_snapshot(name, generation, stall).await
     }
 
@@ -827,7 +838,8 @@ impl Volume {
         for &i in &order {
             admins.push(members[i].0.admin.lock().await);
         }
-        try_join_all(members.iter().map(|(v, name)| v.ready_for_snapshot(name))).await?;
+        let tightened =
+            try_join_all(members.iter().map(|(v, name)| v.ready_for_snapshot(name))).await?;
         let (generations, stall) = {
             let mut paused = Vec::with_capacity(members.len());
             for (v, _) in members {
@@ -840,6 +852,7 @@ impl Volume {
             // The first gate shut is the one held longest.
             (generations, paused[0].elapsed())
         };
+        drop(tightened);
         let results = join_all(
             members
                 .iter()
@@ -876,7 +889,16 @@ impl Volume {
     /// before the pause, so little is left inside it: the origin flush
     /// first (it may take long, and writes keep being held meanwhile), then
     /// the buffer, last thing before the pause. Under `admin`.
-    async fn ready_for_snapshot(&self, name: &str) -> Result<()> {
+    ///
+    /// A volume with native snapshots lands every held write inside the
+    /// pause, so its budget is lowered before that drain (and until the
+    /// pause ends, when the returned guard drops): while the drain lands
+    /// the whole buffer, writes keep coming but push back once
+    /// [`NATIVE_PAUSE_WRITEBACK`] is held, and the pause lands only what
+    /// they left. Why not a small budget always: each write over it drives
+    /// a journal commit of its own (1 MiB writes after a snapshot ran at
+    /// 0.44x of librbd with a 1 MiB budget).
+    async fn ready_for_snapshot(&self, name: &str) -> Result<Option<Tightened<'_>>> {
         if self
             .manifest
             .lock()
@@ -891,7 +913,14 @@ impl Volume {
             )));
         }
         self.origin.flush().await?;
-        self.drive().await
+        let tightened = self
+            .manifest
+            .lock()
+            .unwrap()
+            .native_snapshots
+            .then(|| self.writeback.tighten(NATIVE_PAUSE_WRITEBACK));
+        self.drive().await?;
+        Ok(tightened)
     }
 
     /// For a volume with native snapshots, while its gate is shut: lands
@@ -899,7 +928,8 @@ impl Volume {
     /// the generation about to close, which then holds that generation's
     /// image whole. Inside the pause, because a write of the next
     /// generation must not reach the origin before it; that costs the
-    /// stall a drain of the buffer (mostly drained just before the pause)
+    /// stall a drain of the buffer (drained just before the pause, with
+    /// its budget lowered: at most [`NATIVE_PAUSE_WRITEBACK`] is left)
     /// and one snapshot create (an RBD header update: the OSDs then copy
     /// each object at its first overwrite, inside the cluster, instead of
     /// this daemon reading and writing every preserved chunk).

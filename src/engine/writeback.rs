@@ -18,8 +18,10 @@
 //! Owns: the held writes (data or zeroes) in arrival order, the overlay that
 //! reads of the live volume apply over the origin, the byte budget (a write
 //! that takes the buffer past it drives the commit itself before it is
-//! acknowledged: back-pressure, never unbounded memory), and the background
-//! committer thread that drains the buffer.
+//! acknowledged: back-pressure, never unbounded memory; a snapshot of a
+//! volume with native snapshots lowers it for a while, see
+//! [`WriteBack::tighten`]), and the background committer thread that drains
+//! the buffer.
 //!
 //! Must never: let a held write reach the origin before every journal record
 //! queued before it was held is durable (the volume's `drive` commits the
@@ -141,12 +143,27 @@ struct Committer {
 pub struct WriteBack {
     chunk_shift: u32,
     config: WriteBackConfig,
+    /// The budget in force: `config.limit_bytes`, or less while a
+    /// [`Tightened`] guard lives.
+    limit: AtomicUsize,
     /// `held.len()`, read without the lock by the fast paths.
     count: AtomicUsize,
     state: Mutex<State>,
     /// One drive (commit, then apply) at a time.
     pub(super) driver: futures::lock::Mutex<()>,
     committer: (Mutex<Committer>, Condvar),
+}
+
+/// A budget lowered by [`WriteBack::tighten`]; dropping it restores the
+/// configured one.
+pub struct Tightened<'a>(&'a WriteBack);
+
+impl Drop for Tightened<'_> {
+    fn drop(&mut self) {
+        self.0
+            .limit
+            .store(self.0.config.limit_bytes, Ordering::Release);
+    }
 }
 
 /// Whether [`WriteBack::hold`] took the write, and if so whether the
@@ -163,6 +180,7 @@ impl WriteBack {
     pub fn new(chunk_shift: u32, config: WriteBackConfig) -> Self {
         WriteBack {
             chunk_shift,
+            limit: AtomicUsize::new(config.limit_bytes),
             config,
             count: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
@@ -173,6 +191,20 @@ impl WriteBack {
 
     pub fn is_empty(&self) -> bool {
         self.count.load(Ordering::Acquire) == 0
+    }
+
+    fn limit(&self) -> usize {
+        self.limit.load(Ordering::Acquire)
+    }
+
+    /// Lowers the budget to `bytes` until the guard drops, so that writes
+    /// held meanwhile push back as soon as that much is held: what a
+    /// drive must land right after a drain is bounded by it, however
+    /// large the configured budget.
+    pub fn tighten(&self, bytes: usize) -> Tightened<'_> {
+        self.limit
+            .store(bytes.min(self.config.limit_bytes), Ordering::Release);
+        Tightened(self)
     }
 
     /// Bytes held now (data, plus a token for each held zeroing).
@@ -221,7 +253,7 @@ impl WriteBack {
             }
             state.held.insert(seq, held);
             self.count.store(state.held.len(), Ordering::Release);
-            state.bytes >= self.config.limit_bytes
+            state.bytes >= self.limit()
         };
         self.kick();
         Holding::Held { over_budget }
@@ -352,7 +384,7 @@ impl WriteBack {
         c.kicked = false;
         drop(c);
         let delay = self.config.commit_delay;
-        if !delay.is_zero() && self.held_bytes() < self.config.limit_bytes / 2 {
+        if !delay.is_zero() && self.held_bytes() < self.limit() / 2 {
             let c = lock.lock().unwrap();
             let (c, _) = cv.wait_timeout_while(c, delay, |c| !c.stop).unwrap();
             if c.stop {

@@ -39,6 +39,20 @@ pub fn version_of(block: usize, data: &[u8]) -> u64 {
     version
 }
 
+/// The block versions the live volume (`None`) or a snapshot holds.
+pub fn versions(volume: &Arc<Volume>, snapshot: Option<&str>) -> Vec<u64> {
+    let view = match snapshot {
+        Some(name) => volume.snapshot_view(name).unwrap(),
+        None => volume.live(),
+    };
+    let mut buf = vec![0u8; BLOCK * BLOCKS];
+    block_on(view.read(0, &mut buf)).unwrap();
+    buf.chunks(BLOCK)
+        .enumerate()
+        .map(|(b, d)| version_of(b, d))
+        .collect()
+}
+
 /// Asserts that every block of the image `what` holds a version no older
 /// than `low` (acknowledged before it was taken) and no newer than `high`
 /// (started before it returned).
