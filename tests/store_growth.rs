@@ -40,6 +40,16 @@ async fn read(volume: &Arc<Volume>, snapshot: Option<&str>, len: u64) -> Vec<u8>
     buf
 }
 
+/// Fills the volume with pattern 1, flushes it and takes snapshot `s` of
+/// it; returns the content.
+async fn filled_and_snapshotted(volume: &Arc<Volume>) -> Vec<u8> {
+    let old = pattern(1, volume.size());
+    volume.live().write(0, &old, false).await.unwrap();
+    volume.live().flush().await.unwrap();
+    volume.create_snapshot("s").await.unwrap();
+    old
+}
+
 /// (size, allocated bytes) of the store file.
 fn store_file(dir: &Path) -> (u64, u64) {
     let meta = std::fs::metadata(dir.join("part-000.store")).unwrap();
@@ -56,10 +66,7 @@ fn the_store_grows_ahead_allocated_and_the_reserve_is_not_held_by_snapshots() {
         let volume = Volume::create("v", storage.clone(), &config(size, 1))
             .await
             .unwrap();
-        let old = pattern(1, size);
-        volume.live().write(0, &old, false).await.unwrap();
-        volume.live().flush().await.unwrap();
-        volume.create_snapshot("s").await.unwrap();
+        let old = filled_and_snapshotted(&volume).await;
 
         // Ten chunks preserved: the store holds a step of allocated slots
         // past them, none of it counted as held by the snapshot.
@@ -135,10 +142,7 @@ fn power_cuts_around_store_growth_lose_no_snapshot_data() {
             let volume = Volume::create_with("v", storage.clone(), &config(size, 2), writeback())
                 .await
                 .unwrap();
-            let old = pattern(1, size);
-            volume.live().write(0, &old, false).await.unwrap();
-            volume.live().flush().await.unwrap();
-            volume.create_snapshot("s").await.unwrap();
+            let old = filled_and_snapshotted(&volume).await;
             // Writes of a few chunks each, some flushed: each preserves
             // chunks, and the first of each partition grows its store.
             let mut rng = SplitMix(seed);
