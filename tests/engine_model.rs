@@ -628,10 +628,11 @@ mod model {
             let before = disk.operations();
             live.write(0, &vec![0xEE; old.len()], false).await.unwrap();
             // One origin read and one store write (per chunk: 16 of each),
-            // then the commit the write drives since it overflows the
-            // model's 24 KiB buffer: journal write and flush, store flush,
-            // and the write itself to the origin.
-            assert_eq!(disk.operations() - before, 2 + 4);
+            // the store's growth ahead of its first slots, then the commit
+            // the write drives since it overflows the model's 24 KiB
+            // buffer: journal write and flush, store flush, and the write
+            // itself to the origin.
+            assert_eq!(disk.operations() - before, 2 + 1 + 4);
             live.flush().await.unwrap();
             let mut buf = vec![0u8; old.len()];
             volume

@@ -225,6 +225,15 @@ impl FileBackend {
         runtime::fallocate(self.fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len).await
     }
 
+    /// See [`super::Backend::grow`]; a file already that long is left alone.
+    pub async fn grow(&self, len: u64) -> io::Result<()> {
+        let size = self.size()?;
+        if len <= size {
+            return Ok(());
+        }
+        runtime::fallocate(self.fd(), 0, size, len - size).await
+    }
+
     pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         match runtime::fallocate(self.fd(), mode, offset, len).await {

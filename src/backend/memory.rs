@@ -16,9 +16,21 @@ const SECTOR: usize = 512;
 
 #[derive(Clone)]
 enum Pending {
-    Write { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, len: u64 },
-    Truncate { len: u64 },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Truncate {
+        len: u64,
+    },
+    /// A size extension that never shrinks the file (fallocate mode 0).
+    Grow {
+        len: u64,
+    },
 }
 
 #[derive(Default, Clone)]
@@ -43,6 +55,11 @@ fn apply(image: &mut Vec<u8>, op: &Pending) {
             image[start..end].fill(0);
         }
         Pending::Truncate { len } => image.resize(*len as usize, 0),
+        Pending::Grow { len } => {
+            if image.len() < *len as usize {
+                image.resize(*len as usize, 0)
+            }
+        }
     }
 }
 
@@ -327,6 +344,11 @@ impl MemFile {
 
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         self.record(Pending::Zero { offset, len }, false)
+    }
+
+    /// Like a file system's size change, lost at a power cut unless flushed.
+    pub fn grow(&self, len: u64) -> io::Result<()> {
+        self.record(Pending::Grow { len }, false)
     }
 
     pub fn truncate(&self, len: u64) -> io::Result<()> {

@@ -111,6 +111,22 @@ impl Backend {
         }
     }
 
+    /// Extends the file to at least `len` bytes with allocated, unwritten
+    /// blocks (fallocate mode 0), so direct writes there overwrite inside
+    /// the file's size: ext4 takes its inode lock shared for those instead
+    /// of exclusively, one write at a time, as for writes past the end.
+    /// Returns whether it allocated blocks that [`Backend::allocated_bytes`]
+    /// counts: the in-memory disk only extends the size, and Ceph allocates
+    /// as it writes.
+    pub async fn grow(&self, len: u64) -> io::Result<bool> {
+        match self {
+            Backend::File(f) => f.grow(len).await.map(|()| true),
+            Backend::Memory(m) => m.grow(len).map(|()| false),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(_) => Ok(false),
+        }
+    }
+
     /// Zeroes a range, keeping it allocated.
     pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {

@@ -6,6 +6,13 @@
 //! store, its record made durable, and only then may the origin be
 //! overwritten. One preserved version serves every snapshot whose generation
 //! falls in its range, so a write costs the same with 1 or 100 snapshots.
+//!
+//! The store grows ahead of its slots ([`Partition::grow_ahead`]): a direct
+//! write past a file's end is one ext4 takes its inode lock for exclusively
+//! and waits on under it, so appends run one at a time whatever the queue
+//! depth; writes into blocks allocated inside the size run in parallel. The
+//! reserve holds no data a record points at, so a crash can leave it or not;
+//! the next open cuts it off, and it is not counted as held by snapshots.
 
 use super::error::Result;
 use super::gate::Epoch;
@@ -46,6 +53,11 @@ struct State {
     unsettled: HashMap<u64, u64>,
     free_slots: Vec<u64>,
     next_slot: u64,
+    /// The store's size in slots, as this process grew it ahead.
+    grown_to: u64,
+    growing: bool,
+    /// Whether growing allocated blocks the store's allocated bytes count.
+    reserve_allocated: bool,
     /// Generations of partition snapshots recorded in this journal, less
     /// those of snapshots deleted since the partition was opened.
     recorded_snapshots: Vec<u64>,
@@ -131,6 +143,7 @@ impl Partition {
         }
         used.sort_unstable();
         state.next_slot = used.last().map_or(0, |&s| s + 1);
+        state.grown_to = state.next_slot;
         let mut used = used.into_iter().peekable();
         for slot in 0..state.next_slot {
             if used.peek() == Some(&slot) {
@@ -148,6 +161,17 @@ impl Partition {
             state: Mutex::new(state),
             preserved: AtomicU64::new(0),
         }
+    }
+
+    /// Cuts the store off after its last used slot: the grow-ahead reserve
+    /// of the previous run, or slots of preservations a crash left
+    /// unrecorded. No record points past it, so nothing is lost.
+    pub async fn trim_store(&self) -> Result<()> {
+        let end = self.state.lock().unwrap().next_slot * self.chunk_size;
+        if self.store.size()? > end {
+            self.store.truncate(end).await?;
+        }
+        Ok(())
     }
 
     pub fn recorded_snapshots(&self) -> Vec<u64> {
@@ -420,6 +444,14 @@ impl Partition {
                 crcs[i] = slot_crc(slot_data);
             }
         }
+        if let Some(top) = versions
+            .iter()
+            .map(|v| v.slot)
+            .filter(|&s| in_store(s))
+            .max()
+        {
+            self.grow_ahead(top).await;
+        }
         let mut writes = Vec::new();
         let mut i = 0;
         while i < versions.len() {
@@ -437,6 +469,33 @@ impl Partition {
         }
         try_join_all(writes).await?;
         Ok(())
+    }
+
+    /// Grows the store to [`grow_step`] slots past `top` (a slot about to
+    /// be written) once fewer than half a step are left past it. One
+    /// caller grows at a time; the others write on, past the end if they
+    /// must. Best effort: on a full disk the store grows by its writes as
+    /// before, and those fail with the disk's error.
+    async fn grow_ahead(&self, top: u64) {
+        let step = grow_step(self.chunk_size);
+        let target = {
+            let mut state = self.state.lock().unwrap();
+            if state.growing || top + step / 2 < state.grown_to {
+                return;
+            }
+            state.growing = true;
+            top + 1 + step
+        };
+        let grown = self.store.grow(target * self.chunk_size).await;
+        let mut state = self.state.lock().unwrap();
+        state.growing = false;
+        match grown {
+            Ok(allocated) => {
+                state.grown_to = state.grown_to.max(target);
+                state.reserve_allocated = allocated;
+            }
+            Err(e) => log::debug!("partition {}: cannot grow the change log: {e}", self.index),
+        }
     }
 
     /// Where snapshot `generation` finds `chunk`, and a token to validate an
@@ -625,9 +684,20 @@ impl Partition {
         self.preserved.load(Ordering::Relaxed)
     }
 
-    /// The change log's allocated bytes (without the journal).
+    /// The change log's allocated bytes (without the journal), less its
+    /// grow-ahead reserve: no snapshot holds that.
     pub fn store_bytes(&self) -> u64 {
-        self.store.allocated_bytes().unwrap_or(0)
+        let reserve = {
+            let state = self.state.lock().unwrap();
+            match state.reserve_allocated {
+                true => state.grown_to.saturating_sub(state.next_slot) * self.chunk_size,
+                false => 0,
+            }
+        };
+        self.store
+            .allocated_bytes()
+            .unwrap_or(0)
+            .saturating_sub(reserve)
     }
 
     pub fn allocated_bytes(&self) -> u64 {
@@ -637,6 +707,13 @@ impl Partition {
     pub async fn flush_store(&self) -> Result<()> {
         Ok(self.store.flush().await?)
     }
+}
+
+/// Slots the store grows by at a time: 16 MiB (at least 16 slots, at most
+/// 256), so a sequential pass triggers a growth every few hundred chunks
+/// while the reserve stays small beside the volume.
+fn grow_step(chunk_size: u64) -> u64 {
+    ((16 << 20) / chunk_size).clamp(16, 256)
 }
 
 /// Whether `data` is all zeros, a word at a time (a chunk is checked on

@@ -410,14 +410,16 @@ impl Volume {
             let (journal, replayed) =
                 Journal::open_compacted(&storage, &journal_name, store.clone(), cs, &label, &live)
                     .await?;
-            partitions.push(Partition::recover(
+            let partition = Partition::recover(
                 p,
                 manifest.chunk_size,
                 manifest.native_snapshots,
                 journal,
                 store,
                 &replayed.records,
-            ));
+            );
+            partition.trim_store().await?;
+            partitions.push(partition);
         }
         for snapshot in &manifest.snapshots {
             if let Some(p) = partitions
