@@ -17,6 +17,7 @@ use crate::backend::file::FileBackend;
 use crate::backend::{Backend, Extent, Storage};
 use crate::runtime::AlignedBuf;
 use futures::future::{join_all, try_join_all};
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -216,8 +217,10 @@ const NATIVE_WRITEBACK_LIMIT: usize = 16 << 20;
 /// admitted, preserved and applied on its own, so neither memory nor the
 /// held budget grows with the request.
 const ZEROING_STEP_CHUNKS: u64 = 256;
-/// Held writes one wave sends to the origin at once.
-const APPLY_CONCURRENCY: usize = 64;
+/// Held writes a drive keeps in flight to the origin: enough to keep an
+/// RBD image's OSDs busy (fio's librbd limit row runs at QD32), few enough
+/// that a drive on an I/O thread's ring leaves it room.
+const APPLY_CONCURRENCY: usize = 128;
 /// Bytes a revert reads from the snapshot and writes back at once.
 const REVERT_STEP: u64 = 1 << 20;
 
@@ -617,9 +620,10 @@ impl Volume {
     }
 
     /// Commits every queued journal record, then applies every write held
-    /// before that commit began to the origin, in order per chunk. This is
-    /// the one place held writes reach the origin, so the ordering rule
-    /// (preserved copy and record durable first) lives here.
+    /// before that commit began to the origin, all at once but each after
+    /// the earlier ones it overlaps (see [`super::writeback::Landing`]). This is the one
+    /// place held writes reach the origin, so the ordering rule (preserved
+    /// copy and record durable first) lives here.
     async fn drive(&self) -> Result<()> {
         let _driver = self.writeback.driver.lock().await;
         // Taken before the commit: each of these was held after its
@@ -629,23 +633,30 @@ impl Volume {
         if held.is_empty() {
             return Ok(());
         }
+        let mut landing = self.writeback.landing(held);
+        let mut in_flight = FuturesUnordered::new();
         let mut first_error = None;
-        for wave in self.writeback.waves(held) {
-            for group in wave.chunks(APPLY_CONCURRENCY) {
-                let results = join_all(group.iter().map(|h| self.apply_held(h))).await;
-                // A write the origin refused (a full disk) is dropped, as
-                // the page cache drops a page whose writeback failed, and
-                // the next FLUSH reports it: kept, it would block every
-                // later write to its chunks, the discards that could free
-                // space among them.
-                for (held, result) in group.iter().zip(results) {
-                    if let Err(e) = result {
-                        self.writeback.lost(held, &e);
-                        first_error.get_or_insert(e);
-                    }
-                }
-                self.writeback.applied(group);
+        loop {
+            while in_flight.len() < APPLY_CONCURRENCY {
+                let Some((i, held)) = landing.next() else {
+                    break;
+                };
+                let held = held.clone();
+                in_flight.push(async move { (i, self.apply_held(&held).await) });
             }
+            let Some((i, result)) = in_flight.next().await else {
+                break;
+            };
+            let held = landing.landed(i);
+            // A write the origin refused (a full disk) is dropped, as the
+            // page cache drops a page whose writeback failed, and the next
+            // FLUSH reports it: kept, it would block every later write to
+            // its chunks, the discards that could free space among them.
+            if let Err(e) = result {
+                self.writeback.lost(held, &e);
+                first_error.get_or_insert(e);
+            }
+            self.writeback.applied(std::slice::from_ref(held));
         }
         first_error.map_or(Ok(()), Err)
     }
