@@ -204,15 +204,6 @@ const PRESERVE_WINDOW: u64 = 16;
 /// meanwhile push back once this much is held, so the pause lands at most
 /// this (plus the requests in flight): a few hundred 4k writes.
 const NATIVE_PAUSE_WRITEBACK: usize = 1 << 20;
-/// The write-back budget of a volume with native snapshots at other times.
-/// The drain before a snapshot lands the whole buffer while new writes
-/// wait at [`NATIVE_PAUSE_WRITEBACK`], so the buffer's size is how long
-/// writers wait during a `snapshot create`: with 64 MiB of 4k writes that
-/// was 8-24 s on the one-node test cluster, with 16 MiB under 1 s (1M
-/// writes after a snapshot: 0.57x of librbd against 0.77x with 64 MiB and
-/// 0.17x with 1 MiB, measured in one sweep with scripts/bench-ceph
-/// --writeback-buffer).
-const NATIVE_WRITEBACK_LIMIT: usize = 16 << 20;
 /// Chunks one step of a long discard or write-zeroes covers: each step is
 /// admitted, preserved and applied on its own, so neither memory nor the
 /// held budget grows with the request.
@@ -448,15 +439,9 @@ impl Volume {
         // Versions made for a snapshot whose create never committed, or left
         // by a delete cut short, are garbage now.
         try_join_all(partitions.iter().map(|p| p.collect_garbage(&live))).await?;
-        let writeback = if manifest.native_snapshots {
+        if manifest.native_snapshots {
             storage.open_native_snapshots(&live)?;
-            WriteBackConfig {
-                limit_bytes: writeback.limit_bytes.min(NATIVE_WRITEBACK_LIMIT),
-                ..writeback
-            }
-        } else {
-            writeback
-        };
+        }
         let background = writeback.background;
         let volume = Arc::new(Volume {
             writeback: Arc::new(WriteBack::new(chunk_shift, writeback)),
