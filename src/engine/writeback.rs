@@ -416,7 +416,10 @@ impl Landing {
             let last = (end.max(h.offset + 1) - 1) >> chunk_shift;
             waits_for.clear();
             for c in first..=last {
-                let piece = (h.offset.max(c << chunk_shift), end.min((c + 1) << chunk_shift));
+                let piece = (
+                    h.offset.max(c << chunk_shift),
+                    end.min((c + 1) << chunk_shift),
+                );
                 let earlier = by_chunk.entry(c).or_default();
                 // Newest first: an earlier write whose overlap with this one
                 // lies within the overlaps already waited for overlaps one
@@ -604,7 +607,7 @@ mod tests {
         let mut landing = quiet().landing(batch);
         assert_eq!(ready(&mut landing), vec![0, 1, 3, 6]);
         landing.landed(1);
-        assert_eq!(ready(&mut landing), vec![]);
+        assert!(ready(&mut landing).is_empty());
         landing.landed(0);
         assert_eq!(ready(&mut landing), vec![2]);
         landing.landed(3);
