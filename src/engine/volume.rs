@@ -17,6 +17,7 @@ use crate::backend::file::FileBackend;
 use crate::backend::{Backend, Extent, Storage};
 use crate::runtime::AlignedBuf;
 use futures::future::{join_all, try_join_all};
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -203,21 +204,14 @@ const PRESERVE_WINDOW: u64 = 16;
 /// meanwhile push back once this much is held, so the pause lands at most
 /// this (plus the requests in flight): a few hundred 4k writes.
 const NATIVE_PAUSE_WRITEBACK: usize = 1 << 20;
-/// The write-back budget of a volume with native snapshots at other times.
-/// The drain before a snapshot lands the whole buffer while new writes
-/// wait at [`NATIVE_PAUSE_WRITEBACK`], so the buffer's size is how long
-/// writers wait during a `snapshot create`: with 64 MiB of 4k writes that
-/// was 8-24 s on the one-node test cluster, with 16 MiB under 1 s (1M
-/// writes after a snapshot: 0.57x of librbd against 0.77x with 64 MiB and
-/// 0.17x with 1 MiB, measured in one sweep with scripts/bench-ceph
-/// --writeback-buffer).
-const NATIVE_WRITEBACK_LIMIT: usize = 16 << 20;
 /// Chunks one step of a long discard or write-zeroes covers: each step is
 /// admitted, preserved and applied on its own, so neither memory nor the
 /// held budget grows with the request.
 const ZEROING_STEP_CHUNKS: u64 = 256;
-/// Held writes one wave sends to the origin at once.
-const APPLY_CONCURRENCY: usize = 64;
+/// Held writes a drive keeps in flight to the origin: enough to keep an
+/// RBD image's OSDs busy (fio's librbd limit row runs at QD32), few enough
+/// that a drive on an I/O thread's ring leaves it room.
+const APPLY_CONCURRENCY: usize = 128;
 /// Bytes a revert reads from the snapshot and writes back at once.
 const REVERT_STEP: u64 = 1 << 20;
 
@@ -447,15 +441,9 @@ impl Volume {
         // Versions made for a snapshot whose create never committed, or left
         // by a delete cut short, are garbage now.
         try_join_all(partitions.iter().map(|p| p.collect_garbage(&live))).await?;
-        let writeback = if manifest.native_snapshots {
+        if manifest.native_snapshots {
             storage.open_native_snapshots(&live)?;
-            WriteBackConfig {
-                limit_bytes: writeback.limit_bytes.min(NATIVE_WRITEBACK_LIMIT),
-                ..writeback
-            }
-        } else {
-            writeback
-        };
+        }
         let background = writeback.background;
         let volume = Arc::new(Volume {
             writeback: Arc::new(WriteBack::new(chunk_shift, writeback)),
@@ -619,9 +607,10 @@ impl Volume {
     }
 
     /// Commits every queued journal record, then applies every write held
-    /// before that commit began to the origin, in order per chunk. This is
-    /// the one place held writes reach the origin, so the ordering rule
-    /// (preserved copy and record durable first) lives here.
+    /// before that commit began to the origin, all at once but each after
+    /// the earlier ones it overlaps (see [`super::writeback::Landing`]). This is the one
+    /// place held writes reach the origin, so the ordering rule (preserved
+    /// copy and record durable first) lives here.
     async fn drive(&self) -> Result<()> {
         let _driver = self.writeback.driver.lock().await;
         // Taken before the commit: each of these was held after its
@@ -631,23 +620,30 @@ impl Volume {
         if held.is_empty() {
             return Ok(());
         }
+        let mut landing = self.writeback.landing(held);
+        let mut in_flight = FuturesUnordered::new();
         let mut first_error = None;
-        for wave in self.writeback.waves(held) {
-            for group in wave.chunks(APPLY_CONCURRENCY) {
-                let results = join_all(group.iter().map(|h| self.apply_held(h))).await;
-                // A write the origin refused (a full disk) is dropped, as
-                // the page cache drops a page whose writeback failed, and
-                // the next FLUSH reports it: kept, it would block every
-                // later write to its chunks, the discards that could free
-                // space among them.
-                for (held, result) in group.iter().zip(results) {
-                    if let Err(e) = result {
-                        self.writeback.lost(held, &e);
-                        first_error.get_or_insert(e);
-                    }
-                }
-                self.writeback.applied(group);
+        loop {
+            while in_flight.len() < APPLY_CONCURRENCY {
+                let Some((i, held)) = landing.next() else {
+                    break;
+                };
+                let held = held.clone();
+                in_flight.push(async move { (i, self.apply_held(&held).await) });
             }
+            let Some((i, result)) = in_flight.next().await else {
+                break;
+            };
+            let held = landing.landed(i);
+            // A write the origin refused (a full disk) is dropped, as the
+            // page cache drops a page whose writeback failed, and the next
+            // FLUSH reports it: kept, it would block every later write to
+            // its chunks, the discards that could free space among them.
+            if let Err(e) = result {
+                self.writeback.lost(held, &e);
+                first_error.get_or_insert(e);
+            }
+            self.writeback.applied(std::slice::from_ref(held));
         }
         first_error.map_or(Ok(()), Err)
     }

@@ -20,18 +20,19 @@
 //! that takes the buffer past it drives the commit itself before it is
 //! acknowledged: back-pressure, never unbounded memory; a snapshot of a
 //! volume with native snapshots lowers it for a while, see
-//! [`WriteBack::tighten`]), and the background committer thread that drains
-//! the buffer.
+//! [`WriteBack::tighten`]), the order in which a drain may land them
+//! ([`Landing`]), and the background committer thread that drains the
+//! buffer.
 //!
 //! Must never: let a held write reach the origin before every journal record
 //! queued before it was held is durable (the volume's `drive` commits the
-//! journals first, then applies); reorder two held writes that touch the
-//! same chunk; drop a held write whose application failed (it stays held and
+//! journals first, then applies); let a held write reach the origin before
+//! an earlier held write that overlaps it (see [`Landing`]); drop a held write whose application failed (it stays held and
 //! readable, and the error goes to the FLUSH that asked).
 
 use super::error::EngineError;
 use crate::runtime::AlignedBuf;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -333,22 +334,10 @@ impl WriteBack {
         })
     }
 
-    /// Splits `held` (oldest first) into waves: no two writes of a wave touch
-    /// the same chunk, so a wave may go to the origin concurrently, and
-    /// waves go one after another, which keeps per-chunk order.
-    pub fn waves(&self, held: Vec<Arc<Held>>) -> Vec<Vec<Arc<Held>>> {
-        let mut waves: Vec<Vec<Arc<Held>>> = Vec::new();
-        let mut touched: HashSet<u64> = HashSet::new();
-        for h in held {
-            let chunks = self.chunks(h.offset, h.len);
-            if waves.is_empty() || chunks.clone().any(|c| touched.contains(&c)) {
-                touched.clear();
-                waves.push(Vec::new());
-            }
-            touched.extend(chunks);
-            waves.last_mut().unwrap().push(h);
-        }
-        waves
+    /// Orders a batch of held writes (oldest first) for landing: see
+    /// [`Landing`].
+    pub fn landing(&self, held: Vec<Arc<Held>>) -> Landing {
+        Landing::new(self.chunk_shift, held)
     }
 
     /// Tells the background committer that writes are waiting.
@@ -392,6 +381,126 @@ impl WriteBack {
             }
         }
         true
+    }
+}
+
+/// A batch of held writes on their way to the origin, each free to go as
+/// soon as every earlier write of the batch that overlaps it (by byte) has
+/// landed. So every write that overlaps no earlier one is in flight at once,
+/// and only overlapping writes keep their order: the last acknowledged
+/// write of a block lands last, and a power cut can leave an earlier one
+/// over it never. Why not waves of writes to distinct chunks: a wave ends
+/// at its slowest write and at the first chunk touched twice, so 64 MiB of
+/// 4k random writes landed as hundreds of short waves one after another
+/// (8 to 24 s on the one-node Ceph cluster).
+pub struct Landing {
+    held: Vec<Arc<Held>>,
+    /// Per write: how many of the writes it waits for have not landed.
+    waiting: Vec<usize>,
+    /// Per write: the later writes that wait for it.
+    dependents: Vec<Vec<usize>>,
+    /// Writes free to go, oldest first.
+    ready: VecDeque<usize>,
+}
+
+impl Landing {
+    fn new(chunk_shift: u32, held: Vec<Arc<Held>>) -> Landing {
+        let mut dependents = vec![Vec::new(); held.len()];
+        let mut waiting = vec![0; held.len()];
+        // Chunk -> the batch's writes touching it so far, oldest first.
+        let mut by_chunk: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut waits_for = Vec::new();
+        for (i, h) in held.iter().enumerate() {
+            let end = h.offset + h.len;
+            let first = h.offset >> chunk_shift;
+            let last = (end.max(h.offset + 1) - 1) >> chunk_shift;
+            waits_for.clear();
+            for c in first..=last {
+                let piece = (
+                    h.offset.max(c << chunk_shift),
+                    end.min((c + 1) << chunk_shift),
+                );
+                let earlier = by_chunk.entry(c).or_default();
+                // Newest first: an earlier write whose overlap with this one
+                // lies within the overlaps already waited for overlaps one
+                // of those newer writes, which waits for it in turn.
+                let mut covered = Covered::default();
+                for &j in earlier.iter().rev() {
+                    let e = &held[j];
+                    let overlap = (piece.0.max(e.offset), piece.1.min(e.offset + e.len));
+                    if overlap.0 < overlap.1 && covered.add(overlap) {
+                        waits_for.push(j);
+                        if covered.is(piece) {
+                            break;
+                        }
+                    }
+                }
+                earlier.push(i);
+            }
+            waits_for.sort_unstable();
+            waits_for.dedup();
+            waiting[i] = waits_for.len();
+            for &j in &waits_for {
+                dependents[j].push(i);
+            }
+        }
+        let ready = (0..held.len()).filter(|&i| waiting[i] == 0).collect();
+        Landing {
+            held,
+            waiting,
+            dependents,
+            ready,
+        }
+    }
+
+    /// A write free to land now, oldest first; `None` until one that is in
+    /// flight lands, or once all have gone.
+    pub fn next(&mut self) -> Option<(usize, &Arc<Held>)> {
+        let i = self.ready.pop_front()?;
+        Some((i, &self.held[i]))
+    }
+
+    /// Write `i` (from [`Landing::next`]) reached the origin, or failed and
+    /// is dropped: the writes that waited for it may go.
+    pub fn landed(&mut self, i: usize) -> &Arc<Held> {
+        for &k in &self.dependents[i] {
+            self.waiting[k] -= 1;
+            if self.waiting[k] == 0 {
+                self.ready.push_back(k);
+            }
+        }
+        &self.held[i]
+    }
+}
+
+/// Disjoint byte ranges, sorted: the part of a write that the newer
+/// writes it waits for already cover.
+#[derive(Default)]
+struct Covered(Vec<(u64, u64)>);
+
+impl Covered {
+    /// Adds `[start, end)`; false if it was covered already.
+    fn add(&mut self, (start, end): (u64, u64)) -> bool {
+        if self.0.iter().any(|&(s, e)| s <= start && end <= e) {
+            return false;
+        }
+        let (mut start, mut end) = (start, end);
+        self.0.retain(|&(s, e)| {
+            let apart = e < start || end < s;
+            if !apart {
+                start = start.min(s);
+                end = end.max(e);
+            }
+            apart
+        });
+        let at = self.0.partition_point(|&(s, _)| s < start);
+        self.0.insert(at, (start, end));
+        true
+    }
+
+    /// Whether `[start, end)` is covered whole.
+    fn is(&self, (start, end): (u64, u64)) -> bool {
+        self.0.iter().any(|&(s, e)| s <= start && end <= e)
     }
 }
 
@@ -465,9 +574,101 @@ mod tests {
         assert_eq!(&buf[1536..2048], &[1u8; 512][..]);
         assert_eq!(&buf[2048..], &[3u8; 2048][..]);
         assert!(wb.overlapping(8192, 512).is_empty());
-        // All three touch chunk 0: three waves, in order.
-        let waves = wb.waves(wb.all_held());
-        assert_eq!(waves.len(), 3);
-        assert_eq!(waves[2][0].seq, 2);
+    }
+
+    fn held(seq: u64, offset: u64, len: u64) -> Arc<Held> {
+        Arc::new(Held {
+            seq,
+            offset,
+            len,
+            op: data(len as usize, seq as u8 + 1),
+        })
+    }
+
+    fn overlap(a: &Held, b: &Held) -> bool {
+        a.offset < b.offset + b.len && b.offset < a.offset + a.len
+    }
+
+    fn ready(landing: &mut Landing) -> Vec<usize> {
+        std::iter::from_fn(|| landing.next().map(|(i, _)| i)).collect()
+    }
+
+    #[test]
+    fn only_writes_that_overlap_wait_for_each_other() {
+        let batch = vec![
+            held(0, 0, 512),
+            held(1, 1024, 512),   // same chunk as 0, other bytes
+            held(2, 256, 512),    // over 0
+            held(3, 8192, 4096),  // another chunk
+            held(4, 0, 4096),     // over 0, 1 and 2
+            held(5, 4096, 8192),  // two chunks, over 3
+            held(6, 12288, 4096), // after 3 and 5, overlapping neither
+        ];
+        let mut landing = quiet().landing(batch);
+        assert_eq!(ready(&mut landing), vec![0, 1, 3, 6]);
+        landing.landed(1);
+        assert!(ready(&mut landing).is_empty());
+        landing.landed(0);
+        assert_eq!(ready(&mut landing), vec![2]);
+        landing.landed(3);
+        assert_eq!(ready(&mut landing), vec![5]);
+        landing.landed(2);
+        assert_eq!(ready(&mut landing), vec![4]);
+    }
+
+    proptest::proptest! {
+        /// Random batches landing in random order: a write is free to go
+        /// exactly when every earlier write it overlaps has landed (never
+        /// sooner: the last write of a byte lands last; never later: all
+        /// the others are in flight at once), and the result is the
+        /// batch applied one by one.
+        #[test]
+        fn a_write_goes_exactly_when_the_earlier_ones_it_overlaps_landed(
+            seed in proptest::prelude::any::<u64>(),
+            count in 1usize..200,
+        ) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            const SECTORS: u64 = 64; // four 4k chunks
+            let batch: Vec<Arc<Held>> = (0..count as u64)
+                .map(|seq| {
+                    let start = rng.gen_range(0..SECTORS);
+                    let len = rng.gen_range(1..=(SECTORS - start).min(20));
+                    held(seq, start * 512, len * 512)
+                })
+                .collect();
+            let mut expected = vec![0u8; SECTORS as usize * 512];
+            batch.iter().for_each(|h| h.overlay(0, &mut expected));
+            let mut landing = quiet().landing(batch.clone());
+            let (mut started, mut landed) = (vec![false; count], vec![false; count]);
+            let mut image = vec![0u8; expected.len()];
+            let mut in_flight = Vec::new();
+            loop {
+                for i in ready(&mut landing) {
+                    proptest::prop_assert!(!started[i], "write {} went twice", i);
+                    proptest::prop_assert!(
+                        (0..i).all(|j| landed[j] || !overlap(&batch[i], &batch[j])),
+                        "write {} went before an earlier write over it landed", i
+                    );
+                    started[i] = true;
+                    in_flight.push(i);
+                }
+                for i in (0..count).filter(|&i| !started[i]) {
+                    proptest::prop_assert!(
+                        (0..i).any(|j| !landed[j] && overlap(&batch[i], &batch[j])),
+                        "write {} waits for nothing", i
+                    );
+                }
+                if in_flight.is_empty() {
+                    break;
+                }
+                let i = in_flight.swap_remove(rng.gen_range(0..in_flight.len()));
+                batch[i].overlay(0, &mut image);
+                landed[i] = true;
+                landing.landed(i);
+            }
+            proptest::prop_assert!(landed.iter().all(|&l| l));
+            proptest::prop_assert_eq!(image, expected);
+        }
     }
 }
