@@ -425,9 +425,11 @@ impl Partition {
         // Whole slots (zero-padded past the volume's end), so a slot's crc
         // is the crc of what it holds; page-aligned, so the store write can
         // bypass the page cache.
-        let mut data = AlignedBuf::zeroed(versions.len() * cs as usize);
+        let mut data = AlignedBuf::for_overwrite(versions.len() * cs as usize);
         let read_from = lo as u64 * cs;
         let read_to = ((hi as u64 + 1) * cs).min(len);
+        data[..read_from as usize].fill(0);
+        data[read_to as usize..].fill(0);
         origin
             .read_before_overwrite(
                 &mut data[read_from as usize..read_to as usize],

@@ -1766,7 +1766,7 @@ impl View {
         volume.admit_growth(offset, len, true)?;
         let admitted = volume.ready_to_overwrite(offset, len).await?;
         let holding = volume.writeback.hold(offset, len, admitted.settled, || {
-            let mut copy = AlignedBuf::zeroed(data.len());
+            let mut copy = AlignedBuf::for_overwrite(data.len());
             copy.copy_from_slice(data);
             HeldOp::Data(copy)
         });
