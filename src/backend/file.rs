@@ -119,21 +119,26 @@ impl FileBackend {
             .map_or(0, |d| d.bounced.load(Ordering::Relaxed))
     }
 
+    /// How a request must go, counting those that cannot go direct.
     fn route(&self, ptr: *const u8, len: usize, offset: u64) -> Route {
+        let route = self.route_quiet(ptr, len, offset);
+        if let (Some(d), Route::Buffered(_) | Route::Bounce) = (&self.direct, &route) {
+            d.bounced.fetch_add(1, Ordering::Relaxed);
+        }
+        route
+    }
+
+    fn route_quiet(&self, ptr: *const u8, len: usize, offset: u64) -> Route {
         let Some(d) = &self.direct else {
             return Route::Direct;
         };
-        let route = if !offset.is_multiple_of(d.offset_align)
-            || !(len as u64).is_multiple_of(d.offset_align)
-        {
+        if !offset.is_multiple_of(d.offset_align) || !(len as u64).is_multiple_of(d.offset_align) {
             Route::Buffered(d.buffered.as_raw_fd())
         } else if !(ptr as usize).is_multiple_of(d.mem_align) {
             Route::Bounce
         } else {
-            return Route::Direct;
-        };
-        d.bounced.fetch_add(1, Ordering::Relaxed);
-        route
+            Route::Direct
+        }
     }
 
     pub fn size(&self) -> io::Result<u64> {
@@ -205,6 +210,34 @@ impl FileBackend {
                 runtime::write_at(self.fd(), &bounce, offset, flags).await
             }
         }
+    }
+
+    /// Writes `bufs` back to back from `offset` in one system call when
+    /// they can all go direct (the change log's batched slots), else one
+    /// write each.
+    pub async fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        let all_direct = bufs.iter().all(|b| {
+            let direct = matches!(self.route_quiet(b.as_ptr(), b.len(), at), Route::Direct);
+            at += b.len() as u64;
+            direct
+        });
+        let mut written = 0;
+        if all_direct && bufs.len() > 1 {
+            written = runtime::writev_at(self.fd(), bufs, offset).await?;
+        }
+        // What a short (or no) vectored write left, one buffer at a time.
+        let mut at = offset;
+        for buf in bufs {
+            let end = at + buf.len() as u64;
+            let done = (offset + written as u64).clamp(at, end);
+            if done < end {
+                self.write_at(&buf[(done - at) as usize..], done, false)
+                    .await?;
+            }
+            at = end;
+        }
+        Ok(())
     }
 
     pub async fn flush(&self) -> io::Result<()> {

@@ -78,6 +78,24 @@ impl Backend {
         }
     }
 
+    /// Writes `bufs` back to back from `offset`, as one request where the
+    /// storage allows (see [`file::FileBackend::write_vectored_at`]).
+    pub async fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        match self {
+            Backend::File(f) => f.write_vectored_at(bufs, offset).await,
+            Backend::Memory(m) => m.write_at(&bufs.concat(), offset, false),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => {
+                let mut at = offset;
+                for buf in bufs {
+                    c.write_at(buf, at, false).await?;
+                    at += buf.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Makes every completed write durable.
     pub async fn flush(&self) -> io::Result<()> {
         match self {

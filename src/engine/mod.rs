@@ -17,6 +17,7 @@
 mod budget;
 mod error;
 mod gate;
+mod gather;
 mod hooks;
 mod journal;
 mod layer;

@@ -16,6 +16,7 @@
 
 use super::error::Result;
 use super::gate::Epoch;
+use super::gather::Gather;
 use super::journal::{in_store, slot_crc, Journal, Record, NATIVE_SLOT, ZERO_SLOT};
 use super::writeback::WriteBack;
 use crate::backend::Backend;
@@ -23,6 +24,7 @@ use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
 use futures::future::try_join_all;
 use std::collections::HashMap;
+use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -85,6 +87,41 @@ pub enum Source {
     Gone,
 }
 
+/// Chunks one preservation sends to the store: its read buffers, and per
+/// chunk (its index among the caller's versions, the buffer, the chunk's
+/// place in that buffer).
+#[derive(Default)]
+struct ToStore {
+    bufs: Vec<AlignedBuf>,
+    chunks: Vec<(usize, usize, usize)>,
+}
+
+impl ToStore {
+    fn add(&mut self, buf: AlignedBuf, stored: &[usize], first_tag: usize) {
+        let b = self.bufs.len();
+        self.bufs.push(buf);
+        self.chunks
+            .extend(stored.iter().map(|&i| (first_tag + i, b, i)));
+    }
+}
+
+/// Store writes per partition in flight at once; more preservations wait
+/// and go out together in the next one (see [`gather`](super::gather)).
+const STORE_WRITERS: usize = 2;
+/// The most one gathered store write carries (at least one preservation).
+const STORE_BATCH_BYTES: usize = 8 << 20;
+/// Buffers in one vectored write, under the kernel's IOV_MAX of 1024.
+const MAX_WRITE_PIECES: usize = 512;
+
+/// The same failure for every preservation of a failed batch (a full disk
+/// must still read as ENOSPC to each).
+fn same_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
 pub struct Partition {
     pub index: u32,
     chunk_size: u64,
@@ -96,6 +133,7 @@ pub struct Partition {
     state: Mutex<State>,
     /// Chunks copied out since the partition opened (metrics).
     preserved: AtomicU64,
+    store_writes: Gather<ToStore, io::Result<Vec<(usize, u64)>>>,
 }
 
 impl Partition {
@@ -160,6 +198,7 @@ impl Partition {
             store,
             state: Mutex::new(state),
             preserved: AtomicU64::new(0),
+            store_writes: Gather::new(STORE_WRITERS, STORE_BATCH_BYTES),
         }
     }
 
@@ -241,14 +280,6 @@ impl Partition {
                         }
                     }
                 }
-                // Ascending slots for ascending chunks: consecutive free
-                // slots then take one store write (see `copy_out`).
-                let mut slots: Vec<u64> = claimed.iter().map(|_| state.alloc_slot()).collect();
-                slots.sort_unstable();
-                claimed
-                    .iter_mut()
-                    .zip(slots)
-                    .for_each(|((_, v), slot)| v.slot = slot);
             }
             if !claimed.is_empty() {
                 settled = false;
@@ -268,9 +299,9 @@ impl Partition {
         Ok(settled)
     }
 
-    /// Installs the versions `copied` made of the `claimed` chunks (or, on
-    /// failure, gives their slots back), then wakes the writers waiting for
-    /// those chunks.
+    /// Installs the versions `copied` made of the `claimed` chunks (a
+    /// failed copy gave its slots back itself), then wakes the writers
+    /// waiting for those chunks.
     fn finish_claims(
         &self,
         claimed: &[(u64, Version)],
@@ -278,21 +309,15 @@ impl Partition {
     ) -> Result<()> {
         let waiters: Vec<_> = {
             let mut state = self.state.lock().unwrap();
-            match &copied {
-                Ok((versions, batch)) => {
-                    for ((chunk, planned), version) in claimed.iter().zip(versions) {
-                        if version.slot != planned.slot {
-                            state.free_slots.push(planned.slot);
-                        }
-                        let c = state.chunks.entry(*chunk).or_default();
-                        c.versions.push(*version);
-                        c.birth = version.end;
-                        state.unsettled.insert(*chunk, *batch);
-                    }
-                    self.preserved
-                        .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+            if let Ok((versions, batch)) = &copied {
+                for ((chunk, _), version) in claimed.iter().zip(versions) {
+                    let c = state.chunks.entry(*chunk).or_default();
+                    c.versions.push(*version);
+                    c.birth = version.end;
+                    state.unsettled.insert(*chunk, *batch);
                 }
-                Err(_) => state.free_slots.extend(claimed.iter().map(|(_, v)| v.slot)),
+                self.preserved
+                    .fetch_add(claimed.len() as u64, Ordering::Relaxed);
             }
             claimed
                 .iter()
@@ -329,10 +354,9 @@ impl Partition {
         Ok(())
     }
 
-    /// Copies the `claimed` chunks' origin content (ascending, each with
-    /// its planned version) into the store and queues their records in one
-    /// batch; returns the versions as recorded and the journal batch that
-    /// will hold them.
+    /// Copies the `claimed` chunks' origin content (ascending) into the
+    /// store and queues their records in one batch; returns the versions as
+    /// recorded and the journal batch that will hold them.
     async fn copy_out(
         &self,
         claimed: &[(u64, Version)],
@@ -348,6 +372,7 @@ impl Partition {
             // (see `Volume::take_native_snapshot`): nothing to copy.
             versions.iter_mut().for_each(|v| v.slot = NATIVE_SLOT);
         } else {
+            let mut to_store = ToStore::default();
             let mut first = 0;
             while first < claimed.len() {
                 // A run of consecutive chunks: one read of the origin.
@@ -355,16 +380,26 @@ impl Partition {
                 while end < claimed.len() && claimed[end].0 == claimed[end - 1].0 + 1 {
                     end += 1;
                 }
-                self.copy_run(
-                    claimed[first].0,
-                    &mut versions[first..end],
-                    &mut crcs[first..end],
-                    origin,
-                    held,
-                    volume_size,
-                )
-                .await?;
+                let run = self
+                    .read_run(
+                        claimed[first].0,
+                        &mut versions[first..end],
+                        &mut crcs[first..end],
+                        origin,
+                        held,
+                        volume_size,
+                    )
+                    .await?;
+                if let Some((data, stored)) = run {
+                    to_store.add(data, &stored, first);
+                }
                 first = end;
+            }
+            if !to_store.chunks.is_empty() {
+                let slots = self.store_chunks(to_store).await?;
+                for (i, slot) in slots {
+                    versions[i].slot = slot;
+                }
             }
         }
         let records: Vec<Record> = claimed
@@ -379,15 +414,23 @@ impl Partition {
                 data_crc,
             })
             .collect();
-        let batch = self.journal.enqueue(&records)?;
-        Ok((versions, batch))
+        match self.journal.enqueue(&records) {
+            Ok(batch) => Ok((versions, batch)),
+            Err(e) => {
+                // Written but never to be recorded: the slots are free.
+                let slots = versions.iter().map(|v| v.slot).filter(|&s| in_store(s));
+                self.state.lock().unwrap().free_slots.extend(slots);
+                Err(e)
+            }
+        }
     }
 
-    /// Copies the consecutive chunks from `first_chunk` (one per version)
-    /// into their versions' slots: one origin read for the run, one store
-    /// write per run of consecutive slots. Sets a version's slot to
-    /// `ZERO_SLOT` (and its crc stays 0) where the chunk holds only zeros.
-    async fn copy_run(
+    /// Reads the consecutive chunks from `first_chunk` (one per version) as
+    /// the snapshots need them: the origin with the held writes over it.
+    /// Sets a version's slot to `ZERO_SLOT` (and its crc stays 0) where the
+    /// chunk holds only zeros; returns the data and the indexes of the
+    /// chunks that go to the store, if any do.
+    async fn read_run(
         &self,
         first_chunk: u64,
         versions: &mut [Version],
@@ -395,7 +438,7 @@ impl Partition {
         origin: &Backend,
         held: &WriteBack,
         volume_size: u64,
-    ) -> Result<()> {
+    ) -> Result<Option<(AlignedBuf, Vec<usize>)>> {
         let cs = self.chunk_size;
         let offset = first_chunk * cs;
         let len = (versions.len() as u64 * cs).min(volume_size - offset);
@@ -420,7 +463,7 @@ impl Partition {
             needs_read.iter().rposition(|&r| r),
         ) else {
             versions.iter_mut().for_each(|v| v.slot = ZERO_SLOT);
-            return Ok(());
+            return Ok(None);
         };
         // Whole slots (zero-padded past the volume's end), so a slot's crc
         // is the crc of what it holds; page-aligned, so the store write can
@@ -438,39 +481,91 @@ impl Partition {
             .await?;
         held.iter()
             .for_each(|h| h.overlay(offset, &mut data[..len as usize]));
+        let mut stored = Vec::new();
         for (i, version) in versions.iter_mut().enumerate() {
             let slot_data = &data[i * cs as usize..(i + 1) * cs as usize];
             if !needs_read[i] || is_zero(slot_data) {
                 version.slot = ZERO_SLOT;
             } else {
                 crcs[i] = slot_crc(slot_data);
+                stored.push(i);
             }
         }
-        if let Some(top) = versions
-            .iter()
-            .map(|v| v.slot)
-            .filter(|&s| in_store(s))
-            .max()
-        {
+        Ok((!stored.is_empty()).then_some((data, stored)))
+    }
+
+    /// Writes chunks to free slots of the store, gathered with those of
+    /// concurrent preservations (see [`gather`](super::gather)); returns
+    /// each chunk's tag with the slot it went to.
+    async fn store_chunks(&self, chunks: ToStore) -> Result<Vec<(usize, u64)>> {
+        let weight = chunks.chunks.len() * self.chunk_size as usize;
+        let written = self
+            .store_writes
+            .submit(chunks, weight, |batch| self.write_batch(batch))
+            .await;
+        match written {
+            Some(Ok(slots)) => Ok(slots),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(io::Error::other(
+                "the change-log write carrying this preservation was abandoned",
+            )
+            .into()),
+        }
+    }
+
+    /// One store write per run of consecutive slots for a whole batch: the
+    /// slots are taken here, in the batch's order, so a batch of new chunks
+    /// lands as one sequential write. On failure every slot goes back.
+    async fn write_batch(&self, batch: Vec<ToStore>) -> Vec<io::Result<Vec<(usize, u64)>>> {
+        let cs = self.chunk_size as usize;
+        let count: usize = batch.iter().map(|t| t.chunks.len()).sum();
+        let mut slots: Vec<u64> = {
+            let mut state = self.state.lock().unwrap();
+            (0..count).map(|_| state.alloc_slot()).collect()
+        };
+        slots.sort_unstable();
+        if let Some(&top) = slots.last() {
             self.grow_ahead(top).await;
         }
+        let pieces: Vec<(u64, &[u8])> = batch
+            .iter()
+            .flat_map(|t| {
+                t.chunks
+                    .iter()
+                    .map(|&(_, buf, at)| &t.bufs[buf][at * cs..(at + 1) * cs])
+            })
+            .zip(&slots)
+            .map(|(data, &slot)| (slot, data))
+            .collect();
         let mut writes = Vec::new();
         let mut i = 0;
-        while i < versions.len() {
-            if !in_store(versions[i].slot) {
-                i += 1;
-                continue;
-            }
+        while i < pieces.len() {
             let mut end = i + 1;
-            while end < versions.len() && versions[end].slot == versions[end - 1].slot + 1 {
+            while end < pieces.len()
+                && end - i < MAX_WRITE_PIECES
+                && pieces[end].0 == pieces[end - 1].0 + 1
+            {
                 end += 1;
             }
-            let bytes = &data[i * cs as usize..end * cs as usize];
-            writes.push(self.store.write_at(bytes, versions[i].slot * cs, false));
+            let bufs: Vec<&[u8]> = pieces[i..end].iter().map(|&(_, d)| d).collect();
+            let at = pieces[i].0 * cs as u64;
+            writes.push(async move { self.store.write_vectored_at(&bufs, at).await });
             i = end;
         }
-        try_join_all(writes).await?;
-        Ok(())
+        if let Err(e) = try_join_all(writes).await {
+            self.state.lock().unwrap().free_slots.extend(&slots);
+            return batch.iter().map(|_| Err(same_error(&e))).collect();
+        }
+        let mut slots = slots.into_iter();
+        batch
+            .iter()
+            .map(|t| {
+                Ok(t.chunks
+                    .iter()
+                    .map(|&(tag, _, _)| (tag, slots.next().expect("a slot per chunk")))
+                    .collect())
+            })
+            .collect()
     }
 
     /// Grows the store to [`grow_step`] slots past `top` (a slot about to

@@ -28,5 +28,5 @@ pub use buffer::{AlignedBuf, FixedArena, ALIGN};
 pub use executor::{block_on, block_on_hosted, spawn};
 pub use reactor::{
     fallocate, fixed_io_bytes, fsync, read_at, recv, send, submitted_ops, write_at, writev,
-    HostRing, SubmittedOps,
+    writev_at, HostRing, SubmittedOps,
 };

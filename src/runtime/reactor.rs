@@ -524,6 +524,31 @@ pub async fn write_at(fd: RawFd, buf: &[u8], offset: u64, rw_flags: i32) -> io::
     Ok(())
 }
 
+/// The iovecs of one vectored write, held across its await.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the iovecs point only into buffers the caller of `writev_at`
+// lends (shared, `&[u8]`) for the whole call.
+unsafe impl Send for IoVecs {}
+unsafe impl Sync for IoVecs {}
+
+/// One positioned vectored write of `bufs` back to back (files); returns
+/// bytes written, which may be fewer than the buffers hold.
+pub async fn writev_at(fd: RawFd, bufs: &[&[u8]], offset: u64) -> io::Result<usize> {
+    let iovecs = IoVecs(
+        bufs.iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect(),
+    );
+    let entry = opcode::Writev::new(types::Fd(fd), iovecs.0.as_ptr(), len32(iovecs.0.len()))
+        .offset(offset)
+        .build();
+    Op::new(entry).await.map(|n| n as usize)
+}
+
 /// fdatasync (or fsync when `!datasync`).
 pub async fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
     let mut entry = opcode::Fsync::new(types::Fd(fd));
