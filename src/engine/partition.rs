@@ -786,9 +786,10 @@ impl Partition {
     pub fn store_bytes(&self) -> u64 {
         let reserve = {
             let state = self.state.lock().unwrap();
-            match state.reserve_allocated {
-                true => state.grown_to.saturating_sub(state.next_slot) * self.chunk_size,
-                false => 0,
+            if state.reserve_allocated {
+                state.grown_to.saturating_sub(state.next_slot) * self.chunk_size
+            } else {
+                0
             }
         };
         self.store

@@ -46,16 +46,18 @@ const POOL_BYTES: usize = 16 << 20;
 
 /// Dropped mappings by exact size, waiting to be reused.
 struct Pool {
-    free: std::collections::HashMap<usize, Vec<usize>>,
+    free: std::collections::BTreeMap<usize, Vec<usize>>,
     bytes: usize,
 }
 
-static POOL: std::sync::Mutex<Option<Pool>> = std::sync::Mutex::new(None);
+static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
+    free: std::collections::BTreeMap::new(),
+    bytes: 0,
+});
 
 /// A pooled mapping of exactly `len` bytes, if one waits.
 fn reuse_mapping(len: usize) -> Option<*mut u8> {
     let mut pool = POOL.lock().unwrap();
-    let pool = pool.as_mut()?;
     let addr = pool.free.get_mut(&len)?.pop()?;
     pool.bytes -= len;
     Some(addr as *mut u8)
@@ -64,10 +66,6 @@ fn reuse_mapping(len: usize) -> Option<*mut u8> {
 /// Keeps a mapping for reuse; false if the pool is full.
 fn pool_mapping(ptr: *mut u8, len: usize) -> bool {
     let mut pool = POOL.lock().unwrap();
-    let pool = pool.get_or_insert_with(|| Pool {
-        free: std::collections::HashMap::new(),
-        bytes: 0,
-    });
     if pool.bytes + len > POOL_BYTES {
         return false;
     }
