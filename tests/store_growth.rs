@@ -120,6 +120,103 @@ fn the_store_grows_ahead_allocated_and_the_reserve_is_not_held_by_snapshots() {
     });
 }
 
+/// Data extents of the store file, as (start, end) byte ranges, from
+/// SEEK_DATA/SEEK_HOLE.
+fn store_extents(dir: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(dir.join("part-000.store")).unwrap();
+    let len = file.metadata().unwrap().len() as i64;
+    let seek = |at: i64, whence: i32| {
+        // SAFETY: a plain lseek on a descriptor this function owns.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+        if r < 0 {
+            len
+        } else {
+            r
+        }
+    };
+    let mut extents = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let start = seek(at, libc::SEEK_DATA);
+        if start >= len {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE);
+        extents.push((start as u64, end as u64));
+        at = end;
+    }
+    extents
+}
+
+/// A deleted snapshot's slots are punched (its space goes back at once) and
+/// the next preservations take them lowest first, so a batch of them is one
+/// sequential run at the start of the store, not scattered over it in the
+/// order the chunk map happened to free them.
+#[test]
+fn freed_slots_are_reused_lowest_first_in_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::Dir(dir.path().to_path_buf());
+    let size = 8 << 20;
+    let chunks = size / CHUNK;
+    block_on(async {
+        let volume = Volume::create("v", storage.clone(), &config(size, 1))
+            .await
+            .unwrap();
+        filled_and_snapshotted(&volume).await;
+        // Every chunk preserved, in a shuffled order of writes.
+        let new = pattern(2, size);
+        for i in 0..chunks {
+            let c = (i * 37) % chunks;
+            let range = (c * CHUNK) as usize..((c + 1) * CHUNK) as usize;
+            volume
+                .live()
+                .write(c * CHUNK, &new[range], false)
+                .await
+                .unwrap();
+        }
+        volume.live().flush().await.unwrap();
+        volume.delete_snapshot("s").await.unwrap();
+        let used = chunks * CHUNK;
+        assert!(
+            store_extents(dir.path())
+                .iter()
+                .all(|&(start, _)| start >= used),
+            "the deleted snapshot's slots were not all punched: {:?}",
+            store_extents(dir.path())
+        );
+
+        // A quarter of the volume overwritten after a new snapshot, chunks
+        // in reverse order: their slots are the first quarter of the store.
+        volume.create_snapshot("t").await.unwrap();
+        let newer = pattern(3, size);
+        for c in (0..chunks / 4).rev() {
+            let range = (c * CHUNK) as usize..((c + 1) * CHUNK) as usize;
+            volume
+                .live()
+                .write(c * CHUNK, &newer[range], false)
+                .await
+                .unwrap();
+        }
+        volume.live().flush().await.unwrap();
+        let extents = store_extents(dir.path());
+        assert_eq!(
+            extents.first(),
+            Some(&(0, used / 4)),
+            "reused slots are not the lowest ones: store extents {extents:?}"
+        );
+        assert!(
+            extents[1..].iter().all(|&(start, _)| start >= used),
+            "reused slots scattered over the store: {extents:?}"
+        );
+        assert!(read(&volume, Some("t"), size).await == new);
+        let mut expected = new.clone();
+        expected[..(used / 4) as usize].copy_from_slice(&newer[..(used / 4) as usize]);
+        assert!(read(&volume, None, size).await == expected);
+        volume.shutdown().await.unwrap();
+    });
+}
+
 /// No background committer: a seed replays the same operations, so its
 /// power cut falls at the same point every run.
 fn writeback() -> WriteBackConfig {

@@ -23,7 +23,7 @@ use crate::backend::Backend;
 use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
 use futures::future::try_join_all;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,7 +53,11 @@ struct State {
     /// Chunks whose newest preservation is queued in this journal batch and
     /// may not be durable yet: writes over them are held (see `writeback`).
     unsettled: HashMap<u64, u64>,
-    free_slots: Vec<u64>,
+    /// Slots no record points at, below `next_slot`. Taken lowest first, so
+    /// a batch of reused slots forms runs a few vectored writes cover (a
+    /// deleted snapshot frees its slots in the random order of the chunk
+    /// map, and a stack of them scattered every batch over the store).
+    free_slots: BTreeSet<u64>,
     next_slot: u64,
     /// The store's size in slots, as this process grew it ahead.
     grown_to: u64,
@@ -67,7 +71,7 @@ struct State {
 
 impl State {
     fn alloc_slot(&mut self) -> u64 {
-        self.free_slots.pop().unwrap_or_else(|| {
+        self.free_slots.pop_first().unwrap_or_else(|| {
             self.next_slot += 1;
             self.next_slot - 1
         })
@@ -187,7 +191,7 @@ impl Partition {
             if used.peek() == Some(&slot) {
                 used.next();
             } else {
-                state.free_slots.push(slot);
+                state.free_slots.insert(slot);
             }
         }
         Partition {
@@ -527,31 +531,20 @@ impl Partition {
         if let Some(&top) = slots.last() {
             self.grow_ahead(top).await;
         }
-        let pieces: Vec<(u64, &[u8])> = batch
+        // The batch's chunks in order, each going to the slot of its index.
+        let pieces: Vec<&[u8]> = batch
             .iter()
             .flat_map(|t| {
                 t.chunks
                     .iter()
                     .map(|&(_, buf, at)| &t.bufs[buf][at * cs..(at + 1) * cs])
             })
-            .zip(&slots)
-            .map(|(data, &slot)| (slot, data))
             .collect();
-        let mut writes = Vec::new();
-        let mut i = 0;
-        while i < pieces.len() {
-            let mut end = i + 1;
-            while end < pieces.len()
-                && end - i < MAX_WRITE_PIECES
-                && pieces[end].0 == pieces[end - 1].0 + 1
-            {
-                end += 1;
-            }
-            let bufs: Vec<&[u8]> = pieces[i..end].iter().map(|&(_, d)| d).collect();
-            let at = pieces[i].0 * cs as u64;
-            writes.push(async move { self.store.write_vectored_at(&bufs, at).await });
-            i = end;
-        }
+        let writes = slot_runs(&slots, MAX_WRITE_PIECES).into_iter().map(|run| {
+            let at = slots[run.start] * cs as u64;
+            let bufs = pieces[run].to_vec();
+            async move { self.store.write_vectored_at(&bufs, at).await }
+        });
         if let Err(e) = try_join_all(writes).await {
             self.state.lock().unwrap().free_slots.extend(&slots);
             return batch.iter().map(|_| Err(same_error(&e))).collect();
@@ -733,19 +726,20 @@ impl Partition {
             }
         }
         self.journal.commit(&records).await?;
-        let mut bytes = 0;
-        for (_, v) in &freed {
-            if in_store(v.slot) {
-                self.store
-                    .punch_hole(v.slot * self.chunk_size, self.chunk_size)
-                    .await?;
-                bytes += self.chunk_size;
-            }
+        let mut slots: Vec<u64> = freed
+            .iter()
+            .map(|(_, v)| v.slot)
+            .filter(|&s| in_store(s))
+            .collect();
+        slots.sort_unstable();
+        for run in slot_runs(&slots, usize::MAX) {
+            let len = (run.end - run.start) as u64 * self.chunk_size;
+            self.store
+                .punch_hole(slots[run.start] * self.chunk_size, len)
+                .await?;
         }
-        let mut state = self.state.lock().unwrap();
-        state
-            .free_slots
-            .extend(freed.iter().map(|(_, v)| v.slot).filter(|&s| in_store(s)));
+        let bytes = slots.len() as u64 * self.chunk_size;
+        self.state.lock().unwrap().free_slots.extend(slots);
         Ok(bytes)
     }
 
@@ -807,6 +801,20 @@ impl Partition {
     }
 }
 
+/// Index ranges of `slots` (sorted) that hold consecutive slots, at most
+/// `max_len` each: one store write or hole punch per range.
+fn slot_runs(slots: &[u64], max_len: usize) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=slots.len() {
+        if i == slots.len() || i - start == max_len || slots[i] != slots[i - 1] + 1 {
+            runs.push(start..i);
+            start = i;
+        }
+    }
+    runs
+}
+
 /// Slots the store grows by at a time: 16 MiB (at least 16 slots, at most
 /// 256), so a sequential pass triggers a growth every few hundred chunks
 /// while the reserve stays small beside the volume.
@@ -830,6 +838,13 @@ mod tests {
     use crate::backend::memory::MemDisk;
     use crate::backend::Storage;
     use crate::runtime::block_on;
+
+    #[test]
+    fn slot_runs_split_at_gaps_and_at_the_cap() {
+        assert_eq!(slot_runs(&[], 4), Vec::<Range<usize>>::new());
+        assert_eq!(slot_runs(&[3, 4, 5, 9, 10, 12], 4), vec![0..3, 3..5, 5..6]);
+        assert_eq!(slot_runs(&[0, 1, 2, 3, 4], 2), vec![0..2, 2..4, 4..5]);
+    }
 
     /// Deleted snapshots leave nothing behind in memory, so a daemon's
     /// memory does not grow with create/delete cycles.
