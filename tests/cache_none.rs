@@ -297,6 +297,21 @@ fn direct_volume_serves_nbd_clients_without_bouncing(test: &str, mode: &str, inf
             preserved_from_cache + 1,
             "4 chunks preserved from the cache in one read"
         );
+        // The daemon caches what it reads in base pages (readahead off), so
+        // a 4 KiB direct write drops its own page, not the large folio
+        // readahead would have built around it (hundreds of KiB each).
+        let before = resident_pages(&origin("vol"));
+        let writes: Vec<(u8, u64, u64, &str)> = (0..8)
+            .map(|k| (0xbb, k * 2 * MIB + 8192, 4096, ""))
+            .collect();
+        write_patterns(&uri, &mut model, &writes);
+        qemu_io_ok(&uri, false, &["flush"]);
+        let dropped = before.saturating_sub(resident_pages(&origin("vol")));
+        assert!(
+            dropped <= 4 * writes.len(),
+            "{} 4 KiB writes dropped {dropped} cached pages",
+            writes.len()
+        );
     } else {
         assert_eq!(cached, 0, "cache none must not fill the page cache");
         assert_eq!(from_cache(&d), 0, "cache none never reads the cache");
