@@ -295,24 +295,15 @@ impl FileBackend {
     }
 
     pub fn allocated_bytes(&self) -> io::Result<u64> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = self.file.metadata()?;
         if self.block_device {
             return self.size();
         }
-        Ok(meta.blocks() * 512)
+        Ok(self.file.metadata()?.blocks() * 512)
     }
 
     pub fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset + len;
-        if self.block_device {
-            return Ok(vec![Extent {
-                offset,
-                len,
-                data: true,
-            }]);
-        }
-        if fully_allocated(&self.file)? {
+        if self.block_device || fully_allocated(&self.file)? {
             return Ok(vec![Extent {
                 offset,
                 len,
@@ -519,9 +510,9 @@ pub fn replace_with_spare(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// so with the large folios readahead builds (up to 2 MiB on ext4 and XFS
 /// since Linux 6.x) each 4 KiB write dropped about 544 KiB of cache
 /// around it (measured on ext4, Linux 6.18), and a preservation next to it
-/// read its chunk from the disk. Clients
-/// of a block device do their own readahead (the kernel's block layer, a
-/// VM's), so requests arrive large where reading ahead pays.
+/// read its chunk from the disk. Clients of a block device do their own
+/// readahead (the kernel's block layer, a VM's), so requests arrive large
+/// where reading ahead pays.
 fn read_in_small_pages(file: &File) {
     // SAFETY: advice on a descriptor this backend owns; no memory involved.
     let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
