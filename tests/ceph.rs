@@ -797,9 +797,13 @@ fn snapshots_under_load_hold_every_acknowledged_write() {
     let mut bounds = Vec::new();
     let mut most_held = 0;
     for i in 1..=4 {
-        // Let the buffer fill up again.
-        std::thread::sleep(Duration::from_millis(400));
-        most_held = most_held.max(volume.held_bytes());
+        // Let the buffer fill up again, watching how full it gets: one
+        // look at the end of the wait could fall right after a commit.
+        let refill = std::time::Instant::now();
+        while refill.elapsed() < Duration::from_millis(400) {
+            most_held = most_held.max(volume.held_bytes());
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let low = Progress::snapshot(&progress.acked);
         let name = format!("s{i}");
         block_on(volume.create_snapshot(&name)).unwrap();
