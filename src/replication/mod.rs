@@ -54,6 +54,7 @@ mod dirty;
 mod group;
 pub mod source;
 pub mod wire;
+mod write_log;
 
 use crate::engine::WriteHook;
 use crate::runtime::block_on;

@@ -38,12 +38,13 @@
 
 use super::dirty::DirtyMap;
 use super::group::GroupCps;
-use super::wire::{self, CpCommit, CpEntry, Kind};
+use super::wire::{self, CpCommit, CpEntry, Kind, TransferFrame};
+use super::write_log::WriteLog;
 use crate::engine::{Change, EngineError, Volume, WriteGuard, WriteHook};
 use crate::runtime::{block_on, AlignedBuf};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::poll_fn;
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -131,14 +132,10 @@ enum BlockState {
     Shipped { tid: u64, index: u32 },
 }
 
-/// A logged write, trimmed to the whole blocks it covers (a partial block
-/// can never be referenced, so it is sent whole at the CP instead); it
-/// ships as one piece.
-struct Entry {
-    seq: u64,
-    offset: u64,
-    data: Vec<u8>,
-}
+/// Blocks' states. Keys are block numbers a client chooses, so the hasher is
+/// seeded per process (foldhash), and it costs a few nanoseconds a lookup,
+/// against SipHash's tens at two lookups per write.
+type BlockMap = foldhash::HashMap<u64, BlockState>;
 
 /// Why the current CP is taken; decides the state shown while it runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -180,7 +177,7 @@ struct Stats {
 struct CpInFlight {
     number: u64,
     boundary: u64,
-    map: HashMap<u64, BlockState>,
+    map: BlockMap,
     written: u64,
     unix_ms: u64,
     requested: u64,
@@ -196,10 +193,12 @@ struct Shared {
     waiters: Vec<Waker>,
     // The epoch since the last CP and the log.
     next_seq: u64,
-    epoch: HashMap<u64, BlockState>,
+    epoch: BlockMap,
     cp: Option<CpInFlight>,
-    log: VecDeque<Entry>,
-    log_bytes: u64,
+    /// Logged writes, trimmed to the whole blocks they cover (a partial
+    /// block can never be referenced, so it is sent whole at the CP
+    /// instead); each ships as one piece.
+    log: WriteLog,
     connected: bool,
     overflowed: bool,
     phase: Phase,
@@ -349,7 +348,7 @@ impl WriteHook for Tap {
             return;
         }
         let len = end - start;
-        if s.log_bytes + len > s.record.max_log_bytes {
+        if s.log.bytes() + len > s.record.max_log_bytes {
             // Full: this write is not logged. What is logged still ships
             // (it is on its way, and the CP in flight needs what precedes
             // its snapshot); the CP sends this write's blocks whole.
@@ -369,12 +368,7 @@ impl WriteHook for Tap {
             s.epoch.insert(b, BlockState::Logged(seq));
         }
         let at = (start - offset) as usize;
-        s.log.push_back(Entry {
-            seq,
-            offset: start,
-            data: data[at..at + len as usize].to_vec(),
-        });
-        s.log_bytes += len;
+        s.log.push(seq, start, &data[at..at + len as usize]);
         drop(s);
         link.cond.notify_all();
     }
@@ -384,9 +378,8 @@ impl Shared {
     /// Forgets the log and the per-block map (the link broke); the dirty
     /// map holds every block they held.
     fn forget(&mut self) {
-        self.epoch = HashMap::new();
+        self.epoch = BlockMap::default();
         self.log.clear();
-        self.log_bytes = 0;
     }
 
     fn state(&self) -> &'static str {
@@ -416,9 +409,13 @@ struct Conn<'a> {
 impl Conn<'_> {
     fn send(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
         let n = self.sealed.send(&mut self.stream, kind, payload)?;
-        self.last_sent = Instant::now();
-        self.link.lock().stats.bytes_sent += n as u64;
+        self.sent(n);
         Ok(())
+    }
+
+    fn sent(&mut self, bytes: usize) {
+        self.last_sent = Instant::now();
+        self.link.lock().stats.bytes_sent += bytes as u64;
     }
 
     fn expect(&mut self, kind: Kind) -> io::Result<Vec<u8>> {
@@ -461,9 +458,14 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// Sends one transfer and waits until the destination has it durably.
-    fn transfer(&mut self, tid: u64, pieces: &[(u64, &[u8])]) -> io::Result<()> {
-        self.send(Kind::Transfer, &wire::encode_transfer(tid, pieces))?;
+    /// Sends transfer `tid` and waits until the destination has it durably;
+    /// returns the frame's buffer for reuse.
+    fn transfer(&mut self, tid: u64, transfer: TransferFrame) -> io::Result<Vec<u8>> {
+        let mut frame = transfer.finish(tid);
+        let n = self
+            .sealed
+            .send_frame(&mut self.stream, Kind::Transfer, &mut frame)?;
+        self.sent(n);
         let acked = wire::parse_u64(&self.expect(Kind::TransferAck)?)?;
         if acked != tid {
             return Err(io::Error::other(format!(
@@ -471,7 +473,7 @@ impl Conn<'_> {
             )));
         }
         self.link.lock().stats.transfers += 1;
-        Ok(())
+        Ok(frame)
     }
 }
 
@@ -517,10 +519,9 @@ impl Link {
                 waiters: Vec::new(),
                 next_seq: 0,
                 // A session begins with the dirty map's blocks.
-                epoch: HashMap::new(),
+                epoch: BlockMap::default(),
                 cp: None,
-                log: VecDeque::new(),
-                log_bytes: 0,
+                log: WriteLog::new(TRANSFER_BYTES as u64),
                 connected: false,
                 overflowed: false,
                 phase: Phase::Syncing,
@@ -726,7 +727,7 @@ impl Link {
             "tracked_blocks": s.epoch.len() + s.cp.as_ref().map_or(0, |c| c.map.len()),
             "block_size": self.block_size,
             "chunk_size": self.chunk_size,
-            "log_bytes": s.log_bytes,
+            "log_bytes": s.log.bytes(),
             "max_log_bytes": r.max_log_bytes,
             "failback_base_cp": r.resync.as_ref().map(|f| f.base.cp),
         });
@@ -1045,48 +1046,35 @@ impl Link {
         Ok(blocks)
     }
 
-    /// Ships one transfer of logged writes with sequence numbers below
-    /// `limit` (up to [`TRANSFER_BYTES`], or one larger write); false if
-    /// there was none.
+    /// Ships the oldest segment of the log if its writes come before
+    /// sequence number `limit` (up to [`TRANSFER_BYTES`], or one larger
+    /// write); false if there was none.
     fn ship_transfer(
         &self,
         conn: &mut Conn,
         limit: u64,
         next_tid: &mut u64,
     ) -> Result<bool, String> {
-        let batch: Vec<Entry> = {
-            let mut s = self.lock();
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            while let Some(e) = s.log.front() {
-                if e.seq >= limit || (bytes > 0 && bytes + e.data.len() > TRANSFER_BYTES) {
-                    break;
-                }
-                bytes += e.data.len();
-                s.log_bytes -= e.data.len() as u64;
-                batch.push(s.log.pop_front().expect("front exists"));
-            }
-            batch
-        };
-        if batch.is_empty() {
+        let Some(segment) = self.lock().log.take_before(limit) else {
             return Ok(false);
-        }
-        let pieces: Vec<(u64, &[u8])> = batch.iter().map(|e| (e.offset, &e.data[..])).collect();
+        };
         let tid = *next_tid;
         *next_tid += 1;
-        conn.transfer(tid, &pieces).map_err(|e| e.to_string())?;
+        let frame = conn
+            .transfer(tid, segment.frame)
+            .map_err(|e| e.to_string())?;
         let bs = self.block_size;
         let mut s = self.lock();
+        s.log.recycle(frame);
         let boundary = s.cp.as_ref().map_or(0, |c| c.boundary);
-        for (index, e) in batch.iter().enumerate() {
+        for (index, &(seq, offset, len)) in segment.writes.iter().enumerate() {
             let map = match &mut s.cp {
-                Some(cp) if e.seq < boundary => &mut cp.map,
+                Some(cp) if seq < boundary => &mut cp.map,
                 _ => &mut s.epoch,
             };
-            let first = e.offset / bs;
-            for block in first..first + e.data.len() as u64 / bs {
+            for block in offset / bs..(offset + len) / bs {
                 if let Some(st) = map.get_mut(&block) {
-                    if *st == BlockState::Logged(e.seq) {
+                    if *st == BlockState::Logged(seq) {
                         *st = BlockState::Shipped {
                             tid,
                             index: index as u32,
@@ -1134,6 +1122,8 @@ impl Link {
     pub(super) fn split_epoch(&self, number: u64, due: Instant, taken: bool) {
         let mut s = self.lock();
         s.cp_pending = false;
+        // Writes after the snapshot go to new transfers.
+        s.log.close();
         if taken {
             let map = std::mem::take(&mut s.epoch);
             s.cp = Some(CpInFlight {
@@ -1342,10 +1332,12 @@ impl Link {
         } else {
             None
         };
-        let mut batch: Vec<(u64, u64, Vec<u8>)> = Vec::new();
-        let mut batch_bytes = 0usize;
+        // The transfer being gathered and its pieces' block runs.
+        let mut batch = TransferFrame::new(Vec::new());
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         let (mut sent, mut zero) = (0u64, 0u64);
-        let flush = |batch: &mut Vec<(u64, u64, Vec<u8>)>,
+        let flush = |batch: &mut TransferFrame,
+                     runs: &mut Vec<(u64, u64)>,
                      conn: &mut Conn,
                      entries: &mut Vec<CpEntry>,
                      next_tid: &mut u64| {
@@ -1354,10 +1346,10 @@ impl Link {
             }
             let tid = *next_tid;
             *next_tid += 1;
-            let pieces: Vec<(u64, &[u8])> =
-                batch.iter().map(|(b, _, d)| (b * bs, &d[..])).collect();
-            conn.transfer(tid, &pieces).map_err(|e| e.to_string())?;
-            for (index, &(block, count, _)) in batch.iter().enumerate() {
+            let full = std::mem::replace(batch, TransferFrame::new(Vec::new()));
+            let frame = conn.transfer(tid, full).map_err(|e| e.to_string())?;
+            *batch = TransferFrame::new(frame);
+            for (index, (block, count)) in runs.drain(..).enumerate() {
                 entries.push(CpEntry::Ref {
                     block,
                     count,
@@ -1365,7 +1357,6 @@ impl Link {
                     index: index as u32,
                 });
             }
-            batch.clear();
             Ok(())
         };
         let per_read = (TRANSFER_BYTES as u64 / bs).max(1);
@@ -1408,18 +1399,17 @@ impl Link {
                         }
                         let bytes = &data[(run * bs) as usize..((k * bs) as usize).min(len)];
                         sent += k - run;
-                        batch_bytes += bytes.len();
-                        batch.push((at + run, k - run, bytes.to_vec()));
-                        if batch_bytes >= TRANSFER_BYTES {
-                            flush(&mut batch, conn, entries, next_tid)?;
-                            batch_bytes = 0;
+                        batch.push((at + run) * bs, bytes);
+                        runs.push((at + run, k - run));
+                        if batch.payload_len() >= TRANSFER_BYTES {
+                            flush(&mut batch, &mut runs, conn, entries, next_tid)?;
                         }
                     }
                     at += n;
                 }
             }
         }
-        flush(&mut batch, conn, entries, next_tid)?;
+        flush(&mut batch, &mut runs, conn, entries, next_tid)?;
         Ok((sent, zero))
     }
 

@@ -283,16 +283,30 @@ impl Session {
 
     /// Seals and writes one frame; returns the bytes written.
     pub fn send(&mut self, w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<usize> {
-        if payload.len() > MAX_PAYLOAD {
+        let mut frame = Vec::with_capacity(HEADER + payload.len() + TAG);
+        frame.resize(HEADER, 0);
+        frame.extend_from_slice(payload);
+        self.send_frame(w, kind, &mut frame)
+    }
+
+    /// Seals and writes one frame built in place: `frame` holds [`HEADER`]
+    /// bytes of room for the header, then the payload, which is sealed where
+    /// it lies (the tag is appended), so a transfer gathered in its frame
+    /// ([`TransferFrame`]) is never copied again. Returns the bytes written.
+    pub fn send_frame(
+        &mut self,
+        w: &mut impl Write,
+        kind: Kind,
+        frame: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        let len = frame.len() - HEADER;
+        if len > MAX_PAYLOAD {
             return Err(bad(format!(
-                "a {kind:?} message of {} bytes exceeds the {MAX_PAYLOAD}-byte limit",
-                payload.len()
+                "a {kind:?} message of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"
             )));
         }
-        let h = header(kind, payload.len() + TAG, 0);
-        let mut frame = Vec::with_capacity(HEADER + payload.len() + TAG);
-        frame.extend_from_slice(&h);
-        frame.extend_from_slice(payload);
+        let h = header(kind, len + TAG, 0);
+        frame[..HEADER].copy_from_slice(&h);
         let nonce = self.tx.next_nonce()?;
         let tag = self
             .tx
@@ -300,7 +314,7 @@ impl Session {
             .seal_in_place_separate_tag(nonce, Aad::from(&h), &mut frame[HEADER..])
             .map_err(|_| io::Error::other("cannot seal a frame"))?;
         frame.extend_from_slice(tag.as_ref());
-        w.write_all(&frame)?;
+        w.write_all(frame)?;
         Ok(frame.len())
     }
 
@@ -655,18 +669,64 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Encodes a transfer: id, piece count, then each piece (offset, length, data).
-pub fn encode_transfer(tid: u64, pieces: &[(u64, &[u8])]) -> Vec<u8> {
-    let total: usize = pieces.iter().map(|(_, d)| d.len() + 12).sum();
-    let mut out = Vec::with_capacity(12 + total);
-    out.extend_from_slice(&tid.to_le_bytes());
-    out.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
-    for (offset, data) in pieces {
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        out.extend_from_slice(data);
+/// A transfer gathered where it will be sealed and sent
+/// ([`Session::send_frame`]): room for the frame header, the transfer's id
+/// and piece count, then each piece (offset, length, data). Its buffer is
+/// reused from transfer to transfer, so shipping a write copies it once,
+/// into here.
+pub struct TransferFrame {
+    frame: Vec<u8>,
+    pieces: u32,
+}
+
+impl TransferFrame {
+    /// An empty transfer in `buf` (whatever it held is dropped, its
+    /// capacity kept).
+    pub fn new(mut buf: Vec<u8>) -> TransferFrame {
+        buf.clear();
+        buf.resize(HEADER + 12, 0);
+        TransferFrame {
+            frame: buf,
+            pieces: 0,
+        }
     }
-    out
+
+    /// Adds a piece; returns its index in the transfer.
+    pub fn push(&mut self, offset: u64, data: &[u8]) -> u32 {
+        self.frame.reserve(12 + data.len() + TAG);
+        self.frame.extend_from_slice(&offset.to_le_bytes());
+        self.frame
+            .extend_from_slice(&(data.len() as u32).to_le_bytes());
+        self.frame.extend_from_slice(data);
+        self.pieces += 1;
+        self.pieces - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces == 0
+    }
+
+    /// Bytes of the payload so far (pieces and their headers).
+    pub fn payload_len(&self) -> usize {
+        self.frame.len() - HEADER
+    }
+
+    /// The frame for [`Session::send_frame`], as transfer `tid`.
+    pub fn finish(mut self, tid: u64) -> Vec<u8> {
+        self.frame[HEADER..HEADER + 8].copy_from_slice(&tid.to_le_bytes());
+        self.frame[HEADER + 8..HEADER + 12].copy_from_slice(&self.pieces.to_le_bytes());
+        self.frame
+    }
+}
+
+/// Encodes a transfer's payload: id, piece count, then each piece (offset,
+/// length, data).
+pub fn encode_transfer(tid: u64, pieces: &[(u64, &[u8])]) -> Vec<u8> {
+    let mut t = TransferFrame::new(Vec::new());
+    for (offset, data) in pieces {
+        t.push(*offset, data);
+    }
+    t.finish(tid).split_off(HEADER)
 }
 
 /// Parses a transfer and checks every piece lies inside a volume of `size`
