@@ -469,6 +469,8 @@ fn a_wrong_key_is_refused_and_writes_nothing() {
 struct RawSource {
     s: TcpStream,
     sealed: wire::Session,
+    /// The first transfer id this session may use (from `Opened`).
+    next_tid: u64,
 }
 
 impl RawSource {
@@ -476,7 +478,11 @@ impl RawSource {
     fn open(addr: &str, key: &[u8], dest: &str) -> RawSource {
         let mut s = TcpStream::connect(addr).unwrap();
         let (sealed, _) = wire::authenticate_to_destination(&mut s, key, wire::VERSION).unwrap();
-        let mut raw = RawSource { s, sealed };
+        let mut raw = RawSource {
+            s,
+            sealed,
+            next_tid: 0,
+        };
         let open = wire::Open {
             source_id: "raw-test".into(),
             source_volume: "v".into(),
@@ -490,6 +496,7 @@ impl RawSource {
         raw.send(Kind::Open, &wire::to_json(&open));
         let opened: wire::Opened = wire::from_json(&raw.expect(Kind::Opened)).unwrap();
         assert_eq!(opened.last_applied_cp, None);
+        raw.next_tid = opened.next_tid;
         raw
     }
 
@@ -612,20 +619,33 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
     drop(s);
     assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
 
+    // Transfer 0 is staged: a session may not use its id again.
+    let mut s = RawSource::open(&p.addr, key, "r");
+    assert_eq!(s.next_tid, 1);
+    s.send(Kind::Transfer, &good);
+    let (kind, msg) = s.recv().unwrap();
+    assert_eq!(kind, Kind::Error);
+    assert!(
+        String::from_utf8_lossy(&msg).contains("not after the last one staged"),
+        "{msg:?}"
+    );
+    drop(s);
+
     // A proper transfer and CP still work on the same replica.
     let mut s = RawSource::open(&p.addr, key, "r");
+    let good = wire::encode_transfer(s.next_tid, &[(0, &data)]);
     s.send(Kind::Transfer, &good);
-    assert_eq!(wire::parse_u64(&s.expect(Kind::TransferAck)).unwrap(), 0);
+    assert_eq!(wire::parse_u64(&s.expect(Kind::TransferAck)).unwrap(), 1);
     // 4K blocks: the first four from part of the 64K piece, zeros after.
     let cp = wire::CpCommit {
         cp: 0,
-        keep_from_tid: 1,
+        keep_from_tid: 2,
         block_size: SMALL as u32,
         entries: vec![
             wire::CpEntry::Ref {
                 block: 0,
                 count: 4,
-                tid: 0,
+                tid: 1,
                 index: 0,
             },
             wire::CpEntry::Zero {
@@ -641,6 +661,74 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
         true,
         &["read -P 5 0 16k", "read -P 0 16k 1008k"],
     );
+}
+
+/// A CP may follow any number of transfers: staging holds them in a few
+/// segment files, not a file (and a descriptor) each. The destination here
+/// may open 64 files; 500 transfers wait for one CP, which then applies,
+/// and after a restart of the destination they are gone from its disk.
+#[test]
+fn a_cp_after_more_transfers_than_the_destination_may_open_files() {
+    if skip_without("many_transfers", &["qemu-io", "prlimit"]) {
+        return;
+    }
+    let mut p = pair(&[], &[]);
+    let limited = Command::new("prlimit")
+        .args(["--pid", &p.dst.pid().to_string(), "--nofile=64:64"])
+        .status()
+        .unwrap();
+    assert!(limited.success());
+    let key = std::fs::read(&p.key).unwrap();
+    let key = key.trim_ascii();
+    let mut s = RawSource::open(&p.addr, key, "r");
+    let first = s.next_tid;
+    const TRANSFERS: u64 = 500;
+    for i in 0..TRANSFERS {
+        // Transfer i holds the 4K block i % 256 filled with its number.
+        let data = vec![(i % 251) as u8 + 1; SMALL as usize];
+        let t = wire::encode_transfer(first + i, &[((i % 256) * SMALL, &data)]);
+        s.send(Kind::Transfer, &t);
+        assert_eq!(
+            wire::parse_u64(&s.expect(Kind::TransferAck)).unwrap(),
+            first + i
+        );
+    }
+    // Each block refers to the last transfer that wrote it.
+    let entries = (0..256u64)
+        .map(|b| {
+            let last = if b + 256 < TRANSFERS { b + 256 } else { b };
+            wire::CpEntry::Ref {
+                block: b,
+                count: 1,
+                tid: first + last,
+                index: 0,
+            }
+        })
+        .collect();
+    let cp = wire::CpCommit {
+        cp: 0,
+        keep_from_tid: first + TRANSFERS,
+        block_size: SMALL as u32,
+        entries,
+    };
+    s.send(Kind::CpCommit, &wire::encode_cp(&cp));
+    assert_eq!(wire::parse_u64(&s.expect(Kind::CpAck)).unwrap(), 0);
+    drop(s);
+    let mut reads = Vec::new();
+    for b in 0..256u64 {
+        let last = if b + 256 < TRANSFERS { b + 256 } else { b };
+        reads.push(format!("read -P {} {} 4k", (last % 251) + 1, b * SMALL));
+    }
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    qemu_io_ok(&p.dst.uri("r"), true, &reads);
+    let staging = p._t.path().join("dst/replication/dest/r.staging");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "applied transfers stay staged: {left:?}");
+    p.dst.kill9_and_restart();
+    qemu_io_ok(&p.dst.uri("r"), true, &reads);
 }
 
 #[test]

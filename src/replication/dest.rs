@@ -5,15 +5,13 @@
 //! - `DEST.json`: the pairing (source identity and volume; a replica paired
 //!   with one source refuses every other), the last applied CP, whether it
 //!   was promoted;
-//! - `DEST.staging/t-<tid>`: one file per transfer (crc32c + payload),
-//!   acknowledged once written; the file's piece table is the transfer ID ->
-//!   block location map, rebuilt from the files at start (a file failing its
-//!   check is dropped: no durable CP record refers to it);
-//! - `DEST.staging/cp-<n>.rec`: a CP's block set, made durable together
-//!   with every transfer staged before it (one sync per CP, not per
-//!   transfer) before it is applied. References are trusted within one
-//!   session only, so a transfer lost in a crash before its CP record was
-//!   durable is never referred to: the source resyncs from its dirty map.
+//! - `DEST.staging/`: transfers appended to segment files as they arrive,
+//!   acknowledged once written, and `cp-<n>.rec`, a CP's block set, made
+//!   durable together with every transfer staged before it (one sync per
+//!   CP, not per transfer) before it is applied ([`super::staging`]).
+//!   References are trusted within one session only, so a transfer lost in
+//!   a crash before its CP record was durable is never referred to: the
+//!   source resyncs from its dirty map.
 //!
 //! Applying CP n writes every block of its set into the replica's live
 //! volume, flushes, takes snapshot `cp-n`, then records n as applied. Readers
@@ -36,17 +34,17 @@
 //! `SNAPBLK_TEST_STAGE_DELAY_MS=N` it waits N ms before acknowledging each
 //! transfer, a slow link that any writer outpaces.
 
-use super::wire::{self, CpEntry, Kind, Piece};
+use super::staging::Staging;
+use super::wire::{self, CpEntry, Kind};
 use crate::engine::Volume;
-use crate::runtime::{block_on, AlignedBuf};
+use crate::runtime::block_on;
 use crate::volumes::{validate_name, ErrorKind, Registry};
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
@@ -136,15 +134,11 @@ fn new_replica_id() -> String {
 }
 
 pub struct Replica {
-    staging: PathBuf,
+    staging: Staging,
     record_path: PathBuf,
     record: Mutex<ReplicaRecord>,
     /// Held while a CP is applied (promote waits for it).
     apply: Mutex<()>,
-    /// Transfer id -> its pieces (offsets into the staged payload).
-    index: Mutex<BTreeMap<u64, Vec<Piece>>>,
-    /// Transfers staged since the last CP record, not yet synced.
-    unsynced: Mutex<Vec<fs::File>>,
     session: Mutex<Option<Attached>>,
     /// Signalled when a connection lets go of the replica.
     released: Condvar,
@@ -197,44 +191,6 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Writes `crc32c(payload) | payload` to `path`; returns the file, to make
-/// durable with [`sync_staged`].
-fn write_staged(path: &Path, payload: &[u8]) -> io::Result<fs::File> {
-    let mut f = fs::File::create(path)?;
-    f.write_all(&crc32c::crc32c(payload).to_le_bytes())?;
-    f.write_all(payload)?;
-    Ok(f)
-}
-
-/// Makes staged files and their names in `staging` durable.
-fn sync_staged(staging: &Path, files: &[fs::File]) -> io::Result<()> {
-    for f in files {
-        f.sync_data()?;
-    }
-    fs::File::open(staging)?.sync_all()
-}
-
-/// Reads a staged file back; `None` if it fails its check.
-fn read_staged(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    let bytes = fs::read(path)?;
-    if bytes.len() < 4 {
-        return Ok(None);
-    }
-    let (crc, payload) = bytes.split_at(4);
-    if crc32c::crc32c(payload) != u32::from_le_bytes(crc.try_into().unwrap()) {
-        return Ok(None);
-    }
-    Ok(Some(payload.to_vec()))
-}
-
-fn transfer_file(staging: &Path, tid: u64) -> PathBuf {
-    staging.join(format!("t-{tid:016x}"))
-}
-
-fn cp_file(staging: &Path, cp: u64) -> PathBuf {
-    staging.join(format!("cp-{cp:016x}.rec"))
-}
-
 /// The bytes of blocks `block .. block + count` (the last block of the
 /// volume may be short).
 fn run_bytes(block: u64, count: u64, bs: u64, size: u64) -> (u64, u64) {
@@ -249,12 +205,10 @@ pub fn cp_snapshot(n: u64) -> String {
 impl Replica {
     fn new(dir: &Path, record_path: PathBuf, record: ReplicaRecord) -> Replica {
         Replica {
-            staging: dir.join(format!("{}.staging", record.volume)),
+            staging: Staging::new(dir.join(format!("{}.staging", record.volume))),
             record_path,
             record: Mutex::new(record),
             apply: Mutex::new(()),
-            index: Mutex::new(BTreeMap::new()),
-            unsynced: Mutex::new(Vec::new()),
             session: Mutex::new(None),
             released: Condvar::new(),
             broken: Mutex::new(None),
@@ -309,7 +263,7 @@ impl Replica {
             replica.mark_broken(format!(
                 "it could not be recovered at start ({e}); free space or repair {} and restart, \
                  or promote it to use the last consistency point it applied",
-                replica.staging.display()
+                replica.staging.dir().display()
             ));
         }
         (name, replica)
@@ -317,8 +271,11 @@ impl Replica {
 
     /// Applies the staged CPs a crash left unapplied.
     fn finish_applies(&self, registry: &Registry, name: &str) -> io::Result<()> {
-        fs::create_dir_all(&self.staging)?;
-        let pending = self.load_staging()?;
+        let pending = {
+            let r = self.record();
+            self.staging
+                .load(r.size, r.keep_from_tid, r.last_applied_cp)?
+        };
         if pending.is_empty() || self.record().promoted {
             return Ok(());
         }
@@ -365,75 +322,13 @@ impl Replica {
         Ok(())
     }
 
-    /// Loads the staged transfers (dropping any that fail their check) and
-    /// returns the staged CP records not applied yet, oldest first.
-    fn load_staging(&self) -> io::Result<Vec<wire::CpCommit>> {
-        let record = self.record();
-        let mut pending = Vec::new();
-        for entry in fs::read_dir(&self.staging)? {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let parsed = read_staged(&path)?;
-            let keep = if let Some(hex) = name.strip_prefix("t-") {
-                let tid = u64::from_str_radix(hex, 16).ok();
-                match (tid, parsed.map(|p| wire::decode_transfer(&p, record.size))) {
-                    (Some(tid), Some(Ok((id, pieces))))
-                        if id == tid && tid >= record.keep_from_tid =>
-                    {
-                        lock(&self.index).insert(tid, pieces);
-                        true
-                    }
-                    _ => false,
-                }
-            } else if name.starts_with("cp-") {
-                match parsed.map(|p| wire::decode_cp(&p)) {
-                    Some(Ok(cp)) if record.last_applied_cp.is_none_or(|a| cp.cp > a) => {
-                        pending.push(cp);
-                        true
-                    }
-                    _ => false,
-                }
-            } else {
-                false
-            };
-            if !keep {
-                log::info!(
-                    "replication: dropping stale staging file {}",
-                    path.display()
-                );
-                fs::remove_file(&path)?;
-            }
-        }
-        pending.sort_by_key(|c| c.cp);
-        Ok(pending)
-    }
-
     fn next_tid(&self) -> u64 {
-        let staged = lock(&self.index).keys().next_back().map_or(0, |t| t + 1);
-        staged.max(self.record().keep_from_tid)
+        self.staging.next_tid(self.record().keep_from_tid)
     }
 
-    /// Checks and stages a transfer; returns its id. It is made durable
-    /// with the next CP record ([`Replica::stage_cp`]), the first thing that
-    /// can refer to it after a crash: one sync per CP, not per transfer.
+    /// Checks and stages a transfer; returns its id.
     fn store_transfer(&self, payload: &[u8]) -> io::Result<u64> {
-        let (tid, pieces) = wire::decode_transfer(payload, self.record().size)?;
-        let f = write_staged(&transfer_file(&self.staging, tid), payload)?;
-        lock(&self.unsynced).push(f);
-        lock(&self.index).insert(tid, pieces);
-        Ok(tid)
-    }
-
-    /// Makes every staged transfer durable, then CP record `cp`: a crash
-    /// after this applies the CP again from staging.
-    fn stage_cp(&self, cp: u64, payload: &[u8]) -> io::Result<()> {
-        let mut files = std::mem::take(&mut *lock(&self.unsynced));
-        files.push(write_staged(&cp_file(&self.staging, cp), payload)?);
-        sync_staged(&self.staging, &files)
+        self.staging.store_transfer(payload, self.record().size)
     }
 
     /// Checks that every entry of `cp` lies inside the volume and every
@@ -442,7 +337,6 @@ impl Replica {
         let size = self.record().size;
         let bs = cp.block_size as u64;
         let blocks = size.div_ceil(bs);
-        let index = lock(&self.index);
         for e in &cp.entries {
             let (block, count) = match *e {
                 CpEntry::Ref { block, count, .. } | CpEntry::Zero { block, count } => {
@@ -456,16 +350,13 @@ impl Replica {
                 )));
             }
             if let CpEntry::Ref { tid, index: i, .. } = *e {
-                let piece = index
-                    .get(&tid)
-                    .and_then(|p| p.get(i as usize))
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "CP {}: block {block} refers to piece {i} of transfer {tid}, \
+                let piece = self.staging.piece(tid, i).ok_or_else(|| {
+                    invalid(format!(
+                        "CP {}: block {block} refers to piece {i} of transfer {tid}, \
                              which this replica does not hold",
-                            cp.cp
-                        ))
-                    })?;
+                        cp.cp
+                    ))
+                })?;
                 let (start, end) = run_bytes(block, count, bs, size);
                 if start < piece.offset || end > piece.offset + piece.len as u64 {
                     return Err(invalid(format!(
@@ -478,29 +369,6 @@ impl Replica {
         Ok(())
     }
 
-    /// Reads the bytes of piece `i` of transfer `tid` that belong at
-    /// `start..end` of the volume; `files` keeps staged files open across
-    /// one apply.
-    fn read_piece(
-        &self,
-        files: &mut HashMap<u64, fs::File>,
-        tid: u64,
-        i: u32,
-        (start, end): (u64, u64),
-    ) -> io::Result<AlignedBuf> {
-        let piece = lock(&self.index)[&tid][i as usize].clone();
-        let f = match files.entry(tid) {
-            std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(fs::File::open(transfer_file(&self.staging, tid))?)
-            }
-        };
-        // Aligned: the replica's origin may be opened with O_DIRECT.
-        let mut data = AlignedBuf::zeroed((end - start) as usize);
-        f.read_exact_at(&mut data, 4 + (piece.at as u64) + (start - piece.offset))?;
-        Ok(data)
-    }
-
     /// Applies a staged CP to `volume` (see the module doc); idempotent.
     fn apply(&self, volume: &Arc<Volume>, cp: &wire::CpCommit) -> io::Result<()> {
         let _applying = lock(&self.apply);
@@ -510,7 +378,7 @@ impl Replica {
         }
         let bs = cp.block_size as u64;
         let view = volume.live();
-        let mut files = HashMap::new();
+        let mut staged = self.staging.reader();
         let pause_at = std::env::var(PAUSE_KNOB)
             .ok()
             .and_then(|v| v.parse::<u64>().ok());
@@ -551,7 +419,7 @@ impl Replica {
                         } => {
                             let run = run_bytes(block, count, bs, record.size);
                             bytes += run.1 - run.0;
-                            writes.push((run.0, self.read_piece(&mut files, tid, index, run)?));
+                            writes.push((run.0, staged.read(tid, index, run)?));
                         }
                         CpEntry::Zero { block, count } => {
                             let (start, end) = run_bytes(block, count, bs, record.size);
@@ -567,7 +435,7 @@ impl Replica {
                 .map_err(engine)?;
             }
         }
-        drop(files);
+        drop(staged);
         block_on(view.flush()).map_err(engine)?;
         let name = cp_snapshot(cp.cp);
         let generation = match volume.list_snapshots().into_iter().find(|s| s.name == name) {
@@ -588,18 +456,7 @@ impl Replica {
         let keep_cps = record.keep_cps.max(1) as usize;
         let keep_from = record.keep_from_tid;
         self.save(record)?;
-        fs::remove_file(cp_file(&self.staging, cp.cp))?;
-        let dropped: Vec<u64> = {
-            let mut index = lock(&self.index);
-            let old: Vec<u64> = index.range(..keep_from).map(|(t, _)| *t).collect();
-            old.iter().for_each(|t| {
-                index.remove(t);
-            });
-            old
-        };
-        for tid in dropped {
-            fs::remove_file(transfer_file(&self.staging, tid))?;
-        }
+        self.staging.applied(cp.cp, keep_from)?;
         let mut cps: Vec<(u64, String)> = volume
             .list_snapshots()
             .into_iter()
@@ -643,7 +500,7 @@ impl Replica {
             "lag_seconds": r.last_applied_cp.map(|_| crate::engine::now_unix_ms().saturating_sub(r.applied_unix_ms) as f64 / 1000.0),
             "keep_cps": r.keep_cps,
             "block_size": r.block_size,
-            "staged_transfers": lock(&self.index).len(),
+            "staged_transfers": self.staging.len(),
             "bytes_received": self.bytes_received.load(Ordering::Relaxed),
             "failback_base_cp": r.resync.as_ref().map(|f| f.base_cp),
             "failback_snapshot": r.resync.as_ref().map(|f| f.snapshot.clone()),
@@ -966,7 +823,7 @@ impl Receiver {
                     let applied = replica.record().last_applied_cp;
                     if applied.is_none_or(|a| cp.cp > a) {
                         replica.check_cp(&cp)?;
-                        replica.stage_cp(cp.cp, &payload)?;
+                        replica.staging.stage_cp(cp.cp, &payload)?;
                         let vol = self
                             .registry
                             .volume(name)
@@ -1098,7 +955,7 @@ impl Receiver {
                     self.dir.join(format!("{name}.json")),
                     record.clone(),
                 ));
-                fs::create_dir_all(&replica.staging).map_err(|e| e.to_string())?;
+                replica.staging.reset(true).map_err(|e| e.to_string())?;
                 replica.save(record).map_err(|e| e.to_string())?;
                 replicas.insert(name.clone(), replica.clone());
                 replica
@@ -1175,11 +1032,7 @@ impl Receiver {
             record.clone(),
         ));
         // Staging of an earlier life as a replica is stale.
-        match fs::remove_dir_all(&replica.staging) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.to_string()),
-            _ => {}
-        }
-        fs::create_dir_all(&replica.staging).map_err(|e| e.to_string())?;
+        replica.staging.reset(true).map_err(|e| e.to_string())?;
         replica.save(record).map_err(|e| e.to_string())?;
         replicas.insert(name.clone(), replica.clone());
         old.failback_done(name);
@@ -1252,9 +1105,8 @@ impl Receiver {
         if let Some(a) = lock(&replica.session).as_ref() {
             let _ = a.cut.shutdown(std::net::Shutdown::Both);
         }
-        lock(&replica.index).clear();
-        if let Err(e) = fs::remove_dir_all(&replica.staging) {
-            log::warn!("cannot remove {}: {e}", replica.staging.display());
+        if let Err(e) = replica.staging.reset(false) {
+            log::warn!("cannot remove {}: {e}", replica.staging.dir().display());
         }
         log::info!(
             "replica {volume} promoted at consistency point {last:?}; it is a normal volume now"

@@ -53,6 +53,7 @@ pub mod dest;
 mod dirty;
 mod group;
 pub mod source;
+mod staging;
 pub mod wire;
 mod write_log;
 
