@@ -37,7 +37,7 @@
 use super::staging::Staging;
 use super::wire::{self, CpEntry, Kind};
 use crate::engine::Volume;
-use crate::runtime::block_on;
+use crate::runtime::{block_on, AlignedBuf};
 use crate::volumes::{validate_name, ErrorKind, Registry};
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
@@ -56,6 +56,16 @@ const STAGE_DELAY_KNOB: &str = "SNAPBLK_TEST_STAGE_DELAY_MS";
 /// CP entries applied concurrently, and the bytes they may hold in memory.
 const APPLY_BATCH: usize = 128;
 const APPLY_BATCH_BYTES: u64 = 16 << 20;
+/// Adjacent referenced blocks are written together up to this many bytes.
+const APPLY_WRITE: u64 = 1 << 20;
+
+/// One write of an apply: volume bytes `start..end`, gathered from staged
+/// pieces (transfer, piece, where its part starts), in order.
+struct Planned {
+    start: u64,
+    end: u64,
+    parts: Vec<(u64, u32, u64)>,
+}
 /// The whole handshake (key proof, `Open`, pairing) must end within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most this many connections may be in their handshake at once (each
@@ -401,12 +411,15 @@ impl Replica {
             }
             let mut rest = entries;
             while !rest.is_empty() {
-                let mut writes = Vec::new();
+                // References to adjacent blocks (entries are in block order)
+                // become one write: small blocks of a dense CP cost one
+                // engine write per run instead of one per block.
+                let mut planned: Vec<Planned> = Vec::new();
                 let mut zeroes = Vec::new();
                 let mut bytes = 0;
                 let mut taken = 0;
-                for e in rest.iter().take(APPLY_BATCH) {
-                    if bytes >= APPLY_BATCH_BYTES {
+                for e in rest {
+                    if planned.len() + zeroes.len() >= APPLY_BATCH || bytes >= APPLY_BATCH_BYTES {
                         break;
                     }
                     taken += 1;
@@ -419,7 +432,17 @@ impl Replica {
                         } => {
                             let run = run_bytes(block, count, bs, record.size);
                             bytes += run.1 - run.0;
-                            writes.push((run.0, staged.read(tid, index, run)?));
+                            match planned.last_mut() {
+                                Some(w) if w.end == run.0 && w.end - w.start < APPLY_WRITE => {
+                                    w.end = run.1;
+                                    w.parts.push((tid, index, run.0));
+                                }
+                                _ => planned.push(Planned {
+                                    start: run.0,
+                                    end: run.1,
+                                    parts: vec![(tid, index, run.0)],
+                                }),
+                            }
                         }
                         CpEntry::Zero { block, count } => {
                             let (start, end) = run_bytes(block, count, bs, record.size);
@@ -428,6 +451,19 @@ impl Replica {
                     }
                 }
                 rest = &rest[taken..];
+                let mut writes = Vec::with_capacity(planned.len());
+                for w in planned {
+                    // Aligned: the replica's origin may be opened with O_DIRECT.
+                    let mut data = AlignedBuf::zeroed((w.end - w.start) as usize);
+                    let mut at = 0;
+                    for (i, &(tid, index, start)) in w.parts.iter().enumerate() {
+                        let end = w.parts.get(i + 1).map_or(w.end, |p| p.2);
+                        let len = (end - start) as usize;
+                        staged.read_into(tid, index, start, &mut data[at..at + len])?;
+                        at += len;
+                    }
+                    writes.push((w.start, data));
+                }
                 block_on(async {
                     try_join_all(writes.iter().map(|(o, d)| view.write(*o, d, false))).await?;
                     try_join_all(zeroes.iter().map(|&(o, l)| view.write_zeroes(o, l, false))).await

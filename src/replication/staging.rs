@@ -18,7 +18,6 @@
 //! Never: decides what a CP means or writes the replica volume (dest.rs).
 
 use super::wire::{self, Piece};
-use crate::runtime::AlignedBuf;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
@@ -383,9 +382,10 @@ pub struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    /// The bytes of piece `i` of transfer `tid` that belong at `start..end`
-    /// of the volume (checked against the piece by the caller).
-    pub fn read(&mut self, tid: u64, i: u32, (start, end): (u64, u64)) -> io::Result<AlignedBuf> {
+    /// Reads into `buf` the bytes of piece `i` of transfer `tid` that
+    /// belong at `start..` of the volume (checked against the piece by the
+    /// caller).
+    pub fn read_into(&mut self, tid: u64, i: u32, start: u64, buf: &mut [u8]) -> io::Result<()> {
         let (holder, at, piece) = {
             let inner = self.staging.lock();
             let staged = inner
@@ -409,10 +409,7 @@ impl Reader<'_> {
                 v.insert(fs::File::open(path)?)
             }
         };
-        // Aligned: the replica's origin may be opened with O_DIRECT.
-        let mut data = AlignedBuf::zeroed((end - start) as usize);
-        f.read_exact_at(&mut data, at + piece.at as u64 + (start - piece.offset))?;
-        Ok(data)
+        f.read_exact_at(buf, at + piece.at as u64 + (start - piece.offset))
     }
 }
 
@@ -433,10 +430,9 @@ mod tests {
     }
 
     fn read(s: &Staging, tid: u64, i: u32, offset: u64, len: u64) -> Vec<u8> {
-        s.reader()
-            .read(tid, i, (offset, offset + len))
-            .unwrap()
-            .to_vec()
+        let mut buf = vec![0; len as usize];
+        s.reader().read_into(tid, i, offset, &mut buf).unwrap();
+        buf
     }
 
     #[test]
