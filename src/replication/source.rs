@@ -1125,7 +1125,11 @@ impl Link {
         // Writes after the snapshot go to new transfers.
         s.log.close();
         if taken {
-            let map = std::mem::take(&mut s.epoch);
+            // The next epoch likely touches as many blocks: sized like this
+            // one, its map never rehashes (moving every entry, under the
+            // lock) while it grows.
+            let next = BlockMap::with_capacity_and_hasher(s.epoch.len(), Default::default());
+            let map = std::mem::replace(&mut s.epoch, next);
             s.cp = Some(CpInFlight {
                 number,
                 boundary: s.next_seq,
