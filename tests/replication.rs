@@ -759,6 +759,17 @@ fn a_destination_killed_mid_apply_comes_back_with_exactly_one_cp() {
     }
     // Readers still see CP 1 while CP 2 is half applied.
     assert!(same_image(&p.src.uri("v@repl-cp-1"), &p.dst.uri("r")));
+    // The link keeps shipping while the destination applies: writes made
+    // now are staged (acknowledged transfers) before CP 2 is applied.
+    let before = p.status("v")["transfers"].as_u64().unwrap();
+    write_blocks(&p.src.uri("v"), 0..8, 4);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.status("v")["transfers"].as_u64().unwrap() < before + 1 {
+        assert!(Instant::now() < deadline, "{}", p.status("v"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = p.status("v");
+    assert_eq!(s["cps"], 2, "CP 2 is not applied yet: {s}");
     p.dst.signal(libc::SIGKILL);
     p.dst.env.clear();
     p.dst.restart();

@@ -45,6 +45,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
@@ -544,6 +545,99 @@ impl Replica {
     }
 }
 
+/// A CP being applied by a thread of its own while the session goes on
+/// receiving ([`Receiver::receive`]).
+struct Applying {
+    cp: u64,
+    thread: JoinHandle<io::Result<()>>,
+    /// Readable once the thread ended (an eventfd), so that the session
+    /// waits for the source and the apply at once.
+    ended: OwnedFd,
+}
+
+impl Applying {
+    fn start(
+        replica: Arc<Replica>,
+        volume: Arc<Volume>,
+        cp: wire::CpCommit,
+        name: &str,
+    ) -> io::Result<Applying> {
+        // SAFETY: plain syscall; the descriptor is owned at once.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        let ended = unsafe { OwnedFd::from_raw_fd(fd) };
+        let signal = ended.try_clone()?;
+        let name = name.to_string();
+        let number = cp.cp;
+        let thread = std::thread::Builder::new()
+            .name(format!("repl-apply-{name}"))
+            .spawn(move || {
+                // Signalled however the apply ends, a panic included.
+                struct Ended(OwnedFd);
+                impl Drop for Ended {
+                    fn drop(&mut self) {
+                        let one = 1u64.to_ne_bytes();
+                        // SAFETY: writes 8 bytes from a live buffer to an eventfd.
+                        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), 8) };
+                    }
+                }
+                let _ended = Ended(signal);
+                replica.apply(&volume, &cp)?;
+                log::info!("replica {name}: consistency point {} applied", cp.cp);
+                Ok(())
+            })?;
+        Ok(Applying {
+            cp: number,
+            thread,
+            ended,
+        })
+    }
+
+    /// Waits until the source sent something (true) or the apply ended
+    /// (false). No idle timeout meanwhile: the source may well be silent
+    /// while it waits for this CP's acknowledgement.
+    fn wait(&self, stream: &TcpStream) -> io::Result<bool> {
+        let mut fds = [
+            libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.ended.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `fds` is a live array of two pollfd.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n >= 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(fds[1].revents == 0)
+    }
+
+    /// Waits for the apply to end; the CP applied.
+    fn join(self) -> io::Result<u64> {
+        match self.thread.join() {
+            Ok(r) => r.map(|()| self.cp),
+            Err(_) => Err(io::Error::other(format!(
+                "applying consistency point {} panicked",
+                self.cp
+            ))),
+        }
+    }
+}
+
 impl Receiver {
     /// Loads every replica (finishing CPs whose apply a crash cut short) and,
     /// with `listen`, starts accepting sources.
@@ -814,7 +908,38 @@ impl Receiver {
             record.source_id,
             record.last_applied_cp
         );
+        let mut applying: Option<Applying> = None;
+        let result = self.receive(replica, name, stream, sealed, stage_delay, &mut applying);
+        // The replica is let go only once its apply ended (a restart of
+        // the source waits for that, as promote does).
+        match applying.map(Applying::join) {
+            Some(Err(e)) if result.is_ok() => Err(e),
+            _ => result,
+        }
+    }
+
+    /// The session's frames until the source leaves. A CP is applied by a
+    /// thread of its own ([`Applying`]) while this one goes on staging the
+    /// next CP's transfers, so the source keeps shipping its log instead of
+    /// waiting (and overflowing it) through the apply; the CP's `CpAck`
+    /// goes out once it is applied.
+    fn receive(
+        &self,
+        replica: &Arc<Replica>,
+        name: &str,
+        mut stream: &TcpStream,
+        sealed: &mut wire::Session,
+        stage_delay: Option<u64>,
+        applying: &mut Option<Applying>,
+    ) -> io::Result<()> {
         loop {
+            if let Some(a) = applying.as_ref() {
+                if !a.wait(stream)? {
+                    let cp = applying.take().expect("applying").join()?;
+                    sealed.send(&mut stream, Kind::CpAck, &wire::u64_payload(cp))?;
+                    continue;
+                }
+            }
             let (kind, payload) = match sealed.recv(&mut stream) {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e)
@@ -855,6 +980,11 @@ impl Receiver {
                     sealed.send(&mut stream, Kind::TransferAck, &wire::u64_payload(tid))?;
                 }
                 Kind::CpCommit => {
+                    // CPs apply one at a time, in order.
+                    if let Some(a) = applying.take() {
+                        let done = a.join()?;
+                        sealed.send(&mut stream, Kind::CpAck, &wire::u64_payload(done))?;
+                    }
                     let cp = wire::decode_cp(&payload)?;
                     let applied = replica.record().last_applied_cp;
                     if applied.is_none_or(|a| cp.cp > a) {
@@ -864,10 +994,10 @@ impl Receiver {
                             .registry
                             .volume(name)
                             .map_err(|e| io::Error::other(e.message))?;
-                        replica.apply(&vol, &cp)?;
-                        log::info!("replica {name}: consistency point {} applied", cp.cp);
+                        *applying = Some(Applying::start(replica.clone(), vol, cp, name)?);
+                    } else {
+                        sealed.send(&mut stream, Kind::CpAck, &wire::u64_payload(cp.cp))?;
                     }
-                    sealed.send(&mut stream, Kind::CpAck, &wire::u64_payload(cp.cp))?;
                 }
                 k => return Err(invalid(format!("unexpected {k:?} frame"))),
             }

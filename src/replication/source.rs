@@ -24,6 +24,14 @@
 //! transfer. A writer that outpaces the link can delay the next CP only by
 //! what the CP itself must carry, never by what keeps arriving.
 //!
+//! One CP at a time, without stopping the log: once a CP is committed the
+//! destination applies it in the background and the sender goes on
+//! shipping the log (the `CpAck` arrives among the transfer
+//! acknowledgements); the next CP is taken once that one is applied. A
+//! sender that waited for the apply instead filled a 64 MiB log within a
+//! fraction of a second under a fast writer and sent every later write's
+//! blocks whole.
+//!
 //! Ordering: `before_write` takes a block-granular range lock, so writes to
 //! the same block reach the origin and `after_write` in one order and a
 //! block's state always names its last write. A CP sets a barrier that new
@@ -68,6 +76,9 @@ const DIRTY_REGION: u64 = 64 * 1024;
 pub const MIN_BLOCK: u64 = 4096;
 /// How often an idle sender checks that the destination is still there.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// How often an idle sender looks for the acknowledgement of the CP being
+/// applied (the next CP waits for it).
+const ACK_CHECK: Duration = Duration::from_millis(20);
 /// An idle sender pings this often, well within the destination's idle
 /// timeout ([`super::dest::SESSION_IDLE_TIMEOUT`]).
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -404,6 +415,18 @@ struct Conn<'a> {
     sealed: wire::Session,
     /// When the last frame went out (an idle link pings).
     last_sent: Instant,
+    /// The CP committed and not acknowledged yet: the destination applies
+    /// it while the next CP's log ships.
+    cp_sent: Option<CpSent>,
+}
+
+/// What [`Link::cp_applied`] needs of a CP once the destination applied it.
+struct CpSent {
+    number: u64,
+    full: bool,
+    refs: u64,
+    whole: u64,
+    zero: u64,
 }
 
 impl Conn<'_> {
@@ -418,12 +441,49 @@ impl Conn<'_> {
         self.link.lock().stats.bytes_sent += bytes as u64;
     }
 
-    fn expect(&mut self, kind: Kind) -> io::Result<Vec<u8>> {
-        self.sealed.expect(&mut self.stream, kind)
+    /// The destination's next answer, which must be `kind`; the
+    /// acknowledgement of the CP being applied may come first and is taken
+    /// care of on the way.
+    fn reply(&mut self, kind: Kind) -> io::Result<Vec<u8>> {
+        loop {
+            let (k, payload) = self.sealed.recv(&mut self.stream)?;
+            if k == Kind::CpAck && kind != Kind::CpAck {
+                self.cp_acked(&payload)?;
+                continue;
+            }
+            return wire::peer_error(k, payload, kind);
+        }
     }
 
-    /// Fails if the destination closed the connection (it only ever
-    /// speaks when asked, so anything readable while idle means it is gone).
+    /// The destination applied CP `payload`, the one sent.
+    fn cp_acked(&mut self, payload: &[u8]) -> io::Result<()> {
+        let acked = wire::parse_u64(payload)?;
+        let sent = self.cp_sent.take().ok_or_else(|| {
+            io::Error::other(format!(
+                "the destination acknowledged consistency point {acked}, which was not sent"
+            ))
+        })?;
+        if acked != sent.number {
+            return Err(io::Error::other(format!(
+                "the destination acknowledged consistency point {acked}, expected {}",
+                sent.number
+            )));
+        }
+        self.link.cp_applied(sent).map_err(io::Error::other)
+    }
+
+    /// Waits until the CP sent, if any, is applied.
+    fn await_cp(&mut self) -> io::Result<()> {
+        if self.cp_sent.is_some() {
+            let payload = self.reply(Kind::CpAck)?;
+            self.cp_acked(&payload)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the acknowledgement of the CP being applied if it arrived, and
+    /// fails if the destination closed the connection (it speaks only to
+    /// answer, so anything else readable while idle means it is gone).
     fn check_alive(&mut self) -> io::Result<()> {
         self.stream.set_nonblocking(true)?;
         let mut byte = [0u8; 1];
@@ -438,6 +498,9 @@ impl Conn<'_> {
             )),
             Ok(_) => {
                 let msg = match self.sealed.recv(&mut self.stream) {
+                    Ok((Kind::CpAck, payload)) if self.cp_sent.is_some() => {
+                        return self.cp_acked(&payload).and_then(|()| self.keep_alive());
+                    }
                     Ok((_, payload)) => String::from_utf8_lossy(&payload).into_owned(),
                     Err(e) => e.to_string(),
                 };
@@ -466,7 +529,7 @@ impl Conn<'_> {
             .sealed
             .send_frame(&mut self.stream, Kind::Transfer, &mut frame)?;
         self.sent(n);
-        let acked = wire::parse_u64(&self.expect(Kind::TransferAck)?)?;
+        let acked = wire::parse_u64(&self.reply(Kind::TransferAck)?)?;
         if acked != tid {
             return Err(io::Error::other(format!(
                 "the destination acknowledged transfer {acked}, expected {tid}"
@@ -843,6 +906,7 @@ impl Link {
                 stream,
                 sealed,
                 last_sent: Instant::now(),
+                cp_sent: None,
             });
         }
         Err(last)
@@ -937,31 +1001,44 @@ impl Link {
                         return Ok(());
                     }
                     let now = Instant::now();
-                    if s.cp_requests > s.cp_acked_requests {
+                    let wanted = if s.cp_requests > s.cp_acked_requests {
                         let requested = s.cp_requested_at.unwrap_or(now);
-                        break Some(if now >= due {
+                        Some(if now >= due {
                             requested.min(due)
                         } else {
                             requested
-                        });
-                    }
-                    if now >= due {
+                        })
+                    } else if now >= due {
                         if s.epoch.is_empty() && s.log.is_empty() {
                             due = now + interval;
+                            None
                         } else {
-                            break Some(due);
+                            Some(due)
                         }
+                    } else {
+                        None
+                    };
+                    // One CP at a time: the next is taken once the last is
+                    // applied, and the log ships meanwhile.
+                    let applying = conn.cp_sent.is_some();
+                    if let Some(when) = wanted.filter(|_| !applying) {
+                        break Some(when);
                     }
                     if !s.log.is_empty() {
                         break None;
                     }
-                    let nap = due.saturating_duration_since(now).min(IDLE_CHECK);
+                    let check = if applying { ACK_CHECK } else { IDLE_CHECK };
+                    let nap = if wanted.is_some() {
+                        check
+                    } else {
+                        due.saturating_duration_since(now).min(check)
+                    };
                     s = self
                         .cond
                         .wait_timeout(s, nap)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
-                    if Instant::now() >= now + IDLE_CHECK {
+                    if Instant::now() >= now + check {
                         drop(s);
                         conn.check_alive().map_err(|e| e.to_string())?;
                         s = self.lock();
@@ -1167,6 +1244,7 @@ impl Link {
         full: bool,
         due: Instant,
     ) -> Result<u64, String> {
+        conn.await_cp().map_err(|e| e.to_string())?;
         let number = self.take_cp_snapshot(number, due)?;
         let name = cp_snapshot_name(number);
         // The log up to the snapshot ships before the commit (it is never
@@ -1242,23 +1320,34 @@ impl Link {
         };
         conn.send(Kind::CpCommit, &wire::encode_cp(&commit))
             .map_err(|e| e.to_string())?;
-        let acked = conn
-            .expect(Kind::CpAck)
-            .and_then(|p| wire::parse_u64(&p))
-            .map_err(|e| format!("consistency point {number}: {e}"))?;
-        if acked != number {
-            return Err(format!(
-                "the destination acknowledged consistency point {acked}, expected {number}"
-            ));
-        }
-        self.acknowledged(number, full, refs, sent_whole, zero)?;
+        conn.cp_sent = Some(CpSent {
+            number,
+            full,
+            refs,
+            whole: sent_whole,
+            zero,
+        });
+        Ok(number)
+    }
+
+    /// The destination applied CP `sent`: it is the replica's image now.
+    fn cp_applied(&self, sent: CpSent) -> SessionResult {
+        let CpSent {
+            number,
+            full,
+            refs,
+            whole,
+            zero,
+        } = sent;
+        self.acknowledged(number, full, refs, whole, zero)?;
         if keep_cp_snapshots() {
-            return Ok(number);
+            return Ok(());
         }
+        let name = cp_snapshot_name(number);
         if let Err(e) = block_on(self.volume.delete_snapshot(&name)) {
             log::warn!("volume {}: cannot delete {name}: {e}", self.volume.name());
         }
-        Ok(number)
+        Ok(())
     }
 
     /// The in-flight CP's shipped blocks as references, runs of blocks of

@@ -46,7 +46,11 @@
 //! volume) -> `Opened` (JSON: the last CP the replica applied); then any
 //! number of `Transfer` -> `TransferAck` and `CpCommit` -> `CpAck`, and a
 //! `Ping` from an idle source (no answer) that tells the destination's
-//! idle timeout the source is still there.
+//! idle timeout the source is still there. A `CpAck` says the CP is
+//! applied; it may come after the acknowledgements of transfers sent after
+//! the commit (the destination stages them while it applies), and a source
+//! commits the next CP only after it. Either end may be of a version that
+//! waits for the `CpAck` before anything else: answers keep their order.
 //!
 //! Version 2: a CP carries its replication block size (a setting of the
 //! link, at most the volume's chunk), and a reference sets a run of blocks
@@ -190,7 +194,7 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<(Kind, Vec<u8>)> {
 }
 
 /// A peer's `Error` or `Refused` frame as the error it reports.
-fn peer_error(kind: Kind, payload: Vec<u8>, want: Kind) -> io::Result<Vec<u8>> {
+pub fn peer_error(kind: Kind, payload: Vec<u8>, want: Kind) -> io::Result<Vec<u8>> {
     match kind {
         k if k == want => Ok(payload),
         Kind::Error | Kind::Refused => Err(io::Error::new(
