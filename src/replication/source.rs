@@ -992,6 +992,7 @@ impl Link {
             self.consistency_point(&mut conn, next_cp, &mut next_tid, full, Instant::now())? + 1;
         let interval = Duration::from_millis(self.lock().record.cp_interval_ms.max(1));
         let mut due = Instant::now() + interval;
+        let mut checked = Instant::now();
         loop {
             // `Some(when it fell due)`: take a CP now; `None`: ship one transfer.
             let cp_due = {
@@ -1027,22 +1028,27 @@ impl Link {
                     if !s.log.is_empty() {
                         break None;
                     }
-                    let check = if applying { ACK_CHECK } else { IDLE_CHECK };
-                    let nap = if wanted.is_some() {
-                        check
+                    // Counted from the last check, not from this wait: writes
+                    // that are not logged (partial blocks) wake this loop
+                    // far more often than it checks.
+                    let next_check = checked + if applying { ACK_CHECK } else { IDLE_CHECK };
+                    if now >= next_check {
+                        drop(s);
+                        conn.check_alive().map_err(|e| e.to_string())?;
+                        checked = Instant::now();
+                        s = self.lock();
+                        continue;
+                    }
+                    let until = if wanted.is_some() {
+                        next_check
                     } else {
-                        due.saturating_duration_since(now).min(check)
+                        due.min(next_check)
                     };
                     s = self
                         .cond
-                        .wait_timeout(s, nap)
+                        .wait_timeout(s, until.saturating_duration_since(now))
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
-                    if Instant::now() >= now + check {
-                        drop(s);
-                        conn.check_alive().map_err(|e| e.to_string())?;
-                        s = self.lock();
-                    }
                 }
             };
             match cp_due {
