@@ -1010,11 +1010,13 @@ fn background_jobs_run_at_low_cpu_and_io_priority() {
     let id = start_slow(&d, "v", &t.path().join("cow.img"));
     let tid = thread(id.trim());
     // The thread has its name from birth and sets its priorities as its
-    // first step: wait for that step, not for a moment.
+    // first step: wait for that step, not for a moment. Both at once: the
+    // nice value is read before the I/O class, so one look can see the
+    // class set and the nice value from before.
     let deadline = Instant::now() + Duration::from_secs(60);
     let (nice, class) = loop {
         let now = priorities(&tid);
-        if now.1 == "idle" || Instant::now() > deadline {
+        if (now.0.as_str(), now.1.as_str()) == ("10", "idle") || Instant::now() > deadline {
             break now;
         }
         std::thread::sleep(Duration::from_millis(20));
