@@ -1,5 +1,6 @@
 //! The destination end: the listener, one thread per authenticated source
-//! connection, the staging area and the atomic application of CPs.
+//! connection, the staging area and the atomic application of CPs (each by
+//! a thread of its own while the connection's thread stages what follows).
 //!
 //! Per replica volume `DEST` (all under `DATA_DIR/replication/dest/`):
 //! - `DEST.json`: the pairing (source identity and volume; a replica paired
