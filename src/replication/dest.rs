@@ -457,12 +457,10 @@ impl Replica {
                 for w in planned {
                     // Aligned: the replica's origin may be opened with O_DIRECT.
                     let mut data = AlignedBuf::zeroed((w.end - w.start) as usize);
-                    let mut at = 0;
                     for (i, &(tid, index, start)) in w.parts.iter().enumerate() {
                         let end = w.parts.get(i + 1).map_or(w.end, |p| p.2);
-                        let len = (end - start) as usize;
-                        staged.read_into(tid, index, start, &mut data[at..at + len])?;
-                        at += len;
+                        let into = &mut data[(start - w.start) as usize..(end - w.start) as usize];
+                        staged.read_into(tid, index, start, into)?;
                     }
                     writes.push((w.start, data));
                 }

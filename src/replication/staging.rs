@@ -320,13 +320,15 @@ impl Staging {
                 fs::remove_file(self.transfer_path(tid))?;
             }
         }
-        let live = inner.segments.split_off(&keep_from_tid);
-        let old = std::mem::replace(&mut inner.segments, live);
-        for (id, last) in old {
-            if last >= keep_from_tid {
-                inner.segments.insert(id, last);
-                continue;
+        let mut dead = Vec::new();
+        inner.segments.retain(|&id, &mut last| {
+            let live = last >= keep_from_tid;
+            if !live {
+                dead.push(id);
             }
+            live
+        });
+        for id in dead {
             if inner.open.as_ref().is_some_and(|s| s.id == id) {
                 inner.open = None;
                 inner.open_dirty = false;

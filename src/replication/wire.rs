@@ -695,15 +695,14 @@ impl TransferFrame {
         }
     }
 
-    /// Adds a piece; returns its index in the transfer.
-    pub fn push(&mut self, offset: u64, data: &[u8]) -> u32 {
+    /// Adds a piece (the next index of the transfer).
+    pub fn push(&mut self, offset: u64, data: &[u8]) {
         self.frame.reserve(12 + data.len() + TAG);
         self.frame.extend_from_slice(&offset.to_le_bytes());
         self.frame
             .extend_from_slice(&(data.len() as u32).to_le_bytes());
         self.frame.extend_from_slice(data);
         self.pieces += 1;
-        self.pieces - 1
     }
 
     pub fn is_empty(&self) -> bool {
@@ -719,6 +718,11 @@ impl TransferFrame {
     pub fn finish(mut self, tid: u64) -> Vec<u8> {
         self.frame[HEADER..HEADER + 8].copy_from_slice(&tid.to_le_bytes());
         self.frame[HEADER + 8..HEADER + 12].copy_from_slice(&self.pieces.to_le_bytes());
+        self.frame
+    }
+
+    /// The buffer back, for another transfer ([`TransferFrame::new`]).
+    pub fn into_buffer(self) -> Vec<u8> {
         self.frame
     }
 }

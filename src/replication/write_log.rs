@@ -115,7 +115,7 @@ impl WriteLog {
     /// Drops every logged write (the link broke).
     pub fn clear(&mut self) {
         while let Some(s) = self.segments.pop_front() {
-            self.recycle(s.frame.finish(0));
+            self.recycle(s.frame.into_buffer());
         }
         self.open = false;
         self.bytes = 0;
@@ -194,7 +194,7 @@ mod tests {
 
         log.recycle(Vec::with_capacity(1 << 20));
         log.push(3, 0, &[1; 512]);
-        let frame = log.take_before(u64::MAX).unwrap().frame.finish(0);
+        let frame = log.take_before(u64::MAX).unwrap().frame.into_buffer();
         assert_eq!(frame.capacity(), 1 << 20, "the spare frame was reused");
 
         log.push(4, 0, &[1; 512]);
