@@ -2,7 +2,11 @@
 # /dev/ublkbN for a snapblk plain volume, a snapblk volume with one snapshot,
 # and rublk's loop target, all backed by same-size files on the same tmpfs.
 # Prints one line per measurement for the host to parse:
-#   BENCH-RESULT round=R target=T workload=W iops=N kibps=N
+#   BENCH-RESULT round=R target=T workload=W iops=N kibps=N cpu_ns_per_io=N
+# cpu_ns_per_io: CPU time of the serving process (all its threads, from
+# /proc/PID/stat, in clock ticks) over the requests the block device completed
+# (/sys/block/ublkbN/stat) in the same window: the server's own cost per
+# request, which the IOPS alone mix with fio's and the kernel's.
 # Settings come from /etc/snapblk-vm.env (run-tests --env): BENCH_SIZE (MiB),
 # BENCH_RUNTIME (s per measurement), BENCH_ROUNDS, BENCH_DEPTH (device queue
 # depth), BENCH_WORKLOADS, BENCH_TARGETS.
@@ -29,12 +33,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-declare -A dev
+declare -A dev pid
 for t in $targets; do
     case $t in
         plain|snap)
             run snapblk volume create "$t" --size "${size}M"
             dev[$t]=$(snapblk device start "$t" --depth "$depth") || fail "device start $t failed"
+            pid[$t]=$SNAPBLK_PID
             ;;
         rublk)
             command -v rublk >/dev/null || fail "no rublk in the guest (run-tests --bin)"
@@ -43,6 +48,9 @@ for t in $targets; do
                 -b 1MiB --quiet
             rublk_dev=/dev/ublkb$RUBLK_ID
             dev[$t]=$rublk_dev
+            pid[$t]=$(rublk list -n $RUBLK_ID |
+                awk '{for (i = 1; i < NF; i++) if ($i == "daemon" && $(i + 1) == "pid") print $(i + 2)}')
+            [ -d "/proc/${pid[$t]}" ] || fail "no daemon pid for $rublk_dev in \`rublk list\`"
             ;;
         *) fail "unknown target $t" ;;
     esac
@@ -57,9 +65,20 @@ for t in $targets; do
 done
 case " $targets " in *" snap "*) run snapblk snapshot create snap s1 ;; esac
 
+# Nanoseconds on CPU of process $1 so far, all its threads: user + system
+# clock ticks (USER_HZ, 100 on x86; the guest kernel keeps no schedstat).
+cpu_ns() {
+    awk '{printf "%.0f", ($14 + $15) * 1e7}' /proc/"$1"/stat
+}
+
+# Requests device $1 completed so far (reads + writes, /sys/block/X/stat).
+device_ios() {
+    awk '{printf "%d", $1 + $5}' /sys/block/"$(basename "$1")"/stat
+}
+
 # fio's terse v3: field 7/8 read KiB/s and IOPS, 48/49 write.
 measure() {  # TARGET WORKLOAD ROUND
-    local t=$1 w=$2 r=$3 args out
+    local t=$1 w=$2 r=$3 args out cpu0 ios0 per_io
     case $w in
         randread) args="--rw=randread --bs=4k --iodepth=32" ;;
         randwrite) args="--rw=randwrite --bs=4k --iodepth=32" ;;
@@ -67,14 +86,17 @@ measure() {  # TARGET WORKLOAD ROUND
         seqwrite) args="--rw=write --bs=1M --iodepth=8" ;;
         *) fail "unknown workload $w" ;;
     esac
+    cpu0=$(cpu_ns "${pid[$t]}")
+    ios0=$(device_ios "${dev[$t]}")
     # shellcheck disable=SC2086
     out=$(fio --name="$t-$w" --filename="${dev[$t]}" $args --ioengine=io_uring --direct=1 \
         --time_based --runtime="$runtime" --ramp_time=1 --randseed=$r \
         --output-format=terse 2>"$W/fio.err") || { cat "$W/fio.err"; df -h "$W"; fail "fio $t $w failed"; }
-    echo "$out" | awk -F';' -v t="$t" -v w="$w" -v r="$r" '
+    per_io=$(( ($(cpu_ns "${pid[$t]}") - cpu0) / ($(device_ios "${dev[$t]}") - ios0 + 1) ))
+    echo "$out" | awk -F';' -v t="$t" -v w="$w" -v r="$r" -v c="$per_io" '
         $1 == 3 {
             if (w ~ /read/) { kib = $7; iops = $8 } else { kib = $48; iops = $49 }
-            printf "BENCH-RESULT round=%s target=%s workload=%s iops=%s kibps=%s\n", r, t, w, iops, kib
+            printf "BENCH-RESULT round=%s target=%s workload=%s iops=%s kibps=%s cpu_ns_per_io=%s\n", r, t, w, iops, kib, c
         }'
 }
 
