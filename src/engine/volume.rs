@@ -10,7 +10,7 @@ use super::manifest::{
     self, AccessRecord, CacheMode, Manifest, Origin, ParentRecord, SnapshotRecord,
 };
 use super::partition::{Partition, Source};
-use super::stats::{IoKind, IoStats, IoStatsSnapshot};
+use super::stats::{self, IoKind, IoStats, IoStatsSnapshot};
 use super::writeback::{Held, HeldOp, Holding, Tightened, WriteBack, WriteBackConfig};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
@@ -22,8 +22,8 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
 /// Parameters of `volume create`.
 #[derive(Clone, Debug)]
@@ -128,6 +128,9 @@ pub struct Volume {
     /// A clone's parent snapshot and ownership map; `None` for a volume
     /// that is not a clone (or no longer: flattened).
     layer: Mutex<Option<Arc<Layer>>>,
+    /// Whether `layer` is set: every read and write asks, and a layer only
+    /// ever goes away (flatten), so most volumes answer with one load.
+    layered: AtomicBool,
     /// Clones that read from a snapshot of this volume: (clone, generation).
     clones: Mutex<Vec<(String, u64)>>,
     io_stats: IoStats,
@@ -458,6 +461,7 @@ impl Volume {
             gate: Gate::new(generation, live),
             manifest: Mutex::new(manifest),
             admin: futures::lock::Mutex::new(()),
+            layered: AtomicBool::new(layer.is_some()),
             layer: Mutex::new(layer),
             clones: Mutex::new(Vec::new()),
             io_stats: IoStats::default(),
@@ -527,6 +531,9 @@ impl Volume {
     }
 
     fn layer(&self) -> Option<Arc<Layer>> {
+        if !self.layered.load(Ordering::Acquire) {
+            return None;
+        }
         self.layer.lock().unwrap().clone()
     }
 
@@ -1216,6 +1223,7 @@ impl Volume {
             m.flattening = false;
         })?;
         *self.layer.lock().unwrap() = None;
+        self.layered.store(false, Ordering::Release);
         self.storage.remove(layer::OWNED_MAP).map_err(|e| {
             EngineError::Io(std::io::Error::new(
                 e.kind(),
@@ -1418,6 +1426,24 @@ impl Volume {
             first = end;
         }
         Ok(all_settled)
+    }
+
+    /// [`Volume::ready_to_overwrite`] for a write with nothing to do first
+    /// (not a clone, no hooks, no live snapshot), without its future: the
+    /// common write takes one lock here and nothing else. `None`: go the
+    /// long way.
+    fn admit_unprepared(&self) -> Option<Admitted<'_>> {
+        if self.layered.load(Ordering::Acquire) {
+            return None;
+        }
+        let (ticket, epoch) = self.gate.enter_unprepared()?;
+        Some(Admitted {
+            _ticket: ticket,
+            epoch,
+            _guards: Vec::new(),
+            settled: true,
+            newly_owned: false,
+        })
     }
 
     /// Runs the write hooks, preserves what the range's overwrite needs, then
@@ -1725,7 +1751,7 @@ impl View {
     }
 
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let (started, len) = (Instant::now(), buf.len() as u64);
+        let (started, len) = (stats::now_ns(), buf.len() as u64);
         let result = self.read_untimed(offset, buf).await;
         self.volume
             .io_stats
@@ -1750,7 +1776,7 @@ impl View {
     }
 
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        let started = Instant::now();
+        let started = stats::now_ns();
         let result = self.write_untimed(offset, data, fua).await;
         let len = data.len() as u64;
         self.volume
@@ -1764,7 +1790,10 @@ impl View {
         let volume = &self.volume;
         let len = data.len() as u64;
         volume.admit_growth(offset, len, true)?;
-        let admitted = volume.ready_to_overwrite(offset, len).await?;
+        let admitted = match volume.admit_unprepared() {
+            Some(admitted) => admitted,
+            None => volume.ready_to_overwrite(offset, len).await?,
+        };
         let holding = volume.writeback.hold(offset, len, admitted.settled, || {
             let mut copy = AlignedBuf::for_overwrite(data.len());
             copy.copy_from_slice(data);
@@ -1783,7 +1812,7 @@ impl View {
     /// commits the queued preservations, applies the held writes, then
     /// flushes the origin.
     pub async fn flush(&self) -> Result<()> {
-        let started = Instant::now();
+        let started = stats::now_ns();
         let result = self.volume.flush_all().await;
         self.volume
             .io_stats
@@ -1798,7 +1827,7 @@ impl View {
     /// Zeroes a range; `keep_allocated` (NBD's NO_HOLE) keeps it allocated,
     /// otherwise the space goes back to the filesystem.
     pub async fn write_zeroes(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
-        let started = Instant::now();
+        let started = stats::now_ns();
         let result = self.zero_untimed(offset, len, keep_allocated).await;
         self.volume
             .io_stats

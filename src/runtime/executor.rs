@@ -60,7 +60,14 @@ impl Wake for TaskWaker {
 
 struct Executor {
     tasks: RefCell<Vec<Option<Task>>>,
+    /// Each task slot's waker, made on its first poll and kept for the
+    /// slot's next tasks (a waker is an allocation; a task is polled at
+    /// least twice per I/O). A stale wake of a slot's earlier task only
+    /// polls the current one once more, which futures allow.
+    wakers: RefCell<Vec<Option<Waker>>>,
     free: RefCell<Vec<usize>>,
+    /// The ids [`Executor::run_ready`] is polling (kept for its memory).
+    polling: Cell<Vec<usize>>,
     queue: Arc<ReadyQueue>,
 }
 
@@ -76,7 +83,9 @@ impl Executor {
         let eventfd = reactor::with(|r| r.eventfd());
         Rc::new(Executor {
             tasks: RefCell::new(Vec::new()),
+            wakers: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
+            polling: Cell::new(Vec::new()),
             queue: Arc::new(ReadyQueue {
                 state: Mutex::new(ReadyState {
                     ids: Vec::new(),
@@ -104,22 +113,36 @@ impl Executor {
 
     /// Polls every runnable task once; returns whether any was runnable.
     fn run_ready(&self) -> bool {
-        let ids = std::mem::take(&mut self.queue.state.lock().unwrap().ids);
+        // Swapped with the queue's, so neither list is ever reallocated.
+        let mut ids = self.polling.take();
+        std::mem::swap(&mut ids, &mut self.queue.state.lock().unwrap().ids);
         let any = !ids.is_empty();
-        for id in ids {
+        for &id in &ids {
             // A task may be woken twice; the second time it may be gone.
             let Some(mut task) = self.tasks.borrow_mut().get_mut(id).and_then(Option::take) else {
                 continue;
             };
-            let waker = Waker::from(Arc::new(TaskWaker {
-                id,
-                queue: self.queue.clone(),
-            }));
-            match task.as_mut().poll(&mut Context::from_waker(&waker)) {
+            let cached = self.wakers.borrow_mut().get_mut(id).and_then(Option::take);
+            let waker = cached.unwrap_or_else(|| {
+                Waker::from(Arc::new(TaskWaker {
+                    id,
+                    queue: self.queue.clone(),
+                }))
+            });
+            let done = task.as_mut().poll(&mut Context::from_waker(&waker));
+            let mut wakers = self.wakers.borrow_mut();
+            if wakers.len() <= id {
+                wakers.resize(id + 1, None);
+            }
+            wakers[id] = Some(waker);
+            drop(wakers);
+            match done {
                 Poll::Ready(()) => self.free.borrow_mut().push(id),
                 Poll::Pending => self.tasks.borrow_mut()[id] = Some(task),
             }
         }
+        ids.clear();
+        self.polling.set(ids);
         any
     }
 

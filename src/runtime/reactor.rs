@@ -256,14 +256,15 @@ impl Reactor {
         }
     }
 
-    fn start(&mut self, entry: squeue::Entry) -> usize {
+    /// Queues `entry` in a free slot, whose completion wakes `waker`.
+    fn start(&mut self, entry: squeue::Entry, waker: Waker) -> usize {
         let index = match self.free.pop() {
             Some(i) => {
-                self.ops[i] = OpState::Pending(None);
+                self.ops[i] = OpState::Pending(Some(waker));
                 i
             }
             None => {
-                self.ops.push(OpState::Pending(None));
+                self.ops.push(OpState::Pending(Some(waker)));
                 self.ops.len() - 1
             }
         };
@@ -381,31 +382,44 @@ impl Future for Op<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(entry) = self.entry.take() {
-            self.index = with(|r| r.start(entry));
+            // Nothing completes before the next turn of the ring: the first
+            // poll only queues the entry.
+            let waker = cx.waker().clone();
+            self.index = with(|r| r.start(entry, waker));
+            return Poll::Pending;
         }
         let index = self.index;
-        with(|r| match &mut r.ops[index] {
+        let result = with(|r| match &mut r.ops[index] {
             OpState::Done(result) => {
                 let result = *result;
                 r.ops[index] = OpState::Free;
                 r.free.push(index);
-                Poll::Ready(if result < 0 {
-                    Err(io::Error::from_raw_os_error(-result))
-                } else {
-                    Ok(result as u32)
-                })
+                Some(result)
             }
             OpState::Pending(waker) => {
-                *waker = Some(cx.waker().clone());
-                Poll::Pending
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                None
             }
             OpState::Free => unreachable!("op polled after completion"),
+        });
+        let Some(result) = result else {
+            return Poll::Pending;
+        };
+        // Its slot is free: nothing left for the drop to wait for.
+        self.index = usize::MAX;
+        Poll::Ready(if result < 0 {
+            Err(io::Error::from_raw_os_error(-result))
+        } else {
+            Ok(result as u32)
         })
     }
 }
 
 impl Drop for Op<'_> {
     fn drop(&mut self) {
+        // Never submitted, or completed and its slot freed by `poll`.
         if self.entry.is_some() || self.index == usize::MAX {
             return;
         }
