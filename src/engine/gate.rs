@@ -278,6 +278,47 @@ mod tests {
     }
 
     #[test]
+    fn the_one_lock_entry_is_only_for_an_open_gate_with_nothing_to_prepare() {
+        struct Nothing;
+        impl WriteHook for Nothing {
+            fn before_write(
+                &self,
+                _: u64,
+                _: u64,
+            ) -> futures::future::BoxFuture<
+                '_,
+                crate::engine::Result<super::super::hooks::WriteGuard>,
+            > {
+                unreachable!()
+            }
+            fn after_write(&self, _: u64, _: super::super::hooks::Change<'_>) {}
+        }
+        let gate = Gate::new(1, vec![]);
+        crate::runtime::block_on(async {
+            let (ticket, epoch) = gate.enter_unprepared().expect("open, nothing to prepare");
+            assert_eq!(
+                (ticket.epoch_id, epoch.id),
+                (gate.epoch().id, gate.epoch().id)
+            );
+            // Its ticket counts: a pause waits for it.
+            let mut pause = Box::pin(gate.pause());
+            assert!(futures::poll!(pause.as_mut()).is_pending());
+            drop(ticket);
+            let paused = pause.await;
+            assert!(gate.enter_unprepared().is_none(), "the gate is paused");
+            paused.set(2, vec![1]);
+            drop(paused);
+            assert!(gate.enter_unprepared().is_none(), "a live snapshot");
+            gate.pause().await.set(3, vec![]);
+            assert!(gate.enter_unprepared().is_some());
+            gate.pause()
+                .await
+                .change(|e| e.hooks.push(Arc::new(Nothing)));
+            assert!(gate.enter_unprepared().is_none(), "a write hook");
+        });
+    }
+
+    #[test]
     fn a_pause_changes_the_epoch_and_waits_for_tickets() {
         let gate = Gate::new(1, vec![]);
         crate::runtime::block_on(async {
