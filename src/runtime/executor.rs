@@ -38,7 +38,11 @@ impl Wake for TaskWaker {
         let sleeping = {
             let mut state = self.queue.state.lock().unwrap();
             state.ids.push(self.id);
-            state.sleeping
+            // Only the first wake of a sleeping executor writes the eventfd:
+            // the ones after it, until the executor has looked at its list
+            // (librbd completing a burst of requests on its own thread),
+            // find their ids taken on that same wake-up.
+            std::mem::replace(&mut state.sleeping, false)
         };
         // A wake on the executor's own thread comes from the reactor's reap,
         // after its wait: the thread runs the task next without being woken.
@@ -227,6 +231,42 @@ pub fn spawn(future: impl Future<Output = ()> + 'static) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_of_wakes_writes_the_eventfd_of_a_sleeping_executor_once() {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the new fd is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(fd >= 0);
+        let queue = Arc::new(ReadyQueue {
+            state: Mutex::new(ReadyState {
+                ids: Vec::new(),
+                sleeping: true,
+            }),
+            // SAFETY: `fd` was just made and nothing else owns it.
+            eventfd: Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }),
+        });
+        // From a thread that runs no executor, as librbd's callbacks do.
+        let wakers: Vec<Waker> = (0..10)
+            .map(|id| {
+                Waker::from(Arc::new(TaskWaker {
+                    id,
+                    queue: queue.clone(),
+                }))
+            })
+            .collect();
+        std::thread::spawn(move || wakers.iter().for_each(Waker::wake_by_ref))
+            .join()
+            .unwrap();
+        let state = queue.state.lock().unwrap();
+        assert_eq!(state.ids, (0..10).collect::<Vec<_>>());
+        assert!(!state.sleeping);
+        let mut count = 0u64;
+        // SAFETY: reads 8 bytes into a u64 from an eventfd we own.
+        let n = unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
+        assert_eq!(n, 8);
+        assert_eq!(count, 1, "one eventfd write for the whole burst");
+    }
 
     #[test]
     fn spawned_tasks_and_cross_thread_wakeups_complete() {
