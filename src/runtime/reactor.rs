@@ -56,7 +56,7 @@ enum Ring {
 
 enum OpState {
     /// Queued or in the kernel; the waker of the task that awaits it.
-    Pending(Option<Waker>),
+    Pending(Waker),
     /// Completed with this `cqe.result()`.
     Done(i32),
     /// Slot free for reuse.
@@ -260,11 +260,11 @@ impl Reactor {
     fn start(&mut self, entry: squeue::Entry, waker: Waker) -> usize {
         let index = match self.free.pop() {
             Some(i) => {
-                self.ops[i] = OpState::Pending(Some(waker));
+                self.ops[i] = OpState::Pending(waker);
                 i
             }
             None => {
-                self.ops.push(OpState::Pending(Some(waker)));
+                self.ops.push(OpState::Pending(waker));
                 self.ops.len() - 1
             }
         };
@@ -324,8 +324,7 @@ impl Reactor {
                 index => {
                     let index = index as usize;
                     match std::mem::replace(&mut self.ops[index], OpState::Done(result)) {
-                        OpState::Pending(Some(waker)) => waker.wake(),
-                        OpState::Pending(None) => {}
+                        OpState::Pending(waker) => waker.wake(),
                         OpState::Done(_) | OpState::Free => {
                             unreachable!("completion for idle slot")
                         }
@@ -397,8 +396,8 @@ impl Future for Op<'_> {
                 Some(result)
             }
             OpState::Pending(waker) => {
-                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *waker = Some(cx.waker().clone());
+                if !waker.will_wake(cx.waker()) {
+                    *waker = cx.waker().clone();
                 }
                 None
             }
