@@ -161,6 +161,10 @@ impl Partition {
                     ..
                 } => {
                     let c = state.chunks.entry(chunk).or_default();
+                    // One version per chunk and start, as compaction keeps
+                    // them: of a version recorded twice (only a damaged
+                    // journal does that) the last record counts.
+                    c.versions.retain(|v| v.start != start);
                     c.versions.push(Version { start, end, slot });
                     c.birth = c.birth.max(end);
                 }
@@ -184,6 +188,10 @@ impl Partition {
             used.extend(c.versions.iter().map(|v| v.slot).filter(|&s| in_store(s)));
         }
         used.sort_unstable();
+        // A slot two versions name (a damaged journal again) is used once:
+        // counted twice, it would hide the slot after it from the walk below,
+        // which would then hand that used slot out as free.
+        used.dedup();
         state.next_slot = used.last().map_or(0, |&s| s + 1);
         state.grown_to = state.next_slot;
         let mut used = used.into_iter().peekable();
@@ -867,6 +875,46 @@ mod tests {
         assert_eq!(slot_runs(&[], 4), Vec::<Range<usize>>::new());
         assert_eq!(slot_runs(&[3, 4, 5, 9, 10, 12], 4), vec![0..3, 3..5, 5..6]);
         assert_eq!(slot_runs(&[0, 1, 2, 3, 4], 2), vec![0..2, 2..4, 4..5]);
+    }
+
+    /// What a damaged journal may say twice: one version of a chunk
+    /// (fuzz/regressions/journal/a-version-recorded-twice: collecting
+    /// garbage panicked on it), one slot for two versions.
+    #[test]
+    fn a_journal_that_names_a_version_or_a_slot_twice_replays_consistently() {
+        let preserve = |chunk, slot| Record::Preserve {
+            chunk,
+            slot,
+            start: 0,
+            end: 2,
+            data_crc: 0,
+        };
+        let storage = Storage::Memory(MemDisk::new());
+        block_on(async {
+            storage.open("j", true).unwrap();
+            let store = storage.open("s", true).unwrap();
+            let (journal, _) = Journal::open(&storage, "j", store.clone(), 4096, "j")
+                .await
+                .unwrap();
+            let records = [
+                preserve(1, 0),
+                preserve(1, 1),
+                preserve(5, 3),
+                preserve(6, 3),
+                preserve(7, 4),
+            ];
+            let partition = Partition::recover(0, 4096, false, journal, store, &records);
+            {
+                let state = partition.state.lock().unwrap();
+                let versions: Vec<_> = state.chunks[&1].versions.iter().map(|v| v.slot).collect();
+                assert_eq!(versions, vec![1], "the last record of the version counts");
+                let free: Vec<u64> = state.free_slots.iter().copied().collect();
+                assert_eq!(free, vec![0, 2], "a used slot was handed out as free");
+            }
+            // Four versions, none read by a live snapshot: all freed, once.
+            partition.collect_garbage(&[]).await.unwrap();
+            assert!(partition.state.lock().unwrap().chunks.is_empty());
+        });
     }
 
     /// Deleted snapshots leave nothing behind in memory, so a daemon's
