@@ -877,6 +877,17 @@ mod tests {
         assert_eq!(slot_runs(&[0, 1, 2, 3, 4], 2), vec![0..2, 2..4, 4..5]);
     }
 
+    /// A partition of 4 KiB chunks on a memory disk, recovered from `records`.
+    async fn replayed(records: &[Record]) -> Partition {
+        let storage = Storage::Memory(MemDisk::new());
+        storage.open("j", true).unwrap();
+        let store = storage.open("s", true).unwrap();
+        let (journal, _) = Journal::open(&storage, "j", store.clone(), 4096, "j")
+            .await
+            .unwrap();
+        Partition::recover(0, 4096, false, journal, store, records)
+    }
+
     /// What a damaged journal may say twice: one version of a chunk
     /// (fuzz/regressions/journal/a-version-recorded-twice: collecting
     /// garbage panicked on it), one slot for two versions.
@@ -889,13 +900,7 @@ mod tests {
             end: 2,
             data_crc: 0,
         };
-        let storage = Storage::Memory(MemDisk::new());
         block_on(async {
-            storage.open("j", true).unwrap();
-            let store = storage.open("s", true).unwrap();
-            let (journal, _) = Journal::open(&storage, "j", store.clone(), 4096, "j")
-                .await
-                .unwrap();
             let records = [
                 preserve(1, 0),
                 preserve(1, 1),
@@ -903,7 +908,7 @@ mod tests {
                 preserve(6, 3),
                 preserve(7, 4),
             ];
-            let partition = Partition::recover(0, 4096, false, journal, store, &records);
+            let partition = replayed(&records).await;
             {
                 let state = partition.state.lock().unwrap();
                 let versions: Vec<_> = state.chunks[&1].versions.iter().map(|v| v.slot).collect();
@@ -921,14 +926,8 @@ mod tests {
     /// memory does not grow with create/delete cycles.
     #[test]
     fn deleted_snapshots_are_forgotten() {
-        let storage = Storage::Memory(MemDisk::new());
         block_on(async {
-            storage.open("j", true).unwrap();
-            let store = storage.open("s", true).unwrap();
-            let (journal, _) = Journal::open(&storage, "j", store.clone(), 4096, "j")
-                .await
-                .unwrap();
-            let partition = Partition::recover(0, 4096, false, journal, store, &[]);
+            let partition = replayed(&[]).await;
             for generation in 0..1000 {
                 partition.record_snapshot(generation).await.unwrap();
                 partition.collect_garbage(&[0]).await.unwrap();
