@@ -37,6 +37,11 @@ struct Direct {
     bounced: AtomicU64,
     /// Reads go through `buffered` (cache mode `writearound`).
     cached_reads: bool,
+    /// Cached pages are dropped before a direct write (see
+    /// [`FileBackend::uncache_before_direct_write`]): `cached_reads`, on a
+    /// file system whose pages can be dropped (not tmpfs, where the page
+    /// cache is the file and the two calls would buy nothing).
+    uncache_writes: bool,
     overwrites_read_from_cache: AtomicU64,
 }
 
@@ -95,6 +100,7 @@ impl FileBackend {
                 offset_align,
                 bounced: AtomicU64::new(0),
                 cached_reads: cache == PageCache::BypassForWrites,
+                uncache_writes: cache == PageCache::BypassForWrites && !on_tmpfs(&file),
                 overwrites_read_from_cache: AtomicU64::new(0),
             })
         } else {
@@ -194,7 +200,7 @@ impl FileBackend {
     /// Coherence does not depend on it: a page cached again in between only
     /// sends that write to a worker, as before.
     fn uncache_before_direct_write(&self, offset: u64, len: usize) {
-        let Some(d) = self.direct.as_ref().filter(|d| d.cached_reads) else {
+        let Some(d) = self.direct.as_ref().filter(|d| d.uncache_writes) else {
             return;
         };
         if cached_pages(d.buffered.as_raw_fd(), offset, len as u64)
@@ -558,6 +564,15 @@ fn read_in_small_pages(file: &File) {
             io::Error::from_raw_os_error(rc)
         );
     }
+}
+
+/// Whether `file` lives on tmpfs.
+fn on_tmpfs(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    // SAFETY: fstatfs fills the zeroed struct from a descriptor we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type as i64 == TMPFS_MAGIC
 }
 
 /// Whether every page of `len` bytes at `offset` is in the page cache,
