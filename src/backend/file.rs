@@ -42,7 +42,7 @@ struct Direct {
     /// file system whose pages can be dropped (not tmpfs, where the page
     /// cache is the file and the two calls would buy nothing).
     uncache_writes: bool,
-    overwrites_read_from_cache: AtomicU64,
+    once_reads_from_cache: AtomicU64,
 }
 
 /// How one request reaches a direct file.
@@ -101,7 +101,7 @@ impl FileBackend {
                 bounced: AtomicU64::new(0),
                 cached_reads: cache == PageCache::BypassForWrites,
                 uncache_writes: cache == PageCache::BypassForWrites && !on_tmpfs(&file),
-                overwrites_read_from_cache: AtomicU64::new(0),
+                once_reads_from_cache: AtomicU64::new(0),
             })
         } else {
             None
@@ -173,15 +173,18 @@ impl FileBackend {
         self.read_direct_at(buf, offset).await
     }
 
-    /// Reads content about to be overwritten. In cache mode writearound it
-    /// comes from the page cache only when all of it is there (a memory
-    /// copy instead of a disk read); otherwise O_DIRECT, since a buffered
-    /// miss would read ahead and cache content that is about to be
-    /// replaced, pushing out pages that are read again.
-    pub async fn read_before_overwrite(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// Reads data that will not be read again soon (content about to be
+    /// overwritten, a replication sync, a copy job: [`super::Reuse::Once`]).
+    /// In cache mode writearound it comes from the page cache only when all
+    /// of it is there (a memory copy instead of a disk read); otherwise
+    /// O_DIRECT, since a buffered miss would cache it, pushing out pages
+    /// that are read again, and every later direct write of the range
+    /// would first have to drop those pages again
+    /// ([`FileBackend::uncache_before_direct_write`]).
+    pub async fn read_once(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self.direct.as_ref().filter(|d| d.cached_reads) {
             Some(d) if fully_cached(d.buffered.as_raw_fd(), offset, buf.len() as u64) => {
-                d.overwrites_read_from_cache.fetch_add(1, Ordering::Relaxed);
+                d.once_reads_from_cache.fetch_add(1, Ordering::Relaxed);
                 runtime::read_at(d.buffered.as_raw_fd(), buf, offset).await
             }
             _ => self.read_direct_at(buf, offset).await,
@@ -219,12 +222,12 @@ impl FileBackend {
         }
     }
 
-    /// Reads of content about to be overwritten that the page cache served
-    /// (see [`FileBackend::read_before_overwrite`]).
-    pub fn overwrites_read_from_cache(&self) -> u64 {
+    /// Reads of data read once that the page cache served
+    /// (see [`FileBackend::read_once`]).
+    pub fn once_reads_from_cache(&self) -> u64 {
         self.direct
             .as_ref()
-            .map_or(0, |d| d.overwrites_read_from_cache.load(Ordering::Relaxed))
+            .map_or(0, |d| d.once_reads_from_cache.load(Ordering::Relaxed))
     }
 
     async fn read_direct_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -30,6 +30,18 @@ pub enum Backend {
     Ceph(rbd::CephFile),
 }
 
+/// Whether what a read brings in is likely to be read again. A reader that
+/// passes over data once (the preservation of content about to be
+/// overwritten, a replication sync, a copy job) reads with `Once`: it must
+/// not push what clients read out of the page cache, nor leave cached pages
+/// behind that each later direct write of the range has to drop first
+/// ([`file::FileBackend::read_once`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    Again,
+    Once,
+}
+
 /// A byte range and whether it holds data (false: a hole that reads as zeros).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
@@ -57,14 +69,21 @@ impl Backend {
         }
     }
 
-    /// Reads content about to be overwritten (see
-    /// [`file::FileBackend::read_before_overwrite`]).
-    pub async fn read_before_overwrite(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// [`Backend::read_at`] for data read once (see [`Reuse`] and
+    /// [`file::FileBackend::read_once`]).
+    pub async fn read_once(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self {
-            Backend::File(f) => f.read_before_overwrite(buf, offset).await,
+            Backend::File(f) => f.read_once(buf, offset).await,
             Backend::Memory(m) => m.read_at(buf, offset),
             #[cfg(feature = "ceph")]
             Backend::Ceph(c) => c.read_at(buf, offset).await,
+        }
+    }
+
+    pub async fn read(&self, buf: &mut [u8], offset: u64, reuse: Reuse) -> io::Result<()> {
+        match reuse {
+            Reuse::Again => self.read_at(buf, offset).await,
+            Reuse::Once => self.read_once(buf, offset).await,
         }
     }
 
@@ -179,10 +198,10 @@ impl Backend {
         }
     }
 
-    /// See [`file::FileBackend::overwrites_read_from_cache`].
-    pub fn overwrites_read_from_cache(&self) -> u64 {
+    /// See [`file::FileBackend::once_reads_from_cache`].
+    pub fn once_reads_from_cache(&self) -> u64 {
         match self {
-            Backend::File(f) => f.overwrites_read_from_cache(),
+            Backend::File(f) => f.once_reads_from_cache(),
             Backend::Memory(_) => 0,
             #[cfg(feature = "ceph")]
             Backend::Ceph(_) => 0,

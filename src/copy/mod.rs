@@ -457,10 +457,13 @@ impl Jobs {
         stream_len: u64,
     ) -> Result<Arc<Job>, VolumeError> {
         let reads = r.snapshot.as_ref().or(r.internal_snapshot.as_ref());
+        // A copy passes over its source once: it must not evict what the
+        // volume's clients read, nor leave pages each later write drops.
         let source = match reads {
             Some(s) => vol.snapshot_view(s)?,
             None => vol.live(),
-        };
+        }
+        .for_one_pass();
         let consumer = match &r.internal_snapshot {
             Some(s) => Some(block_on(vol.consume_snapshot(s))?),
             None => None,

@@ -29,7 +29,7 @@
 use super::error::Result;
 use super::hooks::ChunkSet;
 use super::volume::{View, Volume};
-use crate::backend::{Backend, Extent, Storage};
+use crate::backend::{Backend, Extent, Reuse, Storage};
 use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
 use std::collections::HashMap;
@@ -157,14 +157,20 @@ impl Layer {
 
     /// Reads the clone's base image: owned chunks from `origin`, the rest
     /// from the parent snapshot.
-    pub async fn read(&self, origin: &Backend, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub async fn read(
+        &self,
+        origin: &Backend,
+        buf: &mut [u8],
+        offset: u64,
+        reuse: Reuse,
+    ) -> Result<()> {
         for (pos, len, owned) in self.runs(offset, buf.len() as u64) {
             let piece = &mut buf[(pos - offset) as usize..(pos - offset + len) as usize];
             if owned {
-                origin.read_at(piece, pos).await?;
+                origin.read(piece, pos, reuse).await?;
             } else {
                 // Boxed: a parent may itself be a clone (its reads recurse).
-                Box::pin(self.parent.read(pos, piece)).await?;
+                Box::pin(self.parent.read_with(pos, piece, reuse)).await?;
             }
         }
         Ok(())

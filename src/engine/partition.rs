@@ -486,7 +486,7 @@ impl Partition {
         data[..read_from as usize].fill(0);
         data[read_to as usize..].fill(0);
         origin
-            .read_before_overwrite(
+            .read_once(
                 &mut data[read_from as usize..read_to as usize],
                 offset + read_from,
             )

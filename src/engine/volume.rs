@@ -14,7 +14,7 @@ use super::stats::{self, IoKind, IoStats, IoStatsSnapshot};
 use super::writeback::{Held, HeldOp, Holding, Tightened, WriteBack, WriteBackConfig};
 use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
-use crate::backend::{Backend, Extent, Storage};
+use crate::backend::{Backend, Extent, Reuse, Storage};
 use crate::runtime::AlignedBuf;
 use futures::future::{join_all, try_join_all};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -53,10 +53,11 @@ pub struct VolumeInfo {
     /// Origin I/Os that O_DIRECT could not take as they were (cache mode
     /// none): copied through an aligned buffer or sent through the page cache.
     pub bounced_ios: u64,
-    /// Reads of old content for preservation (one per run of chunks a write
-    /// preserves together) served from the page cache instead of the disk
-    /// (cache mode writearound: only when all of the run was cached).
-    pub preserve_reads_from_cache: u64,
+    /// Reads of data read once (old content a write preserves, one per run
+    /// of chunks; a replication sync's or a copy job's reads) served from
+    /// the page cache instead of the disk (cache mode writearound: only when
+    /// all of the range was cached; otherwise they bypass it).
+    pub once_reads_from_cache: u64,
     /// A clone's parent snapshot, `VOL@SNAP` (absent once flattened).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
@@ -155,6 +156,8 @@ pub struct View {
     snapshot: Option<(String, u64)>,
     /// A snapshot view's share of `Volume::snapshot_readers`.
     _reader: Option<Arc<()>>,
+    /// How its reads use the origin's page cache ([`View::for_one_pass`]).
+    reuse: Reuse,
 }
 
 /// The reader of a snapshot that nobody else reads (a copy job's private
@@ -563,10 +566,10 @@ impl Volume {
 
     /// Reads the base image: the origin, and for a clone the parent
     /// snapshot where the clone owns no chunk yet.
-    async fn read_base(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    async fn read_base(&self, buf: &mut [u8], offset: u64, reuse: Reuse) -> Result<()> {
         match self.layer() {
-            Some(layer) => layer.read(&self.origin, buf, offset).await,
-            None => Ok(self.origin.read_at(buf, offset).await?),
+            Some(layer) => layer.read(&self.origin, buf, offset, reuse).await,
+            None => Ok(self.origin.read(buf, offset, reuse).await?),
         }
     }
 
@@ -761,7 +764,7 @@ impl Volume {
             },
             cache: manifest.cache,
             bounced_ios: self.origin.bounced_ios(),
-            preserve_reads_from_cache: self.origin.overwrites_read_from_cache(),
+            once_reads_from_cache: self.origin.once_reads_from_cache(),
             parent: manifest
                 .parent
                 .as_ref()
@@ -783,6 +786,7 @@ impl Volume {
             volume: self.clone(),
             snapshot: None,
             _reader: None,
+            reuse: Reuse::Again,
         }
     }
 
@@ -792,6 +796,7 @@ impl Volume {
             volume: self.clone(),
             snapshot: Some((snapshot.to_string(), generation)),
             _reader: Some(self.snapshot_readers.clone()),
+            reuse: Reuse::Again,
         })
     }
 
@@ -1611,7 +1616,13 @@ impl Volume {
     /// one covers the generation, else from the origin. An origin read is
     /// checked afterwards and redone if a writer began preserving-then-
     /// overwriting that chunk meanwhile.
-    async fn read_snapshot(&self, generation: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    async fn read_snapshot(
+        &self,
+        generation: u64,
+        offset: u64,
+        buf: &mut [u8],
+        reuse: Reuse,
+    ) -> Result<()> {
         let cs = self.chunk_size as u64;
         let mut at = 0usize;
         while at < buf.len() {
@@ -1635,7 +1646,7 @@ impl Volume {
                         // Writes of this snapshot's generation may still be
                         // held (a snapshot does not wait for them to land).
                         let held = self.writeback.overlapping(pos, n as u64);
-                        self.read_base(piece, pos).await?;
+                        self.read_base(piece, pos, reuse).await?;
                         if !part.origin_still_valid(chunk, generation) {
                             continue;
                         }
@@ -1698,6 +1709,14 @@ impl Volume {
 }
 
 impl View {
+    /// This view for a reader that passes over the volume once (a
+    /// replication sync, a copy job): its reads of the origin leave the
+    /// page cache as they found it ([`Reuse::Once`]).
+    pub fn for_one_pass(mut self) -> View {
+        self.reuse = Reuse::Once;
+        self
+    }
+
     pub fn volume(&self) -> &Arc<Volume> {
         &self.volume
     }
@@ -1751,15 +1770,21 @@ impl View {
     }
 
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_with(offset, buf, self.reuse).await
+    }
+
+    /// [`View::read`] as a reader with this use of the page cache (a clone's
+    /// one-pass reader reads its parent snapshot's view so too).
+    pub(crate) async fn read_with(&self, offset: u64, buf: &mut [u8], reuse: Reuse) -> Result<()> {
         let (started, len) = (stats::now_ns(), buf.len() as u64);
-        let result = self.read_untimed(offset, buf).await;
+        let result = self.read_untimed(offset, buf, reuse).await;
         self.volume
             .io_stats
             .record(IoKind::Read, len, started, &result);
         result
     }
 
-    async fn read_untimed(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    async fn read_untimed(&self, offset: u64, buf: &mut [u8], reuse: Reuse) -> Result<()> {
         let volume = &self.volume;
         volume.check_range(offset, buf.len() as u64)?;
         match self.snapshot_generation()? {
@@ -1767,11 +1792,11 @@ impl View {
                 // Held writes are taken before the origin is read and laid
                 // over it: one applied meanwhile is laid again, unchanged.
                 let held = volume.writeback.overlapping(offset, buf.len() as u64);
-                volume.read_base(buf, offset).await?;
+                volume.read_base(buf, offset, reuse).await?;
                 held.iter().for_each(|h| h.overlay(offset, buf));
                 Ok(())
             }
-            Some(generation) => volume.read_snapshot(generation, offset, buf).await,
+            Some(generation) => volume.read_snapshot(generation, offset, buf, reuse).await,
         }
     }
 

@@ -1284,7 +1284,15 @@ impl Link {
             }
         }
         let err = |e: EngineError| e.to_string();
-        let view = self.volume.snapshot_view(&name).map_err(err)?;
+        // A sync reads the whole volume once, a CP its changed blocks: in
+        // cache mode writearound, pages cached by these reads would make
+        // every later write of them drop them first (and push out what the
+        // volume's clients read).
+        let view = self
+            .volume
+            .snapshot_view(&name)
+            .map_err(err)?
+            .for_one_pass();
         // Chunks released stop being preserved for this snapshot (unless a
         // test keeps it to compare).
         let consumer = if keep_cp_snapshots() {
