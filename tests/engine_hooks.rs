@@ -176,6 +176,50 @@ fn released_chunks_are_not_preserved_and_the_others_still_are() {
 }
 
 #[test]
+fn a_write_held_by_a_hook_sees_chunks_released_meanwhile() {
+    // Replication's CP: a write waits at the link's barrier while the CP's
+    // snapshot is taken and the chunks the CP will not read are released;
+    // when it goes on, it must not preserve its chunk for that snapshot.
+    let disk = MemDisk::new();
+    let volume = volume(&disk);
+    let live = volume.live();
+    let recorder = Arc::new(Recorder::default());
+    let (open, wait) = futures::channel::oneshot::channel();
+    block_on(async {
+        live.write(0, &vec![1u8; 2 * CHUNK as usize], false)
+            .await
+            .unwrap();
+        volume.add_write_hook(recorder.clone()).await;
+        volume.create_snapshot(".cp").await.unwrap();
+        *recorder.gate.lock().unwrap() = Some(futures::FutureExt::shared(wait));
+        let (done, writer) = futures::channel::oneshot::channel();
+        let writing = live.clone();
+        spawn(async move {
+            let _ = done.send(writing.write(0, &[2u8; 4096], false).await);
+        });
+        while recorder.begun.lock().unwrap().is_empty() {
+            yield_now().await;
+        }
+        let consumer = volume.consume_snapshot(".cp").await.unwrap();
+        consumer.release(0, CHUNK as u64);
+        open.send(()).unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(
+            volume.list_snapshots()[0].exclusive_bytes,
+            0,
+            "the held write preserved a chunk released while it waited"
+        );
+        // It prepared again under the new epoch, with the same hook: it kept
+        // its guard (asked again, a replication link would have counted it
+        // as two writes, one that never reached the origin).
+        assert_eq!(recorder.begun.lock().unwrap().len(), 1);
+        // An unreleased chunk is still preserved.
+        live.write(CHUNK as u64, &[2u8; 4096], false).await.unwrap();
+        assert_eq!(volume.list_snapshots()[0].exclusive_bytes, CHUNK as u64);
+    });
+}
+
+#[test]
 fn releases_do_not_survive_a_reopen() {
     let disk = MemDisk::new();
     let volume = volume(&disk);

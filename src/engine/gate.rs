@@ -165,6 +165,11 @@ impl Gate {
         self.state.lock().unwrap().epoch.clone()
     }
 
+    /// The current epoch's id (cheaper than [`Gate::epoch`]).
+    pub fn epoch_id(&self) -> u64 {
+        self.state.lock().unwrap().epoch.id
+    }
+
     /// The common write's way in, with one lock instead of two: a ticket
     /// and its epoch at once if the gate is open and the epoch asks nothing
     /// of a write before its origin write (no hooks, no live snapshot).

@@ -199,6 +199,11 @@ impl Admitted<'_> {
     }
 }
 
+/// Whether two epochs run the same write hooks.
+fn same_hooks(a: &[Arc<dyn WriteHook>], b: &[Arc<dyn WriteHook>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
 /// Chunks a write preserves at once: bounds the chunk buffers one request
 /// holds (a 4 GiB discard under a snapshot copies 16 chunks at a time).
 const PRESERVE_WINDOW: u64 = 16;
@@ -1463,11 +1468,31 @@ impl Volume {
             Some(layer) => layer.own(&self.origin, offset, len).await?,
             None => false,
         };
+        // A write that prepares again under a new epoch with the same hooks
+        // keeps their guards: given back and asked for again, a replication
+        // link would count a write that never reached the origin as one
+        // whose blocks hold anything, and read them whole at its next CP.
+        let mut guarded: Option<(Epoch, Vec<WriteGuard>)> = None;
         loop {
             let epoch = self.gate.epoch();
-            let mut guards = Vec::with_capacity(epoch.hooks.len());
-            for hook in epoch.hooks.iter() {
-                guards.push(hook.before_write(offset, len).await?);
+            let guards = match guarded.take() {
+                Some((before, guards)) if same_hooks(&before.hooks, &epoch.hooks) => guards,
+                before => {
+                    drop(before);
+                    let mut guards = Vec::with_capacity(epoch.hooks.len());
+                    for hook in epoch.hooks.iter() {
+                        guards.push(hook.before_write(offset, len).await?);
+                    }
+                    guards
+                }
+            };
+            // A hook may have made the write wait (a replication CP's
+            // barrier) while the epoch changed (the CP's snapshot, then
+            // the chunks it will not read released): preserving for the
+            // old epoch would copy chunks for nothing.
+            if !guards.is_empty() && self.gate.epoch_id() != epoch.id {
+                guarded = Some((epoch, guards));
+                continue;
             }
             let settled = self.preserve_range(offset, len, &epoch).await?;
             let ticket = self.gate.enter().await;
@@ -1480,6 +1505,7 @@ impl Volume {
                     newly_owned,
                 });
             }
+            guarded = Some((epoch, guards));
         }
     }
 
