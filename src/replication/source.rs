@@ -278,16 +278,24 @@ struct RangeGuard {
 
 impl Drop for RangeGuard {
     fn drop(&mut self) {
-        let waiters = {
+        let (waiters, barrier_reached) = {
             let mut s = self.link.lock();
             if let Some(i) = s.locked.iter().position(|r| *r == self.range) {
                 s.locked.swap_remove(i);
             }
             s.inflight -= 1;
-            std::mem::take(&mut s.waiters)
+            (
+                std::mem::take(&mut s.waiters),
+                s.cp_pending && s.inflight == 0,
+            )
         };
         waiters.into_iter().for_each(Waker::wake);
-        self.link.cond.notify_all();
+        // Only a CP barrier waits for writes to end; a wake-up per write
+        // (a futex call, and a switch to the sender) cost more than the
+        // write's logging.
+        if barrier_reached {
+            self.link.cond.notify_all();
+        }
     }
 }
 
@@ -382,9 +390,15 @@ impl WriteHook for Tap {
             s.epoch.insert(b, BlockState::Logged(seq));
         }
         let at = (start - offset) as usize;
+        // The sender waits for the log only when it is empty; while it has
+        // more to ship it does not wait, and a wake-up per write would cost
+        // a futex call each (and a switch to the sender).
+        let sender_waits = s.log.is_empty();
         s.log.push(seq, start, &data[at..at + len as usize]);
         drop(s);
-        link.cond.notify_all();
+        if sender_waits {
+            link.cond.notify_all();
+        }
     }
 }
 
