@@ -176,18 +176,29 @@ impl Cluster {
 
 /// The state an asynchronous librbd/librados call completes into.
 struct Done {
-    state: Mutex<(Option<i64>, Option<Waker>)>,
+    state: Mutex<DoneState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct DoneState {
+    rc: Option<i64>,
+    waker: Option<Waker>,
+    /// A [`Pending`] dropped before completion waits on `cv`. Only then is
+    /// it notified: a notify is a futex call on librbd's thread, per I/O.
+    dropped: bool,
 }
 
 impl Done {
     fn finish(&self, rc: i64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.0 = Some(rc);
-        if let Some(w) = s.1.take() {
+        s.rc = Some(rc);
+        if let Some(w) = s.waker.take() {
             w.wake();
         }
-        self.cv.notify_all();
+        if s.dropped {
+            self.cv.notify_all();
+        }
     }
 }
 
@@ -230,7 +241,7 @@ impl<'a> Pending<'a> {
     ) -> io::Result<Pending<'a>> {
         cluster.check_fenced()?;
         let done = Arc::new(Done {
-            state: Mutex::new((None, None)),
+            state: Mutex::new(DoneState::default()),
             cv: Condvar::new(),
         });
         let arg = Arc::into_raw(done.clone()) as *mut c_void;
@@ -264,10 +275,10 @@ impl Future for Pending<'_> {
     type Output = io::Result<i64>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<i64>> {
         let mut s = self.done.state.lock().unwrap_or_else(|e| e.into_inner());
-        match s.0 {
+        match s.rc {
             Some(rc) => Poll::Ready(self.cluster.result(rc)),
             None => {
-                s.1 = Some(cx.waker().clone());
+                s.waker = Some(cx.waker().clone());
                 Poll::Pending
             }
         }
@@ -277,7 +288,8 @@ impl Future for Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         let mut s = self.done.state.lock().unwrap_or_else(|e| e.into_inner());
-        while s.0.is_none() {
+        s.dropped = true;
+        while s.rc.is_none() {
             s = self.done.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
