@@ -418,9 +418,7 @@ fn copy_jobs_and_replication_syncs_leave_the_page_cache_as_they_found_it() {
         return;
     }
     let (t, dir) = tempdir();
-    let key = t.path().join("key");
-    std::fs::write(&key, "correct horse battery staple\n").unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key_file(t.path(), "key", "correct horse battery staple\n");
     let d = Daemon::start(&dir);
     let (dst, addr) = replication_destination(&t.path().join("dst"), &key, &[]);
     d.ok(&[

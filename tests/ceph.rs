@@ -445,9 +445,7 @@ fn snapshots_copy_and_replication_on_a_ceph_volume() {
         return;
     }
     let (t, dir) = tempdir();
-    let key = t.path().join("key");
-    std::fs::write(&key, "a replication key for the ceph test\n").unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key_file(t.path(), "key", "a replication key for the ceph test\n");
     let d = Daemon::start(&dir);
     create(&d, conf, "snaps", "8M");
     let (first, first_data) = file_with(t.path(), "first.img", 11, 8 << 20);

@@ -12,7 +12,6 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -47,9 +46,7 @@ fn sites(test: &str) -> Option<Sites> {
         return None;
     }
     let t = tempfile::tempdir().unwrap();
-    let key = t.path().join("key");
-    std::fs::write(&key, "correct horse battery staple\n").unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = key_file(t.path(), "key", "correct horse battery staple\n");
     let a = site(t.path(), "a", &key);
     let b = site(t.path(), "b", &key);
     Some(Sites {

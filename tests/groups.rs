@@ -302,9 +302,7 @@ fn a_replicated_group_has_shared_consistency_points() {
     }
     let (_t, dir) = tempdir();
     std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("key");
-    std::fs::write(&key, "correct horse battery staple\n").unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key_file(&dir, "key", "correct horse battery staple\n");
     let src = Daemon::start_with(&dir.join("src"), &dir.join("src"), &[], &[]);
     let dst = Daemon::start_with(
         &dir.join("dst"),

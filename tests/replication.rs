@@ -29,19 +29,11 @@ struct Pair {
     addr: String,
 }
 
-/// A key file readable by its owner only, as the daemon insists.
-fn write_key(dir: &Path, name: &str, key: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, key).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
-
 /// A source and a destination daemon sharing a key; `dst_env` goes to the
 /// destination (test hooks), `src_env` to the source.
 fn pair(src_env: &[(&str, &str)], dst_env: &[(&str, &str)]) -> Pair {
     let t = tempfile::tempdir().unwrap();
-    let key = write_key(t.path(), "key", "correct horse battery staple\n");
+    let key = key_file(t.path(), "key", "correct horse battery staple\n");
     let src = Daemon::start_with(&t.path().join("src"), &t.path().join("src"), &[], src_env);
     let (dst, _) = replication_destination(&t.path().join("dst"), &key, dst_env);
     let addr = dst.json(&["replicate", "status"])["listen"]
@@ -492,7 +484,7 @@ fn whole_block_overwrites_ship_each_block_once_and_partial_writes_send_blocks_at
 fn a_wrong_key_is_refused_and_writes_nothing() {
     let p = pair(&[], &[]);
     p.src.ok(&["volume", "create", "v", "--size", "1M"]);
-    let wrong = write_key(p._t.path(), "wrong", "not the right key at all\n");
+    let wrong = key_file(p._t.path(), "wrong", "not the right key at all\n");
     let to = format!("{}/r", p.addr);
     p.src.ok(&[
         "replicate",
@@ -1457,7 +1449,7 @@ fn a_half_open_source_connection_is_taken_over_by_its_reconnection() {
 #[test]
 fn a_silent_destination_never_blocks_stop_or_shutdown() {
     let t = tempfile::tempdir().unwrap();
-    let key = write_key(t.path(), "key", "correct horse battery staple\n");
+    let key = key_file(t.path(), "key", "correct horse battery staple\n");
     // Accepts every connection and never says a word.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap().to_string();
@@ -1564,7 +1556,7 @@ fn assert_closed(s: &mut TcpStream) {
 #[test]
 fn a_world_readable_key_file_is_refused() {
     let t = tempfile::tempdir().unwrap();
-    let key = write_key(t.path(), "key", "correct horse battery staple\n");
+    let key = key_file(t.path(), "key", "correct horse battery staple\n");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (ok, _, err) = run(Command::new(BIN).args([
         "daemon",

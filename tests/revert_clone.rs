@@ -526,9 +526,7 @@ fn a_clone_is_replicated_copied_from_its_snapshot_and_cloned_again() {
 
     // Replicated to a second daemon: the replica's CP is the clone's image,
     // parent chunks included (0x11 where the clone never wrote).
-    let key = t.path().join("key");
-    std::fs::write(&key, "clone replication key\n").unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = common::key_file(t.path(), "key", "clone replication key\n");
     let (dst, addr) = common::replication_destination(&t.path().join("dst"), &key, &[]);
     d.ok(&[
         "replicate",

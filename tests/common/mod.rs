@@ -307,6 +307,15 @@ pub fn replication_destination(dir: &Path, key: &Path, env: &[(&str, &str)]) -> 
     (Daemon::start_with(dir, dir, &args, env), listen)
 }
 
+/// A replication key file `dir/name` holding `key`, readable by its owner
+/// only, as the daemon insists.
+pub fn key_file(dir: &Path, name: &str, key: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, key).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
 /// Waits until copy job `id` is done, failed or cancelled; its status.
 pub fn wait_job_ended(d: &Daemon, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(300);
