@@ -5,7 +5,9 @@
 use futures::future::BoxFuture;
 use snapblk::backend::memory::MemDisk;
 use snapblk::backend::Storage;
-use snapblk::engine::{CacheMode, Change, Result, Volume, VolumeConfig, WriteGuard, WriteHook};
+use snapblk::engine::{
+    CacheMode, Change, Result, View, Volume, VolumeConfig, WriteGuard, WriteHook,
+};
 use snapblk::runtime::{block_on, spawn};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,6 +102,25 @@ async fn yield_now() {
     .await
 }
 
+/// Starts writing `data` at `offset` on another task and returns once the
+/// write reached `recorder`'s hook; the receiver gets the write's result.
+async fn write_up_to_the_hook(
+    live: &View,
+    recorder: &Recorder,
+    offset: u64,
+    data: Vec<u8>,
+) -> futures::channel::oneshot::Receiver<Result<()>> {
+    let (done, writer) = futures::channel::oneshot::channel();
+    let writing = live.clone();
+    spawn(async move {
+        let _ = done.send(writing.write(offset, &data, false).await);
+    });
+    while recorder.begun.lock().unwrap().is_empty() {
+        yield_now().await;
+    }
+    writer
+}
+
 #[test]
 fn a_hook_can_hold_a_write_until_it_lets_go() {
     let disk = MemDisk::new();
@@ -110,15 +131,7 @@ fn a_hook_can_hold_a_write_until_it_lets_go() {
     *recorder.gate.lock().unwrap() = Some(futures::FutureExt::shared(wait));
     block_on(async {
         volume.add_write_hook(recorder.clone()).await;
-        let (done, writer) = futures::channel::oneshot::channel();
-        let writing = live.clone();
-        spawn(async move {
-            let _ = done.send(writing.write(4096, &[7u8; 4096], false).await);
-        });
-        // Let the writer run up to the hook.
-        while recorder.begun.lock().unwrap().is_empty() {
-            yield_now().await;
-        }
+        let writer = write_up_to_the_hook(&live, &recorder, 4096, vec![7u8; 4096]).await;
         let mut buf = vec![0u8; 4096];
         live.read(4096, &mut buf).await.unwrap();
         assert_eq!(buf, vec![0u8; 4096], "the held write reached the origin");
@@ -192,14 +205,7 @@ fn a_write_held_by_a_hook_sees_chunks_released_meanwhile() {
         volume.add_write_hook(recorder.clone()).await;
         volume.create_snapshot(".cp").await.unwrap();
         *recorder.gate.lock().unwrap() = Some(futures::FutureExt::shared(wait));
-        let (done, writer) = futures::channel::oneshot::channel();
-        let writing = live.clone();
-        spawn(async move {
-            let _ = done.send(writing.write(0, &[2u8; 4096], false).await);
-        });
-        while recorder.begun.lock().unwrap().is_empty() {
-            yield_now().await;
-        }
+        let writer = write_up_to_the_hook(&live, &recorder, 0, vec![2u8; 4096]).await;
         let consumer = volume.consume_snapshot(".cp").await.unwrap();
         consumer.release(0, CHUNK as u64);
         open.send(()).unwrap();
