@@ -194,9 +194,10 @@ struct CpInFlight {
     requested: u64,
     /// When it fell due.
     due: Instant,
-    /// Gives back the chunks of its snapshot the CP will not read; taken
-    /// by [`Link::split_epoch`] while writes still wait at the barrier.
-    consumer: Option<crate::engine::SnapshotConsumer>,
+    /// The consumer of its snapshot, once [`Link::split_epoch`] gave back
+    /// the chunks the CP will not read, while writes still waited at the
+    /// barrier.
+    released: Option<crate::engine::SnapshotConsumer>,
 }
 
 struct Shared {
@@ -1220,7 +1221,7 @@ impl Link {
     /// before it is in the CP's block set, later ones in the next epoch;
     /// the barrier goes down.
     pub(super) fn split_epoch(&self, number: u64, due: Instant, taken: bool) {
-        let consumer = if taken {
+        let released = if taken {
             self.release_unread(number)
         } else {
             None
@@ -1243,7 +1244,7 @@ impl Link {
                 unix_ms: crate::engine::now_unix_ms(),
                 requested: s.cp_requests,
                 due,
-                consumer,
+                released,
             });
             s.cp_requested_at = None;
         }
@@ -1257,11 +1258,19 @@ impl Link {
     /// a write did not log whole), so the writes waiting at the barrier
     /// do not each copy their chunk for the snapshot first (with 4k random
     /// writes, some 300 chunk copies per CP). A full copy reads nearly every
-    /// block: its chunks go as it reads them ([`Link::consistency_point`]).
+    /// block: its chunks go as it reads them ([`Link::consistency_point`]),
+    /// and it gets no consumer here.
     fn release_unread(&self, number: u64) -> Option<crate::engine::SnapshotConsumer> {
         if keep_cp_snapshots() {
             return None;
         }
+        let whole = {
+            let s = self.lock();
+            if s.phase == Phase::Syncing {
+                return None;
+            }
+            read_whole(&s.epoch, false, self.blocks)
+        };
         let name = cp_snapshot_name(number);
         let consumer = match block_on(self.volume.consume_snapshot(&name)) {
             Ok(c) => c,
@@ -1271,27 +1280,13 @@ impl Link {
                 return None;
             }
         };
-        let partial = {
-            let s = self.lock();
-            if s.phase == Phase::Syncing {
-                return Some(consumer);
-            }
-            let mut partial: Vec<u64> = s
-                .epoch
-                .iter()
-                .filter(|(_, st)| **st == BlockState::Partial)
-                .map(|(&b, _)| b)
-                .collect();
-            partial.sort_unstable();
-            partial
-        };
         let release = Release {
             consumer: Some(consumer),
             block_size: self.block_size,
             chunk_size: self.chunk_size,
             next: 0,
         };
-        release.all_but(&to_runs(&partial), self.blocks);
+        release.all_but(&whole, self.blocks);
         release.consumer
     }
 
@@ -1325,20 +1320,7 @@ impl Link {
         let (boundary, whole) = {
             let s = self.lock();
             let cp = s.cp.as_ref().expect("taken");
-            let mut picked: Vec<u64> = cp
-                .map
-                .iter()
-                .filter(|(_, st)| (**st == BlockState::Partial) != full)
-                .map(|(&b, _)| b)
-                .collect();
-            picked.sort_unstable();
-            let runs = to_runs(&picked);
-            let whole = if full {
-                complement(&runs, self.blocks)
-            } else {
-                runs
-            };
-            (cp.boundary, whole)
+            (cp.boundary, read_whole(&cp.map, full, self.blocks))
         };
         {
             let mut s = self.lock();
@@ -1361,8 +1343,9 @@ impl Link {
             .for_one_pass();
         // Chunks released stop being preserved for this snapshot (unless a
         // test keeps it to compare).
-        let early = self.lock().cp.as_mut().and_then(|c| c.consumer.take());
-        let consumer = match early {
+        let released = self.lock().cp.as_mut().and_then(|c| c.released.take());
+        let released_early = released.is_some();
+        let consumer = match released {
             Some(c) => Some(c),
             None if keep_cp_snapshots() => None,
             None => Some(block_on(self.volume.consume_snapshot(&name)).map_err(err)?),
@@ -1373,7 +1356,9 @@ impl Link {
             chunk_size: self.chunk_size,
             next: 0,
         };
-        release.all_but(&whole, self.blocks);
+        if !released_early {
+            release.all_but(&whole, self.blocks);
+        }
         while self.ship_transfer(conn, boundary, next_tid)? {}
         let mut entries = self.references(number)?;
         let refs = entries
@@ -1661,6 +1646,24 @@ impl Link {
             self.volume.name()
         );
         Ok(())
+    }
+}
+
+/// The blocks a CP reads whole from its snapshot, as sorted runs: those no
+/// write logged whole (`map`'s Partial ones), or on a full copy all but the
+/// logged ones.
+fn read_whole(map: &BlockMap, full: bool, blocks: u64) -> Vec<(u64, u64)> {
+    let mut picked: Vec<u64> = map
+        .iter()
+        .filter(|(_, st)| (**st == BlockState::Partial) != full)
+        .map(|(&b, _)| b)
+        .collect();
+    picked.sort_unstable();
+    let runs = to_runs(&picked);
+    if full {
+        complement(&runs, blocks)
+    } else {
+        runs
     }
 }
 
