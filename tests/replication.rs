@@ -803,6 +803,101 @@ fn a_cp_after_more_transfers_than_the_destination_may_open_files() {
     qemu_io_ok(&p.dst.uri("r"), true, &reads);
 }
 
+/// Waits until the destination's log says it paused in CP `n`'s apply.
+fn wait_apply_paused(p: &Pair, n: u64) {
+    let want = format!("pausing in the middle of applying CP {n}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !p.dst.log().contains(&want) {
+        assert!(Instant::now() < deadline, "{}", p.dst.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// With one CP kept (the default) and nobody reading the replica, an apply
+/// first drops the previous CP snapshot, so it copies nothing for it; a
+/// crash in between is redone from staging; an export opened meanwhile
+/// waits for the new CP; a reader keeps its CP, preserved as before.
+#[test]
+fn an_apply_copies_no_chunk_for_a_cp_nobody_reads() {
+    if skip_without("unread_cp_apply", &["qemu-img", "qemu-io", "python3-nbd"]) {
+        return;
+    }
+    let flags = tempfile::tempdir().unwrap();
+    let resume = flags.path().join("resume");
+    let mut p = pair(
+        &[("SNAPBLK_TEST_KEEP_SOURCE_CPS", "1")],
+        &[("SNAPBLK_TEST_PAUSE_APPLY", "2")],
+    );
+    let preserved = |d: &Daemon| {
+        d.json(&["volume", "info", "r"])["preserved_chunks"]
+            .as_u64()
+            .unwrap()
+    };
+    p.src.ok(&["volume", "create", "v", "--size", "4M"]);
+    p.start("v", "r", &["--cp-interval", "1h"]);
+    p.wait_state("v", "replicating");
+    write_blocks(&p.src.uri("v"), 0..64, 1);
+    assert_eq!(p.cp("v"), 1);
+    // CP 2 rewrites every chunk; its apply stops halfway, cp-1 already gone.
+    write_blocks(&p.src.uri("v"), 0..64, 2);
+    p.src.ok(&["snapshot", "create", "v", "s2"]);
+    wait_apply_paused(&p, 2);
+    assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
+    assert_eq!(preserved(&p.dst), 0);
+    // Killed there, the daemon redoes CP 2 from staging at start.
+    p.dst.signal(libc::SIGKILL);
+    p.dst.env = vec![
+        ("SNAPBLK_TEST_PAUSE_APPLY".into(), "4".into()),
+        (
+            "SNAPBLK_TEST_RESUME_APPLY".into(),
+            resume.display().to_string(),
+        ),
+    ];
+    p.dst.restart();
+    assert!(p.dst.log().contains("applying consistency point 2 again"));
+    assert!(same_image(&p.src.uri("v@s2"), &p.dst.uri("r")));
+    assert_eq!(p.dst.names(&["snapshot", "list", "r"]), ["cp-2"]);
+    assert_eq!(preserved(&p.dst), 0);
+    // The source reconnects (its resync is CP 3). An export opened while
+    // CP 4 is applied waits, then reads CP 4 (an error at once, without
+    // the wait: cp-3 is gone).
+    p.wait_state("v", "replicating");
+    write_blocks(&p.src.uri("v"), 0..64, 3);
+    p.src.ok(&["snapshot", "create", "v", "s3"]);
+    wait_apply_paused(&p, 4);
+    let mut reader = py_spawn(
+        "import nbd, sys\nh = nbd.NBD(); h.connect_uri(sys.argv[1])\nprint(h.pread(512, 0)[0])\n",
+        &[p.dst.uri("r")],
+        false,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "{}",
+        read_stderr(&mut reader)
+    );
+    std::fs::write(&resume, b"").unwrap();
+    let out = reader.wait_with_output().unwrap();
+    let first = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        first.trim(),
+        "3",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(same_image(&p.src.uri("v@s3"), &p.dst.uri("r")));
+    assert_eq!(preserved(&p.dst), 0);
+    // A connected reader keeps cp-4 through CP 5's apply, which preserves
+    // every chunk it overwrites for it.
+    let mut client = nbd_client_connected(&p.dst.uri("r"));
+    write_blocks(&p.src.uri("v"), 0..64, 4);
+    assert_eq!(p.cp("v"), 5);
+    assert_eq!(preserved(&p.dst), 64);
+    drop(client.stdin.take());
+    client.wait().unwrap();
+    assert!(same_image(&p.src.uri("v@repl-cp-5"), &p.dst.uri("r")));
+}
+
 #[test]
 fn a_destination_killed_mid_apply_comes_back_with_exactly_one_cp() {
     if skip_without("kill_mid_apply", &["qemu-img", "qemu-io"]) {
@@ -820,15 +915,7 @@ fn a_destination_killed_mid_apply_comes_back_with_exactly_one_cp() {
     // CP 2 (taken after snapshot s2) changes every block; its apply stops halfway.
     write_blocks(&p.src.uri("v"), 0..64, 2);
     p.src.ok(&["snapshot", "create", "v", "s2"]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !p
-        .dst
-        .log()
-        .contains("pausing in the middle of applying CP 2")
-    {
-        assert!(Instant::now() < deadline, "{}", p.dst.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_apply_paused(&p, 2);
     // Readers still see CP 1 while CP 2 is half applied.
     assert!(same_image(&p.src.uri("v@repl-cp-1"), &p.dst.uri("r")));
     // The link keeps shipping while the destination applies: writes made

@@ -115,11 +115,13 @@ struct Resolver(Arc<Registry>, Arc<Replication>);
 
 impl ExportResolver for Resolver {
     fn resolve(&self, export_name: &str) -> Result<View, EngineError> {
-        match self.1.export_snapshot(export_name) {
-            Some(Ok(snap)) => self.0.resolve_export(&format!("{export_name}@{snap}")),
-            Some(Err(why)) => Err(EngineError::NotFound(why)),
-            None => self.0.resolve_export(export_name),
-        }
+        let registry = &self.0;
+        self.1
+            .open_export(export_name, |newest| match newest {
+                Ok(snap) => registry.resolve_export(&format!("{export_name}@{snap}")),
+                Err(why) => Err(EngineError::NotFound(why)),
+            })
+            .unwrap_or_else(|| registry.resolve_export(export_name))
     }
     fn list(&self) -> Vec<String> {
         self.0.export_names()

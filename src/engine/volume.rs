@@ -796,11 +796,16 @@ impl Volume {
     }
 
     pub fn snapshot_view(self: &Arc<Self>, snapshot: &str) -> Result<View> {
-        let generation = self.snapshot_generation_of(snapshot)?;
+        // Counted under the manifest lock: a delete_snapshot_unless_read
+        // either sees this view or removed the snapshot before it was found.
+        let manifest = self.manifest.lock().unwrap();
+        let generation = self.generation_in(&manifest, snapshot)?;
+        let reader = self.snapshot_readers.clone();
+        drop(manifest);
         Ok(View {
             volume: self.clone(),
             snapshot: Some((snapshot.to_string(), generation)),
-            _reader: Some(self.snapshot_readers.clone()),
+            _reader: Some(reader),
             reuse: Reuse::Again,
         })
     }
@@ -890,7 +895,7 @@ impl Volume {
         };
         for (i, _) in committed {
             let (v, name) = members[i];
-            if let Err(undo) = v.delete_snapshot_locked(name).await {
+            if let Err(undo) = v.delete_snapshot_locked(name, false).await {
                 log::error!(
                     "volume {}: cannot remove snapshot {name} of a failed group snapshot: {undo}",
                     v.name
@@ -1302,41 +1307,53 @@ impl Volume {
     /// space punched out of the change logs.
     pub async fn delete_snapshot(&self, name: &str) -> Result<()> {
         let _admin = self.admin.lock().await;
-        self.delete_snapshot_locked(name).await
+        self.delete_snapshot_locked(name, false).await.map(drop)
     }
 
-    /// [`Volume::delete_snapshot`] for a caller that holds `admin`.
-    async fn delete_snapshot_locked(&self, name: &str) -> Result<()> {
-        let mut manifest = self.manifest.lock().unwrap().clone();
-        let index = manifest
-            .snapshots
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| EngineError::NotFound(format!("snapshot {}@{name}", self.name)))?;
-        let generation = manifest.snapshots[index].generation;
-        let clones: Vec<String> = self
-            .clones
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, g)| *g == generation)
-            .map(|(c, _)| c.clone())
-            .collect();
-        if !clones.is_empty() {
-            return Err(EngineError::InUse(format!(
-                "snapshot {}@{name} is the parent of clone(s) {}; delete them, or make them \
-                 independent first with `snapblk volume flatten CLONE`",
-                self.name,
-                clones.join(", ")
-            )));
-        }
-        manifest.snapshots.remove(index);
-        self.storage
-            .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
-        *self.manifest.lock().unwrap() = manifest;
+    /// [`Volume::delete_snapshot`] unless a [`View`] of any of this volume's
+    /// snapshots is open: `Ok(false)` then, and nothing changed. A reader's
+    /// image must not vanish under it; no view opens between the check and
+    /// the delete (both happen under the manifest lock).
+    pub async fn delete_snapshot_unless_read(&self, name: &str) -> Result<bool> {
+        let _admin = self.admin.lock().await;
+        self.delete_snapshot_locked(name, true).await
+    }
+
+    /// [`Volume::delete_snapshot`] for a caller that holds `admin`; whether
+    /// it deleted (see [`Volume::delete_snapshot_unless_read`]).
+    async fn delete_snapshot_locked(&self, name: &str, unless_read: bool) -> Result<bool> {
+        let generation = {
+            let mut current = self.manifest.lock().unwrap();
+            if unless_read && self.snapshot_views() > 0 {
+                return Ok(false);
+            }
+            let generation = self.generation_in(&current, name)?;
+            let clones: Vec<String> = self
+                .clones
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, g)| *g == generation)
+                .map(|(c, _)| c.clone())
+                .collect();
+            if !clones.is_empty() {
+                return Err(EngineError::InUse(format!(
+                    "snapshot {}@{name} is the parent of clone(s) {}; delete them, or make them \
+                     independent first with `snapblk volume flatten CLONE`",
+                    self.name,
+                    clones.join(", ")
+                )));
+            }
+            let mut manifest = current.clone();
+            manifest.snapshots.retain(|s| s.name != name);
+            self.storage
+                .replace_manifest(manifest::MANIFEST, &manifest.to_bytes())?;
+            *current = manifest;
+            generation
+        };
         self.forget_generation(generation).await;
         self.compact_journals().await;
-        Ok(())
+        Ok(true)
     }
 
     /// Compacts the journals a delete left mostly dead. Under `admin`, so no
@@ -1546,7 +1563,10 @@ impl Volume {
     }
 
     fn snapshot_generation_of(&self, name: &str) -> Result<u64> {
-        let manifest = self.manifest.lock().unwrap();
+        self.generation_in(&self.manifest.lock().unwrap(), name)
+    }
+
+    fn generation_in(&self, manifest: &Manifest, name: &str) -> Result<u64> {
         manifest
             .snapshots
             .iter()

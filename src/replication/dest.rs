@@ -20,7 +20,8 @@
 //! snapshot until promotion, so they see exactly one CP. A crash mid-apply
 //! leaves `cp-n.rec` and the transfers it references; the restart applies
 //! it again from the start (each block is simply rewritten), before any
-//! export is served.
+//! export is served. So with one CP kept and nobody reading, `cp-(n-1)` is
+//! deleted before the apply rather than after (`Replica::drop_unread_cps`).
 //!
 //! Failback ([`Receiver::failback`]): a resync `Open` for a volume here
 //! that is not an unpromoted replica makes it one, at the base CP, once
@@ -31,7 +32,8 @@
 //! Test hooks (never set them outside tests): with
 //! `SNAPBLK_TEST_PAUSE_APPLY=N` in its environment the daemon stops halfway
 //! through applying CP N (it logs "pausing in the middle of applying") and
-//! waits there forever, so a test can kill it at that instant; with
+//! waits there until the file `SNAPBLK_TEST_RESUME_APPLY` names exists
+//! (forever without one), so a test can kill it at that instant; with
 //! `SNAPBLK_TEST_STAGE_DELAY_MS=N` it waits N ms before acknowledging each
 //! transfer, a slow link that any writer outpaces.
 
@@ -49,11 +51,12 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockWriteGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const PAUSE_KNOB: &str = "SNAPBLK_TEST_PAUSE_APPLY";
+const RESUME_KNOB: &str = "SNAPBLK_TEST_RESUME_APPLY";
 const STAGE_DELAY_KNOB: &str = "SNAPBLK_TEST_STAGE_DELAY_MS";
 /// CP entries applied concurrently, and the bytes they may hold in memory.
 const APPLY_BATCH: usize = 128;
@@ -151,6 +154,9 @@ pub struct Replica {
     record: Mutex<ReplicaRecord>,
     /// Held while a CP is applied (promote waits for it).
     apply: Mutex<()>,
+    /// Written while the replica has no CP snapshot (an apply that dropped
+    /// the previous one); export readers open their view under it.
+    cp_image: RwLock<()>,
     session: Mutex<Option<Attached>>,
     /// Signalled when a connection lets go of the replica.
     released: Condvar,
@@ -221,6 +227,7 @@ impl Replica {
             record_path,
             record: Mutex::new(record),
             apply: Mutex::new(()),
+            cp_image: RwLock::new(()),
             session: Mutex::new(None),
             released: Condvar::new(),
             broken: Mutex::new(None),
@@ -381,6 +388,37 @@ impl Replica {
         Ok(())
     }
 
+    /// Deletes the CP snapshots older than `cp` before CP `cp` is applied,
+    /// unless someone reads one of the volume's snapshots: kept, each would
+    /// have every chunk the apply overwrites copied for it first, only to be
+    /// deleted once `cp-<cp>` exists (a CP that touches every chunk copied
+    /// the whole volume once more). Staging already makes the apply safe
+    /// against a crash: the restart redoes it from there before it serves
+    /// anything. Returns the guard that keeps export readers waiting until
+    /// the new CP snapshot exists, if it deleted any.
+    fn drop_unread_cps(
+        &self,
+        volume: &Volume,
+        cp: u64,
+    ) -> io::Result<Option<RwLockWriteGuard<'_, ()>>> {
+        let image = self.cp_image.write().unwrap_or_else(|e| e.into_inner());
+        let mut dropped = false;
+        for s in volume.list_snapshots() {
+            let older = s
+                .name
+                .strip_prefix("cp-")
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n < cp);
+            if older {
+                if !block_on(volume.delete_snapshot_unless_read(&s.name)).map_err(engine)? {
+                    break;
+                }
+                dropped = true;
+            }
+        }
+        Ok(dropped.then_some(image))
+    }
+
     /// Applies a staged CP to `volume` (see the module doc); idempotent.
     fn apply(&self, volume: &Arc<Volume>, cp: &wire::CpCommit) -> io::Result<()> {
         let _applying = lock(&self.apply);
@@ -389,6 +427,11 @@ impl Replica {
             return Err(io::Error::other("the replica was promoted"));
         }
         let bs = cp.block_size as u64;
+        let _no_cp_image = if record.keep_cps <= 1 {
+            self.drop_unread_cps(volume, cp.cp)?
+        } else {
+            None
+        };
         let view = volume.live();
         let mut staged = self.staging.reader();
         let pause_at = std::env::var(PAUSE_KNOB)
@@ -407,8 +450,9 @@ impl Replica {
                     cp.cp,
                     record.volume
                 );
-                loop {
-                    std::thread::sleep(Duration::from_secs(1));
+                let resume = std::env::var_os(RESUME_KNOB).map(PathBuf::from);
+                while !resume.as_ref().is_some_and(|f| f.exists()) {
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             }
             let mut rest = entries;
@@ -1215,6 +1259,24 @@ impl Receiver {
     /// replica: `Some(Ok(cp-N))`, or `Some(Err)` before its first CP.
     pub fn export_snapshot(&self, volume: &str) -> Option<Result<String, String>> {
         let replica = lock(&self.replicas).get(volume).cloned()?;
+        Self::newest_cp(volume, &replica)
+    }
+
+    /// `open` called with [`Receiver::export_snapshot`] if `volume` is an
+    /// unpromoted replica, at a moment its newest CP snapshot exists: an
+    /// apply that dropped the previous one (see `drop_unread_cps`) is
+    /// waited for, and none drops this one while `open` makes its view.
+    pub fn open_export<T>(
+        &self,
+        volume: &str,
+        open: impl FnOnce(Result<String, String>) -> T,
+    ) -> Option<T> {
+        let replica = lock(&self.replicas).get(volume).cloned()?;
+        let _image = replica.cp_image.read().unwrap_or_else(|e| e.into_inner());
+        Self::newest_cp(volume, &replica).map(open)
+    }
+
+    fn newest_cp(volume: &str, replica: &Replica) -> Option<Result<String, String>> {
         if let Some(why) = replica.broken() {
             return Some(Err(format!("replica {volume} is broken: {why}")));
         }

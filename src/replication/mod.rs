@@ -654,6 +654,15 @@ impl Replication {
         self.receiver.export_snapshot(volume)
     }
 
+    /// See [`dest::Receiver::open_export`].
+    pub fn open_export<T>(
+        &self,
+        volume: &str,
+        open: impl FnOnce(Result<String, String>) -> T,
+    ) -> Option<T> {
+        self.receiver.open_export(volume, open)
+    }
+
     /// Stops every sender and the listener; links resume at next start.
     pub fn shutdown(&self) {
         let links: Vec<Arc<Link>> = self.links().values().map(|(l, _)| l.clone()).collect();
