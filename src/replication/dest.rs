@@ -500,7 +500,8 @@ impl Replica {
                 let mut writes = Vec::with_capacity(planned.len());
                 for w in planned {
                     // Aligned: the replica's origin may be opened with O_DIRECT.
-                    let mut data = AlignedBuf::zeroed((w.end - w.start) as usize);
+                    // Its parts cover it end to end: nothing to clear.
+                    let mut data = AlignedBuf::for_overwrite((w.end - w.start) as usize);
                     for (i, &(tid, index, start)) in w.parts.iter().enumerate() {
                         let end = w.parts.get(i + 1).map_or(w.end, |p| p.2);
                         let into = &mut data[(start - w.start) as usize..(end - w.start) as usize];
