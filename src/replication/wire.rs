@@ -172,14 +172,15 @@ fn read_raw(r: &mut impl Read, limit: usize) -> io::Result<([u8; HEADER], Kind, 
             "{kind:?} frame of {len} bytes exceeds the {limit}-byte limit"
         )));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            bad(format!("truncated frame: {len} payload bytes announced"))
-        } else {
-            e
-        }
-    })?;
+    // Read into spare capacity, not cleared first: a transfer's body is up
+    // to a MiB, and clearing it cost as much as the copy out of the socket.
+    let mut body = Vec::with_capacity(len);
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(bad(format!(
+            "truncated frame: {len} payload bytes announced"
+        )));
+    }
     Ok((h, kind, body))
 }
 
