@@ -898,6 +898,52 @@ fn an_apply_copies_no_chunk_for_a_cp_nobody_reads() {
     assert!(same_image(&p.src.uri("v@repl-cp-5"), &p.dst.uri("r")));
 }
 
+/// An apply that fails after it deleted the unread previous CP leaves the
+/// replica without an image: readers are told why, and the next CP the
+/// source sends (it reconnects) brings the image back.
+#[test]
+fn readers_of_a_replica_whose_apply_failed_are_told_why_until_the_next_cp() {
+    if skip_without("failed_apply", &["qemu-img", "qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let flags = tempfile::tempdir().unwrap();
+    let resume = flags.path().join("resume");
+    std::fs::write(&resume, "fail").unwrap();
+    let resume_env = resume.display().to_string();
+    let p = pair(
+        &[("SNAPBLK_TEST_KEEP_SOURCE_CPS", "1")],
+        &[
+            ("SNAPBLK_TEST_PAUSE_APPLY", "2"),
+            ("SNAPBLK_TEST_RESUME_APPLY", &resume_env),
+        ],
+    );
+    p.src.ok(&["volume", "create", "v", "--size", "4M"]);
+    p.start("v", "r", &["--cp-interval", "1h"]);
+    p.wait_state("v", "replicating");
+    write_blocks(&p.src.uri("v"), 0..64, 1);
+    assert_eq!(p.cp("v"), 1);
+    write_blocks(&p.src.uri("v"), 0..64, 2);
+    p.src.ok(&["snapshot", "create", "v", "s2"]);
+    wait_until(
+        "the apply of CP 2 failing",
+        || p.dst.log(),
+        || p.dst.log().contains("the apply fails here"),
+    );
+    // libnbd shows the server's message only in its debug output.
+    let (ok, _, err) = run(Command::new("nbdinfo")
+        .env("LIBNBD_DEBUG", "1")
+        .arg(p.dst.uri("r")));
+    assert!(!ok && err.contains("applying CP 2 failed"), "{err}");
+    // The source reconnects and resends what CP 2 held; that apply succeeds.
+    std::fs::write(&resume, "").unwrap();
+    wait_until(
+        "a CP applied after the failure",
+        || p.dst.log(),
+        || !p.dst.names(&["snapshot", "list", "r"]).is_empty(),
+    );
+    assert!(same_image(&p.src.uri("v@s2"), &p.dst.uri("r")));
+}
+
 #[test]
 fn a_destination_killed_mid_apply_comes_back_with_exactly_one_cp() {
     if skip_without("kill_mid_apply", &["qemu-img", "qemu-io"]) {

@@ -33,7 +33,8 @@
 //! `SNAPBLK_TEST_PAUSE_APPLY=N` in its environment the daemon stops halfway
 //! through applying CP N (it logs "pausing in the middle of applying") and
 //! waits there until the file `SNAPBLK_TEST_RESUME_APPLY` names exists
-//! (forever without one), so a test can kill it at that instant; with
+//! (forever without one), so a test can kill it at that instant, then
+//! fails the apply if the file says `fail`; with
 //! `SNAPBLK_TEST_STAGE_DELAY_MS=N` it waits N ms before acknowledging each
 //! transfer, a slow link that any writer outpaces.
 
@@ -157,6 +158,9 @@ pub struct Replica {
     /// Written while the replica has no CP snapshot (an apply that dropped
     /// the previous one); export readers open their view under it.
     cp_image: RwLock<()>,
+    /// The CP whose apply dropped the previous CP snapshot and failed: no
+    /// CP image exists until an apply succeeds.
+    image_lost_at: Mutex<Option<u64>>,
     session: Mutex<Option<Attached>>,
     /// Signalled when a connection lets go of the replica.
     released: Condvar,
@@ -228,6 +232,7 @@ impl Replica {
             record: Mutex::new(record),
             apply: Mutex::new(()),
             cp_image: RwLock::new(()),
+            image_lost_at: Mutex::new(None),
             session: Mutex::new(None),
             released: Condvar::new(),
             broken: Mutex::new(None),
@@ -427,11 +432,16 @@ impl Replica {
             return Err(io::Error::other("the replica was promoted"));
         }
         let bs = cp.block_size as u64;
-        let _no_cp_image = if record.keep_cps <= 1 {
+        let no_cp_image = if record.keep_cps <= 1 {
             self.drop_unread_cps(volume, cp.cp)?
         } else {
             None
         };
+        if no_cp_image.is_some() {
+            // Until this apply succeeds: one that fails leaves readers
+            // nothing to read, and they are told why.
+            *lock(&self.image_lost_at) = Some(cp.cp);
+        }
         let view = volume.live();
         let mut staged = self.staging.reader();
         let pause_at = std::env::var(PAUSE_KNOB)
@@ -453,6 +463,9 @@ impl Replica {
                 let resume = std::env::var_os(RESUME_KNOB).map(PathBuf::from);
                 while !resume.as_ref().is_some_and(|f| f.exists()) {
                     std::thread::sleep(Duration::from_millis(100));
+                }
+                if resume.is_some_and(|f| fs::read(f).is_ok_and(|b| b.starts_with(b"fail"))) {
+                    return Err(io::Error::other("test hook: the apply fails here"));
                 }
             }
             let mut rest = entries;
@@ -537,6 +550,7 @@ impl Replica {
         let keep_cps = record.keep_cps.max(1) as usize;
         let keep_from = record.keep_from_tid;
         self.save(record)?;
+        *lock(&self.image_lost_at) = None;
         self.staging.applied(cp.cp, keep_from)?;
         let mut cps: Vec<(u64, String)> = volume
             .list_snapshots()
@@ -1290,6 +1304,14 @@ impl Receiver {
                 "replica {volume} is receiving a failback resync and has no consistency point \
                  yet; its own image is kept in snapshot {}",
                 r.resync.map(|f| f.snapshot).unwrap_or_default()
+            )));
+        }
+        if let Some(n) = *lock(&replica.image_lost_at) {
+            return Some(Err(format!(
+                "replica {volume} has no consistency point to serve: applying CP {n} failed \
+                 after the previous one, which nobody read, was deleted; the next CP applied \
+                 (its source sends one when it reconnects) or a restart of this daemon brings \
+                 it back; `snapblk replicate status` and the log say why the apply failed"
             )));
         }
         Some(
