@@ -26,22 +26,27 @@ const SNAPSHOTS: usize = 12;
 /// A snapshot's name and the block versions one read of it saw.
 type SnapshotRead = (String, Vec<u64>);
 
-#[test]
-fn snapshots_are_point_in_time_under_concurrent_writes() {
-    let dir = tempfile::tempdir().unwrap();
+/// A write-back volume `v` in `dir`.
+fn volume_in(dir: &std::path::Path, size: u64, chunk_size: u32, partitions: u32) -> Arc<Volume> {
     let config = VolumeConfig {
-        size: (BLOCK * BLOCKS) as u64,
-        chunk_size: 16 * 1024,
-        partitions: 3,
+        size,
+        chunk_size,
+        partitions,
         backing: None,
         cache: CacheMode::Writeback,
     };
-    let volume = block_on(Volume::create(
+    block_on(Volume::create(
         "v",
-        Storage::Dir(dir.path().to_path_buf()),
+        Storage::Dir(dir.to_path_buf()),
         &config,
     ))
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn snapshots_are_point_in_time_under_concurrent_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = volume_in(dir.path(), (BLOCK * BLOCKS) as u64, 16 * 1024, 3);
     let progress = Progress::starting_at(0);
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -118,19 +123,7 @@ fn snapshots_are_point_in_time_under_concurrent_writes() {
 #[test]
 fn a_delete_unless_read_never_removes_a_snapshot_under_an_open_view() {
     let dir = tempfile::tempdir().unwrap();
-    let config = VolumeConfig {
-        size: 1 << 20,
-        chunk_size: 64 * 1024,
-        partitions: 1,
-        backing: None,
-        cache: CacheMode::Writeback,
-    };
-    let volume = block_on(Volume::create(
-        "v",
-        Storage::Dir(dir.path().to_path_buf()),
-        &config,
-    ))
-    .unwrap();
+    let volume = volume_in(dir.path(), 1 << 20, 64 * 1024, 1);
     block_on(volume.live().write(0, &[7u8; 4096], false)).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     // Opens a view of "s" over and over, reading through each.

@@ -813,6 +813,21 @@ fn wait_apply_paused(p: &Pair, n: u64) {
     }
 }
 
+/// A pair replicating a 4M volume `v` to `r` (`dst_env` for the
+/// destination), one CP kept: CP 1 applied, then every chunk rewritten and
+/// snapshot `s2` taken, which makes CP 2 fall due.
+fn pair_at_cp_2_of_every_chunk(dst_env: &[(&str, &str)]) -> Pair {
+    let p = pair(&[("SNAPBLK_TEST_KEEP_SOURCE_CPS", "1")], dst_env);
+    p.src.ok(&["volume", "create", "v", "--size", "4M"]);
+    p.start("v", "r", &["--cp-interval", "1h"]);
+    p.wait_state("v", "replicating");
+    write_blocks(&p.src.uri("v"), 0..64, 1);
+    assert_eq!(p.cp("v"), 1);
+    write_blocks(&p.src.uri("v"), 0..64, 2);
+    p.src.ok(&["snapshot", "create", "v", "s2"]);
+    p
+}
+
 /// With one CP kept (the default) and nobody reading the replica, an apply
 /// first drops the previous CP snapshot, so it copies nothing for it; a
 /// crash in between is redone from staging; an export opened meanwhile
@@ -824,23 +839,13 @@ fn an_apply_copies_no_chunk_for_a_cp_nobody_reads() {
     }
     let flags = tempfile::tempdir().unwrap();
     let resume = flags.path().join("resume");
-    let mut p = pair(
-        &[("SNAPBLK_TEST_KEEP_SOURCE_CPS", "1")],
-        &[("SNAPBLK_TEST_PAUSE_APPLY", "2")],
-    );
     let preserved = |d: &Daemon| {
         d.json(&["volume", "info", "r"])["preserved_chunks"]
             .as_u64()
             .unwrap()
     };
-    p.src.ok(&["volume", "create", "v", "--size", "4M"]);
-    p.start("v", "r", &["--cp-interval", "1h"]);
-    p.wait_state("v", "replicating");
-    write_blocks(&p.src.uri("v"), 0..64, 1);
-    assert_eq!(p.cp("v"), 1);
-    // CP 2 rewrites every chunk; its apply stops halfway, cp-1 already gone.
-    write_blocks(&p.src.uri("v"), 0..64, 2);
-    p.src.ok(&["snapshot", "create", "v", "s2"]);
+    // CP 2's apply stops halfway, cp-1 already gone.
+    let mut p = pair_at_cp_2_of_every_chunk(&[("SNAPBLK_TEST_PAUSE_APPLY", "2")]);
     wait_apply_paused(&p, 2);
     assert!(p.dst.names(&["snapshot", "list", "r"]).is_empty());
     assert_eq!(preserved(&p.dst), 0);
@@ -910,20 +915,10 @@ fn readers_of_a_replica_whose_apply_failed_are_told_why_until_the_next_cp() {
     let resume = flags.path().join("resume");
     std::fs::write(&resume, "fail").unwrap();
     let resume_env = resume.display().to_string();
-    let p = pair(
-        &[("SNAPBLK_TEST_KEEP_SOURCE_CPS", "1")],
-        &[
-            ("SNAPBLK_TEST_PAUSE_APPLY", "2"),
-            ("SNAPBLK_TEST_RESUME_APPLY", &resume_env),
-        ],
-    );
-    p.src.ok(&["volume", "create", "v", "--size", "4M"]);
-    p.start("v", "r", &["--cp-interval", "1h"]);
-    p.wait_state("v", "replicating");
-    write_blocks(&p.src.uri("v"), 0..64, 1);
-    assert_eq!(p.cp("v"), 1);
-    write_blocks(&p.src.uri("v"), 0..64, 2);
-    p.src.ok(&["snapshot", "create", "v", "s2"]);
+    let p = pair_at_cp_2_of_every_chunk(&[
+        ("SNAPBLK_TEST_PAUSE_APPLY", "2"),
+        ("SNAPBLK_TEST_RESUME_APPLY", &resume_env),
+    ]);
     wait_until(
         "the apply of CP 2 failing",
         || p.dst.log(),
