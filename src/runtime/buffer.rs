@@ -37,7 +37,8 @@ unsafe impl Sync for AlignedBuf {}
 /// when dropped, and its pages are zero without a memset.
 const MAP_MIN: usize = 64 * 1024;
 
-/// Most bytes of dropped mappings kept for reuse, process-wide. A mapping
+/// Most bytes of dropped buffers larger than a page kept for reuse,
+/// process-wide. A mapping
 /// made and unmapped per preservation cost its page faults, the zeroing of
 /// fresh pages and, at munmap, a TLB shootdown on every CPU (about a tenth
 /// of the daemon's CPU time under 4k random writes after a snapshot). It
@@ -46,10 +47,13 @@ const MAP_MIN: usize = 64 * 1024;
 /// for the default four partitions. At 16 MiB most buffers were still fresh
 /// mappings under that load; at 64 MiB, with the origin cached in base
 /// pages (see `backend::file`), the daemon's CPU per write after a snapshot
-/// fell from 79-102 us to 26-34 us. Pooled pages count in RSS.
+/// fell from 79-102 us to 26-34 us. Heap buffers between a page and
+/// [`MAP_MIN`] pool here too: each write of 8 to 60 KiB the write-back
+/// buffer holds (a database's pages) was a `calloc` that cleared it before
+/// the copy. Pooled pages count in RSS.
 const POOL_BYTES: usize = 64 << 20;
 
-/// Dropped mappings by exact size, waiting to be reused.
+/// Dropped buffers by exact size, waiting to be reused.
 struct Pool {
     free: std::collections::BTreeMap<usize, Vec<usize>>,
     bytes: usize,
@@ -60,16 +64,16 @@ static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
     bytes: 0,
 });
 
-/// A pooled mapping of exactly `len` bytes, if one waits.
-fn reuse_mapping(len: usize) -> Option<*mut u8> {
+/// A pooled buffer of exactly `len` bytes, if one waits.
+fn reuse_pooled(len: usize) -> Option<*mut u8> {
     let mut pool = POOL.lock().unwrap();
     let addr = pool.free.get_mut(&len)?.pop()?;
     pool.bytes -= len;
     Some(addr as *mut u8)
 }
 
-/// Keeps a mapping for reuse; false if the pool is full.
-fn pool_mapping(ptr: *mut u8, len: usize) -> bool {
+/// Keeps a buffer for reuse; false if the pool is full.
+fn pool_buffer(ptr: *mut u8, len: usize) -> bool {
     let mut pool = POOL.lock().unwrap();
     if pool.bytes + len > POOL_BYTES {
         return false;
@@ -107,7 +111,7 @@ impl AlignedBuf {
     }
 
     /// A buffer whose bytes are zeros or what an earlier buffer held, for
-    /// a caller that overwrites all of them: a reused mapping skips
+    /// a caller that overwrites all of them: a reused buffer skips
     /// clearing, which otherwise costs as much as the copy that follows.
     pub fn for_overwrite(len: usize) -> AlignedBuf {
         if len <= ALIGN {
@@ -129,16 +133,16 @@ impl AlignedBuf {
                 reused: spare.is_some(),
             };
         }
+        if let Some(ptr) = reuse_pooled(len) {
+            return AlignedBuf {
+                ptr,
+                len,
+                cap: len,
+                reused: true,
+            };
+        }
         let layout = Layout::from_size_align(len, ALIGN).expect("buffer layout");
         let ptr = if len >= MAP_MIN {
-            if let Some(ptr) = reuse_mapping(len) {
-                return AlignedBuf {
-                    ptr,
-                    len,
-                    cap: len,
-                    reused: true,
-                };
-            }
             // SAFETY: a fresh private anonymous mapping, owned by this buffer.
             let p = unsafe {
                 libc::mmap(
@@ -199,11 +203,12 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.cap > ALIGN && pool_buffer(self.ptr, self.cap) {
+            return;
+        }
         if self.cap >= MAP_MIN {
-            if !pool_mapping(self.ptr, self.cap) {
-                // SAFETY: mapped with this length in `zeroed`; nothing borrows it.
-                unsafe { libc::munmap(self.ptr.cast(), self.cap) };
-            }
+            // SAFETY: mapped with this length in `for_overwrite`; nothing borrows it.
+            unsafe { libc::munmap(self.ptr.cast(), self.cap) };
             return;
         }
         if self.cap == ALIGN {
@@ -292,21 +297,28 @@ mod tests {
     use crate::runtime::{block_on, fixed_io_bytes, read_at, write_at};
     use std::os::fd::AsRawFd;
 
-    /// A dropped mapping is handed out again for the same size, zeroed.
+    /// A dropped mapping, or heap buffer of several pages, is handed out
+    /// again for the same size: as it was for an overwrite (no clearing),
+    /// zeroed otherwise.
     #[test]
-    fn dropped_mappings_are_reused_and_come_back_zeroed() {
-        // An odd size no other test allocates, so nothing else takes it.
-        let len = MAP_MIN * 3 + ALIGN * 7;
-        let mut buf = AlignedBuf::zeroed(len);
-        buf.fill(0xa5);
-        let addr = buf.as_ptr() as usize;
-        drop(buf);
-        let again = AlignedBuf::zeroed(len);
-        assert_eq!(again.as_ptr() as usize, addr, "the mapping was not reused");
-        assert!(
-            again.iter().all(|&b| b == 0),
-            "a reused buffer kept old bytes"
-        );
+    fn dropped_buffers_are_reused_and_come_back_zeroed() {
+        // Odd sizes no other test allocates, so nothing else takes them.
+        for len in [MAP_MIN * 3 + ALIGN * 7, ALIGN * 3 + 100] {
+            let mut buf = AlignedBuf::zeroed(len);
+            buf.fill(0xa5);
+            let addr = buf.as_ptr() as usize;
+            drop(buf);
+            let reused = AlignedBuf::for_overwrite(len);
+            assert_eq!(reused.as_ptr() as usize, addr, "{len}: not reused");
+            assert!(reused.iter().all(|&b| b == 0xa5), "{len}: cleared");
+            drop(reused);
+            let again = AlignedBuf::zeroed(len);
+            assert_eq!(again.as_ptr() as usize, addr, "{len}: not reused");
+            assert!(
+                again.iter().all(|&b| b == 0),
+                "{len}: a reused buffer kept old bytes"
+            );
+        }
     }
 
     #[test]
