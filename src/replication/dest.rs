@@ -224,6 +224,20 @@ pub fn cp_snapshot(n: u64) -> String {
     format!("cp-{n}")
 }
 
+/// The replica's CP snapshots (number, name), oldest first.
+fn cp_snapshots(volume: &Volume) -> Vec<(u64, String)> {
+    let mut cps: Vec<(u64, String)> = volume
+        .list_snapshots()
+        .into_iter()
+        .filter_map(|s| {
+            let n = s.name.strip_prefix("cp-")?.parse().ok()?;
+            Some((n, s.name))
+        })
+        .collect();
+    cps.sort();
+    cps
+}
+
 impl Replica {
     fn new(dir: &Path, record_path: PathBuf, record: ReplicaRecord) -> Replica {
         Replica {
@@ -400,7 +414,8 @@ impl Replica {
     /// the whole volume once more). Staging already makes the apply safe
     /// against a crash: the restart redoes it from there before it serves
     /// anything. Returns the guard that keeps export readers waiting until
-    /// the new CP snapshot exists, if it deleted any.
+    /// the new CP snapshot exists, if it deleted any; until the apply
+    /// succeeds, readers are told the image is lost (`image_lost_at`).
     fn drop_unread_cps(
         &self,
         volume: &Volume,
@@ -408,20 +423,17 @@ impl Replica {
     ) -> io::Result<Option<RwLockWriteGuard<'_, ()>>> {
         let image = self.cp_image.write().unwrap_or_else(|e| e.into_inner());
         let mut dropped = false;
-        for s in volume.list_snapshots() {
-            let older = s
-                .name
-                .strip_prefix("cp-")
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n < cp);
-            if older {
-                if !block_on(volume.delete_snapshot_unless_read(&s.name)).map_err(engine)? {
-                    break;
-                }
-                dropped = true;
+        for (_, name) in cp_snapshots(volume).into_iter().filter(|(n, _)| *n < cp) {
+            if !block_on(volume.delete_snapshot_unless_read(&name)).map_err(engine)? {
+                break;
             }
+            dropped = true;
         }
-        Ok(dropped.then_some(image))
+        if !dropped {
+            return Ok(None);
+        }
+        *lock(&self.image_lost_at) = Some(cp);
+        Ok(Some(image))
     }
 
     /// Applies a staged CP to `volume` (see the module doc); idempotent.
@@ -432,16 +444,11 @@ impl Replica {
             return Err(io::Error::other("the replica was promoted"));
         }
         let bs = cp.block_size as u64;
-        let no_cp_image = if record.keep_cps <= 1 {
+        let _no_cp_image = if record.keep_cps <= 1 {
             self.drop_unread_cps(volume, cp.cp)?
         } else {
             None
         };
-        if no_cp_image.is_some() {
-            // Until this apply succeeds: one that fails leaves readers
-            // nothing to read, and they are told why.
-            *lock(&self.image_lost_at) = Some(cp.cp);
-        }
         let view = volume.live();
         let mut staged = self.staging.reader();
         let pause_at = std::env::var(PAUSE_KNOB)
@@ -552,15 +559,7 @@ impl Replica {
         self.save(record)?;
         *lock(&self.image_lost_at) = None;
         self.staging.applied(cp.cp, keep_from)?;
-        let mut cps: Vec<(u64, String)> = volume
-            .list_snapshots()
-            .into_iter()
-            .filter_map(|s| {
-                let n = s.name.strip_prefix("cp-")?.parse().ok()?;
-                Some((n, s.name))
-            })
-            .collect();
-        cps.sort();
+        let cps = cp_snapshots(volume);
         let excess = cps.len().saturating_sub(keep_cps);
         for (_, name) in cps.into_iter().take(excess) {
             block_on(volume.delete_snapshot(&name)).map_err(engine)?;

@@ -38,13 +38,12 @@ unsafe impl Sync for AlignedBuf {}
 const MAP_MIN: usize = 64 * 1024;
 
 /// Most bytes of dropped buffers larger than a page kept for reuse,
-/// process-wide. A mapping
-/// made and unmapped per preservation cost its page faults, the zeroing of
-/// fresh pages and, at munmap, a TLB shootdown on every CPU (about a tenth
-/// of the daemon's CPU time under 4k random writes after a snapshot). It
-/// holds what a volume's preservations keep in flight: each partition's
-/// change log writes two gathered batches of up to 8 MiB at a time, 64 MiB
-/// for the default four partitions. At 16 MiB most buffers were still fresh
+/// process-wide. A mapping made and unmapped per preservation cost its
+/// page faults, the zeroing of fresh pages and, at munmap, a TLB shootdown
+/// on every CPU (about a tenth of the daemon's CPU time under 4k random
+/// writes after a snapshot). It holds what a volume's preservations keep in
+/// flight: each partition's change log writes two gathered batches of up
+/// to 8 MiB at a time, 64 MiB for the default four partitions. At 16 MiB most buffers were still fresh
 /// mappings under that load; at 64 MiB, with the origin cached in base
 /// pages (see `backend::file`), the daemon's CPU per write after a snapshot
 /// fell from 79-102 us to 26-34 us. Heap buffers between a page and
