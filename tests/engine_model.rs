@@ -1351,8 +1351,13 @@ mod clones {
             }
         }
         let p = &mut world.parent.model;
-        p.snapshots.remove(BASE);
+        let image = p.snapshots.remove(BASE);
         p.snapshot_deleted(BASE);
+        if let (Err(_), Some(image)) = (&result, image) {
+            // Cut off by a power cut: the delete may or may not have
+            // committed, as for any other snapshot's.
+            p.uncertain.insert(BASE.to_string(), image);
+        }
         world.base_deleted = true;
         result
     }
