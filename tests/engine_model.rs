@@ -469,6 +469,15 @@ async fn check_everything(volume: &Arc<Volume>, model: &Model) {
     }
 }
 
+/// Random workloads per model test run: `PROPTEST_CASES` overrides
+/// `default` (proptest reads it only when a test sets no count of its own).
+fn model_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Crash cases per test run: `CRASH_CASES` overrides `default`, and
 /// `CRASH_SEED` the first seed.
 fn crash_cases(default: u64) -> std::ops::Range<u64> {
@@ -482,7 +491,7 @@ mod model {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: model_cases(64), ..ProptestConfig::default() })]
 
         /// Random workloads without crashes: after every step the live
         /// volume and every snapshot equal the model, across clean reopens.
@@ -1379,7 +1388,7 @@ mod clones {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: model_cases(48), ..Default::default() })]
 
         /// Parent and clone written, snapshotted, reverted and diffed
         /// independently, with a flatten going on: each equals its model
