@@ -43,10 +43,10 @@ const MAP_MIN: usize = 64 * 1024;
 /// on every CPU (about a tenth of the daemon's CPU time under 4k random
 /// writes after a snapshot). It holds what a volume's preservations keep in
 /// flight: each partition's change log writes two gathered batches of up
-/// to 8 MiB at a time, 64 MiB for the default four partitions. At 16 MiB most buffers were still fresh
-/// mappings under that load; at 64 MiB, with the origin cached in base
-/// pages (see `backend::file`), the daemon's CPU per write after a snapshot
-/// fell from 79-102 us to 26-34 us. Heap buffers between a page and
+/// to 8 MiB at a time, 64 MiB for the default four partitions. At 16 MiB
+/// most buffers were still fresh mappings under that load; at 64 MiB, with
+/// the origin cached in base pages (see `backend::file`), the daemon's CPU
+/// per write after a snapshot fell from 79-102 us to 26-34 us. Heap buffers between a page and
 /// [`MAP_MIN`] pool here too: each write of 8 to 60 KiB the write-back
 /// buffer holds (a database's pages) was a `calloc` that cleared it before
 /// the copy. Pooled pages count in RSS.
