@@ -226,6 +226,12 @@ struct Receiver<'c> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// How much the next refill of `buf` asks for. After a large payload
+    /// the next request is likely another one: its header alone is asked
+    /// for, so its payload is received straight into its own buffer
+    /// instead of up to `RECV_BUF` of it landing here first and being
+    /// copied (about 3% of the daemon's CPU under 1M writes).
+    fill: usize,
 }
 
 /// Receives some bytes of the request stream (plaintext) into `out`.
@@ -262,10 +268,12 @@ impl Receiver<'_> {
                 // Large payloads go straight into their own buffer.
                 let n = recv(self.conn, &mut out[done..]).await?;
                 done += n;
+                self.fill = REQUEST_LEN;
                 n
             } else {
                 self.start = 0;
-                self.end = recv(self.conn, &mut self.buf).await?;
+                self.end = recv(self.conn, &mut self.buf[..self.fill]).await?;
+                self.fill = self.buf.len();
                 self.end
             };
             self.conn.activity.touch();
@@ -338,6 +346,7 @@ async fn read_requests(conn: &Rc<Conn>) -> io::Result<()> {
         buf: vec![0u8; RECV_BUF],
         start: 0,
         end: 0,
+        fill: RECV_BUF,
     };
     loop {
         // Back-pressure: wait for room before taking the next request.
