@@ -45,12 +45,12 @@ pub enum CacheMode {
 
 impl CacheMode {
     /// What a volume gets when its creator does not say (measured in
-    /// README "Cache mode"): writearound writes as fast as `none` (O_DIRECT,
-    /// 2-4x `writeback` on 4k random writes), reads cached data as
-    /// `writeback` does, preserves old content from the page cache when it
-    /// is there, and never holds a dirty page, so a FLUSH or a snapshot
-    /// never waits for seconds of page cache to reach the disk. Manifests
-    /// without a mode stay `writeback`, what they were made with.
+    /// docs/benchmarks.md, "Cache mode"): writearound writes as fast as
+    /// `none` (O_DIRECT, 2-4x `writeback` on 4k random writes), reads
+    /// cached data as `writeback` does, preserves old content from the page
+    /// cache when it is there, and never holds a dirty page, so a FLUSH or
+    /// a snapshot never waits for seconds of page cache to reach the disk.
+    /// Manifests without a mode stay `writeback`, what they were made with.
     pub const FOR_NEW_VOLUMES: CacheMode = CacheMode::Writearound;
 
     pub fn as_str(self) -> &'static str {

@@ -115,7 +115,7 @@ impl Cluster {
             // refresh and QoS queue requests, they do not wait), so
             // dispatching on the caller's thread only blocks it where the
             // objecter's in-flight throttle is full: back-pressure we want.
-            // Measured: README "Ceph", non-blocking aio.
+            // Measured: docs/benchmarks.md, "Ceph".
             ffi::rados_conf_set(rados, c"rbd_non_blocking_aio".as_ptr(), c"false".as_ptr());
             let rc = ffi::rados_connect(rados);
             if rc < 0 {
