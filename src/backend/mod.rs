@@ -80,10 +80,16 @@ impl Backend {
         }
     }
 
+    /// One match straight to the storage's own read: going through
+    /// [`Backend::read_at`] nests one more future, polled at the start and
+    /// at the completion of every read the engine serves.
     pub async fn read(&self, buf: &mut [u8], offset: u64, reuse: Reuse) -> io::Result<()> {
-        match reuse {
-            Reuse::Again => self.read_at(buf, offset).await,
-            Reuse::Once => self.read_once(buf, offset).await,
+        match (self, reuse) {
+            (Backend::File(f), Reuse::Again) => f.read_at(buf, offset).await,
+            (Backend::File(f), Reuse::Once) => f.read_once(buf, offset).await,
+            (Backend::Memory(m), _) => m.read_at(buf, offset),
+            #[cfg(feature = "ceph")]
+            (Backend::Ceph(c), _) => c.read_at(buf, offset).await,
         }
     }
 
