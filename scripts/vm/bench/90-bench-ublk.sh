@@ -28,7 +28,11 @@ avail=$(df -m "$W" | awk 'NR == 2 {print $4}')
 daemon_start "$D"
 rublk_dev=""
 cleanup() {
-    [ -n "$rublk_dev" ] && rublk del -n $RUBLK_ID >/dev/null 2>&1
+    # rublk 0.2.15's `del` has exited 101 (a panic) after every result was
+    # printed; a peer's teardown must not fail the run.
+    if [ -n "$rublk_dev" ]; then
+        rublk del -n $RUBLK_ID >/dev/null 2>&1 || echo "rublk del exited $? (ignored)"
+    fi
     daemon_stop KILL
 }
 trap cleanup EXIT
