@@ -69,20 +69,11 @@ impl Backend {
         }
     }
 
-    /// [`Backend::read_at`] for data read once (see [`Reuse`] and
-    /// [`file::FileBackend::read_once`]).
-    pub async fn read_once(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match self {
-            Backend::File(f) => f.read_once(buf, offset).await,
-            Backend::Memory(m) => m.read_at(buf, offset),
-            #[cfg(feature = "ceph")]
-            Backend::Ceph(c) => c.read_at(buf, offset).await,
-        }
-    }
-
-    /// One match straight to the storage's own read: going through
-    /// [`Backend::read_at`] nests one more future, polled at the start and
-    /// at the completion of every read the engine serves.
+    /// A read used as `reuse` says (see [`Reuse`] and
+    /// [`file::FileBackend::read_once`]). One match straight to the
+    /// storage's own read: going through [`Backend::read_at`] would nest one
+    /// more future, polled at the start and at the completion of every read
+    /// the engine serves.
     pub async fn read(&self, buf: &mut [u8], offset: u64, reuse: Reuse) -> io::Result<()> {
         match (self, reuse) {
             (Backend::File(f), Reuse::Again) => f.read_at(buf, offset).await,

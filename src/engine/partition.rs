@@ -19,7 +19,7 @@ use super::gate::Epoch;
 use super::gather::Gather;
 use super::journal::{in_store, slot_crc, Journal, Record, NATIVE_SLOT, ZERO_SLOT};
 use super::writeback::WriteBack;
-use crate::backend::Backend;
+use crate::backend::{Backend, Reuse};
 use crate::runtime::AlignedBuf;
 use futures::channel::oneshot;
 use futures::future::try_join_all;
@@ -486,9 +486,10 @@ impl Partition {
         data[..read_from as usize].fill(0);
         data[read_to as usize..].fill(0);
         origin
-            .read_once(
+            .read(
                 &mut data[read_from as usize..read_to as usize],
                 offset + read_from,
+                Reuse::Once,
             )
             .await?;
         held.iter()
