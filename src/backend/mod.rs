@@ -16,6 +16,7 @@ pub mod memory;
 #[cfg(feature = "ceph")]
 pub mod rbd;
 
+use crate::runtime;
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -87,7 +88,11 @@ impl Backend {
     /// `durable`: the write is on stable storage when this returns (FUA).
     pub async fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         match self {
-            Backend::File(f) => f.write_at(buf, offset, durable).await,
+            // The file's own write_at, flattened: one future less per write.
+            Backend::File(f) => match f.write_target(buf, offset) {
+                Some(fd) => runtime::write_at(fd, buf, offset, file::rw_flags(durable)).await,
+                None => f.write_bounced(buf, offset, durable).await,
+            },
             Backend::Memory(m) => m.write_at(buf, offset, durable),
             #[cfg(feature = "ceph")]
             Backend::Ceph(c) => c.write_at(buf, offset, durable).await,
