@@ -8,10 +8,17 @@
 //! gate: new tickets wait, tickets in flight drain, the epoch changes, and the
 //! gate reopens. Only origin writes are drained, never journal flushes, which
 //! keeps the stall to the time of a few buffered writes.
+//!
+//! While no write needs preparing (no hooks, no live snapshot) and the gate
+//! is open, a write enters through [`Gate::enter_open`]: one atomic counter
+//! instead of the state's lock, taken twice per write, and the epoch's
+//! reference count. A pause closes that way in before it drains, and the
+//! drain waits for both kinds of ticket.
 
 use super::hooks::{ChunkSet, WriteHook};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -41,6 +48,12 @@ impl std::ops::Deref for Epoch {
 }
 
 impl EpochState {
+    /// Whether a write under this epoch has nothing to do before its origin
+    /// write: no hook to run, no snapshot to preserve for.
+    fn is_plain(&self) -> bool {
+        self.hooks.is_empty() && self.live.is_empty()
+    }
+
     /// Whether origin content of `chunk` born in generation `birth` must be
     /// preserved before a write of this epoch overwrites it: some live
     /// snapshot closed a generation in `[birth, current)` and still wants it.
@@ -69,6 +82,25 @@ struct State {
 
 pub struct Gate {
     state: Mutex<State>,
+    /// [`OpenTicket`]s in flight, plus [`CLOSED`] while the way in without
+    /// the lock is shut: the gate is paused, or the epoch has hooks or a
+    /// live snapshot. Changed with the state's lock held, except by the
+    /// open tickets themselves.
+    open: AtomicU64,
+}
+
+const CLOSED: u64 = 1 << 63;
+
+/// A write's ticket taken without the state's lock ([`Gate::enter_open`]):
+/// its epoch asked nothing of it, and a pause waits for it all the same.
+pub struct OpenTicket<'a> {
+    gate: &'a Gate,
+}
+
+impl Drop for OpenTicket<'_> {
+    fn drop(&mut self) {
+        self.gate.leave_open();
+    }
 }
 
 /// Held by one write for the duration of its origin write.
@@ -136,6 +168,9 @@ impl Drop for Paused<'_> {
         let waiters = {
             let mut state = self.gate.state.lock().unwrap();
             state.paused = false;
+            if state.epoch.is_plain() {
+                self.gate.open.fetch_and(!CLOSED, Ordering::SeqCst);
+            }
             std::mem::take(&mut state.entry_waiters)
         };
         waiters.into_iter().for_each(Waker::wake);
@@ -144,7 +179,9 @@ impl Drop for Paused<'_> {
 
 impl Gate {
     pub fn new(generation: u64, live: Vec<u64>) -> Self {
+        let open = AtomicU64::new(if live.is_empty() { 0 } else { CLOSED });
         Gate {
+            open,
             state: Mutex::new(State {
                 epoch: Epoch(Arc::new(EpochState {
                     id: 0,
@@ -170,22 +207,31 @@ impl Gate {
         self.state.lock().unwrap().epoch.id
     }
 
-    /// The common write's way in, with one lock instead of two: a ticket
-    /// and its epoch at once if the gate is open and the epoch asks nothing
-    /// of a write before its origin write (no hooks, no live snapshot).
-    pub fn enter_unprepared(&self) -> Option<(Ticket<'_>, Epoch)> {
-        let mut state = self.state.lock().unwrap();
-        if state.paused || !state.epoch.hooks.is_empty() || !state.epoch.live.is_empty() {
-            return None;
+    /// The common write's way in, without the state's lock: a ticket if the
+    /// gate is open and the epoch asks nothing of a write before its origin
+    /// write (no hooks, no live snapshot). `None`: take [`Gate::enter`].
+    pub fn enter_open(&self) -> Option<OpenTicket<'_>> {
+        // Counted before the check: a pause that closes the gate after this
+        // sees the count and waits for the ticket; one that closed it
+        // before is seen here, and the count is given back.
+        let ticket = OpenTicket { gate: self };
+        if self.open.fetch_add(1, Ordering::SeqCst) & CLOSED != 0 {
+            return None; // the ticket's drop gives the count back
         }
-        state.inflight += 1;
-        Some((
-            Ticket {
-                gate: self,
-                epoch_id: state.epoch.id,
-            },
-            state.epoch.clone(),
-        ))
+        Some(ticket)
+    }
+
+    fn leave_open(&self) {
+        // The last open ticket of a closed gate may be what a drain waits
+        // for; the lock orders this against the drain's check.
+        if self.open.fetch_sub(1, Ordering::SeqCst) == CLOSED | 1 {
+            let mut state = self.state.lock().unwrap();
+            if state.inflight == 0 {
+                if let Some(waker) = state.drain_waiter.take() {
+                    waker.wake();
+                }
+            }
+        }
     }
 
     /// Waits until the gate is open, then registers one in-flight origin write.
@@ -201,6 +247,7 @@ impl Gate {
             let mut state = self.state.lock().unwrap();
             assert!(!state.paused, "gate paused twice");
             state.paused = true;
+            self.open.fetch_or(CLOSED, Ordering::SeqCst);
         }
         Drain { gate: self }.await;
         Paused {
@@ -240,7 +287,7 @@ impl Future for Drain<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut state = self.gate.state.lock().unwrap();
-        if state.inflight == 0 {
+        if state.inflight == 0 && self.gate.open.load(Ordering::SeqCst) == CLOSED {
             return Poll::Ready(());
         }
         state.drain_waiter = Some(cx.waker().clone());
@@ -283,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn the_one_lock_entry_is_only_for_an_open_gate_with_nothing_to_prepare() {
+    fn the_lock_free_entry_is_only_for_an_open_gate_with_nothing_to_prepare() {
         struct Nothing;
         impl WriteHook for Nothing {
             fn before_write(
@@ -300,27 +347,49 @@ mod tests {
         }
         let gate = Gate::new(1, vec![]);
         crate::runtime::block_on(async {
-            let (ticket, epoch) = gate.enter_unprepared().expect("open, nothing to prepare");
-            assert_eq!(
-                (ticket.epoch_id, epoch.id),
-                (gate.epoch().id, gate.epoch().id)
-            );
-            // Its ticket counts: a pause waits for it.
+            let ticket = gate.enter_open().expect("open, nothing to prepare");
+            // Its ticket counts: a pause waits for it, and so does one that
+            // also waits for a ticket taken under the lock.
+            let locked = gate.enter().await;
             let mut pause = Box::pin(gate.pause());
+            assert!(futures::poll!(pause.as_mut()).is_pending());
+            drop(locked);
+            assert!(futures::poll!(pause.as_mut()).is_pending());
+            assert!(gate.enter_open().is_none(), "a pause closed the way in");
             assert!(futures::poll!(pause.as_mut()).is_pending());
             drop(ticket);
             let paused = pause.await;
-            assert!(gate.enter_unprepared().is_none(), "the gate is paused");
+            assert!(gate.enter_open().is_none(), "the gate is paused");
             paused.set(2, vec![1]);
             drop(paused);
-            assert!(gate.enter_unprepared().is_none(), "a live snapshot");
+            assert!(gate.enter_open().is_none(), "a live snapshot");
             gate.pause().await.set(3, vec![]);
-            assert!(gate.enter_unprepared().is_some());
+            assert!(gate.enter_open().is_some());
             gate.pause()
                 .await
                 .change(|e| e.hooks.push(Arc::new(Nothing)));
-            assert!(gate.enter_unprepared().is_none(), "a write hook");
+            assert!(gate.enter_open().is_none(), "a write hook");
+            gate.pause().await.change(|e| e.hooks.clear());
+            let ticket = gate.enter_open().expect("open again");
+            // The drain is woken by the last open ticket, not only polled.
+            // (join! polls the pause first, so it is waiting when the
+            // ticket goes.)
+            let paused_once = std::cell::Cell::new(false);
+            let pausing = async {
+                drop(gate.pause().await);
+                paused_once.set(true);
+            };
+            let releasing = async {
+                assert!(!paused_once.get(), "the pause waits for the ticket");
+                drop(ticket);
+            };
+            futures::join!(pausing, releasing);
+            assert!(paused_once.get());
         });
+        assert!(
+            Gate::new(5, vec![4]).enter_open().is_none(),
+            "a gate made with a live snapshot starts closed"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use super::budget::SpaceBudget;
 use super::error::{EngineError, Result};
-use super::gate::{Epoch, Gate, Paused, Ticket};
+use super::gate::{Epoch, Gate, OpenTicket, Paused, Ticket};
 use super::hooks::{Change, ChunkSet, WriteGuard, WriteHook};
 use super::journal::Journal;
 use super::layer::{self, Layer};
@@ -182,19 +182,29 @@ impl SnapshotConsumer {
 
 /// What a write holds while it overwrites the origin.
 struct Admitted<'a> {
-    _ticket: Ticket<'a>,
-    epoch: Epoch,
-    _guards: Vec<WriteGuard>,
+    how: Admission<'a>,
     /// Every preservation the range needed is durable already.
     settled: bool,
     /// A clone's ownership of some chunk of the range is not durable yet.
     newly_owned: bool,
 }
 
+enum Admission<'a> {
+    /// The epoch asked nothing of the write (no hooks, no live snapshot).
+    Open { _ticket: OpenTicket<'a> },
+    Prepared {
+        _ticket: Ticket<'a>,
+        epoch: Epoch,
+        _guards: Vec<WriteGuard>,
+    },
+}
+
 impl Admitted<'_> {
     fn applied(&self, offset: u64, change: Change<'_>) {
-        for hook in self.epoch.hooks.iter() {
-            hook.after_write(offset, change);
+        if let Admission::Prepared { epoch, .. } = &self.how {
+            for hook in epoch.hooks.iter() {
+                hook.after_write(offset, change);
+            }
         }
     }
 }
@@ -1457,17 +1467,16 @@ impl Volume {
 
     /// [`Volume::ready_to_overwrite`] for a write with nothing to do first
     /// (not a clone, no hooks, no live snapshot), without its future: the
-    /// common write takes one lock here and nothing else. `None`: go the
-    /// long way.
+    /// common write takes no lock here (see [`Gate::enter_open`]). `None`:
+    /// go the long way.
     fn admit_unprepared(&self) -> Option<Admitted<'_>> {
         if self.layered.load(Ordering::Acquire) {
             return None;
         }
-        let (ticket, epoch) = self.gate.enter_unprepared()?;
         Some(Admitted {
-            _ticket: ticket,
-            epoch,
-            _guards: Vec::new(),
+            how: Admission::Open {
+                _ticket: self.gate.enter_open()?,
+            },
             settled: true,
             newly_owned: false,
         })
@@ -1515,9 +1524,11 @@ impl Volume {
             let ticket = self.gate.enter().await;
             if ticket.epoch_id == epoch.id {
                 return Ok(Admitted {
-                    _ticket: ticket,
-                    epoch,
-                    _guards: guards,
+                    how: Admission::Prepared {
+                        _ticket: ticket,
+                        epoch,
+                        _guards: guards,
+                    },
                     settled,
                     newly_owned,
                 });
