@@ -412,9 +412,6 @@ impl FileBackend {
     }
 }
 
-/// (memory, offset) alignment O_DIRECT asks of `file`. Kernels and file
-/// systems that do not say (statx without STATX_DIOALIGN) get the page
-/// size, which every O_DIRECT implementation accepts.
 /// A write's `RWF_` flags: FUA is `RWF_DSYNC`.
 pub(super) fn rw_flags(durable: bool) -> i32 {
     if durable {
@@ -424,6 +421,9 @@ pub(super) fn rw_flags(durable: bool) -> i32 {
     }
 }
 
+/// (memory, offset) alignment O_DIRECT asks of `file`. Kernels and file
+/// systems that do not say (statx without STATX_DIOALIGN) get the page
+/// size, which every O_DIRECT implementation accepts.
 fn dio_alignment(file: &File) -> io::Result<(usize, u64)> {
     // SAFETY: statx fills the zeroed struct; the empty path with
     // AT_EMPTY_PATH names the descriptor itself.
