@@ -1600,7 +1600,16 @@ fn a_silent_destination_never_blocks_stop_or_shutdown() {
             || accepted.lock().unwrap().len() > before,
         );
     };
+    let link = |src: &Daemon| src.json(&["replicate", "status", "v"])["links"][0].clone();
     start(&src);
+    // Never connected yet, and nothing failed: the first connection is
+    // still being made, which is not a broken link.
+    let s = link(&src);
+    assert_eq!(
+        (s["state"].as_str(), s["error"].as_null()),
+        (Some("connecting"), Some(())),
+        "{s}"
+    );
     src.ok(&["replicate", "stop", "v"]);
     // The handshake times out and is retried meanwhile.
     start(&src);
@@ -1608,12 +1617,12 @@ fn a_silent_destination_never_blocks_stop_or_shutdown() {
         "the handshake timing out",
         || src.log(),
         || {
-            let s = &src.json(&["replicate", "status", "v"])["links"][0];
-            s["error"]
+            link(&src)["error"]
                 .as_str()
                 .is_some_and(|e| e.contains("did not complete the handshake in time"))
         },
     );
+    assert_eq!(link(&src)["state"], "disconnected");
     wait_until(
         "a retry",
         || src.log(),

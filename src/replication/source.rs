@@ -215,6 +215,9 @@ struct Shared {
     /// instead); each ships as one piece.
     log: WriteLog,
     connected: bool,
+    /// Whether a session has opened since the link started: before that,
+    /// a link without an error is still making its first connection.
+    ever_connected: bool,
     overflowed: bool,
     phase: Phase,
     // Requests to the sender.
@@ -412,7 +415,9 @@ impl Shared {
     }
 
     fn state(&self) -> &'static str {
-        if !self.connected {
+        if !self.connected && !self.ever_connected && self.error.is_none() {
+            "connecting"
+        } else if !self.connected {
             "disconnected"
         } else if self.phase == Phase::Syncing {
             "syncing"
@@ -604,6 +609,7 @@ impl Link {
                 cp: None,
                 log: WriteLog::new(TRANSFER_BYTES as u64),
                 connected: false,
+                ever_connected: false,
                 overflowed: false,
                 phase: Phase::Syncing,
                 stop: false,
@@ -987,6 +993,7 @@ impl Link {
                 *st = BlockState::Partial;
             }
             s.connected = true;
+            s.ever_connected = true;
             s.error = None;
             s.phase = if full {
                 Phase::Syncing
