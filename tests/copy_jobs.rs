@@ -479,6 +479,12 @@ fn volume_targets_snapshot_sources_and_bad_requests() {
     let e = d.fails(&["copy", "start", "v", "--to", existing.to_str().unwrap()]);
     assert!(e.contains("already exists"), "{e}");
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+    let nowhere = t.path().join("no-such-dir/x.img");
+    let e = d.fails(&["copy", "start", "v", "--to", nowhere.to_str().unwrap()]);
+    assert!(
+        e.contains("does not exist; create it first") && !e.contains("volume list"),
+        "{e}"
+    );
     let e = d.fails(&["copy", "start", "v", "--to", "-"]);
     assert!(e.contains("--format stream"), "{e}");
 

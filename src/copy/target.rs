@@ -109,7 +109,11 @@ impl Target {
             if !resume {
                 o.create_new(true);
             }
-            let file = o.open(path).map_err(|e| exists_hint(e, path))?;
+            // A resumed stream's file was there: a missing one is no
+            // path typo.
+            let file = o
+                .open(path)
+                .map_err(|e| if resume { e } else { new_target_hint(e, path) })?;
             return Ok(Target::stream(file, existing));
         }
         // O_DIRECT needs every I/O aligned; a volume whose size is not a
@@ -150,7 +154,7 @@ impl Target {
                 .mode(TARGET_MODE)
                 .open(path)
         }
-        .map_err(|e| exists_hint(e, path))?;
+        .map_err(|e| new_target_hint(e, path))?;
         file.set_len(size)?;
         Ok(Target::Device { file, fresh: true })
     }
@@ -288,18 +292,21 @@ async fn append_frame(file: &File, pos: &Mutex<StreamPos>, parts: &[&[u8]]) -> i
     Ok(())
 }
 
-fn exists_hint(e: io::Error, path: &Path) -> io::Error {
-    if e.kind() == io::ErrorKind::AlreadyExists {
-        io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "target {} already exists; remove it or choose a new path (a copy never overwrites a file)",
-                path.display()
-            ),
-        )
-    } else {
-        e
-    }
+/// Why a new target file could not be made, with what to do about it.
+fn new_target_hint(e: io::Error, path: &Path) -> io::Error {
+    let why = match e.kind() {
+        io::ErrorKind::AlreadyExists => format!(
+            "target {} already exists; remove it or choose a new path (a copy never overwrites a file)",
+            path.display()
+        ),
+        io::ErrorKind::NotFound => format!(
+            "directory {} does not exist; create it first (a copy makes its target file, \
+             never directories)",
+            path.parent().unwrap_or(path).display()
+        ),
+        _ => return e,
+    };
+    io::Error::new(e.kind(), why)
 }
 
 /// An engine error as the I/O error it is (ENOSPC stays ENOSPC).
