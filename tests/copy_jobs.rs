@@ -601,6 +601,9 @@ fn stream_job_survives_kill9() {
     qemu_io_ok(&d.uri("v"), false, &["write -P 0x77 0 8M"]);
     assert_eq!(wait_job_ended(&d, id)["state"], "done");
     let restored = t.path().join("restored.img");
+    let nowhere = t.path().join("no-such-dir/restored.img");
+    let e = d.fails(&["restore", target, "--to", nowhere.to_str().unwrap()]);
+    assert!(e.contains("does not exist; create it first"), "{e}");
     d.ok(&["restore", target, "--to", restored.to_str().unwrap()]);
     let want = image(&d, "v@s", &t.path().join("snap.img"));
     assert_same(

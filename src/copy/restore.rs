@@ -70,7 +70,7 @@ pub fn restore(input: impl Read, target: &Path, data_dir: &Path) -> Result<Resto
             .truncate(true)
             .mode(super::target::TARGET_MODE)
             .open(target)
-            .map_err(cannot)?;
+            .map_err(|e| cannot(super::target::new_target_hint(e, target)))?;
         f.set_len(size).map_err(cannot)?;
         f
     };

@@ -293,15 +293,15 @@ async fn append_frame(file: &File, pos: &Mutex<StreamPos>, parts: &[&[u8]]) -> i
 }
 
 /// Why a new target file could not be made, with what to do about it.
-fn new_target_hint(e: io::Error, path: &Path) -> io::Error {
+pub(super) fn new_target_hint(e: io::Error, path: &Path) -> io::Error {
     let why = match e.kind() {
         io::ErrorKind::AlreadyExists => format!(
             "target {} already exists; remove it or choose a new path (a copy never overwrites a file)",
             path.display()
         ),
         io::ErrorKind::NotFound => format!(
-            "directory {} does not exist; create it first (a copy makes its target file, \
-             never directories)",
+            "directory {} does not exist; create it first (snapblk creates the target \
+             file, never its directories)",
             path.parent().unwrap_or(path).display()
         ),
         _ => return e,
