@@ -80,6 +80,18 @@ struct State {
     drain_waiter: Option<Waker>,
 }
 
+impl State {
+    /// Wakes a waiting drain once no ticket taken under the lock is left;
+    /// the drain checks the open tickets itself when it runs.
+    fn wake_drain_if_no_ticket_under_lock(&mut self) {
+        if self.inflight == 0 {
+            if let Some(waker) = self.drain_waiter.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
 pub struct Gate {
     state: Mutex<State>,
     /// [`OpenTicket`]s in flight, plus [`CLOSED`] while the way in without
@@ -113,11 +125,7 @@ impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         let mut state = self.gate.state.lock().unwrap();
         state.inflight -= 1;
-        if state.inflight == 0 {
-            if let Some(waker) = state.drain_waiter.take() {
-                waker.wake();
-            }
-        }
+        state.wake_drain_if_no_ticket_under_lock();
     }
 }
 
@@ -225,12 +233,10 @@ impl Gate {
         // The last open ticket of a closed gate may be what a drain waits
         // for; the lock orders this against the drain's check.
         if self.open.fetch_sub(1, Ordering::SeqCst) == CLOSED | 1 {
-            let mut state = self.state.lock().unwrap();
-            if state.inflight == 0 {
-                if let Some(waker) = state.drain_waiter.take() {
-                    waker.wake();
-                }
-            }
+            self.state
+                .lock()
+                .unwrap()
+                .wake_drain_if_no_ticket_under_lock();
         }
     }
 
