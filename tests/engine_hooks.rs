@@ -49,7 +49,7 @@ impl WriteHook for Recorder {
         })
     }
 
-    fn after_write(&self, offset: u64, change: Change<'_>) {
+    fn after_write(&self, _: &mut WriteGuard, offset: u64, change: Change<'_>) {
         assert!(!self.closed.load(Ordering::SeqCst), "called after removal");
         let data = match change {
             Change::Data(d) => Some(d.to_vec()),

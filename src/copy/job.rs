@@ -1201,7 +1201,7 @@ impl WriteHook for Hook {
         })
     }
 
-    fn after_write(&self, _offset: u64, _change: crate::engine::Change<'_>) {}
+    fn after_write(&self, _: &mut WriteGuard, _: u64, _: crate::engine::Change<'_>) {}
 }
 
 #[cfg(test)]

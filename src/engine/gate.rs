@@ -349,7 +349,13 @@ mod tests {
             > {
                 unreachable!()
             }
-            fn after_write(&self, _: u64, _: super::super::hooks::Change<'_>) {}
+            fn after_write(
+                &self,
+                _: &mut super::super::hooks::WriteGuard,
+                _: u64,
+                _: super::super::hooks::Change<'_>,
+            ) {
+            }
         }
         let gate = Gate::new(1, vec![]);
         crate::runtime::block_on(async {

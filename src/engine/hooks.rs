@@ -50,8 +50,11 @@ pub trait WriteHook: Send + Sync {
 
     /// The change reached the origin and is not acknowledged yet; the write
     /// still holds its gate ticket, so a pause sees every earlier write here.
+    /// `guard` is what `before_write` gave this write (dropped right after),
+    /// so a hook can finish its bookkeeping here in one step and leave its
+    /// guard's drop only a write that never got this far.
     /// Must not block or fail: a slow consumer falls back on its own.
-    fn after_write(&self, offset: u64, change: Change<'_>);
+    fn after_write(&self, guard: &mut WriteGuard, offset: u64, change: Change<'_>);
 }
 
 /// A set of chunk indexes, shared between the engine and one consumer, that

@@ -195,15 +195,16 @@ enum Admission<'a> {
     Prepared {
         _ticket: Ticket<'a>,
         epoch: Epoch,
-        _guards: Vec<WriteGuard>,
+        /// One per hook of `epoch`, in its order.
+        guards: Vec<WriteGuard>,
     },
 }
 
 impl Admitted<'_> {
-    fn applied(&self, offset: u64, change: Change<'_>) {
-        if let Admission::Prepared { epoch, .. } = &self.how {
-            for hook in epoch.hooks.iter() {
-                hook.after_write(offset, change);
+    fn applied(&mut self, offset: u64, change: Change<'_>) {
+        if let Admission::Prepared { epoch, guards, .. } = &mut self.how {
+            for (hook, guard) in epoch.hooks.iter().zip(guards.iter_mut()) {
+                hook.after_write(guard, offset, change);
             }
         }
     }
@@ -1527,7 +1528,7 @@ impl Volume {
                     how: Admission::Prepared {
                         _ticket: ticket,
                         epoch,
-                        _guards: guards,
+                        guards,
                     },
                     settled,
                     newly_owned,
@@ -1878,7 +1879,7 @@ impl View {
         let volume = &self.volume;
         let len = data.len() as u64;
         volume.admit_growth(offset, len, true)?;
-        let admitted = match volume.admit_unprepared() {
+        let mut admitted = match volume.admit_unprepared() {
             Some(admitted) => admitted,
             None => volume.ready_to_overwrite(offset, len).await?,
         };
@@ -1933,7 +1934,7 @@ impl View {
             // Steps end on chunk boundaries, so each chunk is in one step.
             let end = ((at / step + 1) * step).min(offset + len);
             let n = end - at;
-            let admitted = volume.ready_to_overwrite(at, n).await?;
+            let mut admitted = volume.ready_to_overwrite(at, n).await?;
             let holding = volume
                 .writeback
                 .hold(at, n, admitted.settled, || HeldOp::Zeroes {

@@ -274,32 +274,29 @@ pub fn save_record(path: &Path, record: &LinkRecord) -> io::Result<()> {
 }
 
 /// Held by a write from `before_write` until it is done: its blocks' lock
-/// and its place in the CP barrier.
+/// and its place in the CP barrier. `after_write` gives both back (with
+/// the blocks' new state, under one lock); dropped before that, the write
+/// may have left its blocks holding anything.
 struct RangeGuard {
     link: Arc<Link>,
     range: (u64, u64),
+    finished: bool,
 }
 
 impl Drop for RangeGuard {
     fn drop(&mut self) {
-        let (waiters, barrier_reached) = {
-            let mut s = self.link.lock();
-            if let Some(i) = s.locked.iter().position(|r| *r == self.range) {
-                s.locked.swap_remove(i);
-            }
-            s.inflight -= 1;
-            (
-                std::mem::take(&mut s.waiters),
-                s.cp_pending && s.inflight == 0,
-            )
-        };
-        waiters.into_iter().for_each(Waker::wake);
-        // Only a CP barrier waits for writes to end; a wake-up per write
-        // (a futex call, and a switch to the sender) cost more than the
-        // write's logging.
-        if barrier_reached {
-            self.link.cond.notify_all();
+        if self.finished {
+            return;
         }
+        let mut s = self.link.lock();
+        // While disconnected the dirty map alone keeps the blocks (a
+        // session begins by reading that map).
+        if s.connected {
+            for b in self.range.0..=self.range.1 {
+                s.epoch.insert(b, BlockState::Partial);
+            }
+        }
+        self.link.release(s, self.range, false);
     }
 }
 
@@ -328,15 +325,6 @@ impl WriteHook for Tap {
                 }
                 s.inflight += 1;
                 s.locked.push(range);
-                // Until after_write says otherwise, the block may hold
-                // anything. While disconnected the dirty map alone keeps
-                // it (a session begins by reading that map), so memory
-                // does not grow with what is written during an outage.
-                if s.connected {
-                    for b in range.0..=range.1 {
-                        s.epoch.insert(b, BlockState::Partial);
-                    }
-                }
                 // Marked under the link's lock: a session that begins reads
                 // the map under it too, and so sees this write's region.
                 Poll::Ready(link.dirty.mark(range.0 / rb, range.1 / rb))
@@ -345,6 +333,7 @@ impl WriteHook for Tap {
             let guard = RangeGuard {
                 link: link.clone(),
                 range,
+                finished: false,
             };
             if let Some(generation) = durable {
                 link.dirty
@@ -356,53 +345,54 @@ impl WriteHook for Tap {
         })
     }
 
-    fn after_write(&self, offset: u64, change: Change<'_>) {
+    fn after_write(&self, guard: &mut WriteGuard, offset: u64, change: Change<'_>) {
+        let Some(guard) = guard.as_mut().and_then(|g| g.downcast_mut::<RangeGuard>()) else {
+            return;
+        };
+        guard.finished = true;
         let link = &self.0;
-        let bs = link.block_size;
+        let range = guard.range;
         let mut s = link.lock();
         s.stats.bytes_written += change.len();
         let seq = s.next_seq;
         s.next_seq += 1;
-        // Zeroes, partial blocks and unlogged writes leave their blocks
-        // Partial (set in before_write): read whole at the CP.
-        let Change::Data(data) = change else {
-            return;
-        };
-        let start = offset.div_ceil(bs) * bs;
-        let end = ((offset + data.len() as u64) / bs) * bs;
-        if start >= end || !s.connected {
-            return;
-        }
-        let len = end - start;
-        if s.log.bytes() + len > s.record.max_log_bytes {
-            // Full: this write is not logged. What is logged still ships
-            // (it is on its way, and the CP in flight needs what precedes
-            // its snapshot); the CP sends this write's blocks whole.
-            s.stats.log_overflows += 1;
-            if !s.overflowed {
-                log::warn!(
-                    "replication of {}: the write log is full ({} bytes); sending the blocks \
-                     of writes it cannot take whole at the next consistency point",
-                    link.volume.name(),
-                    s.record.max_log_bytes
-                );
+        // While disconnected the dirty map alone keeps the blocks, so
+        // memory does not grow with what is written during an outage.
+        let wake_sender = s.connected && {
+            // The write's whole blocks are logged if the log takes them;
+            // zeroes, partial blocks and what the log cannot take are left
+            // Partial: read whole at the CP. Nothing read these blocks'
+            // states while the write ran (a CP waits for it), so this is
+            // their one map entry per write.
+            let bs = link.block_size;
+            let logged = link
+                .whole_blocks(offset, change)
+                .filter(|&(start, end)| link.log_takes(&mut s, end - start));
+            for b in range.0..=range.1 {
+                let state = match logged {
+                    Some((start, end)) if (start / bs..end / bs).contains(&b) => {
+                        BlockState::Logged(seq)
+                    }
+                    _ => BlockState::Partial,
+                };
+                s.epoch.insert(b, state);
             }
-            s.overflowed = true;
-            return;
-        }
-        for b in start / bs..end / bs {
-            s.epoch.insert(b, BlockState::Logged(seq));
-        }
-        let at = (start - offset) as usize;
-        // The sender waits for the log only when it is empty; while it has
-        // more to ship it does not wait, and a wake-up per write would cost
-        // a futex call each (and a switch to the sender).
-        let sender_waits = s.log.is_empty();
-        s.log.push(seq, start, &data[at..at + len as usize]);
-        drop(s);
-        if sender_waits {
-            link.cond.notify_all();
-        }
+            match (logged, change) {
+                (Some((start, end)), Change::Data(data)) => {
+                    let at = (start - offset) as usize;
+                    // The sender waits for the log only when it is empty;
+                    // while it has more to ship it does not wait, and a
+                    // wake-up per write would cost a futex call each (and
+                    // a switch to the sender).
+                    let sender_waits = s.log.is_empty();
+                    s.log
+                        .push(seq, start, &data[at..at + (end - start) as usize]);
+                    sender_waits
+                }
+                _ => false,
+            }
+        };
+        link.release(s, range, wake_sender);
     }
 }
 
@@ -646,6 +636,71 @@ impl Link {
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The dirty map's regions that a CP's acknowledgement must not clear:
+    /// under the lock, a write that begins after it either is in the epoch
+    /// already, or in flight (its blocks locked; it enters the epoch when
+    /// it ends), or sets its region's bit again.
+    fn regions_in_use(&self, s: &Shared) -> HashSet<u64> {
+        let rb = self.region_blocks;
+        s.epoch
+            .keys()
+            .map(|b| b / rb)
+            .chain(s.locked.iter().flat_map(|r| r.0 / rb..=r.1 / rb))
+            .collect()
+    }
+
+    /// The byte range of the whole blocks `change` wrote with data, if any.
+    fn whole_blocks(&self, offset: u64, change: Change<'_>) -> Option<(u64, u64)> {
+        let Change::Data(data) = change else {
+            return None;
+        };
+        let bs = self.block_size;
+        let start = offset.div_ceil(bs) * bs;
+        let end = ((offset + data.len() as u64) / bs) * bs;
+        (start < end).then_some((start, end))
+    }
+
+    /// Whether the log has room for `len` more bytes; counts (and warns of)
+    /// a write it has no room for. What is logged still ships when it is
+    /// full (it is on its way, and the CP in flight needs what precedes its
+    /// snapshot); the CP sends the blocks of writes it could not take whole.
+    fn log_takes(&self, s: &mut Shared, len: u64) -> bool {
+        if s.log.bytes() + len <= s.record.max_log_bytes {
+            return true;
+        }
+        s.stats.log_overflows += 1;
+        if !s.overflowed {
+            log::warn!(
+                "replication of {}: the write log is full ({} bytes); sending the blocks \
+                 of writes it cannot take whole at the next consistency point",
+                self.volume.name(),
+                s.record.max_log_bytes
+            );
+        }
+        s.overflowed = true;
+        false
+    }
+
+    /// Ends a hooked write's hold, under the lock `s` it was recorded
+    /// under: unlocks its blocks, leaves the CP barrier, and wakes the
+    /// writers waiting at either (and the sender, if `wake_sender`).
+    fn release(&self, mut s: MutexGuard<'_, Shared>, range: (u64, u64), wake_sender: bool) {
+        if let Some(i) = s.locked.iter().position(|r| *r == range) {
+            s.locked.swap_remove(i);
+        }
+        s.inflight -= 1;
+        let waiters = std::mem::take(&mut s.waiters);
+        // Only a CP barrier waits for writes to end; a wake-up per write
+        // (a futex call, and a switch to the sender) cost more than the
+        // write's logging.
+        let barrier_reached = s.cp_pending && s.inflight == 0;
+        drop(s);
+        waiters.into_iter().for_each(Waker::wake);
+        if barrier_reached || wake_sender {
+            self.cond.notify_all();
+        }
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -1035,7 +1090,8 @@ impl Link {
                             requested
                         })
                     } else if now >= due {
-                        if s.epoch.is_empty() && s.log.is_empty() {
+                        // A write in flight enters the epoch at its end.
+                        if s.epoch.is_empty() && s.log.is_empty() && s.inflight == 0 {
                             due = now + interval;
                             None
                         } else {
@@ -1636,9 +1692,7 @@ impl Link {
             } else {
                 cp.map.keys().map(|b| b / rb).collect()
             };
-            // Under the lock: a write that begins now either is in the
-            // epoch already or sets its bit again after this.
-            let busy: HashSet<u64> = s.epoch.keys().map(|b| b / rb).collect();
+            let busy = self.regions_in_use(&s);
             let generation = self
                 .dirty
                 .clear(covered.into_iter().filter(|r| !busy.contains(r)));
@@ -1822,6 +1876,114 @@ impl Release {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{memory::MemDisk, Storage};
+    use crate::engine::{CacheMode, VolumeConfig};
+
+    const BLOCK: u64 = 4096;
+
+    /// A link on a 1 MiB memory volume with 4K blocks on 64K chunks, as
+    /// if connected (no destination: the sender never runs).
+    fn connected_link(dir: &Path) -> (Arc<Link>, Tap) {
+        let config = VolumeConfig {
+            size: 1 << 20,
+            chunk_size: 64 * 1024,
+            partitions: 1,
+            backing: None,
+            cache: CacheMode::Writeback,
+        };
+        let volume = block_on(Volume::create(
+            "v",
+            Storage::Memory(MemDisk::new()),
+            &config,
+        ))
+        .unwrap();
+        let record = LinkRecord {
+            volume: "v".into(),
+            host: "127.0.0.1:1".into(),
+            dest_volume: "v".into(),
+            cp_interval_ms: 1000,
+            key_file: dir.join("key"),
+            keep_cps: 1,
+            max_log_bytes: 64 * 1024,
+            block_size: Some(BLOCK),
+            last_acked_cp: None,
+            last_acked_unix_ms: 0,
+            dest_replica_id: None,
+            resync: None,
+            group: None,
+            group_members: Vec::new(),
+        };
+        let (link, _hook) = Link::open(volume, record, dir, "test", None).unwrap();
+        link.lock().connected = true;
+        (link.clone(), Tap(link))
+    }
+
+    fn state(link: &Link, block: u64) -> Option<BlockState> {
+        link.lock().epoch.get(&block).copied()
+    }
+
+    /// Each write's blocks get their state when it ends, in one step with
+    /// the release of its range lock and barrier place; a write that ends
+    /// without `after_write` (it failed at the origin) leaves its blocks
+    /// Partial, and while it runs its dirty region stays in use.
+    #[test]
+    fn a_write_enters_the_epoch_when_it_ends_and_a_failed_one_leaves_its_blocks_partial() {
+        let t = tempfile::tempdir().unwrap();
+        let (link, tap) = connected_link(t.path());
+        let released = |link: &Link| {
+            let s = link.lock();
+            s.inflight == 0 && s.locked.is_empty()
+        };
+
+        // Blocks 1 and 2 whole, block 3 in part: logged, logged, Partial.
+        let mut guard = block_on(tap.before_write(BLOCK, 2 * BLOCK + 512)).unwrap();
+        assert_eq!(state(&link, 1), None, "nothing until the write ends");
+        assert!(
+            link.regions_in_use(&link.lock()).contains(&0),
+            "the region of a write in flight is not cleared by an acknowledgement"
+        );
+        let data = vec![7u8; 2 * BLOCK as usize + 512];
+        tap.after_write(&mut guard, BLOCK, Change::Data(&data));
+        assert!(
+            released(&link),
+            "after_write gave back the lock and the barrier place"
+        );
+        drop(guard);
+        assert!(released(&link));
+        assert_eq!(state(&link, 1), Some(BlockState::Logged(0)));
+        assert_eq!(state(&link, 2), Some(BlockState::Logged(0)));
+        assert_eq!(state(&link, 3), Some(BlockState::Partial));
+        assert_eq!(link.lock().log.bytes(), 2 * BLOCK);
+
+        // Zeroes leave their blocks Partial.
+        let mut guard = block_on(tap.before_write(8 * BLOCK, BLOCK)).unwrap();
+        tap.after_write(&mut guard, 8 * BLOCK, Change::Zeroes(BLOCK));
+        drop(guard);
+        assert_eq!(state(&link, 8), Some(BlockState::Partial));
+
+        // A write that never reached after_write: its blocks may hold
+        // anything, including block 1, logged whole before.
+        let guard = block_on(tap.before_write(0, 2 * BLOCK)).unwrap();
+        drop(guard);
+        assert!(released(&link));
+        assert_eq!(state(&link, 0), Some(BlockState::Partial));
+        assert_eq!(state(&link, 1), Some(BlockState::Partial));
+
+        // A write the full log cannot take: Partial, and counted.
+        let big = vec![1u8; 128 * 1024];
+        let mut guard = block_on(tap.before_write(16 * BLOCK, big.len() as u64)).unwrap();
+        tap.after_write(&mut guard, 16 * BLOCK, Change::Data(&big));
+        drop(guard);
+        assert!(released(&link));
+        assert_eq!(state(&link, 16), Some(BlockState::Partial));
+        assert_eq!(link.lock().stats.log_overflows, 1);
+        assert_eq!(
+            link.lock().log.bytes(),
+            2 * BLOCK,
+            "nothing more was logged"
+        );
+        link.stop();
+    }
 
     #[test]
     fn block_runs_complements_and_allocation_splits() {
