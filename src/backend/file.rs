@@ -627,19 +627,31 @@ fn fully_cached(fd: RawFd, offset: u64, len: u64) -> bool {
 /// Pages of the range in the page cache, and pages in the range; `None`
 /// if the kernel cannot say (cachestat needs Linux 6.5).
 fn cached_pages(fd: RawFd, offset: u64, len: u64) -> Option<(u64, u64)> {
+    cachestat(fd, offset, len).map(|(stat, pages)| (stat.nr_cache, pages))
+}
+
+/// Dirty pages of the range (cached, not written back yet).
+#[cfg(test)]
+pub(crate) fn dirty_pages(fd: RawFd, offset: u64, len: u64) -> Option<u64> {
+    cachestat(fd, offset, len).map(|(stat, _)| stat.nr_dirty)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// The page cache's state of a range, and the pages in the range.
+fn cachestat(fd: RawFd, offset: u64, len: u64) -> Option<(Cachestat, u64)> {
     #[repr(C)]
     struct CachestatRange {
         off: u64,
         len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Cachestat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
     }
     // Every architecture numbers it from the unified syscall table.
     const SYS_CACHESTAT: libc::c_long = 451;
@@ -662,7 +674,7 @@ fn cached_pages(fd: RawFd, offset: u64, len: u64) -> Option<(u64, u64)> {
             0u32,
         )
     };
-    (rc == 0).then_some((stat.nr_cache, pages))
+    (rc == 0).then_some((stat, pages))
 }
 
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
