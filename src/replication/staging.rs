@@ -547,21 +547,28 @@ mod tests {
         assert_eq!(fs::read_dir(&path).unwrap().count(), 0);
     }
 
+    /// A staging area at `path` holding transfers 0 to n - 1, 1 MiB each.
+    fn staged_mib(path: &Path, n: u64) -> Staging {
+        let s = Staging::new(path.to_path_buf());
+        s.load(SIZE, 0, None).unwrap();
+        let data = vec![1u8; 1 << 20];
+        for tid in 0..n {
+            s.store_transfer(&encode_transfer(tid, &[(0, &data)]), SIZE)
+                .unwrap();
+        }
+        s
+    }
+
     /// A busy source's transfers do not pile up in the page cache until
     /// the next CP's sync: all but the last few MiB of a segment are on
     /// their way to the disk as it grows.
     #[test]
     fn a_growing_segment_is_written_back_as_it_grows() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.staging");
-        let s = Staging::new(path.clone());
-        s.load(SIZE, 0, None).unwrap();
-        let data = vec![3u8; 1 << 20];
-        let n = 2 * WRITEBACK_STEP / (1 << 20) + 1;
-        for tid in 0..n {
-            s.store_transfer(&encode_transfer(tid, &[(0, &data)]), SIZE)
-                .unwrap();
-        }
+        let s = staged_mib(
+            &dir.path().join("v.staging"),
+            2 * WRITEBACK_STEP / (1 << 20) + 1,
+        );
         let inner = s.lock();
         let seg = inner.open.as_ref().unwrap();
         assert!(
@@ -588,14 +595,8 @@ mod tests {
     fn segments_rotate_and_stay_few() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.staging");
-        let s = Staging::new(path.clone());
-        s.load(SIZE, 0, None).unwrap();
-        let data = vec![1u8; 1 << 20];
         let n = 2 * SEGMENT_BYTES / (1 << 20) + 1;
-        for tid in 0..n {
-            s.store_transfer(&encode_transfer(tid, &[(0, &data)]), SIZE)
-                .unwrap();
-        }
+        let s = staged_mib(&path, n);
         s.stage_cp(0, &cp_payload(0)).unwrap();
         let segments = fs::read_dir(&path).unwrap().count() - 1;
         assert_eq!(segments, 3, "{n} transfers of 1 MiB in 64 MiB segments");
