@@ -64,6 +64,10 @@ use std::time::{Duration, Instant};
 
 /// Pieces per transfer are gathered up to this many bytes.
 const TRANSFER_BYTES: usize = 1 << 20;
+/// A sender that has caught up ships the log once it holds this much or
+/// its oldest write is [`LINGER`] old ([`WriteLog::ship_at`]).
+const LINGER_BYTES: u64 = TRANSFER_BYTES as u64 / 2;
+const LINGER: Duration = Duration::from_millis(2);
 /// How long to wait before reconnecting after a failure.
 const RETRY: Duration = Duration::from_secs(1);
 /// The dirty map's granularity (at least one block): one bit per 64 KiB, as
@@ -1106,7 +1110,8 @@ impl Link {
                     if let Some(when) = wanted.filter(|_| !applying) {
                         break Some(when);
                     }
-                    if !s.log.is_empty() {
+                    let ship_at = s.log.ship_at(LINGER_BYTES, LINGER);
+                    if ship_at.is_some_and(|at| at <= now) {
                         break None;
                     }
                     // Counted from the last check, not from this wait: writes
@@ -1125,6 +1130,7 @@ impl Link {
                     } else {
                         due.min(next_check)
                     };
+                    let until = ship_at.map_or(until, |at| at.min(until));
                     s = self
                         .cond
                         .wait_timeout(s, until.saturating_duration_since(now))

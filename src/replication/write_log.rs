@@ -11,6 +11,7 @@
 
 use super::wire::TransferFrame;
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// Shipped frames kept for reuse; more are freed (each holds about one
 /// transfer, [`WriteLog::new`]'s `segment_bytes`).
@@ -23,6 +24,8 @@ pub struct Segment {
     pub writes: Vec<(u64, u64, u64)>,
     /// Bytes of written data in the frame.
     pub bytes: u64,
+    /// When its first write was logged.
+    pub opened: Instant,
 }
 
 pub struct WriteLog {
@@ -70,6 +73,7 @@ impl WriteLog {
                 frame,
                 writes: Vec::new(),
                 bytes: 0,
+                opened: Instant::now(),
             });
             self.open = true;
         }
@@ -81,6 +85,20 @@ impl WriteLog {
         s.writes.push((seq, offset, len));
         s.bytes += len;
         self.bytes += len;
+    }
+
+    /// When the oldest segment should ship, `None` with nothing logged:
+    /// at once if it is closed or holds `min_bytes`, else once it is
+    /// `linger` old, so that a sender that caught up with its writers
+    /// ships fewer, larger transfers (each costs a round trip and a
+    /// wake-up on both ends) at the price of at most `linger` of lag.
+    pub fn ship_at(&self, min_bytes: u64, linger: Duration) -> Option<Instant> {
+        let first = self.segments.front()?;
+        let still_open = self.open && self.segments.len() == 1;
+        if !still_open || first.bytes >= min_bytes {
+            return Some(first.opened);
+        }
+        Some(first.opened + linger)
     }
 
     /// Ends the open segment: later writes go to a new one. Called at a
@@ -179,6 +197,27 @@ mod tests {
         let s = log.take_before(u64::MAX).unwrap();
         assert_eq!(s.writes, vec![(1, 4096, 4096), (2, 8192, 4096)]);
         assert!(log.take_before(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn a_small_open_segment_lingers_and_a_full_or_closed_one_ships_at_once() {
+        let linger = Duration::from_secs(3600);
+        let mut log = WriteLog::new(1 << 20);
+        assert_eq!(log.ship_at(4096, linger), None, "nothing logged");
+        log.push(0, 0, &[1; 1024]);
+        let opened = log.segments[0].opened;
+        assert_eq!(log.ship_at(4096, linger), Some(opened + linger));
+        log.push(1, 4096, &[2; 3072]);
+        assert_eq!(log.ship_at(4096, linger), Some(opened), "holds min_bytes");
+        assert_eq!(log.ship_at(8192, linger), Some(opened + linger));
+        log.close();
+        assert_eq!(log.ship_at(8192, linger), Some(opened), "closed at a CP");
+        log.push(2, 0, &[3; 512]);
+        assert_eq!(
+            log.ship_at(8192, linger),
+            Some(opened),
+            "an older segment waits behind nothing"
+        );
     }
 
     #[test]
