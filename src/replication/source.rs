@@ -371,30 +371,27 @@ impl WriteHook for Tap {
             let bs = link.block_size;
             let logged = link
                 .whole_blocks(offset, change)
-                .filter(|&(start, end)| link.log_takes(&mut s, end - start));
+                .filter(|&(_, data)| link.log_takes(&mut s, data.len() as u64));
+            let logged_blocks = logged.map_or(0..0, |(start, data)| {
+                start / bs..(start + data.len() as u64) / bs
+            });
             for b in range.0..=range.1 {
-                let state = match logged {
-                    Some((start, end)) if (start / bs..end / bs).contains(&b) => {
-                        BlockState::Logged(seq)
-                    }
-                    _ => BlockState::Partial,
+                let state = if logged_blocks.contains(&b) {
+                    BlockState::Logged(seq)
+                } else {
+                    BlockState::Partial
                 };
                 s.epoch.insert(b, state);
             }
-            match (logged, change) {
-                (Some((start, end)), Change::Data(data)) => {
-                    let at = (start - offset) as usize;
-                    // The sender waits for the log only when it is empty;
-                    // while it has more to ship it does not wait, and a
-                    // wake-up per write would cost a futex call each (and
-                    // a switch to the sender).
-                    let sender_waits = s.log.is_empty();
-                    s.log
-                        .push(seq, start, &data[at..at + (end - start) as usize]);
-                    sender_waits
-                }
-                _ => false,
-            }
+            logged.is_some_and(|(start, data)| {
+                // The sender waits for the log only when it is empty; while
+                // it has more to ship it does not wait, and a wake-up per
+                // write would cost a futex call each (and a switch to the
+                // sender).
+                let sender_waits = s.log.is_empty();
+                s.log.push(seq, start, data);
+                sender_waits
+            })
         };
         link.release(s, range, wake_sender);
     }
@@ -655,15 +652,17 @@ impl Link {
             .collect()
     }
 
-    /// The byte range of the whole blocks `change` wrote with data, if any.
-    fn whole_blocks(&self, offset: u64, change: Change<'_>) -> Option<(u64, u64)> {
+    /// Where the whole blocks `change` wrote with data start, and their
+    /// data, if there are any.
+    fn whole_blocks<'a>(&self, offset: u64, change: Change<'a>) -> Option<(u64, &'a [u8])> {
         let Change::Data(data) = change else {
             return None;
         };
         let bs = self.block_size;
         let start = offset.div_ceil(bs) * bs;
         let end = ((offset + data.len() as u64) / bs) * bs;
-        (start < end).then_some((start, end))
+        let at = (start - offset) as usize;
+        (start < end).then(|| (start, &data[at..at + (end - start) as usize]))
     }
 
     /// Whether the log has room for `len` more bytes; counts (and warns of)
