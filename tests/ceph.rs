@@ -446,7 +446,7 @@ fn snapshots_copy_and_replication_on_a_ceph_volume() {
     }
     let (t, dir) = tempdir();
     let key = key_file(t.path(), "key", "a replication key for the ceph test\n");
-    let d = Daemon::start(&dir);
+    let mut d = Daemon::start(&dir);
     create(&d, conf, "snaps", "8M");
     let (first, first_data) = file_with(t.path(), "first.img", 11, 8 << 20);
     run_ok(
@@ -491,6 +491,20 @@ fn snapshots_copy_and_replication_on_a_ceph_volume() {
         "1h",
     ]);
     qemu_io_ok(&d.uri("snaps"), false, &["write -P 0xcc 5M 128k", "flush"]);
+    d.json(&["replicate", "cp", "snaps"]);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(d.uri("snaps"))
+            .arg(dst.uri("r")),
+    );
+    // A clean stop gives the lock back even though the link still holds
+    // the volume: the restarted daemon serves it without --break-lock.
+    assert!(d.signal(libc::SIGTERM).success());
+    d.restart();
+    let info = d.json(&["volume", "info", "snaps"]);
+    assert_eq!(info["state"], "ok", "{info}");
+    qemu_io_ok(&d.uri("snaps"), false, &["write -P 0xdd 6M 64k", "flush"]);
     d.json(&["replicate", "cp", "snaps"]);
     run_ok(
         Command::new("qemu-img")

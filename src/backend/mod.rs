@@ -480,6 +480,16 @@ impl Storage {
         }
     }
 
+    /// Gives up a Ceph volume's lock at shutdown (see
+    /// [`rbd::Pool::release_lock`]); nothing for other storage.
+    pub fn release_ceph_lock(&self) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => pool.release_lock(),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether this is a Ceph volume whose lock another daemon broke.
     pub fn ceph_fenced(&self) -> bool {
         match self {

@@ -1267,6 +1267,13 @@ impl Registry {
                         log::error!("volume {name}: shutdown failed: {e}");
                     }
                 }
+                if let Err(e) = vol.storage().release_ceph_lock() {
+                    log::error!(
+                        "volume {name}: could not release the lock on its RBD image: {e}; \
+                         a daemon serves it again only with `snapblk volume attach {name} \
+                         --ceph POOL/IMAGE --break-lock`"
+                    );
+                }
             }
         }
         failed

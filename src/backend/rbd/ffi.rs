@@ -120,6 +120,7 @@ extern "C" {
     pub fn rbd_get_size(image: Image, size: *mut u64) -> c_int;
     pub fn rbd_resize(image: Image, size: u64) -> c_int;
     pub fn rbd_lock_acquire(image: Image, mode: c_int) -> c_int;
+    pub fn rbd_lock_release(image: Image) -> c_int;
     pub fn rbd_lock_get_owners(
         image: Image,
         mode: *mut c_int,

@@ -807,6 +807,21 @@ impl Pool {
         &self.holder
     }
 
+    /// Gives up the origin image's exclusive lock, at the daemon's orderly
+    /// shutdown, after the volume's last flush: the image is closed (which
+    /// releases it too) only when the last handle goes, and a replication
+    /// link keeps one until the process ends. A lock left to a dead process
+    /// would make the next start refuse the volume without `--break-lock`.
+    /// Nothing to give up once fenced.
+    pub fn release_lock(&self) -> io::Result<()> {
+        if self.fenced() {
+            return Ok(());
+        }
+        // SAFETY: plain call on our open image.
+        let rc = unsafe { ffi::rbd_lock_release(self.origin.handle) };
+        self.cluster.result(rc as i64).map(drop)
+    }
+
     /// Whether another daemon took the volume away (see the module doc).
     pub fn fenced(&self) -> bool {
         self.cluster.fenced.load(Ordering::Relaxed)
