@@ -492,12 +492,7 @@ fn snapshots_copy_and_replication_on_a_ceph_volume() {
     ]);
     qemu_io_ok(&d.uri("snaps"), false, &["write -P 0xcc 5M 128k", "flush"]);
     d.json(&["replicate", "cp", "snaps"]);
-    run_ok(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(d.uri("snaps"))
-            .arg(dst.uri("r")),
-    );
+    same_image(&d.uri("snaps"), &dst.uri("r"));
     // A clean stop gives the lock back even though the link still holds
     // the volume: the restarted daemon serves it without --break-lock.
     assert!(d.signal(libc::SIGTERM).success());
@@ -506,11 +501,16 @@ fn snapshots_copy_and_replication_on_a_ceph_volume() {
     assert_eq!(info["state"], "ok", "{info}");
     qemu_io_ok(&d.uri("snaps"), false, &["write -P 0xdd 6M 64k", "flush"]);
     d.json(&["replicate", "cp", "snaps"]);
+    same_image(&d.uri("snaps"), &dst.uri("r"));
+}
+
+/// `qemu-img compare` of two raw images (NBD URIs or files).
+fn same_image(a: &str, b: &str) {
     run_ok(
         Command::new("qemu-img")
             .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(d.uri("snaps"))
-            .arg(dst.uri("r")),
+            .arg(a)
+            .arg(b),
     );
 }
 
