@@ -354,7 +354,10 @@ fn failover_with_kill9_and_break_lock() {
     let conf_s = conf.to_str().unwrap();
     let e = b.fails(&attach_args(conf_s, false));
     assert!(
-        e.contains("is locked by") && e.contains("--break-lock"),
+        e.contains("is locked by")
+            && e.contains(
+                "take it over with `snapblk volume attach fo --ceph rbd/fo --break-lock`"
+            ),
         "{e}"
     );
     let started = Instant::now();
@@ -389,7 +392,9 @@ fn failover_with_kill9_and_break_lock() {
     let list = a.json(&["volume", "list"]);
     let state = list[0]["state"].as_str().unwrap();
     assert!(
-        state.contains("is locked by") && state.contains("--break-lock"),
+        state.contains("is locked by")
+            && state.contains("forget it here with `snapblk volume detach fo`")
+            && state.contains("`snapblk volume attach fo --ceph rbd/fo --break-lock`"),
         "{state}"
     );
     let (ok, text) = qemu_io(&a.uri("fo"), false, &["write -P 9 0 4k"]);
@@ -415,6 +420,13 @@ fn failover_with_kill9_and_break_lock() {
         .to_string();
     assert!(state.starts_with("fenced"), "{state}");
     qemu_io_ok(&c.uri("fo"), true, &["read -P 3 0 64k", "read -P 5 6M 4k"]);
+
+    // A follows the steps its listing gave: forget the volume, take it over.
+    a.ok(&["volume", "detach", "fo"]);
+    a.ok(&attach_args(conf_s, true));
+    qemu_io_ok(&a.uri("fo"), true, &["read -P 3 0 64k", "read -P 5 6M 4k"]);
+    let (ok, text) = qemu_io(&c.uri("fo"), false, &["write -P 7 0 4k", "flush"]);
+    assert!(!ok || text.contains("failed"), "{text}");
 }
 
 /// `volume attach fo --ceph rbd/fo ...`.

@@ -370,11 +370,35 @@ fn storage_of(dir: &Path) -> io::Result<Storage> {
                     format!("{} is not valid: {e}", dir.join(CEPH_POINTER).display()),
                 )
             })?;
-            Storage::connect_ceph(&spec, CephClaim::Open)
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            // This daemon lists the volume already, so `attach` alone would
+            // find the name taken.
+            Storage::connect_ceph(&spec, CephClaim::Open).map_err(|e| {
+                with_takeover_hint(
+                    e,
+                    &format!(
+                        "forget it here with `snapblk volume detach {name}`, then take it over \
+                         with `snapblk volume attach {name} --ceph {}/{} --break-lock`",
+                        spec.pool, spec.image
+                    ),
+                )
+            })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Storage::Dir(dir.to_path_buf())),
         Err(e) => Err(e),
     }
+}
+
+/// A Ceph image locked by another client (`WouldBlock`) gets the steps
+/// that take the volume over; other errors pass unchanged.
+fn with_takeover_hint(e: io::Error, steps: &str) -> io::Error {
+    if e.kind() != io::ErrorKind::WouldBlock {
+        return e;
+    }
+    io::Error::new(
+        e.kind(),
+        format!("{e}; if that daemon is dead or must give it up, {steps}"),
+    )
 }
 
 fn broken_json(name: &str, message: &str) -> Value {
@@ -834,7 +858,16 @@ impl Registry {
                 }
                 CephPlacement::Attach { break_lock: true } => CephClaim::BreakLock,
             };
-            let storage = Storage::connect_ceph(&spec, claim)?;
+            let storage = Storage::connect_ceph(&spec, claim).map_err(|e| {
+                with_takeover_hint(
+                    e,
+                    &format!(
+                        "take it over with `snapblk volume attach {name} --ceph {}/{} \
+                         --break-lock`",
+                        spec.pool, spec.image
+                    ),
+                )
+            })?;
             let vol = block_on(async {
                 if let CephPlacement::Attach { .. } = placement {
                     return Volume::open(name, storage).await;

@@ -613,13 +613,12 @@ impl Pool {
             if claim != Claim::BreakLock {
                 return Err(io::Error::new(
                     io::ErrorKind::WouldBlock,
+                    // The caller knows the volume's name and adds how to
+                    // take it over (see `volumes::registry`).
                     format!(
-                        "RBD image {} is locked by {} (another snapblk daemon, or a dead one); \
-                         if that daemon is dead or must give it up, take it over with \
-                         `snapblk volume attach NAME --ceph {} --break-lock`",
+                        "RBD image {} is locked by {} (another snapblk daemon, or a dead one)",
                         cluster.label,
                         owners.join(", "),
-                        cluster.label
                     ),
                 ));
             }
