@@ -424,6 +424,8 @@ impl Daemon {
             env!("CARGO_PKG_VERSION"),
             data_dir.display()
         );
+        #[cfg(feature = "ceph")]
+        log::info!("Ceph support: {}", crate::backend::rbd::library_versions());
         let registry = Arc::new(
             Registry::open(&data_dir, Box::new(UblkDriver)).with_context(|| {
                 format!(

@@ -36,6 +36,7 @@ pub struct SnapInfo {
 
 #[link(name = "rados")]
 extern "C" {
+    pub fn rados_version(major: *mut c_int, minor: *mut c_int, extra: *mut c_int);
     pub fn rados_create2(
         cluster: *mut RadosT,
         cluster_name: *const c_char,
@@ -156,4 +157,30 @@ extern "C" {
         op_flags: c_int,
     ) -> c_int;
     pub fn rbd_aio_flush(image: Image, c: Completion) -> c_int;
+}
+
+// Builds with Ceph support take `malloc` from tcmalloc instead of glibc.
+// librbd and librados allocate and free C++ objects for every request, on
+// three threads (the caller's, the messenger's, librbd's completion pool);
+// under 4k random reads of a Ceph volume glibc's malloc took about 9% of the
+// daemon's CPU (`_int_malloc`, `malloc_consolidate`, `_int_free`). With
+// tcmalloc the daemon's CPU per read fell from 34-37 to 29-31 us; on local
+// volumes it moved within noise (docs/benchmarks.md, "Ceph"). Ceph's own
+// daemons link tcmalloc for the same reason. Linked here, among the crate's
+// own libraries and so ahead of libc, its `malloc` interposes glibc's for the
+// whole process: Rust's allocator, librbd's `new`, libc's own callers. The
+// versioned file name: Debian's runtime package (libtcmalloc-minimal4) has no
+// unversioned link-time name. `tc_version` is called (the daemon logs it), so
+// the linker keeps the library.
+#[link(
+    name = "libtcmalloc_minimal.so.4",
+    kind = "dylib",
+    modifiers = "+verbatim"
+)]
+extern "C" {
+    pub fn tc_version(
+        major: *mut c_int,
+        minor: *mut c_int,
+        patch: *mut *const c_char,
+    ) -> *const c_char;
 }

@@ -578,6 +578,26 @@ pub struct Pool {
 
 /// The RBD snapshot of the origin that holds the engine's snapshot of
 /// `generation`.
+/// The Ceph client library and the allocator this build runs with, for the
+/// daemon's start-up log: librbd's behaviour and speed move with its release,
+/// and the allocator is part of the Ceph path's cost (see `ffi`).
+pub fn library_versions() -> String {
+    let (mut major, mut minor, mut extra) = (0, 0, 0);
+    // SAFETY: both calls only write the integers and pointer given.
+    let tcmalloc = unsafe {
+        ffi::rados_version(&mut major, &mut minor, &mut extra);
+        let mut patch = std::ptr::null();
+        let (mut tc_major, mut tc_minor) = (0, 0);
+        let version = ffi::tc_version(&mut tc_major, &mut tc_minor, &mut patch);
+        if version.is_null() {
+            format!("{tc_major}.{tc_minor}")
+        } else {
+            CStr::from_ptr(version).to_string_lossy().into_owned()
+        }
+    };
+    format!("librados {major}.{minor}.{extra}, {tcmalloc}")
+}
+
 fn snap_name(generation: u64) -> String {
     format!("{SNAP_PREFIX}{generation}")
 }
@@ -1050,5 +1070,28 @@ fn lock_owners(image: &Image) -> io::Result<Vec<String>> {
             .collect();
         ffi::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), max);
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tcmalloc must interpose glibc's malloc for the whole process (see
+    /// `ffi`): linked after libc, it would be loaded and never used.
+    #[test]
+    fn malloc_comes_from_tcmalloc() {
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        // SAFETY: dladdr fills `info` for an address in a loaded object.
+        let found = unsafe { libc::dladdr(libc::malloc as *const c_void, &mut info) };
+        assert_ne!(found, 0, "dladdr knows no object holding malloc");
+        // SAFETY: dladdr set dli_fname to the object's NUL-terminated path.
+        let object = unsafe { CStr::from_ptr(info.dli_fname) }.to_string_lossy();
+        assert!(object.contains("tcmalloc"), "malloc comes from {object}");
+        let versions = library_versions();
+        assert!(
+            versions.starts_with("librados ") && versions.contains("gperftools"),
+            "{versions}"
+        );
     }
 }
