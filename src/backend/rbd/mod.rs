@@ -576,8 +576,6 @@ pub struct Pool {
     snapshots: Mutex<HashMap<u64, Arc<Image>>>,
 }
 
-/// The RBD snapshot of the origin that holds the engine's snapshot of
-/// `generation`.
 /// The Ceph client library and the allocator this build runs with, for the
 /// daemon's start-up log: librbd's behaviour and speed move with its release,
 /// and the allocator is part of the Ceph path's cost (see `ffi`).
@@ -598,6 +596,8 @@ pub fn library_versions() -> String {
     format!("librados {major}.{minor}.{extra}, {tcmalloc}")
 }
 
+/// The RBD snapshot of the origin that holds the engine's snapshot of
+/// `generation`.
 fn snap_name(generation: u64) -> String {
     format!("{SNAP_PREFIX}{generation}")
 }
@@ -1081,6 +1081,7 @@ mod tests {
     /// `ffi`): linked after libc, it would be loaded and never used.
     #[test]
     fn malloc_comes_from_tcmalloc() {
+        // SAFETY: Dl_info is plain pointers, valid zeroed.
         let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
         // SAFETY: dladdr fills `info` for an address in a loaded object.
         let found = unsafe { libc::dladdr(libc::malloc as *const c_void, &mut info) };
