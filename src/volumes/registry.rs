@@ -371,18 +371,8 @@ fn storage_of(dir: &Path) -> io::Result<Storage> {
                 )
             })?;
             let name = dir.file_name().unwrap_or_default().to_string_lossy();
-            // This daemon lists the volume already, so `attach` alone would
-            // find the name taken.
-            Storage::connect_ceph(&spec, CephClaim::Open).map_err(|e| {
-                with_takeover_hint(
-                    e,
-                    &format!(
-                        "forget it here with `snapblk volume detach {name}`, then take it over \
-                         with `snapblk volume attach {name} --ceph {}/{} --break-lock`",
-                        spec.pool, spec.image
-                    ),
-                )
-            })
+            Storage::connect_ceph(&spec, CephClaim::Open)
+                .map_err(|e| with_takeover_hint(e, &name, &spec, true))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Storage::Dir(dir.to_path_buf())),
         Err(e) => Err(e),
@@ -390,11 +380,24 @@ fn storage_of(dir: &Path) -> io::Result<Storage> {
 }
 
 /// A Ceph image locked by another client (`WouldBlock`) gets the steps
-/// that take the volume over; other errors pass unchanged.
-fn with_takeover_hint(e: io::Error, steps: &str) -> io::Error {
+/// that take volume `name` over; other errors pass unchanged. A daemon that
+/// `listed` the volume already must forget it first: `attach` alone would
+/// find the name taken.
+fn with_takeover_hint(e: io::Error, name: &str, spec: &CephSpec, listed: bool) -> io::Error {
     if e.kind() != io::ErrorKind::WouldBlock {
         return e;
     }
+    let attach = format!(
+        "`snapblk volume attach {name} --ceph {}/{} --break-lock`",
+        spec.pool, spec.image
+    );
+    let steps = if listed {
+        format!(
+            "forget it here with `snapblk volume detach {name}`, then take it over with {attach}"
+        )
+    } else {
+        format!("take it over with {attach}")
+    };
     io::Error::new(
         e.kind(),
         format!("{e}; if that daemon is dead or must give it up, {steps}"),
@@ -858,16 +861,8 @@ impl Registry {
                 }
                 CephPlacement::Attach { break_lock: true } => CephClaim::BreakLock,
             };
-            let storage = Storage::connect_ceph(&spec, claim).map_err(|e| {
-                with_takeover_hint(
-                    e,
-                    &format!(
-                        "take it over with `snapblk volume attach {name} --ceph {}/{} \
-                         --break-lock`",
-                        spec.pool, spec.image
-                    ),
-                )
-            })?;
+            let storage = Storage::connect_ceph(&spec, claim)
+                .map_err(|e| with_takeover_hint(e, name, &spec, false))?;
             let vol = block_on(async {
                 if let CephPlacement::Attach { .. } = placement {
                     return Volume::open(name, storage).await;
