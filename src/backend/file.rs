@@ -15,13 +15,16 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub struct FileBackend {
     file: File,
     block_device: bool,
     /// Present when `file` was opened with O_DIRECT.
     direct: Option<Direct>,
+    /// Set once the file system said it cannot share blocks into this file,
+    /// so later preservations copy without asking again.
+    clone_refused: AtomicBool,
 }
 
 /// What O_DIRECT asks of I/O on one file, and the way around it.
@@ -110,6 +113,7 @@ impl FileBackend {
             file,
             block_device,
             direct,
+            clone_refused: AtomicBool::new(false),
         })
     }
 
@@ -311,6 +315,55 @@ impl FileBackend {
 
     pub async fn flush(&self) -> io::Result<()> {
         runtime::fsync(self.fd(), true).await
+    }
+
+    /// Makes `[dst_offset, +len)` of this file share the blocks that hold
+    /// `src`'s `[src_offset, +len)` (FICLONERANGE: XFS with reflink, btrfs),
+    /// so a copy costs no data write; durable, like a write, after this
+    /// file's next flush. `Ok(false)`: these files cannot share blocks
+    /// (another file system, no reflink, a block device, an unaligned
+    /// range), and the caller copies instead. The call runs on a
+    /// [`runtime::run_blocking`] thread: XFS takes `src`'s inode lock for it
+    /// and first waits for every direct I/O in flight on `src`.
+    pub async fn clone_range_from(
+        &self,
+        src: &FileBackend,
+        src_offset: u64,
+        dst_offset: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        if self.block_device || src.block_device || self.clone_refused.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        // Descriptors of its own: the call may outlive this future.
+        let (dst, src) = (self.file.try_clone()?, src.file.try_clone()?);
+        let shared = runtime::run_blocking(move || {
+            let range = libc::file_clone_range {
+                src_fd: i64::from(src.as_raw_fd()),
+                src_offset,
+                src_length: len,
+                dest_offset: dst_offset,
+            };
+            // SAFETY: the ioctl reads one file_clone_range; both fds are open.
+            if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &range) } == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        })
+        .await;
+        let Err(e) = shared else {
+            return Ok(true);
+        };
+        match e.raw_os_error() {
+            // Unaligned, or past the end of `src`: this range only.
+            Some(libc::EINVAL) => Ok(false),
+            Some(libc::EOPNOTSUPP | libc::EXDEV | libc::ENOTTY | libc::EPERM | libc::ETXTBSY) => {
+                self.clone_refused.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+            _ => Err(e),
+        }
     }
 
     pub async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -63,6 +63,14 @@ fn apply(image: &mut Vec<u8>, op: &Pending) {
     }
 }
 
+/// Reads what the file holds now; past its end reads as zeros.
+fn read_current(file: &FileState, buf: &mut [u8], offset: u64) {
+    let start = (offset as usize).min(file.current.len());
+    let end = (offset as usize + buf.len()).min(file.current.len());
+    buf[..end - start].copy_from_slice(&file.current[start..end]);
+    buf[end - start..].fill(0);
+}
+
 #[derive(Default)]
 struct DiskState {
     files: HashMap<String, FileState>,
@@ -71,6 +79,8 @@ struct DiskState {
     /// Flushes of any file, so tests can count commits.
     flushes: u64,
     crash_after: Option<u64>,
+    /// Whether files on this disk can share blocks (see [`MemDisk::set_reflink`]).
+    reflink: bool,
 }
 
 impl DiskState {
@@ -126,6 +136,12 @@ impl MemDisk {
         self.state.lock().unwrap().flushes
     }
 
+    /// Lets files on this disk share blocks, as XFS with reflink does (see
+    /// [`MemFile::clone_range_from`]).
+    pub fn set_reflink(&self, on: bool) {
+        self.state.lock().unwrap().reflink = on;
+    }
+
     /// From now on, operation number `n+1` and every later one fails.
     pub fn crash_after(&self, n: u64) {
         self.state.lock().unwrap().crash_after = Some(n);
@@ -176,6 +192,7 @@ impl MemDisk {
             state: Mutex::new(DiskState {
                 files,
                 manifests: state.manifests.clone(),
+                reflink: state.reflink,
                 ..Default::default()
             }),
         })
@@ -311,12 +328,7 @@ impl MemFile {
         if let Some(hook) = hook {
             hook();
         }
-        self.with(|file| {
-            let start = (offset as usize).min(file.current.len());
-            let end = (offset as usize + buf.len()).min(file.current.len());
-            buf[..end - start].copy_from_slice(&file.current[start..end]);
-            buf[end - start..].fill(0);
-        })
+        self.with(|file| read_current(file, buf, offset))
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
@@ -327,6 +339,25 @@ impl MemFile {
             },
             durable,
         )
+    }
+
+    /// See [`super::file::FileBackend::clone_range_from`]. A clone lands
+    /// like a write of the source's current bytes: lost or torn by a power
+    /// cut until this file's next flush.
+    pub fn clone_range_from(
+        &self,
+        src: &MemFile,
+        src_offset: u64,
+        dst_offset: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        if !self.disk.state.lock().unwrap().reflink || !Arc::ptr_eq(&self.disk, &src.disk) {
+            return Ok(false);
+        }
+        let mut data = vec![0; len as usize];
+        src.with(|file| read_current(file, &mut data, src_offset))?;
+        self.write_at(&data, dst_offset, false)?;
+        Ok(true)
     }
 
     pub fn flush(&self) -> io::Result<()> {

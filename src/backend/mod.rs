@@ -117,6 +117,28 @@ impl Backend {
         }
     }
 
+    /// Makes `[dst_offset, +len)` share `src`'s blocks at `src_offset`
+    /// instead of copying them, where the storage can (reflink; see
+    /// [`file::FileBackend::clone_range_from`]); `Ok(false)` where it
+    /// cannot, and the caller copies.
+    pub async fn clone_range_from(
+        &self,
+        src: &Backend,
+        src_offset: u64,
+        dst_offset: u64,
+        len: u64,
+    ) -> io::Result<bool> {
+        match (self, src) {
+            (Backend::File(dst), Backend::File(src)) => {
+                dst.clone_range_from(src, src_offset, dst_offset, len).await
+            }
+            (Backend::Memory(dst), Backend::Memory(src)) => {
+                dst.clone_range_from(src, src_offset, dst_offset, len)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Makes every completed write durable.
     pub async fn flush(&self) -> io::Result<()> {
         match self {

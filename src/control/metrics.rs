@@ -137,6 +137,12 @@ impl Collector for Scrape {
             "Chunks copied out for snapshots (copy-on-write) since the volume opened.",
             counters((0..volumes.len()).map(|i| (vol(i), u(&volumes[i]["preserved_chunks"])))),
         )?;
+        family(
+            &mut e,
+            "snapblk_volume_cloned_chunks",
+            "Of the preserved chunks, those whose change-log slot shares the origin's blocks (reflink) instead of a copy.",
+            counters((0..volumes.len()).map(|i| (vol(i), u(&volumes[i]["cloned_chunks"])))),
+        )?;
         let per_op = |what: &str| -> Vec<(Labels, u64)> {
             let mut rows = Vec::new();
             for (i, v) in volumes.iter().enumerate() {

@@ -73,6 +73,9 @@ pub struct VolumeInfo {
     pub clones: Vec<String>,
     /// Chunks copied out for snapshots since the volume opened.
     pub preserved_chunks: u64,
+    /// Of those, chunks whose change-log slot shares the origin's blocks
+    /// instead of holding a copy (reflink; long sequential overwrites only).
+    pub cloned_chunks: u64,
     /// Requests served through any view since the volume opened.
     pub io: IoStatsSnapshot,
 }
@@ -793,6 +796,7 @@ impl Volume {
                 .iter()
                 .map(Partition::preserved_chunks)
                 .sum(),
+            cloned_chunks: self.partitions.iter().map(Partition::cloned_chunks).sum(),
             io: self.io_stats.snapshot(),
         })
     }

@@ -9,7 +9,8 @@
 //!
 //! Must never: move a task to another thread, or block inside a task. Tasks on
 //! one thread cooperate; the only blocking call is the reactor's wait for
-//! completions, taken when no task can make progress. Wakers are thread-safe:
+//! completions, taken when no task can make progress (a system call that
+//! io_uring cannot run goes to [`run_blocking`]'s threads). Wakers are thread-safe:
 //! an engine event completed on another thread (a chunk's preservation, the
 //! snapshot gate reopening) wakes this thread through an eventfd armed on the
 //! ring.
@@ -19,10 +20,12 @@
 //! for the kernel to finish with the buffer, so safe code can never hand the
 //! kernel a dangling pointer.
 
+mod blocking;
 mod buffer;
 mod executor;
 mod reactor;
 
+pub use blocking::run_blocking;
 pub use buffer::{AlignedBuf, FixedArena, ALIGN};
 
 pub use executor::{block_on, block_on_hosted, spawn};

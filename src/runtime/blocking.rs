@@ -1,0 +1,55 @@
+//! A few threads for the system calls io_uring cannot run asynchronously
+//! (today: FICLONERANGE, which takes the source file's inode lock and
+//! waits for every direct I/O in flight on it). Called on an I/O thread,
+//! such a call would stall every request of that thread for its duration.
+//!
+//! Owns: a fixed set of worker threads, started at first use, and their
+//! queue. Must never: run anything that waits on an I/O thread's progress
+//! (a job runs to completion on its own; the caller only awaits it).
+
+use futures::channel::oneshot;
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Jobs run at once. Clones of one partition are already serialized by its
+/// store writers; two let two volumes' clones overlap.
+const WORKERS: usize = 2;
+
+fn queue() -> &'static Mutex<mpsc::Sender<Job>> {
+    static QUEUE: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    QUEUE.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for i in 0..WORKERS {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("snapblk-blocking-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })
+                .expect("cannot start a thread for blocking calls");
+        }
+        Mutex::new(tx)
+    })
+}
+
+/// Runs `f` on a worker thread and awaits its result, leaving the calling
+/// thread free to serve other requests meanwhile.
+pub async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    queue()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .expect("the blocking-call workers never stop");
+    rx.await.expect("a blocking call panicked")
+}
