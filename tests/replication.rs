@@ -1133,6 +1133,15 @@ fn a_promoted_replica_is_a_normal_writable_volume() {
     // and the source cannot be deleted under its link.
     let e = p.src.fails(&["volume", "delete", "v"]);
     assert!(e.contains("snapblk replicate stop v"), "{e}");
+    // Nor the replica while its source is connected (it would be sent again
+    // in full); the error names the source's volume and both ways out.
+    let e = p.dst.fails(&["volume", "delete", "r"]);
+    assert!(
+        e.contains("is a replica that the source at")
+            && e.contains("`snapblk replicate stop v`")
+            && e.contains("`snapblk replicate promote r`"),
+        "{e}"
+    );
     let e = p.dst.fails(&["device", "start", "r"]);
     assert!(
         e.contains("is a replica") && e.contains("--snapshot cp-"),

@@ -643,11 +643,13 @@ fn dispatch(
         }),
         Request::VolumeDelete { name } => facts.jobs.unless_used(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
+            facts.replication.check_replica_delete(&name)?;
             facts.schedules.check_unscheduled(Some(&name), None)?;
             registry.delete_volume(&name)
         }),
         Request::VolumeDetach { name } => facts.jobs.unless_used(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
+            facts.replication.check_replica_delete(&name)?;
             facts.schedules.check_unscheduled(Some(&name), None)?;
             registry.detach_volume(&name)
         }),

@@ -776,6 +776,16 @@ impl Receiver {
         Some(lock(&self.replicas).get(volume)?.record())
     }
 
+    /// The address of the source connected to an unpromoted replica now,
+    /// and the source's volume name.
+    pub fn receiving_from(&self, volume: &str) -> Option<(String, String)> {
+        let replicas = lock(&self.replicas);
+        let replica = replicas.get(volume)?;
+        let record = replica.record();
+        let peer = lock(&replica.session).as_ref()?.peer.clone();
+        (!record.promoted).then_some((peer, record.source_volume))
+    }
+
     fn accept(self: Arc<Self>, listener: TcpListener) {
         for conn in listener.incoming() {
             if self.stopping.load(Ordering::Acquire) {

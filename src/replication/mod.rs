@@ -610,6 +610,24 @@ impl Replication {
         Ok(())
     }
 
+    /// Refuses deleting (or detaching) a replica whose source is connected:
+    /// the source would create it again at once and send the whole volume.
+    pub fn check_replica_delete(&self, volume: &str) -> Result<(), VolumeError> {
+        if let Some((peer, source_volume)) = self.receiver.receiving_from(volume) {
+            return Err(VolumeError::new(
+                ErrorKind::Busy,
+                format!(
+                    "volume {volume} is a replica that the source at {peer} is replicating \
+                     into (its volume {source_volume}); deleted now, it would be created again \
+                     and sent in full. Stop the link on the source first with `snapblk \
+                     replicate stop {source_volume}`, or make this a normal volume with \
+                     `snapblk replicate promote {volume}`"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses a writable device on an unpromoted replica (its live image is
     /// where CPs are applied, half-written between CPs and not to be
     /// written by anyone else) and deleting the CP snapshot its readers see.
