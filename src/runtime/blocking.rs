@@ -13,8 +13,10 @@ use std::sync::{Mutex, OnceLock};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Jobs run at once. Clones of one partition are already serialized by its
-/// store writers; two let two volumes' clones overlap.
+/// Jobs run at once; more wait in the queue. Clones of one origin take its
+/// inode lock in turn anyway (a partition has at most two store writes in
+/// flight), so more workers would only let more of them wait in the kernel;
+/// two let one volume's clone proceed while another volume's waits.
 const WORKERS: usize = 2;
 
 fn queue() -> &'static Mutex<mpsc::Sender<Job>> {
