@@ -91,10 +91,10 @@ pub enum Source {
     Gone,
 }
 
-/// Chunks one preservation sends to the store: the origin they come from,
-/// its read buffers, and each chunk.
+/// Chunks one preservation sends to the store: its read buffers, and each
+/// chunk.
+#[derive(Default)]
 struct ToStore {
-    origin: Backend,
     bufs: Vec<AlignedBuf>,
     chunks: Vec<ToSlot>,
 }
@@ -115,14 +115,6 @@ struct ToSlot {
 }
 
 impl ToStore {
-    fn new(origin: &Backend) -> Self {
-        ToStore {
-            origin: origin.clone(),
-            bufs: Vec::new(),
-            chunks: Vec::new(),
-        }
-    }
-
     /// `stored`: (index in `buf` and among the versions from `first_tag`,
     /// clonable) of the chunks of a run that starts at `first_chunk`.
     fn add(
@@ -433,7 +425,7 @@ impl Partition {
             // (see `Volume::take_native_snapshot`): nothing to copy.
             versions.iter_mut().for_each(|v| v.slot = NATIVE_SLOT);
         } else {
-            let mut to_store = ToStore::new(origin);
+            let mut to_store = ToStore::default();
             let mut first = 0;
             while first < claimed.len() {
                 // A run of consecutive chunks: one read of the origin.
@@ -457,7 +449,7 @@ impl Partition {
                 first = end;
             }
             if !to_store.chunks.is_empty() {
-                let slots = self.store_chunks(to_store).await?;
+                let slots = self.store_chunks(to_store, origin).await?;
                 for (i, slot) in slots {
                     versions[i].slot = slot;
                 }
@@ -512,12 +504,19 @@ impl Partition {
         // reading it: a discard of a large sparse volume under a snapshot
         // would otherwise read (and zero-check) every byte of its holes.
         let extents = origin.extents(offset, len)?;
-        let needs_read: Vec<bool> = (0..versions.len() as u64)
+        let touches = |i: usize, o: u64, l: u64| {
+            let (lo, hi) = (offset + i as u64 * cs, offset + (i as u64 + 1) * cs);
+            o < hi && lo < o + l
+        };
+        let held_over: Vec<bool> = (0..versions.len())
+            .map(|i| held.iter().any(|h| touches(i, h.offset, h.len)))
+            .collect();
+        let needs_read: Vec<bool> = (0..versions.len())
             .map(|i| {
-                let (lo, hi) = (offset + i * cs, offset + (i + 1) * cs);
-                let touches = |o: u64, l: u64| o < hi && lo < o + l;
-                held.iter().any(|h| touches(h.offset, h.len))
-                    || extents.iter().any(|e| e.data && touches(e.offset, e.len))
+                held_over[i]
+                    || extents
+                        .iter()
+                        .any(|e| e.data && touches(i, e.offset, e.len))
             })
             .collect();
         let (Some(lo), Some(hi)) = (
@@ -551,10 +550,8 @@ impl Partition {
                 version.slot = ZERO_SLOT;
             } else {
                 crcs[i] = slot_crc(slot_data);
-                let (lo, hi) = (offset + i as u64 * cs, offset + (i as u64 + 1) * cs);
-                let whole = hi <= offset + len;
-                let held_over = held.iter().any(|h| h.offset < hi && lo < h.offset + h.len);
-                stored.push((i, whole && !held_over));
+                let whole = (i as u64 + 1) * cs <= len;
+                stored.push((i, whole && !held_over[i]));
             }
         }
         Ok((!stored.is_empty()).then_some((data, stored)))
@@ -562,12 +559,13 @@ impl Partition {
 
     /// Writes chunks to free slots of the store, gathered with those of
     /// concurrent preservations (see [`gather`](super::gather)); returns
-    /// each chunk's tag with the slot it went to.
-    async fn store_chunks(&self, chunks: ToStore) -> Result<Vec<(usize, u64)>> {
+    /// each chunk's tag with the slot it went to. `origin` is where the
+    /// chunks come from (the partition's volume's, whoever runs the batch).
+    async fn store_chunks(&self, chunks: ToStore, origin: &Backend) -> Result<Vec<(usize, u64)>> {
         let weight = chunks.chunks.len() * self.chunk_size as usize;
         let written = self
             .store_writes
-            .submit(chunks, weight, |batch| self.write_batch(batch))
+            .submit(chunks, weight, |batch| self.write_batch(batch, origin))
             .await;
         match written {
             Some(Ok(slots)) => Ok(slots),
@@ -582,7 +580,11 @@ impl Partition {
     /// One store write per run of consecutive slots for a whole batch: the
     /// slots are taken here, in the batch's order, so a batch of new chunks
     /// lands as one sequential write. On failure every slot goes back.
-    async fn write_batch(&self, batch: Vec<ToStore>) -> Vec<io::Result<Vec<(usize, u64)>>> {
+    async fn write_batch(
+        &self,
+        batch: Vec<ToStore>,
+        origin: &Backend,
+    ) -> Vec<io::Result<Vec<(usize, u64)>>> {
         let cs = self.chunk_size as usize;
         let count: usize = batch.iter().map(|t| t.chunks.len()).sum();
         let mut slots: Vec<u64> = {
@@ -602,7 +604,6 @@ impl Partition {
                     .map(|c| (&t.bufs[c.buf][c.at * cs..(c.at + 1) * cs], *c))
             })
             .collect();
-        let origin = &batch[0].origin;
         let writes = slot_runs(&slots, MAX_WRITE_PIECES).into_iter().map(|run| {
             let (slots, pieces) = (&slots[run.clone()], &pieces[run]);
             async move { self.store_run(origin, slots, pieces).await }
