@@ -191,7 +191,7 @@ impl FileBackend {
         match self.direct.as_ref().filter(|d| d.cached_reads) {
             Some(d) if fully_cached(d.buffered.as_raw_fd(), offset, buf.len() as u64) => {
                 d.once_reads_from_cache.fetch_add(1, Ordering::Relaxed);
-                runtime::read_at(d.buffered.as_raw_fd(), buf, offset).await
+                runtime::read_cached_at(d.buffered.as_raw_fd(), buf, offset).await
             }
             _ => self.read_direct_at(buf, offset).await,
         }

@@ -423,4 +423,35 @@ mod tests {
             assert_eq!(past_end, [0u8; 16]);
         });
     }
+
+    /// A cached read that would block (here: its pages are not cached, on
+    /// a disk file system) goes to a worker and still returns the data.
+    #[test]
+    fn a_cached_read_that_would_block_is_punted_and_completes() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let file = std::fs::File::create_new(dir.path().join("f")).unwrap();
+        let fd = file.as_raw_fd();
+        let data: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        block_on(async {
+            super::super::write_at(fd, &data, 0, 0).await.unwrap();
+            super::super::fsync(fd, false).await.unwrap();
+            let mut cached = vec![0u8; 8192];
+            let before = super::super::punted_reads();
+            super::super::read_cached_at(fd, &mut cached, 4096)
+                .await
+                .unwrap();
+            assert_eq!(cached, data[4096..12288]);
+            assert_eq!(super::super::punted_reads(), before, "cached: inline");
+            // SAFETY: plain syscall on a descriptor we own.
+            let dropped = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(dropped, 0);
+            let mut back = vec![0u8; 1 << 20];
+            super::super::read_cached_at(fd, &mut back, 0)
+                .await
+                .unwrap();
+            assert!(back == data, "the punted read returns the file's data");
+            assert!(super::super::punted_reads() > before, "uncached: punted");
+        });
+    }
 }

@@ -30,6 +30,6 @@ pub use buffer::{AlignedBuf, FixedArena, ALIGN};
 
 pub use executor::{block_on, block_on_hosted, spawn};
 pub use reactor::{
-    fallocate, fixed_io_bytes, fsync, read_at, recv, send, submitted_ops, write_at, writev,
-    writev_at, HostRing, SubmittedOps,
+    fallocate, fixed_io_bytes, fsync, punted_reads, read_at, read_cached_at, recv, send,
+    submitted_ops, write_at, writev, writev_at, HostRing, SubmittedOps,
 };
