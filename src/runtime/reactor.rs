@@ -506,7 +506,7 @@ pub async fn read_cached_at(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Resul
     read_at_as(fd, buf, offset, true).await
 }
 
-async fn read_at_as(fd: RawFd, buf: &mut [u8], offset: u64, nowait: bool) -> io::Result<()> {
+async fn read_at_as(fd: RawFd, buf: &mut [u8], offset: u64, mut nowait: bool) -> io::Result<()> {
     let mut done = 0;
     let mut punt = false;
     while done < buf.len() {
@@ -537,6 +537,12 @@ async fn read_at_as(fd: RawFd, buf: &mut [u8], offset: u64, nowait: bool) -> io:
             Err(e) if nowait && !punt && e.raw_os_error() == Some(libc::EAGAIN) => {
                 punt = true;
                 PUNTED_READS.set(PUNTED_READS.get() + 1);
+                continue;
+            }
+            // A file system that cannot say "would block" (tmpfs, FUSE):
+            // an ordinary read, as before.
+            Err(e) if nowait && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                nowait = false;
                 continue;
             }
             n => n? as usize,
