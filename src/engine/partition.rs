@@ -109,7 +109,7 @@ struct ToSlot {
     at: usize,
     /// The chunk, and whether its buffer holds exactly what the origin
     /// does (a whole chunk, no held write over it), so the slot may share
-    /// the origin's blocks instead ([`CLONE_MIN_CHUNKS`]).
+    /// the origin's blocks instead ([`worth_cloning`]).
     chunk: u64,
     clonable: bool,
 }
@@ -146,14 +146,22 @@ const STORE_BATCH_BYTES: usize = 8 << 20;
 const MAX_WRITE_PIECES: usize = 512;
 /// The shortest run of chunks, consecutive in the origin and in the store,
 /// preserved by sharing the origin's blocks (reflink) instead of a copy:
-/// 512 KiB with the default 64 KiB chunks. Why only long runs: on XFS a clone takes the origin's inode lock and
-/// waits for all its direct I/O in flight, and the origin's overwrite of
-/// shared blocks is a copy-on-write in XFS. For a sequential overwrite
-/// that still halves the bytes the disk writes (docs/benchmarks.md,
-/// "Preserving by cloning"); for a 4k write into a 64 KiB chunk, one clone
-/// per write drained the queue (787 IOPS against 3.2k by copy) and left
-/// 60 KiB shared for the next writes to copy again.
-const CLONE_MIN_CHUNKS: usize = 8;
+/// [`CLONE_MIN_BYTES`] and at least [`CLONE_MIN_CHUNKS`] chunks (8 of the
+/// default 64 KiB, 128 of 4 KiB, 2 of 1 MiB). Why only long runs: on XFS a
+/// clone takes the origin's inode lock and waits for all its direct I/O in
+/// flight, and the origin's overwrite of shared blocks is a copy-on-write
+/// in XFS. For a sequential overwrite that still halves the bytes the disk
+/// writes (docs/benchmarks.md, "Preserving by cloning"); for a 4k write
+/// into a 64 KiB chunk, one clone per write drained the queue (787 IOPS
+/// against 3.2k by copy) and left 60 KiB shared for the next writes to
+/// copy again. In bytes, so small chunks do not clone short runs; in
+/// chunks too, so a large chunk under one small write is copied.
+const CLONE_MIN_BYTES: u64 = 512 << 10;
+const CLONE_MIN_CHUNKS: usize = 2;
+
+fn worth_cloning(chunks: usize, chunk_size: u64) -> bool {
+    chunks >= CLONE_MIN_CHUNKS && chunks as u64 * chunk_size >= CLONE_MIN_BYTES
+}
 
 /// The same failure for every preservation of a failed batch (a full disk
 /// must still read as ENOSPC to each).
@@ -175,7 +183,7 @@ pub struct Partition {
     state: Mutex<State>,
     /// Chunks copied out since the partition opened (metrics).
     preserved: AtomicU64,
-    /// Chunks whose slot shares the origin's blocks (see [`CLONE_MIN_CHUNKS`]).
+    /// Chunks whose slot shares the origin's blocks (see [`worth_cloning`]).
     cloned: AtomicU64,
     store_writes: Gather<ToStore, io::Result<Vec<(usize, u64)>>>,
 }
@@ -626,7 +634,7 @@ impl Partition {
 
     /// Fills consecutive `slots` with `pieces`: by sharing the origin's
     /// blocks where a long enough stretch of them is the origin's own
-    /// consecutive chunks ([`CLONE_MIN_CHUNKS`]) and the storage can, by
+    /// consecutive chunks ([`worth_cloning`]) and the storage can, by
     /// vectored writes otherwise. Either lands as a write to the store:
     /// durable at its next flush.
     async fn store_run(
@@ -650,7 +658,7 @@ impl Partition {
                     end += 1;
                 }
             }
-            let clone = end - start >= CLONE_MIN_CHUNKS;
+            let clone = worth_cloning(end - start, cs);
             match segments.last_mut() {
                 Some((copy, false)) if !clone => copy.end = end,
                 _ => segments.push((start..end, clone)),
@@ -976,6 +984,22 @@ mod tests {
             }
         }
         assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn only_runs_of_512_kib_and_two_chunks_or_more_are_worth_cloning() {
+        let kib = 1024;
+        assert!(!worth_cloning(7, 64 * kib));
+        assert!(worth_cloning(8, 64 * kib));
+        assert!(!worth_cloning(8, 4 * kib), "32 KiB of 4 KiB chunks");
+        assert!(!worth_cloning(127, 4 * kib));
+        assert!(worth_cloning(128, 4 * kib));
+        assert!(
+            !worth_cloning(1, 1024 * kib),
+            "one large chunk under a small write"
+        );
+        assert!(worth_cloning(2, 1024 * kib));
+        assert!(worth_cloning(2, 256 * kib));
     }
 
     #[test]
