@@ -489,7 +489,7 @@ fn use_fixed(ptr: *const u8, len: usize) -> bool {
 /// Reads into all of `buf` at `offset`, resubmitting after short reads.
 /// Reading past end of file fills the rest with zeros.
 pub async fn read_at(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    read_at_as(fd, buf, offset, false).await
+    read_at_as(fd, buf, offset, ReadMode::Plain).await
 }
 
 /// [`read_at`] for a buffered read of pages known to be cached, which must
@@ -503,19 +503,33 @@ pub async fn read_at(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
 /// during 1 MiB writes after a snapshot. So the read goes with
 /// `RWF_NOWAIT` and, refused, to an io-wq worker (`IOSQE_ASYNC`).
 pub async fn read_cached_at(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    read_at_as(fd, buf, offset, true).await
+    read_at_as(fd, buf, offset, ReadMode::NoWait).await
 }
 
-async fn read_at_as(fd: RawFd, buf: &mut [u8], offset: u64, mut nowait: bool) -> io::Result<()> {
+/// How [`read_at_as`] submits its next read.
+#[derive(Clone, Copy, PartialEq)]
+enum ReadMode {
+    /// As io_uring sees fit.
+    Plain,
+    /// With `RWF_NOWAIT`: fails with EAGAIN rather than block.
+    NoWait,
+    /// Straight to an io-wq worker (`IOSQE_ASYNC`).
+    Worker,
+}
+
+async fn read_at_as(fd: RawFd, buf: &mut [u8], offset: u64, mut mode: ReadMode) -> io::Result<()> {
     let mut done = 0;
-    let mut punt = false;
     while done < buf.len() {
         let rest = &mut buf[done..];
         let at = offset + done as u64;
         // The raw pointer stays inside this block: the future must be Send.
         let entry = {
             let (ptr, len) = (rest.as_mut_ptr(), rest.len());
-            let rw_flags = if nowait && !punt { libc::RWF_NOWAIT } else { 0 };
+            let rw_flags = if mode == ReadMode::NoWait {
+                libc::RWF_NOWAIT
+            } else {
+                0
+            };
             let entry = if use_fixed(ptr, len) {
                 opcode::ReadFixed::new(types::Fd(fd), ptr, len32(len), 0)
                     .offset(at)
@@ -527,22 +541,22 @@ async fn read_at_as(fd: RawFd, buf: &mut [u8], offset: u64, mut nowait: bool) ->
                     .rw_flags(rw_flags)
                     .build()
             };
-            if punt {
+            if mode == ReadMode::Worker {
                 entry.flags(squeue::Flags::ASYNC)
             } else {
                 entry
             }
         };
         let n = match Op::new(entry).await {
-            Err(e) if nowait && !punt && e.raw_os_error() == Some(libc::EAGAIN) => {
-                punt = true;
+            Err(e) if mode == ReadMode::NoWait && e.raw_os_error() == Some(libc::EAGAIN) => {
+                mode = ReadMode::Worker;
                 PUNTED_READS.set(PUNTED_READS.get() + 1);
                 continue;
             }
             // A file system that cannot say "would block" (tmpfs, FUSE):
             // an ordinary read, as before.
-            Err(e) if nowait && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                nowait = false;
+            Err(e) if mode == ReadMode::NoWait && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                mode = ReadMode::Plain;
                 continue;
             }
             n => n? as usize,
