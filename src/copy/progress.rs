@@ -154,15 +154,8 @@ pub fn save_record(dir: &Path, record: &JobRecord) -> io::Result<()> {
 /// [`save_record`] on a helper thread, for async code that must not block
 /// (a write's hook on an I/O thread).
 pub async fn save_record_off_thread(dir: &Path, record: JobRecord) -> io::Result<()> {
-    let (tx, rx) = futures::channel::oneshot::channel();
     let dir = dir.to_path_buf();
-    std::thread::Builder::new()
-        .name(format!("copy-{}-record", record.id))
-        .spawn(move || {
-            let _ = tx.send(save_record(&dir, &record));
-        })?;
-    rx.await
-        .unwrap_or_else(|_| Err(io::Error::other("the thread saving the record ended")))
+    crate::runtime::run_blocking(move || save_record(&dir, &record)).await
 }
 
 pub fn load_record(path: &Path) -> io::Result<JobRecord> {

@@ -1,7 +1,8 @@
 //! A few threads for the system calls io_uring cannot run asynchronously
-//! (today: FICLONERANGE, which takes the source file's inode lock and
-//! waits for every direct I/O in flight on it). Called on an I/O thread,
-//! such a call would stall every request of that thread for its duration.
+//! (FICLONERANGE, which takes the source file's inode lock and waits for
+//! every direct I/O in flight on it; a copy job's record, replaced with a
+//! rename and fsyncs). Called on an I/O thread, such a call would stall
+//! every request of that thread for its duration.
 //!
 //! Owns: a fixed set of worker threads, started at first use, and their
 //! queue. Must never: run anything that waits on an I/O thread's progress
@@ -31,7 +32,11 @@ fn queue() -> &'static Mutex<mpsc::Sender<Job>> {
                 .spawn(move || loop {
                     let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     match job {
-                        Ok(job) => job(),
+                        // A job that panics drops its result's sender (its
+                        // caller sees that); the worker lives on.
+                        Ok(job) => {
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                        }
                         Err(_) => return,
                     }
                 })
@@ -54,4 +59,19 @@ pub async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'sta
         .send(job)
         .expect("the blocking-call workers never stop");
     rx.await.expect("a blocking call panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_blocking;
+    use crate::runtime::block_on;
+
+    #[test]
+    fn a_job_that_panics_leaves_the_workers_serving() {
+        for _ in 0..super::WORKERS + 1 {
+            let panicked = std::thread::spawn(|| block_on(run_blocking(|| panic!("job"))));
+            assert!(panicked.join().is_err(), "the caller sees the panic");
+        }
+        assert_eq!(block_on(run_blocking(|| 7)), 7);
+    }
 }
