@@ -936,19 +936,41 @@ mod crash {
     /// per partition); aimed crash points land among the last this many.
     const COMPACTION_TAIL: u64 = 16;
 
+    /// What one crash case did before its power cut.
+    struct Outcome {
+        /// The crash point was aimed at an op the workload picks.
+        aimed: bool,
+        /// Chunks the dry run preserved by cloning.
+        cloned: u64,
+    }
+
+    /// The shortest run the reflink seeds clone: 8 chunks, so the small
+    /// test volume takes the clone path (a file system's 512 KiB is more
+    /// than the whole volume).
+    const TEST_CLONE_MIN_BYTES: u64 = 8 * CHUNK as u64;
+
+    fn reflink_disk(reflink: bool) -> Arc<MemDisk> {
+        let disk = MemDisk::new();
+        disk.set_reflink(reflink);
+        disk.set_clone_min_bytes(TEST_CLONE_MIN_BYTES);
+        disk
+    }
+
     /// Runs `seed`'s workload with a crash at a random point, then checks
-    /// recovery. Returns whether the crash was aimed at a compaction.
-    async fn crash_and_check(seed: u64, workload: &Workload) -> bool {
+    /// recovery.
+    async fn crash_and_check(seed: u64, workload: &Workload) -> Outcome {
         // A dry run counts the workload's disk operations, so the crash can
         // land anywhere inside it. Half the seeds run on a disk that shares
         // blocks (XFS with reflink): long preservations clone there.
         let reflink = seed & 1 == 1;
-        let dry = MemDisk::new();
-        dry.set_reflink(reflink);
+        let dry = reflink_disk(reflink);
         let mut spans = Vec::new();
-        run(&dry, seed, &mut Model::new(), workload, &mut spans)
+        let cloned = run(&dry, seed, &mut Model::new(), workload, &mut spans)
             .await
-            .expect("dry run must not fail");
+            .expect("dry run must not fail")
+            .info()
+            .unwrap()
+            .cloned_chunks;
         let mut rng = SplitMix(seed ^ 0xC0FFEE);
         let aimed = !spans.is_empty() && rng.below(8) != 0;
         let crash_at = if aimed {
@@ -958,8 +980,7 @@ mod crash {
             rng.below(dry.operations() + 1)
         };
 
-        let disk = MemDisk::new();
-        disk.set_reflink(reflink);
+        let disk = reflink_disk(reflink);
         disk.crash_after(crash_at);
         let mut model = Model::new();
         let _ = run(&disk, seed, &mut model, workload, &mut Vec::new()).await;
@@ -970,7 +991,7 @@ mod crash {
             Ok(v) => v,
             // Power went out before the create committed: no volume, nothing acknowledged.
             Err(EngineError::NotFound(_)) if model.next_tag == 1 && model.next_snapshot == 0 => {
-                return aimed
+                return Outcome { aimed, cloned }
             }
             Err(e) => panic!("seed {seed} crash at {crash_at}: recovery failed: {e}"),
         };
@@ -985,7 +1006,7 @@ mod crash {
                 .unwrap_or_else(|e| panic!("{ctx}: after recovery {op:?}: {e}"));
         }
         check_everything(&volume, &model).await;
-        aimed
+        Outcome { aimed, cloned }
     }
 
     /// Checks a volume recovered after a power cut against the model of
@@ -1083,7 +1104,7 @@ mod crash {
         let cases = cases(400);
         let total = cases.end - cases.start;
         let aimed = cases
-            .filter(|&seed| block_on(crash_and_check(seed, &CHURN)))
+            .filter(|&seed| block_on(crash_and_check(seed, &CHURN)).aimed)
             .count() as u64;
         // About seven in eight when every run compacts.
         assert!(
@@ -1094,17 +1115,27 @@ mod crash {
     }
 
     /// Power cuts inside long writes after snapshots (batched
-    /// preservations): every snapshot exact, every flushed write there.
+    /// preservations, cloned on the reflink seeds): every snapshot exact,
+    /// every flushed write there.
     #[test]
     fn power_cuts_during_long_writes_after_snapshots_lose_nothing() {
         let cases = cases(300);
         let total = cases.end - cases.start;
-        let aimed = cases
-            .filter(|&seed| block_on(crash_and_check(seed, &LONG_WRITES)))
-            .count() as u64;
+        let (mut aimed, mut cloning) = (0, 0);
+        for seed in cases {
+            let outcome = block_on(crash_and_check(seed, &LONG_WRITES));
+            aimed += u64::from(outcome.aimed);
+            cloning += u64::from(outcome.cloned > 0);
+        }
         assert!(
             aimed * 2 >= total,
             "only {aimed} of {total} crash points aimed at a long write"
+        );
+        // Half the seeds share blocks; most of those must clone, or the
+        // clone path has no power cuts in it.
+        assert!(
+            cloning * 4 >= total,
+            "only {cloning} of {total} runs preserved a chunk by cloning"
         );
     }
 
@@ -1116,7 +1147,7 @@ mod crash {
         let cases = cases(300);
         let total = cases.end - cases.start;
         let aimed = cases
-            .filter(|&seed| block_on(crash_and_check(seed, &REVERTS)))
+            .filter(|&seed| block_on(crash_and_check(seed, &REVERTS)).aimed)
             .count() as u64;
         assert!(
             aimed * 2 >= total,

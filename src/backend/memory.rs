@@ -81,6 +81,8 @@ struct DiskState {
     crash_after: Option<u64>,
     /// Whether files on this disk can share blocks (see [`MemDisk::set_reflink`]).
     reflink: bool,
+    /// See [`MemDisk::set_clone_min_bytes`].
+    clone_min_bytes: Option<u64>,
 }
 
 impl DiskState {
@@ -142,6 +144,13 @@ impl MemDisk {
         self.state.lock().unwrap().reflink = on;
     }
 
+    /// Makes the engine clone stretches from `bytes` on instead of a file
+    /// system's [`super::file::CLONE_MIN_BYTES`], so the crash tests' small
+    /// volumes take the clone path.
+    pub fn set_clone_min_bytes(&self, bytes: u64) {
+        self.state.lock().unwrap().clone_min_bytes = Some(bytes);
+    }
+
     /// From now on, operation number `n+1` and every later one fails.
     pub fn crash_after(&self, n: u64) {
         self.state.lock().unwrap().crash_after = Some(n);
@@ -193,6 +202,7 @@ impl MemDisk {
                 files,
                 manifests: state.manifests.clone(),
                 reflink: state.reflink,
+                clone_min_bytes: state.clone_min_bytes,
                 ..Default::default()
             }),
         })
@@ -358,6 +368,13 @@ impl MemFile {
         src.with(|file| read_current(file, &mut data, src_offset))?;
         self.write_at(&data, dst_offset, false)?;
         Ok(true)
+    }
+
+    pub fn clone_min_bytes(&self) -> u64 {
+        let state = self.disk.state.lock().unwrap();
+        state
+            .clone_min_bytes
+            .unwrap_or(super::file::CLONE_MIN_BYTES)
     }
 
     pub fn flush(&self) -> io::Result<()> {

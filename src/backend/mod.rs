@@ -139,6 +139,18 @@ impl Backend {
         }
     }
 
+    /// The shortest stretch worth sharing by [`Backend::clone_range_from`]
+    /// rather than copying ([`file::CLONE_MIN_BYTES`]); the in-memory disk
+    /// takes a shorter one where a test sets it, so small volumes clone.
+    pub fn clone_min_bytes(&self) -> u64 {
+        match self {
+            Backend::File(_) => file::CLONE_MIN_BYTES,
+            Backend::Memory(m) => m.clone_min_bytes(),
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(_) => u64::MAX,
+        }
+    }
+
     /// Makes every completed write durable.
     pub async fn flush(&self) -> io::Result<()> {
         match self {

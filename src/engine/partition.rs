@@ -146,21 +146,15 @@ const STORE_BATCH_BYTES: usize = 8 << 20;
 const MAX_WRITE_PIECES: usize = 512;
 /// The shortest run of chunks, consecutive in the origin and in the store,
 /// preserved by sharing the origin's blocks (reflink) instead of a copy:
-/// [`CLONE_MIN_BYTES`] and at least [`CLONE_MIN_CHUNKS`] chunks (8 of the
-/// default 64 KiB, 128 of 4 KiB, 2 of 1 MiB). Why only long runs: on XFS a
-/// clone takes the origin's inode lock and waits for all its direct I/O in
-/// flight, and the origin's overwrite of shared blocks is a copy-on-write
-/// in XFS. For a sequential overwrite that still halves the bytes the disk
-/// writes (docs/benchmarks.md, "Preserving by cloning"); for a 4k write
-/// into a 64 KiB chunk, one clone per write drained the queue (787 IOPS
-/// against 3.2k by copy) and left 60 KiB shared for the next writes to
-/// copy again. In bytes, so small chunks do not clone short runs; in
-/// chunks too, so a large chunk under one small write is copied.
-const CLONE_MIN_BYTES: u64 = 512 << 10;
+/// at least [`CLONE_MIN_CHUNKS`] chunks and the store's
+/// [`Backend::clone_min_bytes`] (512 KiB on a file system: 8 of the default
+/// 64 KiB chunks, 128 of 4 KiB, 2 of 1 MiB). In bytes, so small chunks do
+/// not clone short runs; in chunks too, so a large chunk under one small
+/// write is copied.
 const CLONE_MIN_CHUNKS: usize = 2;
 
-fn worth_cloning(chunks: usize, chunk_size: u64) -> bool {
-    chunks >= CLONE_MIN_CHUNKS && chunks as u64 * chunk_size >= CLONE_MIN_BYTES
+fn worth_cloning(chunks: usize, chunk_size: u64, min_bytes: u64) -> bool {
+    chunks >= CLONE_MIN_CHUNKS && chunks as u64 * chunk_size >= min_bytes
 }
 
 /// The same failure for every preservation of a failed batch (a full disk
@@ -658,7 +652,7 @@ impl Partition {
                     end += 1;
                 }
             }
-            let clone = worth_cloning(end - start, cs);
+            let clone = worth_cloning(end - start, cs, self.store.clone_min_bytes());
             match segments.last_mut() {
                 Some((copy, false)) if !clone => copy.end = end,
                 _ => segments.push((start..end, clone)),
@@ -987,19 +981,20 @@ mod tests {
     }
 
     #[test]
-    fn only_runs_of_512_kib_and_two_chunks_or_more_are_worth_cloning() {
+    fn on_a_file_system_only_runs_of_512_kib_and_two_chunks_or_more_are_worth_cloning() {
         let kib = 1024;
-        assert!(!worth_cloning(7, 64 * kib));
-        assert!(worth_cloning(8, 64 * kib));
-        assert!(!worth_cloning(8, 4 * kib), "32 KiB of 4 KiB chunks");
-        assert!(!worth_cloning(127, 4 * kib));
-        assert!(worth_cloning(128, 4 * kib));
-        assert!(
-            !worth_cloning(1, 1024 * kib),
-            "one large chunk under a small write"
-        );
-        assert!(worth_cloning(2, 1024 * kib));
-        assert!(worth_cloning(2, 256 * kib));
+        let worth = |chunks, cs| worth_cloning(chunks, cs, crate::backend::file::CLONE_MIN_BYTES);
+        assert!(!worth(7, 64 * kib));
+        assert!(worth(8, 64 * kib));
+        assert!(!worth(8, 4 * kib), "32 KiB of 4 KiB chunks");
+        assert!(!worth(127, 4 * kib));
+        assert!(worth(128, 4 * kib));
+        assert!(!worth(1, 1024 * kib), "one large chunk under a small write");
+        assert!(worth(2, 1024 * kib));
+        assert!(worth(2, 256 * kib));
+        // A store that clones shorter stretches still keeps the chunk floor.
+        assert!(worth_cloning(2, 4 * kib, 8 * kib));
+        assert!(!worth_cloning(1, 64 * kib, 8 * kib));
     }
 
     #[test]
