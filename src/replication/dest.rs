@@ -1183,15 +1183,7 @@ impl Receiver {
                     cp_generation: None,
                     resync: None,
                 };
-                let replica = Arc::new(Replica::new(
-                    &self.dir,
-                    self.dir.join(format!("{name}.json")),
-                    record.clone(),
-                ));
-                replica.staging.reset(true).map_err(|e| e.to_string())?;
-                replica.save(record).map_err(|e| e.to_string())?;
-                replicas.insert(name.clone(), replica.clone());
-                replica
+                self.install_replica(&mut replicas, record)?
             }
         };
         if self.registry.volume(name).is_err() {
@@ -1210,6 +1202,25 @@ impl Receiver {
                 open.source_id
             );
         }
+        Ok(replica)
+    }
+
+    /// Makes `record`'s volume a replica here: its record saved, its staging
+    /// empty (what an earlier life as a replica staged is stale).
+    fn install_replica(
+        &self,
+        replicas: &mut BTreeMap<String, Arc<Replica>>,
+        record: ReplicaRecord,
+    ) -> Result<Arc<Replica>, String> {
+        let name = record.volume.clone();
+        let replica = Arc::new(Replica::new(
+            &self.dir,
+            self.dir.join(format!("{name}.json")),
+            record.clone(),
+        ));
+        replica.staging.reset(true).map_err(|e| e.to_string())?;
+        replica.save(record).map_err(|e| e.to_string())?;
+        replicas.insert(name, replica.clone());
         Ok(replica)
     }
 
@@ -1259,15 +1270,7 @@ impl Receiver {
                 snapshot: snapshot.clone(),
             }),
         };
-        let replica = Arc::new(Replica::new(
-            &self.dir,
-            self.dir.join(format!("{name}.json")),
-            record.clone(),
-        ));
-        // Staging of an earlier life as a replica is stale.
-        replica.staging.reset(true).map_err(|e| e.to_string())?;
-        replica.save(record).map_err(|e| e.to_string())?;
-        replicas.insert(name.clone(), replica.clone());
+        let replica = self.install_replica(replicas, record)?;
         old.failback_done(name);
         log::info!(
             "volume {name}: failback from {} of {}: a replica again from consistency point {}; \
