@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{have, qemu_io, run, Daemon, BIN};
+use common::{qemu_io, run, Daemon, BIN};
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -80,12 +80,12 @@ fn is_root() -> bool {
 
 fn skip(test: &str) -> bool {
     if !is_root() {
-        eprintln!("SKIP {test}: needs root to create users");
+        common::skip(test, "needs root to create users");
         return true;
     }
     for tool in ["useradd", "setpriv", "nbdinfo", "qemu-io", "nbdsh"] {
-        if !have(tool) && !Path::new(&format!("/usr/sbin/{tool}")).exists() {
-            eprintln!("SKIP {test}: {tool} is not installed");
+        if !common::installed(tool) && !Path::new(&format!("/usr/sbin/{tool}")).exists() {
+            common::skip(test, &format!("{tool} is not installed"));
             return true;
         }
     }

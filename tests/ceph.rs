@@ -62,9 +62,9 @@ fn cluster(test: &str) -> Option<&'static Path> {
         Some(dir.join("ceph.conf"))
     });
     if conf.is_none() {
-        eprintln!(
-            "SKIP {test}: the Ceph binaries (ceph-mon, ceph-osd) are not installed; \
-             scripts/test installs them"
+        common::skip(
+            test,
+            "the Ceph binaries (ceph-mon, ceph-osd) are not installed; scripts/test installs them",
         );
     }
     conf.as_deref()

@@ -474,7 +474,10 @@ fn control_socket_permissions() {
     // SO_PEERCRED: a uid that neither owns the data directory nor is root is
     // refused, even if it can connect. Needs root to run a client as nobody.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("not root: skipping the SO_PEERCRED part");
+        common::skip(
+            "control_socket_permissions",
+            "its SO_PEERCRED part needs root to run a client as nobody",
+        );
         return;
     }
     d.ok(&["volume", "create", "v", "--size", "1M"]);
@@ -493,14 +496,20 @@ fn control_socket_permissions() {
     let out = match out {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("cannot run the CLI as nobody ({e}): skipping the SO_PEERCRED part");
+            common::skip(
+                "control_socket_permissions",
+                &format!("its SO_PEERCRED part cannot run the CLI as nobody ({e})"),
+            );
             return;
         }
     };
     if out.status.code() == Some(126)
         || String::from_utf8_lossy(&out.stderr).contains("Permission denied (os")
     {
-        eprintln!("nobody cannot execute the binary: skipping the SO_PEERCRED part");
+        common::skip(
+            "control_socket_permissions",
+            "its SO_PEERCRED part needs a binary that nobody may execute",
+        );
         return;
     }
     assert!(!out.status.success());

@@ -779,7 +779,10 @@ impl LoopDev {
                 Some(LoopDev(String::from_utf8(o.stdout).unwrap().trim().into()))
             }
             other => {
-                eprintln!("SKIP {test}: cannot attach a loop device here: {other:?}");
+                common::skip(
+                    test,
+                    &format!("cannot attach a loop device here: {other:?}"),
+                );
                 None
             }
         }

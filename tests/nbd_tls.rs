@@ -382,7 +382,10 @@ fn unix_socket_peers_are_checked_like_the_control_sockets() {
     }
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
-        eprintln!("SKIP: needs root to run a client as nobody");
+        common::skip(
+            "unix_socket_peers_are_checked_like_the_control_sockets",
+            "needs root to run a client as nobody",
+        );
         return;
     }
     let (_t, root) = tempdir();

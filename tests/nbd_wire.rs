@@ -2,6 +2,9 @@
 //! driven by a hand-written raw client (plus nbdinfo/qemu-img/nbdcopy when
 //! they are installed).
 
+mod common;
+
+use common::have;
 use snapblk::backend::Storage;
 use snapblk::engine::{CacheMode, EngineError, View, Volume, VolumeConfig};
 use snapblk::frontend::nbd::{proto::*, ExportResolver, NbdServer};
@@ -635,14 +638,6 @@ fn tcp_listener_and_stale_unix_socket() {
     drop(c);
     second.shutdown();
     assert!(!stale.exists());
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("which")
-        .arg(tool)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 fn run(cmd: &mut Command) -> String {

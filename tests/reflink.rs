@@ -9,14 +9,15 @@
 //! that shares blocks).
 //!
 //! The XFS test mounts a loop image, so it needs root and a kernel with
-//! XFS and loop devices (CI has both); without them it prints SKIP.
+//! XFS and loop devices (CI has both); without them it prints SKIP (and
+//! fails under `SNAPBLK_TESTS_STRICT=1`, as `scripts/test` runs it).
+
+mod common;
 
 use snapblk::backend::memory::MemDisk;
 use snapblk::backend::Storage;
 use snapblk::engine::{CacheMode, Volume, VolumeConfig, WriteBackConfig};
 use snapblk::runtime::block_on;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,50 +132,15 @@ fn long_overwrites_clone_on_a_disk_that_shares_blocks_and_short_ones_copy() {
     }
 }
 
-/// An XFS file system with reflink on a loop device, unmounted on drop.
-struct Xfs {
-    // Holds the image; dropped after `drop` unmounts it.
-    _dir: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
-impl Xfs {
-    fn mount() -> Option<Xfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("xfs.img");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(512 << 20)
-            .unwrap();
-        let ok = |cmd: &mut Command| cmd.output().is_ok_and(|o| o.status.success());
-        if !ok(Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(&image))
-            || !ok(Command::new("mount")
-                .arg("-o")
-                .arg("loop")
-                .arg(&image)
-                .arg(&mnt))
-        {
-            return None;
-        }
-        Some(Xfs { _dir: dir, mnt })
-    }
-}
-
-impl Drop for Xfs {
-    fn drop(&mut self) {
-        // Before the temporary directory that holds the image goes.
-        let _ = Command::new("umount").arg(&self.mnt).status();
-    }
-}
-
 #[test]
 fn xfs_with_reflink_preserves_long_overwrites_by_clone_and_survives_a_restart() {
-    let Some(xfs) = Xfs::mount() else {
-        println!("SKIP xfs_with_reflink...: cannot make and mount an XFS loop image (needs root)");
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    let Some(_xfs) = common::mount_xfs(
+        "xfs_with_reflink_preserves_long_overwrites_by_clone_and_survives_a_restart",
+        &dir.path().join("xfs.img"),
+        &mnt,
+    ) else {
         return;
     };
     for cache in [
@@ -182,7 +148,7 @@ fn xfs_with_reflink_preserves_long_overwrites_by_clone_and_survives_a_restart() 
         CacheMode::None,
         CacheMode::Writeback,
     ] {
-        let dir = xfs.mnt.join(format!("{cache:?}"));
+        let dir = mnt.join(format!("{cache:?}"));
         std::fs::create_dir(&dir).unwrap();
         let ctx = format!("XFS, cache {cache:?}");
         overwrite_check_and_reopen(Storage::Dir(dir), cache, LONG as u64, &ctx);

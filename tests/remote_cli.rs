@@ -13,16 +13,18 @@
 
 mod common;
 
-use common::{have, make_pki, run, tempdir, Daemon, BIN};
+use common::{make_pki, run, tempdir, Daemon, BIN};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn skip(test: &str) -> bool {
-    let missing = ["openssl", "python3"].into_iter().find(|t| !have(t));
+    let missing = ["openssl", "python3"]
+        .into_iter()
+        .find(|t| !common::installed(t));
     if let Some(t) = missing {
-        eprintln!("SKIP {test}: {t} is not installed");
+        common::skip(test, &format!("{t} is not installed"));
     }
     missing.is_some()
 }

@@ -345,8 +345,28 @@ pub fn names(list: &Value) -> Vec<String> {
         .collect()
 }
 
-/// True if `tool` can be executed.
-pub fn have(tool: &str) -> bool {
+/// Whether a test that cannot run fails instead of skipping
+/// (`SNAPBLK_TESTS_STRICT=1`, which `scripts/test`, and so CI, sets). CI
+/// installs every tool the tests use and runs as root, so a test that
+/// skips there tests nothing; and cargo hides a passing test's output, its
+/// SKIP line with it, so only a failure would say so.
+fn strict() -> bool {
+    std::env::var_os("SNAPBLK_TESTS_STRICT").is_some_and(|v| v == "1")
+}
+
+/// Says `test` cannot run here and why: a SKIP line, or in strict mode a
+/// failure.
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        !strict(),
+        "{test} cannot run: {why} (SNAPBLK_TESTS_STRICT=1, set by scripts/test, \
+         allows no skip; scripts/test installs what the tests need)"
+    );
+    eprintln!("SKIP {test}: {why}");
+}
+
+/// True if `tool` can be executed (asks only; see [`have`]).
+pub fn installed(tool: &str) -> bool {
     Command::new(tool)
         .arg("--version")
         .stdout(Stdio::null())
@@ -355,16 +375,28 @@ pub fn have(tool: &str) -> bool {
         .is_ok()
 }
 
-/// Returns true (and prints a clear SKIP line) if any tool is missing.
+/// True if `tool` can be executed, for a part of a test that runs only
+/// with it; in strict mode a missing tool fails the test (see [`strict`]).
+pub fn have(tool: &str) -> bool {
+    let ok = installed(tool);
+    assert!(
+        ok || !strict(),
+        "{tool} is not installed (SNAPBLK_TESTS_STRICT=1, set by scripts/test, allows no \
+         skipped part; scripts/test installs it)"
+    );
+    ok
+}
+
+/// Returns true (after [`skip`]) if any tool is missing.
 pub fn skip_without(test: &str, tools: &[&str]) -> bool {
     for t in tools {
         let ok = if *t == "python3-nbd" {
             python().is_some()
         } else {
-            have(t)
+            installed(t)
         };
         if !ok {
-            eprintln!("SKIP {test}: {t} is not installed");
+            skip(test, &format!("{t} is not installed"));
             return true;
         }
     }
@@ -635,7 +667,7 @@ fn mount(test: &str, what: &str, dir: &Path, args: &[&str]) -> Option<Mount> {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("SKIP {test}: cannot mount {what} here (needs root)");
+        skip(test, &format!("cannot mount {what} here (needs root)"));
         return None;
     }
     Some(Mount(dir.to_path_buf()))
