@@ -9,6 +9,10 @@
 //!
 //! A real boot under systemd is not tested: the guest of `scripts/vm` boots
 //! an initramfs with no systemd in it.
+//!
+//! Its verify test, which needs `systemd-analyze`, also serves as the
+//! subject of the check that `scripts/test`'s strict mode turns a test
+//! that cannot run into a failure.
 
 mod common;
 
@@ -51,6 +55,43 @@ fn one(unit: &str, section: &str, key: &str) -> String {
         "{UNIT}: expected one {key}= in [{section}], found {v:?}"
     );
     v[0].clone()
+}
+
+/// The strict mode of `scripts/test` itself (tests/common `skip`): this
+/// test binary run again for `unit_passes_systemd_analyze_verify` alone,
+/// with nothing on PATH, fails under `SNAPBLK_TESTS_STRICT=1` and naming
+/// the test and the reason, and passes with a SKIP line under `=0`.
+#[test]
+fn a_test_that_cannot_run_fails_in_strict_mode_and_skips_otherwise() {
+    let rerun = |strict: &str| {
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "unit_passes_systemd_analyze_verify",
+                "--nocapture",
+            ])
+            .env("PATH", "/nonexistent")
+            .env("SNAPBLK_TESTS_STRICT", strict)
+            .output()
+            .unwrap()
+    };
+    let out = rerun("1");
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "strict mode let it pass:\n{text}");
+    assert!(
+        text.contains(
+            "unit_passes_systemd_analyze_verify cannot run: no systemd-analyze on this host"
+        ),
+        "{text}"
+    );
+    let out = rerun("0");
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("SKIP unit_passes_systemd_analyze_verify: no systemd-analyze"),
+        "{text}"
+    );
+    assert!(text.contains("1 passed"), "{text}");
 }
 
 #[test]
