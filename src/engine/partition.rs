@@ -638,6 +638,7 @@ impl Partition {
         pieces: &[(&[u8], ToSlot)],
     ) -> io::Result<()> {
         let cs = self.chunk_size;
+        let clone_min_bytes = self.store.clone_min_bytes();
         // Stretches of the origin's own consecutive chunks long enough to
         // clone, and between them stretches to copy.
         let mut segments: Vec<(Range<usize>, bool)> = Vec::new();
@@ -652,7 +653,7 @@ impl Partition {
                     end += 1;
                 }
             }
-            let clone = worth_cloning(end - start, cs, self.store.clone_min_bytes());
+            let clone = worth_cloning(end - start, cs, clone_min_bytes);
             match segments.last_mut() {
                 Some((copy, false)) if !clone => copy.end = end,
                 _ => segments.push((start..end, clone)),
