@@ -63,8 +63,9 @@ fn one(unit: &str, section: &str, key: &str) -> String {
 /// the test and the reason, and passes with a SKIP line under `=0`.
 #[test]
 fn a_test_that_cannot_run_fails_in_strict_mode_and_skips_otherwise() {
+    // Whether the rerun passed, and all it printed.
     let rerun = |strict: &str| {
-        Command::new(std::env::current_exe().unwrap())
+        let out = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "unit_passes_systemd_analyze_verify",
@@ -73,20 +74,20 @@ fn a_test_that_cannot_run_fails_in_strict_mode_and_skips_otherwise() {
             .env("PATH", "/nonexistent")
             .env("SNAPBLK_TESTS_STRICT", strict)
             .output()
-            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text.into_owned())
     };
-    let out = rerun("1");
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "strict mode let it pass:\n{text}");
+    let (passed, text) = rerun("1");
+    assert!(!passed, "strict mode let it pass:\n{text}");
     assert!(
         text.contains(
             "unit_passes_systemd_analyze_verify cannot run: no systemd-analyze on this host"
         ),
         "{text}"
     );
-    let out = rerun("0");
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (passed, text) = rerun("0");
+    assert!(passed, "{text}");
     assert!(
         text.contains("SKIP unit_passes_systemd_analyze_verify: no systemd-analyze"),
         "{text}"
