@@ -1221,7 +1221,7 @@ fn replicate_requests_check_their_arguments() {
         ),
         (
             vec!["replicate", "start", "v", "--to", "127.0.0.1:1/r"],
-            "replication key file",
+            "does not exist; create it, with the same key on the source and the destination",
         ),
         (
             vec![

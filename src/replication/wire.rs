@@ -497,6 +497,15 @@ pub struct Opened {
 /// file that group or others may access is refused, as ssh refuses such a
 /// private key.
 pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    if !path.exists() {
+        return Err(format!(
+            "the replication key file {shown} does not exist; create it, with the same key on \
+             the source and the destination: `(umask 077; head -c 32 /dev/urandom | base64 > \
+             {shown})` here, then copy it to the other daemon (or name another file with \
+             --key-file / --replication-key-file)",
+            shown = path.display()
+        ));
+    }
     crate::security::check_private_file_mode(path, "the replication key file")
         .map_err(|e| e.to_string())?;
     let raw = std::fs::read(path).map_err(|e| {
