@@ -183,6 +183,43 @@ fn bad_sizes_and_names_are_rejected() {
 }
 
 #[test]
+fn a_daemon_that_cannot_start_says_why_and_what_to_do() {
+    let (_t, dir) = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let start = |data_dir: &Path| {
+        let out = Command::new(BIN)
+            .arg("daemon")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        err.lines().last().unwrap_or_default().to_string()
+    };
+    // A data directory below a regular file cannot be created.
+    let file = dir.join("file");
+    std::fs::write(&file, b"").unwrap();
+    assert_eq!(
+        start(&file.join("data")),
+        format!(
+            "snapblk: error: cannot create the data directory {}: Not a directory; give one this \
+             user may create with --data-dir DIR (or $SNAPBLK_DATA_DIR)",
+            file.join("data").display()
+        )
+    );
+    // One data directory, one daemon.
+    let d = Daemon::start(&dir.join("d"));
+    let err = start(&dir.join("d"));
+    assert!(
+        err.contains("another snapblk daemon is already using") && err.contains("stop it first"),
+        "{err}"
+    );
+    drop(d);
+}
+
+#[test]
 fn daemon_not_running_is_a_clear_error() {
     let (_t, dir) = tempdir();
     std::fs::create_dir_all(&dir).unwrap();

@@ -406,10 +406,12 @@ impl Daemon {
             Some(_) => Some(super::remote::load_tls(&config.nbd_access.tls_files)?),
             None => None,
         };
-        make_data_dir(&config.data_dir).with_context(|| {
-            format!(
-                "cannot create the data directory {}",
-                config.data_dir.display()
+        make_data_dir(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the data directory {}: {}; give one this user may create with \
+                 --data-dir DIR (or $SNAPBLK_DATA_DIR)",
+                config.data_dir.display(),
+                crate::cli::strip_os_error(&e.to_string())
             )
         })?;
         let data_dir = config.data_dir.canonicalize().with_context(|| {
