@@ -79,6 +79,27 @@ fn every_cli_command_and_option_is_in_the_readme() {
     );
 }
 
+/// Every argument and option of every command, as `snapblk CMD <ARG>`,
+/// that `--help` would show with no words beside it.
+fn undocumented(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+    for arg in cmd.get_arguments() {
+        if arg.is_hide_set() || arg.get_help().is_some() || arg.get_long_help().is_some() {
+            continue;
+        }
+        out.push(format!("{path} <{}>", arg.get_id()));
+    }
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        undocumented(sub, &format!("{path} {}", sub.get_name()), out);
+    }
+}
+
+#[test]
+fn every_argument_says_what_it_is_in_help() {
+    let mut missing = Vec::new();
+    undocumented(&Cli::command(), "snapblk", &mut missing);
+    assert!(missing.is_empty(), "no help text: {missing:#?}");
+}
+
 #[test]
 fn every_control_request_is_in_the_protocol_reference() {
     let protocol = read("src/control/protocol.rs");

@@ -40,6 +40,7 @@ pub enum FormatArg {
 pub enum CopyCmd {
     /// Start a point-in-time copy of a live volume (or VOL@SNAP); prints the job id
     Start {
+        /// The volume (its image when the job starts) or one of its snapshots
         #[arg(value_name = "VOL[@SNAP]")]
         source: String,
         /// A new file (created sparse), a block device, vol:NAME, or - (stdout, --format stream)
@@ -71,17 +72,27 @@ pub enum CopyCmd {
     },
     /// Show progress, throughput and ETA of one job (or of every running job)
     Status {
+        /// The job's id [default: every running job]
         job: Option<u64>,
         /// Follow the job until it ends (a progress bar on a terminal)
         #[arg(long)]
         watch: bool,
     },
     /// Pause a job (hold writes are then copied first by the writer)
-    Pause { job: u64 },
+    Pause {
+        /// The job's id
+        job: u64,
+    },
     /// Resume a paused job
-    Resume { job: u64 },
+    Resume {
+        /// The job's id
+        job: u64,
+    },
     /// Cancel a job; the target keeps what was copied so far
-    Cancel { job: u64 },
+    Cancel {
+        /// The job's id
+        job: u64,
+    },
     /// List jobs, ended ones too
     #[command(alias = "ls")]
     List,

@@ -13,7 +13,9 @@ use serde_json::Value;
 pub enum GroupCmd {
     /// Make volumes a consistency group: their snapshots are taken at one instant
     Create {
+        /// The group's name
         name: String,
+        /// Its volumes (each in one group at most)
         #[arg(required = true, value_name = "VOL")]
         volumes: Vec<String>,
     },
@@ -21,10 +23,16 @@ pub enum GroupCmd {
     #[command(alias = "ls")]
     List,
     /// Show a group's volumes and snapshots
-    Info { name: String },
+    Info {
+        /// The group
+        name: String,
+    },
     /// Delete a group (not its volumes); its snapshots must be deleted first
     #[command(alias = "rm")]
-    Delete { name: String },
+    Delete {
+        /// The group
+        name: String,
+    },
 }
 
 pub fn run(control: &Endpoint, json: bool, cmd: GroupCmd) -> Result<(), CliError> {

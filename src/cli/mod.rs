@@ -118,6 +118,7 @@ pub struct QuotaArgs {
 pub enum QuotaCmd {
     /// Set USER's quota: the most their volumes' data and change logs may hold (root only)
     Set {
+        /// A user name on the daemon's machine
         user: String,
         /// Bytes or K/M/G/T (powers of 1024), or `none`
         #[arg(allow_hyphen_values = true)]
@@ -286,6 +287,7 @@ pub enum CacheArg {
 pub enum VolumeCmd {
     /// Create a volume (a sparse container file unless --backing is given)
     Create {
+        /// The new volume's name (1-64 of A-Z a-z 0-9 . _ -)
         name: String,
         /// Capacity: bytes or K/M/G/T (powers of 1024), e.g. 10G
         #[arg(long, allow_hyphen_values = true)]
@@ -310,6 +312,7 @@ pub enum VolumeCmd {
     },
     /// Make an existing RBD image (and its data) a volume
     Import {
+        /// The new volume's name
         name: String,
         /// The image, POOL/IMAGE
         #[arg(long, value_name = "POOL/IMAGE")]
@@ -325,6 +328,7 @@ pub enum VolumeCmd {
     },
     /// Serve a Ceph volume another daemon served (failover)
     Attach {
+        /// The volume's name on this daemon
         name: String,
         /// The volume's image, POOL/IMAGE
         #[arg(long, value_name = "POOL/IMAGE")]
@@ -336,25 +340,36 @@ pub enum VolumeCmd {
         break_lock: bool,
     },
     /// Forget a Ceph volume on this daemon and release its lock; its image, snapshots and metadata stay in the pool for `volume attach`
-    Detach { name: String },
+    Detach {
+        /// The Ceph volume
+        name: String,
+    },
     /// List volumes
     #[command(alias = "ls")]
     List,
     /// Show one volume
-    Info { name: String },
+    Info {
+        /// The volume
+        name: String,
+    },
     /// Delete a volume and all its snapshots (a Ceph volume's image and metadata in the pool too)
     #[command(alias = "rm")]
-    Delete { name: String },
+    Delete {
+        /// The volume
+        name: String,
+    },
     /// Create NEW, a writable clone of snapshot VOL@SNAP: instant for any size; its unwritten chunks read from the snapshot
     Clone {
         /// The parent snapshot, VOL@SNAP
         #[arg(value_name = "VOL@SNAP")]
         source: String,
+        /// The clone's name
         #[arg(value_name = "NEW")]
         name: String,
     },
     /// Show a volume's owner and access list, or change it with --grant / --revoke (admin access needed)
     Access {
+        /// The volume
         name: String,
         /// Give a user or group a level: user:NAME=read|write|admin or group:NAME=LEVEL
         #[arg(long, value_name = "user:NAME=LEVEL", conflicts_with = "revoke")]
@@ -364,9 +379,15 @@ pub enum VolumeCmd {
         revoke: Option<String>,
     },
     /// Give a volume to another owner (root only); its space then counts against their quota
-    Chown { name: String, user: String },
+    Chown {
+        /// The volume
+        name: String,
+        /// Its new owner, a user name on the daemon's machine
+        user: String,
+    },
     /// Copy every chunk a clone still reads from its parent snapshot into it, in the background, so the parent can go
     Flatten {
+        /// The clone
         name: String,
         /// Show progress and return when the flatten is done
         #[arg(long)]
@@ -433,6 +454,7 @@ pub enum SnapshotCmd {
     /// List a volume's snapshots (VOL), or a group's (--group GROUP)
     #[command(alias = "ls")]
     List {
+        /// The group's snapshots instead
         #[arg(
             long,
             value_name = "GROUP",
@@ -440,6 +462,7 @@ pub enum SnapshotCmd {
             required_unless_present = "volume"
         )]
         group: Option<String>,
+        /// The volume
         volume: Option<String>,
     },
     /// Delete a snapshot (VOL SNAP), or a group's snapshot on every volume (--group GROUP SNAP)
@@ -451,15 +474,21 @@ pub enum SnapshotCmd {
     /// List the extents that changed between snapshot FROM and TO (a later
     /// snapshot; the live volume if left out)
     Diff {
+        /// The volume
         volume: String,
+        /// The older snapshot
         from: String,
+        /// A later snapshot [default: the live volume]
         to: Option<String>,
     },
     /// Make the live volume's content equal to snapshot SNAP's (newer snapshots stay); refused while anything writes the volume
     Revert {
+        /// The volume
         volume: String,
+        /// The snapshot whose content it takes
         snapshot: String,
-        /// Stop the volume's device, copy jobs and replication link first (NBD clients must still disconnect)
+        /// Stop every writer first: the volume's device, its copy jobs, its replication link and
+        /// the NBD connections that have it open read-write (their requests in flight are answered)
         #[arg(long)]
         force: bool,
     },
@@ -559,6 +588,7 @@ impl SnapshotOf {
 pub enum DeviceCmd {
     /// Start /dev/ublkbN for a volume (read-write) or one of its snapshots (read-only); prints its path
     Start {
+        /// The volume
         volume: String,
         /// Serve this snapshot of the volume, read-only
         #[arg(long, value_name = "SNAP")]
@@ -578,6 +608,7 @@ pub enum DeviceCmd {
     /// Stop a device: VOL, VOL@SNAP or /dev/ublkbN
     #[command(alias = "rm")]
     Stop {
+        /// The device, by what it serves or by its path
         #[arg(value_name = "VOL|VOL@SNAP|/dev/ublkbN")]
         device: String,
     },

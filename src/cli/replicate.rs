@@ -13,6 +13,7 @@ use std::path::PathBuf;
 pub enum ReplicateCmd {
     /// Replicate a volume, or every member of a group with shared consistency points, to another daemon (destination volumes are created there if absent)
     Start {
+        /// The volume to replicate (or --group)
         #[arg(required_unless_present = "group", conflicts_with = "group")]
         volume: Option<String>,
         /// Replicate every volume of this consistency group; each goes to a destination volume of its own name
@@ -51,6 +52,7 @@ pub enum ReplicateCmd {
     },
     /// Show links from this daemon and replicas on it (a group's links with --group)
     Status {
+        /// Only this volume's link or replica [default: all]
         #[arg(conflicts_with = "group")]
         volume: Option<String>,
         /// The links of this group's members, and which members a shared consistency point waits for
@@ -63,12 +65,16 @@ pub enum ReplicateCmd {
         of: VolumeOrGroup,
     },
     /// On the destination: turn a replica into a normal writable volume (failover)
-    Promote { volume: String },
+    Promote {
+        /// The replica, on this daemon
+        volume: String,
+    },
 }
 
 /// `VOL` or `--group GROUP`.
 #[derive(clap::Args, Debug)]
 pub struct VolumeOrGroup {
+    /// The replicated volume (or --group)
     #[arg(required_unless_present = "group", conflicts_with = "group")]
     volume: Option<String>,
     /// Every member of this replicated consistency group

@@ -14,6 +14,7 @@ use serde_json::Value;
 pub enum ScheduleCmd {
     /// Snapshot a volume (VOL) or a group (--group GROUP) every DUR, keeping the newest N
     Add {
+        /// The volume to snapshot (or --group)
         #[arg(required_unless_present = "group", conflicts_with = "group")]
         volume: Option<String>,
         /// Take group snapshots of this consistency group
@@ -39,11 +40,20 @@ pub enum ScheduleCmd {
     List,
     /// Remove a schedule (the snapshots it took stay)
     #[command(alias = "rm")]
-    Remove { id: u64 },
+    Remove {
+        /// The schedule's id (`schedule list`)
+        id: u64,
+    },
     /// Stop taking snapshots until `schedule resume`
-    Pause { id: u64 },
+    Pause {
+        /// The schedule's id (`schedule list`)
+        id: u64,
+    },
     /// Take snapshots again (a run that fell due meanwhile is taken at once)
-    Resume { id: u64 },
+    Resume {
+        /// The schedule's id (`schedule list`)
+        id: u64,
+    },
 }
 
 pub fn run(control: &Endpoint, json: bool, cmd: ScheduleCmd) -> Result<(), CliError> {
