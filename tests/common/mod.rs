@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "ceph")]
+pub mod ceph;
+
 use serde_json::Value;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};

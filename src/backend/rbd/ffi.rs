@@ -45,6 +45,12 @@ extern "C" {
     ) -> c_int;
     pub fn rados_conf_read_file(cluster: RadosT, path: *const c_char) -> c_int;
     pub fn rados_conf_set(cluster: RadosT, option: *const c_char, value: *const c_char) -> c_int;
+    pub fn rados_conf_get(
+        cluster: RadosT,
+        option: *const c_char,
+        buf: *mut c_char,
+        len: usize,
+    ) -> c_int;
     pub fn rados_connect(cluster: RadosT) -> c_int;
     pub fn rados_shutdown(cluster: RadosT);
     pub fn rados_get_instance_id(cluster: RadosT) -> u64;

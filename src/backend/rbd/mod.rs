@@ -42,6 +42,19 @@ use std::task::{Context, Poll, Waker};
 /// Store images grow in steps this large: a resize is a metadata round trip.
 const STORE_GROWTH: u64 = 64 << 20;
 
+/// How long a request may wait on the cluster, where ceph.conf leaves
+/// librados' default (which waits forever on an OSD or monitor that stops
+/// answering, and with it the client's request, the volume and the daemon's
+/// stop): (option, librados' default, ours). The op timeouts leave time for
+/// an OSD failure to be detected and its PGs to peer (the heartbeat grace is
+/// 20 s) before a request fails with ETIMEDOUT; connecting gives up sooner
+/// than the default 300 s, since volumes open one by one at start.
+const CLIENT_TIMEOUTS: [(&CStr, &str, &CStr); 3] = [
+    (c"rados_osd_op_timeout", "0", c"60"),
+    (c"rados_mon_op_timeout", "0", c"60"),
+    (c"client_mount_timeout", "300", c"30"),
+];
+
 fn err(rc: impl Into<i64>) -> io::Error {
     io::Error::from_raw_os_error(-(rc.into() as i32))
 }
@@ -106,6 +119,7 @@ impl Cluster {
                     format!("cannot read the Ceph configuration: {}", err(rc)),
                 ));
             }
+            cluster.bound_waits();
             // Writes durable when acknowledged; FLUSH stays cheap and exact.
             ffi::rados_conf_set(rados, c"rbd_cache".as_ptr(), c"false".as_ptr());
             // librbd otherwise hands every aio call to its own work queue
@@ -140,6 +154,32 @@ impl Cluster {
             let mut cluster = cluster;
             cluster.io = io_ctx;
             Ok(cluster)
+        }
+    }
+
+    /// Gives every timeout in [`CLIENT_TIMEOUTS`] that ceph.conf did not set
+    /// ours, and logs the values librados then holds.
+    fn bound_waits(&self) {
+        let mut shown = Vec::new();
+        for (option, default, ours) in CLIENT_TIMEOUTS {
+            if self.conf(option).is_none_or(|v| v == default) {
+                // SAFETY: plain call on our handle with NUL-terminated strings.
+                unsafe { ffi::rados_conf_set(self.rados, option.as_ptr(), ours.as_ptr()) };
+            }
+            let value = self.conf(option).unwrap_or_else(|| "?".into());
+            shown.push(format!("{} {value} s", option.to_string_lossy()));
+        }
+        log::info!("Ceph volume {}: {}", self.label, shown.join(", "));
+    }
+
+    /// A librados option's value as text.
+    fn conf(&self, option: &CStr) -> Option<String> {
+        let mut buf = [0 as c_char; 64];
+        // SAFETY: librados writes a NUL-terminated value of at most `len`
+        // bytes into `buf`, or fails.
+        unsafe {
+            (ffi::rados_conf_get(self.rados, option.as_ptr(), buf.as_mut_ptr(), buf.len()) == 0)
+                .then(|| CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
         }
     }
 

@@ -1,0 +1,149 @@
+//! A Ceph cluster that stops answering fails requests instead of hanging
+//! them: the daemon bounds every wait on the cluster with librados' client
+//! timeouts, its own where ceph.conf sets none (without them librados waits
+//! forever, and with it the NBD client, the volume and the daemon's stop).
+//!
+//! Its own test binary, so its own one-node cluster: the OSD is stopped
+//! (SIGSTOP) here, which would stall every other Ceph test sharing it.
+#![cfg(feature = "ceph")]
+
+mod common;
+
+use common::ceph::cluster;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A copy of the cluster's conf in `dir`, its client timeouts replaced by
+/// `timeouts` lines.
+fn conf_with(conf: &Path, dir: &Path, name: &str, timeouts: &str) -> String {
+    let text: String = std::fs::read_to_string(conf)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("timeout"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        text.replace("[client]\n", &format!("[client]\n{timeouts}")),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// qemu-io's output and whether it succeeded; a run that is still going
+/// after five minutes is killed and fails the test as a hang.
+fn qemu_io_bounded(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let mut child = c
+        .arg(uri)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("qemu-io {cmds:?} hung on a volume whose OSD stopped answering");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (qemu_io_clean(out.status.success(), &text), text)
+}
+
+#[test]
+fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
+    let Some(conf) = cluster("a_stopped_osd_fails_requests_and_the_volume_serves_again_after")
+    else {
+        return;
+    };
+    let (_t, dir) = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = Daemon::start(&dir.join("d"));
+    // A conf without client timeouts gets the daemon's own.
+    let bare = conf_with(conf, &dir, "bare.conf", "");
+    d.ok(&[
+        "volume",
+        "create",
+        "bare",
+        "--size",
+        "16M",
+        "--ceph",
+        "rbd/stall-bare",
+    ]
+    .iter()
+    .copied()
+    .chain(["--ceph-conf", bare.as_str()])
+    .collect::<Vec<_>>());
+    assert!(
+        d.log().contains(
+            "Ceph volume rbd/stall-bare: rados_osd_op_timeout 60 s, rados_mon_op_timeout 60 s, \
+             client_mount_timeout 30 s"
+        ),
+        "{}",
+        d.log()
+    );
+    // One that sets them keeps its own: short here, so the test is quick.
+    let short = conf_with(
+        conf,
+        &dir,
+        "short.conf",
+        "rados osd op timeout = 3\nrados mon op timeout = 3\n",
+    );
+    d.ok(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "16M",
+        "--ceph",
+        "rbd/stall-v",
+    ]
+    .iter()
+    .copied()
+    .chain(["--ceph-conf", short.as_str()])
+    .collect::<Vec<_>>());
+    assert!(
+        d.log().contains(
+            "Ceph volume rbd/stall-v: rados_osd_op_timeout 3 s, rados_mon_op_timeout 3 s, \
+             client_mount_timeout 30 s"
+        ),
+        "{}",
+        d.log()
+    );
+    let uri = d.uri("v");
+    let (ok, text) = qemu_io_bounded(&uri, &["write -P 0x11 0 64k", "flush"]);
+    assert!(ok, "{text}");
+
+    let pid_file = conf.parent().unwrap().join("run/osd.0.pid");
+    let osd = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    let stalled = qemu_io_bounded(&uri, &["write -P 0x22 0 64k", "flush"]);
+    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    let (ok, text) = stalled;
+    assert!(
+        !ok && text.contains("Input/output error"),
+        "a write to a stopped OSD must fail: {text}"
+    );
+
+    // The cluster back, the same volume takes writes and reads them back.
+    let (ok, text) = qemu_io_bounded(
+        &uri,
+        &["write -P 0x33 0 64k", "flush", "read -P 0x33 0 64k"],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(d.json(&["volume", "info", "v"])["state"], "ok");
+}
