@@ -61,6 +61,32 @@ fn qemu_io_bounded(uri: &str, cmds: &[&str]) -> (bool, String) {
     (qemu_io_clean(out.status.success(), &text), text)
 }
 
+/// Creates Ceph volume `name` (image `stall-NAME`) with `conf`; the daemon
+/// must log these op timeouts for it (read back from librados).
+fn create_expecting(d: &Daemon, name: &str, conf: &str, osd: &str, mon: &str) {
+    let image = format!("rbd/stall-{name}");
+    d.ok(&[
+        "volume",
+        "create",
+        name,
+        "--size",
+        "16M",
+        "--ceph",
+        &image,
+        "--ceph-conf",
+        conf,
+    ]);
+    let expected = format!(
+        "Ceph volume {image}: rados_osd_op_timeout {osd}, rados_mon_op_timeout {mon}, \
+         client_mount_timeout 30 s"
+    );
+    assert!(
+        d.log().contains(&expected),
+        "no {expected:?} in {}",
+        d.log()
+    );
+}
+
 #[test]
 fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
     let Some(conf) = cluster("a_stopped_osd_fails_requests_and_the_volume_serves_again_after")
@@ -72,27 +98,7 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
     let d = Daemon::start(&dir.join("d"));
     // A conf without client timeouts gets the daemon's own.
     let bare = conf_with(conf, &dir, "bare.conf", "");
-    d.ok(&[
-        "volume",
-        "create",
-        "bare",
-        "--size",
-        "16M",
-        "--ceph",
-        "rbd/stall-bare",
-    ]
-    .iter()
-    .copied()
-    .chain(["--ceph-conf", bare.as_str()])
-    .collect::<Vec<_>>());
-    assert!(
-        d.log().contains(
-            "Ceph volume rbd/stall-bare: rados_osd_op_timeout 60 s, rados_mon_op_timeout 60 s, \
-             client_mount_timeout 30 s"
-        ),
-        "{}",
-        d.log()
-    );
+    create_expecting(&d, "bare", &bare, "60 s", "60 s");
     // One that sets them keeps its own: short here, so the test is quick.
     let short = conf_with(
         conf,
@@ -100,27 +106,7 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
         "short.conf",
         "rados osd op timeout = 3\nrados mon op timeout = 3\n",
     );
-    d.ok(&[
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "16M",
-        "--ceph",
-        "rbd/stall-v",
-    ]
-    .iter()
-    .copied()
-    .chain(["--ceph-conf", short.as_str()])
-    .collect::<Vec<_>>());
-    assert!(
-        d.log().contains(
-            "Ceph volume rbd/stall-v: rados_osd_op_timeout 3 s, rados_mon_op_timeout 3 s, \
-             client_mount_timeout 30 s"
-        ),
-        "{}",
-        d.log()
-    );
+    create_expecting(&d, "v", &short, "3 s", "3 s");
     let uri = d.uri("v");
     let (ok, text) = qemu_io_bounded(&uri, &["write -P 0x11 0 64k", "flush"]);
     assert!(ok, "{text}");
