@@ -33,10 +33,14 @@ fn conf_with(conf: &Path, dir: &Path, name: &str, timeouts: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
-/// qemu-io's output and whether it succeeded; a run that is still going
+/// qemu-io's output and whether it succeeded (read-only on a `VOL@SNAP`
+/// export); a run that is still going
 /// after five minutes is killed and fails the test as a hang.
 fn qemu_io_bounded(uri: &str, cmds: &[&str]) -> (bool, String) {
     let mut c = Command::new("qemu-io");
+    if uri.contains('@') {
+        c.arg("-r");
+    }
     c.args(["-f", "raw"]);
     for cmd in cmds {
         c.args(["-c", cmd]);
@@ -132,4 +136,46 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
     );
     assert!(ok, "{text}");
     assert_eq!(d.json(&["volume", "info", "v"])["state"], "ok");
+
+    // With a snapshot, a first overwrite needs a journal record: a stall
+    // there fails the volume's journal, and writes that need one are
+    // refused (not half done) until the volume is reopened, which for a
+    // Ceph volume is detach and attach. The snapshot stays exact.
+    d.ok(&["snapshot", "create", "v", "s1"]);
+    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    let stalled = qemu_io_bounded(&uri, &["write -P 0x44 1M 64k", "flush"]);
+    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    assert!(
+        !stalled.0,
+        "a write to a stopped OSD must fail: {}",
+        stalled.1
+    );
+    let (ok, text) = qemu_io_bounded(&uri, &["write -P 0x55 2M 64k", "flush"]);
+    assert!(
+        !ok,
+        "a write that needs a record must fail until the volume is reopened: {text}"
+    );
+    let err = d.fails(&["snapshot", "create", "v", "s2"]);
+    assert!(
+        err.contains("metadata journal write failed")
+            && err.contains("`snapblk volume detach NAME`, then `snapblk volume attach NAME"),
+        "{err}"
+    );
+    d.ok(&["volume", "detach", "v"]);
+    d.ok(&[
+        "volume",
+        "attach",
+        "v",
+        "--ceph",
+        "rbd/stall-v",
+        "--ceph-conf",
+        &short,
+    ]);
+    let (ok, text) = qemu_io_bounded(
+        &uri,
+        &["write -P 0x55 2M 64k", "flush", "read -P 0x55 2M 64k"],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = qemu_io_bounded(&d.uri("v@s1"), &["read -P 0x33 0 64k", "read -P 0 1M 2M"]);
+    assert!(ok, "snapshot s1 after the stall and the reattach: {text}");
 }
