@@ -497,17 +497,18 @@ pub struct Opened {
 /// file that group or others may access is refused, as ssh refuses such a
 /// private key.
 pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    if !path.exists() {
-        return Err(format!(
+    crate::security::check_private_file_mode(path, "the replication key file").map_err(|e| {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return e.to_string();
+        }
+        format!(
             "the replication key file {shown} does not exist; create it, with the same key on \
              the source and the destination: `(umask 077; head -c 32 /dev/urandom | base64 > \
              {shown})` here, then copy it to the other daemon (or name another file with \
              --key-file / --replication-key-file)",
             shown = path.display()
-        ));
-    }
-    crate::security::check_private_file_mode(path, "the replication key file")
-        .map_err(|e| e.to_string())?;
+        )
+    })?;
     let raw = std::fs::read(path).map_err(|e| {
         format!(
             "cannot read the replication key file {}: {}",
