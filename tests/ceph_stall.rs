@@ -13,7 +13,24 @@ use common::ceph::cluster;
 use common::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Held by each test that stops the cluster's one OSD: the tests share it.
+static OSD: Mutex<()> = Mutex::new(());
+
+/// Runs `f` with the cluster's OSD stopped (SIGSTOP), continuing it after.
+fn with_osd_stopped<T>(conf: &Path, f: impl FnOnce() -> T) -> T {
+    let pid_file = conf.parent().unwrap().join("run/osd.0.pid");
+    let osd = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    run_ok(Command::new("kill").args(["-STOP", &osd]));
+    let out = f();
+    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    out
+}
 
 /// A copy of the cluster's conf in `dir`, its client timeouts replaced by
 /// `timeouts` lines.
@@ -97,6 +114,7 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
     else {
         return;
     };
+    let _osd = OSD.lock().unwrap_or_else(|e| e.into_inner());
     let (_t, dir) = tempdir();
     std::fs::create_dir_all(&dir).unwrap();
     let d = Daemon::start(&dir.join("d"));
@@ -115,15 +133,9 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
     let (ok, text) = qemu_io_bounded(&uri, &["write -P 0x11 0 64k", "flush"]);
     assert!(ok, "{text}");
 
-    let pid_file = conf.parent().unwrap().join("run/osd.0.pid");
-    let osd = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    run_ok(Command::new("kill").args(["-STOP", &osd]));
-    let stalled = qemu_io_bounded(&uri, &["write -P 0x22 0 64k", "flush"]);
-    run_ok(Command::new("kill").args(["-CONT", &osd]));
-    let (ok, text) = stalled;
+    let (ok, text) = with_osd_stopped(conf, || {
+        qemu_io_bounded(&uri, &["write -P 0x22 0 64k", "flush"])
+    });
     assert!(
         !ok && text.contains("Input/output error"),
         "a write to a stopped OSD must fail: {text}"
@@ -142,9 +154,9 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
     // refused (not half done) until the volume is reopened, which for a
     // Ceph volume is detach and attach. The snapshot stays exact.
     d.ok(&["snapshot", "create", "v", "s1"]);
-    run_ok(Command::new("kill").args(["-STOP", &osd]));
-    let stalled = qemu_io_bounded(&uri, &["write -P 0x44 1M 64k", "flush"]);
-    run_ok(Command::new("kill").args(["-CONT", &osd]));
+    let stalled = with_osd_stopped(conf, || {
+        qemu_io_bounded(&uri, &["write -P 0x44 1M 64k", "flush"])
+    });
     assert!(
         !stalled.0,
         "a write to a stopped OSD must fail: {}",
@@ -178,4 +190,86 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
     assert!(ok, "{text}");
     let (ok, text) = qemu_io_bounded(&d.uri("v@s1"), &["read -P 0x33 0 64k", "read -P 0 1M 2M"]);
     assert!(ok, "snapshot s1 after the stall and the reattach: {text}");
+}
+
+/// A daemon stopped while its cluster does not answer stops anyway, and
+/// its other volumes do not wait for the stalled ones: volumes close side
+/// by side, and a Ceph volume whose last flush timed out is not waited on
+/// again (releasing its lock and closing its images would each wait out the
+/// op timeout once more, volume after volume, past systemd's stop timeout).
+/// Its lock stays, so the next start asks for `--break-lock`, which brings
+/// back every write flushed before the stall.
+#[test]
+fn a_daemon_stops_promptly_while_its_cluster_does_not_answer() {
+    let Some(conf) = cluster("a_daemon_stops_promptly_while_its_cluster_does_not_answer") else {
+        return;
+    };
+    let _osd = OSD.lock().unwrap_or_else(|e| e.into_inner());
+    let (_t, dir) = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut d = Daemon::start(&dir.join("d"));
+    let short = conf_with(
+        conf,
+        &dir,
+        "short.conf",
+        "rados osd op timeout = 3\nrados mon op timeout = 3\n",
+    );
+    // Named so that one after another, the local volume would close last.
+    for name in ["a-ceph", "b-ceph"] {
+        create_expecting(&d, name, &short, "3 s", "3 s");
+    }
+    d.ok(&["volume", "create", "z-local", "--size", "16M"]);
+    for name in ["a-ceph", "z-local"] {
+        let (ok, text) = qemu_io_bounded(&d.uri(name), &["write -P 0x66 0 64k", "flush"]);
+        assert!(ok, "{name}: {text}");
+    }
+
+    let status = with_osd_stopped(conf, || d.signal(libc::SIGTERM));
+    assert!(
+        !status.success(),
+        "unflushed Ceph volumes must fail the stop"
+    );
+    let log = d.log();
+    let local = log
+        .find("volume z-local flushed and closed")
+        .unwrap_or_else(|| panic!("the local volume was not flushed: {log}"));
+    let stalled = log
+        .find("shutdown failed")
+        .unwrap_or_else(|| panic!("the stalled volumes' flush did not fail: {log}"));
+    assert!(
+        local < stalled,
+        "the local volume waited for the stalled Ceph volumes to close: {log}"
+    );
+    for name in ["a-ceph", "b-ceph"] {
+        assert!(
+            log.contains(&format!(
+                "volume {name}: its RBD image stays locked by this daemon"
+            )),
+            "{log}"
+        );
+    }
+    assert!(!log.contains("could not release the lock"), "{log}");
+
+    d.restart();
+    d.wait_ready();
+    let state = d.json(&["volume", "info", "a-ceph"])["state"].to_string();
+    assert!(
+        state.contains("--break-lock") && state.contains("volume detach a-ceph"),
+        "{state}"
+    );
+    d.ok(&["volume", "detach", "a-ceph"]);
+    d.ok(&[
+        "volume",
+        "attach",
+        "a-ceph",
+        "--ceph",
+        "rbd/stall-a-ceph",
+        "--ceph-conf",
+        &short,
+        "--break-lock",
+    ]);
+    for name in ["a-ceph", "z-local"] {
+        let (ok, text) = qemu_io_bounded(&d.uri(name), &["read -P 0x66 0 64k"]);
+        assert!(ok, "{name} after the stop: {text}");
+    }
 }

@@ -524,6 +524,19 @@ impl Storage {
         }
     }
 
+    /// Stops waiting on a Ceph volume's cluster at shutdown (see
+    /// [`rbd::Pool::abandon`]); whether this was one.
+    pub fn abandon_ceph(&self) -> bool {
+        match self {
+            #[cfg(feature = "ceph")]
+            Storage::Ceph(pool) => {
+                pool.abandon();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether this is a Ceph volume whose lock another daemon broke.
     pub fn ceph_fenced(&self) -> bool {
         match self {

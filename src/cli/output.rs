@@ -169,11 +169,13 @@ fn cache_of(v: &Value) -> String {
     }
 }
 
-/// `local`, or `ceph POOL/IMAGE` for a volume in a Ceph pool.
+/// `local`, or `ceph POOL/IMAGE` for a volume in a Ceph pool; `-` for one
+/// that could not be opened (its state says why).
 fn backend_of(v: &Value) -> String {
-    match v.get("ceph") {
-        Some(c) => format!("ceph {}/{}", str_of(c, "pool"), str_of(c, "image")),
-        None => "local".into(),
+    match (v.get("ceph"), v.get("backend")) {
+        (Some(c), _) => format!("ceph {}/{}", str_of(c, "pool"), str_of(c, "image")),
+        (None, Some(_)) => "local".into(),
+        (None, None) => "-".into(),
     }
 }
 

@@ -55,6 +55,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 const CREATING: &str = ".creating-";
@@ -62,6 +63,8 @@ const CREATING: &str = ".creating-";
 /// everything else about it is in the pool.
 const CEPH_POINTER: &str = "ceph.json";
 const DELETING: &str = ".deleting-";
+/// How many volumes close at once at shutdown.
+const SHUTDOWN_THREADS: usize = 16;
 
 /// A device the operator asked for, in one of its states. Slow kernel
 /// calls (start, stop: up to a minute each on a struggling kernel) run
@@ -402,6 +405,32 @@ fn with_takeover_hint(e: io::Error, name: &str, spec: &CephSpec, listed: bool) -
         e.kind(),
         format!("{e}; if that daemon is dead or must give it up, {steps}"),
     )
+}
+
+/// Flushes and closes `vol` at shutdown; whether it closed cleanly. A
+/// Ceph volume gives up its lock after its last flush, or, when that flush
+/// failed, leaves its cluster without waiting on it again.
+fn close_volume(name: &str, vol: &Volume) -> bool {
+    if let Err(e) = block_on(vol.shutdown()) {
+        log::error!("volume {name}: shutdown failed: {e}");
+        if vol.storage().abandon_ceph() {
+            log::error!(
+                "volume {name}: its RBD image stays locked by this daemon, whose last flush \
+                 was not confirmed: the next daemon to serve it takes it over with \
+                 `--break-lock` (its start says how)"
+            );
+        }
+        return false;
+    }
+    log::info!("volume {name} flushed and closed");
+    if let Err(e) = vol.storage().release_ceph_lock() {
+        log::error!(
+            "volume {name}: could not release the lock on its RBD image: {e}; a daemon \
+             serves it again only with `snapblk volume attach {name} --ceph POOL/IMAGE \
+             --break-lock`"
+        );
+    }
+    true
 }
 
 fn broken_json(name: &str, message: &str) -> Value {
@@ -1285,26 +1314,32 @@ impl Registry {
                 }
             }
         }
-        let mut failed = 0;
-        for (name, slot) in self.entries() {
-            if let Slot::Ready(vol) = slot {
-                match block_on(vol.shutdown()) {
-                    Ok(()) => log::info!("volume {name} flushed and closed"),
-                    Err(e) => {
-                        failed += 1;
-                        log::error!("volume {name}: shutdown failed: {e}");
+        let ready: Vec<(String, Arc<Volume>)> = self
+            .entries()
+            .into_iter()
+            .filter_map(|(name, slot)| match slot {
+                Slot::Ready(vol) => Some((name, vol)),
+                _ => None,
+            })
+            .collect();
+        // In parallel: a volume whose storage stopped answering (a Ceph
+        // cluster that is down waits out its op timeouts) must not hold up
+        // the flush of the others until the service manager kills us.
+        let failed = AtomicUsize::new(0);
+        let queue = Mutex::new(ready.iter());
+        let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+        std::thread::scope(|s| {
+            for _ in 0..ready.len().min(SHUTDOWN_THREADS) {
+                s.spawn(|| {
+                    while let Some((name, vol)) = next() {
+                        if !close_volume(name, vol) {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                }
-                if let Err(e) = vol.storage().release_ceph_lock() {
-                    log::error!(
-                        "volume {name}: could not release the lock on its RBD image: {e}; \
-                         a daemon serves it again only with `snapblk volume attach {name} \
-                         --ceph POOL/IMAGE --break-lock`"
-                    );
-                }
+                });
             }
-        }
-        failed
+        });
+        failed.into_inner()
     }
 
     fn lock_devices(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DeviceEntry>> {

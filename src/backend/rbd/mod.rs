@@ -70,6 +70,9 @@ struct Cluster {
     /// `POOL/IMAGE`, for messages.
     label: String,
     fenced: AtomicBool,
+    /// Set when the cluster stopped answering at shutdown: closing then
+    /// waits on it once per handle (see [`Pool::abandon`]).
+    abandoned: AtomicBool,
 }
 
 // SAFETY: librados handles are thread-safe (the C API documents concurrent
@@ -79,6 +82,9 @@ unsafe impl Sync for Cluster {}
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.abandoned.load(Ordering::Relaxed) {
+            return;
+        }
         // SAFETY: created in `connect`; every image and object holds an Arc.
         unsafe {
             ffi::rados_ioctx_destroy(self.io);
@@ -103,6 +109,7 @@ impl Cluster {
                 io: std::ptr::null_mut(),
                 label,
                 fenced: AtomicBool::new(false),
+                abandoned: AtomicBool::new(false),
             };
             let conf = spec
                 .conf
@@ -359,6 +366,9 @@ unsafe impl Sync for Image {}
 
 impl Drop for Image {
     fn drop(&mut self) {
+        if self.cluster.abandoned.load(Ordering::Relaxed) {
+            return;
+        }
         // SAFETY: opened in `Image::open`; closing also releases our lock.
         unsafe { ffi::rbd_close(self.handle) };
     }
@@ -879,6 +889,18 @@ impl Pool {
         // SAFETY: plain call on our open image.
         let rc = unsafe { ffi::rbd_lock_release(self.origin.handle) };
         self.cluster.result(rc as i64).map(drop)
+    }
+
+    /// Leaves the cluster without another word, for a volume whose last
+    /// flush at shutdown failed: the cluster did not answer within its op
+    /// timeouts, and releasing the lock and closing the images would each
+    /// wait that long again, one volume after another, past the service
+    /// manager's stop timeout. The process is ending, so nothing leaks for
+    /// long; the lock stays with this (soon dead) client, and the next
+    /// daemon takes the volume with `--break-lock`, knowingly: its last
+    /// flush was not confirmed.
+    pub fn abandon(&self) {
+        self.cluster.abandoned.store(true, Ordering::Relaxed);
     }
 
     /// Whether another daemon took the volume away (see the module doc).
