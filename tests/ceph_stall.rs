@@ -151,8 +151,8 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
 
     // With a snapshot, a first overwrite needs a journal record: a stall
     // there fails the volume's journal, and writes that need one are
-    // refused (not half done) until the volume is reopened, which for a
-    // Ceph volume is detach and attach. The snapshot stays exact.
+    // refused (not half done) until the volume is reopened (its lock
+    // given up and taken again). The snapshot stays exact.
     d.ok(&["snapshot", "create", "v", "s1"]);
     let stalled = with_osd_stopped(conf, || {
         qemu_io_bounded(&uri, &["write -P 0x44 1M 64k", "flush"])
@@ -170,26 +170,17 @@ fn a_stopped_osd_fails_requests_and_the_volume_serves_again_after() {
     let err = d.fails(&["snapshot", "create", "v", "s2"]);
     assert!(
         err.contains("metadata journal write failed")
-            && err.contains("`snapblk volume detach NAME`, then `snapblk volume attach NAME"),
+            && err.contains("run `snapblk volume reopen NAME`"),
         "{err}"
     );
-    d.ok(&["volume", "detach", "v"]);
-    d.ok(&[
-        "volume",
-        "attach",
-        "v",
-        "--ceph",
-        "rbd/stall-v",
-        "--ceph-conf",
-        &short,
-    ]);
+    assert_eq!(d.ok(&["volume", "reopen", "v"]), "reopened volume v\n");
     let (ok, text) = qemu_io_bounded(
         &uri,
         &["write -P 0x55 2M 64k", "flush", "read -P 0x55 2M 64k"],
     );
     assert!(ok, "{text}");
     let (ok, text) = qemu_io_bounded(&d.uri("v@s1"), &["read -P 0x33 0 64k", "read -P 0 1M 2M"]);
-    assert!(ok, "snapshot s1 after the stall and the reattach: {text}");
+    assert!(ok, "snapshot s1 after the stall and the reopen: {text}");
 }
 
 /// A daemon stopped while its cluster does not answer stops anyway, and
@@ -257,6 +248,9 @@ fn a_daemon_stops_promptly_while_its_cluster_does_not_answer() {
         state.contains("--break-lock") && state.contains("volume detach a-ceph"),
         "{state}"
     );
+    // Reopening retries the open, which still finds the lock.
+    let err = d.fails(&["volume", "reopen", "a-ceph"]);
+    assert!(err.contains("is locked by"), "{err}");
     d.ok(&["volume", "detach", "a-ceph"]);
     d.ok(&[
         "volume",

@@ -503,6 +503,60 @@ fn corrupt_volume_is_reported_not_fatal() {
     assert_eq!(names(&d.json(&["volume", "list"])), ["good", "other"]);
 }
 
+/// `volume reopen` retries a volume that could not open, once what broke it
+/// is fixed, and closes and opens a served one again, without a restart
+/// and without touching the other volumes; it is refused while anything
+/// uses the volume.
+#[test]
+fn a_volume_reopens_without_a_restart() {
+    let (_t, dir) = tempdir();
+    let mut d = Daemon::start_in_data_dir(&dir);
+    d.ok(&["volume", "create", "v", "--size", "8M"]);
+    d.ok(&["volume", "create", "other", "--size", "8M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x5a 0 64k", "flush"]);
+    d.ok(&["snapshot", "create", "v", "s1"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x6b 0 4k", "flush"]);
+    d.signal(libc::SIGTERM);
+
+    let manifest = dir.join("volumes/v/volume.json");
+    let good = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, b"{ this is not a manifest").unwrap();
+    let d = Daemon::start_in_data_dir(&dir);
+    let err = d.fails(&["volume", "reopen", "v"]);
+    assert!(
+        err.contains("cannot reopen volume v") && err.contains("volume.json"),
+        "{err}"
+    );
+    let state = d.json(&["volume", "info", "v"])["state"].to_string();
+    assert!(state.contains("volume.json"), "{state}");
+
+    std::fs::write(&manifest, good).unwrap();
+    assert_eq!(d.ok(&["volume", "reopen", "v"]), "reopened volume v\n");
+    let check = |d: &Daemon| {
+        qemu_io_ok(
+            &d.uri("v"),
+            false,
+            &["read -P 0x6b 0 4k", "read -P 0x5a 4k 60k"],
+        );
+        qemu_io_ok(&d.uri("v@s1"), true, &["read -P 0x5a 0 64k"]);
+    };
+    check(&d);
+
+    // A served volume is refused while a client holds it, then reopens.
+    let mut client = common::nbd_client_connected(&d.uri("v"));
+    let err = d.fails(&["volume", "reopen", "v"]);
+    assert!(err.contains("in use by 1 open export connection"), "{err}");
+    drop(client.stdin.take());
+    client.wait().unwrap();
+    let reopened = d.json(&["volume", "reopen", "v"]);
+    assert_eq!(reopened["state"], "ok");
+    assert_eq!(reopened["snapshots"], 1);
+    check(&d);
+    qemu_io_ok(&d.uri("other"), false, &["write 0 64k", "flush"]);
+    let err = d.fails(&["volume", "reopen", "nope"]);
+    assert!(err.contains("volume nope not found"), "{err}");
+}
+
 #[test]
 fn control_socket_permissions() {
     let (t, dir) = tempdir();

@@ -344,6 +344,11 @@ pub enum VolumeCmd {
         /// The Ceph volume
         name: String,
     },
+    /// Close a volume and open it again from its storage, as a daemon restart would, without stopping the other volumes: after its metadata journal failed, or to retry one listed with an error (a Ceph cluster that was down at start)
+    Reopen {
+        /// The volume (no device, NBD client, copy job or replication may be using it)
+        name: String,
+    },
     /// List volumes
     #[command(alias = "ls")]
     List,
@@ -1083,6 +1088,10 @@ fn volume(control: &Endpoint, json: bool, cmd: VolumeCmd) -> Result<(), CliError
             reply(control, json, &req, |_| {
                 println!("detached volume {name}; its data stays in the Ceph pool")
             })
+        }
+        VolumeCmd::Reopen { name } => {
+            let req = Request::VolumeReopen { name: name.clone() };
+            reply(control, json, &req, |_| println!("reopened volume {name}"))
         }
         VolumeCmd::Clone { source, name } => {
             let Some((volume, snapshot)) = source.split_once('@') else {

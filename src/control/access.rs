@@ -82,6 +82,7 @@ fn need(req: &Request) -> Need<'_> {
             }
         }
         Request::VolumeDelete { name }
+        | Request::VolumeReopen { name }
         | Request::VolumeAccess { name, .. }
         | Request::Restore { volume: name }
         | Request::SnapshotDelete { volume: name, .. }

@@ -28,6 +28,7 @@ pub const OPS: &[&str] = &[
     "volume.access",
     "volume.chown",
     "volume.detach",
+    "volume.reopen",
     "snapshot.create",
     "snapshot.list",
     "snapshot.delete",
@@ -116,6 +117,10 @@ pub enum Request {
     /// `volume.attach`.
     #[serde(rename = "volume.detach")]
     VolumeDetach { name: String },
+    /// Closes a volume and opens it again from its storage (after a failed
+    /// journal, or to retry one that could not open).
+    #[serde(rename = "volume.reopen")]
+    VolumeReopen { name: String },
     #[serde(rename = "volume.list")]
     VolumeList {},
     /// Shows a volume's owner and access list; with `grant`
@@ -321,6 +326,7 @@ impl Request {
             Request::VolumeAccess { .. } => "volume.access",
             Request::VolumeChown { .. } => "volume.chown",
             Request::VolumeDetach { .. } => "volume.detach",
+            Request::VolumeReopen { .. } => "volume.reopen",
             Request::SnapshotCreate { .. } => "snapshot.create",
             Request::SnapshotList { .. } => "snapshot.list",
             Request::SnapshotDelete { .. } => "snapshot.delete",

@@ -653,6 +653,10 @@ fn dispatch(
             facts.schedules.check_unscheduled(Some(&name), None)?;
             registry.detach_volume(&name)
         }),
+        Request::VolumeReopen { name } => facts.jobs.unless_used(&name, None, || {
+            facts.replication.check_volume_delete(&name)?;
+            registry.reopen_volume(&name)
+        }),
         Request::SnapshotCreate {
             volume,
             name,

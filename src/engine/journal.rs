@@ -879,9 +879,8 @@ impl CommitError {
 fn journal_failed(reason: &str) -> EngineError {
     EngineError::Io(std::io::Error::other(format!(
         "metadata journal write failed ({reason}); the volume refuses writes that need \
-         copy-on-write until it is reopened: once the storage works again, restart the daemon \
-         (a Ceph volume: `snapblk volume detach NAME`, then `snapblk volume attach NAME --ceph \
-         POOL/IMAGE`)"
+         copy-on-write until it is reopened: once the storage works again, run `snapblk volume \
+         reopen NAME` (or restart the daemon)"
     )))
 }
 

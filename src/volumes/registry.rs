@@ -31,7 +31,8 @@
 //! A volume that fails to open (corrupt metadata, missing file) does not stop
 //! the daemon: it stays in the registry as [`Slot::Broken`], is logged, shows
 //! in `volume list` with state `error: <message>`, is never exported, and can
-//! be deleted.
+//! be deleted, or opened again once fixed (`volume reopen`, which also closes
+//! and reopens a served volume, e.g. after its journal failed).
 //!
 //! Concurrency: the map lock is only held for lookups and inserts; create and
 //! delete are serialized by a separate lock; snapshot work runs on the
@@ -433,6 +434,21 @@ fn close_volume(name: &str, vol: &Volume) -> bool {
     true
 }
 
+/// Opens volume `name` from its directory (a clone on its open `parent`).
+fn open_volume(
+    volumes_dir: &Path,
+    name: &str,
+    parent: Option<Arc<Volume>>,
+) -> Result<Arc<Volume>, EngineError> {
+    let storage = storage_of(&volumes_dir.join(name))?;
+    block_on(Volume::open_layered(
+        name,
+        storage,
+        WriteBackConfig::daemon_default(),
+        parent,
+    ))
+}
+
 fn broken_json(name: &str, message: &str) -> Value {
     json!({ "name": name, "state": format!("error: {message}") })
 }
@@ -509,17 +525,7 @@ impl Registry {
                     }
                     None => None,
                 };
-                let opened = storage_of(&volumes_dir.join(&name))
-                    .map_err(EngineError::from)
-                    .and_then(|storage| {
-                        block_on(Volume::open_layered(
-                            &name,
-                            storage,
-                            WriteBackConfig::daemon_default(),
-                            parent,
-                        ))
-                    });
-                match opened {
+                match open_volume(&volumes_dir, &name, parent) {
                     Ok(vol) => {
                         log::info!("opened volume {name} ({} bytes)", vol.size());
                         map.insert(name, Slot::Ready(vol));
@@ -527,7 +533,8 @@ impl Registry {
                     Err(e) => {
                         log::error!(
                             "volume {name} cannot be opened and will not be served: {e} \
-                             (directory {}); fix or delete it with `snapblk volume delete {name}`",
+                             (directory {}); once fixed, serve it with `snapblk volume reopen {name}`, or \
+                             delete it with `snapblk volume delete {name}`",
                             volumes_dir.join(&name).display()
                         );
                         map.insert(name, Slot::Broken(e.to_string()));
@@ -1057,43 +1064,14 @@ impl Registry {
                  data in the pool; `snapblk volume delete {name}` deletes a local volume"
             )));
         }
-        self.check_no_device(name)?;
         self.check_not_grouped(name)?;
-        if let Ok(vol) = self.volume(name) {
-            let clones = vol.clones();
-            if !clones.is_empty() {
-                return Err(VolumeError::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "volume {name} has clones that read from its snapshots: {}; delete them, \
-                         or make them independent first with `snapblk volume flatten CLONE`",
-                        clones.join(", ")
-                    ),
-                ));
-            }
-        }
+        self.check_closable(name, "delete them")?;
         let slot = {
             let mut map = self.lock_map();
-            match map.get(name) {
-                None => return Err(not_found(name)),
-                Some(_) if self.claimed(name).is_some() => {
-                    return Err(restoring(name, self.claimed(name).unwrap()))
-                }
-                // The registry holds one reference; every NBD connection's
-                // view (and any request in progress) holds another. Exports
-                // are resolved under this lock, so none can appear between
-                // this check and the removal.
-                Some(Slot::Ready(v)) if Arc::strong_count(v) > 1 => {
-                    return Err(VolumeError::new(
-                        ErrorKind::Busy,
-                        format!(
-                            "volume {name} is in use by {} open export connection(s) or requests; \
-                             disconnect its NBD clients first",
-                            Arc::strong_count(v) - 1
-                        ),
-                    ));
-                }
-                Some(Slot::Ready(v)) if v.storage().ceph_fenced() && removal == Removal::Delete => {
+            let slot = map.get(name).ok_or_else(|| not_found(name))?;
+            self.check_unused(name, slot)?;
+            if let Slot::Ready(v) = slot {
+                if v.storage().ceph_fenced() && removal == Removal::Delete {
                     return Err(VolumeError::new(
                         ErrorKind::Busy,
                         format!(
@@ -1104,8 +1082,8 @@ impl Registry {
                         ),
                     ));
                 }
-                Some(_) => map.remove(name).expect("present"),
             }
+            map.remove(name).expect("present")
         };
         self.flattens.stop(name);
         let storage = match slot {
@@ -1149,6 +1127,111 @@ impl Registry {
             Removal::Detach => {
                 log::info!("detached volume {name}; its data stays in the Ceph pool");
                 Ok(json!({ "name": name, "detached": true }))
+            }
+        }
+    }
+
+    /// Refuses closing volume `name` (to delete or reopen it) while a
+    /// device serves it or clones read from its snapshots (`clones_then`
+    /// says what to do with them besides flattening).
+    fn check_closable(&self, name: &str, clones_then: &str) -> Result<(), VolumeError> {
+        self.check_no_device(name)?;
+        if let Ok(vol) = self.volume(name) {
+            let clones = vol.clones();
+            if !clones.is_empty() {
+                return Err(VolumeError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "volume {name} has clones that read from its snapshots: {}; {clones_then}, \
+                         or make them independent first with `snapblk volume flatten CLONE`",
+                        clones.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses taking `slot` out of the map while a restore or revert holds
+    /// it or anything but the registry holds the volume. Called with the
+    /// map locked: exports are resolved under that lock, so none can appear
+    /// between this check and the caller's change of the slot.
+    fn check_unused(&self, name: &str, slot: &Slot) -> Result<(), VolumeError> {
+        if let Some(claim) = self.claimed(name) {
+            return Err(restoring(name, claim));
+        }
+        match slot {
+            // The registry holds one reference; every NBD connection's
+            // view (and any request in progress) holds another.
+            Slot::Ready(v) if Arc::strong_count(v) > 1 => Err(VolumeError::new(
+                ErrorKind::Busy,
+                format!(
+                    "volume {name} is in use by {} open export connection(s) or requests; \
+                     disconnect its NBD clients first",
+                    Arc::strong_count(v) - 1
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `volume.reopen`: closes volume `name` and opens it again from its
+    /// storage, as a daemon restart would, without stopping the others: a
+    /// volume whose metadata journal failed refuses copy-on-write writes
+    /// until then, and one that could not open (a Ceph cluster that was
+    /// down at start, a file fixed by hand) is tried again. Writes not yet
+    /// flushed may be lost if the final flush fails, as after a crash.
+    pub fn reopen_volume(&self, name: &str) -> Result<Value, VolumeError> {
+        let _g = self.gate()?;
+        let _m = self.mutate.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_closable(name, "stop their use first")?;
+        let parent = match Volume::parent_of(&Storage::Dir(self.volumes_dir.join(name))) {
+            Ok(Some(parent)) => Some(self.volume(&parent).map_err(|e| {
+                VolumeError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "volume {name} is a clone of {parent}, which is not available ({}); \
+                         reopen {parent} first",
+                        e.message
+                    ),
+                )
+            })?),
+            _ => None,
+        };
+        let old = {
+            let mut map = self.lock_map();
+            let slot = map.get(name).ok_or_else(|| not_found(name))?;
+            self.check_unused(name, slot)?;
+            let reopening = Slot::Broken("being reopened".to_string());
+            map.insert(name.to_string(), reopening).expect("present")
+        };
+        self.flattens.stop(name);
+        if let Slot::Ready(vol) = old {
+            if let Err(e) = block_on(vol.shutdown()) {
+                log::warn!("volume {name}: flush before reopening failed: {e}");
+            }
+            if let Err(e) = vol.storage().release_ceph_lock() {
+                log::warn!("volume {name}: cannot release its RBD image's lock: {e}");
+            }
+        }
+        match open_volume(&self.volumes_dir, name, parent) {
+            Ok(vol) => {
+                log::info!("reopened volume {name} ({} bytes)", vol.size());
+                self.lock_map()
+                    .insert(name.to_string(), Slot::Ready(vol.clone()));
+                if vol.flattening() {
+                    if let Err(e) = self.flattens.start(&vol) {
+                        log::error!("cannot resume the flatten of {name}: {}", e.message);
+                    }
+                }
+                self.quotas.refresh(&self.ready_volumes());
+                volume_json(&vol)
+            }
+            Err(e) => {
+                let message = format!("cannot reopen volume {name}: {e}");
+                self.lock_map()
+                    .insert(name.to_string(), Slot::Broken(e.to_string()));
+                Err(VolumeError::new(ErrorKind::IoError, message))
             }
         }
     }
