@@ -210,12 +210,28 @@ fn a_daemon_stops_promptly_while_its_cluster_does_not_answer() {
         create_expecting(&d, name, &short, "3 s", "3 s");
     }
     d.ok(&["volume", "create", "z-local", "--size", "16M"]);
-    for name in ["a-ceph", "z-local"] {
+    for name in ["a-ceph", "b-ceph", "z-local"] {
         let (ok, text) = qemu_io_bounded(&d.uri(name), &["write -P 0x66 0 64k", "flush"]);
         assert!(ok, "{name}: {text}");
+        d.ok(&["snapshot", "create", name, "s1"]);
     }
 
-    let status = with_osd_stopped(conf, || d.signal(libc::SIGTERM));
+    let status = with_osd_stopped(conf, || {
+        // A first overwrite after the snapshot is held in the daemon and
+        // acknowledged; its copy-on-write commit waits on the OSD, and so
+        // does each Ceph volume's final flush. No flush from the client:
+        // qemu-io would send one at exit.
+        let uris: Vec<String> = ["a-ceph", "b-ceph"].iter().map(|v| d.uri(v)).collect();
+        py_ok(
+            "import nbd, sys\n\
+             for uri in sys.argv[1:]:\n\
+             \x20   h = nbd.NBD(); h.connect_uri(uri)\n\
+             \x20   h.pwrite(b'\\x77' * 65536, 0); h.shutdown()\n\
+             print('PASS')\n",
+            &uris,
+        );
+        d.signal(libc::SIGTERM)
+    });
     assert!(
         !status.success(),
         "unflushed Ceph volumes must fail the stop"
@@ -224,14 +240,14 @@ fn a_daemon_stops_promptly_while_its_cluster_does_not_answer() {
     let local = log
         .find("volume z-local flushed and closed")
         .unwrap_or_else(|| panic!("the local volume was not flushed: {log}"));
-    let stalled = log
-        .find("shutdown failed")
-        .unwrap_or_else(|| panic!("the stalled volumes' flush did not fail: {log}"));
-    assert!(
-        local < stalled,
-        "the local volume waited for the stalled Ceph volumes to close: {log}"
-    );
     for name in ["a-ceph", "b-ceph"] {
+        let stalled = log
+            .find(&format!("volume {name}: shutdown failed"))
+            .unwrap_or_else(|| panic!("{name}'s final flush did not fail: {log}"));
+        assert!(
+            local < stalled,
+            "the local volume waited for {name} to close: {log}"
+        );
         assert!(
             log.contains(&format!(
                 "volume {name}: its RBD image stays locked by this daemon"
@@ -263,7 +279,128 @@ fn a_daemon_stops_promptly_while_its_cluster_does_not_answer() {
         "--break-lock",
     ]);
     for name in ["a-ceph", "z-local"] {
-        let (ok, text) = qemu_io_bounded(&d.uri(name), &["read -P 0x66 0 64k"]);
-        assert!(ok, "{name} after the stop: {text}");
+        let (ok, text) = qemu_io_bounded(&d.uri(&format!("{name}@s1")), &["read -P 0x66 0 64k"]);
+        assert!(ok, "{name}@s1 after the stop: {text}");
     }
+}
+
+/// A store made with its own exclusive lock (as every store was before)
+/// loses it when its volume opens: see
+/// [`a_cluster_gone_for_good_fails_io_and_the_daemon_still_stops`] for why.
+#[test]
+fn a_store_with_its_own_lock_loses_it_when_opened() {
+    let Some(conf) = cluster("a_store_with_its_own_lock_loses_it_when_opened") else {
+        return;
+    };
+    let (_t, dir) = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = Daemon::start(&dir.join("d"));
+    d.ok(&[
+        "volume",
+        "create",
+        "f",
+        "--size",
+        "16M",
+        "--ceph",
+        "rbd/stall-f",
+        "--ceph-conf",
+        conf.to_str().unwrap(),
+    ]);
+    let (ok, text) = qemu_io_bounded(&d.uri("f"), &["write -P 0x11 0 1M", "flush"]);
+    assert!(ok, "{text}");
+    d.ok(&["snapshot", "create", "f", "s1"]);
+    d.ok(&["volume", "detach", "f"]);
+    let store = "rbd/stall-f.snapblk.part-000.store";
+    let rbd = |args: &[&str]| run_ok(Command::new("rbd").arg("-c").arg(conf).args(args));
+    assert!(!rbd(&["info", store]).contains("exclusive-lock"));
+    rbd(&["feature", "enable", store, "exclusive-lock"]);
+    assert!(rbd(&["info", store]).contains("exclusive-lock"));
+    d.ok(&[
+        "volume",
+        "attach",
+        "f",
+        "--ceph",
+        "rbd/stall-f",
+        "--ceph-conf",
+        conf.to_str().unwrap(),
+    ]);
+    let info = rbd(&["info", store]);
+    assert!(!info.contains("exclusive-lock"), "{info}");
+    let (ok, text) = qemu_io_bounded(
+        &d.uri("f"),
+        &["write -P 0x22 0 64k", "flush", "read -P 0x22 0 64k"],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = qemu_io_bounded(&d.uri("f@s1"), &["read -P 0x11 0 1M"]);
+    assert!(ok, "{text}");
+}
+
+/// Stops its own cluster when dropped.
+struct OwnCluster(std::path::PathBuf);
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(common::ceph::script())
+            .arg("stop")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A cluster gone long enough for the client to lose its watches on the
+/// images (here: every daemon of it killed). librbd delayed every store
+/// read, write and flush until it could take the store image's own
+/// exclusive lock again, which needs the watch back, past every op
+/// timeout: the volume's stop, and with it the daemon's, waited forever.
+/// Stores carry no lock of their own now; requests fail and the daemon
+/// stops. Its own cluster: this one does not come back.
+#[test]
+fn a_cluster_gone_for_good_fails_io_and_the_daemon_still_stops() {
+    if cluster("a_cluster_gone_for_good_fails_io_and_the_daemon_still_stops").is_none() {
+        return;
+    }
+    let (_t, dir) = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let own = OwnCluster(dir.join("cluster"));
+    run_ok(
+        Command::new(common::ceph::script())
+            .arg("start")
+            .arg(&own.0),
+    );
+    let short = conf_with(
+        &own.0.join("ceph.conf"),
+        &dir,
+        "short.conf",
+        "rados osd op timeout = 3\nrados mon op timeout = 3\n",
+    );
+    let mut d = Daemon::start(&dir.join("d"));
+    for name in ["g", "h"] {
+        create_expecting(&d, name, &short, "3 s", "3 s");
+        let (ok, text) = qemu_io_bounded(&d.uri(name), &["write -P 0x11 0 1M", "flush"]);
+        assert!(ok, "{text}");
+        d.ok(&["snapshot", "create", name, "s1"]);
+    }
+    drop(own);
+    // Long enough for the watches to time out (3 s op timeouts).
+    std::thread::sleep(Duration::from_secs(15));
+    let (ok, text) = qemu_io_bounded(&d.uri("h"), &["write -P 0x22 0 64k", "flush"]);
+    assert!(
+        !ok,
+        "a copy-on-write write with the cluster gone must fail: {text}"
+    );
+    // Volume g has nothing failed yet: its stop flushes its stores.
+    let status = d.signal(libc::SIGTERM);
+    assert!(!status.success());
+    let log = d.log();
+    // g's flush found nothing to write; librbd may count its lock as lost
+    // with the watch and release it without a word to the cluster.
+    assert!(
+        log.contains("volume g flushed and closed") || log.contains("volume g: shutdown failed"),
+        "{log}"
+    );
+    assert!(log.contains("volume h: shutdown failed"), "{log}");
+    assert!(
+        log.contains("volume h: its RBD image stays locked by this daemon"),
+        "{log}"
+    );
 }

@@ -616,7 +616,7 @@ pub fn run(
     );
     let failed = daemon.shutdown();
     if failed > 0 {
-        anyhow::bail!("{failed} volume(s) failed to flush at shutdown; see the log above");
+        anyhow::bail!("{failed} volume(s) did not close cleanly at shutdown; see the log above");
     }
     log::info!("stopped cleanly");
     Ok(())

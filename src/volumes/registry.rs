@@ -408,9 +408,9 @@ fn with_takeover_hint(e: io::Error, name: &str, spec: &CephSpec, listed: bool) -
     )
 }
 
-/// Flushes and closes `vol` at shutdown; whether it closed cleanly. A
-/// Ceph volume gives up its lock after its last flush, or, when that flush
-/// failed, leaves its cluster without waiting on it again.
+/// Flushes and closes `vol` at shutdown; whether it closed cleanly (a Ceph
+/// volume: and gave up its lock). A Ceph volume whose last flush failed
+/// leaves its cluster without waiting on it again.
 fn close_volume(name: &str, vol: &Volume) -> bool {
     if let Err(e) = block_on(vol.shutdown()) {
         log::error!("volume {name}: shutdown failed: {e}");
@@ -426,10 +426,10 @@ fn close_volume(name: &str, vol: &Volume) -> bool {
     log::info!("volume {name} flushed and closed");
     if let Err(e) = vol.storage().release_ceph_lock() {
         log::error!(
-            "volume {name}: could not release the lock on its RBD image: {e}; a daemon \
-             serves it again only with `snapblk volume attach {name} --ceph POOL/IMAGE \
-             --break-lock`"
+            "volume {name}: could not release the lock on its RBD image: {e}; the next \
+             daemon to serve it takes it over with `--break-lock` (its start says how)"
         );
+        return false;
     }
     true
 }

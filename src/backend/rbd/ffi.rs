@@ -17,6 +17,11 @@ pub type Callback = extern "C" fn(Completion, *mut c_void);
 pub const LOCK_MODE_EXCLUSIVE: c_int = 0;
 /// `rbd_snap_create2`: do not ask the image's watchers to quiesce.
 pub const SNAP_CREATE_SKIP_QUIESCE: u32 = 1;
+/// `RBD_FEATURE_*` (librbd/features.h).
+pub const FEATURE_LAYERING: u64 = 1 << 0;
+pub const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+pub const FEATURE_OBJECT_MAP: u64 = 1 << 3;
+pub const FEATURE_FAST_DIFF: u64 = 1 << 4;
 
 #[repr(C)]
 #[derive(Default)]
@@ -99,6 +104,15 @@ extern "C" {
 #[link(name = "rbd")]
 extern "C" {
     pub fn rbd_create(io: IoCtx, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
+    pub fn rbd_create2(
+        io: IoCtx,
+        name: *const c_char,
+        size: u64,
+        features: u64,
+        order: *mut c_int,
+    ) -> c_int;
+    pub fn rbd_get_features(image: Image, features: *mut u64) -> c_int;
+    pub fn rbd_update_features(image: Image, features: u64, enabled: u8) -> c_int;
     pub fn rbd_remove(io: IoCtx, name: *const c_char) -> c_int;
     pub fn rbd_list(io: IoCtx, names: *mut c_char, size: *mut usize) -> c_int;
     pub fn rbd_open(

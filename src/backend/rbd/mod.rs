@@ -179,6 +179,17 @@ impl Cluster {
         log::info!("Ceph volume {}: {}", self.label, shown.join(", "));
     }
 
+    /// How long a call that librados does not bound itself may wait: the
+    /// OSD op timeout (60 s where ceph.conf turned it off) and a margin.
+    fn op_deadline(&self) -> std::time::Duration {
+        let op = self
+            .conf(c"rados_osd_op_timeout")
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|&s| s > 0.0)
+            .unwrap_or(60.0);
+        std::time::Duration::from_secs_f64(op + 10.0)
+    }
+
     /// A librados option's value as text.
     fn conf(&self, option: &CStr) -> Option<String> {
         let mut buf = [0 as c_char; 64];
@@ -377,6 +388,31 @@ impl Drop for Image {
 impl Image {
     fn open(cluster: &Arc<Cluster>, name: &str) -> io::Result<Image> {
         Image::open_at(cluster, name, None)
+    }
+
+    /// Turns off the image's own exclusive lock (and the object map and
+    /// fast diff that need it), for a store image. librbd takes that lock
+    /// on the first write and delays I/O until it holds it, which needs the
+    /// client's watch on the image: once the cluster was unreachable long
+    /// enough to lose the watch, every store read, write and flush (and so
+    /// a first overwrite after a snapshot, and the volume's stop) waited
+    /// without bound, past every op timeout. Stores need no lock of their
+    /// own: only the holder of the origin's lock opens them, and breaking
+    /// that lock blocklists the old holder's client on every image. Stores
+    /// made before this are changed when opened.
+    fn without_own_lock(&self) -> io::Result<()> {
+        let mut features = 0u64;
+        // SAFETY: plain call on our open image.
+        let rc = unsafe { ffi::rbd_get_features(self.handle, &mut features) };
+        self.cluster.result(rc as i64)?;
+        let own_lock =
+            ffi::FEATURE_EXCLUSIVE_LOCK | ffi::FEATURE_OBJECT_MAP | ffi::FEATURE_FAST_DIFF;
+        if features & ffi::FEATURE_EXCLUSIVE_LOCK == 0 {
+            return Ok(());
+        }
+        // SAFETY: plain call on our open image.
+        let rc = unsafe { ffi::rbd_update_features(self.handle, features & own_lock, 0) };
+        self.cluster.result(rc as i64).map(drop)
     }
 
     /// With `snap`, the image as that RBD snapshot holds it, read-only
@@ -882,13 +918,36 @@ impl Pool {
     /// link keeps one until the process ends. A lock left to a dead process
     /// would make the next start refuse the volume without `--break-lock`.
     /// Nothing to give up once fenced.
+    ///
+    /// Bounded by the op timeout: with the cluster gone long enough for the
+    /// client to lose its watch, librbd's release waits for the watch to
+    /// come back, without end. Past the deadline the release is left
+    /// running on its thread and the cluster is abandoned (see
+    /// [`Pool::abandon`]): the lock stays, for `--break-lock`.
     pub fn release_lock(&self) -> io::Result<()> {
         if self.fenced() {
             return Ok(());
         }
-        // SAFETY: plain call on our open image.
-        let rc = unsafe { ffi::rbd_lock_release(self.origin.handle) };
-        self.cluster.result(rc as i64).map(drop)
+        let origin = self.origin.clone();
+        let (done, released) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("rbd-unlock".into())
+            .spawn(move || {
+                // SAFETY: plain call on our open image, which `origin` keeps.
+                let rc = unsafe { ffi::rbd_lock_release(origin.handle) };
+                let _ = done.send(rc);
+            })?;
+        let deadline = self.cluster.op_deadline();
+        match released.recv_timeout(deadline) {
+            Ok(rc) => self.cluster.result(rc as i64).map(drop),
+            Err(_) => {
+                self.abandon();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the cluster did not answer within {} s", deadline.as_secs()),
+                ))
+            }
+        }
     }
 
     /// Leaves the cluster without another word, for a volume whose last
@@ -923,15 +982,22 @@ impl Pool {
                 let n = cstr(&image)?;
                 let mut order: c_int = 0;
                 // SAFETY: plain call.
-                let rc = unsafe { ffi::rbd_create(self.cluster.io, n.as_ptr(), 0, &mut order) };
+                let rc = unsafe {
+                    ffi::rbd_create2(
+                        self.cluster.io,
+                        n.as_ptr(),
+                        0,
+                        ffi::FEATURE_LAYERING,
+                        &mut order,
+                    )
+                };
                 if rc != -libc::EEXIST {
                     self.cluster.result(rc as i64)?;
                 }
             }
-            return Ok(CephFile::Image(Arc::new(Image::open(
-                &self.cluster,
-                &image,
-            )?)));
+            let store = Image::open(&self.cluster, &image)?;
+            store.without_own_lock()?;
+            return Ok(CephFile::Image(Arc::new(store)));
         }
         let oid = self.object_id(name)?;
         if stat(&self.cluster, &oid)?.is_none() {
