@@ -557,6 +557,68 @@ fn a_volume_reopens_without_a_restart() {
     assert!(err.contains("volume nope not found"), "{err}");
 }
 
+/// A journal write that fails (here: the files made immutable) leaves the
+/// volume refusing copy-on-write writes, with an error that names `volume
+/// reopen`; once the storage works again, a reopen brings the volume back
+/// without a daemon restart, its snapshot exact.
+#[test]
+fn a_failed_journal_comes_back_with_reopen() {
+    let (_t, dir) = tempdir();
+    let d = Daemon::start_in_data_dir(&dir);
+    d.ok(&["volume", "create", "v", "--size", "8M"]);
+    qemu_io_ok(&d.uri("v"), false, &["write -P 0x11 0 1M", "flush"]);
+    d.ok(&["snapshot", "create", "v", "s1"]);
+    let parts: Vec<String> = std::fs::read_dir(dir.join("volumes/v"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("part-")
+        })
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let chattr = |flag: &str| {
+        Command::new("chattr")
+            .arg(flag)
+            .args(&parts)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !chattr("+i") {
+        common::skip(
+            "a_failed_journal_comes_back_with_reopen",
+            "chattr +i needs root and a file system with the immutable flag",
+        );
+        return;
+    }
+    let (ok, text) = common::qemu_io(&d.uri("v"), false, &["write -P 0x22 0 64k", "flush"]);
+    let err = d.fails(&["snapshot", "create", "v", "s2"]);
+    assert!(chattr("-i"));
+    assert!(
+        !ok,
+        "a write whose journal record cannot be written must fail: {text}"
+    );
+    assert!(
+        err.contains("metadata journal write failed") && err.contains("snapblk volume reopen"),
+        "{err}"
+    );
+    // The storage works again, but the volume stays refusing until reopened.
+    let (ok, text) = common::qemu_io(&d.uri("v"), false, &["write -P 0x33 0 64k", "flush"]);
+    assert!(!ok, "{text}");
+
+    assert_eq!(d.ok(&["volume", "reopen", "v"]), "reopened volume v\n");
+    qemu_io_ok(
+        &d.uri("v"),
+        false,
+        &["write -P 0x33 0 64k", "flush", "read -P 0x33 0 64k"],
+    );
+    qemu_io_ok(&d.uri("v@s1"), true, &["read -P 0x11 0 1M"]);
+    d.ok(&["snapshot", "create", "v", "s2"]);
+    qemu_io_ok(&d.uri("v@s2"), true, &["read -P 0x33 0 64k"]);
+}
+
 #[test]
 fn control_socket_permissions() {
     let (t, dir) = tempdir();
