@@ -264,6 +264,14 @@ fn a_daemon_stops_promptly_while_its_cluster_does_not_answer() {
         state.contains("--break-lock") && state.contains("volume detach a-ceph"),
         "{state}"
     );
+    // Listed with where it lives, though it could not open.
+    let table = d.ok(&["volume", "list"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("a-ceph ") && l.contains("ceph rbd/stall-a-ceph")),
+        "{table}"
+    );
     // Reopening retries the open, which still finds the lock.
     let err = d.fails(&["volume", "reopen", "a-ceph"]);
     assert!(err.contains("is locked by"), "{err}");

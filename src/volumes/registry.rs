@@ -366,19 +366,27 @@ pub enum CephPlacement {
 /// The storage of the volume in directory `dir`: the directory itself, or
 /// the Ceph pool its pointer names (locked for this daemon).
 fn storage_of(dir: &Path) -> io::Result<Storage> {
-    match fs::read(dir.join(CEPH_POINTER)) {
-        Ok(bytes) => {
-            let spec: CephSpec = serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} is not valid: {e}", dir.join(CEPH_POINTER).display()),
-                )
-            })?;
+    match ceph_pointer(dir)? {
+        Some(spec) => {
             let name = dir.file_name().unwrap_or_default().to_string_lossy();
             Storage::connect_ceph(&spec, CephClaim::Open)
                 .map_err(|e| with_takeover_hint(e, &name, &spec, true))
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Storage::Dir(dir.to_path_buf())),
+        None => Ok(Storage::Dir(dir.to_path_buf())),
+    }
+}
+
+/// Where the volume in directory `dir` lives in Ceph; `None` for a local
+/// volume.
+fn ceph_pointer(dir: &Path) -> io::Result<Option<CephSpec>> {
+    match fs::read(dir.join(CEPH_POINTER)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not valid: {e}", dir.join(CEPH_POINTER).display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -449,8 +457,15 @@ fn open_volume(
     ))
 }
 
-fn broken_json(name: &str, message: &str) -> Value {
-    json!({ "name": name, "state": format!("error: {message}") })
+/// A volume that could not open: its name, the error and, for one in Ceph
+/// (its pointer readable), where it lives, so that `volume list` can say so.
+fn broken_json(dir: &Path, name: &str, message: &str) -> Value {
+    let mut v = json!({ "name": name, "state": format!("error: {message}") });
+    if let Ok(Some(spec)) = ceph_pointer(&dir.join(name)) {
+        v["backend"] = json!("ceph");
+        v["ceph"] = json!({ "pool": spec.pool, "image": spec.image });
+    }
+    v
 }
 
 impl Registry {
@@ -987,9 +1002,9 @@ impl Registry {
             out.push(match slot {
                 Slot::Ready(v) => match volume_json(&v) {
                     Ok(j) => j,
-                    Err(e) => broken_json(&name, &e.message),
+                    Err(e) => broken_json(&self.volumes_dir, &name, &e.message),
                 },
-                Slot::Broken(msg) => broken_json(&name, &msg),
+                Slot::Broken(msg) => broken_json(&self.volumes_dir, &name, &msg),
             });
         }
         Ok(Value::Array(out))
@@ -1009,7 +1024,7 @@ impl Registry {
                 self.attributes(&v, &mut j);
                 Ok(j)
             }
-            Some(Slot::Broken(msg)) => Ok(broken_json(name, &msg)),
+            Some(Slot::Broken(msg)) => Ok(broken_json(&self.volumes_dir, name, &msg)),
             None => Err(not_found(name)),
         }
     }
