@@ -290,6 +290,23 @@ fn a_daemon_stops_promptly_while_its_cluster_does_not_answer() {
         let (ok, text) = qemu_io_bounded(&d.uri(&format!("{name}@s1")), &["read -P 0x66 0 64k"]);
         assert!(ok, "{name}@s1 after the stop: {text}");
     }
+
+    // A start while the OSD does not answer lists a-ceph with the error;
+    // once it answers, a reopen serves it without a restart.
+    d.ok(&["volume", "detach", "b-ceph"]);
+    assert!(d.signal(libc::SIGTERM).success(), "{}", d.log());
+    with_osd_stopped(conf, || {
+        d.restart();
+        d.wait_ready();
+        let state = d.json(&["volume", "info", "a-ceph"])["state"].to_string();
+        assert!(state.starts_with("\"error: "), "{state}");
+    });
+    assert_eq!(
+        d.ok(&["volume", "reopen", "a-ceph"]),
+        "reopened volume a-ceph\n"
+    );
+    let (ok, text) = qemu_io_bounded(&d.uri("a-ceph@s1"), &["read -P 0x66 0 64k"]);
+    assert!(ok, "a-ceph@s1 after the reopen: {text}");
 }
 
 /// A store made with its own exclusive lock (as every store was before)
