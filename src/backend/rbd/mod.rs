@@ -405,11 +405,11 @@ impl Image {
         // SAFETY: plain call on our open image.
         let rc = unsafe { ffi::rbd_get_features(self.handle, &mut features) };
         self.cluster.result(rc as i64)?;
-        let own_lock =
-            ffi::FEATURE_EXCLUSIVE_LOCK | ffi::FEATURE_OBJECT_MAP | ffi::FEATURE_FAST_DIFF;
         if features & ffi::FEATURE_EXCLUSIVE_LOCK == 0 {
             return Ok(());
         }
+        let own_lock =
+            ffi::FEATURE_EXCLUSIVE_LOCK | ffi::FEATURE_OBJECT_MAP | ffi::FEATURE_FAST_DIFF;
         // SAFETY: plain call on our open image.
         let rc = unsafe { ffi::rbd_update_features(self.handle, features & own_lock, 0) };
         self.cluster.result(rc as i64).map(drop)
