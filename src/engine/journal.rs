@@ -55,6 +55,7 @@
 //! longer be the journal.
 
 use super::error::{EngineError, Result};
+use super::manifest::MAX_GENERATION;
 use crate::backend::{Backend, Storage};
 use futures::channel::oneshot;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -390,12 +391,18 @@ impl Journal {
         // have reached the store, and nothing reserves its slot.
         let freed = freed_versions(&parsed[..keep]);
         for (i, (record, _)) in parsed[..keep].iter().enumerate() {
+            let at = i.checked_sub(1).map_or(0, |p| parsed[p].1);
+            if let Some(generation) = generation_beyond_bound(record) {
+                return Err(EngineError::Corrupt(format!(
+                    "{label}: record at byte {at} names generation {generation}, beyond \
+                     {MAX_GENERATION} (restore the volume from a copy)"
+                )));
+            }
             if let Record::Preserve {
                 chunk, slot, start, ..
             } = *record
             {
                 if in_store(slot) && slot >= store_slots && !freed.contains(&(chunk, start)) {
-                    let at = i.checked_sub(1).map_or(0, |p| parsed[p].1);
                     return Err(EngineError::Corrupt(format!(
                         "{label}: record at byte {at} puts a preserved chunk in slot {slot}, \
                          beyond the {store_slots} slots of its store (restore the volume from a copy)"
@@ -814,6 +821,21 @@ impl Journal {
     }
 }
 
+/// A generation in `record` no live volume reaches ([`MAX_GENERATION`]):
+/// a version may end at the bound, a snapshot must close below it.
+fn generation_beyond_bound(record: &Record) -> Option<u64> {
+    match *record {
+        Record::Preserve { start, end, .. } => {
+            [start, end].into_iter().find(|&g| g > MAX_GENERATION)
+        }
+        Record::Free { start, .. } => Some(start).filter(|&g| g > MAX_GENERATION),
+        Record::PartitionSnapshot { generation } => {
+            Some(generation).filter(|&g| g >= MAX_GENERATION)
+        }
+        Record::Commit => None,
+    }
+}
+
 /// The versions (chunk, start) that `records` free.
 fn freed_versions(records: &[(Record, usize)]) -> std::collections::HashSet<(u64, u64)> {
     records
@@ -1039,6 +1061,59 @@ mod tests {
             let err = open(&disk, &store).await.err().expect("must refuse");
             assert!(matches!(err, EngineError::Corrupt(_)), "{err}");
             assert!(err.to_string().contains("slot 1099511627776"), "{err}");
+        });
+    }
+
+    /// Found by the journal fuzzer: a snapshot of generation u64::MAX made
+    /// the volume open overflow computing the next generation.
+    #[test]
+    fn a_generation_beyond_the_bound_is_refused() {
+        let beyond = [
+            Record::PartitionSnapshot {
+                generation: u64::MAX,
+            },
+            Record::PartitionSnapshot {
+                generation: MAX_GENERATION,
+            },
+            Record::Free {
+                chunk: 0,
+                start: MAX_GENERATION + 1,
+            },
+            Record::Preserve {
+                chunk: 0,
+                slot: ZERO_SLOT,
+                start: 0,
+                end: u64::MAX,
+                data_crc: 0,
+            },
+        ];
+        for record in beyond {
+            let disk = MemDisk::new();
+            block_on(async {
+                let (journal, store) = empty(&disk).await;
+                journal.commit(&[record]).await.unwrap();
+                let err = open(&disk, &store).await.err().expect("must refuse");
+                assert!(matches!(err, EngineError::Corrupt(_)), "{record:?}: {err}");
+                assert!(
+                    err.to_string().contains("beyond 4611686018427387904"),
+                    "{err}"
+                );
+            });
+        }
+        // At the bound is still a version's end.
+        let disk = MemDisk::new();
+        block_on(async {
+            let (journal, store) = empty(&disk).await;
+            let last = Record::Preserve {
+                chunk: 0,
+                slot: ZERO_SLOT,
+                start: 1,
+                end: MAX_GENERATION,
+                data_crc: 0,
+            };
+            journal.commit(&[last]).await.unwrap();
+            let (_, replayed) = open(&disk, &store).await.unwrap();
+            assert_eq!(replayed.records, vec![last]);
         });
     }
 

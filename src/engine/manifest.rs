@@ -11,6 +11,11 @@ use std::path::PathBuf;
 pub const MANIFEST: &str = "volume.json";
 pub const CONTAINER: &str = "origin.img";
 const FORMAT: u32 = 1;
+/// Generations are counted up from 1, one per snapshot or consistency
+/// point: a billion a second would take 146 years to reach this. A larger
+/// number in a manifest or journal is damage, and refusing it keeps every
+/// `generation + 1` from overflowing.
+pub const MAX_GENERATION: u64 = 1 << 62;
 
 pub fn journal_name(partition: u32) -> String {
     format!("part-{partition:03}.journal")
@@ -229,6 +234,22 @@ impl Manifest {
                 manifest.size
             ));
         }
+        if manifest.next_generation > MAX_GENERATION {
+            return bad(format!(
+                "next generation {} is beyond {MAX_GENERATION}",
+                manifest.next_generation
+            ));
+        }
+        if let Some(s) = manifest
+            .snapshots
+            .iter()
+            .find(|s| s.generation >= MAX_GENERATION)
+        {
+            return bad(format!(
+                "snapshot {} has generation {}, beyond {MAX_GENERATION}",
+                s.name, s.generation
+            ));
+        }
         Ok(manifest)
     }
 }
@@ -241,13 +262,23 @@ mod tests {
     fn impossible_geometry_is_a_clear_error() {
         let good = Manifest::new("v", 1 << 20, 65536, 4, Origin::Container);
         type Damage = fn(&mut Manifest);
-        let cases: [(&str, Damage); 6] = [
+        let cases: [(&str, Damage); 8] = [
             ("chunk size 3000", |m| m.chunk_size = 3000),
             ("chunk size 2048", |m| m.chunk_size = 2048),
             ("chunk size 2097152", |m| m.chunk_size = 2 << 20),
             ("0 partitions", |m| m.partitions = 0),
             ("257 partitions", |m| m.partitions = 257),
             ("size 1000", |m| m.size = 1000),
+            ("next generation 18446744073709551615", |m| {
+                m.next_generation = u64::MAX
+            }),
+            ("generation 4611686018427387904", |m| {
+                m.snapshots.push(SnapshotRecord {
+                    name: "s".into(),
+                    generation: MAX_GENERATION,
+                    created_unix_ms: 0,
+                })
+            }),
         ];
         for (needle, damage) in cases {
             let mut m = good.clone();
