@@ -1142,6 +1142,14 @@ fn a_promoted_replica_is_a_normal_writable_volume() {
             && e.contains("`snapblk replicate promote r`"),
         "{e}"
     );
+    // A reopen is refused naming the link, not as a generic open connection.
+    let e = p.dst.fails(&["volume", "reopen", "r"]);
+    assert!(
+        e.contains("is a replica that the source at")
+            && e.contains("the receiver holds it open")
+            && e.contains("`snapblk replicate stop v`"),
+        "{e}"
+    );
     let e = p.dst.fails(&["device", "start", "r"]);
     assert!(
         e.contains("is a replica") && e.contains("--snapshot cp-"),

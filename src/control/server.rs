@@ -655,6 +655,7 @@ fn dispatch(
         }),
         Request::VolumeReopen { name } => facts.jobs.unless_used(&name, None, || {
             facts.replication.check_volume_delete(&name)?;
+            facts.replication.check_replica_reopen(&name)?;
             registry.reopen_volume(&name)
         }),
         Request::SnapshotCreate {

@@ -613,15 +613,37 @@ impl Replication {
     /// Refuses deleting (or detaching) a replica whose source is connected:
     /// the source would create it again at once and send the whole volume.
     pub fn check_replica_delete(&self, volume: &str) -> Result<(), VolumeError> {
+        self.refuse_while_receiving(
+            volume,
+            "deleted now, it would be created again and sent in full",
+            ", or make this a normal volume with `snapblk replicate promote VOLUME`",
+        )
+    }
+
+    /// Refuses reopening a replica whose source is connected: the receiver
+    /// holds the volume open to apply what the source sends.
+    pub fn check_replica_reopen(&self, volume: &str) -> Result<(), VolumeError> {
+        self.refuse_while_receiving(
+            volume,
+            "the receiver holds it open",
+            ", reopen, then start the link again",
+        )
+    }
+
+    fn refuse_while_receiving(
+        &self,
+        volume: &str,
+        why: &str,
+        then: &str,
+    ) -> Result<(), VolumeError> {
         if let Some((peer, source_volume)) = self.receiver.receiving_from(volume) {
             return Err(VolumeError::new(
                 ErrorKind::Busy,
                 format!(
                     "volume {volume} is a replica that the source at {peer} is replicating \
-                     into (its volume {source_volume}); deleted now, it would be created again \
-                     and sent in full. Stop the link on the source first with `snapblk \
-                     replicate stop {source_volume}`, or make this a normal volume with \
-                     `snapblk replicate promote {volume}`"
+                     into (its volume {source_volume}); {why}. Stop the link on the source \
+                     first with `snapblk replicate stop {source_volume}`{}",
+                    then.replace("VOLUME", volume)
                 ),
             ));
         }
