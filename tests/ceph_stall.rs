@@ -405,6 +405,11 @@ fn a_cluster_gone_for_good_fails_io_and_the_daemon_still_stops() {
         assert!(ok, "{text}");
         d.ok(&["snapshot", "create", name, "s1"]);
     }
+    // An image open for each snapshot: with the cluster gone, closing them
+    // one after another takes longer than the op timeout bounds.
+    for i in 2..=20 {
+        d.ok(&["snapshot", "create", "g", &format!("s{i}")]);
+    }
     drop(own);
     // Long enough for the watches to time out (3 s op timeouts).
     std::thread::sleep(Duration::from_secs(15));
@@ -423,6 +428,18 @@ fn a_cluster_gone_for_good_fails_io_and_the_daemon_still_stops() {
         log.contains("volume g flushed and closed") || log.contains("volume g: shutdown failed"),
         "{log}"
     );
+    // Where g's release went through at once, its 21 images were closed
+    // within the op timeout's bound, the rest left open.
+    if log.contains("volume g flushed and closed")
+        && !log.contains("volume g: could not release the lock")
+    {
+        assert!(
+            log.contains(
+                "Ceph volume rbd/stall-g: closing its images did not finish within the op timeout"
+            ),
+            "{log}"
+        );
+    }
     assert!(log.contains("volume h: shutdown failed"), "{log}");
     assert!(
         log.contains("volume h: its RBD image stays locked by this daemon"),

@@ -1412,8 +1412,9 @@ impl Registry {
                 }
             }
         }
-        let ready: Vec<(String, Arc<Volume>)> = self
-            .entries()
+        // Out of the map, so that each is dropped (its Ceph images closed)
+        // by the thread that closed it, not one after another later.
+        let ready: Vec<(String, Arc<Volume>)> = std::mem::take(&mut *self.lock_map())
             .into_iter()
             .filter_map(|(name, slot)| match slot {
                 Slot::Ready(vol) => Some((name, vol)),
@@ -1423,14 +1424,15 @@ impl Registry {
         // In parallel: a volume whose storage stopped answering (a Ceph
         // cluster that is down waits out its op timeouts) must not hold up
         // the flush of the others until the service manager kills us.
+        let threads = ready.len().min(SHUTDOWN_THREADS);
         let failed = AtomicUsize::new(0);
-        let queue = Mutex::new(ready.iter());
+        let queue = Mutex::new(ready.into_iter());
         let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).next();
         std::thread::scope(|s| {
-            for _ in 0..ready.len().min(SHUTDOWN_THREADS) {
+            for _ in 0..threads {
                 s.spawn(|| {
                     while let Some((name, vol)) = next() {
-                        if !close_volume(name, vol) {
+                        if !close_volume(&name, &vol) {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
