@@ -616,7 +616,7 @@ impl Replication {
         self.refuse_while_receiving(
             volume,
             "deleted now, it would be created again and sent in full",
-            ", or make this a normal volume with `snapblk replicate promote VOLUME`",
+            &format!(", or make this a normal volume with `snapblk replicate promote {volume}`"),
         )
     }
 
@@ -642,8 +642,7 @@ impl Replication {
                 format!(
                     "volume {volume} is a replica that the source at {peer} is replicating \
                      into (its volume {source_volume}); {why}. Stop the link on the source \
-                     first with `snapblk replicate stop {source_volume}`{}",
-                    then.replace("VOLUME", volume)
+                     first with `snapblk replicate stop {source_volume}`{then}"
                 ),
             ));
         }

@@ -438,19 +438,18 @@ impl Drop for Image {
                 drop(cluster);
             };
             match self.cluster.bounded("rbd-close", deadline, close) {
-                Ok(Some(())) => {}
-                Ok(None) => log::error!(
-                    "Ceph volume {}: closing its images did not finish within the op timeout; \
-                     the cluster is not answering, the rest are left open",
-                    self.cluster.label
-                ),
-                // No thread to close it on: close it here.
-                Err(_) => {
-                    // SAFETY: as below; the handle was never moved.
-                    unsafe { ffi::rbd_close(self.handle) };
+                Ok(Some(())) => return,
+                Ok(None) => {
+                    log::error!(
+                        "Ceph volume {}: closing its images did not finish within the op \
+                         timeout; the cluster is not answering, the rest are left open",
+                        self.cluster.label
+                    );
+                    return;
                 }
+                // No thread to close it on (the handle never moved): below.
+                Err(_) => {}
             }
-            return;
         }
         // SAFETY: opened in `Image::open`; closing also releases our lock.
         unsafe { ffi::rbd_close(self.handle) };
@@ -997,7 +996,8 @@ impl Pool {
     /// running on its thread and the cluster is abandoned (see
     /// [`Pool::abandon`]): the lock stays, for `--break-lock`.
     pub fn release_lock(&self) -> io::Result<()> {
-        let deadline = Instant::now() + self.cluster.op_deadline();
+        let timeout = self.cluster.op_deadline();
+        let deadline = Instant::now() + timeout;
         // The images close as the volume's last handles go, by the same
         // deadline (see `Image`'s drop).
         *self
@@ -1015,10 +1015,7 @@ impl Pool {
             Some(rc) => self.cluster.result(rc as i64).map(drop),
             None => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!(
-                    "the cluster did not answer within {} s",
-                    self.cluster.op_deadline().as_secs()
-                ),
+                format!("the cluster did not answer within {} s", timeout.as_secs()),
             )),
         }
     }
