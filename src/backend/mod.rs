@@ -16,7 +16,7 @@ pub mod memory;
 #[cfg(feature = "ceph")]
 pub mod rbd;
 
-use crate::runtime;
+use crate::runtime::{self, AlignedBuf};
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -96,6 +96,32 @@ impl Backend {
             Backend::Memory(m) => m.write_at(buf, offset, durable),
             #[cfg(feature = "ceph")]
             Backend::Ceph(c) => c.write_at(buf, offset, durable).await,
+        }
+    }
+
+    /// As [`Backend::write_at`], from a buffer the storage may keep until
+    /// the write completes instead of copying it: worth calling where
+    /// [`Backend::takes_write_buffers`] says so (Ceph images, see
+    /// [`rbd::CephFile::write_owned_at`]), the same write elsewhere.
+    pub async fn write_owned_at(
+        &self,
+        buf: &Arc<AlignedBuf>,
+        offset: u64,
+        durable: bool,
+    ) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => c.write_owned_at(buf, offset, durable).await,
+            _ => self.write_at(buf, offset, durable).await,
+        }
+    }
+
+    /// Whether [`Backend::write_owned_at`] saves a copy here.
+    pub fn takes_write_buffers(&self) -> bool {
+        match self {
+            #[cfg(feature = "ceph")]
+            Backend::Ceph(c) => matches!(c, rbd::CephFile::Image(_)),
+            _ => false,
         }
     }
 

@@ -961,6 +961,7 @@ mod tests {
     use crate::backend::Storage;
     use crate::engine::writeback::{HeldOp, Holding};
     use crate::runtime::block_on;
+    use std::sync::Arc;
 
     #[test]
     fn is_zero_finds_a_single_set_byte_anywhere() {
@@ -1081,7 +1082,9 @@ mod tests {
             let held = WriteBack::new(12, Default::default());
             let mut over = AlignedBuf::for_overwrite(512);
             over.fill(0xee);
-            let holding = held.hold(3 * CS as u64 + 1024, 512, false, || HeldOp::Data(over));
+            let holding = held.hold(3 * CS as u64 + 1024, 512, false, || {
+                HeldOp::Data(Arc::new(over))
+            });
             assert!(matches!(holding, Holding::Held { .. }));
             let version = Version {
                 start: 0,

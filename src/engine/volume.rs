@@ -16,10 +16,12 @@ use super::{MAX_CHUNK_SIZE, MAX_PARTITIONS, MIN_CHUNK_SIZE, SECTOR_SIZE};
 use crate::backend::file::FileBackend;
 use crate::backend::{Backend, Extent, Reuse, Storage};
 use crate::runtime::AlignedBuf;
-use futures::future::{join_all, try_join_all};
+use futures::future::{join_all, try_join_all, Either};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -717,9 +719,31 @@ impl Volume {
         }
     }
 
+    /// Writes `data` (the bytes of `owned`, where the caller has it shared)
+    /// to the origin, without a copy where its storage can keep the buffer.
+    /// Either write, not one awaited inside another: this is every direct
+    /// write's path.
+    fn write_origin<'a>(
+        &'a self,
+        data: &'a [u8],
+        owned: Option<&'a Arc<AlignedBuf>>,
+        offset: u64,
+        durable: bool,
+    ) -> impl Future<Output = io::Result<()>> + 'a {
+        match owned {
+            Some(buf) if self.origin.takes_write_buffers() => {
+                Either::Left(self.origin.write_owned_at(buf, offset, durable))
+            }
+            _ => Either::Right(self.origin.write_at(data, offset, durable)),
+        }
+    }
+
     async fn apply_held(&self, held: &Held) -> Result<()> {
         match &held.op {
-            HeldOp::Data(data) => self.origin.write_at(data, held.offset, false).await?,
+            HeldOp::Data(data) => {
+                self.write_origin(data, Some(data), held.offset, false)
+                    .await?
+            }
             HeldOp::Zeroes { keep_allocated } => {
                 self.zero_origin(held.offset, held.len, *keep_allocated)
                     .await?
@@ -1869,16 +1893,33 @@ impl View {
     }
 
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let write = self.write_untimed(offset, data, None, fua);
+        self.timed_write(data.len(), write).await
+    }
+
+    /// As [`View::write`], from a buffer the origin's storage may keep
+    /// instead of copying it (see [`Backend::write_owned_at`]).
+    pub async fn write_owned(&self, offset: u64, data: &Arc<AlignedBuf>, fua: bool) -> Result<()> {
+        let write = self.write_untimed(offset, data, Some(data), fua);
+        self.timed_write(data.len(), write).await
+    }
+
+    async fn timed_write(&self, len: usize, write: impl Future<Output = Result<()>>) -> Result<()> {
         let started = stats::now_ns();
-        let result = self.write_untimed(offset, data, fua).await;
-        let len = data.len() as u64;
+        let result = write.await;
         self.volume
             .io_stats
-            .record(IoKind::Write, len, started, &result);
+            .record(IoKind::Write, len as u64, started, &result);
         result
     }
 
-    async fn write_untimed(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+    async fn write_untimed(
+        &self,
+        offset: u64,
+        data: &[u8],
+        owned: Option<&Arc<AlignedBuf>>,
+        fua: bool,
+    ) -> Result<()> {
         self.writable(offset, data.len() as u64)?;
         let volume = &self.volume;
         let len = data.len() as u64;
@@ -1890,10 +1931,10 @@ impl View {
         let holding = volume.writeback.hold(offset, len, admitted.settled, || {
             let mut copy = AlignedBuf::for_overwrite(data.len());
             copy.copy_from_slice(data);
-            HeldOp::Data(copy)
+            HeldOp::Data(Arc::new(copy))
         });
         if let Holding::Direct = holding {
-            volume.origin.write_at(data, offset, fua).await?;
+            volume.write_origin(data, owned, offset, fua).await?;
         }
         admitted.applied(offset, Change::Data(data));
         let newly_owned = admitted.newly_owned;

@@ -82,8 +82,12 @@ impl WriteBackConfig {
 
 /// What a held write will do to the origin.
 pub enum HeldOp {
-    Data(AlignedBuf),
-    Zeroes { keep_allocated: bool },
+    /// Shared, so that the origin's storage may keep it instead of copying
+    /// it (see `Backend::write_owned_at`).
+    Data(Arc<AlignedBuf>),
+    Zeroes {
+        keep_allocated: bool,
+    },
 }
 
 /// One acknowledged write not yet applied to the origin.
@@ -511,7 +515,7 @@ mod tests {
     fn data(len: usize, byte: u8) -> HeldOp {
         let mut buf = AlignedBuf::zeroed(len);
         buf.fill(byte);
-        HeldOp::Data(buf)
+        HeldOp::Data(Arc::new(buf))
     }
 
     fn quiet() -> WriteBack {

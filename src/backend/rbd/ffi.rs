@@ -142,6 +142,7 @@ extern "C" {
     pub fn rbd_resize(image: Image, size: u64) -> c_int;
     pub fn rbd_lock_acquire(image: Image, mode: c_int) -> c_int;
     pub fn rbd_lock_release(image: Image) -> c_int;
+    pub fn rbd_is_exclusive_lock_owner(image: Image, is_owner: *mut c_int) -> c_int;
     pub fn rbd_lock_get_owners(
         image: Image,
         mode: *mut c_int,

@@ -20,7 +20,10 @@
 //! durable when librbd acknowledges it; FLUSH still goes through
 //! `rbd_aio_flush`. Fencing: a write refused with ESHUTDOWN means another
 //! daemon broke our lock and had us blocklisted; from then on every request
-//! fails at once with ESHUTDOWN and the loss is logged once.
+//! fails at once with ESHUTDOWN and the loss is logged once. Writes lend
+//! their buffer to librbd instead of being copied by it, which leaves a
+//! write that loses the lock uncompleted for good; the fence watch fails
+//! such writes (see [`Image::fail_stuck_calls`]).
 //!
 //! Must never: serve a volume whose lock it does not hold, or report a write
 //! before librbd/librados acknowledged it.
@@ -29,19 +32,29 @@ mod ffi;
 
 use super::{CephSpec, Claim, Extent};
 use crate::engine::{CONTAINER, MANIFEST};
-use std::collections::HashMap;
+use crate::runtime::AlignedBuf;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
 use std::future::Future;
 use std::io;
 use std::os::raw::{c_char, c_int, c_void};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Store images grow in steps this large: a resize is a metadata round trip.
 const STORE_GROWTH: u64 = 64 << 20;
+
+/// How often the fence watch looks at the calls in flight, and how old the
+/// oldest must be before it asks the cluster whether this client still
+/// holds the origin's lock (one OSD round trip per look while it stays
+/// that old). Writes on a healthy one-node cluster complete in
+/// milliseconds even at QD32 of 1 MiB, so a write lent to a client that
+/// lost its lock fails within about 2.5 s.
+const FENCE_TICK: Duration = Duration::from_millis(500);
+const STUCK_AFTER: Duration = Duration::from_secs(2);
 
 /// How long a request may wait on the cluster, where ceph.conf leaves
 /// librados' default (which waits forever on an OSD or monitor that stops
@@ -78,6 +91,16 @@ struct Cluster {
     /// open must be closed by then, or the cluster is abandoned (see
     /// [`Image`]'s drop).
     close_by: Mutex<Option<Instant>>,
+    /// The calls in flight that borrow none of our memory: those the fence
+    /// watch may fail without waiting for librbd.
+    calls: Mutex<Calls>,
+}
+
+/// Calls in flight by id; ids grow with time, so the first is the oldest.
+#[derive(Default)]
+struct Calls {
+    next: u64,
+    by_id: BTreeMap<u64, (Instant, Arc<Done>)>,
 }
 
 // SAFETY: librados handles are thread-safe (the C API documents concurrent
@@ -116,6 +139,7 @@ impl Cluster {
                 fenced: AtomicBool::new(false),
                 abandoned: AtomicBool::new(false),
                 close_by: Mutex::new(None),
+                calls: Mutex::new(Calls::default()),
             };
             let conf = spec
                 .conf
@@ -144,6 +168,16 @@ impl Cluster {
             // objecter's in-flight throttle is full: back-pressure we want.
             // Measured: docs/benchmarks.md, "Ceph".
             ffi::rados_conf_set(rados, c"rbd_non_blocking_aio".as_ptr(), c"false".as_ptr());
+            // librbd copies every write's buffer unless told not to, since a
+            // client such as QEMU may change a buffer in flight; that copy
+            // was 12-14% of the daemon's CPU under 1 MiB writes. Without it
+            // the buffer must live until librbd completes the write, which
+            // every image write here arranges (see `Image::write_owned`).
+            ffi::rados_conf_set(
+                rados,
+                c"rbd_disable_zero_copy_writes".as_ptr(),
+                c"false".as_ptr(),
+            );
             let rc = ffi::rados_connect(rados);
             if rc < 0 {
                 return Err(io::Error::new(
@@ -257,6 +291,39 @@ impl Cluster {
         Err(err(rc))
     }
 
+    /// Enters a call that borrows none of our memory into [`Cluster::calls`].
+    fn track(&self, done: &Arc<Done>) -> u64 {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let id = calls.next;
+        calls.next += 1;
+        calls.by_id.insert(id, (Instant::now(), done.clone()));
+        id
+    }
+
+    fn untrack(&self, id: u64) {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.by_id.remove(&id);
+    }
+
+    fn oldest_call(&self) -> Option<Instant> {
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls
+            .by_id
+            .first_key_value()
+            .map(|(_, (started, _))| *started)
+    }
+
+    /// Fails every tracked call in flight for longer than `age` with `rc`,
+    /// whether or not librbd ever completes it; returns how many.
+    fn give_up_calls(&self, age: Duration, rc: i32) -> usize {
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let stuck = calls
+            .by_id
+            .values()
+            .take_while(|(started, _)| started.elapsed() >= age);
+        stuck.map(|(_, done)| done.give_up(-(rc as i64))).count()
+    }
+
     /// `client.ID at ADDR`, as `rbd status` shows this client.
     fn whoami(&self) -> String {
         // SAFETY: the returned buffer is freed with rados_buffer_free.
@@ -286,14 +353,36 @@ struct DoneState {
     /// A [`Pending`] dropped before completion waits on `cv`. Only then is
     /// it notified: a notify is a futex call on librbd's thread, per I/O.
     dropped: bool,
+    /// The buffer of a write lent to librbd (see [`Image::write_owned`]):
+    /// kept until librbd completes the call, even if we stopped waiting.
+    lent: Option<Arc<AlignedBuf>>,
 }
 
 impl Done {
+    /// librbd or librados completed the call, and is done with its buffer.
     fn finish(&self, rc: i64) {
+        let lent = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            self.settle(&mut s, rc);
+            s.lent.take()
+        };
+        drop(lent);
+    }
+
+    /// Fails a call librbd may never complete; a buffer lent to it stays
+    /// lent (see [`Image::fail_stuck_calls`]).
+    fn give_up(&self, rc: i64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.rc = Some(rc);
-        if let Some(w) = s.waker.take() {
-            w.wake();
+        self.settle(&mut s, rc);
+    }
+
+    /// The first result wins: librbd may still complete a call given up.
+    fn settle(&self, s: &mut DoneState, rc: i64) {
+        if s.rc.is_none() {
+            s.rc = Some(rc);
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
         }
         if s.dropped {
             self.cv.notify_all();
@@ -323,37 +412,63 @@ enum Api {
     Rados,
 }
 
-/// One call in flight. Its buffer is borrowed for as long as it lives, and
-/// dropping it before completion waits for librbd to finish with the buffer.
+/// What a call does with our memory.
+enum Lends {
+    /// A buffer borrowed for as long as the [`Pending`] lives: dropping it
+    /// before completion waits for librbd to finish with the buffer.
+    Borrowed,
+    /// Nothing borrowed: no buffer, or one the completion keeps (see
+    /// [`DoneState::lent`]). Such a call may be given up (see
+    /// [`Image::fail_stuck_calls`]).
+    Owned(Option<Arc<AlignedBuf>>),
+}
+
+/// One call in flight.
 struct Pending<'a> {
     done: Arc<Done>,
     cluster: &'a Cluster,
+    /// Its entry in [`Cluster::calls`], for a call that borrows nothing.
+    tracked: Option<u64>,
 }
 
 impl<'a> Pending<'a> {
-    /// `issue` submits the call with the completion; the buffer it uses
+    /// `issue` submits the call with the completion; a buffer it borrows
     /// must live for `'a`.
     fn start(
         cluster: &'a Cluster,
         api: Api,
+        lends: Lends,
         issue: impl FnOnce(ffi::Completion) -> c_int,
     ) -> io::Result<Pending<'a>> {
         cluster.check_fenced()?;
+        let (lent, owned) = match lends {
+            Lends::Borrowed => (None, false),
+            Lends::Owned(lent) => (lent, true),
+        };
         let done = Arc::new(Done {
-            state: Mutex::new(DoneState::default()),
+            state: Mutex::new(DoneState {
+                lent,
+                ..DoneState::default()
+            }),
             cv: Condvar::new(),
         });
-        let arg = Arc::into_raw(done.clone()) as *mut c_void;
+        let pending = Pending {
+            tracked: owned.then(|| cluster.track(&done)),
+            done,
+            cluster,
+        };
+        let arg = Arc::into_raw(pending.done.clone()) as *mut c_void;
         let mut c: ffi::Completion = std::ptr::null_mut();
         // SAFETY: the completion gets our leaked Arc; on any failure to
-        // submit, the callback never runs and we take the Arc back.
+        // submit, the callback never runs and we take the Arc back (and
+        // settle the call, so that dropping it does not wait).
         unsafe {
             let rc = match api {
                 Api::Rbd => ffi::rbd_aio_create_completion(arg, rbd_done, &mut c),
                 Api::Rados => ffi::rados_aio_create_completion2(arg, rados_done, &mut c),
             };
             if rc < 0 {
-                drop(Arc::from_raw(arg as *const Done));
+                Arc::from_raw(arg as *const Done).finish(rc as i64);
                 return Err(err(rc));
             }
             let rc = issue(c);
@@ -362,11 +477,11 @@ impl<'a> Pending<'a> {
                     Api::Rbd => ffi::rbd_aio_release(c),
                     Api::Rados => ffi::rados_aio_release(c),
                 }
-                drop(Arc::from_raw(arg as *const Done));
+                Arc::from_raw(arg as *const Done).finish(rc as i64);
                 return Err(err(rc));
             }
         }
-        Ok(Pending { done, cluster })
+        Ok(pending)
     }
 }
 
@@ -386,6 +501,11 @@ impl Future for Pending<'_> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
+        if let Some(id) = self.tracked {
+            // Nothing of ours to wait for: the completion owns what it uses.
+            self.cluster.untrack(id);
+            return;
+        }
         let mut s = self.done.state.lock().unwrap_or_else(|e| e.into_inner());
         s.dropped = true;
         while s.rc.is_none() {
@@ -428,6 +548,14 @@ impl Drop for Image {
             .close_by
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        // A fenced client's close waits on every write librbd never
+        // completed (see `Image::fail_stuck_calls`), without end.
+        let close_by = close_by.or_else(|| {
+            self.cluster
+                .fenced
+                .load(Ordering::Relaxed)
+                .then(|| Instant::now() + self.cluster.op_deadline())
+        });
         if let Some(deadline) = close_by {
             let handle = Closing(self.handle);
             let cluster = self.cluster.clone();
@@ -525,9 +653,94 @@ impl Image {
         Ok(image)
     }
 
-    /// Starts a librbd call; the buffer `issue` passes must outlive the result.
-    fn call<'a>(&'a self, issue: impl FnOnce(ffi::Completion) -> c_int) -> io::Result<Pending<'a>> {
-        Pending::start(&self.cluster, Api::Rbd, issue)
+    /// Starts a librbd call; a buffer `issue` borrows must outlive the result.
+    fn call<'a>(
+        &'a self,
+        lends: Lends,
+        issue: impl FnOnce(ffi::Completion) -> c_int,
+    ) -> io::Result<Pending<'a>> {
+        Pending::start(&self.cluster, Api::Rbd, lends, issue)
+    }
+
+    /// Writes `buf` at `offset`, lending it to librbd, which then writes
+    /// from it without a copy and completes the call only once it let go
+    /// of it; the completion keeps it alive until then.
+    async fn write_owned(&self, buf: &Arc<AlignedBuf>, offset: u64) -> io::Result<()> {
+        self.grow_to(offset + buf.len() as u64)?;
+        let lent = Lends::Owned(Some(buf.clone()));
+        // SAFETY: the buffer stays valid until librbd completes the call:
+        // the completion holds it.
+        let pending = self.call(lent, |c| unsafe {
+            ffi::rbd_aio_write(self.handle, offset, buf.len(), buf.as_ptr().cast(), c)
+        })?;
+        pending.await.map(drop)
+    }
+
+    /// Watches the origin's calls for those librbd will never complete, on
+    /// a thread of its own for as long as the origin is open.
+    fn watch_fence(origin: &Arc<Image>) -> io::Result<()> {
+        let origin: Weak<Image> = Arc::downgrade(origin);
+        std::thread::Builder::new()
+            .name("rbd-fence-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(FENCE_TICK);
+                match origin.upgrade() {
+                    Some(origin) => origin.fail_stuck_calls(),
+                    None => return,
+                }
+            })
+            .map(drop)
+    }
+
+    /// Fails the calls in flight that librbd will not complete. A write
+    /// lent to librbd (see [`Image::write_owned`]) that librbd fails before
+    /// sending it, as it does every write once this client lost the lock,
+    /// is never completed: its completion waits for the buffer, which the
+    /// failed request keeps (librbd 16.2, seen under `debug rbd = 20`:
+    /// "op requires exclusive lock", then nothing). So once the oldest call
+    /// is [`STUCK_AFTER`] old, this asks the cluster whether we still hold
+    /// the lock; if not, the volume is fenced and every such call fails
+    /// with ESHUTDOWN, its buffer left to librbd (at most what was in
+    /// flight). Past the op deadline a call fails with ETIMEDOUT whatever
+    /// the answer, as librados would fail a request it sent.
+    fn fail_stuck_calls(&self) {
+        let cluster = &self.cluster;
+        if cluster.fenced.load(Ordering::Relaxed) {
+            cluster.give_up_calls(Duration::ZERO, libc::ESHUTDOWN);
+            return;
+        }
+        let Some(age) = cluster.oldest_call().map(|t| t.elapsed()) else {
+            return;
+        };
+        if age < STUCK_AFTER {
+            return;
+        }
+        let released = cluster
+            .close_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !released {
+            let mut owner: c_int = 0;
+            // SAFETY: plain call on our open image; one OSD round trip,
+            // bounded by the op timeout.
+            let rc = unsafe { ffi::rbd_is_exclusive_lock_owner(self.handle, &mut owner) };
+            if rc == -libc::ESHUTDOWN || (rc == 0 && owner == 0) {
+                let _ = cluster.result(-(libc::ESHUTDOWN as i64));
+                cluster.give_up_calls(Duration::ZERO, libc::ESHUTDOWN);
+                return;
+            }
+        }
+        let deadline = cluster.op_deadline();
+        if age >= deadline {
+            let failed = cluster.give_up_calls(deadline, libc::ETIMEDOUT);
+            log::error!(
+                "Ceph volume {}: {failed} request(s) to librbd did not complete within {} s; \
+                 they fail with a timeout (is the cluster answering? `ceph -s`)",
+                cluster.label,
+                deadline.as_secs()
+            );
+        }
     }
 
     fn resize(&self, size: u64) -> io::Result<()> {
@@ -564,9 +777,9 @@ pub struct Object {
 }
 
 impl Object {
-    /// Starts a librados call, as [`Image::call`].
+    /// Starts a librados call, as [`Image::call`]; its buffer is borrowed.
     fn call<'a>(&'a self, issue: impl FnOnce(ffi::Completion) -> c_int) -> io::Result<Pending<'a>> {
-        Pending::start(&self.cluster, Api::Rados, issue)
+        Pending::start(&self.cluster, Api::Rados, Lends::Borrowed, issue)
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -626,7 +839,7 @@ impl CephFile {
         let len = buf.len();
         let n = match self {
             CephFile::Image(i) => {
-                i.call(|c| unsafe {
+                i.call(Lends::Borrowed, |c| unsafe {
                     ffi::rbd_aio_read(i.handle, offset, len, buf.as_mut_ptr().cast(), c)
                 })?
                 .await?
@@ -644,14 +857,29 @@ impl CephFile {
         Ok(())
     }
 
+    /// A borrowed buffer is copied (librbd would copy it otherwise, see
+    /// [`Image::write_owned`]).
     pub async fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         match self {
+            CephFile::Image(_) => {
+                let mut copy = AlignedBuf::for_overwrite(buf.len());
+                copy.copy_from_slice(buf);
+                self.write_owned_at(&Arc::new(copy), offset, durable).await
+            }
+            CephFile::Object(o) => o.write(buf, offset).await,
+        }
+    }
+
+    /// Writes without a copy: librbd keeps `buf` until it is done with it.
+    pub async fn write_owned_at(
+        &self,
+        buf: &Arc<AlignedBuf>,
+        offset: u64,
+        durable: bool,
+    ) -> io::Result<()> {
+        match self {
             CephFile::Image(i) => {
-                i.grow_to(offset + buf.len() as u64)?;
-                i.call(|c| unsafe {
-                    ffi::rbd_aio_write(i.handle, offset, buf.len(), buf.as_ptr().cast(), c)
-                })?
-                .await?;
+                i.write_owned(buf, offset).await?;
                 if durable {
                     self.flush().await?;
                 }
@@ -664,7 +892,9 @@ impl CephFile {
     pub async fn flush(&self) -> io::Result<()> {
         match self {
             CephFile::Image(i) => i
-                .call(|c| unsafe { ffi::rbd_aio_flush(i.handle, c) })?
+                .call(Lends::Owned(None), |c| unsafe {
+                    ffi::rbd_aio_flush(i.handle, c)
+                })?
                 .await
                 .map(drop),
             // An acknowledged RADOS write is already committed on every replica.
@@ -675,7 +905,9 @@ impl CephFile {
     pub async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {
             CephFile::Image(i) => i
-                .call(|c| unsafe { ffi::rbd_aio_discard(i.handle, offset, len, c) })?
+                .call(Lends::Owned(None), |c| unsafe {
+                    ffi::rbd_aio_discard(i.handle, offset, len, c)
+                })?
                 .await
                 .map(drop),
             CephFile::Object(_) => self.zero_range(offset, len).await,
@@ -685,7 +917,7 @@ impl CephFile {
     pub async fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match self {
             CephFile::Image(i) => i
-                .call(|c| unsafe {
+                .call(Lends::Owned(None), |c| unsafe {
                     ffi::rbd_aio_write_zeroes(i.handle, offset, len as usize, c, 0, 0)
                 })?
                 .await
@@ -826,6 +1058,7 @@ impl Pool {
             ));
         }
         let holder = cluster.whoami();
+        Image::watch_fence(&origin)?;
         Ok(Pool {
             cluster,
             spec: spec.clone(),
@@ -1274,6 +1507,74 @@ fn lock_owners(image: &Image) -> io::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::block_on;
+
+    /// A cluster that is never connected: enough for the bookkeeping of
+    /// calls, whose completions librbd creates without one.
+    fn unconnected() -> Cluster {
+        Cluster {
+            rados: std::ptr::null_mut(),
+            io: std::ptr::null_mut(),
+            label: "rbd/test".into(),
+            fenced: AtomicBool::new(false),
+            // Nothing to shut down.
+            abandoned: AtomicBool::new(true),
+            close_by: Mutex::new(None),
+            calls: Mutex::new(Calls::default()),
+        }
+    }
+
+    /// A call that is never issued; its completion, to complete it as
+    /// librbd would, and the argument librbd would pass back.
+    fn started(cluster: &Cluster, lends: Lends) -> (Pending<'_>, ffi::Completion, *mut c_void) {
+        let mut completion: ffi::Completion = std::ptr::null_mut();
+        let pending = Pending::start(cluster, Api::Rbd, lends, |c| {
+            completion = c;
+            0
+        })
+        .unwrap();
+        let arg = Arc::as_ptr(&pending.done) as *mut c_void;
+        (pending, completion, arg)
+    }
+
+    /// What the fence watch relies on: calls are given up oldest first and
+    /// by age; the first result wins; a buffer lent to librbd stays lent
+    /// after the call was given up, until librbd completes it.
+    #[test]
+    fn a_call_given_up_keeps_its_buffer_until_librbd_completes_it() {
+        let cluster = unconnected();
+        let buf = Arc::new(AlignedBuf::zeroed(4096));
+        let (mut lent, lent_c, lent_arg) = started(&cluster, Lends::Owned(Some(buf.clone())));
+        std::thread::sleep(Duration::from_millis(50));
+        let (mut flush, flush_c, flush_arg) = started(&cluster, Lends::Owned(None));
+        assert_eq!(
+            Arc::strong_count(&buf),
+            2,
+            "the completion holds the buffer"
+        );
+
+        assert_eq!(
+            cluster.give_up_calls(Duration::from_millis(40), libc::ESHUTDOWN),
+            1
+        );
+        let e = block_on(&mut lent).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ESHUTDOWN));
+        assert!(cluster.fenced.load(Ordering::Relaxed), "ESHUTDOWN fences");
+        drop(lent);
+        assert_eq!(Arc::strong_count(&buf), 2, "given up, still lent");
+        // librbd lets go of it at last.
+        rbd_done(lent_c, lent_arg);
+        assert_eq!(Arc::strong_count(&buf), 1, "released with the completion");
+
+        // The flush completes before anyone gives it up; a late give-up
+        // changes nothing.
+        rbd_done(flush_c, flush_arg);
+        flush.done.give_up(-(libc::EIO as i64));
+        assert_eq!(block_on(&mut flush).unwrap(), 0);
+        assert!(cluster.oldest_call().is_some(), "tracked until dropped");
+        drop(flush);
+        assert!(cluster.oldest_call().is_none());
+    }
 
     /// tcmalloc must interpose glibc's malloc for the whole process (see
     /// `ffi`): linked after libc, it would be loaded and never used.

@@ -413,9 +413,14 @@ async fn read_requests(conn: &Rc<Conn>) -> io::Result<()> {
             .set(conn.in_flight_bytes.get() + budget);
         conn.activity.executing.fetch_add(1, Ordering::Relaxed);
         let c = conn.clone();
+        // Shared, so a Ceph volume's storage can write from it without a
+        // copy (see `Backend::write_owned_at`).
+        let payload = payload.map(Arc::new);
         runtime::spawn(async move {
-            let reply = execute(&c, req, payload.as_deref().unwrap_or_default()).await;
-            if let Some(buf) = payload {
+            let reply = execute(&c, req, payload.as_ref()).await;
+            // Still shared only where the storage failed a write it never
+            // let go of (a fenced Ceph volume): the buffer stays with it.
+            if let Some(Ok(buf)) = payload.map(Arc::try_unwrap) {
                 c.give_back(buf);
             }
             // From here the reply's own bytes count until the writer sent them.
@@ -430,7 +435,7 @@ async fn read_requests(conn: &Rc<Conn>) -> io::Result<()> {
 }
 
 /// Runs one request against the engine and encodes its reply.
-async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
+async fn execute(conn: &Conn, req: Request, payload: Option<&Arc<AlignedBuf>>) -> Reply {
     let cookie = req.cookie;
     let einval = |msg: &str| conn.error_reply(cookie, NBD_EINVAL, msg);
     let allowed = match req.kind {
@@ -489,7 +494,10 @@ async fn execute(conn: &Conn, req: Request, payload: &[u8]) -> Reply {
                 data: Some(data),
             }
         }
-        CMD_WRITE => conn.engine_reply(cookie, view.write(req.offset, payload, fua).await),
+        CMD_WRITE => match payload {
+            Some(data) => conn.engine_reply(cookie, view.write_owned(req.offset, data, fua).await),
+            None => einval("WRITE without its data"),
+        },
         CMD_FLUSH => {
             if conn.read_only {
                 return conn.ok_reply(cookie);
