@@ -188,6 +188,19 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the log shows `needle`, waiting a while for it: a refused
+    /// client may see the connection close before the daemon has logged
+    /// why. The wait is a bound for a line that should come, not a measure.
+    pub fn log_shows(&self, needle: &str) -> bool {
+        for _ in 0..500 {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
