@@ -213,11 +213,11 @@ fn access_lists_gate_the_control_socket_and_nbd() {
     // "Operation not supported"); the daemon logs who and why.
     let (ok, out) = nbdinfo_as(user, &root_uri);
     assert!(!ok && out.contains("opt_go"), "{out}");
-    let log = d.log();
     assert!(
-        log.contains("refused export 'rootvol' to uid")
-            && log.contains(&format!("({user}): permission denied")),
-        "the daemon logs who was refused:\n{log}"
+        d.log_shows("refused export 'rootvol' to uid")
+            && d.log_shows(&format!("({user}): permission denied")),
+        "the daemon logs who was refused:\n{}",
+        d.log()
     );
 
     // Their own volume: everything.

@@ -371,7 +371,7 @@ fn failover_with_kill9_and_break_lock() {
         !ok || text.contains("failed"),
         "the fenced daemon still wrote: {text}"
     );
-    assert!(b.log().contains("lost its lock"), "{}", b.log());
+    assert!(b.log_shows("lost its lock"), "{}", b.log());
     let state = b.json(&["volume", "info", "fo"])["state"]
         .as_str()
         .unwrap()

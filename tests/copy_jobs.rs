@@ -1087,7 +1087,7 @@ fn an_ended_job_keeps_its_map_until_its_state_is_saved() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
-        d.log().contains("cannot save its state"),
+        d.log_shows("cannot save its state"),
         "the failed save is logged:\n{}",
         d.log()
     );

@@ -135,7 +135,7 @@ fn cancel_returns_while_the_target_is_stalled_and_held_writes_proceed() {
     let out = d.ok(&["copy", "cancel", &id]);
     assert!(out.contains("cancelled"), "{out}");
     assert_eq!(status(&d, &id)["state"], "cancelled");
-    assert!(d.log().contains("abandoning its I/O"), "{}", d.log());
+    assert!(d.log_shows("abandoning its I/O"), "{}", d.log());
     let w = held.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
     assert!(qemu_io_clean(w.status.success(), &text), "{text}");

@@ -267,11 +267,7 @@ fn bad_slow_and_silent_handshakes_are_cut_off() {
         trickled < bytes.len(),
         "all {trickled} bytes were taken over 2 s"
     );
-    assert!(
-        d.log().contains("did not finish negotiating"),
-        "{}",
-        d.log()
-    );
+    assert!(d.log_shows("did not finish negotiating"), "{}", d.log());
     normal_client(&mut d, &uri, 4);
 }
 
@@ -299,7 +295,7 @@ fn idle_connections_are_closed_when_asked() {
     assert!(closed_by_server(&mut idle), "idle connection left open");
     // The deaf client's replies were queued; reading them now ends in EOF.
     assert!(closed_by_server(&mut deaf), "a client not reading was kept");
-    assert!(d.log().contains("idle for"), "{}", d.log());
+    assert!(d.log_shows("idle for"), "{}", d.log());
     // Active clients are not idle, however long they live.
     normal_client(&mut d, &uri, 1);
     let rss = status_kib(pid, "VmRSS");
@@ -439,5 +435,5 @@ fn connections_per_client_are_bounded_and_tcp_has_keepalive() {
     }
     assert!(served, "the UNIX client stayed refused; log:\n{}", d.log());
     normal_client(&mut d, &unix_uri, 2);
-    assert!(d.log().contains("per-client limit"), "{}", d.log());
+    assert!(d.log_shows("per-client limit"), "{}", d.log());
 }

@@ -96,7 +96,7 @@ fn a_pre_hook_past_its_timer_is_killed_the_post_hook_still_runs() {
     assert!(!alive, "the pre-hook's shell was killed");
     assert!(d.names(&["snapshot", "list", "v"]).is_empty());
     assert!(
-        d.log().contains("did not finish within 1000 ms"),
+        d.log_shows("did not finish within 1000 ms"),
         "the error is logged"
     );
 

@@ -322,7 +322,7 @@ fn strangers_are_refused_in_the_handshake_and_garbage_gets_an_error() {
             "{who}: {out}"
         );
     }
-    assert!(d.log().contains("remote control: refusing"), "{}", d.log());
+    assert!(d.log_shows("remote control: refusing"), "{}", d.log());
     // The CLI with another CA's certificate says what to do.
     let err = failure(&s.remote_with(&addr, &s.tls(&s.other, &s.pki), &["volume", "list"]));
     assert!(
