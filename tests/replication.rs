@@ -734,7 +734,8 @@ fn malformed_and_truncated_transfers_are_rejected_before_staging() {
 /// A CP may follow any number of transfers: staging holds them in a few
 /// segment files, not a file (and a descriptor) each. The destination here
 /// may open 64 files; 500 transfers wait for one CP, which then applies,
-/// and after a restart of the destination they are gone from its disk.
+/// and after a restart of the destination they are gone from its disk
+/// (before, their segment waits as a spare for the next ones).
 #[test]
 fn a_cp_after_more_transfers_than_the_destination_may_open_files() {
     if skip_without("many_transfers", &["qemu-io", "prlimit"]) {
@@ -790,13 +791,21 @@ fn a_cp_after_more_transfers_than_the_destination_may_open_files() {
     let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
     qemu_io_ok(&p.dst.uri("r"), true, &reads);
     let staging = p._t.path().join("dst/replication/dest/r.staging");
-    let left: Vec<_> = std::fs::read_dir(&staging)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "applied transfers stay staged: {left:?}");
+    let left = || -> Vec<String> {
+        std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    // The applied segment waits as a spare for the next transfers.
+    let staged = left();
+    assert!(
+        staged.len() == 1 && staged[0].starts_with("spare-"),
+        "applied transfers stay staged: {staged:?}"
+    );
     p.dst.kill9_and_restart();
     qemu_io_ok(&p.dst.uri("r"), true, &reads);
+    assert!(left().is_empty(), "a start drops spares: {:?}", left());
 }
 
 /// Waits until the destination's log says it paused in CP `n`'s apply.
