@@ -88,8 +88,8 @@ struct Inner {
     unsynced: Vec<fs::File>,
     /// The open segment was written since the last sync.
     open_dirty: bool,
-    /// Segment id -> its last transfer id (and whether it is unseeded).
-    segments: BTreeMap<u64, (u64, bool)>,
+    /// Segment id -> its last transfer id and its file.
+    segments: BTreeMap<u64, (u64, Holder)>,
     /// Spare segment files, by the id they had.
     spares: Vec<u64>,
 }
@@ -222,14 +222,11 @@ impl Staging {
                 .to_string_lossy()
                 .into_owned();
             let segment = parse_hex(&name, "r-", "")
-                .map(|id| (id, false))
-                .or_else(|| parse_hex(&name, "s-", "").map(|id| (id, true)));
-            let keep = if let Some((id, unseeded)) = segment {
-                let (holder, seed) = if unseeded {
-                    (Holder::UnseededSegment(id), None)
-                } else {
-                    (Holder::Segment(id), Some(id))
-                };
+                .map(|id| (id, Holder::Segment(id), Some(id)))
+                .or_else(|| {
+                    parse_hex(&name, "s-", "").map(|id| (id, Holder::UnseededSegment(id), None))
+                });
+            let keep = if let Some((id, holder, seed)) = segment {
                 let bytes = fs::read(&path)?;
                 let mut at = 0usize;
                 let mut last = None;
@@ -256,7 +253,7 @@ impl Staging {
                         bytes.len() - at
                     );
                 }
-                last.map(|l| inner.segments.insert(id, (l, unseeded)))
+                last.map(|l| inner.segments.insert(id, (l, holder)))
                     .is_some()
             } else if let Some(tid) = parse_hex(&name, "t-", "") {
                 match read_checked(&path)?.map(|p| wire::decode_transfer(&p, size)) {
@@ -341,7 +338,7 @@ impl Staging {
             seg.started = seg.len;
         }
         inner.open_dirty = true;
-        inner.segments.insert(id, (tid, false));
+        inner.segments.insert(id, (tid, Holder::Segment(id)));
         let staged = Staged {
             holder: Holder::Segment(id),
             at,
@@ -420,10 +417,10 @@ impl Staging {
             }
         }
         let mut dead = Vec::new();
-        inner.segments.retain(|&id, &mut (last, unseeded)| {
+        inner.segments.retain(|&id, &mut (last, holder)| {
             let live = last >= keep_from_tid;
             if !live {
-                dead.push((id, unseeded));
+                dead.push((id, holder));
             }
             live
         });
@@ -444,12 +441,7 @@ impl Staging {
             fs::remove_file(self.spare_path(spare))?;
         }
         let mut spares = Vec::with_capacity(dead.len());
-        for (id, unseeded) in dead {
-            let holder = if unseeded {
-                Holder::UnseededSegment(id)
-            } else {
-                Holder::Segment(id)
-            };
+        for (id, holder) in dead {
             // Not synced: a crash that loses the rename leaves the segment
             // under its name, with nothing live, and the next start drops it.
             fs::rename(self.holder_path(holder), self.spare_path(id))?;
