@@ -70,6 +70,7 @@ fn control() -> Vec<Seed> {
             queues: Some(2),
             depth: Some(64),
             recovery: Some(true),
+            zero_copy: Some(false),
         },
         Request::CopyStart(CopyStart {
             volume: "vol".into(),

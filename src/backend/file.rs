@@ -272,6 +272,27 @@ impl FileBackend {
         }
     }
 
+    /// The descriptor for a read (`write` false) or write of `len` bytes at
+    /// `offset` whose memory the daemon cannot address (a ublk request's
+    /// pages registered with the ring): as [`FileBackend::read_at`] and
+    /// [`FileBackend::write_target`] route, taking the memory as aligned
+    /// (the kernel refuses the I/O with EINVAL where it is not, and the
+    /// caller then copies).
+    pub(super) fn registered_target(&self, write: bool, offset: u64, len: u64) -> RawFd {
+        match self.direct.as_ref() {
+            Some(d) if !write && d.cached_reads => d.buffered.as_raw_fd(),
+            _ => match self.route_quiet(std::ptr::null(), len as usize, offset) {
+                Route::Buffered(fd) => fd,
+                _ => {
+                    if write {
+                        self.uncache_before_direct_write(offset, len as usize);
+                    }
+                    self.fd()
+                }
+            },
+        }
+    }
+
     pub(super) async fn write_bounced(
         &self,
         buf: &[u8],

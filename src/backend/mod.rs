@@ -19,6 +19,7 @@ pub mod rbd;
 use crate::runtime::{self, AlignedBuf};
 use serde::{Deserialize, Serialize};
 use std::io;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -113,6 +114,34 @@ impl Backend {
             #[cfg(feature = "ceph")]
             Backend::Ceph(c) => c.write_owned_at(buf, offset, durable).await,
             _ => self.write_at(buf, offset, durable).await,
+        }
+    }
+
+    /// Where a read of `len` bytes at `offset` into memory the daemon
+    /// cannot address (a ublk request's pages registered with the ring, see
+    /// [`runtime::read_into_registered`]) goes: a file's descriptor; `None`
+    /// where the storage is not a file (it needs the bytes in memory).
+    pub fn registered_read_target(&self, offset: u64, len: u64) -> Option<RawFd> {
+        match self {
+            Backend::File(f) => Some(f.registered_target(false, offset, len)),
+            _ => None,
+        }
+    }
+
+    /// As [`Backend::registered_read_target`] for a write; also the
+    /// write's `RWF_` flags (`durable`: FUA).
+    pub fn registered_write_target(
+        &self,
+        offset: u64,
+        len: u64,
+        durable: bool,
+    ) -> Option<(RawFd, i32)> {
+        match self {
+            Backend::File(f) => Some((
+                f.registered_target(true, offset, len),
+                file::rw_flags(durable),
+            )),
+            _ => None,
         }
     }
 

@@ -609,6 +609,10 @@ pub enum DeviceCmd {
         /// instead of holding I/O until the daemon is back
         #[arg(long)]
         no_recovery: bool,
+        /// Copy every request's data through the daemon even where the
+        /// kernel offers zero copy (AUTO_BUF_REG with USER_COPY, 6.16+)
+        #[arg(long)]
+        no_zero_copy: bool,
     },
     /// Stop a device: VOL, VOL@SNAP or /dev/ublkbN
     #[command(alias = "rm")]
@@ -947,6 +951,7 @@ fn device(control: &Endpoint, json: bool, cmd: DeviceCmd) -> Result<(), CliError
             queues,
             depth,
             no_recovery,
+            no_zero_copy,
         } => {
             name_arg("volume", &volume)?;
             if let Some(s) = &snapshot {
@@ -958,6 +963,7 @@ fn device(control: &Endpoint, json: bool, cmd: DeviceCmd) -> Result<(), CliError
                 queues,
                 depth,
                 recovery: no_recovery.then_some(false),
+                zero_copy: no_zero_copy.then_some(false),
             };
             reply(control, json, &req, |r| {
                 println!("{}", output::str_of(r, "path"))

@@ -207,6 +207,10 @@ pub enum Request {
         /// device die with the daemon.
         #[serde(default)]
         recovery: Option<bool>,
+        /// Run zero copy where the kernel offers it (default true); `false`
+        /// copies every request's data as on older kernels.
+        #[serde(default)]
+        zero_copy: Option<bool>,
     },
     /// Stops a device: `VOL`, `VOL@SNAP` or its path `/dev/ublkbN`.
     #[serde(rename = "device.stop")]
@@ -559,11 +563,12 @@ mod tests {
                 snapshot: None,
                 queues: None,
                 depth: None,
-                recovery: None
+                recovery: None,
+                zero_copy: None
             }
         );
         let r = parse_request(
-            br#"{"op":"device.start","volume":"v","snapshot":"s","queues":2,"depth":128,"recovery":false}"#,
+            br#"{"op":"device.start","volume":"v","snapshot":"s","queues":2,"depth":128,"recovery":false,"zero_copy":false}"#,
         )
         .unwrap();
         assert_eq!(
@@ -573,7 +578,8 @@ mod tests {
                 snapshot: Some("s".into()),
                 queues: Some(2),
                 depth: Some(128),
-                recovery: Some(false)
+                recovery: Some(false),
+                zero_copy: Some(false)
             }
         );
         assert_eq!(

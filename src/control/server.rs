@@ -739,11 +739,12 @@ fn dispatch(
             queues,
             depth,
             recovery,
+            zero_copy,
         } => {
             facts
                 .replication
                 .check_replica_use(&volume, snapshot.as_deref(), false)?;
-            registry.start_device(&volume, snapshot, queues, depth, recovery)
+            registry.start_device(&volume, snapshot, queues, depth, recovery, zero_copy)
         }
         Request::DeviceStop { device } => registry.stop_device(&device),
         Request::DeviceList {} => registry.list_devices(),

@@ -61,7 +61,7 @@ impl RunningDevice for Device {
         Device::ring_ops_per_queue(self)
     }
     fn buffers(&self) -> &'static str {
-        ublk::BUFFERS
+        self.granted().buffers
     }
     fn stop(&mut self) -> io::Result<()> {
         Device::stop(self)
@@ -75,6 +75,7 @@ impl Driver for UblkDriver {
             queues: spec.queues,
             depth: spec.depth,
             recovery: spec.recovery,
+            zero_copy: spec.zero_copy,
         };
         let key = spec.key();
         let mut want_id = None;

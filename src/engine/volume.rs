@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::ops::Range;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -206,6 +207,10 @@ enum Admission<'a> {
 }
 
 impl Admitted<'_> {
+    fn has_hooks(&self) -> bool {
+        matches!(&self.how, Admission::Prepared { epoch, .. } if !epoch.hooks.is_empty())
+    }
+
     fn applied(&mut self, offset: u64, change: Change<'_>) {
         if let Admission::Prepared { epoch, guards, .. } = &mut self.how {
             for (hook, guard) in epoch.hooks.iter().zip(guards.iter_mut()) {
@@ -213,6 +218,15 @@ impl Admitted<'_> {
             }
         }
     }
+}
+
+/// Whether the kernel refused I/O on a registered buffer that the same I/O
+/// through the daemon's memory would do: memory O_DIRECT cannot take
+/// (EINVAL), a file that cannot take fixed buffers (EOPNOTSUPP), end of
+/// file (a registered buffer cannot be zero-filled from here).
+fn refused_registered(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
+        || e.kind() == io::ErrorKind::UnexpectedEof
 }
 
 /// Whether two epochs run the same write hooks.
@@ -1902,6 +1916,110 @@ impl View {
     pub async fn write_owned(&self, offset: u64, data: &Arc<AlignedBuf>, fua: bool) -> Result<()> {
         let write = self.write_untimed(offset, data, Some(data), fua);
         self.timed_write(data.len(), write).await
+    }
+
+    /// A read into memory the daemon cannot address: a buffer the kernel
+    /// registered with this thread's ring (ublk zero copy, see
+    /// [`crate::frontend::ublk`]). `read(fd, offset)` moves the bytes from
+    /// the origin file straight into it where the live view reads them from
+    /// the origin alone: a file-backed volume, no clone layer, no held write
+    /// over the range (held writes are laid over what the origin holds, in
+    /// memory). Returns false where that is not so, or where the kernel
+    /// refused the I/O (memory O_DIRECT cannot take, a file system without
+    /// it): the caller then reads with [`View::read`] and copies.
+    pub async fn read_registered<F, Fut>(&self, offset: u64, len: u64, read: F) -> Result<bool>
+    where
+        F: FnOnce(RawFd, u64) -> Fut,
+        Fut: Future<Output = io::Result<()>>,
+    {
+        let volume = &self.volume;
+        volume.check_range(offset, len)?;
+        if self.snapshot.is_some()
+            || self.reuse == Reuse::Once
+            || volume.layer().is_some()
+            || !volume.writeback.overlapping(offset, len).is_empty()
+        {
+            return Ok(false);
+        }
+        let Some(fd) = volume.origin.registered_read_target(offset, len) else {
+            return Ok(false);
+        };
+        let started = stats::now_ns();
+        let result = read(fd, offset).await;
+        if result.as_ref().is_err_and(refused_registered) {
+            return Ok(false);
+        }
+        volume.io_stats.record(IoKind::Read, len, started, &result);
+        result?;
+        Ok(true)
+    }
+
+    /// A write from memory the daemon cannot address (see
+    /// [`View::read_registered`]): `write(fd, offset, rw_flags)` moves the
+    /// bytes to the origin file where nothing in the engine needs them: a
+    /// file-backed volume, no clone layer, no write hook (replication, a
+    /// copy job: they keep or look at the bytes), and every preservation
+    /// the range needs durable with no held write on its chunks (the first
+    /// overwrite of a chunk after a snapshot is held in the write-back
+    /// buffer, in memory). Returns false, having written nothing, where
+    /// that is not so or the kernel refused the I/O: the caller then copies
+    /// the bytes in and calls [`View::write`], which finds the preservation
+    /// this call queued already under way.
+    pub async fn write_registered<F, Fut>(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        write: F,
+    ) -> Result<bool>
+    where
+        F: FnOnce(RawFd, u64, i32) -> Fut,
+        Fut: Future<Output = io::Result<()>>,
+    {
+        self.writable(offset, len)?;
+        let volume = &self.volume;
+        if volume.layer().is_some() {
+            return Ok(false);
+        }
+        let Some((fd, rw_flags)) = volume.origin.registered_write_target(offset, len, fua) else {
+            return Ok(false);
+        };
+        let started = stats::now_ns();
+        let admitted = match volume.admit_unprepared() {
+            Some(admitted) => admitted,
+            None => {
+                // Checked before the hooks are asked: a guard given back
+                // unused makes a replication link read its blocks whole.
+                if !volume.gate.epoch().hooks.is_empty() {
+                    return Ok(false);
+                }
+                volume.ready_to_overwrite(offset, len).await?
+            }
+        };
+        if admitted.has_hooks() || !volume.writeback.goes_direct(offset, len, admitted.settled) {
+            // Not admitted against the budget yet: the copying write that
+            // follows is, once.
+            return Ok(false);
+        }
+        // Settled: this admission preserved nothing, so asking the budget
+        // after it asks before anything of this write is allocated.
+        volume.admit_growth(offset, len, true)?;
+        let result = write(fd, offset, rw_flags).await;
+        if result.as_ref().is_err_and(refused_registered) {
+            return Ok(false);
+        }
+        let newly_owned = admitted.newly_owned;
+        drop(admitted);
+        let result = match result {
+            Ok(()) => {
+                volume
+                    .after_holding(Holding::Direct, fua, newly_owned)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        volume.io_stats.record(IoKind::Write, len, started, &result);
+        result.map(|()| true)
     }
 
     async fn timed_write(&self, len: usize, write: impl Future<Output = Result<()>>) -> Result<()> {

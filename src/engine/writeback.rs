@@ -237,11 +237,7 @@ impl WriteBack {
         }
         let over_budget = {
             let mut state = self.state.lock().unwrap();
-            if all_settled
-                && !self
-                    .chunks(offset, len)
-                    .any(|c| state.by_chunk.contains_key(&c))
-            {
+            if all_settled && !self.holds_any(&state, offset, len) {
                 return Holding::Direct;
             }
             let seq = state.next_seq;
@@ -262,6 +258,20 @@ impl WriteBack {
         };
         self.kick();
         Holding::Held { over_budget }
+    }
+
+    /// Whether [`WriteBack::hold`] would send this write straight to the
+    /// origin now (for a writer that has no bytes to hold, see
+    /// [`super::View::write_registered`]).
+    pub fn goes_direct(&self, offset: u64, len: u64, all_settled: bool) -> bool {
+        all_settled
+            && (self.is_empty() || !self.holds_any(&self.state.lock().unwrap(), offset, len))
+    }
+
+    /// Whether a held write touches a chunk of the range.
+    fn holds_any(&self, state: &State, offset: u64, len: u64) -> bool {
+        self.chunks(offset, len)
+            .any(|c| state.by_chunk.contains_key(&c))
     }
 
     /// The held writes overlapping `[offset, offset + len)`, oldest first:

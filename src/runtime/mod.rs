@@ -30,6 +30,7 @@ pub use buffer::{AlignedBuf, FixedArena, ALIGN};
 
 pub use executor::{block_on, block_on_hosted, spawn};
 pub use reactor::{
-    fallocate, fixed_io_bytes, fsync, punted_reads, read_at, read_cached_at, recv, send,
-    submitted_ops, write_at, writev, writev_at, HostRing, SubmittedOps,
+    fallocate, fixed_io_bytes, fsync, punted_reads, read_at, read_cached_at, read_into_registered,
+    recv, send, submitted_ops, write_at, write_from_registered, writev, writev_at, HostRing,
+    SubmittedOps,
 };

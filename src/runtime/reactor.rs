@@ -599,6 +599,67 @@ pub async fn write_at(fd: RawFd, buf: &[u8], offset: u64, rw_flags: i32) -> io::
     Ok(())
 }
 
+/// Reads `len` bytes at `offset` of `fd` into the ring's registered buffer
+/// `index`, from its start: a buffer the kernel registered with the ring
+/// this thread runs on (a ublk request's pages, see
+/// [`crate::frontend::ublk`]), which the daemon cannot address. Only for a
+/// thread hosted on that ring. End of file is `UnexpectedEof`: a registered
+/// buffer cannot be zero-filled from here.
+pub async fn read_into_registered(
+    fd: RawFd,
+    index: u16,
+    len: usize,
+    offset: u64,
+) -> io::Result<()> {
+    registered_io(fd, index, len, offset, None).await
+}
+
+/// Writes `len` bytes from the start of the ring's registered buffer
+/// `index` to `fd` at `offset` (see [`read_into_registered`]); `rw_flags`
+/// may carry `RWF_DSYNC` (FUA).
+pub async fn write_from_registered(
+    fd: RawFd,
+    index: u16,
+    len: usize,
+    offset: u64,
+    rw_flags: i32,
+) -> io::Result<()> {
+    registered_io(fd, index, len, offset, Some(rw_flags)).await
+}
+
+/// A read (`write_flags` `None`) or write between `fd` and registered
+/// buffer `index`, resubmitted after short transfers.
+async fn registered_io(
+    fd: RawFd,
+    index: u16,
+    len: usize,
+    offset: u64,
+    write_flags: Option<i32>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        // The address of a kernel-registered buffer is the offset into it.
+        let (at, rest) = (offset + done as u64, len32(len - done));
+        let entry = match write_flags {
+            Some(flags) => opcode::WriteFixed::new(types::Fd(fd), done as *const u8, rest, index)
+                .offset(at)
+                .rw_flags(flags)
+                .build(),
+            None => opcode::ReadFixed::new(types::Fd(fd), done as *mut u8, rest, index)
+                .offset(at)
+                .build(),
+        };
+        match Op::new(entry).await? as usize {
+            0 if write_flags.is_some() => {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"))
+            }
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => done += n,
+        }
+    }
+    Ok(())
+}
+
 /// The iovecs of one vectored write, held across its await.
 struct IoVecs(Vec<libc::iovec>);
 

@@ -53,6 +53,11 @@ pub struct DeviceSpec {
     /// dead device and starts a new one.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub recovery: bool,
+    /// Run zero copy where the kernel offers it (the default; see
+    /// [`crate::frontend::ublk`]). Without it every request's data is
+    /// copied, as on kernels without AUTO_BUF_REG.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub zero_copy: bool,
 }
 
 fn yes() -> bool {
@@ -161,7 +166,8 @@ pub trait RunningDevice: Send {
     /// a runtime ring of the queue thread's own.
     fn ring_ops_per_queue(&self) -> Vec<RingOps>;
     /// How request data moves between the kernel and the daemon
-    /// ([`crate::frontend::ublk::BUFFERS`]).
+    /// ([`crate::frontend::ublk::BUFFERS_COPY`] or
+    /// [`crate::frontend::ublk::BUFFERS_ZERO_COPY`]).
     fn buffers(&self) -> &'static str;
     /// Stops and deletes the kernel device. A stop that failed (timed out)
     /// may be called again.
@@ -196,6 +202,7 @@ mod tests {
                 depth: 128,
                 last_id: Some(3),
                 recovery: true,
+                zero_copy: true,
             },
             DeviceSpec {
                 volume: "v".into(),
@@ -204,6 +211,7 @@ mod tests {
                 depth: 64,
                 last_id: None,
                 recovery: false,
+                zero_copy: false,
             },
         ];
         save(t.path(), &specs).unwrap();
@@ -231,6 +239,7 @@ mod tests {
                 depth: DEFAULT_DEPTH,
                 last_id: None,
                 recovery: true,
+                zero_copy: true,
             }]
         );
         fs::write(t.path().join(DEVICES_FILE), "not json").unwrap();

@@ -1579,6 +1579,7 @@ impl Registry {
         queues: Option<u16>,
         depth: Option<u16>,
         recovery: Option<bool>,
+        zero_copy: Option<bool>,
     ) -> Result<Value, VolumeError> {
         let _g = self.gate()?;
         validate_name("volume", volume)?;
@@ -1606,6 +1607,7 @@ impl Registry {
             depth,
             last_id: None,
             recovery: recovery.unwrap_or(true),
+            zero_copy: zero_copy.unwrap_or(true),
         };
         let key = spec.key();
         // Under `mutate`: claim the key (Starting) and take the view.
@@ -2033,7 +2035,7 @@ mod tests {
             .unwrap();
         reg.create_snapshot("v", "s").unwrap();
 
-        let d = reg.start_device("v", None, None, None, None).unwrap();
+        let d = reg.start_device("v", None, None, None, None, None).unwrap();
         assert_eq!(d["path"], "/dev/ublkb0");
         assert_eq!(d["read_only"], false);
         assert_eq!(
@@ -2041,7 +2043,7 @@ mod tests {
             (json!(1), json!(64))
         );
         let d = reg
-            .start_device("v", Some("s".into()), Some(2), Some(128), None)
+            .start_device("v", Some("s".into()), Some(2), Some(128), None, None)
             .unwrap();
         assert_eq!(d["path"], "/dev/ublkb1");
         assert_eq!(d["read_only"], true);
@@ -2053,20 +2055,20 @@ mod tests {
         );
 
         assert_eq!(
-            code(reg.start_device("v", None, None, None, None)),
+            code(reg.start_device("v", None, None, None, None, None)),
             ErrorKind::AlreadyExists
         );
         assert_eq!(
-            code(reg.start_device("w", None, None, None, None)),
+            code(reg.start_device("w", None, None, None, None, None)),
             ErrorKind::NotFound
         );
         assert_eq!(
-            code(reg.start_device("v", Some("x".into()), None, None, None)),
+            code(reg.start_device("v", Some("x".into()), None, None, None, None)),
             ErrorKind::NotFound
         );
         for (q, dp) in [(0, 64), (1, 0), (1, 4097), (65, 64)] {
             assert_eq!(
-                code(reg.start_device("v", None, Some(q), Some(dp), None)),
+                code(reg.start_device("v", None, Some(q), Some(dp), None, None)),
                 ErrorKind::InvalidArgument
             );
         }
@@ -2133,6 +2135,7 @@ mod tests {
                     depth: 32,
                     last_id: Some(7),
                     recovery: true,
+                    zero_copy: true,
                 },
                 DeviceSpec {
                     volume: "gone".into(),
@@ -2141,6 +2144,7 @@ mod tests {
                     depth: 64,
                     last_id: None,
                     recovery: false,
+                    zero_copy: true,
                 },
             ],
         )
@@ -2159,7 +2163,7 @@ mod tests {
         assert!(listed[0]["state"].as_str().unwrap().contains("not found"));
         // A failed retry keeps the entry; a successful one runs it.
         let e = reg
-            .start_device("v", None, None, Some(32), None)
+            .start_device("v", None, None, Some(32), None, None)
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::IoError);
         assert!(e.message.contains("no ublk here"), "{}", e.message);
@@ -2171,7 +2175,8 @@ mod tests {
             .unwrap()
             .last_id;
         assert_eq!(failed_id, Some(7), "a failed restore keeps the last id");
-        reg.start_device("v", None, None, Some(32), None).unwrap();
+        reg.start_device("v", None, None, Some(32), None, None)
+            .unwrap();
         assert_eq!(devices::load(t.path()).unwrap().len(), 2);
         // Dropping a failed entry by name.
         let out = reg.stop_device("gone").unwrap();
@@ -2188,7 +2193,7 @@ mod tests {
         reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
         let d = reg
-            .start_device("v", None, Some(4), Some(256), Some(false))
+            .start_device("v", None, Some(4), Some(256), Some(false), None)
             .unwrap();
         assert_eq!(
             (
@@ -2215,7 +2220,7 @@ mod tests {
         let reg = Registry::open(t.path(), Box::new(driver.clone())).unwrap();
         reg.create_volume("v", 1 << 20, None, Some(1), None, None)
             .unwrap();
-        reg.start_device("v", None, None, None, None).unwrap();
+        reg.start_device("v", None, None, None, None, None).unwrap();
         driver.fail_stop.store(true, Ordering::SeqCst);
         let e = reg.stop_device("/dev/ublkb0").unwrap_err();
         assert_eq!(e.kind, ErrorKind::IoError);
@@ -2235,7 +2240,7 @@ mod tests {
         assert!(devices::load(t.path()).unwrap().is_empty());
         assert_eq!(code(reg.delete_volume("v")), ErrorKind::Busy);
         assert_eq!(
-            code(reg.start_device("v", None, None, None, None)),
+            code(reg.start_device("v", None, None, None, None, None)),
             ErrorKind::AlreadyExists
         );
         driver.fail_stop.store(false, Ordering::SeqCst);
@@ -2260,7 +2265,7 @@ mod tests {
             e.message
         };
         for snap in [None, Some("s".to_string())] {
-            let out = reg.start_device("v", snap, None, None, None).unwrap();
+            let out = reg.start_device("v", snap, None, None, None, None).unwrap();
             let path = out["path"].as_str().unwrap().to_string();
             let m = msg(reg.claim_for_restore("v"));
             assert!(
@@ -2289,7 +2294,9 @@ mod tests {
             .unwrap_err()
             .message
             .contains(restoring));
-        let e = reg.start_device("v", None, None, None, None).unwrap_err();
+        let e = reg
+            .start_device("v", None, None, None, None, None)
+            .unwrap_err();
         assert!(e.message.contains(restoring), "{}", e.message);
         let e = reg.resolve_export("v@s").err().expect("refused");
         assert!(e.to_string().contains(restoring), "{e}");
@@ -2312,7 +2319,7 @@ mod tests {
         let (go, go_rx) = mpsc::channel();
         *driver.gate.lock().unwrap() = Some((entered_tx, go_rx));
         std::thread::scope(|scope| {
-            let starting = scope.spawn(|| reg.start_device("v", None, None, None, None));
+            let starting = scope.spawn(|| reg.start_device("v", None, None, None, None, None));
             entered.recv().unwrap();
             // The kernel call is in progress: other volumes come and go...
             reg.create_volume("w", 1 << 20, None, Some(1), None, None)
@@ -2325,7 +2332,7 @@ mod tests {
             assert_eq!(code(reg.delete_volume("v")), ErrorKind::Busy);
             assert_eq!(code(reg.stop_device("v")), ErrorKind::Busy);
             assert_eq!(
-                code(reg.start_device("v", None, None, None, None)),
+                code(reg.start_device("v", None, None, None, None, None)),
                 ErrorKind::Busy
             );
             assert!(devices::load(t.path()).unwrap().is_empty());

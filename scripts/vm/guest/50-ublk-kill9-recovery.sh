@@ -9,17 +9,18 @@ daemon_start "$D"
 features=$(snapblk features) || fail "snapblk features failed"
 echo "$features"
 # Zero copy: SUPPORT_ZERO_COPY (6.15+) and AUTO_BUF_REG (6.16+). 6.12 offers
-# neither, 7.2 (the second guest kernel) both: `features` must say which,
-# in both forms, and must not miss them on a kernel that has them.
+# neither, 7.2 (the second guest kernel) both, and devices there run zero
+# copy (AUTO_BUF_REG with USER_COPY): `features` must say which, in both
+# forms, and must not miss them on a kernel that has them.
 release=$(uname -r); major=${release%%.*}; minor=${release#*.}; minor=${minor%%.*}
 json=$(snapblk --json features | tr -d ' \n')
 if [ "$major" -gt 6 ] || { [ "$major" -eq 6 ] && [ "$minor" -ge 16 ]; }; then
     for want in SUPPORT_ZERO_COPY AUTO_BUF_REG; do
         echo "$features" | grep -qx "$want" || fail "kernel $release has $want but features does not list it"
     done
-    echo "$features" | grep -q "^zero copy: this kernel offers SUPPORT_ZERO_COPY and AUTO_BUF_REG" \
-        || fail "snapblk features does not say that this kernel offers zero copy"
-    wants='"support_zero_copy":true "auto_buf_reg":true "buffers":"copy"'
+    echo "$features" | grep -q "^zero copy: yes (AUTO_BUF_REG with USER_COPY" \
+        || fail "snapblk features does not say that devices run zero copy"
+    wants='"support_zero_copy":true "auto_buf_reg":true "buffers":"zero-copy"'
 else
     echo "$features" | grep -q "^zero copy: not available: this kernel offers neither" \
         || fail "snapblk features does not say that zero copy is unavailable"

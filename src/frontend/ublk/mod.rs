@@ -17,10 +17,19 @@
 //! task: snapshot checks and copy-on-write happen in the queue's own I/O
 //! path, with every tag of the queue in flight at once.
 //!
-//! Buffers: each request's data is copied through the tag's own buffer
-//! (`buffers: copy`). The kernel's zero-copy modes (SUPPORT_ZERO_COPY,
-//! 6.15+; AUTO_BUF_REG, 6.16+) are detected and reported by [`features`],
-//! but no device asks for them.
+//! Buffers: where the kernel offers AUTO_BUF_REG and USER_COPY (6.16+),
+//! devices run zero copy (`buffers: zero-copy`): the driver registers each
+//! request's pages with the queue's ring at the tag's buffer index before
+//! handing the request over, and a read or write the engine can serve from
+//! the origin file alone ([`View::read_registered`],
+//! [`View::write_registered`]) moves them with one READ_FIXED/WRITE_FIXED
+//! between the file and the request, never through the daemon's memory.
+//! Every other request (a snapshot's device, a clone, a Ceph volume, held
+//! writes after a snapshot, a write hook such as replication's, memory
+//! O_DIRECT refuses) copies through the tag's own buffer with USER_COPY
+//! (pread/pwrite on `/dev/ublkcN`). Elsewhere each request's data is copied
+//! through the tag's own buffer by the driver (`buffers: copy`), as it was
+//! before zero copy existed. [`features`] says which a kernel gets.
 //!
 //! Must never: block the queue thread (no synchronous syscalls in the I/O
 //! path beyond the rings), decide anything about snapshots, or keep serving
@@ -30,6 +39,7 @@ use crate::engine::{EngineError, View, SECTOR_SIZE};
 use crate::runtime;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
+use libublk::io::UblkIOCtx;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_wake_task;
 use libublk::{sys, BufDesc, UblkError, UblkFlags, UblkUringData};
@@ -55,6 +65,9 @@ pub struct DeviceOptions {
     /// the kernel fails the device's I/O and removes `/dev/ublkbN` as soon
     /// as the daemon dies.
     pub recovery: bool,
+    /// Run zero copy (AUTO_BUF_REG with USER_COPY) where the kernel offers
+    /// it; without, the driver copies every request's data.
+    pub zero_copy: bool,
 }
 
 impl Default for DeviceOptions {
@@ -63,6 +76,7 @@ impl Default for DeviceOptions {
             queues: 1,
             depth: 64,
             recovery: true,
+            zero_copy: true,
         }
     }
 }
@@ -75,6 +89,8 @@ pub struct Granted {
     pub queues: u16,
     pub depth: u16,
     pub recovery: bool,
+    /// [`BUFFERS_COPY`] or [`BUFFERS_ZERO_COPY`].
+    pub buffers: &'static str,
 }
 
 /// What a queue has done, one per queue, each on its own cache line (a
@@ -88,19 +104,30 @@ struct QueueStats {
     /// Engine operations submitted on a runtime ring of the queue thread's
     /// own (none while the runtime is hosted on the queue's ring).
     runtime_ring_ops: AtomicU64,
+    /// Reads and writes whose data moved without a copy in the daemon.
+    zero_copy: AtomicU64,
 }
 
 type Counters = Arc<Vec<QueueStats>>;
 
-/// How a queue thread's engine I/O reached the kernel so far.
+/// How a queue thread's engine I/O reached the kernel so far, and how many
+/// of its requests' data moved without a copy in the daemon.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RingOps {
     pub queue_ring: u64,
     pub runtime_ring: u64,
+    pub zero_copy: u64,
 }
 
-/// How request data moves between the kernel and the daemon.
-pub const BUFFERS: &str = "copy";
+/// How request data moves between the kernel and the daemon: copied by the
+/// driver through each tag's buffer.
+pub const BUFFERS_COPY: &str = "copy";
+/// The request's pages registered with the queue's ring (AUTO_BUF_REG),
+/// copied through the tag's buffer only where the engine needs the bytes
+/// (USER_COPY).
+pub const BUFFERS_ZERO_COPY: &str = "zero-copy";
+/// The driver features zero copy needs.
+const ZERO_COPY_FLAGS: u64 = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY) as u64;
 
 /// A running `/dev/ublkbN` serving one engine view.
 pub struct Device {
@@ -231,6 +258,7 @@ impl Device {
             .map(|c| RingOps {
                 queue_ring: c.queue_ring_ops.load(Ordering::Relaxed),
                 runtime_ring: c.runtime_ring_ops.load(Ordering::Relaxed),
+                zero_copy: c.zero_copy.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -421,7 +449,15 @@ fn run_device(
     } else {
         0
     };
-    let recovery = features()?.driver_features & wanted;
+    let offered = features()?.driver_features;
+    let recovery = offered & wanted;
+    // Zero copy wherever the driver offers it; the kernel keeps a device's
+    // flags, so one re-attached to after a crash runs as it was added.
+    let zero_copy = if options.zero_copy && offered & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS {
+        ZERO_COPY_FLAGS
+    } else {
+        0
+    };
     // DEL_DEV_ASYNC: deleting the device when this thread ends must not
     // wait for a filesystem still mounted on it to be unmounted.
     let (id, flags) = match how {
@@ -444,7 +480,7 @@ fn run_device(
         .nr_queues(options.queues)
         .depth(options.depth)
         .io_buf_bytes(IO_BUF_BYTES)
-        .ctrl_flags(recovery)
+        .ctrl_flags(recovery | zero_copy)
         .dev_flags(flags)
         .build()
         .map_err(|e| match how {
@@ -487,6 +523,7 @@ fn run_device(
             queues: info.nr_hw_queues,
             depth: info.queue_depth,
             recovery: info.flags & sys::UBLK_F_USER_RECOVERY as u64 != 0,
+            buffers: buffers_of(info.flags),
         };
         if abandoned.load(Ordering::SeqCst) || started.send(Ok(granted)).is_err() {
             log::warn!(
@@ -584,20 +621,51 @@ fn serve_queue(qid: u16, dev: &UblkDev, view: &View, stats: &QueueStats) {
     });
 }
 
+/// How a device with driver flags `flags` moves request data.
+fn buffers_of(flags: u64) -> &'static str {
+    if flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS {
+        BUFFERS_ZERO_COPY
+    } else {
+        BUFFERS_COPY
+    }
+}
+
 async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View, stats: &QueueStats) {
     let mut buf = IoBuf::<u8>::new(queue.dev.dev_info.max_io_buf_bytes as usize);
-    let prep = queue
-        .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
-        .await;
+    let zero_copy = buffers_of(queue.dev.dev_info.flags) == BUFFERS_ZERO_COPY;
+    // Zero copy: the driver registers each request's pages at this tag's
+    // index (the queue's sparse table has one slot per tag); where that
+    // fails, FALLBACK hands the request over unregistered, and it copies.
+    let registered = sys::ublk_auto_buf_reg {
+        index: tag,
+        flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8,
+        reserved0: 0,
+        reserved1: 0,
+    };
+    let (desc, io_buf) = if zero_copy {
+        (BufDesc::AutoReg(registered), None)
+    } else {
+        (BufDesc::Slice(buf.as_slice()), Some(&buf))
+    };
+    let prep = queue.submit_io_prep_cmd(tag, desc, 0, io_buf).await;
     if let Err(e) = prep {
         if !matches!(e, UblkError::QueueIsDown) {
             log::error!("ublk tag {tag}: {e}");
         }
         return;
     }
+    let request = Request {
+        cdev: queue.dev.tgt.fds[0],
+        queue: queue.get_qid(),
+        tag,
+    };
     loop {
         let iod = *queue.get_iod(tag);
-        let result = handle(view, &iod, buf.as_mut_slice()).await;
+        let result = if zero_copy {
+            handle_registered(view, &iod, &request, buf.as_mut_slice(), stats).await
+        } else {
+            handle(view, &iod, buf.as_mut_slice()).await
+        };
         stats.requests.fetch_add(1, Ordering::Relaxed);
         // This thread's counts: only this thread writes them.
         let ops = runtime::submitted_ops();
@@ -605,12 +673,108 @@ async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View, stats: &QueueSt
         stats
             .runtime_ring_ops
             .store(ops.own_ring, Ordering::Relaxed);
-        let commit = queue
-            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result)
-            .await;
-        if commit.is_err() {
+        let desc = if zero_copy {
+            BufDesc::AutoReg(registered)
+        } else {
+            BufDesc::Slice(buf.as_slice())
+        };
+        if queue.submit_io_commit_cmd(tag, desc, result).await.is_err() {
             return; // the device is stopping
         }
+    }
+}
+
+/// Where a zero-copy request's data is: its pages, registered with the
+/// queue's ring at the tag's index, and reachable by USER_COPY on the
+/// device's char device.
+struct Request {
+    cdev: i32,
+    queue: u16,
+    tag: u16,
+}
+
+impl Request {
+    /// The char device offset of the request's data (USER_COPY).
+    fn user_copy_offset(&self) -> u64 {
+        UblkIOCtx::ublk_user_copy_pos(self.queue, self.tag, 0)
+    }
+
+    /// Copies the request's data (a write's) into `buf`.
+    async fn copy_out(&self, buf: &mut [u8]) -> io::Result<()> {
+        runtime::read_at(self.cdev, buf, self.user_copy_offset()).await
+    }
+
+    /// Copies `buf` into the request's data (a read's).
+    async fn copy_in(&self, buf: &[u8]) -> io::Result<()> {
+        runtime::write_at(self.cdev, buf, self.user_copy_offset(), 0).await
+    }
+}
+
+/// [`handle`] on a zero-copy device: reads and writes the engine can serve
+/// from the origin file alone move the request's registered pages; the
+/// others copy them through `buf` (USER_COPY) and run as [`handle`] does.
+async fn handle_registered(
+    view: &View,
+    iod: &sys::ublksrv_io_desc,
+    request: &Request,
+    buf: &mut [u8],
+    stats: &QueueStats,
+) -> i32 {
+    let op = iod.op_flags & 0xff;
+    let offset = iod.start_sector * SECTOR_SIZE;
+    let len = iod.nr_sectors as u64 * SECTOR_SIZE;
+    let registered = iod.op_flags & sys::UBLK_IO_F_NEED_REG_BUF == 0;
+    let index = request.tag;
+    match op {
+        sys::UBLK_IO_OP_READ if len as usize <= buf.len() => {
+            if registered {
+                let read = |fd, at| runtime::read_into_registered(fd, index, len as usize, at);
+                let served = view.read_registered(offset, len, read).await;
+                if let Some(reply) = zero_copy_reply(served, len, stats) {
+                    return reply;
+                }
+            }
+            let data = &mut buf[..len as usize];
+            if let Err(e) = view.read(offset, data).await {
+                return -e.errno();
+            }
+            match request.copy_in(data).await {
+                Ok(()) => len as i32,
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            }
+        }
+        sys::UBLK_IO_OP_WRITE if len as usize <= buf.len() => {
+            let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+            if registered {
+                let write = |fd, at, flags| {
+                    runtime::write_from_registered(fd, index, len as usize, at, flags)
+                };
+                let served = view.write_registered(offset, len, fua, write).await;
+                if let Some(reply) = zero_copy_reply(served, len, stats) {
+                    return reply;
+                }
+            }
+            let data = &mut buf[..len as usize];
+            if let Err(e) = request.copy_out(data).await {
+                return -e.raw_os_error().unwrap_or(libc::EIO);
+            }
+            reply(view.write(offset, data, fua).await, len)
+        }
+        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE => -libc::EINVAL,
+        _ => handle(view, iod, buf).await,
+    }
+}
+
+/// The reply to a request the engine tried zero copy for, counted; `None`
+/// where it declined (the request then copies).
+fn zero_copy_reply(served: Result<bool, EngineError>, len: u64, stats: &QueueStats) -> Option<i32> {
+    match served {
+        Ok(true) => {
+            stats.zero_copy.fetch_add(1, Ordering::Relaxed);
+            Some(len as i32)
+        }
+        Ok(false) => None,
+        Err(e) => Some(-e.errno()),
     }
 }
 
@@ -685,16 +849,26 @@ fn feature_notes(bits: u64) -> Vec<String> {
     .filter(|(bit, _)| has(*bit))
     .map(|(_, name)| *name)
     .collect();
-    let zero_copy = if offered.is_empty() {
+    let zero_copy = if bits & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS {
+        format!(
+            "zero copy: yes (AUTO_BUF_REG with USER_COPY; this kernel offers {}): reads and \
+             writes the volume's file can serve alone move between it and the request's pages \
+             without a copy in the daemon; the others (snapshot devices, clones, Ceph volumes, \
+             writes held after a snapshot, replicated volumes) copy through the tag's buffer \
+             (buffers: {BUFFERS_ZERO_COPY})",
+            offered.join(" and ")
+        )
+    } else if offered.is_empty() {
         format!(
             "zero copy: not available: this kernel offers neither SUPPORT_ZERO_COPY (6.15+) nor \
              AUTO_BUF_REG (6.16+); devices copy each request's data through their own buffers \
-             (buffers: {BUFFERS}), as they do on any kernel"
+             (buffers: {BUFFERS_COPY})"
         )
     } else {
         format!(
-            "zero copy: this kernel offers {}, but snapblk does not use it yet: devices copy each \
-             request's data through their own buffers (buffers: {BUFFERS})",
+            "zero copy: not used: this kernel offers {} but not AUTO_BUF_REG with USER_COPY, \
+             which snapblk's zero copy needs; devices copy each request's data through their \
+             own buffers (buffers: {BUFFERS_COPY})",
             offered.join(" and ")
         )
     };
@@ -749,7 +923,7 @@ pub fn features() -> io::Result<Features> {
         names,
         support_zero_copy: bits & sys::UBLK_F_SUPPORT_ZERO_COPY as u64 != 0,
         auto_buf_reg: bits & sys::UBLK_F_AUTO_BUF_REG as u64 != 0,
-        buffers: BUFFERS,
+        buffers: buffers_of(bits),
         notes: feature_notes(bits),
     })
 }
@@ -775,10 +949,22 @@ mod tests {
         assert!(notes[0].starts_with("recovery: no"), "{notes:?}");
         assert!(
             notes[1].starts_with(
-                "zero copy: this kernel offers SUPPORT_ZERO_COPY and AUTO_BUF_REG, but snapblk \
-                 does not use it yet"
+                "zero copy: not used: this kernel offers SUPPORT_ZERO_COPY and AUTO_BUF_REG but \
+                 not AUTO_BUF_REG with USER_COPY"
             ),
             "{notes:?}"
         );
+        // 6.16 and later: all three.
+        let bits = (sys::UBLK_F_SUPPORT_ZERO_COPY
+            | sys::UBLK_F_AUTO_BUF_REG
+            | sys::UBLK_F_USER_COPY) as u64;
+        let notes = feature_notes(bits);
+        assert!(
+            notes[1].starts_with("zero copy: yes (AUTO_BUF_REG with USER_COPY"),
+            "{notes:?}"
+        );
+        assert!(notes[1].contains("(buffers: zero-copy)"), "{notes:?}");
+        assert_eq!(buffers_of(bits), BUFFERS_ZERO_COPY);
+        assert_eq!(buffers_of(sys::UBLK_F_AUTO_BUF_REG as u64), BUFFERS_COPY);
     }
 }
