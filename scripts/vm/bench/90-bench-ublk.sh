@@ -1,6 +1,8 @@
 # Guest side of scripts/bench-ublk (run with run-tests --script): fio on
 # /dev/ublkbN for a snapblk plain volume, a snapblk volume with one snapshot,
-# and rublk's loop target, all backed by same-size files on the same tmpfs.
+# rublk's loop target and, on request, a snapblk plain volume whose device
+# copies every request (`copy`: --no-zero-copy, to compare with zero copy on
+# a kernel that has it), all backed by same-size files on the same tmpfs.
 # Prints one line per measurement for the host to parse:
 #   BENCH-RESULT round=R target=T workload=W iops=N kibps=N cpu_ns_per_io=N
 # cpu_ns_per_io: CPU time of the serving process (all its threads, from
@@ -22,9 +24,10 @@ targets=${BENCH_TARGETS:-plain snap rublk}
 RUBLK_ID=9
 
 D="$W/data"   # $W is on the guest's tmpfs: so are both backing files
-# Three devices, plus what the snapshot preserves, must fit in it.
+# The devices, plus what the snapshot preserves, must fit in it.
 avail=$(df -m "$W" | awk 'NR == 2 {print $4}')
-[ "$avail" -gt $((size * 5)) ] || fail "tmpfs has ${avail} MiB, the devices need $((size * 5)) (raise SNAPBLK_VM_MEM)"
+need=$(( size * ($(echo $targets | wc -w) + 1) ))
+[ "$avail" -gt "$need" ] || fail "tmpfs has ${avail} MiB, the devices need $need (raise SNAPBLK_VM_MEM)"
 daemon_start "$D"
 rublk_dev=""
 cleanup() {
@@ -40,16 +43,23 @@ trap cleanup EXIT
 declare -A dev pid
 for t in $targets; do
     case $t in
-        plain|snap)
+        plain|snap|copy)
             run snapblk volume create "$t" --size "${size}M"
-            dev[$t]=$(snapblk device start "$t" --depth "$depth") || fail "device start $t failed"
+            copying=""
+            [ "$t" = copy ] && copying=--no-zero-copy
+            dev[$t]=$(snapblk device start "$t" --depth "$depth" $copying) \
+                || fail "device start $t failed"
             pid[$t]=$SNAPBLK_PID
             ;;
         rublk)
             command -v rublk >/dev/null || fail "no rublk in the guest (run-tests --bin)"
             truncate -s "${size}M" "$W/rublk.img"
+            # zero copy (auto buffer registration) where the kernel has it,
+            # as snapblk's devices then run
+            zero_copy=""
+            snapblk features | grep -qx AUTO_BUF_REG && zero_copy=--zero-copy
             run rublk add loop -n $RUBLK_ID -f "$W/rublk.img" --buffered-io -q 1 -d "$depth" \
-                -b 1MiB --quiet
+                -b 1MiB --quiet $zero_copy
             rublk_dev=/dev/ublkb$RUBLK_ID
             dev[$t]=$rublk_dev
             pid[$t]=$(rublk list -n $RUBLK_ID |
@@ -121,5 +131,5 @@ for r in $(seq 1 "$rounds"); do
 done
 snapblk --json device list | tr -d ' \n'; echo
 for t in $targets; do
-    case $t in plain|snap) run snapblk device stop "$t" ;; esac
+    case $t in plain|snap|copy) run snapblk device stop "$t" ;; esac
 done
