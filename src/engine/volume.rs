@@ -1978,12 +1978,11 @@ impl View {
     {
         self.writable(offset, len)?;
         let volume = &self.volume;
-        if volume.layer().is_some() {
+        // Declined before the admission: a storage that is not a file
+        // would decline every write only after it (and admit it again).
+        if volume.layer().is_some() || !matches!(volume.origin, Backend::File(_)) {
             return Ok(false);
         }
-        let Some((fd, rw_flags)) = volume.origin.registered_write_target(offset, len, fua) else {
-            return Ok(false);
-        };
         let started = stats::now_ns();
         let admitted = match volume.admit_unprepared() {
             Some(admitted) => admitted,
@@ -2004,6 +2003,11 @@ impl View {
         // Settled: this admission preserved nothing, so asking the budget
         // after it asks before anything of this write is allocated.
         volume.admit_growth(offset, len, true)?;
+        // Only now: the target drops the range's cached pages first, which
+        // a declined write would have the copying one do again.
+        let Some((fd, rw_flags)) = volume.origin.registered_write_target(offset, len, fua) else {
+            return Ok(false);
+        };
         let result = write(fd, offset, rw_flags).await;
         if result.as_ref().is_err_and(refused_registered) {
             return Ok(false);

@@ -453,7 +453,7 @@ fn run_device(
     let recovery = offered & wanted;
     // Zero copy wherever the driver offers it; the kernel keeps a device's
     // flags, so one re-attached to after a crash runs as it was added.
-    let zero_copy = if options.zero_copy && offered & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS {
+    let zero_copy = if options.zero_copy && runs_zero_copy(offered) {
         ZERO_COPY_FLAGS
     } else {
         0
@@ -621,9 +621,14 @@ fn serve_queue(qid: u16, dev: &UblkDev, view: &View, stats: &QueueStats) {
     });
 }
 
+/// Whether a device with driver flags `flags` runs zero copy.
+fn runs_zero_copy(flags: u64) -> bool {
+    flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS
+}
+
 /// How a device with driver flags `flags` moves request data.
 fn buffers_of(flags: u64) -> &'static str {
-    if flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS {
+    if runs_zero_copy(flags) {
         BUFFERS_ZERO_COPY
     } else {
         BUFFERS_COPY
@@ -632,7 +637,7 @@ fn buffers_of(flags: u64) -> &'static str {
 
 async fn serve_tag(queue: &UblkQueue<'_>, tag: u16, view: &View, stats: &QueueStats) {
     let mut buf = IoBuf::<u8>::new(queue.dev.dev_info.max_io_buf_bytes as usize);
-    let zero_copy = buffers_of(queue.dev.dev_info.flags) == BUFFERS_ZERO_COPY;
+    let zero_copy = runs_zero_copy(queue.dev.dev_info.flags);
     // Zero copy: the driver registers each request's pages at this tag's
     // index (the queue's sparse table has one slot per tag); where that
     // fails, FALLBACK hands the request over unregistered, and it copies.
@@ -849,7 +854,7 @@ fn feature_notes(bits: u64) -> Vec<String> {
     .filter(|(bit, _)| has(*bit))
     .map(|(_, name)| *name)
     .collect();
-    let zero_copy = if bits & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS {
+    let zero_copy = if runs_zero_copy(bits) {
         format!(
             "zero copy: yes (AUTO_BUF_REG with USER_COPY; this kernel offers {}): reads and \
              writes the volume's file can serve alone move between it and the request's pages \
